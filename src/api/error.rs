@@ -1,0 +1,141 @@
+//! Errors in the JSON shape vLLM and OpenAI clients expect:
+//! `{"error":{"message":..,"type":..,"param":null,"code":<status>}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// The error classes we answer with; the name is the JSON `type`, as vLLM names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A request that does not fit the schema (vLLM's pydantic errors: type "Bad Request").
+    Validation,
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimit,
+    Internal,
+    BadGateway,
+    ServiceUnavailable,
+    GatewayTimeout,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::Validation | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
+            ErrorKind::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn type_name(self) -> &'static str {
+        match self {
+            ErrorKind::Validation => "Bad Request",
+            ErrorKind::BadRequest => "BadRequestError",
+            ErrorKind::NotFound => "NotFoundError",
+            ErrorKind::PayloadTooLarge => "PayloadTooLargeError",
+            ErrorKind::RateLimit => "RateLimitError",
+            ErrorKind::Internal => "InternalServerError",
+            ErrorKind::BadGateway => "BadGatewayError",
+            ErrorKind::ServiceUnavailable => "ServiceUnavailableError",
+            ErrorKind::GatewayTimeout => "GatewayTimeoutError",
+        }
+    }
+
+    /// The kind for an arbitrary status (used when a fault knob picks the status).
+    pub fn for_status(status: StatusCode) -> ErrorKind {
+        match status.as_u16() {
+            404 => ErrorKind::NotFound,
+            413 => ErrorKind::PayloadTooLarge,
+            429 => ErrorKind::RateLimit,
+            502 => ErrorKind::BadGateway,
+            503 => ErrorKind::ServiceUnavailable,
+            504 => ErrorKind::GatewayTimeout,
+            s if s < 500 => ErrorKind::BadRequest,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// An error answered to a client. `status` may differ from `kind.status()` only when a
+/// fault knob asks for an unusual status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub status: StatusCode,
+    pub message: String,
+    /// The request field at fault, when there is one (vLLM fills `param`).
+    pub param: Option<String>,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError { kind, status: kind.status(), message: message.into(), param: None, retry_after_secs: None }
+    }
+    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, ..ApiError::new(ErrorKind::for_status(status), message) }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorKind::BadRequest, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorKind::Internal, message)
+    }
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind.type_name(),
+            "param": self.param,
+            "code": self.status.as_u16(),
+        }})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// A pydantic-style schema error, as vLLM reports it (type "Bad Request", `param` = loc).
+pub fn validation_error(loc: &str, kind: &str, msg: &str, input: &Value) -> ApiError {
+    let input = match input {
+        Value::Object(m) => format!("<dict of {} items>", m.len()),
+        Value::Array(a) => format!("<list of {} items>", a.len()),
+        other => other.to_string(),
+    };
+    ApiError::new(
+        ErrorKind::Validation,
+        format!(
+            "1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}', 'input': {input}}}"
+        ),
+    )
+    .param(loc)
+}
+

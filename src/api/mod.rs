@@ -1,0 +1,7 @@
+//! Wire pieces shared by every server in the binary: OpenAI-shaped errors and SSE framing.
+
+pub mod body;
+mod error;
+pub mod sse;
+
+pub use error::{validation_error, ApiError, ErrorKind};

@@ -1,0 +1,5 @@
+//! disagg: prefill/decode disaggregated LLM serving on vLLM. See docs/ARCHITECTURE.md.
+
+pub mod api;
+pub mod cli;
+pub mod sim;

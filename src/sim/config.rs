@@ -1,0 +1,153 @@
+//! `disagg sim` flags. Every fault and timing knob is off by default.
+
+use clap::{Args, ValueEnum};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Serves prefill legs: honours `do_remote_decode`, holds KV for a decode to pull.
+    Prefill,
+    /// Serves decode legs: honours `do_remote_prefill`, pulls KV from the prefill.
+    Decode,
+    /// Both (like vLLM's `kv_both`), and plain colocated serving.
+    Both,
+}
+
+impl Role {
+    pub fn produces_kv(self) -> bool {
+        matches!(self, Role::Prefill | Role::Both)
+    }
+    pub fn consumes_kv(self) -> bool {
+        matches!(self, Role::Decode | Role::Both)
+    }
+}
+
+/// A SIMULATED vLLM engine: same endpoints, shapes and KV handshake as vLLM with
+/// NixlConnector, no model, no GPU. For tests, demos and scale experiments.
+#[derive(Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port (0 picks a free one; the chosen port is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Which PD role this instance plays.
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
+    /// Number of simulated data-parallel engines, each with its own queue and KV blocks;
+    /// pick one per request with the `X-data-parallel-rank` header.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub data_parallel_size: u16,
+    /// Model name served (what `/v1/models` lists and requests must name, if they name one).
+    #[arg(long, default_value = "sim-model")]
+    pub model: String,
+    /// Longest prompt + output, in tokens.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_model_len: u32,
+    /// KV blocks per DP engine.
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kv_blocks: u32,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub block_size: u32,
+    /// Seconds a prefill holds KV for a decode that never pulls it (vLLM: 30 s lease).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    pub kv_lease_secs: f64,
+    /// Base port of the KV side channel; DP rank r listens on PORT + r
+    /// (vLLM: VLLM_NIXL_SIDE_CHANNEL_PORT). Default: a free port per rank.
+    #[arg(long)]
+    pub side_channel_port: Option<u16>,
+    /// Host the side channel binds and advertises as `remote_host`. Default: --host, or
+    /// 127.0.0.1 when --host is a wildcard address.
+    #[arg(long)]
+    pub side_channel_host: Option<String>,
+    /// How long a decode keeps trying to pull KV from an unreachable prefill before the
+    /// request fails with HTTP 500 (vLLM takes ~5 s).
+    #[arg(long, default_value_t = 5000)]
+    pub kv_load_timeout_ms: u64,
+    /// Exit the process when pulled KV does not match the prompt, as vLLM's engine dies
+    /// on a block-count mismatch. Default: fail only that request with HTTP 500.
+    #[arg(long)]
+    pub die_on_kv_mismatch: bool,
+    /// Most requests running at once per DP engine (continuous batching); more wait.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_seqs: u32,
+    /// Simulated prefill time, milliseconds per 1000 prompt tokens.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub prefill_ms_per_1k_tokens: f64,
+    /// Simulated time of one decode step (one token for every running request).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub decode_ms_per_token: f64,
+    /// Fraction of generation requests answered with --fail-status instead (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    pub fail_rate: f64,
+    /// HTTP status of a --fail-rate failure.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(400..=599))]
+    pub fail_status: u16,
+    /// Every request stops making progress after this many output tokens (0: before the
+    /// first) and holds its KV until the client goes away.
+    #[arg(long)]
+    pub hang_after_tokens: Option<u32>,
+    /// The process dies (exit 1, connections reset) while serving generation request N+1:
+    /// a stream after its first chunk, a non-stream request before any byte.
+    #[arg(long)]
+    pub crash_after_requests: Option<u64>,
+    /// `/health` and generation answer 503 for this long after start.
+    #[arg(long, default_value_t = 0)]
+    pub startup_delay_ms: u64,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number >= 0".into())
+    }
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    let v = non_negative(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err("must be > 0".into())
+    }
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v = non_negative(s)?;
+    if v <= 1.0 {
+        Ok(v)
+    } else {
+        Err("must be between 0 and 1".into())
+    }
+}
+
+impl SimArgs {
+    /// Cross-flag checks clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let capacity = u64::from(self.kv_blocks) * u64::from(self.block_size);
+        if capacity < u64::from(self.max_model_len) {
+            return Err(format!(
+                "--kv-blocks {} x --block-size {} = {capacity} tokens cannot hold one request of \
+                 --max-model-len {}; raise --kv-blocks or lower --max-model-len",
+                self.kv_blocks, self.block_size, self.max_model_len
+            ));
+        }
+        if let Some(base) = self.side_channel_port {
+            if u32::from(base) + u32::from(self.data_parallel_size) - 1 > u32::from(u16::MAX) {
+                return Err("--side-channel-port + --data-parallel-size exceeds 65535".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn advertised_side_host(&self) -> String {
+        match &self.side_channel_host {
+            Some(h) => h.clone(),
+            None if self.host == "0.0.0.0" || self.host == "::" => "127.0.0.1".into(),
+            None => self.host.clone(),
+        }
+    }
+}

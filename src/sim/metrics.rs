@@ -1,0 +1,118 @@
+//! `/metrics` of the simulator: vLLM's metric names with the `engine` (DP rank) and
+//! `model_name` labels, plus the simulator's own KV bookkeeping under `disagg_sim_`.
+
+use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::engine::Engine;
+
+/// One engine's counters (handles into the shared families).
+pub struct Stats {
+    pub prompt_tokens: IntCounter,
+    pub prompt_local_compute: IntCounter,
+    pub prompt_external: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub requests_finished: IntCounter,
+    pub transfers_sent: IntCounter,
+    pub transfers_received: IntCounter,
+    pub kv_load_failures: IntCounter,
+    pub leases_expired: IntCounter,
+    pub freed_by_decode_abort: IntCounter,
+    pub stale_reads: IntCounter,
+}
+
+pub struct SimMetrics {
+    registry: Registry,
+    running: GaugeVec,
+    waiting: GaugeVec,
+    kv_usage: GaugeVec,
+    held_blocks: IntGaugeVec,
+    held_requests: IntGaugeVec,
+    prompt_tokens: IntCounterVec,
+    by_source: IntCounterVec,
+    generation: IntCounterVec,
+    success: IntCounterVec,
+    transfers: IntCounterVec,
+    load_failures: IntCounterVec,
+    leases_expired: IntCounterVec,
+    freed_by_abort: IntCounterVec,
+    stale_reads: IntCounterVec,
+}
+
+const LABELS: &[&str] = &["engine", "model_name"];
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl SimMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let gauge = |name: &str, help: &str| reg(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let igauge = |name: &str, help: &str| reg(&r, IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let counter = |name: &str, help: &str, extra: &[&str]| {
+            let labels: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
+            reg(&r, IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric"))
+        };
+        SimMetrics {
+            running: gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
+            waiting: gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+            kv_usage: gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+            held_blocks: igauge("disagg_sim_kv_blocks_held", "KV blocks a prefill holds for remote decodes (simulator)."),
+            held_requests: igauge("disagg_sim_kv_requests_held", "Requests whose KV a prefill holds for a remote decode (simulator)."),
+            prompt_tokens: counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", &[]),
+            by_source: counter("vllm:prompt_tokens_by_source_total", "Number of prompt tokens by source.", &["source"]),
+            generation: counter("vllm:generation_tokens_total", "Number of generation tokens processed.", &[]),
+            success: counter("vllm:request_success_total", "Count of successfully processed requests.", &[]),
+            transfers: counter("disagg_sim_kv_transfers_total", "KV pulls completed, by direction (simulator).", &["direction"]),
+            load_failures: counter("disagg_sim_kv_load_failures_total", "Decode requests failed because their KV could not be pulled or did not match (simulator).", &[]),
+            leases_expired: counter("disagg_sim_kv_leases_expired_total", "Held KV released because no decode pulled it within the lease (simulator).", &[]),
+            freed_by_abort: counter("disagg_sim_kv_freed_by_decode_abort_total", "Held KV freed early because the decode aborted before pulling (simulator).", &[]),
+            stale_reads: counter("disagg_sim_kv_stale_reads_total", "KV reads of blocks no longer held for that request (simulator).", &[]),
+            registry: r,
+        }
+    }
+
+    pub fn stats_for(&self, rank: usize, model: &str) -> Stats {
+        let rank = rank.to_string();
+        let l = [rank.as_str(), model];
+        let src = |s: &str| self.by_source.with_label_values(&[l[0], l[1], s]);
+        // Create the idle series up front so scrapes show zeros, as vLLM does.
+        let _ = src("local_cache_hit");
+        Stats {
+            prompt_tokens: self.prompt_tokens.with_label_values(&l),
+            prompt_local_compute: src("local_compute"),
+            prompt_external: src("external_kv_transfer"),
+            generation_tokens: self.generation.with_label_values(&l),
+            requests_finished: self.success.with_label_values(&l),
+            transfers_sent: self.transfers.with_label_values(&[l[0], l[1], "sent"]),
+            transfers_received: self.transfers.with_label_values(&[l[0], l[1], "received"]),
+            kv_load_failures: self.load_failures.with_label_values(&l),
+            leases_expired: self.leases_expired.with_label_values(&l),
+            freed_by_decode_abort: self.freed_by_abort.with_label_values(&l),
+            stale_reads: self.stale_reads.with_label_values(&l),
+        }
+    }
+
+    pub fn render(&self, engines: &[std::sync::Arc<Engine>], model: &str) -> String {
+        for e in engines {
+            let s = e.snapshot();
+            let rank = e.rank.to_string();
+            let l = [rank.as_str(), model];
+            self.running.with_label_values(&l).set(s.running as f64);
+            self.waiting.with_label_values(&l).set(s.waiting as f64);
+            self.kv_usage.with_label_values(&l).set(s.blocks_used as f64 / s.blocks_total as f64);
+            self.held_blocks.with_label_values(&l).set(s.held_blocks as i64);
+            self.held_requests.with_label_values(&l).set(s.held_requests as i64);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for SimMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,84 @@
+//! `disagg sim`: a SIMULATED vLLM engine for tests, demos and scale experiments.
+//!
+//! It speaks vLLM's HTTP API and NixlConnector's KV handshake (PROTOCOLS.md §1) with a
+//! deterministic token model instead of a neural network, and a real loopback side
+//! channel instead of NIXL. Where it differs from vLLM, the difference is documented in
+//! docs/SIM.md; the handshake tests run against both.
+
+pub mod blocks;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod request;
+pub mod response;
+pub mod side_channel;
+pub mod tokens;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+pub use config::{Role, SimArgs};
+use engine::{Engine, EngineConfig};
+
+pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+    args.validate().map_err(anyhow::Error::msg)?;
+    let host = args.host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let listener = TcpListener::bind((host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let port = listener.local_addr()?.port();
+
+    let cfg = Arc::new(EngineConfig {
+        block_size: args.block_size as usize,
+        kv_blocks: args.kv_blocks as usize,
+        max_num_seqs: args.max_num_seqs as usize,
+        prefill_ms_per_1k: args.prefill_ms_per_1k_tokens,
+        decode_ms_per_token: args.decode_ms_per_token,
+        hang_after_tokens: args.hang_after_tokens.map(|n| n as usize),
+        kv_lease: Duration::from_secs_f64(args.kv_lease_secs),
+        kv_load_timeout: Duration::from_millis(args.kv_load_timeout_ms),
+        die_on_kv_mismatch: args.die_on_kv_mismatch,
+    });
+    let side_host = args.advertised_side_host();
+    let bind_side = side_host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let metrics = metrics::SimMetrics::new();
+    let dead = Arc::new(AtomicBool::new(false));
+    let mut engines = Vec::new();
+    let mut side_ports = Vec::new();
+    for rank in 0..args.data_parallel_size as usize {
+        let want = args.side_channel_port.map_or(0, |base| base + rank as u16);
+        let side = TcpListener::bind((bind_side.as_str(), want))
+            .await
+            .with_context(|| format!("cannot listen on the side channel {side_host}:{want}"))?;
+        let side_port = side.local_addr()?.port();
+        side_ports.push(side_port);
+        let engine = Arc::new(Engine::new(
+            rank,
+            cfg.clone(),
+            side_host.clone(),
+            side_port,
+            metrics.stats_for(rank, &args.model),
+            dead.clone(),
+        ));
+        tokio::spawn(side_channel::serve(side, engine.clone()));
+        tokio::spawn(engine.clone().run());
+        engines.push(engine);
+    }
+
+    println!("{}", http::banner(&args, port, &side_ports));
+    let startup_delay = args.startup_delay_ms;
+    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead));
+    if startup_delay > 0 {
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(startup_delay)).await;
+            sim.ready.store(true, Ordering::SeqCst);
+        });
+    }
+    axum::serve(listener, http::router(sim)).await.context("HTTP server failed")
+}

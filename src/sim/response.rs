@@ -1,0 +1,285 @@
+//! vLLM's response shapes for completions and chat, streamed and not, and the text
+//! assembly (stop strings held back until they can no longer match, as vLLM does).
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::engine::Finish;
+use super::request::Api;
+use super::tokens::token_text;
+
+pub const FINGERPRINT: &str = "disagg-sim";
+
+/// Identity shared by every chunk of one response.
+pub struct Meta {
+    pub api: Api,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub prompt_tokens: usize,
+}
+
+/// Why a choice ended, as vLLM reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ending {
+    Length,
+    Eos,
+    StopString(String),
+    StopToken(u32),
+}
+
+impl Ending {
+    pub fn from_finish(f: Finish) -> Self {
+        match f {
+            Finish::Length => Ending::Length,
+            Finish::Eos => Ending::Eos,
+        }
+    }
+    fn finish_reason(&self) -> &'static str {
+        match self {
+            Ending::Length => "length",
+            _ => "stop",
+        }
+    }
+    fn stop_reason(&self) -> Value {
+        match self {
+            Ending::StopString(s) => Value::String(s.clone()),
+            Ending::StopToken(t) => json!(t),
+            _ => Value::Null,
+        }
+    }
+}
+
+/// Detokenises the output and applies `stop` / `stop_token_ids`.
+pub struct TextOut {
+    stops: Vec<String>,
+    stop_ids: Vec<u32>,
+    hold: usize,
+    pub text: String,
+    emitted: usize,
+    pub tokens: usize,
+}
+
+impl TextOut {
+    pub fn new(stops: Vec<String>, stop_ids: Vec<u32>) -> Self {
+        let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
+        TextOut { stops, stop_ids, hold, text: String::new(), emitted: 0, tokens: 0 }
+    }
+
+    /// Adds one token. Returns the text that may be shown now and, if a stop condition
+    /// hit, how the output ended (the text is then final).
+    pub fn push(&mut self, token: u32) -> (String, Option<Ending>) {
+        self.tokens += 1;
+        if self.stop_ids.contains(&token) {
+            return (self.flush(), Some(Ending::StopToken(token)));
+        }
+        let from = self.emitted;
+        self.text.push_str(&token_text(token));
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| (from + p, s)))
+            .min_by_key(|(p, _)| *p);
+        if let Some((pos, stop)) = hit {
+            let stop = stop.clone();
+            self.text.truncate(pos);
+            return (self.flush(), Some(Ending::StopString(stop)));
+        }
+        let mut safe = self.text.len().saturating_sub(self.hold).max(self.emitted);
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let delta = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        (delta, None)
+    }
+
+    /// Whatever is still held back.
+    pub fn flush(&mut self) -> String {
+        let rest = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        rest
+    }
+}
+
+#[derive(Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+impl Meta {
+    pub fn usage(&self, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+            completion_tokens,
+        }
+    }
+
+    /// The whole non-streamed response.
+    pub fn full_response(&self, text: &str, ending: &Ending, completion_tokens: usize, kv: Option<Value>) -> Value {
+        let usage = json!({
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+            "prompt_tokens_details": null,
+            "completion_tokens_details": null,
+        });
+        match self.api {
+            Api::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": ending.finish_reason(),
+                    "stop_reason": ending.stop_reason(), "token_ids": null, "prompt_logprobs": null,
+                    "prompt_token_ids": null}],
+                "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+                "kv_transfer_params": kv,
+            }),
+            Api::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null,
+                    "annotations": null, "audio": null, "function_call": null, "reasoning": null},
+                    "logprobs": null, "finish_reason": ending.finish_reason(), "stop_reason": ending.stop_reason(),
+                    "token_ids": null}],
+                "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+                "prompt_logprobs": null, "prompt_token_ids": null, "kv_transfer_params": kv,
+            }),
+        }
+    }
+
+    /// One streamed chunk with `delta` text; `ending` on the last one.
+    pub fn chunk(&self, delta: &str, ending: Option<&Ending>, role: bool, usage: Option<Usage>) -> bytes::Bytes {
+        let finish_reason = ending.map(Ending::finish_reason);
+        let stop_reason = ending.map(Ending::stop_reason);
+        match self.api {
+            Api::Completions => crate::api::sse::event(&CompletionChunk {
+                id: &self.id,
+                object: "text_completion",
+                created: self.created,
+                model: &self.model,
+                choices: &[CompletionChoice {
+                    index: 0,
+                    text: delta,
+                    logprobs: None,
+                    finish_reason,
+                    stop_reason: stop_reason.unwrap_or(Value::Null),
+                }],
+                usage,
+            }),
+            Api::Chat => crate::api::sse::event(&ChatChunk {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+                choices: &[ChatChoice {
+                    index: 0,
+                    delta: Delta { role: role.then_some("assistant"), content: delta },
+                    logprobs: None,
+                    finish_reason,
+                    stop_reason,
+                }],
+                usage,
+            }),
+        }
+    }
+
+    /// The `choices: []` chunk carrying usage (`stream_options.include_usage`).
+    pub fn usage_chunk(&self, completion_tokens: usize) -> bytes::Bytes {
+        let object = match self.api {
+            Api::Completions => "text_completion",
+            Api::Chat => "chat.completion.chunk",
+        };
+        crate::api::sse::event(&json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [], "usage": self.usage(completion_tokens), "system_fingerprint": FINGERPRINT,
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct CompletionChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [CompletionChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Value,
+}
+
+#[derive(Serialize)]
+struct ChatChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChatChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    content: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::tokens::tokenize;
+
+    #[test]
+    fn stop_string_truncates_and_is_never_shown() {
+        // Find a token whose text we can use as part of a stop string.
+        let tok = 100;
+        let word = token_text(tok);
+        let mut out = TextOut::new(vec![word.clone()], vec![]);
+        let (d1, e1) = out.push(101);
+        assert!(e1.is_none());
+        let (d2, e2) = out.push(tok);
+        assert_eq!(e2, Some(Ending::StopString(word.clone())));
+        assert_eq!(format!("{d1}{d2}"), token_text(101));
+        assert!(!out.text.contains(&word));
+    }
+
+    #[test]
+    fn text_is_held_back_only_as_long_as_a_stop_could_still_match() {
+        let mut out = TextOut::new(vec!["zzzzzzzz-never".into()], vec![]);
+        let mut shown = String::new();
+        for t in 10..30 {
+            shown.push_str(&out.push(t).0);
+        }
+        shown.push_str(&out.flush());
+        assert_eq!(shown, out.text);
+        assert_eq!(out.tokens, 20);
+        let _ = tokenize(&shown);
+    }
+
+    #[test]
+    fn stop_token_ends_with_its_id() {
+        let mut out = TextOut::new(vec![], vec![7]);
+        assert_eq!(out.push(7).1, Some(Ending::StopToken(7)));
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests: real processes over loopback HTTP. One binary, many modules.
+
+mod handshake;
+mod sim;
+mod support;

@@ -1,0 +1,210 @@
+//! Test support: spawn `disagg` processes on loopback, talk to them over real HTTP.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_disagg");
+
+/// A running `disagg` process, killed when dropped. Its stderr goes to a file that is
+/// printed if the test fails.
+pub struct Proc {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    pub side_ports: Vec<u16>,
+    pub banner: String,
+    log: PathBuf,
+}
+
+fn log_path(tag: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("proc-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{tag}-{}-{}.log", std::process::id(), rand::random::<u32>()))
+}
+
+impl Proc {
+    /// Starts `disagg <args>` and waits for its banner line (which names its URL).
+    pub async fn start(args: &[&str]) -> Proc {
+        let log = log_path(args.first().copied().unwrap_or("disagg"));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn disagg");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let banner = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no banner from disagg {args:?}; log:\n{}", tail(&log)))
+            .unwrap()
+            .unwrap_or_else(|| panic!("disagg {args:?} exited before its banner; log:\n{}", tail(&log)));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = banner
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("banner without URL: {banner}"))
+            .trim_end_matches('/')
+            .to_string();
+        let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        let side_ports = banner
+            .split("side_channel_ports=[")
+            .nth(1)
+            .map(|rest| {
+                rest.split(']').next().unwrap().split(',').filter_map(|p| p.trim().parse().ok()).collect()
+            })
+            .unwrap_or_default();
+        Proc { child, url, port, side_ports, banner, log }
+    }
+
+    /// `disagg sim --port 0 <args>`.
+    pub async fn sim(args: &[&str]) -> Proc {
+        let mut all = vec!["sim", "--port", "0"];
+        all.extend_from_slice(args);
+        Proc::start(&all).await
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    /// Waits for the process to exit by itself; `None` if it is still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn tail(path: &PathBuf) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.banner, tail(&self.log));
+        }
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// POSTs JSON; returns the status and the body parsed as JSON (Null if it is not JSON).
+pub async fn post(url: &str, body: &Value) -> (u16, Value) {
+    post_with(url, body, &[]).await
+}
+
+pub async fn post_with(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = client().post(url).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    let resp = client().get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// A streamed response, read to its end: status and the `data:` payloads in order.
+pub async fn post_stream(url: &str, body: &Value) -> (u16, Vec<String>) {
+    let resp = client().post(url).json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let mut events = Vec::new();
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if let Some(data) = event.trim().strip_prefix("data: ") {
+                events.push(data.to_string());
+            }
+        }
+    }
+    (status, events)
+}
+
+/// Text of a completions or chat response, streamed (events) or not.
+pub fn text_of(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or_default().to_string()
+}
+
+pub fn stream_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .map(|v| {
+            let c = &v["choices"][0];
+            c["text"].as_str().or_else(|| c["delta"]["content"].as_str()).unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+/// Sum of a metric's series whose labels include every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+pub async fn metrics(base: &str) -> String {
+    get(&format!("{base}/metrics")).await.1
+}
+
+/// Polls `check` until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The six-key `kv_transfer_params` of a prefill leg (PROTOCOLS.md §1).
+pub fn prefill_params() -> Value {
+    serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+        "remote_block_ids": null, "remote_host": null, "remote_port": null})
+}
