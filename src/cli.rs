@@ -7,11 +7,17 @@ use clap::{Parser, Subcommand};
     name = "disagg",
     version,
     about = "Prefill/decode disaggregated LLM serving on vLLM: router, launcher, benchmark, simulator",
-    propagate_version = true
+    long_about = "Prefill/decode disaggregated LLM serving on vLLM: router, launcher, benchmark, simulator.\n\n\
+        With no subcommand, the flags are `disagg route`'s, so vllm-router command lines work as they are:\n  \
+        disagg --vllm-pd-disaggregation --prefill http://P:8100 --decode http://D:8200 --port 8123",
+    propagate_version = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub route: crate::router::RouteArgs,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `disagg=debug`); RUST_LOG wins.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
@@ -19,6 +25,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The PD router: OpenAI-compatible front, prefill leg then decode leg (a drop-in for
+    /// vllm-router's and the vLLM toy proxy's command lines).
+    Route(crate::router::RouteArgs),
     /// Run a SIMULATED vLLM engine (no model, no GPU) that speaks vLLM's API and PD handshake.
     Sim(crate::sim::SimArgs),
 }
@@ -32,6 +41,8 @@ pub fn init_tracing(level: &str) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Sim(args) => crate::sim::run(args).await,
+        None => crate::router::run(cli.route).await,
+        Some(Command::Route(args)) => crate::router::run(args).await,
+        Some(Command::Sim(args)) => crate::sim::run(args).await,
     }
 }

@@ -92,6 +92,10 @@ pub struct SimArgs {
     /// a stream after its first chunk, a non-stream request before any byte.
     #[arg(long)]
     pub crash_after_requests: Option<u64>,
+    /// Require `Authorization: Bearer KEY` on /v1/* (repeatable), as `vllm serve --api-key`
+    /// does: 401 `{"error":"Unauthorized"}` otherwise.
+    #[arg(long = "api-key", value_name = "KEY", action = clap::ArgAction::Append)]
+    pub api_keys: Vec<String>,
     /// `/health` and generation answer 503 for this long after start.
     #[arg(long, default_value_t = 0)]
     pub startup_delay_ms: u64,

@@ -56,6 +56,24 @@ impl Sim {
     }
 }
 
+/// vLLM's authentication middleware: /v1/* needs one of the --api-key tokens.
+async fn authenticate(State(sim): State<Arc<Sim>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if sim.args.api_keys.is_empty() || !req.uri().path().starts_with("/v1") {
+        return next.run(req).await;
+    }
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && sim.args.api_keys.iter().any(|k| k == token));
+    if ok {
+        next.run(req).await
+    } else {
+        (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "Unauthorized"}))).into_response()
+    }
+}
+
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
@@ -66,6 +84,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "Not Found") })
+        .layer(axum::middleware::from_fn_with_state(sim.clone(), authenticate))
         .with_state(sim)
 }
 
@@ -208,6 +227,15 @@ async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Re
         Api::Completions => format!("cmpl-{base}"),
         Api::Chat => format!("chatcmpl-{base}"),
     };
+    tracing::debug!(
+        id = %id,
+        rank = engine.rank,
+        prompt_tokens = req.prompt.len(),
+        max_tokens = req.max_tokens,
+        stream = req.stream,
+        kv = ?req.kv,
+        "generation request"
+    );
     // The role decides which half of the handshake this instance honours.
     let kv = match req.kv.clone() {
         KvRequest::RemoteDecode if !sim.args.role.produces_kv() => KvRequest::Local,

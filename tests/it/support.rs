@@ -208,3 +208,72 @@ pub fn prefill_params() -> Value {
     serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
         "remote_block_ids": null, "remote_host": null, "remote_port": null})
 }
+
+/// `disagg route --port 0 <args>`, once its /health is 200.
+pub async fn router(args: &[&str]) -> Proc {
+    let r = router_unready(args).await;
+    let url = r.url.clone();
+    let ready = eventually(Duration::from_secs(10), || async { get(&format!("{url}/health")).await.0 == 200 }).await;
+    assert!(ready, "router never became healthy: {}", get(&format!("{}/health", r.url)).await.1);
+    r
+}
+
+/// `disagg route --port 0 <args>` without waiting for its workers.
+pub async fn router_unready(args: &[&str]) -> Proc {
+    let mut all = vec!["route", "--port", "0", "--health-check-interval-secs", "0.2"];
+    all.extend_from_slice(args);
+    Proc::start(&all).await
+}
+
+/// The router's `/workers` document.
+pub async fn workers(router: &str) -> Value {
+    serde_json::from_str(&get(&format!("{router}/workers")).await.1).unwrap()
+}
+
+/// Every in-flight count, permit and queue slot of the router is back to zero.
+pub async fn assert_idle(router: &str) {
+    let idle = eventually(Duration::from_secs(10), || async {
+        let w = workers(router).await;
+        w["permits_in_use"] == 0
+            && w["queued"] == 0
+            && w["workers"].as_array().unwrap().iter().all(|w| w["in_flight"] == 0)
+    })
+    .await;
+    assert!(idle, "router not idle: {}", workers(router).await);
+}
+
+/// A worker's in-flight count as the router sees it.
+pub async fn in_flight(router: &str, worker_url: &str) -> u64 {
+    let w = workers(router).await;
+    w["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["url"] == worker_url)
+        .map_or(0, |w| w["in_flight"].as_u64().unwrap())
+}
+
+/// Requests a sim has completed (all DP engines).
+pub async fn served(sim: &str) -> f64 {
+    metric(&metrics(sim).await, "vllm:request_success_total", &[])
+}
+
+/// Starts a stream and returns it after its first chunk arrived.
+pub async fn open_stream(url: &str, body: &Value) -> (reqwest::Response, Vec<u8>) {
+    let mut resp = client().post(url).json(body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = resp.chunk().await.unwrap().expect("a first chunk").to_vec();
+    (resp, first)
+}
+
+/// Reads the rest of a stream into its `data:` payloads.
+pub async fn rest_of(mut resp: reqwest::Response, first: Vec<u8>) -> Vec<String> {
+    let mut raw = first;
+    while let Ok(Some(c)) = resp.chunk().await {
+        raw.extend_from_slice(&c);
+    }
+    String::from_utf8_lossy(&raw)
+        .split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}

@@ -1,0 +1,427 @@
+//! `disagg route` flags: vllm-router's command line, the vLLM toy proxy's, and a shorthand,
+//! normalised into one `RouterConfig`. Every accepted flag does what `--help` says.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// How a role's workers are chosen for each request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Each worker in turn.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The less loaded of two random workers, by the router's own in-flight counts
+    /// (reserved at pick time, so a burst does not herd onto one worker).
+    PowerOfTwo,
+    /// Sticky by session: `x-session-id` / `x-user-id` header or body `user`, else the
+    /// prompt's prefix; a worker going down moves only its own keys.
+    ConsistentHash,
+    /// Approximate prefix tree of routed prompts per worker: the worker that already
+    /// holds the longest prefix, unless load is imbalanced (see the balance thresholds).
+    CacheAware,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Router")]
+pub struct RouteArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the URL is printed on stdout).
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+
+    /// Prefill/decode disaggregation: every request is a prefill leg then a decode leg.
+    /// Implied by any prefill/decode worker flag.
+    #[arg(long)]
+    pub vllm_pd_disaggregation: bool,
+    /// A prefill worker URL (repeatable). An optional second value is a Mooncake
+    /// bootstrap port, which this router rejects: it speaks the NIXL flow.
+    #[arg(long, value_name = "URL", num_args = 1..=2, action = clap::ArgAction::Append)]
+    pub prefill: Vec<String>,
+    /// A decode worker URL (repeatable).
+    #[arg(long, value_name = "URL", action = clap::ArgAction::Append)]
+    pub decode: Vec<String>,
+    /// Colocated (non-PD) worker URLs, load-balanced with the same machinery.
+    #[arg(long, value_name = "URL", num_args = 1.., action = clap::ArgAction::Append)]
+    pub worker_urls: Vec<String>,
+
+    /// Toy-proxy style prefill hosts, zipped with --prefiller-ports.
+    #[arg(long, alias = "prefiller-host", value_name = "HOST", num_args = 1.., help_heading = "vLLM toy proxy flags")]
+    pub prefiller_hosts: Vec<String>,
+    /// Toy-proxy style prefill ports, zipped with --prefiller-hosts.
+    #[arg(long, alias = "prefiller-port", value_name = "PORT", num_args = 1.., help_heading = "vLLM toy proxy flags")]
+    pub prefiller_ports: Vec<u16>,
+    /// Toy-proxy style decode hosts, zipped with --decoder-ports.
+    #[arg(long, alias = "decoder-host", value_name = "HOST", num_args = 1.., help_heading = "vLLM toy proxy flags")]
+    pub decoder_hosts: Vec<String>,
+    /// Toy-proxy style decode ports, zipped with --decoder-hosts.
+    #[arg(long, alias = "decoder-port", value_name = "PORT", num_args = 1.., help_heading = "vLLM toy proxy flags")]
+    pub decoder_ports: Vec<u16>,
+    /// Shorthand: `HOST:PORT[,PORT...][,HOST:PORT...]`, e.g. `localhost:8300,8301`.
+    #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
+    pub prefill_instances: Vec<String>,
+    /// Shorthand for decode workers, as --prefill-instances.
+    #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
+    pub decode_instances: Vec<String>,
+
+    /// Policy for every role unless overridden.
+    #[arg(long, value_enum, default_value_t = PolicyKind::CacheAware)]
+    pub policy: PolicyKind,
+    /// Policy for prefill workers (default: --policy).
+    #[arg(long, value_enum)]
+    pub prefill_policy: Option<PolicyKind>,
+    /// Policy for decode workers (default: --policy).
+    #[arg(long, value_enum)]
+    pub decode_policy: Option<PolicyKind>,
+    /// cache_aware: minimum matched fraction of the prompt to prefer the matching worker;
+    /// below it, the worker with the smallest tree is chosen.
+    #[arg(long, default_value_t = 0.3, value_parser = unit_interval)]
+    pub cache_threshold: f64,
+    /// cache_aware: load is imbalanced when max - min in-flight exceeds this ...
+    #[arg(long, default_value_t = 64)]
+    pub balance_abs_threshold: usize,
+    /// ... and max exceeds min times this; then the least loaded worker is chosen.
+    #[arg(long, default_value_t = 1.5, value_parser = at_least_one)]
+    pub balance_rel_threshold: f64,
+    /// cache_aware: seconds between evictions of the prefix trees.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eviction_interval: u64,
+    /// cache_aware: most characters (tokens with --model-path) kept per worker's tree.
+    #[arg(long, default_value_t = 67_108_864, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tree_size: u64,
+    /// A local model directory whose tokenizer.json makes cache_aware and
+    /// consistent_hash work on token ids instead of characters.
+    #[arg(long, value_name = "DIR")]
+    pub model_path: Option<String>,
+
+    /// Data-parallel ranks behind each worker URL; the router picks a rank by load and
+    /// sends `X-data-parallel-rank`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub intra_node_data_parallel_size: u16,
+
+    /// Most requests in flight at once (the permit is held until the response, stream
+    /// included, has ended or the client has gone).
+    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrent_requests: u64,
+    /// Requests that may wait for a permit (FIFO); beyond it: 429.
+    #[arg(long, default_value_t = 100)]
+    pub queue_size: usize,
+    /// Longest wait for a permit; then 503.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub queue_timeout_secs: f64,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, default_value_t = 536_870_912, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_payload_size: u64,
+
+    /// Time limit of a prefill leg, and of a decode leg until its first byte (a
+    /// non-streamed decode: until its whole answer).
+    #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
+    pub request_timeout_secs: f64,
+    /// A streamed decode that sends nothing for this long is failed mid-stream.
+    #[arg(long, default_value_t = 600.0, value_parser = positive_secs)]
+    pub stream_idle_timeout_secs: f64,
+    /// Extra prefill attempts on other prefill workers after a failure (connect error,
+    /// 5xx, timeout) before the client hears of it.
+    #[arg(long, default_value_t = 2)]
+    pub retry_max_retries: u32,
+    /// No prefill retries and no re-run of a pair whose decode failed before its first byte.
+    #[arg(long)]
+    pub disable_retries: bool,
+
+    /// Seconds between health checks of all workers (checked concurrently).
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub health_check_interval_secs: f64,
+    /// Time limit of one health check.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub health_check_timeout_secs: f64,
+    /// Consecutive failed checks before a healthy worker is marked down (a connection
+    /// error on a request marks it down at once).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_failure_threshold: u32,
+    /// Consecutive good checks before a down worker is used again (a worker never seen
+    /// healthy is used after its first good check).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_success_threshold: u32,
+    /// Path checked on every worker.
+    #[arg(long, default_value = "/health")]
+    pub health_check_endpoint: String,
+
+    /// API key sent to workers as `Authorization: Bearer KEY` when the client sends none.
+    #[arg(long, env = "DISAGG_WORKER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+fn parse_f64(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().map_err(|e| e.to_string()).and_then(|v| {
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err("must be finite".into())
+        }
+    })
+}
+fn positive_secs(s: &str) -> Result<f64, String> {
+    parse_f64(s).and_then(|v| if v > 0.0 { Ok(v) } else { Err("must be > 0".into()) })
+}
+fn unit_interval(s: &str) -> Result<f64, String> {
+    parse_f64(s).and_then(|v| if (0.0..=1.0).contains(&v) { Ok(v) } else { Err("must be between 0 and 1".into()) })
+}
+fn at_least_one(s: &str) -> Result<f64, String> {
+    parse_f64(s).and_then(|v| if v >= 1.0 { Ok(v) } else { Err("must be >= 1".into()) })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Prefill leg then decode leg.
+    Disaggregated,
+    /// Colocated workers, one leg.
+    Regular,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheAwareConfig {
+    pub cache_threshold: f64,
+    pub balance_abs_threshold: usize,
+    pub balance_rel_threshold: f64,
+    pub eviction_interval: Duration,
+    pub max_tree_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    pub endpoint: String,
+}
+
+/// Everything the router needs, checked.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub host: String,
+    pub port: u16,
+    pub mode: Mode,
+    pub prefill: Vec<String>,
+    pub decode: Vec<String>,
+    pub workers: Vec<String>,
+    pub prefill_policy: PolicyKind,
+    pub decode_policy: PolicyKind,
+    pub cache_aware: CacheAwareConfig,
+    pub model_path: Option<String>,
+    pub dp_size: usize,
+    pub max_concurrent: usize,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+    pub max_payload: usize,
+    pub request_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub prefill_retries: u32,
+    pub rerun_pair: bool,
+    pub health: HealthConfig,
+    pub api_key: Option<String>,
+}
+
+/// Normalises a worker address to `http://host:port[/path]` (no trailing slash).
+pub fn normalize_url(raw: &str) -> Result<String, String> {
+    let with_scheme = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
+    let url = reqwest::Url::parse(&with_scheme).map_err(|e| format!("invalid worker URL `{raw}`: {e}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => return Err(format!("worker URL `{raw}`: https is not supported; workers are reached over plain HTTP")),
+        s => return Err(format!("worker URL `{raw}`: unsupported scheme `{s}`")),
+    }
+    let host = url.host_str().ok_or_else(|| format!("worker URL `{raw}` has no host"))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("worker URL `{raw}`: no query or fragment allowed"));
+    }
+    let port = url.port_or_known_default().unwrap_or(80);
+    let path = url.path().trim_end_matches('/');
+    // `host_str` keeps IPv6 brackets, so the result is a valid URL again.
+    Ok(format!("http://{host}:{port}{path}"))
+}
+
+fn zip_hosts(hosts: &[String], ports: &[u16], what: &str) -> Result<Vec<String>, String> {
+    if hosts.is_empty() && ports.is_empty() {
+        return Ok(Vec::new());
+    }
+    if hosts.len() != ports.len() {
+        return Err(format!(
+            "--{what}-hosts has {} entries but --{what}-ports has {}: they are zipped, one host per port",
+            hosts.len(),
+            ports.len()
+        ));
+    }
+    hosts.iter().zip(ports).map(|(h, p)| normalize_url(&join_host_port(h, *p))).collect()
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// `localhost:8300,8301,other:9000` -> three workers; a bare port reuses the last host.
+pub fn parse_instances(spec: &str, flag: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut host: Option<String> = None;
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if let Ok(port) = item.parse::<u16>() {
+            let h = host.as_ref().ok_or_else(|| format!("--{flag} `{spec}`: port {port} comes before any host"))?;
+            out.push(normalize_url(&join_host_port(h, port))?);
+            continue;
+        }
+        let (h, p) = item
+            .rsplit_once(':')
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| format!("--{flag} `{spec}`: `{item}` is neither HOST:PORT nor PORT"))?;
+        let port: u16 = p.parse().map_err(|_| format!("--{flag} `{spec}`: bad port `{p}`"))?;
+        out.push(normalize_url(&join_host_port(h, port))?);
+        host = Some(h.to_string());
+    }
+    if out.is_empty() {
+        return Err(format!("--{flag} `{spec}` names no worker"));
+    }
+    Ok(out)
+}
+
+impl RouteArgs {
+    pub fn to_config(&self) -> Result<RouterConfig, String> {
+        // --prefill takes an optional second value (a Mooncake bootstrap port in vllm-router).
+        let mut prefill = Vec::new();
+        for v in &self.prefill {
+            if v.eq_ignore_ascii_case("none") {
+                continue;
+            }
+            if v.parse::<u16>().is_ok() {
+                return Err(format!(
+                    "--prefill ... {v}: a bootstrap port is for the Mooncake connector; disagg route \
+                     speaks the NIXL flow (kv_transfer_params), which needs none: drop `{v}`"
+                ));
+            }
+            prefill.push(normalize_url(v)?);
+        }
+        prefill.extend(zip_hosts(&self.prefiller_hosts, &self.prefiller_ports, "prefiller")?);
+        for spec in &self.prefill_instances {
+            prefill.extend(parse_instances(spec, "prefill-instances")?);
+        }
+        let mut decode = self.decode.iter().map(|u| normalize_url(u)).collect::<Result<Vec<_>, _>>()?;
+        decode.extend(zip_hosts(&self.decoder_hosts, &self.decoder_ports, "decoder")?);
+        for spec in &self.decode_instances {
+            decode.extend(parse_instances(spec, "decode-instances")?);
+        }
+        let workers = self.worker_urls.iter().map(|u| normalize_url(u)).collect::<Result<Vec<_>, _>>()?;
+
+        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty();
+        let mode = if pd {
+            if !workers.is_empty() {
+                return Err("--worker-urls is for colocated workers; with prefill/decode workers use --prefill and --decode".into());
+            }
+            if prefill.is_empty() || decode.is_empty() {
+                return Err(format!(
+                    "prefill/decode disaggregation needs at least one prefill and one decode worker \
+                     (got {} prefill, {} decode): pass --prefill URL and --decode URL",
+                    prefill.len(),
+                    decode.len()
+                ));
+            }
+            Mode::Disaggregated
+        } else {
+            if workers.is_empty() {
+                return Err("no workers: pass --prefill URL --decode URL (disaggregated) or --worker-urls URL... (colocated)".into());
+            }
+            Mode::Regular
+        };
+        for list in [&prefill, &decode, &workers] {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = list.iter().find(|u| !seen.insert(u.as_str())) {
+                return Err(format!("worker {dup} is listed twice"));
+            }
+        }
+        if let Some(dir) = &self.model_path {
+            let file = std::path::Path::new(dir).join("tokenizer.json");
+            if !file.is_file() {
+                return Err(format!(
+                    "--model-path {dir}: no tokenizer.json there; pass a local model directory (the \
+                     router has no model hub access) or drop the flag to match prompts by characters"
+                ));
+            }
+        }
+        if !self.health_check_endpoint.starts_with('/') {
+            return Err(format!("--health-check-endpoint `{}` must start with /", self.health_check_endpoint));
+        }
+        let secs = Duration::from_secs_f64;
+        Ok(RouterConfig {
+            host: self.host.clone(),
+            port: self.port,
+            mode,
+            prefill,
+            decode,
+            workers,
+            prefill_policy: self.prefill_policy.unwrap_or(self.policy),
+            decode_policy: self.decode_policy.unwrap_or(self.policy),
+            cache_aware: CacheAwareConfig {
+                cache_threshold: self.cache_threshold,
+                balance_abs_threshold: self.balance_abs_threshold,
+                balance_rel_threshold: self.balance_rel_threshold,
+                eviction_interval: Duration::from_secs(self.eviction_interval),
+                max_tree_size: usize::try_from(self.max_tree_size).unwrap_or(usize::MAX),
+            },
+            model_path: self.model_path.clone(),
+            dp_size: self.intra_node_data_parallel_size as usize,
+            max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
+            queue_size: self.queue_size,
+            queue_timeout: secs(self.queue_timeout_secs),
+            max_payload: usize::try_from(self.max_payload_size).unwrap_or(usize::MAX),
+            request_timeout: secs(self.request_timeout_secs),
+            stream_idle_timeout: secs(self.stream_idle_timeout_secs),
+            prefill_retries: if self.disable_retries { 0 } else { self.retry_max_retries },
+            rerun_pair: !self.disable_retries,
+            health: HealthConfig {
+                interval: secs(self.health_check_interval_secs),
+                timeout: secs(self.health_check_timeout_secs),
+                failure_threshold: self.health_failure_threshold,
+                success_threshold: self.health_success_threshold,
+                endpoint: self.health_check_endpoint.clone(),
+            },
+            api_key: self.api_key.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_normalised_including_ipv6() {
+        assert_eq!(normalize_url("http://P0:8087").unwrap(), "http://p0:8087");
+        assert_eq!(normalize_url("localhost:8100/").unwrap(), "http://localhost:8100");
+        assert_eq!(normalize_url("http://[::1]:8100").unwrap(), "http://[::1]:8100");
+        assert!(normalize_url("https://x:1").unwrap_err().contains("https"));
+        assert!(normalize_url("http://:80").is_err());
+    }
+
+    #[test]
+    fn instances_shorthand_reuses_the_last_host() {
+        assert_eq!(
+            parse_instances("localhost:8300,8301,[::1]:9000,9001", "x").unwrap(),
+            ["http://localhost:8300", "http://localhost:8301", "http://[::1]:9000", "http://[::1]:9001"]
+        );
+        assert!(parse_instances("8300", "x").is_err());
+        assert!(parse_instances("h:notaport", "x").is_err());
+    }
+
+    #[test]
+    fn toy_proxy_hosts_and_ports_zip() {
+        let z = zip_hosts(&["a".into(), "::1".into()], &[1, 2], "prefiller").unwrap();
+        assert_eq!(z, ["http://a:1", "http://[::1]:2"]);
+        assert!(zip_hosts(&["a".into()], &[1, 2], "prefiller").unwrap_err().contains("zipped"));
+    }
+}

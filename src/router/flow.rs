@@ -1,0 +1,353 @@
+//! One generation request, top to bottom:
+//! admit → read and parse the body once → pick a decode, then a prefill → prefill leg
+//! (retried on other prefills) → decode leg (the pair re-run once, on other workers when
+//! there are any, if the decode fails before its first byte) → relay the answer.
+//! docs/FAILURES.md is the contract this file implements.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::admission::{Admission, Refused};
+use super::cli::{Mode, RouterConfig};
+use super::legs::{self, Leg, LegError, LegRequest, Started, StartedBody};
+use super::metrics::{RequestRecord, RouterMetrics};
+use super::policy::RequestInfo;
+use super::relay::{self, Held};
+use super::request::{decode_body, prefill_body, request_info};
+use super::workers::{Lease, NoWorker, Pool};
+use crate::api::body::{parse_object, read_limited};
+use crate::api::{ApiError, ErrorKind};
+
+/// Everything the router shares between requests.
+pub struct Router {
+    pub cfg: RouterConfig,
+    pub prefill: Pool,
+    pub decode: Pool,
+    /// Colocated workers (non-PD mode).
+    pub workers: Pool,
+    pub admission: Admission,
+    pub metrics: Arc<RouterMetrics>,
+    pub client: reqwest::Client,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub api_key: Option<HeaderValue>,
+}
+
+impl Router {
+    pub fn pools(&self) -> [&Pool; 3] {
+        [&self.prefill, &self.decode, &self.workers]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Chat => "/v1/chat/completions",
+        }
+    }
+}
+
+/// An answer that is not the worker's success, and the cause it is counted under.
+struct Failure {
+    response: Response,
+    status: u16,
+    cause: &'static str,
+}
+
+impl Failure {
+    fn api(err: ApiError, cause: &'static str) -> Self {
+        Failure { status: err.status.as_u16(), response: err.into_response(), cause }
+    }
+
+    /// A worker's 4xx, returned to the client as the worker sent it.
+    fn passthrough(err: LegError) -> Self {
+        match err {
+            LegError::Status { status, content_type, body } => {
+                let mut resp = (status, body).into_response();
+                if let Some(ct) = content_type {
+                    resp.headers_mut().insert(CONTENT_TYPE, ct);
+                }
+                Failure { status: status.as_u16(), response: resp, cause: "upstream_4xx" }
+            }
+            other => Failure::api(ApiError::internal(other.to_string()), "internal"),
+        }
+    }
+
+    fn leg_failed(leg: Leg, url: &str, err: &LegError) -> Self {
+        let (name, cause) = match leg {
+            Leg::Prefill => ("prefill", "prefill_failed"),
+            Leg::Decode => ("decode", "decode_failed"),
+        };
+        Failure::api(ApiError::new(ErrorKind::BadGateway, format!("{name} leg failed on {url}: {err}")), cause)
+    }
+
+    fn no_worker(no: NoWorker) -> Self {
+        let cause = match no.role {
+            super::workers::Role::Prefill => "no_healthy_prefill",
+            super::workers::Role::Decode => "no_healthy_decode",
+            super::workers::Role::Worker => "no_healthy_worker",
+        };
+        Failure::api(ApiError::new(ErrorKind::ServiceUnavailable, no.to_string()).retry_after(1), cause)
+    }
+}
+
+pub async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let request_id = headers
+        .get("x-request-id")
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()).expect("hex is a valid header"));
+    let label = match ep {
+        Endpoint::Completions => "completions",
+        Endpoint::Chat => "chat_completions",
+    };
+    let mut record = Some(RequestRecord::new(router.metrics.clone(), label));
+    let mut resp = match serve(&router, ep, &headers, body, &request_id, &mut record).await {
+        Ok(resp) => resp,
+        Err(f) => {
+            if let Some(rec) = record.as_mut() {
+                rec.status(f.status);
+                rec.fail(f.cause);
+                rec.finish();
+            }
+            f.response
+        }
+    };
+    resp.headers_mut().insert("x-request-id", request_id);
+    resp
+}
+
+async fn serve(
+    router: &Arc<Router>,
+    ep: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    request_id: &HeaderValue,
+    record: &mut Option<RequestRecord>,
+) -> Result<Response, Failure> {
+    let permit = admit(&router.admission).await?;
+    let raw = read_limited(headers, body, router.cfg.max_payload).await.map_err(|e| {
+        let cause = if e.status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        Failure::api(e, cause)
+    })?;
+    let leg = LegTemplate {
+        path: ep.path(),
+        request_id: request_id.clone(),
+        authorization: headers.get(AUTHORIZATION).cloned().or_else(|| router.api_key.clone()),
+        timeout: router.cfg.request_timeout,
+    };
+    let (started, lease, since) = match router.cfg.mode {
+        Mode::Disaggregated => disaggregated(router, headers, &raw, &leg).await?,
+        Mode::Regular => colocated(router, headers, &raw, &leg).await?,
+    };
+    let held = Held {
+        permit,
+        leases: vec![lease],
+        record: record.take().expect("the record stays until the answer is built"),
+        started: since,
+    };
+    Ok(respond(started, held, router.cfg.stream_idle_timeout))
+}
+
+async fn admit(admission: &Admission) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
+    admission.admit().await.map_err(|r| match r {
+        Refused::QueueFull(e) => Failure::api(e, "queue_full"),
+        Refused::QueueTimeout(e) => Failure::api(e, "queue_timeout"),
+    })
+}
+
+struct LegTemplate {
+    path: &'static str,
+    request_id: HeaderValue,
+    authorization: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl LegTemplate {
+    fn with_body(&self, body: Bytes) -> LegRequest {
+        LegRequest {
+            path: self.path,
+            request_id: self.request_id.clone(),
+            authorization: self.authorization.clone(),
+            body,
+            timeout: self.timeout,
+        }
+    }
+}
+
+fn info_for(router: &Router, pools: &[&Pool], headers: &HeaderMap, body: &Map<String, Value>) -> RequestInfo {
+    if pools.iter().any(|p| p.needs_request_info()) {
+        request_info(headers, body, router.tokenizer.as_ref())
+    } else {
+        RequestInfo::default()
+    }
+}
+
+/// Picks avoiding `avoid`; with `fallback`, settles for an avoided worker rather than none.
+fn pick(pool: &Pool, info: &RequestInfo, avoid: &[usize], fallback: bool) -> Result<Lease, NoWorker> {
+    match pool.pick(info, avoid) {
+        Err(no) if fallback && no.healthy > 0 => pool.pick(info, &[]),
+        other => other,
+    }
+}
+
+fn note_leg_failure(router: &Router, leg: Leg, lease: &Lease, err: &LegError) {
+    router.metrics.leg_error(leg, err);
+    tracing::warn!(worker = %lease.url(), leg = ?leg, "leg failed: {err}");
+    if let LegError::Connect(why) = err {
+        lease.worker().mark_down(why);
+    }
+}
+
+async fn disaggregated(
+    router: &Router,
+    headers: &HeaderMap,
+    raw: &Bytes,
+    leg: &LegTemplate,
+) -> Result<(Started, Lease, Instant), Failure> {
+    let body = parse_object(raw).map_err(|e| Failure::api(e, "bad_request"))?;
+    let info = info_for(router, &[&router.prefill, &router.decode], headers, &body);
+    let prefill_req = leg.with_body(prefill_body(&body));
+    let (mut avoid_p, mut avoid_d) = (Vec::new(), Vec::new());
+    let pairs = if router.cfg.rerun_pair { 2 } else { 1 };
+    let mut last = None;
+    for pair in 0..pairs {
+        if pair > 0 {
+            router.metrics.retry("pair");
+        }
+        // The decode is reserved first: with none healthy, no prefill KV is made for nothing.
+        let decode = pick(&router.decode, &info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        let (params, prefill_index) = prefill_leg(router, &info, &prefill_req, &mut avoid_p, pair > 0).await?;
+        let t = Instant::now();
+        let decode_req = leg.with_body(decode_body(raw, &body, params.as_ref()));
+        let (decode, result) = legs::decode(router.client.clone(), decode, decode_req)
+            .await
+            .map_err(|_| Failure::api(ApiError::internal("the decode task ended unexpectedly"), "internal"))?;
+        match result {
+            Ok(started) => {
+                router.metrics.leg_time("decode_first_byte", t);
+                return Ok((started, decode, t));
+            }
+            Err(e) if e.is_client_error() => {
+                router.metrics.leg_error(Leg::Decode, &e);
+                return Err(Failure::passthrough(e));
+            }
+            Err(e) => {
+                note_leg_failure(router, Leg::Decode, &decode, &e);
+                avoid_d.push(decode.index());
+                if !avoid_p.contains(&prefill_index) {
+                    avoid_p.push(prefill_index);
+                }
+                last = Some(Failure::leg_failed(Leg::Decode, decode.url(), &e));
+            }
+        }
+    }
+    Err(last.expect("at least one pair was tried"))
+}
+
+/// The prefill leg, retried on other prefill workers; returns the params and the worker.
+async fn prefill_leg(
+    router: &Router,
+    info: &RequestInfo,
+    req: &LegRequest,
+    avoid: &mut Vec<usize>,
+    fallback: bool,
+) -> Result<(Option<Value>, usize), Failure> {
+    let mut last: Option<Failure> = None;
+    for attempt in 0..=router.cfg.prefill_retries {
+        let lease = match pick(&router.prefill, info, avoid, fallback && attempt == 0) {
+            Ok(l) => l,
+            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
+        };
+        if attempt > 0 {
+            router.metrics.retry("prefill");
+        }
+        let t = Instant::now();
+        match legs::prefill(&router.client, &lease, req).await {
+            Ok(params) => {
+                router.metrics.leg_time("prefill", t);
+                return Ok((params, lease.index()));
+            }
+            Err(e) if e.is_client_error() => {
+                router.metrics.leg_error(Leg::Prefill, &e);
+                return Err(Failure::passthrough(e));
+            }
+            Err(e) => {
+                note_leg_failure(router, Leg::Prefill, &lease, &e);
+                avoid.push(lease.index());
+                last = Some(Failure::leg_failed(Leg::Prefill, lease.url(), &e));
+            }
+        }
+    }
+    Err(last.expect("at least one prefill was tried"))
+}
+
+/// Non-PD mode: one leg to a colocated worker, retried elsewhere before its first byte.
+async fn colocated(router: &Router, headers: &HeaderMap, raw: &Bytes, leg: &LegTemplate) -> Result<(Started, Lease, Instant), Failure> {
+    let info = if router.workers.needs_request_info() {
+        let body = parse_object(raw).map_err(|e| Failure::api(e, "bad_request"))?;
+        info_for(router, &[&router.workers], headers, &body)
+    } else {
+        RequestInfo::default()
+    };
+    let req = leg.with_body(raw.clone());
+    let mut avoid = Vec::new();
+    let mut last: Option<Failure> = None;
+    for attempt in 0..=router.cfg.prefill_retries {
+        let lease = match router.workers.pick(&info, &avoid) {
+            Ok(l) => l,
+            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
+        };
+        if attempt > 0 {
+            router.metrics.retry("worker");
+        }
+        let t = Instant::now();
+        let (lease, result) = legs::decode(router.client.clone(), lease, req.clone())
+            .await
+            .map_err(|_| Failure::api(ApiError::internal("the worker task ended unexpectedly"), "internal"))?;
+        match result {
+            Ok(started) => {
+                router.metrics.leg_time("decode_first_byte", t);
+                return Ok((started, lease, t));
+            }
+            Err(e) if e.is_client_error() => {
+                router.metrics.leg_error(Leg::Decode, &e);
+                return Err(Failure::passthrough(e));
+            }
+            Err(e) => {
+                note_leg_failure(router, Leg::Decode, &lease, &e);
+                avoid.push(lease.index());
+                last = Some(Failure::leg_failed(Leg::Decode, lease.url(), &e));
+            }
+        }
+    }
+    Err(last.expect("at least one worker was tried"))
+}
+
+fn respond(started: Started, mut held: Held, idle: Duration) -> Response {
+    held.record.status(started.status.as_u16());
+    let worker = held.leases.first().map(|l| l.url().to_string()).unwrap_or_default();
+    let body = match started.body {
+        StartedBody::Whole(bytes) => relay::whole(bytes, held),
+        StartedBody::Events { head, rest } => relay::events(head, rest, idle, worker, held),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = started.status;
+    if let Some(ct) = started.content_type {
+        resp.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    resp
+}

@@ -1,0 +1,138 @@
+//! The router's Prometheus metrics. Counters and histograms are recorded once per request
+//! by `RequestRecord` when it drops; gauges (in flight, queue, health) are read at scrape.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::workers::Pool;
+
+pub struct RouterMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    leg_errors: IntCounterVec,
+    retries: IntCounterVec,
+    legs: HistogramVec,
+    duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    healthy: IntGaugeVec,
+    queue_depth: IntGauge,
+    permits: IntGauge,
+}
+
+const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl RouterMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |n: &str, h: &str, l: &[&str]| reg(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
+        let hist = |n: &str, h: &str, l: &[&str]| {
+            reg(&r, HistogramVec::new(HistogramOpts::new(n, h).buckets(BUCKETS.to_vec()), l).expect("valid metric"))
+        };
+        RouterMetrics {
+            requests: counter("disagg_router_requests_total", "Requests answered, by endpoint and status.", &["endpoint", "status"]),
+            errors: counter("disagg_router_errors_total", "Failed requests, by cause.", &["cause"]),
+            leg_errors: counter("disagg_router_leg_errors_total", "Failed leg attempts (each retry counts), by leg and kind.", &["leg", "kind"]),
+            retries: counter("disagg_router_retries_total", "Legs retried on another worker, by leg.", &["leg"]),
+            legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
+            duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
+            in_flight: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
+            healthy: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_healthy", "1 if the worker is healthy."), &["worker", "role"]).expect("valid metric")),
+            queue_depth: reg(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
+            permits: reg(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
+            registry: r,
+        }
+    }
+
+    pub fn retry(&self, leg: &str) {
+        self.retries.with_label_values(&[leg]).inc();
+    }
+
+    pub fn leg_error(&self, leg: super::legs::Leg, err: &super::legs::LegError) {
+        let leg = match leg {
+            super::legs::Leg::Prefill => "prefill",
+            super::legs::Leg::Decode => "decode",
+        };
+        self.leg_errors.with_label_values(&[leg, err.kind()]).inc();
+    }
+
+    pub fn leg_time(&self, leg: &str, since: Instant) {
+        self.legs.with_label_values(&[leg]).observe(since.elapsed().as_secs_f64());
+    }
+
+    pub fn render(&self, pools: &[&Pool], queued: usize, permits: usize) -> String {
+        for pool in pools {
+            for w in &pool.workers {
+                let role = pool.role.as_str();
+                for (rank, n) in w.rank_in_flight().into_iter().enumerate() {
+                    self.in_flight.with_label_values(&[w.url.as_str(), role, &rank.to_string()]).set(n as i64);
+                }
+                self.healthy.with_label_values(&[w.url.as_str(), role]).set(i64::from(w.is_healthy()));
+            }
+        }
+        self.queue_depth.set(queued as i64);
+        self.permits.set(permits as i64);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Records one request's outcome exactly once, when dropped: whichever path the request
+/// took (answered, failed, client gone mid-way), the counters see it.
+pub struct RequestRecord {
+    metrics: Arc<RouterMetrics>,
+    endpoint: &'static str,
+    start: Instant,
+    status: u16,
+    cause: Option<&'static str>,
+    done: bool,
+}
+
+impl RequestRecord {
+    pub fn new(metrics: Arc<RouterMetrics>, endpoint: &'static str) -> Self {
+        RequestRecord { metrics, endpoint, start: Instant::now(), status: 499, cause: None, done: false }
+    }
+    pub fn metrics(&self) -> &RouterMetrics {
+        &self.metrics
+    }
+    /// The status sent to the client.
+    pub fn status(&mut self, status: u16) {
+        self.status = status;
+    }
+    /// Why the request failed (the first cause wins).
+    pub fn fail(&mut self, cause: &'static str) {
+        self.cause.get_or_insert(cause);
+    }
+    /// The response reached its end (a success or an error the client received whole).
+    pub fn finish(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped before the end: the client went away.
+            self.cause.get_or_insert("client_disconnect");
+        }
+        self.metrics.requests.with_label_values(&[self.endpoint, &self.status.to_string()]).inc();
+        if let Some(c) = self.cause {
+            self.metrics.errors.with_label_values(&[c]).inc();
+        }
+        self.metrics.duration.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
+    }
+}

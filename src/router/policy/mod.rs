@@ -1,0 +1,130 @@
+//! Load-balancing policies. `select` runs under the pool's lock and returns the index of
+//! one of `candidates` (healthy, not excluded; never empty).
+
+mod prefix;
+mod ring;
+
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::cli::{CacheAwareConfig, PolicyKind};
+use super::workers::Worker;
+pub use prefix::PrefixIndex;
+pub use ring::HashRing;
+
+/// What a policy may look at: a session key and the prompt, as bytes of units (chars:
+/// 1 byte each; token ids: 4 bytes each), filled only for the policies that need them.
+#[derive(Default, Debug)]
+pub struct RequestInfo {
+    pub session: Option<String>,
+    pub prompt: Vec<u8>,
+    /// Bytes per unit of `prompt`: 1 (characters) or 4 (token ids).
+    pub unit: usize,
+}
+
+impl RequestInfo {
+    pub fn units(&self) -> usize {
+        self.prompt.len() / self.unit.max(1)
+    }
+}
+
+/// Units of prompt prefix that key consistent_hash when there is no session key.
+const HASH_PREFIX_UNITS: usize = 256;
+
+pub enum Policy {
+    RoundRobin { next: usize },
+    Random,
+    PowerOfTwo,
+    ConsistentHash(HashRing),
+    CacheAware { cfg: CacheAwareConfig, index: PrefixIndex },
+}
+
+impl Policy {
+    pub fn new(kind: PolicyKind, workers: &[String], cache: &CacheAwareConfig) -> Self {
+        match kind {
+            PolicyKind::RoundRobin => Policy::RoundRobin { next: 0 },
+            PolicyKind::Random => Policy::Random,
+            PolicyKind::PowerOfTwo => Policy::PowerOfTwo,
+            PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::new(workers)),
+            PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(workers.len()) },
+        }
+    }
+
+    pub fn needs_request_info(&self) -> bool {
+        matches!(self, Policy::ConsistentHash(_) | Policy::CacheAware { .. })
+    }
+
+    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> usize {
+        let load = |i: &usize| workers[*i].in_flight();
+        match self {
+            Policy::RoundRobin { next } => {
+                let chosen = candidates[*next % candidates.len()];
+                *next = next.wrapping_add(1);
+                chosen
+            }
+            Policy::Random => candidates[rand::rng().random_range(0..candidates.len())],
+            Policy::PowerOfTwo => {
+                if candidates.len() == 1 {
+                    return candidates[0];
+                }
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..candidates.len());
+                let mut b = rng.random_range(0..candidates.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                if load(&b) < load(&a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            Policy::ConsistentHash(ring) => {
+                let key: &[u8] = match &req.session {
+                    Some(s) => s.as_bytes(),
+                    None => &req.prompt[..req.prompt.len().min(HASH_PREFIX_UNITS * req.unit.max(1))],
+                };
+                ring.lookup(key, |i| candidates.contains(&i)).unwrap_or(candidates[0])
+            }
+            Policy::CacheAware { cfg, index } => {
+                let loads: Vec<usize> = candidates.iter().map(load).collect();
+                let (min, max) = (*loads.iter().min().unwrap_or(&0), *loads.iter().max().unwrap_or(&0));
+                let imbalanced = max - min > cfg.balance_abs_threshold && max as f64 > min as f64 * cfg.balance_rel_threshold;
+                let least_loaded = || candidates[loads.iter().enumerate().min_by_key(|(_, l)| **l).map_or(0, |(k, _)| k)];
+                let chosen = if imbalanced || req.prompt.is_empty() {
+                    least_loaded()
+                } else {
+                    let matched = index.matched_units(&req.prompt, req.unit);
+                    let best = candidates
+                        .iter()
+                        .copied()
+                        .max_by(|a, b| matched[*a].cmp(&matched[*b]).then(load(b).cmp(&load(a))))
+                        .unwrap_or(candidates[0]);
+                    let rate = matched[best] as f64 / req.units().max(1) as f64;
+                    if rate > cfg.cache_threshold {
+                        best
+                    } else {
+                        // Nothing cached worth following: the worker with the most room.
+                        candidates
+                            .iter()
+                            .copied()
+                            .min_by(|a, b| index.size(*a).cmp(&index.size(*b)).then(load(a).cmp(&load(b))))
+                            .unwrap_or(candidates[0])
+                    }
+                };
+                if !req.prompt.is_empty() {
+                    index.insert(&req.prompt, req.unit, chosen);
+                }
+                chosen
+            }
+        }
+    }
+
+    pub fn maintain(&mut self) {
+        if let Policy::CacheAware { cfg, index } = self {
+            index.evict(cfg.max_tree_size);
+        }
+    }
+}
