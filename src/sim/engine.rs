@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
 use super::blocks::{blocks_for, prompt_block_fingerprints, BlockId, BlockPool};
-use super::request::KvRequest;
+use super::request::{KvRequest, RemoteKv};
 use super::metrics::Stats;
 use super::side_channel;
 use super::tokens::{non_eos, Generator, EOS};
@@ -219,7 +219,16 @@ impl Engine {
                 continue;
             }
             if cost_ms > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(cost_ms / 1000.0)).await;
+                // The step's time is spent whatever happens, but a request cancelled
+                // meanwhile leaves at once (its slot and blocks are freed), as an abort
+                // does on vLLM.
+                let end = tokio::time::Instant::now() + Duration::from_secs_f64(cost_ms / 1000.0);
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(end) => break,
+                        _ = self.wake.notified() => self.drop_cancelled(),
+                    }
+                }
             } else {
                 tokio::task::yield_now().await;
             }
@@ -231,29 +240,13 @@ impl Engine {
     fn admit(self: &Arc<Self>) -> (f64, bool) {
         let cfg = &self.cfg;
         let mut pulls = Vec::new();
-        let mut frees = Vec::new();
+        let frees;
         let mut cost_ms = 0.0;
         let has_work;
         {
             let mut guard = self.lock();
+            frees = reap_cancelled(&mut guard);
             let State { pool, waiting, running, .. } = &mut *guard;
-            running.retain(|s| {
-                let closed = s.tx.is_closed();
-                if closed {
-                    pool.release(s.blocks.iter().copied());
-                }
-                !closed
-            });
-            waiting.retain(|s| {
-                let closed = s.tx.is_closed();
-                if closed {
-                    // A decode aborted before it pulled: tell the prefill to free at once.
-                    if let KvRequest::RemotePrefill(remote) = &s.job.kv {
-                        frees.push(remote.clone());
-                    }
-                }
-                !closed
-            });
             while running.len() < cfg.max_num_seqs {
                 let Some(head) = waiting.front() else { break };
                 let need = blocks_for(head.job.prompt.len() + head.job.max_tokens, cfg.block_size);
@@ -304,10 +297,13 @@ impl Engine {
                 engine.pull_done(seq_id, prompt_len, outcome);
             });
         }
-        for remote in frees {
-            tokio::spawn(async move { side_channel::free(&remote).await });
-        }
+        spawn_frees(frees);
         (cost_ms, has_work)
+    }
+
+    fn drop_cancelled(&self) {
+        let frees = reap_cancelled(&mut self.lock());
+        spawn_frees(frees);
     }
 
     fn can_generate(&self, s: &Seq) -> bool {
@@ -510,6 +506,36 @@ impl Engine {
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::SeqCst)
+    }
+}
+
+/// Removes requests whose client has gone, freeing their blocks. Returns the remote KV
+/// of decodes that had not pulled yet: their prefills must be told to free it.
+fn reap_cancelled(st: &mut State) -> Vec<RemoteKv> {
+    let State { pool, waiting, running, .. } = st;
+    let mut frees = Vec::new();
+    running.retain(|s| {
+        let closed = s.tx.is_closed();
+        if closed {
+            pool.release(s.blocks.iter().copied());
+        }
+        !closed
+    });
+    waiting.retain(|s| {
+        let closed = s.tx.is_closed();
+        if closed {
+            if let KvRequest::RemotePrefill(remote) = &s.job.kv {
+                frees.push(remote.clone());
+            }
+        }
+        !closed
+    });
+    frees
+}
+
+fn spawn_frees(frees: Vec<RemoteKv>) {
+    for remote in frees {
+        tokio::spawn(async move { side_channel::free(&remote).await });
     }
 }
 

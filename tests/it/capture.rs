@@ -22,6 +22,12 @@ pub struct Capture {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// `/health` never answers (a worker that hangs its health checks).
     pub hang_health: bool,
+    /// While set, every request (health included) gets 503.
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    /// A streamed answer opens with an error event (as vLLM's does when its KV load fails).
+    pub stream_error_first: bool,
+    /// A streamed answer ends without `data: [DONE]`.
+    pub no_done: bool,
 }
 
 pub const PARAMS: &str = r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[[7,8]],"remote_engine_id":"eng-1","remote_request_id":"cmpl-x-0-1","remote_host":"127.0.0.1","remote_port":5600,"tp_size":1,"extra_future_field":{"a":[1,2]}}"#;
@@ -39,10 +45,26 @@ impl Capture {
     pub fn requests(&self, path: &str) -> Vec<Seen> {
         self.seen.lock().unwrap().iter().filter(|s| s.path == path).cloned().collect()
     }
+
+    /// The `prompt` of every generation request received, in order.
+    pub fn prompts(&self) -> Vec<String> {
+        self.requests("/v1/completions")
+            .iter()
+            .filter_map(|s| serde_json::from_slice::<Value>(&s.body).ok())
+            .filter_map(|v| v["prompt"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 async fn handle(State(c): State<Capture>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_string();
+    if c.down.load(std::sync::atomic::Ordering::SeqCst) {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     if path == "/health" {
         if c.hang_health {
             std::future::pending::<()>().await;
@@ -61,7 +83,13 @@ async fn handle(State(c): State<Capture>, uri: Uri, headers: HeaderMap, body: By
         .into_response();
     }
     if v["stream"] == true {
-        let body = "data: {\"choices\":[{\"index\":0,\"text\":\" hi\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
+        let body = if c.stream_error_first {
+            "data: {\"error\": {\"message\": \"Internal server error\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}\n\ndata: [DONE]\n\n"
+        } else if c.no_done {
+            "data: {\"choices\":[{\"index\":0,\"text\":\" hi\",\"finish_reason\":null}]}\n\n"
+        } else {
+            "data: {\"choices\":[{\"index\":0,\"text\":\" hi\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n"
+        };
         return ([("content-type", "text/event-stream")], body).into_response();
     }
     axum::Json(json!({"id": "cmpl-d", "object": "text_completion", "choices": [{"index": 0, "text": " hi", "finish_reason": "length"}],

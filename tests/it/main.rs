@@ -2,6 +2,8 @@
 
 mod capture;
 mod handshake;
+mod router_faults;
 mod router_flow;
+mod router_policy;
 mod sim;
 mod support;

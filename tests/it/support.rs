@@ -178,7 +178,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             }
             labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 pub async fn metrics(base: &str) -> String {
@@ -220,7 +220,10 @@ pub async fn router(args: &[&str]) -> Proc {
 
 /// `disagg route --port 0 <args>` without waiting for its workers.
 pub async fn router_unready(args: &[&str]) -> Proc {
-    let mut all = vec!["route", "--port", "0", "--health-check-interval-secs", "0.2"];
+    let mut all = vec!["route", "--port", "0"];
+    if !args.contains(&"--health-check-interval-secs") {
+        all.extend(["--health-check-interval-secs", "0.2"]);
+    }
     all.extend_from_slice(args);
     Proc::start(&all).await
 }
