@@ -237,3 +237,33 @@ async fn dp_rank_with_most_room_gets_the_next_request() {
     drop(held);
     assert_idle(&r.url).await;
 }
+
+/// `--model-path DIR` makes cache_aware compare token ids: two prompts that differ only
+/// in whitespace are the same prefix to a tokenizer, not to a character match.
+#[tokio::test]
+async fn model_path_tokenizer_makes_cache_aware_match_tokens() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        std::iter::once(("[UNK]".to_string(), json!(0))).chain((0..100).map(|i| (format!("w{i}"), json!(i + 1)))).collect();
+    let tokenizer = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let spaced: String = (0..60).map(|i| format!("w{i}   ")).collect();
+    let tight: String = (0..60).map(|i| format!("w{i} ")).collect::<String>() + "w99";
+    for (with_tokenizer, same) in [(true, true), (false, false)] {
+        let p = captures(1).await;
+        let d = captures(2).await;
+        let dir_s = dir.to_string_lossy().to_string();
+        let mut extra = vec!["--policy", "cache_aware"];
+        if with_tokenizer {
+            extra.extend(["--model-path", dir_s.as_str()]);
+        }
+        let r = route(&p, &d, &extra).await;
+        send(&r.url, &spaced, &[], json!({})).await;
+        send(&r.url, &tight, &[], json!({})).await;
+        let o = owners(&d);
+        assert_eq!(o[&spaced] == o[&tight], same, "with tokenizer: {with_tokenizer}");
+    }
+}
