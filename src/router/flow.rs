@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
 use super::admission::{Admission, Refused};
 use super::cli::{Mode, RouterConfig};
@@ -169,6 +170,7 @@ async fn admit(admission: &Admission) -> Result<tokio::sync::OwnedSemaphorePermi
     })
 }
 
+#[derive(Clone)]
 struct LegTemplate {
     path: &'static str,
     request_id: HeaderValue,
@@ -212,15 +214,44 @@ fn note_leg_failure(router: &Router, leg: Leg, lease: &Lease, err: &LegError) {
     }
 }
 
+/// What every pair attempt of one request shares.
+struct PairCtx {
+    raw: Bytes,
+    body: Map<String, Value>,
+    info: RequestInfo,
+    prefill_req: LegRequest,
+    leg: LegTemplate,
+}
+
+/// How one pair attempt ended.
+enum PairOutcome {
+    Answer(Started, Lease, Instant),
+    /// The prefill leg failed on every prefill tried (or the prefill said 4xx).
+    Prefill(Failure),
+    /// The decode failed before its first output; `last` is what the client would hear.
+    Decode { decode: usize, prefill: usize, last: Failure },
+    /// The decode said 4xx: the client hears it as is.
+    DecodeRefused(Failure),
+}
+
+/// Grace a prefill leg gets to answer after its client has gone (see run_pair).
+const PREFILL_GRACE: Duration = Duration::from_secs(1);
+
 async fn disaggregated(
-    router: &Router,
+    router: &Arc<Router>,
     headers: &HeaderMap,
     raw: &Bytes,
     leg: &LegTemplate,
 ) -> Result<(Started, Lease, Instant), Failure> {
     let body = parse_object(raw).map_err(|e| Failure::api(e, "bad_request"))?;
     let info = info_for(router, &[&router.prefill, &router.decode], headers, &body);
-    let prefill_req = leg.with_body(prefill_body(&body));
+    let ctx = Arc::new(PairCtx {
+        prefill_req: leg.with_body(prefill_body(&body)),
+        raw: raw.clone(),
+        body,
+        info,
+        leg: leg.clone(),
+    });
     let (mut avoid_p, mut avoid_d) = (Vec::new(), Vec::new());
     let pairs = if router.cfg.rerun_pair { 2 } else { 1 };
     let mut last = None;
@@ -229,33 +260,84 @@ async fn disaggregated(
             router.metrics.retry("pair");
         }
         // The decode is reserved first: with none healthy, no prefill KV is made for nothing.
-        let decode = pick(&router.decode, &info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
-        let (params, prefill_index) = prefill_leg(router, &info, &prefill_req, &mut avoid_p, pair > 0).await?;
-        let t = Instant::now();
-        let decode_req = leg.with_body(decode_body(raw, &body, params.as_ref()));
-        let (decode, result) = legs::decode(router.client.clone(), decode, decode_req)
-            .await
-            .map_err(|_| Failure::api(ApiError::internal("the decode task ended unexpectedly"), "internal"))?;
-        match result {
-            Ok(started) => {
-                router.metrics.leg_time("decode_first_byte", t);
-                return Ok((started, decode, t));
-            }
-            Err(e) if e.is_client_error() => {
-                router.metrics.leg_error(Leg::Decode, &e);
-                return Err(Failure::passthrough(e));
-            }
-            Err(e) => {
-                note_leg_failure(router, Leg::Decode, &decode, &e);
-                avoid_d.push(decode.index());
-                if !avoid_p.contains(&prefill_index) {
-                    avoid_p.push(prefill_index);
+        let decode = pick(&router.decode, &ctx.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(run_pair(router.clone(), ctx.clone(), decode, avoid_p.clone(), pair > 0, tx));
+        let outcome = rx.await.map_err(|_| Failure::api(ApiError::internal("the request's pair task ended unexpectedly"), "internal"))?;
+        match outcome {
+            PairOutcome::Answer(started, lease, t) => return Ok((started, lease, t)),
+            PairOutcome::Prefill(f) | PairOutcome::DecodeRefused(f) => return Err(f),
+            PairOutcome::Decode { decode, prefill, last: f } => {
+                avoid_d.push(decode);
+                if !avoid_p.contains(&prefill) {
+                    avoid_p.push(prefill);
                 }
-                last = Some(Failure::leg_failed(Leg::Decode, decode.url(), &e));
+                last = Some(f);
             }
         }
     }
     Err(last.expect("at least one pair was tried"))
+}
+
+/// One pair attempt, in a task of its own so that it can keep the prefill's KV from being
+/// stranded when the client leaves (the handler is then dropped, closing `tx`):
+/// - during the prefill leg: the prefill gets PREFILL_GRACE to answer. Real vLLM can have
+///   finished computing (and be holding the KV for a decode) a few milliseconds before it
+///   answers; if the answer comes, the decode leg is sent as below. Otherwise the prefill
+///   request is dropped, which makes vLLM abort it and free its KV.
+/// - after the prefill answered: the decode leg is sent anyway and kept until its first
+///   output, when the decode has pulled the KV (or told the prefill to free it); then it
+///   is dropped, which makes vLLM abort it.
+async fn run_pair(
+    router: Arc<Router>,
+    ctx: Arc<PairCtx>,
+    decode: Lease,
+    mut avoid_p: Vec<usize>,
+    fallback: bool,
+    mut tx: oneshot::Sender<PairOutcome>,
+) {
+    let prefilled = {
+        let prefill = prefill_leg(&router, &ctx.info, &ctx.prefill_req, &mut avoid_p, fallback);
+        tokio::pin!(prefill);
+        tokio::select! {
+            biased;
+            done = &mut prefill => done,
+            () = tx.closed() => match tokio::time::timeout(PREFILL_GRACE, prefill).await {
+                Ok(done) => done,
+                Err(_) => return,
+            },
+        }
+    };
+    let (params, prefill_index) = match prefilled {
+        Ok(done) => done,
+        Err(f) => {
+            let _ = tx.send(PairOutcome::Prefill(f));
+            return;
+        }
+    };
+    let t = Instant::now();
+    let decode_req = ctx.leg.with_body(decode_body(&ctx.raw, &ctx.body, params.as_ref()));
+    let result = legs::answer(&router.client, &decode, &decode_req).await;
+    if tx.is_closed() {
+        // The client left; the decode has produced its first output (or failed): drop it.
+        router.metrics.abandoned_decode();
+        return;
+    }
+    let outcome = match result {
+        Ok(started) => {
+            router.metrics.leg_time("decode_first_byte", t);
+            PairOutcome::Answer(started, decode, t)
+        }
+        Err(e) if e.is_client_error() => {
+            router.metrics.leg_error(Leg::Decode, &e);
+            PairOutcome::DecodeRefused(Failure::passthrough(e))
+        }
+        Err(e) => {
+            note_leg_failure(&router, Leg::Decode, &decode, &e);
+            PairOutcome::Decode { decode: decode.index(), prefill: prefill_index, last: Failure::leg_failed(Leg::Decode, decode.url(), &e) }
+        }
+    };
+    let _ = tx.send(outcome);
 }
 
 /// The prefill leg, retried on other prefill workers; returns the params and the worker.
@@ -315,9 +397,7 @@ async fn colocated(router: &Router, headers: &HeaderMap, raw: &Bytes, leg: &LegT
             router.metrics.retry("worker");
         }
         let t = Instant::now();
-        let (lease, result) = legs::decode(router.client.clone(), lease, req.clone())
-            .await
-            .map_err(|_| Failure::api(ApiError::internal("the worker task ended unexpectedly"), "internal"))?;
+        let result = legs::answer(&router.client, &lease, &req).await;
         match result {
             Ok(started) => {
                 router.metrics.leg_time("decode_first_byte", t);

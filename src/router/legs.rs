@@ -1,10 +1,6 @@
-//! The two legs of a disaggregated request, each one HTTP request to one worker.
-//!
-//! The decode leg runs in a task of its own and hands back its start (status, and the
-//! first SSE event or the whole body). If the client has gone by then, the task still
-//! waits for that first output before dropping the response: only then has the decode
-//! pulled the prefill's KV (or told the prefill to free it), so nothing stays stranded
-//! on the prefill until its lease expires.
+//! The two legs of a disaggregated request, each one HTTP request to one worker: the
+//! prefill leg returns the prefill's `kv_transfer_params`; a generating leg returns the
+//! start of its answer (status, and the first SSE event or the whole body).
 
 use std::time::Duration;
 
@@ -14,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 use super::workers::Lease;
 use crate::api::sse::{self, EventSplitter};
@@ -154,18 +149,10 @@ pub enum StartedBody {
     Events { head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>> },
 }
 
-/// Starts the decode leg in its own task; see the module comment for why.
-pub fn decode(client: reqwest::Client, lease: Lease, req: LegRequest) -> oneshot::Receiver<(Lease, Result<Started, LegError>)> {
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let timeout = req.timeout;
-        let result = tokio::time::timeout(timeout, start(&client, &lease, &req))
-            .await
-            .unwrap_or(Err(LegError::Timeout(timeout)));
-        // If the client has gone, this drops the answer right after its first output.
-        let _ = tx.send((lease, result));
-    });
-    rx
+/// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
+/// whole JSON answer, or the SSE answer up to its first event. Bounded by the leg timeout.
+pub async fn answer(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Started, LegError> {
+    tokio::time::timeout(req.timeout, start(client, lease, req)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 
 async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Started, LegError> {

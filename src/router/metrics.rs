@@ -20,6 +20,7 @@ pub struct RouterMetrics {
     healthy: IntGaugeVec,
     queue_depth: IntGauge,
     permits: IntGauge,
+    abandoned: prometheus::IntCounter,
 }
 
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -46,9 +47,15 @@ impl RouterMetrics {
             in_flight: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
             healthy: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_healthy", "1 if the worker is healthy."), &["worker", "role"]).expect("valid metric")),
             queue_depth: reg(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
+            abandoned: reg(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
+                "Decode legs whose client left before their first output: kept until that output (so the prefill's KV was pulled), then dropped.").expect("valid metric")),
             permits: reg(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
             registry: r,
         }
+    }
+
+    pub fn abandoned_decode(&self) {
+        self.abandoned.inc();
     }
 
     pub fn retry(&self, leg: &str) {

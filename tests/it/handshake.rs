@@ -11,6 +11,8 @@ use crate::support::*;
 pub struct Pair {
     pub prefill: String,
     pub decode: String,
+    /// A plain instance serving the same model: the colocated reference.
+    pub colocated: String,
     pub model: String,
     /// Tokens per KV block of the engines (vLLM CPU: 128; the sim: --block-size).
     pub block_size: usize,
@@ -70,7 +72,7 @@ impl Pair {
     }
 
     pub async fn colocated(&self, path: &str, body: &Value) -> String {
-        let (status, resp) = post(&format!("{}{path}", self.prefill), body).await;
+        let (status, resp) = post(&format!("{}{path}", self.colocated), body).await;
         assert_eq!(status, 200, "{resp}");
         text_of(&resp)
     }
@@ -141,12 +143,15 @@ pub async fn kv_moves_and_is_released(p: &Pair) {
 }
 
 /// Params that point at a prefill that is not there: HTTP 500 with an error JSON (or,
-/// streamed, an error event then [DONE]); the decode stays healthy.
+/// streamed, an error event then [DONE]); the decode stays healthy. (The engine id is
+/// one the decode has never met: NIXL reuses a finished handshake with a known engine,
+/// so only an unknown one makes the decode go to the side channel.)
 pub async fn dead_prefill_fails_the_decode(p: &Pair, dead_port: u16) {
     let body = p.body("/v1/completions", &p.prompt("dead", 1), 4);
     let resp = p.prefill_leg("/v1/completions", &body).await;
     let mut params = resp["kv_transfer_params"].clone();
     params["remote_port"] = json!(dead_port);
+    params["remote_engine_id"] = json!("00000000-dead-4000-8000-000000000000");
     let mut decode = body.clone();
     decode["kv_transfer_params"] = params;
     let url = format!("{}/v1/completions", p.decode);
@@ -161,6 +166,10 @@ pub async fn dead_prefill_fails_the_decode(p: &Pair, dead_port: u16) {
     assert_eq!(first["error"]["code"], 500, "{first}");
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(get(&format!("{}/health", p.decode)).await.0, 200, "the decode survives");
+    // Let a decode pull the real params, so the prefill holds nothing after this case.
+    let mut decode = body.clone();
+    decode["kv_transfer_params"] = resp["kv_transfer_params"].clone();
+    assert_eq!(post(&url, &decode).await.0, 200);
 }
 
 /// A decode prompt that does not match the pulled blocks fails (real vLLM's engine dies).

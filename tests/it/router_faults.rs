@@ -252,11 +252,12 @@ async fn client_leaving_mid_stream_cancels_the_decode() {
 
 #[tokio::test]
 async fn client_leaving_during_prefill_cancels_it() {
-    // ~300 prompt tokens at 5 s per 1000: the prefill takes ~1.5 s.
+    // ~600 prompt tokens at 5 s per 1000: the prefill takes ~3 s, more than the 1 s grace
+    // a prefill gets to answer once its client has gone.
     let p = Proc::sim(&["--role", "prefill", "--prefill-ms-per-1k-tokens", "5000"]).await;
     let d = Proc::sim(&["--role", "decode"]).await;
     let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
-    let prompt: String = (0..300).map(|i| format!(" w{i}")).collect();
+    let prompt: String = (0..600).map(|i| format!(" w{i}")).collect();
     let url = format!("{}/v1/completions", r.url);
     let req = tokio::spawn(async move { client().post(url).json(&body(&prompt)).send().await });
     assert!(eventually(Duration::from_secs(5), || async {
@@ -271,6 +272,35 @@ async fn client_leaving_during_prefill_cancels_it() {
     .await, "the prefill was cancelled");
     assert_idle(&r.url).await;
     assert_eq!(served(&d.url).await, 0.0, "no decode leg for a request whose client left during prefill");
+}
+
+/// Real vLLM finishes a prefill (and holds its KV for a decode) a few milliseconds before
+/// it answers. A client that leaves in that window must not strand the KV: the prefill
+/// gets a grace to answer, then the decode leg is sent and dropped.
+#[tokio::test]
+async fn client_leaving_just_before_the_prefill_answers_strands_nothing() {
+    // ~80 prompt tokens at 5 s per 1000: the prefill answers after ~400 ms.
+    let p = Proc::sim(&["--role", "prefill", "--prefill-ms-per-1k-tokens", "5000", "--kv-lease-secs", "60"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    let prompt: String = (0..80).map(|i| format!(" w{i}")).collect();
+    let url = format!("{}/v1/completions", r.url);
+    let req = tokio::spawn(async move { client().post(url).json(&sbody(&prompt, 20)).send().await });
+    assert!(eventually(Duration::from_secs(5), || async {
+        metric(&metrics(&p.url).await, "vllm:num_requests_running", &[]) == 1.0
+    })
+    .await);
+    req.abort();
+    let freed = eventually(Duration::from_secs(5), || async {
+        let m = metrics(&p.url).await;
+        metric(&m, "disagg_sim_kv_transfers_total", &[("direction", "sent")]) == 1.0
+            && metric(&m, "disagg_sim_kv_requests_held", &[]) == 0.0
+    })
+    .await;
+    assert!(freed, "the decode pulled the KV:\n{}", metrics(&p.url).await);
+    assert_eq!(metric(&metrics(&p.url).await, "disagg_sim_kv_leases_expired_total", &[]), 0.0);
+    assert_eq!(metric(&metrics(&r.url).await, "disagg_router_abandoned_decode_legs_total", &[]), 1.0);
+    assert_idle(&r.url).await;
 }
 
 /// The stranded-KV case (llm-d#1138): the client leaves after the prefill answered and
@@ -307,6 +337,7 @@ async fn client_leaving_between_legs_frees_prefill_kv_at_once() {
     })
     .await, "and the abandoned decode was dropped after its first output");
     assert!(metric(&metrics(&d.url).await, "vllm:generation_tokens_total", &[]) < 300.0 + 50.0);
+    assert_eq!(metric(&metrics(&r.url).await, "disagg_router_abandoned_decode_legs_total", &[]), 1.0);
     assert_idle(&r.url).await;
 }
 

@@ -15,7 +15,7 @@ async fn pd_sims(prefill_args: &[&str], decode_args: &[&str]) -> (Proc, Proc, Pa
     let mut da = vec!["--role", "decode", "--block-size", "16", "--kv-load-timeout-ms", "300"];
     da.extend_from_slice(decode_args);
     let (p, d) = tokio::join!(Proc::sim(&pa), Proc::sim(&da));
-    let pair = Pair { prefill: p.url.clone(), decode: d.url.clone(), model: "sim-model".into(), block_size: 16 };
+    let pair = Pair { prefill: p.url.clone(), decode: d.url.clone(), colocated: p.url.clone(), model: "sim-model".into(), block_size: 16 };
     (p, d, pair)
 }
 

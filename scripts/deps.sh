@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Debian packages the tests need: iproute2 (network namespaces for real-vLLM and Ray
+# tests), curl (scripts/demo.sh). Installs only what is missing.
+set -euo pipefail
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v curl >/dev/null || missing+=(curl)
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "[deps] installing ${missing[*]}" >&2
+  if [[ $EUID -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || { echo "[deps] could not install ${missing[*]} with apt-get" >&2; exit 1; }
+fi

@@ -1,0 +1,359 @@
+//! End to end against REAL vLLM (CPU build) with real NIXL KV transfer between processes.
+//!
+//!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
+//!
+//! The binary re-runs itself inside a fresh loopback-only network namespace
+//! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
+//! only send traffic to loopback. Inside, it starts two prefill instances, a decode
+//! instance and a plain instance (the colocated reference), then `disagg route`, and runs
+//! the cases below in order, sharing the instances. The handshake cases are the very
+//! functions the simulator's tests run (tests/it/handshake.rs).
+
+#[allow(dead_code)]
+#[path = "it/support.rs"]
+mod support;
+#[allow(dead_code)]
+#[path = "it/handshake.rs"]
+mod handshake;
+
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use handshake::Pair;
+use support::*;
+
+const INSIDE: &str = "DISAGG_E2E_IN_NETNS";
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
+
+fn main() -> ExitCode {
+    if std::env::var_os(INSIDE).is_none() {
+        let exe = std::env::current_exe().expect("own path");
+        let status = Command::new(format!("{SCRIPTS}/in-netns.sh"))
+            .arg(exe)
+            .args(std::env::args().skip(1))
+            .env(INSIDE, "1")
+            .status()
+            .expect("run scripts/in-netns.sh");
+        return ExitCode::from(status.code().unwrap_or(1) as u8);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run())
+}
+
+/// One real vLLM instance, its process group stopped when dropped.
+struct Vllm {
+    name: &'static str,
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Vllm {
+    fn spawn(name: &'static str, role: &str, port: u16, side: u16, cpu: u16) -> Vllm {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vllm-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(format!("{SCRIPTS}/vllm-serve.sh"))
+            .args([role, &port.to_string(), "--side-channel-port", &side.to_string(), "--cpu", &cpu.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .expect("start scripts/vllm-serve.sh");
+        Vllm { name, child, url: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    async fn wait_healthy(&mut self, within: Duration) {
+        let end = Instant::now() + within;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}) before it was healthy:\n{}", self.name, self.tail());
+            }
+            if matches!(client.get(format!("{}/health", self.url)).send().await, Ok(r) if r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < end, "{} not healthy after {within:?}:\n{}", self.name, self.tail());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the whole process group (the API server and its engine processes).
+    fn kill(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vllm {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as i32;
+        unsafe {
+            libc::kill(-pgid, libc::SIGTERM);
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+    }
+}
+
+struct Env {
+    p0: Vllm,
+    p1: Vllm,
+    d: Vllm,
+    plain: Vllm,
+    router: Proc,
+    pair: Pair,
+}
+
+fn body(path: &str, prompt: &str, max_tokens: u32, stream: bool) -> Value {
+    let mut b = if path.contains("chat") {
+        json!({"model": "tiny-llama", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})
+    } else {
+        json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    };
+    if stream {
+        b["stream"] = json!(true);
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+async fn text(url: &str, body: &Value) -> String {
+    if body["stream"] == true {
+        let (status, events) = post_stream(url, body).await;
+        assert_eq!(status, 200, "{url}: {events:?}");
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        assert!(events.iter().all(|e| !e.contains("\"error\"")), "{events:?}");
+        stream_text(&events)
+    } else {
+        let (status, v) = post(url, body).await;
+        assert_eq!(status, 200, "{url}: {v}");
+        text_of(&v)
+    }
+}
+
+async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String {
+    text(&format!("{}{path}", e.plain.url), &body(path, prompt, max_tokens, false)).await
+}
+
+type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+async fn run() -> ExitCode {
+    let t0 = Instant::now();
+    let mut p0 = Vllm::spawn("prefill-0", "prefill", 8100, 5600, 0);
+    let mut p1 = Vllm::spawn("prefill-1", "prefill", 8101, 5601, 1);
+    let mut d = Vllm::spawn("decode-0", "decode", 8200, 5700, 1);
+    let mut plain = Vllm::spawn("plain", "plain", 8300, 5800, 0);
+    for v in [&mut p0, &mut p1, &mut d, &mut plain] {
+        v.wait_healthy(Duration::from_secs(600)).await;
+    }
+    let startup = t0.elapsed();
+    println!("real vLLM: 2 prefill + 1 decode + 1 plain instance healthy in {:.1}s", startup.as_secs_f64());
+    let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
+    let pair = Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
+    let mut env = Env { p0, p1, d, plain, router, pair };
+
+    let cases: Vec<(&str, Case)> = vec![
+        ("handshake: prefill returns params", |e| Box::pin(handshake::prefill_returns_params(&e.pair))),
+        ("handshake: disaggregated equals colocated", |e| Box::pin(handshake::disaggregated_equals_colocated(&e.pair))),
+        ("handshake: KV moves and is released", |e| Box::pin(handshake::kv_moves_and_is_released(&e.pair))),
+        ("handshake: dead prefill fails the decode", |e| Box::pin(handshake::dead_prefill_fails_the_decode(&e.pair, 5999))),
+        ("router output equals colocated (both APIs, stream or not, short and long)", |e| Box::pin(router_equals_colocated(e))),
+        ("router: 8 concurrent requests", |e| Box::pin(router_concurrent(e))),
+        ("router: KV moved, both prefills used", |e| Box::pin(router_moves_kv_over_both_prefills(e))),
+        ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
+        ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
+        ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
+        ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
+    ];
+    let mut failed = Vec::new();
+    for (name, case) in cases {
+        let t = Instant::now();
+        let result = {
+            let fut = case(&mut env);
+            std::panic::AssertUnwindSafe(fut)
+        };
+        match futures_util::FutureExt::catch_unwind(result).await {
+            Ok(()) => println!("ok    {name} ({:.1}s)", t.elapsed().as_secs_f64()),
+            Err(_) => {
+                println!("FAIL  {name} ({:.1}s)", t.elapsed().as_secs_f64());
+                failed.push(name);
+            }
+        }
+    }
+    println!("real-vLLM suite: {:.1}s in all ({:.1}s start-up)", t0.elapsed().as_secs_f64(), startup.as_secs_f64());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for v in [&env.p0, &env.p1, &env.d] {
+            println!("---- {} log tail ----\n{}", v.name, v.tail());
+        }
+        println!("failed: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
+
+async fn router_equals_colocated(e: &mut Env) {
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        for (tag, blocks) in [("short", 0usize), ("long", 3)] {
+            let prompt = e.pair.prompt(&format!("router-{tag}-{path}"), blocks);
+            let want = reference(e, path, &prompt, 16).await;
+            for stream in [false, true] {
+                let got = text(&format!("{}{path}", e.router.url), &body(path, &prompt, 16, stream)).await;
+                assert_eq!(got, want, "{path} {tag} stream={stream}");
+            }
+        }
+    }
+    assert_idle(&e.router.url).await;
+}
+
+async fn router_concurrent(e: &mut Env) {
+    let prompts: Vec<String> = (0..8).map(|i| e.pair.prompt(&format!("concurrent {i}"), i % 3)).collect();
+    let mut want = Vec::new();
+    for p in &prompts {
+        want.push(reference(e, "/v1/completions", p, 16).await);
+    }
+    let url = format!("{}/v1/completions", e.router.url);
+    let got = futures_util::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+        let url = url.clone();
+        let b = body("/v1/completions", p, 16, i % 2 == 0);
+        async move { text(&url, &b).await }
+    }))
+    .await;
+    assert_eq!(got, want);
+    assert_idle(&e.router.url).await;
+}
+
+async fn router_moves_kv_over_both_prefills(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let d0 = metrics(&e.d.url).await;
+    let (p0, p1) = (metrics(&e.p0.url).await, metrics(&e.p1.url).await);
+    let mut prompt_tokens = 0.0;
+    for i in 0..4 {
+        let (status, v) = post(&format!("{}/v1/completions", e.router.url), &body("/v1/completions", &e.pair.prompt(&format!("moved {i}"), 1), 8, false)).await;
+        assert_eq!(status, 200, "{v}");
+        prompt_tokens += v["usage"]["prompt_tokens"].as_f64().unwrap();
+    }
+    let d1 = metrics(&e.d.url).await;
+    assert_eq!(source(&d1, "external_kv_transfer") - source(&d0, "external_kv_transfer"), prompt_tokens, "every prompt token came over NIXL");
+    assert_eq!(source(&d1, "local_compute"), source(&d0, "local_compute"), "none computed on the decode");
+    let used = |before: &str, after: &str| metric(after, "vllm:prompt_tokens_total", &[]) - metric(before, "vllm:prompt_tokens_total", &[]);
+    let (p0b, p1b) = (metrics(&e.p0.url).await, metrics(&e.p1.url).await);
+    assert!(used(&p0, &p0b) > 0.0 && used(&p1, &p1b) > 0.0, "round robin used both prefills");
+    assert_idle(&e.router.url).await;
+}
+
+/// Clients that leave at staggered moments, some of them between the legs: afterwards no
+/// prefill holds KV (a stranded request would hold it for the 30 s lease).
+async fn client_leaving_strands_nothing(e: &mut Env) {
+    let abandoned = || async { metric(&metrics(&e.router.url).await, "disagg_router_abandoned_decode_legs_total", &[]) };
+    let url = format!("{}/v1/completions", e.router.url);
+    let mut delay_ms = 0u64;
+    while abandoned().await < 1.0 {
+        assert!(delay_ms < 3000, "no client left between the legs in any of the tries");
+        for k in 0..10u64 {
+            let b = body("/v1/completions", &e.pair.prompt(&format!("leave {delay_ms} {k}"), 2), 64, true);
+            let url = url.clone();
+            let req = tokio::spawn(async move {
+                let resp = client().post(url).json(&b).send().await;
+                if let Ok(mut r) = resp {
+                    while let Ok(Some(_)) = r.chunk().await {}
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(delay_ms + k * 3)).await;
+            req.abort();
+        }
+        delay_ms += 30;
+    }
+    println!("      {} decode legs kept for clients that left between the legs", abandoned().await);
+    for p in [&e.p0, &e.p1] {
+        let released = eventually(Duration::from_secs(10), || async {
+            metric(&metrics(&p.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0
+        })
+        .await;
+        assert!(released, "{} still holds KV:\n{}", p.name, metrics(&p.url).await);
+        assert!(!p.log_text().contains("Releasing expired KV blocks"), "{} released KV by lease expiry", p.name);
+    }
+    assert_eq!(get(&format!("{}/health", e.d.url)).await.0, 200, "the decode stays healthy");
+    assert_idle(&e.router.url).await;
+}
+
+async fn round_trip(e: &mut Env) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (mut direct, mut routed) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        let b = body("/v1/completions", &format!("round trip {i} with a few words"), 16, false);
+        let t = Instant::now();
+        e.pair.disaggregated("/v1/completions", &b, false).await;
+        direct.push(t.elapsed().as_secs_f64() * 1000.0);
+        let b = body("/v1/completions", &format!("round trip {i} routed with a few words"), 16, false);
+        let t = Instant::now();
+        assert_eq!(post(&format!("{}/v1/completions", e.router.url), &b).await.0, 200);
+        routed.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (d, r) = (median(direct), median(routed));
+    println!("      1P1D round trip, 16 output tokens, median of 20: direct {d:.1} ms, through disagg route {r:.1} ms ({:+.1} ms)", r - d);
+}
+
+async fn prefill_dies_mid_run(e: &mut Env) {
+    let prompts: Vec<String> = (0..24).map(|i| e.pair.prompt(&format!("survive {i}"), i % 2)).collect();
+    let mut want = Vec::new();
+    for p in &prompts {
+        want.push(reference(e, "/v1/completions", p, 12).await);
+    }
+    let url = format!("{}/v1/completions", e.router.url);
+    let run = futures_util::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+        let url = url.clone();
+        let b = body("/v1/completions", p, 12, i % 2 == 1);
+        async move {
+            tokio::time::sleep(Duration::from_millis(50 * i as u64)).await;
+            text(&url, &b).await
+        }
+    }));
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        e.p0.kill();
+    };
+    let (got, ()) = tokio::join!(run, killer);
+    assert_eq!(got, want, "every request answered correctly by the surviving prefill");
+    assert_idle(&e.router.url).await;
+}
+
+async fn mismatch_kills_decode(e: &mut Env) {
+    e.pair.prefill = e.p1.url.clone();
+    handshake::mismatched_prompt_fails(&e.pair).await;
+    let dead = eventually(Duration::from_secs(30), || async {
+        !matches!(client().get(format!("{}/health", e.d.url)).send().await, Ok(r) if r.status().is_success())
+    })
+    .await;
+    assert!(dead, "real vLLM's decode engine dies on a KV mismatch (the sim's --die-on-kv-mismatch)");
+}
