@@ -28,6 +28,11 @@ pub enum Command {
     /// The PD router: OpenAI-compatible front, prefill leg then decode leg (a drop-in for
     /// vllm-router's and the vLLM toy proxy's command lines).
     Route(crate::router::RouteArgs),
+    /// Bring up a whole PD topology (prefill and decode instances, then the router) from
+    /// one YAML file (vLLM's pdjob schema), here, on one node of many, or on Ray.
+    Launch(crate::launch::LaunchArgs),
+    /// Write vllm-ascend's ranktable.json (LLMDataDistCMgrConnector) for a set of nodes.
+    Ranktable(crate::launch::ranktable::RanktableArgs),
     /// Run a SIMULATED vLLM engine (no model, no GPU) that speaks vLLM's API and PD handshake.
     Sim(crate::sim::SimArgs),
 }
@@ -44,5 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         None => crate::router::run(cli.route).await,
         Some(Command::Route(args)) => crate::router::run(args).await,
         Some(Command::Sim(args)) => crate::sim::run(args).await,
+        Some(Command::Launch(args)) => crate::launch::run(args).await,
+        Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args),
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod api;
 pub mod cli;
+pub mod launch;
 pub mod router;
 pub mod sim;

@@ -102,6 +102,13 @@ pub struct RouteArgs {
     /// sends `X-data-parallel-rank`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub intra_node_data_parallel_size: u16,
+    /// DP ranks behind each prefill URL, when it differs from decode's (default:
+    /// --intra-node-data-parallel-size).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub prefill_dp_size: Option<u16>,
+    /// DP ranks behind each decode URL (default: --intra-node-data-parallel-size).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub decode_dp_size: Option<u16>,
 
     /// Most requests in flight at once (the permit is held until the response, stream
     /// included, has ended or the client has gone).
@@ -213,7 +220,8 @@ pub struct RouterConfig {
     pub decode_policy: PolicyKind,
     pub cache_aware: CacheAwareConfig,
     pub model_path: Option<String>,
-    pub dp_size: usize,
+    pub prefill_dp: usize,
+    pub decode_dp: usize,
     pub max_concurrent: usize,
     pub queue_size: usize,
     pub queue_timeout: Duration,
@@ -374,7 +382,8 @@ impl RouteArgs {
                 max_tree_size: usize::try_from(self.max_tree_size).unwrap_or(usize::MAX),
             },
             model_path: self.model_path.clone(),
-            dp_size: self.intra_node_data_parallel_size as usize,
+            prefill_dp: self.prefill_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
+            decode_dp: self.decode_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
             queue_size: self.queue_size,
             queue_timeout: secs(self.queue_timeout_secs),

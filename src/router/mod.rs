@@ -43,7 +43,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
         .transpose()
         .context("--api-key must be printable ASCII")?;
-    let pool = |role, urls: &[String], kind| Pool::new(role, urls, cfg.dp_size, Policy::new(kind, urls, &cfg.cache_aware));
+    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, urls, &cfg.cache_aware));
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -51,9 +51,9 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .build()
         .context("cannot build the HTTP client")?;
     Ok(Router {
-        prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_policy),
-        decode: pool(Role::Decode, &cfg.decode, cfg.decode_policy),
-        workers: pool(Role::Worker, &cfg.workers, cfg.decode_policy),
+        prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
+        decode: pool(Role::Decode, &cfg.decode, cfg.decode_dp, cfg.decode_policy),
+        workers: pool(Role::Worker, &cfg.workers, cfg.decode_dp, cfg.decode_policy),
         admission: admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
         metrics: Arc::new(metrics::RouterMetrics::new()),
         client,
@@ -77,12 +77,12 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let cfg = &router.cfg;
     match cfg.mode {
         Mode::Disaggregated => println!(
-            "disagg route listening on http://{shown_host}:{port} mode=pd prefill={:?} decode={:?} policy={:?}/{:?} dp={}",
-            cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.dp_size
+            "disagg route listening on http://{shown_host}:{port} mode=pd prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}",
+            cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.prefill_dp, cfg.decode_dp
         ),
         Mode::Regular => println!(
             "disagg route listening on http://{shown_host}:{port} mode=colocated workers={:?} policy={:?} dp={}",
-            cfg.workers, cfg.decode_policy, cfg.dp_size
+            cfg.workers, cfg.decode_policy, cfg.decode_dp
         ),
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -105,7 +105,7 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

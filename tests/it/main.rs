@@ -2,6 +2,7 @@
 
 mod capture;
 mod handshake;
+mod launch;
 mod router_faults;
 mod router_flow;
 mod router_policy;

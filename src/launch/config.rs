@@ -1,0 +1,285 @@
+//! The launch file: vLLM's `pdjob` YAML schema as it is, plus optional fields of ours.
+//! Unknown keys are errors (a typo must not be silently ignored); errors name the field
+//! and the line.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+/// pdjob's default startup timeout.
+const DEFAULT_TIMEOUT: u64 = 600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchFile {
+    /// Seconds to wait for every instance's /health (pdjob).
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+    /// GPUs in the whole cluster (pdjob). 0 for CPU engines or the simulator.
+    #[serde(default)]
+    pub num_gpus: u32,
+    /// GPUs per worker, the unit of a Ray placement bundle (pdjob).
+    #[serde(default = "one")]
+    pub gpus_per_worker: u32,
+    /// Logs go to `<working_dir>/logs/<role>-<i>.log` (pdjob).
+    #[serde(default = "default_working_dir")]
+    pub working_dir: String,
+    /// Environment of every instance (pdjob).
+    #[serde(default)]
+    pub envs: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    #[serde(default)]
+    pub general: General,
+    pub prefill: RoleFile,
+    pub decode: RoleFile,
+    /// Ours: what runs the instances: `vllm` (default, `vllm serve`) or `sim`.
+    #[serde(default)]
+    pub engine: Engine,
+    /// Ours: node addresses in node-rank order (default: one node, 127.0.0.1).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Ours: GPUs per node (default: num_gpus / number of nodes).
+    pub gpus_per_node: Option<u32>,
+    /// Ours: the variable that assigns devices (default CUDA_VISIBLE_DEVICES; Ascend:
+    /// ASCEND_RT_VISIBLE_DEVICES).
+    #[serde(default = "default_gpu_env")]
+    pub gpu_env: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Scheduler {
+    /// The router's port (pdjob; default 8021).
+    pub port: Option<u16>,
+    /// pdjob: the proxy command, with {PORT}, $PREFILL_URL_n, $DECODE_HOST_n ... Absent:
+    /// `disagg route` is used.
+    pub command: Option<String>,
+    /// Ours: extra `disagg route` flags when `command` is absent.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Ours: address the router listens on (default 0.0.0.0; 127.0.0.1 on a local-only plan).
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct General {
+    /// `vllm serve` parameters shared by both roles (pdjob).
+    #[serde(default)]
+    pub params: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFile {
+    #[serde(default)]
+    pub envs: BTreeMap<String, Value>,
+    /// GPUs per replica (pdjob).
+    #[serde(default)]
+    pub num_gpus: u32,
+    pub replicas: u32,
+    /// `vllm serve` parameters, merged over general.params (pdjob).
+    #[serde(default)]
+    pub params: BTreeMap<String, Value>,
+    /// Ours: DP ranks per replica.
+    pub data_parallel_size: Option<u32>,
+    /// Ours: `internal` (one API server per replica; the router sends
+    /// X-data-parallel-rank) or `external` (one API server per DP rank).
+    #[serde(default)]
+    pub dp_mode: DpMode,
+    /// Ours: base HTTP port: instance i on node n listens on port + 8n + i
+    /// (default 8100 for prefill, 9100 for decode).
+    pub port: Option<u16>,
+    /// Ours: base NIXL side-channel port, + 8n + i likewise (default 5600 / 6600).
+    pub side_channel_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DpMode {
+    #[default]
+    Internal,
+    External,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum Engine {
+    Kind(EngineKind),
+    Full {
+        kind: EngineKind,
+        /// The command that starts an instance (vllm: default `vllm serve`).
+        command: Option<String>,
+        /// Extra arguments for every instance (e.g. the simulator's timing knobs).
+        #[serde(default)]
+        args: Vec<String>,
+    },
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::Kind(EngineKind::Vllm)
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Vllm,
+    Sim,
+}
+
+impl Engine {
+    pub fn kind(&self) -> EngineKind {
+        match self {
+            Engine::Kind(k) | Engine::Full { kind: k, .. } => *k,
+        }
+    }
+    pub fn command(&self) -> Option<&str> {
+        match self {
+            Engine::Full { command: Some(c), .. } => Some(c),
+            _ => None,
+        }
+    }
+    pub fn args(&self) -> &[String] {
+        match self {
+            Engine::Full { args, .. } => args,
+            Engine::Kind(_) => &[],
+        }
+    }
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT
+}
+fn one() -> u32 {
+    1
+}
+fn default_working_dir() -> String {
+    "./disagg-run".into()
+}
+fn default_gpu_env() -> String {
+    "CUDA_VISIBLE_DEVICES".into()
+}
+
+/// A config error, with the line it is about when known.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The line of a key path like `prefill.replicas` in block-style YAML, for messages.
+pub fn line_of(text: &str, path: &str) -> Option<usize> {
+    let mut want = path.split('.').peekable();
+    let mut indent: Option<usize> = None;
+    let mut key = want.next()?;
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let ind = line.len() - trimmed.len();
+        if indent.is_some_and(|i| ind <= i) {
+            // Left the parent block without finding the key.
+            return None;
+        }
+        let k = trimmed.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
+        if k == key && trimmed[k.len()..].trim_start().starts_with(':') || trimmed.starts_with(&format!("{key}:")) {
+            match want.next() {
+                None => return Some(n + 1),
+                Some(next) => {
+                    indent = Some(ind);
+                    key = next;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A YAML scalar as an environment value or a CLI argument.
+pub fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Replaces `${env:NAME}` with the launcher's environment variable NAME (an error if it
+/// is unset). pdjob's own placeholders (`{PORT}`, `$PREFILL_URL_1`, `${PREFILL_URL_1}`)
+/// are left alone.
+pub fn expand_env(file: &str, text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${env:") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 6..];
+            let end = after.find('}').ok_or_else(|| ConfigError {
+                file: file.into(),
+                line: Some(n + 1),
+                message: "`${env:` without a closing `}`".into(),
+            })?;
+            let name = &after[..end];
+            let value = std::env::var(name).map_err(|_| ConfigError {
+                file: file.into(),
+                line: Some(n + 1),
+                message: format!("${{env:{name}}}: the environment variable {name} is not set"),
+            })?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+pub fn parse(file: &str, text: &str) -> Result<LaunchFile, ConfigError> {
+    serde_yaml_ng::from_str::<LaunchFile>(text).map_err(|e| ConfigError {
+        file: file.to_string(),
+        line: e.location().map(|l| l.line()),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nested_key_lines() {
+        let text = "timeout: 5\nprefill:\n  replicas: 2\n  params:\n    port: 1\ndecode:\n  replicas: 0\n";
+        assert_eq!(line_of(text, "prefill.replicas"), Some(3));
+        assert_eq!(line_of(text, "prefill.params.port"), Some(5));
+        assert_eq!(line_of(text, "decode.replicas"), Some(7));
+        assert_eq!(line_of(text, "decode.params"), None);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_name_the_line() {
+        let e = parse("c.yaml", "prefill:\n  replica: 2\ndecode:\n  replicas: 1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("unknown field `replica`"), "{e}");
+        let e = parse("c.yaml", "prefill:\n  replicas: two\ndecode:\n  replicas: 1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let e = parse("c.yaml", "prefill: [\n").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+}

@@ -1,0 +1,220 @@
+//! The local backend: this node's share of the plan as child processes, each in its own
+//! process group (so its engine's own children go with it) and with a log file. Waits for
+//! every /health, starts the router, prints the endpoint, then supervises: on Ctrl-C,
+//! SIGTERM, or any child dying, everything is stopped (SIGTERM, then SIGKILL after a
+//! grace), saying which instance failed and showing the tail of its log.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::process::{Child, Command};
+
+use super::plan::Plan;
+
+/// Grace between SIGTERM and SIGKILL when stopping.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct Member {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The processes of one launch; stopped (SIGKILL) if dropped without `stop`.
+#[derive(Default)]
+pub struct Group {
+    members: Vec<Member>,
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Group {
+    pub fn spawn(&mut self, name: &str, argv: &[String], env: &[(String, String)], log: &Path) -> anyhow::Result<()> {
+        let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        // If the launcher dies without stopping them, the children get SIGTERM.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = Command::from(cmd).spawn().with_context(|| format!("cannot start {name}: `{}`", argv[0]))?;
+        self.members.push(Member { name: name.to_string(), child, log: log.to_path_buf() });
+        Ok(())
+    }
+
+    /// The first member that has exited: its name, status and log.
+    pub fn exited(&mut self) -> Option<(String, std::process::ExitStatus, PathBuf)> {
+        self.members.iter_mut().find_map(|m| match m.child.try_wait() {
+            Ok(Some(status)) => Some((m.name.clone(), status, m.log.clone())),
+            _ => None,
+        })
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().filter_map(|m| m.child.id()).collect()
+    }
+
+    fn signal_all(&self, sig: i32) {
+        for m in &self.members {
+            if let Some(pid) = m.child.id() {
+                unsafe {
+                    libc::kill(-(pid as i32), sig);
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every process group (last started first), SIGKILL after the grace.
+    pub async fn stop(&mut self) {
+        self.members.reverse();
+        self.signal_all(libc::SIGTERM);
+        let end = Instant::now() + STOP_GRACE;
+        for m in &mut self.members {
+            let left = end.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, m.child.wait()).await.is_err() {
+                if let Some(pid) = m.child.id() {
+                    unsafe {
+                        libc::kill(-(pid as i32), libc::SIGKILL);
+                    }
+                }
+                let _ = m.child.wait().await;
+            }
+        }
+        // The engines' own children share the group: make sure none survives.
+        for m in &self.members {
+            if let Some(pid) = m.child.id() {
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+        }
+        self.members.clear();
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.signal_all(libc::SIGKILL);
+    }
+}
+
+/// Waits until every URL answers /health 200 (or `path`), failing fast if a member dies.
+pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], path: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let start = Instant::now();
+    let bar = indicatif::ProgressBar::new(targets.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} waiting for {msg} [{bar:20}] {pos}/{len} healthy, {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut pending: Vec<&(String, String)> = targets.iter().collect();
+    let mut last_err: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        if let Some((name, status, log)) = group.exited() {
+            bar.abandon();
+            bail!("{name} exited ({status}) before everything was healthy; last lines of {}:\n{}", log.display(), tail(&log, 20));
+        }
+        let checks = futures_util::future::join_all(pending.iter().map(|(name, url)| {
+            let client = &client;
+            async move {
+                let r = client.get(format!("{url}{path}")).send().await;
+                (name.clone(), match r {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("{url}{path} answered {}", r.status())),
+                    Err(e) => Err(format!("{url}{path}: {e}")),
+                })
+            }
+        }))
+        .await;
+        for (name, r) in checks {
+            match r {
+                Ok(()) => {
+                    pending.retain(|(n, _)| *n != name);
+                    bar.inc(1);
+                    bar.println(format!("{name} healthy after {:.1}s", start.elapsed().as_secs_f64()));
+                    if bar.is_hidden() {
+                        eprintln!("{name} healthy after {:.1}s", start.elapsed().as_secs_f64());
+                    }
+                }
+                Err(e) => {
+                    last_err.insert(name, e);
+                }
+            }
+        }
+        if pending.is_empty() {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+        bar.set_message(pending.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
+        if start.elapsed() > timeout {
+            bar.abandon();
+            let detail: Vec<String> = pending.iter().map(|(n, _)| format!("{n}: {}", last_err.get(n).map_or("no answer", String::as_str))).collect();
+            bail!("not healthy after {}s (timeout): {}", timeout.as_secs(), detail.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs this node's share of `plan` (all of it when `node` is None) until stopped.
+pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
+    let logs = plan.working_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let mine: Vec<_> = plan.instances.iter().filter(|i| node.is_none_or(|n| i.node == n)).collect();
+    let runs_router = node.is_none_or(|n| n == 0);
+    let mut group = Group::default();
+    let result = async {
+        for i in &mine {
+            group.spawn(&i.name, &i.argv, &i.env, &plan.log_path(&i.name))?;
+        }
+        println!("disagg launch: started {} instance(s); logs in {}", mine.len(), logs.display());
+        // The router's node waits for every node's servers; other nodes for their own.
+        let targets: Vec<(String, String)> = plan
+            .instances
+            .iter()
+            .filter(|i| runs_router || node.is_none_or(|n| i.node == n))
+            .filter_map(|i| i.url().map(|u| (i.name.clone(), u)))
+            .collect();
+        wait_healthy(&mut group, &targets, "/health", plan.timeout).await?;
+        if runs_router {
+            group.spawn("router", &plan.router.argv, &plan.router.env, &plan.log_path("router"))?;
+            let url = super::plan::url(&plan.router.host, plan.router.port);
+            let probe = if plan.router.ours { "/health" } else { "" };
+            wait_healthy(&mut group, &[("router".to_string(), url.clone())], probe, plan.timeout).await?;
+            println!("disagg launch ready: {url}");
+        } else {
+            println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());
+        }
+        tokio::select! {
+            _ = crate::router::shutdown_signal() => {
+                eprintln!("stopping every instance ...");
+                Ok(())
+            }
+            (name, status, log) = async {
+                loop {
+                    if let Some(e) = group.exited() {
+                        return e;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => Err(anyhow::anyhow!("{name} exited ({status}); stopping everything. Last lines of {}:\n{}", log.display(), tail(&log, 20))),
+        }
+    }
+    .await;
+    group.stop().await;
+    result
+}

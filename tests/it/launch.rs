@@ -1,0 +1,293 @@
+//! `disagg launch`: plans checked line by line, precise errors for bad files, and real
+//! local launches of simulated topologies that must come up, serve, and leave nothing.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::support::*;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn write(name: &str, text: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launch-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn seed_plan_is_exact_line_by_line() {
+    let (ok, out, err) = run(&["launch", "examples/deepseek-2p2d.yaml", "--dry-run"]);
+    assert!(ok, "{err}");
+    let want = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/launch/deepseek-2p2d.plan")).unwrap();
+    for (n, (got, want)) in out.lines().zip(want.lines()).enumerate() {
+        assert_eq!(got, want, "line {} of the plan", n + 1);
+    }
+    assert_eq!(out.lines().count(), want.lines().count());
+    // Spot checks of what the plan is for (the golden file is reviewed, these say why).
+    assert!(out.contains("prefill-1 headless (no HTTP server), GPUs 0,1,2,3,4,5,6,7, side channel 5608, DP 16, ranks 8-15"));
+    assert!(out.contains("--data-parallel-start-rank 8 --data-parallel-address 10.0.0.1 --data-parallel-rpc-port 13345 --headless"));
+    assert!(out.contains("decode-8 http://10.0.0.4:9124, GPUs 0, side channel 6624, DP rank 8 of 16 (own server)"), "9100 + 8*3 + 0");
+    assert!(out.contains("--prefill-dp-size 16 --decode-dp-size 1 --policy round_robin --max-concurrent-requests 9216"));
+}
+
+#[test]
+fn node_rank_prints_and_runs_one_nodes_share() {
+    let (ok, out, err) = run(&["launch", "examples/deepseek-2p2d.yaml", "--dry-run", "--node-rank", "3", "--node-size", "4"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("node 3 (10.0.0.4)") && !out.contains("node 2 (") && !out.contains("router"));
+    assert_eq!(out.lines().filter(|l| l.trim_start().starts_with("$ ")).count(), 8);
+    let (ok, _, err) = run(&["launch", "examples/deepseek-2p2d.yaml", "--dry-run", "--node-rank", "1", "--node-size", "2"]);
+    assert!(!ok && err.contains("--node-size 2, but") && err.contains("4 node(s)"), "{err}");
+}
+
+/// vLLM's own pdjob example, unchanged: toy proxy command with placeholders, general
+/// params with `port: '{PORT}'`, `_extra_params`.
+#[test]
+fn pdjob_files_are_accepted_as_they_are() {
+    let file = write("pdjob.yaml", r#"
+timeout: 3600
+num_gpus: 16
+gpus_per_worker: 1
+working_dir: /tmp/vllm
+envs: {}
+
+scheduler:
+  port: 8021
+  command: "python toy_proxy_server.py --port {PORT} --prefiller-hosts $PREFILL_HOST_1 --prefiller-ports $PREFILL_PORT_1 --decoder-hosts $DECODE_HOST_1 --decoder-ports ${DECODE_PORT_1}"
+
+general:
+  params:
+    model: /path/to/your/model
+    host: 0.0.0.0
+    port: '{PORT}'
+    served_model_name: my_model
+    _extra_params: --trust-remote-code
+
+prefill:
+  envs:
+    VLLM_ATTENTION_BACKEND: FLASHMLA
+  num_gpus: 8
+  replicas: 1
+  params:
+    tensor_parallel_size: 8
+    kv_transfer_config: '{"kv_connector":"NixlConnector","kv_role":"kv_producer","kv_ip":"{KV_IP}"}'
+    _extra_params: ''
+
+decode:
+  envs:
+    VLLM_ATTENTION_BACKEND: FLASHMLA
+  num_gpus: 8
+  replicas: 1
+  params:
+    tensor_parallel_size: 1
+    data_parallel_size: 8
+    kv_transfer_config: '{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
+    _extra_params: ''
+"#);
+    let (ok, out, err) = run(&["launch", file.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("$ python toy_proxy_server.py --port 8021 --prefiller-hosts 127.0.0.1 --prefiller-ports 8100 --decoder-hosts 127.0.0.1 --decoder-ports 9100"), "{out}");
+    assert!(out.contains("CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7' vllm serve /path/to/your/model --host 127.0.0.1 --port 8100"), "{out}");
+    assert!(out.contains("CUDA_VISIBLE_DEVICES='8,9,10,11,12,13,14,15' vllm serve"), "decode gets the next 8 GPUs: {out}");
+    assert!(out.contains(r#""kv_ip":"127.0.0.1""#), "{{KV_IP}} is the first prefill's node");
+    assert!(out.contains("--trust-remote-code") && out.contains("--data-parallel-size 8"));
+}
+
+#[test]
+fn bad_files_get_precise_errors() {
+    let base = |prefill: &str, extra: &str| {
+        format!("{extra}\nprefill:\n{prefill}\ndecode:\n  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_consumer\"}}'\n")
+    };
+    let kv = "    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}'";
+    let cases: Vec<(String, &str, &str)> = vec![
+        (base(&format!("  replica: 2\n  params:\n{kv}"), ""), ":3:", "unknown field `replica`"),
+        (base(&format!("  replicas: 0\n  params:\n{kv}"), ""), ":3:", "prefill.replicas: must be greater than 0"),
+        (base(&format!("  replicas: two\n  params:\n{kv}"), ""), ":3:", "invalid type"),
+        (base(&format!("  replicas: 1\n  params:\n{kv}"), "num_gpus: 3\ngpus_per_worker: 2"), ":1:", "num_gpus: 3 is not a multiple of gpus_per_worker 2"),
+        (base("  replicas: 1\n  params:\n    model: m", ""), ":4:", "prefill.params.kv_transfer_config: is required"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{oops'", ""), ":6:", "is not valid JSON"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"P2pNcclConnector\"}'", ""), ":6:", "speaks the NIXL flow"),
+        (base(&format!("  replicas: 3\n  num_gpus: 8\n  params:\n{kv}"), "num_gpus: 16"), ":4:", "no node has 8 free GPUs"),
+        (base("  replicas: 1\n  params: {model: m", ""), ":5:", "did not find expected ',' or '}'"),
+        (base(&format!("  replicas: 1\n  params:\n{kv}\n    served_model_name: ${{env:DISAGG_SURELY_UNSET}}"), ""), ":7:", "DISAGG_SURELY_UNSET is not set"),
+    ];
+    for (text, line, msg) in cases {
+        let f = write("bad.yaml", &text);
+        let (ok, _, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
+        assert!(!ok, "accepted:\n{text}");
+        assert!(err.contains(&format!("bad.yaml{line}")), "no line {line} in: {err}\n{text}");
+        assert!(err.contains(msg), "`{msg}` not in: {err}");
+    }
+}
+
+/// A launch in the background; its stdout's "ready" line gives the endpoint.
+struct Launch {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr_path: PathBuf,
+}
+
+impl Launch {
+    async fn start(file: &std::path::Path) -> Launch {
+        let stderr_path = file.with_extension("stderr");
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["launch", file.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        Launch { child, stdout, stderr_path }
+    }
+
+    async fn ready(&mut self) -> Option<String> {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.stdout.next_line()).await.ok()?.ok()??;
+            if let Some(url) = line.strip_prefix("disagg launch ready: ") {
+                return Some(url.to_string());
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+fn sim_topology(dir_ports: (u16, u16, u16), extra: &str) -> String {
+    let (p, d, r) = dir_ports;
+    format!(r#"
+timeout: 30
+working_dir: {wd}
+engine: sim
+scheduler:
+  port: {r}
+  args: [--policy, round_robin]
+general:
+  params:
+    model: tiny
+prefill:
+  replicas: 2
+  port: {p}
+  side_channel_port: {ps}
+  params:
+    kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_producer"}}'
+decode:
+  replicas: 1
+  port: {d}
+  side_channel_port: {ds}
+  params:
+    kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'
+{extra}
+"#, wd = std::env::temp_dir().join(format!("disagg-launch-{p}")).display(), ps = free_port(), ds = free_port())
+}
+
+fn port_free(p: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+}
+
+/// No process of ours still has `needle` (a unique port) on its command line.
+fn no_process_with(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().filter_map(Result::ok).all(|e| {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        !(cmd.contains("disagg") && cmd.contains(&format!(" {needle} ")))
+    })
+}
+
+#[tokio::test]
+async fn a_local_sim_topology_serves_and_tears_down_completely() {
+    // Bases far apart: prefill instances take base and base+1.
+    let (p, d, r) = (free_port(), free_port(), free_port());
+    let file = write("local.yaml", &sim_topology((p, d, r), ""));
+    let mut launch = Launch::start(&file).await;
+    let url = launch.ready().await.unwrap_or_else(|| panic!("no ready line:\n{}", launch.stderr()));
+    assert_eq!(url, format!("http://127.0.0.1:{r}"));
+    for i in 0..4 {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("launched {i}"), "max_tokens": 3})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // Both prefills served (round robin), through the one decode.
+    assert_eq!(served(&format!("http://127.0.0.1:{p}")).await, 2.0);
+    assert_eq!(served(&format!("http://127.0.0.1:{}", p + 1)).await, 2.0);
+    assert_eq!(served(&format!("http://127.0.0.1:{d}")).await, 4.0);
+    let log_dir = std::env::temp_dir().join(format!("disagg-launch-{p}")).join("logs");
+    for name in ["prefill-0", "prefill-1", "decode-0", "router"] {
+        assert!(log_dir.join(format!("{name}.log")).is_file(), "{name}.log");
+    }
+    let pid = launch.child.id().unwrap() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await.expect("launch stops").unwrap();
+    assert!(status.success(), "{status}: {}", launch.stderr());
+    for port in [p, p + 1, d, r] {
+        assert!(port_free(port), "port {port} still taken");
+        assert!(no_process_with(&port.to_string()), "a process with port {port} survived");
+    }
+}
+
+#[tokio::test]
+async fn an_instance_that_cannot_start_is_named_and_everything_is_cleaned_up() {
+    let (p, d, r) = (free_port(), free_port(), free_port());
+    // The decode's port is taken: it cannot start.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", d)).unwrap();
+    let file = write("fail.yaml", &sim_topology((p, d, r), ""));
+    let mut launch = Launch::start(&file).await;
+    assert!(launch.ready().await.is_none(), "must not become ready");
+    let status = tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await.expect("launch exits").unwrap();
+    assert!(!status.success());
+    let err = launch.stderr();
+    assert!(err.contains("decode-0 exited"), "{err}");
+    assert!(err.contains("cannot listen on 127.0.0.1"), "the tail of its log is shown: {err}");
+    for port in [p, p + 1, r] {
+        assert!(port_free(port), "port {port} still taken");
+        assert!(no_process_with(&port.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn a_child_dying_later_stops_the_launch() {
+    let (p, d, r) = (free_port(), free_port(), free_port());
+    let text = sim_topology((p, d, r), "").replace("engine: sim", "engine:\n  kind: sim\n  args: [--crash-after-requests, \"0\"]");
+    let file = write("crash.yaml", &text);
+    let mut launch = Launch::start(&file).await;
+    let url = launch.ready().await.unwrap_or_else(|| panic!("{}", launch.stderr()));
+    // The first request kills a prefill (it crashes while serving request 1).
+    let _ = post(&format!("{url}/v1/completions"), &json!({"prompt": "boom", "max_tokens": 2})).await;
+    let status = tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await.expect("launch exits").unwrap();
+    assert!(!status.success());
+    let err = launch.stderr();
+    assert!(err.contains("prefill-0 exited") && err.contains("stopping everything"), "{err}");
+    for port in [p, p + 1, d, r] {
+        assert!(port_free(port), "port {port} still taken");
+    }
+}
+
+#[test]
+fn ranktable_is_written_in_vllm_ascends_format() {
+    let ips = write("device_ips.txt", "# node 0\n29.7.1.1 29.7.1.2\n29.7.2.1 29.7.2.2\n");
+    let out = ips.with_file_name("ranktable.json");
+    let (ok, _, err) = run(&["ranktable", "--ips", "172.19.32.175", "172.19.123.51", "--npus-per-node", "2",
+        "--prefill-device-cnt", "2", "--decode-device-cnt", "2", "--device-ips", ips.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(t["server_count"], "2");
+    assert_eq!(t["decode_device_list"][0], json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"}));
+    let (ok, _, err) = run(&["ranktable", "--ips", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
+    assert!(!ok && err.contains("hccn_tool is not installed"), "{err}");
+}
