@@ -8,4 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/vllm-env.sh >/dev/null
+scripts/ray-env.sh >/dev/null
 cargo test --locked "$@"

@@ -9,7 +9,6 @@
 //! the cases below in order, sharing the instances. The handshake cases are the very
 //! functions the simulator's tests run (tests/it/handshake.rs).
 
-#[allow(dead_code)]
 #[path = "it/support.rs"]
 mod support;
 #[allow(dead_code)]
@@ -21,6 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, ExitCode, Stdio};
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -28,19 +28,11 @@ use serde_json::{json, Value};
 use handshake::Pair;
 use support::*;
 
-const INSIDE: &str = "DISAGG_E2E_IN_NETNS";
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
 
 fn main() -> ExitCode {
-    if std::env::var_os(INSIDE).is_none() {
-        let exe = std::env::current_exe().expect("own path");
-        let status = Command::new(format!("{SCRIPTS}/in-netns.sh"))
-            .arg(exe)
-            .args(std::env::args().skip(1))
-            .env(INSIDE, "1")
-            .status()
-            .expect("run scripts/in-netns.sh");
-        return ExitCode::from(status.code().unwrap_or(1) as u8);
+    if let Some(code) = support::reexec_in_netns() {
+        return code;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(run())
@@ -207,12 +199,22 @@ async fn run() -> ExitCode {
             }
         }
     }
+    let tails: Vec<(String, String)> = [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect();
+    drop(env);
+    let t = Instant::now();
+    match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(launch_from_yaml())).await {
+        Ok(()) => println!("ok    disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end ({:.1}s)", t.elapsed().as_secs_f64()),
+        Err(_) => {
+            println!("FAIL  disagg launch of examples/vllm-cpu-1p1d.yaml ({:.1}s)", t.elapsed().as_secs_f64());
+            failed.push("launch from YAML");
+        }
+    }
     println!("real-vLLM suite: {:.1}s in all ({:.1}s start-up)", t0.elapsed().as_secs_f64(), startup.as_secs_f64());
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
-        for v in [&env.p0, &env.p1, &env.d] {
-            println!("---- {} log tail ----\n{}", v.name, v.tail());
+        for (name, tail) in tails {
+            println!("---- {name} log tail ----\n{tail}");
         }
         println!("failed: {failed:?}");
         ExitCode::FAILURE
@@ -356,4 +358,48 @@ async fn mismatch_kills_decode(e: &mut Env) {
     })
     .await;
     assert!(dead, "real vLLM's decode engine dies on a KV mismatch (the sim's --die-on-kv-mismatch)");
+}
+
+/// A real vLLM-CPU 1P1D topology plus the router, from the example launch file.
+async fn launch_from_yaml() {
+    let venv = script_var("vllm-env.sh", "VENV");
+    let model = script_var("vllm-env.sh", "MODEL");
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("launch-vllm");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["launch", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vllm-cpu-1p1d.yaml")])
+        .current_dir(&work)
+        .env("VENV", &venv)
+        .env("MODEL", &model)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join("launch.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let url = loop {
+        let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line()).await.expect("ready in time").unwrap();
+        let Some(line) = line else {
+            panic!("launch ended before ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default())
+        };
+        if let Some(u) = line.strip_prefix("disagg launch ready: ") {
+            break u.to_string();
+        }
+    };
+    let b = body("/v1/completions", "a request through a launched real topology", 12, false);
+    let (status, v) = post(&format!("{url}/v1/completions"), &b).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let decode = "http://127.0.0.1:9100";
+    let m = metrics(decode).await;
+    assert!(metric(&m, "vllm:prompt_tokens_by_source_total", &[("source", "external_kv_transfer")]) > 0.0, "the KV moved");
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("launch stops").unwrap();
+    assert!(status.success());
+    for port in [8100u16, 9100, 8021] {
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} freed");
+    }
 }

@@ -228,6 +228,10 @@ pub fn scalar(v: &Value) -> Option<String> {
 pub fn expand_env(file: &str, text: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     for (n, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
         let mut rest = line;
         while let Some(start) = rest.find("${env:") {
             out.push_str(&rest[..start]);
@@ -262,6 +266,15 @@ pub fn parse(file: &str, text: &str) -> Result<LaunchFile, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_expansion_skips_comments_and_reports_unset_names() {
+        std::env::set_var("DISAGG_TEST_EXPAND", "/opt/x");
+        let out = expand_env("f", "# ${env:NOPE} in a comment\nmodel: ${env:DISAGG_TEST_EXPAND}/m\n").unwrap();
+        assert_eq!(out, "# ${env:NOPE} in a comment\nmodel: /opt/x/m\n");
+        let e = expand_env("f", "a: 1\nb: ${env:DISAGG_SURELY_UNSET_X}\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+    }
 
     #[test]
     fn finds_nested_key_lines() {

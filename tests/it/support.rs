@@ -1,4 +1,6 @@
 //! Test support: spawn `disagg` processes on loopback, talk to them over real HTTP.
+//! Shared by the `it`, `vllm` and `ray` test binaries, each of which uses a part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,7 +19,6 @@ pub struct Proc {
     child: Child,
     pub url: String,
     pub port: u16,
-    pub side_ports: Vec<u16>,
     pub banner: String,
     log: PathBuf,
 }
@@ -56,14 +57,7 @@ impl Proc {
             .trim_end_matches('/')
             .to_string();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
-        let side_ports = banner
-            .split("side_channel_ports=[")
-            .nth(1)
-            .map(|rest| {
-                rest.split(']').next().unwrap().split(',').filter_map(|p| p.trim().parse().ok()).collect()
-            })
-            .unwrap_or_default();
-        Proc { child, url, port, side_ports, banner, log }
+        Proc { child, url, port, banner, log }
     }
 
     /// `disagg sim --port 0 <args>`.
@@ -80,10 +74,6 @@ impl Proc {
     /// Waits for the process to exit by itself; `None` if it is still running.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -279,4 +269,31 @@ pub async fn rest_of(mut resp: reqwest::Response, first: Vec<u8>) -> Vec<String>
         .split("\n\n")
         .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned))
         .collect()
+}
+
+/// For test binaries that must run inside a loopback-only network namespace (real vLLM,
+/// Ray): outside one, re-runs this binary inside a fresh namespace (scripts/in-netns.sh)
+/// and returns its exit code; inside, returns None.
+pub fn reexec_in_netns() -> Option<std::process::ExitCode> {
+    const INSIDE: &str = "DISAGG_TEST_IN_NETNS";
+    if std::env::var_os(INSIDE).is_some() {
+        return None;
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let status = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/in-netns.sh"))
+        .arg(exe)
+        .args(std::env::args().skip(1))
+        .env(INSIDE, "1")
+        .status()
+        .expect("run scripts/in-netns.sh");
+    Some(std::process::ExitCode::from(status.code().unwrap_or(1) as u8))
+}
+
+/// Reads `KEY=value` lines printed by one of the project's env scripts.
+pub fn script_var(script: &str, key: &str) -> String {
+    let out = std::process::Command::new(format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"))).arg("--print").output().expect("run env script");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
+        .unwrap_or_else(|| panic!("{script} --print did not say {key}"))
 }
