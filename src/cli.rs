@@ -31,6 +31,9 @@ pub enum Command {
     /// Bring up a whole PD topology (prefill and decode instances, then the router) from
     /// one YAML file (vLLM's pdjob schema), here, on one node of many, or on Ray.
     Launch(crate::launch::LaunchArgs),
+    /// Benchmark a serving endpoint with `vllm bench serve`'s flags, metrics and result
+    /// files, plus a progress bar and a plot of the run.
+    Bench(crate::bench::BenchArgs),
     /// Write vllm-ascend's ranktable.json (LLMDataDistCMgrConnector) for a set of nodes.
     Ranktable(crate::launch::ranktable::RanktableArgs),
     /// Run a SIMULATED vLLM engine (no model, no GPU) that speaks vLLM's API and PD handshake.
@@ -51,5 +54,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Sim(args)) => crate::sim::run(args).await,
         Some(Command::Launch(args)) => crate::launch::run(args).await,
         Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args),
+        Some(Command::Bench(args)) => crate::bench::run(args).await,
     }
 }

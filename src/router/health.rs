@@ -1,13 +1,18 @@
-//! Health: every worker is checked concurrently every interval. A worker is used as soon
-//! as its first check passes (the router serves once one prefill and one decode are up,
-//! without waiting for the rest); after that, the failure and success thresholds apply.
-//! A connection error on a live request marks a worker down at once (workers.rs).
+//! Health: every worker is checked concurrently every interval, and a worker that is
+//! down is rechecked every second too, so one that comes up (or back) is used within a
+//! second. A worker is used as soon as its first check passes (the router serves once one
+//! prefill and one decode are up, without waiting for the rest); after that, the failure
+//! and success thresholds apply. A connection error on a live request marks a worker down
+//! at once (workers.rs).
 
 use std::sync::Arc;
 
 use futures_util::future::join_all;
 
 use super::flow::Router;
+
+/// How often a worker that is down is rechecked, whatever the interval.
+const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(router: Arc<Router>) {
     let cfg = router.cfg.health.clone();
@@ -18,11 +23,18 @@ pub async fn run(router: Arc<Router>) {
             return;
         }
     };
-    let mut tick = tokio::time::interval(cfg.interval);
+    let step = cfg.interval.min(DOWN_RECHECK);
+    let mut tick = tokio::time::interval(step);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let checks = router.pools().into_iter().flat_map(|p| p.workers.iter()).map(|w| {
+        let full = last_full.is_none_or(|t| t.elapsed() + step / 2 >= cfg.interval);
+        if full {
+            last_full = Some(tokio::time::Instant::now());
+        }
+        let due = router.pools().into_iter().flat_map(|p| p.workers.iter()).filter(|w| full || !w.is_healthy());
+        let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;
             async move {

@@ -1,0 +1,163 @@
+//! `disagg bench` flags: `vllm bench serve`'s names, defaults and meanings (PROTOCOLS.md §7),
+//! plus `--plot` and `--http2`.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// /v1/completions, streamed.
+    Openai,
+    /// /v1/chat/completions, streamed.
+    #[value(name = "openai-chat")]
+    OpenaiChat,
+    /// Same as openai (vLLM's name for it).
+    Vllm,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetName {
+    /// Synthetic prompts of random lengths (see --random-*).
+    Random,
+    /// A ShareGPT-format JSON file (--dataset-path): first human turn as the prompt, the
+    /// first answer's token count as the output length.
+    Sharegpt,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Server or API base URL (e.g. http://127.0.0.1:8000); else --host and --port.
+    #[arg(long)]
+    pub base_url: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// API path.
+    #[arg(long, default_value = "/v1/completions")]
+    pub endpoint: String,
+    #[arg(long, value_enum, default_value_t = Backend::Openai)]
+    pub backend: Backend,
+    /// Model name sent in requests (default: the first of the server's /v1/models).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The name requests carry, when it differs from --model (the tokenizer's source).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// A local directory with tokenizer.json (default: --model, if it is such a
+    /// directory). `sim` selects the simulator's word-piece tokenizer.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Accepted for compatibility with `vllm bench serve` and without effect: tokenizers
+    /// are read from tokenizer.json, which runs no code.
+    #[arg(long)]
+    pub trust_remote_code: bool,
+    #[arg(long, value_enum, default_value_t = DatasetName::Random)]
+    pub dataset_name: DatasetName,
+    /// The dataset file (ShareGPT JSON).
+    #[arg(long)]
+    pub dataset_path: Option<PathBuf>,
+    /// Number of requests.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_prompts: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub random_input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub random_output_len: usize,
+    /// Lengths are drawn uniformly from [len*(1-r), len*(1+r)].
+    #[arg(long, default_value_t = 0.0, value_parser = range_ratio)]
+    pub random_range_ratio: f64,
+    /// Tokens of one random prefix shared by every request.
+    #[arg(long, default_value_t = 0)]
+    pub random_prefix_len: usize,
+    /// Output length of every ShareGPT request (default: its answer's length).
+    #[arg(long)]
+    pub sharegpt_output_len: Option<usize>,
+    /// Keep the dataset's order (ShareGPT) instead of shuffling it with --seed.
+    #[arg(long)]
+    pub disable_shuffle: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Requests per second ("inf": all at once); arrivals are a gamma process.
+    #[arg(long, default_value = "inf", value_parser = positive_or_inf)]
+    pub request_rate: f64,
+    /// Gamma shape of the arrivals: 1 is Poisson, lower is burstier.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_or_inf)]
+    pub burstiness: f64,
+    /// Most requests in flight at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrency: Option<u64>,
+    /// Send ignore_eos, so every request generates its full output length.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    /// SLOs for goodput, e.g. `ttft:200 tpot:50 e2el:2000` (milliseconds).
+    #[arg(long, num_args = 1.., value_name = "KEY:MS")]
+    pub goodput: Vec<String>,
+    /// Metrics with percentiles: comma list of ttft, tpot, itl, e2el.
+    #[arg(long, default_value = "ttft,tpot,itl")]
+    pub percentile_metrics: String,
+    /// Percentiles to report, comma separated.
+    #[arg(long, default_value = "99")]
+    pub metric_percentiles: String,
+    /// Write the results as JSON (vLLM's keys).
+    #[arg(long)]
+    pub save_result: bool,
+    /// Keep per-request fields (ttfts, itls, ...) in the JSON.
+    #[arg(long)]
+    pub save_detailed: bool,
+    #[arg(long)]
+    pub result_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub result_filename: Option<String>,
+    /// Label in the result file name and JSON (default: the backend).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Retry one request until the server answers, for up to this long (0: no check).
+    #[arg(long, default_value_t = 0)]
+    pub ready_check_timeout_sec: u64,
+    /// Requests before the measured run (not counted).
+    #[arg(long, default_value_t = 0)]
+    pub num_warmups: u64,
+    /// Prefix of each request's X-Request-Id (default: bench-<random hex>-).
+    #[arg(long)]
+    pub request_id_prefix: Option<String>,
+    /// Extra request headers, KEY=VALUE.
+    #[arg(long, num_args = 1..)]
+    pub header: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub disable_tqdm: bool,
+    /// Draw the run to FILE (.svg or .png): TTFT, TPOT and ITL distributions and
+    /// throughput over time.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Speak HTTP/2 without TLS (prior knowledge) to the server, as `disagg route` and
+    /// `disagg sim` accept: many streams per connection, for very high concurrency.
+    #[arg(long)]
+    pub http2: bool,
+}
+
+fn range_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("must be in [0, 1)".into())
+    }
+}
+
+fn positive_or_inf(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err("must be > 0 (or inf)".into())
+    }
+}

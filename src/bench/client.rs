@@ -1,0 +1,137 @@
+//! One benchmark request, timed as `vllm bench serve` times it: TTFT at the first SSE
+//! message with non-empty `choices`, ITL between such messages, E2EL at the last one;
+//! output tokens from `usage.completion_tokens`, which also corrects the prompt length.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::args::Backend;
+use super::dataset::SampleRequest;
+use crate::api::sse::{data_of, EventSplitter};
+
+/// The result of one request, as vLLM's RequestFuncOutput.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub success: bool,
+    /// Seconds from the run's start to this request's send.
+    pub start_time: f64,
+    pub ttft: f64,
+    pub itl: Vec<f64>,
+    pub latency: f64,
+    pub prompt_len: usize,
+    pub output_tokens: Option<usize>,
+    pub generated_text: String,
+    pub error: String,
+}
+
+/// What every request of a run shares.
+pub struct RequestConfig {
+    pub api_url: String,
+    pub backend: Backend,
+    pub model: String,
+    pub ignore_eos: bool,
+    pub sampling: Map<String, Value>,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    text: Option<String>,
+    delta: Option<Delta>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    completion_tokens: Option<usize>,
+    prompt_tokens: Option<usize>,
+}
+
+pub fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
+    let mut p = match cfg.backend {
+        Backend::OpenaiChat => json!({
+            "model": cfg.model, "messages": [{"role": "user", "content": req.prompt}],
+            "max_completion_tokens": req.output_len, "stream": true, "stream_options": {"include_usage": true},
+        }),
+        Backend::Openai | Backend::Vllm => json!({
+            "model": cfg.model, "prompt": req.prompt, "repetition_penalty": 1.0, "max_tokens": req.output_len,
+            "logprobs": null, "stream": true, "stream_options": {"include_usage": true},
+        }),
+    };
+    if cfg.ignore_eos {
+        p["ignore_eos"] = json!(true);
+    }
+    for (k, v) in &cfg.sampling {
+        p[k] = v.clone();
+    }
+    p
+}
+
+pub async fn send(client: &reqwest::Client, cfg: &RequestConfig, req: &SampleRequest, request_id: &str, run_start: Instant) -> Output {
+    let body = Bytes::from(serde_json::to_vec(&payload(cfg, req)).expect("JSON"));
+    let mut out = Output { prompt_len: req.prompt_len, ..Output::default() };
+    let mut b = client.post(&cfg.api_url).header("content-type", "application/json").header("x-request-id", request_id).body(body);
+    for (k, v) in &cfg.headers {
+        b = b.header(k, v);
+    }
+    let st = Instant::now();
+    out.start_time = st.duration_since(run_start).as_secs_f64();
+    let mut last = st;
+    let mut first = false;
+    let result: Result<(), String> = async {
+        let mut resp = b.send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(resp.status().canonical_reason().unwrap_or("error").to_string());
+        }
+        let mut splitter = EventSplitter::default();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            for event in splitter.push(&chunk) {
+                let Some(data) = data_of(&event) else { continue };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let Ok(c) = serde_json::from_str::<Chunk>(&data) else { continue };
+                if let Some(choice) = c.choices.first() {
+                    let now = Instant::now();
+                    if first {
+                        out.itl.push(now.duration_since(last).as_secs_f64());
+                    } else {
+                        first = true;
+                        out.ttft = now.duration_since(st).as_secs_f64();
+                    }
+                    last = now;
+                    let text = choice.text.as_deref().or(choice.delta.as_ref().and_then(|d| d.content.as_deref()));
+                    out.generated_text.push_str(text.unwrap_or(""));
+                } else if let Some(u) = c.usage {
+                    out.output_tokens = u.completion_tokens;
+                    if let Some(p) = u.prompt_tokens {
+                        out.prompt_len = p;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) if first => out.success = true,
+        Ok(()) => out.error = "Never received a valid chunk to calculate TTFT. This response will be marked as failed!".into(),
+        Err(e) => out.error = e,
+    }
+    out.latency = last.duration_since(st).as_secs_f64();
+    out
+}
