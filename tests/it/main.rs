@@ -1,5 +1,6 @@
 //! Integration tests: real processes over loopback HTTP. One binary, many modules.
 
+mod bench;
 mod capture;
 mod handshake;
 mod launch;

@@ -1,0 +1,119 @@
+//! `disagg bench` against simulated engines over loopback: results, files, failures,
+//! both APIs, datasets, arrivals.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+async fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(BIN).arg("bench").args(args).output().await.unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn line_value(table: &str, label: &str) -> f64 {
+    table.lines().find_map(|l| l.strip_prefix(label)).unwrap_or_else(|| panic!("no `{label}` in:\n{table}")).trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn results_have_vllms_table_and_json_and_count_exactly() {
+    let s = Proc::sim(&["--decode-ms-per-token", "2"]).await;
+    let result = tmp("r.json");
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "40", "--random-input-len", "50",
+        "--random-output-len", "12", "--max-concurrency", "8", "--ignore-eos", "--save-result", "--save-detailed",
+        "--result-filename", result.to_str().unwrap(), "--metric-percentiles", "50,99.9", "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--disable-tqdm"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("============ Serving Benchmark Result ============"), "{out}");
+    assert_eq!(line_value(&out, "Successful requests:"), 40.0);
+    assert_eq!(line_value(&out, "Total generated tokens:"), 40.0 * 12.0, "ignore_eos: every request its full length");
+    assert!(out.contains("P99.9 E2EL (ms):"));
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(j["completed"], 40);
+    assert_eq!(j["failed"], 0);
+    assert_eq!(j["total_output_tokens"], 480);
+    assert_eq!(j["max_concurrency"], 8);
+    assert_eq!(j["request_rate"], "inf");
+    for k in ["mean_ttft_ms", "median_tpot_ms", "p50_itl_ms", "p99.9_e2el_ms", "std_ttft_ms", "request_throughput", "output_throughput"] {
+        assert!(j[k].is_number(), "{k}");
+    }
+    // The server's own count of prompt tokens (usage) is what is reported, as in vLLM.
+    let m = metrics(&s.url).await;
+    assert_eq!(j["total_input_tokens"].as_f64().unwrap(), metric(&m, "vllm:prompt_tokens_total", &[]));
+    assert_eq!(j["total_output_tokens"].as_f64().unwrap(), metric(&m, "vllm:generation_tokens_total", &[]));
+    assert_eq!(j["ttfts"].as_array().unwrap().len(), 40, "--save-detailed keeps per-request fields");
+    assert_eq!(j["itls"][0].as_array().unwrap().len(), 11);
+    // TPOT is (E2EL - TTFT) / (n - 1), ITLs the gaps: their means agree here.
+    let (tpot, itl) = (j["mean_tpot_ms"].as_f64().unwrap(), j["mean_itl_ms"].as_f64().unwrap());
+    assert!((tpot - itl).abs() < 0.5, "{tpot} vs {itl}");
+    assert!(tpot >= 2.0, "at least the decode step time: {tpot}");
+}
+
+#[tokio::test]
+async fn failed_requests_are_counted_not_hidden() {
+    let s = Proc::sim(&["--fail-rate", "0.5"]).await;
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "60", "--random-input-len", "10",
+        "--random-output-len", "3", "--ignore-eos", "--disable-tqdm"]).await;
+    assert!(ok, "{err}");
+    let (done, failed) = (line_value(&out, "Successful requests:"), line_value(&out, "Failed requests:"));
+    assert_eq!(done + failed, 60.0);
+    assert!(failed > 10.0 && done > 10.0, "{done} done, {failed} failed");
+    assert!(out.contains("Failed requests during benchmark run detected"));
+    assert_eq!(line_value(&out, "Total generated tokens:"), done * 3.0);
+}
+
+#[tokio::test]
+async fn chat_backend_sharegpt_file_and_plot() {
+    let s = Proc::sim(&[]).await;
+    let data = tmp("sharegpt.json");
+    let convs: Vec<Value> = (0..5)
+        .map(|i| serde_json::json!({"conversations": [
+            {"from": "human", "value": format!("question number {i} about routers and queues")},
+            {"from": "gpt", "value": "an answer that is long enough to count"}]}))
+        .collect();
+    std::fs::write(&data, serde_json::to_string(&convs).unwrap()).unwrap();
+    let plot = tmp("run.svg");
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+        "--tokenizer", "sim", "--dataset-name", "sharegpt", "--dataset-path", data.to_str().unwrap(), "--num-prompts", "5",
+        "--sharegpt-output-len", "6", "--ignore-eos", "--plot", plot.to_str().unwrap(), "--disable-tqdm"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(line_value(&out, "Successful requests:"), 5.0);
+    assert_eq!(line_value(&out, "Total generated tokens:"), 30.0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("TTFT") && svg.contains("Throughput over the run"));
+    // The chat endpoint check is vLLM's.
+    let (ok, _, err) = bench(&["--base-url", &s.url, "--backend", "openai-chat", "--tokenizer", "sim", "--num-prompts", "1"]).await;
+    assert!(!ok && err.contains("chat/completions"), "{err}");
+}
+
+#[tokio::test]
+async fn request_rate_spreads_arrivals() {
+    let s = Proc::sim(&[]).await;
+    let t = Instant::now();
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "20", "--random-input-len", "5",
+        "--random-output-len", "2", "--request-rate", "20", "--disable-tqdm"]).await;
+    assert!(ok, "{err}");
+    assert!(t.elapsed().as_secs_f64() >= 0.95, "20 requests at 20/s take about a second");
+    assert_eq!(line_value(&out, "Request rate configured (RPS):"), 20.0);
+}
+
+#[tokio::test]
+async fn bad_flags_and_missing_tokenizer_are_clear() {
+    let s = Proc::sim(&[]).await;
+    let (ok, _, err) = bench(&["--base-url", &s.url, "--num-prompts", "1"]).await;
+    assert!(!ok && err.contains("no tokenizer") && err.contains("--tokenizer sim"), "{err}");
+    let (ok, _, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--goodput", "ttft=5"]).await;
+    assert!(!ok && err.contains("KEY:MILLISECONDS"), "{err}");
+    let (ok, _, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--percentile-metrics", "ttft,nope"]).await;
+    assert!(!ok && err.contains("nope"), "{err}");
+    let (ok, _, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--random-range-ratio", "1.5"]).await;
+    assert!(!ok && err.contains("[0, 1)"), "{err}");
+}
