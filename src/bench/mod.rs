@@ -23,6 +23,9 @@ use dataset::{SampleRequest, Tok};
 
 const METRIC_NAMES: [&str; 4] = ["ttft", "tpot", "itl", "e2el"];
 
+/// Streams per HTTP/2 connection with --http2.
+const STREAMS_PER_H2_CONNECTION: usize = 100;
+
 /// Arrival offsets (seconds) of `n` requests, as vLLM draws them: gamma gaps of shape
 /// `burstiness` and scale 1/(rate*burstiness), rescaled so the last lands at n/rate.
 pub fn arrivals(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
@@ -83,11 +86,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|h| h.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).with_context(|| format!("--header {h}: expected KEY=VALUE")))
         .collect::<anyhow::Result<_>>()?;
 
-    let mut builder = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(6 * 3600));
-    if args.http2 {
-        builder = builder.http2_prior_knowledge();
-    }
-    let http = builder.build()?;
+    let build = || {
+        let b = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(6 * 3600));
+        if args.http2 { b.http2_prior_knowledge() } else { b }.build()
+    };
+    let http = build()?;
+    // HTTP/2 servers commonly allow a few hundred streams per connection (hyper: 200) and
+    // a client multiplexes over one: open enough connections for the concurrency asked.
+    let in_flight = args.max_concurrency.unwrap_or(args.num_prompts) as usize;
+    let clients: Vec<reqwest::Client> =
+        if args.http2 { (0..in_flight.div_ceil(STREAMS_PER_H2_CONNECTION)).map(|_| build()).collect::<Result<_, _>>()? } else { vec![http.clone()] };
     let model_id = match &args.model {
         Some(m) => m.clone(),
         None => {
@@ -182,7 +190,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
         }
-        let (http, cfg, requests, sem, bar) = (http.clone(), cfg.clone(), requests.clone(), sem.clone(), bar.clone());
+        let (http, cfg, requests, sem, bar) = (clients[i % clients.len()].clone(), cfg.clone(), requests.clone(), sem.clone(), bar.clone());
         let id = format!("{prefix}{i}");
         tasks.push(tokio::spawn(async move {
             let _permit = match &sem {
