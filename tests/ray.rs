@@ -77,13 +77,9 @@ decode:
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.expect("ready in time").unwrap();
-        let Some(line) = line else { panic!("launch ended:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()) };
-        if let Some(u) = line.strip_prefix("disagg launch ready: ") {
-            break u.to_string();
-        }
-    };
+    let url = ready_url(&mut lines, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|| panic!("launch never ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));
     assert_eq!(url, "http://127.0.0.1:8021", "the router runs on the head node");
     let err = std::fs::read_to_string(work.join("launch.err")).unwrap();
     for name in ["prefill-0", "prefill-1", "decode-0"] {

@@ -379,15 +379,9 @@ async fn launch_from_yaml() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
-    let url = loop {
-        let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line()).await.expect("ready in time").unwrap();
-        let Some(line) = line else {
-            panic!("launch ended before ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default())
-        };
-        if let Some(u) = line.strip_prefix("disagg launch ready: ") {
-            break u.to_string();
-        }
-    };
+    let url = ready_url(&mut lines, Duration::from_secs(600))
+        .await
+        .unwrap_or_else(|| panic!("launch never ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));
     let b = body("/v1/completions", "a request through a launched real topology", 12, false);
     let (status, v) = post(&format!("{url}/v1/completions"), &b).await;
     assert_eq!(status, 200, "{v}");

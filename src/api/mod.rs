@@ -2,6 +2,7 @@
 
 pub mod body;
 mod error;
+pub mod prom;
 pub mod sse;
 
 pub use error::{validation_error, ApiError, ErrorKind};

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use crate::cli::values::{below_one, positive_or_inf};
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// /v1/completions, streamed.
@@ -66,7 +68,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     pub random_output_len: usize,
     /// Lengths are drawn uniformly from [len*(1-r), len*(1+r)].
-    #[arg(long, default_value_t = 0.0, value_parser = range_ratio)]
+    #[arg(long, default_value_t = 0.0, value_parser = below_one)]
     pub random_range_ratio: f64,
     /// Tokens of one random prefix shared by every request.
     #[arg(long, default_value_t = 0)]
@@ -142,22 +144,4 @@ pub struct BenchArgs {
     /// `disagg sim` accept: many streams per connection, for very high concurrency.
     #[arg(long)]
     pub http2: bool,
-}
-
-fn range_ratio(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err("must be in [0, 1)".into())
-    }
-}
-
-fn positive_or_inf(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if v > 0.0 {
-        Ok(v)
-    } else {
-        Err("must be > 0 (or inf)".into())
-    }
 }

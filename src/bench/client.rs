@@ -27,6 +27,17 @@ pub struct Output {
     pub error: String,
 }
 
+impl Output {
+    /// When each output chunk arrived, in seconds from the run's start.
+    pub fn token_times(&self) -> impl Iterator<Item = f64> + '_ {
+        let first = self.start_time + self.ttft;
+        std::iter::once(first).chain(self.itl.iter().scan(first, |t, gap| {
+            *t += gap;
+            Some(*t)
+        }))
+    }
+}
+
 /// What every request of a run shares.
 pub struct RequestConfig {
     pub api_url: String,

@@ -146,13 +146,7 @@ pub fn calculate(outputs: &[Output], duration: f64, tok: Option<&Tok>, percentil
         let n = (t1 - t0).ceil() as usize + 1;
         let (mut tokens, mut conc) = (vec![0.0f64; n], vec![0usize; n]);
         for o in &ok {
-            let mut t = o.start_time + o.ttft;
-            let mut times = vec![t];
-            for gap in &o.itl {
-                t += gap;
-                times.push(t);
-            }
-            for tt in times {
+            for tt in o.token_times() {
                 let b = (tt - t0) as usize;
                 if b < n {
                     tokens[b] += 1.0;

@@ -74,13 +74,7 @@ where
     let mut tokens = vec![0f64; n];
     let mut done = vec![0f64; n];
     for o in outputs.iter().filter(|o| o.success) {
-        let mut t = o.start_time + o.ttft;
-        let mut times = vec![t];
-        for g in &o.itl {
-            t += g;
-            times.push(t);
-        }
-        for t in times {
+        for t in o.token_times() {
             tokens[(t as usize).min(n - 1)] += 1.0;
         }
         done[((o.start_time + o.latency) as usize).min(n - 1)] += 1.0;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::cli::values::{at_least_one, fraction as unit_interval, positive as positive_secs};
+
 /// How a role's workers are chosen for each request.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -160,25 +162,6 @@ pub struct RouteArgs {
     /// API key sent to workers as `Authorization: Bearer KEY` when the client sends none.
     #[arg(long, env = "DISAGG_WORKER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-}
-
-fn parse_f64(s: &str) -> Result<f64, String> {
-    s.parse::<f64>().map_err(|e| e.to_string()).and_then(|v| {
-        if v.is_finite() {
-            Ok(v)
-        } else {
-            Err("must be finite".into())
-        }
-    })
-}
-fn positive_secs(s: &str) -> Result<f64, String> {
-    parse_f64(s).and_then(|v| if v > 0.0 { Ok(v) } else { Err("must be > 0".into()) })
-}
-fn unit_interval(s: &str) -> Result<f64, String> {
-    parse_f64(s).and_then(|v| if (0.0..=1.0).contains(&v) { Ok(v) } else { Err("must be between 0 and 1".into()) })
-}
-fn at_least_one(s: &str) -> Result<f64, String> {
-    parse_f64(s).and_then(|v| if v >= 1.0 { Ok(v) } else { Err("must be >= 1".into()) })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -206,11 +206,57 @@ fn pick(pool: &Pool, info: &RequestInfo, avoid: &[usize], fallback: bool) -> Res
     }
 }
 
-fn note_leg_failure(router: &Router, leg: Leg, lease: &Lease, err: &LegError) {
-    router.metrics.leg_error(leg, err);
+/// Counts a failed leg and says what comes of it: a client error (4xx) is the client's
+/// answer, as the worker gave it (`Err`); anything else is a reason to try another worker
+/// (`Ok`, with what the client hears if none is left). A refused connection marks the
+/// worker down at once.
+fn leg_failed(router: &Router, leg: Leg, lease: &Lease, err: LegError) -> Result<Failure, Failure> {
+    router.metrics.leg_error(leg, &err);
+    if err.is_client_error() {
+        return Err(Failure::passthrough(err));
+    }
     tracing::warn!(worker = %lease.url(), leg = ?leg, "leg failed: {err}");
-    if let LegError::Connect(why) = err {
+    if let LegError::Connect(why) = &err {
         lease.worker().mark_down(why);
+    }
+    Ok(Failure::leg_failed(leg, lease.url(), &err))
+}
+
+/// The workers one leg is tried on: the first pick, then another worker not tried yet
+/// after each failure, up to --retry-max-retries more. `fallback` lets the first pick
+/// settle for a worker in `avoid` when no other is healthy.
+struct Attempts<'a> {
+    router: &'a Router,
+    pool: &'a Pool,
+    info: &'a RequestInfo,
+    avoid: &'a mut Vec<usize>,
+    fallback: bool,
+    leg: Leg,
+    label: &'static str,
+    tried: u32,
+    last: Option<Failure>,
+}
+
+impl Attempts<'_> {
+    /// The next worker to try, or what the client hears when none is left.
+    fn next(&mut self) -> Result<Lease, Failure> {
+        if self.tried > self.router.cfg.prefill_retries {
+            return Err(self.last.take().expect("a failure was recorded"));
+        }
+        let lease = pick(self.pool, self.info, self.avoid, self.fallback && self.tried == 0)
+            .map_err(|no| self.last.take().unwrap_or_else(|| Failure::no_worker(no)))?;
+        if self.tried > 0 {
+            self.router.metrics.retry(self.label);
+        }
+        self.tried += 1;
+        Ok(lease)
+    }
+
+    /// Records a failure on `lease`: `Err` ends the request (the client's own 4xx).
+    fn failed(&mut self, lease: &Lease, err: LegError) -> Result<(), Failure> {
+        self.last = Some(leg_failed(self.router, self.leg, lease, err)?);
+        self.avoid.push(lease.index());
+        Ok(())
     }
 }
 
@@ -328,14 +374,10 @@ async fn run_pair(
             router.metrics.leg_time("decode_first_byte", t);
             PairOutcome::Answer(started, decode, t)
         }
-        Err(e) if e.is_client_error() => {
-            router.metrics.leg_error(Leg::Decode, &e);
-            PairOutcome::DecodeRefused(Failure::passthrough(e))
-        }
-        Err(e) => {
-            note_leg_failure(&router, Leg::Decode, &decode, &e);
-            PairOutcome::Decode { decode: decode.index(), prefill: prefill_index, last: Failure::leg_failed(Leg::Decode, decode.url(), &e) }
-        }
+        Err(e) => match leg_failed(&router, Leg::Decode, &decode, e) {
+            Ok(last) => PairOutcome::Decode { decode: decode.index(), prefill: prefill_index, last },
+            Err(refused) => PairOutcome::DecodeRefused(refused),
+        },
     };
     let _ = tx.send(outcome);
 }
@@ -348,33 +390,18 @@ async fn prefill_leg(
     avoid: &mut Vec<usize>,
     fallback: bool,
 ) -> Result<(Option<Value>, usize), Failure> {
-    let mut last: Option<Failure> = None;
-    for attempt in 0..=router.cfg.prefill_retries {
-        let lease = match pick(&router.prefill, info, avoid, fallback && attempt == 0) {
-            Ok(l) => l,
-            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
-        };
-        if attempt > 0 {
-            router.metrics.retry("prefill");
-        }
+    let mut tries = Attempts { router, pool: &router.prefill, info, avoid, fallback, leg: Leg::Prefill, label: "prefill", tried: 0, last: None };
+    loop {
+        let lease = tries.next()?;
         let t = Instant::now();
         match legs::prefill(&router.client, &lease, req).await {
             Ok(params) => {
                 router.metrics.leg_time("prefill", t);
                 return Ok((params, lease.index()));
             }
-            Err(e) if e.is_client_error() => {
-                router.metrics.leg_error(Leg::Prefill, &e);
-                return Err(Failure::passthrough(e));
-            }
-            Err(e) => {
-                note_leg_failure(router, Leg::Prefill, &lease, &e);
-                avoid.push(lease.index());
-                last = Some(Failure::leg_failed(Leg::Prefill, lease.url(), &e));
-            }
+            Err(e) => tries.failed(&lease, e)?,
         }
     }
-    Err(last.expect("at least one prefill was tried"))
 }
 
 /// Non-PD mode: one leg to a colocated worker, retried elsewhere before its first byte.
@@ -387,34 +414,18 @@ async fn colocated(router: &Router, headers: &HeaderMap, raw: &Bytes, leg: &LegT
     };
     let req = leg.with_body(raw.clone());
     let mut avoid = Vec::new();
-    let mut last: Option<Failure> = None;
-    for attempt in 0..=router.cfg.prefill_retries {
-        let lease = match router.workers.pick(&info, &avoid) {
-            Ok(l) => l,
-            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
-        };
-        if attempt > 0 {
-            router.metrics.retry("worker");
-        }
+    let mut tries = Attempts { router, pool: &router.workers, info: &info, avoid: &mut avoid, fallback: false, leg: Leg::Decode, label: "worker", tried: 0, last: None };
+    loop {
+        let lease = tries.next()?;
         let t = Instant::now();
-        let result = legs::answer(&router.client, &lease, &req).await;
-        match result {
+        match legs::answer(&router.client, &lease, &req).await {
             Ok(started) => {
                 router.metrics.leg_time("decode_first_byte", t);
                 return Ok((started, lease, t));
             }
-            Err(e) if e.is_client_error() => {
-                router.metrics.leg_error(Leg::Decode, &e);
-                return Err(Failure::passthrough(e));
-            }
-            Err(e) => {
-                note_leg_failure(router, Leg::Decode, &lease, &e);
-                avoid.push(lease.index());
-                last = Some(Failure::leg_failed(Leg::Decode, lease.url(), &e));
-            }
+            Err(e) => tries.failed(&lease, e)?,
         }
     }
-    Err(last.expect("at least one worker was tried"))
 }
 
 fn respond(started: Started, mut held: Held, idle: Duration) -> Response {

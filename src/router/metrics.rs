@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use super::workers::Pool;
 
@@ -25,17 +25,12 @@ pub struct RouterMetrics {
 
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("metric names are unique");
-    c
-}
-
 impl RouterMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |n: &str, h: &str, l: &[&str]| reg(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
+        let counter = |n: &str, h: &str, l: &[&str]| crate::api::prom::register(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
         let hist = |n: &str, h: &str, l: &[&str]| {
-            reg(&r, HistogramVec::new(HistogramOpts::new(n, h).buckets(BUCKETS.to_vec()), l).expect("valid metric"))
+            crate::api::prom::register(&r, HistogramVec::new(HistogramOpts::new(n, h).buckets(BUCKETS.to_vec()), l).expect("valid metric"))
         };
         RouterMetrics {
             requests: counter("disagg_router_requests_total", "Requests answered, by endpoint and status.", &["endpoint", "status"]),
@@ -44,12 +39,12 @@ impl RouterMetrics {
             retries: counter("disagg_router_retries_total", "Legs retried on another worker, by leg.", &["leg"]),
             legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
-            in_flight: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
-            healthy: reg(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_healthy", "1 if the worker is healthy."), &["worker", "role"]).expect("valid metric")),
-            queue_depth: reg(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
-            abandoned: reg(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
+            in_flight: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
+            healthy: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_healthy", "1 if the worker is healthy."), &["worker", "role"]).expect("valid metric")),
+            queue_depth: crate::api::prom::register(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
+            abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
                 "Decode legs whose client left before their first output: kept until that output (so the prefill's KV was pulled), then dropped.").expect("valid metric")),
-            permits: reg(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
+            permits: crate::api::prom::register(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
             registry: r,
         }
     }
@@ -86,9 +81,7 @@ impl RouterMetrics {
         }
         self.queue_depth.set(queued as i64);
         self.permits.set(permits as i64);
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory");
-        String::from_utf8(out).expect("prometheus text is UTF-8")
+        crate::api::prom::encode(&self.registry)
     }
 }
 

@@ -2,6 +2,8 @@
 
 use clap::{Args, ValueEnum};
 
+use crate::cli::values::{fraction, non_negative, positive as positive_secs};
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     /// Serves prefill legs: honours `do_remote_decode`, holds KV for a decode to pull.
@@ -99,33 +101,6 @@ pub struct SimArgs {
     /// `/health` and generation answer 503 for this long after start.
     #[arg(long, default_value_t = 0)]
     pub startup_delay_ms: u64,
-}
-
-fn non_negative(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if v.is_finite() && v >= 0.0 {
-        Ok(v)
-    } else {
-        Err("must be a finite number >= 0".into())
-    }
-}
-
-fn positive_secs(s: &str) -> Result<f64, String> {
-    let v = non_negative(s)?;
-    if v > 0.0 {
-        Ok(v)
-    } else {
-        Err("must be > 0".into())
-    }
-}
-
-fn fraction(s: &str) -> Result<f64, String> {
-    let v = non_negative(s)?;
-    if v <= 1.0 {
-        Ok(v)
-    } else {
-        Err("must be between 0 and 1".into())
-    }
 }
 
 impl SimArgs {

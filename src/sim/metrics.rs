@@ -1,7 +1,7 @@
 //! `/metrics` of the simulator: vLLM's metric names with the `engine` (DP rank) and
 //! `model_name` labels, plus the simulator's own KV bookkeeping under `disagg_sim_`.
 
-use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::engine::Engine;
 
@@ -40,19 +40,14 @@ pub struct SimMetrics {
 
 const LABELS: &[&str] = &["engine", "model_name"];
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-    r.register(Box::new(c.clone())).expect("metric names are unique");
-    c
-}
-
 impl SimMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let gauge = |name: &str, help: &str| reg(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
-        let igauge = |name: &str, help: &str| reg(&r, IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let gauge = |name: &str, help: &str| crate::api::prom::register(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let igauge = |name: &str, help: &str| crate::api::prom::register(&r, IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
         let counter = |name: &str, help: &str, extra: &[&str]| {
             let labels: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
-            reg(&r, IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric"))
+            crate::api::prom::register(&r, IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric"))
         };
         SimMetrics {
             running: gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
@@ -105,9 +100,7 @@ impl SimMetrics {
             self.held_blocks.with_label_values(&l).set(s.held_blocks as i64);
             self.held_requests.with_label_values(&l).set(s.held_requests as i64);
         }
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory");
-        String::from_utf8(out).expect("prometheus text is UTF-8")
+        crate::api::prom::encode(&self.registry)
     }
 }
 

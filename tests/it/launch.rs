@@ -155,12 +155,7 @@ impl Launch {
     }
 
     async fn ready(&mut self) -> Option<String> {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), self.stdout.next_line()).await.ok()?.ok()??;
-            if let Some(url) = line.strip_prefix("disagg launch ready: ") {
-                return Some(url.to_string());
-            }
-        }
+        ready_url(&mut self.stdout, Duration::from_secs(30)).await
     }
 
     fn stderr(&self) -> String {

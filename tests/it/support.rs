@@ -297,3 +297,16 @@ pub fn script_var(script: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
         .unwrap_or_else(|| panic!("{script} --print did not say {key}"))
 }
+
+/// Reads `disagg launch`'s stdout up to its `disagg launch ready: URL` line; None if the
+/// output ends or `within` passes first.
+pub async fn ready_url<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>, within: Duration) -> Option<String> {
+    let end = Instant::now() + within;
+    loop {
+        let left = end.checked_duration_since(Instant::now())?;
+        let line = tokio::time::timeout(left, lines.next_line()).await.ok()?.ok()??;
+        if let Some(url) = line.strip_prefix("disagg launch ready: ") {
+            return Some(url.to_string());
+        }
+    }
+}
