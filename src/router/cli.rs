@@ -133,8 +133,8 @@ pub struct RouteArgs {
     /// A streamed decode that sends nothing for this long is failed mid-stream.
     #[arg(long, default_value_t = 600.0, value_parser = positive_secs)]
     pub stream_idle_timeout_secs: f64,
-    /// Extra prefill attempts on other prefill workers after a failure (connect error,
-    /// 5xx, timeout) before the client hears of it.
+    /// Extra attempts of a failed leg (connect error, 5xx, timeout) on other workers before
+    /// the client hears of it: the prefill leg, or the one leg of colocated mode.
     #[arg(long, default_value_t = 2)]
     pub retry_max_retries: u32,
     /// No prefill retries and no re-run of a pair whose decode failed before its first byte.
@@ -211,7 +211,8 @@ pub struct RouterConfig {
     pub max_payload: usize,
     pub request_timeout: Duration,
     pub stream_idle_timeout: Duration,
-    pub prefill_retries: u32,
+    /// Extra attempts of a failed leg on other workers (prefill leg; colocated leg).
+    pub leg_retries: u32,
     pub rerun_pair: bool,
     pub health: HealthConfig,
     pub api_key: Option<String>,
@@ -373,7 +374,7 @@ impl RouteArgs {
             max_payload: usize::try_from(self.max_payload_size).unwrap_or(usize::MAX),
             request_timeout: secs(self.request_timeout_secs),
             stream_idle_timeout: secs(self.stream_idle_timeout_secs),
-            prefill_retries: if self.disable_retries { 0 } else { self.retry_max_retries },
+            leg_retries: if self.disable_retries { 0 } else { self.retry_max_retries },
             rerun_pair: !self.disable_retries,
             health: HealthConfig {
                 interval: secs(self.health_check_interval_secs),

@@ -156,7 +156,7 @@ async fn serve(
     };
     let held = Held {
         permit,
-        leases: vec![lease],
+        lease,
         record: record.take().expect("the record stays until the answer is built"),
         started: since,
     };
@@ -240,7 +240,7 @@ struct Attempts<'a> {
 impl Attempts<'_> {
     /// The next worker to try, or what the client hears when none is left.
     fn next(&mut self) -> Result<Lease, Failure> {
-        if self.tried > self.router.cfg.prefill_retries {
+        if self.tried > self.router.cfg.leg_retries {
             return Err(self.last.take().expect("a failure was recorded"));
         }
         let lease = pick(self.pool, self.info, self.avoid, self.fallback && self.tried == 0)
@@ -430,7 +430,7 @@ async fn colocated(router: &Router, headers: &HeaderMap, raw: &Bytes, leg: &LegT
 
 fn respond(started: Started, mut held: Held, idle: Duration) -> Response {
     held.record.status(started.status.as_u16());
-    let worker = held.leases.first().map(|l| l.url().to_string()).unwrap_or_default();
+    let worker = held.lease.url().to_string();
     let body = match started.body {
         StartedBody::Whole(bytes) => relay::whole(bytes, held),
         StartedBody::Events { head, rest } => relay::events(head, rest, idle, worker, held),

@@ -21,7 +21,8 @@ use crate::api::{sse, ApiError, ErrorKind};
 /// What a request holds until its answer is over.
 pub struct Held {
     pub permit: OwnedSemaphorePermit,
-    pub leases: Vec<Lease>,
+    /// The worker rank answering (its in-flight count is released with the body).
+    pub lease: Lease,
     pub record: RequestRecord,
     /// When the leg that answers was sent, for its decode_total time.
     pub started: std::time::Instant,
