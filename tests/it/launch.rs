@@ -286,3 +286,45 @@ fn ranktable_is_written_in_vllm_ascends_format() {
     let (ok, _, err) = run(&["ranktable", "--ips", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
     assert!(!ok && err.contains("hccn_tool is not installed"), "{err}");
 }
+
+/// Two "nodes" on one machine (127.0.0.1 and 127.0.0.2, both loopback), each running its
+/// share of the plan: node 1 the decode, node 0 the prefill, then the router once node 1's
+/// server is healthy.
+#[tokio::test]
+async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
+    let (p, d, r) = (free_port(), free_port(), free_port());
+    let text = sim_topology((p, d, r), "nodes: [127.0.0.1, 127.0.0.2]").replace("replicas: 2", "replicas: 1");
+    let file = write("nodes.yaml", &text);
+    let start = |rank: &str| {
+        let err = file.with_extension(format!("{rank}.stderr"));
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["launch", file.to_str().unwrap(), "--node-rank", rank, "--node-size", "2"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines, err)
+    };
+    let (mut n1, mut n1_out, _) = start("1");
+    let (mut n0, mut n0_out, n0_err) = start("0");
+    assert_eq!(ready_url(&mut n1_out, Duration::from_secs(30)).await.as_deref(), Some("node 1 (1 instances healthy)"));
+    let url = ready_url(&mut n0_out, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("{}", std::fs::read_to_string(&n0_err).unwrap()));
+    assert_eq!(url, format!("http://127.0.0.1:{r}"));
+    // The decode of node 1 listens on 127.0.0.2 at its base + 8 * node rank.
+    let decode = format!("http://127.0.0.2:{}", d + 8);
+    for i in 0..3 {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("two nodes {i}"), "max_tokens": 3})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(served(&decode).await, 3.0);
+    for child in [&mut n0, &mut n1] {
+        unsafe {
+            libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("stops").unwrap();
+        assert!(status.success());
+    }
+    assert!(port_free(p) && port_free(r) && std::net::TcpListener::bind(("127.0.0.2", d + 8)).is_ok());
+}
