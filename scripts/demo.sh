@@ -4,6 +4,7 @@
 # model needed), one request through the router, then a clean stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/deps.sh
 cargo build --release --locked -q
 WORK=$(mktemp -d)
 cd "$WORK"
