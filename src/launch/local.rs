@@ -65,10 +65,6 @@ impl Group {
         })
     }
 
-    pub fn pids(&self) -> Vec<u32> {
-        self.members.iter().filter_map(|m| m.child.id()).collect()
-    }
-
     fn signal_all(&self, sig: i32) {
         for m in &self.members {
             if let Some(pid) = m.child.id() {

@@ -167,6 +167,8 @@ impl std::fmt::Display for NoWorker {
 pub struct Pool {
     pub role: Role,
     pub workers: Vec<Arc<Worker>>,
+    /// Whether picks read the request's prompt or session key (fixed by the policy).
+    needs_info: bool,
     policy: Mutex<Policy>,
 }
 
@@ -175,6 +177,7 @@ impl Pool {
         Pool {
             role,
             workers: urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size))).collect(),
+            needs_info: policy.needs_request_info(),
             policy: Mutex::new(policy),
         }
     }
@@ -185,7 +188,7 @@ impl Pool {
 
     /// Whether picks need the request's prompt or session key.
     pub fn needs_request_info(&self) -> bool {
-        self.lock().needs_request_info()
+        self.needs_info
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Policy> {

@@ -503,10 +503,6 @@ impl Engine {
             self.wake.notify_one();
         }
     }
-
-    pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::SeqCst)
-    }
 }
 
 /// Removes requests whose client has gone, freeing their blocks. Returns the remote KV
