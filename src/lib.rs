@@ -3,6 +3,8 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod flags;
 pub mod launch;
 pub mod router;
+pub mod signal;
 pub mod sim;

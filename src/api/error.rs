@@ -11,7 +11,9 @@ pub enum ErrorKind {
     /// A request that does not fit the schema (vLLM's pydantic errors: type "Bad Request").
     Validation,
     BadRequest,
+    Unauthorized,
     NotFound,
+    RequestTimeout,
     PayloadTooLarge,
     RateLimit,
     Internal,
@@ -24,7 +26,9 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::Validation | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -38,7 +42,9 @@ impl ErrorKind {
         match self {
             ErrorKind::Validation => "Bad Request",
             ErrorKind::BadRequest => "BadRequestError",
+            ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
+            ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::PayloadTooLarge => "PayloadTooLargeError",
             ErrorKind::RateLimit => "RateLimitError",
             ErrorKind::Internal => "InternalServerError",
@@ -51,7 +57,9 @@ impl ErrorKind {
     /// The kind for an arbitrary status (used when a fault knob picks the status).
     pub fn for_status(status: StatusCode) -> ErrorKind {
         match status.as_u16() {
+            401 => ErrorKind::Unauthorized,
             404 => ErrorKind::NotFound,
+            408 => ErrorKind::RequestTimeout,
             413 => ErrorKind::PayloadTooLarge,
             429 => ErrorKind::RateLimit,
             502 => ErrorKind::BadGateway,
@@ -122,20 +130,3 @@ impl IntoResponse for ApiError {
         resp
     }
 }
-
-/// A pydantic-style schema error, as vLLM reports it (type "Bad Request", `param` = loc).
-pub fn validation_error(loc: &str, kind: &str, msg: &str, input: &Value) -> ApiError {
-    let input = match input {
-        Value::Object(m) => format!("<dict of {} items>", m.len()),
-        Value::Array(a) => format!("<list of {} items>", a.len()),
-        other => other.to_string(),
-    };
-    ApiError::new(
-        ErrorKind::Validation,
-        format!(
-            "1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}', 'input': {input}}}"
-        ),
-    )
-    .param(loc)
-}
-

@@ -2,7 +2,9 @@
 
 pub mod body;
 mod error;
+pub mod fields;
 pub mod prom;
 pub mod sse;
 
-pub use error::{validation_error, ApiError, ErrorKind};
+pub use error::{ApiError, ErrorKind};
+pub use fields::validation_error;

@@ -196,7 +196,7 @@ pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
             println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());
         }
         tokio::select! {
-            _ = crate::router::shutdown_signal() => {
+            _ = crate::signal::shutdown() => {
                 eprintln!("stopping every instance ...");
                 Ok(())
             }

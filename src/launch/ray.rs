@@ -70,7 +70,7 @@ pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()>
     let mut lines = BufReader::new(child.stdout.take().context("no driver stdout")?).lines();
     println!("disagg launch: on Ray at {address}; logs in {}", logs.display());
     let mut failure: Option<String> = None;
-    let stop = crate::router::shutdown_signal();
+    let stop = crate::signal::shutdown();
     tokio::pin!(stop);
     let mut stopping = false;
     loop {

@@ -23,6 +23,8 @@ pub struct Admission {
 pub enum Refused {
     QueueFull(ApiError),
     QueueTimeout(ApiError),
+    /// It needs more permits than there are.
+    TooLarge(ApiError),
 }
 
 struct Queued<'a>(&'a AtomicUsize);
@@ -38,9 +40,16 @@ impl Admission {
         Admission { sem: Arc::new(Semaphore::new(max)), max, queued: AtomicUsize::new(0), queue_size, timeout }
     }
 
-    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Refused> {
+    /// Admits a request that makes `generations` generations (one permit each).
+    pub async fn admit(&self, generations: usize) -> Result<OwnedSemaphorePermit, Refused> {
+        let Some(n) = u32::try_from(generations).ok().filter(|n| *n as usize <= self.max) else {
+            return Err(Refused::TooLarge(ApiError::bad_request(format!(
+                "this request makes {generations} generations, more than --max-concurrent-requests {}",
+                self.max
+            ))));
+        };
         // No jumping the queue: with waiters present there are no free permits to take.
-        if let Ok(permit) = self.sem.clone().try_acquire_owned() {
+        if let Ok(permit) = self.sem.clone().try_acquire_many_owned(n) {
             return Ok(permit);
         }
         if self.queued.fetch_add(1, Ordering::Relaxed) >= self.queue_size {
@@ -58,7 +67,7 @@ impl Admission {
             ));
         }
         let _queued = Queued(&self.queued);
-        match tokio::time::timeout(self.timeout, self.sem.clone().acquire_owned()).await {
+        match tokio::time::timeout(self.timeout, self.sem.clone().acquire_many_owned(n)).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(Refused::QueueTimeout(
                 ApiError::new(
@@ -86,21 +95,21 @@ mod tests {
     #[tokio::test]
     async fn permits_queue_in_order_then_refuse() {
         let a = Arc::new(Admission::new(1, 1, Duration::from_millis(200)));
-        let first = a.admit().await.ok().unwrap();
+        let first = a.admit(1).await.ok().unwrap();
         assert_eq!(a.in_use(), 1);
         let waiter = {
             let a = a.clone();
-            tokio::spawn(async move { a.admit().await.is_ok() })
+            tokio::spawn(async move { a.admit(1).await.is_ok() })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(a.queued(), 1);
-        assert!(matches!(a.admit().await, Err(Refused::QueueFull(_))), "queue of one is full");
+        assert!(matches!(a.admit(1).await, Err(Refused::QueueFull(_))), "queue of one is full");
         drop(first);
         assert!(waiter.await.unwrap(), "the waiter got the freed permit");
         assert_eq!(a.in_use(), 0);
         assert_eq!(a.queued(), 0);
-        let _hold = a.admit().await.ok().unwrap();
-        assert!(matches!(a.admit().await, Err(Refused::QueueTimeout(_))));
+        let _hold = a.admit(1).await.ok().unwrap();
+        assert!(matches!(a.admit(1).await, Err(Refused::QueueTimeout(_))));
         assert_eq!(a.queued(), 0);
     }
 }

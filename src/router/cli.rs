@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::cli::values::{at_least_one, fraction as unit_interval, positive as positive_secs};
+use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
+use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 
 /// How a role's workers are chosen for each request.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -95,6 +96,13 @@ pub struct RouteArgs {
     /// cache_aware: most characters (tokens with --model-path) kept per worker's tree.
     #[arg(long, default_value_t = 67_108_864, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_tree_size: u64,
+    /// cache_aware: characters (tokens with --model-path) of each prompt's start that are
+    /// indexed; the rest of a long prompt is not looked at.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(16..))]
+    pub cache_aware_max_prefix: u64,
+    /// cache_aware: memory cap of the prefix index, all workers together (MiB).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cache_aware_max_memory_mb: u64,
     /// A local model directory whose tokenizer.json makes cache_aware and
     /// consistent_hash work on token ids instead of characters.
     #[arg(long, value_name = "DIR")]
@@ -123,23 +131,86 @@ pub struct RouteArgs {
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
     pub queue_timeout_secs: f64,
     /// Largest request body accepted, in bytes (413 beyond).
-    #[arg(long, default_value_t = 536_870_912, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 33_554_432, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_payload_size: u64,
+    /// Most client connections open at once; more wait in the listen queue.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Most prefill/decode pairs one request may fan out to (a list of prompts times `n`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16384))]
+    pub max_pairs_per_request: u64,
 
-    /// Time limit of a prefill leg, and of a decode leg until its first byte (a
-    /// non-streamed decode: until its whole answer).
-    #[arg(long, default_value_t = 1800.0, value_parser = positive_secs)]
+    /// A client's request head must arrive within this long (counted from the end of its
+    /// previous request on a kept-alive connection, plus --keep-alive-timeout-secs).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    pub header_read_timeout_secs: f64,
+    /// A client connection with nothing in flight and nothing received for this long is
+    /// closed (vLLM's own server uses 5 s).
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    pub keep_alive_timeout_secs: f64,
+    /// A request body must arrive whole within this long (408 otherwise). It is read
+    /// before the request takes an admission permit, so slow bodies hold none.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    pub body_read_timeout_secs: f64,
+    /// Time limit of a prefill leg's answer.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    pub prefill_timeout_secs: f64,
+    /// Time limit of a streamed decode leg until its first byte.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    pub decode_first_byte_timeout_secs: f64,
+    /// Time limit of a non-streamed decode leg's whole answer; also caps the two above.
+    #[arg(long, default_value_t = 1800.0, value_parser = positive_secs, help_heading = "Timeouts")]
     pub request_timeout_secs: f64,
     /// A streamed decode that sends nothing for this long is failed mid-stream.
-    #[arg(long, default_value_t = 600.0, value_parser = positive_secs)]
+    #[arg(long, default_value_t = 120.0, value_parser = positive_secs, help_heading = "Timeouts")]
     pub stream_idle_timeout_secs: f64,
+    /// After SIGTERM/SIGINT: /health turns 503 and new requests get 503 at once; requests
+    /// in flight get this long to finish, then open streams end with an error event.
+    #[arg(long, default_value_t = 30.0, value_parser = non_negative, help_heading = "Timeouts")]
+    pub shutdown_timeout_secs: f64,
+
     /// Extra attempts of a failed leg (connect error, 5xx, timeout) on other workers before
-    /// the client hears of it: the prefill leg, or the one leg of colocated mode.
-    #[arg(long, default_value_t = 2)]
+    /// the client hears of it: the prefill leg, a decode leg (with the same KV), or the one
+    /// leg of colocated mode.
+    #[arg(long, default_value_t = 2, help_heading = "Retries")]
     pub retry_max_retries: u32,
-    /// No prefill retries and no re-run of a pair whose decode failed before its first byte.
-    #[arg(long)]
+    /// No retries, and no re-run of a pair whose decode failed before its first byte.
+    #[arg(long, help_heading = "Retries")]
     pub disable_retries: bool,
+    /// Wait before the first retry; later ones wait --retry-backoff-multiplier times more.
+    #[arg(long, default_value_t = 50, help_heading = "Retries")]
+    pub retry_initial_backoff_ms: u64,
+    /// Longest wait before a retry.
+    #[arg(long, default_value_t = 5000, help_heading = "Retries")]
+    pub retry_max_backoff_ms: u64,
+    #[arg(long, default_value_t = 1.5, value_parser = at_least_one, help_heading = "Retries")]
+    pub retry_backoff_multiplier: f64,
+    /// Each wait is randomised by up to this fraction either way.
+    #[arg(long, default_value_t = 0.2, value_parser = unit_interval, help_heading = "Retries")]
+    pub retry_jitter_factor: f64,
+    /// Retry budget: retries in the last 10 s may be at most this fraction of the requests
+    /// in them (or --retry-budget-min-per-sec); beyond it a failure is not retried.
+    #[arg(long, default_value_t = 0.2, value_parser = non_negative, help_heading = "Retries")]
+    pub retry_budget_ratio: f64,
+    #[arg(long, default_value_t = 10.0, value_parser = non_negative, help_heading = "Retries")]
+    pub retry_budget_min_per_sec: f64,
+
+    /// Consecutive failed legs (connect error, 5xx, timeout, broken answer) that open a
+    /// worker's circuit: it takes no requests until a probe succeeds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Circuit breaker")]
+    pub cb_failure_threshold: u32,
+    /// Successful probe requests that close a half-open circuit.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Circuit breaker")]
+    pub cb_success_threshold: u32,
+    /// How long an open circuit keeps the worker out before one probe request is let
+    /// through (doubled each time a probe fails, up to 8x).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs, help_heading = "Circuit breaker")]
+    pub cb_timeout_duration_secs: f64,
+    /// Failures further apart than this do not add up.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs, help_heading = "Circuit breaker")]
+    pub cb_window_duration_secs: f64,
+    #[arg(long, help_heading = "Circuit breaker")]
+    pub disable_circuit_breaker: bool,
 
     /// Seconds between health checks of all workers (checked concurrently).
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
@@ -159,63 +230,23 @@ pub struct RouteArgs {
     #[arg(long, default_value = "/health")]
     pub health_check_endpoint: String,
 
-    /// API key sent to workers as `Authorization: Bearer KEY` when the client sends none.
-    #[arg(long, env = "DISAGG_WORKER_API_KEY", hide_env_values = true)]
+    /// The key the router sends to workers as `Authorization: Bearer KEY` (vllm-router's
+    /// meaning). With it, a client's own Authorization header is not passed on.
+    #[arg(long, env = "DISAGG_WORKER_API_KEY", hide_env_values = true, help_heading = "Authentication")]
     pub api_key: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Prefill leg then decode leg.
-    Disaggregated,
-    /// Colocated workers, one leg.
-    Regular,
-}
-
-#[derive(Debug, Clone)]
-pub struct CacheAwareConfig {
-    pub cache_threshold: f64,
-    pub balance_abs_threshold: usize,
-    pub balance_rel_threshold: f64,
-    pub eviction_interval: Duration,
-    pub max_tree_size: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub failure_threshold: u32,
-    pub success_threshold: u32,
-    pub endpoint: String,
-}
-
-/// Everything the router needs, checked.
-#[derive(Debug, Clone)]
-pub struct RouterConfig {
-    pub host: String,
-    pub port: u16,
-    pub mode: Mode,
-    pub prefill: Vec<String>,
-    pub decode: Vec<String>,
-    pub workers: Vec<String>,
-    pub prefill_policy: PolicyKind,
-    pub decode_policy: PolicyKind,
-    pub cache_aware: CacheAwareConfig,
-    pub model_path: Option<String>,
-    pub prefill_dp: usize,
-    pub decode_dp: usize,
-    pub max_concurrent: usize,
-    pub queue_size: usize,
-    pub queue_timeout: Duration,
-    pub max_payload: usize,
-    pub request_timeout: Duration,
-    pub stream_idle_timeout: Duration,
-    /// Extra attempts of a failed leg on other workers (prefill leg; colocated leg).
-    pub leg_retries: u32,
-    pub rerun_pair: bool,
-    pub health: HealthConfig,
-    pub api_key: Option<String>,
+    /// A key clients must send (`Authorization: Bearer KEY`) on /v1/*; repeatable.
+    /// Without any, the generation endpoints are open.
+    #[arg(long, value_name = "KEY", action = clap::ArgAction::Append, help_heading = "Authentication")]
+    pub client_api_key: Vec<String>,
+    /// A file of client keys, one per line (blank lines and `#` comments skipped).
+    #[arg(long, value_name = "FILE", help_heading = "Authentication")]
+    pub client_api_key_file: Option<String>,
+    /// Client keys from the environment, comma-separated.
+    #[arg(long, env = "DISAGG_CLIENT_API_KEYS", hide_env_values = true, value_name = "KEYS", help_heading = "Authentication")]
+    pub client_api_keys_env: Option<String>,
+    /// The key /workers and /metrics require (and the worker admin API, when on).
+    #[arg(long, env = "DISAGG_ADMIN_API_KEY", hide_env_values = true, help_heading = "Authentication")]
+    pub admin_api_key: Option<String>,
 }
 
 /// Normalises a worker address to `http://host:port[/path]` (no trailing slash).
@@ -349,6 +380,9 @@ impl RouteArgs {
             return Err(format!("--health-check-endpoint `{}` must start with /", self.health_check_endpoint));
         }
         let secs = Duration::from_secs_f64;
+        let request = secs(self.request_timeout_secs);
+        let cap = |d: f64| secs(d).min(request);
+        let max_payload = usize::try_from(self.max_payload_size).unwrap_or(usize::MAX);
         Ok(RouterConfig {
             host: self.host.clone(),
             port: self.port,
@@ -364,6 +398,9 @@ impl RouteArgs {
                 balance_rel_threshold: self.balance_rel_threshold,
                 eviction_interval: Duration::from_secs(self.eviction_interval),
                 max_tree_size: usize::try_from(self.max_tree_size).unwrap_or(usize::MAX),
+                max_prefix: usize::try_from(self.cache_aware_max_prefix).unwrap_or(usize::MAX),
+                max_entries: usize::try_from(self.cache_aware_max_memory_mb << 20).unwrap_or(usize::MAX)
+                    / super::policy::PrefixIndex::BYTES_PER_ENTRY,
             },
             model_path: self.model_path.clone(),
             prefill_dp: self.prefill_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
@@ -371,11 +408,36 @@ impl RouteArgs {
             max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
             queue_size: self.queue_size,
             queue_timeout: secs(self.queue_timeout_secs),
-            max_payload: usize::try_from(self.max_payload_size).unwrap_or(usize::MAX),
-            request_timeout: secs(self.request_timeout_secs),
-            stream_idle_timeout: secs(self.stream_idle_timeout_secs),
-            leg_retries: if self.disable_retries { 0 } else { self.retry_max_retries },
-            rerun_pair: !self.disable_retries,
+            max_payload,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),
+            max_pairs: self.max_pairs_per_request as usize,
+            timeouts: Timeouts {
+                header_read: secs(self.header_read_timeout_secs),
+                keep_alive: secs(self.keep_alive_timeout_secs),
+                body_read: secs(self.body_read_timeout_secs),
+                prefill: cap(self.prefill_timeout_secs),
+                decode_first_byte: cap(self.decode_first_byte_timeout_secs),
+                request,
+                stream_idle: secs(self.stream_idle_timeout_secs),
+                shutdown: secs(self.shutdown_timeout_secs),
+            },
+            retry: RetryConfig {
+                max_retries: if self.disable_retries { 0 } else { self.retry_max_retries },
+                rerun_pair: !self.disable_retries,
+                initial_backoff: Duration::from_millis(self.retry_initial_backoff_ms),
+                max_backoff: Duration::from_millis(self.retry_max_backoff_ms.max(self.retry_initial_backoff_ms)),
+                multiplier: self.retry_backoff_multiplier,
+                jitter: self.retry_jitter_factor,
+                budget_ratio: self.retry_budget_ratio,
+                budget_min_per_sec: self.retry_budget_min_per_sec,
+            },
+            breaker: BreakerConfig {
+                enabled: !self.disable_circuit_breaker,
+                failure_threshold: self.cb_failure_threshold,
+                success_threshold: self.cb_success_threshold,
+                open_for: secs(self.cb_timeout_duration_secs),
+                window: secs(self.cb_window_duration_secs),
+            },
             health: HealthConfig {
                 interval: secs(self.health_check_interval_secs),
                 timeout: secs(self.health_check_timeout_secs),
@@ -383,8 +445,26 @@ impl RouteArgs {
                 success_threshold: self.health_success_threshold,
                 endpoint: self.health_check_endpoint.clone(),
             },
-            api_key: self.api_key.clone(),
+            auth: self.auth()?,
         })
+    }
+
+    /// Client keys from the flag, the file and the environment; the admin and worker keys.
+    fn auth(&self) -> Result<AuthConfig, String> {
+        let mut client_keys = self.client_api_key.clone();
+        if let Some(path) = &self.client_api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--client-api-key-file {path}: {e}"))?;
+            client_keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+        }
+        if let Some(keys) = &self.client_api_keys_env {
+            client_keys.extend(keys.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned));
+        }
+        let printable = |k: &str| !k.is_empty() && k.bytes().all(|b| (0x21..0x7f).contains(&b));
+        if let Some(bad) = client_keys.iter().chain(&self.admin_api_key).chain(&self.api_key).find(|k| !printable(k)) {
+            let shown: String = bad.chars().take(4).collect();
+            return Err(format!("API key `{shown}...` must be printable ASCII without spaces"));
+        }
+        Ok(AuthConfig { client_keys, admin_key: self.admin_api_key.clone(), worker_key: self.api_key.clone() })
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn maintain(router: Arc<Router>) {
     loop {
         tick.tick().await;
         for pool in router.pools() {
-            pool.maintain();
+            pool.maintain().await;
         }
     }
 }

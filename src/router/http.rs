@@ -1,16 +1,21 @@
-//! The router's HTTP surface.
+//! The router's HTTP surface, and who may use it: with --client-api-key, every /v1/*
+//! request needs one of the client keys; with --admin-api-key, /workers and /metrics need
+//! it (they list internal addresses). /health and /healthcheck stay open for probes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, CONNECTION, WWW_AUTHENTICATE};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
-use super::cli::Mode;
+use super::config::Mode;
 use super::flow::{self, Endpoint, Router};
 use crate::api::{ApiError, ErrorKind};
 
@@ -24,7 +29,49 @@ pub fn app(router: Arc<Router>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
+        .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
+}
+
+/// Whether `headers` carry `Authorization: Bearer <one of keys>` (compared in constant time).
+fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    let Some(token) = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+    else {
+        return false;
+    };
+    keys.iter().fold(false, |found, k| found | bool::from(k.as_bytes().ct_eq(token.as_bytes())))
+}
+
+fn unauthorized(what: &str) -> Response {
+    let mut resp = ApiError::new(ErrorKind::Unauthorized, format!("{what}: send `Authorization: Bearer <key>` with a valid key")).into_response();
+    resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Authentication by path, and `Connection: close` on every answer while draining.
+async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let auth = &r.cfg.auth;
+    if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
+        return unauthorized("this router needs a client API key");
+    }
+    if matches!(path, "/workers" | "/metrics") {
+        if let Some(admin) = &auth.admin_key {
+            if !bearer_matches(req.headers(), std::slice::from_ref(admin)) {
+                return unauthorized("this endpoint needs the admin API key");
+            }
+        }
+    }
+    let mut resp = next.run(req).await;
+    if r.drain.draining() {
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
@@ -36,35 +83,40 @@ async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> R
 }
 
 /// `/v1/models` from the first healthy worker that answers: one dead worker never makes
-/// it fail.
+/// it fail. The error names no worker (the log does).
 async fn models(State(r): State<Arc<Router>>) -> Response {
-    let mut tried = Vec::new();
+    let mut tried = 0;
     for pool in [&r.decode, &r.prefill, &r.workers] {
         for w in pool.workers.iter().filter(|w| w.is_healthy()) {
+            tried += 1;
             let url = format!("{}/v1/models", w.url);
-            let resp = r.client.get(&url).timeout(Duration::from_secs(5)).send().await;
-            match resp {
-                Ok(resp) if resp.status().is_success() => {
-                    if let Ok(body) = resp.bytes().await {
-                        if serde_json::from_slice::<Value>(&body).is_ok() {
-                            return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-                        }
+            let mut req = r.client.get(&url).timeout(Duration::from_secs(5));
+            if let Some(auth) = &r.worker_auth {
+                req = req.header(AUTHORIZATION, auth.clone());
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+                    Ok(body) if serde_json::from_slice::<Value>(&body).is_ok() => {
+                        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
                     }
-                    tried.push(format!("{url}: not JSON"));
-                }
-                Ok(resp) => tried.push(format!("{url}: {}", resp.status())),
-                Err(e) => tried.push(format!("{url}: {e}")),
+                    _ => tracing::warn!(worker = %w.url, "/v1/models: the answer is not JSON"),
+                },
+                Ok(resp) => tracing::warn!(worker = %w.url, "/v1/models answered {}", resp.status()),
+                Err(e) => tracing::warn!(worker = %w.url, "/v1/models: {}", super::legs::chain(&e)),
             }
         }
     }
-    let detail = if tried.is_empty() { "no healthy worker".to_string() } else { tried.join("; ") };
+    let detail = if tried == 0 { "no healthy worker".to_string() } else { format!("{tried} healthy workers tried, none answered") };
     ApiError::new(ErrorKind::ServiceUnavailable, format!("no worker could list models ({detail})")).into_response()
 }
 
-/// 200 iff at least one healthy prefill and one healthy decode (PD), or one healthy
-/// worker (colocated); otherwise 503 saying what is missing.
+/// 200 iff at least one available prefill and one available decode (PD), or one available
+/// worker (colocated), and the router is not draining; otherwise 503 saying what is missing.
 async fn health(State(r): State<Arc<Router>>) -> Response {
-    let count = |p: &super::workers::Pool| (p.healthy_count(), p.workers.len());
+    if r.drain.draining() {
+        return ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down").into_response();
+    }
+    let count = |p: &super::workers::Pool| (p.available_count(), p.workers.len());
     let (missing, status) = match r.cfg.mode {
         Mode::Disaggregated => {
             let (p, pt) = count(&r.prefill);
@@ -99,7 +151,7 @@ async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
 }
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
-    let text = r.metrics.render(&r.pools(), r.admission.queued(), r.admission.in_use());
+    let text = r.metrics.render(&r.pools(), r.admission.queued(), r.admission.in_use(), r.drain.draining());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -109,11 +161,11 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
         .into_iter()
         .flat_map(|p| p.workers.iter())
         .map(|w| {
-            json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(),
+            json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "circuit": w.circuit().as_str(),
                    "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight()})
         })
         .collect();
-    axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use()}))
-        .into_response()
+    axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),
+        "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining()}))
+    .into_response()
 }
-

@@ -2,6 +2,10 @@
 //! prefill leg returns the prefill's `kv_transfer_params`; a generating leg returns the
 //! start of its answer (status, and the first SSE event or the whole body).
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -9,8 +13,11 @@ use axum::http::{HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use http_body_util::BodyExt;
 use serde_json::Value;
+use tokio::sync::Notify;
 
+use super::body::ClientBody;
 use super::workers::Lease;
 use crate::api::sse::{self, EventSplitter};
 
@@ -20,7 +27,17 @@ pub enum Leg {
     Decode,
 }
 
-/// How a leg failed.
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        }
+    }
+}
+
+/// How a leg failed. `Display` has the details (for the log); `class` is what a client
+/// may be told.
 #[derive(Debug)]
 pub enum LegError {
     /// No connection could be made: the worker is marked down at once.
@@ -28,13 +45,22 @@ pub enum LegError {
     Timeout(Duration),
     /// The worker answered an error status. A 4xx is the client's to see, as is.
     Status { status: StatusCode, content_type: Option<HeaderValue>, body: Bytes },
-    /// A broken answer: reset mid-way, not JSON, or an error event before any output.
+    /// A broken answer: reset mid-way, not JSON, or ended before any output.
     Broken(String),
+    /// A stream that opened with an error event (vLLM's KV load failure does this).
+    ErrorEvent(String),
 }
 
 impl LegError {
     pub fn is_client_error(&self) -> bool {
         matches!(self, LegError::Status { status, .. } if status.is_client_error())
+    }
+
+    /// Whether the worker surely did not take the request into its engine, so the same
+    /// KV transfer may be tried on another decode.
+    pub fn before_engine(&self) -> bool {
+        matches!(self, LegError::Connect(_))
+            || matches!(self, LegError::Status { status, .. } if status.is_server_error())
     }
 
     /// A short label for metrics.
@@ -45,6 +71,18 @@ impl LegError {
             LegError::Status { status, .. } if status.is_client_error() => "4xx",
             LegError::Status { .. } => "5xx",
             LegError::Broken(_) => "broken",
+            LegError::ErrorEvent(_) => "error_event",
+        }
+    }
+
+    /// The cause class, for the client: no worker address, no upstream text.
+    pub fn class(&self) -> String {
+        match self {
+            LegError::Connect(_) => "the worker could not be reached".into(),
+            LegError::Timeout(d) => format!("no answer within {:.0}s", d.as_secs_f64()),
+            LegError::Status { status, .. } => format!("the worker answered HTTP {}", status.as_u16()),
+            LegError::Broken(_) => "the worker's answer was broken".into(),
+            LegError::ErrorEvent(_) => "the worker's stream opened with an error".into(),
         }
     }
 }
@@ -59,12 +97,13 @@ impl std::fmt::Display for LegError {
                 write!(f, "answered {status}: {text}")
             }
             LegError::Broken(e) => write!(f, "{e}"),
+            LegError::ErrorEvent(e) => write!(f, "the stream opened with an error: {e}"),
         }
     }
 }
 
 /// Error text with its causes (reqwest's Display alone hides them).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -95,12 +134,58 @@ pub struct LegRequest {
     pub timeout: Duration,
 }
 
-fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> reqwest::RequestBuilder {
+/// Set once the leg's body has been handed to the connection: from then on the worker
+/// has the whole request.
+#[derive(Default)]
+pub struct Sent {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Sent {
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        if !self.done.load(Ordering::Acquire) {
+            notified.await;
+        }
+    }
+}
+
+/// A body of one chunk that says when it was taken.
+struct SignalledBody {
+    data: Option<Bytes>,
+    sent: Arc<Sent>,
+}
+
+impl http_body::Body for SignalledBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let chunk = self.data.take();
+        if chunk.is_none() || self.data.is_none() {
+            self.sent.done.store(true, Ordering::Release);
+            self.sent.notify.notify_waiters();
+        }
+        Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> reqwest::RequestBuilder {
+    let body = match sent {
+        Some(sent) => reqwest::Body::wrap(SignalledBody { data: Some(req.body.clone()), sent }),
+        None => reqwest::Body::from(req.body.clone()),
+    };
     let mut b = client
         .post(format!("{}{}", lease.url(), req.path))
         .header(CONTENT_TYPE, "application/json")
         .header("x-request-id", req.request_id.clone())
-        .body(req.body.clone());
+        .body(body);
     if let Some(rank) = lease.dp_rank() {
         b = b.header("x-data-parallel-rank", rank);
     }
@@ -113,26 +198,34 @@ fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> reqwest::R
 async fn error_status(resp: reqwest::Response, timeout: Duration) -> LegError {
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
-    match resp.bytes().await {
-        Ok(body) => LegError::Status { status, content_type, body },
-        Err(e) => classify(e, timeout),
+    // An error body is small; a worker that sends a huge one is cut off.
+    let body = http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20).collect().await;
+    match body {
+        Ok(b) => LegError::Status { status, content_type, body: b.to_bytes() },
+        Err(e) => match e.downcast::<reqwest::Error>() {
+            Ok(e) => classify(*e, timeout),
+            Err(e) => LegError::Broken(format!("error answer: {e}")),
+        },
     }
 }
 
-/// The prefill leg: returns the prefill's `kv_transfer_params` (None when it returned
-/// none, e.g. it stopped on EOS: the decode then prefills locally).
-pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Option<Value>, LegError> {
+/// The prefill leg: returns the prefill's `kv_transfer_params` as it sent them (None when
+/// it returned none, e.g. it stopped on EOS: the decode then prefills locally).
+pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Option<Bytes>, LegError> {
     let run = async {
-        let resp = send(client, lease, req).send().await.map_err(|e| classify(e, req.timeout))?;
+        let resp = send(client, lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
         if !resp.status().is_success() {
             return Err(error_status(resp, req.timeout).await);
         }
         let body = resp.bytes().await.map_err(|e| classify(e, req.timeout))?;
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| LegError::Broken(format!("prefill answer is not JSON ({e})")))?;
-        Ok(v.get("kv_transfer_params").filter(|p| p.as_object().is_some_and(|m| !m.is_empty())).cloned())
+        let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
+        Ok(answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice))
     };
     tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+}
+
+fn non_empty_object(raw: &[u8]) -> bool {
+    raw.first() == Some(&b'{') && raw[1..raw.len() - 1].iter().any(|b| !b.is_ascii_whitespace())
 }
 
 /// The start of a decode (or colocated) answer.
@@ -145,18 +238,19 @@ pub struct Started {
 pub enum StartedBody {
     /// A JSON answer, read whole.
     Whole(Bytes),
-    /// An SSE answer: the bytes up to and including its first event, and the rest.
+    /// An SSE answer: the bytes up to and including its first data event, and the rest.
     Events { head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>> },
 }
 
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
-/// whole JSON answer, or the SSE answer up to its first event. Bounded by the leg timeout.
-pub async fn answer(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Started, LegError> {
-    tokio::time::timeout(req.timeout, start(client, lease, req)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+/// whole JSON answer, or the SSE answer up to its first data event. Bounded by the leg's
+/// timeout. `sent` is told when the worker has the whole request.
+pub async fn answer(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    tokio::time::timeout(req.timeout, start(client, lease, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 
-async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Started, LegError> {
-    let resp = send(client, lease, req).send().await.map_err(|e| classify(e, req.timeout))?;
+async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    let resp = send(client, lease, req, sent).send().await.map_err(|e| classify(e, req.timeout))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(error_status(resp, req.timeout).await);
@@ -174,17 +268,14 @@ async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Res
         match rest.next().await {
             Some(Ok(chunk)) => {
                 head.extend_from_slice(&chunk);
-                if let Some(first) = splitter.push(&chunk).into_iter().next() {
-                    // An error event before any output is a failed start, not a stream.
-                    if let Some(err) = sse::data_of(&first)
-                        .and_then(|d| serde_json::from_str::<Value>(&d).ok())
-                        .and_then(|v| v.get("error").cloned())
-                    {
-                        let msg = err.get("message").and_then(Value::as_str).map_or_else(|| err.to_string(), str::to_owned);
-                        return Err(LegError::Broken(format!("the stream opened with an error: {msg}")));
-                    }
-                    return Ok(Started { status, content_type, body: StartedBody::Events { head: head.freeze(), rest } });
+                // Comments (vLLM's `: keep-alive`) are relayed but are not output.
+                let Some(data) = splitter.push(&chunk).iter().find_map(|e| sse::data_of(e)) else { continue };
+                // An error event before any output is a failed start, not a stream.
+                if let Some(err) = serde_json::from_str::<Value>(&data).ok().and_then(|v| v.get("error").cloned()) {
+                    let msg = err.get("message").and_then(Value::as_str).map_or_else(|| err.to_string(), str::to_owned);
+                    return Err(LegError::ErrorEvent(msg));
                 }
+                return Ok(Started { status, content_type, body: StartedBody::Events { head: head.freeze(), rest } });
             }
             Some(Err(e)) => return Err(classify(e, req.timeout)),
             None => return Err(LegError::Broken("the stream ended before its first event".into())),

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use super::breaker::Circuit;
+use super::failure::Cause;
 use super::workers::Pool;
 
 pub struct RouterMetrics {
@@ -18,6 +20,9 @@ pub struct RouterMetrics {
     duration: HistogramVec,
     in_flight: IntGaugeVec,
     healthy: IntGaugeVec,
+    circuit: IntGaugeVec,
+    circuit_opened: IntGaugeVec,
+    draining: IntGauge,
     queue_depth: IntGauge,
     permits: IntGauge,
     abandoned: prometheus::IntCounter,
@@ -41,6 +46,11 @@ impl RouterMetrics {
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
             in_flight: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
             healthy: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_healthy", "1 if the worker is healthy."), &["worker", "role"]).expect("valid metric")),
+            circuit: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_circuit_state",
+                "The worker's circuit breaker: 0 closed, 1 half-open (probing), 2 open (ejected)."), &["worker", "role"]).expect("valid metric")),
+            circuit_opened: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_circuit_openings",
+                "Times the worker's circuit opened (it was ejected)."), &["worker", "role"]).expect("valid metric")),
+            draining: crate::api::prom::register(&r, IntGauge::new("disagg_router_draining", "1 while the router drains for shutdown.").expect("valid metric")),
             queue_depth: crate::api::prom::register(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
             abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
                 "Decode legs whose client left before their first output: kept until that output (so the prefill's KV was pulled), then dropped.").expect("valid metric")),
@@ -58,18 +68,14 @@ impl RouterMetrics {
     }
 
     pub fn leg_error(&self, leg: super::legs::Leg, err: &super::legs::LegError) {
-        let leg = match leg {
-            super::legs::Leg::Prefill => "prefill",
-            super::legs::Leg::Decode => "decode",
-        };
-        self.leg_errors.with_label_values(&[leg, err.kind()]).inc();
+        self.leg_errors.with_label_values(&[leg.as_str(), err.kind()]).inc();
     }
 
     pub fn leg_time(&self, leg: &str, since: Instant) {
         self.legs.with_label_values(&[leg]).observe(since.elapsed().as_secs_f64());
     }
 
-    pub fn render(&self, pools: &[&Pool], queued: usize, permits: usize) -> String {
+    pub fn render(&self, pools: &[&Pool], queued: usize, permits: usize, draining: bool) -> String {
         for pool in pools {
             for w in &pool.workers {
                 let role = pool.role.as_str();
@@ -77,10 +83,18 @@ impl RouterMetrics {
                     self.in_flight.with_label_values(&[w.url.as_str(), role, &rank.to_string()]).set(n as i64);
                 }
                 self.healthy.with_label_values(&[w.url.as_str(), role]).set(i64::from(w.is_healthy()));
+                let circuit = match w.circuit() {
+                    Circuit::Closed => 0,
+                    Circuit::HalfOpen => 1,
+                    Circuit::Open => 2,
+                };
+                self.circuit.with_label_values(&[w.url.as_str(), role]).set(circuit);
+                self.circuit_opened.with_label_values(&[w.url.as_str(), role]).set(w.breaker.opened_total() as i64);
             }
         }
         self.queue_depth.set(queued as i64);
         self.permits.set(permits as i64);
+        self.draining.set(i64::from(draining));
         crate::api::prom::encode(&self.registry)
     }
 }
@@ -98,7 +112,7 @@ pub struct RequestRecord {
     endpoint: &'static str,
     start: Instant,
     status: u16,
-    cause: Option<&'static str>,
+    cause: Option<Cause>,
     done: bool,
 }
 
@@ -114,7 +128,7 @@ impl RequestRecord {
         self.status = status;
     }
     /// Why the request failed (the first cause wins).
-    pub fn fail(&mut self, cause: &'static str) {
+    pub fn fail(&mut self, cause: Cause) {
         self.cause.get_or_insert(cause);
     }
     /// The response reached its end (a success or an error the client received whole).
@@ -127,11 +141,11 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         if !self.done {
             // Dropped before the end: the client went away.
-            self.cause.get_or_insert("client_disconnect");
+            self.cause.get_or_insert(Cause::ClientDisconnect);
         }
         self.metrics.requests.with_label_values(&[self.endpoint, &self.status.to_string()]).inc();
         if let Some(c) = self.cause {
-            self.metrics.errors.with_label_values(&[c]).inc();
+            self.metrics.errors.with_label_values(&[c.as_str()]).inc();
         }
         self.metrics.duration.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
     }

@@ -2,15 +2,24 @@
 //! contract it implements is docs/FAILURES.md.
 
 pub mod admission;
+pub mod body;
+pub mod breaker;
 pub mod cli;
+pub mod config;
+pub mod failure;
+pub mod fanout;
 pub mod flow;
 pub mod health;
 pub mod http;
 pub mod legs;
 pub mod metrics;
+pub mod pair;
 pub mod policy;
 pub mod relay;
 pub mod request;
+pub mod retry;
+pub mod server;
+pub mod shutdown;
 pub mod workers;
 
 use std::sync::Arc;
@@ -21,13 +30,10 @@ use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 
 pub use cli::RouteArgs;
-use cli::{Mode, RouterConfig};
+use config::{Mode, RouterConfig};
 use flow::Router;
 use policy::Policy;
 use workers::{Pool, Role};
-
-/// How long in-flight requests may finish after SIGINT/SIGTERM before the router exits.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let tokenizer = match &cfg.model_path {
@@ -37,13 +43,14 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         }
         None => None,
     };
-    let api_key = cfg
-        .api_key
+    let worker_auth = cfg
+        .auth
+        .worker_key
         .as_ref()
         .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
         .transpose()
         .context("--api-key must be printable ASCII")?;
-    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, urls, &cfg.cache_aware));
+    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, urls, &cfg.cache_aware), &cfg.breaker);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -58,7 +65,9 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         metrics: Arc::new(metrics::RouterMetrics::new()),
         client,
         tokenizer,
-        api_key,
+        worker_auth,
+        retry_budget: retry::RetryBudget::new(&cfg.retry),
+        drain: Arc::default(),
         cfg,
     })
 }
@@ -85,41 +94,12 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
             cfg.workers, cfg.decode_policy, cfg.decode_dp
         ),
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let mut graceful = stop_rx.clone();
-    let server = axum::serve(listener, http::app(router.clone())).with_graceful_shutdown(async move {
-        let _ = graceful.wait_for(|s| *s).await;
-        tracing::info!("shutting down: no new connections; in-flight requests get {}s", SHUTDOWN_GRACE.as_secs());
-    });
-    let mut deadline = stop_rx;
-    tokio::select! {
-        r = server => r.context("HTTP server failed"),
-        _ = async move {
-            let _ = deadline.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => Ok(()),
-    }
-}
-
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    server::raise_fd_limit();
+    let drain = router.drain.clone();
+    let serving = tokio::spawn(server::serve(listener, http::app(router.clone()), cfg.timeouts.clone(), cfg.max_connections, drain.clone()));
+    crate::signal::shutdown().await;
+    drain.run(cfg.timeouts.shutdown).await;
+    serving.abort();
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,39 +1,66 @@
 //! Relaying an answer to the client. The response body owns everything the request
-//! holds (admission permit, worker leases, metrics record), so all of it is released when
-//! the body ends or the client goes away, on every path.
+//! holds (admission permit, worker leases, metrics record, its place in the drain), so
+//! all of it is released when the body ends or the client goes away, on every path.
 //!
 //! A streamed answer is passed through chunk by chunk as it arrives. If it breaks (the
-//! worker dies, resets, goes quiet past the idle timeout, or ends without `[DONE]`), the
-//! client gets an error event and `[DONE]`: never a silent truncation.
+//! worker dies, resets, goes quiet past the idle timeout, ends without `[DONE]`, or the
+//! router's shutdown grace runs out), the client gets an error event and `[DONE]`: never
+//! a silent truncation.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream};
 use futures_util::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::failure::Cause;
+use super::legs::StartedBody;
 use super::metrics::RequestRecord;
+use super::pair::Answer;
+use super::shutdown::{Active, Drain, Phase};
 use super::workers::Lease;
 use crate::api::{sse, ApiError, ErrorKind};
 
 /// What a request holds until its answer is over.
 pub struct Held {
     pub permit: OwnedSemaphorePermit,
-    /// The worker rank answering (its in-flight count is released with the body).
-    pub lease: Lease,
+    /// The worker ranks answering (their in-flight counts are released with the body).
+    pub leases: Vec<Lease>,
     pub record: RequestRecord,
-    /// When the leg that answers was sent, for its decode_total time.
-    pub started: std::time::Instant,
+    /// When the answering leg was sent, for its decode_total time.
+    pub started: Instant,
+    pub active: Active,
 }
 
 impl Held {
     /// The answer reached its end (normally, or with an error event the client got).
-    fn finish(&mut self) {
+    pub fn finish(&mut self) {
         self.record.metrics().leg_time("decode_total", self.started);
         self.record.finish();
     }
+}
+
+/// The response for one generation's answer.
+pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>) -> Response {
+    let Answer { started, lease, since } = answer;
+    held.record.status(started.status.as_u16());
+    held.started = since;
+    held.leases.push(lease);
+    let body = match started.body {
+        StartedBody::Whole(bytes) => whole(bytes, held),
+        StartedBody::Events { head, rest } => events(Upstream::new(head, rest, idle, drain), held),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = started.status;
+    if let Some(ct) = started.content_type {
+        resp.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    resp
 }
 
 /// A whole (JSON) answer; the guards go when hyper has taken the bytes.
@@ -46,24 +73,29 @@ pub fn whole(bytes: Bytes, held: Held) -> Body {
     Body::from_stream(s)
 }
 
-enum Phase {
-    Head(Bytes),
-    Relay,
-    Error(Bytes),
-    Done,
+/// One piece of a relayed stream.
+pub enum Piece {
+    Bytes(Bytes),
+    /// The stream broke: the error event to send (then `[DONE]`), and why, for the log.
+    Broken { event: Bytes, why: String },
 }
 
-struct Relay {
-    phase: Phase,
+/// A worker's SSE answer as it arrives, with breakage turned into a `Piece::Broken`.
+pub struct Upstream {
+    head: Option<Bytes>,
     rest: BoxStream<'static, reqwest::Result<Bytes>>,
     idle: Duration,
-    worker: String,
     /// The last bytes relayed, to see whether the stream ended with `[DONE]`.
     tail: Vec<u8>,
-    held: Held,
+    phase: tokio::sync::watch::Receiver<Phase>,
+    over: bool,
 }
 
-impl Relay {
+impl Upstream {
+    pub fn new(head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>>, idle: Duration, drain: &Drain) -> Self {
+        Upstream { head: Some(head), rest, idle, tail: Vec::new(), phase: drain.subscribe(), over: false }
+    }
+
     fn remember(&mut self, chunk: &[u8]) {
         self.tail.extend_from_slice(chunk);
         let keep = 32;
@@ -72,57 +104,75 @@ impl Relay {
         }
     }
 
-    fn fail(&mut self, why: String) -> Bytes {
-        tracing::warn!(worker = %self.worker, "decode stream failed: {why}");
-        self.held.record.fail("decode_midstream");
-        self.phase = Phase::Error(Bytes::from_static(sse::DONE));
-        let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream on {}: {why}", self.worker));
-        sse::event(&err.body())
+    fn broken(&mut self, why: String) -> Option<Piece> {
+        self.over = true;
+        let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream: {why}"));
+        Some(Piece::Broken { event: sse::event(&err.body()), why })
     }
 
-    async fn next(&mut self) -> Option<Bytes> {
-        match std::mem::replace(&mut self.phase, Phase::Relay) {
-            Phase::Head(head) => {
-                self.remember(&head);
-                return Some(head);
-            }
-            Phase::Error(done) => {
-                self.phase = Phase::Done;
-                self.held.finish();
-                return Some(done);
-            }
-            Phase::Done => {
-                self.phase = Phase::Done;
-                return None;
-            }
-            Phase::Relay => {}
+    /// The next piece; `None` once the stream ended with `[DONE]` (or broke before).
+    pub async fn next(&mut self) -> Option<Piece> {
+        if self.over {
+            return None;
         }
-        match tokio::time::timeout(self.idle, self.rest.next()).await {
+        if let Some(head) = self.head.take() {
+            self.remember(&head);
+            return Some(Piece::Bytes(head));
+        }
+        let cut = async {
+            let _ = self.phase.wait_for(|p| *p == Phase::Cut).await;
+        };
+        let next = tokio::select! {
+            next = tokio::time::timeout(self.idle, self.rest.next()) => next,
+            () = cut => return self.broken("the router is shutting down".into()),
+        };
+        match next {
             Ok(Some(Ok(chunk))) => {
                 self.remember(&chunk);
-                Some(chunk)
+                Some(Piece::Bytes(chunk))
             }
-            Ok(Some(Err(e))) => Some(self.fail(format!("the connection broke: {e}"))),
+            Ok(Some(Err(e))) => self.broken(format!("the connection to the worker broke ({})", if e.is_timeout() { "timeout" } else { "reset" })),
             Ok(None) => {
                 let tail = String::from_utf8_lossy(&self.tail);
                 if tail.trim_end().ends_with("data: [DONE]") {
-                    self.phase = Phase::Done;
-                    self.held.finish();
+                    self.over = true;
                     None
                 } else {
-                    Some(self.fail("the stream ended without [DONE]".into()))
+                    self.broken("the stream ended without [DONE]".into())
                 }
             }
-            Err(_) => Some(self.fail(format!("no data for {:.0}s (--stream-idle-timeout-secs)", self.idle.as_secs_f64()))),
+            Err(_) => self.broken(format!("no data for {:.0}s (--stream-idle-timeout-secs)", self.idle.as_secs_f64())),
         }
     }
 }
 
-/// An SSE answer: `head` (already read) then the rest, relayed as it comes.
-pub fn events(head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>>, idle: Duration, worker: String, held: Held) -> Body {
-    let relay = Relay { phase: Phase::Head(head), rest, idle, worker, tail: Vec::new(), held };
-    Body::from_stream(stream::unfold(relay, |mut r| async move {
-        let chunk = r.next().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), r))
-    }))
+/// A streamed answer relayed to the client.
+fn events(upstream: Upstream, held: Held) -> Body {
+    enum State {
+        Relay(Upstream, Held),
+        Done(Held),
+        End,
+    }
+    let s = stream::unfold(State::Relay(upstream, held), |state| async move {
+        match state {
+            State::Relay(mut up, mut held) => match up.next().await {
+                Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held))),
+                Some(Piece::Broken { event, why }) => {
+                    tracing::warn!(worker = %held.leases.last().map_or("", |l| l.url()), "decode stream failed: {why}");
+                    held.record.fail(Cause::DecodeMidstream);
+                    Some((event, State::Done(held)))
+                }
+                None => {
+                    held.finish();
+                    None
+                }
+            },
+            State::Done(mut held) => {
+                held.finish();
+                Some((Bytes::from_static(sse::DONE), State::End))
+            }
+            State::End => None,
+        }
+    });
+    Body::from_stream(s.map(Ok::<_, std::convert::Infallible>))
 }

@@ -1,16 +1,33 @@
-//! What the router reads from, and writes into, a generation request body. The body is
-//! parsed once; fields the router does not need pass through untouched.
+//! What the router reads from a generation request, and the body each leg gets.
+//!
+//! - `check`: the fields a decode would reject but a prefill never sees (the prefill leg
+//!   overrides them) are checked first, with vLLM's messages, so no prefill KV is made for
+//!   a request the decode will refuse. It also finds a list of prompts and `n`.
+//! - `LegBodies`: the prefill body (PROTOCOLS.md §1), the decode body (the client's bytes
+//!   plus the prefill's params), the colocated body. None of them carries a client's
+//!   `kv_transfer_params` or `ec_transfer_params` (nor one smuggled in `vllm_xargs`): what
+//!   a client sends never decides which host an engine connects to or which blocks it reads.
+//! - `request_info`: what policies read (session key, prompt start).
+
+use std::ops::Range;
 
 use axum::http::HeaderMap;
-use bytes::{BufMut, Bytes, BytesMut};
-use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::{json, Map, Value};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
+use super::body::ClientBody;
 use super::policy::RequestInfo;
+use crate::api::fields::{check_generation, Api, Generation};
+use crate::api::ApiError;
+
+/// Fields through which a client could steer a KV (or encoder cache) transfer.
+const STEERING: &[&str] = &["kv_transfer_params", "ec_transfer_params"];
 
 /// Fields the prefill leg replaces or drops (PROTOCOLS.md §1).
 const PREFILL_OVERRIDES: &[&str] = &[
     "kv_transfer_params",
+    "ec_transfer_params",
     "stream",
     "max_tokens",
     "max_completion_tokens",
@@ -19,101 +36,168 @@ const PREFILL_OVERRIDES: &[&str] = &[
     "min_completion_tokens",
 ];
 
-/// The prefill leg's body: the client's, with `stream:false`, `max_tokens:1`,
-/// `max_completion_tokens:1` only if present, no `stream_options`/`min_tokens`/
-/// `min_completion_tokens`, and the six-key `kv_transfer_params`. Serialised straight
-/// from the parsed body, without copying it.
-pub struct PrefillBody<'a>(pub &'a Map<String, Value>);
+/// The prefill leg's six-key params.
+const PREFILL_PARAMS: &[u8] =
+    br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
-impl Serialize for PrefillBody<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        for (k, v) in self.0 {
-            if !PREFILL_OVERRIDES.contains(&k.as_str()) {
-                m.serialize_entry(k, v)?;
+/// The checked facts of a request.
+#[derive(Debug)]
+pub struct Shape {
+    pub gen: Generation,
+    /// A completions prompt given as a list of prompts: the byte range of each in the body.
+    pub prompts: Option<Vec<Range<usize>>>,
+}
+
+impl Shape {
+    /// How many generations (pairs, in PD mode) the request makes.
+    pub fn generations(&self) -> usize {
+        self.prompts.as_ref().map_or(1, Vec::len) * self.gen.n as usize
+    }
+}
+
+const GENERATION_FIELDS: &[&str] =
+    &["max_tokens", "max_completion_tokens", "min_tokens", "n", "seed", "temperature", "stream", "stream_options", "kv_transfer_params"];
+
+pub fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
+    let gen = check_generation(api, &body.subset(GENERATION_FIELDS))?;
+    let prompts = match api {
+        Api::Completions => prompt_list(body),
+        Api::Chat => None,
+    };
+    Ok(Shape { gen, prompts })
+}
+
+/// The prompts of `prompt: [A, B, ...]` (strings or token-id lists), when more than one.
+fn prompt_list(body: &ClientBody) -> Option<Vec<Range<usize>>> {
+    let raw = body.get("prompt")?;
+    if raw.first() != Some(&b'[') {
+        return None;
+    }
+    let items: Vec<&RawValue> = serde_json::from_slice(raw).ok()?;
+    let is_prompt = |r: &&RawValue| matches!(r.get().as_bytes().first(), Some(b'"' | b'['));
+    if items.len() < 2 || !items.iter().all(is_prompt) {
+        return None;
+    }
+    let base = body.raw().as_ptr() as usize;
+    Some(items.iter().map(|r| (r.get().as_ptr() as usize - base)..(r.get().as_ptr() as usize - base + r.get().len())).collect())
+}
+
+/// How each leg's body is written from one (sub-)request.
+pub struct LegBodies {
+    body: ClientBody,
+    /// `vllm_xargs` with the steering keys taken out, when it had any.
+    xargs: Option<Vec<u8>>,
+}
+
+impl LegBodies {
+    pub fn new(body: ClientBody) -> Self {
+        let xargs = body.value("vllm_xargs").and_then(|v| match v {
+            Value::Object(mut m) if STEERING.iter().any(|k| m.contains_key(*k)) => {
+                for k in STEERING {
+                    m.remove(*k);
+                }
+                Some(serde_json::to_vec(&m).expect("a map serialises"))
             }
+            _ => None,
+        });
+        LegBodies { body, xargs }
+    }
+
+    pub fn body(&self) -> &ClientBody {
+        &self.body
+    }
+
+    fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Bytes {
+        match &self.xargs {
+            Some(x) => {
+                let mut all = drop.to_vec();
+                all.push("vllm_xargs");
+                set.push(("vllm_xargs", x));
+                self.body.with_fields(&all, set)
+            }
+            None => self.body.with_fields(drop, set),
         }
-        m.serialize_entry(
-            "kv_transfer_params",
-            &json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
-                    "remote_block_ids": null, "remote_host": null, "remote_port": null}),
-        )?;
-        m.serialize_entry("stream", &false)?;
-        m.serialize_entry("max_tokens", &1)?;
-        if self.0.contains_key("max_completion_tokens") {
-            m.serialize_entry("max_completion_tokens", &1)?;
+    }
+
+    /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
+    /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
+    pub fn prefill(&self) -> Bytes {
+        let mut set: Vec<(&str, &[u8])> = vec![("kv_transfer_params", PREFILL_PARAMS), ("stream", b"false"), ("max_tokens", b"1")];
+        if self.body.has("max_completion_tokens") {
+            set.push(("max_completion_tokens", b"1"));
         }
-        m.end()
+        self.write(PREFILL_OVERRIDES, &mut set)
+    }
+
+    /// The decode leg: the client's bytes, with the prefill's params (copied unchanged)
+    /// when it returned any.
+    pub fn decode(&self, params: Option<&[u8]>) -> Bytes {
+        let mut set = Vec::new();
+        if let Some(p) = params {
+            set.push(("kv_transfer_params", p));
+        }
+        self.write(STEERING, &mut set)
+    }
+
+    /// The one leg of colocated mode.
+    pub fn colocated(&self) -> Bytes {
+        self.write(STEERING, &mut Vec::new())
     }
 }
 
-pub fn prefill_body(body: &Map<String, Value>) -> Bytes {
-    Bytes::from(serde_json::to_vec(&PrefillBody(body)).expect("a parsed JSON body serialises"))
-}
-
-/// The decode leg's body: the client's own bytes, with the prefill's params added. The
-/// prompt reaches the decode byte for byte as the client sent it (the decode checks it
-/// against the KV it pulls).
-pub fn decode_body(raw: &Bytes, body: &Map<String, Value>, params: Option<&Value>) -> Bytes {
-    let Some(params) = params else { return raw.clone() };
-    if body.contains_key("kv_transfer_params") {
-        let mut b = body.clone();
-        b.insert("kv_transfer_params".into(), params.clone());
-        return Bytes::from(serde_json::to_vec(&b).expect("a parsed JSON body serialises"));
-    }
-    // Splice `,"kv_transfer_params":{..}` before the object's closing brace.
-    let end = raw.iter().rposition(|b| *b == b'}').expect("a parsed JSON object ends with }");
-    let mut out = BytesMut::with_capacity(raw.len() + 512);
-    out.put_slice(&raw[..end]);
-    if !body.is_empty() {
-        out.put_u8(b',');
-    }
-    out.put_slice(b"\"kv_transfer_params\":");
-    serde_json::to_writer((&mut out).writer(), params).expect("params serialise");
-    out.put_u8(b'}');
-    out.freeze()
-}
-
-/// The session key and prompt a policy may use.
-pub fn request_info(headers: &HeaderMap, body: &Map<String, Value>, tokenizer: Option<&tokenizers::Tokenizer>) -> RequestInfo {
+/// The session key and prompt start a policy may use (at most `max_units` of it).
+pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&tokenizers::Tokenizer>, max_units: usize) -> RequestInfo {
     let session = ["x-session-id", "x-user-id"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned))
-        .or_else(|| body.get("user").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned));
+        .or_else(|| body.value("user").and_then(|v| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned)));
     let mut text = String::new();
     let mut ids: Vec<u32> = Vec::new();
-    match body.get("prompt") {
-        Some(Value::String(s)) => text.push_str(s),
+    // Characters beyond what is indexed are never looked at (a tokenizer may need a few more).
+    let char_cap = max_units.saturating_mul(if tokenizer.is_some() { 8 } else { 1 });
+    let push = |text: &mut String, s: &str| {
+        let room = char_cap.saturating_sub(text.len());
+        let mut end = s.len().min(room);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.push_str(&s[..end]);
+    };
+    match body.value("prompt") {
+        Some(Value::String(s)) => push(&mut text, &s),
         Some(Value::Array(items)) => {
             for item in items {
                 match item {
-                    Value::String(s) => text.push_str(s),
+                    Value::String(s) => push(&mut text, &s),
                     Value::Number(n) => ids.extend(n.as_u64().map(|n| n as u32)),
                     Value::Array(inner) => ids.extend(inner.iter().filter_map(Value::as_u64).map(|n| n as u32)),
                     _ => {}
+                }
+                if ids.len() >= max_units {
+                    break;
                 }
             }
         }
         _ => {}
     }
-    if let Some(Value::Array(msgs)) = body.get("messages") {
-        for m in msgs {
+    if let Some(Value::Array(msgs)) = body.value("messages") {
+        for m in &msgs {
             if let Some(role) = m.get("role").and_then(Value::as_str) {
-                text.push_str(role);
-                text.push('\n');
+                push(&mut text, role);
+                push(&mut text, "\n");
             }
             match m.get("content") {
-                Some(Value::String(s)) => text.push_str(s),
+                Some(Value::String(s)) => push(&mut text, s),
                 Some(Value::Array(parts)) => {
                     for p in parts {
                         if let Some(t) = p.get("text").and_then(Value::as_str) {
-                            text.push_str(t);
+                            push(&mut text, t);
                         }
                     }
                 }
                 _ => {}
             }
-            text.push('\n');
+            push(&mut text, "\n");
         }
     }
     if let Some(tok) = tokenizer {
@@ -123,26 +207,57 @@ pub fn request_info(headers: &HeaderMap, body: &Map<String, Value>, tokenizer: O
             }
         }
     }
+    ids.truncate(max_units);
     if ids.is_empty() {
-        RequestInfo { session, prompt: text.into_bytes(), unit: 1 }
+        let mut prompt = text.into_bytes();
+        prompt.truncate(max_units);
+        RequestInfo::new(session, prompt, 1)
     } else {
-        RequestInfo { session, prompt: ids.iter().flat_map(|t| t.to_le_bytes()).collect(), unit: 4 }
+        RequestInfo::new(session, ids.iter().flat_map(|t| t.to_le_bytes()).collect(), 4)
     }
+}
+
+/// The sub-request bodies of a request that fans out: one per prompt of a list and per
+/// choice of `n`, each with one prompt and `n` 1. vLLM seeds choice `j` with `seed + j`,
+/// so a sub-request gets that seed and samples what the choice would have.
+pub fn split(body: &ClientBody, shape: &Shape) -> Vec<Bytes> {
+    let n = shape.gen.n as i128;
+    let prompts: Vec<Option<&[u8]>> = match &shape.prompts {
+        Some(ranges) => ranges.iter().map(|r| Some(&body.raw()[r.clone()])).collect(),
+        None => vec![None],
+    };
+    let mut out = Vec::with_capacity(prompts.len() * n as usize);
+    for prompt in &prompts {
+        for j in 0..n {
+            let seed = shape.gen.seed.filter(|_| n > 1).map(|s| (i128::from(s) + j).to_string());
+            let mut set: Vec<(&str, &[u8])> = Vec::new();
+            if let Some(p) = prompt {
+                set.push(("prompt", p));
+            }
+            if let Some(s) = &seed {
+                set.push(("seed", s.as_bytes()));
+            }
+            out.push(body.with_fields(&["n"], &set));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::fields::Api;
+    use serde_json::json;
 
-    fn map(s: &str) -> Map<String, Value> {
-        serde_json::from_str(s).unwrap()
+    fn body(v: Value) -> ClientBody {
+        ClientBody::parse(Bytes::from(serde_json::to_vec(&v).unwrap())).unwrap()
     }
 
     #[test]
     fn prefill_leg_is_the_toy_proxys() {
-        let b = map(r#"{"model":"m","prompt":"p","max_tokens":50,"max_completion_tokens":50,"stream":true,
-            "stream_options":{"include_usage":true},"min_tokens":3,"min_completion_tokens":2,"temperature":0.5,"x_custom":[1]}"#);
-        let out: Value = serde_json::from_slice(&prefill_body(&b)).unwrap();
+        let b = body(json!({"model":"m","prompt":"p","max_tokens":50,"max_completion_tokens":50,"stream":true,
+            "stream_options":{"include_usage":true},"min_tokens":3,"min_completion_tokens":2,"temperature":0.5,"x_custom":[1]}));
+        let out: Value = serde_json::from_slice(&LegBodies::new(b).prefill()).unwrap();
         assert_eq!(out["stream"], false);
         assert_eq!(out["max_tokens"], 1);
         assert_eq!(out["max_completion_tokens"], 1);
@@ -151,33 +266,40 @@ mod tests {
         assert_eq!(out["kv_transfer_params"]["do_remote_decode"], true);
         assert_eq!(out["temperature"], 0.5);
         assert_eq!(out["x_custom"], json!([1]));
-        let plain: Value = serde_json::from_slice(&prefill_body(&map(r#"{"prompt":"p"}"#))).unwrap();
+        let plain: Value = serde_json::from_slice(&LegBodies::new(body(json!({"prompt": "p"}))).prefill()).unwrap();
         assert!(plain.get("max_completion_tokens").is_none(), "only if the client sent it");
     }
 
     #[test]
-    fn decode_leg_keeps_the_clients_bytes() {
-        let raw = Bytes::from_static(b"{\"prompt\":\"caf\\u00e9  x\",\"max_tokens\":5 }\n");
-        let b: Map<String, Value> = serde_json::from_slice(&raw).unwrap();
-        let params = json!({"do_remote_prefill": true, "remote_block_ids": [[1]]});
-        let out = decode_body(&raw, &b, Some(&params));
-        assert!(out.starts_with(b"{\"prompt\":\"caf\\u00e9  x\",\"max_tokens\":5 ,\"kv_transfer_params\":"));
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["kv_transfer_params"], params);
-        assert_eq!(decode_body(&raw, &b, None), raw);
-        let empty = Bytes::from_static(b"{}");
-        let v: Value = serde_json::from_slice(&decode_body(&empty, &Map::new(), Some(&params))).unwrap();
-        assert_eq!(v["kv_transfer_params"], params);
+    fn no_leg_carries_a_clients_transfer_params() {
+        let evil = json!({"remote_host": "10.9.9.9", "remote_port": 7, "do_remote_prefill": true});
+        let b = LegBodies::new(body(json!({"prompt": "p", "kv_transfer_params": evil, "ec_transfer_params": {"x": 1},
+            "vllm_xargs": {"kv_transfer_params": "x", "keep": 1}})));
+        for leg in [b.prefill(), b.decode(None), b.colocated()] {
+            let v: Value = serde_json::from_slice(&leg).unwrap();
+            assert!(!leg.windows(8).any(|w| w == b"10.9.9.9"), "{v}");
+            assert!(v.get("ec_transfer_params").is_none());
+            assert_eq!(v["vllm_xargs"], json!({"keep": 1}));
+        }
+        let params = br#"{"do_remote_prefill":true,"remote_host":"127.0.0.1"}"#;
+        let v: Value = serde_json::from_slice(&b.decode(Some(params))).unwrap();
+        assert_eq!(v["kv_transfer_params"]["remote_host"], "127.0.0.1");
     }
 
     #[test]
-    fn session_key_prefers_headers_then_user() {
-        let mut h = HeaderMap::new();
-        let b = map(r#"{"user":"u1","prompt":"hello"}"#);
-        assert_eq!(request_info(&h, &b, None).session.as_deref(), Some("u1"));
-        h.insert("x-session-id", "s9".parse().unwrap());
-        let info = request_info(&h, &b, None);
-        assert_eq!(info.session.as_deref(), Some("s9"));
-        assert_eq!(info.prompt, b"hello");
+    fn prompt_lists_and_n_split_into_single_generations() {
+        let b = body(json!({"prompt": ["a b", [1, 2]], "n": 2, "seed": 7, "temperature": 0.8}));
+        let shape = check(Api::Completions, &b).unwrap();
+        assert_eq!(shape.generations(), 4);
+        let subs: Vec<Value> = split(&b, &shape).iter().map(|s| serde_json::from_slice(s).unwrap()).collect();
+        assert_eq!(subs[0]["prompt"], "a b");
+        assert_eq!(subs[1]["prompt"], "a b");
+        assert_eq!(subs[2]["prompt"], json!([1, 2]));
+        assert_eq!((subs[0]["seed"].clone(), subs[1]["seed"].clone(), subs[3]["seed"].clone()), (json!(7), json!(8), json!(8)));
+        assert!(subs.iter().all(|s| s.get("n").is_none()));
+        // One prompt in a list, or token ids, is one generation.
+        for p in [json!(["a"]), json!([1, 2, 3]), json!("a")] {
+            assert_eq!(check(Api::Completions, &body(json!({"prompt": p}))).unwrap().generations(), 1);
+        }
     }
 }

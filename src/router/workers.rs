@@ -7,7 +7,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::cli::HealthConfig;
+use super::breaker::{Admit, Breaker, Circuit};
+use super::config::{BreakerConfig, HealthConfig};
 use super::policy::{Policy, RequestInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,10 +40,12 @@ pub struct Worker {
     ever_healthy: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
+    /// What its requests say of it (health checks say what /health says).
+    pub breaker: Breaker,
 }
 
 impl Worker {
-    pub fn new(url: String, role: Role, dp_size: usize) -> Self {
+    pub fn new(url: String, role: Role, dp_size: usize, breaker: BreakerConfig) -> Self {
         Worker {
             url,
             role,
@@ -52,6 +55,23 @@ impl Worker {
             ever_healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
+            breaker: Breaker::new(breaker),
+        }
+    }
+
+    /// Healthy, and its circuit lets a request through.
+    pub fn is_available(&self) -> bool {
+        self.is_healthy() && self.breaker.allows()
+    }
+
+    pub fn circuit(&self) -> Circuit {
+        self.breaker.state()
+    }
+
+    /// A leg on this worker failed for a reason of the worker's (not the client's).
+    pub fn leg_failed(&self) {
+        if self.breaker.failure() {
+            tracing::warn!(worker = %self.url, role = self.role.as_str(), "circuit opened: too many failed requests in a row");
         }
     }
 
@@ -116,12 +136,26 @@ pub struct Lease {
     worker: Arc<Worker>,
     index: usize,
     rank: usize,
+    /// This request is the half-open circuit's probe.
+    probe: bool,
 }
 
 impl Lease {
-    fn new(worker: Arc<Worker>, index: usize, rank: usize) -> Self {
+    fn new(worker: Arc<Worker>, index: usize, rank: usize, probe: bool) -> Self {
         worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
-        Lease { worker, index, rank }
+        Lease { worker, index, rank, probe }
+    }
+
+    /// The leg on this lease succeeded (or the worker answered the client's error).
+    pub fn succeeded(&mut self) {
+        self.worker.breaker.success();
+        self.probe = false;
+    }
+
+    /// The leg on this lease failed for a reason of the worker's.
+    pub fn failed(&mut self) {
+        self.worker.leg_failed();
+        self.probe = false;
     }
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
@@ -142,6 +176,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.ranks[self.rank].fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            self.worker.breaker.end_probe();
+        }
     }
 }
 
@@ -156,9 +193,9 @@ pub struct NoWorker {
 impl std::fmt::Display for NoWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.healthy == 0 {
-            write!(f, "no healthy {} worker ({} configured, none healthy)", self.role.as_str(), self.total)
+            write!(f, "no healthy {} worker ({} configured, none healthy or all ejected)", self.role.as_str(), self.total)
         } else {
-            write!(f, "no other healthy {} worker left to try ({} of {} healthy)", self.role.as_str(), self.healthy, self.total)
+            write!(f, "no other healthy {} worker left to try ({} of {} available)", self.role.as_str(), self.healthy, self.total)
         }
     }
 }
@@ -173,10 +210,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(role: Role, urls: &[String], dp_size: usize, policy: Policy) -> Self {
+    pub fn new(role: Role, urls: &[String], dp_size: usize, policy: Policy, breaker: &BreakerConfig) -> Self {
         Pool {
             role,
-            workers: urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size))).collect(),
+            workers: urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size, breaker.clone()))).collect(),
             needs_info: policy.needs_request_info(),
             policy: Mutex::new(policy),
         }
@@ -184,6 +221,11 @@ impl Pool {
 
     pub fn healthy_count(&self) -> usize {
         self.workers.iter().filter(|w| w.is_healthy()).count()
+    }
+
+    /// Healthy workers whose circuit lets requests through.
+    pub fn available_count(&self) -> usize {
+        self.workers.iter().filter(|w| w.is_available()).count()
     }
 
     /// Whether picks need the request's prompt or session key.
@@ -195,23 +237,35 @@ impl Pool {
         self.policy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Picks a healthy worker not in `exclude`, and reserves its least loaded rank.
+    /// Picks an available worker not in `exclude`, and reserves its least loaded rank.
     pub fn pick(&self, req: &RequestInfo, exclude: &[usize]) -> Result<Lease, NoWorker> {
-        let candidates: Vec<usize> = (0..self.workers.len())
-            .filter(|i| self.workers[*i].is_healthy() && !exclude.contains(i))
+        let mut candidates: Vec<usize> = (0..self.workers.len())
+            .filter(|i| self.workers[*i].is_available() && !exclude.contains(i))
             .collect();
-        if candidates.is_empty() {
-            return Err(NoWorker { role: self.role, total: self.workers.len(), healthy: self.healthy_count() });
-        }
         let mut policy = self.lock();
-        let chosen = policy.select(&self.workers, &candidates, req);
-        let worker = self.workers[chosen].clone();
-        let rank = worker.pick_rank();
-        Ok(Lease::new(worker, chosen, rank))
+        while !candidates.is_empty() {
+            let chosen = policy.select(&self.workers, &candidates, req);
+            let worker = &self.workers[chosen];
+            // Another pick may have taken a half-open worker's one probe meanwhile.
+            let probe = match worker.breaker.admit() {
+                Admit::Yes => false,
+                Admit::Probe => true,
+                Admit::No => {
+                    candidates.retain(|c| *c != chosen);
+                    continue;
+                }
+            };
+            let rank = worker.pick_rank();
+            return Ok(Lease::new(worker.clone(), chosen, rank, probe));
+        }
+        Err(NoWorker { role: self.role, total: self.workers.len(), healthy: self.available_count() })
     }
 
-    /// Periodic policy upkeep (cache_aware's tree eviction).
-    pub fn maintain(&self) {
-        self.lock().maintain();
+    /// Periodic policy upkeep (cache_aware's trim), in bounded steps between which
+    /// picks take the lock.
+    pub async fn maintain(&self) {
+        while self.lock().maintain() {
+            tokio::task::yield_now().await;
+        }
     }
 }

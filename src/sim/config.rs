@@ -2,7 +2,7 @@
 
 use clap::{Args, ValueEnum};
 
-use crate::cli::values::{fraction, non_negative, positive as positive_secs};
+use crate::flags::{fraction, non_negative, positive as positive_secs};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Role {

@@ -262,7 +262,7 @@ async fn models_survive_a_dead_worker_and_endpoints_answer_json() {
     let (status, v) = post(&format!("{}/v1/completions", r.url), &json!("not an object")).await;
     assert_eq!(status, 400);
     assert_eq!(v["error"]["code"], 400);
-    let raw = client().post(format!("{}/v1/completions", r.url)).body("{oops").send().await.unwrap();
+    let raw = client().post(format!("{}/v1/completions", r.url)).header("content-type", "application/json").body("{oops").send().await.unwrap();
     assert_eq!(raw.status().as_u16(), 400);
     assert!(raw.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("JSON"));
     let w = workers(&r.url).await;

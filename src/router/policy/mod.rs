@@ -8,22 +8,30 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::cli::{CacheAwareConfig, PolicyKind};
+use super::cli::PolicyKind;
+use super::config::CacheAwareConfig;
 use super::workers::Worker;
 pub use prefix::PrefixIndex;
 pub use ring::HashRing;
 
-/// What a policy may look at: a session key and the prompt, as bytes of units (chars:
-/// 1 byte each; token ids: 4 bytes each), filled only for the policies that need them.
+/// What a policy may look at: a session key and the prompt's start, as bytes of units
+/// (chars: 1 byte each; token ids: 4 bytes each), and its chunk hashes, computed here,
+/// outside any lock. Filled only for the policies that need them.
 #[derive(Default, Debug)]
 pub struct RequestInfo {
     pub session: Option<String>,
     pub prompt: Vec<u8>,
     /// Bytes per unit of `prompt`: 1 (characters) or 4 (token ids).
     pub unit: usize,
+    pub chunks: Vec<(u64, u32)>,
 }
 
 impl RequestInfo {
+    pub fn new(session: Option<String>, prompt: Vec<u8>, unit: usize) -> Self {
+        let chunks = prefix::chunk_hashes(&prompt, unit);
+        RequestInfo { session, prompt, unit, chunks }
+    }
+
     pub fn units(&self) -> usize {
         self.prompt.len() / self.unit.max(1)
     }
@@ -47,7 +55,7 @@ impl Policy {
             PolicyKind::Random => Policy::Random,
             PolicyKind::PowerOfTwo => Policy::PowerOfTwo,
             PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::new(workers)),
-            PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(workers.len()) },
+            PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(workers.len(), cache.max_entries) },
         }
     }
 
@@ -96,7 +104,7 @@ impl Policy {
                 let chosen = if imbalanced || req.prompt.is_empty() {
                     least_loaded()
                 } else {
-                    let matched = index.matched_units(&req.prompt, req.unit);
+                    let matched = index.matched_units(&req.chunks);
                     let best = candidates
                         .iter()
                         .copied()
@@ -114,17 +122,20 @@ impl Policy {
                             .unwrap_or(candidates[0])
                     }
                 };
-                if !req.prompt.is_empty() {
-                    index.insert(&req.prompt, req.unit, chosen);
+                if !req.chunks.is_empty() {
+                    index.insert(&req.chunks, chosen);
                 }
                 chosen
             }
         }
     }
 
-    pub fn maintain(&mut self) {
-        if let Policy::CacheAware { cfg, index } = self {
-            index.evict(cfg.max_tree_size);
+    /// One bounded step of upkeep (cache_aware's trim to --max-tree-size); returns
+    /// whether more steps are due.
+    pub fn maintain(&mut self) -> bool {
+        match self {
+            Policy::CacheAware { cfg, index } => index.trim(cfg.max_tree_size),
+            _ => false,
         }
     }
 }

@@ -1,0 +1,194 @@
+//! The client's request body as the router holds it: the bytes as they came, and where
+//! each top-level field's value lies in them. It is scanned once; a field is decoded only
+//! when the router needs it; a leg's body is written from the original values, so every
+//! value the router does not change reaches the worker byte for byte (the prompt above
+//! all: a decode checks it against the KV it pulls). Keys are compared decoded, so
+//! `"kv\u005ftransfer_params"` is the field it spells, as it is to vLLM.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::api::{validation_error, ApiError, ErrorKind};
+
+pub struct ClientBody {
+    raw: Bytes,
+    fields: Vec<Field>,
+}
+
+struct Field {
+    key: Box<str>,
+    value: Range<usize>,
+}
+
+/// Records each top-level key and the byte range of its value.
+struct TopLevel {
+    base: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for TopLevel {
+    type Value = Vec<Field>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Field>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopLevel {
+    type Value = Vec<Field>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<Field>, A::Error> {
+        let mut fields = Vec::with_capacity(16);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            let start = value.get().as_ptr() as usize - self.base;
+            fields.push(Field { key: key.into(), value: start..start + value.get().len() });
+        }
+        Ok(fields)
+    }
+}
+
+impl ClientBody {
+    /// Scans a body that must be one JSON object; errors are vLLM's.
+    pub fn parse(raw: Bytes) -> Result<ClientBody, ApiError> {
+        let mut de = serde_json::Deserializer::from_slice(&raw);
+        let scanned = TopLevel { base: raw.as_ptr() as usize }.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
+        match scanned {
+            Ok(fields) => Ok(ClientBody { raw, fields }),
+            Err(e) => Err(not_an_object(&raw, &e)),
+        }
+    }
+
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// The raw JSON of a field (its last occurrence, as Python's json keeps the last).
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.fields.iter().rev().find(|f| &*f.key == key).map(|f| &self.raw[f.value.clone()])
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.fields.iter().any(|f| &*f.key == key)
+    }
+
+    /// A field decoded; `None` when absent.
+    pub fn value(&self, key: &str) -> Option<Value> {
+        self.get(key).map(|raw| serde_json::from_slice(raw).expect("a scanned value is JSON"))
+    }
+
+    /// The given fields decoded into one map (the fields a check needs, not the body).
+    pub fn subset(&self, keys: &[&str]) -> Map<String, Value> {
+        keys.iter().filter_map(|k| self.value(k).map(|v| (k.to_string(), v))).collect()
+    }
+
+    /// The body without the `drop` fields (every occurrence) and with the `set` fields
+    /// (key, raw JSON) added. Unchanged bytes when there is nothing to do; the original
+    /// bytes plus a splice before the closing brace when only adding.
+    pub fn with_fields(&self, drop: &[&str], set: &[(&str, &[u8])]) -> Bytes {
+        let replaced = |k: &str| drop.contains(&k) || set.iter().any(|(s, _)| *s == k);
+        if !self.fields.iter().any(|f| replaced(&f.key)) {
+            if set.is_empty() {
+                return self.raw.clone();
+            }
+            let end = self.raw.iter().rposition(|b| *b == b'}').expect("a scanned object ends with }");
+            let mut out = BytesMut::with_capacity(self.raw.len() + extra_len(set));
+            out.put_slice(&self.raw[..end]);
+            for (i, (k, v)) in set.iter().enumerate() {
+                if i > 0 || !self.fields.is_empty() {
+                    out.put_u8(b',');
+                }
+                put_entry(&mut out, k, v);
+            }
+            out.put_u8(b'}');
+            return out.freeze();
+        }
+        let mut out = BytesMut::with_capacity(self.raw.len() + extra_len(set));
+        out.put_u8(b'{');
+        let kept = self.fields.iter().filter(|f| !replaced(&f.key)).map(|f| (&*f.key, &self.raw[f.value.clone()]));
+        for (i, (k, v)) in kept.chain(set.iter().map(|(k, v)| (*k, *v))).enumerate() {
+            if i > 0 {
+                out.put_u8(b',');
+            }
+            put_entry(&mut out, k, v);
+        }
+        out.put_u8(b'}');
+        out.freeze()
+    }
+}
+
+fn extra_len(set: &[(&str, &[u8])]) -> usize {
+    set.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+}
+
+fn put_entry(out: &mut BytesMut, key: &str, value: &[u8]) {
+    serde_json::to_writer(out.writer(), key).expect("a string serialises");
+    out.put_u8(b':');
+    out.put_slice(value);
+}
+
+/// vLLM's answer to a body that is not one JSON object.
+fn not_an_object(raw: &[u8], e: &serde_json::Error) -> ApiError {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(other) => validation_error(
+            "body",
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+            &other,
+        ),
+        Err(_) => ApiError::new(
+            ErrorKind::Validation,
+            format!("1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': '{e}'}}}}"),
+        )
+        .param("body"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(s: &str) -> ClientBody {
+        ClientBody::parse(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn fields_are_found_decoded_and_the_last_wins() {
+        let b = body(r#" { "a" : 1, "kv\u005ftransfer_params": {"x": [1, 2]}, "a": "two" } "#);
+        assert_eq!(b.get("a"), Some(&b"\"two\""[..]));
+        assert_eq!(b.get("kv_transfer_params"), Some(&br#"{"x": [1, 2]}"#[..]));
+        assert!(b.get("missing").is_none());
+        assert_eq!(b.value("a"), Some(Value::from("two")));
+    }
+
+    #[test]
+    fn rewrites_keep_values_byte_for_byte() {
+        let raw = "{\"prompt\":\"caf\\u00e9  x\",\"max_tokens\":5 ,\"kv_transfer_params\":{\"remote_host\":\"evil\"},\"t\":1e2}\n";
+        let b = body(raw);
+        let out = b.with_fields(&["kv_transfer_params"], &[("max_tokens", b"1")]);
+        assert_eq!(&out[..], br#"{"prompt":"caf\u00e9  x","t":1e2,"max_tokens":1}"#);
+        // Nothing to drop: the client's bytes, spliced.
+        let b = body("{\"prompt\": \"p\" }\n");
+        assert_eq!(&b.with_fields(&["x"], &[("k", b"{}")])[..], b"{\"prompt\": \"p\" ,\"k\":{}}");
+        assert_eq!(b.with_fields(&["x"], &[]), b.raw());
+        assert_eq!(&body("{}").with_fields(&[], &[("k", b"1"), ("j", b"2")])[..], b"{\"k\":1,\"j\":2}");
+        // Every occurrence of a dropped key goes, escaped spellings included.
+        let b = body(r#"{"kv_transfer_params":1,"p":0,"kv\u005ftransfer_params":2}"#);
+        assert_eq!(&b.with_fields(&["kv_transfer_params"], &[])[..], br#"{"p":0}"#);
+    }
+
+    #[test]
+    fn non_objects_get_vllms_errors() {
+        let e = ClientBody::parse(Bytes::from_static(b"[1,2]")).err().unwrap();
+        assert!(e.message.contains("model_attributes_type"), "{}", e.message);
+        let e = ClientBody::parse(Bytes::from_static(b"{oops")).err().unwrap();
+        assert!(e.message.contains("json_invalid"), "{}", e.message);
+        assert!(ClientBody::parse(Bytes::from_static(b"{} x")).is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! What a client hears when its request does not get a worker's answer, and the cause it
+//! is counted under (`disagg_router_errors_total{cause}`). Messages name the leg and the
+//! cause class, never a worker's address or an upstream error text (those go to the log,
+//! with the request id).
+
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+
+use super::legs::{Leg, LegError};
+use super::workers::{NoWorker, Role};
+use crate::api::{ApiError, ErrorKind};
+
+/// Why a request failed, for the error metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    BadRequest,
+    PayloadTooLarge,
+    BodyTimeout,
+    QueueFull,
+    QueueTimeout,
+    NoHealthyPrefill,
+    NoHealthyDecode,
+    NoHealthyWorker,
+    PrefillFailed,
+    DecodeFailed,
+    DecodeMidstream,
+    Upstream4xx,
+    ClientDisconnect,
+    ShuttingDown,
+    Internal,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::BadRequest => "bad_request",
+            Cause::PayloadTooLarge => "payload_too_large",
+            Cause::BodyTimeout => "body_timeout",
+            Cause::QueueFull => "queue_full",
+            Cause::QueueTimeout => "queue_timeout",
+            Cause::NoHealthyPrefill => "no_healthy_prefill",
+            Cause::NoHealthyDecode => "no_healthy_decode",
+            Cause::NoHealthyWorker => "no_healthy_worker",
+            Cause::PrefillFailed => "prefill_failed",
+            Cause::DecodeFailed => "decode_failed",
+            Cause::DecodeMidstream => "decode_midstream",
+            Cause::Upstream4xx => "upstream_4xx",
+            Cause::ClientDisconnect => "client_disconnect",
+            Cause::ShuttingDown => "shutting_down",
+            Cause::Internal => "internal",
+        }
+    }
+}
+
+/// An answer that is not the worker's success, and the cause it is counted under.
+pub struct Failure {
+    pub response: Response,
+    pub status: u16,
+    pub cause: Cause,
+}
+
+impl Failure {
+    pub fn api(err: ApiError, cause: Cause) -> Self {
+        Failure { status: err.status.as_u16(), response: err.into_response(), cause }
+    }
+
+    /// A request the client got wrong (vLLM's own checks).
+    pub fn bad_request(err: ApiError) -> Self {
+        let cause = match err.status.as_u16() {
+            413 => Cause::PayloadTooLarge,
+            408 => Cause::BodyTimeout,
+            _ => Cause::BadRequest,
+        };
+        Failure::api(err, cause)
+    }
+
+    /// A worker's 4xx, returned to the client as the worker sent it.
+    pub fn passthrough(err: LegError) -> Self {
+        match err {
+            LegError::Status { status, content_type, body } => {
+                let mut resp = (status, body).into_response();
+                if let Some(ct) = content_type {
+                    resp.headers_mut().insert(CONTENT_TYPE, ct);
+                }
+                Failure { status: status.as_u16(), response: resp, cause: Cause::Upstream4xx }
+            }
+            other => Failure::api(ApiError::internal(format!("unexpected leg error: {}", other.class())), Cause::Internal),
+        }
+    }
+
+    pub fn leg_failed(leg: Leg, err: &LegError) -> Self {
+        let cause = match leg {
+            Leg::Prefill => Cause::PrefillFailed,
+            Leg::Decode => Cause::DecodeFailed,
+        };
+        Failure::api(ApiError::new(ErrorKind::BadGateway, format!("{} leg failed: {}", leg.as_str(), err.class())), cause)
+    }
+
+    pub fn no_worker(no: NoWorker) -> Self {
+        let cause = match no.role {
+            Role::Prefill => Cause::NoHealthyPrefill,
+            Role::Decode => Cause::NoHealthyDecode,
+            Role::Worker => Cause::NoHealthyWorker,
+        };
+        Failure::api(ApiError::new(ErrorKind::ServiceUnavailable, no.to_string()).retry_after(1), cause)
+    }
+
+    pub fn shutting_down() -> Self {
+        Failure::api(
+            ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down; retry on another replica").retry_after(1),
+            Cause::ShuttingDown,
+        )
+    }
+
+    pub fn internal(what: &str) -> Self {
+        Failure::api(ApiError::internal(what), Cause::Internal)
+    }
+}

@@ -1,0 +1,344 @@
+//! One generation (a whole request, or one prompt or choice of a split one) on workers,
+//! top to bottom. Disaggregated: reserve a decode → prefill leg (retried on other
+//! prefills) → decode leg, retried with the same KV on other decodes while the failed
+//! decode surely never took it → the pair run again once when the decode failed in a
+//! way that may have used the KV. Colocated: one leg, retried on other workers.
+//! docs/FAILURES.md is the contract this file implements.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::failure::Failure;
+use super::flow::Router;
+use super::legs::{self, Leg, LegError, LegRequest, Sent, Started};
+use super::policy::RequestInfo;
+use super::request::LegBodies;
+use super::retry;
+use super::workers::{Lease, NoWorker, Pool};
+
+/// What each leg of one generation sends besides its body.
+#[derive(Clone)]
+pub struct LegTemplate {
+    pub path: &'static str,
+    pub request_id: HeaderValue,
+    pub authorization: Option<HeaderValue>,
+    pub prefill_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl LegTemplate {
+    fn request(&self, body: Bytes, timeout: Duration) -> LegRequest {
+        LegRequest { path: self.path, request_id: self.request_id.clone(), authorization: self.authorization.clone(), body, timeout }
+    }
+
+    /// The same legs under another request id (one generation of a split request).
+    pub fn with_id(&self, request_id: HeaderValue) -> Self {
+        LegTemplate { request_id, ..self.clone() }
+    }
+}
+
+/// One generation to run.
+pub struct Job {
+    pub bodies: LegBodies,
+    pub info: RequestInfo,
+    pub leg: LegTemplate,
+    /// The client asked for a stream; otherwise the answer is one JSON body.
+    pub stream: bool,
+}
+
+impl Job {
+    /// A non-streamed decode's first output is its whole answer.
+    fn decode_request(&self, body: Bytes) -> LegRequest {
+        let timeout = if self.stream { self.leg.first_byte_timeout } else { self.leg.request_timeout };
+        self.leg.request(body, timeout)
+    }
+}
+
+/// The start of the answer, and the worker rank giving it.
+pub struct Answer {
+    pub started: Started,
+    pub lease: Lease,
+    /// When the answering leg was sent.
+    pub since: Instant,
+}
+
+pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
+    match router.cfg.mode {
+        super::config::Mode::Disaggregated => disaggregated(router, job).await,
+        super::config::Mode::Regular => colocated(router, &job).await,
+    }
+}
+
+/// Picks avoiding `avoid`; with `fallback`, settles for an avoided worker rather than none.
+fn pick(pool: &Pool, info: &RequestInfo, avoid: &[usize], fallback: bool) -> Result<Lease, NoWorker> {
+    match pool.pick(info, avoid) {
+        Err(no) if fallback && no.healthy > 0 => pool.pick(info, &[]),
+        other => other,
+    }
+}
+
+/// Counts a failed leg against its worker and says what comes of it: a client error
+/// (4xx) is the client's answer, as the worker gave it (`Err`); anything else is a reason
+/// to try another worker (`Ok`, with what the client hears if none is left).
+fn leg_failed(router: &Router, leg: Leg, lease: &mut Lease, err: LegError, request_id: &HeaderValue) -> Result<Failure, Failure> {
+    router.metrics.leg_error(leg, &err);
+    if err.is_client_error() {
+        lease.succeeded();
+        return Err(Failure::passthrough(err));
+    }
+    tracing::warn!(request_id = ?request_id, worker = %lease.url(), leg = leg.as_str(), "leg failed: {err}");
+    lease.failed();
+    if let LegError::Connect(why) = &err {
+        lease.worker().mark_down(why);
+    }
+    Ok(Failure::leg_failed(leg, &err))
+}
+
+/// Whether another attempt may be made now: within --retry-max-retries and the retry
+/// budget; waits the backoff before saying yes.
+async fn may_retry(router: &Router, attempt: u32, label: &'static str) -> bool {
+    if attempt > router.cfg.retry.max_retries || !router.retry_budget.try_retry() {
+        return false;
+    }
+    router.metrics.retry(label);
+    tokio::time::sleep(retry::backoff(&router.cfg.retry, attempt)).await;
+    true
+}
+
+/// How one pair attempt ended.
+enum PairOutcome {
+    Answer(Answer),
+    /// The request is over: every prefill failed, or a worker said 4xx.
+    Final(Failure),
+    /// The decode failed in a way that may have used the KV (timeout, broken answer, an
+    /// error event); these decodes were tried.
+    Decode { decodes: Vec<usize>, prefill: usize, last: Failure },
+}
+
+/// Grace a prefill leg gets to answer after its client has gone (see run_pair).
+const PREFILL_GRACE: Duration = Duration::from_secs(1);
+/// How long a non-streamed decode whose client has gone is kept once the whole request
+/// reached it: by then vLLM has taken it into its engine, where an abort frees the
+/// prefill's KV (see decode_leg).
+pub const DECODE_GRACE: Duration = Duration::from_secs(1);
+
+async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
+    let (mut avoid_p, mut avoid_d) = (Vec::new(), Vec::new());
+    let pairs = if router.cfg.retry.rerun_pair { 2 } else { 1 };
+    let mut last = None;
+    for pair in 0..pairs {
+        if pair > 0 && !may_retry(router, 1, "pair").await {
+            break;
+        }
+        // The decode is reserved first: with none available, no prefill KV is made for nothing.
+        let decode = pick(&router.decode, &job.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(run_pair(router.clone(), job.clone(), decode, avoid_p.clone(), avoid_d.clone(), pair > 0, tx));
+        match rx.await.map_err(|_| Failure::internal("the request's pair task ended unexpectedly"))? {
+            PairOutcome::Answer(answer) => return Ok(answer),
+            PairOutcome::Final(f) => return Err(f),
+            PairOutcome::Decode { decodes, prefill, last: f } => {
+                avoid_d.extend(decodes);
+                if !avoid_p.contains(&prefill) {
+                    avoid_p.push(prefill);
+                }
+                last = Some(f);
+            }
+        }
+    }
+    Err(last.expect("at least one pair was tried"))
+}
+
+/// One pair attempt, in a task of its own, so that it keeps the prefill's KV from being
+/// stranded when the client leaves (the handler is then dropped, closing `tx`):
+/// - during the prefill leg: the prefill gets PREFILL_GRACE to answer. Real vLLM can have
+///   finished computing (and be holding the KV for a decode) a few milliseconds before it
+///   answers; if the answer comes, the decode leg is sent as below. Otherwise the prefill
+///   request is dropped, which makes vLLM abort it and free its KV.
+/// - after the prefill answered: the decode leg is sent anyway and kept until the decode
+///   has taken the KV (decode_leg), then dropped, which makes vLLM abort it.
+async fn run_pair(
+    router: Arc<Router>,
+    job: Arc<Job>,
+    decode: Lease,
+    mut avoid_p: Vec<usize>,
+    avoid_d: Vec<usize>,
+    fallback: bool,
+    mut tx: oneshot::Sender<PairOutcome>,
+) {
+    let prefilled = {
+        let prefill = prefill_leg(&router, &job, &mut avoid_p, fallback);
+        tokio::pin!(prefill);
+        tokio::select! {
+            biased;
+            done = &mut prefill => done,
+            () = tx.closed() => match tokio::time::timeout(PREFILL_GRACE, prefill).await {
+                Ok(done) => done,
+                Err(_) => return,
+            },
+        }
+    };
+    let (params, prefill_index) = match prefilled {
+        Ok(done) => done,
+        Err(f) => {
+            let _ = tx.send(PairOutcome::Final(f));
+            return;
+        }
+    };
+    let req = job.decode_request(job.bodies.decode(params.as_deref()));
+    let mut tried = Vec::new();
+    let mut lease = decode;
+    for attempt in 1.. {
+        let t = Instant::now();
+        let (result, client_gone) = decode_leg(&router, &lease, &req, job.stream, &mut tx).await;
+        let Some(result) = result else {
+            // Kept as long as needed, then dropped: vLLM aborts it.
+            router.metrics.abandoned_decode();
+            return;
+        };
+        let err = match result {
+            Ok(started) => {
+                lease.succeeded();
+                if client_gone {
+                    // The decode has taken the KV; dropping its answer aborts it on vLLM.
+                    router.metrics.abandoned_decode();
+                } else {
+                    router.metrics.leg_time("decode_first_byte", t);
+                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t }));
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let retry_same_kv = err.before_engine();
+        let last = match leg_failed(&router, Leg::Decode, &mut lease, err, &job.leg.request_id) {
+            Ok(last) => last,
+            Err(refused) => {
+                let _ = tx.send(PairOutcome::Final(refused));
+                return;
+            }
+        };
+        tried.push(lease.index());
+        if !retry_same_kv {
+            // The failed decode may have used the KV (or aborted, freeing it): run the
+            // pair again from a new prefill.
+            if !client_gone {
+                let _ = tx.send(PairOutcome::Decode { decodes: tried, prefill: prefill_index, last });
+            }
+            return;
+        }
+        // The failed decode never took the request: the prefill's KV is still waiting, so
+        // the same decode leg goes to another decode (the same one if it is the only one).
+        // This also frees the KV when the client has gone.
+        let next = if may_retry(&router, attempt, "decode").await {
+            let avoid: Vec<usize> = avoid_d.iter().chain(&tried).copied().collect();
+            pick(&router.decode, &job.info, &avoid, true).ok()
+        } else {
+            None
+        };
+        match next {
+            Some(next) => lease = next,
+            None => {
+                let _ = tx.send(PairOutcome::Final(last));
+                return;
+            }
+        }
+    }
+}
+
+/// Sends the decode leg; says too whether the client left meanwhile. The leg is then
+/// kept until the decode has surely taken the KV, and dropped after (vLLM aborts it, and
+/// an abort frees the prefill's KV too if it was not yet pulled): a streamed leg until its
+/// first output (which comes after the pull); a non-streamed one, whose first output is
+/// its end, until DECODE_GRACE after the whole request reached the decode (`None`: vLLM
+/// 0.32 also frees the prefill's KV when a request is cancelled before its engine has it).
+async fn decode_leg(
+    router: &Router,
+    lease: &Lease,
+    req: &LegRequest,
+    stream: bool,
+    tx: &mut oneshot::Sender<PairOutcome>,
+) -> (Option<Result<Started, LegError>>, bool) {
+    let sent = Arc::new(Sent::default());
+    let leg = legs::answer(&router.client, lease, req, Some(sent.clone()));
+    tokio::pin!(leg);
+    tokio::select! {
+        biased;
+        result = &mut leg => return (Some(result), false),
+        () = tx.closed() => {}
+    }
+    if stream {
+        return (Some(leg.await), true);
+    }
+    let taken = async {
+        sent.wait().await;
+        tokio::time::sleep(DECODE_GRACE).await;
+    };
+    tokio::select! {
+        result = &mut leg => (Some(result), true),
+        () = taken => (None, true),
+    }
+}
+
+/// The prefill leg, retried on other prefill workers; returns the params and the worker.
+async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<usize>, fallback: bool) -> Result<(Option<Bytes>, usize), Failure> {
+    let req = job.leg.request(job.bodies.prefill(), job.leg.prefill_timeout);
+    let mut last: Option<Failure> = None;
+    for attempt in 0.. {
+        if attempt > 0 && !may_retry(router, attempt, "prefill").await {
+            break;
+        }
+        let mut lease = match pick(&router.prefill, &job.info, avoid, fallback && attempt == 0) {
+            Ok(lease) => lease,
+            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
+        };
+        let t = Instant::now();
+        match legs::prefill(&router.client, &lease, &req).await {
+            Ok(params) => {
+                lease.succeeded();
+                router.metrics.leg_time("prefill", t);
+                return Ok((params, lease.index()));
+            }
+            Err(e) => {
+                last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);
+                avoid.push(lease.index());
+            }
+        }
+    }
+    Err(last.expect("at least one prefill was tried"))
+}
+
+/// Colocated mode: one leg to a worker, retried elsewhere before its first byte. A client
+/// that leaves drops it at once (no KV crosses workers).
+async fn colocated(router: &Router, job: &Job) -> Result<Answer, Failure> {
+    let req = job.decode_request(job.bodies.colocated());
+    let mut avoid = Vec::new();
+    let mut last: Option<Failure> = None;
+    for attempt in 0.. {
+        if attempt > 0 && !may_retry(router, attempt, "worker").await {
+            break;
+        }
+        let mut lease = match router.workers.pick(&job.info, &avoid) {
+            Ok(lease) => lease,
+            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
+        };
+        let t = Instant::now();
+        match legs::answer(&router.client, &lease, &req, None).await {
+            Ok(started) => {
+                lease.succeeded();
+                router.metrics.leg_time("decode_first_byte", t);
+                return Ok(Answer { started, lease, since: t });
+            }
+            Err(e) => {
+                last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
+                avoid.push(lease.index());
+            }
+        }
+    }
+    Err(last.expect("at least one worker was tried"))
+}
