@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod config;
 pub mod engine;
+pub mod generate;
 pub mod http;
 pub mod metrics;
 pub mod request;

@@ -5,13 +5,9 @@
 use serde_json::{Map, Value};
 
 use super::tokens::{self, Generator, BOS};
+pub use crate::api::fields::Api;
+use crate::api::fields::{check_generation, Fields};
 use crate::api::{validation_error, ApiError, ErrorKind};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Api {
-    Completions,
-    Chat,
-}
 
 /// Where the prompt's KV comes from and goes to (PROTOCOLS.md §1).
 #[derive(Clone, Debug, PartialEq)]
@@ -35,9 +31,15 @@ pub struct RemoteKv {
     pub num_tokens: Option<usize>,
 }
 
+/// One request: one or more prompts (a completions list), each sampled `n` times.
 pub struct GenRequest {
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
+    pub prompts: Vec<Vec<u32>>,
+    pub n: usize,
+    /// One per generation, prompt-major: choice `j` of a seeded request uses `seed + j`,
+    /// as vLLM seeds its child requests.
+    pub generators: Vec<Generator>,
+    /// Per prompt (the default depends on the prompt's length).
+    pub max_tokens: Vec<usize>,
     pub min_tokens: usize,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
@@ -46,107 +48,26 @@ pub struct GenRequest {
     pub include_usage: bool,
     pub continuous_usage: bool,
     pub kv: KvRequest,
-    pub generator: Generator,
+}
+
+impl GenRequest {
+    /// The prompt of generation `k`.
+    pub fn prompt_of(&self, k: usize) -> &[u32] {
+        &self.prompts[k / self.n]
+    }
+
+    pub fn max_tokens_of(&self, k: usize) -> usize {
+        self.max_tokens[k / self.n]
+    }
+
+    pub fn generations(&self) -> usize {
+        self.prompts.len() * self.n
+    }
 }
 
 pub struct Limits<'a> {
     pub model: &'a str,
     pub max_model_len: usize,
-}
-
-/// Typed reads of optional fields; `null` counts as absent, as in vLLM's schema.
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl<'a> Fields<'a> {
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        self.0.get(name).filter(|v| !v.is_null())
-    }
-
-    fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
-        let Some(v) = self.get(name) else { return Ok(None) };
-        let parsed = match v {
-            Value::Number(n) => n.as_i64().or_else(|| {
-                n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64)
-            }),
-            Value::String(s) => s.trim().parse::<i64>().ok(),
-            _ => None,
-        };
-        parsed.map(Some).ok_or_else(|| {
-            validation_error(
-                &format!("body.{name}"),
-                if v.is_string() { "int_parsing" } else { "int_type" },
-                "Input should be a valid integer",
-                v,
-            )
-        })
-    }
-
-    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
-        let Some(v) = self.get(name) else { return Ok(None) };
-        let parsed = match v {
-            Value::Bool(b) => Some(*b),
-            Value::Number(n) if n.as_i64() == Some(0) => Some(false),
-            Value::Number(n) if n.as_i64() == Some(1) => Some(true),
-            Value::String(s) => match s.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" | "t" | "y" => Some(true),
-                "false" | "0" | "no" | "off" | "f" | "n" => Some(false),
-                _ => None,
-            },
-            _ => None,
-        };
-        parsed.map(Some).ok_or_else(|| {
-            validation_error(&format!("body.{name}"), "bool_parsing", "Input should be a valid boolean", v)
-        })
-    }
-
-    fn object(&self, name: &str) -> Result<Option<&'a Map<String, Value>>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(m)),
-            Some(v) => Err(validation_error(
-                &format!("body.{name}"),
-                "model_type",
-                "Input should be a valid dictionary",
-                v,
-            )),
-        }
-    }
-
-    fn strings(&self, name: &str) -> Result<Vec<String>, ApiError> {
-        match self.get(name) {
-            None => Ok(Vec::new()),
-            Some(Value::String(s)) => Ok(vec![s.clone()]),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_str().map(str::to_owned).ok_or_else(|| {
-                        validation_error(&format!("body.{name}"), "string_type", "Input should be a valid string", i)
-                    })
-                })
-                .collect(),
-            Some(v) => Err(validation_error(
-                &format!("body.{name}"),
-                "string_type",
-                "Input should be a valid string or list of strings",
-                v,
-            )),
-        }
-    }
-
-    fn token_ids(&self, name: &str) -> Result<Vec<u32>, ApiError> {
-        match self.get(name) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-                        validation_error(&format!("body.{name}"), "int_type", "Input should be a valid integer", i)
-                    })
-                })
-                .collect(),
-            Some(v) => Err(validation_error(&format!("body.{name}"), "list_type", "Input should be a valid list", v)),
-        }
-    }
 }
 
 /// Checks the `model` field against the served model (vLLM answers 404).
@@ -163,12 +84,12 @@ pub fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiErr
     }
 }
 
-/// The prompt's token ids: completions take a string or token ids (or a one-element
-/// list of either); chat applies a fixed chat template to `messages`.
-pub fn prompt_tokens(api: Api, body: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+/// The prompts' token ids: completions take a string, token ids, or a list of either;
+/// chat applies a fixed chat template to `messages`.
+pub fn prompt_tokens(api: Api, body: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
     match api {
-        Api::Completions => completion_prompt(body),
-        Api::Chat => Ok(text_tokens(&chat_text(body)?)),
+        Api::Completions => completion_prompts(body),
+        Api::Chat => Ok(vec![text_tokens(&chat_text(body)?)]),
     }
 }
 
@@ -178,7 +99,10 @@ fn text_tokens(text: &str) -> Vec<u32> {
     t
 }
 
-fn completion_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+/// vLLM's cap on the prompts of one completions request (VLLM_MAX_COMPLETION_PROMPTS).
+const MAX_PROMPTS: usize = 1024;
+
+fn completion_prompts(body: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
     let missing = || {
         ApiError::bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)")
             .param("prompt")
@@ -186,9 +110,7 @@ fn completion_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
     let one_prompt = |v: &Value| -> Result<Vec<u32>, ApiError> {
         match v {
             Value::String(s) => Ok(text_tokens(s)),
-            Value::Array(ids) if ids.iter().all(Value::is_u64) && !ids.is_empty() => {
-                ids.iter().map(|i| token_id(i)).collect()
-            }
+            Value::Array(ids) if ids.iter().all(Value::is_u64) && !ids.is_empty() => ids.iter().map(token_id).collect(),
             other => Err(validation_error(
                 "body.prompt",
                 "union_type",
@@ -201,15 +123,16 @@ fn completion_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
         None | Some(Value::Null) => Err(missing()),
         Some(Value::Array(items)) if items.is_empty() => Err(missing()),
         Some(Value::Array(items)) if items.iter().all(|i| i.is_string() || i.is_array()) => {
-            if items.len() > 1 {
-                return Err(ApiError::bad_request(
-                    "disagg sim serves one prompt per request; send the batch as separate requests",
-                )
+            if items.len() > MAX_PROMPTS {
+                return Err(ApiError::bad_request(format!(
+                    "Too many prompts: {} (max {MAX_PROMPTS}). (parameter=prompt)",
+                    items.len()
+                ))
                 .param("prompt"));
             }
-            one_prompt(&items[0])
+            items.iter().map(one_prompt).collect()
         }
-        Some(v) => one_prompt(v),
+        Some(v) => Ok(vec![one_prompt(v)?]),
     }
 }
 
@@ -276,107 +199,94 @@ fn chat_text(body: &Map<String, Value>) -> Result<String, ApiError> {
 
 /// Parses and checks a generation request; `Err` carries vLLM's status and message.
 pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result<GenRequest, ApiError> {
-    let f = Fields(body);
+    let f = Fields::body(body);
     check_model(body, limits.model)?;
-    let prompt = prompt_tokens(api, body)?;
-
-    let max_field = match api {
-        Api::Chat if f.get("max_completion_tokens").is_some() => "max_completion_tokens",
-        _ => "max_tokens",
-    };
-    let max_tokens = match f.int(max_field)? {
-        Some(m) if m < 1 => {
-            return Err(ApiError::bad_request(format!(
-                "{max_field} must be at least 1, got {m}. (parameter={max_field}, value={m})"
-            ))
-            .param(max_field))
-        }
-        Some(m) if m as u64 > limits.max_model_len as u64 => {
-            return Err(ApiError::bad_request(format!(
-                "{max_field}={m} cannot be greater than max_model_len={}. Please request fewer \
-                 output tokens. (parameter={max_field}, value={m})",
-                limits.max_model_len
-            ))
-            .param(max_field))
-        }
-        Some(m) => Some(m as usize),
-        None => None,
-    };
-    if prompt.len() >= limits.max_model_len {
+    let gen = check_generation(api, body)?;
+    let prompts = prompt_tokens(api, body)?;
+    if let Some(m) = gen.max_tokens.filter(|m| *m as u64 > limits.max_model_len as u64) {
+        let field = if api == Api::Chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {} tokens. However, your request has {} input \
-             tokens. Please reduce the length of the input messages.",
-            limits.max_model_len,
-            prompt.len()
-        )));
+            "{field}={m} cannot be greater than max_model_len={}. Please request fewer \
+             output tokens. (parameter={field}, value={m})",
+            limits.max_model_len
+        ))
+        .param(field));
     }
-    let max_tokens = max_tokens.unwrap_or(limits.max_model_len - prompt.len());
-    if prompt.len() + max_tokens > limits.max_model_len {
-        return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {} tokens. However, you requested {} tokens \
-             ({} in the messages, {} in the completion). Please reduce the length of the messages \
-             or completion.",
-            limits.max_model_len,
-            prompt.len() + max_tokens,
-            prompt.len(),
-            max_tokens
-        )));
-    }
-    let min_tokens = match f.int("min_tokens")? {
-        Some(m) if m < 0 => {
-            return Err(ApiError::bad_request(format!("min_tokens must be greater than or equal to 0, got {m}.")))
-        }
-        Some(m) if m as usize > max_tokens => {
+    // vLLM's completions default to 16 output tokens; an explicit null (and chat) means
+    // whatever the context has left.
+    let default_max = (api == Api::Completions && !body.contains_key("max_tokens")).then_some(16);
+    let mut max_tokens = Vec::with_capacity(prompts.len());
+    for prompt in &prompts {
+        if prompt.len() >= limits.max_model_len {
             return Err(ApiError::bad_request(format!(
-                "min_tokens must be less than or equal to max_tokens={max_tokens}, got {m}."
-            )))
+                "This model's maximum context length is {} tokens. However, your request has {} input \
+                 tokens. Please reduce the length of the input messages.",
+                limits.max_model_len,
+                prompt.len()
+            )));
         }
-        Some(m) => m as usize,
-        None => 0,
-    };
-    if let Some(n) = f.int("n")? {
-        if n != 1 {
+        let wanted = gen.max_tokens.map(|m| m as usize).or(default_max).unwrap_or(limits.max_model_len - prompt.len());
+        if prompt.len() + wanted > limits.max_model_len {
             return Err(ApiError::bad_request(format!(
-                "disagg sim serves n=1 only, got n={n}; send separate requests"
-            ))
-            .param("n"));
+                "This model's maximum context length is {} tokens. However, you requested {} tokens \
+                 ({} in the messages, {} in the completion). Please reduce the length of the messages \
+                 or completion.",
+                limits.max_model_len,
+                prompt.len() + wanted,
+                prompt.len(),
+                wanted
+            )));
         }
+        max_tokens.push(wanted);
     }
-    let stream = f.boolean("stream")?.unwrap_or(false);
-    let opts = f.object("stream_options")?;
-    if opts.is_some() && !stream {
-        return Err(ApiError::bad_request("Stream options can only be defined when `stream=True`."));
-    }
-    let (include_usage, continuous_usage) = match opts {
-        Some(o) => {
-            let of = Fields(o);
-            (
-                of.boolean("include_usage")?.unwrap_or(false),
-                of.boolean("continuous_usage_stats")?.unwrap_or(false),
-            )
-        }
-        None => (false, false),
-    };
-    let kv = kv_request(f.object("kv_transfer_params")?)?;
-    let generator = Generator::new(tokens::fingerprint(&prompt), body);
+    let n = gen.n as usize;
+    let kv = kv_request(body)?;
+    let generators = prompts
+        .iter()
+        .flat_map(|p| {
+            let fp = tokens::fingerprint(p);
+            (0..n).map(move |j| (fp, j))
+        })
+        .map(|(fp, j)| Generator::for_choice(fp, body, gen.seed, j, n))
+        .collect();
     Ok(GenRequest {
+        prompts,
+        n,
+        generators,
         max_tokens,
-        min_tokens,
+        min_tokens: f.int("min_tokens")?.unwrap_or(0) as usize,
         ignore_eos: f.boolean("ignore_eos")?.unwrap_or(false),
         stop: f.strings("stop")?.into_iter().filter(|s| !s.is_empty()).collect(),
         stop_token_ids: f.token_ids("stop_token_ids")?,
-        stream,
-        include_usage,
-        continuous_usage,
+        stream: gen.stream,
+        include_usage: gen.include_usage,
+        continuous_usage: gen.continuous_usage,
         kv,
-        generator,
-        prompt,
     })
 }
 
-fn kv_request(params: Option<&Map<String, Value>>) -> Result<KvRequest, ApiError> {
-    let Some(p) = params else { return Ok(KvRequest::Local) };
-    let f = Fields(p);
+/// The KV transfer a request asks for: `kv_transfer_params`, or (as vLLM takes it) the
+/// same key in `vllm_xargs`, which vLLM passes on unchecked.
+fn kv_request(body: &Map<String, Value>) -> Result<KvRequest, ApiError> {
+    let f = Fields::body(body);
+    if let Some(p) = f.dict("kv_transfer_params")? {
+        return kv_params(p);
+    }
+    match f.dict("vllm_xargs")?.and_then(|x| x.get("kv_transfer_params")) {
+        None | Some(Value::Null) => Ok(KvRequest::Local),
+        Some(Value::Object(_)) => Err(validation_error(
+            "body.vllm_xargs.kv_transfer_params",
+            "string_type",
+            "Input should be a valid string",
+            &Value::Null,
+        )),
+        // vLLM then calls .get() on a string and answers 500 with an empty message.
+        Some(_) => Err(ApiError::internal("")),
+    }
+}
+
+pub fn kv_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
+    let f = Fields { map: p, loc: "body.kv_transfer_params" };
     if f.boolean("do_remote_decode")?.unwrap_or(false) {
         return Ok(KvRequest::RemoteDecode);
     }
@@ -455,8 +365,8 @@ mod tests {
             &LIMITS,
         )
         .unwrap();
-        assert_eq!(r.prompt, vec![5, 6, 7]);
-        assert_eq!(r.max_tokens, 3);
+        assert_eq!(r.prompts, vec![vec![5, 6, 7]]);
+        assert_eq!(r.max_tokens, vec![3]);
         assert!(r.ignore_eos);
         assert_eq!(r.kv, KvRequest::Local);
     }
@@ -465,9 +375,29 @@ mod tests {
     fn chat_prefers_max_completion_tokens_and_defaults_to_the_context_left() {
         let msgs = json!([{"role": "user", "content": "hi"}]);
         let r = parse(Api::Chat, &body(json!({"messages": msgs, "max_tokens": 9, "max_completion_tokens": 4})), &LIMITS).unwrap();
-        assert_eq!(r.max_tokens, 4);
+        assert_eq!(r.max_tokens, vec![4]);
         let r = parse(Api::Chat, &body(json!({"messages": msgs})), &LIMITS).unwrap();
-        assert_eq!(r.max_tokens + r.prompt.len(), 100);
+        assert_eq!(r.max_tokens[0] + r.prompts[0].len(), 100);
+    }
+
+    #[test]
+    fn completions_default_to_16_tokens_and_lists_are_several_prompts() {
+        let r = parse(Api::Completions, &body(json!({"prompt": ["a", [5, 6], "b c"], "n": 2, "seed": 3, "temperature": 1})), &LIMITS).unwrap();
+        assert_eq!(r.generations(), 6);
+        assert_eq!(r.prompt_of(2), &[5, 6]);
+        assert_eq!(r.max_tokens, vec![16, 16, 16]);
+        let r = parse(Api::Completions, &body(json!({"prompt": "a", "max_tokens": null})), &LIMITS).unwrap();
+        assert_eq!(r.max_tokens[0] + r.prompts[0].len(), 100, "an explicit null means the context left");
+        assert!(parse(Api::Completions, &body(json!({"prompt": "a", "n": 2, "temperature": 0})), &LIMITS).is_err());
+    }
+
+    #[test]
+    fn a_seeded_choice_samples_as_a_request_seeded_seed_plus_its_index() {
+        let many = parse(Api::Completions, &body(json!({"prompt": "x", "n": 3, "seed": 10, "temperature": 0.5})), &LIMITS).unwrap();
+        let one = parse(Api::Completions, &body(json!({"prompt": "x", "seed": 12, "temperature": 0.5})), &LIMITS).unwrap();
+        let seq = |g: &Generator| (0..20).map(|i| g.token(i)).collect::<Vec<_>>();
+        assert_eq!(seq(&many.generators[2]), seq(&one.generators[0]));
+        assert_ne!(seq(&many.generators[0]), seq(&many.generators[1]));
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub struct Meta {
     pub id: String,
     pub created: u64,
     pub model: String,
-    pub prompt_tokens: usize,
 }
 
 /// Why a choice ended, as vLLM reports it.
@@ -102,54 +101,68 @@ impl TextOut {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Copy)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub total_tokens: usize,
     pub completion_tokens: usize,
 }
 
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage { prompt_tokens, total_tokens: prompt_tokens + completion_tokens, completion_tokens }
+    }
+}
+
+/// One finished choice of a non-streamed answer.
+pub struct Finished {
+    pub text: String,
+    pub ending: Ending,
+    pub tokens: usize,
+    pub kv: Option<Value>,
+}
+
 impl Meta {
-    pub fn usage(&self, completion_tokens: usize) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            total_tokens: self.prompt_tokens + completion_tokens,
-            completion_tokens,
+    fn choice(&self, index: usize, f: &Finished) -> Value {
+        match self.api {
+            Api::Completions => json!({"index": index, "text": f.text, "logprobs": null, "finish_reason": f.ending.finish_reason(),
+                "stop_reason": f.ending.stop_reason(), "token_ids": null, "prompt_logprobs": null,
+                "prompt_token_ids": null, "routed_experts": null}),
+            Api::Chat => json!({"index": index, "message": {"role": "assistant", "content": f.text, "refusal": null,
+                "annotations": null, "audio": null, "function_call": null, "reasoning": null},
+                "logprobs": null, "finish_reason": f.ending.finish_reason(), "stop_reason": f.ending.stop_reason(),
+                "token_ids": null, "routed_experts": null}),
         }
     }
 
-    /// The whole non-streamed response.
-    pub fn full_response(&self, text: &str, ending: &Ending, completion_tokens: usize, kv: Option<Value>) -> Value {
+    /// The whole non-streamed response (vLLM 0.32's shape), choices in order.
+    pub fn full_response(&self, choices: &[Finished], usage: Usage) -> Value {
         let usage = json!({
-            "prompt_tokens": self.prompt_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "total_tokens": usage.total_tokens,
+            "completion_tokens": usage.completion_tokens,
             "prompt_tokens_details": null,
             "completion_tokens_details": null,
         });
+        let kv = choices.first().and_then(|c| c.kv.clone());
+        let list: Vec<Value> = choices.iter().enumerate().map(|(i, c)| self.choice(i, c)).collect();
         match self.api {
             Api::Completions => json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": ending.finish_reason(),
-                    "stop_reason": ending.stop_reason(), "token_ids": null, "prompt_logprobs": null,
-                    "prompt_token_ids": null}],
-                "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
-                "kv_transfer_params": kv,
+                "choices": list, "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+                "kv_transfer_params": kv, "ec_transfer_params": null, "metrics": null,
             }),
             Api::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null,
-                    "annotations": null, "audio": null, "function_call": null, "reasoning": null},
-                    "logprobs": null, "finish_reason": ending.finish_reason(), "stop_reason": ending.stop_reason(),
-                    "token_ids": null}],
-                "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
-                "prompt_logprobs": null, "prompt_token_ids": null, "kv_transfer_params": kv,
+                "choices": list, "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+                "prompt_logprobs": null, "prompt_token_ids": null, "prompt_text": null, "kv_transfer_params": kv,
+                "ec_transfer_params": null, "metrics": null,
             }),
         }
     }
 
-    /// One streamed chunk with `delta` text; `ending` on the last one.
-    pub fn chunk(&self, delta: &str, ending: Option<&Ending>, role: bool, usage: Option<Usage>) -> bytes::Bytes {
+    /// One streamed chunk of choice `index` with `delta` text; `ending` on its last one.
+    pub fn chunk(&self, index: u32, delta: &str, ending: Option<&Ending>, role: bool, usage: Option<Usage>) -> bytes::Bytes {
         let finish_reason = ending.map(Ending::finish_reason);
         let stop_reason = ending.map(Ending::stop_reason);
         match self.api {
@@ -158,13 +171,7 @@ impl Meta {
                 object: "text_completion",
                 created: self.created,
                 model: &self.model,
-                choices: &[CompletionChoice {
-                    index: 0,
-                    text: delta,
-                    logprobs: None,
-                    finish_reason,
-                    stop_reason: stop_reason.unwrap_or(Value::Null),
-                }],
+                choices: &[CompletionChoice { index, text: delta, logprobs: None, finish_reason, stop_reason: stop_reason.unwrap_or(Value::Null) }],
                 usage,
             }),
             Api::Chat => crate::api::sse::event(&ChatChunk {
@@ -172,27 +179,21 @@ impl Meta {
                 object: "chat.completion.chunk",
                 created: self.created,
                 model: &self.model,
-                choices: &[ChatChoice {
-                    index: 0,
-                    delta: Delta { role: role.then_some("assistant"), content: delta },
-                    logprobs: None,
-                    finish_reason,
-                    stop_reason,
-                }],
+                choices: &[ChatChoice { index, delta: Delta { role: role.then_some("assistant"), content: delta }, logprobs: None, finish_reason, stop_reason }],
                 usage,
             }),
         }
     }
 
     /// The `choices: []` chunk carrying usage (`stream_options.include_usage`).
-    pub fn usage_chunk(&self, completion_tokens: usize) -> bytes::Bytes {
+    pub fn usage_chunk(&self, usage: Usage) -> bytes::Bytes {
         let object = match self.api {
             Api::Completions => "text_completion",
             Api::Chat => "chat.completion.chunk",
         };
         crate::api::sse::event(&json!({
             "id": self.id, "object": object, "created": self.created, "model": self.model,
-            "choices": [], "usage": self.usage(completion_tokens), "system_fingerprint": FINGERPRINT,
+            "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT,
         }))
     }
 }

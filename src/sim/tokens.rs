@@ -142,13 +142,27 @@ pub const SAMPLING_FIELDS: &[&str] = &[
 
 impl Generator {
     pub fn new(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>) -> Self {
-        let mut seed = prompt_fingerprint;
+        let seed = body.get("seed").and_then(Value::as_i64);
+        Generator::for_choice(prompt_fingerprint, body, seed, 0, 1)
+    }
+
+    /// Choice `j` of `n`: with a seed, sampled as a request seeded `seed + j` is (vLLM
+    /// seeds its child requests so); without one, each choice differs.
+    pub fn for_choice(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>, seed: Option<i64>, j: usize, n: usize) -> Self {
+        let mut state = prompt_fingerprint;
         for field in SAMPLING_FIELDS {
-            if let Some(v) = body.get(*field).filter(|v| !v.is_null()) {
-                seed = mix(seed ^ fnv1a(field.as_bytes()) ^ fnv1a(v.to_string().as_bytes()));
+            let value = match (*field, seed) {
+                ("seed", Some(s)) => Some((i128::from(s) + j as i128).to_string()),
+                _ => body.get(*field).filter(|v| !v.is_null()).map(Value::to_string),
+            };
+            if let Some(v) = value {
+                state = mix(state ^ fnv1a(field.as_bytes()) ^ fnv1a(v.as_bytes()));
             }
         }
-        Generator { seed }
+        if seed.is_none() && n > 1 && j > 0 {
+            state = mix(state ^ j as u64);
+        }
+        Generator { seed: state }
     }
 
     /// The token at output position `i` (0-based).
