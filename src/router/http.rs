@@ -165,7 +165,9 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
                    "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight()})
         })
         .collect();
+    let index: serde_json::Map<String, Value> =
+        r.pools().into_iter().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),
-        "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining()}))
+        "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining(), "prefix_index_entries": index}))
     .into_response()
 }

@@ -261,6 +261,11 @@ impl Pool {
         Err(NoWorker { role: self.role, total: self.workers.len(), healthy: self.available_count() })
     }
 
+    /// Entries in the policy's prefix index, if it keeps one.
+    pub fn index_entries(&self) -> Option<usize> {
+        self.lock().index_entries()
+    }
+
     /// Periodic policy upkeep (cache_aware's trim), in bounded steps between which
     /// picks take the lock.
     pub async fn maintain(&self) {

@@ -28,6 +28,9 @@ pub struct Capture {
     pub stream_error_first: bool,
     /// A streamed answer ends without `data: [DONE]`.
     pub no_done: bool,
+    /// A prefill leg is answered without `kv_transfer_params` (as vLLM does when the one
+    /// token it generates is EOS or hits a stop string).
+    pub no_params: bool,
 }
 
 pub const PARAMS: &str = r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[[7,8]],"remote_engine_id":"eng-1","remote_request_id":"cmpl-x-0-1","remote_host":"127.0.0.1","remote_port":5600,"tp_size":1,"extra_future_field":{"a":[1,2]}}"#;
@@ -77,7 +80,7 @@ async fn handle(State(c): State<Capture>, uri: Uri, headers: HeaderMap, body: By
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if v["kv_transfer_params"]["do_remote_decode"] == true {
-        let params: Value = serde_json::from_str(PARAMS).unwrap();
+        let params: Value = if c.no_params { Value::Null } else { serde_json::from_str(PARAMS).unwrap() };
         return axum::Json(json!({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}, "kv_transfer_params": params}))
         .into_response();

@@ -6,6 +6,7 @@ mod handshake;
 mod launch;
 mod router_faults;
 mod router_flow;
+mod router_hardening;
 mod router_policy;
 mod sim;
 mod support;

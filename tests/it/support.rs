@@ -32,9 +32,15 @@ fn log_path(tag: &str) -> PathBuf {
 impl Proc {
     /// Starts `disagg <args>` and waits for its banner line (which names its URL).
     pub async fn start(args: &[&str]) -> Proc {
+        Proc::start_with_env(args, &[]).await
+    }
+
+    /// As `start`, with extra environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let log = log_path(args.first().copied().unwrap_or("disagg"));
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -69,6 +75,19 @@ impl Proc {
 
     pub fn kill(&mut self) {
         let _ = self.child.start_kill();
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.child.id() {
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Waits for the process to exit by itself; `None` if it is still running.
@@ -210,12 +229,25 @@ pub async fn router(args: &[&str]) -> Proc {
 
 /// `disagg route --port 0 <args>` without waiting for its workers.
 pub async fn router_unready(args: &[&str]) -> Proc {
+    router_unready_with_env(args, &[]).await
+}
+
+async fn router_unready_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut all = vec!["route", "--port", "0"];
     if !args.contains(&"--health-check-interval-secs") {
         all.extend(["--health-check-interval-secs", "0.2"]);
     }
     all.extend_from_slice(args);
-    Proc::start(&all).await
+    Proc::start_with_env(&all, env).await
+}
+
+/// `disagg route` with extra environment variables, once its /health is 200.
+pub async fn router_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let r = router_unready_with_env(args, env).await;
+    let url = r.url.clone();
+    let ready = eventually(Duration::from_secs(10), || async { get(&format!("{url}/health")).await.0 == 200 }).await;
+    assert!(ready, "router never became healthy");
+    r
 }
 
 /// The router's `/workers` document.
@@ -307,6 +339,36 @@ pub async fn ready_url<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io
         let line = tokio::time::timeout(left, lines.next_line()).await.ok()?.ok()??;
         if let Some(url) = line.strip_prefix("disagg launch ready: ") {
             return Some(url.to_string());
+        }
+    }
+}
+
+/// A field of /proc/PID/status in KiB (e.g. `VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim_start_matches(':').trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The `host:port` of a base URL, for raw sockets.
+pub fn addr_of(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
+}
+
+/// Reads a raw socket until it closes or `within` passes; returns what it read and
+/// whether it closed.
+pub async fn read_until_closed(sock: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
         }
     }
 }

@@ -130,6 +130,14 @@ impl Policy {
         }
     }
 
+    /// Entries in cache_aware's prefix index (None for other policies).
+    pub fn index_entries(&self) -> Option<usize> {
+        match self {
+            Policy::CacheAware { index, .. } => Some(index.entries()),
+            _ => None,
+        }
+    }
+
     /// One bounded step of upkeep (cache_aware's trim to --max-tree-size); returns
     /// whether more steps are due.
     pub fn maintain(&mut self) -> bool {
