@@ -155,9 +155,12 @@ fn merged_stream(streams: Vec<Upstream>, n: usize, held: Held) -> Body {
                             return Some((out, Step::Merging(m)));
                         }
                     }
-                    Some((_, Piece::Broken { event, why })) => {
+                    Some((k, Piece::Broken { event, why, worker_fault })) => {
                         tracing::warn!("a generation's stream failed: {why}");
                         m.held.record.fail(Cause::DecodeMidstream);
+                        if let Some(lease) = m.held.leases.get_mut(k).filter(|_| worker_fault) {
+                            lease.failed();
+                        }
                         return Some((event, Step::Done(m.held)));
                     }
                     None => {

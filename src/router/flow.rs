@@ -46,6 +46,7 @@ pub struct Router {
     pub worker_auth: Option<HeaderValue>,
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
+    pub prefill_time: pair::PrefillTime,
 }
 
 impl Router {

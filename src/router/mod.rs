@@ -68,6 +68,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         worker_auth,
         retry_budget: retry::RetryBudget::new(&cfg.retry),
         drain: Arc::default(),
+        prefill_time: pair::PrefillTime::default(),
         cfg,
     })
 }

@@ -120,8 +120,28 @@ enum PairOutcome {
     Decode { decodes: Vec<usize>, prefill: usize, last: Failure },
 }
 
-/// Grace a prefill leg gets to answer after its client has gone (see run_pair).
-const PREFILL_GRACE: Duration = Duration::from_secs(1);
+/// The typical time of a prefill leg (an exponentially weighted mean), which sets how
+/// long a prefill whose client has gone may still answer (see run_pair).
+#[derive(Default)]
+pub struct PrefillTime {
+    micros: std::sync::atomic::AtomicU64,
+}
+
+impl PrefillTime {
+    fn observe(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let new = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.micros.load(Relaxed);
+        let mean = if old == 0 { new } else { (old * 7 + new) / 8 };
+        self.micros.store(mean, Relaxed);
+    }
+
+    /// Three typical prefill times, at least a second, at most the prefill timeout.
+    fn grace(&self, limit: Duration) -> Duration {
+        let typical = Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed));
+        (typical * 3).max(Duration::from_secs(1)).min(limit)
+    }
+}
 /// How long a non-streamed decode whose client has gone is kept once the whole request
 /// reached it: by then vLLM has taken it into its engine, where an abort frees the
 /// prefill's KV (see decode_leg).
@@ -156,10 +176,11 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
 
 /// One pair attempt, in a task of its own, so that it keeps the prefill's KV from being
 /// stranded when the client leaves (the handler is then dropped, closing `tx`):
-/// - during the prefill leg: the prefill gets PREFILL_GRACE to answer. Real vLLM can have
-///   finished computing (and be holding the KV for a decode) a few milliseconds before it
-///   answers; if the answer comes, the decode leg is sent as below. Otherwise the prefill
-///   request is dropped, which makes vLLM abort it and free its KV.
+/// - during the prefill leg: the prefill gets a grace to answer (three typical prefill
+///   times, at least 1 s). Real vLLM can have finished computing (and be holding the KV
+///   for a decode) a few milliseconds before it answers; if the answer comes, the decode
+///   leg is sent as below. Otherwise the prefill request is dropped, which makes vLLM
+///   abort it and free its KV.
 /// - after the prefill answered: the decode leg is sent anyway and kept until the decode
 ///   has taken the KV (decode_leg), then dropped, which makes vLLM abort it.
 async fn run_pair(
@@ -177,7 +198,7 @@ async fn run_pair(
         tokio::select! {
             biased;
             done = &mut prefill => done,
-            () = tx.closed() => match tokio::time::timeout(PREFILL_GRACE, prefill).await {
+            () = tx.closed() => match tokio::time::timeout(router.prefill_time.grace(job.leg.prefill_timeout), prefill).await {
                 Ok(done) => done,
                 Err(_) => return,
             },
@@ -302,6 +323,7 @@ async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<usize>, fallbac
             Ok(params) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
+                router.prefill_time.observe(t.elapsed());
                 return Ok((params, lease.index()));
             }
             Err(e) => {

@@ -76,8 +76,9 @@ pub fn whole(bytes: Bytes, held: Held) -> Body {
 /// One piece of a relayed stream.
 pub enum Piece {
     Bytes(Bytes),
-    /// The stream broke: the error event to send (then `[DONE]`), and why, for the log.
-    Broken { event: Bytes, why: String },
+    /// The stream broke: the error event to send (then `[DONE]`), why (for the log), and
+    /// whether the worker is to blame (not when the router is shutting down).
+    Broken { event: Bytes, why: String, worker_fault: bool },
 }
 
 /// A worker's SSE answer as it arrives, with breakage turned into a `Piece::Broken`.
@@ -107,7 +108,7 @@ impl Upstream {
     fn broken(&mut self, why: String) -> Option<Piece> {
         self.over = true;
         let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream: {why}"));
-        Some(Piece::Broken { event: sse::event(&err.body()), why })
+        Some(Piece::Broken { event: sse::event(&err.body()), why, worker_fault: true })
     }
 
     /// The next piece; `None` once the stream ended with `[DONE]` (or broke before).
@@ -124,7 +125,13 @@ impl Upstream {
         };
         let next = tokio::select! {
             next = tokio::time::timeout(self.idle, self.rest.next()) => next,
-            () = cut => return self.broken("the router is shutting down".into()),
+            () = cut => {
+                let mut piece = self.broken("the router is shutting down".into());
+                if let Some(Piece::Broken { worker_fault, .. }) = &mut piece {
+                    *worker_fault = false;
+                }
+                return piece;
+            }
         };
         match next {
             Ok(Some(Ok(chunk))) => {
@@ -157,9 +164,12 @@ fn events(upstream: Upstream, held: Held) -> Body {
         match state {
             State::Relay(mut up, mut held) => match up.next().await {
                 Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held))),
-                Some(Piece::Broken { event, why }) => {
+                Some(Piece::Broken { event, why, worker_fault }) => {
                     tracing::warn!(worker = %held.leases.last().map_or("", |l| l.url()), "decode stream failed: {why}");
                     held.record.fail(Cause::DecodeMidstream);
+                    if let Some(lease) = held.leases.last_mut().filter(|_| worker_fault) {
+                        lease.failed();
+                    }
                     Some((event, State::Done(held)))
                 }
                 None => {
