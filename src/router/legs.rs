@@ -56,10 +56,11 @@ impl LegError {
         matches!(self, LegError::Status { status, .. } if status.is_client_error())
     }
 
-    /// Whether the worker surely did not take the request into its engine, so the same
-    /// KV transfer may be tried on another decode.
-    pub fn before_engine(&self) -> bool {
-        matches!(self, LegError::Connect(_))
+    /// Whether the decode cannot have consumed the KV it was sent (it was not reached, or
+    /// it answered an error before any output), so another decode may be sent the same
+    /// KV transfer. A timeout or a broken answer may come after the pull: not so.
+    pub fn kv_untouched_elsewhere(&self) -> bool {
+        matches!(self, LegError::Connect(_) | LegError::ErrorEvent(_))
             || matches!(self, LegError::Status { status, .. } if status.is_server_error())
     }
 

@@ -136,10 +136,13 @@ impl PrefillTime {
         self.micros.store(mean, Relaxed);
     }
 
-    /// Three typical prefill times, at least a second, at most the prefill timeout.
-    fn grace(&self, limit: Duration) -> Duration {
+    /// How much longer a prefill leg that has run `elapsed` may take to answer once its
+    /// client has gone: three typical prefill times, or twice what it has already waited
+    /// (a queued prefill is expected to wait about as long again), at least a second, at
+    /// most the prefill timeout.
+    fn grace(&self, elapsed: Duration, limit: Duration) -> Duration {
         let typical = Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed));
-        (typical * 3).max(Duration::from_secs(1)).min(limit)
+        (typical * 3).max(elapsed * 2).max(Duration::from_secs(1)).min(limit.saturating_sub(elapsed))
     }
 }
 /// How long a non-streamed decode whose client has gone is kept once the whole request
@@ -176,8 +179,7 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
 
 /// One pair attempt, in a task of its own, so that it keeps the prefill's KV from being
 /// stranded when the client leaves (the handler is then dropped, closing `tx`):
-/// - during the prefill leg: the prefill gets a grace to answer (three typical prefill
-///   times, at least 1 s). Real vLLM can have finished computing (and be holding the KV
+/// - during the prefill leg: the prefill gets a grace to answer (PrefillTime::grace). Real vLLM can have finished computing (and be holding the KV
 ///   for a decode) a few milliseconds before it answers; if the answer comes, the decode
 ///   leg is sent as below. Otherwise the prefill request is dropped, which makes vLLM
 ///   abort it and free its KV.
@@ -192,13 +194,14 @@ async fn run_pair(
     fallback: bool,
     mut tx: oneshot::Sender<PairOutcome>,
 ) {
+    let started = Instant::now();
     let prefilled = {
         let prefill = prefill_leg(&router, &job, &mut avoid_p, fallback);
         tokio::pin!(prefill);
         tokio::select! {
             biased;
             done = &mut prefill => done,
-            () = tx.closed() => match tokio::time::timeout(router.prefill_time.grace(job.leg.prefill_timeout), prefill).await {
+            () = tx.closed() => match tokio::time::timeout(router.prefill_time.grace(started.elapsed(), job.leg.prefill_timeout), prefill).await {
                 Ok(done) => done,
                 Err(_) => return,
             },
@@ -236,7 +239,7 @@ async fn run_pair(
             }
             Err(e) => e,
         };
-        let retry_same_kv = err.before_engine();
+        let same_kv_elsewhere = err.kv_untouched_elsewhere();
         let last = match leg_failed(&router, Leg::Decode, &mut lease, err, &job.leg.request_id) {
             Ok(last) => last,
             Err(refused) => {
@@ -245,27 +248,24 @@ async fn run_pair(
             }
         };
         tried.push(lease.index());
-        if !retry_same_kv {
-            // The failed decode may have used the KV (or aborted, freeing it): run the
-            // pair again from a new prefill.
-            if !client_gone {
-                let _ = tx.send(PairOutcome::Decode { decodes: tried, prefill: prefill_index, last });
-            }
-            return;
-        }
-        // The failed decode never took the request: the prefill's KV is still waiting, so
-        // the same decode leg goes to another decode (the same one if it is the only one).
-        // This also frees the KV when the client has gone.
-        let next = if may_retry(&router, attempt, "decode").await {
-            let avoid: Vec<usize> = avoid_d.iter().chain(&tried).copied().collect();
-            pick(&router.decode, &job.info, &avoid, true).ok()
-        } else {
-            None
+        // A decode that failed without using the KV (refused, or an error answer) leaves
+        // the prefill's KV waiting: the same decode leg goes to another decode, while the
+        // prefill that holds the KV is up. Never to the same decode again: vLLM's decode
+        // can die on params it already failed to load. Otherwise the pair runs again from
+        // a new prefill (the KV was pulled, or freed by the failed decode's abort).
+        let prefill_up = router.prefill.workers[prefill_index].is_available();
+        let avoid: Vec<usize> = avoid_d.iter().chain(&tried).copied().collect();
+        let other = if same_kv_elsewhere && prefill_up { router.decode.pick(&job.info, &avoid).ok() } else { None };
+        let next = match other {
+            Some(other) if may_retry(&router, attempt, "decode").await => Some(other),
+            _ => None,
         };
         match next {
             Some(next) => lease = next,
             None => {
-                let _ = tx.send(PairOutcome::Final(last));
+                if !client_gone {
+                    let _ = tx.send(PairOutcome::Decode { decodes: tried, prefill: prefill_index, last });
+                }
                 return;
             }
         }
