@@ -8,3 +8,4 @@ pub mod launch;
 pub mod router;
 pub mod signal;
 pub mod sim;
+pub mod tokenize;

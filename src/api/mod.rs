@@ -3,6 +3,7 @@
 pub mod body;
 mod error;
 pub mod fields;
+pub mod kv_events;
 pub mod prom;
 pub mod sse;
 

@@ -101,6 +101,43 @@ pub struct SimArgs {
     /// `/health` and generation answer 503 for this long after start.
     #[arg(long, default_value_t = 0)]
     pub startup_delay_ms: u64,
+
+    /// Prefix caching (on by default, as in vLLM): full blocks are cached by content and
+    /// shared by later requests with the same prefix.
+    #[arg(long, overrides_with = "no_enable_prefix_caching", help_heading = "Prefix cache and KV events")]
+    pub enable_prefix_caching: bool,
+    #[arg(long, overrides_with = "enable_prefix_caching", help_heading = "Prefix cache and KV events")]
+    pub no_enable_prefix_caching: bool,
+    /// Report `usage.prompt_tokens_details.cached_tokens`, as vLLM does with this flag.
+    #[arg(long, help_heading = "Prefix cache and KV events")]
+    pub enable_prompt_tokens_details: bool,
+    /// vLLM's KV events config (JSON), e.g. `{"enable_kv_cache_events":true,"publisher":"zmq",
+    /// "endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv-events"}`. A `*`
+    /// host binds the simulator's --host; rank r uses port + r.
+    #[arg(long, value_name = "JSON", help_heading = "Prefix cache and KV events")]
+    pub kv_events_config: Option<String>,
+    /// Serve vLLM's render endpoints (`/v1/completions/render`, `/v1/chat/completions/render`),
+    /// which vLLM answers 403 without this flag.
+    #[arg(long, help_heading = "Prefix cache and KV events")]
+    pub enable_scale_out: bool,
+    /// A local model directory: tokenize with its tokenizer.json and apply its chat template
+    /// (chat_template.jinja or tokenizer_config.json), as vLLM would, instead of the
+    /// simulator's word-piece tokenizer.
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<String>,
+
+    /// Most tokens one engine step processes (chunked prefill: a long prompt is prefilled
+    /// over several steps, sharing each with the running decodes).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Timing")]
+    pub max_num_batched_tokens: u32,
+    /// Step times from a profile: `mocker` (NVIDIA Dynamo's published polynomial) or a JSON
+    /// file (e.g. from `disagg fit-timing`); replaces --prefill-ms-per-1k-tokens and
+    /// --decode-ms-per-token. See docs/SIM.md.
+    #[arg(long, value_name = "FILE|mocker", help_heading = "Timing")]
+    pub timing_profile: Option<String>,
+    /// Run K times faster than the clock: every step's simulated time is divided by K.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive, help_heading = "Timing")]
+    pub speedup: f64,
 }
 
 impl SimArgs {
@@ -120,6 +157,32 @@ impl SimArgs {
             }
         }
         Ok(())
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    pub fn timing(&self) -> Result<super::timing::Timing, String> {
+        match &self.timing_profile {
+            Some(spec) => {
+                if self.prefill_ms_per_1k_tokens > 0.0 || self.decode_ms_per_token > 0.0 {
+                    return Err("--timing-profile replaces --prefill-ms-per-1k-tokens and --decode-ms-per-token: pass one or the other".into());
+                }
+                super::timing::Timing::load(spec)
+            }
+            None => Ok(super::timing::Timing::linear(self.prefill_ms_per_1k_tokens, self.decode_ms_per_token)),
+        }
+    }
+
+    pub fn kv_events(&self) -> Result<Option<crate::api::kv_events::KvEventsConfig>, String> {
+        let Some(json) = &self.kv_events_config else { return Ok(None) };
+        let cfg: crate::api::kv_events::KvEventsConfig =
+            serde_json::from_str(json).map_err(|e| format!("--kv-events-config: {e}"))?;
+        if cfg.enable_kv_cache_events && cfg.publisher != "zmq" && cfg.publisher != "null" {
+            return Err(format!("--kv-events-config: unknown publisher `{}` (zmq or null)", cfg.publisher));
+        }
+        Ok(cfg.enabled().then_some(cfg))
     }
 
     pub fn advertised_side_host(&self) -> String {

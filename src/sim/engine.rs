@@ -1,33 +1,38 @@
 //! One simulated DP engine: a FIFO waiting queue, continuous batching of up to
-//! `max_num_seqs` running requests that share each step, a finite KV block pool, and the
-//! KV held for remote decodes until pulled, freed or expired.
+//! `max_num_seqs` running requests that share each step, the KV cache with its prefix
+//! cache (blocks.rs), and the KV held for remote decodes (transfer.rs).
 //!
 //! A step has two phases. Under the lock: drop cancelled requests, admit waiting ones
-//! while blocks last, and price the step (prefill of the newly admitted + one decode
-//! step). Then sleep that long without the lock. Then, under the lock again, produce one
-//! token for every running request and hand it to the request's channel.
+//! while blocks last (a prompt's cached prefix is shared, not recomputed), choose the
+//! prefill chunks of the step under --max-num-batched-tokens, and price the step
+//! (timing.rs). Then sleep that long without the lock. Then, under the lock again, produce
+//! one token for every sequence that is decoding, and publish the step's KV events.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
-use super::blocks::{blocks_for, prompt_block_fingerprints, BlockId, BlockPool};
-use super::request::{KvRequest, RemoteKv};
+use super::blocks::{blocks_for, fingerprints, BlockId, KvCache, KvEvent};
 use super::metrics::Stats;
-use super::side_channel;
+use super::request::KvRequest;
+use super::timing::Timing;
 use super::tokens::{non_eos, Generator, EOS};
+use super::transfer::{self, Held};
 use crate::api::ApiError;
 
 pub struct EngineConfig {
     pub block_size: usize,
     pub kv_blocks: usize,
+    pub prefix_caching: bool,
     pub max_num_seqs: usize,
-    pub prefill_ms_per_1k: f64,
-    pub decode_ms_per_token: f64,
+    pub max_num_batched_tokens: usize,
+    pub timing: Timing,
+    /// Every step's time is divided by this.
+    pub speedup: f64,
     pub hang_after_tokens: Option<usize>,
     pub kv_lease: Duration,
     pub kv_load_timeout: Duration,
@@ -53,41 +58,47 @@ pub enum Finish {
 }
 
 pub enum Event {
+    /// The prompt is in the engine's KV: this many of its tokens came from a cache (the
+    /// local prefix cache, or the prefill's, for a pulled prompt, as vLLM reports it).
+    Prefilled { cached_tokens: usize },
     Token(u32),
     Finished { reason: Finish, kv_transfer_params: Option<Value> },
     Failed(ApiError),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
     /// Admitted on the decode side, its KV still being pulled.
     Pulling,
-    Ready,
+    /// Prompt tokens still to compute.
+    Prefilling { left: usize },
+    Decoding,
 }
 
-struct Seq {
-    id: u64,
-    job: Job,
-    tx: mpsc::UnboundedSender<Event>,
-    blocks: Vec<BlockId>,
-    generated: usize,
-    phase: Phase,
+pub struct Seq {
+    pub id: u64,
+    pub job: Job,
+    pub tx: mpsc::UnboundedSender<Event>,
+    pub blocks: Vec<BlockId>,
+    pub generated: usize,
+    /// The generated tokens (their KV fills blocks that get cached).
+    pub output: Vec<u32>,
+    /// Blocks recorded in the cache so far.
+    pub committed: usize,
+    /// Prompt tokens found cached.
+    pub hit_tokens: usize,
+    pub phase: Phase,
 }
 
-struct Held {
-    blocks: Vec<BlockId>,
-    expires: Instant,
+pub struct State {
+    pub cache: KvCache,
+    pub waiting: VecDeque<Seq>,
+    pub running: Vec<Seq>,
+    pub held: HashMap<String, Held>,
+    pub next_id: u64,
 }
 
-struct State {
-    pool: BlockPool,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
-    held: HashMap<String, Held>,
-    next_id: u64,
-}
-
-fn bump(c: &prometheus::IntCounter, n: usize) {
+pub fn bump(c: &prometheus::IntCounter, n: usize) {
     c.inc_by(n as u64);
 }
 
@@ -104,14 +115,16 @@ pub struct Snapshot {
 pub struct Engine {
     pub rank: usize,
     pub engine_id: String,
-    side_host: String,
-    side_port: u16,
-    cfg: Arc<EngineConfig>,
-    state: Mutex<State>,
-    wake: Notify,
+    pub side_host: String,
+    pub side_port: u16,
+    pub cfg: Arc<EngineConfig>,
+    pub state: Mutex<State>,
+    pub wake: Notify,
     pub stats: Stats,
     /// Set when the engine "dies" (--die-on-kv-mismatch); the process exits right after.
-    dead: Arc<AtomicBool>,
+    pub dead: Arc<AtomicBool>,
+    /// Where each step's KV events go (--kv-events-config).
+    events: Option<mpsc::UnboundedSender<Vec<KvEvent>>>,
 }
 
 /// A running request's output. Dropping it cancels the request (client gone).
@@ -139,6 +152,7 @@ impl Drop for Output {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rank: usize,
         cfg: Arc<EngineConfig>,
@@ -146,6 +160,7 @@ impl Engine {
         side_port: u16,
         stats: Stats,
         dead: Arc<AtomicBool>,
+        events: Option<mpsc::UnboundedSender<Vec<KvEvent>>>,
     ) -> Self {
         Engine {
             rank,
@@ -153,7 +168,7 @@ impl Engine {
             side_host,
             side_port,
             state: Mutex::new(State {
-                pool: BlockPool::new(cfg.kv_blocks),
+                cache: KvCache::new(cfg.kv_blocks, cfg.block_size, cfg.prefix_caching),
                 waiting: VecDeque::new(),
                 running: Vec::new(),
                 held: HashMap::new(),
@@ -163,10 +178,11 @@ impl Engine {
             wake: Notify::new(),
             stats,
             dead,
+            events,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; keep serving what we can.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -177,7 +193,17 @@ impl Engine {
             let mut st = self.lock();
             let id = st.next_id;
             st.next_id += 1;
-            st.waiting.push_back(Seq { id, job, tx, blocks: Vec::new(), generated: 0, phase: Phase::Ready });
+            st.waiting.push_back(Seq {
+                id,
+                job,
+                tx,
+                blocks: Vec::new(),
+                generated: 0,
+                output: Vec::new(),
+                committed: 0,
+                hit_tokens: 0,
+                phase: Phase::Decoding,
+            });
         }
         self.wake.notify_one();
         Output { rx, engine: self.clone() }
@@ -190,8 +216,8 @@ impl Engine {
             // vLLM counts requests waiting for remote KV as waiting.
             running: st.running.len() - pulling,
             waiting: st.waiting.len() + pulling,
-            blocks_used: st.pool.used(),
-            blocks_total: st.pool.total(),
+            blocks_used: st.cache.used(),
+            blocks_total: st.cache.total(),
             held_blocks: st.held.values().map(|h| h.blocks.len()).sum(),
             held_requests: st.held.len(),
         }
@@ -201,6 +227,21 @@ impl Engine {
     pub fn load(&self) -> usize {
         let st = self.lock();
         st.waiting.len() + st.running.len()
+    }
+
+    /// Publishes the KV events recorded since the last call, as one batch.
+    pub fn publish(&self, st: &mut State) {
+        let events = st.cache.take_events();
+        if let (Some(tx), false) = (&self.events, events.is_empty()) {
+            let _ = tx.send(events);
+        }
+    }
+
+    /// Forgets the prefix cache (vLLM's /reset_prefix_cache).
+    pub fn reset_prefix_cache(&self) {
+        let mut st = self.lock();
+        st.cache.clear();
+        self.publish(&mut st);
     }
 
     pub async fn run(self: Arc<Self>) {
@@ -218,6 +259,7 @@ impl Engine {
                 self.wake.notified().await;
                 continue;
             }
+            let cost_ms = cost_ms / self.cfg.speedup;
             if cost_ms > 0.0 {
                 // The step's time is spent whatever happens, but a request cancelled
                 // meanwhile leaves at once (its slot and blocks are freed), as an abort
@@ -236,84 +278,96 @@ impl Engine {
         }
     }
 
-    /// Phase 1: drop cancelled requests, admit waiting ones, price the step.
+    /// Phase 1: drop cancelled requests, admit waiting ones, plan the step's prefill
+    /// chunks and price the step.
     fn admit(self: &Arc<Self>) -> (f64, bool) {
         let cfg = &self.cfg;
+        let bs = cfg.block_size;
         let mut pulls = Vec::new();
         let frees;
-        let mut cost_ms = 0.0;
-        let has_work;
+        let (cost_ms, has_work);
         {
             let mut guard = self.lock();
-            frees = reap_cancelled(&mut guard);
-            let State { pool, waiting, running, .. } = &mut *guard;
+            frees = transfer::reap_cancelled(&mut guard);
+            let State { cache, waiting, running, .. } = &mut *guard;
             while running.len() < cfg.max_num_seqs {
                 let Some(head) = waiting.front() else { break };
-                let need = blocks_for(head.job.prompt.len() + head.job.max_tokens, cfg.block_size);
-                let Some(blocks) = pool.alloc(need) else { break };
+                let prompt = &head.job.prompt;
+                let fps = fingerprints(prompt, bs);
+                let hashes = &fps[..prompt.len() / bs];
+                // vLLM computes at least the prompt's last token.
+                let hits = cache.hits(hashes, prompt.len().saturating_sub(1) / bs);
+                let need = blocks_for(prompt.len() + head.job.max_tokens, bs).saturating_sub(hits);
+                let Some(blocks) = cache.allocate(hashes, hits, need) else { break };
                 let mut seq = waiting.pop_front().expect("front exists");
                 seq.blocks = blocks;
+                seq.hit_tokens = hits * bs;
+                seq.committed = hits;
                 let p = seq.job.prompt.len();
+                bump(&self.stats.prefix_queries, p);
+                bump(&self.stats.prefix_hits, seq.hit_tokens);
+                bump(&self.stats.prompt_local_hit, seq.hit_tokens);
                 match &seq.job.kv {
                     KvRequest::RemotePrefill(remote) => {
                         seq.phase = Phase::Pulling;
-                        pulls.push((seq.id, remote.clone(), prompt_block_fingerprints(&seq.job.prompt, cfg.block_size), p));
+                        pulls.push((seq.id, remote.clone(), fps, hits, p));
                     }
                     KvRequest::Local | KvRequest::RemoteDecode => {
-                        pool.write_prompt(&seq.blocks, &seq.job.prompt, cfg.block_size);
-                        cost_ms += cfg.prefill_ms_per_1k * p as f64 / 1000.0;
+                        seq.phase = Phase::Prefilling { left: p - seq.hit_tokens };
                         bump(&self.stats.prompt_tokens, p);
-                        bump(&self.stats.prompt_local_compute, p);
-                        seq.phase = Phase::Ready;
                     }
                 }
                 running.push(seq);
             }
-            has_work = running.iter().any(|s| self.can_generate(s));
-            if has_work {
-                cost_ms += cfg.decode_ms_per_token;
+            // The step: every decoding sequence makes a token; prefills take what is left
+            // of the token budget, in arrival order (chunked prefill).
+            let decoding = running.iter().filter(|s| self.can_generate(s)).count();
+            let mut budget = cfg.max_num_batched_tokens.saturating_sub(decoding);
+            let mut new_tokens = 0;
+            for seq in running.iter_mut() {
+                if let Phase::Prefilling { left } = seq.phase {
+                    let take = left.min(budget);
+                    budget -= take;
+                    new_tokens += take;
+                    seq.phase = Phase::Prefilling { left: left - take };
+                    bump(&self.stats.prompt_local_compute, take);
+                }
             }
+            let ready = running.iter().filter(|s| matches!(s.phase, Phase::Prefilling { left: 0 })).count();
+            has_work = decoding + ready > 0 || new_tokens > 0;
+            let usage = cache.used() as f64 / cache.total().max(1) as f64;
+            cost_ms = cfg.timing.prefill(new_tokens) + cfg.timing.decode(usage, decoding + ready);
         }
-        for (seq_id, remote, expected, prompt_len) in pulls {
-            let engine = self.clone();
-            let timeout = cfg.kv_load_timeout;
-            tokio::spawn(async move {
-                let outcome = side_channel::read(&remote, timeout).await.and_then(|contents| {
-                    let tokens_ok = remote.num_tokens.is_none_or(|n| n == prompt_len);
-                    if contents == expected && tokens_ok {
-                        Ok(())
-                    } else {
-                        Err(PullError::Mismatch(format!(
-                            "pulled {} KV blocks (remote_num_tokens {:?}) that were not computed from \
-                             this prompt ({} tokens, {} blocks): the decode must get the prefill's \
-                             prompt byte for byte",
-                            contents.len(),
-                            remote.num_tokens,
-                            prompt_len,
-                            expected.len()
-                        )))
-                    }
-                });
-                engine.pull_done(seq_id, prompt_len, outcome);
-            });
+        for (seq_id, remote, fps, hits, prompt_len) in pulls {
+            tokio::spawn(transfer::pull(self.clone(), seq_id, remote, fps, hits, prompt_len));
         }
-        spawn_frees(frees);
+        transfer::spawn_frees(frees);
         (cost_ms, has_work)
     }
 
-    fn drop_cancelled(&self) {
-        let frees = reap_cancelled(&mut self.lock());
-        spawn_frees(frees);
+    pub fn drop_cancelled(&self) {
+        let frees = transfer::reap_cancelled(&mut self.lock());
+        transfer::spawn_frees(frees);
     }
 
     fn can_generate(&self, s: &Seq) -> bool {
-        s.phase == Phase::Ready && self.cfg.hang_after_tokens.is_none_or(|n| s.generated < n)
+        s.phase == Phase::Decoding && self.cfg.hang_after_tokens.is_none_or(|n| s.generated < n)
     }
 
-    /// Phase 2: one token for every running request.
+    /// Phase 2: prompts whose prefill completed enter the cache; one token for every
+    /// decoding sequence (a sequence whose prefill just completed makes its first).
     fn generate(&self) {
+        let bs = self.cfg.block_size;
         let mut guard = self.lock();
-        let State { pool, running, held, .. } = &mut *guard;
+        let State { cache, running, held, .. } = &mut *guard;
+        for seq in running.iter_mut() {
+            if seq.phase == (Phase::Prefilling { left: 0 }) {
+                cache.commit(&seq.blocks, &seq.job.prompt, seq.committed);
+                seq.committed = seq.job.prompt.len() / bs;
+                seq.phase = Phase::Decoding;
+                let _ = seq.tx.send(Event::Prefilled { cached_tokens: seq.hit_tokens });
+            }
+        }
         let mut k = 0;
         while k < running.len() {
             if !self.can_generate(&running[k]) {
@@ -328,9 +382,18 @@ impl Engine {
                 token = non_eos(token, i);
             }
             seq.generated += 1;
+            seq.output.push(token);
             bump(&self.stats.generation_tokens, 1);
             if !stop_on_eos {
                 let _ = seq.tx.send(Event::Token(token));
+            }
+            // A block the output filled is cached, as vLLM caches decoded blocks. The token
+            // just sampled has no KV yet (it is computed when it is fed back).
+            let with_kv = seq.job.prompt.len() + seq.output.len() - 1;
+            if with_kv % bs == 0 && with_kv / bs > seq.committed {
+                let all: Vec<u32> = seq.job.prompt.iter().chain(&seq.output[..seq.output.len() - 1]).copied().collect();
+                cache.commit(&seq.blocks, &all, seq.committed);
+                seq.committed = all.len() / bs;
             }
             let finish = if stop_on_eos {
                 Some(Finish::Eos)
@@ -342,212 +405,13 @@ impl Engine {
             match finish {
                 Some(reason) => {
                     let seq = running.remove(k);
-                    let params = self.finish_blocks(&seq, reason, pool, held);
+                    let params = self.finish_blocks(&seq, reason, cache, held);
                     bump(&self.stats.requests_finished, 1);
                     let _ = seq.tx.send(Event::Finished { reason, kv_transfer_params: params });
                 }
                 None => k += 1,
             }
         }
-    }
-
-    /// Frees a finished request's blocks, or, for a prefill leg that stopped on its
-    /// length cap, holds the prompt's blocks for the decode and returns the params.
-    fn finish_blocks(
-        &self,
-        seq: &Seq,
-        reason: Finish,
-        pool: &mut BlockPool,
-        held: &mut HashMap<String, Held>,
-    ) -> Option<Value> {
-        if reason != Finish::Length || seq.job.kv != KvRequest::RemoteDecode {
-            pool.release(seq.blocks.iter().copied());
-            return None;
-        }
-        let keep = blocks_for(seq.job.prompt.len(), self.cfg.block_size);
-        let (kept, rest) = seq.blocks.split_at(keep);
-        pool.release(rest.iter().copied());
-        held.insert(
-            seq.job.request_id.clone(),
-            Held { blocks: kept.to_vec(), expires: Instant::now() + self.cfg.kv_lease },
-        );
-        Some(json!({
-            "do_remote_prefill": true,
-            "do_remote_decode": false,
-            "remote_block_ids": [kept],
-            "remote_engine_id": self.engine_id,
-            "remote_request_id": seq.job.request_id,
-            "remote_host": self.side_host,
-            "remote_port": self.side_port,
-            "tp_size": 1,
-            "dcp_size": 1,
-            "pp_size": 1,
-            "remote_num_tokens": seq.job.prompt.len(),
-            "remote_blocks_expiry_time": null,
-            "transfer_mode": "pull",
-            "remote_prefill_cached_tokens": 0,
-        }))
-    }
-
-    fn pull_done(&self, seq_id: u64, prompt_len: usize, outcome: Result<(), PullError>) {
-        {
-            let mut guard = self.lock();
-            let State { pool, running, .. } = &mut *guard;
-            // Gone: the client left while the pull was in flight.
-            let Some(pos) = running.iter().position(|s| s.id == seq_id) else { return };
-            match outcome {
-                Ok(()) => {
-                    running[pos].phase = Phase::Ready;
-                    bump(&self.stats.prompt_tokens, prompt_len);
-                    bump(&self.stats.prompt_external, prompt_len);
-                    bump(&self.stats.transfers_received, 1);
-                }
-                Err(err) => {
-                    let seq = running.remove(pos);
-                    pool.release(seq.blocks.iter().copied());
-                    bump(&self.stats.kv_load_failures, 1);
-                    let fatal = matches!(err, PullError::Mismatch(_)) && self.cfg.die_on_kv_mismatch;
-                    let api_err = if fatal {
-                        ApiError::internal("EngineCore encountered an issue. See stack trace (above) for the root cause.")
-                    } else {
-                        ApiError::internal(err.to_string())
-                    };
-                    tracing::error!(engine = self.rank, request = %seq.job.request_id, "{err}");
-                    let _ = seq.tx.send(Event::Failed(api_err));
-                    if fatal {
-                        self.die();
-                    }
-                }
-            }
-        }
-        self.wake.notify_one();
-    }
-
-    /// vLLM's engine dies on a KV mismatch; with --die-on-kv-mismatch so does the sim.
-    fn die(&self) {
-        self.dead.store(true, Ordering::SeqCst);
-        tracing::error!("engine {} died on a KV mismatch (--die-on-kv-mismatch); exiting", self.rank);
-        tokio::spawn(async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            std::process::exit(1);
-        });
-    }
-
-    /// A decode reads held blocks over the side channel: returns their contents and
-    /// frees them. Blocks no longer held are still readable (stale), as with NIXL.
-    pub fn serve_read(&self, engine_id: &str, request_id: &str, block_ids: &[BlockId]) -> Result<Vec<u64>, String> {
-        if engine_id != self.engine_id {
-            return Err(format!(
-                "engine id mismatch: this side channel serves engine {}, the decode asked for {engine_id}",
-                self.engine_id
-            ));
-        }
-        let contents = {
-            let mut guard = self.lock();
-            let State { pool, held, .. } = &mut *guard;
-            let contents = pool.read(block_ids).ok_or_else(|| "block id out of range".to_string())?;
-            match held.remove(request_id) {
-                Some(h) => {
-                    pool.release(h.blocks);
-                    bump(&self.stats.transfers_sent, 1);
-                }
-                None => {
-                    tracing::warn!(engine = self.rank, request_id, "KV blocks read for an unknown request; they may have expired");
-                    bump(&self.stats.stale_reads, 1);
-                }
-            }
-            contents
-        };
-        self.wake.notify_one();
-        Ok(contents)
-    }
-
-    /// A decode aborted before pulling: free the held blocks now.
-    pub fn serve_free(&self, request_id: &str) -> bool {
-        let freed = {
-            let mut guard = self.lock();
-            let State { pool, held, .. } = &mut *guard;
-            match held.remove(request_id) {
-                Some(h) => {
-                    pool.release(h.blocks);
-                    bump(&self.stats.freed_by_decode_abort, 1);
-                    true
-                }
-                None => false,
-            }
-        };
-        if freed {
-            self.wake.notify_one();
-        }
-        freed
-    }
-
-    fn expire_leases(&self) {
-        let now = Instant::now();
-        let expired = {
-            let mut guard = self.lock();
-            let State { pool, held, .. } = &mut *guard;
-            let before = held.len();
-            held.retain(|id, h| {
-                let live = h.expires > now;
-                if !live {
-                    tracing::warn!(engine = self.rank, request_id = %id, "releasing expired KV blocks: no decode pulled them");
-                    pool.release(h.blocks.iter().copied());
-                }
-                live
-            });
-            before - held.len()
-        };
-        if expired > 0 {
-            bump(&self.stats.leases_expired, expired);
-            self.wake.notify_one();
-        }
-    }
-}
-
-/// Removes requests whose client has gone, freeing their blocks. Returns the remote KV
-/// of decodes that had not pulled yet: their prefills must be told to free it.
-fn reap_cancelled(st: &mut State) -> Vec<RemoteKv> {
-    let State { pool, waiting, running, .. } = st;
-    let mut frees = Vec::new();
-    running.retain(|s| {
-        let closed = s.tx.is_closed();
-        if closed {
-            pool.release(s.blocks.iter().copied());
-        }
-        !closed
-    });
-    waiting.retain(|s| {
-        let closed = s.tx.is_closed();
-        if closed {
-            if let KvRequest::RemotePrefill(remote) = &s.job.kv {
-                frees.push(remote.clone());
-            }
-        }
-        !closed
-    });
-    frees
-}
-
-fn spawn_frees(frees: Vec<RemoteKv>) {
-    for remote in frees {
-        tokio::spawn(async move { side_channel::free(&remote).await });
-    }
-}
-
-#[derive(Debug)]
-pub enum PullError {
-    /// The prefill could not be reached or refused the read.
-    Load(String),
-    /// The blocks were read but hold another prompt.
-    Mismatch(String),
-}
-
-impl std::fmt::Display for PullError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PullError::Load(e) => write!(f, "KV load failure (failure_policy=fail): {e}"),
-            PullError::Mismatch(e) => write!(f, "KV transfer mismatch: {e}"),
-        }
+        self.publish(&mut guard);
     }
 }

@@ -93,7 +93,7 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
         let status = StatusCode::from_u16(sim.args.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(ApiError::with_status(status, "simulated failure (--fail-rate)"));
     }
-    let limits = Limits { model: &sim.args.model, max_model_len: sim.args.max_model_len as usize };
+    let limits = Limits { model: &sim.args.model, max_model_len: sim.args.max_model_len as usize, tokenizer: sim.tokenizer.as_ref() };
     let req = request::parse(api, &body, &limits).inspect_err(|e| release_rejected(&sim, &body, e))?;
     if doomed && !req.stream {
         crash_now();
@@ -128,7 +128,7 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
             })
         })
         .collect();
-    let meta = Arc::new(Meta { api, id, created: now_secs(), model: sim.args.model.clone() });
+    let meta = Arc::new(Meta { api, id, created: now_secs(), model: sim.args.model.clone(), details: sim.args.enable_prompt_tokens_details });
     if req.stream {
         Ok(stream_response(meta, req, outs, doomed, in_flight).await)
     } else {
@@ -143,18 +143,20 @@ fn prompt_tokens(req: &GenRequest) -> usize {
 
 async fn finish_one(req: &GenRequest, mut out: Output) -> Result<Finished, ApiError> {
     let mut text = TextOut::new(req.stop.clone(), req.stop_token_ids.clone());
+    let mut cached = 0;
     loop {
         match out.next().await {
+            Some(Event::Prefilled { cached_tokens }) => cached = cached_tokens,
             Some(Event::Token(t)) => {
                 if let (_, Some(ending)) = text.push(t) {
-                    return Ok(Finished { text: text.text, ending, tokens: text.tokens, kv: None });
+                    return Ok(Finished { text: text.text, ending, tokens: text.tokens, kv: None, cached });
                 }
             }
             Some(Event::Finished { reason, kv_transfer_params }) => {
                 let ending = Ending::from_finish(reason);
                 // EOS is generated (and counted) but never shown.
                 let tokens = text.tokens + usize::from(ending == Ending::Eos);
-                return Ok(Finished { text: text.text, ending, tokens, kv: kv_transfer_params });
+                return Ok(Finished { text: text.text, ending, tokens, kv: kv_transfer_params, cached });
             }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(ApiError::internal("engine dropped the request")),
@@ -166,7 +168,10 @@ async fn full_response(meta: &Meta, req: &GenRequest, outs: Vec<Output>) -> Resu
     let done = futures_util::future::join_all(outs.into_iter().map(|o| finish_one(req, o))).await;
     let choices = done.into_iter().collect::<Result<Vec<_>, _>>()?;
     let completion = choices.iter().map(|c| c.tokens).sum();
-    Ok(axum::Json(meta.full_response(&choices, Usage::new(prompt_tokens(req), completion))).into_response())
+    // vLLM reports the cached tokens of the last prompt.
+    let cached = choices.last().map_or(0, |c| c.cached);
+    let usage = Usage::new(prompt_tokens(req), completion).cached(meta.details, cached);
+    Ok(axum::Json(meta.full_response(&choices, usage)).into_response())
 }
 
 /// What one choice's stream yields.
@@ -190,6 +195,8 @@ struct Merged {
     sent: usize,
     doomed: bool,
     over: bool,
+    /// Cached prompt tokens, as the choices learn them.
+    cached: Arc<std::sync::atomic::AtomicUsize>,
     _in_flight: InFlight,
 }
 
@@ -223,7 +230,9 @@ impl Merged {
                     self.over = true;
                     let mut tail = Vec::new();
                     if self.include_usage && !self.failed {
-                        tail.extend_from_slice(&self.meta.usage_chunk(Usage::new(self.prompt_tokens, self.completion_tokens)));
+                        let cached = self.cached.load(std::sync::atomic::Ordering::Relaxed);
+                        let usage = Usage::new(self.prompt_tokens, self.completion_tokens).cached(self.meta.details, cached);
+                        tail.extend_from_slice(&self.meta.usage_chunk(usage));
                     }
                     tail.extend_from_slice(sse::DONE);
                     return Some(Bytes::from(tail));
@@ -235,6 +244,7 @@ impl Merged {
 
 /// SSE as vLLM sends it; headers go out with the first chunk, as vLLM's do.
 async fn stream_response(meta: Arc<Meta>, req: GenRequest, outs: Vec<Output>, doomed: bool, in_flight: InFlight) -> Response {
+    let cached = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let choices: Vec<BoxStream<'static, Piece>> = outs
         .into_iter()
         .enumerate()
@@ -250,6 +260,7 @@ async fn stream_response(meta: Arc<Meta>, req: GenRequest, outs: Vec<Output>, do
                 role_sent: false,
                 ended: None,
                 over: false,
+                cached: cached.clone(),
             };
             stream::unfold(choice, |mut c| async move { c.next().await.map(|p| (p, c)) }).boxed()
         })
@@ -265,6 +276,7 @@ async fn stream_response(meta: Arc<Meta>, req: GenRequest, outs: Vec<Output>, do
         sent: 0,
         doomed,
         over: false,
+        cached,
         _in_flight: in_flight,
     };
     // The first piece is produced before the headers go out.
@@ -286,6 +298,7 @@ struct Choice {
     /// Tokens generated, once the last chunk went out.
     ended: Option<usize>,
     over: bool,
+    cached: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Choice {
@@ -323,6 +336,9 @@ impl Choice {
                 None => self.out.next().await,
             };
             match event {
+                Some(Event::Prefilled { cached_tokens }) => {
+                    self.cached.store(cached_tokens, std::sync::atomic::Ordering::Relaxed);
+                }
                 Some(Event::Token(t)) => {
                     let (mut delta, ending) = self.text.push(t);
                     if let Some(ending) = ending {

@@ -32,6 +32,10 @@ pub struct Sim {
     /// HTTP generation requests in flight (`/load`).
     pub in_flight: AtomicUsize,
     started: u64,
+    /// Per DP rank, the KV events publisher's config (`/kv_event_sources`).
+    pub kv_sources: serde_json::Map<String, serde_json::Value>,
+    /// A real model's tokenizer and chat template (--tokenizer).
+    pub tokenizer: Option<crate::tokenize::ModelTokenizer>,
 }
 
 pub fn now_secs() -> u64 {
@@ -39,8 +43,17 @@ pub fn now_secs() -> u64 {
 }
 
 impl Sim {
-    pub fn new(args: SimArgs, engines: Vec<Arc<Engine>>, metrics: SimMetrics, dead: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        args: SimArgs,
+        engines: Vec<Arc<Engine>>,
+        metrics: SimMetrics,
+        dead: Arc<AtomicBool>,
+        kv_sources: serde_json::Map<String, serde_json::Value>,
+        tokenizer: Option<crate::tokenize::ModelTokenizer>,
+    ) -> Self {
         Sim {
+            kv_sources,
+            tokenizer,
             ready: AtomicBool::new(args.startup_delay_ms == 0),
             args,
             engines,
@@ -80,6 +93,10 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/load", get(load))
         .route("/tokenize", post(tokenize))
         .route("/metrics", get(metrics))
+        .route("/kv_event_sources", get(kv_event_sources))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/v1/completions/render", post(super::render::completions))
+        .route("/v1/chat/completions/render", post(super::render::chat))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "Not Found") })
         .layer(axum::middleware::from_fn_with_state(sim.clone(), authenticate))
         .with_state(sim)
@@ -133,7 +150,7 @@ async fn tokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -
         let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
         request::check_model(&body, &sim.args.model)?;
         let api = if body.contains_key("messages") { Api::Chat } else { Api::Completions };
-        let tokens = request::prompt_tokens(api, &body)?.swap_remove(0);
+        let tokens = request::prompt_tokens(api, &body, sim.tokenizer.as_ref())?.swap_remove(0);
         Ok::<_, ApiError>(json!({"count": tokens.len(), "max_model_len": sim.args.max_model_len,
             "tokens": tokens, "token_strs": null}))
     }
@@ -142,6 +159,19 @@ async fn tokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Where each DP rank publishes its KV events (vLLM: `{}` without --kv-events-config).
+async fn kv_event_sources(State(sim): State<Arc<Sim>>) -> Response {
+    axum::Json(serde_json::Value::Object(sim.kv_sources.clone())).into_response()
+}
+
+/// vLLM's prefix-cache reset: every engine forgets its cache (AllBlocksCleared).
+async fn reset_prefix_cache(State(sim): State<Arc<Sim>>) -> Response {
+    for e in &sim.engines {
+        e.reset_prefix_cache();
+    }
+    StatusCode::OK.into_response()
 }
 
 async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {

@@ -18,6 +18,9 @@ pub struct Stats {
     pub leases_expired: IntCounter,
     pub freed_by_decode_abort: IntCounter,
     pub stale_reads: IntCounter,
+    pub prompt_local_hit: IntCounter,
+    pub prefix_queries: IntCounter,
+    pub prefix_hits: IntCounter,
 }
 
 pub struct SimMetrics {
@@ -36,6 +39,8 @@ pub struct SimMetrics {
     leases_expired: IntCounterVec,
     freed_by_abort: IntCounterVec,
     stale_reads: IntCounterVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
 }
 
 const LABELS: &[&str] = &["engine", "model_name"];
@@ -64,6 +69,8 @@ impl SimMetrics {
             leases_expired: counter("disagg_sim_kv_leases_expired_total", "Held KV released because no decode pulled it within the lease (simulator).", &[]),
             freed_by_abort: counter("disagg_sim_kv_freed_by_decode_abort_total", "Held KV freed early because the decode aborted before pulling (simulator).", &[]),
             stale_reads: counter("disagg_sim_kv_stale_reads_total", "KV reads of blocks no longer held for that request (simulator).", &[]),
+            prefix_queries: counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", &[]),
+            prefix_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", &[]),
             registry: r,
         }
     }
@@ -72,9 +79,10 @@ impl SimMetrics {
         let rank = rank.to_string();
         let l = [rank.as_str(), model];
         let src = |s: &str| self.by_source.with_label_values(&[l[0], l[1], s]);
-        // Create the idle series up front so scrapes show zeros, as vLLM does.
-        let _ = src("local_cache_hit");
         Stats {
+            prompt_local_hit: src("local_cache_hit"),
+            prefix_queries: self.prefix_queries.with_label_values(&l),
+            prefix_hits: self.prefix_hits.with_label_values(&l),
             prompt_tokens: self.prompt_tokens.with_label_values(&l),
             prompt_local_compute: src("local_compute"),
             prompt_external: src("external_kv_transfer"),

@@ -10,11 +10,15 @@ pub mod config;
 pub mod engine;
 pub mod generate;
 pub mod http;
+pub mod kv_publisher;
 pub mod metrics;
+pub mod render;
 pub mod request;
 pub mod response;
 pub mod side_channel;
+pub mod timing;
 pub mod tokens;
+pub mod transfer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,12 +38,15 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
 
+    let kv_events = args.kv_events().map_err(anyhow::Error::msg)?;
     let cfg = Arc::new(EngineConfig {
         block_size: args.block_size as usize,
         kv_blocks: args.kv_blocks as usize,
+        prefix_caching: args.prefix_caching(),
         max_num_seqs: args.max_num_seqs as usize,
-        prefill_ms_per_1k: args.prefill_ms_per_1k_tokens,
-        decode_ms_per_token: args.decode_ms_per_token,
+        max_num_batched_tokens: args.max_num_batched_tokens as usize,
+        timing: args.timing().map_err(anyhow::Error::msg)?,
+        speedup: args.speedup,
         hang_after_tokens: args.hang_after_tokens.map(|n| n as usize),
         kv_lease: Duration::from_secs_f64(args.kv_lease_secs),
         kv_load_timeout: Duration::from_millis(args.kv_load_timeout_ms),
@@ -51,6 +58,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let dead = Arc::new(AtomicBool::new(false));
     let mut engines = Vec::new();
     let mut side_ports = Vec::new();
+    let mut kv_sources = serde_json::Map::new();
     for rank in 0..args.data_parallel_size as usize {
         let want = args.side_channel_port.map_or(0, |base| base + rank as u16);
         let side = TcpListener::bind((bind_side.as_str(), want))
@@ -58,6 +66,16 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on the side channel {side_host}:{want}"))?;
         let side_port = side.local_addr()?.port();
         side_ports.push(side_port);
+        let events = match &kv_events {
+            Some(kc) => {
+                let publisher = kv_publisher::Publisher::open(kc, rank, &host).await?;
+                kv_sources.insert(rank.to_string(), serde_json::to_value(&publisher.shown).expect("a config serialises"));
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(publisher.run(rank, rx));
+                Some(tx)
+            }
+            None => None,
+        };
         let engine = Arc::new(Engine::new(
             rank,
             cfg.clone(),
@@ -65,6 +83,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             side_port,
             metrics.stats_for(rank, &args.model),
             dead.clone(),
+            events,
         ));
         tokio::spawn(side_channel::serve(side, engine.clone()));
         tokio::spawn(engine.clone().run());
@@ -73,7 +92,11 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
 
     println!("{}", http::banner(&args, port, &side_ports));
     let startup_delay = args.startup_delay_ms;
-    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead));
+    let tokenizer = match &args.tokenizer {
+        Some(dir) => Some(crate::tokenize::ModelTokenizer::load(dir)?),
+        None => None,
+    };
+    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead, kv_sources, tokenizer));
     if startup_delay > 0 {
         let sim = sim.clone();
         tokio::spawn(async move {

@@ -29,6 +29,8 @@ pub struct RemoteKv {
     pub host: String,
     pub port: u16,
     pub num_tokens: Option<usize>,
+    /// The prefill's prefix-cache hits (`remote_prefill_cached_tokens`).
+    pub cached_tokens: Option<usize>,
 }
 
 /// One request: one or more prompts (a completions list), each sampled `n` times.
@@ -68,6 +70,8 @@ impl GenRequest {
 pub struct Limits<'a> {
     pub model: &'a str,
     pub max_model_len: usize,
+    /// A real model's tokenizer (--tokenizer); else the simulator's word pieces.
+    pub tokenizer: Option<&'a crate::tokenize::ModelTokenizer>,
 }
 
 /// Checks the `model` field against the served model (vLLM answers 404).
@@ -86,30 +90,39 @@ pub fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiErr
 
 /// The prompts' token ids: completions take a string, token ids, or a list of either;
 /// chat applies a fixed chat template to `messages`.
-pub fn prompt_tokens(api: Api, body: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
-    match api {
-        Api::Completions => completion_prompts(body),
-        Api::Chat => Ok(vec![text_tokens(&chat_text(body)?)]),
+pub fn prompt_tokens(api: Api, body: &Map<String, Value>, tok: Option<&crate::tokenize::ModelTokenizer>) -> Result<Vec<Vec<u32>>, ApiError> {
+    match (api, tok) {
+        (Api::Completions, _) => completion_prompts(body, tok),
+        (Api::Chat, None) => Ok(vec![text_tokens(&chat_text(body)?, None)?]),
+        (Api::Chat, Some(t)) => {
+            chat_text(body)?;
+            t.encode_chat(body).map(|ids| vec![ids]).map_err(|e| ApiError::bad_request(e.to_string()))
+        }
     }
 }
 
-fn text_tokens(text: &str) -> Vec<u32> {
-    let mut t = vec![BOS];
-    t.extend(tokens::tokenize(text));
-    t
+fn text_tokens(text: &str, tok: Option<&crate::tokenize::ModelTokenizer>) -> Result<Vec<u32>, ApiError> {
+    match tok {
+        Some(t) => t.encode(text).map_err(|e| ApiError::bad_request(e.to_string())),
+        None => {
+            let mut t = vec![BOS];
+            t.extend(tokens::tokenize(text));
+            Ok(t)
+        }
+    }
 }
 
 /// vLLM's cap on the prompts of one completions request (VLLM_MAX_COMPLETION_PROMPTS).
 const MAX_PROMPTS: usize = 1024;
 
-fn completion_prompts(body: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
+fn completion_prompts(body: &Map<String, Value>, tok: Option<&crate::tokenize::ModelTokenizer>) -> Result<Vec<Vec<u32>>, ApiError> {
     let missing = || {
         ApiError::bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)")
             .param("prompt")
     };
     let one_prompt = |v: &Value| -> Result<Vec<u32>, ApiError> {
         match v {
-            Value::String(s) => Ok(text_tokens(s)),
+            Value::String(s) => text_tokens(s, tok),
             Value::Array(ids) if ids.iter().all(Value::is_u64) && !ids.is_empty() => ids.iter().map(token_id).collect(),
             other => Err(validation_error(
                 "body.prompt",
@@ -202,7 +215,7 @@ pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result
     let f = Fields::body(body);
     check_model(body, limits.model)?;
     let gen = check_generation(api, body)?;
-    let prompts = prompt_tokens(api, body)?;
+    let prompts = prompt_tokens(api, body, limits.tokenizer)?;
     if let Some(m) = gen.max_tokens.filter(|m| *m as u64 > limits.max_model_len as u64) {
         let field = if api == Api::Chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
         return Err(ApiError::bad_request(format!(
@@ -324,6 +337,7 @@ pub fn kv_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
         host: string("remote_host")?,
         port,
         num_tokens: p.get("remote_num_tokens").and_then(Value::as_u64).map(|n| n as usize),
+        cached_tokens: p.get("remote_prefill_cached_tokens").and_then(Value::as_u64).map(|n| n as usize),
     }))
 }
 
@@ -335,7 +349,7 @@ mod tests {
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
-    const LIMITS: Limits<'static> = Limits { model: "m", max_model_len: 100 };
+    const LIMITS: Limits<'static> = Limits { model: "m", max_model_len: 100, tokenizer: None };
 
     #[test]
     fn rejects_what_vllm_rejects_with_its_messages() {

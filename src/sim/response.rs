@@ -16,6 +16,8 @@ pub struct Meta {
     pub id: String,
     pub created: u64,
     pub model: String,
+    /// Report cached prompt tokens (--enable-prompt-tokens-details).
+    pub details: bool,
 }
 
 /// Why a choice ended, as vLLM reports it.
@@ -106,11 +108,24 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub total_tokens: usize,
     pub completion_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Details {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Usage { prompt_tokens, total_tokens: prompt_tokens + completion_tokens, completion_tokens }
+        Usage { prompt_tokens, total_tokens: prompt_tokens + completion_tokens, completion_tokens, prompt_tokens_details: None }
+    }
+
+    /// With the cached prompt tokens, when they are reported.
+    pub fn cached(mut self, report: bool, cached_tokens: usize) -> Self {
+        self.prompt_tokens_details = report.then_some(Details { cached_tokens });
+        self
     }
 }
 
@@ -120,6 +135,8 @@ pub struct Finished {
     pub ending: Ending,
     pub tokens: usize,
     pub kv: Option<Value>,
+    /// Prompt tokens found cached.
+    pub cached: usize,
 }
 
 impl Meta {
@@ -141,7 +158,8 @@ impl Meta {
             "prompt_tokens": usage.prompt_tokens,
             "total_tokens": usage.total_tokens,
             "completion_tokens": usage.completion_tokens,
-            "prompt_tokens_details": null,
+            "prompt_tokens_details": usage.prompt_tokens_details.map(|d| json!({"cached_tokens": d.cached_tokens,
+                "created_cache_tokens": null, "multimodal_tokens": null})),
             "completion_tokens_details": null,
         });
         let kv = choices.first().and_then(|c| c.kv.clone());

@@ -14,7 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use super::engine::{Engine, PullError};
+use super::engine::Engine;
+use super::transfer::PullError;
 use super::request::RemoteKv;
 
 #[derive(Serialize, Deserialize)]

@@ -244,7 +244,10 @@ async fn an_instance_that_cannot_start_is_named_and_everything_is_cleaned_up() {
     let file = write("fail.yaml", &sim_topology((p, d, r), ""));
     let mut launch = Launch::start(&file).await;
     assert!(launch.ready().await.is_none(), "must not become ready");
-    let status = tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await.expect("launch exits").unwrap();
+    let status = match tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await {
+        Ok(s) => s.unwrap(),
+        Err(_) => panic!("the launch did not exit:\n{}", launch.stderr()),
+    };
     assert!(!status.success());
     let err = launch.stderr();
     assert!(err.contains("decode-0 exited"), "{err}");

@@ -1,0 +1,62 @@
+//! vLLM's render endpoints (`--enable-scale-out`): the token ids a completions or chat
+//! request would run (chat template applied), without generating. vLLM answers 403
+//! without the flag, and so does the simulator. Completions answer one object per prompt
+//! (a list), chat one object, each with vLLM 0.32's keys.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::generate::hex16;
+use super::http::{Sim, MAX_BODY};
+use super::request::{self, Api};
+use crate::api::body::{parse_object, read_limited, require_json};
+use crate::api::ApiError;
+
+fn forbidden() -> Response {
+    let err = ApiError::with_status(
+        StatusCode::FORBIDDEN,
+        "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to enable them.",
+    );
+    let mut body = err.body();
+    body["error"]["type"] = json!("PermissionDeniedError");
+    (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
+}
+
+fn rendered(sim: &Sim, id: String, tokens: Vec<u32>) -> Value {
+    json!({"request_id": id, "token_ids": tokens, "token_offsets": null, "features": null, "content_parts": null,
+        "model": sim.args.model, "kv_transfer_params": null, "ec_transfer_params": null})
+}
+
+async fn render(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Response {
+    if !sim.args.enable_scale_out {
+        return forbidden();
+    }
+    let result = async {
+        require_json(&headers)?;
+        let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
+        request::check_model(&body, &sim.args.model)?;
+        let prompts = request::prompt_tokens(api, &body, sim.tokenizer.as_ref())?;
+        Ok::<_, ApiError>(match api {
+            Api::Completions => Value::Array(prompts.into_iter().map(|p| rendered(&sim, format!("cmpl-{}", hex16()), p)).collect()),
+            Api::Chat => rendered(&sim, format!("chatcmpl-{}", hex16()), prompts.into_iter().next().unwrap_or_default()),
+        })
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+    render(sim, Api::Completions, headers, body).await
+}
+
+pub async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+    render(sim, Api::Chat, headers, body).await
+}

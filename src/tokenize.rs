@@ -1,0 +1,102 @@
+//! A model's tokens as vLLM makes them: the Hugging Face tokenizer (tokenizer.json) and
+//! the model's chat template (chat_template.jinja, or `chat_template` in
+//! tokenizer_config.json) rendered with minijinja and the Python string methods HF
+//! templates use (minijinja-contrib's pycompat). Completions prompts are encoded with the
+//! tokenizer's special tokens (`add_special_tokens=True`), rendered chats without (the
+//! template writes them), as vLLM does. Shared by the simulator and the router.
+
+use std::path::Path;
+
+use anyhow::Context;
+use minijinja::{Environment, ErrorKind, Value};
+use serde_json::Value as Json;
+
+pub struct ModelTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    template: Option<Environment<'static>>,
+    bos: String,
+    eos: String,
+}
+
+/// A special token in tokenizer_config.json: a string or `{"content": ..}`.
+fn special(cfg: &Json, key: &str) -> String {
+    match cfg.get(key) {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+fn raise_exception(msg: String) -> Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+fn strftime_now(fmt: String) -> String {
+    chrono::Local::now().format(&fmt).to_string()
+}
+
+impl ModelTokenizer {
+    pub fn load(dir: &str) -> anyhow::Result<Self> {
+        let dir = Path::new(dir);
+        let file = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
+        let cfg: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(text) => serde_json::from_str(&text).context("tokenizer_config.json is not JSON")?,
+            Err(_) => Json::Null,
+        };
+        let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(t) => Some(t),
+            Err(_) => cfg.get("chat_template").and_then(Json::as_str).map(str::to_owned),
+        };
+        let template = match source {
+            Some(src) => {
+                let mut env = Environment::new();
+                // HF renders chat templates with trim_blocks and lstrip_blocks.
+                env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters"));
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.add_function("raise_exception", raise_exception);
+                env.add_function("strftime_now", strftime_now);
+                env.add_template_owned("chat", src).context("the chat template does not parse")?;
+                Some(env)
+            }
+            None => None,
+        };
+        Ok(ModelTokenizer { tokenizer, template, bos: special(&cfg, "bos_token"), eos: special(&cfg, "eos_token") })
+    }
+
+    /// A completions prompt's token ids.
+    pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The chat template applied to a chat request's body (messages, tools,
+    /// `add_generation_prompt`, `chat_template_kwargs`).
+    pub fn render_chat(&self, body: &serde_json::Map<String, Json>) -> anyhow::Result<String> {
+        let env = self.template.as_ref().context("the model has no chat template")?;
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("messages".into(), body.get("messages").cloned().unwrap_or(Json::Array(Vec::new())));
+        if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+            ctx.insert("tools".into(), tools.clone());
+        }
+        let add_gen = body.get("add_generation_prompt").and_then(Json::as_bool).unwrap_or(true);
+        ctx.insert("add_generation_prompt".into(), Json::Bool(add_gen));
+        ctx.insert("bos_token".into(), Json::String(self.bos.clone()));
+        ctx.insert("eos_token".into(), Json::String(self.eos.clone()));
+        if let Some(Json::Object(kw)) = body.get("chat_template_kwargs") {
+            for (k, v) in kw {
+                ctx.insert(k.clone(), v.clone());
+            }
+        }
+        let tmpl = env.get_template("chat").expect("added at load");
+        tmpl.render(Value::from(minijinja::value::Serde(&ctx))).map_err(|e| anyhow::anyhow!("rendering the chat template: {e}"))
+    }
+
+    /// A chat request's token ids: the rendered template, encoded without adding special
+    /// tokens again.
+    pub fn encode_chat(&self, body: &serde_json::Map<String, Json>) -> anyhow::Result<Vec<u32>> {
+        let text = self.render_chat(body)?;
+        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+}
