@@ -34,6 +34,9 @@ pub enum Command {
     /// Benchmark a serving endpoint with `vllm bench serve`'s flags, metrics and result
     /// files, plus a progress bar and a plot of the run.
     Bench(crate::bench::BenchArgs),
+    /// Fit `disagg sim --timing-profile` coefficients to `disagg bench` runs against a real
+    /// engine (results saved with --save-result --save-detailed).
+    FitTiming(crate::bench::fit::FitArgs),
     /// Write vllm-ascend's ranktable.json (LLMDataDistCMgrConnector) for a set of nodes.
     Ranktable(crate::launch::ranktable::RanktableArgs),
     /// Run a SIMULATED vLLM engine (no model, no GPU) that speaks vLLM's API and PD handshake.
@@ -55,5 +58,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Launch(args)) => crate::launch::run(args).await,
         Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args),
         Some(Command::Bench(args)) => crate::bench::run(args).await,
+        Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
     }
 }

@@ -14,6 +14,13 @@ mod support;
 #[allow(dead_code)]
 #[path = "it/handshake.rs"]
 mod handshake;
+#[allow(dead_code)]
+#[path = "it/kv_events.rs"]
+mod kv_events;
+#[path = "vllm/prefix_cache.rs"]
+mod prefix_cache;
+#[path = "vllm/timing.rs"]
+mod timing;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -48,12 +55,18 @@ struct Vllm {
 
 impl Vllm {
     fn spawn(name: &'static str, role: &str, port: u16, side: u16, cpu: u16) -> Vllm {
+        Vllm::spawn_with(name, role, port, side, cpu, &[])
+    }
+
+    /// As `spawn`, with extra `vllm serve` arguments.
+    fn spawn_with(name: &'static str, role: &str, port: u16, side: u16, cpu: u16, extra: &[&str]) -> Vllm {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vllm-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(format!("{SCRIPTS}/vllm-serve.sh"))
             .args([role, &port.to_string(), "--side-channel-port", &side.to_string(), "--cpu", &cpu.to_string()])
+            .args(if extra.is_empty() { Vec::new() } else { std::iter::once("--").chain(extra.iter().copied()).collect() })
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -207,6 +220,14 @@ async fn run() -> ExitCode {
     }
     let tails: Vec<(String, String)> = [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect();
     drop(env);
+    let t = Instant::now();
+    match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(prefix_cache::run())).await {
+        Ok(()) => println!("ok    KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree ({:.1}s)", t.elapsed().as_secs_f64()),
+        Err(_) => {
+            println!("FAIL  KV events, prefix cache and render endpoints ({:.1}s)", t.elapsed().as_secs_f64());
+            failed.push("KV events, prefix cache and render");
+        }
+    }
     let t = Instant::now();
     match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(launch_from_yaml())).await {
         Ok(()) => println!("ok    disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end ({:.1}s)", t.elapsed().as_secs_f64()),

@@ -1,7 +1,8 @@
 //! `disagg bench`: a serving benchmark client with `vllm bench serve`'s flags, metric
 //! definitions, printed table and result JSON, a progress bar, and a picture of the run.
 
-pub mod args;
+pub mod fit;
+mod args;
 pub mod client;
 pub mod dataset;
 pub mod metrics;

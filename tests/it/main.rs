@@ -3,6 +3,7 @@
 mod bench;
 mod capture;
 mod handshake;
+mod kv_events;
 mod launch;
 mod router_faults;
 mod router_flow;

@@ -1,0 +1,160 @@
+//! `disagg fit-timing`: fits the simulator's timing profile (sim/timing.rs) to `disagg
+//! bench` runs against a real engine (result files written with --save-result
+//! --save-detailed; `vllm bench serve`'s files work too).
+//!
+//! - prefill: each request's TTFT against its prompt length, least squares
+//!   `p0 + p1·T + p2·T²` (linear when the curvature comes out negative), minus one decode
+//!   step (the simulator adds it: its first token comes from the prefill's step);
+//! - decode: each run's mean inter-token latency against its concurrency, `d0 + s·n`
+//!   (`s` 0 from runs of one concurrency).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::Value;
+
+use crate::sim::timing::Timing;
+
+#[derive(Args, Debug, Clone)]
+pub struct FitArgs {
+    /// Result files of `disagg bench --save-result --save-detailed` (or vLLM's).
+    #[arg(required = true, value_name = "RESULT.json")]
+    pub results: Vec<PathBuf>,
+    /// Where to write the profile (for `disagg sim --timing-profile`).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+/// Least squares for `y = Σ c_k x^k` (k < degree + 1), by the normal equations.
+fn polyfit(xs: &[f64], ys: &[f64], degree: usize) -> Option<Vec<f64>> {
+    let n = degree + 1;
+    if xs.len() < n {
+        return None;
+    }
+    // Scale x for conditioning.
+    let scale = xs.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    let mut a = vec![vec![0.0; n + 1]; n];
+    for (x, y) in xs.iter().zip(ys) {
+        let xs_: Vec<f64> = (0..n).map(|k| (x / scale).powi(k as i32)).collect();
+        for i in 0..n {
+            for j in 0..n {
+                a[i][j] += xs_[i] * xs_[j];
+            }
+            a[i][n] += xs_[i] * y;
+        }
+    }
+    // Gaussian elimination with partial pivoting.
+    for col in 0..n {
+        let pivot = (col..n).max_by(|p, q| a[*p][col].abs().total_cmp(&a[*q][col].abs()))?;
+        if a[pivot][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, pivot);
+        for row in 0..n {
+            if row != col {
+                let f = a[row][col] / a[col][col];
+                for k in col..=n {
+                    a[row][k] -= f * a[col][k];
+                }
+            }
+        }
+    }
+    Some((0..n).map(|k| a[k][n] / a[k][k] / scale.powi(k as i32)).collect())
+}
+
+struct Run {
+    concurrency: f64,
+    /// (prompt tokens, TTFT ms)
+    ttfts: Vec<(f64, f64)>,
+    mean_itl_ms: Option<f64>,
+}
+
+fn read_run(path: &PathBuf) -> anyhow::Result<Run> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let arr = |k: &str| v.get(k).and_then(Value::as_array).with_context(|| format!("{}: no `{k}` (was it saved with --save-detailed?)", path.display()));
+    let lens = arr("input_lens")?;
+    let ttfts = arr("ttfts")?;
+    let errors = v.get("errors").and_then(Value::as_array);
+    let ok = |i: usize| errors.and_then(|e| e.get(i)).and_then(Value::as_str).is_none_or(str::is_empty);
+    let pairs = lens
+        .iter()
+        .zip(ttfts)
+        .enumerate()
+        .filter(|(i, (_, t))| ok(*i) && t.as_f64().is_some_and(|t| t > 0.0))
+        .filter_map(|(_, (l, t))| Some((l.as_f64()?, t.as_f64()? * 1000.0)))
+        .collect();
+    let itls: Vec<f64> = arr("itls")?.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|x| x.as_f64()).collect();
+    let concurrency = v.get("max_concurrency").and_then(Value::as_f64).unwrap_or(1.0);
+    Ok(Run { concurrency, ttfts: pairs, mean_itl_ms: (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0) })
+}
+
+fn fit(runs: &[Run], source: String) -> anyhow::Result<Timing> {
+    let (cs, itls): (Vec<f64>, Vec<f64>) = runs.iter().filter_map(|r| r.mean_itl_ms.map(|i| (r.concurrency, i))).unzip();
+    anyhow::ensure!(!itls.is_empty(), "no inter-token latencies in the results (outputs of at least 2 tokens are needed)");
+    let distinct = cs.iter().any(|c| (c - cs[0]).abs() > 0.5);
+    let (d0, s) = match distinct.then(|| polyfit(&cs, &itls, 1)).flatten() {
+        Some(c) if c[1] >= 0.0 => (c[0], c[1]),
+        _ => (itls.iter().sum::<f64>() / itls.len() as f64, 0.0),
+    };
+    // TTFT is measured best without queueing: the lowest concurrency's runs.
+    let lowest = runs.iter().map(|r| r.concurrency).fold(f64::INFINITY, f64::min);
+    let (xs, ys): (Vec<f64>, Vec<f64>) = runs.iter().filter(|r| r.concurrency == lowest).flat_map(|r| r.ttfts.iter().copied()).unzip();
+    anyhow::ensure!(xs.len() >= 3, "too few TTFTs to fit the prefill ({} requests)", xs.len());
+    let step = d0 + s * lowest;
+    let p = match polyfit(&xs, &ys, 2) {
+        Some(c) if c[2] >= 0.0 => [c[0], c[1], c[2]],
+        _ => {
+            let c = polyfit(&xs, &ys, 1).context("the prompt lengths do not vary enough to fit the prefill")?;
+            [c[0], c[1].max(0.0), 0.0]
+        }
+    };
+    Ok(Timing {
+        prefill_ms: [(p[0] - step).max(0.0), p[1], p[2]],
+        decode_ms: [d0, 0.0, 0.0],
+        decode_ms_per_seq: s,
+        decode_min_ms: 0.0,
+        source,
+    })
+}
+
+pub fn run(args: FitArgs) -> anyhow::Result<()> {
+    let runs = args.results.iter().map(read_run).collect::<anyhow::Result<Vec<_>>>()?;
+    let names: Vec<String> = args.results.iter().map(|p| p.display().to_string()).collect();
+    let profile = fit(&runs, format!("fitted by disagg fit-timing from {}", names.join(", ")))?;
+    std::fs::write(&args.output, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "prefill ms = {:.4} + {:.6}·T + {:.3e}·T²; decode ms = {:.4} + {:.4}·n  -> {}",
+        profile.prefill_ms[0], profile.prefill_ms[1], profile.prefill_ms[2], profile.decode_ms[0], profile.decode_ms_per_seq,
+        args.output.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovers_the_coefficients_it_was_given() {
+        let truth = |t: f64| 20.0 + 0.05 * t + 1e-5 * t * t;
+        let lens: Vec<f64> = (1..40).map(|k| (k * 100) as f64).collect();
+        let low = Run { concurrency: 1.0, ttfts: lens.iter().map(|l| (*l, truth(*l) + 3.0)).collect(), mean_itl_ms: Some(3.0 + 0.5) };
+        let high = Run { concurrency: 8.0, ttfts: Vec::new(), mean_itl_ms: Some(3.0 + 4.0) };
+        let t = fit(&[low, high], "test".into()).unwrap();
+        assert!((t.decode_ms_per_seq - 0.5).abs() < 1e-6 && (t.decode_ms[0] - 3.0).abs() < 1e-6, "{t:?}");
+        // TTFT = prefill + one decode step (3.5 ms at one sequence).
+        assert!((t.prefill_ms[0] - 19.5).abs() < 1e-3 && (t.prefill_ms[1] - 0.05).abs() < 1e-6 && (t.prefill_ms[2] - 1e-5).abs() < 1e-9, "{t:?}");
+        assert!((t.prefill(1000) + t.decode(0.0, 1) - (truth(1000.0) + 3.0)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn negative_curvature_falls_back_to_a_line() {
+        let xs: Vec<f64> = (1..20).map(|k| k as f64 * 10.0).collect();
+        let run = Run { concurrency: 1.0, ttfts: xs.iter().map(|x| (*x, 10.0 + 0.2 * x - 0.0005 * x * x)).collect(), mean_itl_ms: Some(2.0) };
+        let t = fit(&[run], "t".into()).unwrap();
+        assert_eq!(t.prefill_ms[2], 0.0);
+        assert!(t.prefill_ms[1] > 0.0);
+    }
+}
