@@ -61,7 +61,7 @@ fn main() {
     let t = Instant::now();
     let status = Command::new(BIN)
         .args(["bench", "--backend", "vllm", "--base-url", &router.1, "--model", "sim-model", "--dataset-name", "random",
-            "--random-input-len", "1024", "--random-output-len", "64", "--random-prefix-len", "512", "--ignore-eos",
+            "--tokenizer", "sim", "--random-input-len", "1024", "--random-output-len", "64", "--random-prefix-len", "512", "--ignore-eos",
             "--num-prompts", &n.to_string(), "--request-rate", "200", "--save-result", "--result-filename", out.to_str().unwrap(),
             "--disable-tqdm"])
         .stdout(Stdio::null())
