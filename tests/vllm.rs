@@ -1,6 +1,7 @@
 //! End to end against REAL vLLM (CPU build) with real NIXL KV transfer between processes.
 //!
 //!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
+//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv or launch)
 //!
 //! The binary re-runs itself inside a fresh loopback-only network namespace
 //! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
@@ -169,7 +170,54 @@ async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String
 
 type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
+/// `DISAGG_VLLM_GROUPS=pd,kv,launch` (default: all) picks the groups to run, for
+/// development; CI runs them all.
+fn group_enabled(group: &str) -> bool {
+    std::env::var("DISAGG_VLLM_GROUPS").map_or(true, |g| g.split(',').any(|x| x.trim() == group))
+}
+
 async fn run() -> ExitCode {
+    let t0 = Instant::now();
+    let mut failed: Vec<&'static str> = Vec::new();
+    let mut tails = Vec::new();
+    if group_enabled("pd") {
+        tails = pd_cases(&mut failed).await;
+    }
+    let t = Instant::now();
+    if group_enabled("kv") {
+        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(prefix_cache::run())).await {
+            Ok(()) => println!("ok    KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree ({:.1}s)", t.elapsed().as_secs_f64()),
+            Err(_) => {
+                println!("FAIL  KV events, prefix cache, render endpoints or timing profile ({:.1}s)", t.elapsed().as_secs_f64());
+                failed.push("KV events, prefix cache, render, timing");
+            }
+        }
+    }
+    let t = Instant::now();
+    if group_enabled("launch") {
+        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(launch_from_yaml())).await {
+            Ok(()) => println!("ok    disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end ({:.1}s)", t.elapsed().as_secs_f64()),
+            Err(_) => {
+                println!("FAIL  disagg launch of examples/vllm-cpu-1p1d.yaml ({:.1}s)", t.elapsed().as_secs_f64());
+                failed.push("launch from YAML");
+            }
+        }
+    }
+    println!("real-vLLM suite: {:.1}s in all", t0.elapsed().as_secs_f64());
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for (name, tail) in tails {
+            println!("---- {name} log tail ----\n{tail}");
+        }
+        println!("failed: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
+
+/// The PD cases, sharing two prefill instances, a decode instance, a plain instance and
+/// the router; returns the instances' log tails for a failure report.
+async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let t0 = Instant::now();
     let mut p0 = Vllm::spawn("prefill-0", "prefill", 8100, 5600, 0);
     let mut p1 = Vllm::spawn("prefill-1", "prefill", 8101, 5601, 1);
@@ -178,8 +226,7 @@ async fn run() -> ExitCode {
     for v in [&mut p0, &mut p1, &mut d, &mut plain] {
         v.wait_healthy(Duration::from_secs(600)).await;
     }
-    let startup = t0.elapsed();
-    println!("real vLLM: 2 prefill + 1 decode + 1 plain instance healthy in {:.1}s", startup.as_secs_f64());
+    println!("real vLLM: 2 prefill + 1 decode + 1 plain instance healthy in {:.1}s", t0.elapsed().as_secs_f64());
     let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
     let pair = Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
     let mut env = Env { p0, p1, d, plain, router, pair };
@@ -203,14 +250,10 @@ async fn run() -> ExitCode {
         ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
         ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
     ];
-    let mut failed = Vec::new();
     for (name, case) in cases {
         let t = Instant::now();
-        let result = {
-            let fut = case(&mut env);
-            std::panic::AssertUnwindSafe(fut)
-        };
-        match futures_util::FutureExt::catch_unwind(result).await {
+        let fut = std::panic::AssertUnwindSafe(case(&mut env));
+        match futures_util::FutureExt::catch_unwind(fut).await {
             Ok(()) => println!("ok    {name} ({:.1}s)", t.elapsed().as_secs_f64()),
             Err(_) => {
                 println!("FAIL  {name} ({:.1}s)", t.elapsed().as_secs_f64());
@@ -218,34 +261,7 @@ async fn run() -> ExitCode {
             }
         }
     }
-    let tails: Vec<(String, String)> = [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect();
-    drop(env);
-    let t = Instant::now();
-    match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(prefix_cache::run())).await {
-        Ok(()) => println!("ok    KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree ({:.1}s)", t.elapsed().as_secs_f64()),
-        Err(_) => {
-            println!("FAIL  KV events, prefix cache and render endpoints ({:.1}s)", t.elapsed().as_secs_f64());
-            failed.push("KV events, prefix cache and render");
-        }
-    }
-    let t = Instant::now();
-    match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(launch_from_yaml())).await {
-        Ok(()) => println!("ok    disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end ({:.1}s)", t.elapsed().as_secs_f64()),
-        Err(_) => {
-            println!("FAIL  disagg launch of examples/vllm-cpu-1p1d.yaml ({:.1}s)", t.elapsed().as_secs_f64());
-            failed.push("launch from YAML");
-        }
-    }
-    println!("real-vLLM suite: {:.1}s in all ({:.1}s start-up)", t0.elapsed().as_secs_f64(), startup.as_secs_f64());
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        for (name, tail) in tails {
-            println!("---- {name} log tail ----\n{tail}");
-        }
-        println!("failed: {failed:?}");
-        ExitCode::FAILURE
-    }
+    [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect()
 }
 
 async fn router_equals_colocated(e: &mut Env) {

@@ -6,7 +6,9 @@
 //!   `p0 + p1·T + p2·T²` (linear when the curvature comes out negative), minus one decode
 //!   step (the simulator adds it: its first token comes from the prefill's step);
 //! - decode: each run's mean inter-token latency against its concurrency, `d0 + s·n`
-//!   (`s` 0 from runs of one concurrency).
+//!   (`s` 0 from runs of one concurrency). At concurrency n, a request's L−1 token gaps
+//!   also hold the prefills of about n−1 other requests (the simulator adds those to the
+//!   steps they share), so `(n−1)/(L−1)` of a mean prefill is taken off first.
 
 use std::path::PathBuf;
 
@@ -68,6 +70,8 @@ struct Run {
     /// (prompt tokens, TTFT ms)
     ttfts: Vec<(f64, f64)>,
     mean_itl_ms: Option<f64>,
+    /// Mean output tokens per request.
+    mean_output: f64,
 }
 
 fn read_run(path: &PathBuf) -> anyhow::Result<Run> {
@@ -87,29 +91,57 @@ fn read_run(path: &PathBuf) -> anyhow::Result<Run> {
         .collect();
     let itls: Vec<f64> = arr("itls")?.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|x| x.as_f64()).collect();
     let concurrency = v.get("max_concurrency").and_then(Value::as_f64).unwrap_or(1.0);
-    Ok(Run { concurrency, ttfts: pairs, mean_itl_ms: (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0) })
+    let outs: Vec<f64> = arr("output_lens")?.iter().filter_map(Value::as_f64).collect();
+    let mean_output = outs.iter().sum::<f64>() / outs.len().max(1) as f64;
+    Ok(Run { concurrency, ttfts: pairs, mean_itl_ms: (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0), mean_output })
+}
+
+/// `d0 + s·n` through (concurrency, mean gap) points; a constant from one concurrency or
+/// when the slope comes out negative.
+fn fit_decode(points: &[(f64, f64)]) -> (f64, f64) {
+    let (cs, itls): (Vec<f64>, Vec<f64>) = points.iter().copied().unzip();
+    let distinct = cs.iter().any(|c| (c - cs[0]).abs() > 0.5);
+    match distinct.then(|| polyfit(&cs, &itls, 1)).flatten() {
+        Some(c) if c[1] >= 0.0 => (c[0], c[1]),
+        _ => (itls.iter().sum::<f64>() / itls.len() as f64, 0.0),
+    }
+}
+
+/// `p0 + p1·T + p2·T²` through (prompt tokens, TTFT) points, as TTFT (one decode step
+/// still in it).
+fn fit_ttft(xs: &[f64], ys: &[f64]) -> anyhow::Result<[f64; 3]> {
+    Ok(match polyfit(xs, ys, 2) {
+        Some(c) if c[2] >= 0.0 => [c[0], c[1], c[2]],
+        _ => {
+            let c = polyfit(xs, ys, 1).context("the prompt lengths do not vary enough to fit the prefill")?;
+            [c[0], c[1].max(0.0), 0.0]
+        }
+    })
 }
 
 fn fit(runs: &[Run], source: String) -> anyhow::Result<Timing> {
-    let (cs, itls): (Vec<f64>, Vec<f64>) = runs.iter().filter_map(|r| r.mean_itl_ms.map(|i| (r.concurrency, i))).unzip();
-    anyhow::ensure!(!itls.is_empty(), "no inter-token latencies in the results (outputs of at least 2 tokens are needed)");
-    let distinct = cs.iter().any(|c| (c - cs[0]).abs() > 0.5);
-    let (d0, s) = match distinct.then(|| polyfit(&cs, &itls, 1)).flatten() {
-        Some(c) if c[1] >= 0.0 => (c[0], c[1]),
-        _ => (itls.iter().sum::<f64>() / itls.len() as f64, 0.0),
-    };
+    let measured: Vec<(&Run, f64)> = runs.iter().filter_map(|r| r.mean_itl_ms.map(|i| (r, i))).collect();
+    anyhow::ensure!(!measured.is_empty(), "no inter-token latencies in the results (outputs of at least 2 tokens are needed)");
     // TTFT is measured best without queueing: the lowest concurrency's runs.
     let lowest = runs.iter().map(|r| r.concurrency).fold(f64::INFINITY, f64::min);
     let (xs, ys): (Vec<f64>, Vec<f64>) = runs.iter().filter(|r| r.concurrency == lowest).flat_map(|r| r.ttfts.iter().copied()).unzip();
     anyhow::ensure!(xs.len() >= 3, "too few TTFTs to fit the prefill ({} requests)", xs.len());
+    let p = fit_ttft(&xs, &ys)?;
+    let (mut d0, mut s) = fit_decode(&measured.iter().map(|(r, i)| (r.concurrency, *i)).collect::<Vec<_>>());
+    for _ in 0..2 {
+        let step = d0 + s * lowest;
+        let prefill = |t: f64| (p[0] - step).max(0.0) + p[1] * t + p[2] * t * t;
+        let corrected: Vec<(f64, f64)> = measured
+            .iter()
+            .map(|(r, itl)| {
+                let mean_prefill = r.ttfts.iter().map(|(t, _)| prefill(*t)).sum::<f64>() / r.ttfts.len().max(1) as f64;
+                let share = (r.concurrency - 1.0).max(0.0) / (r.mean_output - 1.0).max(1.0);
+                (r.concurrency, (itl - share * mean_prefill).max(0.0))
+            })
+            .collect();
+        (d0, s) = fit_decode(&corrected);
+    }
     let step = d0 + s * lowest;
-    let p = match polyfit(&xs, &ys, 2) {
-        Some(c) if c[2] >= 0.0 => [c[0], c[1], c[2]],
-        _ => {
-            let c = polyfit(&xs, &ys, 1).context("the prompt lengths do not vary enough to fit the prefill")?;
-            [c[0], c[1].max(0.0), 0.0]
-        }
-    };
     Ok(Timing {
         prefill_ms: [(p[0] - step).max(0.0), p[1], p[2]],
         decode_ms: [d0, 0.0, 0.0],
@@ -140,8 +172,8 @@ mod tests {
     fn recovers_the_coefficients_it_was_given() {
         let truth = |t: f64| 20.0 + 0.05 * t + 1e-5 * t * t;
         let lens: Vec<f64> = (1..40).map(|k| (k * 100) as f64).collect();
-        let low = Run { concurrency: 1.0, ttfts: lens.iter().map(|l| (*l, truth(*l) + 3.0)).collect(), mean_itl_ms: Some(3.0 + 0.5) };
-        let high = Run { concurrency: 8.0, ttfts: Vec::new(), mean_itl_ms: Some(3.0 + 4.0) };
+        let low = Run { concurrency: 1.0, ttfts: lens.iter().map(|l| (*l, truth(*l) + 3.0)).collect(), mean_itl_ms: Some(3.0 + 0.5), mean_output: 100.0 };
+        let high = Run { concurrency: 8.0, ttfts: Vec::new(), mean_itl_ms: Some(3.0 + 4.0), mean_output: 100.0 };
         let t = fit(&[low, high], "test".into()).unwrap();
         assert!((t.decode_ms_per_seq - 0.5).abs() < 1e-6 && (t.decode_ms[0] - 3.0).abs() < 1e-6, "{t:?}");
         // TTFT = prefill + one decode step (3.5 ms at one sequence).
@@ -150,9 +182,21 @@ mod tests {
     }
 
     #[test]
+    fn prefills_between_tokens_are_not_counted_as_decode_time() {
+        // Decode 2 ms a step at any concurrency; prefill 20 + 0.01·T ms.
+        let lens: Vec<f64> = (1..30).map(|k| (k * 20) as f64).collect();
+        let ttfts: Vec<(f64, f64)> = lens.iter().map(|t| (*t, 20.0 + 0.01 * t + 2.0)).collect();
+        let mean_prefill = lens.iter().map(|t| 20.0 + 0.01 * t).sum::<f64>() / lens.len() as f64;
+        let low = Run { concurrency: 1.0, ttfts: ttfts.clone(), mean_itl_ms: Some(2.0), mean_output: 24.0 };
+        let high = Run { concurrency: 4.0, ttfts, mean_itl_ms: Some(2.0 + 3.0 / 23.0 * mean_prefill), mean_output: 24.0 };
+        let t = fit(&[low, high], "test".into()).unwrap();
+        assert!(t.decode_ms_per_seq.abs() < 1e-6 && (t.decode_ms[0] - 2.0).abs() < 1e-6, "{t:?}");
+    }
+
+    #[test]
     fn negative_curvature_falls_back_to_a_line() {
         let xs: Vec<f64> = (1..20).map(|k| k as f64 * 10.0).collect();
-        let run = Run { concurrency: 1.0, ttfts: xs.iter().map(|x| (*x, 10.0 + 0.2 * x - 0.0005 * x * x)).collect(), mean_itl_ms: Some(2.0) };
+        let run = Run { concurrency: 1.0, ttfts: xs.iter().map(|x| (*x, 10.0 + 0.2 * x - 0.0005 * x * x)).collect(), mean_itl_ms: Some(2.0), mean_output: 10.0 };
         let t = fit(&[run], "t".into()).unwrap();
         assert_eq!(t.prefill_ms[2], 0.0);
         assert!(t.prefill_ms[1] > 0.0);

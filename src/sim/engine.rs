@@ -253,18 +253,28 @@ impl Engine {
                 reaper.expire_leases();
             }
         });
+        // Steps follow each other on a schedule of their own: the timer rounds every
+        // sleep up (tokio's is 1 ms grained), so each step ends on its due time counted
+        // from the previous step's due time, not from when the last sleep woke. Idle time,
+        // or a lag past MAX_LAG (a starved machine), restarts the schedule from now.
+        const MAX_LAG: Duration = Duration::from_millis(20);
+        let mut due: Option<tokio::time::Instant> = None;
         loop {
             let (cost_ms, has_work) = self.admit();
             if !has_work {
+                due = None;
                 self.wake.notified().await;
                 continue;
             }
             let cost_ms = cost_ms / self.cfg.speedup;
-            if cost_ms > 0.0 {
+            let now = tokio::time::Instant::now();
+            let start = due.filter(|d| now.saturating_duration_since(*d) < MAX_LAG).unwrap_or(now);
+            let end = start + Duration::from_secs_f64(cost_ms.max(0.0) / 1000.0);
+            due = Some(end);
+            if end > now {
                 // The step's time is spent whatever happens, but a request cancelled
                 // meanwhile leaves at once (its slot and blocks are freed), as an abort
                 // does on vLLM.
-                let end = tokio::time::Instant::now() + Duration::from_secs_f64(cost_ms / 1000.0);
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(end) => break,

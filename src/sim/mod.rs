@@ -104,5 +104,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             sim.ready.store(true, Ordering::SeqCst);
         });
     }
+    // vLLM's server (asyncio transports) sets TCP_NODELAY; without it small SSE chunks wait on Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, http::router(sim)).await.context("HTTP server failed")
 }

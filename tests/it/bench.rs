@@ -54,7 +54,9 @@ async fn results_have_vllms_table_and_json_and_count_exactly() {
     // TPOT is (E2EL - TTFT) / (n - 1), ITLs the gaps: their means agree here.
     let (tpot, itl) = (j["mean_tpot_ms"].as_f64().unwrap(), j["mean_itl_ms"].as_f64().unwrap());
     assert!((tpot - itl).abs() < 0.5, "{tpot} vs {itl}");
-    assert!(tpot >= 2.0, "at least the decode step time: {tpot}");
+    // The simulator keeps its steps on schedule (a late step is followed by a shorter
+    // wait), so the mean is the step time within timer jitter, never a fraction of it.
+    assert!(tpot >= 1.8, "about the decode step time: {tpot}");
 }
 
 #[tokio::test]
