@@ -185,7 +185,7 @@ pub fn encode(batch: &EventBatch) -> Vec<u8> {
 fn hash_of(v: &rmpv::Value) -> Option<u64> {
     match v {
         rmpv::Value::Integer(i) => i.as_u64().or_else(|| i.as_i64().map(|x| x as u64)),
-        rmpv::Value::Binary(b) => Some(b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3))),
+        rmpv::Value::Binary(b) => Some(super::fnv1a(super::FNV_OFFSET, b)),
         _ => None,
     }
 }

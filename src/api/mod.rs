@@ -8,4 +8,13 @@ pub mod prom;
 pub mod sse;
 
 pub use error::{ApiError, ErrorKind};
+
+/// The 64-bit FNV-1a offset basis: the start of a hash (`fnv1a`).
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// 64-bit FNV-1a of `bytes`, continuing from `h` (`FNV_OFFSET` to start): stable across
+/// runs and platforms (std's hasher is not). The one FNV of the binary.
+pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
 pub use fields::validation_error;

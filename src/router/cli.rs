@@ -342,22 +342,26 @@ impl RouteArgs {
         let workers = self.worker_urls.iter().map(|u| normalize_url(u)).collect::<Result<Vec<_>, _>>()?;
 
         let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty();
+        // Workers may also join later, through the admin API.
+        let joinable = self.admin_api_key.is_some();
         let mode = if pd {
             if !workers.is_empty() {
                 return Err("--worker-urls is for colocated workers; with prefill/decode workers use --prefill and --decode".into());
             }
-            if prefill.is_empty() || decode.is_empty() {
+            if (prefill.is_empty() || decode.is_empty()) && !joinable {
                 return Err(format!(
                     "prefill/decode disaggregation needs at least one prefill and one decode worker \
-                     (got {} prefill, {} decode): pass --prefill URL and --decode URL",
+                     (got {} prefill, {} decode): pass --prefill URL and --decode URL, or --admin-api-key KEY to add them at runtime",
                     prefill.len(),
                     decode.len()
                 ));
             }
             Mode::Disaggregated
         } else {
-            if workers.is_empty() {
-                return Err("no workers: pass --prefill URL --decode URL (disaggregated) or --worker-urls URL... (colocated)".into());
+            if workers.is_empty() && !joinable {
+                return Err("no workers: pass --prefill URL --decode URL (disaggregated) or --worker-urls URL... (colocated), \
+                            or --admin-api-key KEY to add them at runtime"
+                    .into());
             }
             Mode::Regular
         };

@@ -25,7 +25,7 @@ use super::relay::{self, Held};
 use super::request::{self, LegBodies};
 use super::retry::RetryBudget;
 use super::shutdown::{Drain, Phase};
-use super::workers::Pool;
+use super::topology::Topology;
 use super::fanout;
 use crate::api::body::{read_limited, require_json};
 use crate::api::fields::Api;
@@ -34,10 +34,9 @@ use crate::api::ApiError;
 /// Everything the router shares between requests.
 pub struct Router {
     pub cfg: RouterConfig,
-    pub prefill: Pool,
-    pub decode: Pool,
-    /// Colocated workers (non-PD mode).
-    pub workers: Pool,
+    pub topology: Topology,
+    /// Whether a pool's policy reads the request's prompt or session key.
+    pub needs_request_info: bool,
     pub admission: Admission,
     pub metrics: Arc<RouterMetrics>,
     pub client: reqwest::Client,
@@ -47,12 +46,6 @@ pub struct Router {
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
     pub prefill_time: pair::PrefillTime,
-}
-
-impl Router {
-    pub fn pools(&self) -> [&Pool; 3] {
-        [&self.prefill, &self.decode, &self.workers]
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -190,7 +183,7 @@ async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemapho
 
 /// What the pools' policies read from a request (nothing, for those that read nothing).
 pub fn info_for(router: &Router, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
-    if router.pools().iter().any(|p| p.needs_request_info()) {
+    if router.needs_request_info {
         request::request_info(headers, body, router.tokenizer.as_ref(), router.cfg.cache_aware.max_prefix)
     } else {
         RequestInfo::default()

@@ -33,7 +33,11 @@ pub async fn run(router: Arc<Router>) {
         if full {
             last_full = Some(tokio::time::Instant::now());
         }
-        let due = router.pools().into_iter().flat_map(|p| p.workers.iter()).filter(|w| full || !w.is_healthy());
+        for pool in router.topology.pools() {
+            pool.remove_drained();
+        }
+        let workers: Vec<_> = router.topology.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect();
+        let due = workers.iter().filter(|w| full || !w.is_healthy());
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;
@@ -57,7 +61,7 @@ pub async fn maintain(router: Arc<Router>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        for pool in router.pools() {
+        for pool in router.topology.pools() {
             pool.maintain().await;
         }
     }

@@ -15,7 +15,8 @@ use axum::routing::{get, post};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use super::config::Mode;
+use super::topology::Topology;
+use super::workers::{Pool, Role, Worker};
 use super::flow::{self, Endpoint, Router};
 use crate::api::{ApiError, ErrorKind};
 
@@ -28,9 +29,25 @@ pub fn app(router: Arc<Router>) -> axum::Router {
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
+        .merge(admin_routes(&router))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
         .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
+}
+
+/// The admin API when --admin-api-key is set; otherwise its paths say it is off.
+fn admin_routes(router: &Router) -> axum::Router<Arc<Router>> {
+    if router.cfg.auth.admin_key.is_some() {
+        return super::admin::routes();
+    }
+    let off = || async { ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY") };
+    axum::Router::new()
+        .route("/add_worker", post(off))
+        .route("/remove_worker", post(off))
+        .route("/list_workers", get(off))
+        .route("/workers", post(off))
+        .route("/workers/{url}", get(off).delete(off))
+        .route("/workers/{url}/drain", post(off))
 }
 
 /// Whether `headers` carry `Authorization: Bearer <one of keys>` (compared in constant time).
@@ -60,7 +77,7 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
     if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
         return unauthorized("this router needs a client API key");
     }
-    if matches!(path, "/workers" | "/metrics") {
+    if matches!(path, "/workers" | "/metrics") || super::admin::is_admin_path(path) {
         if let Some(admin) = &auth.admin_key {
             if !bearer_matches(req.headers(), std::slice::from_ref(admin)) {
                 return unauthorized("this endpoint needs the admin API key");
@@ -86,8 +103,11 @@ async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> R
 /// it fail. The error names no worker (the log does).
 async fn models(State(r): State<Arc<Router>>) -> Response {
     let mut tried = 0;
-    for pool in [&r.decode, &r.prefill, &r.workers] {
-        for w in pool.workers.iter().filter(|w| w.is_healthy()) {
+    // Decodes first: they serve the answers.
+    let mut workers: Vec<_> = r.topology.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect();
+    workers.sort_by_key(|w| w.role != Role::Decode);
+    {
+        for w in workers.iter().filter(|w| w.is_healthy()) {
             tried += 1;
             let url = format!("{}/v1/models", w.url);
             let mut req = r.client.get(&url).timeout(Duration::from_secs(5));
@@ -116,11 +136,11 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
     if r.drain.draining() {
         return ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down").into_response();
     }
-    let count = |p: &super::workers::Pool| (p.available_count(), p.workers.len());
-    let (missing, status) = match r.cfg.mode {
-        Mode::Disaggregated => {
-            let (p, pt) = count(&r.prefill);
-            let (d, dt) = count(&r.decode);
+    let count = |p: &Pool| (p.available_count(), p.len());
+    let (missing, status) = match &r.topology {
+        Topology::Disaggregated { prefill, decode } => {
+            let (p, pt) = count(prefill);
+            let (d, dt) = count(decode);
             let mut missing = Vec::new();
             if p == 0 {
                 missing.push(format!("no healthy prefill worker (0 of {pt})"));
@@ -130,8 +150,8 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
             }
             (missing, json!({"status": "ok", "healthy_prefill": p, "prefill": pt, "healthy_decode": d, "decode": dt}))
         }
-        Mode::Regular => {
-            let (w, wt) = count(&r.workers);
+        Topology::Colocated { workers } => {
+            let (w, wt) = count(workers);
             let missing = if w == 0 { vec![format!("no healthy worker (0 of {wt})")] } else { Vec::new() };
             (missing, json!({"status": "ok", "healthy_workers": w, "workers": wt}))
         }
@@ -145,29 +165,28 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
 
 /// The vLLM toy proxy's shape.
 async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
-    axum::Json(json!({"status": "ok", "prefill_instances": r.prefill.workers.len(),
-        "decode_instances": r.decode.workers.len()}))
+    let len = |role| r.topology.pool(role).map_or(0, Pool::len);
+    axum::Json(json!({"status": "ok", "prefill_instances": len(Role::Prefill), "decode_instances": len(Role::Decode)}))
     .into_response()
 }
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
-    let text = r.metrics.render(&r.pools(), r.admission.queued(), r.admission.in_use(), r.drain.draining());
+    let pools: Vec<&Pool> = r.topology.pools().collect();
+    let text = r.metrics.render(&pools, r.admission.queued(), r.admission.in_use(), r.drain.draining());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn workers(State(r): State<Arc<Router>>) -> Response {
-    let list: Vec<Value> = r
-        .pools()
-        .into_iter()
-        .flat_map(|p| p.workers.iter())
-        .map(|w| {
-            json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "circuit": w.circuit().as_str(),
-                   "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight()})
-        })
-        .collect();
+    let list: Vec<Value> = r.topology.pools().flat_map(|p| p.snapshot().iter().map(|w| worker_json(w)).collect::<Vec<_>>()).collect();
     let index: serde_json::Map<String, Value> =
-        r.pools().into_iter().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
+        r.topology.pools().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),
         "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining(), "prefix_index_entries": index}))
     .into_response()
+}
+
+/// What /workers (and the admin API) say of a worker.
+pub fn worker_json(w: &Worker) -> Value {
+    json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "draining": w.is_draining(),
+           "circuit": w.circuit().as_str(), "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight()})
 }

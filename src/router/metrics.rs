@@ -26,6 +26,8 @@ pub struct RouterMetrics {
     queue_depth: IntGauge,
     permits: IntGauge,
     abandoned: prometheus::IntCounter,
+    /// One render at a time (each resets the per-worker series, then sets them).
+    rendering: std::sync::Mutex<()>,
 }
 
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -55,6 +57,7 @@ impl RouterMetrics {
             abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
                 "Decode legs whose client left before their first output: kept until that output (so the prefill's KV was pulled), then dropped.").expect("valid metric")),
             permits: crate::api::prom::register(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
+            rendering: std::sync::Mutex::new(()),
             registry: r,
         }
     }
@@ -75,9 +78,15 @@ impl RouterMetrics {
         self.legs.with_label_values(&[leg]).observe(since.elapsed().as_secs_f64());
     }
 
+    /// The text exposition. Per-worker series are rebuilt from the pools each time, so a
+    /// worker that has left has none.
     pub fn render(&self, pools: &[&Pool], queued: usize, permits: usize, draining: bool) -> String {
+        let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened] {
+            gauge.reset();
+        }
         for pool in pools {
-            for w in &pool.workers {
+            for w in pool.snapshot().iter() {
                 let role = pool.role.as_str();
                 for (rank, n) in w.rank_in_flight().into_iter().enumerate() {
                     self.in_flight.with_label_values(&[w.url.as_str(), role, &rank.to_string()]).set(n as i64);

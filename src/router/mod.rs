@@ -1,6 +1,7 @@
 //! `disagg route`: the PD router. The flow of one request is in flow.rs; the failure
 //! contract it implements is docs/FAILURES.md.
 
+pub mod admin;
 pub mod admission;
 pub mod body;
 pub mod breaker;
@@ -20,6 +21,7 @@ pub mod request;
 pub mod retry;
 pub mod server;
 pub mod shutdown;
+pub mod topology;
 pub mod workers;
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ pub use cli::RouteArgs;
 use config::{Mode, RouterConfig};
 use flow::Router;
 use policy::Policy;
+use topology::Topology;
 use workers::{Pool, Role};
 
 pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
@@ -50,17 +53,24 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
         .transpose()
         .context("--api-key must be printable ASCII")?;
-    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, urls, &cfg.cache_aware), &cfg.breaker);
+    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, &cfg.cache_aware), &cfg.breaker);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(4096)
         .build()
         .context("cannot build the HTTP client")?;
+    let topology = match cfg.mode {
+        Mode::Disaggregated => Topology::Disaggregated {
+            prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
+            decode: pool(Role::Decode, &cfg.decode, cfg.decode_dp, cfg.decode_policy),
+        },
+        Mode::Regular => Topology::Colocated { workers: pool(Role::Worker, &cfg.workers, cfg.decode_dp, cfg.decode_policy) },
+    };
+    let needs_request_info = topology.pools().any(Pool::needs_request_info);
     Ok(Router {
-        prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
-        decode: pool(Role::Decode, &cfg.decode, cfg.decode_dp, cfg.decode_policy),
-        workers: pool(Role::Worker, &cfg.workers, cfg.decode_dp, cfg.decode_policy),
+        needs_request_info,
+        topology,
         admission: admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
         metrics: Arc::new(metrics::RouterMetrics::new()),
         client,

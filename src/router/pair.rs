@@ -14,11 +14,12 @@ use tokio::sync::oneshot;
 
 use super::failure::Failure;
 use super::flow::Router;
+use super::topology::Topology;
 use super::legs::{self, Leg, LegError, LegRequest, Sent, Started};
 use super::policy::RequestInfo;
 use super::request::LegBodies;
 use super::retry;
-use super::workers::{Lease, NoWorker, Pool};
+use super::workers::{Lease, NoWorker, Pool, Worker};
 
 /// What each leg of one generation sends besides its body.
 #[derive(Clone)]
@@ -68,14 +69,22 @@ pub struct Answer {
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
-    match router.cfg.mode {
-        super::config::Mode::Disaggregated => disaggregated(router, job).await,
-        super::config::Mode::Regular => colocated(router, &job).await,
+    match &router.topology {
+        Topology::Disaggregated { .. } => disaggregated(router, job).await,
+        Topology::Colocated { workers } => colocated(router, workers, &job).await,
+    }
+}
+
+/// The prefill and decode pools (the request was dispatched on the topology in `run`).
+fn pd(router: &Router) -> (&Pool, &Pool) {
+    match &router.topology {
+        Topology::Disaggregated { prefill, decode } => (prefill, decode),
+        Topology::Colocated { .. } => unreachable!("pairs are only run on a disaggregated topology"),
     }
 }
 
 /// Picks avoiding `avoid`; with `fallback`, settles for an avoided worker rather than none.
-fn pick(pool: &Pool, info: &RequestInfo, avoid: &[usize], fallback: bool) -> Result<Lease, NoWorker> {
+fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], fallback: bool) -> Result<Lease, NoWorker> {
     match pool.pick(info, avoid) {
         Err(no) if fallback && no.healthy > 0 => pool.pick(info, &[]),
         other => other,
@@ -117,7 +126,7 @@ enum PairOutcome {
     Final(Failure),
     /// The decode failed in a way that may have used the KV (timeout, broken answer, an
     /// error event); these decodes were tried.
-    Decode { decodes: Vec<usize>, prefill: usize, last: Failure },
+    Decode { decodes: Vec<String>, prefill: String, last: Failure },
 }
 
 /// The typical time of a prefill leg (an exponentially weighted mean), which sets how
@@ -159,7 +168,7 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
             break;
         }
         // The decode is reserved first: with none available, no prefill KV is made for nothing.
-        let decode = pick(&router.decode, &job.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        let decode = pick(pd(router).1, &job.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
         let (tx, rx) = oneshot::channel();
         tokio::spawn(run_pair(router.clone(), job.clone(), decode, avoid_p.clone(), avoid_d.clone(), pair > 0, tx));
         match rx.await.map_err(|_| Failure::internal("the request's pair task ended unexpectedly"))? {
@@ -189,8 +198,8 @@ async fn run_pair(
     router: Arc<Router>,
     job: Arc<Job>,
     decode: Lease,
-    mut avoid_p: Vec<usize>,
-    avoid_d: Vec<usize>,
+    mut avoid_p: Vec<String>,
+    avoid_d: Vec<String>,
     fallback: bool,
     mut tx: oneshot::Sender<PairOutcome>,
 ) {
@@ -207,7 +216,7 @@ async fn run_pair(
             },
         }
     };
-    let (params, prefill_index) = match prefilled {
+    let (params, prefill_worker) = match prefilled {
         Ok(done) => done,
         Err(f) => {
             let _ = tx.send(PairOutcome::Final(f));
@@ -247,15 +256,15 @@ async fn run_pair(
                 return;
             }
         };
-        tried.push(lease.index());
+        tried.push(lease.url().to_string());
         // A decode that failed without using the KV (refused, or an error answer) leaves
         // the prefill's KV waiting: the same decode leg goes to another decode, while the
         // prefill that holds the KV is up. Never to the same decode again: vLLM's decode
         // can die on params it already failed to load. Otherwise the pair runs again from
         // a new prefill (the KV was pulled, or freed by the failed decode's abort).
-        let prefill_up = router.prefill.workers[prefill_index].is_available();
-        let avoid: Vec<usize> = avoid_d.iter().chain(&tried).copied().collect();
-        let other = if same_kv_elsewhere && prefill_up { router.decode.pick(&job.info, &avoid).ok() } else { None };
+        let prefill_up = prefill_worker.is_available();
+        let avoid: Vec<String> = avoid_d.iter().chain(&tried).cloned().collect();
+        let other = if same_kv_elsewhere && prefill_up { pd(&router).1.pick(&job.info, &avoid).ok() } else { None };
         let next = match other {
             Some(other) if may_retry(&router, attempt, "decode").await => Some(other),
             _ => None,
@@ -264,7 +273,7 @@ async fn run_pair(
             Some(next) => lease = next,
             None => {
                 if !client_gone {
-                    let _ = tx.send(PairOutcome::Decode { decodes: tried, prefill: prefill_index, last });
+                    let _ = tx.send(PairOutcome::Decode { decodes: tried, prefill: prefill_worker.url.clone(), last });
                 }
                 return;
             }
@@ -307,14 +316,14 @@ async fn decode_leg(
 }
 
 /// The prefill leg, retried on other prefill workers; returns the params and the worker.
-async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<usize>, fallback: bool) -> Result<(Option<Bytes>, usize), Failure> {
+async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<String>, fallback: bool) -> Result<(Option<Bytes>, Arc<Worker>), Failure> {
     let req = job.leg.request(job.bodies.prefill(), job.leg.prefill_timeout);
     let mut last: Option<Failure> = None;
     for attempt in 0.. {
         if attempt > 0 && !may_retry(router, attempt, "prefill").await {
             break;
         }
-        let mut lease = match pick(&router.prefill, &job.info, avoid, fallback && attempt == 0) {
+        let mut lease = match pick(pd(router).0, &job.info, avoid, fallback && attempt == 0) {
             Ok(lease) => lease,
             Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
         };
@@ -324,11 +333,11 @@ async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<usize>, fallbac
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
-                return Ok((params, lease.index()));
+                return Ok((params, lease.worker().clone()));
             }
             Err(e) => {
                 last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);
-                avoid.push(lease.index());
+                avoid.push(lease.url().to_string());
             }
         }
     }
@@ -337,7 +346,7 @@ async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<usize>, fallbac
 
 /// Colocated mode: one leg to a worker, retried elsewhere before its first byte. A client
 /// that leaves drops it at once (no KV crosses workers).
-async fn colocated(router: &Router, job: &Job) -> Result<Answer, Failure> {
+async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer, Failure> {
     let req = job.decode_request(job.bodies.colocated());
     let mut avoid = Vec::new();
     let mut last: Option<Failure> = None;
@@ -345,7 +354,7 @@ async fn colocated(router: &Router, job: &Job) -> Result<Answer, Failure> {
         if attempt > 0 && !may_retry(router, attempt, "worker").await {
             break;
         }
-        let mut lease = match router.workers.pick(&job.info, &avoid) {
+        let mut lease = match workers.pick(&job.info, &avoid) {
             Ok(lease) => lease,
             Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
         };
@@ -358,7 +367,7 @@ async fn colocated(router: &Router, job: &Job) -> Result<Answer, Failure> {
             }
             Err(e) => {
                 last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
-                avoid.push(lease.index());
+                avoid.push(lease.url().to_string());
             }
         }
     }

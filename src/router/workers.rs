@@ -1,11 +1,18 @@
 //! Workers, their DP ranks and health, and the `Pool` a role's requests are picked from.
 //!
-//! A pick happens under the pool's lock and reserves the chosen rank (its in-flight count
-//! rises) before the lock is released, so a burst of picks sees each other's reservations
-//! and does not herd. The reservation is a `Lease`, released when dropped, on every path.
+//! A pool is a live set: workers are keyed by their URL (a stable identity) and come and
+//! go at runtime (`add`, `remove`, `drain`: from the command line, the admin API or
+//! discovery). Readers take a snapshot (an `Arc` of the current list), so a change never
+//! waits for requests and requests never see a half-made change. A removed worker's
+//! in-flight requests finish on the `Arc<Worker>` their leases hold.
+//!
+//! A pick happens under the pool's policy lock and reserves the chosen rank (its
+//! in-flight count rises) before the lock is released, so a burst of picks sees each
+//! other's reservations and does not herd. The reservation is a `Lease`, released when
+//! dropped, on every path.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::breaker::{Admit, Breaker, Circuit};
 use super::config::{BreakerConfig, HealthConfig};
@@ -20,6 +27,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// `prefill`, `decode`, or `worker` (vllm-router's `regular`).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name.to_ascii_lowercase().as_str() {
+            "prefill" => Some(Role::Prefill),
+            "decode" => Some(Role::Decode),
+            "worker" | "regular" => Some(Role::Worker),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Prefill => "prefill",
@@ -40,6 +57,8 @@ pub struct Worker {
     ever_healthy: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
+    /// Takes no new requests; removed from its pool once idle.
+    draining: AtomicBool,
     /// What its requests say of it (health checks say what /health says).
     pub breaker: Breaker,
 }
@@ -55,13 +74,18 @@ impl Worker {
             ever_healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
             breaker: Breaker::new(breaker),
         }
     }
 
-    /// Healthy, and its circuit lets a request through.
+    /// Healthy, not draining, and its circuit lets a request through.
     pub fn is_available(&self) -> bool {
-        self.is_healthy() && self.breaker.allows()
+        self.is_healthy() && !self.is_draining() && self.breaker.allows()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn circuit(&self) -> Circuit {
@@ -134,16 +158,15 @@ impl Worker {
 /// One reserved slot on a worker's DP rank; released on drop.
 pub struct Lease {
     worker: Arc<Worker>,
-    index: usize,
     rank: usize,
     /// This request is the half-open circuit's probe.
     probe: bool,
 }
 
 impl Lease {
-    fn new(worker: Arc<Worker>, index: usize, rank: usize, probe: bool) -> Self {
+    fn new(worker: Arc<Worker>, rank: usize, probe: bool) -> Self {
         worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
-        Lease { worker, index, rank, probe }
+        Lease { worker, rank, probe }
     }
 
     /// The leg on this lease succeeded (or the worker answered the client's error).
@@ -160,12 +183,9 @@ impl Lease {
     pub fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
+    /// The worker's URL: its identity (for excluding it from a retry).
     pub fn url(&self) -> &str {
         &self.worker.url
-    }
-    /// Position of the worker in its pool (for excluding it from a retry).
-    pub fn index(&self) -> usize {
-        self.index
     }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
     pub fn dp_rank(&self) -> Option<usize> {
@@ -203,29 +223,99 @@ impl std::fmt::Display for NoWorker {
 /// The workers of one role and the policy that picks among them.
 pub struct Pool {
     pub role: Role,
-    pub workers: Vec<Arc<Worker>>,
+    workers: RwLock<Arc<Vec<Arc<Worker>>>>,
+    /// DP ranks of a worker added without saying (--intra-node-data-parallel-size).
+    default_dp: usize,
+    breaker: BreakerConfig,
     /// Whether picks read the request's prompt or session key (fixed by the policy).
     needs_info: bool,
     policy: Mutex<Policy>,
 }
 
 impl Pool {
-    pub fn new(role: Role, urls: &[String], dp_size: usize, policy: Policy, breaker: &BreakerConfig) -> Self {
+    pub fn new(role: Role, urls: &[String], dp_size: usize, mut policy: Policy, breaker: &BreakerConfig) -> Self {
+        let workers: Vec<Arc<Worker>> = urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size, breaker.clone()))).collect();
+        for w in &workers {
+            policy.add_worker(&w.url);
+        }
         Pool {
             role,
-            workers: urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size, breaker.clone()))).collect(),
+            workers: RwLock::new(Arc::new(workers)),
+            default_dp: dp_size,
+            breaker: breaker.clone(),
             needs_info: policy.needs_request_info(),
             policy: Mutex::new(policy),
         }
     }
 
+    /// The workers as they are now.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.workers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    pub fn get(&self, url: &str) -> Option<Arc<Worker>> {
+        self.snapshot().iter().find(|w| w.url == url).cloned()
+    }
+
+    /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
+    pub fn add(&self, url: &str, dp_size: Option<usize>) -> Result<Arc<Worker>, String> {
+        let worker = Arc::new(Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone()));
+        {
+            let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
+            if set.iter().any(|w| w.url == url) {
+                return Err(format!("{} worker {url} is already in the pool", self.role.as_str()));
+            }
+            let mut next = Vec::clone(&set);
+            next.push(worker.clone());
+            *set = Arc::new(next);
+        }
+        self.lock().add_worker(url);
+        tracing::info!(worker = %url, role = self.role.as_str(), dp_size = worker.dp_size(), "worker added");
+        Ok(worker)
+    }
+
+    /// Removes a worker at once (its in-flight requests finish); None if it is not here.
+    pub fn remove(&self, url: &str) -> Option<Arc<Worker>> {
+        let removed = {
+            let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
+            let at = set.iter().position(|w| w.url == url)?;
+            let mut next = Vec::clone(&set);
+            let removed = next.remove(at);
+            *set = Arc::new(next);
+            removed
+        };
+        self.lock().remove_worker(url);
+        tracing::info!(worker = %url, role = self.role.as_str(), in_flight = removed.in_flight(), "worker removed");
+        Some(removed)
+    }
+
+    /// Stops new requests to a worker; `remove_drained` takes it out once idle.
+    pub fn drain(&self, url: &str) -> Option<Arc<Worker>> {
+        let w = self.get(url)?;
+        if !w.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!(worker = %url, role = self.role.as_str(), in_flight = w.in_flight(), "draining");
+        }
+        Some(w)
+    }
+
+    /// Removes the draining workers that have nothing in flight.
+    pub fn remove_drained(&self) {
+        for w in self.snapshot().iter().filter(|w| w.is_draining() && w.in_flight() == 0) {
+            self.remove(&w.url);
+        }
+    }
+
     pub fn healthy_count(&self) -> usize {
-        self.workers.iter().filter(|w| w.is_healthy()).count()
+        self.snapshot().iter().filter(|w| w.is_healthy()).count()
     }
 
     /// Healthy workers whose circuit lets requests through.
     pub fn available_count(&self) -> usize {
-        self.workers.iter().filter(|w| w.is_available()).count()
+        self.snapshot().iter().filter(|w| w.is_available()).count()
     }
 
     /// Whether picks need the request's prompt or session key.
@@ -237,15 +327,16 @@ impl Pool {
         self.policy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Picks an available worker not in `exclude`, and reserves its least loaded rank.
-    pub fn pick(&self, req: &RequestInfo, exclude: &[usize]) -> Result<Lease, NoWorker> {
-        let mut candidates: Vec<usize> = (0..self.workers.len())
-            .filter(|i| self.workers[*i].is_available() && !exclude.contains(i))
-            .collect();
+    /// Picks an available worker whose URL is not in `exclude`, and reserves its least
+    /// loaded rank.
+    pub fn pick(&self, req: &RequestInfo, exclude: &[String]) -> Result<Lease, NoWorker> {
+        let workers = self.snapshot();
+        let mut candidates: Vec<usize> =
+            (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
         let mut policy = self.lock();
         while !candidates.is_empty() {
-            let chosen = policy.select(&self.workers, &candidates, req);
-            let worker = &self.workers[chosen];
+            let chosen = policy.select(&workers, &candidates, req);
+            let worker = &workers[chosen];
             // Another pick may have taken a half-open worker's one probe meanwhile.
             let probe = match worker.breaker.admit() {
                 Admit::Yes => false,
@@ -256,9 +347,9 @@ impl Pool {
                 }
             };
             let rank = worker.pick_rank();
-            return Ok(Lease::new(worker.clone(), chosen, rank, probe));
+            return Ok(Lease::new(worker.clone(), rank, probe));
         }
-        Err(NoWorker { role: self.role, total: self.workers.len(), healthy: self.available_count() })
+        Err(NoWorker { role: self.role, total: workers.len(), healthy: workers.iter().filter(|w| w.is_available()).count() })
     }
 
     /// Entries in the policy's prefix index, if it keeps one.

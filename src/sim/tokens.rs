@@ -12,14 +12,9 @@ const VOCAB: u32 = 32_000;
 /// One generated token in this many is EOS (when EOS is honoured).
 const EOS_ONE_IN: u64 = 100;
 
-/// 64-bit FNV-1a: stable across runs and platforms (std's hasher is not).
+/// 64-bit FNV-1a of `bytes` (crate::api::fnv1a from the start).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::api::fnv1a(crate::api::FNV_OFFSET, bytes)
 }
 
 /// splitmix64 finaliser: a cheap, well-mixed bijection.

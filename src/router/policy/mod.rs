@@ -1,5 +1,8 @@
 //! Load-balancing policies. `select` runs under the pool's lock and returns the index of
-//! one of `candidates` (healthy, not excluded; never empty).
+//! one of `candidates` (healthy, not excluded; never empty) in the pool's snapshot.
+//! Policies that keep state per worker key it by URL, and hear of workers joining and
+//! leaving (`add_worker`, `remove_worker`); a pick may still name a worker that has just
+//! left (its snapshot was taken first), which they treat as unknown.
 
 mod prefix;
 mod ring;
@@ -49,13 +52,30 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub fn new(kind: PolicyKind, workers: &[String], cache: &CacheAwareConfig) -> Self {
+    /// A policy with no workers yet (the pool adds them).
+    pub fn new(kind: PolicyKind, cache: &CacheAwareConfig) -> Self {
         match kind {
             PolicyKind::RoundRobin => Policy::RoundRobin { next: 0 },
             PolicyKind::Random => Policy::Random,
             PolicyKind::PowerOfTwo => Policy::PowerOfTwo,
-            PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::new(workers)),
-            PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(workers.len(), cache.max_entries) },
+            PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::default()),
+            PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(cache.max_entries) },
+        }
+    }
+
+    pub fn add_worker(&mut self, url: &str) {
+        match self {
+            Policy::ConsistentHash(ring) => ring.add(url),
+            Policy::CacheAware { index, .. } => index.add(url),
+            _ => {}
+        }
+    }
+
+    pub fn remove_worker(&mut self, url: &str) {
+        match self {
+            Policy::ConsistentHash(ring) => ring.remove(url),
+            Policy::CacheAware { index, .. } => index.remove(url),
+            _ => {}
         }
     }
 
@@ -94,7 +114,9 @@ impl Policy {
                     Some(s) => s.as_bytes(),
                     None => &req.prompt[..req.prompt.len().min(HASH_PREFIX_UNITS * req.unit.max(1))],
                 };
-                ring.lookup(key, |i| candidates.contains(&i)).unwrap_or(candidates[0])
+                ring.lookup(key, |url| candidates.iter().any(|c| workers[*c].url == url))
+                    .and_then(|url| candidates.iter().copied().find(|c| workers[*c].url == url))
+                    .unwrap_or(candidates[0])
             }
             Policy::CacheAware { cfg, index } => {
                 let loads: Vec<usize> = candidates.iter().map(load).collect();
@@ -104,13 +126,13 @@ impl Policy {
                 let chosen = if imbalanced || req.prompt.is_empty() {
                     least_loaded()
                 } else {
-                    let matched = index.matched_units(&req.chunks);
-                    let best = candidates
+                    let matched = |i: usize| index.matched_units(&req.chunks, &workers[i].url);
+                    let (best, best_units) = candidates
                         .iter()
-                        .copied()
-                        .max_by(|a, b| matched[*a].cmp(&matched[*b]).then(load(b).cmp(&load(a))))
-                        .unwrap_or(candidates[0]);
-                    let rate = matched[best] as f64 / req.units().max(1) as f64;
+                        .map(|c| (*c, matched(*c)))
+                        .max_by(|(a, ma), (b, mb)| ma.cmp(mb).then(load(b).cmp(&load(a))))
+                        .unwrap_or((candidates[0], 0));
+                    let rate = best_units as f64 / req.units().max(1) as f64;
                     if rate > cfg.cache_threshold {
                         best
                     } else {
@@ -118,12 +140,12 @@ impl Policy {
                         candidates
                             .iter()
                             .copied()
-                            .min_by(|a, b| index.size(*a).cmp(&index.size(*b)).then(load(a).cmp(&load(b))))
+                            .min_by(|a, b| index.size(&workers[*a].url).cmp(&index.size(&workers[*b].url)).then(load(a).cmp(&load(b))))
                             .unwrap_or(candidates[0])
                     }
                 };
                 if !req.chunks.is_empty() {
-                    index.insert(&req.chunks, chosen);
+                    index.insert(&req.chunks, &workers[chosen].url);
                 }
                 chosen
             }

@@ -9,6 +9,7 @@
 //! --max-tree-size (vllm-router's per-worker limit) is applied every --eviction-interval,
 //! a bounded number of entries per lock hold.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
@@ -22,63 +23,96 @@ const TRIM_STEP: usize = 16_384;
 /// The chained hashes of a prompt's chunks, and the units in each.
 pub fn chunk_hashes(prompt: &[u8], unit: usize) -> Vec<(u64, u32)> {
     let step = CHUNK_UNITS * unit.max(1);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::api::FNV_OFFSET;
     prompt
         .chunks(step)
         .map(|c| {
-            for b in c {
-                h ^= u64::from(*b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
+            h = crate::api::fnv1a(h, c);
             h = h.rotate_left(17) ^ (c.len() as u64);
             (h, (c.len() / unit.max(1)) as u32)
         })
         .collect()
 }
 
+/// One worker's chunks: chained chunk hash -> units in that chunk, and their sum.
+struct Tree {
+    lru: LruCache<u64, u32>,
+    units: usize,
+}
+
+/// Per worker (by URL), the chunks routed to it. Workers join and leave (`add`, `remove`);
+/// the memory cap is shared out again each time.
 pub struct PrefixIndex {
-    /// Per worker: chained chunk hash -> units in that chunk.
-    trees: Vec<LruCache<u64, u32>>,
-    /// Units held per worker.
-    sizes: Vec<usize>,
+    trees: HashMap<String, Tree>,
+    max_entries: usize,
 }
 
 impl PrefixIndex {
     /// Bytes one entry costs (hash map slot, LRU node, allocator overhead), measured.
     pub const BYTES_PER_ENTRY: usize = 96;
 
-    /// An index over `workers` workers holding at most `max_entries` entries in all.
-    pub fn new(workers: usize, max_entries: usize) -> Self {
-        let share = NonZeroUsize::new((max_entries / workers.max(1)).max(1)).expect("at least one");
-        PrefixIndex { trees: (0..workers).map(|_| LruCache::new(share)).collect(), sizes: vec![0; workers] }
+    /// An empty index holding at most `max_entries` entries for all workers together.
+    pub fn new(max_entries: usize) -> Self {
+        PrefixIndex { trees: HashMap::new(), max_entries }
     }
 
-    pub fn size(&self, worker: usize) -> usize {
-        self.sizes[worker]
+    fn share(&self, workers: usize) -> NonZeroUsize {
+        NonZeroUsize::new((self.max_entries / workers.max(1)).max(1)).expect("at least one")
+    }
+
+    /// Shares the cap out again over the workers (a shrunk share evicts least recently
+    /// used entries).
+    fn reshare(&mut self) {
+        let share = self.share(self.trees.len());
+        for tree in self.trees.values_mut() {
+            while tree.lru.len() > share.get() {
+                let Some((_, units)) = tree.lru.pop_lru() else { break };
+                tree.units -= units as usize;
+            }
+            tree.lru.resize(share);
+        }
+    }
+
+    pub fn add(&mut self, worker: &str) {
+        if !self.trees.contains_key(worker) {
+            let share = self.share(self.trees.len() + 1);
+            self.trees.insert(worker.to_string(), Tree { lru: LruCache::new(share), units: 0 });
+            self.reshare();
+        }
+    }
+
+    pub fn remove(&mut self, worker: &str) {
+        if self.trees.remove(worker).is_some() {
+            self.reshare();
+        }
+    }
+
+    /// Units held for a worker (0 for one the index does not know).
+    pub fn size(&self, worker: &str) -> usize {
+        self.trees.get(worker).map_or(0, |t| t.units)
     }
 
     pub fn entries(&self) -> usize {
-        self.trees.iter().map(LruCache::len).sum()
+        self.trees.values().map(|t| t.lru.len()).sum()
     }
 
-    /// For every worker, how many leading units of the prompt its tree holds.
-    pub fn matched_units(&self, chunks: &[(u64, u32)]) -> Vec<usize> {
-        self.trees
-            .iter()
-            .map(|tree| chunks.iter().take_while(|(h, _)| tree.contains(h)).map(|(_, u)| *u as usize).sum())
-            .collect()
+    /// How many leading units of the prompt the worker's tree holds.
+    pub fn matched_units(&self, chunks: &[(u64, u32)], worker: &str) -> usize {
+        let Some(tree) = self.trees.get(worker) else { return 0 };
+        chunks.iter().take_while(|(h, _)| tree.lru.contains(h)).map(|(_, u)| *u as usize).sum()
     }
 
-    pub fn insert(&mut self, chunks: &[(u64, u32)], worker: usize) {
-        let tree = &mut self.trees[worker];
+    /// Records that the chunks went to `worker` (nothing, for a worker that has left).
+    pub fn insert(&mut self, chunks: &[(u64, u32)], worker: &str) {
+        let Some(tree) = self.trees.get_mut(worker) else { return };
         for (h, units) in chunks {
-            if tree.get(h).is_some() {
+            if tree.lru.get(h).is_some() {
                 continue;
             }
-            if let Some((_, old)) = tree.push(*h, *units) {
-                self.sizes[worker] -= old as usize;
+            if let Some((_, old)) = tree.lru.push(*h, *units) {
+                tree.units -= old as usize;
             }
-            self.sizes[worker] += *units as usize;
+            tree.units += *units as usize;
         }
     }
 
@@ -86,14 +120,14 @@ impl PrefixIndex {
     /// `TRIM_STEP` of them; returns whether more remain to evict.
     pub fn trim(&mut self, max_units: usize) -> bool {
         let mut budget = TRIM_STEP;
-        for (tree, size) in self.trees.iter_mut().zip(&mut self.sizes) {
-            while *size > max_units && budget > 0 {
-                let Some((_, units)) = tree.pop_lru() else { break };
-                *size -= units as usize;
+        for tree in self.trees.values_mut() {
+            while tree.units > max_units && budget > 0 {
+                let Some((_, units)) = tree.lru.pop_lru() else { break };
+                tree.units -= units as usize;
                 budget -= 1;
             }
         }
-        self.sizes.iter().any(|s| *s > max_units)
+        self.trees.values().any(|t| t.units > max_units)
     }
 }
 
@@ -105,48 +139,68 @@ mod tests {
         chunk_hashes(s.as_bytes(), 1)
     }
 
+    fn index(workers: &[&str], max_entries: usize) -> PrefixIndex {
+        let mut idx = PrefixIndex::new(max_entries);
+        workers.iter().for_each(|w| idx.add(w));
+        idx
+    }
+
     #[test]
     fn matches_the_longest_routed_prefix_per_worker() {
-        let mut idx = PrefixIndex::new(2, 10_000);
+        let mut idx = index(&["w0", "w1"], 10_000);
         let a = "system prompt shared by everyone, then question one".repeat(3);
         let b = "system prompt shared by everyone, then a different one".repeat(3);
-        idx.insert(&hashes(&a), 0);
-        let m = idx.matched_units(&hashes(&b));
-        assert!(m[0] >= 32 && m[0] < b.len(), "shared prefix matched on worker 0: {m:?}");
-        assert_eq!(m[1], 0);
-        assert_eq!(idx.matched_units(&hashes(&a))[0], a.len());
+        idx.insert(&hashes(&a), "w0");
+        let m = idx.matched_units(&hashes(&b), "w0");
+        assert!(m >= 32 && m < b.len(), "shared prefix matched on worker 0: {m}");
+        assert_eq!(idx.matched_units(&hashes(&b), "w1"), 0);
+        assert_eq!(idx.matched_units(&hashes(&a), "w0"), a.len());
+    }
+
+    #[test]
+    fn workers_join_and_leave_with_their_share() {
+        let mut idx = index(&["w0"], 100);
+        idx.insert(&hashes(&"x".repeat(16 * 90)), "w0");
+        assert_eq!(idx.entries(), 90);
+        idx.add("w1");
+        assert_eq!(idx.entries(), 50, "the newcomer's share came out of w0's");
+        assert_eq!(idx.size("w0"), 50 * CHUNK_UNITS);
+        idx.insert(&hashes(&"y".repeat(16 * 10)), "gone");
+        assert_eq!(idx.entries(), 50, "a worker that left records nothing");
+        idx.remove("w0");
+        assert_eq!((idx.entries(), idx.size("w0"), idx.matched_units(&hashes("xxxxxxxxxxxxxxxx"), "w0")), (0, 0, 0));
     }
 
     #[test]
     fn trimming_drops_least_recently_used_first() {
-        let mut idx = PrefixIndex::new(1, 10_000);
+        let mut idx = index(&["w"], 10_000);
         let (old, new) = ("o".repeat(160), "n".repeat(160));
-        idx.insert(&hashes(&old), 0);
-        idx.insert(&hashes(&new), 0);
-        assert_eq!(idx.size(0), 320);
+        idx.insert(&hashes(&old), "w");
+        idx.insert(&hashes(&new), "w");
+        assert_eq!(idx.size("w"), 320);
         assert!(!idx.trim(160));
-        assert_eq!(idx.size(0), 160);
-        assert_eq!(idx.matched_units(&hashes(&new))[0], 160);
-        assert_eq!(idx.matched_units(&hashes(&old))[0], 0);
+        assert_eq!(idx.size("w"), 160);
+        assert_eq!(idx.matched_units(&hashes(&new), "w"), 160);
+        assert_eq!(idx.matched_units(&hashes(&old), "w"), 0);
     }
 
     #[test]
     fn memory_is_capped_on_insert() {
-        let mut idx = PrefixIndex::new(2, 100);
+        let mut idx = index(&["w0", "w1"], 100);
         for i in 0..40 {
-            idx.insert(&hashes(&format!("{i:04}").repeat(64)), i % 2);
+            idx.insert(&hashes(&format!("{i:04}").repeat(64)), ["w0", "w1"][i % 2]);
         }
         assert!(idx.entries() <= 100, "{}", idx.entries());
-        assert_eq!(idx.size(0) + idx.size(1), idx.entries() * CHUNK_UNITS);
+        assert_eq!(idx.size("w0") + idx.size("w1"), idx.entries() * CHUNK_UNITS);
     }
 
     #[test]
     fn trimming_is_bounded_per_call() {
-        let mut idx = PrefixIndex::new(1, 1 << 20);
+        let mut idx = index(&["w"], 1 << 20);
         let long: String = (0..TRIM_STEP * 2).map(|i| char::from(b'a' + (i % 26) as u8)).collect::<String>().repeat(CHUNK_UNITS);
-        idx.insert(&hashes(&long), 0);
+        idx.insert(&hashes(&long), "w");
         assert!(idx.trim(0), "more than one step's worth");
         assert!(!idx.trim(0));
-        assert_eq!(idx.size(0), 0);
+        assert_eq!(idx.size("w"), 0);
     }
 }

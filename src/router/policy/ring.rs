@@ -1,44 +1,43 @@
-//! A consistent-hash ring over every configured worker (160 virtual nodes each). A key
-//! goes to the first healthy worker clockwise from its hash, so a worker going down moves
-//! only the keys it owned, and they come back when it returns.
+//! A consistent-hash ring over every worker of the pool (160 virtual nodes each, placed by
+//! URL). A key goes to the first usable worker clockwise from its hash, so a worker going
+//! down, joining or leaving moves only the keys it owns, and they come back when it returns.
 
 const VNODES: usize = 160;
 
+use std::sync::Arc;
+
+#[derive(Default)]
 pub struct HashRing {
-    points: Vec<(u64, usize)>,
+    points: Vec<(u64, Arc<str>)>,
 }
 
 fn hash(bytes: &[u8]) -> u64 {
     // FNV-1a, then a finaliser for spread: stable across runs and platforms.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let h = crate::api::fnv1a(crate::api::FNV_OFFSET, bytes);
+    let h = h ^ (h >> 33);
+    let h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
 }
 
 impl HashRing {
-    pub fn new(workers: &[String]) -> Self {
-        let mut points: Vec<(u64, usize)> = workers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, url)| (0..VNODES).map(move |v| (hash(format!("{url}#{v}").as_bytes()), i)))
-            .collect();
-        points.sort_unstable();
-        HashRing { points }
+    pub fn add(&mut self, url: &str) {
+        let id: Arc<str> = Arc::from(url);
+        self.points.extend((0..VNODES).map(|v| (hash(format!("{url}#{v}").as_bytes()), id.clone())));
+        self.points.sort_unstable();
+    }
+
+    pub fn remove(&mut self, url: &str) {
+        self.points.retain(|(_, u)| &**u != url);
     }
 
     /// The owner of `key` among the workers `usable` accepts.
-    pub fn lookup(&self, key: &[u8], usable: impl Fn(usize) -> bool) -> Option<usize> {
+    pub fn lookup(&self, key: &[u8], usable: impl Fn(&str) -> bool) -> Option<&str> {
         if self.points.is_empty() {
             return None;
         }
         let h = hash(key);
         let start = self.points.partition_point(|(p, _)| *p < h);
-        (0..self.points.len()).map(|k| self.points[(start + k) % self.points.len()].1).find(|w| usable(*w))
+        (0..self.points.len()).map(|k| &*self.points[(start + k) % self.points.len()].1).find(|w| usable(w))
     }
 }
 
@@ -49,21 +48,29 @@ mod tests {
     #[test]
     fn a_worker_going_down_moves_only_its_keys() {
         let urls: Vec<String> = (0..4).map(|i| format!("http://w{i}:80")).collect();
-        let ring = HashRing::new(&urls);
+        let mut ring = HashRing::default();
+        urls.iter().for_each(|u| ring.add(u));
         let keys: Vec<String> = (0..2000).map(|i| format!("session-{i}")).collect();
-        let before: Vec<usize> = keys.iter().map(|k| ring.lookup(k.as_bytes(), |_| true).unwrap()).collect();
-        let after: Vec<usize> = keys.iter().map(|k| ring.lookup(k.as_bytes(), |w| w != 2).unwrap()).collect();
+        let owner = |ring: &HashRing, k: &str, down: &str| ring.lookup(k.as_bytes(), |w| w != down).unwrap().to_string();
+        let before: Vec<String> = keys.iter().map(|k| owner(&ring, k, "")).collect();
+        let after: Vec<String> = keys.iter().map(|k| owner(&ring, k, &urls[2])).collect();
         for (b, a) in before.iter().zip(&after) {
-            if *b != 2 {
+            if *b != urls[2] {
                 assert_eq!(a, b, "keys of live workers stay");
             } else {
-                assert_ne!(*a, 2);
+                assert_ne!(*a, urls[2]);
             }
         }
-        let mut counts = [0usize; 4];
-        for b in &before {
-            counts[*b] += 1;
+        for u in &urls {
+            assert!(before.iter().filter(|b| *b == u).count() > 300, "spread over {u}");
         }
-        assert!(counts.iter().all(|c| *c > 300), "spread: {counts:?}");
+        // Leaving is going down for good; joining takes keys only for the newcomer.
+        ring.remove(&urls[2]);
+        assert_eq!(keys.iter().map(|k| owner(&ring, k, "")).collect::<Vec<_>>(), after);
+        ring.add("http://w9:80");
+        for (k, a) in keys.iter().zip(&after) {
+            let now = owner(&ring, k, "");
+            assert!(now == *a || now == "http://w9:80", "{k}: {a} -> {now}");
+        }
     }
 }

@@ -1,0 +1,180 @@
+//! The worker admin API: workers join, drain and leave a running router. Off unless
+//! --admin-api-key is set; then every call needs that key (http.rs checks it). vllm-router's
+//! spellings (`/add_worker?url=`, `/remove_worker?url=`, `/list_workers`, `POST /workers`,
+//! `DELETE /workers/{url}`) and a drain (`POST /workers/{url}/drain`). The contract is in
+//! docs/PROTOCOLS.md ("Admin API").
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::cli::normalize_url;
+use super::flow::Router;
+use super::http::worker_json;
+use super::workers::{Pool, Role};
+use crate::api::{ApiError, ErrorKind};
+
+pub fn routes() -> axum::Router<Arc<Router>> {
+    axum::Router::new()
+        .route("/add_worker", post(add_worker))
+        .route("/remove_worker", post(remove_worker))
+        .route("/list_workers", get(list_workers))
+        .route("/workers", post(create_worker))
+        .route("/workers/{url}", get(get_worker).delete(delete_worker))
+        .route("/workers/{url}/drain", post(drain_worker))
+}
+
+/// The paths of this API (all need the admin key).
+pub fn is_admin_path(path: &str) -> bool {
+    matches!(path, "/add_worker" | "/remove_worker" | "/list_workers") || path.starts_with("/workers/")
+}
+
+/// A worker to add: `url`, its role (`role`, or vllm-router's `worker_type`), and its DP
+/// rank count (default: the router's --intra-node-data-parallel-size for the role).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorker {
+    url: String,
+    #[serde(alias = "worker_type")]
+    role: Option<String>,
+    dp_size: Option<usize>,
+}
+
+fn bad(msg: impl Into<String>) -> Response {
+    ApiError::bad_request(msg.into()).into_response()
+}
+
+/// The pool a new worker goes to: its role, which must be one of this topology's; without
+/// one, the only pool there is.
+fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response> {
+    let roles = r.topology.roles();
+    let names: Vec<&str> = roles.iter().map(|x| x.as_str()).collect();
+    let role = match role {
+        Some(name) => Role::parse(name).ok_or_else(|| bad(format!("unknown role `{name}`: one of {}", names.join(", "))))?,
+        None if roles.len() == 1 => roles[0],
+        None => return Err(bad(format!("say the worker's role: role={}", names.join("|")))),
+    };
+    r.topology.pool(role).ok_or_else(|| bad(format!("this router has no {} pool (its roles: {})", role.as_str(), names.join(", "))))
+}
+
+fn add(r: &Router, w: NewWorker) -> Response {
+    let url = match normalize_url(&w.url) {
+        Ok(u) => u,
+        Err(e) => return bad(e),
+    };
+    if w.dp_size == Some(0) || w.dp_size.is_some_and(|n| n > 1024) {
+        return bad("dp_size must be 1..=1024");
+    }
+    if let Some(other) = r.topology.pools().find_map(|p| p.get(&url)) {
+        return bad(format!("worker {url} is already in the router as a {} worker", other.role.as_str()));
+    }
+    let pool = match pool_for(r, w.role.as_deref()) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    match pool.add(&url, w.dp_size) {
+        Ok(worker) => axum::Json(json!({"success": true, "message": format!("added {} worker {url}", pool.role.as_str()),
+            "worker": worker_json(&worker)})).into_response(),
+        Err(e) => bad(e),
+    }
+}
+
+/// The worker a path or query names (normalised as the command line's URLs are).
+fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, String), Response> {
+    let url = normalize_url(raw).map_err(bad)?;
+    r.topology
+        .pools()
+        .find(|p| p.get(&url).is_some())
+        .map(|p| (p, url.clone()))
+        .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response())
+}
+
+fn remove(r: &Router, raw: &str) -> Response {
+    let (pool, url) = match find(r, raw) {
+        Ok(found) => found,
+        Err(resp) => return resp,
+    };
+    match pool.remove(&url) {
+        Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {url}; {} request(s) in flight finish on it", w.role.as_str(), w.in_flight())})).into_response(),
+        None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddQuery {
+    url: String,
+    role: Option<String>,
+    dp_size: Option<usize>,
+}
+
+async fn add_worker(State(r): State<Arc<Router>>, query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    match query {
+        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size }),
+        Err(e) => bad(format!("/add_worker takes ?url=URL&role=prefill|decode|worker[&dp_size=N]: {e}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UrlQuery {
+    url: String,
+}
+
+async fn remove_worker(State(r): State<Arc<Router>>, query: Result<Query<UrlQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    match query {
+        Ok(Query(q)) => remove(&r, &q.url),
+        Err(e) => bad(format!("/remove_worker takes ?url=URL: {e}")),
+    }
+}
+
+/// vllm-router's shape (`urls`), and the same by role.
+async fn list_workers(State(r): State<Arc<Router>>) -> Response {
+    let mut all = Vec::new();
+    let mut by_role = serde_json::Map::new();
+    for pool in r.topology.pools() {
+        let urls: Vec<String> = pool.snapshot().iter().map(|w| w.url.clone()).collect();
+        all.extend(urls.iter().cloned());
+        by_role.insert(pool.role.as_str().to_string(), json!(urls));
+    }
+    let mut body = json!({"urls": all});
+    body.as_object_mut().expect("an object").extend(by_role);
+    axum::Json(body).into_response()
+}
+
+async fn create_worker(State(r): State<Arc<Router>>, body: Result<axum::Json<NewWorker>, axum::extract::rejection::JsonRejection>) -> Response {
+    match body {
+        Ok(axum::Json(w)) => add(&r, w),
+        Err(e) => bad(format!("POST /workers takes {{\"url\": URL, \"role\": \"prefill|decode|worker\", \"dp_size\": N}}: {}", e.body_text())),
+    }
+}
+
+async fn get_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
+    match find(&r, &url) {
+        Ok((pool, url)) => match pool.get(&url) {
+            Some(w) => axum::Json(worker_json(&w)).into_response(),
+            None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
+        },
+        Err(resp) => resp,
+    }
+}
+
+async fn delete_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
+    remove(&r, &url)
+}
+
+async fn drain_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
+    let (pool, url) = match find(&r, &url) {
+        Ok(found) => found,
+        Err(resp) => return resp,
+    };
+    match pool.drain(&url) {
+        Some(w) => axum::Json(json!({"success": true, "message": format!("draining {} worker {url}: no new requests; removed once its {} in flight are done",
+            w.role.as_str(), w.in_flight()), "worker": worker_json(&w)})).into_response(),
+        None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
+    }
+}

@@ -1,0 +1,33 @@
+//! What the router routes over: a prefill pool and a decode pool (disaggregated), or one
+//! pool of colocated workers. Each pool is a live set of workers (workers.rs).
+
+use super::workers::{Pool, Role};
+
+pub enum Topology {
+    Disaggregated { prefill: Pool, decode: Pool },
+    Colocated { workers: Pool },
+}
+
+impl Topology {
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        let (first, second) = match self {
+            Topology::Disaggregated { prefill, decode } => (prefill, Some(decode)),
+            Topology::Colocated { workers } => (workers, None),
+        };
+        std::iter::once(first).chain(second)
+    }
+
+    /// The pool of a role, if this topology has one.
+    pub fn pool(&self, role: Role) -> Option<&Pool> {
+        self.pools().find(|p| p.role == role)
+    }
+
+    /// The roles a worker may be added with.
+    pub fn roles(&self) -> Vec<Role> {
+        self.pools().map(|p| p.role).collect()
+    }
+
+    pub fn is_disaggregated(&self) -> bool {
+        matches!(self, Topology::Disaggregated { .. })
+    }
+}
