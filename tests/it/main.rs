@@ -5,6 +5,7 @@ mod capture;
 mod handshake;
 mod kv_events;
 mod launch;
+mod router_admin;
 mod router_faults;
 mod router_flow;
 mod router_hardening;
