@@ -71,9 +71,10 @@ pub struct RouteArgs {
     #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
     pub decode_instances: Vec<String>,
 
-    /// Policy for every role unless overridden.
-    #[arg(long, value_enum, default_value_t = PolicyKind::CacheAware)]
-    pub policy: PolicyKind,
+    /// Policy for every role unless overridden [default: cache_aware; round_robin with the
+    /// vLLM toy proxy's flags, as the toy proxy does].
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyKind>,
     /// Policy for prefill workers (default: --policy).
     #[arg(long, value_enum)]
     pub prefill_policy: Option<PolicyKind>,
@@ -383,6 +384,8 @@ impl RouteArgs {
         if !self.health_check_endpoint.starts_with('/') {
             return Err(format!("--health-check-endpoint `{}` must start with /", self.health_check_endpoint));
         }
+        let toy_flags = !(self.prefiller_hosts.is_empty() && self.decoder_hosts.is_empty() && self.prefill_instances.is_empty() && self.decode_instances.is_empty());
+        let policy = self.policy.unwrap_or(if toy_flags { PolicyKind::RoundRobin } else { PolicyKind::CacheAware });
         let secs = Duration::from_secs_f64;
         let request = secs(self.request_timeout_secs);
         let cap = |d: f64| secs(d).min(request);
@@ -394,8 +397,8 @@ impl RouteArgs {
             prefill,
             decode,
             workers,
-            prefill_policy: self.prefill_policy.unwrap_or(self.policy),
-            decode_policy: self.decode_policy.unwrap_or(self.policy),
+            prefill_policy: self.prefill_policy.unwrap_or(policy),
+            decode_policy: self.decode_policy.unwrap_or(policy),
             cache_aware: CacheAwareConfig {
                 cache_threshold: self.cache_threshold,
                 balance_abs_threshold: self.balance_abs_threshold,

@@ -45,7 +45,7 @@ async fn toy_proxy_flags_and_instances_shorthand_work() {
     let d = sims(1, &["--role", "decode"]).await;
     let toy = router(&[
         "--prefiller-hosts", "127.0.0.1", "localhost", "--prefiller-ports", &p[0].port.to_string(), &p[1].port.to_string(),
-        "--decoder-host", "127.0.0.1", "--decoder-port", &d[0].port.to_string(), "--policy", "round_robin",
+        "--decoder-host", "127.0.0.1", "--decoder-port", &d[0].port.to_string(),
     ])
     .await;
     let hc: Value = serde_json::from_str(&get(&format!("{}/healthcheck", toy.url)).await.1).unwrap();
@@ -53,6 +53,8 @@ async fn toy_proxy_flags_and_instances_shorthand_work() {
     for _ in 0..4 {
         assert_eq!(post(&format!("{}/v1/completions", toy.url), &json!({"prompt": "t", "max_tokens": 2})).await.0, 200);
     }
+    // The same prompt four times: the toy proxy's flags imply its round robin (cache_aware
+    // would follow the prefix to one prefill).
     assert_eq!(served(&p[0].url).await, 2.0);
     assert_eq!(served(&p[1].url).await, 2.0);
     let spec = format!("127.0.0.1:{},{}", p[0].port, p[1].port);
