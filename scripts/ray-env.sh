@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs Ray (from PyPI) into a cached venv for `disagg launch --ray` and its tests.
+# Installs Ray (from PyPI) into a cached venv for `disagg launch --ray` and its tests
+# (and pyzmq + msgpack for the P2pNccl registration test).
 # Idempotent: a complete venv is reused. Prints RAY_VENV=<path>.
 #   scripts/ray-env.sh [--print]
 set -euo pipefail
@@ -21,5 +22,11 @@ else
   "$VENV/bin/python" -c 'import ray' || { say "error: the venv does not import ray"; exit 1; }
   echo "$STAMP" > "$VENV/.disagg-complete"
   say "venv ready: $VENV"
+fi
+# pyzmq and msgpack: the P2pNccl registration test speaks to `disagg route` as vLLM's
+# p2p_nccl_engine.py does, with the same libraries (Ray brings msgpack already).
+if ! "$VENV/bin/python" -c 'import zmq, msgpack' 2>/dev/null; then
+  "$VENV/bin/pip" install --no-input --progress-bar off -q pyzmq msgpack \
+    || { say "error: pip could not install pyzmq and msgpack (is PyPI reachable?)"; exit 1; }
 fi
 echo "RAY_VENV=$VENV"

@@ -76,7 +76,7 @@ fn add(r: &Router, w: NewWorker) -> Response {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    match pool.add(&url, w.dp_size) {
+    match pool.add(&url, w.dp_size, None) {
         Ok(worker) => axum::Json(json!({"success": true, "message": format!("added {} worker {url}", pool.role.as_str()),
             "worker": worker_json(&worker)})).into_response(),
         Err(e) => bad(e),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::connector::Connector;
 use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 
@@ -70,6 +71,17 @@ pub struct RouteArgs {
     /// Shorthand for decode workers, as --prefill-instances.
     #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
     pub decode_instances: Vec<String>,
+
+    /// The KV connector the engines run, which decides each leg's body and request id
+    /// [default: nixl; p2pnccl with --vllm-discovery-address].
+    #[arg(long, value_enum)]
+    pub kv_connector: Option<super::connector::Connector>,
+    /// Bind a ZMQ ROUTER here for P2pNccl engines to register with (vLLM's xPyD proxy's
+    /// service discovery; `0.0.0.0:30002` in the runbook). Registered engines join the
+    /// router's pools and leave 5 s after their last ping. Trust: whoever can reach this
+    /// address can add workers, so bind it on the engines' network only.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub vllm_discovery_address: Option<String>,
 
     /// Policy for every role unless overridden [default: cache_aware; round_robin with the
     /// vLLM toy proxy's flags, as the toy proxy does].
@@ -269,6 +281,16 @@ pub fn normalize_url(raw: &str) -> Result<String, String> {
     Ok(format!("http://{host}:{port}{path}"))
 }
 
+/// `HOST:PORT` to bind (IPv6 as `[::1]:PORT`), checked.
+fn parse_bind_address(spec: &str) -> Result<String, String> {
+    let (host, port) = spec
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| format!("--vllm-discovery-address `{spec}`: expected HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("--vllm-discovery-address `{spec}`: bad port `{port}`"))?;
+    Ok(join_host_port(host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
 fn zip_hosts(hosts: &[String], ports: &[u16], what: &str) -> Result<Vec<String>, String> {
     if hosts.is_empty() && ports.is_empty() {
         return Ok(Vec::new());
@@ -342,9 +364,28 @@ impl RouteArgs {
         }
         let workers = self.worker_urls.iter().map(|u| normalize_url(u)).collect::<Result<Vec<_>, _>>()?;
 
-        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty();
-        // Workers may also join later, through the admin API.
-        let joinable = self.admin_api_key.is_some();
+        let discovery = self.vllm_discovery_address.as_deref().map(parse_bind_address).transpose()?;
+        let connector = match (self.kv_connector, &discovery) {
+            (Some(Connector::Nixl), Some(_)) => {
+                return Err("--vllm-discovery-address is P2pNccl's service discovery; it does not go with --kv-connector nixl".into())
+            }
+            (Some(Connector::P2pNccl), None) => {
+                return Err("--kv-connector p2pnccl needs --vllm-discovery-address HOST:PORT: P2pNccl engines register their \
+                            KV (zmq) addresses there, and request ids must name them"
+                    .into())
+            }
+            (Some(c), _) => c,
+            (None, Some(_)) => Connector::P2pNccl,
+            (None, None) => Connector::Nixl,
+        };
+        if connector == Connector::P2pNccl && !(prefill.is_empty() && decode.is_empty()) {
+            return Err("with P2pNccl, engines join by registering at --vllm-discovery-address (their KV addresses come \
+                        with them): drop --prefill/--decode"
+                .into());
+        }
+        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty() || discovery.is_some();
+        // Workers may also join later: through the admin API, or by registering.
+        let joinable = self.admin_api_key.is_some() || discovery.is_some();
         let mode = if pd {
             if !workers.is_empty() {
                 return Err("--worker-urls is for colocated workers; with prefill/decode workers use --prefill and --decode".into());
@@ -394,6 +435,8 @@ impl RouteArgs {
             host: self.host.clone(),
             port: self.port,
             mode,
+            connector,
+            discovery,
             prefill,
             decode,
             workers,

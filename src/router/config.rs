@@ -102,6 +102,9 @@ pub struct RouterConfig {
     pub host: String,
     pub port: u16,
     pub mode: Mode,
+    pub connector: super::connector::Connector,
+    /// Where P2pNccl engines register (`--vllm-discovery-address`).
+    pub discovery: Option<String>,
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
     pub workers: Vec<String>,

@@ -148,7 +148,15 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
             if d == 0 {
                 missing.push(format!("no healthy decode worker (0 of {dt})"));
             }
-            (missing, json!({"status": "ok", "healthy_prefill": p, "prefill": pt, "healthy_decode": d, "decode": dt}))
+            let mut status = json!({"status": "ok", "healthy_prefill": p, "prefill": pt, "healthy_decode": d, "decode": dt});
+            // Registered engines, as vLLM's P2pNccl proxy users check them (open only
+            // while no admin key guards the worker list).
+            if r.cfg.discovery.is_some() && r.cfg.auth.admin_key.is_none() {
+                let urls = |pool: &Pool| pool.snapshot().iter().map(|w| json!({"http": w.url, "zmq": w.kv_address})).collect::<Vec<_>>();
+                status["prefill_instances"] = json!(urls(prefill));
+                status["decode_instances"] = json!(urls(decode));
+            }
+            (missing, status)
         }
         Topology::Colocated { workers } => {
             let (w, wt) = count(workers);

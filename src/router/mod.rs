@@ -7,6 +7,8 @@ pub mod body;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod connector;
+pub mod discovery;
 pub mod failure;
 pub mod fanout;
 pub mod flow;
@@ -90,15 +92,23 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
     let port = listener.local_addr()?.port();
+    let discovery = match &cfg.discovery {
+        Some(address) => Some(discovery::bind(address).await?),
+        None => None,
+    };
     let router = Arc::new(build(cfg)?);
+    if let Some(socket) = discovery {
+        tokio::spawn(discovery::run(router.clone(), socket));
+    }
     tokio::spawn(health::run(router.clone()));
     tokio::spawn(health::maintain(router.clone()));
     let shown_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
     let cfg = &router.cfg;
     match cfg.mode {
         Mode::Disaggregated => println!(
-            "disagg route listening on http://{shown_host}:{port} mode=pd prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}",
-            cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.prefill_dp, cfg.decode_dp
+            "disagg route listening on http://{shown_host}:{port} mode=pd connector={} prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}{}",
+            cfg.connector.as_str(), cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.prefill_dp, cfg.decode_dp,
+            cfg.discovery.as_ref().map_or(String::new(), |d| format!(" discovery=tcp://{d}"))
         ),
         Mode::Regular => println!(
             "disagg route listening on http://{shown_host}:{port} mode=colocated workers={:?} policy={:?} dp={}",

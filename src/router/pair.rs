@@ -54,9 +54,9 @@ pub struct Job {
 
 impl Job {
     /// A non-streamed decode's first output is its whole answer.
-    fn decode_request(&self, body: Bytes) -> LegRequest {
+    fn decode_request(&self, body: Bytes, request_id: HeaderValue) -> LegRequest {
         let timeout = if self.stream { self.leg.first_byte_timeout } else { self.leg.request_timeout };
-        self.leg.request(body, timeout)
+        LegRequest { request_id, ..self.leg.request(body, timeout) }
     }
 }
 
@@ -205,7 +205,7 @@ async fn run_pair(
 ) {
     let started = Instant::now();
     let prefilled = {
-        let prefill = prefill_leg(&router, &job, &mut avoid_p, fallback);
+        let prefill = prefill_leg(&router, &job, decode.worker(), &mut avoid_p, fallback);
         tokio::pin!(prefill);
         tokio::select! {
             biased;
@@ -216,14 +216,15 @@ async fn run_pair(
             },
         }
     };
-    let (params, prefill_worker) = match prefilled {
+    let (params, prefill_worker, leg_id) = match prefilled {
         Ok(done) => done,
         Err(f) => {
             let _ = tx.send(PairOutcome::Final(f));
             return;
         }
     };
-    let req = job.decode_request(job.bodies.decode(params.as_deref()));
+    let connector = router.cfg.connector;
+    let req = job.decode_request(connector.decode_body(&job.bodies, params.as_deref()), leg_id);
     let mut tried = Vec::new();
     let mut lease = decode;
     for attempt in 1.. {
@@ -248,7 +249,7 @@ async fn run_pair(
             }
             Err(e) => e,
         };
-        let same_kv_elsewhere = err.kv_untouched_elsewhere();
+        let same_kv_elsewhere = err.kv_untouched_elsewhere() && connector.kv_can_go_to_another_decode();
         let last = match leg_failed(&router, Leg::Decode, &mut lease, err, &job.leg.request_id) {
             Ok(last) => last,
             Err(refused) => {
@@ -315,9 +316,17 @@ async fn decode_leg(
     }
 }
 
-/// The prefill leg, retried on other prefill workers; returns the params and the worker.
-async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<String>, fallback: bool) -> Result<(Option<Bytes>, Arc<Worker>), Failure> {
-    let req = job.leg.request(job.bodies.prefill(), job.leg.prefill_timeout);
+/// The prefill leg (for the reserved `decode`), retried on other prefill workers; returns
+/// the params, the worker, and the request id the pair's legs carry.
+async fn prefill_leg(
+    router: &Router,
+    job: &Job,
+    decode: &Worker,
+    avoid: &mut Vec<String>,
+    fallback: bool,
+) -> Result<(Option<Bytes>, Arc<Worker>, HeaderValue), Failure> {
+    let connector = router.cfg.connector;
+    let body = connector.prefill_body(&job.bodies);
     let mut last: Option<Failure> = None;
     for attempt in 0.. {
         if attempt > 0 && !may_retry(router, attempt, "prefill").await {
@@ -327,13 +336,16 @@ async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<String>, fallba
             Ok(lease) => lease,
             Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
         };
+        let leg_id = connector.leg_id(&job.leg.request_id, lease.worker(), decode);
+        let req = LegRequest { request_id: leg_id.clone(), ..job.leg.request(body.clone(), job.leg.prefill_timeout) };
+        tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?leg_id, "pair");
         let t = Instant::now();
         match legs::prefill(&router.client, &lease, &req).await {
             Ok(params) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
-                return Ok((params, lease.worker().clone()));
+                return Ok((params, lease.worker().clone(), leg_id));
             }
             Err(e) => {
                 last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);
@@ -347,7 +359,7 @@ async fn prefill_leg(router: &Router, job: &Job, avoid: &mut Vec<String>, fallba
 /// Colocated mode: one leg to a worker, retried elsewhere before its first byte. A client
 /// that leaves drops it at once (no KV crosses workers).
 async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer, Failure> {
-    let req = job.decode_request(job.bodies.colocated());
+    let req = job.decode_request(job.bodies.colocated(), job.leg.request_id.clone());
     let mut avoid = Vec::new();
     let mut last: Option<Failure> = None;
     for attempt in 0.. {

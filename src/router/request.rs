@@ -122,7 +122,16 @@ impl LegBodies {
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
     /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
     pub fn prefill(&self) -> Bytes {
-        let mut set: Vec<(&str, &[u8])> = vec![("kv_transfer_params", PREFILL_PARAMS), ("stream", b"false"), ("max_tokens", b"1")];
+        self.prefill_leg(true)
+    }
+
+    /// The prefill leg as `prefill`, with the six-key params (NIXL's) or without any
+    /// (connectors whose engines find their peer another way).
+    pub fn prefill_leg(&self, with_params: bool) -> Bytes {
+        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
+        if with_params {
+            set.push(("kv_transfer_params", PREFILL_PARAMS));
+        }
         if self.body.has("max_completion_tokens") {
             set.push(("max_completion_tokens", b"1"));
         }

@@ -49,6 +49,9 @@ impl Role {
 pub struct Worker {
     pub url: String,
     pub role: Role,
+    /// Where its KV connector listens, when the connector names it in request ids
+    /// (P2pNccl's zmq address, as the worker registered it).
+    pub kv_address: Option<String>,
     /// In-flight requests per DP rank, counted by the router itself.
     ranks: Vec<AtomicUsize>,
     /// Rotates the tie-break between equally loaded ranks.
@@ -68,6 +71,7 @@ impl Worker {
         Worker {
             url,
             role,
+            kv_address: None,
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
@@ -77,6 +81,12 @@ impl Worker {
             draining: AtomicBool::new(false),
             breaker: Breaker::new(breaker),
         }
+    }
+
+    /// `host:port` of its URL.
+    pub fn host_port(&self) -> String {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest).to_string()
     }
 
     /// Healthy, not draining, and its circuit lets a request through.
@@ -262,8 +272,10 @@ impl Pool {
     }
 
     /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
-    pub fn add(&self, url: &str, dp_size: Option<usize>) -> Result<Arc<Worker>, String> {
-        let worker = Arc::new(Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone()));
+    pub fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, String> {
+        let mut worker = Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone());
+        worker.kv_address = kv_address;
+        let worker = Arc::new(worker);
         {
             let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
             if set.iter().any(|w| w.url == url) {

@@ -194,10 +194,6 @@ fn kv_config(pub_port: u16, replay_port: u16) -> String {
     format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{pub_port}","replay_endpoint":"tcp://*:{replay_port}","topic":"kv-events"}}"#)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn the_simulator_publishes_vllms_kv_events() {
     let (pp, rp) = (free_port(), free_port());

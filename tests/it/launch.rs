@@ -23,10 +23,6 @@ fn write(name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn seed_plan_is_exact_line_by_line() {
     let (ok, out, err) = run(&["launch", "examples/deepseek-2p2d.yaml", "--dry-run"]);

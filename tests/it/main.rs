@@ -2,6 +2,7 @@
 
 mod bench;
 mod capture;
+mod discovery;
 mod handshake;
 mod kv_events;
 mod launch;

@@ -29,10 +29,6 @@ async fn errors(router: &str, cause: &str) -> f64 {
     metric(&metrics(router).await, "disagg_router_errors_total", &[("cause", cause)])
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn prefill_connect_error_retries_on_another_prefill() {
     let mut p1 = Proc::sim(&["--role", "prefill"]).await;

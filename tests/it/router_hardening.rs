@@ -11,10 +11,6 @@ use tokio::net::TcpStream;
 use crate::capture::Capture;
 use crate::support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A loopback listener that counts the connections it gets.
 async fn listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -86,6 +86,11 @@ impl Proc {
         }
     }
 
+    /// Everything the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
@@ -94,6 +99,11 @@ impl Proc {
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         tokio::time::timeout(within, self.child.wait()).await.ok().and_then(Result::ok)
     }
+}
+
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn tail(path: &PathBuf) -> String {
