@@ -29,25 +29,10 @@ pub fn app(router: Arc<Router>) -> axum::Router {
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
-        .merge(admin_routes(&router))
+        .merge(if router.cfg.auth.admin_key.is_some() { super::admin::routes() } else { axum::Router::new() })
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
         .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
-}
-
-/// The admin API when --admin-api-key is set; otherwise its paths say it is off.
-fn admin_routes(router: &Router) -> axum::Router<Arc<Router>> {
-    if router.cfg.auth.admin_key.is_some() {
-        return super::admin::routes();
-    }
-    let off = || async { ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY") };
-    axum::Router::new()
-        .route("/add_worker", post(off))
-        .route("/remove_worker", post(off))
-        .route("/list_workers", get(off))
-        .route("/workers", post(off))
-        .route("/workers/{url}", get(off).delete(off))
-        .route("/workers/{url}/drain", post(off))
 }
 
 /// Whether `headers` carry `Authorization: Bearer <one of keys>` (compared in constant time).
@@ -77,7 +62,11 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
     if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
         return unauthorized("this router needs a client API key");
     }
-    if matches!(path, "/workers" | "/metrics") || super::admin::is_admin_path(path) {
+    let admin_call = super::admin::is_admin_path(path) || (path == "/workers" && req.method() != axum::http::Method::GET);
+    if admin_call && auth.admin_key.is_none() {
+        return ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response();
+    }
+    if matches!(path, "/workers" | "/metrics") || admin_call {
         if let Some(admin) = &auth.admin_key {
             if !bearer_matches(req.headers(), std::slice::from_ref(admin)) {
                 return unauthorized("this endpoint needs the admin API key");
