@@ -106,6 +106,18 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The first of `n` consecutive loopback ports free a moment ago, below the kernel's
+/// ephemeral range (so no test's outgoing connection takes one of them meanwhile): for
+/// plans that put replica k on port + k.
+pub fn free_port_run(n: u16) -> u16 {
+    loop {
+        let base = 20_000 + rand::random::<u16>() % (12_000 - n);
+        if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+}
+
 fn tail(path: &PathBuf) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
