@@ -13,9 +13,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::cli::normalize_url;
+use super::connector::Connector;
 use super::flow::Router;
 use super::http::worker_json;
-use super::workers::{Pool, Role};
+use super::workers::{Pool, Role, Worker};
 use crate::api::{ApiError, ErrorKind};
 
 pub fn routes() -> axum::Router<Arc<Router>> {
@@ -62,6 +63,10 @@ fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response>
 }
 
 fn add(r: &Router, w: NewWorker) -> Response {
+    if r.cfg.connector == Connector::P2pNccl {
+        return bad("P2pNccl engines join by registering at --vllm-discovery-address (request ids must name their KV \
+                    addresses, which only the registration gives)");
+    }
     let url = match normalize_url(&w.url) {
         Ok(u) => u,
         Err(e) => return bad(e),
@@ -83,24 +88,26 @@ fn add(r: &Router, w: NewWorker) -> Response {
     }
 }
 
-/// The worker a path or query names (normalised as the command line's URLs are).
-fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, String), Response> {
+fn not_found(url: &str) -> Response {
+    ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response()
+}
+
+/// The worker a path or query names (normalised as the command line's URLs are), and
+/// its pool.
+fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, Arc<Worker>), Response> {
     let url = normalize_url(raw).map_err(bad)?;
-    r.topology
-        .pools()
-        .find(|p| p.get(&url).is_some())
-        .map(|p| (p, url.clone()))
-        .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response())
+    r.topology.pools().find_map(|p| p.get(&url).map(|w| (p, w))).ok_or_else(|| not_found(&url))
 }
 
 fn remove(r: &Router, raw: &str) -> Response {
-    let (pool, url) = match find(r, raw) {
+    let (pool, w) = match find(r, raw) {
         Ok(found) => found,
         Err(resp) => return resp,
     };
-    match pool.remove(&url) {
-        Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {url}; {} request(s) in flight finish on it", w.role.as_str(), w.in_flight())})).into_response(),
-        None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
+    match pool.remove(&w.url) {
+        Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {}; {} request(s) in flight finish on it",
+            w.role.as_str(), w.url, w.in_flight())})).into_response(),
+        None => not_found(&w.url),
     }
 }
 
@@ -155,10 +162,7 @@ async fn create_worker(State(r): State<Arc<Router>>, body: Result<axum::Json<New
 
 async fn get_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
     match find(&r, &url) {
-        Ok((pool, url)) => match pool.get(&url) {
-            Some(w) => axum::Json(worker_json(&w)).into_response(),
-            None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
-        },
+        Ok((_, w)) => axum::Json(worker_json(&w)).into_response(),
         Err(resp) => resp,
     }
 }
@@ -168,13 +172,13 @@ async fn delete_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) ->
 }
 
 async fn drain_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
-    let (pool, url) = match find(&r, &url) {
+    let (pool, w) = match find(&r, &url) {
         Ok(found) => found,
         Err(resp) => return resp,
     };
-    match pool.drain(&url) {
-        Some(w) => axum::Json(json!({"success": true, "message": format!("draining {} worker {url}: no new requests; removed once its {} in flight are done",
-            w.role.as_str(), w.in_flight()), "worker": worker_json(&w)})).into_response(),
-        None => ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response(),
+    match pool.drain(&w.url) {
+        Some(w) => axum::Json(json!({"success": true, "message": format!("draining {} worker {}: no new requests; removed once its {} in flight are done",
+            w.role.as_str(), w.url, w.in_flight()), "worker": worker_json(&w)})).into_response(),
+        None => not_found(&w.url),
     }
 }

@@ -305,7 +305,8 @@ fn zip_hosts(hosts: &[String], ports: &[u16], what: &str) -> Result<Vec<String>,
     hosts.iter().zip(ports).map(|(h, p)| normalize_url(&join_host_port(h, *p))).collect()
 }
 
-fn join_host_port(host: &str, port: u16) -> String {
+/// `host:port`, an IPv6 host in brackets (left as it is when it has them already).
+pub fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

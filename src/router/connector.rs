@@ -52,9 +52,14 @@ impl Connector {
         match self {
             Connector::Nixl => request_id.clone(),
             Connector::P2pNccl => {
-                let kv = |w: &Worker| w.kv_address.clone().unwrap_or_else(|| w.host_port());
-                let id = format!("___prefill_addr_{}___decode_addr_{}_{}", kv(prefill), kv(decode), uuid::Uuid::new_v4().simple());
-                HeaderValue::from_str(&id).unwrap_or_else(|_| request_id.clone())
+                // Every P2pNccl worker came from discovery, with its checked address
+                // (discovery.rs; the admin API refuses to add one without).
+                let kv = |w: &Worker| w.kv_address.clone().unwrap_or_default();
+                let uuid = uuid::Uuid::new_v4().simple();
+                let id = format!("___prefill_addr_{}___decode_addr_{}_{uuid}", kv(prefill), kv(decode));
+                // The addresses are checked header-safe; were one not, a bare uuid still
+                // names no address of a client's choosing.
+                HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_str(&uuid.to_string()).expect("hex is a valid header"))
             }
         }
     }

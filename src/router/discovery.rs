@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use zeromq::{RouterSocket, Socket, SocketRecv};
 
-use super::cli::normalize_url;
+use super::cli::{join_host_port, normalize_url};
 use super::flow::Router;
 use super::workers::Role;
 
@@ -23,10 +23,10 @@ const MAX_REGISTERED: usize = 4096;
 /// Largest registration accepted (a real one is under 200 bytes).
 const MAX_MESSAGE: usize = 4096;
 
+/// An engine registered under its URL (the map's key).
 struct Registered {
     role: Role,
     zmq_address: String,
-    url: String,
     last_ping: Instant,
 }
 
@@ -42,12 +42,12 @@ pub struct Ping {
 /// `host:port`, IPv6 in brackets.
 fn check_address(what: &str, addr: &str) -> Result<String, String> {
     let (host, port) = addr.rsplit_once(':').filter(|(h, _)| !h.is_empty()).ok_or_else(|| format!("{what} `{addr}` is not HOST:PORT"))?;
-    port.parse::<u16>().map_err(|_| format!("{what} `{addr}`: bad port"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("{what} `{addr}`: bad port"))?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if bare.is_empty() || bare.chars().any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))) {
         return Err(format!("{what} `{addr}`: bad host"));
     }
-    Ok(if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") })
+    Ok(join_host_port(bare, port))
 }
 
 /// Reads one registration payload (a msgpack map).
@@ -105,7 +105,7 @@ fn register(router: &Router, registered: &mut HashMap<String, Registered>, ping:
             return;
         }
         // The same HTTP address now says something else: it is a new engine.
-        leave(router, registered, &ping.url.clone(), "re-registered with another role or KV address");
+        leave(router, registered, &ping.url, "re-registered with another role or KV address");
     }
     if registered.len() >= MAX_REGISTERED {
         tracing::warn!("discovery: {MAX_REGISTERED} engines registered already; ignored {}", ping.url);
@@ -115,7 +115,7 @@ fn register(router: &Router, registered: &mut HashMap<String, Registered>, ping:
     match pool.add(&ping.url, None, Some(ping.zmq_address.clone())) {
         Ok(_) => {
             tracing::info!(role = ping.role.as_str(), http = %ping.url, zmq = %ping.zmq_address, "discovery: registered");
-            registered.insert(ping.url.clone(), Registered { role: ping.role, zmq_address: ping.zmq_address, url: ping.url, last_ping: Instant::now() });
+            registered.insert(ping.url, Registered { role: ping.role, zmq_address: ping.zmq_address, last_ping: Instant::now() });
         }
         Err(e) => tracing::warn!("discovery: {e}"),
     }
@@ -124,14 +124,14 @@ fn register(router: &Router, registered: &mut HashMap<String, Registered>, ping:
 fn leave(router: &Router, registered: &mut HashMap<String, Registered>, url: &str, why: &str) {
     if let Some(r) = registered.remove(url) {
         if let Some(pool) = router.topology.pool(r.role) {
-            pool.remove(&r.url);
+            pool.remove(url);
         }
-        tracing::info!(role = r.role.as_str(), http = %r.url, zmq = %r.zmq_address, "discovery: left ({why})");
+        tracing::info!(role = r.role.as_str(), http = %url, zmq = %r.zmq_address, "discovery: left ({why})");
     }
 }
 
 fn expire(router: &Router, registered: &mut HashMap<String, Registered>) {
-    let gone: Vec<String> = registered.values().filter(|r| r.last_ping.elapsed() > EXPIRY).map(|r| r.url.clone()).collect();
+    let gone: Vec<String> = registered.iter().filter(|(_, r)| r.last_ping.elapsed() > EXPIRY).map(|(url, _)| url.clone()).collect();
     for url in gone {
         leave(router, registered, &url, "no ping for 5 s");
     }

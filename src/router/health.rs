@@ -36,7 +36,7 @@ pub async fn run(router: Arc<Router>) {
         for pool in router.topology.pools() {
             pool.remove_drained();
         }
-        let workers: Vec<_> = router.topology.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect();
+        let workers = router.topology.workers();
         let due = workers.iter().filter(|w| full || !w.is_healthy());
         let checks = due.map(|w| {
             let client = &client;

@@ -93,26 +93,24 @@ async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> R
 async fn models(State(r): State<Arc<Router>>) -> Response {
     let mut tried = 0;
     // Decodes first: they serve the answers.
-    let mut workers: Vec<_> = r.topology.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect();
+    let mut workers = r.topology.workers();
     workers.sort_by_key(|w| w.role != Role::Decode);
-    {
-        for w in workers.iter().filter(|w| w.is_healthy()) {
-            tried += 1;
-            let url = format!("{}/v1/models", w.url);
-            let mut req = r.client.get(&url).timeout(Duration::from_secs(5));
-            if let Some(auth) = &r.worker_auth {
-                req = req.header(AUTHORIZATION, auth.clone());
-            }
-            match req.send().await {
-                Ok(resp) if resp.status().is_success() => match resp.bytes().await {
-                    Ok(body) if serde_json::from_slice::<Value>(&body).is_ok() => {
-                        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
-                    }
-                    _ => tracing::warn!(worker = %w.url, "/v1/models: the answer is not JSON"),
-                },
-                Ok(resp) => tracing::warn!(worker = %w.url, "/v1/models answered {}", resp.status()),
-                Err(e) => tracing::warn!(worker = %w.url, "/v1/models: {}", super::legs::chain(&e)),
-            }
+    for w in workers.iter().filter(|w| w.is_healthy()) {
+        tried += 1;
+        let url = format!("{}/v1/models", w.url);
+        let mut req = r.client.get(&url).timeout(Duration::from_secs(5));
+        if let Some(auth) = &r.worker_auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+                Ok(body) if serde_json::from_slice::<Value>(&body).is_ok() => {
+                    return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+                }
+                _ => tracing::warn!(worker = %w.url, "/v1/models: the answer is not JSON"),
+            },
+            Ok(resp) => tracing::warn!(worker = %w.url, "/v1/models answered {}", resp.status()),
+            Err(e) => tracing::warn!(worker = %w.url, "/v1/models: {}", super::legs::chain(&e)),
         }
     }
     let detail = if tried == 0 { "no healthy worker".to_string() } else { format!("{tried} healthy workers tried, none answered") };
@@ -174,7 +172,7 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
 }
 
 async fn workers(State(r): State<Arc<Router>>) -> Response {
-    let list: Vec<Value> = r.topology.pools().flat_map(|p| p.snapshot().iter().map(|w| worker_json(w)).collect::<Vec<_>>()).collect();
+    let list: Vec<Value> = r.topology.workers().iter().map(|w| worker_json(w)).collect();
     let index: serde_json::Map<String, Value> =
         r.topology.pools().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),

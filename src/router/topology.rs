@@ -1,7 +1,9 @@
 //! What the router routes over: a prefill pool and a decode pool (disaggregated), or one
 //! pool of colocated workers. Each pool is a live set of workers (workers.rs).
 
-use super::workers::{Pool, Role};
+use std::sync::Arc;
+
+use super::workers::{Pool, Role, Worker};
 
 pub enum Topology {
     Disaggregated { prefill: Pool, decode: Pool },
@@ -15,6 +17,11 @@ impl Topology {
             Topology::Colocated { workers } => (workers, None),
         };
         std::iter::once(first).chain(second)
+    }
+
+    /// Every worker of every pool, as they are now.
+    pub fn workers(&self) -> Vec<Arc<Worker>> {
+        self.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect()
     }
 
     /// The pool of a role, if this topology has one.

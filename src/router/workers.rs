@@ -83,12 +83,6 @@ impl Worker {
         }
     }
 
-    /// `host:port` of its URL.
-    pub fn host_port(&self) -> String {
-        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
-        rest.split('/').next().unwrap_or(rest).to_string()
-    }
-
     /// Healthy, not draining, and its circuit lets a request through.
     pub fn is_available(&self) -> bool {
         self.is_healthy() && !self.is_draining() && self.breaker.allows()

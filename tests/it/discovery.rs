@@ -115,3 +115,13 @@ async fn p2pnccl_flags_that_cannot_work_are_refused() {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_cannot_add_a_p2pnccl_engine_without_its_kv_address() {
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k"]).await;
+    let resp = client().post(format!("{}/add_worker?url=127.0.0.1:9&role=prefill", r.url)).bearer_auth("k").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("join by registering"), "{v}");
+}

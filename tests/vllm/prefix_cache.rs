@@ -44,19 +44,13 @@ pub async fn run() {
             one => vec![one["token_ids"].clone()],
         }
     };
-    for p in &completions {
-        let body = json!({"model": "tiny-llama", "prompt": p});
-        let (s1, want) = post(&format!("{}/v1/completions/render", v.url), &body).await;
-        let (s2, got) = post(&format!("{}/v1/completions/render", sim.url), &body).await;
+    let bodies = completions.iter().map(|p| ("/v1/completions/render", json!({"model": "tiny-llama", "prompt": p})))
+        .chain(chats.iter().map(|m| ("/v1/chat/completions/render", json!({"model": "tiny-llama", "messages": m}))));
+    for (path, body) in bodies {
+        let (s1, want) = post(&format!("{}{path}", v.url), &body).await;
+        let (s2, got) = post(&format!("{}{path}", sim.url), &body).await;
         assert_eq!((s1, s2), (200, 200), "{want} / {got}");
-        assert_eq!(ids(&got), ids(&want), "completions render of {p}");
-    }
-    for m in &chats {
-        let body = json!({"model": "tiny-llama", "messages": m});
-        let (s1, want) = post(&format!("{}/v1/chat/completions/render", v.url), &body).await;
-        let (s2, got) = post(&format!("{}/v1/chat/completions/render", sim.url), &body).await;
-        assert_eq!((s1, s2), (200, 200), "{want} / {got}");
-        assert_eq!(ids(&got), ids(&want), "chat render of {m}");
+        assert_eq!(ids(&got), ids(&want), "{path} of {body}");
     }
     println!("      render: {} completions and {} chat bodies give vLLM's token ids on the simulator", completions.len(), chats.len());
     drop(sim);
