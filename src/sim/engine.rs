@@ -333,20 +333,20 @@ impl Engine {
             // of the token budget, in arrival order (chunked prefill).
             let decoding = running.iter().filter(|s| self.can_generate(s)).count();
             let mut budget = cfg.max_num_batched_tokens.saturating_sub(decoding);
-            let mut new_tokens = 0;
+            let mut chunks = Vec::new();
             for seq in running.iter_mut() {
                 if let Phase::Prefilling { left } = seq.phase {
                     let take = left.min(budget);
                     budget -= take;
-                    new_tokens += take;
+                    chunks.push(take);
                     seq.phase = Phase::Prefilling { left: left - take };
                     bump(&self.stats.prompt_local_compute, take);
                 }
             }
             let ready = running.iter().filter(|s| matches!(s.phase, Phase::Prefilling { left: 0 })).count();
-            has_work = decoding + ready > 0 || new_tokens > 0;
+            has_work = decoding + ready > 0 || chunks.iter().any(|t| *t > 0);
             let usage = cache.used() as f64 / cache.total().max(1) as f64;
-            cost_ms = cfg.timing.prefill(new_tokens) + cfg.timing.decode(usage, decoding + ready);
+            cost_ms = cfg.timing.prefill_chunks(chunks) + cfg.timing.decode(usage, decoding + ready);
         }
         for (seq_id, remote, fps, hits, prompt_len) in pulls {
             tokio::spawn(transfer::pull(self.clone(), seq_id, remote, fps, hits, prompt_len));

@@ -2,8 +2,10 @@
 //! --max-num-batched-tokens; prompt tokens found in the prefix cache cost nothing) and
 //! decodes one token for every running sequence:
 //!
-//!   step ms = prefill(T) + decode(u, n)      (each part only when the step has that work)
-//!   prefill(T) = p0 + p1·T + p2·T²           T = new tokens prefilled in the step
+//!   step ms = prefill + decode(u, n)          (each part only when the step has that work)
+//!   prefill = p0 + Σ (p1·t + p2·t²)          t = new tokens of each sequence prefilled in
+//!                                            the step (attention is quadratic within a
+//!                                            sequence, not across the batch)
 //!   decode(u, n) = max(min, d0 + d1·u + d2·u² + s·n)   u = KV-cache usage (0..1), n = sequences
 //!
 //! The built-in profile `mocker` is the polynomial of NVIDIA Dynamo's mocker engine
@@ -64,13 +66,25 @@ impl Timing {
         serde_json::from_str(&text).map_err(|e| format!("--timing-profile {spec}: not a timing profile: {e}"))
     }
 
+    /// One sequence prefilling `tokens` new tokens alone in a step.
     pub fn prefill(&self, tokens: usize) -> f64 {
-        if tokens == 0 {
-            return 0.0;
-        }
-        let t = tokens as f64;
+        self.prefill_chunks([tokens])
+    }
+
+    /// A step prefilling these chunks (new tokens per sequence).
+    pub fn prefill_chunks(&self, chunks: impl IntoIterator<Item = usize>) -> f64 {
         let [p0, p1, p2] = self.prefill_ms;
-        (p0 + p1 * t + p2 * t * t).max(0.0)
+        let (mut any, mut cost) = (false, p0);
+        for t in chunks.into_iter().filter(|t| *t > 0) {
+            let t = t as f64;
+            any = true;
+            cost += p1 * t + p2 * t * t;
+        }
+        if any {
+            cost.max(0.0)
+        } else {
+            0.0
+        }
     }
 
     pub fn decode(&self, usage: f64, seqs: usize) -> f64 {
@@ -91,6 +105,9 @@ mod tests {
         let m = Timing::mocker();
         assert!((m.prefill(1000) - (4.209989e-07 * 1e6 + 1.518344e-02 * 1e3 + 16.50142)).abs() < 1e-9);
         assert_eq!(m.prefill(0), 0.0);
+        // Four prompts in one step: one step's overhead, each prompt's own attention.
+        let four = m.prefill_chunks([250, 250, 250, 250]);
+        assert!((four - (16.50142 + 4.0 * (4.209989e-07 * 62_500.0 + 1.518344e-02 * 250.0))).abs() < 1e-9);
         assert!((m.decode(0.5, 3) - (-25.74 * 0.25 + 54.01 * 0.5 + 5.74)).abs() < 1e-9);
         assert_eq!(m.decode(0.5, 0), 0.0);
         let flags = Timing::linear(10.0, 2.0);
