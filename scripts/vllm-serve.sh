@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Starts ONE real vLLM (CPU) instance serving the tiny offline model, with NixlConnector
-# set up for its PD role. Run scripts/vllm-env.sh first. Replaces itself with vLLM (exec),
+# (or MooncakeConnector over TCP) set up for its PD role. Run scripts/vllm-env.sh first. Replaces itself with vLLM (exec),
 # so the caller's pid is vLLM's; stop it by signalling its process group.
 #
 #   scripts/vllm-serve.sh prefill|decode|plain PORT [--side-channel-port P] [--cpu N]
-#                         [--max-model-len L] [-- extra vllm serve args]
+#                         [--max-model-len L] [--connector nixl|mooncake]
+#                         [--bootstrap-port B] [-- extra vllm serve args]
 #
 # prefill: kv_role kv_producer; decode: kv_role kv_consumer; plain: no KV connector.
 set -euo pipefail
@@ -14,11 +15,15 @@ shift 2
 SIDE=5600
 CPU=0
 MAXLEN=2048
+CONNECTOR=nixl
+BOOTSTRAP=8998
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --side-channel-port) SIDE=$2; shift 2 ;;
     --cpu) CPU=$2; shift 2 ;;
     --max-model-len) MAXLEN=$2; shift 2 ;;
+    --connector) CONNECTOR=$2; shift 2 ;;
+    --bootstrap-port) BOOTSTRAP=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "vllm-serve.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -34,9 +39,17 @@ case "$ROLE" in
   *) echo "vllm-serve.sh: role must be prefill, decode or plain" >&2; exit 2 ;;
 esac
 KV_ARGS=()
-if [[ -n "$KV_ROLE" ]]; then
-  KV_ARGS=(--kv-transfer-config "{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$KV_ROLE\",\"kv_buffer_device\":\"cpu\",\"kv_connector_extra_config\":{\"num_threads\":0}}")
-fi
+case "$CONNECTOR" in
+  nixl)
+    [[ -z "$KV_ROLE" ]] || KV_ARGS=(--kv-transfer-config "{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$KV_ROLE\",\"kv_buffer_device\":\"cpu\",\"kv_connector_extra_config\":{\"num_threads\":0}}") ;;
+  mooncake)
+    [[ -f "$MOONCAKE/.disagg-complete" ]] || { echo "vllm-serve.sh: no Mooncake transfer engine at $MOONCAKE: run scripts/vllm-env.sh" >&2; exit 1; }
+    [[ -z "$KV_ROLE" ]] || KV_ARGS=(--kv-transfer-config "{\"kv_connector\":\"MooncakeConnector\",\"kv_role\":\"$KV_ROLE\",\"kv_connector_extra_config\":{\"mooncake_protocol\":\"tcp\",\"num_workers\":2}}")
+    # The shim (see scripts/mooncake_cpu_shim.py) and the engine; every address on loopback.
+    export PYTHONPATH="$MOONCAKE/shim:$MOONCAKE/site${PYTHONPATH:+:$PYTHONPATH}"
+    export VLLM_HOST_IP=127.0.0.1 VLLM_MOONCAKE_BOOTSTRAP_PORT=$BOOTSTRAP ;;
+  *) echo "vllm-serve.sh: --connector must be nixl or mooncake" >&2; exit 2 ;;
+esac
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 export VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=$SIDE
 export VLLM_CPU_OMP_THREADS_BIND=$CPU

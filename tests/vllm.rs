@@ -1,7 +1,7 @@
 //! End to end against REAL vLLM (CPU build) with real NIXL KV transfer between processes.
 //!
 //!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
-//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv or launch)
+//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, mooncake or launch)
 //!
 //! The binary re-runs itself inside a fresh loopback-only network namespace
 //! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
@@ -24,6 +24,8 @@ mod prefix_cache;
 mod timing;
 #[path = "vllm/bench_compare.rs"]
 mod bench_compare;
+#[path = "vllm/mooncake.rs"]
+mod mooncake;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -63,13 +65,24 @@ impl Vllm {
 
     /// As `spawn`, with extra `vllm serve` arguments.
     fn spawn_with(name: &'static str, role: &str, port: u16, side: u16, cpu: u16, extra: &[&str]) -> Vllm {
+        let (port, side, cpu) = (port.to_string(), side.to_string(), cpu.to_string());
+        let mut args = vec![role, &port, "--side-channel-port", &side, "--cpu", &cpu];
+        if !extra.is_empty() {
+            args.push("--");
+            args.extend(extra);
+        }
+        Vllm::spawn_script(name, &args)
+    }
+
+    /// scripts/vllm-serve.sh with these arguments (ROLE PORT first).
+    fn spawn_script(name: &'static str, args: &[&str]) -> Vllm {
+        let port = args[1];
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vllm-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(format!("{SCRIPTS}/vllm-serve.sh"))
-            .args([role, &port.to_string(), "--side-channel-port", &side.to_string(), "--cpu", &cpu.to_string()])
-            .args(if extra.is_empty() { Vec::new() } else { std::iter::once("--").chain(extra.iter().copied()).collect() })
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -172,7 +185,7 @@ async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String
 
 type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
-/// `DISAGG_VLLM_GROUPS=pd,kv,launch` (default: all) picks the groups to run, for
+/// `DISAGG_VLLM_GROUPS=pd,kv,mooncake,launch` (default: all) picks the groups to run, for
 /// development; CI runs them all.
 fn group_enabled(group: &str) -> bool {
     std::env::var("DISAGG_VLLM_GROUPS").map_or(true, |g| g.split(',').any(|x| x.trim() == group))
@@ -192,6 +205,16 @@ async fn run() -> ExitCode {
             Err(_) => {
                 println!("FAIL  KV events, prefix cache, render endpoints or timing profile ({:.1}s)", t.elapsed().as_secs_f64());
                 failed.push("KV events, prefix cache, render, timing");
+            }
+        }
+    }
+    let t = Instant::now();
+    if group_enabled("mooncake") {
+        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(mooncake::run())).await {
+            Ok(()) => println!("ok    Mooncake 1P1D through disagg route: output equals plain, KV moved ({:.1}s)", t.elapsed().as_secs_f64()),
+            Err(_) => {
+                println!("FAIL  Mooncake 1P1D through disagg route ({:.1}s)", t.elapsed().as_secs_f64());
+                failed.push("Mooncake 1P1D");
             }
         }
     }

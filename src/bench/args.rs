@@ -1,5 +1,5 @@
 //! `disagg bench` flags: `vllm bench serve`'s names, defaults and meanings (PROTOCOLS.md §7),
-//! plus `--plot` and `--http2`.
+//! plus `--plot`, `--http2` and `--speedup`.
 
 use std::path::PathBuf;
 
@@ -140,6 +140,11 @@ pub struct BenchArgs {
     /// throughput over time.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// The target is a simulator run with `disagg sim --speedup K`: arrivals come K times
+    /// faster, and every measured time is multiplied by K (throughputs divided by K), so
+    /// the report is in simulated time, comparable to a run at K = 1.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
+    pub speedup: f64,
     /// Speak HTTP/2 without TLS (prior knowledge) to the server, as `disagg route` and
     /// `disagg sim` accept: many streams per connection, for very high concurrency.
     #[arg(long)]

@@ -28,6 +28,15 @@ pub struct Output {
 }
 
 impl Output {
+    /// Multiplies every time by `k`: wall time against a simulator sped up K times back
+    /// to simulated time.
+    pub fn scale_time(&mut self, k: f64) {
+        self.start_time *= k;
+        self.ttft *= k;
+        self.latency *= k;
+        self.itl.iter_mut().for_each(|g| *g *= k);
+    }
+
     /// When each output chunk arrived, in seconds from the run's start.
     pub fn token_times(&self) -> impl Iterator<Item = f64> + '_ {
         let first = self.start_time + self.ttft;

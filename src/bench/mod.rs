@@ -182,7 +182,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let sem = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c as usize)));
-    let offsets = arrivals(n, args.request_rate, args.burstiness, args.seed);
+    // Arrivals in simulated time, sent K times faster against a sped-up simulator.
+    let offsets: Vec<f64> = arrivals(n, args.request_rate, args.burstiness, args.seed).into_iter().map(|t| t / args.speedup).collect();
     let requests = Arc::new(requests);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
@@ -207,8 +208,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for t in tasks {
         outputs.push(t.await.unwrap_or_else(|e| Output { error: format!("request task failed: {e}"), ..Output::default() }));
     }
-    let duration = start.elapsed().as_secs_f64();
+    let mut duration = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    if args.speedup != 1.0 {
+        duration *= args.speedup;
+        outputs.iter_mut().for_each(|o| o.scale_time(args.speedup));
+    }
 
     let failed: Vec<&Output> = outputs.iter().filter(|o| !o.success).collect();
     if !failed.is_empty() {
@@ -234,6 +239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         burstiness: args.burstiness,
         max_concurrency: args.max_concurrency,
         duration,
+        speedup: args.speedup,
         goodput: goodput.is_set(),
         metrics: &selected,
     };

@@ -17,6 +17,8 @@ pub struct RunInfo<'a> {
     pub burstiness: f64,
     pub max_concurrency: Option<u64>,
     pub duration: f64,
+    /// `--speedup`: the times above are simulated time, measured K times faster.
+    pub speedup: f64,
     pub goodput: bool,
     pub metrics: &'a [String],
 }
@@ -76,6 +78,9 @@ pub fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
         linef(&mut out, "Request rate configured (RPS):", r.request_rate);
     }
     linef(&mut out, "Benchmark duration (s):", r.duration);
+    if r.speedup != 1.0 {
+        linef(&mut out, "Simulator speedup (times scaled back):", r.speedup);
+    }
     line(&mut out, "Total input tokens:", m.total_input);
     line(&mut out, "Total generated tokens:", m.total_output);
     linef(&mut out, "Request throughput (req/s):", m.request_throughput);
@@ -119,6 +124,9 @@ pub fn json(m: &Metrics, r: &RunInfo<'_>, outputs: &[Output], detailed: bool, da
     put("burstiness", json!(r.burstiness));
     put("max_concurrency", json!(r.max_concurrency));
     put("duration", json!(r.duration));
+    if r.speedup != 1.0 {
+        put("speedup", json!(r.speedup));
+    }
     put("completed", json!(m.completed));
     put("failed", json!(m.failed));
     put("total_input_tokens", json!(m.total_input));
@@ -173,7 +181,7 @@ mod tests {
         let m = calculate(&[o.clone()], 1.0, None, &[99.0, 99.9], &Goodput::default());
         let metrics = vec!["ttft".to_string(), "tpot".into(), "itl".into()];
         let r = RunInfo { backend: "vllm", label: "vllm", model_id: "/m/tiny", tokenizer_id: "/m/tiny", num_prompts: 1, request_rate: f64::INFINITY,
-            burstiness: 1.0, max_concurrency: Some(4), duration: 1.0, goodput: false, metrics: &metrics };
+            burstiness: 1.0, max_concurrency: Some(4), duration: 1.0, speedup: 1.0, goodput: false, metrics: &metrics };
         let t = table(&m, &r);
         assert!(t.starts_with("============ Serving Benchmark Result ============\n"));
         assert!(t.contains("Successful requests:                     1         \n"));

@@ -35,7 +35,8 @@ pub fn is_admin_path(path: &str) -> bool {
 }
 
 /// A worker to add: `url`, its role (`role`, or vllm-router's `worker_type`), and its DP
-/// rank count (default: the router's --intra-node-data-parallel-size for the role).
+/// rank count (default: the router's --intra-node-data-parallel-size for the role), and
+/// a Mooncake prefill's bootstrap port (default 8998).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewWorker {
@@ -43,6 +44,7 @@ pub struct NewWorker {
     #[serde(alias = "worker_type")]
     role: Option<String>,
     dp_size: Option<usize>,
+    bootstrap_port: Option<u16>,
 }
 
 fn bad(msg: impl Into<String>) -> Response {
@@ -81,7 +83,14 @@ fn add(r: &Router, w: NewWorker) -> Response {
         Ok(p) => p,
         Err(resp) => return resp,
     };
-    match pool.add(&url, w.dp_size, None) {
+    let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
+        (Connector::Mooncake, Role::Prefill, port) => {
+            Some(super::connector::mooncake_bootstrap(&url, port.unwrap_or(super::connector::MOONCAKE_BOOTSTRAP_PORT)))
+        }
+        (_, _, Some(_)) => return bad("bootstrap_port is a Mooncake prefill's; this router's connector or the role takes none"),
+        _ => None,
+    };
+    match pool.add(&url, w.dp_size, kv_address) {
         Ok(worker) => axum::Json(json!({"success": true, "message": format!("added {} worker {url}", pool.role.as_str()),
             "worker": worker_json(&worker)})).into_response(),
         Err(e) => bad(e),
@@ -117,12 +126,13 @@ struct AddQuery {
     url: String,
     role: Option<String>,
     dp_size: Option<usize>,
+    bootstrap_port: Option<u16>,
 }
 
 async fn add_worker(State(r): State<Arc<Router>>, query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>) -> Response {
     match query {
-        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size }),
-        Err(e) => bad(format!("/add_worker takes ?url=URL&role=prefill|decode|worker[&dp_size=N]: {e}")),
+        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size, bootstrap_port: q.bootstrap_port }),
+        Err(e) => bad(format!("/add_worker takes ?url=URL&role=prefill|decode|worker[&dp_size=N][&bootstrap_port=P]: {e}")),
     }
 }
 

@@ -42,8 +42,8 @@ pub struct RouteArgs {
     /// Implied by any prefill/decode worker flag.
     #[arg(long)]
     pub vllm_pd_disaggregation: bool,
-    /// A prefill worker URL (repeatable). An optional second value is a Mooncake
-    /// bootstrap port, which this router rejects: it speaks the NIXL flow.
+    /// A prefill worker URL (repeatable). An optional second value is its Mooncake
+    /// bootstrap port (default 8998; with --kv-connector mooncake only).
     #[arg(long, value_name = "URL", num_args = 1..=2, action = clap::ArgAction::Append)]
     pub prefill: Vec<String>,
     /// A decode worker URL (repeatable).
@@ -340,17 +340,18 @@ pub fn parse_instances(spec: &str, flag: &str) -> Result<Vec<String>, String> {
 
 impl RouteArgs {
     pub fn to_config(&self) -> Result<RouterConfig, String> {
-        // --prefill takes an optional second value (a Mooncake bootstrap port in vllm-router).
+        // --prefill takes an optional second value: a Mooncake bootstrap port (or `none`),
+        // as in vllm-router and vLLM's Mooncake proxy.
         let mut prefill = Vec::new();
+        let mut ports: Vec<(String, u16)> = Vec::new();
         for v in &self.prefill {
             if v.eq_ignore_ascii_case("none") {
                 continue;
             }
-            if v.parse::<u16>().is_ok() {
-                return Err(format!(
-                    "--prefill ... {v}: a bootstrap port is for the Mooncake connector; disagg route \
-                     speaks the NIXL flow (kv_transfer_params), which needs none: drop `{v}`"
-                ));
+            if let Ok(port) = v.parse::<u16>() {
+                let url = prefill.last().cloned().ok_or_else(|| format!("--prefill {v}: a bootstrap port follows a URL"))?;
+                ports.push((url, port));
+                continue;
             }
             prefill.push(normalize_url(v)?);
         }
@@ -367,8 +368,8 @@ impl RouteArgs {
 
         let discovery = self.vllm_discovery_address.as_deref().map(parse_bind_address).transpose()?;
         let connector = match (self.kv_connector, &discovery) {
-            (Some(Connector::Nixl), Some(_)) => {
-                return Err("--vllm-discovery-address is P2pNccl's service discovery; it does not go with --kv-connector nixl".into())
+            (Some(c @ (Connector::Nixl | Connector::Mooncake)), Some(_)) => {
+                return Err(format!("--vllm-discovery-address is P2pNccl's service discovery; it does not go with --kv-connector {}", c.as_str()))
             }
             (Some(Connector::P2pNccl), None) => {
                 return Err("--kv-connector p2pnccl needs --vllm-discovery-address HOST:PORT: P2pNccl engines register their \
@@ -378,6 +379,22 @@ impl RouteArgs {
             (Some(c), _) => c,
             (None, Some(_)) => Connector::P2pNccl,
             (None, None) => Connector::Nixl,
+        };
+        let bootstrap = if connector == Connector::Mooncake {
+            prefill
+                .iter()
+                .map(|url| {
+                    let port = ports.iter().find(|(u, _)| u == url).map_or(super::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
+                    (url.clone(), super::connector::mooncake_bootstrap(url, port))
+                })
+                .collect()
+        } else if let Some((url, port)) = ports.first() {
+            return Err(format!(
+                "--prefill {url} {port}: a bootstrap port is for the Mooncake connector; add --kv-connector mooncake, \
+                 or drop `{port}` (NIXL needs none)"
+            ));
+        } else {
+            std::collections::HashMap::new()
         };
         if connector == Connector::P2pNccl && !(prefill.is_empty() && decode.is_empty()) {
             return Err("with P2pNccl, engines join by registering at --vllm-discovery-address (their KV addresses come \
@@ -438,6 +455,7 @@ impl RouteArgs {
             mode,
             connector,
             discovery,
+            bootstrap,
             prefill,
             decode,
             workers,
@@ -547,5 +565,28 @@ mod tests {
         let z = zip_hosts(&["a".into(), "::1".into()], &[1, 2], "prefiller").unwrap();
         assert_eq!(z, ["http://a:1", "http://[::1]:2"]);
         assert!(zip_hosts(&["a".into()], &[1, 2], "prefiller").unwrap_err().contains("zipped"));
+    }
+
+    fn config(args: &[&str]) -> Result<RouterConfig, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            route: RouteArgs,
+        }
+        let cmd = Cmd::try_parse_from(std::iter::once("disagg").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        cmd.route.to_config()
+    }
+
+    #[test]
+    fn mooncake_prefills_take_bootstrap_ports() {
+        let c = config(&["--kv-connector", "mooncake", "--prefill", "http://a:1", "9000", "--prefill", "http://[::1]:2", "--decode", "http://b:3"]).unwrap();
+        assert_eq!(c.prefill, ["http://a:1", "http://[::1]:2"]);
+        assert_eq!(c.bootstrap["http://a:1"], "http://a:9000");
+        assert_eq!(c.bootstrap["http://[::1]:2"], "http://[::1]:8998", "vLLM's default port, IPv6 in brackets");
+        assert!(c.bootstrap.get("http://b:3").is_none(), "decodes have none");
+        let nixl = config(&["--prefill", "http://a:1", "9000", "--decode", "http://b:3"]).unwrap_err();
+        assert!(nixl.contains("--kv-connector mooncake"), "{nixl}");
+        assert!(config(&["--kv-connector", "mooncake", "--prefill", "http://a:1", "none", "--decode", "http://b:3"]).is_ok());
     }
 }

@@ -105,6 +105,8 @@ pub struct RouterConfig {
     pub connector: super::connector::Connector,
     /// Where P2pNccl engines register (`--vllm-discovery-address`).
     pub discovery: Option<String>,
+    /// Each Mooncake prefill's bootstrap server (`http://host:port`), by its URL.
+    pub bootstrap: std::collections::HashMap<String, String>,
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
     pub workers: Vec<String>,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 
+use super::connector::{self, Connector};
 use super::flow::Router;
+use super::workers::Role;
 
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -41,13 +43,25 @@ pub async fn run(router: Arc<Router>) {
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;
+            let connector = router.cfg.connector;
             async move {
                 let url = format!("{}{}", w.url, cfg.endpoint);
-                let (ok, detail) = match client.get(&url).send().await {
+                let (mut ok, mut detail) = match client.get(&url).send().await {
                     Ok(r) if r.status().is_success() => (true, String::new()),
                     Ok(r) => (false, format!("{url} answered {}", r.status())),
                     Err(e) => (false, format!("{url}: {e}")),
                 };
+                // A Mooncake prefill is usable once its decodes can name it: its engine id
+                // per DP rank, which changes when the engine restarts.
+                if let (true, Connector::Mooncake, Role::Prefill, Some(bootstrap)) = (ok, connector, w.role, &w.kv_address) {
+                    match connector::mooncake_engine_ids(client, bootstrap, w.dp_size()).await {
+                        Ok(ids) => w.set_engine_ids(ids),
+                        Err(e) => {
+                            tracing::warn!(worker = %w.url, "Mooncake prefill not usable: {e}");
+                            (ok, detail) = (false, e);
+                        }
+                    }
+                }
                 w.record_check(ok, cfg, &detail);
             }
         });

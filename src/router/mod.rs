@@ -55,7 +55,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
         .transpose()
         .context("--api-key must be printable ASCII")?;
-    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, dp, Policy::new(kind, &cfg.cache_aware), &cfg.breaker);
+    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware), &cfg.breaker);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))

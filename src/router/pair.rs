@@ -188,12 +188,13 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
 
 /// One pair attempt, in a task of its own, so that it keeps the prefill's KV from being
 /// stranded when the client leaves (the handler is then dropped, closing `tx`):
-/// - during the prefill leg: the prefill gets a grace to answer (PrefillTime::grace). Real vLLM can have finished computing (and be holding the KV
-///   for a decode) a few milliseconds before it answers; if the answer comes, the decode
-///   leg is sent as below. Otherwise the prefill request is dropped, which makes vLLM
-///   abort it and free its KV.
-/// - after the prefill answered: the decode leg is sent anyway and kept until the decode
-///   has taken the KV (decode_leg), then dropped, which makes vLLM abort it.
+/// - during the prefill leg: the prefill gets a grace to answer (PrefillTime::grace). Real
+///   vLLM can have finished computing (and be holding the KV for a decode) a few
+///   milliseconds before it answers; if the answer comes, the decode leg is sent as below.
+///   Otherwise the prefill request is dropped, which makes vLLM abort it and free its KV.
+/// - after the prefill answered (or alongside it, for a connector that sends both at
+///   once): the decode leg is kept until the decode has taken the KV (decode_leg), then
+///   dropped, which makes vLLM abort it.
 async fn run_pair(
     router: Arc<Router>,
     job: Arc<Job>,
@@ -203,33 +204,31 @@ async fn run_pair(
     fallback: bool,
     mut tx: oneshot::Sender<PairOutcome>,
 ) {
-    let started = Instant::now();
-    let prefilled = {
-        let prefill = prefill_leg(&router, &job, decode.worker(), &mut avoid_p, fallback);
-        tokio::pin!(prefill);
-        tokio::select! {
-            biased;
-            done = &mut prefill => done,
-            () = tx.closed() => match tokio::time::timeout(router.prefill_time.grace(started.elapsed(), job.leg.prefill_timeout), prefill).await {
-                Ok(done) => done,
-                Err(_) => return,
-            },
-        }
+    let opened = if router.cfg.connector.sends_decode_alongside() {
+        prefill_alongside_decode(&router, &job, &decode, &mut avoid_p, fallback, &mut tx).await
+    } else {
+        prefill_then_decode(&router, &job, &decode, &mut avoid_p, fallback, &mut tx).await
     };
-    let (params, prefill_worker, leg_id) = match prefilled {
-        Ok(done) => done,
-        Err(f) => {
-            let _ = tx.send(PairOutcome::Final(f));
+    let Opened { prefill_worker, req, mut first } = match opened {
+        Opening::Opened(o) => o,
+        Opening::Over(outcome) => {
+            let _ = tx.send(outcome);
             return;
         }
+        Opening::Abandoned => return,
     };
     let connector = router.cfg.connector;
-    let req = job.decode_request(connector.decode_body(&job.bodies, params.as_deref()), leg_id);
     let mut tried = Vec::new();
     let mut lease = decode;
     for attempt in 1.. {
-        let t = Instant::now();
-        let (result, client_gone) = decode_leg(&router, &lease, &req, job.stream, &mut tx).await;
+        let (result, client_gone, t) = match first.take() {
+            Some(done) => done,
+            None => {
+                let t = Instant::now();
+                let (result, client_gone) = decode_leg(&router, &lease, &req, job.stream, &mut tx).await;
+                (result, client_gone, t)
+            }
+        };
         let Some(result) = result else {
             // Kept as long as needed, then dropped: vLLM aborts it.
             router.metrics.abandoned_decode();
@@ -282,6 +281,145 @@ async fn run_pair(
     }
 }
 
+/// A decode leg's result, whether the client left meanwhile, and when it was sent.
+type DecodeDone = (Option<Result<Started, LegError>>, bool, Instant);
+
+/// A pair whose prefill has answered (or run alongside its decode).
+struct Opened {
+    prefill_worker: Arc<Worker>,
+    /// The decode leg (sent again to another decode if the first fails leaving the KV).
+    req: LegRequest,
+    /// How the decode sent alongside the prefill went.
+    first: Option<DecodeDone>,
+}
+
+enum Opening {
+    Opened(Opened),
+    /// The pair attempt ended before a decode answer.
+    Over(PairOutcome),
+    /// The client left and nothing is held for it.
+    Abandoned,
+}
+
+/// NIXL, P2pNccl: the prefill leg (with a grace when the client leaves), then the decode
+/// leg made from its answer.
+async fn prefill_then_decode(
+    router: &Router,
+    job: &Job,
+    decode: &Lease,
+    avoid_p: &mut Vec<String>,
+    fallback: bool,
+    tx: &mut oneshot::Sender<PairOutcome>,
+) -> Opening {
+    let started = Instant::now();
+    let prefilled = {
+        let prefill = prefill_leg(router, job, decode.worker(), avoid_p, fallback);
+        tokio::pin!(prefill);
+        tokio::select! {
+            biased;
+            done = &mut prefill => done,
+            () = tx.closed() => match tokio::time::timeout(router.prefill_time.grace(started.elapsed(), job.leg.prefill_timeout), prefill).await {
+                Ok(done) => done,
+                Err(_) => return Opening::Abandoned,
+            },
+        }
+    };
+    match prefilled {
+        Ok((params, prefill_worker, leg_id)) => {
+            let req = job.decode_request(router.cfg.connector.decode_body(&job.bodies, params.as_deref()), leg_id);
+            Opening::Opened(Opened { prefill_worker, req, first: None })
+        }
+        Err(f) => Opening::Over(PairOutcome::Final(f)),
+    }
+}
+
+/// Mooncake: the prefill and decode legs at once (the decode waits for the KV itself).
+/// A failed prefill drops the decode (vLLM aborts it) and the pair is tried again on
+/// another prefill; a decode that fails first waits for its prefill to tell whether the
+/// KV is there for another decode.
+async fn prefill_alongside_decode(
+    router: &Router,
+    job: &Job,
+    decode: &Lease,
+    avoid: &mut Vec<String>,
+    fallback: bool,
+    tx: &mut oneshot::Sender<PairOutcome>,
+) -> Opening {
+    let mut last: Option<Failure> = None;
+    for attempt in 0.. {
+        if attempt > 0 && !may_retry(router, attempt, "prefill").await {
+            break;
+        }
+        let mut lease = match pick(pd(router).0, &job.info, avoid, fallback && attempt == 0) {
+            Ok(lease) => lease,
+            Err(no) => return Opening::Over(PairOutcome::Final(last.unwrap_or_else(|| Failure::no_worker(no)))),
+        };
+        let legs = match router.cfg.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode.worker()) {
+            Ok(legs) => legs,
+            Err(why) => {
+                tracing::warn!(request_id = ?job.leg.request_id, worker = %lease.url(), "prefill skipped: {why}");
+                avoid.push(lease.url().to_string());
+                last = Some(Failure::internal("no prefill worker could be named to its decode"));
+                continue;
+            }
+        };
+        let preq = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
+        let req = job.decode_request(legs.decode_alongside.expect("this connector sends the decode alongside"), legs.id);
+        tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url(), "pair");
+        let t = Instant::now();
+        let (prefilled, first) = {
+            let prefill = legs::prefill(&router.client, &lease, &preq);
+            let decoding = decode_leg(router, decode, &req, job.stream, tx);
+            tokio::pin!(prefill, decoding);
+            let mut prefilled = None;
+            let first = loop {
+                tokio::select! {
+                    p = &mut prefill, if prefilled.is_none() => {
+                        let failed = p.is_err();
+                        prefilled = Some(p);
+                        if failed {
+                            break None;
+                        }
+                    }
+                    (result, client_gone) = &mut decoding => break Some((result, client_gone, t)),
+                }
+            };
+            // A decode that failed before its prefill answered: whether the KV is there
+            // for another decode depends on the prefill.
+            if prefilled.is_none() && matches!(first, Some((Some(Err(_)), _, _))) {
+                prefilled = Some(prefill.await);
+            }
+            (prefilled, first)
+        };
+        match prefilled {
+            Some(Err(e)) => {
+                match leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id) {
+                    Ok(f) => last = Some(f),
+                    Err(refused) => return Opening::Over(PairOutcome::Final(refused)),
+                }
+                avoid.push(lease.url().to_string());
+                if let Some((_, true, _)) = first {
+                    return Opening::Abandoned;
+                }
+                // A decode that already failed is not tried again on this pair.
+                if let Some((Some(Err(e)), ..)) = first {
+                    router.metrics.leg_error(Leg::Decode, &e);
+                    return Opening::Over(PairOutcome::Decode { decodes: vec![decode.url().to_string()], prefill: lease.url().to_string(), last: last.expect("set above") });
+                }
+            }
+            Some(Ok(_)) => {
+                lease.succeeded();
+                router.metrics.leg_time("prefill", t);
+                router.prefill_time.observe(t.elapsed());
+                return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first });
+            }
+            // The decode answered before the prefill's own answer came: the KV moved.
+            None => return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first }),
+        }
+    }
+    Opening::Over(PairOutcome::Final(last.expect("at least one prefill was tried")))
+}
+
 /// Sends the decode leg; says too whether the client left meanwhile. The leg is then
 /// kept until the decode has surely taken the KV, and dropped after (vLLM aborts it, and
 /// an abort frees the prefill's KV too if it was not yet pulled): a streamed leg until its
@@ -325,8 +463,6 @@ async fn prefill_leg(
     avoid: &mut Vec<String>,
     fallback: bool,
 ) -> Result<(Option<Bytes>, Arc<Worker>, HeaderValue), Failure> {
-    let connector = router.cfg.connector;
-    let body = connector.prefill_body(&job.bodies);
     let mut last: Option<Failure> = None;
     for attempt in 0.. {
         if attempt > 0 && !may_retry(router, attempt, "prefill").await {
@@ -336,16 +472,16 @@ async fn prefill_leg(
             Ok(lease) => lease,
             Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
         };
-        let leg_id = connector.leg_id(&job.leg.request_id, lease.worker(), decode);
-        let req = LegRequest { request_id: leg_id.clone(), ..job.leg.request(body.clone(), job.leg.prefill_timeout) };
-        tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?leg_id, "pair");
+        let legs = router.cfg.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e))?;
+        let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
+        tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
         let t = Instant::now();
         match legs::prefill(&router.client, &lease, &req).await {
             Ok(params) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
-                return Ok((params, lease.worker().clone(), leg_id));
+                return Ok((params, lease.worker().clone(), legs.id));
             }
             Err(e) => {
                 last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);

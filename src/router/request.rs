@@ -37,7 +37,7 @@ const PREFILL_OVERRIDES: &[&str] = &[
 ];
 
 /// The prefill leg's six-key params.
-const PREFILL_PARAMS: &[u8] =
+pub const NIXL_PREFILL_PARAMS: &[u8] =
     br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
 /// The checked facts of a request.
@@ -122,15 +122,15 @@ impl LegBodies {
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
     /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
     pub fn prefill(&self) -> Bytes {
-        self.prefill_leg(true)
+        self.prefill_leg(Some(NIXL_PREFILL_PARAMS))
     }
 
-    /// The prefill leg as `prefill`, with the six-key params (NIXL's) or without any
-    /// (connectors whose engines find their peer another way).
-    pub fn prefill_leg(&self, with_params: bool) -> Bytes {
+    /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
+    /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
+    pub fn prefill_leg(&self, params: Option<&[u8]>) -> Bytes {
         let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
-        if with_params {
-            set.push(("kv_transfer_params", PREFILL_PARAMS));
+        if let Some(p) = params {
+            set.push(("kv_transfer_params", p));
         }
         if self.body.has("max_completion_tokens") {
             set.push(("max_completion_tokens", b"1"));

@@ -50,8 +50,11 @@ pub struct Worker {
     pub url: String,
     pub role: Role,
     /// Where its KV connector listens, when the connector names it in request ids
-    /// (P2pNccl's zmq address, as the worker registered it).
+    /// (P2pNccl's zmq address, as the worker registered it; a Mooncake prefill's bootstrap
+    /// server, `http://host:port`).
     pub kv_address: Option<String>,
+    /// A Mooncake prefill's engine id per DP rank, from its bootstrap server (health.rs).
+    engine_ids: Mutex<Vec<String>>,
     /// In-flight requests per DP rank, counted by the router itself.
     ranks: Vec<AtomicUsize>,
     /// Rotates the tie-break between equally loaded ranks.
@@ -72,6 +75,7 @@ impl Worker {
             url,
             role,
             kv_address: None,
+            engine_ids: Mutex::new(Vec::new()),
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
@@ -105,6 +109,20 @@ impl Worker {
 
     pub fn dp_size(&self) -> usize {
         self.ranks.len()
+    }
+
+    /// The engine id a peer names this worker's DP rank by (Mooncake), once learned.
+    pub fn engine_id(&self, rank: usize) -> Option<String> {
+        self.engine_ids.lock().unwrap_or_else(|e| e.into_inner()).get(rank).cloned()
+    }
+
+    /// Records the engine ids the worker's bootstrap server lists, one per DP rank.
+    pub fn set_engine_ids(&self, ids: Vec<String>) {
+        let mut known = self.engine_ids.lock().unwrap_or_else(|e| e.into_inner());
+        if *known != ids {
+            tracing::info!(worker = %self.url, engine_ids = ?ids, "engine ids");
+            *known = ids;
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -191,6 +209,10 @@ impl Lease {
     pub fn url(&self) -> &str {
         &self.worker.url
     }
+    /// The reserved DP rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
     pub fn dp_rank(&self) -> Option<usize> {
         (self.worker.dp_size() > 1).then_some(self.rank)
@@ -237,8 +259,23 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(role: Role, urls: &[String], dp_size: usize, mut policy: Policy, breaker: &BreakerConfig) -> Self {
-        let workers: Vec<Arc<Worker>> = urls.iter().map(|u| Arc::new(Worker::new(u.clone(), role, dp_size, breaker.clone()))).collect();
+    /// A pool of `urls`; `kv_addresses` has the KV address of those that have one.
+    pub fn new(
+        role: Role,
+        urls: &[String],
+        kv_addresses: &std::collections::HashMap<String, String>,
+        dp_size: usize,
+        mut policy: Policy,
+        breaker: &BreakerConfig,
+    ) -> Self {
+        let workers: Vec<Arc<Worker>> = urls
+            .iter()
+            .map(|u| {
+                let mut w = Worker::new(u.clone(), role, dp_size, breaker.clone());
+                w.kv_address = kv_addresses.get(u).cloned();
+                Arc::new(w)
+            })
+            .collect();
         for w in &workers {
             policy.add_worker(&w.url);
         }

@@ -88,6 +88,9 @@ pub struct Seq {
     /// Prompt tokens found cached.
     pub hit_tokens: usize,
     pub phase: Phase,
+    /// When the request reached the engine, and when its first token left.
+    pub arrived: std::time::Instant,
+    pub first_token: Option<std::time::Instant>,
 }
 
 pub struct State {
@@ -203,6 +206,8 @@ impl Engine {
                 committed: 0,
                 hit_tokens: 0,
                 phase: Phase::Decoding,
+                arrived: std::time::Instant::now(),
+                first_token: None,
             });
         }
         self.wake.notify_one();
@@ -360,6 +365,11 @@ impl Engine {
         transfer::spawn_frees(frees);
     }
 
+    /// A wall-clock duration in simulated seconds (scaled back by --speedup).
+    fn simulated_secs(&self, wall: Duration) -> f64 {
+        wall.as_secs_f64() * self.cfg.speedup
+    }
+
     fn can_generate(&self, s: &Seq) -> bool {
         s.phase == Phase::Decoding && self.cfg.hang_after_tokens.is_none_or(|n| s.generated < n)
     }
@@ -393,6 +403,10 @@ impl Engine {
             }
             seq.generated += 1;
             seq.output.push(token);
+            if seq.first_token.is_none() {
+                seq.first_token = Some(std::time::Instant::now());
+                self.stats.ttft.observe(self.simulated_secs(seq.arrived.elapsed()));
+            }
             bump(&self.stats.generation_tokens, 1);
             if !stop_on_eos {
                 let _ = seq.tx.send(Event::Token(token));
@@ -417,6 +431,7 @@ impl Engine {
                     let seq = running.remove(k);
                     let params = self.finish_blocks(&seq, reason, cache, held);
                     bump(&self.stats.requests_finished, 1);
+                    self.stats.e2e.observe(self.simulated_secs(seq.arrived.elapsed()));
                     let _ = seq.tx.send(Event::Finished { reason, kv_transfer_params: params });
                 }
                 None => k += 1,

@@ -1,7 +1,7 @@
 //! `/metrics` of the simulator: vLLM's metric names with the `engine` (DP rank) and
 //! `model_name` labels, plus the simulator's own KV bookkeeping under `disagg_sim_`.
 
-use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::engine::Engine;
 
@@ -21,7 +21,16 @@ pub struct Stats {
     pub prompt_local_hit: IntCounter,
     pub prefix_queries: IntCounter,
     pub prefix_hits: IntCounter,
+    /// Simulated seconds (wall time × --speedup), vLLM's buckets.
+    pub ttft: Histogram,
+    pub e2e: Histogram,
 }
+
+/// vLLM's default buckets (vllm/v1/metrics/buckets.py).
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0];
+const REQUEST_LATENCY_BUCKETS: &[f64] =
+    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
 
 pub struct SimMetrics {
     registry: Registry,
@@ -41,6 +50,8 @@ pub struct SimMetrics {
     stale_reads: IntCounterVec,
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
+    ttft: HistogramVec,
+    e2e: HistogramVec,
 }
 
 const LABELS: &[&str] = &["engine", "model_name"];
@@ -53,6 +64,9 @@ impl SimMetrics {
         let counter = |name: &str, help: &str, extra: &[&str]| {
             let labels: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
             crate::api::prom::register(&r, IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric"))
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            crate::api::prom::register(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), LABELS).expect("valid metric"))
         };
         SimMetrics {
             running: gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
@@ -71,6 +85,8 @@ impl SimMetrics {
             stale_reads: counter("disagg_sim_kv_stale_reads_total", "KV reads of blocks no longer held for that request (simulator).", &[]),
             prefix_queries: counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", &[]),
             prefix_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", &[]),
+            ttft: histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
+            e2e: histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS),
             registry: r,
         }
     }
@@ -94,6 +110,8 @@ impl SimMetrics {
             leases_expired: self.leases_expired.with_label_values(&l),
             freed_by_decode_abort: self.freed_by_abort.with_label_values(&l),
             stale_reads: self.stale_reads.with_label_values(&l),
+            ttft: self.ttft.with_label_values(&l),
+            e2e: self.e2e.with_label_values(&l),
         }
     }
 

@@ -119,3 +119,34 @@ async fn bad_flags_and_missing_tokenizer_are_clear() {
     let (ok, _, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--random-range-ratio", "1.5"]).await;
     assert!(!ok && err.contains("[0, 1)"), "{err}");
 }
+
+/// `--speedup K` on both ends: the simulator runs K times faster than its timing says,
+/// the bench sends arrivals K times faster and reports in simulated time; the
+/// simulator's own latency histograms are in simulated time too.
+#[tokio::test]
+async fn speedup_compresses_time_and_reports_simulated_time() {
+    let s = Proc::sim(&["--decode-ms-per-token", "20", "--speedup", "10"]).await;
+    let result = tmp("speedup.json");
+    let t = Instant::now();
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "20", "--random-input-len", "8",
+        "--random-output-len", "10", "--ignore-eos", "--request-rate", "10", "--speedup", "10", "--disable-tqdm",
+        "--result-filename", result.to_str().unwrap()]).await;
+    let wall = t.elapsed().as_secs_f64();
+    assert!(ok, "{err}");
+    // 20 arrivals at 10/s span about 2 simulated seconds, sent in about 0.2 s.
+    let duration = line_value(&out, "Benchmark duration (s):");
+    assert!(duration >= 1.8, "reported in simulated time: {duration}");
+    assert!(wall < duration / 2.0, "sent faster than simulated time: {wall} s wall for {duration} s");
+    // A 20 ms simulated step runs in 2 ms; reported back as 20 ms.
+    let tpot = line_value(&out, "Mean TPOT (ms):");
+    assert!((15.0..35.0).contains(&tpot), "TPOT in simulated time: {tpot}");
+    assert_eq!(line_value(&out, "Simulator speedup (times scaled back):"), 10.0);
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!(j["speedup"], 10.0);
+    let m = metrics(&s.url).await;
+    assert_eq!(metric(&m, "vllm:e2e_request_latency_seconds_count", &[]), 20.0);
+    let e2e = metric(&m, "vllm:e2e_request_latency_seconds_sum", &[]) / 20.0;
+    assert!((0.15..0.5).contains(&e2e), "10 steps of 20 simulated ms: {e2e} s");
+    let ttft = metric(&m, "vllm:time_to_first_token_seconds_sum", &[]) / metric(&m, "vllm:time_to_first_token_seconds_count", &[]);
+    assert!((0.01..0.1).contains(&ttft), "one step of 20 simulated ms: {ttft} s");
+}

@@ -102,13 +102,14 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
 }
 
 #[tokio::test]
-async fn p2pnccl_flags_that_cannot_work_are_refused() {
+async fn connector_flags_that_cannot_work_are_refused() {
     for (args, says) in [
         (vec!["--kv-connector", "p2pnccl", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "needs --vllm-discovery-address"),
         (vec!["--kv-connector", "nixl", "--vllm-discovery-address", "127.0.0.1:0"], "does not go with --kv-connector nixl"),
         (vec!["--vllm-discovery-address", "127.0.0.1:1", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "drop --prefill/--decode"),
         (vec!["--vllm-discovery-address", "nowhere"], "expected HOST:PORT"),
-        (vec!["--kv-connector", "mooncake", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "possible values: nixl, p2pnccl"),
+        (vec!["--kv-connector", "mooncake", "--vllm-discovery-address", "127.0.0.1:0"], "does not go with --kv-connector mooncake"),
+        (vec!["--kv-connector", "lmcache", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "possible values: nixl, p2pnccl, mooncake"),
     ] {
         let out = std::process::Command::new(BIN).arg("route").args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
