@@ -53,7 +53,22 @@ pub enum LegError {
 
 impl LegError {
     pub fn is_client_error(&self) -> bool {
-        matches!(self, LegError::Status { status, .. } if status.is_client_error())
+        matches!(self, LegError::Status { status, .. } if status.is_client_error()) && self.served_ranks().is_none()
+    }
+
+    /// vLLM's 400 for an `X-data-parallel-rank` beyond its engines (`data_parallel_rank R
+    /// is out of range [0, N).`): the router was told more ranks than the worker serves.
+    /// Not the client's error; says how many it serves.
+    pub fn served_ranks(&self) -> Option<usize> {
+        let LegError::Status { status, body, .. } = self else { return None };
+        if *status != StatusCode::BAD_REQUEST || body.len() > 4096 {
+            return None;
+        }
+        let text = std::str::from_utf8(body).ok()?;
+        let at = text.find("data_parallel_rank ")?;
+        let rest = &text[at..];
+        let range = &rest[rest.find("is out of range [0, ")? + "is out of range [0, ".len()..];
+        range[..range.find(')')?].trim().parse().ok().filter(|n| *n > 0)
     }
 
     /// Whether the decode cannot have consumed the KV it was sent (it was not reached, or
@@ -62,6 +77,7 @@ impl LegError {
     pub fn kv_untouched_elsewhere(&self) -> bool {
         matches!(self, LegError::Connect(_) | LegError::ErrorEvent(_))
             || matches!(self, LegError::Status { status, .. } if status.is_server_error())
+            || self.served_ranks().is_some()
     }
 
     /// A short label for metrics.
@@ -69,6 +85,7 @@ impl LegError {
         match self {
             LegError::Connect(_) => "connect",
             LegError::Timeout(_) => "timeout",
+            LegError::Status { .. } if self.served_ranks().is_some() => "dp_rank_out_of_range",
             LegError::Status { status, .. } if status.is_client_error() => "4xx",
             LegError::Status { .. } => "5xx",
             LegError::Broken(_) => "broken",

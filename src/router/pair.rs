@@ -93,9 +93,17 @@ fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], fallback: bool) -> Re
 
 /// Counts a failed leg against its worker and says what comes of it: a client error
 /// (4xx) is the client's answer, as the worker gave it (`Err`); anything else is a reason
-/// to try another worker (`Ok`, with what the client hears if none is left).
+/// to try another worker (`Ok`, with what the client hears if none is left). vLLM's 400
+/// for a DP rank it does not serve is the router's configuration, not the client's: the
+/// worker's rank count is lowered, and the same worker may take the retry.
 fn leg_failed(router: &Router, leg: Leg, lease: &mut Lease, err: LegError, request_id: &HeaderValue) -> Result<Failure, Failure> {
     router.metrics.leg_error(leg, &err);
+    if let Some(served) = err.served_ranks() {
+        // The worker's configuration, not its health: fewer ranks from now on, and the
+        // request goes elsewhere.
+        lease.worker().limit_ranks(served);
+        return Ok(Failure::leg_failed(leg, &err));
+    }
     if err.is_client_error() {
         lease.succeeded();
         return Err(Failure::passthrough(err));
@@ -249,6 +257,7 @@ async fn run_pair(
             Err(e) => e,
         };
         let same_kv_elsewhere = err.kv_untouched_elsewhere() && connector.kv_can_go_to_another_decode();
+        let worker_may_retry = err.served_ranks().is_some();
         let last = match leg_failed(&router, Leg::Decode, &mut lease, err, &job.leg.request_id) {
             Ok(last) => last,
             Err(refused) => {
@@ -256,7 +265,9 @@ async fn run_pair(
                 return;
             }
         };
-        tried.push(lease.url().to_string());
+        if !worker_may_retry {
+            tried.push(lease.url().to_string());
+        }
         // A decode that failed without using the KV (refused, or an error answer) leaves
         // the prefill's KV waiting: the same decode leg goes to another decode, while the
         // prefill that holds the KV is up. Never to the same decode again: vLLM's decode
@@ -393,11 +404,14 @@ async fn prefill_alongside_decode(
         };
         match prefilled {
             Some(Err(e)) => {
+                let worker_may_retry = e.served_ranks().is_some();
                 match leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id) {
                     Ok(f) => last = Some(f),
                     Err(refused) => return Opening::Over(PairOutcome::Final(refused)),
                 }
-                avoid.push(lease.url().to_string());
+                if !worker_may_retry {
+                    avoid.push(lease.url().to_string());
+                }
                 if let Some((_, true, _)) = first {
                     return Opening::Abandoned;
                 }
@@ -484,8 +498,11 @@ async fn prefill_leg(
                 return Ok((params, lease.worker().clone(), legs.id));
             }
             Err(e) => {
+                let worker_may_retry = e.served_ranks().is_some();
                 last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);
-                avoid.push(lease.url().to_string());
+                if !worker_may_retry {
+                    avoid.push(lease.url().to_string());
+                }
             }
         }
     }
@@ -514,8 +531,11 @@ async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer,
                 return Ok(Answer { started, lease, since: t });
             }
             Err(e) => {
+                let worker_may_retry = e.served_ranks().is_some();
                 last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
-                avoid.push(lease.url().to_string());
+                if !worker_may_retry {
+                    avoid.push(lease.url().to_string());
+                }
             }
         }
     }

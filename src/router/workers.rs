@@ -59,6 +59,8 @@ pub struct Worker {
     ranks: Vec<AtomicUsize>,
     /// Rotates the tie-break between equally loaded ranks.
     rank_turn: AtomicUsize,
+    /// Ranks the worker was found to serve (`limit_ranks`), at most `ranks.len()`.
+    served_ranks: AtomicUsize,
     healthy: AtomicBool,
     ever_healthy: AtomicBool,
     failures: AtomicU32,
@@ -78,6 +80,7 @@ impl Worker {
             engine_ids: Mutex::new(Vec::new()),
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
+            served_ranks: AtomicUsize::new(dp_size),
             healthy: AtomicBool::new(false),
             ever_healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -137,9 +140,19 @@ impl Worker {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// The worker said it serves only `n` DP ranks (vLLM's "data_parallel_rank R is out
+    /// of range [0, N)"): ranks from `n` on are not picked again.
+    pub fn limit_ranks(&self, n: usize) {
+        let n = n.clamp(1, self.ranks.len());
+        if self.served_ranks.swap(n, Ordering::Relaxed) != n {
+            tracing::warn!(worker = %self.url, configured = self.ranks.len(), served = n,
+                "the worker serves fewer DP ranks than configured (--intra-node-data-parallel-size / --prefill-dp-size / --decode-dp-size); using {n}");
+        }
+    }
+
     /// The least loaded rank; ties go round the ranks so idle ranks share the work.
     fn pick_rank(&self) -> usize {
-        let n = self.ranks.len();
+        let n = self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len());
         let start = self.rank_turn.fetch_add(1, Ordering::Relaxed) % n;
         (0..n)
             .map(|k| (start + k) % n)

@@ -238,6 +238,33 @@ async fn dp_rank_with_most_room_gets_the_next_request() {
     assert_idle(&r.url).await;
 }
 
+/// A URL configured with more DP ranks than its engine serves: vLLM's 400 ("data_parallel_rank
+/// 3 is out of range [0, 2).") is the router's configuration, not the client's. No request
+/// fails; the router uses the ranks the worker serves from then on and says so.
+#[tokio::test]
+async fn more_dp_ranks_configured_than_served_are_learned_not_failed() {
+    let p = Proc::sim(&["--role", "prefill", "--data-parallel-size", "2"]).await;
+    let d = Proc::sim(&["--role", "decode", "--data-parallel-size", "2"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--intra-node-data-parallel-size", "4", "--policy", "round_robin"]).await;
+    for i in 0..12 {
+        let (status, v) = post(&format!("{}/v1/completions", r.url), &json!({"prompt": format!("ranks {i}"), "max_tokens": 3})).await;
+        assert_eq!(status, 200, "request {i}: {v}");
+    }
+    let log = r.log_text();
+    assert_eq!(log.matches("serves fewer DP ranks than configured").count(), 2, "once per worker:\n{log}");
+    let m = metrics(&r.url).await;
+    let out_of_range = metric(&m, "disagg_router_leg_errors_total", &[("kind", "dp_rank_out_of_range")]);
+    assert!((1.0..=4.0).contains(&out_of_range), "at most one per worker's unserved ranks: {out_of_range}");
+    // From then on, every rank sent is one the engines serve.
+    let before = metric(&metrics(&d.url).await, "vllm:request_success_total", &[]);
+    for i in 0..8 {
+        assert_eq!(post(&format!("{}/v1/completions", r.url), &json!({"prompt": format!("after {i}"), "max_tokens": 2})).await.0, 200);
+    }
+    assert_eq!(metric(&metrics(&d.url).await, "vllm:request_success_total", &[]) - before, 8.0);
+    assert_eq!(metric(&metrics(&r.url).await, "disagg_router_leg_errors_total", &[("kind", "dp_rank_out_of_range")]), out_of_range);
+    assert_idle(&r.url).await;
+}
+
 /// `--model-path DIR` makes cache_aware compare token ids: two prompts that differ only
 /// in whitespace are the same prefix to a tokenizer, not to a character match.
 #[tokio::test]
