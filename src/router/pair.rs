@@ -357,14 +357,13 @@ async fn prefill_alongside_decode(
     tx: &mut oneshot::Sender<PairOutcome>,
 ) -> Opening {
     let mut last: Option<Failure> = None;
-    for attempt in 0.. {
-        if attempt > 0 && !may_retry(router, attempt, "prefill").await {
-            break;
-        }
-        let mut lease = match pick(pd(router).0, &job.info, avoid, fallback && attempt == 0) {
+    let mut attempt = 0;
+    loop {
+        let mut lease = match prefill_attempt(router, job, avoid, fallback, attempt, &mut last).await {
             Ok(lease) => lease,
-            Err(no) => return Opening::Over(PairOutcome::Final(last.unwrap_or_else(|| Failure::no_worker(no)))),
+            Err(f) => return Opening::Over(PairOutcome::Final(f)),
         };
+        attempt += 1;
         let legs = match router.cfg.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode.worker()) {
             Ok(legs) => legs,
             Err(why) => {
@@ -431,7 +430,15 @@ async fn prefill_alongside_decode(
             None => return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first }),
         }
     }
-    Opening::Over(PairOutcome::Final(last.expect("at least one prefill was tried")))
+}
+
+/// The prefill for attempt `attempt` of a pair (a retry waits its backoff, within the
+/// retry budget); `Err` with what the client hears when no attempt is left.
+async fn prefill_attempt(router: &Router, job: &Job, avoid: &[String], fallback: bool, attempt: u32, last: &mut Option<Failure>) -> Result<Lease, Failure> {
+    if attempt > 0 && !may_retry(router, attempt, "prefill").await {
+        return Err(last.take().expect("a retry follows a failure"));
+    }
+    pick(pd(router).0, &job.info, avoid, fallback && attempt == 0).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
 }
 
 /// Sends the decode leg; says too whether the client left meanwhile. The leg is then
@@ -478,14 +485,10 @@ async fn prefill_leg(
     fallback: bool,
 ) -> Result<(Option<Bytes>, Arc<Worker>, HeaderValue), Failure> {
     let mut last: Option<Failure> = None;
-    for attempt in 0.. {
-        if attempt > 0 && !may_retry(router, attempt, "prefill").await {
-            break;
-        }
-        let mut lease = match pick(pd(router).0, &job.info, avoid, fallback && attempt == 0) {
-            Ok(lease) => lease,
-            Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
-        };
+    let mut attempt = 0;
+    loop {
+        let mut lease = prefill_attempt(router, job, avoid, fallback, attempt, &mut last).await?;
+        attempt += 1;
         let legs = router.cfg.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e))?;
         let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
@@ -506,7 +509,6 @@ async fn prefill_leg(
             }
         }
     }
-    Err(last.expect("at least one prefill was tried"))
 }
 
 /// Colocated mode: one leg to a worker, retried elsewhere before its first byte. A client
