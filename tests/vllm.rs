@@ -198,35 +198,15 @@ async fn run() -> ExitCode {
     if group_enabled("pd") {
         tails = pd_cases(&mut failed).await;
     }
-    let t = Instant::now();
     if group_enabled("kv") {
-        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(prefix_cache::run())).await {
-            Ok(()) => println!("ok    KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree ({:.1}s)", t.elapsed().as_secs_f64()),
-            Err(_) => {
-                println!("FAIL  KV events, prefix cache, render endpoints or timing profile ({:.1}s)", t.elapsed().as_secs_f64());
-                failed.push("KV events, prefix cache, render, timing");
-            }
-        }
+        let what = "KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree";
+        whole_case(what, prefix_cache::run(), &mut failed).await;
     }
-    let t = Instant::now();
     if group_enabled("mooncake") {
-        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(mooncake::run())).await {
-            Ok(()) => println!("ok    Mooncake 1P1D through disagg route: output equals plain, KV moved ({:.1}s)", t.elapsed().as_secs_f64()),
-            Err(_) => {
-                println!("FAIL  Mooncake 1P1D through disagg route ({:.1}s)", t.elapsed().as_secs_f64());
-                failed.push("Mooncake 1P1D");
-            }
-        }
+        whole_case("Mooncake 1P1D through disagg route: output equals plain, KV moved", mooncake::run(), &mut failed).await;
     }
-    let t = Instant::now();
     if group_enabled("launch") {
-        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(launch_from_yaml())).await {
-            Ok(()) => println!("ok    disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end ({:.1}s)", t.elapsed().as_secs_f64()),
-            Err(_) => {
-                println!("FAIL  disagg launch of examples/vllm-cpu-1p1d.yaml ({:.1}s)", t.elapsed().as_secs_f64());
-                failed.push("launch from YAML");
-            }
-        }
+        whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_from_yaml(), &mut failed).await;
     }
     println!("real-vLLM suite: {:.1}s in all", t0.elapsed().as_secs_f64());
     if failed.is_empty() {
@@ -237,6 +217,18 @@ async fn run() -> ExitCode {
         }
         println!("failed: {failed:?}");
         ExitCode::FAILURE
+    }
+}
+
+/// Runs one case that starts its own instances; a panic is reported as its failure.
+async fn whole_case(what: &'static str, case: impl Future<Output = ()>, failed: &mut Vec<&'static str>) {
+    let t = Instant::now();
+    match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(case)).await {
+        Ok(()) => println!("ok    {what} ({:.1}s)", t.elapsed().as_secs_f64()),
+        Err(_) => {
+            println!("FAIL  {what} ({:.1}s)", t.elapsed().as_secs_f64());
+            failed.push(what);
+        }
     }
 }
 
