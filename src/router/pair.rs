@@ -98,7 +98,7 @@ fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], fallback: bool) -> Re
 /// worker's rank count is lowered, and the same worker may take the retry.
 fn leg_failed(router: &Router, leg: Leg, lease: &mut Lease, err: LegError, request_id: &HeaderValue) -> Result<Failure, Failure> {
     router.metrics.leg_error(leg, &err);
-    if let Some(served) = err.served_ranks() {
+    if let LegError::RankNotServed { served } = err {
         // The worker's configuration, not its health: fewer ranks from now on, and the
         // request goes elsewhere.
         lease.worker().limit_ranks(served);
@@ -257,7 +257,7 @@ async fn run_pair(
             Err(e) => e,
         };
         let same_kv_elsewhere = err.kv_untouched_elsewhere() && connector.kv_can_go_to_another_decode();
-        let worker_may_retry = err.served_ranks().is_some();
+        let worker_may_retry = matches!(err, LegError::RankNotServed { .. });
         let last = match leg_failed(&router, Leg::Decode, &mut lease, err, &job.leg.request_id) {
             Ok(last) => last,
             Err(refused) => {
@@ -403,7 +403,7 @@ async fn prefill_alongside_decode(
         };
         match prefilled {
             Some(Err(e)) => {
-                let worker_may_retry = e.served_ranks().is_some();
+                let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
                 match leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id) {
                     Ok(f) => last = Some(f),
                     Err(refused) => return Opening::Over(PairOutcome::Final(refused)),
@@ -501,7 +501,7 @@ async fn prefill_leg(
                 return Ok((params, lease.worker().clone(), legs.id));
             }
             Err(e) => {
-                let worker_may_retry = e.served_ranks().is_some();
+                let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
                 last = Some(leg_failed(router, Leg::Prefill, &mut lease, e, &job.leg.request_id)?);
                 if !worker_may_retry {
                     avoid.push(lease.url().to_string());
@@ -533,7 +533,7 @@ async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer,
                 return Ok(Answer { started, lease, since: t });
             }
             Err(e) => {
-                let worker_may_retry = e.served_ranks().is_some();
+                let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
                 last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
                 if !worker_may_retry {
                     avoid.push(lease.url().to_string());
