@@ -88,9 +88,8 @@ pub struct Seq {
     /// Prompt tokens found cached.
     pub hit_tokens: usize,
     pub phase: Phase,
-    /// When the request reached the engine, and when its first token left.
+    /// When the request reached the engine.
     pub arrived: std::time::Instant,
-    pub first_token: Option<std::time::Instant>,
 }
 
 pub struct State {
@@ -207,7 +206,6 @@ impl Engine {
                 hit_tokens: 0,
                 phase: Phase::Decoding,
                 arrived: std::time::Instant::now(),
-                first_token: None,
             });
         }
         self.wake.notify_one();
@@ -403,8 +401,7 @@ impl Engine {
             }
             seq.generated += 1;
             seq.output.push(token);
-            if seq.first_token.is_none() {
-                seq.first_token = Some(std::time::Instant::now());
+            if seq.generated == 1 {
                 self.stats.ttft.observe(self.simulated_secs(seq.arrived.elapsed()));
             }
             bump(&self.stats.generation_tokens, 1);
