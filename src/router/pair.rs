@@ -426,7 +426,8 @@ async fn prefill_alongside_decode(
                 router.prefill_time.observe(t.elapsed());
                 return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first });
             }
-            // The decode answered before the prefill's own answer came: the KV moved.
+            // The decode ended before the prefill answered: it answered (the KV moved), or
+            // it was kept for a client that left and then let go (decode_leg).
             None => return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first }),
         }
     }
