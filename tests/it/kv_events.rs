@@ -213,7 +213,10 @@ async fn the_simulator_publishes_vllms_kv_events() {
 
 #[tokio::test]
 async fn a_reset_cache_is_announced_and_ranks_publish_on_their_own_ports() {
-    let (pp, rp) = (free_port(), free_port());
+    // Rank k binds port + k: both runs of two must be free (a lone free port's
+    // neighbour may be some other test's ephemeral port).
+    let base = free_port_run(4);
+    let (pp, rp) = (base, base + 2);
     let sim = Proc::sim(&["--data-parallel-size", "2", "--block-size", "16", "--kv-events-config", &kv_config(pp, rp)]).await;
     let (status, text) = get(&format!("{}/kv_event_sources", sim.url)).await;
     assert_eq!(status, 200);
