@@ -1,6 +1,8 @@
-//! Wire pieces shared by every server in the binary: OpenAI-shaped errors and SSE framing.
+//! Wire pieces shared by every server in the binary: OpenAI-shaped errors, SSE framing,
+//! KV events and the KV connectors' shared facts.
 
 pub mod body;
+pub mod connector;
 mod error;
 pub mod fields;
 pub mod kv_events;
@@ -18,3 +20,17 @@ pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 pub use fields::validation_error;
+
+/// A host as it goes into a URL or a `host:port`: an IPv6 address in brackets, once.
+pub fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// `host:port`, IPv6 in brackets. The one joiner of the binary.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    format!("{}:{port}", url_host(host))
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::connector::Connector;
+pub use crate::api::join_host_port;
 use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 
@@ -303,15 +304,6 @@ fn zip_hosts(hosts: &[String], ports: &[u16], what: &str) -> Result<Vec<String>,
         ));
     }
     hosts.iter().zip(ports).map(|(h, p)| normalize_url(&join_host_port(h, *p))).collect()
-}
-
-/// `host:port`, an IPv6 host in brackets (left as it is when it has them already).
-pub fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
 }
 
 /// `localhost:8300,8301,other:9000` -> three workers; a bare port reuses the last host.

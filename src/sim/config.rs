@@ -2,6 +2,7 @@
 
 use clap::{Args, ValueEnum};
 
+pub use crate::api::connector::Connector;
 use crate::flags::{fraction, non_negative, positive as positive_secs};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -23,8 +24,8 @@ impl Role {
     }
 }
 
-/// A SIMULATED vLLM engine: same endpoints, shapes and KV handshake as vLLM with
-/// NixlConnector, no model, no GPU. For tests, demos and scale experiments.
+/// A SIMULATED vLLM engine: same endpoints, shapes and KV handshakes as vLLM with
+/// NixlConnector, MooncakeConnector or P2pNcclConnector, no model, no GPU. For tests, demos and scale experiments.
 #[derive(Args, Debug, Clone)]
 pub struct SimArgs {
     /// Address to listen on.
@@ -63,6 +64,18 @@ pub struct SimArgs {
     /// 127.0.0.1 when --host is a wildcard address.
     #[arg(long)]
     pub side_channel_host: Option<String>,
+    /// The KV connector whose handoff this engine speaks (docs/PROTOCOLS.md §1-§3); the
+    /// side channel carries its KV in every case.
+    #[arg(long, value_enum, default_value_t = Connector::Nixl)]
+    pub kv_connector: Connector,
+    /// Mooncake: the port of a prefill's bootstrap server (vLLM: VLLM_MOONCAKE_BOOTSTRAP_PORT,
+    /// default 8998); 0 picks a free one (the banner names it).
+    #[arg(long, value_name = "PORT")]
+    pub mooncake_bootstrap_port: Option<u16>,
+    /// P2pNccl: register every 3 s with the proxy's discovery socket at HOST:PORT, as vLLM's
+    /// engine does with `kv_connector_extra_config` `proxy_ip`/`proxy_port`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub proxy_address: Option<String>,
     /// How long a decode keeps trying to pull KV from an unreachable prefill before the
     /// request fails with HTTP 500 (vLLM takes ~5 s).
     #[arg(long, default_value_t = 5000)]
@@ -150,6 +163,15 @@ impl SimArgs {
                  --max-model-len {}; raise --kv-blocks or lower --max-model-len",
                 self.kv_blocks, self.block_size, self.max_model_len
             ));
+        }
+        if self.kv_connector != Connector::Mooncake && self.mooncake_bootstrap_port.is_some() {
+            return Err("--mooncake-bootstrap-port is for --kv-connector mooncake".into());
+        }
+        if self.kv_connector != Connector::P2pNccl && self.proxy_address.is_some() {
+            return Err("--proxy-address is for --kv-connector p2pnccl".into());
+        }
+        if self.kv_connector == Connector::P2pNccl && self.data_parallel_size > 1 {
+            return Err("--kv-connector p2pnccl runs one engine per instance (as the xPyD guide does): drop --data-parallel-size".into());
         }
         if let Some(base) = self.side_channel_port {
             if u32::from(base) + u32::from(self.data_parallel_size) - 1 > u32::from(u16::MAX) {

@@ -21,7 +21,7 @@ use super::metrics::Stats;
 use super::request::KvRequest;
 use super::timing::Timing;
 use super::tokens::{non_eos, Generator, EOS};
-use super::transfer::{self, Held};
+use super::transfer::{self, Held, Pushed};
 use crate::api::ApiError;
 
 pub struct EngineConfig {
@@ -97,6 +97,10 @@ pub struct State {
     pub waiting: VecDeque<Seq>,
     pub running: Vec<Seq>,
     pub held: HashMap<String, Held>,
+    /// P2pNccl: KV pushed to this decode, by request id.
+    pub pushed: HashMap<String, Pushed>,
+    /// Mooncake transfers a decode gave up on before this prefill held them.
+    pub abandoned: HashMap<String, std::time::Instant>,
     pub next_id: u64,
 }
 
@@ -122,6 +126,8 @@ pub struct Engine {
     pub cfg: Arc<EngineConfig>,
     pub state: Mutex<State>,
     pub wake: Notify,
+    /// Woken when KV is held for, or pushed to, a transfer (side-channel waiters).
+    pub handed_over: Notify,
     pub stats: Stats,
     /// Set when the engine "dies" (--die-on-kv-mismatch); the process exits right after.
     pub dead: Arc<AtomicBool>,
@@ -174,10 +180,13 @@ impl Engine {
                 waiting: VecDeque::new(),
                 running: Vec::new(),
                 held: HashMap::new(),
+                pushed: HashMap::new(),
+                abandoned: HashMap::new(),
                 next_id: 0,
             }),
             cfg,
             wake: Notify::new(),
+            handed_over: Notify::new(),
             stats,
             dead,
             events,
@@ -325,7 +334,7 @@ impl Engine {
                         seq.phase = Phase::Pulling;
                         pulls.push((seq.id, remote.clone(), fps, hits, p));
                     }
-                    KvRequest::Local | KvRequest::RemoteDecode => {
+                    KvRequest::Local | KvRequest::RemoteDecode(_) => {
                         seq.phase = Phase::Prefilling { left: p - seq.hit_tokens };
                         bump(&self.stats.prompt_tokens, p);
                     }
@@ -377,22 +386,23 @@ impl Engine {
     fn generate(&self) {
         let bs = self.cfg.block_size;
         let mut guard = self.lock();
-        let State { cache, running, held, .. } = &mut *guard;
-        for seq in running.iter_mut() {
+        let st = &mut *guard;
+        for seq in st.running.iter_mut() {
             if seq.phase == (Phase::Prefilling { left: 0 }) {
-                cache.commit(&seq.blocks, &seq.job.prompt, seq.committed);
+                st.cache.commit(&seq.blocks, &seq.job.prompt, seq.committed);
                 seq.committed = seq.job.prompt.len() / bs;
                 seq.phase = Phase::Decoding;
+                self.push_computed(seq, &st.cache);
                 let _ = seq.tx.send(Event::Prefilled { cached_tokens: seq.hit_tokens });
             }
         }
         let mut k = 0;
-        while k < running.len() {
-            if !self.can_generate(&running[k]) {
+        while k < st.running.len() {
+            if !self.can_generate(&st.running[k]) {
                 k += 1;
                 continue;
             }
-            let seq = &mut running[k];
+            let seq = &mut st.running[k];
             let i = seq.generated;
             let mut token = seq.job.generator.token(i);
             let stop_on_eos = token == EOS && !seq.job.ignore_eos && i >= seq.job.min_tokens;
@@ -413,7 +423,7 @@ impl Engine {
             let with_kv = seq.job.prompt.len() + seq.output.len() - 1;
             if with_kv % bs == 0 && with_kv / bs > seq.committed {
                 let all: Vec<u32> = seq.job.prompt.iter().chain(&seq.output[..seq.output.len() - 1]).copied().collect();
-                cache.commit(&seq.blocks, &all, seq.committed);
+                st.cache.commit(&seq.blocks, &all, seq.committed);
                 seq.committed = all.len() / bs;
             }
             let finish = if stop_on_eos {
@@ -425,8 +435,8 @@ impl Engine {
             };
             match finish {
                 Some(reason) => {
-                    let seq = running.remove(k);
-                    let params = self.finish_blocks(&seq, reason, cache, held);
+                    let seq = st.running.remove(k);
+                    let params = self.finish_blocks(&seq, reason, st);
                     bump(&self.stats.requests_finished, 1);
                     self.stats.e2e.observe(self.simulated_secs(seq.arrived.elapsed()));
                     let _ = seq.tx.send(Event::Finished { reason, kv_transfer_params: params });

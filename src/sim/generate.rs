@@ -17,9 +17,11 @@ use serde_json::{Map, Value};
 
 use super::engine::{Engine, Event, Job, Output};
 use super::http::{not_serving, now_secs, Sim, MAX_BODY};
-use super::request::{self, Api, GenRequest, KvRequest, Limits};
+use super::config::Role;
+use super::request::{self, Api, GenRequest, Handoff, KvRequest, Limits, RemoteKv};
 use super::response::{Ending, Finished, Meta, TextOut, Usage};
-use super::side_channel;
+use super::transfer;
+use crate::api::connector::{p2p_decode_addr, Connector};
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::{sse, ApiError, ErrorKind};
 
@@ -74,9 +76,9 @@ fn release_rejected(sim: &Sim, body: &Map<String, Value>, err: &ApiError) {
         return;
     }
     let Some(Value::Object(p)) = body.get("kv_transfer_params") else { return };
-    if let Ok(KvRequest::RemotePrefill(remote)) = request::kv_params(p) {
+    if let Ok(KvRequest::RemotePrefill(RemoteKv::Nixl(remote))) = request::kv_params(p, sim.args.kv_connector) {
         tracing::info!(request = %remote.request_id, "request rejected: telling its prefill to free the KV");
-        tokio::spawn(async move { side_channel::free(&remote).await });
+        transfer::spawn_frees(vec![remote]);
     }
 }
 
@@ -93,7 +95,12 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
         let status = StatusCode::from_u16(sim.args.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(ApiError::with_status(status, "simulated failure (--fail-rate)"));
     }
-    let limits = Limits { model: &sim.args.model, max_model_len: sim.args.max_model_len as usize, tokenizer: sim.tokenizer.as_ref() };
+    let limits = Limits {
+        model: &sim.args.model,
+        max_model_len: sim.args.max_model_len as usize,
+        tokenizer: sim.tokenizer.as_ref(),
+        connector: sim.args.kv_connector,
+    };
     let req = request::parse(api, &body, &limits).inspect_err(|e| release_rejected(&sim, &body, e))?;
     if doomed && !req.stream {
         crash_now();
@@ -111,12 +118,16 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
     tracing::debug!(id = %id, rank = engine.rank, generations = req.generations(), stream = req.stream, kv = ?req.kv, "generation request");
     // The role decides which half of the handshake this instance honours.
     let kv = match req.kv.clone() {
-        KvRequest::RemoteDecode if !sim.args.role.produces_kv() => KvRequest::Local,
+        KvRequest::RemoteDecode(_) if !sim.args.role.produces_kv() => KvRequest::Local,
         KvRequest::RemotePrefill(_) if !sim.args.role.consumes_kv() => KvRequest::Local,
         kv => kv,
     };
     let outs: Vec<Output> = (0..req.generations())
         .map(|k| {
+            let kv = match sim.args.kv_connector {
+                Connector::P2pNccl => p2p_kv(sim.args.role, &format!("{id}-{k}")),
+                _ => kv.clone(),
+            };
             engine.submit(Job {
                 request_id: format!("{id}-{k}-{:08x}", rand::random::<u32>()),
                 prompt: req.prompt_of(k).to_vec(),
@@ -124,7 +135,7 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
                 max_tokens: req.max_tokens_of(k),
                 min_tokens: req.min_tokens,
                 ignore_eos: req.ignore_eos,
-                kv: kv.clone(),
+                kv,
             })
         })
         .collect();
@@ -133,6 +144,24 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
         Ok(stream_response(meta, req, outs, doomed, in_flight).await)
     } else {
         full_response(&meta, &req, outs).await
+    }
+}
+
+/// P2pNccl engines go by the request id (`key`, vLLM's engine request id): a producer
+/// pushes the prompt's KV to the decode address it names (vLLM fails a request whose id
+/// names none; the simulator serves it without a transfer), a consumer waits for KV pushed
+/// under it, whatever the body says.
+fn p2p_kv(role: Role, key: &str) -> KvRequest {
+    if role.produces_kv() {
+        match p2p_decode_addr(key) {
+            Some((host, port)) => KvRequest::RemoteDecode(Handoff::Push { host: host.to_string(), port, key: key.to_string() }),
+            None => {
+                tracing::warn!(request = key, "a P2pNccl prefill request whose id names no decode address: no KV is sent");
+                KvRequest::Local
+            }
+        }
+    } else {
+        KvRequest::RemotePrefill(RemoteKv::Pushed { key: key.to_string() })
     }
 }
 

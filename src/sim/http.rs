@@ -183,14 +183,16 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Re
 }
 
 /// The first line a test or launcher reads to learn where the sim listens.
-pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16]) -> String {
+pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Option<u16>) -> String {
+    let bootstrap = bootstrap_port.map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
     format!(
         "disagg sim (SIMULATED vLLM engine, no model) listening on http://{}:{port} role={:?} \
-         dp={} model={} side_channel_ports={side_ports:?}",
-        if args.host.contains(':') { format!("[{}]", args.host) } else { args.host.clone() },
+         dp={} model={} connector={} side_channel_ports={side_ports:?}{bootstrap}",
+        crate::api::url_host(&args.host),
         args.role,
         args.data_parallel_size,
         args.model,
+        args.kv_connector.as_str(),
     )
 }
 

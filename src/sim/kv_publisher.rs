@@ -15,7 +15,7 @@ use crate::api::kv_events::{encode, is_bind_endpoint, EventBatch, KvEvent, KvEve
 /// A ZMQ endpoint as the zeromq crate takes it: a wildcard host becomes `host` (what the
 /// simulator listens on), as vLLM's wildcard binds its node.
 fn concrete(endpoint: &str, host: &str) -> String {
-    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    let host = crate::api::url_host(host);
     endpoint.replace("[::]", &host).replace('*', &host)
 }
 

@@ -1,8 +1,9 @@
 //! `disagg sim`: a SIMULATED vLLM engine for tests, demos and scale experiments.
 //!
-//! It speaks vLLM's HTTP API and NixlConnector's KV handshake (PROTOCOLS.md §1) with a
-//! deterministic token model instead of a neural network, and a real loopback side
-//! channel instead of NIXL. Where it differs from vLLM, the difference is documented in
+//! It speaks vLLM's HTTP API and the KV handoffs of NixlConnector, MooncakeConnector and
+//! P2pNcclConnector (docs/PROTOCOLS.md §1-§3: their params, bootstrap server and
+//! registration on vLLM's wire) with a deterministic token model instead of a neural
+//! network, and a real loopback side channel instead of NIXL, Mooncake or NCCL. Where it differs from vLLM, the difference is documented in
 //! docs/SIM.md; the handshake tests run against both.
 
 pub mod blocks;
@@ -12,6 +13,8 @@ pub mod generate;
 pub mod http;
 pub mod kv_publisher;
 pub mod metrics;
+pub mod mooncake;
+pub mod p2p;
 pub mod render;
 pub mod request;
 pub mod response;
@@ -28,6 +31,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 pub use config::{Role, SimArgs};
+use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
 use engine::{Engine, EngineConfig};
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -90,7 +94,25 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         engines.push(engine);
     }
 
-    println!("{}", http::banner(&args, port, &side_ports));
+    let bootstrap_port = match args.kv_connector {
+        Connector::Mooncake if args.role.produces_kv() => {
+            let want = args.mooncake_bootstrap_port.unwrap_or(MOONCAKE_BOOTSTRAP_PORT);
+            let listener = TcpListener::bind((host.as_str(), want))
+                .await
+                .with_context(|| format!("cannot listen on the Mooncake bootstrap port {host}:{want}"))?;
+            let port = listener.local_addr()?.port();
+            let registry: Vec<(String, String, u16)> = engines.iter().map(|e| (e.engine_id.clone(), side_host.clone(), e.side_port)).collect();
+            tokio::spawn(mooncake::serve_bootstrap(listener, mooncake::query_body(&registry)));
+            Some(port)
+        }
+        _ => None,
+    };
+    if let (Connector::P2pNccl, Some(proxy)) = (args.kv_connector, &args.proxy_address) {
+        let zmq_address = crate::api::join_host_port(&side_host, side_ports[0]);
+        let payload = p2p::ping_payload(args.role.produces_kv(), &crate::api::join_host_port(&side_host, port), &zmq_address);
+        tokio::spawn(p2p::register(proxy.clone(), payload, zmq_address));
+    }
+    println!("{}", http::banner(&args, port, &side_ports, bootstrap_port));
     let startup_delay = args.startup_delay_ms;
     let tokenizer = match &args.tokenizer {
         Some(dir) => Some(crate::tokenize::ModelTokenizer::load(dir)?),

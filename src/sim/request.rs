@@ -5,24 +5,51 @@
 use serde_json::{Map, Value};
 
 use super::tokens::{self, Generator, BOS};
+pub use crate::api::connector::Connector;
 pub use crate::api::fields::Api;
 use crate::api::fields::{check_generation, Fields};
 use crate::api::{validation_error, ApiError, ErrorKind};
 
-/// Where the prompt's KV comes from and goes to (PROTOCOLS.md §1).
+/// Where the prompt's KV comes from and goes to (docs/PROTOCOLS.md §1-§3).
 #[derive(Clone, Debug, PartialEq)]
 pub enum KvRequest {
     /// Plain serving.
     Local,
-    /// `do_remote_decode`: compute the prompt, then hold its blocks for a decode to pull.
-    RemoteDecode,
-    /// `do_remote_prefill`: pull the prompt's blocks from a prefill, then decode.
+    /// `do_remote_decode` (P2pNccl: any request to a producer): compute the prompt, then
+    /// hand its blocks over.
+    RemoteDecode(Handoff),
+    /// `do_remote_prefill` (P2pNccl: any request to a consumer): get the prompt's blocks
+    /// from a prefill, then decode.
     RemotePrefill(RemoteKv),
 }
 
-/// The prefill's answer that a decode pulls from.
+/// How a prefill hands its prompt's blocks to a decode.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RemoteKv {
+pub enum Handoff {
+    /// NIXL: hold them under the engine's request id and answer the params a decode
+    /// pulls them with.
+    Nixl,
+    /// Mooncake: hold them under the router's transfer id until a decode takes them by it.
+    Mooncake { transfer_id: String },
+    /// P2pNccl: push them, once computed, to the decode's KV address under `key`.
+    Push { host: String, port: u16, key: String },
+}
+
+/// Where a decode gets its prompt's blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RemoteKv {
+    /// NIXL: read the named blocks from the prefill's side channel.
+    Nixl(NixlRemote),
+    /// Mooncake: find the engine's worker address on the prefill's bootstrap server, then
+    /// take the blocks held under the transfer id (waiting until the prefill holds them).
+    Mooncake { bootstrap_addr: String, engine_id: String, transfer_id: String },
+    /// P2pNccl: wait for a prefill to push them under `key` (the engine request id).
+    Pushed { key: String },
+}
+
+/// The NIXL prefill's answer that a decode pulls from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NixlRemote {
     pub engine_id: String,
     pub request_id: String,
     pub block_ids: Vec<u32>,
@@ -72,6 +99,8 @@ pub struct Limits<'a> {
     pub max_model_len: usize,
     /// A real model's tokenizer (--tokenizer); else the simulator's word pieces.
     pub tokenizer: Option<&'a crate::tokenize::ModelTokenizer>,
+    /// Whose `kv_transfer_params` the engine reads (--kv-connector).
+    pub connector: Connector,
 }
 
 /// Checks the `model` field against the served model (vLLM answers 404).
@@ -253,7 +282,7 @@ pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result
         max_tokens.push(wanted);
     }
     let n = gen.n as usize;
-    let kv = kv_request(body)?;
+    let kv = kv_request(body, limits.connector)?;
     let generators = prompts
         .iter()
         .flat_map(|p| {
@@ -280,10 +309,10 @@ pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result
 
 /// The KV transfer a request asks for: `kv_transfer_params`, or (as vLLM takes it) the
 /// same key in `vllm_xargs`, which vLLM passes on unchecked.
-fn kv_request(body: &Map<String, Value>) -> Result<KvRequest, ApiError> {
+fn kv_request(body: &Map<String, Value>, connector: Connector) -> Result<KvRequest, ApiError> {
     let f = Fields::body(body);
     if let Some(p) = f.dict("kv_transfer_params")? {
-        return kv_params(p);
+        return kv_params(p, connector);
     }
     match f.dict("vllm_xargs")?.and_then(|x| x.get("kv_transfer_params")) {
         None | Some(Value::Null) => Ok(KvRequest::Local),
@@ -298,10 +327,40 @@ fn kv_request(body: &Map<String, Value>) -> Result<KvRequest, ApiError> {
     }
 }
 
-pub fn kv_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
+/// A request's `kv_transfer_params` as the connector reads them. P2pNccl reads none: its
+/// engines go by the request id (the HTTP layer decides, generate.rs).
+pub fn kv_params(p: &Map<String, Value>, connector: Connector) -> Result<KvRequest, ApiError> {
+    match connector {
+        Connector::Nixl => nixl_params(p),
+        Connector::Mooncake => Ok(mooncake_params(p)),
+        Connector::P2pNccl => Ok(KvRequest::Local),
+    }
+}
+
+/// MooncakeConnector's reading: a prefill needs `transfer_id`, a decode also the
+/// bootstrap address and engine id; params without them only log a warning in vLLM and
+/// the request is served without a transfer.
+fn mooncake_params(p: &Map<String, Value>) -> KvRequest {
+    let text = |k: &str| p.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+    let flag = |k: &str| p.get(k).and_then(Value::as_bool).unwrap_or(false);
+    if flag("do_remote_prefill") {
+        if let (Some(bootstrap_addr), Some(engine_id), Some(transfer_id)) = (text("remote_bootstrap_addr"), text("remote_engine_id"), text("transfer_id")) {
+            return KvRequest::RemotePrefill(RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id });
+        }
+        tracing::warn!("Got invalid KVTransferParams: {p:?}. This request will not utilize KVTransfer");
+    } else if flag("do_remote_decode") {
+        if let Some(transfer_id) = text("transfer_id") {
+            return KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id });
+        }
+        tracing::warn!("Missing transfer_id in kv_transfer_params from router!");
+    }
+    KvRequest::Local
+}
+
+fn nixl_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
     let f = Fields { map: p, loc: "body.kv_transfer_params" };
     if f.boolean("do_remote_decode")?.unwrap_or(false) {
-        return Ok(KvRequest::RemoteDecode);
+        return Ok(KvRequest::RemoteDecode(Handoff::Nixl));
     }
     if !f.boolean("do_remote_prefill")?.unwrap_or(false) {
         return Ok(KvRequest::Local);
@@ -330,7 +389,7 @@ pub fn kv_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
         .and_then(Value::as_u64)
         .and_then(|v| u16::try_from(v).ok())
         .ok_or_else(|| bad("`remote_port` must be a port number"))?;
-    Ok(KvRequest::RemotePrefill(RemoteKv {
+    Ok(KvRequest::RemotePrefill(RemoteKv::Nixl(NixlRemote {
         engine_id: string("remote_engine_id")?,
         request_id: p.get("remote_request_id").and_then(Value::as_str).unwrap_or_default().to_owned(),
         block_ids,
@@ -338,7 +397,7 @@ pub fn kv_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
         port,
         num_tokens: p.get("remote_num_tokens").and_then(Value::as_u64).map(|n| n as usize),
         cached_tokens: p.get("remote_prefill_cached_tokens").and_then(Value::as_u64).map(|n| n as usize),
-    }))
+    })))
 }
 
 #[cfg(test)]
@@ -349,7 +408,7 @@ mod tests {
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
-    const LIMITS: Limits<'static> = Limits { model: "m", max_model_len: 100, tokenizer: None };
+    const LIMITS: Limits<'static> = Limits { model: "m", max_model_len: 100, tokenizer: None, connector: Connector::Nixl };
 
     #[test]
     fn rejects_what_vllm_rejects_with_its_messages() {
@@ -422,9 +481,27 @@ mod tests {
         };
         for ids in [json!([[1, 2, 3]]), json!([1, 2, 3])] {
             let r = parse(Api::Completions, &body(params(ids)), &LIMITS).unwrap();
-            let KvRequest::RemotePrefill(kv) = r.kv else { panic!("not remote prefill") };
+            let KvRequest::RemotePrefill(RemoteKv::Nixl(kv)) = r.kv else { panic!("not remote prefill") };
             assert_eq!(kv.block_ids, vec![1, 2, 3]);
             assert_eq!(kv.port, 5600);
         }
+    }
+
+    #[test]
+    fn mooncake_reads_its_own_params_and_serves_incomplete_ones_without_a_transfer() {
+        let kv = |params: Value| {
+            let lim = Limits { connector: Connector::Mooncake, ..LIMITS };
+            parse(Api::Completions, &body(json!({"prompt": "x", "kv_transfer_params": params})), &lim).unwrap().kv
+        };
+        assert_eq!(kv(json!({"do_remote_decode": true, "transfer_id": "xfer-1"})), KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id: "xfer-1".into() }));
+        let full = json!({"do_remote_prefill": true, "remote_bootstrap_addr": "http://127.0.0.1:8998", "remote_engine_id": "e", "transfer_id": "xfer-1"});
+        assert_eq!(
+            kv(full),
+            KvRequest::RemotePrefill(RemoteKv::Mooncake { bootstrap_addr: "http://127.0.0.1:8998".into(), engine_id: "e".into(), transfer_id: "xfer-1".into() })
+        );
+        assert_eq!(kv(json!({"do_remote_decode": true})), KvRequest::Local);
+        assert_eq!(kv(json!({"do_remote_prefill": true, "transfer_id": "xfer-1"})), KvRequest::Local);
+        // NIXL's params mean nothing to a Mooncake engine.
+        assert_eq!(kv(json!({"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1], "remote_host": "h", "remote_port": 1})), KvRequest::Local);
     }
 }

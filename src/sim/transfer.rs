@@ -1,10 +1,18 @@
-//! The engine's half of the KV handshake (PROTOCOLS.md §1): a prefill that stopped on its
-//! length cap holds its prompt's blocks for a decode; a decode pulls the blocks it does not
-//! already hold in its own prefix cache over the side channel (side_channel.rs), checks
-//! they hold its prompt, and decodes. Held blocks go when pulled, when the decode aborts
-//! before pulling (it tells the prefill), or when the lease ends.
+//! The engine's half of each connector's KV handoff (docs/PROTOCOLS.md §1-§3), over the
+//! side channel (side_channel.rs):
+//! - NIXL: a prefill that stopped on its length cap holds its prompt's blocks under its
+//!   request id and answers the params; the decode reads the blocks it does not already
+//!   hold in its own prefix cache.
+//! - Mooncake: the prefill holds them under the router's transfer id; the decode, sent at
+//!   the same time, finds the prefill engine's side channel on its bootstrap server and
+//!   takes them by transfer id, waiting until the prefill holds them.
+//! - P2pNccl: the prefill pushes them, as soon as they are computed, to the decode's
+//!   address named in the request id; the decode waits for them under its request id.
+//!
+//! The decode checks the blocks hold its prompt, and decodes. Held blocks go when taken,
+//! when the decode aborts before taking them (it tells the prefill), or when the lease
+//! ends; pushed blocks nobody asked for go when the lease ends.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +21,9 @@ use serde_json::{json, Value};
 
 use super::blocks::{blocks_for, BlockId, KvCache};
 use super::engine::{bump, Engine, Event, Finish, Phase, Seq, State};
-use super::request::{KvRequest, RemoteKv};
-use super::side_channel;
+use super::request::{Handoff, KvRequest, NixlRemote, RemoteKv};
+use super::side_channel::{self, Peer};
+use super::mooncake;
 use crate::api::ApiError;
 
 /// Blocks a prefill holds for a remote decode.
@@ -23,6 +32,25 @@ pub struct Held {
     pub expires: Instant,
 }
 
+/// KV a P2pNccl prefill pushed to this decode, until its request takes it.
+pub struct Pushed {
+    pub contents: Vec<u64>,
+    pub expires: Instant,
+}
+
+/// What a decode got from its prefill.
+struct Fetched {
+    /// The contents of the prompt's blocks from the first one not cached here on.
+    contents: Vec<u64>,
+    /// How many blocks the prefill's prompt has.
+    prompt_blocks: usize,
+    /// The prefill's prompt length and cache hits, where its params say.
+    num_tokens: Option<usize>,
+    cached_tokens: Option<usize>,
+}
+
+/// How often a waiting decode checks whether its client is still there.
+const RECHECK: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub enum PullError {
     /// The prefill could not be reached or refused the read.
@@ -40,34 +68,78 @@ impl std::fmt::Display for PullError {
     }
 }
 
-/// Pulls the prompt blocks a decode lacks (all from `hits` on) and hands the outcome to
-/// the engine.
+/// Gets the prompt blocks a decode lacks (all from `hits` on) and hands the outcome to
+/// the engine. Returns early, with nothing to hand, when the request is gone meanwhile.
 pub async fn pull(engine: Arc<Engine>, seq_id: u64, remote: RemoteKv, fps: Vec<u64>, hits: usize, prompt_len: usize) {
-    let mut wanted = remote.clone();
-    wanted.block_ids = remote.block_ids.get(hits..).map(<[u32]>::to_vec).unwrap_or_default();
+    let fetched = match &remote {
+        RemoteKv::Nixl(nixl) => read_nixl(&engine, nixl, hits).await,
+        RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id } => match take_mooncake(&engine, seq_id, bootstrap_addr, engine_id, transfer_id, hits).await {
+            Some(f) => f,
+            None => return,
+        },
+        RemoteKv::Pushed { key } => match engine.wait_pushed(seq_id, key).await {
+            Some(contents) => Ok(Fetched { prompt_blocks: contents.len(), contents: contents.get(hits..).map(<[u64]>::to_vec).unwrap_or_default(), num_tokens: None, cached_tokens: None }),
+            None => return,
+        },
+    };
     let expected = &fps[hits.min(fps.len())..];
-    let outcome = side_channel::read(&wanted, engine.cfg.kv_load_timeout).await.and_then(|contents| {
-        let tokens_ok = remote.num_tokens.is_none_or(|n| n == prompt_len);
-        if contents == expected && tokens_ok && remote.block_ids.len() == fps.len() {
-            Ok(contents)
+    let outcome = fetched.and_then(|f| {
+        let tokens_ok = f.num_tokens.is_none_or(|n| n == prompt_len);
+        if f.contents == expected && tokens_ok && f.prompt_blocks == fps.len() {
+            Ok((f.contents, f.cached_tokens))
         } else {
             Err(PullError::Mismatch(format!(
-                "pulled {} KV blocks (remote_num_tokens {:?}, {} remote blocks) that were not computed from \
+                "got {} KV blocks (remote_num_tokens {:?}, {} remote blocks) that were not computed from \
                  this prompt ({prompt_len} tokens, {} blocks, {hits} cached here): the decode must get the \
                  prefill's prompt byte for byte",
-                contents.len(),
-                remote.num_tokens,
-                remote.block_ids.len(),
+                f.contents.len(),
+                f.num_tokens,
+                f.prompt_blocks,
                 fps.len(),
             )))
         }
     });
-    engine.pull_done(seq_id, hits, prompt_len, remote.cached_tokens, outcome);
+    engine.pull_done(seq_id, hits, prompt_len, outcome);
+}
+
+async fn read_nixl(engine: &Engine, nixl: &NixlRemote, hits: usize) -> Result<Fetched, PullError> {
+    let wanted = nixl.block_ids.get(hits..).unwrap_or_default();
+    let peer = Peer { host: nixl.host.clone(), port: nixl.port };
+    let contents = side_channel::read(&peer, &nixl.engine_id, &nixl.request_id, wanted, engine.cfg.kv_load_timeout).await.map_err(PullError::Load)?;
+    Ok(Fetched { contents, prompt_blocks: nixl.block_ids.len(), num_tokens: nixl.num_tokens, cached_tokens: nixl.cached_tokens })
+}
+
+/// Mooncake: asks the prefill for the transfer until it has it, for as long as the
+/// prefill would hold it (--kv-lease-secs; vLLM: VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT).
+/// `None`: the request went away meanwhile (the prefill is told to free the KV).
+async fn take_mooncake(engine: &Engine, seq_id: u64, bootstrap: &str, engine_id: &str, transfer_id: &str, hits: usize) -> Option<Result<Fetched, PullError>> {
+    let peer = match mooncake::worker_peer(bootstrap, engine_id).await {
+        Ok(p) => p,
+        Err(e) => return Some(Err(PullError::Load(e))),
+    };
+    let deadline = Instant::now() + engine.cfg.kv_lease;
+    loop {
+        if !engine.is_running(seq_id) {
+            side_channel::free(&peer, transfer_id).await;
+            return None;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            side_channel::free(&peer, transfer_id).await;
+            return Some(Err(PullError::Load(format!("transfer {transfer_id} was not ready on the prefill within {:?}", engine.cfg.kv_lease))));
+        }
+        match side_channel::take(&peer, engine_id, transfer_id, hits, RECHECK.min(deadline - now), engine.cfg.kv_load_timeout).await {
+            Ok(Some((contents, prompt_blocks))) => return Some(Ok(Fetched { contents, prompt_blocks, num_tokens: None, cached_tokens: None })),
+            Ok(None) => {}
+            Err(e) => return Some(Err(PullError::Load(e))),
+        }
+    }
 }
 
 /// Removes requests whose client has gone, freeing their blocks. Returns the remote KV
-/// of decodes that had not pulled yet: their prefills must be told to free it.
-pub fn reap_cancelled(st: &mut State) -> Vec<RemoteKv> {
+/// of NIXL decodes that had not pulled yet: their prefills must be told to free it (a
+/// Mooncake decode waiting for its transfer tells its prefill itself, take_mooncake).
+pub fn reap_cancelled(st: &mut State) -> Vec<NixlRemote> {
     let State { cache, waiting, running, .. } = st;
     let mut frees = Vec::new();
     running.retain(|s| {
@@ -80,7 +152,7 @@ pub fn reap_cancelled(st: &mut State) -> Vec<RemoteKv> {
     waiting.retain(|s| {
         let closed = s.tx.is_closed();
         if closed {
-            if let KvRequest::RemotePrefill(remote) = &s.job.kv {
+            if let KvRequest::RemotePrefill(RemoteKv::Nixl(remote)) = &s.job.kv {
                 frees.push(remote.clone());
             }
         }
@@ -89,24 +161,42 @@ pub fn reap_cancelled(st: &mut State) -> Vec<RemoteKv> {
     frees
 }
 
-pub fn spawn_frees(frees: Vec<RemoteKv>) {
+pub fn spawn_frees(frees: Vec<NixlRemote>) {
     for remote in frees {
-        tokio::spawn(async move { side_channel::free(&remote).await });
+        tokio::spawn(async move { side_channel::free(&Peer { host: remote.host, port: remote.port }, &remote.request_id).await });
     }
 }
 
 impl Engine {
     /// Frees a finished request's blocks, or, for a prefill leg that stopped on its
-    /// length cap, holds the prompt's blocks for the decode and returns the params.
-    pub fn finish_blocks(&self, seq: &Seq, reason: Finish, cache: &mut KvCache, held: &mut HashMap<String, Held>) -> Option<Value> {
-        if reason != Finish::Length || seq.job.kv != KvRequest::RemoteDecode {
-            cache.release(&seq.blocks);
-            return None;
-        }
+    /// length cap, holds the prompt's blocks for the decode and returns the params the
+    /// connector answers with (NIXL's; Mooncake answers none).
+    pub fn finish_blocks(&self, seq: &Seq, reason: Finish, st: &mut State) -> Option<Value> {
+        let State { cache, held, abandoned, .. } = st;
+        let key = match (&seq.job.kv, reason) {
+            (KvRequest::RemoteDecode(Handoff::Nixl), Finish::Length) => seq.job.request_id.clone(),
+            (KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id }), Finish::Length) => {
+                if abandoned.remove(transfer_id).is_some() {
+                    // Its decode gave up before the blocks were ready.
+                    bump(&self.stats.freed_by_decode_abort, 1);
+                    cache.release(&seq.blocks);
+                    return None;
+                }
+                transfer_id.clone()
+            }
+            _ => {
+                cache.release(&seq.blocks);
+                return None;
+            }
+        };
         let keep = blocks_for(seq.job.prompt.len(), self.cfg.block_size);
         let (kept, rest) = seq.blocks.split_at(keep);
         cache.release(rest);
-        held.insert(seq.job.request_id.clone(), Held { blocks: kept.to_vec(), expires: Instant::now() + self.cfg.kv_lease });
+        held.insert(key, Held { blocks: kept.to_vec(), expires: Instant::now() + self.cfg.kv_lease });
+        self.handed_over.notify_waiters();
+        if !matches!(seq.job.kv, KvRequest::RemoteDecode(Handoff::Nixl)) {
+            return None;
+        }
         Some(json!({
             "do_remote_prefill": true,
             "do_remote_decode": false,
@@ -125,14 +215,29 @@ impl Engine {
         }))
     }
 
-    fn pull_done(&self, seq_id: u64, hits: usize, prompt_len: usize, remote_cached: Option<usize>, outcome: Result<Vec<u64>, PullError>) {
+    /// P2pNccl: a prefill pushes its prompt's blocks to the decode as soon as they are
+    /// computed (vLLM sends each layer's KV during the forward pass).
+    pub fn push_computed(&self, seq: &Seq, cache: &KvCache) {
+        let KvRequest::RemoteDecode(Handoff::Push { host, port, key }) = &seq.job.kv else { return };
+        let n = blocks_for(seq.job.prompt.len(), self.cfg.block_size);
+        let Some(contents) = cache.read(&seq.blocks[..n]) else { return };
+        let (peer, key, timeout) = (Peer { host: host.clone(), port: *port }, key.clone(), self.cfg.kv_load_timeout);
+        let rank = self.rank;
+        tokio::spawn(async move {
+            if let Err(e) = side_channel::put(&peer, &key, contents, timeout).await {
+                tracing::error!(engine = rank, request = %key, "could not push KV to {}:{}: {e}", peer.host, peer.port);
+            }
+        });
+    }
+
+    fn pull_done(&self, seq_id: u64, hits: usize, prompt_len: usize, outcome: Result<(Vec<u64>, Option<usize>), PullError>) {
         {
             let mut guard = self.lock();
             let State { cache, running, .. } = &mut *guard;
             // Gone: the client left while the pull was in flight.
             let Some(pos) = running.iter().position(|s| s.id == seq_id) else { return };
             match outcome {
-                Ok(contents) => {
+                Ok((contents, remote_cached)) => {
                     let seq = &mut running[pos];
                     cache.write(&seq.blocks[hits..hits + contents.len()], &contents);
                     seq.phase = Phase::Prefilling { left: 0 };
@@ -203,18 +308,23 @@ impl Engine {
         Ok(contents)
     }
 
-    /// A decode aborted before pulling: free the held blocks now.
-    pub fn serve_free(&self, request_id: &str) -> bool {
+    /// A decode aborted before pulling: free the held blocks now. A Mooncake transfer the
+    /// prefill does not hold yet is remembered, so its blocks are freed when it finishes
+    /// (vLLM's prefill frees them once ready).
+    pub fn serve_free(&self, key: &str) -> bool {
         let freed = {
             let mut guard = self.lock();
-            let State { cache, held, .. } = &mut *guard;
-            match held.remove(request_id) {
+            let State { cache, held, abandoned, .. } = &mut *guard;
+            match held.remove(key) {
                 Some(h) => {
                     cache.release(&h.blocks);
                     bump(&self.stats.freed_by_decode_abort, 1);
                     true
                 }
-                None => false,
+                None => {
+                    abandoned.insert(key.to_string(), Instant::now() + self.cfg.kv_lease);
+                    false
+                }
             }
         };
         if freed {
@@ -223,12 +333,66 @@ impl Engine {
         freed
     }
 
+    /// Mooncake: the blocks held under `transfer_id` from the `skip`th on, and how many
+    /// the prompt has; waits up to `wait` for the prefill to hold them (`Ok(None)`: not yet).
+    pub async fn serve_take(&self, engine_id: &str, transfer_id: &str, skip: usize, wait: Duration) -> Result<Option<(Vec<u64>, usize)>, String> {
+        if engine_id != self.engine_id {
+            return Err(format!("engine id mismatch: this side channel serves engine {}, the decode asked for {engine_id}", self.engine_id));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let handed = self.handed_over.notified();
+            {
+                let mut guard = self.lock();
+                let State { cache, held, .. } = &mut *guard;
+                if let Some(h) = held.remove(transfer_id) {
+                    let contents = cache.read(h.blocks.get(skip..).unwrap_or_default()).unwrap_or_default();
+                    cache.release(&h.blocks);
+                    bump(&self.stats.transfers_sent, 1);
+                    drop(guard);
+                    self.wake.notify_one();
+                    return Ok(Some((contents, h.blocks.len())));
+                }
+            }
+            if tokio::time::timeout_at(deadline, handed).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// P2pNccl: KV a prefill pushed, kept until this decode's request takes it.
+    pub fn serve_put(&self, key: String, contents: Vec<u64>) {
+        self.lock().pushed.insert(key, Pushed { contents, expires: Instant::now() + self.cfg.kv_lease });
+        self.handed_over.notify_waiters();
+    }
+
+    /// P2pNccl: waits for the KV pushed under `key` for as long as the request is there
+    /// (vLLM 0.10's decode waits without a bound). `None`: the request went away.
+    async fn wait_pushed(&self, seq_id: u64, key: &str) -> Option<Vec<u64>> {
+        loop {
+            let handed = self.handed_over.notified();
+            if let Some(p) = self.lock().pushed.remove(key) {
+                return Some(p.contents);
+            }
+            if !self.is_running(seq_id) {
+                return None;
+            }
+            let _ = tokio::time::timeout(RECHECK, handed).await;
+        }
+    }
+
+    /// Whether request `seq_id` is still admitted (its client has not gone).
+    fn is_running(&self, seq_id: u64) -> bool {
+        self.lock().running.iter().any(|s| s.id == seq_id && !s.tx.is_closed())
+    }
+
+    /// Ends the leases of KV nobody took: held blocks, pushed KV, remembered aborts.
     pub fn expire_leases(&self) {
         let now = Instant::now();
         let expired = {
             let mut guard = self.lock();
-            let State { cache, held, .. } = &mut *guard;
-            let before = held.len();
+            let State { cache, held, pushed, abandoned, .. } = &mut *guard;
+            let before = held.len() + pushed.len();
             held.retain(|id, h| {
                 let live = h.expires > now;
                 if !live {
@@ -237,7 +401,15 @@ impl Engine {
                 }
                 live
             });
-            before - held.len()
+            pushed.retain(|id, p| {
+                let live = p.expires > now;
+                if !live {
+                    tracing::warn!(engine = self.rank, request_id = %id, "dropping pushed KV: no request took it");
+                }
+                live
+            });
+            abandoned.retain(|_, until| *until > now);
+            before - held.len() - pushed.len()
         };
         if expired > 0 {
             bump(&self.stats.leases_expired, expired);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod capture;
+mod connectors;
 mod discovery;
 mod handshake;
 mod kv_events;
