@@ -16,6 +16,8 @@ mod support;
 #[path = "it/handshake.rs"]
 mod handshake;
 #[allow(dead_code)]
+#[path = "it/mooncake_handshake.rs"]
+mod mooncake_handshake;
 #[path = "it/kv_events.rs"]
 mod kv_events;
 #[path = "vllm/prefix_cache.rs"]

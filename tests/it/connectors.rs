@@ -130,6 +130,22 @@ async fn p2pnccl_2p2d_register_and_through_the_router_equal_colocated() {
     assert_idle(&r.url).await;
 }
 
+#[tokio::test]
+async fn mooncake_handshake_cases_pass_on_the_sim() {
+    let p = mooncake_prefill(&[]).await;
+    let d = Proc::sim(&["--role", "decode", "--kv-connector", "mooncake"]).await;
+    let c = Proc::sim(&[]).await;
+    let pair = crate::mooncake_handshake::MooncakePair {
+        prefill: p.url.clone(),
+        bootstrap: format!("http://127.0.0.1:{}", bootstrap_port(&p)),
+        decode: d.url.clone(),
+        plain: c.url.clone(),
+        model: "sim-model".into(),
+    };
+    assert_eq!(crate::mooncake_handshake::cases(&pair).await, 2);
+    assert_eq!(metric(&metrics(&d.url).await, "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]), 0.0);
+}
+
 /// Mooncake, dead peer: a prefill that dies takes its legs with it; the router sends the
 /// request to the other prefill (its decode is dropped, vLLM aborts it) and every
 /// request still answers.

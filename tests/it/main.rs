@@ -7,6 +7,7 @@ mod discovery;
 mod handshake;
 mod kv_events;
 mod launch;
+mod mooncake_handshake;
 mod router_admin;
 mod router_faults;
 mod router_flow;

@@ -26,6 +26,16 @@ pub async fn run() {
     assert_eq!(status, 200, "{q}");
     let q: Value = serde_json::from_str(&q).unwrap();
     let engine_id = q["0"]["engine_id"].as_str().unwrap_or_else(|| panic!("no engine id for rank 0: {q}")).to_string();
+    // The handshake cases the simulator also passes (tests/it/connectors.rs).
+    let pair = crate::mooncake_handshake::MooncakePair {
+        prefill: p.url.clone(),
+        bootstrap: "http://127.0.0.1:8998".into(),
+        decode: d.url.clone(),
+        plain: p.url.clone(),
+        model: "tiny-llama".into(),
+    };
+    let n = crate::mooncake_handshake::cases(&pair).await;
+    println!("      {n} Mooncake handshake cases pass on vLLM, as on the simulator");
     let router = router(&["--kv-connector", "mooncake", "--policy", "round_robin", "--prefill", &p.url, "8998", "--decode", &d.url]).await;
     assert!(
         eventually(Duration::from_secs(10), || async { router.log_text().contains(&engine_id) }).await,
