@@ -2,7 +2,9 @@
 //! optional fields: docs/LAUNCH.md), on this machine, one node's share of a multi-node
 //! plan, or a Ray cluster.
 
+pub mod argv;
 pub mod config;
+pub mod connector;
 pub mod local;
 pub mod plan;
 pub mod ray;

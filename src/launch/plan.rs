@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde_yaml_ng::Value;
 
 use super::config::{line_of, scalar, ConfigError, DpMode, EngineKind, LaunchFile, RoleFile};
+use super::argv::{sim_argv, vllm_argv, EngineParams};
+use super::connector::{self as launch_connector, Connector};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -51,11 +53,7 @@ impl Instance {
 }
 
 pub fn url(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("http://[{host}]:{port}")
-    } else {
-        format!("http://{host}:{port}")
-    }
+    format!("http://{}", crate::api::join_host_port(host, port))
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +120,8 @@ struct RoleSpec {
     mode: DpMode,
     port: u16,
     side: u16,
+    /// The connector flow `disagg route` runs for it (None: a scheduler.command's own).
+    flow: Option<Connector>,
 }
 
 const PORT_STRIDE: u16 = 8;
@@ -194,16 +194,33 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
             return Err(cx.err(&format!("{name}.num_gpus"), format!("{} GPUs do not split over {dp} DP ranks", rf.num_gpus)));
         }
         params.remove("data_parallel_size");
-        if f.engine.kind() == EngineKind::Vllm {
-            check_kv_config(&cx, name, &params, f.scheduler.command.is_some())?;
-        }
+        let flow = kv_flow(&cx, name, &params, f.engine.kind(), f.scheduler.command.is_some())?;
         let (port, side) = match role {
             Role::Prefill => (rf.port.unwrap_or(8100), rf.side_channel_port.unwrap_or(5600)),
             Role::Decode => (rf.port.unwrap_or(9100), rf.side_channel_port.unwrap_or(6600)),
         };
-        Ok(RoleSpec { role, replicas: rf.replicas, num_gpus: rf.num_gpus, envs: rf.envs.clone(), params, extra, dp, mode: rf.dp_mode, port, side })
+        if flow == Some(Connector::P2pNccl) && dp > 1 {
+            return Err(cx.err(&format!("{name}.data_parallel_size"), "P2pNccl runs one engine per instance (the xPyD guide's layout): use replicas"));
+        }
+        Ok(RoleSpec { role, replicas: rf.replicas, num_gpus: rf.num_gpus, envs: rf.envs.clone(), params, extra, dp, mode: rf.dp_mode, port, side, flow })
     };
     let roles = [spec(Role::Prefill, &f.prefill)?, spec(Role::Decode, &f.decode)?];
+    if roles[0].flow != roles[1].flow {
+        return Err(cx.err("decode.params.kv_transfer_config", "names another connector than the prefill's: both roles need the same one"));
+    }
+    let flow = roles[0].flow;
+    // Where the router listens; P2pNccl engines ping its discovery address.
+    let router_port = f.scheduler.port.unwrap_or(8021);
+    let router_host = f.scheduler.host.clone().unwrap_or_else(|| nodes[0].clone());
+    let p2p_proxy = match flow {
+        Some(Connector::P2pNccl) => {
+            let reachable = if router_host == "0.0.0.0" || router_host == "::" { nodes[0].clone() } else { router_host.clone() };
+            Some((reachable, launch_connector::discovery_port(router_port).map_err(|e| cx.err("scheduler.port", e))?))
+        }
+        _ => None,
+    };
+    // Each Mooncake prefill's bootstrap port, by URL.
+    let mut bootstrap: Vec<(String, u16)> = Vec::new();
 
     let (engine_cmd, engine_kind) = match f.engine.kind() {
         EngineKind::Vllm => (
@@ -221,6 +238,9 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
     let mut side_next: BTreeMap<(usize, Role), u16> = BTreeMap::new();
     let mut instances = Vec::new();
     let mut notes = Vec::new();
+    if flow == Some(Connector::P2pNccl) && f.engine.kind() == EngineKind::Vllm {
+        notes.push("engine: P2pNcclConnector was removed from vLLM in 2026 (vLLM 0.32 has none): these engines need a vLLM release that still has it".into());
+    }
     let mut replica_global = 0usize;
     let mut counters: BTreeMap<Role, usize> = BTreeMap::new();
     let kv_ip = if target == Target::Ray { "{KV_IP}".to_string() } else { nodes[0].clone() };
@@ -255,6 +275,11 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
             }
             if parts.len() > 1 && engine_kind == EngineKind::Sim {
                 return Err(cx.err(&format!("{name}.num_gpus"), "the simulator runs no multi-node replicas"));
+            }
+            let external = spec.mode == DpMode::External && spec.dp > 1;
+            if spec.flow == Some(Connector::Mooncake) && spec.role == Role::Prefill && (parts.len() > 1 || external) {
+                return Err(cx.err(&format!("{name}.data_parallel_size"),
+                    "a Mooncake prefill is planned as one process per replica (one bootstrap server naming all its DP ranks): keep its DP internal and on one node"));
             }
             let per_node = spec.dp / parts.len() as u32;
             let master = nodes[parts[0].0].clone();
@@ -313,17 +338,47 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
                         env.retain(|(ek, _)| ek != k);
                         env.push((k.clone(), v));
                     }
+                    let p2p = p2p_proxy.as_ref().map(|(h, p)| (h.as_str(), *p));
+                    let engine = EngineParams { role: spec.role.as_str(), params: &spec.params, extra: &spec.extra };
                     let argv = match engine_kind {
                         EngineKind::Vllm => {
-                            env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), host.clone()));
-                            env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), side.to_string()));
-                            vllm_argv(&cx, &engine_cmd, spec, &host, port, &inst_name, &kv_ip, dp_args, f.engine.args())?
+                            match spec.flow {
+                                Some(Connector::Mooncake) if spec.role == Role::Prefill => env.push(("VLLM_MOONCAKE_BOOTSTRAP_PORT".into(), side.to_string())),
+                                // Both legs must see the id the router sent (it names the KV addresses).
+                                Some(Connector::P2pNccl) => env.push(("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION".into(), "1".into())),
+                                Some(Connector::Nixl) | None => {
+                                    env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), host.clone()));
+                                    env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), side.to_string()));
+                                }
+                                Some(Connector::Mooncake) => {}
+                            }
+                            vllm_argv(&engine_cmd, &engine, &host, port, &inst_name, &kv_ip, dp_args, f.engine.args(), p2p.map(|(h, p)| (h, p, side)))
+                                .map_err(|e| cx.err(&e.path, e.message))?
                         }
                         EngineKind::Sim => {
                             let dp_sim = if rank.is_some() { 1 } else { spec.dp };
-                            sim_argv(&engine_cmd, spec, &host, port.expect("the simulator is never headless"), side, dp_sim, f.engine.args(), &mut notes)
+                            let mut argv = sim_argv(&engine_cmd, &engine, &host, port.expect("the simulator is never headless"), dp_sim, &mut notes);
+                            match spec.flow {
+                                Some(Connector::Mooncake) => {
+                                    argv.extend(["--kv-connector".into(), "mooncake".into()]);
+                                    if spec.role == Role::Prefill {
+                                        argv.extend(["--mooncake-bootstrap-port".into(), side.to_string()]);
+                                    }
+                                }
+                                Some(Connector::P2pNccl) => {
+                                    let (h, p) = p2p.expect("set for P2pNccl");
+                                    argv.extend(["--kv-connector".into(), "p2pnccl".into(), "--proxy-address".into(), crate::api::join_host_port(h, p)]);
+                                    argv.extend(["--side-channel-port".into(), side.to_string()]);
+                                }
+                                Some(Connector::Nixl) | None => argv.extend(["--side-channel-port".into(), side.to_string()]),
+                            }
+                            argv.extend(f.engine.args().iter().cloned());
+                            argv
                         }
                     };
+                    if let (Some(Connector::Mooncake), Role::Prefill, Some(p)) = (spec.flow, spec.role, port) {
+                        bootstrap.push((url(&host, p), side));
+                    }
                     if !gpus.is_empty() && target == Target::Nodes {
                         env.push((f.gpu_env.clone(), gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
                     }
@@ -346,8 +401,7 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
     }
 
     let internal_dp: BTreeMap<Role, u32> = roles.iter().map(|s| (s.role, if s.mode == DpMode::Internal { s.dp } else { 1 })).collect();
-    let port = f.scheduler.port.unwrap_or(8021);
-    let host = f.scheduler.host.clone().unwrap_or_else(|| nodes[0].clone());
+    let (host, port) = (router_host, router_port);
     let http: Vec<&Instance> = instances.iter().filter(|i| i.port.is_some()).collect();
     let urls = |r: Role| http.iter().filter(|i| i.role == r).map(|i| i.url().expect("serves HTTP")).collect::<Vec<_>>();
     let router = match &f.scheduler.command {
@@ -358,11 +412,24 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
         }
         None => {
             let mut argv = vec![exe.display().to_string(), "route".into(), "--host".into(), host.clone(), "--port".into(), port.to_string()];
-            for u in urls(Role::Prefill) {
-                argv.extend(["--prefill".into(), u]);
-            }
-            for u in urls(Role::Decode) {
-                argv.extend(["--decode".into(), u]);
+            match flow {
+                // The engines register themselves at the discovery address.
+                Some(Connector::P2pNccl) => {
+                    let (_, dport) = p2p_proxy.as_ref().expect("set for P2pNccl");
+                    argv.extend(["--vllm-pd-disaggregation".into(), "--vllm-discovery-address".into(), crate::api::join_host_port(&host, *dport)]);
+                }
+                _ => {
+                    if flow == Some(Connector::Mooncake) {
+                        argv.extend(["--kv-connector".into(), "mooncake".into()]);
+                    }
+                    for u in urls(Role::Prefill) {
+                        let port = bootstrap.iter().find(|(b, _)| *b == u).map(|(_, p)| p.to_string());
+                        argv.extend(["--prefill".into(), u].into_iter().chain(port));
+                    }
+                    for u in urls(Role::Decode) {
+                        argv.extend(["--decode".into(), u]);
+                    }
+                }
             }
             let (p, d) = (internal_dp[&Role::Prefill], internal_dp[&Role::Decode]);
             if p == d && p > 1 {
@@ -396,126 +463,27 @@ fn take_extra(params: &mut BTreeMap<String, Value>, cx: &Ctx<'_>, path: &str) ->
     }
 }
 
-fn check_kv_config(cx: &Ctx<'_>, role: &str, params: &BTreeMap<String, Value>, custom_router: bool) -> Result<(), ConfigError> {
+/// The connector flow of a role's `kv_transfer_config` (required for vLLM engines; the
+/// simulator runs NIXL's without one). Without a scheduler.command, it must be one
+/// `disagg route` runs.
+fn kv_flow(cx: &Ctx<'_>, role: &str, params: &BTreeMap<String, Value>, engine: EngineKind, custom_router: bool) -> Result<Option<Connector>, ConfigError> {
     let path = format!("{role}.params.kv_transfer_config");
     let raw = match params.get("kv_transfer_config") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Mapping(_)) => serde_json::to_string(&params["kv_transfer_config"]).unwrap_or_default(),
         Some(_) => return Err(cx.err(&path, "must be a JSON string (or a mapping)")),
+        None if engine == EngineKind::Sim => return Ok(Some(Connector::Nixl)),
         None => return Err(cx.err(&path, "is required: a prefill/decode deployment needs a KV connector (e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}')")),
     };
     let probe = raw.replace("{KV_IP}", "0.0.0.0").replace("{PORT}", "0").replace("{NODE_NAME}", "n");
     let v: serde_json::Value = serde_json::from_str(&probe).map_err(|e| cx.err(&path, format!("is not valid JSON: {e}")))?;
-    let connector = v.get("kv_connector").and_then(|c| c.as_str()).ok_or_else(|| cx.err(&path, "has no kv_connector"))?;
-    let nixl_flow = ["NixlConnector", "LLMDataDistCMgrConnector", "MultiConnector"];
-    if !custom_router && !nixl_flow.contains(&connector) {
+    let class = launch_connector::class_of(&v).map_err(|e| cx.err(&path, e))?;
+    let flow = launch_connector::flow_of(&class);
+    if flow.is_none() && !custom_router {
         return Err(cx.err(&path, format!(
-            "kv_connector {connector}: disagg route speaks the NIXL flow (NixlConnector, LLMDataDistCMgrConnector); for {connector}, give scheduler.command a proxy that speaks it")));
+            "kv_connector {class}: disagg route runs NixlConnector (and LLMDataDistCMgrConnector), MooncakeConnector and P2pNcclConnector; for {class}, give scheduler.command a proxy that speaks it")));
     }
-    Ok(())
-}
-
-fn cli_flag(key: &str) -> String {
-    format!("--{}", key.replace('_', "-"))
-}
-
-fn push_param(argv: &mut Vec<String>, key: &str, v: &Value) {
-    match v {
-        Value::Null => {}
-        Value::Bool(true) => argv.push(cli_flag(key)),
-        Value::Bool(false) => argv.push(format!("--no-{}", key.replace('_', "-"))),
-        Value::Sequence(items) => {
-            argv.push(cli_flag(key));
-            argv.extend(items.iter().map(|i| scalar(i).unwrap_or_else(|| serde_json::to_string(i).unwrap_or_default())));
-        }
-        Value::Mapping(_) => {
-            argv.push(cli_flag(key));
-            argv.push(serde_json::to_string(v).unwrap_or_default());
-        }
-        other => {
-            argv.push(cli_flag(key));
-            argv.push(scalar(other).unwrap_or_default());
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn vllm_argv(
-    cx: &Ctx<'_>,
-    cmd: &[String],
-    spec: &RoleSpec,
-    host: &str,
-    port: Option<u16>,
-    name: &str,
-    kv_ip: &str,
-    dp_args: Vec<String>,
-    engine_args: &[String],
-) -> Result<Vec<String>, ConfigError> {
-    let mut argv = cmd.to_vec();
-    let role = spec.role.as_str();
-    match spec.params.get("model").and_then(scalar) {
-        Some(m) => argv.push(m),
-        None => return Err(cx.err(&format!("{role}.params.model"), "is required (in general.params or the role's params)")),
-    }
-    argv.extend(["--host".into(), host.to_string()]);
-    if let Some(p) = port {
-        argv.extend(["--port".into(), p.to_string()]);
-    }
-    for (k, v) in &spec.params {
-        match k.as_str() {
-            "model" | "host" | "port" => {}
-            "kv_transfer_config" => {
-                let raw = match v {
-                    Value::String(s) => s.clone(),
-                    other => serde_json::to_string(other).unwrap_or_default(),
-                };
-                let kv = raw
-                    .replace("{KV_IP}", kv_ip)
-                    .replace("{PORT}", &port.map_or(String::new(), |p| p.to_string()))
-                    .replace("{NODE_NAME}", name);
-                argv.extend(["--kv-transfer-config".into(), kv]);
-            }
-            _ => push_param(&mut argv, k, v),
-        }
-    }
-    argv.extend(dp_args);
-    argv.extend(spec.extra.iter().cloned());
-    argv.extend(engine_args.iter().cloned());
-    Ok(argv)
-}
-
-/// The simulator takes the parameters it models; the others are listed in the plan's notes.
-#[allow(clippy::too_many_arguments)]
-fn sim_argv(cmd: &[String], spec: &RoleSpec, host: &str, port: u16, side: u16, dp: u32, engine_args: &[String], notes: &mut Vec<String>) -> Vec<String> {
-    let mut argv = cmd.to_vec();
-    argv.extend(["--host".into(), host.to_string(), "--port".into(), port.to_string(), "--role".into(), spec.role.as_str().into(),
-        "--side-channel-port".into(), side.to_string()]);
-    let model = spec.params.get("served_model_name").or_else(|| spec.params.get("model")).and_then(|v| match v {
-        Value::Sequence(s) => s.first().and_then(scalar),
-        other => scalar(other),
-    });
-    argv.extend(["--model".into(), model.unwrap_or_else(|| "sim-model".into())]);
-    if dp > 1 {
-        argv.extend(["--data-parallel-size".into(), dp.to_string()]);
-    }
-    if let Some(l) = spec.params.get("max_model_len").and_then(scalar) {
-        argv.extend(["--max-model-len".into(), l]);
-    }
-    let unused: Vec<&str> = spec
-        .params
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !["model", "served_model_name", "host", "port", "max_model_len", "kv_transfer_config"].contains(k))
-        .collect();
-    if !unused.is_empty() || !spec.extra.is_empty() {
-        notes.push(format!(
-            "engine: sim: {} parameters not modelled by the simulator, not passed: {}",
-            spec.role.as_str(),
-            unused.iter().map(|s| s.to_string()).chain(spec.extra.iter().cloned()).collect::<Vec<_>>().join(" ")
-        ));
-    }
-    argv.extend(engine_args.iter().cloned());
-    argv
+    Ok(flow)
 }
 
 /// pdjob's placeholders in `scheduler.command`, replaced highest index first so that

@@ -115,7 +115,9 @@ fn bad_files_get_precise_errors() {
         (base(&format!("  replicas: 1\n  params:\n{kv}"), "num_gpus: 3\ngpus_per_worker: 2"), ":1:", "num_gpus: 3 is not a multiple of gpus_per_worker 2"),
         (base("  replicas: 1\n  params:\n    model: m", ""), ":4:", "prefill.params.kv_transfer_config: is required"),
         (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{oops'", ""), ":6:", "is not valid JSON"),
-        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"P2pNcclConnector\"}'", ""), ":6:", "speaks the NIXL flow"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConector\"}'", ""), ":6:", "is not a connector vLLM knows"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"LMCacheConnectorV1\"}'", ""), ":6:", "give scheduler.command a proxy"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"MooncakeConnector\"}'", ""), ":11:", "names another connector than the prefill's"),
         (base(&format!("  replicas: 3\n  num_gpus: 8\n  params:\n{kv}"), "num_gpus: 16"), ":4:", "no node has 8 free GPUs"),
         (base("  replicas: 1\n  params: {model: m", ""), ":5:", "did not find expected ',' or '}'"),
         (base(&format!("  replicas: 1\n  params:\n{kv}\n    served_model_name: ${{env:DISAGG_SURELY_UNSET}}"), ""), ":7:", "DISAGG_SURELY_UNSET is not set"),
@@ -326,4 +328,56 @@ async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
         assert!(status.success());
     }
     assert!(port_free(p) && port_free(r) && std::net::TcpListener::bind(("127.0.0.2", d + 8)).is_ok());
+}
+
+/// Mooncake and P2pNccl topologies of simulators: the plan fills in bootstrap ports, the
+/// P2pNccl proxy address and KV ports; `disagg route` runs each connector's flow and the
+/// decode computes no prompt itself.
+#[tokio::test]
+async fn local_sim_topologies_run_mooncake_and_p2pnccl() {
+    for class in ["MooncakeConnector", "P2pNcclConnector"] {
+        let (p, d, r) = (free_port_run(2), free_port(), free_port_run(1));
+        let file = write(&format!("{class}.yaml"), &sim_topology((p, d, r), "").replace("NixlConnector", class));
+        let mut launch = Launch::start(&file).await;
+        let url = launch.ready().await.unwrap_or_else(|| panic!("{class}: no ready line:\n{}", launch.stderr()));
+        let decode = format!("http://127.0.0.1:{d}");
+        if class == "P2pNcclConnector" {
+            // The engines register with the router's discovery address themselves.
+            assert!(eventually(Duration::from_secs(10), || async { get(&format!("{url}/health")).await.1.contains(&format!("127.0.0.1:{}", p + 1)) }).await);
+        }
+        for i in 0..4 {
+            let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("launched {class} {i}"), "max_tokens": 3, "ignore_eos": true})).await;
+            assert_eq!(status, 200, "{class}: {v}");
+        }
+        assert_eq!(served(&decode).await, 4.0, "{class}");
+        assert_eq!(metric(&metrics(&decode).await, "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]), 0.0, "{class}: the KV came from the prefills");
+        unsafe {
+            libc::kill(launch.child.id().unwrap() as i32, libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), launch.child.wait()).await.expect("launch stops").unwrap();
+        assert!(status.success(), "{class}: {status}: {}", launch.stderr());
+    }
+}
+
+/// vLLM plans per connector: what each engine and the router are given.
+#[test]
+fn vllm_plans_fill_in_what_each_connector_needs() {
+    let file = |class: &str| {
+        format!("engine: vllm\nscheduler:\n  port: 10002\nprefill:\n  replicas: 2\n  params:\n    model: m\n    kv_transfer_config: '{{\"kv_connector\":\"{class}\",\"kv_role\":\"kv_producer\"}}'\ndecode:\n  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{{\"kv_connector\":\"{class}\",\"kv_role\":\"kv_consumer\"}}'\n")
+    };
+    let f = write("mooncake-vllm.yaml", &file("MooncakeConnector"));
+    let (ok, out, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("VLLM_MOONCAKE_BOOTSTRAP_PORT=5600") && out.contains("VLLM_MOONCAKE_BOOTSTRAP_PORT=5601"), "{out}");
+    assert!(out.contains("--kv-connector mooncake --prefill http://127.0.0.1:8100 5600 --prefill http://127.0.0.1:8101 5601 --decode http://127.0.0.1:9100"), "{out}");
+    assert!(!out.contains("VLLM_NIXL_SIDE_CHANNEL_PORT"), "no NIXL settings for Mooncake: {out}");
+
+    let f = write("p2p-vllm.yaml", &file("P2pNcclConnector"));
+    let (ok, out, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("--vllm-pd-disaggregation --vllm-discovery-address 127.0.0.1:30002"), "the runbook's 10002/30002: {out}");
+    assert!(out.contains(r#""kv_port":5601"#) && out.contains(r#""proxy_ip":"127.0.0.1","proxy_port":"30002","http_port":"8101""#), "{out}");
+    assert!(out.contains("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1"), "{out}");
+    assert!(out.contains("P2pNcclConnector was removed from vLLM"), "the plan says which vLLM it needs: {out}");
+    assert!(!out.contains("--prefill http"), "P2pNccl engines register; no URLs: {out}");
 }
