@@ -6,6 +6,7 @@ pub mod connector;
 mod error;
 pub mod fields;
 pub mod kv_events;
+pub mod kv_params;
 pub mod prom;
 pub mod sse;
 
@@ -20,6 +21,47 @@ pub fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 pub use fields::validation_error;
+
+/// What an engine does in PD serving: one enum for the router's pools, the simulator's
+/// `--role` and the launcher's instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// Prefills prompts and hands their KV to a decode (vLLM's `kv_producer`): honours
+    /// `do_remote_decode`.
+    Prefill,
+    /// Decodes from KV a prefill computed (vLLM's `kv_consumer`): honours `do_remote_prefill`.
+    Decode,
+    /// Both: plain colocated serving (the router's non-PD workers; vLLM's `kv_both`).
+    Both,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Both => "both",
+        }
+    }
+
+    /// A role by name; `worker` and `regular` (vllm-router's) are colocated workers.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name.to_ascii_lowercase().as_str() {
+            "prefill" => Some(Role::Prefill),
+            "decode" => Some(Role::Decode),
+            "both" | "worker" | "regular" => Some(Role::Both),
+            _ => None,
+        }
+    }
+
+    pub fn produces_kv(self) -> bool {
+        matches!(self, Role::Prefill | Role::Both)
+    }
+
+    pub fn consumes_kv(self) -> bool {
+        matches!(self, Role::Decode | Role::Both)
+    }
+}
 
 /// A host as it goes into a URL or a `host:port`: an IPv6 address in brackets, once.
 pub fn url_host(host: &str) -> String {

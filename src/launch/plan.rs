@@ -12,20 +12,7 @@ use super::config::{line_of, scalar, ConfigError, DpMode, EngineKind, LaunchFile
 use super::argv::{sim_argv, vllm_argv, EngineParams};
 use super::connector::{self as launch_connector, Connector};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Prefill,
-    Decode,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
+pub use crate::api::Role;
 
 /// One process to start.
 #[derive(Debug, Clone)]
@@ -197,7 +184,7 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
         let flow = kv_flow(&cx, name, &params, f.engine.kind(), f.scheduler.command.is_some())?;
         let (port, side) = match role {
             Role::Prefill => (rf.port.unwrap_or(8100), rf.side_channel_port.unwrap_or(5600)),
-            Role::Decode => (rf.port.unwrap_or(9100), rf.side_channel_port.unwrap_or(6600)),
+            Role::Decode | Role::Both => (rf.port.unwrap_or(9100), rf.side_channel_port.unwrap_or(6600)),
         };
         if flow == Some(Connector::P2pNccl) && dp > 1 {
             return Err(cx.err(&format!("{name}.data_parallel_size"), "P2pNccl runs one engine per instance (the xPyD guide's layout): use replicas"));

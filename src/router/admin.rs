@@ -61,7 +61,7 @@ fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response>
         None if roles.len() == 1 => roles[0],
         None => return Err(bad(format!("say the worker's role: role={}", names.join("|")))),
     };
-    r.topology.pool(role).ok_or_else(|| bad(format!("this router has no {} pool (its roles: {})", role.as_str(), names.join(", "))))
+    r.topology.pool(role).ok_or_else(|| bad(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", "))))
 }
 
 fn add(r: &Router, w: NewWorker) -> Response {

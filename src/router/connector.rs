@@ -20,6 +20,7 @@ use axum::http::HeaderValue;
 use bytes::Bytes;
 
 use super::request::{LegBodies, NIXL_PREFILL_PARAMS};
+use crate::api::kv_params;
 use super::workers::{Lease, Worker};
 
 /// The legs of one pair attempt.
@@ -46,7 +47,7 @@ impl Connector {
     pub fn pair_legs(self, bodies: &LegBodies, request_id: &HeaderValue, prefill: &Lease, decode: &Worker) -> Result<PairLegs, String> {
         let id = self.leg_id(request_id, prefill.worker(), decode);
         Ok(match self {
-            Connector::Nixl => PairLegs { id, prefill: bodies.prefill_leg(Some(NIXL_PREFILL_PARAMS)), decode_alongside: None },
+            Connector::Nixl => PairLegs { id, prefill: bodies.prefill_leg(Some(&NIXL_PREFILL_PARAMS)), decode_alongside: None },
             Connector::P2pNccl => PairLegs { id, prefill: bodies.prefill_leg(None), decode_alongside: None },
             Connector::Mooncake => {
                 let worker = prefill.worker();
@@ -54,13 +55,10 @@ impl Connector {
                 let engine_id = worker.engine_id(rank).ok_or_else(|| format!("no Mooncake engine id known for {} rank {rank}", worker.url))?;
                 let bootstrap = worker.kv_address.as_deref().ok_or_else(|| format!("no Mooncake bootstrap address for {}", worker.url))?;
                 let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4().simple());
-                let prefill_params = serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false, "transfer_id": transfer_id});
-                let decode_params = serde_json::json!({"do_remote_decode": false, "do_remote_prefill": true,
-                    "remote_bootstrap_addr": bootstrap, "remote_engine_id": engine_id, "transfer_id": transfer_id});
                 PairLegs {
                     id,
-                    prefill: bodies.prefill_leg(Some(&serde_json::to_vec(&prefill_params).expect("a JSON value serializes"))),
-                    decode_alongside: Some(bodies.decode(Some(&serde_json::to_vec(&decode_params).expect("a JSON value serializes")))),
+                    prefill: bodies.prefill_leg(Some(&kv_params::Mooncake::prefill(&transfer_id).to_bytes())),
+                    decode_alongside: Some(bodies.decode(Some(&kv_params::Mooncake::decode(bootstrap, &engine_id, &transfer_id).to_bytes()))),
                 }
             }
         })

@@ -100,7 +100,7 @@ impl Failure {
         let cause = match no.role {
             Role::Prefill => Cause::NoHealthyPrefill,
             Role::Decode => Cause::NoHealthyDecode,
-            Role::Worker => Cause::NoHealthyWorker,
+            Role::Both => Cause::NoHealthyWorker,
         };
         Failure::api(ApiError::new(ErrorKind::ServiceUnavailable, no.to_string()).retry_after(1), cause)
     }

@@ -67,7 +67,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
             prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
             decode: pool(Role::Decode, &cfg.decode, cfg.decode_dp, cfg.decode_policy),
         },
-        Mode::Regular => Topology::Colocated { workers: pool(Role::Worker, &cfg.workers, cfg.decode_dp, cfg.decode_policy) },
+        Mode::Regular => Topology::Colocated { workers: pool(Role::Both, &cfg.workers, cfg.decode_dp, cfg.decode_policy) },
     };
     let needs_request_info = topology.pools().any(Pool::needs_request_info);
     Ok(Router {

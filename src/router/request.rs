@@ -36,9 +36,8 @@ const PREFILL_OVERRIDES: &[&str] = &[
     "min_completion_tokens",
 ];
 
-/// The prefill leg's six-key params.
-pub const NIXL_PREFILL_PARAMS: &[u8] =
-    br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+/// The prefill leg's six-key params, serialised once.
+pub static NIXL_PREFILL_PARAMS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(crate::api::kv_params::nixl_prefill);
 
 /// The checked facts of a request.
 #[derive(Debug)]
@@ -122,7 +121,7 @@ impl LegBodies {
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
     /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
     pub fn prefill(&self) -> Bytes {
-        self.prefill_leg(Some(NIXL_PREFILL_PARAMS))
+        self.prefill_leg(Some(&NIXL_PREFILL_PARAMS))
     }
 
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,

@@ -18,33 +18,7 @@ use super::breaker::{Admit, Breaker, Circuit};
 use super::config::{BreakerConfig, HealthConfig};
 use super::policy::{Policy, RequestInfo};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Prefill,
-    Decode,
-    /// A colocated worker (non-PD mode).
-    Worker,
-}
-
-impl Role {
-    /// `prefill`, `decode`, or `worker` (vllm-router's `regular`).
-    pub fn parse(name: &str) -> Option<Role> {
-        match name.to_ascii_lowercase().as_str() {
-            "prefill" => Some(Role::Prefill),
-            "decode" => Some(Role::Decode),
-            "worker" | "regular" => Some(Role::Worker),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-            Role::Worker => "worker",
-        }
-    }
-}
+pub use crate::api::Role;
 
 pub struct Worker {
     pub url: String,

@@ -1,28 +1,10 @@
 //! `disagg sim` flags. Every fault and timing knob is off by default.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 pub use crate::api::connector::Connector;
+pub use crate::api::Role;
 use crate::flags::{fraction, non_negative, positive as positive_secs};
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Role {
-    /// Serves prefill legs: honours `do_remote_decode`, holds KV for a decode to pull.
-    Prefill,
-    /// Serves decode legs: honours `do_remote_prefill`, pulls KV from the prefill.
-    Decode,
-    /// Both (like vLLM's `kv_both`), and plain colocated serving.
-    Both,
-}
-
-impl Role {
-    pub fn produces_kv(self) -> bool {
-        matches!(self, Role::Prefill | Role::Both)
-    }
-    pub fn consumes_kv(self) -> bool {
-        matches!(self, Role::Decode | Role::Both)
-    }
-}
 
 /// A SIMULATED vLLM engine: same endpoints, shapes and KV handshakes as vLLM with
 /// NixlConnector, MooncakeConnector or P2pNcclConnector, no model, no GPU. For tests, demos and scale experiments.

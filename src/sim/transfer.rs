@@ -17,13 +17,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::blocks::{blocks_for, BlockId, KvCache};
 use super::engine::{bump, Engine, Event, Finish, Phase, Seq, State};
 use super::request::{Handoff, KvRequest, NixlRemote, RemoteKv};
 use super::side_channel::{self, Peer};
 use super::mooncake;
+use crate::api::kv_params::NixlAnswer;
 use crate::api::ApiError;
 
 /// Blocks a prefill holds for a remote decode.
@@ -197,22 +198,23 @@ impl Engine {
         if !matches!(seq.job.kv, KvRequest::RemoteDecode(Handoff::Nixl)) {
             return None;
         }
-        Some(json!({
-            "do_remote_prefill": true,
-            "do_remote_decode": false,
-            "remote_block_ids": [kept],
-            "remote_engine_id": self.engine_id,
-            "remote_request_id": seq.job.request_id,
-            "remote_host": self.side_host,
-            "remote_port": self.side_port,
-            "tp_size": 1,
-            "dcp_size": 1,
-            "pp_size": 1,
-            "remote_num_tokens": seq.job.prompt.len(),
-            "remote_blocks_expiry_time": null,
-            "transfer_mode": "pull",
-            "remote_prefill_cached_tokens": seq.hit_tokens,
-        }))
+        let answer = NixlAnswer {
+            do_remote_prefill: true,
+            do_remote_decode: false,
+            remote_block_ids: vec![kept.to_vec()],
+            remote_engine_id: self.engine_id.clone(),
+            remote_request_id: seq.job.request_id.clone(),
+            remote_host: self.side_host.clone(),
+            remote_port: self.side_port,
+            tp_size: 1,
+            dcp_size: 1,
+            pp_size: 1,
+            remote_num_tokens: seq.job.prompt.len(),
+            remote_blocks_expiry_time: None,
+            transfer_mode: "pull",
+            remote_prefill_cached_tokens: seq.hit_tokens,
+        };
+        Some(serde_json::to_value(answer).expect("params serialise"))
     }
 
     /// P2pNccl: a prefill pushes its prompt's blocks to the decode as soon as they are

@@ -190,6 +190,7 @@ pub async fn sources_show_the_config(e: &Engine, endpoint: &str, replay: &str, t
     assert_eq!(rank0["buffer_steps"], 10000);
 }
 
+#[allow(dead_code)] // the `it` binary's cases use it; the `vllm` binary includes this file too
 fn kv_config(pub_port: u16, replay_port: u16) -> String {
     format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{pub_port}","replay_endpoint":"tcp://*:{replay_port}","topic":"kv-events"}}"#)
 }
