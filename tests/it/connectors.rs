@@ -58,6 +58,22 @@ async fn sum_metric(procs: &[&Proc], name: &str, labels: &[(&str, &str)]) -> f64
     total
 }
 
+#[tokio::test]
+async fn nixl_2p2d_through_the_router_equals_colocated() {
+    let p1 = Proc::sim(&["--role", "prefill", "--data-parallel-size", "2"]).await;
+    let p2 = Proc::sim(&["--role", "prefill", "--data-parallel-size", "2"]).await;
+    let d1 = Proc::sim(&["--role", "decode", "--data-parallel-size", "2"]).await;
+    let d2 = Proc::sim(&["--role", "decode", "--data-parallel-size", "2"]).await;
+    let c = Proc::sim(&[]).await;
+    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d1.url, "--decode", &d2.url, "--intra-node-data-parallel-size", "2", "--policy", "round_robin"]).await;
+    routed_equals_colocated(&r.url, &c.url, 24).await;
+    assert_eq!(sum_metric(&[&d1, &d2], "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]).await, 0.0);
+    for w in [&p1, &p2, &d1, &d2] {
+        assert!(served(&w.url).await > 0.0, "every worker served");
+    }
+    assert_idle(&r.url).await;
+}
+
 async fn mooncake_prefill(extra: &[&str]) -> Proc {
     let mut args = vec!["--role", "prefill", "--kv-connector", "mooncake", "--mooncake-bootstrap-port", "0"];
     args.extend_from_slice(extra);
@@ -216,24 +232,54 @@ async fn mooncake_a_decode_that_gives_up_frees_the_prefills_blocks_when_ready() 
     assert_eq!(metric(&metrics(&d.url).await, "vllm:kv_cache_usage_perc", &[]), 0.0);
 }
 
-/// P2pNccl, dead peer: a decode that dies leaves the router's pairs when its connection
-/// fails; the request goes to a new pair (the prefill's KV went to the dead one), and
-/// after 5 s of silence the decode is gone from /health.
+/// P2pNccl, dead peer, under load: a decode killed while requests run costs none of them
+/// (a pair whose decode failed runs again with a new id: the KV went to the dead one); it
+/// leaves the pool 5 s after its last ping; a new engine that registers takes requests.
 #[tokio::test]
-async fn p2pnccl_a_dead_decode_costs_no_request_and_leaves() {
+async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let discovery = format!("127.0.0.1:{}", free_port_run(1));
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--health-check-interval-secs", "30"]).await;
-    let p = Proc::sim(&["--role", "prefill", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await;
-    let mut d1 = Proc::sim(&["--role", "decode", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await;
-    let d2 = Proc::sim(&["--role", "decode", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await;
+    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--health-check-interval-secs", "30", "--policy", "round_robin"]).await;
+    let engine = |role: &'static str| {
+        let discovery = discovery.clone();
+        async move { Proc::sim(&["--role", role, "--kv-connector", "p2pnccl", "--proxy-address", &discovery, "--decode-ms-per-token", "5"]).await }
+    };
+    let p = engine("prefill").await;
+    let mut d1 = engine("decode").await;
+    let d2 = engine("decode").await;
     let c = Proc::sim(&[]).await;
     let url = r.url.clone();
     let health = || async { get(&format!("{url}/health")).await.1 };
     assert!(eventually(Duration::from_secs(10), || async { let h = health().await; h.contains(&d1.url) && h.contains(&d2.url) && h.contains(&p.url) }).await);
+    // Three clients, each a stream of requests; the first decode dies meanwhile.
+    let clients: Vec<_> = (0..3)
+        .map(|k| {
+            let (router, colocated) = (r.url.clone(), c.url.clone());
+            tokio::spawn(async move {
+                for i in 0..12 {
+                    let b = json!({"prompt": words(&format!("load{k}-{i}"), 20), "max_tokens": 6, "ignore_eos": true});
+                    let (status, got) = post(&format!("{router}/v1/completions"), &b).await;
+                    assert_eq!(status, 200, "client {k} request {i}: {got}");
+                    let (_, want) = post(&format!("{colocated}/v1/completions"), &b).await;
+                    assert_eq!(text_of(&got), text_of(&want));
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
     d1.kill();
-    let _ = d1.wait_exit(Duration::from_secs(5)).await;
-    routed_equals_colocated(&r.url, &c.url, 8).await;
+    for client in clients {
+        client.await.unwrap();
+    }
     assert!(eventually(Duration::from_secs(8), || async { !health().await.contains(&d1.url) }).await, "{}", health().await);
+    // A new decode registers and is used.
+    let d3 = engine("decode").await;
+    let healthy = |u: String| {
+        let url = url.clone();
+        async move { workers(&url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == u.as_str() && w["healthy"] == true) }
+    };
+    assert!(eventually(Duration::from_secs(10), || healthy(d3.url.clone())).await, "{}", health().await);
+    routed_equals_colocated(&r.url, &c.url, 6).await;
+    assert!(served(&d3.url).await > 0.0, "the new decode takes requests");
     assert_idle(&r.url).await;
 }
 
