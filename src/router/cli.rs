@@ -27,6 +27,10 @@ pub enum PolicyKind {
     /// Approximate prefix tree of routed prompts per worker: the worker that already
     /// holds the longest prefix, unless load is imbalanced (see the balance thresholds).
     CacheAware,
+    /// Exact: what each engine's KV cache holds, from its own KV events; the worker and
+    /// DP rank with the least uncached prompt blocks plus --kv-aware-load-weight per
+    /// request in flight there. Text prompts need --model-path.
+    KvAware,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -117,6 +121,10 @@ pub struct RouteArgs {
     /// cache_aware: memory cap of the prefix index, all workers together (MiB).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_aware_max_memory_mb: u64,
+    /// kv_aware: what one request in flight on a worker's DP rank costs, in uncached
+    /// prompt blocks to compute.
+    #[arg(long, default_value_t = 4.0, value_parser = non_negative)]
+    pub kv_aware_load_weight: f64,
     /// A local model directory whose tokenizer.json makes cache_aware and
     /// consistent_hash work on token ids instead of characters.
     #[arg(long, value_name = "DIR")]
@@ -464,6 +472,7 @@ impl RouteArgs {
                     / super::policy::PrefixIndex::BYTES_PER_ENTRY,
             },
             model_path: self.model_path.clone(),
+            kv_aware_load_weight: self.kv_aware_load_weight,
             prefill_dp: self.prefill_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             decode_dp: self.decode_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),

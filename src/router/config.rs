@@ -114,6 +114,8 @@ pub struct RouterConfig {
     pub decode_policy: PolicyKind,
     pub cache_aware: CacheAwareConfig,
     pub model_path: Option<String>,
+    /// kv_aware: a request in flight on a rank costs this many uncached blocks.
+    pub kv_aware_load_weight: f64,
     pub prefill_dp: usize,
     pub decode_dp: usize,
     pub max_concurrent: usize,

@@ -41,6 +41,10 @@ pub struct Router {
     pub metrics: Arc<RouterMetrics>,
     pub client: reqwest::Client,
     pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
+    /// tokenizer and chat template to key prompts as the engine does.
+    pub kv_index: Option<Arc<super::kv_index::KvIndex>>,
+    pub model_tokenizer: Option<crate::tokenize::ModelTokenizer>,
     /// `Authorization` sent to workers (--api-key); without it, the client's is passed on.
     pub worker_auth: Option<HeaderValue>,
     pub retry_budget: RetryBudget,
@@ -183,9 +187,17 @@ async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemapho
 
 /// What the pools' policies read from a request (nothing, for those that read nothing).
 pub fn info_for(router: &Router, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
-    if router.needs_request_info {
+    let mut info = if router.needs_request_info {
         request::request_info(headers, body, router.tokenizer.as_ref(), router.cfg.cache_aware.max_prefix)
     } else {
         RequestInfo::default()
+    };
+    if let Some(index) = &router.kv_index {
+        // Tokenized and hashed here, outside every lock; looked up under the index's read lock.
+        let keys = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())
+            .map(|t| super::kv_index::block_hashes(&t, index.block_size()))
+            .unwrap_or_default();
+        info.kv = Some(super::policy::KvView { blocks: keys.len(), held: index.prefix_blocks(&keys) });
     }
+    info
 }

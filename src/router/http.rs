@@ -172,7 +172,19 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
 }
 
 async fn workers(State(r): State<Arc<Router>>) -> Response {
-    let list: Vec<Value> = r.topology.workers().iter().map(|w| worker_json(w)).collect();
+    let list: Vec<Value> = r
+        .topology
+        .workers()
+        .iter()
+        .map(|w| {
+            let mut v = worker_json(w);
+            // kv_aware: what the KV index holds of each rank, and how fresh its events are.
+            if let Some(index) = &r.kv_index {
+                v["kv_events"] = json!(index.status(&w.url));
+            }
+            v
+        })
+        .collect();
     let index: serde_json::Map<String, Value> =
         r.topology.pools().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),

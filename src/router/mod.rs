@@ -14,6 +14,9 @@ pub mod fanout;
 pub mod flow;
 pub mod health;
 pub mod http;
+pub mod kv_index;
+pub mod kv_intake;
+pub mod kv_tokens;
 pub mod legs;
 pub mod metrics;
 pub mod pair;
@@ -55,7 +58,9 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
         .transpose()
         .context("--api-key must be printable ASCII")?;
-    let pool = |role, urls: &[String], dp, kind| Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware), &cfg.breaker);
+    let pool = |role, urls: &[String], dp, kind| {
+        Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware, cfg.kv_aware_load_weight), &cfg.breaker)
+    };
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
@@ -70,6 +75,11 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         Mode::Regular => Topology::Colocated { workers: pool(Role::Both, &cfg.workers, cfg.decode_dp, cfg.decode_policy) },
     };
     let needs_request_info = topology.pools().any(Pool::needs_request_info);
+    let kv_aware = topology.pools().any(Pool::is_kv_aware);
+    let model_tokenizer = match (&cfg.model_path, kv_aware) {
+        (Some(dir), true) => Some(crate::tokenize::ModelTokenizer::load(dir).context("--model-path")?),
+        _ => None,
+    };
     Ok(Router {
         needs_request_info,
         topology,
@@ -77,6 +87,8 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         metrics: Arc::new(metrics::RouterMetrics::new()),
         client,
         tokenizer,
+        kv_index: kv_aware.then(Arc::default),
+        model_tokenizer,
         worker_auth,
         retry_budget: retry::RetryBudget::new(&cfg.retry),
         drain: Arc::default(),
@@ -102,6 +114,9 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(health::run(router.clone()));
     tokio::spawn(health::maintain(router.clone()));
+    if let Some(index) = router.kv_index.clone() {
+        tokio::spawn(kv_intake::run(router.clone(), index));
+    }
     let shown_host = crate::api::url_host(&host);
     let cfg = &router.cfg;
     match cfg.mode {

@@ -124,6 +124,16 @@ impl Worker {
         }
     }
 
+    /// The DP ranks in use (fewer than configured once the worker said so).
+    pub fn served_ranks(&self) -> usize {
+        self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len())
+    }
+
+    /// Requests in flight on one rank.
+    pub fn rank_load(&self, rank: usize) -> usize {
+        self.ranks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
+    }
+
     /// The least loaded rank; ties go round the ranks so idle ranks share the work.
     fn pick_rank(&self) -> usize {
         let n = self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len());
@@ -349,6 +359,10 @@ impl Pool {
     }
 
     /// Whether picks need the request's prompt or session key.
+    pub fn is_kv_aware(&self) -> bool {
+        self.lock().is_kv_aware()
+    }
+
     pub fn needs_request_info(&self) -> bool {
         self.needs_info
     }
@@ -365,7 +379,7 @@ impl Pool {
             (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
         let mut policy = self.lock();
         while !candidates.is_empty() {
-            let chosen = policy.select(&workers, &candidates, req);
+            let (chosen, rank) = policy.select(&workers, &candidates, req);
             let worker = &workers[chosen];
             // Another pick may have taken a half-open worker's one probe meanwhile.
             let probe = match worker.breaker.admit() {
@@ -376,7 +390,7 @@ impl Pool {
                     continue;
                 }
             };
-            let rank = worker.pick_rank();
+            let rank = rank.filter(|r| *r < worker.served_ranks()).unwrap_or_else(|| worker.pick_rank());
             return Ok(Lease::new(worker.clone(), rank, probe));
         }
         Err(NoWorker { role: self.role, total: workers.len(), healthy: workers.iter().filter(|w| w.is_available()).count() })

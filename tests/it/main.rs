@@ -5,6 +5,7 @@ mod capture;
 mod connectors;
 mod discovery;
 mod handshake;
+mod kv_aware;
 mod kv_events;
 mod launch;
 mod mooncake_handshake;

@@ -27,12 +27,21 @@ pub struct RequestInfo {
     /// Bytes per unit of `prompt`: 1 (characters) or 4 (token ids).
     pub unit: usize,
     pub chunks: Vec<(u64, u32)>,
+    /// kv_aware: the prompt's full blocks, and how many of them each (worker, rank) holds
+    /// from the start (from the KV index, looked up before the pick).
+    pub kv: Option<KvView>,
+}
+
+#[derive(Default, Debug)]
+pub struct KvView {
+    pub blocks: usize,
+    pub held: std::collections::HashMap<super::kv_index::Holder, usize>,
 }
 
 impl RequestInfo {
     pub fn new(session: Option<String>, prompt: Vec<u8>, unit: usize) -> Self {
         let chunks = prefix::chunk_hashes(&prompt, unit);
-        RequestInfo { session, prompt, unit, chunks }
+        RequestInfo { session, prompt, unit, chunks, kv: None }
     }
 
     pub fn units(&self) -> usize {
@@ -49,17 +58,19 @@ pub enum Policy {
     PowerOfTwo,
     ConsistentHash(HashRing),
     CacheAware { cfg: CacheAwareConfig, index: PrefixIndex },
+    KvAware { load_weight: f64 },
 }
 
 impl Policy {
     /// A policy with no workers yet (the pool adds them).
-    pub fn new(kind: PolicyKind, cache: &CacheAwareConfig) -> Self {
+    pub fn new(kind: PolicyKind, cache: &CacheAwareConfig, kv_load_weight: f64) -> Self {
         match kind {
             PolicyKind::RoundRobin => Policy::RoundRobin { next: 0 },
             PolicyKind::Random => Policy::Random,
             PolicyKind::PowerOfTwo => Policy::PowerOfTwo,
             PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::default()),
             PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(cache.max_entries) },
+            PolicyKind::KvAware => Policy::KvAware { load_weight: kv_load_weight },
         }
     }
 
@@ -83,9 +94,23 @@ impl Policy {
         matches!(self, Policy::ConsistentHash(_) | Policy::CacheAware { .. })
     }
 
-    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> usize {
+    pub fn is_kv_aware(&self) -> bool {
+        matches!(self, Policy::KvAware { .. })
+    }
+
+    /// The chosen candidate, and the DP rank to use when the policy chooses it (kv_aware:
+    /// the rank whose cache holds the prompt; others leave it to the worker's load).
+    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> (usize, Option<usize>) {
+        if let Policy::KvAware { load_weight } = self {
+            return kv_aware(workers, candidates, req, *load_weight);
+        }
+        (self.select_worker(workers, candidates, req), None)
+    }
+
+    fn select_worker(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> usize {
         let load = |i: &usize| workers[*i].in_flight();
         match self {
+            Policy::KvAware { .. } => unreachable!("kv_aware picks a rank too (select)"),
             Policy::RoundRobin { next } => {
                 let chosen = candidates[*next % candidates.len()];
                 *next = next.wrapping_add(1);
@@ -168,4 +193,24 @@ impl Policy {
             _ => false,
         }
     }
+}
+
+/// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
+/// compute (those it does not hold from the start) plus `load_weight` per request in
+/// flight there; the cheapest wins, ties to the less loaded worker.
+fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64) -> (usize, Option<usize>) {
+    let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
+    let mut best: Option<(f64, usize, usize, usize)> = None;
+    for &c in candidates {
+        let w = &workers[c];
+        for rank in 0..w.served_ranks() {
+            let held = req.kv.as_ref().and_then(|kv| kv.held.get(&super::kv_index::Holder { url: w.url.clone(), rank })).copied().unwrap_or(0);
+            let cost = blocks.saturating_sub(held) as f64 + load_weight * w.rank_load(rank) as f64;
+            let key = (cost, w.in_flight(), c, rank);
+            if best.as_ref().is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+                best = Some(key);
+            }
+        }
+    }
+    best.map_or((candidates[0], None), |(_, _, c, rank)| (c, Some(rank)))
 }

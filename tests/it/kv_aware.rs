@@ -1,0 +1,122 @@
+//! `--policy kv_aware` on simulators that publish vLLM's KV events: the router learns
+//! what each worker's DP rank holds from its events and sends a prompt to the rank that
+//! holds its prefix; a cache reset or a worker leaving takes its entries away.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const BLOCK: usize = 16;
+
+fn events_config(base: u16) -> String {
+    format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{base}","replay_endpoint":"tcp://*:{}","topic":"kv-events"}}"#, base + 4)
+}
+
+/// A simulator with `dp` ranks publishing KV events on ports from a free run.
+async fn publishing_sim(role: &str, dp: usize) -> Proc {
+    let base = free_port_run(8);
+    Proc::sim(&["--role", role, "--data-parallel-size", &dp.to_string(), "--block-size", &BLOCK.to_string(),
+        "--enable-prompt-tokens-details", "--kv-events-config", &events_config(base)]).await
+}
+
+/// A token-id prompt: `blocks` full blocks of prefix `tag`, then `tail` tokens of its own.
+fn prompt(tag: u32, blocks: usize, tail: &[u32]) -> Vec<u32> {
+    (0..blocks * BLOCK).map(|i| 1000 + tag * 7919 + i as u32).chain(tail.iter().copied()).collect()
+}
+
+/// /workers, with the admin key the tests use when they set one.
+async fn workers_list(router: &str) -> Value {
+    client().get(format!("{router}/workers")).bearer_auth(ADMIN_KEY).send().await.unwrap().json().await.unwrap()
+}
+
+const ADMIN_KEY: &str = "adm";
+
+/// Indexed blocks per (url, rank), from /workers.
+async fn indexed(router: &str) -> Vec<(String, u64, u64)> {
+    let v = workers_list(router).await;
+    let mut out = Vec::new();
+    for w in v["workers"].as_array().unwrap() {
+        for r in w["kv_events"].as_array().into_iter().flatten() {
+            out.push((w["url"].as_str().unwrap().to_string(), r["rank"].as_u64().unwrap(), r["indexed_blocks"].as_u64().unwrap()));
+        }
+    }
+    out
+}
+
+/// Prefix-cache hits per rank of a simulator.
+async fn hits(sim: &Proc, rank: usize) -> f64 {
+    metric(&metrics(&sim.url).await, "vllm:prefix_cache_hits_total", &[("engine", &rank.to_string())])
+}
+
+#[tokio::test]
+async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
+    let p1 = publishing_sim("prefill", 2).await;
+    let p2 = publishing_sim("prefill", 2).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--intra-node-data-parallel-size", "2",
+        "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
+    let url = r.url.clone();
+    // Subscribed to all four ranks.
+    assert!(eventually(Duration::from_secs(10), || async { workers_list(&url).await["workers"].as_array().unwrap().iter().filter(|w| w["role"] == "prefill").all(|w| w["kv_events"].is_array()) }).await);
+    // Four conversations: a first turn each, which caches its prefix somewhere.
+    for tag in 0..4 {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(tag, 4, &[1, 2, 3]), "max_tokens": 2, "ignore_eos": true})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 16 }).await, "{:?}", indexed(&url).await);
+    let before: f64 = {
+        let mut t = 0.0;
+        for p in [&p1, &p2] {
+            for rank in 0..2 {
+                t += hits(p, rank).await;
+            }
+        }
+        t
+    };
+    // Second turns, in another order (a blind rotation would miss): each must land where
+    // its first turn's blocks are (4 blocks = 64 tokens each).
+    for tag in [2, 0, 3, 1] {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(tag, 4, &[4, 5, 6, 7]), "max_tokens": 2, "ignore_eos": true})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let mut after = 0.0;
+    for p in [&p1, &p2] {
+        for rank in 0..2 {
+            after += hits(p, rank).await;
+        }
+    }
+    assert_eq!(after - before, (4 * 4 * BLOCK) as f64, "every second turn found its whole prefix cached on the prefill it was sent to");
+    // A reset cache is announced (AllBlocksCleared) and the index forgets that worker.
+    assert_eq!(client().post(format!("{}/reset_prefix_cache", p1.url)).send().await.unwrap().status().as_u16(), 200);
+    let p1_url = p1.url.clone();
+    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().filter(|(u, _, _)| *u == p1_url).all(|(_, _, n)| *n == 0) }).await, "{:?}", indexed(&url).await);
+    assert_idle(&r.url).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_leaves_takes_its_entries_and_one_that_joins_is_subscribed() {
+    let p1 = publishing_sim("prefill", 1).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let r = router_with_env(&["--prefill", &p1.url, "--decode", &d.url, "--policy", "kv_aware", "--admin-api-key", ADMIN_KEY], &[]).await;
+    let url = r.url.clone();
+    let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(9, 3, &[]), "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(_, _, n)| *n >= 3) }).await, "{:?}", indexed(&url).await);
+    // A second prefill joins through the admin API: subscribed without a restart.
+    let p2 = publishing_sim("prefill", 1).await;
+    let add = client().post(format!("{url}/add_worker?url={}&role=prefill", p2.url)).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert_eq!(add.status().as_u16(), 200, "{}", add.text().await.unwrap());
+    let p2_url = p2.url.clone();
+    assert!(eventually(Duration::from_secs(10), || async { workers_list(&url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == p2_url.as_str() && w["kv_events"].as_array().is_some_and(|a| !a.is_empty())) }).await);
+    // The first leaves: its entries go.
+    let del = client().delete(format!("{url}/workers/{}", urlencode(&p1.url))).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert_eq!(del.status().as_u16(), 200, "{}", del.text().await.unwrap());
+    let p1_url = p1.url.clone();
+    assert!(eventually(Duration::from_secs(5), || async { !indexed(&url).await.iter().any(|(u, _, _)| *u == p1_url) }).await, "{:?}", indexed(&url).await);
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
