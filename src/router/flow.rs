@@ -197,7 +197,7 @@ pub fn info_for(router: &Router, headers: &HeaderMap, body: &ClientBody) -> Requ
         let keys = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())
             .map(|t| super::kv_index::block_hashes(&t, index.block_size()))
             .unwrap_or_default();
-        info.kv = Some(super::policy::KvView { blocks: keys.len(), held: index.prefix_blocks(&keys) });
+        info.kv = Some(super::policy::KvView { blocks: keys.len(), held: index.prefix_blocks(&keys), indexed: index.sizes() });
     }
     info
 }

@@ -23,6 +23,8 @@ use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
 
 /// How often the worker set is reconciled with the subscriptions.
 const RECONCILE: Duration = Duration::from_secs(1);
+/// Silence after which the replay endpoint is asked whether batches were lost.
+const QUIET: Duration = Duration::from_secs(1);
 /// How long a replay may take to answer.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -116,17 +118,21 @@ fn on_worker_host(endpoint: &str, host: &str) -> Option<String> {
 
 async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
     let endpoint = on_worker_host(&src.endpoint, host).ok_or_else(|| format!("endpoint {} is not one the engine binds", src.endpoint))?;
-    let replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host));
+    let mut replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host)).map(|endpoint| Replayer { endpoint, dealer: None });
     let mut sub = SubSocket::new();
+    // A publisher that goes away (an engine restarting) ends this subscription: what it
+    // held is dropped and the reconcile loop subscribes again, replaying from the start.
+    let mut monitor = sub.monitor();
     sub.connect(&endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
     sub.subscribe(&src.topic).await.map_err(|e| e.to_string())?;
     tracing::info!(worker = %holder.url, rank = holder.rank, %endpoint, "subscribed to KV events");
     index.note_subscribed(holder);
     // What the engine already holds: everything its replay buffer has (a buffer that no
     // longer starts at 0 leaves blocks unknown, which is safe).
-    let mut next = match &replay {
-        Some(r) => match replay_from(r, 0).await {
-            Ok(batches) => apply_run(holder, index, batches, None),
+    let mut next = match replay.as_mut() {
+        Some(r) => match r.from(0).await {
+            // Nothing buffered yet: the first batch to come is 0.
+            Ok(batches) => apply_run(holder, index, batches, None).or(Some(0)),
             Err(e) => {
                 tracing::debug!(worker = %holder.url, "no initial replay: {e}");
                 None
@@ -138,7 +144,31 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
     // during the replay (duplicates); after that, a sequence that goes back is a restart.
     let mut caught_up = next.is_none();
     loop {
-        let msg = sub.recv().await.map_err(|e| e.to_string())?;
+        // A quiet publisher may have lost its last batches (a gap shows only when the next
+        // one comes): ask the replay endpoint for anything past `next`.
+        let received = tokio::select! {
+            r = tokio::time::timeout(QUIET, sub.recv()) => r,
+            event = futures_util::StreamExt::next(&mut monitor) => match event {
+                Some(zeromq::SocketEvent::Disconnected(_)) | None => return Err("the publisher disconnected".into()),
+                Some(_) => continue,
+            },
+        };
+        let msg = match received {
+            Ok(msg) => msg.map_err(|e| e.to_string())?,
+            Err(_) => {
+                if let (Some(r), Some(n)) = (replay.as_mut(), next) {
+                    if let Ok(batches) = r.from(n).await {
+                        if let Some(after) = apply_run(holder, index, batches, Some(n)) {
+                            next = Some(after);
+                        } else {
+                            tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events from {n} no longer replayable: its entries are dropped");
+                            index.drop_holder(holder);
+                        }
+                    }
+                }
+                continue;
+            }
+        };
         let frames = msg.into_vec();
         let [_, seq, payload] = &frames[..] else { return Err(format!("a message of {} frames", frames.len())) };
         let seq = u64::from_be_bytes(seq.get(..8).and_then(|s| s.try_into().ok()).ok_or("a sequence number that is not 8 bytes")?);
@@ -149,8 +179,8 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
                 index.drop_holder(holder);
             }
             Some(n) if seq > n => {
-                let filled = match &replay {
-                    Some(r) => replay_from(r, n).await.ok().and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
+                let filled = match replay.as_mut() {
+                    Some(r) => r.from(n).await.ok().and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
                     None => None,
                 };
                 if filled != Some(seq) {
@@ -186,25 +216,45 @@ fn apply_run(holder: &Holder, index: &KvIndex, batches: Vec<(u64, Bytes)>, from:
     next
 }
 
-/// Every buffered batch from `start` on, from a replay ROUTER: `[b"", start]` in,
-/// `[b"", topic, seq, payload]` out until the end marker.
-async fn replay_from(endpoint: &str, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
-    let mut dealer = DealerSocket::new();
-    tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(endpoint)).await.map_err(|_| "replay connect timed out".to_string())?.map_err(|e| e.to_string())?;
-    let req = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).map_err(|e| e.to_string())?;
-    dealer.send(req).await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
-        let f = msg.into_vec();
-        if f.len() != 4 {
-            return Err(format!("a replay message of {} frames", f.len()));
+/// A rank's replay endpoint, over one DEALER kept while it works (a new one after an error).
+struct Replayer {
+    endpoint: String,
+    dealer: Option<DealerSocket>,
+}
+
+impl Replayer {
+    /// Every buffered batch from `start` on: `[b"", start]` in, `[b"", topic, seq,
+    /// payload]` out until the end marker.
+    async fn from(&mut self, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
+        let result = self.ask(start).await;
+        if result.is_err() {
+            self.dealer = None;
         }
-        if f[2][..] == END_SEQ {
-            return Ok(out);
+        result
+    }
+
+    async fn ask(&mut self, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
+        if self.dealer.is_none() {
+            let mut dealer = DealerSocket::new();
+            tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(&self.endpoint)).await.map_err(|_| "replay connect timed out".to_string())?.map_err(|e| e.to_string())?;
+            self.dealer = Some(dealer);
         }
-        let seq = u64::from_be_bytes(f[2].get(..8).and_then(|s| s.try_into().ok()).ok_or("a bad replay sequence number")?);
-        out.push((seq, f[3].clone()));
+        let dealer = self.dealer.as_mut().expect("just set");
+        let req = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).map_err(|e| e.to_string())?;
+        dealer.send(req).await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
+            let f = msg.into_vec();
+            if f.len() != 4 {
+                return Err(format!("a replay message of {} frames", f.len()));
+            }
+            if f[2][..] == END_SEQ {
+                return Ok(out);
+            }
+            let seq = u64::from_be_bytes(f[2].get(..8).and_then(|s| s.try_into().ok()).ok_or("a bad replay sequence number")?);
+            out.push((seq, f[3].clone()));
+        }
     }
 }
 

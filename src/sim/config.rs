@@ -111,6 +111,10 @@ pub struct SimArgs {
     /// host binds the simulator's --host; rank r uses port + r.
     #[arg(long, value_name = "JSON", help_heading = "Prefix cache and KV events")]
     pub kv_events_config: Option<String>,
+    /// Fraction of KV event batches not sent live, though kept for replay (a fault: a PUB
+    /// socket drops batches past its high-water mark); subscribers see sequence gaps.
+    #[arg(long, default_value_t = 0.0, value_parser = fraction, help_heading = "Prefix cache and KV events")]
+    pub kv_events_drop_rate: f64,
     /// Serve vLLM's render endpoints (`/v1/completions/render`, `/v1/chat/completions/render`),
     /// which vLLM answers 403 without this flag.
     #[arg(long, help_heading = "Prefix cache and KV events")]

@@ -25,6 +25,8 @@ pub struct Publisher {
     replay: Option<RouterSocket>,
     topic: Bytes,
     buffer_steps: usize,
+    /// Fraction of batches not sent live (still buffered for replay): --kv-events-drop-rate.
+    pub drop_rate: f64,
     pub shown: KvEventsConfig,
 }
 
@@ -51,7 +53,7 @@ impl Publisher {
             }
             None => None,
         };
-        Ok(Publisher { publ, replay, topic: Bytes::from(shown.topic.clone().into_bytes()), buffer_steps: shown.buffer_steps.max(1), shown })
+        Ok(Publisher { publ, replay, topic: Bytes::from(shown.topic.clone().into_bytes()), buffer_steps: shown.buffer_steps.max(1), drop_rate: 0.0, shown })
     }
 
     /// Runs until the engine goes: each batch of events is published, and replay
@@ -73,7 +75,11 @@ impl Publisher {
                     let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
                     let payload = Bytes::from(encode(&EventBatch { ts, events, dp_rank: Some(rank as u64) }));
                     let frames = vec![self.topic.clone(), Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone()];
-                    if let Err(e) = self.publ.send(ZmqMessage::try_from(frames).expect("three frames")).await {
+                    // Lost on purpose, as a PUB socket loses batches past its high-water mark.
+                    let lost = self.drop_rate > 0.0 && rand::random::<f64>() < self.drop_rate;
+                    if lost {
+                        tracing::debug!("KV events: batch {seq} not published (--kv-events-drop-rate)");
+                    } else if let Err(e) = self.publ.send(ZmqMessage::try_from(frames).expect("three frames")).await {
                         tracing::warn!("KV events: publishing batch {seq} failed: {e}");
                     }
                     if buffer.len() == self.buffer_steps {

@@ -72,7 +72,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         side_ports.push(side_port);
         let events = match &kv_events {
             Some(kc) => {
-                let publisher = kv_publisher::Publisher::open(kc, rank, &host).await?;
+                let mut publisher = kv_publisher::Publisher::open(kc, rank, &host).await?;
+                publisher.drop_rate = args.kv_events_drop_rate;
                 kv_sources.insert(rank.to_string(), serde_json::to_value(&publisher.shown).expect("a config serialises"));
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 tokio::spawn(publisher.run(rank, rx));

@@ -120,3 +120,71 @@ async fn a_worker_that_leaves_takes_its_entries_and_one_that_joins_is_subscribed
 fn urlencode(s: &str) -> String {
     s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
+
+/// Batches lost on the way (half of them, kept for replay) leave the index complete: the
+/// router sees the sequence gaps and replays what it missed.
+#[tokio::test]
+async fn lost_events_are_replayed_and_routing_stays_exact() {
+    let base = free_port_run(8);
+    let lossy = |role: &'static str, base: u16| async move {
+        Proc::sim(&["--role", role, "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(base), "--kv-events-drop-rate", "0.5"]).await
+    };
+    let p1 = lossy("prefill", base).await;
+    let p2 = lossy("prefill", free_port_run(8)).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
+    let url = r.url.clone();
+    assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 2 }).await);
+    for tag in 0..8 {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(100 + tag, 3, &[1]), "max_tokens": 1})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // One more batch on each, so that a lost last batch shows as a gap too.
+    for tag in 0..4 {
+        post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(200 + tag, 1, &[]), "max_tokens": 1})).await;
+    }
+    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 28 }).await, "every block, lost batches included: {:?}", indexed(&url).await);
+    let total_hits = || async { hits(&p1, 0).await + hits(&p2, 0).await };
+    let before = total_hits().await;
+    for tag in [5, 1, 7, 3, 0, 6, 2, 4] {
+        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(100 + tag, 3, &[2, 3]), "max_tokens": 1})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(total_hits().await - before, (8 * 3 * BLOCK) as f64, "every prefix found where the index said");
+}
+
+/// Ranks with a subscription, from /workers.
+async fn indexed_ranks(router: &str) -> usize {
+    workers_list(router).await["workers"].as_array().unwrap().iter().map(|w| w["kv_events"].as_array().map_or(0, Vec::len)).sum()
+}
+
+/// A prefill restarted on the same address: what the old engine held is forgotten, and
+/// the new one's events are followed.
+#[tokio::test]
+async fn a_restarted_engine_leaves_no_stale_entries() {
+    let (http, events) = (free_port_run(1), free_port_run(8));
+    let start = || async move {
+        Proc::start(&["sim", "--port", &http.to_string(), "--role", "prefill", "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(events)]).await
+    };
+    let mut p = start().await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
+    let url = r.url.clone();
+    let total = || async { indexed(&url).await.iter().map(|(_, _, n)| *n).sum::<u64>() };
+    assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 1 }).await);
+    post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(300, 5, &[]), "max_tokens": 1})).await;
+    assert!(eventually(Duration::from_secs(5), || async { total().await == 5 }).await, "{:?}", indexed(&url).await);
+    p.kill();
+    let _ = p.wait_exit(Duration::from_secs(5)).await;
+    let _p = start().await;
+    // The old five blocks go; the new engine's two come.
+    let (status, v) = loop {
+        let (s, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(301, 2, &[]), "max_tokens": 1})).await;
+        if s == 200 {
+            break (s, v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 200, "{v}");
+    assert!(eventually(Duration::from_secs(8), || async { total().await == 2 }).await, "{:?}", indexed(&url).await);
+}

@@ -36,6 +36,8 @@ pub struct RequestInfo {
 pub struct KvView {
     pub blocks: usize,
     pub held: std::collections::HashMap<super::kv_index::Holder, usize>,
+    /// Blocks indexed per holder: among equals, the emptier cache takes a new prompt.
+    pub indexed: std::collections::HashMap<super::kv_index::Holder, usize>,
 }
 
 impl RequestInfo {
@@ -197,20 +199,23 @@ impl Policy {
 
 /// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
 /// compute (those it does not hold from the start) plus `load_weight` per request in
-/// flight there; the cheapest wins, ties to the less loaded worker.
+/// flight there; the cheapest wins, ties to the less loaded worker, then to the rank with
+/// the fewest blocks cached (new prompts spread over the caches).
 fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64) -> (usize, Option<usize>) {
     let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
-    let mut best: Option<(f64, usize, usize, usize)> = None;
+    let mut best: Option<(f64, usize, usize, usize, usize)> = None;
     for &c in candidates {
         let w = &workers[c];
         for rank in 0..w.served_ranks() {
-            let held = req.kv.as_ref().and_then(|kv| kv.held.get(&super::kv_index::Holder { url: w.url.clone(), rank })).copied().unwrap_or(0);
+            let holder = super::kv_index::Holder { url: w.url.clone(), rank };
+            let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
+            let held = of(req.kv.as_ref().map(|kv| &kv.held));
             let cost = blocks.saturating_sub(held) as f64 + load_weight * w.rank_load(rank) as f64;
-            let key = (cost, w.in_flight(), c, rank);
-            if best.as_ref().is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+            let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank);
+            if best.as_ref().is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
                 best = Some(key);
             }
         }
     }
-    best.map_or((candidates[0], None), |(_, _, c, rank)| (c, Some(rank)))
+    best.map_or((candidates[0], None), |(_, _, _, c, rank)| (c, Some(rank)))
 }
