@@ -125,6 +125,10 @@ pub struct RouteArgs {
     /// prompt blocks to compute.
     #[arg(long, default_value_t = 4.0, value_parser = non_negative)]
     pub kv_aware_load_weight: f64,
+    /// kv_aware (decode pool): a decode whose cache holds all but at most this many of the
+    /// prompt's tokens prefills them itself, with no prefill leg (0: always disaggregate).
+    #[arg(long, default_value_t = 32)]
+    pub kv_aware_decode_alone_tokens: usize,
     /// A local model directory whose tokenizer.json makes cache_aware and
     /// consistent_hash work on token ids instead of characters.
     #[arg(long, value_name = "DIR")]
@@ -473,6 +477,7 @@ impl RouteArgs {
             },
             model_path: self.model_path.clone(),
             kv_aware_load_weight: self.kv_aware_load_weight,
+            kv_aware_decode_alone_tokens: self.kv_aware_decode_alone_tokens,
             prefill_dp: self.prefill_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             decode_dp: self.decode_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),

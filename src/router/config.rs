@@ -116,6 +116,9 @@ pub struct RouterConfig {
     pub model_path: Option<String>,
     /// kv_aware: a request in flight on a rank costs this many uncached blocks.
     pub kv_aware_load_weight: f64,
+    /// kv_aware: a decode holding all but at most this many prompt tokens prefills them
+    /// itself (no prefill leg); 0: never.
+    pub kv_aware_decode_alone_tokens: usize,
     pub prefill_dp: usize,
     pub decode_dp: usize,
     pub max_concurrent: usize,

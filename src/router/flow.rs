@@ -194,10 +194,16 @@ pub fn info_for(router: &Router, headers: &HeaderMap, body: &ClientBody) -> Requ
     };
     if let Some(index) = &router.kv_index {
         // Tokenized and hashed here, outside every lock; looked up under the index's read lock.
-        let keys = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())
-            .map(|t| super::kv_index::block_hashes(&t, index.block_size()))
-            .unwrap_or_default();
-        info.kv = Some(super::policy::KvView { blocks: keys.len(), held: index.prefix_blocks(&keys), indexed: index.sizes() });
+        let tokens = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref()).unwrap_or_default();
+        let block_size = index.block_size();
+        let keys = super::kv_index::block_hashes(&tokens, block_size);
+        info.kv = Some(super::policy::KvView {
+            tokens: tokens.len(),
+            block_size,
+            blocks: keys.len(),
+            held: index.prefix_blocks(&keys),
+            indexed: index.sizes(),
+        });
     }
     info
 }

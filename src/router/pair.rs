@@ -176,7 +176,18 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
             break;
         }
         // The decode is reserved first: with none available, no prefill KV is made for nothing.
-        let decode = pick(pd(router).1, &job.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        let mut decode = pick(pd(router).1, &job.info, &avoid_d, pair > 0).map_err(Failure::no_worker)?;
+        if pair == 0 && prefill_on_decode(router, &job, &decode) {
+            match decode_alone(router, &job, decode).await {
+                Ok(answer) => return Ok(answer),
+                Err((url, outcome)) => {
+                    // A 4xx is the client's answer; anything else: disaggregate, elsewhere.
+                    outcome?;
+                    avoid_d.push(url);
+                    decode = pick(pd(router).1, &job.info, &avoid_d, true).map_err(Failure::no_worker)?;
+                }
+            }
+        }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(run_pair(router.clone(), job.clone(), decode, avoid_p.clone(), avoid_d.clone(), pair > 0, tx));
         match rx.await.map_err(|_| Failure::internal("the request's pair task ended unexpectedly"))? {
@@ -192,6 +203,36 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
         }
     }
     Err(last.expect("at least one pair was tried"))
+}
+
+/// kv_aware's conditional disaggregation: whether the chosen decode rank already holds all
+/// but `--kv-aware-decode-alone-tokens` of the prompt (its own prefix cache, from its KV
+/// events), so that it prefills the rest itself.
+fn prefill_on_decode(router: &Router, job: &Job, decode: &Lease) -> bool {
+    let limit = router.cfg.kv_aware_decode_alone_tokens;
+    let Some(kv) = &job.info.kv else { return false };
+    let holder = super::kv_index::Holder { url: decode.url().to_string(), rank: decode.rank() };
+    let held = kv.held.get(&holder).copied().unwrap_or(0);
+    limit > 0 && held > 0 && kv.tokens.saturating_sub(held * kv.block_size) <= limit
+}
+
+/// The request on the decode alone, as a colocated worker serves it (no KV moves). `Err`:
+/// the decode's URL, and what to tell the client (`Err` inside: a 4xx, final).
+async fn decode_alone(router: &Router, job: &Job, mut decode: Lease) -> Result<Answer, (String, Result<Failure, Failure>)> {
+    let req = job.decode_request(job.bodies.colocated(), job.leg.request_id.clone());
+    let t = Instant::now();
+    match legs::answer(&router.client, &decode, &req, None).await {
+        Ok(started) => {
+            decode.succeeded();
+            router.metrics.kv_aware("prefill_skipped");
+            router.metrics.leg_time("decode_first_byte", t);
+            Ok(Answer { started, lease: decode, since: t })
+        }
+        Err(e) => {
+            let url = decode.url().to_string();
+            Err((url, leg_failed(router, Leg::Decode, &mut decode, e, &job.leg.request_id)))
+        }
+    }
 }
 
 /// One pair attempt, in a task of its own, so that it keeps the prefill's KV from being

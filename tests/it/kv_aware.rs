@@ -188,3 +188,38 @@ async fn a_restarted_engine_leaves_no_stale_entries() {
     assert_eq!(status, 200, "{v}");
     assert!(eventually(Duration::from_secs(8), || async { total().await == 2 }).await, "{:?}", indexed(&url).await);
 }
+
+/// Conditional disaggregation: a second turn whose decode already holds all but a few of
+/// its tokens (pulled with the first turn) is prefilled on the decode, with no prefill
+/// leg, and the output is still what a colocated instance gives.
+#[tokio::test]
+async fn a_decode_that_holds_all_but_a_few_tokens_prefills_them_itself() {
+    let p = publishing_sim("prefill", 1).await;
+    let d = publishing_sim("decode", 1).await;
+    let c = Proc::sim(&["--block-size", &BLOCK.to_string()]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--policy", "kv_aware", "--kv-aware-decode-alone-tokens", "24"]).await;
+    let url = r.url.clone();
+    assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 2 }).await);
+    let turn1 = prompt(400, 4, &[1, 2, 3]);
+    let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": turn1, "max_tokens": 4, "ignore_eos": true})).await;
+    assert_eq!(status, 200, "{v}");
+    // The decode pulled the prompt's four full blocks and published them.
+    let d_url = d.url.clone();
+    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(u, _, n)| *u == d_url && *n >= 4) }).await, "{:?}", indexed(&url).await);
+    assert_eq!(served(&p.url).await, 1.0);
+    // 64 tokens held, 3 + 10 not: the decode prefills 13 tokens itself.
+    let turn2 = prompt(400, 4, &[1, 2, 3, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]);
+    for stream in [false, true] {
+        let b = json!({"prompt": turn2, "max_tokens": 6, "ignore_eos": true, "stream": stream});
+        let (_, want) = post(&format!("{}/v1/completions", c.url), &json!({"prompt": turn2, "max_tokens": 6, "ignore_eos": true})).await;
+        let got = if stream { stream_text(&post_stream(&format!("{url}/v1/completions"), &b).await.1) } else { text_of(&post(&format!("{url}/v1/completions"), &b).await.1) };
+        assert_eq!(got, text_of(&want), "stream={stream}");
+    }
+    assert_eq!(served(&p.url).await, 1.0, "no prefill leg for the second turns");
+    assert_eq!(metric(&metrics(&r.url).await, "disagg_router_kv_aware_total", &[("outcome", "prefill_skipped")]), 2.0);
+    // A prompt the decode holds too little of still goes through a prefill.
+    let (status, _) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(401, 4, &[]), "max_tokens": 2})).await;
+    assert_eq!(status, 200);
+    assert_eq!(served(&p.url).await, 2.0);
+    assert_idle(&r.url).await;
+}

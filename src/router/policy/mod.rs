@@ -34,6 +34,9 @@ pub struct RequestInfo {
 
 #[derive(Default, Debug)]
 pub struct KvView {
+    /// The prompt's tokens and tokens per block.
+    pub tokens: usize,
+    pub block_size: usize,
     pub blocks: usize,
     pub held: std::collections::HashMap<super::kv_index::Holder, usize>,
     /// Blocks indexed per holder: among equals, the emptier cache takes a new prompt.
@@ -211,6 +214,7 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
             let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
             let held = of(req.kv.as_ref().map(|kv| &kv.held));
             let cost = blocks.saturating_sub(held) as f64 + load_weight * w.rank_load(rank) as f64;
+            // Among equals, the worker already in use by fewer requests.
             let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank);
             if best.as_ref().is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
                 best = Some(key);
