@@ -156,8 +156,13 @@ async fn serve(
     }
     let info = info_for(router, headers, &body);
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
-    match pair::run(router, job).await {
-        Ok(answer) => Ok(relay::respond(answer, held, t.stream_idle, &router.drain)),
+    match pair::run(router, job.clone()).await {
+        Ok(answer) => {
+            if let Some(kv) = &job.info.kv {
+                super::kv_check::check(router, kv, &answer);
+            }
+            Ok(relay::respond(answer, held, t.stream_idle, &router.drain))
+        }
         Err(f) => {
             *record = Some(held.record);
             Err(f)

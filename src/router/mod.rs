@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod flow;
 pub mod health;
 pub mod http;
+pub mod kv_check;
 pub mod kv_index;
 pub mod kv_intake;
 pub mod kv_tokens;

@@ -66,6 +66,9 @@ pub struct Answer {
     pub lease: Lease,
     /// When the answering leg was sent.
     pub since: Instant,
+    /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
+    /// reports its prefill's, a decode alone its own (None where unknown).
+    pub cache_from: Option<super::kv_index::Holder>,
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
@@ -226,7 +229,8 @@ async fn decode_alone(router: &Router, job: &Job, mut decode: Lease) -> Result<A
             decode.succeeded();
             router.metrics.kv_aware("prefill_skipped");
             router.metrics.leg_time("decode_first_byte", t);
-            Ok(Answer { started, lease: decode, since: t })
+            let cache_from = Some(super::kv_index::Holder { url: decode.url().to_string(), rank: decode.rank() });
+            Ok(Answer { started, lease: decode, since: t, cache_from })
         }
         Err(e) => {
             let url = decode.url().to_string();
@@ -258,7 +262,7 @@ async fn run_pair(
     } else {
         prefill_then_decode(&router, &job, &decode, &mut avoid_p, fallback, &mut tx).await
     };
-    let Opened { prefill_worker, req, mut first } = match opened {
+    let Opened { prefill_worker, prefill_rank, req, mut first } = match opened {
         Opening::Opened(o) => o,
         Opening::Over(outcome) => {
             let _ = tx.send(outcome);
@@ -291,7 +295,9 @@ async fn run_pair(
                     router.metrics.abandoned_decode();
                 } else {
                     router.metrics.leg_time("decode_first_byte", t);
-                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t }));
+                    let cache_from = (connector == super::connector::Connector::Nixl)
+                        .then(|| super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank });
+                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from }));
                 }
                 return;
             }
@@ -339,6 +345,7 @@ type DecodeDone = (Option<Result<Started, LegError>>, bool, Instant);
 /// A pair whose prefill has answered (or run alongside its decode).
 struct Opened {
     prefill_worker: Arc<Worker>,
+    prefill_rank: usize,
     /// The decode leg (sent again to another decode if the first fails leaving the KV).
     req: LegRequest,
     /// How the decode sent alongside the prefill went.
@@ -377,9 +384,9 @@ async fn prefill_then_decode(
         }
     };
     match prefilled {
-        Ok((params, prefill_worker, leg_id)) => {
+        Ok((params, prefill_worker, prefill_rank, leg_id)) => {
             let req = job.decode_request(router.cfg.connector.decode_body(&job.bodies, params.as_deref()), leg_id);
-            Opening::Opened(Opened { prefill_worker, req, first: None })
+            Opening::Opened(Opened { prefill_worker, prefill_rank, req, first: None })
         }
         Err(f) => Opening::Over(PairOutcome::Final(f)),
     }
@@ -474,11 +481,11 @@ async fn prefill_alongside_decode(
                 } else {
                     req
                 };
-                return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first });
+                return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), prefill_rank: lease.rank(), req, first });
             }
             // The decode ended before the prefill answered: it answered (the KV moved), or
             // it was kept for a client that left and then let go (decode_leg).
-            None => return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), req, first }),
+            None => return Opening::Opened(Opened { prefill_worker: lease.worker().clone(), prefill_rank: lease.rank(), req, first }),
         }
     }
 }
@@ -534,7 +541,7 @@ async fn prefill_leg(
     decode: &Worker,
     avoid: &mut Vec<String>,
     fallback: bool,
-) -> Result<(Option<Bytes>, Arc<Worker>, HeaderValue), Failure> {
+) -> Result<(Option<Bytes>, Arc<Worker>, usize, HeaderValue), Failure> {
     let mut last: Option<Failure> = None;
     let mut attempt = 0;
     loop {
@@ -549,7 +556,7 @@ async fn prefill_leg(
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);
                 router.prefill_time.observe(t.elapsed());
-                return Ok((answer.params, lease.worker().clone(), legs.id));
+                return Ok((answer.params, lease.worker().clone(), lease.rank(), legs.id));
             }
             Err(e) => {
                 let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
@@ -581,7 +588,8 @@ async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer,
             Ok(started) => {
                 lease.succeeded();
                 router.metrics.leg_time("decode_first_byte", t);
-                return Ok(Answer { started, lease, since: t });
+                let cache_from = Some(super::kv_index::Holder { url: lease.url().to_string(), rank: lease.rank() });
+                return Ok(Answer { started, lease, since: t, cache_from });
             }
             Err(e) => {
                 let worker_may_retry = matches!(e, LegError::RankNotServed { .. });

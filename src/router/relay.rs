@@ -47,7 +47,7 @@ impl Held {
 
 /// The response for one generation's answer.
 pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>) -> Response {
-    let Answer { started, lease, since } = answer;
+    let Answer { started, lease, since, .. } = answer;
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);

@@ -54,7 +54,7 @@ async fn hits(sim: &Proc, rank: usize) -> f64 {
 async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
     let p1 = publishing_sim("prefill", 2).await;
     let p2 = publishing_sim("prefill", 2).await;
-    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
     let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--intra-node-data-parallel-size", "2",
         "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
     let url = r.url.clone();
@@ -88,6 +88,10 @@ async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
         }
     }
     assert_eq!(after - before, (4 * 4 * BLOCK) as f64, "every second turn found its whole prefix cached on the prefill it was sent to");
+    // The router predicted each answer's cached tokens exactly (checked against usage).
+    let m = metrics(&url).await;
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[]), 8.0, "no other outcome");
     // A reset cache is announced (AllBlocksCleared) and the index forgets that worker.
     assert_eq!(client().post(format!("{}/reset_prefix_cache", p1.url)).send().await.unwrap().status().as_u16(), 200);
     let p1_url = p1.url.clone();
@@ -216,7 +220,10 @@ async fn a_decode_that_holds_all_but_a_few_tokens_prefills_them_itself() {
         assert_eq!(got, text_of(&want), "stream={stream}");
     }
     assert_eq!(served(&p.url).await, 1.0, "no prefill leg for the second turns");
-    assert_eq!(metric(&metrics(&r.url).await, "disagg_router_kv_aware_total", &[("outcome", "prefill_skipped")]), 2.0);
+    let m = metrics(&r.url).await;
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "prefill_skipped")]), 2.0);
+    // Turn 1 (0 cached) and the non-streamed turn 2 (64 cached, the decode's own) were predicted exactly.
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 2.0, "{m}");
     // A prompt the decode holds too little of still goes through a prefill.
     let (status, _) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(401, 4, &[]), "max_tokens": 2})).await;
     assert_eq!(status, 200);
