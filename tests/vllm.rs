@@ -1,7 +1,7 @@
 //! End to end against REAL vLLM (CPU build) with real NIXL KV transfer between processes.
 //!
 //!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
-//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, mooncake or launch)
+//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, kv_aware, mooncake or launch)
 //!
 //! The binary re-runs itself inside a fresh loopback-only network namespace
 //! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
@@ -26,6 +26,8 @@ mod prefix_cache;
 mod timing;
 #[path = "vllm/bench_compare.rs"]
 mod bench_compare;
+#[path = "vllm/kv_aware.rs"]
+mod kv_aware;
 #[path = "vllm/mooncake.rs"]
 mod mooncake;
 
@@ -187,7 +189,7 @@ async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String
 
 type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
-/// `DISAGG_VLLM_GROUPS=pd,kv,mooncake,launch` (default: all) picks the groups to run, for
+/// `DISAGG_VLLM_GROUPS=pd,kv,kv_aware,mooncake,launch` (default: all) picks the groups to run, for
 /// development; CI runs them all.
 fn group_enabled(group: &str) -> bool {
     std::env::var("DISAGG_VLLM_GROUPS").map_or(true, |g| g.split(',').any(|x| x.trim() == group))
@@ -203,6 +205,9 @@ async fn run() -> ExitCode {
     if group_enabled("kv") {
         let what = "KV events, prefix cache, render endpoints and a fitted timing profile: vLLM and the simulator agree";
         whole_case(what, prefix_cache::run(), &mut failed).await;
+    }
+    if group_enabled("kv_aware") {
+        whole_case("kv_aware on 2 prefills + 1 decode: predictions equal vLLM's cached tokens, hit rate beats round_robin and cache_aware", kv_aware::run(), &mut failed).await;
     }
     if group_enabled("mooncake") {
         whole_case("Mooncake 1P1D through disagg route: output equals plain, KV moved", mooncake::run(), &mut failed).await;

@@ -63,7 +63,8 @@ pub enum Policy {
     PowerOfTwo,
     ConsistentHash(HashRing),
     CacheAware { cfg: CacheAwareConfig, index: PrefixIndex },
-    KvAware { load_weight: f64 },
+    /// `turn` rotates ties, so equal candidates share new prompts even one at a time.
+    KvAware { load_weight: f64, turn: usize },
 }
 
 impl Policy {
@@ -75,7 +76,7 @@ impl Policy {
             PolicyKind::PowerOfTwo => Policy::PowerOfTwo,
             PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::default()),
             PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(cache.max_entries) },
-            PolicyKind::KvAware => Policy::KvAware { load_weight: kv_load_weight },
+            PolicyKind::KvAware => Policy::KvAware { load_weight: kv_load_weight, turn: 0 },
         }
     }
 
@@ -106,8 +107,9 @@ impl Policy {
     /// The chosen candidate, and the DP rank to use when the policy chooses it (kv_aware:
     /// the rank whose cache holds the prompt; others leave it to the worker's load).
     pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> (usize, Option<usize>) {
-        if let Policy::KvAware { load_weight } = self {
-            return kv_aware(workers, candidates, req, *load_weight);
+        if let Policy::KvAware { load_weight, turn } = self {
+            *turn = turn.wrapping_add(1);
+            return kv_aware(workers, candidates, req, *load_weight, *turn);
         }
         (self.select_worker(workers, candidates, req), None)
     }
@@ -203,11 +205,13 @@ impl Policy {
 /// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
 /// compute (those it does not hold from the start) plus `load_weight` per request in
 /// flight there; the cheapest wins, ties to the less loaded worker, then to the rank with
-/// the fewest blocks cached (new prompts spread over the caches).
-fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64) -> (usize, Option<usize>) {
+/// the fewest blocks cached, then in turn (new prompts spread over the caches, also when
+/// every cache is full).
+fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64, turn: usize) -> (usize, Option<usize>) {
     let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
     let mut best: Option<(f64, usize, usize, usize, usize)> = None;
-    for &c in candidates {
+    let n = candidates.len();
+    for &c in candidates.iter().cycle().skip(turn % n).take(n) {
         let w = &workers[c];
         for rank in 0..w.served_ranks() {
             let holder = super::kv_index::Holder { url: w.url.clone(), rank };
