@@ -16,11 +16,13 @@ use serde_json::{Map, Value};
 
 use crate::api::{validation_error, ApiError, ErrorKind};
 
+#[derive(Clone)]
 pub struct ClientBody {
     raw: Bytes,
     fields: Vec<Field>,
 }
 
+#[derive(Clone)]
 struct Field {
     key: Box<str>,
     value: Range<usize>,

@@ -36,13 +36,14 @@ pub async fn run(
     mut held: Held,
 ) -> Result<Response, (Failure, Held)> {
     let base_id = leg.request_id.to_str().unwrap_or_default().to_string();
-    let jobs = request::split(body, shape).into_iter().enumerate().map(|(k, sub)| {
+    let mut jobs = Vec::new();
+    for (k, sub) in request::split(body, shape).into_iter().enumerate() {
         let body = ClientBody::parse(sub).expect("a split body is an object");
-        let info = info_for(router, headers, &body);
+        let info = info_for(router, headers, &body).await;
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
-        Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), stream: shape.gen.stream })
-    });
-    let answers = match futures_util::future::try_join_all(jobs.map(|job| pair::run(router, job))).await {
+        jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), stream: shape.gen.stream }));
+    }
+    let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| pair::run(router, job))).await {
         Ok(answers) => answers,
         Err(f) => return Err((f, held)),
     };

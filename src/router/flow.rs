@@ -154,7 +154,7 @@ async fn serve(
             f
         });
     }
-    let info = info_for(router, headers, &body);
+    let info = info_for(router, headers, &body).await;
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
     match pair::run(router, job.clone()).await {
         Ok(answer) => {
@@ -191,24 +191,26 @@ async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemapho
 }
 
 /// What the pools' policies read from a request (nothing, for those that read nothing).
-pub fn info_for(router: &Router, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
+pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
     let mut info = if router.needs_request_info {
         request::request_info(headers, body, router.tokenizer.as_ref(), router.cfg.cache_aware.max_prefix)
     } else {
         RequestInfo::default()
     };
-    if let Some(index) = &router.kv_index {
-        // Tokenized and hashed here, outside every lock; looked up under the index's read lock.
-        let tokens = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref()).unwrap_or_default();
-        let block_size = index.block_size();
-        let keys = super::kv_index::block_hashes(&tokens, block_size);
-        info.kv = Some(super::policy::KvView {
-            tokens: tokens.len(),
-            block_size,
-            blocks: keys.len(),
-            held: index.prefix_blocks(&keys),
-            indexed: index.sizes(),
-        });
+    if router.kv_index.is_some() {
+        // Tokenizing a long prompt is CPU work proportional to its size: off the async
+        // workers, outside every lock; then looked up under the index's read lock.
+        let (r, b) = (router.clone(), body.clone());
+        info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b)).await.ok().flatten();
     }
     info
+}
+
+/// kv_aware's view of a prompt: its blocks, and how many of them each rank holds.
+fn kv_view(router: &Router, body: &ClientBody) -> Option<super::policy::KvView> {
+    let index = router.kv_index.as_ref()?;
+    let tokens = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref()).unwrap_or_default();
+    let block_size = index.block_size();
+    let keys = super::kv_index::block_hashes(&tokens, block_size);
+    Some(super::policy::KvView { tokens: tokens.len(), block_size, blocks: keys.len(), held: index.prefix_blocks(&keys), indexed: index.sizes() })
 }

@@ -13,6 +13,10 @@ use std::sync::RwLock;
 use crate::api::kv_events::KvEvent;
 use crate::api::{fnv1a, FNV_OFFSET};
 
+/// Most blocks indexed per holder (a few million: more than any engine's KV cache); a
+/// publisher that claims more is not believed beyond it.
+const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
+
 /// A KV cache that events come from: a worker's DP rank.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Holder {
@@ -98,6 +102,10 @@ impl KvIndex {
                         continue;
                     }
                     let state = inner.states.entry(holder.clone()).or_default();
+                    if state.ours.len() + hashes.len() > MAX_BLOCKS_PER_HOLDER {
+                        tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
+                        continue;
+                    }
                     // Our chain continues from the parent's key; a parent we never heard of
                     // leaves the run unplaceable (the index misses it, safely).
                     let mut h = match parent {
