@@ -6,7 +6,7 @@
 //! replay could not fill, a restart) is dropped whole: the index may miss blocks, never
 //! claim blocks an engine does not hold.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
@@ -47,6 +47,53 @@ struct HolderState {
     ours: HashMap<u64, u64>,
 }
 
+/// Who holds one block: nearly always one rank, so that case takes no allocation (the
+/// index stays near 50 bytes per block).
+enum Holders {
+    One(u32),
+    Many(Box<Vec<u32>>),
+}
+
+impl Holders {
+    fn contains(&self, id: u32) -> bool {
+        match self {
+            Holders::One(h) => *h == id,
+            Holders::Many(v) => v.contains(&id),
+        }
+    }
+
+    fn insert(&mut self, id: u32) {
+        match self {
+            Holders::One(h) if *h == id => {}
+            Holders::One(h) => *self = Holders::Many(Box::new(vec![*h, id])),
+            Holders::Many(v) if !v.contains(&id) => v.push(id),
+            Holders::Many(_) => {}
+        }
+    }
+
+    /// Removes `id`; true when no holder is left.
+    fn remove(&mut self, id: u32) -> bool {
+        match self {
+            Holders::One(h) => *h == id,
+            Holders::Many(v) => {
+                v.retain(|h| *h != id);
+                let (empty, single) = (v.is_empty(), (v.len() == 1).then(|| v[0]));
+                if let Some(last) = single {
+                    *self = Holders::One(last);
+                }
+                empty
+            }
+        }
+    }
+
+    fn ids(&self) -> Vec<u32> {
+        match self {
+            Holders::One(h) => vec![*h],
+            Holders::Many(v) => v.to_vec(),
+        }
+    }
+}
+
 /// What /workers shows of a holder.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HolderStatus {
@@ -60,8 +107,23 @@ pub struct HolderStatus {
 #[derive(Default)]
 struct Inner {
     /// Our block key -> who holds it.
-    holders: HashMap<u64, HashSet<Holder>>,
-    states: HashMap<Holder, HolderState>,
+    blocks: HashMap<u64, Holders>,
+    /// Holders by a small id.
+    ids: HashMap<Holder, u32>,
+    names: Vec<Holder>,
+    states: HashMap<u32, HolderState>,
+}
+
+impl Inner {
+    fn id(&mut self, holder: &Holder) -> u32 {
+        if let Some(id) = self.ids.get(holder) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(holder.clone());
+        self.ids.insert(holder.clone(), id);
+        id
+    }
 }
 
 #[derive(Default)]
@@ -88,8 +150,8 @@ impl KvIndex {
 
     /// Applies one holder's events, in order.
     pub fn apply(&self, holder: &Holder, events: &[KvEvent]) {
-        // Keys are computed before the lock is taken, where they can be.
         let mut inner = self.write();
+        let id = inner.id(holder);
         for event in events {
             match event {
                 KvEvent::Stored { hashes, parent, token_ids, block_size } => {
@@ -101,7 +163,8 @@ impl KvIndex {
                         tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events with block size {block_size}, not {}: ignored", self.block_size());
                         continue;
                     }
-                    let state = inner.states.entry(holder.clone()).or_default();
+                    let Inner { blocks, states, .. } = &mut *inner;
+                    let state = states.entry(id).or_default();
                     if state.ours.len() + hashes.len() > MAX_BLOCKS_PER_HOLDER {
                         tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
                         continue;
@@ -115,27 +178,25 @@ impl KvIndex {
                             None => continue,
                         },
                     };
-                    let mut keys = Vec::with_capacity(hashes.len());
                     for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(*block_size)) {
                         for t in block {
                             h = fnv1a(h, &t.to_le_bytes());
                         }
                         state.ours.insert(*engine_hash, h);
-                        keys.push(h);
-                    }
-                    for k in keys {
-                        inner.holders.entry(k).or_default().insert(holder.clone());
+                        match blocks.get_mut(&h) {
+                            Some(holders) => holders.insert(id),
+                            None => {
+                                blocks.insert(h, Holders::One(id));
+                            }
+                        }
                     }
                 }
                 KvEvent::Removed { hashes } => {
-                    let Some(state) = inner.states.get_mut(holder) else { continue };
-                    let gone: Vec<u64> = hashes.iter().filter_map(|e| state.ours.remove(e)).collect();
-                    for k in gone {
-                        if let Some(set) = inner.holders.get_mut(&k) {
-                            set.remove(holder);
-                            if set.is_empty() {
-                                inner.holders.remove(&k);
-                            }
+                    let Inner { blocks, states, .. } = &mut *inner;
+                    let Some(state) = states.get_mut(&id) else { continue };
+                    for k in hashes.iter().filter_map(|e| state.ours.remove(e)) {
+                        if blocks.get_mut(&k).is_some_and(|holders| holders.remove(id)) {
+                            blocks.remove(&k);
                         }
                     }
                 }
@@ -159,7 +220,7 @@ impl KvIndex {
     pub fn drop_worker(&self, url: &str) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|h, _| h.url != url);
         let mut inner = self.write();
-        let gone: Vec<Holder> = inner.states.keys().filter(|h| h.url == url).cloned().collect();
+        let gone: Vec<Holder> = inner.ids.keys().filter(|h| h.url == url).cloned().collect();
         for h in gone {
             drop_holder(&mut inner, &h);
         }
@@ -169,23 +230,25 @@ impl KvIndex {
     /// the start.
     pub fn prefix_blocks(&self, keys: &[u64]) -> HashMap<Holder, usize> {
         let inner = self.read();
-        let mut out: HashMap<Holder, usize> = HashMap::new();
-        let Some(first) = keys.first().and_then(|k| inner.holders.get(k)) else { return out };
-        let mut alive: Vec<Holder> = first.iter().cloned().collect();
+        let Some(first) = keys.first().and_then(|k| inner.blocks.get(k)) else { return HashMap::new() };
+        let mut alive: Vec<(u32, usize)> = first.ids().into_iter().map(|id| (id, 0)).collect();
+        let mut done: Vec<(u32, usize)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let here = inner.holders.get(key);
-            alive.retain(|h| {
-                let held = here.is_some_and(|s| s.contains(h));
-                if held {
-                    out.insert(h.clone(), i + 1);
+            let here = inner.blocks.get(key);
+            alive.retain_mut(|(id, n)| {
+                if here.is_some_and(|h| h.contains(*id)) {
+                    *n = i + 1;
+                    true
+                } else {
+                    done.push((*id, *n));
+                    false
                 }
-                held
             });
             if alive.is_empty() {
                 break;
             }
         }
-        out
+        done.into_iter().chain(alive).filter(|(_, n)| *n > 0).map(|(id, n)| (inner.names[id as usize].clone(), n)).collect()
     }
 
     /// Records the sequence number of the batch just applied.
@@ -222,18 +285,17 @@ impl KvIndex {
 
     /// Blocks indexed per holder.
     pub fn sizes(&self) -> HashMap<Holder, usize> {
-        self.read().states.iter().map(|(h, s)| (h.clone(), s.ours.len())).collect()
+        let inner = self.read();
+        inner.states.iter().map(|(id, s)| (inner.names[*id as usize].clone(), s.ours.len())).collect()
     }
 }
 
 fn drop_holder(inner: &mut Inner, holder: &Holder) {
-    let Some(state) = inner.states.remove(holder) else { return };
+    let Some(id) = inner.ids.get(holder).copied() else { return };
+    let Some(state) = inner.states.remove(&id) else { return };
     for k in state.ours.values() {
-        if let Some(set) = inner.holders.get_mut(k) {
-            set.remove(holder);
-            if set.is_empty() {
-                inner.holders.remove(k);
-            }
+        if inner.blocks.get_mut(k).is_some_and(|holders| holders.remove(id)) {
+            inner.blocks.remove(k);
         }
     }
 }
