@@ -198,18 +198,23 @@ pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBo
         RequestInfo::default()
     };
     if router.kv_index.is_some() {
+        // Text without a local tokenizer: the engine's own render endpoint tokenizes it.
+        let rendered = match router.model_tokenizer {
+            None if super::kv_tokens::is_text(body) => super::kv_tokens::render(router, body).await,
+            _ => None,
+        };
         // Tokenizing a long prompt is CPU work proportional to its size: off the async
         // workers, outside every lock; then looked up under the index's read lock.
         let (r, b) = (router.clone(), body.clone());
-        info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b)).await.ok().flatten();
+        info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b, rendered)).await.ok().flatten();
     }
     info
 }
 
 /// kv_aware's view of a prompt: its blocks, and how many of them each rank holds.
-fn kv_view(router: &Router, body: &ClientBody) -> Option<super::policy::KvView> {
+fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Option<super::policy::KvView> {
     let index = router.kv_index.as_ref()?;
-    let tokens = super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref()).unwrap_or_default();
+    let tokens = rendered.or_else(|| super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
     let block_size = index.block_size();
     let keys = super::kv_index::block_hashes(&tokens, block_size);
     Some(super::policy::KvView { tokens: tokens.len(), block_size, blocks: keys.len(), held: index.prefix_blocks(&keys), indexed: index.sizes() })

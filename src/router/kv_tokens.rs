@@ -1,12 +1,15 @@
 //! A prompt's token ids as the engine will see them, for `kv_aware`: token-id prompts as
 //! they are; text through the model's own tokenizer (`--model-path`: tokenizer.json, BOS
 //! as the model adds it) and a chat through its chat template (tokenize.rs, minijinja),
-//! the way vLLM renders and tokenizes them. Without a tokenizer a text prompt has no
-//! tokens here and `kv_aware` routes it by load alone.
+//! the way vLLM renders and tokenizes them. Without a tokenizer, the engine's own render
+//! endpoint (`/v1/completions/render`, `/v1/chat/completions/render`: vLLM's
+//! `--enable-scale-out`) tokenizes text; where it cannot, `kv_aware` routes by load alone.
 
 use serde_json::{Map, Value};
 
 use super::body::ClientBody;
+use super::flow::Router;
+use super::workers::Role;
 use crate::tokenize::ModelTokenizer;
 
 /// The keys of a chat body the template reads.
@@ -30,6 +33,36 @@ pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> O
     }
 }
 
+/// Whether the prompt is text (a chat, or a completions string) rather than token ids.
+pub fn is_text(body: &ClientBody) -> bool {
+    body.has("messages") || body.get("prompt").is_some_and(|raw| raw.first() == Some(&b'"') || raw.starts_with(b"[\""))
+}
+
+/// The prompt's token ids from a worker's render endpoint (one that serves prefills, or
+/// any worker in colocated mode); None when none answers within 2 s.
+pub async fn render(router: &Router, body: &ClientBody) -> Option<Vec<u32>> {
+    let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
+    let worker = router.topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
+    let mut req = router
+        .client
+        .post(format!("{}{path}", worker.url))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.raw().clone())
+        .timeout(std::time::Duration::from_secs(2));
+    if let Some(auth) = &router.worker_auth {
+        req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+    }
+    let resp = req.send().await.ok().filter(|r| r.status().is_success())?;
+    let v: Value = resp.json().await.ok()?;
+    // Completions: one object per prompt (a fanned-out request has one); chat: one object.
+    let one = match &v {
+        Value::Array(list) if list.len() == 1 => &list[0],
+        Value::Object(_) => &v,
+        _ => return None,
+    };
+    one.get("token_ids")?.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +78,8 @@ mod tests {
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": "text"})), None), None);
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": [1, -2]})), None), None);
         assert_eq!(prompt_tokens(&body(serde_json::json!({"messages": []})), None), None);
+        assert!(is_text(&body(serde_json::json!({"prompt": "t"}))) && is_text(&body(serde_json::json!({"prompt": ["t"]}))));
+        assert!(is_text(&body(serde_json::json!({"messages": []}))));
+        assert!(!is_text(&body(serde_json::json!({"prompt": [1, 2]}))));
     }
 }

@@ -230,3 +230,55 @@ async fn a_decode_that_holds_all_but_a_few_tokens_prefills_them_itself() {
     assert_eq!(served(&p.url).await, 2.0);
     assert_idle(&r.url).await;
 }
+
+/// Text and chat prompts route exactly too: tokenized with the model's tokenizer and chat
+/// template (`--model-path`), or, without one, by the engine's own render endpoint.
+#[tokio::test]
+async fn text_and_chat_prompts_route_with_the_models_tokenizer_or_the_render_endpoint() {
+    let model = script_var("vllm-env.sh", "MODEL");
+    for local in [true, false] {
+        let sim = |role: &'static str| {
+            let model = model.clone();
+            async move {
+                let base = free_port_run(8);
+                Proc::sim(&["--role", role, "--block-size", &BLOCK.to_string(), "--tokenizer", &model, "--model", "tiny-llama", "--max-model-len", "4096",
+                    "--enable-scale-out", "--enable-prompt-tokens-details", "--kv-events-config", &events_config(base)]).await
+            }
+        };
+        let (p1, p2, d) = (sim("prefill").await, sim("prefill").await, sim("decode").await);
+        // Every request disaggregated (the decode holds each first turn too, and would
+        // otherwise serve the second alone): the prefills are chosen by what they hold.
+        let mut args = vec!["--prefill", p1.url.as_str(), "--prefill", p2.url.as_str(), "--decode", d.url.as_str(), "--prefill-policy", "kv_aware",
+            "--decode-policy", "round_robin", "--kv-aware-decode-alone-tokens", "0"];
+        if local {
+            args.extend(["--model-path", model.as_str()]);
+        }
+        let r = router(&args).await;
+        let url = r.url.clone();
+        assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 3 }).await);
+        let doc = |k: usize| format!("Shared document {k}: {}", (0..120).map(|i| ["river", "stone", "cloud", "ember"][(i + k) % 4]).collect::<Vec<_>>().join(" "));
+        let bodies = |k: usize, q: usize| {
+            if k % 2 == 0 {
+                json!({"model": "tiny-llama", "prompt": format!("{}\nQuestion {q}?", doc(k)), "max_tokens": 1})
+            } else {
+                json!({"model": "tiny-llama", "messages": [{"role": "system", "content": doc(k)}, {"role": "user", "content": format!("Question {q}?")}], "max_tokens": 1})
+            }
+        };
+        let path = |k: usize| if k % 2 == 0 { "/v1/completions" } else { "/v1/chat/completions" };
+        for k in 0..4 {
+            let (status, v) = post(&format!("{url}{}", path(k)), &bodies(k, 0)).await;
+            assert_eq!(status, 200, "{v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for k in [3, 1, 2, 0] {
+            let (status, v) = post(&format!("{url}{}", path(k)), &bodies(k, 1)).await;
+            assert_eq!(status, 200, "{v}");
+        }
+        // Every second question's answer reported what the router predicted, and the
+        // predictions were not all zero: the documents were found where they were cached.
+        let m = metrics(&url).await;
+        assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "local tokenizer: {local}\n{m}");
+        let hits = hits(&p1, 0).await + hits(&p2, 0).await;
+        assert!(hits >= 4.0 * 300.0, "local tokenizer: {local}: {hits} tokens hit");
+    }
+}
