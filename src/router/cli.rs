@@ -121,9 +121,9 @@ pub struct RouteArgs {
     /// cache_aware: memory cap of the prefix index, all workers together (MiB).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_aware_max_memory_mb: u64,
-    /// kv_aware: what one request in flight on a worker's DP rank costs, in uncached
-    /// prompt blocks to compute.
-    #[arg(long, default_value_t = 4.0, value_parser = non_negative)]
+    /// kv_aware: the weight of the work queued on a DP rank (the uncached prompt blocks of
+    /// its requests in flight) against the blocks this prompt would compute there.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub kv_aware_load_weight: f64,
     /// kv_aware (decode pool): a decode whose cache holds all but at most this many of the
     /// prompt's tokens prefills them itself, with no prefill leg (0: always disaggregate).

@@ -31,6 +31,9 @@ pub struct Worker {
     engine_ids: Mutex<Vec<String>>,
     /// In-flight requests per DP rank, counted by the router itself.
     ranks: Vec<AtomicUsize>,
+    /// kv_aware: prompt blocks still to compute (or pull) that in-flight requests reserved
+    /// on each rank: the work queued there, as the router counts it.
+    queued_blocks: Vec<AtomicUsize>,
     /// Rotates the tie-break between equally loaded ranks.
     rank_turn: AtomicUsize,
     /// Ranks the worker was found to serve (`limit_ranks`), at most `ranks.len()`.
@@ -53,6 +56,7 @@ impl Worker {
             kv_address: None,
             engine_ids: Mutex::new(Vec::new()),
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            queued_blocks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
             served_ranks: AtomicUsize::new(dp_size),
             healthy: AtomicBool::new(false),
@@ -134,6 +138,11 @@ impl Worker {
         self.ranks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
     }
 
+    /// kv_aware: uncached prompt blocks reserved on one rank by requests in flight.
+    pub fn queued_blocks(&self, rank: usize) -> usize {
+        self.queued_blocks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
+    }
+
     /// The least loaded rank; ties go round the ranks so idle ranks share the work.
     fn pick_rank(&self) -> usize {
         let n = self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len());
@@ -178,14 +187,17 @@ impl Worker {
 pub struct Lease {
     worker: Arc<Worker>,
     rank: usize,
+    /// The uncached blocks this request reserved on the rank (kv_aware), released on drop.
+    blocks: usize,
     /// This request is the half-open circuit's probe.
     probe: bool,
 }
 
 impl Lease {
-    fn new(worker: Arc<Worker>, rank: usize, probe: bool) -> Self {
+    fn new(worker: Arc<Worker>, rank: usize, probe: bool, blocks: usize) -> Self {
         worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
-        Lease { worker, rank, probe }
+        worker.queued_blocks[rank].fetch_add(blocks, Ordering::Relaxed);
+        Lease { worker, rank, blocks, probe }
     }
 
     /// The leg on this lease succeeded (or the worker answered the client's error).
@@ -219,6 +231,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.ranks[self.rank].fetch_sub(1, Ordering::Relaxed);
+        self.worker.queued_blocks[self.rank].fetch_sub(self.blocks, Ordering::Relaxed);
         if self.probe {
             self.worker.breaker.end_probe();
         }
@@ -379,7 +392,8 @@ impl Pool {
             (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
         let mut policy = self.lock();
         while !candidates.is_empty() {
-            let (chosen, rank) = policy.select(&workers, &candidates, req);
+            let pick = policy.select(&workers, &candidates, req);
+            let chosen = pick.index;
             let worker = &workers[chosen];
             // Another pick may have taken a half-open worker's one probe meanwhile.
             let probe = match worker.breaker.admit() {
@@ -390,8 +404,11 @@ impl Pool {
                     continue;
                 }
             };
-            let rank = rank.filter(|r| *r < worker.served_ranks()).unwrap_or_else(|| worker.pick_rank());
-            return Ok(Lease::new(worker.clone(), rank, probe));
+            let (rank, blocks) = match pick.rank.filter(|r| *r < worker.served_ranks()) {
+                Some(rank) => (rank, pick.blocks),
+                None => (worker.pick_rank(), 0),
+            };
+            return Ok(Lease::new(worker.clone(), rank, probe, blocks));
         }
         Err(NoWorker { role: self.role, total: workers.len(), healthy: workers.iter().filter(|w| w.is_available()).count() })
     }

@@ -282,3 +282,63 @@ async fn text_and_chat_prompts_route_with_the_models_tokenizer_or_the_render_end
         assert!(hits >= 4.0 * 300.0, "local tokenizer: {local}: {hits} tokens hit");
     }
 }
+
+/// At scale: eight prefills, two decodes, sixteen conversations of three turns arriving
+/// interleaved; every later turn finds its prefix where the router predicted.
+#[tokio::test]
+async fn eight_prefills_sixteen_conversations() {
+    let mut prefills = Vec::new();
+    for _ in 0..8 {
+        prefills.push(publishing_sim("prefill", 1).await);
+    }
+    let decodes = [
+        Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await,
+        Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await,
+    ];
+    let mut args = vec!["--prefill-policy", "kv_aware", "--decode-policy", "power_of_two"];
+    for p in &prefills {
+        args.extend(["--prefill", p.url.as_str()]);
+    }
+    for d in &decodes {
+        args.extend(["--decode", d.url.as_str()]);
+    }
+    let r = router(&args).await;
+    let url = r.url.clone();
+    assert!(eventually(Duration::from_secs(15), || async { indexed_ranks(&url).await == 8 }).await);
+    let mut total_hits = 0.0;
+    for p in &prefills {
+        total_hits -= hits(p, 0).await;
+    }
+    for turn in 0..3u32 {
+        // Conversations in a different order each turn.
+        let order: Vec<u32> = (0..16).map(|k| (k * 5 + turn * 3) % 16).collect();
+        let sends = order.iter().map(|&c| {
+            let url = url.clone();
+            // A conversation's prompt grows by a block per turn.
+            let tail: Vec<u32> = (0..turn * BLOCK as u32).map(|i| 50_000 + c * 1000 + i).collect();
+            async move { post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(500 + c, 3, &tail), "max_tokens": 1})).await }
+        });
+        for (status, v) in futures_util::future::join_all(sends).await {
+            assert_eq!(status, 200, "{v}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for p in &prefills {
+        total_hits += hits(p, 0).await;
+    }
+    // The second turn (64 tokens) finds its first 3 blocks, the third (80) its first 4.
+    let want = 16.0 * (3 * BLOCK + 4 * BLOCK) as f64;
+    let m = metrics(&url).await;
+    let exact = metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]);
+    assert_eq!(exact, 48.0, "every answer's cached tokens as predicted:\n{m}");
+    assert!(total_hits >= want * 0.9, "{total_hits} tokens hit, about {want} possible");
+    // The conversations spread over the prefills.
+    let mut used = 0;
+    for p in &prefills {
+        if metric(&metrics(&p.url).await, "vllm:prefix_cache_queries_total", &[]) > 0.0 {
+            used += 1;
+        }
+    }
+    assert!(used >= 6, "{used} of 8 prefills used");
+    assert_idle(&url).await;
+}

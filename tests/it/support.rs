@@ -283,7 +283,7 @@ pub async fn assert_idle(router: &str) {
         let w = workers(router).await;
         w["permits_in_use"] == 0
             && w["queued"] == 0
-            && w["workers"].as_array().unwrap().iter().all(|w| w["in_flight"] == 0)
+            && w["workers"].as_array().unwrap().iter().all(|w| w["in_flight"] == 0 && w["ranks_queued_blocks"].as_array().is_none_or(|q| q.iter().all(|b| b == 0)))
     })
     .await;
     assert!(idle, "router not idle: {}", workers(router).await);

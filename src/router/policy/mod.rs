@@ -57,6 +57,15 @@ impl RequestInfo {
 /// Units of prompt prefix that key consistent_hash when there is no session key.
 const HASH_PREFIX_UNITS: usize = 256;
 
+/// A policy's choice: the candidate (an index into the pool's snapshot), the DP rank when
+/// the policy chooses it (kv_aware: the rank whose cache holds the prompt; otherwise the
+/// worker's least loaded), and the uncached blocks the request reserves there.
+pub struct Pick {
+    pub index: usize,
+    pub rank: Option<usize>,
+    pub blocks: usize,
+}
+
 pub enum Policy {
     RoundRobin { next: usize },
     Random,
@@ -104,14 +113,13 @@ impl Policy {
         matches!(self, Policy::KvAware { .. })
     }
 
-    /// The chosen candidate, and the DP rank to use when the policy chooses it (kv_aware:
-    /// the rank whose cache holds the prompt; others leave it to the worker's load).
-    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> (usize, Option<usize>) {
+    /// The chosen candidate, and what the policy decided beyond it.
+    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> Pick {
         if let Policy::KvAware { load_weight, turn } = self {
             *turn = turn.wrapping_add(1);
             return kv_aware(workers, candidates, req, *load_weight, *turn);
         }
-        (self.select_worker(workers, candidates, req), None)
+        Pick { index: self.select_worker(workers, candidates, req), rank: None, blocks: 0 }
     }
 
     fn select_worker(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> usize {
@@ -203,27 +211,28 @@ impl Policy {
 }
 
 /// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
-/// compute (those it does not hold from the start) plus `load_weight` per request in
-/// flight there; the cheapest wins, ties to the less loaded worker, then to the rank with
-/// the fewest blocks cached, then in turn (new prompts spread over the caches, also when
-/// every cache is full).
-fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64, turn: usize) -> (usize, Option<usize>) {
+/// compute (those it does not hold from the start) plus `load_weight` times the blocks
+/// that requests in flight there still have to compute (the router's own reservations);
+/// the cheapest wins, ties to the less loaded worker, then to the rank with the fewest
+/// blocks cached, then in turn (new prompts spread over the caches, also when every cache
+/// is full).
+fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64, turn: usize) -> Pick {
     let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
-    let mut best: Option<(f64, usize, usize, usize, usize)> = None;
+    let mut best: Option<(f64, usize, usize, usize, usize, usize)> = None;
     let n = candidates.len();
     for &c in candidates.iter().cycle().skip(turn % n).take(n) {
         let w = &workers[c];
         for rank in 0..w.served_ranks() {
             let holder = super::kv_index::Holder { url: w.url.clone(), rank };
             let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
-            let held = of(req.kv.as_ref().map(|kv| &kv.held));
-            let cost = blocks.saturating_sub(held) as f64 + load_weight * w.rank_load(rank) as f64;
+            let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
+            let cost = uncached as f64 + load_weight * w.queued_blocks(rank) as f64;
             // Among equals, the worker already in use by fewer requests.
-            let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank);
+            let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank, uncached);
             if best.as_ref().is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
                 best = Some(key);
             }
         }
     }
-    best.map_or((candidates[0], None), |(_, _, _, c, rank)| (c, Some(rank)))
+    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |(_, _, _, c, rank, uncached)| Pick { index: c, rank: Some(rank), blocks: uncached })
 }
