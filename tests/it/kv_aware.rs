@@ -342,3 +342,47 @@ async fn eight_prefills_sixteen_conversations() {
     assert!(used >= 6, "{used} of 8 prefills used");
     assert_idle(&url).await;
 }
+
+/// Router replicas need no coordination: a second router that routed nothing builds the
+/// same index from the same events, and routes the next turns to where the first router's
+/// turns left their prefixes.
+#[tokio::test]
+async fn two_routers_build_the_same_index_from_the_same_events() {
+    let (p1, p2) = (publishing_sim("prefill", 2).await, publishing_sim("prefill", 2).await);
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
+    let args = ["--prefill", p1.url.as_str(), "--prefill", p2.url.as_str(), "--decode", d.url.as_str(), "--intra-node-data-parallel-size", "2",
+        "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"];
+    let (a, b) = (router(&args).await, router(&args).await);
+    for r in [&a, &b] {
+        let url = r.url.clone();
+        assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 4 }).await);
+    }
+    for tag in 0..6 {
+        let (status, v) = post(&format!("{}/v1/completions", a.url), &json!({"prompt": prompt(700 + tag, 3, &[1]), "max_tokens": 1})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let sorted = |mut v: Vec<(String, u64, u64)>| {
+        v.sort();
+        v
+    };
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let same = eventually(Duration::from_secs(5), || async {
+        let x = sorted(indexed(&a_url).await);
+        x.iter().map(|e| e.2).sum::<u64>() >= 18 && x == sorted(indexed(&b_url).await)
+    })
+    .await;
+    assert!(same, "{:?} vs {:?}", indexed(&a.url).await, indexed(&b.url).await);
+    let mut before = 0.0;
+    for p in [&p1, &p2] {
+        before += hits(p, 0).await + hits(p, 1).await;
+    }
+    for tag in [4, 1, 5, 0, 3, 2] {
+        let (status, v) = post(&format!("{}/v1/completions", b.url), &json!({"prompt": prompt(700 + tag, 3, &[2, 3]), "max_tokens": 1})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let mut after = 0.0;
+    for p in [&p1, &p2] {
+        after += hits(p, 0).await + hits(p, 1).await;
+    }
+    assert_eq!(after - before, (6 * 3 * BLOCK) as f64, "router B sent every turn where router A's turns were cached");
+}
