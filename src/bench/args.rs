@@ -25,6 +25,9 @@ pub enum DatasetName {
     /// A ShareGPT-format JSON file (--dataset-path): first human turn as the prompt, the
     /// first answer's token count as the output length.
     Sharegpt,
+    /// vLLM's repeated-prefix prompts (see --prefix-repetition-*).
+    #[value(name = "prefix_repetition")]
+    PrefixRepetition,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,10 +76,22 @@ pub struct BenchArgs {
     /// Tokens of one random prefix shared by every request.
     #[arg(long, default_value_t = 0)]
     pub random_prefix_len: usize,
+    /// prefix_repetition: tokens of each shared prefix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_prefix_len: usize,
+    /// prefix_repetition: tokens of each request's own suffix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_suffix_len: usize,
+    /// prefix_repetition: number of distinct prefixes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefix_repetition_num_prefixes: u64,
+    /// prefix_repetition: output tokens of every request.
+    #[arg(long, default_value_t = 128)]
+    pub prefix_repetition_output_len: usize,
     /// Output length of every ShareGPT request (default: its answer's length).
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
-    /// Keep the dataset's order (ShareGPT) instead of shuffling it with --seed.
+    /// Keep the dataset's order (ShareGPT, prefix_repetition) instead of shuffling it with --seed.
     #[arg(long)]
     pub disable_shuffle: bool,
     #[arg(long, default_value_t = 0)]

@@ -143,6 +143,46 @@ pub fn random(tok: &Tok, spec: &RandomSpec) -> anyhow::Result<Vec<SampleRequest>
     Ok(out)
 }
 
+/// vLLM's `prefix_repetition` (PrefixRepetitionRandomDataset): `num_prefixes` random
+/// prefixes of `prefix_len` tokens, each followed by `num / num_prefixes` random suffixes
+/// of `suffix_len` tokens (each part decoded and re-encoded to its exact length), shuffled
+/// with the seed unless disabled.
+pub struct PrefixRepetitionSpec {
+    pub num: usize,
+    pub prefix_len: usize,
+    pub suffix_len: usize,
+    pub num_prefixes: usize,
+    pub output_len: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+pub fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Result<Vec<SampleRequest>> {
+    let per_prefix = spec.num / spec.num_prefixes.max(1);
+    if per_prefix == 0 {
+        bail!("num_requests ({}) must be greater than or equal to num_prefixes ({})", spec.num, spec.num_prefixes);
+    }
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let v = tok.vocab_size() as u32;
+    let part = |len: usize, rng: &mut StdRng| {
+        let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..v)).collect();
+        prompt_of_len(tok, ids, len, rng).1
+    };
+    let mut out = Vec::with_capacity(per_prefix * spec.num_prefixes);
+    for _ in 0..spec.num_prefixes {
+        let prefix = part(spec.prefix_len, &mut rng);
+        for _ in 0..per_prefix {
+            let mut ids = prefix.clone();
+            ids.extend(part(spec.suffix_len, &mut rng));
+            out.push(SampleRequest { prompt: tok.decode(&ids), prompt_len: ids.len(), output_len: spec.output_len });
+        }
+    }
+    if spec.shuffle {
+        out.shuffle(&mut rng);
+    }
+    Ok(out)
+}
+
 /// vLLM's ShareGPT sampling: entries with at least two turns, shuffled with the seed
 /// unless disabled; prompt = first turn, output length = the second turn's token count
 /// (or the given length); pairs outside vLLM's bounds (prompt < 4 or > 1024 tokens,
@@ -243,5 +283,21 @@ mod tests {
         let over = sharegpt(&Tok::Sim, &p, 3, Some(7), false, 0).unwrap();
         assert_eq!(over.len(), 3, "oversampled");
         assert!(over.iter().all(|r| r.output_len == 7 && r.prompt == "tell me about the sea please"));
+    }
+
+    #[test]
+    fn prefix_repetition_shares_each_prefix_among_its_suffixes() {
+        let spec = PrefixRepetitionSpec { num: 26, prefix_len: 12, suffix_len: 5, num_prefixes: 4, output_len: 7, shuffle: true, seed: 3 };
+        let reqs = prefix_repetition(&Tok::Sim, &spec).unwrap();
+        assert_eq!(reqs.len(), 24, "num // num_prefixes per prefix, as vLLM");
+        assert!(reqs.iter().all(|r| r.output_len == 7 && r.prompt_len == 17));
+        let mut groups = std::collections::HashMap::new();
+        for r in &reqs {
+            let prefix = Tok::Sim.encode(&r.prompt, false)[..12].to_vec();
+            *groups.entry(prefix).or_insert(0) += 1;
+        }
+        assert_eq!(groups.len(), 4);
+        assert!(groups.values().all(|n| *n == 6));
+        assert!(prefix_repetition(&Tok::Sim, &PrefixRepetitionSpec { num: 3, ..spec }).is_err());
     }
 }

@@ -125,6 +125,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             prefix_len: args.random_prefix_len,
             seed: args.seed,
         })?,
+        DatasetName::PrefixRepetition => dataset::prefix_repetition(&tok, &dataset::PrefixRepetitionSpec {
+            num: n,
+            prefix_len: args.prefix_repetition_prefix_len,
+            suffix_len: args.prefix_repetition_suffix_len,
+            num_prefixes: args.prefix_repetition_num_prefixes as usize,
+            output_len: args.prefix_repetition_output_len,
+            shuffle: !args.disable_shuffle,
+            seed: args.seed,
+        })?,
         DatasetName::Sharegpt => {
             let path = args.dataset_path.as_ref().context("--dataset-name sharegpt needs --dataset-path FILE")?;
             dataset::sharegpt(&tok, path, n, args.sharegpt_output_len, !args.disable_shuffle, args.seed)?

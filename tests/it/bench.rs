@@ -150,3 +150,19 @@ async fn speedup_compresses_time_and_reports_simulated_time() {
     let ttft = metric(&m, "vllm:time_to_first_token_seconds_sum", &[]) / metric(&m, "vllm:time_to_first_token_seconds_count", &[]);
     assert!((0.01..0.1).contains(&ttft), "one step of 20 simulated ms: {ttft} s");
 }
+
+/// vLLM's prefix_repetition dataset: each prefix shared by its suffixes, so a prefix-caching
+/// engine hits on all but the first request of each.
+#[tokio::test]
+async fn prefix_repetition_prompts_share_their_prefixes() {
+    let s = Proc::sim(&["--block-size", "16"]).await;
+    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--dataset-name", "prefix_repetition", "--num-prompts", "13",
+        "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "20", "--prefix-repetition-num-prefixes", "3",
+        "--prefix-repetition-output-len", "4", "--ignore-eos", "--max-concurrency", "1", "--disable-tqdm"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(line_value(&out, "Successful requests:"), 12.0, "13 // 3 per prefix, as vLLM");
+    // 84 tokens each, and the BOS the server adds to a text prompt (counted from usage).
+    assert_eq!(line_value(&out, "Total input tokens:"), 12.0 * 85.0);
+    // 9 of the 12 find their prefix's 4 full blocks (BOS and 63 prefix tokens) cached.
+    assert_eq!(metric(&metrics(&s.url).await, "vllm:prefix_cache_hits_total", &[]), 9.0 * 64.0);
+}
