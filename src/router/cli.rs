@@ -28,8 +28,9 @@ pub enum PolicyKind {
     /// holds the longest prefix, unless load is imbalanced (see the balance thresholds).
     CacheAware,
     /// Exact: what each engine's KV cache holds, from its own KV events; the worker and
-    /// DP rank with the least uncached prompt blocks plus --kv-aware-load-weight per
-    /// request in flight there. Text prompts need --model-path.
+    /// DP rank with the fewest uncached prompt blocks plus --kv-aware-load-weight times
+    /// the blocks queued there. Text is tokenized with --model-path, else by a prefill's
+    /// render endpoint.
     KvAware,
 }
 
