@@ -49,7 +49,7 @@ pub struct Router {
     pub worker_auth: Option<HeaderValue>,
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
-    pub prefill_time: pair::PrefillTime,
+    pub prefill_time: super::prefill_time::PrefillTime,
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -33,12 +33,15 @@ pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
     tokens
         .chunks_exact(block_size)
         .map(|block| {
-            for t in block {
-                h = fnv1a(h, &t.to_le_bytes());
-            }
+            h = chain(h, block);
             h
         })
         .collect()
+}
+
+/// The key of `block` following the block keyed `parent` (FNV_OFFSET at a prompt's start).
+fn chain(parent: u64, block: &[u32]) -> u64 {
+    block.iter().fold(parent, |h, t| fnv1a(h, &t.to_le_bytes()))
 }
 
 #[derive(Default)]
@@ -179,9 +182,7 @@ impl KvIndex {
                         },
                     };
                     for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(*block_size)) {
-                        for t in block {
-                            h = fnv1a(h, &t.to_le_bytes());
-                        }
+                        h = chain(h, block);
                         state.ours.insert(*engine_hash, h);
                         match blocks.get_mut(&h) {
                             Some(holders) => holders.insert(id),

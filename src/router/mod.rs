@@ -22,6 +22,7 @@ pub mod legs;
 pub mod metrics;
 pub mod pair;
 pub mod policy;
+pub mod prefill_time;
 pub mod relay;
 pub mod request;
 pub mod retry;
@@ -93,7 +94,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         worker_auth,
         retry_budget: retry::RetryBudget::new(&cfg.retry),
         drain: Arc::default(),
-        prefill_time: pair::PrefillTime::default(),
+        prefill_time: prefill_time::PrefillTime::default(),
         cfg,
     })
 }

@@ -140,31 +140,6 @@ enum PairOutcome {
     Decode { decodes: Vec<String>, prefill: String, last: Failure },
 }
 
-/// The typical time of a prefill leg (an exponentially weighted mean), which sets how
-/// long a prefill whose client has gone may still answer (see run_pair).
-#[derive(Default)]
-pub struct PrefillTime {
-    micros: std::sync::atomic::AtomicU64,
-}
-
-impl PrefillTime {
-    fn observe(&self, took: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let new = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        let old = self.micros.load(Relaxed);
-        let mean = if old == 0 { new } else { (old * 7 + new) / 8 };
-        self.micros.store(mean, Relaxed);
-    }
-
-    /// How much longer a prefill leg that has run `elapsed` may take to answer once its
-    /// client has gone: three typical prefill times, or twice what it has already waited
-    /// (a queued prefill is expected to wait about as long again), at least a second, at
-    /// most the prefill timeout.
-    fn grace(&self, elapsed: Duration, limit: Duration) -> Duration {
-        let typical = Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed));
-        (typical * 3).max(elapsed * 2).max(Duration::from_secs(1)).min(limit.saturating_sub(elapsed))
-    }
-}
 /// How long a non-streamed decode whose client has gone is kept once the whole request
 /// reached it: by then vLLM has taken it into its engine, where an abort frees the
 /// prefill's KV (see decode_leg).
@@ -214,28 +189,35 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
 fn prefill_on_decode(router: &Router, job: &Job, decode: &Lease) -> bool {
     let limit = router.cfg.kv_aware_decode_alone_tokens;
     let Some(kv) = &job.info.kv else { return false };
-    let holder = super::kv_index::Holder { url: decode.url().to_string(), rank: decode.rank() };
-    let held = kv.held.get(&holder).copied().unwrap_or(0);
+    let held = kv.held.get(&decode.holder()).copied().unwrap_or(0);
     limit > 0 && held > 0 && kv.tokens.saturating_sub(held * kv.block_size) <= limit
 }
 
 /// The request on the decode alone, as a colocated worker serves it (no KV moves). `Err`:
 /// the decode's URL, and what to tell the client (`Err` inside: a 4xx, final).
-async fn decode_alone(router: &Router, job: &Job, mut decode: Lease) -> Result<Answer, (String, Result<Failure, Failure>)> {
+async fn decode_alone(router: &Router, job: &Job, decode: Lease) -> Result<Answer, (String, Result<Failure, Failure>)> {
     let req = job.decode_request(job.bodies.colocated(), job.leg.request_id.clone());
-    let t = Instant::now();
-    match legs::answer(&router.client, &decode, &req, None).await {
-        Ok(started) => {
-            decode.succeeded();
+    match lone_leg(router, decode, &req).await {
+        Ok(answer) => {
             router.metrics.kv_aware("prefill_skipped");
+            Ok(answer)
+        }
+        Err((mut decode, e)) => Err((decode.url().to_string(), leg_failed(router, Leg::Decode, &mut decode, e, &job.leg.request_id))),
+    }
+}
+
+/// One leg to a worker that answers alone (colocated, or a decode prefilling itself): the
+/// answer (its cached tokens are the worker's own), or the error with the lease to count
+/// it against.
+async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result<Answer, (Lease, LegError)> {
+    let t = Instant::now();
+    match legs::answer(&router.client, &lease, req, None).await {
+        Ok(started) => {
+            lease.succeeded();
             router.metrics.leg_time("decode_first_byte", t);
-            let cache_from = Some(super::kv_index::Holder { url: decode.url().to_string(), rank: decode.rank() });
-            Ok(Answer { started, lease: decode, since: t, cache_from })
+            Ok(Answer { started, cache_from: Some(lease.holder()), lease, since: t })
         }
-        Err(e) => {
-            let url = decode.url().to_string();
-            Err((url, leg_failed(router, Leg::Decode, &mut decode, e, &job.leg.request_id)))
-        }
+        Err(e) => Err((lease, e)),
     }
 }
 
@@ -579,25 +561,18 @@ async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer,
         if attempt > 0 && !may_retry(router, attempt, "worker").await {
             break;
         }
-        let mut lease = match workers.pick(&job.info, &avoid) {
+        let lease = match workers.pick(&job.info, &avoid) {
             Ok(lease) => lease,
             Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
         };
-        let t = Instant::now();
-        match legs::answer(&router.client, &lease, &req, None).await {
-            Ok(started) => {
-                lease.succeeded();
-                router.metrics.leg_time("decode_first_byte", t);
-                let cache_from = Some(super::kv_index::Holder { url: lease.url().to_string(), rank: lease.rank() });
-                return Ok(Answer { started, lease, since: t, cache_from });
-            }
-            Err(e) => {
-                let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
-                last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
-                if !worker_may_retry {
-                    avoid.push(lease.url().to_string());
-                }
-            }
+        let (mut lease, e) = match lone_leg(router, lease, &req).await {
+            Ok(answer) => return Ok(answer),
+            Err(failed) => failed,
+        };
+        let worker_may_retry = matches!(e, LegError::RankNotServed { .. });
+        last = Some(leg_failed(router, Leg::Decode, &mut lease, e, &job.leg.request_id)?);
+        if !worker_may_retry {
+            avoid.push(lease.url().to_string());
         }
     }
     Err(last.expect("at least one worker was tried"))

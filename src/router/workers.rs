@@ -222,6 +222,10 @@ impl Lease {
     pub fn rank(&self) -> usize {
         self.rank
     }
+    /// The reserved rank as the KV index names it.
+    pub fn holder(&self) -> super::kv_index::Holder {
+        super::kv_index::Holder { url: self.worker.url.clone(), rank: self.rank }
+    }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
     pub fn dp_rank(&self) -> Option<usize> {
         (self.worker.dp_size() > 1).then_some(self.rank)

@@ -144,10 +144,10 @@ fn refused(reply: Reply, what: &str) -> String {
 /// NIXL: reads the named blocks; returns their contents.
 pub async fn read(peer: &Peer, engine_id: &str, request_id: &str, block_ids: &[u32], timeout: Duration) -> Result<Vec<u64>, String> {
     let req = Request::Read { engine_id: engine_id.into(), request_id: request_id.into(), block_ids: block_ids.to_vec() };
-    let reply = exchange(peer, &req, Instant::now() + timeout).await?;
-    match (reply.ok, reply.contents) {
-        (true, Some(contents)) => Ok(contents),
-        (_, _) => Err(refused(Reply { contents: None, ..reply }, "read")),
+    let mut reply = exchange(peer, &req, Instant::now() + timeout).await?;
+    match reply.contents.take() {
+        Some(contents) if reply.ok => Ok(contents),
+        _ => Err(refused(reply, "read")),
     }
 }
 
