@@ -7,7 +7,9 @@
 //! - per request: the prompt's block keys and the lookup of which rank holds how much,
 //!   for 1k, 8k, 32k and 128k-token prompts, fresh (nothing cached) and with the whole
 //!   prompt but its last block cached; with DISAGG_MODEL, also tokenizing the same length
-//!   of text with the model's tokenizer. Published for comparison: llm-d's precise prefix
+//!   of text with the model's tokenizer, and a chat conversation's next turn (TinyLlama-Chat's
+//!   template, which ends each message with `</s>`) tokenized whole against through the
+//!   turn cache (the earlier turns cached by the previous turn). Published for comparison: llm-d's precise prefix
 //!   scorer at 0.5-1 CPU core per request/s at long context (500-1000 ms per request).
 
 use std::time::Instant;
@@ -104,8 +106,64 @@ fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
     }
 }
 
+/// The next turn of a conversation of about `tokens` tokens: rendered and tokenized whole,
+/// against `encode_chat` with the previous turn already seen (each timed turn asks a new
+/// question, so only the earlier turns can come from the cache).
+fn conversation(model: &str) {
+    let dir = std::env::temp_dir().join(format!("disagg-bench-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(format!("{model}/{f}"), dir.join(f)).expect("DISAGG_MODEL holds tokenizer.json and tokenizer_config.json");
+    }
+    std::fs::write(dir.join("chat_template.jinja"), include_str!("../tests/data/tinyllama-chat.jinja")).unwrap();
+    let tok = disagg::tokenize::ModelTokenizer::load(dir.to_str().unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let msg = |role: &str, content: String| serde_json::json!({"role": role, "content": content});
+    let body = |messages: &[serde_json::Value]| serde_json::json!({"messages": messages}).as_object().unwrap().clone();
+    println!("a conversation's next turn (ms of CPU): render + tokenize whole, and through the turn cache");
+    println!("{:>8} {:>12} {:>12}", "tokens", "whole", "turn cache");
+    for tokens in [1_000usize, 8_000, 32_000, 128_000] {
+        let para = "The harbour lantern swung over granite steps while the meadow dried. ".repeat(8);
+        let mut earlier = vec![msg("system", "You are a careful assistant.".into())];
+        let mut k = 0;
+        while tok.encode_chat(&body(&earlier)).unwrap().len() < tokens {
+            earlier.push(msg("user", format!("Question {k}: {para}")));
+            earlier.push(msg("assistant", format!("Answer {k}: {para}")));
+            k += 1;
+        }
+        // The previous turn: the earlier turns and the question just answered.
+        let mut previous = earlier[..earlier.len() - 1].to_vec();
+        tok.encode_chat(&body(&previous)).unwrap();
+        previous.push(earlier[earlier.len() - 1].clone());
+        let iters = (400_000 / tokens).max(3);
+        let turns: Vec<_> = (0..iters)
+            .map(|i| {
+                let mut m = previous.clone();
+                m.push(msg("user", format!("New question {i}: and then?")));
+                body(&m)
+            })
+            .collect();
+        let n = tok.encode_chat(&turns[0]).unwrap().len();
+        let t = Instant::now();
+        for b in &turns {
+            std::hint::black_box(tok.encode_rendered_whole(&tok.render_chat(b).unwrap()).unwrap());
+        }
+        let whole = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        let t = Instant::now();
+        for b in &turns[1..] {
+            std::hint::black_box(tok.encode_chat(b).unwrap());
+        }
+        let cached = t.elapsed().as_secs_f64() * 1e3 / (iters - 1) as f64;
+        println!("{n:>8} {whole:>12.2} {cached:>12.2}");
+    }
+}
+
 fn main() {
     index_cost();
-    let tokenizer = std::env::var("DISAGG_MODEL").ok().map(|dir| disagg::tokenize::ModelTokenizer::load(&dir).expect("DISAGG_MODEL: a model directory"));
+    let model = std::env::var("DISAGG_MODEL").ok();
+    let tokenizer = model.as_ref().map(|dir| disagg::tokenize::ModelTokenizer::load(dir).expect("DISAGG_MODEL: a model directory"));
     per_request(tokenizer.as_ref());
+    if let Some(model) = &model {
+        conversation(model);
+    }
 }

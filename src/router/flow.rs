@@ -158,10 +158,8 @@ async fn serve(
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
     match pair::run(router, job.clone()).await {
         Ok(answer) => {
-            if let Some(kv) = &job.info.kv {
-                super::kv_check::check(router, kv, &answer);
-            }
-            Ok(relay::respond(answer, held, t.stream_idle, &router.drain))
+            let prediction = job.info.kv.as_ref().and_then(|kv| super::kv_check::predict(kv, &answer));
+            Ok(relay::respond(answer, held, t.stream_idle, &router.drain, prediction))
         }
         Err(f) => {
             *record = Some(held.record);

@@ -1,15 +1,16 @@
 //! kv_aware checks itself: the cached tokens it predicted for the rank it chose, against
 //! what the engine reports in `usage.prompt_tokens_details.cached_tokens` (vLLM's
 //! `--enable-prompt-tokens-details`), counted in `disagg_router_kv_aware_total{outcome}`
-//! and, when they drift, a warning naming the likely causes. Non-streamed answers only
-//! (a stream's usage comes in its last chunk, which the relay does not read).
+//! and, when they drift, a warning naming the likely causes. A whole answer's usage is read
+//! from its body; a stream's from its last usage chunk (sent when the client asks for
+//! `stream_options.include_usage`), which the relay keeps the last few chunks to find.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use super::flow::Router;
-use super::legs::StartedBody;
+use super::kv_index::Holder;
+use super::metrics::RouterMetrics;
 use super::pair::Answer;
 use super::policy::KvView;
 
@@ -35,22 +36,50 @@ pub fn predicted(tokens: usize, held: usize, block_size: usize) -> usize {
     held.min((tokens - 1) / block_size) * block_size
 }
 
-pub fn check(router: &Router, kv: &KvView, answer: &Answer) {
-    let (Some(holder), StartedBody::Whole(body)) = (&answer.cache_from, &answer.started.body) else { return };
+/// The cached tokens predicted for an answer, to check against what it reports.
+pub struct Prediction {
+    holder: Holder,
+    want: usize,
+}
+
+/// The prediction for a successful answer whose cache kv_aware chose.
+pub fn predict(kv: &KvView, answer: &Answer) -> Option<Prediction> {
+    let holder = answer.cache_from.clone()?;
     if !answer.started.status.is_success() || kv.tokens == 0 {
-        return;
+        return None;
     }
-    let want = predicted(kv.tokens, kv.held.get(holder).copied().unwrap_or(0), kv.block_size);
-    let got = serde_json::from_slice::<Reported>(body).ok().and_then(|r| r.usage?.prompt_tokens_details?.cached_tokens);
-    let outcome = match got {
-        None => "unreported",
-        Some(g) if g == want => "predicted_exact",
-        Some(g) if g < want => "predicted_more",
-        Some(_) => "predicted_less",
-    };
-    router.metrics.kv_aware(outcome);
-    if let Some(got) = got.filter(|g| *g != want) {
-        warn_drift(&holder.url, holder.rank, want, got);
+    let want = predicted(kv.tokens, kv.held.get(&holder).copied().unwrap_or(0), kv.block_size);
+    Some(Prediction { holder, want })
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` of a whole JSON answer.
+pub fn reported_whole(body: &[u8]) -> Option<usize> {
+    serde_json::from_slice::<Reported>(body).ok().and_then(|r| r.usage?.prompt_tokens_details?.cached_tokens)
+}
+
+/// The last `"cached_tokens":N` in a stream's last bytes (its final usage chunk).
+pub fn reported_in_stream(tail: &[u8]) -> Option<usize> {
+    const KEY: &[u8] = b"\"cached_tokens\":";
+    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let rest = &tail[at..];
+    let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+impl Prediction {
+    pub fn check(&self, metrics: &RouterMetrics, got: Option<usize>) {
+        let want = self.want;
+        let outcome = match got {
+            None => "unreported",
+            Some(g) if g == want => "predicted_exact",
+            Some(g) if g < want => "predicted_more",
+            Some(_) => "predicted_less",
+        };
+        metrics.kv_aware(outcome);
+        if let Some(got) = got.filter(|g| *g != want) {
+            warn_drift(&self.holder.url, self.holder.rank, want, got);
+        }
     }
 }
 
@@ -74,7 +103,19 @@ fn warn_drift(url: &str, rank: usize, want: usize, got: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::predicted;
+    use super::{predicted, reported_in_stream, reported_whole};
+
+    #[test]
+    fn usage_is_read_from_a_whole_answer_and_from_a_streams_last_usage_chunk() {
+        let whole = br#"{"id":"x","usage":{"prompt_tokens":70,"prompt_tokens_details":{"cached_tokens":64}}}"#;
+        assert_eq!(reported_whole(whole), Some(64));
+        assert_eq!(reported_whole(br#"{"usage":{"prompt_tokens":70}}"#), None);
+        let stream = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\n\
+                       data: {\"choices\":[],\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\": 48}}}\n\ndata: [DONE]\n\n";
+        assert_eq!(reported_in_stream(stream), Some(48), "the last usage counts");
+        assert_eq!(reported_in_stream(b"data: {\"usage\":{\"prompt_tokens_details\":null}}\n\ndata: [DONE]"), None);
+        assert_eq!(reported_in_stream(b"\"cached_tokens\":"), None, "cut off: nothing to read");
+    }
 
     #[test]
     fn the_last_token_is_never_cached_and_only_full_blocks_count() {

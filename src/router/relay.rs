@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::failure::Cause;
+use super::kv_check::{reported_in_stream, reported_whole, Prediction};
 use super::legs::StartedBody;
 use super::metrics::RequestRecord;
 use super::pair::Answer;
@@ -45,15 +46,25 @@ impl Held {
     }
 }
 
-/// The response for one generation's answer.
-pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>) -> Response {
+/// The response for one generation's answer; kv_aware's prediction of its cached tokens
+/// is checked against the usage it reports (kv_check.rs).
+pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, prediction: Option<Prediction>) -> Response {
     let Answer { started, lease, since, .. } = answer;
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);
     let body = match started.body {
-        StartedBody::Whole(bytes) => whole(bytes, held),
-        StartedBody::Events { head, rest } => events(Upstream::new(head, rest, idle, drain), held),
+        StartedBody::Whole(bytes) => {
+            if let Some(p) = prediction {
+                p.check(held.record.metrics(), reported_whole(&bytes));
+            }
+            whole(bytes, held)
+        }
+        StartedBody::Events { head, rest } => {
+            let mut up = Upstream::new(head, rest, idle, drain);
+            up.keep_usage = prediction.is_some();
+            events(up, held, prediction)
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = started.status;
@@ -73,6 +84,10 @@ pub fn whole(bytes: Bytes, held: Held) -> Body {
     Body::from_stream(s)
 }
 
+/// Chunks kept for the final usage chunk: vLLM sends usage, then `[DONE]`, usually in
+/// one or two chunks.
+const USAGE_CHUNKS: usize = 4;
+
 /// One piece of a relayed stream.
 pub enum Piece {
     Bytes(Bytes),
@@ -88,21 +103,35 @@ pub struct Upstream {
     idle: Duration,
     /// The last bytes relayed, to see whether the stream ended with `[DONE]`.
     tail: Vec<u8>,
+    /// Whether to keep the last chunks (shared, not copied) for the final usage chunk.
+    pub keep_usage: bool,
+    recent: std::collections::VecDeque<Bytes>,
     phase: tokio::sync::watch::Receiver<Phase>,
     over: bool,
 }
 
 impl Upstream {
     pub fn new(head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>>, idle: Duration, drain: &Drain) -> Self {
-        Upstream { head: Some(head), rest, idle, tail: Vec::new(), phase: drain.subscribe(), over: false }
+        Upstream { head: Some(head), rest, idle, tail: Vec::new(), keep_usage: false, recent: Default::default(), phase: drain.subscribe(), over: false }
     }
 
-    fn remember(&mut self, chunk: &[u8]) {
+    fn remember(&mut self, chunk: &Bytes) {
+        if self.keep_usage {
+            if self.recent.len() == USAGE_CHUNKS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(chunk.clone());
+        }
         self.tail.extend_from_slice(chunk);
         let keep = 32;
         if self.tail.len() > keep {
             self.tail.drain(..self.tail.len() - keep);
         }
+    }
+
+    /// The cached tokens the stream's last usage chunk reports (when kept).
+    pub fn cached_tokens_reported(&self) -> Option<usize> {
+        reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>())
     }
 
     fn broken(&mut self, why: String) -> Option<Piece> {
@@ -154,16 +183,16 @@ impl Upstream {
 }
 
 /// A streamed answer relayed to the client.
-fn events(upstream: Upstream, held: Held) -> Body {
+fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Body {
     enum State {
-        Relay(Upstream, Held),
+        Relay(Upstream, Held, Option<Prediction>),
         Done(Held),
         End,
     }
-    let s = stream::unfold(State::Relay(upstream, held), |state| async move {
+    let s = stream::unfold(State::Relay(upstream, held, prediction), |state| async move {
         match state {
-            State::Relay(mut up, mut held) => match up.next().await {
-                Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held))),
+            State::Relay(mut up, mut held, prediction) => match up.next().await {
+                Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held, prediction))),
                 Some(Piece::Broken { event, why, worker_fault }) => {
                     tracing::warn!(worker = %held.leases.last().map_or("", |l| l.url()), "decode stream failed: {why}");
                     held.record.fail(Cause::DecodeMidstream);
@@ -173,6 +202,9 @@ fn events(upstream: Upstream, held: Held) -> Body {
                     Some((event, State::Done(held)))
                 }
                 None => {
+                    if let Some(p) = prediction {
+                        p.check(held.record.metrics(), up.cached_tokens_reported());
+                    }
                     held.finish();
                     None
                 }

@@ -77,9 +77,19 @@ async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
     };
     // Second turns, in another order (a blind rotation would miss): each must land where
     // its first turn's blocks are (4 blocks = 64 tokens each).
+    // Two of them streamed with usage in the last chunk, which the router checks too.
     for tag in [2, 0, 3, 1] {
-        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(tag, 4, &[4, 5, 6, 7]), "max_tokens": 2, "ignore_eos": true})).await;
-        assert_eq!(status, 200, "{v}");
+        let body = json!({"prompt": prompt(tag, 4, &[4, 5, 6, 7]), "max_tokens": 2, "ignore_eos": true});
+        if tag % 2 == 0 {
+            let mut body = body;
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+            let (status, events) = post_stream(&format!("{url}/v1/completions"), &body).await;
+            assert_eq!(status, 200, "{events:?}");
+        } else {
+            let (status, v) = post(&format!("{url}/v1/completions"), &body).await;
+            assert_eq!(status, 200, "{v}");
+        }
     }
     let mut after = 0.0;
     for p in [&p1, &p2] {

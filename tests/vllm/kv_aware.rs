@@ -69,8 +69,18 @@ async fn hit_rate(policy: &str, prefills: &[&str], decode: &str, model: &str) ->
     for q in 0..QUESTIONS {
         for d in 0..DOCS {
             let prompt = format!("{}{}", document(policy, d), question(d, q));
-            let (status, v) = post(&format!("{}/v1/completions", r.url), &json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 2, "temperature": 0})).await;
-            assert_eq!(status, 200, "{policy}: {v}");
+            let body = json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 2, "temperature": 0});
+            if q % 2 == 1 {
+                // Streamed, with usage in the last chunk: checked too.
+                let mut body = body;
+                body["stream"] = json!(true);
+                body["stream_options"] = json!({"include_usage": true});
+                let (status, events) = post_stream(&format!("{}/v1/completions", r.url), &body).await;
+                assert_eq!(status, 200, "{policy}: {events:?}");
+            } else {
+                let (status, v) = post(&format!("{}/v1/completions", r.url), &body).await;
+                assert_eq!(status, 200, "{policy}: {v}");
+            }
             if policy == "kv_aware" {
                 // Events of this answer's blocks reach the router before the next request.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -116,7 +126,7 @@ pub async fn run() {
     let m = metrics(&r.url).await;
     let exact = metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]);
     let all = ["predicted_exact", "predicted_more", "predicted_less", "unreported"].iter().map(|o| metric(&m, "disagg_router_kv_aware_total", &[("outcome", o)])).sum::<f64>();
-    println!("      kv_aware predicted the reported cached tokens of {exact} of {all} answers");
+    println!("      kv_aware predicted the reported cached tokens of {exact} of {all} answers (half of them streamed)");
     assert_eq!(all, (DOCS * QUESTIONS) as f64, "{m}");
     assert!(exact >= 0.99 * all, "{m}");
 }

@@ -7,12 +7,18 @@
 
 use std::path::Path;
 
+mod turns;
+
 use anyhow::Context;
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
+pub use turns::CACHE_TOKENS;
+
 pub struct ModelTokenizer {
     tokenizer: tokenizers::Tokenizer,
+    /// Earlier turns of a conversation, tokenized once (turns.rs).
+    turns: turns::TurnCache,
     template: Option<Environment<'static>>,
     bos: String,
     eos: String,
@@ -39,7 +45,11 @@ impl ModelTokenizer {
     pub fn load(dir: &str) -> anyhow::Result<Self> {
         let dir = Path::new(dir);
         let file = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
+        // vLLM tokenizes prompts whole: no truncation, no padding.
+        tokenizer.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        tokenizer.with_padding(None);
+        let turns = turns::TurnCache::new(&tokenizer);
         let cfg: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
             Ok(text) => serde_json::from_str(&text).context("tokenizer_config.json is not JSON")?,
             Err(_) => Json::Null,
@@ -61,12 +71,12 @@ impl ModelTokenizer {
             }
             None => None,
         };
-        Ok(ModelTokenizer { tokenizer, template, bos: special(&cfg, "bos_token"), eos: special(&cfg, "eos_token") })
+        Ok(ModelTokenizer { tokenizer, turns, template, bos: special(&cfg, "bos_token"), eos: special(&cfg, "eos_token") })
     }
 
     /// A completions prompt's token ids.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let enc = self.tokenizer.encode_fast(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -93,10 +103,23 @@ impl ModelTokenizer {
     }
 
     /// A chat request's token ids: the rendered template, encoded without adding special
-    /// tokens again.
+    /// tokens again; a conversation's earlier turns come from the turn cache.
     pub fn encode_chat(&self, body: &serde_json::Map<String, Json>) -> anyhow::Result<Vec<u32>> {
-        let text = self.render_chat(body)?;
-        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        self.turns.encode(&self.tokenizer, &self.render_chat(body)?)
+    }
+
+    /// A rendered chat's token ids, tokenized whole (no cache): what `encode_chat` must equal.
+    pub fn encode_rendered_whole(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        turns::encode(&self.tokenizer, text)
+    }
+
+    /// Prefixes the turn cache holds, and their token ids together.
+    pub fn turns_held(&self) -> (usize, usize) {
+        self.turns.held()
+    }
+
+    /// Chats that found an earlier turn of theirs in the turn cache, so far.
+    pub fn turn_hits(&self) -> usize {
+        self.turns.hits()
     }
 }
