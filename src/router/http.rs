@@ -195,7 +195,9 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
 /// What /workers (and the admin API) say of a worker.
 pub fn worker_json(w: &Worker) -> Value {
     let queued: Vec<usize> = (0..w.dp_size()).map(|r| w.queued_blocks(r)).collect();
+    let elsewhere: Vec<usize> = (0..w.dp_size()).map(|r| w.reported_elsewhere(r)).collect();
     json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "draining": w.is_draining(),
            "circuit": w.circuit().as_str(), "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight(),
-           "ranks_queued_blocks": queued})
+           "ranks_queued_blocks": queued,
+           "ranks_requests_elsewhere": elsewhere})
 }

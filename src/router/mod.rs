@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod connector;
 pub mod discovery;
+pub mod engine_load;
 pub mod failure;
 pub mod fanout;
 pub mod flow;
@@ -118,6 +119,7 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     tokio::spawn(health::maintain(router.clone()));
     if let Some(index) = router.kv_index.clone() {
         tokio::spawn(kv_intake::run(router.clone(), index));
+        tokio::spawn(engine_load::run(router.clone()));
     }
     let shown_host = crate::api::url_host(&host);
     let cfg = &router.cfg;

@@ -34,6 +34,9 @@ pub struct Worker {
     /// kv_aware: prompt blocks still to compute (or pull) that in-flight requests reserved
     /// on each rank: the work queued there, as the router counts it.
     queued_blocks: Vec<AtomicUsize>,
+    /// kv_aware: requests the engine reports on each rank beyond this router's own
+    /// (engine_load.rs): other routers', or clients reaching the engine directly.
+    elsewhere: Vec<AtomicUsize>,
     /// Rotates the tie-break between equally loaded ranks.
     rank_turn: AtomicUsize,
     /// Ranks the worker was found to serve (`limit_ranks`), at most `ranks.len()`.
@@ -57,6 +60,7 @@ impl Worker {
             engine_ids: Mutex::new(Vec::new()),
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             queued_blocks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            elsewhere: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
             served_ranks: AtomicUsize::new(dp_size),
             healthy: AtomicBool::new(false),
@@ -141,6 +145,17 @@ impl Worker {
     /// kv_aware: uncached prompt blocks reserved on one rank by requests in flight.
     pub fn queued_blocks(&self, rank: usize) -> usize {
         self.queued_blocks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
+    }
+
+    /// kv_aware: requests on one rank that the engine reported beyond this router's own.
+    pub fn reported_elsewhere(&self, rank: usize) -> usize {
+        self.elsewhere.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
+    }
+
+    pub fn set_reported_elsewhere(&self, rank: usize, n: usize) {
+        if let Some(r) = self.elsewhere.get(rank) {
+            r.store(n, Ordering::Relaxed);
+        }
     }
 
     /// The least loaded rank; ties go round the ranks so idle ranks share the work.

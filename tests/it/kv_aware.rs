@@ -396,3 +396,43 @@ async fn two_routers_build_the_same_index_from_the_same_events() {
     }
     assert_eq!(after - before, (6 * 3 * BLOCK) as f64, "router B sent every turn where router A's turns were cached");
 }
+
+/// Load the router cannot see itself (another router's requests) is read from the engines'
+/// /metrics: a second router sends fresh prompts away from the prefill the first one keeps
+/// busy (without it, equal candidates take new prompts in turn: one of the two would go
+/// there).
+#[tokio::test]
+async fn load_reported_by_the_engines_steers_prompts_away_from_a_prefill_busy_elsewhere() {
+    let slow = || async {
+        let base = free_port_run(8);
+        Proc::sim(&["--role", "prefill", "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(base),
+            "--prefill-ms-per-1k-tokens", "2000", "--max-num-seqs", "1"]).await
+    };
+    let (a, b) = (slow().await, slow().await);
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let first = router(&["--prefill", &a.url, "--decode", &d.url]).await;
+    let second = router(&["--prefill", &a.url, "--prefill", &b.url, "--decode", &d.url, "--policy", "kv_aware"]).await;
+    // The first router keeps prefill A busy: four prompts of 512 tokens, one at a time there.
+    let busy: Vec<_> = (0..4)
+        .map(|k| {
+            let url = format!("{}/v1/completions", first.url);
+            tokio::spawn(async move { post(&url, &json!({"prompt": prompt(100 + k, 32, &[]), "max_tokens": 1})).await })
+        })
+        .collect();
+    let (second_url, a_url) = (second.url.clone(), a.url.clone());
+    let seen = eventually(Duration::from_secs(5), || async {
+        workers(&second_url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == a_url.as_str() && w["ranks_requests_elsewhere"][0].as_u64() > Some(0))
+    })
+    .await;
+    assert!(seen, "the second router read A's queue from its /metrics: {}", workers(&second.url).await);
+    let before = served(&b.url).await;
+    for k in 0..2 {
+        let (status, v) = post(&format!("{}/v1/completions", second.url), &json!({"prompt": prompt(200 + k, 2, &[]), "max_tokens": 1})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(served(&b.url).await - before, 2.0, "both fresh prompts went to the idle prefill B");
+    for t in busy {
+        assert_eq!(t.await.unwrap().0, 200);
+    }
+    assert_idle(&second.url).await;
+}

@@ -212,7 +212,8 @@ impl Policy {
 
 /// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
 /// compute (those it does not hold from the start) plus `load_weight` times the blocks
-/// that requests in flight there still have to compute (the router's own reservations);
+/// that requests in flight there still have to compute (the router's own reservations,
+/// plus the requests the engine reports beyond those, each as large as this prompt);
 /// the cheapest wins, ties to the less loaded worker, then to the rank with the fewest
 /// blocks cached, then in turn (new prompts spread over the caches, also when every cache
 /// is full).
@@ -226,7 +227,9 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
             let holder = super::kv_index::Holder { url: w.url.clone(), rank };
             let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
             let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
-            let cost = uncached as f64 + load_weight * w.queued_blocks(rank) as f64;
+            // Requests the engine reports beyond ours are priced as this prompt's size.
+            let queued = w.queued_blocks(rank) + w.reported_elsewhere(rank) * blocks;
+            let cost = uncached as f64 + load_weight * queued as f64;
             // Among equals, the worker already in use by fewer requests.
             let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank, uncached);
             if best.as_ref().is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {

@@ -1,0 +1,110 @@
+//! kv_aware's second source of load: what the engines themselves report. Every second,
+//! each healthy worker's `/metrics` is read for vLLM's `vllm:num_requests_waiting` and
+//! `vllm:num_requests_running` per DP engine (`engine="N"`); what a rank reports beyond
+//! the requests this router has in flight there is work from elsewhere (other router
+//! replicas, clients that reach the engine directly), which the router's own reservations
+//! cannot see. kv_aware prices it (policy/mod.rs). Read with the health check's timeout,
+//! at most [`MAX_METRICS_BYTES`] of it; a worker that does not answer keeps no such load.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::flow::Router;
+use super::workers::Worker;
+
+const POLL: Duration = Duration::from_secs(1);
+/// A vLLM /metrics page is tens of KiB; more is not read.
+const MAX_METRICS_BYTES: usize = 4 << 20;
+
+pub async fn run(router: Arc<Router>) {
+    let client = match reqwest::Client::builder().timeout(router.cfg.health.timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot build the engine-load client: {e}");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let workers = router.topology.workers();
+        let polls = workers.iter().map(|w| poll(&client, &router, w));
+        futures_util::future::join_all(polls).await;
+    }
+}
+
+async fn poll(client: &reqwest::Client, router: &Router, w: &Arc<Worker>) {
+    let reported = if w.is_healthy() { read(client, router, &w.url).await } else { None };
+    let reported = reported.unwrap_or_default();
+    for rank in 0..w.dp_size() {
+        let engine = reported.get(rank).copied().unwrap_or(0);
+        w.set_reported_elsewhere(rank, engine.saturating_sub(w.rank_load(rank)));
+    }
+}
+
+/// Requests waiting + running per engine, from the worker's /metrics.
+async fn read(client: &reqwest::Client, router: &Router, url: &str) -> Option<Vec<usize>> {
+    let mut req = client.get(format!("{url}/metrics"));
+    if let Some(auth) = &router.worker_auth {
+        req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+    }
+    let resp = req.send().await.ok().filter(|r| r.status().is_success())?;
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        body.extend_from_slice(&chunk.ok()?);
+        if body.len() > MAX_METRICS_BYTES {
+            return None;
+        }
+    }
+    Some(requests_per_engine(&String::from_utf8_lossy(&body)))
+}
+
+/// `vllm:num_requests_waiting` + `vllm:num_requests_running`, indexed by the `engine`
+/// label (no label: engine 0). Engines above 1024 are not believed.
+pub fn requests_per_engine(text: &str) -> Vec<usize> {
+    let mut per: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("vllm:num_requests_waiting").or_else(|| line.strip_prefix("vllm:num_requests_running")) else { continue };
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once('}') {
+                Some((labels, value)) => (labels, value),
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest),
+            None => continue,
+        };
+        let engine = labels.split(',').find_map(|kv| kv.trim().strip_prefix("engine=\"")?.strip_suffix('"')?.parse::<usize>().ok()).unwrap_or(0);
+        let Some(n) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).filter(|n| n.is_finite() && *n >= 0.0) else { continue };
+        if engine >= 1024 {
+            continue;
+        }
+        if per.len() <= engine {
+            per.resize(engine + 1, 0);
+        }
+        per[engine] += n as usize;
+    }
+    per
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requests_per_engine;
+
+    #[test]
+    fn waiting_and_running_add_up_per_engine() {
+        let text = "# HELP vllm:num_requests_waiting Number of requests waiting.\n\
+                    vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
+                    vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2.0\n\
+                    vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 0.0\n\
+                    vllm:num_requests_running{model_name=\"m\",engine=\"1\"} 4\n\
+                    vllm:num_requests_waiting_by_reason{engine=\"0\"} 9\n\
+                    vllm:num_requests_running{engine=\"2\"} NaN\n";
+        assert_eq!(requests_per_engine(text), vec![5, 4]);
+        assert_eq!(requests_per_engine("vllm:num_requests_running 7\n"), vec![7], "no engine label: engine 0");
+        assert_eq!(requests_per_engine("vllm:num_requests_running{engine=\"99999\"} 1\n"), Vec::<usize>::new());
+    }
+}
