@@ -28,6 +28,11 @@ pub enum DatasetName {
     /// vLLM's repeated-prefix prompts (see --prefix-repetition-*).
     #[value(name = "prefix_repetition")]
     PrefixRepetition,
+    /// A Mooncake request trace (JSONL: timestamp, input_length, output_length, hash_ids;
+    /// --dataset-path): token-id prompts whose blocks are equal where the hash ids are,
+    /// sent at the recorded times (see --trace-*).
+    #[value(name = "mooncake_trace")]
+    MooncakeTrace,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -60,9 +65,16 @@ pub struct BenchArgs {
     pub trust_remote_code: bool,
     #[arg(long, value_enum, default_value_t = DatasetName::Random)]
     pub dataset_name: DatasetName,
-    /// The dataset file (ShareGPT JSON).
+    /// The dataset file (ShareGPT JSON, or a Mooncake trace's JSONL).
     #[arg(long)]
     pub dataset_path: Option<PathBuf>,
+    /// mooncake_trace: prompt tokens per hash id (the traces' own: 512); prompt lengths
+    /// scale with it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub trace_block_size: Option<u64>,
+    /// mooncake_trace: arrivals come this many times faster than the timestamps say.
+    #[arg(long, value_parser = crate::flags::positive)]
+    pub trace_speedup: Option<f64>,
     /// Number of requests.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub num_prompts: u64,

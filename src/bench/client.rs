@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::args::Backend;
-use super::dataset::SampleRequest;
+use super::dataset::{Prompt, SampleRequest};
 use crate::api::sse::{data_of, EventSplitter};
 
 /// The result of one request, as vLLM's RequestFuncOutput.
@@ -23,6 +23,12 @@ pub struct Output {
     pub latency: f64,
     pub prompt_len: usize,
     pub output_tokens: Option<usize>,
+    /// `usage.prompt_tokens_details.cached_tokens`, where the server reports it.
+    pub cached_tokens: Option<usize>,
+    /// The workers that served it, where the router names them (`disagg route
+    /// --worker-headers`: `x-disagg-prefill`, `x-disagg-decode`).
+    pub prefill: Option<String>,
+    pub decode: Option<String>,
     pub generated_text: String,
     pub error: String,
 }
@@ -79,12 +85,21 @@ struct Delta {
 struct Usage {
     completion_tokens: Option<usize>,
     prompt_tokens: Option<usize>,
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<usize>,
 }
 
 pub fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
     let mut p = match cfg.backend {
         Backend::OpenaiChat => json!({
-            "model": cfg.model, "messages": [{"role": "user", "content": req.prompt}],
+            "model": cfg.model, "messages": [{"role": "user", "content": match &req.prompt {
+                Prompt::Text(t) => t.as_str(),
+                Prompt::Tokens(_) => unreachable!("token-id prompts are refused for chat at start"),
+            }}],
             "max_completion_tokens": req.output_len, "stream": true, "stream_options": {"include_usage": true},
         }),
         Backend::Openai | Backend::Vllm => json!({
@@ -117,6 +132,8 @@ pub async fn send(client: &reqwest::Client, cfg: &RequestConfig, req: &SampleReq
         if !resp.status().is_success() {
             return Err(resp.status().canonical_reason().unwrap_or("error").to_string());
         }
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (out.prefill, out.decode) = (header("x-disagg-prefill"), header("x-disagg-decode"));
         let mut splitter = EventSplitter::default();
         while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
             for event in splitter.push(&chunk) {
@@ -138,6 +155,7 @@ pub async fn send(client: &reqwest::Client, cfg: &RequestConfig, req: &SampleReq
                     out.generated_text.push_str(text.unwrap_or(""));
                 } else if let Some(u) = c.usage {
                     out.output_tokens = u.completion_tokens;
+                    out.cached_tokens = u.prompt_tokens_details.and_then(|d| d.cached_tokens);
                     if let Some(p) = u.prompt_tokens {
                         out.prompt_len = p;
                     }

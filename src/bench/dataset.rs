@@ -1,6 +1,7 @@
 //! The requests of a run: vLLM's random dataset (same length distributions and prompt
-//! construction; our own RNG, so not the same prompts for a given seed) and ShareGPT files
-//! (the same requests as vLLM's, in the same way).
+//! construction; our own RNG, so not the same prompts for a given seed), ShareGPT files
+//! (the same requests as vLLM's, in the same way), vLLM's prefix_repetition, and
+//! Mooncake's request traces (trace.rs).
 
 use std::path::Path;
 
@@ -13,11 +14,27 @@ use tokenizers::PostProcessor;
 
 use crate::sim::tokens as sim_tokens;
 
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    /// Sent as token ids, so that no tokenizer round trip changes it (traces).
+    Tokens(Vec<u32>),
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SampleRequest {
-    pub prompt: String,
+    pub prompt: Prompt,
     pub prompt_len: usize,
     pub output_len: usize,
+    /// When it is sent, in seconds from the run's start, where the dataset says (traces).
+    pub arrival: Option<f64>,
 }
 
 /// A tokenizer: a HF tokenizer.json, or the simulator's word pieces.
@@ -61,7 +78,7 @@ impl Tok {
         }
     }
 
-    fn special_ids(&self) -> Vec<u32> {
+    pub fn special_ids(&self) -> Vec<u32> {
         match self {
             Tok::Hf(t) => t.get_added_tokens_decoder().iter().filter(|(_, a)| a.special).map(|(id, _)| *id).collect(),
             Tok::Sim => vec![0, sim_tokens::BOS, sim_tokens::EOS],
@@ -138,7 +155,7 @@ pub fn random(tok: &Tok, spec: &RandomSpec) -> anyhow::Result<Vec<SampleRequest>
         let mut ids = prefix.clone();
         ids.extend((0..input_len).map(|k| allowed[(offset + i + k) % allowed.len()]));
         let (prompt, ids) = prompt_of_len(tok, ids, spec.prefix_len + input_len, &mut rng);
-        out.push(SampleRequest { prompt, prompt_len: ids.len(), output_len });
+        out.push(SampleRequest { prompt: prompt.into(), prompt_len: ids.len(), output_len, arrival: None });
     }
     Ok(out)
 }
@@ -174,7 +191,7 @@ pub fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Resu
         for _ in 0..per_prefix {
             let mut ids = prefix.clone();
             ids.extend(part(spec.suffix_len, &mut rng));
-            out.push(SampleRequest { prompt: tok.decode(&ids), prompt_len: ids.len(), output_len: spec.output_len });
+            out.push(SampleRequest { prompt: tok.decode(&ids).into(), prompt_len: ids.len(), output_len: spec.output_len, arrival: None });
         }
     }
     if spec.shuffle {
@@ -214,7 +231,7 @@ pub fn sharegpt(tok: &Tok, path: &Path, num: usize, output_len: Option<usize>, s
         if too_short || prompt_len > 1024 || prompt_len + out_len > 2048 {
             continue;
         }
-        out.push(SampleRequest { prompt, prompt_len, output_len: out_len });
+        out.push(SampleRequest { prompt: prompt.into(), prompt_len, output_len: out_len, arrival: None });
     }
     if out.is_empty() {
         bail!("{} has no usable conversation (two turns, prompt 4..=1024 tokens)", path.display());
@@ -231,6 +248,13 @@ pub fn sharegpt(tok: &Tok, path: &Path, num: usize, output_len: Option<usize>, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text(r: &SampleRequest) -> &str {
+        match &r.prompt {
+            Prompt::Text(s) => s,
+            Prompt::Tokens(_) => panic!("a text prompt"),
+        }
+    }
 
     #[test]
     fn random_lengths_follow_vllms_ranges() {
@@ -250,7 +274,7 @@ mod tests {
         let low = ins.iter().filter(|l| **l < 100).count() as f64 / 4000.0;
         assert!((low - 20.0 / 41.0).abs() < 0.03, "{low}");
         // The sim tokenizer keeps exactly the sampled length.
-        assert_eq!(Tok::Sim.encode(&reqs[0].prompt, false).len(), reqs[0].prompt_len);
+        assert_eq!(Tok::Sim.encode(text(&reqs[0]), false).len(), reqs[0].prompt_len);
     }
 
     #[test]
@@ -258,8 +282,8 @@ mod tests {
         let spec = RandomSpec { num: 20, input_len: 30, output_len: 9, range_ratio: 0.0, prefix_len: 10, seed: 1 };
         let reqs = random(&Tok::Sim, &spec).unwrap();
         assert!(reqs.iter().all(|r| r.prompt_len == 40 && r.output_len == 9));
-        let first: Vec<&str> = reqs[0].prompt.split(' ').take(11).collect();
-        assert!(reqs.iter().all(|r| r.prompt.split(' ').take(11).collect::<Vec<_>>() == first), "shared prefix");
+        let first: Vec<&str> = text(&reqs[0]).split(' ').take(11).collect();
+        assert!(reqs.iter().all(|r| text(r).split(' ').take(11).collect::<Vec<_>>() == first), "shared prefix");
         assert_ne!(reqs[0].prompt, reqs[1].prompt);
         let again = random(&Tok::Sim, &spec).unwrap();
         assert_eq!(again[5].prompt, reqs[5].prompt, "seeded");
@@ -278,11 +302,11 @@ mod tests {
             {"conversations": [{"from": "human", "value": "only one turn"}]},
         ]).to_string()).unwrap();
         let reqs = sharegpt(&Tok::Sim, &p, 1, None, false, 0).unwrap();
-        assert_eq!(reqs[0].prompt, "tell me about the sea please");
+        assert_eq!(text(&reqs[0]), "tell me about the sea please");
         assert_eq!(reqs[0].output_len, Tok::Sim.encode("the sea is big and blue and deep", true).len());
         let over = sharegpt(&Tok::Sim, &p, 3, Some(7), false, 0).unwrap();
         assert_eq!(over.len(), 3, "oversampled");
-        assert!(over.iter().all(|r| r.output_len == 7 && r.prompt == "tell me about the sea please"));
+        assert!(over.iter().all(|r| r.output_len == 7 && text(r) == "tell me about the sea please"));
     }
 
     #[test]
@@ -293,7 +317,7 @@ mod tests {
         assert!(reqs.iter().all(|r| r.output_len == 7 && r.prompt_len == 17));
         let mut groups = std::collections::HashMap::new();
         for r in &reqs {
-            let prefix = Tok::Sim.encode(&r.prompt, false)[..12].to_vec();
+            let prefix = Tok::Sim.encode(text(r), false)[..12].to_vec();
             *groups.entry(prefix).or_insert(0) += 1;
         }
         assert_eq!(groups.len(), 4);

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub max_concurrent_requests: usize,
     /// Output tokens of each request (0 for failed ones).
     pub output_lens: Vec<usize>,
+    /// Prefix-hit rate and load skew (routing.rs).
+    pub routing: super::routing::Routing,
 }
 
 pub fn calculate(outputs: &[Output], duration: f64, tok: Option<&Tok>, percentiles: &[f64], goodput: &Goodput) -> Metrics {
@@ -177,6 +179,7 @@ pub fn calculate(outputs: &[Output], duration: f64, tok: Option<&Tok>, percentil
         max_output_tokens_per_s: max_tok,
         max_concurrent_requests: max_conc,
         output_lens,
+        routing: super::routing::summarize(outputs),
     }
 }
 

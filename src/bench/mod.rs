@@ -8,6 +8,8 @@ pub mod dataset;
 pub mod metrics;
 pub mod plot;
 pub mod report;
+pub mod routing;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,7 +140,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let path = args.dataset_path.as_ref().context("--dataset-name sharegpt needs --dataset-path FILE")?;
             dataset::sharegpt(&tok, path, n, args.sharegpt_output_len, !args.disable_shuffle, args.seed)?
         }
+        DatasetName::MooncakeTrace => {
+            let path = args.dataset_path.as_ref().context("--dataset-name mooncake_trace needs --dataset-path FILE (a Mooncake trace's JSONL)")?;
+            if args.request_rate.is_finite() {
+                bail!("--request-rate: a trace's requests arrive at its timestamps; use --trace-speedup to replay it faster");
+            }
+            if args.backend == Backend::OpenaiChat {
+                bail!("--dataset-name mooncake_trace sends token-id prompts, which only the completions API takes: use --backend openai");
+            }
+            let block_size = args.trace_block_size.map_or(trace::TRACE_BLOCK, |b| b as usize);
+            trace::mooncake(&tok, path, &trace::TraceSpec { num: n, block_size, speedup: args.trace_speedup.unwrap_or(1.0) })?
+        }
     };
+    if args.dataset_name != DatasetName::MooncakeTrace && (args.trace_block_size.is_some() || args.trace_speedup.is_some()) {
+        bail!("--trace-block-size and --trace-speedup apply to --dataset-name mooncake_trace only");
+    }
+    let n = requests.len();
     let mut sampling = Map::new();
     if let Some(t) = args.temperature {
         sampling.insert("temperature".into(), json!(t));
@@ -192,7 +209,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let sem = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c as usize)));
     // Arrivals in simulated time, sent K times faster against a sped-up simulator.
-    let offsets: Vec<f64> = arrivals(n, args.request_rate, args.burstiness, args.seed).into_iter().map(|t| t / args.speedup).collect();
+    let offsets: Vec<f64> = match requests.iter().map(|r| r.arrival).collect::<Option<Vec<f64>>>() {
+        Some(recorded) => recorded,
+        None => arrivals(n, args.request_rate, args.burstiness, args.seed),
+    };
+    let offsets: Vec<f64> = offsets.into_iter().map(|t| t / args.speedup).collect();
     let requests = Arc::new(requests);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
@@ -243,7 +264,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         label: &label,
         model_id: &model_id,
         tokenizer_id: &tokenizer_id,
-        num_prompts: args.num_prompts,
+        num_prompts: n as u64,
         request_rate: args.request_rate,
         burstiness: args.burstiness,
         max_concurrency: args.max_concurrency,

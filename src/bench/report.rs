@@ -91,6 +91,12 @@ pub fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
     linef(&mut out, "Peak output token throughput (tok/s):", m.max_output_tokens_per_s);
     linef(&mut out, "Peak concurrent requests:", m.max_concurrent_requests as f64);
     linef(&mut out, "Total token throughput (tok/s):", m.total_token_throughput);
+    let routing = &m.routing;
+    for (label, v) in [("Prefix-hit rate (%):", routing.prefix_hit_rate.map(|h| h * 100.0)), ("Prefill load skew (max/mean):", routing.prefill_load_skew), ("Decode load skew (max/mean):", routing.decode_load_skew)] {
+        if let Some(v) = v {
+            linef(&mut out, label, v);
+        }
+    }
     for (key, name, header) in METRICS {
         if !r.metrics.iter().any(|k| k == key) {
             continue;
@@ -144,6 +150,12 @@ pub fn json(m: &Metrics, r: &RunInfo<'_>, outputs: &[Output], detailed: bool, da
         put("start_times", json!(outputs.iter().map(|o| o.start_time).collect::<Vec<_>>()));
         put("generated_texts", json!(outputs.iter().map(|o| o.generated_text.clone()).collect::<Vec<_>>()));
         put("errors", json!(outputs.iter().map(|o| o.error.clone()).collect::<Vec<_>>()));
+    }
+    put("prefix_hit_rate", json!(m.routing.prefix_hit_rate));
+    put("prefill_load_skew", json!(m.routing.prefill_load_skew));
+    put("decode_load_skew", json!(m.routing.decode_load_skew));
+    if detailed {
+        put("requests", super::routing::records(outputs));
     }
     put("max_output_tokens_per_s", json!(m.max_output_tokens_per_s));
     put("max_concurrent_requests", json!(m.max_concurrent_requests));

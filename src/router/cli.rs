@@ -131,6 +131,10 @@ pub struct RouteArgs {
     /// prompt's tokens prefills them itself, with no prefill leg (0: always disaggregate).
     #[arg(long, default_value_t = 32)]
     pub kv_aware_decode_alone_tokens: usize,
+    /// Name the workers that served each request in its response headers
+    /// (`x-disagg-prefill`, `x-disagg-decode`: `URL; rank=N`), for benchmarks' records.
+    #[arg(long)]
+    pub worker_headers: bool,
     /// A local model directory whose tokenizer.json makes cache_aware and
     /// consistent_hash work on token ids instead of characters.
     #[arg(long, value_name = "DIR")]
@@ -480,6 +484,7 @@ impl RouteArgs {
             model_path: self.model_path.clone(),
             kv_aware_load_weight: self.kv_aware_load_weight,
             kv_aware_decode_alone_tokens: self.kv_aware_decode_alone_tokens,
+            worker_headers: self.worker_headers,
             prefill_dp: self.prefill_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             decode_dp: self.decode_dp_size.unwrap_or(self.intra_node_data_parallel_size) as usize,
             max_concurrent: usize::try_from(self.max_concurrent_requests).unwrap_or(usize::MAX).min(tokio::sync::Semaphore::MAX_PERMITS),

@@ -119,6 +119,8 @@ pub struct RouterConfig {
     /// kv_aware: a decode holding all but at most this many prompt tokens prefills them
     /// itself (no prefill leg); 0: never.
     pub kv_aware_decode_alone_tokens: usize,
+    /// Response headers naming the prefill and decode (rank) that served a request.
+    pub worker_headers: bool,
     pub prefill_dp: usize,
     pub decode_dp: usize,
     pub max_concurrent: usize,

@@ -159,7 +159,19 @@ async fn serve(
     match pair::run(router, job.clone()).await {
         Ok(answer) => {
             let prediction = job.info.kv.as_ref().and_then(|kv| super::kv_check::predict(kv, &answer));
-            Ok(relay::respond(answer, held, t.stream_idle, &router.drain, prediction))
+            let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
+            let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
+            if let Some((prefill, answered)) = served {
+                let h = resp.headers_mut();
+                let value = |w: &super::kv_index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
+                if let Some(v) = prefill.as_ref().and_then(value) {
+                    h.insert("x-disagg-prefill", v);
+                }
+                if let Some(v) = value(&answered) {
+                    h.insert("x-disagg-decode", v);
+                }
+            }
+            Ok(resp)
         }
         Err(f) => {
             *record = Some(held.record);

@@ -69,6 +69,8 @@ pub struct Answer {
     /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
     /// reports its prefill's, a decode alone its own (None where unknown).
     pub cache_from: Option<super::kv_index::Holder>,
+    /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
+    pub prefill: Option<super::kv_index::Holder>,
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
@@ -215,7 +217,7 @@ async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result
         Ok(started) => {
             lease.succeeded();
             router.metrics.leg_time("decode_first_byte", t);
-            Ok(Answer { started, cache_from: Some(lease.holder()), lease, since: t })
+            Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t })
         }
         Err(e) => Err((lease, e)),
     }
@@ -277,9 +279,9 @@ async fn run_pair(
                     router.metrics.abandoned_decode();
                 } else {
                     router.metrics.leg_time("decode_first_byte", t);
-                    let cache_from = (connector == super::connector::Connector::Nixl)
-                        .then(|| super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank });
-                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from }));
+                    let prefill = super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
+                    let cache_from = (connector == super::connector::Connector::Nixl).then(|| prefill.clone());
+                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill) }));
                 }
                 return;
             }

@@ -166,3 +166,50 @@ async fn prefix_repetition_prompts_share_their_prefixes() {
     // 9 of the 12 find their prefix's 4 full blocks (BOS and 63 prefix tokens) cached.
     assert_eq!(metric(&metrics(&s.url).await, "vllm:prefix_cache_hits_total", &[]), 9.0 * 64.0);
 }
+
+/// A Mooncake trace replayed through `disagg route --worker-headers`: token-id prompts of
+/// the recorded lengths, sent at the recorded times (sped up), outputs as recorded; the
+/// records say who served each request and what was cached, and the summary's hit rate is
+/// the engines' own.
+#[tokio::test]
+async fn a_mooncake_trace_replays_through_the_router_with_per_request_records() {
+    let trace = tmp("trace.jsonl");
+    // Request 1 shares request 0's first two blocks (of 16 tokens here), request 2 shares
+    // nothing; the third arrives 0.6 s (recorded) = 0.2 s (replayed) after the start.
+    std::fs::write(&trace, [
+        r#"{"timestamp": 0, "input_length": 1600, "output_length": 3, "hash_ids": [7, 8, 9, 10]}"#,
+        r#"{"timestamp": 300, "input_length": 1100, "output_length": 2, "hash_ids": [7, 8, 11]}"#,
+        r#"{"timestamp": 600, "input_length": 700, "output_length": 4, "hash_ids": [12, 13]}"#,
+    ].join("\n")).unwrap();
+    let p = Proc::sim(&["--role", "prefill", "--block-size", "16", "--enable-prompt-tokens-details"]).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", "16", "--enable-prompt-tokens-details"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--worker-headers"]).await;
+    let result = tmp("trace.json");
+    let (ok, out, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(),
+        "--trace-block-size", "16", "--trace-speedup", "3", "--ignore-eos", "--max-concurrency", "1", "--disable-tqdm",
+        "--save-result", "--save-detailed", "--result-filename", result.to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    assert_eq!(line_value(&out, "Successful requests:"), 3.0, "{err}");
+    assert_eq!(line_value(&out, "Total input tokens:"), (50 + 34 + 21) as f64, "1600, 1100, 700 tokens at 16 per 512, exactly");
+    assert_eq!(line_value(&out, "Total generated tokens:"), 9.0);
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    let recs = j["requests"].as_array().unwrap();
+    assert_eq!(recs.len(), 3);
+    // The second request found request 0's two shared blocks cached; the others nothing.
+    let cached: Vec<u64> = recs.iter().map(|r| r["cached_tokens"].as_u64().unwrap()).collect();
+    assert_eq!(cached, vec![0, 32, 0]);
+    assert!(recs.iter().all(|x| x["prefill"] == format!("{}; rank=0", p.url).as_str() && x["decode"] == format!("{}; rank=0", d.url).as_str()), "{recs:?}");
+    assert!(recs[2]["start_time"].as_f64().unwrap() >= 0.19, "sent at its timestamp / 3: {}", recs[2]["start_time"]);
+    let hits = metric(&metrics(&p.url).await, "vllm:prefix_cache_hits_total", &[]);
+    assert_eq!(hits, 32.0, "the engine's count agrees");
+    assert!((j["prefix_hit_rate"].as_f64().unwrap() - 32.0 / 105.0).abs() < 1e-9, "{}", j["prefix_hit_rate"]);
+    assert_eq!(j["prefill_load_skew"].as_f64(), Some(1.0), "one prefill");
+    // A trace's arrivals are its own: a request rate is refused, so are token ids for chat.
+    let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(), "--request-rate", "5"]).await;
+    assert!(!ok && err.contains("--trace-speedup"), "{err}");
+    let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(),
+        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions"]).await;
+    assert!(!ok && err.contains("completions API"), "{err}");
+    let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--trace-speedup", "2"]).await;
+    assert!(!ok && err.contains("mooncake_trace only"), "{err}");
+}
