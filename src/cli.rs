@@ -41,6 +41,9 @@ pub enum Command {
     Ranktable(crate::launch::ranktable::RanktableArgs),
     /// Run a SIMULATED vLLM engine (no model, no GPU) that speaks vLLM's API and PD handshake.
     Sim(crate::sim::SimArgs),
+    /// Replay a trace on a simulated cluster through every router policy (and vllm-router):
+    /// a Markdown table and a plot of TTFT, hit rate, load skew, goodput and router CPU.
+    Scoreboard(crate::scoreboard::ScoreboardArgs),
 }
 
 pub fn init_tracing(level: &str) {
@@ -61,5 +64,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args),
         Some(Command::Bench(args)) => crate::bench::run(args).await,
         Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
+        Some(Command::Scoreboard(args)) => crate::scoreboard::run(args).await,
     }
 }

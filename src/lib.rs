@@ -6,6 +6,7 @@ pub mod cli;
 pub mod flags;
 pub mod launch;
 pub mod router;
+pub mod scoreboard;
 pub mod signal;
 pub mod sim;
 pub mod tokenize;

@@ -15,7 +15,7 @@ const FONT_FILES: &[&str] = &[
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-fn register_font() -> anyhow::Result<()> {
+pub fn register_font() -> anyhow::Result<()> {
     for f in FONT_FILES {
         if let Ok(bytes) = std::fs::read(f) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());

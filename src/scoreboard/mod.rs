@@ -1,0 +1,329 @@
+//! `disagg scoreboard`: one trace, one simulated cluster, every router and policy side by
+//! side. For each row, fresh simulators (N prefills and M decodes with a GPU timing model,
+//! prefix caching and KV events) are started, the router under test in front of them
+//! (`disagg route --policy P`, or vllm-router with its policy), and `disagg bench` replays
+//! the trace through it. What the row says comes from the engines where it can (their own
+//! prefix-cache counters: hit rate, and the prompt tokens each prefill computed: load
+//! skew), from the bench's result (TTFT, E2E, goodput under the TTFT SLO), and from
+//! /proc (the router's CPU). Beside the rows: the oracle bound (oracle.rs). Writes
+//! `scoreboard.md`, `scoreboard.svg` and each row's bench result to `--out`.
+
+mod oracle;
+mod report;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::Value;
+
+use crate::router::cli::PolicyKind;
+
+#[derive(Args, Debug, Clone)]
+pub struct ScoreboardArgs {
+    /// A Mooncake trace (JSONL), replayed as `disagg bench --dataset-name mooncake_trace`.
+    #[arg(long)]
+    pub dataset_path: PathBuf,
+    /// Requests replayed: the trace's first N.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_prompts: u64,
+    /// Arrivals this many times faster than the trace's timestamps (more load).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
+    pub trace_speedup: f64,
+    /// Prompt tokens per hash id (the traces' own: 512).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub trace_block_size: u64,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefills: u64,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub decodes: u64,
+    /// Each simulator's KV cache, in blocks of --block-size tokens.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_blocks: u64,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub block_size: u64,
+    /// The simulators' step times (`disagg sim --timing-profile`).
+    #[arg(long, default_value = "mocker")]
+    pub timing_profile: String,
+    /// Run the simulators (and the bench's clock) K times faster than simulated time.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
+    pub sim_speedup: f64,
+    /// `disagg route` policies, one row each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "round_robin,power_of_two,cache_aware,kv_aware")]
+    pub policies: Vec<PolicyKind>,
+    /// The vllm-router binary (scripts/vllm-router-env.sh installs 0.1.17 and prints it);
+    /// without it, vllm-router's rows are left out (and the table says so).
+    #[arg(long)]
+    pub vllm_router: Option<PathBuf>,
+    /// vllm-router policies, one row each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "round_robin,cache_aware")]
+    pub vllm_router_policies: Vec<PolicyKind>,
+    /// The SLO goodput counts against: TTFT at most this many ms (simulated time).
+    #[arg(long, default_value_t = 2000.0, value_parser = crate::flags::positive)]
+    pub slo_ttft_ms: f64,
+    /// Where the table, the plot and each row's bench result go.
+    #[arg(long, default_value = "scoreboard")]
+    pub out: PathBuf,
+    /// Exit non-zero when kv_aware misses a goal (hit rate >= 90% of the oracle, prefill
+    /// load skew <= 1.25, TTFT p99 below every other row's).
+    #[arg(long)]
+    pub check_goals: bool,
+}
+
+/// One row's figures.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub router: String,
+    pub policy: String,
+    pub ttft_p50: f64,
+    pub ttft_p99: f64,
+    pub e2el_p50: f64,
+    pub hit_rate: f64,
+    pub prefill_skew: f64,
+    pub goodput: f64,
+    pub router_cpu_ms_per_req: f64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Why the row could not be measured (its router did not start, the bench failed).
+    pub error: Option<String>,
+}
+
+/// A child process group, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the group this child leads (spawned with process_group(0)).
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(program: &std::path::Path, args: &[String], log: &std::path::Path) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    Ok(Child(child))
+}
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    Ok(held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+}
+
+/// Waits for `url`'s /health, unless the process serving it exits first.
+async fn wait_healthy(client: &reqwest::Client, url: &str, child: &mut Child, log: &std::path::Path, within: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + within;
+    loop {
+        if client.get(format!("{url}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            bail!("{url} exited ({status}) before it was healthy; see {}", log.display());
+        }
+        if Instant::now() > end {
+            bail!("{url} was not healthy within {}s", within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A counter's sum over its series (every engine) on a /metrics page.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{') || r.starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// The simulated cluster of one row.
+struct Cluster {
+    _children: Vec<Child>,
+    prefills: Vec<String>,
+    decodes: Vec<String>,
+    /// Each simulator's KV-event endpoint (for vllm-router's kv_aware).
+    events: Vec<(String, String)>,
+}
+
+async fn start_cluster(a: &ScoreboardArgs, exe: &std::path::Path, dir: &std::path::Path, client: &reqwest::Client) -> anyhow::Result<Cluster> {
+    let n = (a.prefills + a.decodes) as usize;
+    let ports = free_ports(3 * n)?;
+    let (mut children, mut prefills, mut decodes, mut events) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let (role, k) = if i < a.prefills as usize { ("prefill", i) } else { ("decode", i - a.prefills as usize) };
+        let (http, ev, replay) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+        let config = format!(
+            r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
+        );
+        let args: Vec<String> = [
+            "sim", "--role", role, "--port", &http.to_string(), "--block-size", &a.block_size.to_string(), "--kv-blocks", &a.kv_blocks.to_string(),
+            "--timing-profile", &a.timing_profile, "--speedup", &a.sim_speedup.to_string(), "--max-model-len", &(a.kv_blocks * a.block_size).to_string(),
+            "--enable-prompt-tokens-details", "--kv-events-config", &config,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = dir.join(format!("{role}-{k}.log"));
+        children.push((spawn(exe, &args, &log)?, log));
+        let url = format!("http://127.0.0.1:{http}");
+        events.push((url.clone(), format!("tcp://127.0.0.1:{ev}")));
+        if role == "prefill" { prefills.push(url) } else { decodes.push(url) }
+    }
+    for (url, (child, log)) in prefills.iter().chain(&decodes).zip(children.iter_mut()) {
+        wait_healthy(client, url, child, log, Duration::from_secs(60)).await?;
+    }
+    Ok(Cluster { _children: children.into_iter().map(|(c, _)| c).collect(), prefills, decodes, events })
+}
+
+/// The router's command line for a row.
+fn router_command(a: &ScoreboardArgs, exe: &std::path::Path, c: &Cluster, vllm_router: bool, policy: &str, port: u16) -> (PathBuf, Vec<String>) {
+    let mut args: Vec<String> = if vllm_router { vec!["--vllm-pd-disaggregation".into()] } else { vec!["route".into()] };
+    for p in &c.prefills {
+        args.extend(["--prefill".into(), p.clone()]);
+    }
+    for d in &c.decodes {
+        args.extend(["--decode".into(), d.clone()]);
+    }
+    args.extend(["--policy".into(), policy.into(), "--port".into(), port.to_string(), "--host".into(), "127.0.0.1".into()]);
+    args.extend(["--max-concurrent-requests".into(), "100000".into(), "--queue-size".into(), "100000".into()]);
+    if vllm_router && policy == "kv_aware" {
+        // vllm-router takes the prefills' KV events in PD mode (--pd-kv-events).
+        for (url, endpoint) in c.events.iter().filter(|(u, _)| c.prefills.contains(u)) {
+            args.extend(["--pd-kv-events".into(), format!("{url}={endpoint}")]);
+        }
+        args.extend(["--kv-event-block-size".into(), a.block_size.to_string(), "--kv-event-model".into(), "sim-model".into()]);
+    }
+    let program = if vllm_router { a.vllm_router.clone().expect("only with --vllm-router") } else { exe.to_path_buf() };
+    (program, args)
+}
+
+async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, policy: PolicyKind) -> anyhow::Result<Row> {
+    let policy = policy.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+    let router_name = if vllm_router { "vllm-router 0.1.17" } else { "disagg route" };
+    let name = format!("{}-{policy}", if vllm_router { "vllm-router" } else { "disagg" });
+    let dir = a.out.join(&name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let cluster = start_cluster(a, exe, &dir, &client).await?;
+    let port = free_ports(1)?[0];
+    let (program, args) = router_command(a, exe, &cluster, vllm_router, &policy, port);
+    let log = dir.join("router.log");
+    let mut router = spawn(&program, &args, &log)?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_healthy(&client, &url, &mut router, &log, Duration::from_secs(60)).await?;
+    if policy == "kv_aware" && !vllm_router {
+        // Subscribed to every simulator's events before the first request.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let cpu0 = cpu_secs(router.0.id());
+    let result = dir.join("bench.json");
+    let bench: Vec<String> = [
+        "bench", "--base-url", &url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", &a.dataset_path.to_string_lossy(),
+        "--num-prompts", &a.num_prompts.to_string(), "--trace-speedup", &a.trace_speedup.to_string(), "--trace-block-size", &a.trace_block_size.to_string(),
+        "--speedup", &a.sim_speedup.to_string(), "--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
+        "--goodput", &format!("ttft:{}", a.slo_ttft_ms), "--save-result", "--result-filename", &result.to_string_lossy(), "--disable-tqdm", "--label", &name,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    eprintln!("scoreboard: {router_name} --policy {policy}: replaying {} requests", a.num_prompts);
+    let status = tokio::process::Command::new(exe).args(&bench).stdout(Stdio::null()).status().await?;
+    if !status.success() {
+        bail!("{name}: disagg bench failed ({status})");
+    }
+    let cpu = cpu_secs(router.0.id()) - cpu0;
+    if let Ok(Some(status)) = router.0.try_wait() {
+        bail!("{name}: the router exited during the run ({status}); see {}", dir.join("router.log").display());
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&result)?).context("the bench result")?;
+    let (mut hits, mut queries, mut computed) = (0.0, 0.0, Vec::new());
+    for p in &cluster.prefills {
+        let m = client.get(format!("{p}/metrics")).send().await?.text().await?;
+        let (h, q) = (counter(&m, "vllm:prefix_cache_hits_total"), counter(&m, "vllm:prefix_cache_queries_total"));
+        hits += h;
+        queries += q;
+        computed.push(q - h);
+    }
+    let mean = computed.iter().sum::<f64>() / computed.len().max(1) as f64;
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let completed = r["completed"].as_u64().unwrap_or(0);
+    Ok(Row {
+        router: router_name.into(),
+        policy,
+        ttft_p50: f("median_ttft_ms"),
+        ttft_p99: f("p99_ttft_ms"),
+        e2el_p50: f("median_e2el_ms"),
+        hit_rate: if queries > 0.0 { hits / queries } else { 0.0 },
+        prefill_skew: if mean > 0.0 { computed.iter().copied().fold(0.0, f64::max) / mean } else { f64::NAN },
+        goodput: f("request_goodput"),
+        router_cpu_ms_per_req: cpu * 1000.0 / completed.max(1) as f64,
+        completed,
+        failed: r["failed"].as_u64().unwrap_or(0),
+        error: None,
+    })
+}
+
+pub async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("this binary's path")?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    if let Some(v) = &a.vllm_router {
+        if !v.is_file() {
+            bail!("--vllm-router {}: no such file (scripts/vllm-router-env.sh installs it and prints its path)", v.display());
+        }
+    }
+    // The oracle over the very prompts the bench sends.
+    let tok = crate::bench::dataset::Tok::Sim;
+    let spec = crate::bench::trace::TraceSpec { num: a.num_prompts as usize, block_size: a.trace_block_size as usize, speedup: a.trace_speedup };
+    let prompts: Vec<Vec<u32>> = crate::bench::trace::mooncake(&tok, &a.dataset_path, &spec)?
+        .into_iter()
+        .filter_map(|r| match r.prompt {
+            crate::bench::dataset::Prompt::Tokens(t) => Some(t),
+            crate::bench::dataset::Prompt::Text(_) => None,
+        })
+        .collect();
+    let oracle = oracle::hit_rate(&prompts, a.block_size as usize, (a.prefills * a.kv_blocks) as usize);
+    let unbounded = oracle::hit_rate(&prompts, a.block_size as usize, usize::MAX);
+    let mut rows = Vec::new();
+    let vllm_rows = if a.vllm_router.is_some() { a.vllm_router_policies.as_slice() } else { &[] };
+    for (vllm_router, p) in a.policies.iter().map(|p| (false, p)).chain(vllm_rows.iter().map(|p| (true, p))) {
+        let row = run_row(&a, &exe, vllm_router, *p).await.unwrap_or_else(|e| {
+            eprintln!("scoreboard: a row failed: {e:#}");
+            Row {
+                router: if vllm_router { "vllm-router 0.1.17" } else { "disagg route" }.into(),
+                policy: p.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+                error: Some(format!("{e:#}")),
+                ..Row::default()
+            }
+        });
+        rows.push(row);
+    }
+    let board = report::Board { args: &a, rows: &rows, oracle, unbounded };
+    let md = board.markdown();
+    std::fs::write(a.out.join("scoreboard.md"), &md)?;
+    report::plot(&a.out.join("scoreboard.svg"), &rows, oracle)?;
+    print!("{md}");
+    let missed = board.missed_goals();
+    if a.check_goals && !missed.is_empty() {
+        bail!("kv_aware missed its goals: {}", missed.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The routing scoreboard's short version, in CI: the first 300 requests of Mooncake's
+//! conversation trace (tests/data) on 4 simulated prefills + 4 decodes, through every
+//! `disagg route` policy and vllm-router 0.1.17 (scripts/vllm-router-env.sh) in front of
+//! fresh simulators each; fails when kv_aware misses a goal (prefix-hit rate >= 90% of the
+//! oracle's, prefill load skew <= 1.25, TTFT p99 below every other row's). Its own test
+//! binary, so that nothing else runs beside it and steals its CPU.
+//!
+//!   cargo test --test scoreboard
+
+#[path = "it/support.rs"]
+mod support;
+
+use support::*;
+
+#[test]
+fn kv_aware_meets_its_goals_on_a_slice_of_the_conversation_trace() {
+    let vllm_router = script_var("vllm-router-env.sh", "VLLM_ROUTER");
+    assert!(std::path::Path::new(&vllm_router).is_file(), "no vllm-router at {vllm_router}: run scripts/vllm-router-env.sh");
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("scoreboard");
+    let _ = std::fs::remove_dir_all(&out);
+    let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mooncake-conversation-400.jsonl");
+    let run = std::process::Command::new(BIN)
+        .args(["scoreboard", "--dataset-path", trace, "--num-prompts", "300", "--trace-speedup", "6", "--prefills", "4", "--decodes", "4",
+            "--sim-speedup", "2", "--vllm-router", &vllm_router, "--vllm-router-policies", "round_robin,cache_aware", "--check-goals",
+            "--out", out.to_str().unwrap()])
+        .output()
+        .expect("run disagg scoreboard");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    println!("{stdout}");
+    assert!(run.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&run.stderr));
+    // The table has every row, measured: six rows with requests served and none failed.
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| disagg route |") || l.starts_with("| vllm-router")).collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with("| 0 |")), "no request failed: {stdout}");
+    assert!(out.join("scoreboard.svg").is_file() && out.join("scoreboard.md").is_file());
+    assert!(stdout.contains("kv_aware meets its goals"), "{stdout}");
+}
