@@ -1,15 +1,18 @@
-//! The router's own cost, measured against the same two legs sent directly, in one run:
+//! The router's own cost, side by side with vllm-router 0.1.17 and with the same two legs
+//! sent directly, in one run:
 //!
-//!   cargo bench --bench router            (DISAGG_BENCH_SECS=4 per point by default)
+//!   cargo bench --bench router      (DISAGG_BENCH_SECS=3 per point; installs vllm-router
+//!                                    with scripts/vllm-router-env.sh if it is missing)
 //!
-//! Starts a simulated prefill and decode (`disagg sim`, no artificial delays: the fastest
-//! backend this machine can run) and `disagg route` in front of them, all on loopback.
-//! "direct" is a client doing the toy proxy's job itself (prefill leg, then decode leg);
-//! "router" is the same client sending one request to the router. Reports latency at
-//! concurrency 1 (p50/p99 and the router's added time), requests/s at concurrency 1, 64
-//! and 1024 (and the router/direct ratio), and the router's RSS holding 10,000 open
-//! streams (clients reach the router over HTTP/2, so the 20,000-descriptor limit of this
-//! sandbox is not hit on the client side; the router talks HTTP/1 to the workers).
+//! A simulated prefill and decode (`disagg sim`, no artificial delays: the fastest backend
+//! this machine can run), `disagg route` and vllm-router in front of them, all on
+//! loopback, round_robin. "direct" is a client doing the toy proxy's job itself (prefill
+//! leg, then decode leg). Every point runs the three one after another, in a rotating
+//! order, three times; medians are reported. Points: latency at concurrency 1 (p50/p99
+//! and each router's added time), requests/s at 64 and 1024, streamed and not, 1k- and
+//! 100k-token prompts (token ids), the routers' CPU per 1k requests (/proc), and each
+//! router's RSS holding 10,000 open streams (clients over HTTP/2, 200 streams per
+//! connection, to both: the sandbox's 20,000-descriptor limit is not hit on the client side).
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,21 +24,16 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_disagg");
+const ROUNDS: usize = 3;
 
 struct Proc {
     child: Child,
     url: String,
 }
 
+/// `disagg` with these arguments; its URL from the banner.
 async fn start(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn disagg");
+    let mut child = Command::new(BIN).args(args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawn disagg");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let banner = lines.next_line().await.unwrap().expect("banner");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -43,49 +41,96 @@ async fn start(args: &[&str]) -> Proc {
     Proc { child, url }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// vllm-router in PD mode in front of `prefill` and `decode`.
+async fn start_vllm_router(bin: &str, prefill: &str, decode: &str) -> Proc {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args(["--vllm-pd-disaggregation", "--prefill", prefill, "--decode", decode, "--policy", "round_robin", "--host", "127.0.0.1",
+            "--port", &port.to_string(), "--max-concurrent-requests", "100000", "--queue-size", "100000", "--log-level", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn vllm-router");
+    Proc { child, url: format!("http://127.0.0.1:{port}") }
+}
+
+/// The vllm-router binary, installed by the project's script when missing.
+fn vllm_router_bin() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vllm-router-env.sh");
+    let out = std::process::Command::new(script).stderr(Stdio::inherit()).output().expect("run scripts/vllm-router-env.sh");
+    assert!(out.status.success(), "scripts/vllm-router-env.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("VLLM_ROUTER=")).expect("VLLM_ROUTER=").trim().to_string()
+}
+
+fn proc_field(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
         .unwrap_or(0)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
+/// CPU seconds (user + system) of a process.
+fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / 100.0 // USER_HZ
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Mode {
     Direct,
-    Router,
+    Disagg,
+    VllmRouter,
 }
+
+const MODES: [Mode; 3] = [Mode::Direct, Mode::Disagg, Mode::VllmRouter];
 
 struct Target {
     client: reqwest::Client,
     prefill: String,
     decode: String,
-    router: String,
+    disagg: String,
+    vllm_router: String,
+    /// The routers' pids, for their CPU.
+    pids: [u32; 2],
 }
 
-fn body(i: u64) -> Value {
-    json!({"model": "sim-model", "prompt": format!("benchmark request {i}: a short prompt of a few words"),
-           "max_tokens": 8, "ignore_eos": true})
+#[derive(Clone, Copy)]
+struct Case {
+    stream: bool,
+    prompt_tokens: usize,
+    concurrency: usize,
 }
 
-async fn ok(resp: reqwest::Result<reqwest::Response>) -> bool {
+fn body(case: Case, i: u64) -> Value {
+    // Token ids; the first varies per request, so prompts are not all one prefix.
+    let prompt: Vec<u64> = std::iter::once(100 + i % 20_000).chain((1..case.prompt_tokens as u64).map(|k| 200 + k % 30_000)).collect();
+    json!({"model": "sim-model", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "stream": case.stream})
+}
+
+async fn drain(resp: reqwest::Result<reqwest::Response>) -> bool {
     match resp {
-        Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+        Ok(mut r) if r.status().is_success() => {
+            while let Ok(Some(_)) = r.chunk().await {}
+            true
+        }
         _ => false,
     }
 }
 
-async fn one(t: &Target, mode: Mode, i: u64) -> bool {
-    let b = body(i);
+async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> bool {
+    let b = body(case, i);
     match mode {
-        Mode::Router => ok(t.client.post(&t.router).json(&b).send().await).await,
+        Mode::Disagg => drain(t.client.post(&t.disagg).json(&b).send().await).await,
+        Mode::VllmRouter => drain(t.client.post(&t.vllm_router).json(&b).send().await).await,
         Mode::Direct => {
             let mut p = b.clone();
             p["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
@@ -96,18 +141,35 @@ async fn one(t: &Target, mode: Mode, i: u64) -> bool {
             let Ok(v) = resp.json::<Value>().await else { return false };
             let mut d = b;
             d["kv_transfer_params"] = v["kv_transfer_params"].clone();
-            ok(t.client.post(&t.decode).header("x-request-id", i.to_string()).json(&d).send().await).await
+            drain(t.client.post(&t.decode).header("x-request-id", i.to_string()).json(&d).send().await).await
         }
     }
 }
 
-/// Runs `concurrency` loops for `secs`; returns (requests/s, latencies in ms, failures).
-async fn load(t: &Arc<Target>, mode: Mode, concurrency: usize, secs: f64) -> (f64, Vec<f64>, u64) {
+/// One point's figures for one mode.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    /// The router's CPU per 1k requests (seconds); 0 for direct.
+    cpu_per_1k: f64,
+    failures: u64,
+}
+
+/// Runs `case.concurrency` loops for `secs`.
+async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
+    let pid = match mode {
+        Mode::Direct => None,
+        Mode::Disagg => Some(t.pids[0]),
+        Mode::VllmRouter => Some(t.pids[1]),
+    };
+    let cpu0 = pid.map_or(0.0, cpu_secs);
     let start = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
+    let tasks: Vec<_> = (0..case.concurrency)
         .map(|_| {
             let (t, stop, counter, failures) = (t.clone(), stop.clone(), counter.clone(), failures.clone());
             tokio::spawn(async move {
@@ -115,7 +177,7 @@ async fn load(t: &Arc<Target>, mode: Mode, concurrency: usize, secs: f64) -> (f6
                 while !stop.load(Ordering::Relaxed) {
                     let i = counter.fetch_add(1, Ordering::Relaxed);
                     let t0 = Instant::now();
-                    if one(&t, mode, i).await {
+                    if one(&t, mode, case, i).await {
                         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
                     } else {
                         failures.fetch_add(1, Ordering::Relaxed);
@@ -132,8 +194,15 @@ async fn load(t: &Arc<Target>, mode: Mode, concurrency: usize, secs: f64) -> (f6
         all.extend(task.await.unwrap());
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = pid.map_or(0.0, |p| cpu_secs(p) - cpu0);
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (all.len() as f64 / elapsed, all, failures.load(Ordering::Relaxed))
+    Figures {
+        rps: all.len() as f64 / elapsed,
+        p50: pct(&all, 50.0),
+        p99: pct(&all, 99.0),
+        cpu_per_1k: cpu / all.len().max(1) as f64 * 1000.0,
+        failures: failures.load(Ordering::Relaxed),
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -145,9 +214,39 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// ROUNDS rounds of the three modes in a rotating order; the median of each figure.
+async fn point(t: &Arc<Target>, case: Case, secs: f64) -> [Figures; 3] {
+    let mut runs: Vec<[Figures; 3]> = Vec::new();
+    for round in 0..ROUNDS {
+        let mut figs = [Figures::default(); 3];
+        for k in 0..3 {
+            let m = (round + k) % 3;
+            figs[m] = load(t, MODES[m], case, secs).await;
+        }
+        runs.push(figs);
+    }
+    let mut out = [Figures::default(); 3];
+    for (m, o) in out.iter_mut().enumerate() {
+        let take = |f: fn(&Figures) -> f64| median(runs.iter().map(|r| f(&r[m])).collect());
+        *o = Figures {
+            rps: take(|f| f.rps),
+            p50: take(|f| f.p50),
+            p99: take(|f| f.p99),
+            cpu_per_1k: take(|f| f.cpu_per_1k),
+            failures: runs.iter().map(|r| r[m].failures).sum(),
+        };
+    }
+    out
+}
+
 async fn wait_healthy(url: &str) {
     let c = reqwest::Client::new();
-    for _ in 0..200 {
+    for _ in 0..600 {
         if matches!(c.get(format!("{url}/health")).send().await, Ok(r) if r.status().is_success()) {
             return;
         }
@@ -158,79 +257,95 @@ async fn wait_healthy(url: &str) {
 
 #[tokio::main]
 async fn main() {
-    let secs: f64 = std::env::var("DISAGG_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4.0);
-    let prefill = start(&["sim", "--port", "0", "--role", "prefill", "--kv-blocks", "400000"]).await;
-    let decode = start(&["sim", "--port", "0", "--role", "decode", "--kv-blocks", "400000", "--max-num-seqs", "4096"]).await;
-    let router = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000",
+    let secs: f64 = std::env::var("DISAGG_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let vr_bin = vllm_router_bin();
+    let sim = |role: &'static str| ["sim", "--port", "0", "--role", role, "--kv-blocks", "2000000", "--max-num-seqs", "4096", "--max-model-len", "131072"];
+    let prefill = start(&sim("prefill")).await;
+    let decode = start(&sim("decode")).await;
+    let disagg = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000", "--queue-size", "100000",
         "--prefill", &prefill.url, "--decode", &decode.url]).await;
-    wait_healthy(&router.url).await;
+    let vr = start_vllm_router(&vr_bin, &prefill.url, &decode.url).await;
+    wait_healthy(&disagg.url).await;
+    wait_healthy(&vr.url).await;
     let client = reqwest::Client::builder().pool_max_idle_per_host(2048).tcp_nodelay(true).build().unwrap();
     let t = Arc::new(Target {
         client,
         prefill: format!("{}/v1/completions", prefill.url),
         decode: format!("{}/v1/completions", decode.url),
-        router: format!("{}/v1/completions", router.url),
+        disagg: format!("{}/v1/completions", disagg.url),
+        vllm_router: format!("{}/v1/completions", vr.url),
+        pids: [disagg.child.id().unwrap(), vr.child.id().unwrap()],
     });
-    let rpid = router.child.id().unwrap();
-    println!("disagg route benchmark: simulated prefill + decode on loopback, {secs} s per point, non-streamed, 8 output tokens");
+    println!("router benchmark: disagg route vs vllm-router 0.1.17 vs the two legs sent directly; simulated prefill + decode on loopback,");
+    println!("{secs} s per run, {ROUNDS} rounds in rotating order, medians; 8 output tokens; token-id prompts");
+    let warm = Case { stream: false, prompt_tokens: 1000, concurrency: 8 };
+    for m in MODES {
+        load(&t, m, warm, 0.5).await;
+    }
+    let cases = [
+        Case { stream: false, prompt_tokens: 1000, concurrency: 1 },
+        Case { stream: true, prompt_tokens: 1000, concurrency: 1 },
+        Case { stream: false, prompt_tokens: 100_000, concurrency: 1 },
+        Case { stream: true, prompt_tokens: 100_000, concurrency: 1 },
+        Case { stream: false, prompt_tokens: 1000, concurrency: 64 },
+        Case { stream: true, prompt_tokens: 1000, concurrency: 64 },
+        Case { stream: false, prompt_tokens: 100_000, concurrency: 64 },
+        Case { stream: false, prompt_tokens: 1000, concurrency: 1024 },
+        Case { stream: true, prompt_tokens: 1000, concurrency: 1024 },
+    ];
     println!();
-    // Warm up connections and allocators.
-    load(&t, Mode::Direct, 8, 0.5).await;
-    load(&t, Mode::Router, 8, 0.5).await;
-
+    println!("{:>6} {:>7} {:>5} | {:>9} {:>9} {:>9} | {:>13} {:>13} {:>6} | {:>8} {:>8} {:>8} {:>6} {:>6} | {:>9} {:>9}",
+        "stream", "prompt", "conc", "direct", "disagg", "vllm-r", "added disagg", "added vllm-r", "ratio", "direct", "disagg", "vllm-r", "d/vr", "d/dir",
+        "CPU disagg", "CPU vllm-r");
+    println!("{:>20} | {:>29} | {:>34} | {:>40} | {:>19}", "", "p50 latency (ms)", "added p50 (ms)", "requests/s", "s per 1k requests");
     let mut rows = Vec::new();
-    for conc in [1usize, 64, 1024] {
-        let (d_rps, d_lat, d_fail) = load(&t, Mode::Direct, conc, secs).await;
-        let cpu0 = cpu_ticks(rpid);
-        let (r_rps, r_lat, r_fail) = load(&t, Mode::Router, conc, secs).await;
-        let cpu = cpu_ticks(rpid) - cpu0;
-        let ticks = 100.0; // USER_HZ
-        let cpu_per_1k = cpu as f64 / ticks / (r_lat.len().max(1) as f64) * 1000.0;
-        rows.push(json!({"concurrency": conc, "direct_rps": d_rps, "router_rps": r_rps, "ratio": r_rps / d_rps,
-            "direct_p50_ms": pct(&d_lat, 50.0), "direct_p99_ms": pct(&d_lat, 99.0),
-            "router_p50_ms": pct(&r_lat, 50.0), "router_p99_ms": pct(&r_lat, 99.0),
-            "router_cpu_s_per_1k_requests": cpu_per_1k, "failures": d_fail + r_fail}));
+    for case in cases {
+        let [d, g, v] = point(&t, case, secs).await;
+        let (ag, av) = (g.p50 - d.p50, v.p50 - d.p50);
+        println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>9.3} | {:>13.3} {:>13.3} {:>6.2} | {:>8.0} {:>8.0} {:>8.0} {:>6.2} {:>6.2} | {:>9.3} {:>9.3}",
+            case.stream, case.prompt_tokens, case.concurrency, d.p50, g.p50, v.p50, ag, av, ag / av, d.rps, g.rps, v.rps, g.rps / v.rps, g.rps / d.rps,
+            g.cpu_per_1k, v.cpu_per_1k);
+        rows.push(json!({"stream": case.stream, "prompt_tokens": case.prompt_tokens, "concurrency": case.concurrency,
+            "direct": {"rps": d.rps, "p50_ms": d.p50, "p99_ms": d.p99, "failures": d.failures},
+            "disagg": {"rps": g.rps, "p50_ms": g.p50, "p99_ms": g.p99, "cpu_s_per_1k": g.cpu_per_1k, "failures": g.failures},
+            "vllm_router": {"rps": v.rps, "p50_ms": v.p50, "p99_ms": v.p99, "cpu_s_per_1k": v.cpu_per_1k, "failures": v.failures},
+            "added_p50_ratio": ag / av, "added_p99_disagg_ms": g.p99 - d.p99, "added_p99_vllm_router_ms": v.p99 - d.p99}));
+        if d.failures + g.failures > 0 {
+            println!("    failures: direct {}, disagg {}, vllm-router {}", d.failures, g.failures, v.failures);
+        }
     }
-    println!("{:>11} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10} {:>14}", "concurrency", "direct req/s", "router req/s", "ratio",
-        "direct p50", "router p50", "direct p99", "router p99", "router CPU/1k");
-    for r in &rows {
-        println!("{:>11} {:>12.0} {:>12.0} {:>7.2} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>12.3}s",
-            r["concurrency"], r["direct_rps"].as_f64().unwrap(), r["router_rps"].as_f64().unwrap(), r["ratio"].as_f64().unwrap(),
-            r["direct_p50_ms"].as_f64().unwrap(), r["router_p50_ms"].as_f64().unwrap(), r["direct_p99_ms"].as_f64().unwrap(),
-            r["router_p99_ms"].as_f64().unwrap(), r["router_cpu_s_per_1k_requests"].as_f64().unwrap());
-        assert_eq!(r["failures"], 0, "failed requests at concurrency {}", r["concurrency"]);
-    }
-    let c1 = &rows[0];
-    println!();
-    println!("added latency at concurrency 1: p50 {:+.3} ms, p99 {:+.3} ms (router minus the same two legs sent directly)",
-        c1["router_p50_ms"].as_f64().unwrap() - c1["direct_p50_ms"].as_f64().unwrap(),
-        c1["router_p99_ms"].as_f64().unwrap() - c1["direct_p99_ms"].as_f64().unwrap());
-    drop(router);
+    drop(disagg);
+    drop(vr);
     drop(decode);
-
-    let rss = open_streams(&prefill.url, 10_000).await;
-    println!("router RSS: {} MiB idle, {} MiB holding {} open streams ({:.1} KiB per stream)",
-        rss.0 / 1024, rss.1 / 1024, rss.2, (rss.1 as f64 - rss.0 as f64) / rss.2 as f64);
-    let out = json!({"points": rows, "rss_idle_kib": rss.0, "rss_streams_kib": rss.1, "open_streams": rss.2});
+    println!();
+    let ours = open_streams(&prefill.url, None, 10_000).await;
+    let theirs = open_streams(&prefill.url, Some(&vr_bin), 10_000).await;
+    for (name, (idle, busy, open)) in [("disagg route", ours), ("vllm-router", theirs)] {
+        println!("{name}: RSS {} MiB idle, {} MiB holding {open} open streams ({:.1} KiB per stream)", idle / 1024, busy / 1024,
+            (busy as f64 - idle as f64) / open.max(1) as f64);
+    }
+    let out = json!({"points": rows, "rss": {"disagg": ours, "vllm_router": theirs}});
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-router.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("results: {}", path.display());
 }
 
-/// Opens `n` streams through a fresh router to a slow decode; returns the router's RSS
-/// before and while holding them, and how many were open.
-async fn open_streams(prefill: &str, n: usize) -> (u64, u64, usize) {
+/// Opens `n` streams through a fresh router (disagg, or vllm-router at `vr`) to a slow
+/// decode; returns the router's RSS (KiB) before and while holding them, and how many
+/// were open.
+async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, usize) {
     let decode = start(&["sim", "--port", "0", "--role", "decode", "--kv-blocks", "2000000", "--max-num-seqs", "100000",
         "--decode-ms-per-token", "1000"]).await;
-    let router = start(&["route", "--port", "0", "--max-concurrent-requests", "100000", "--prefill", prefill,
-        "--decode", &decode.url]).await;
+    let router = match vr {
+        Some(bin) => start_vllm_router(bin, prefill, &decode.url).await,
+        None => start(&["route", "--port", "0", "--max-concurrent-requests", "100000", "--queue-size", "100000", "--prefill", prefill,
+            "--decode", &decode.url]).await,
+    };
     wait_healthy(&router.url).await;
     let pid = router.child.id().unwrap();
-    let idle = rss_kib(pid);
+    let idle = proc_field(pid, "VmRSS:");
     // 200 streams per HTTP/2 connection.
-    let clients: Vec<reqwest::Client> = (0..n.div_ceil(200))
-        .map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap())
-        .collect();
+    let clients: Vec<reqwest::Client> = (0..n.div_ceil(200)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
     let url = format!("{}/v1/completions", router.url);
     let opened = Arc::new(AtomicU64::new(0));
     let mut held = Vec::new();
@@ -242,7 +357,7 @@ async fn open_streams(prefill: &str, n: usize) -> (u64, u64, usize) {
                 let (c, url, opened) = (clients[i / 200].clone(), url.clone(), opened.clone());
                 let i = *i;
                 tokio::spawn(async move {
-                    let mut resp = c.post(url).json(&json!({"prompt": format!("s{i}"), "max_tokens": 60, "ignore_eos": true, "stream": true}))
+                    let mut resp = c.post(url).json(&json!({"model": "sim-model", "prompt": format!("s{i}"), "max_tokens": 60, "ignore_eos": true, "stream": true}))
                         .send().await.ok()?;
                     resp.chunk().await.ok()??;
                     opened.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +372,7 @@ async fn open_streams(prefill: &str, n: usize) -> (u64, u64, usize) {
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = rss_kib(pid);
+    let busy = proc_field(pid, "VmRSS:");
     let open = opened.load(Ordering::Relaxed) as usize;
     drop(held);
     (idle, busy, open)

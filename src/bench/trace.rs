@@ -7,7 +7,8 @@
 //! `block_size` tokens drawn from hash_ids[i] alone, so equal ids give equal blocks and
 //! different ids different ones; the prompt is the first `input_length * block_size / 512`
 //! tokens of its blocks (`--trace-block-size`, default 512: the trace's own lengths), never
-//! a special token. Requests arrive at their timestamps divided by `--trace-speedup`, and
+//! a special token. Requests arrive at their timestamps (counted from the first record's,
+//! so a slice from the middle of a trace starts at once) divided by `--trace-speedup`, and
 //! generate their recorded output length (with `--ignore-eos`, exactly).
 
 use std::path::Path;
@@ -62,6 +63,7 @@ pub fn mooncake(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<
         bail!("the tokenizer has no ordinary token to build prompts from");
     }
     let mut out = Vec::new();
+    let mut first_timestamp = None;
     for (n, raw) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         if out.len() >= spec.num {
             break;
@@ -78,7 +80,7 @@ pub fn mooncake(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<
             prompt: Prompt::Tokens(ids),
             prompt_len,
             output_len: line.output_length.max(1),
-            arrival: Some(line.timestamp.max(0.0) / 1000.0 / spec.speedup),
+            arrival: Some((line.timestamp - *first_timestamp.get_or_insert(line.timestamp)).max(0.0) / 1000.0 / spec.speedup),
         });
     }
     if out.is_empty() {
@@ -133,6 +135,13 @@ mod tests {
         assert_eq!(tokens(&small[0])[..32], tokens(&small[1])[..32]);
         assert_ne!(tokens(&small[0])[32..34], tokens(&small[1])[..2]);
         assert_eq!(small[1].arrival, Some(1.5));
+        // A slice from the middle of a trace starts at once.
+        let middle = trace(&[
+            serde_json::json!({"timestamp": 5000, "input_length": 512, "output_length": 1, "hash_ids": [1]}),
+            serde_json::json!({"timestamp": 5400, "input_length": 512, "output_length": 1, "hash_ids": [2]}),
+        ]);
+        let reqs = mooncake(&Tok::Sim, &middle, &TraceSpec { num: 2, block_size: 512, speedup: 2.0 }).unwrap();
+        assert_eq!(reqs.iter().map(|r| r.arrival.unwrap()).collect::<Vec<_>>(), vec![0.0, 0.2]);
     }
 
     #[test]

@@ -125,7 +125,7 @@ pub struct RouteArgs {
     /// kv_aware: the weight of the work queued on a DP rank (the uncached prompt blocks of
     /// its prefills in flight) against the blocks this prompt would compute there
     /// (docs/PROTOCOLS.md §6 has the measurement behind the default).
-    #[arg(long, default_value_t = 0.5, value_parser = non_negative)]
+    #[arg(long, default_value_t = 0.1, value_parser = non_negative)]
     pub kv_aware_load_weight: f64,
     /// kv_aware (decode pool): a decode whose cache holds all but at most this many of the
     /// prompt's tokens prefills them itself, with no prefill leg (0: always disaggregate).

@@ -57,6 +57,10 @@ pub struct ScoreboardArgs {
     /// without it, vllm-router's rows are left out (and the table says so).
     #[arg(long)]
     pub vllm_router: Option<PathBuf>,
+    /// More flags for every `disagg route` row, whitespace-separated (e.g.
+    /// `--kv-aware-load-weight 0.25`).
+    #[arg(long, allow_hyphen_values = true, default_value = "")]
+    pub route_args: String,
     /// vllm-router policies, one row each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "round_robin,cache_aware")]
     pub vllm_router_policies: Vec<PolicyKind>,
@@ -115,9 +119,27 @@ fn spawn(program: &std::path::Path, args: &[String], log: &std::path::Path) -> a
     Ok(Child(child))
 }
 
+/// `n` ports free a moment ago, below the kernel's ephemeral range, so that no outgoing
+/// connection (the bench's, the router's, a KV-event subscriber's) takes one of them
+/// before its server binds it.
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let held: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    Ok(held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral = range.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(32768).max(12_000);
+    let mut ports = Vec::with_capacity(n);
+    let mut candidate = 10_000 + rand::random::<u16>() % (ephemeral - 10_000);
+    for _ in 0..(ephemeral - 10_000) {
+        if ports.len() == n {
+            break;
+        }
+        candidate = if candidate + 1 >= ephemeral { 10_000 } else { candidate + 1 };
+        if std::net::TcpListener::bind(("0.0.0.0", candidate)).is_ok() {
+            ports.push(candidate);
+        }
+    }
+    if ports.len() < n {
+        bail!("fewer than {n} free ports below {ephemeral}");
+    }
+    Ok(ports)
 }
 
 /// Waits for `url`'s /health, unless the process serving it exits first.
@@ -212,6 +234,9 @@ fn router_command(a: &ScoreboardArgs, exe: &std::path::Path, c: &Cluster, vllm_r
         }
         args.extend(["--kv-event-block-size".into(), a.block_size.to_string(), "--kv-event-model".into(), "sim-model".into()]);
     }
+    if !vllm_router {
+        args.extend(a.route_args.split_whitespace().map(str::to_owned));
+    }
     let program = if vllm_router { a.vllm_router.clone().expect("only with --vllm-router") } else { exe.to_path_buf() };
     (program, args)
 }
@@ -240,13 +265,14 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         "bench", "--base-url", &url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", &a.dataset_path.to_string_lossy(),
         "--num-prompts", &a.num_prompts.to_string(), "--trace-speedup", &a.trace_speedup.to_string(), "--trace-block-size", &a.trace_block_size.to_string(),
         "--speedup", &a.sim_speedup.to_string(), "--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
-        "--goodput", &format!("ttft:{}", a.slo_ttft_ms), "--save-result", "--result-filename", &result.to_string_lossy(), "--disable-tqdm", "--label", &name,
+        "--goodput", &format!("ttft:{}", a.slo_ttft_ms), "--save-result", "--save-detailed", "--result-filename", &result.to_string_lossy(), "--disable-tqdm", "--label", &name,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     eprintln!("scoreboard: {router_name} --policy {policy}: replaying {} requests", a.num_prompts);
-    let status = tokio::process::Command::new(exe).args(&bench).stdout(Stdio::null()).status().await?;
+    let bench_log = std::fs::File::create(dir.join("bench.log"))?;
+    let status = tokio::process::Command::new(exe).args(&bench).stdout(bench_log).status().await?;
     if !status.success() {
         bail!("{name}: disagg bench failed ({status})");
     }
@@ -320,6 +346,7 @@ pub async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
     let md = board.markdown();
     std::fs::write(a.out.join("scoreboard.md"), &md)?;
     report::plot(&a.out.join("scoreboard.svg"), &rows, oracle)?;
+    report::plot(&a.out.join("scoreboard.png"), &rows, oracle)?;
     print!("{md}");
     let missed = board.missed_goals();
     if a.check_goals && !missed.is_empty() {

@@ -89,11 +89,23 @@ impl Board<'_> {
     }
 }
 
-/// TTFT p50 and p99 per row (log scale), and each row's prefix-hit rate against the oracle.
+/// The picture, as SVG or PNG by the file's extension.
 pub fn plot(path: &Path, rows: &[Row], oracle: f64) -> anyhow::Result<()> {
-    let rows: Vec<&Row> = rows.iter().filter(|r| r.error.is_none()).collect();
     crate::bench::plot::register_font()?;
-    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
+    let size = (1200, 520);
+    if path.extension().is_some_and(|e| e == "png") {
+        draw(BitMapBackend::new(path, size).into_drawing_area(), rows, oracle)
+    } else {
+        draw(SVGBackend::new(path, size).into_drawing_area(), rows, oracle)
+    }
+}
+
+/// TTFT p50 and p99 per row (log scale), and each row's prefix-hit rate against the oracle.
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, rows: &[Row], oracle: f64) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.error.is_none()).collect();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(640);
     let labels: Vec<String> = rows.iter().map(|r| format!("{}{}", if r.router.starts_with("vllm") { "vllm-router " } else { "" }, r.policy)).collect();
@@ -116,7 +128,7 @@ pub fn plot(path: &Path, rows: &[Row], oracle: f64) -> anyhow::Result<()> {
         .margin(10)
         .x_label_area_size(60)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..n as f64, 0f64..100f64)?;
+        .build_cartesian_2d(0f64..n as f64, 0f64..rows.iter().map(|r| r.hit_rate).fold(oracle, f64::max).mul_add(130.0, 1.0).min(100.0))?;
     bars.configure_mesh().disable_x_mesh().x_labels(0).draw()?;
     for (i, r) in rows.iter().enumerate() {
         let x = i as f64;
