@@ -2,7 +2,10 @@
 //! trace (records 1000-1399, tests/data) on 8 simulated prefills + 8 decodes, through every
 //! `disagg route` policy and vllm-router 0.1.17 (scripts/vllm-router-env.sh) in front of
 //! fresh simulators each; fails when kv_aware misses a goal (prefix-hit rate >= 90% of the
-//! oracle's, prefill load skew <= 1.25, TTFT p99 below every other row's). Its own test
+//! oracle's, prefill load skew and TTFT p99 low). On 400 requests a p99 is the fourth
+//! worst TTFT and the skew of 8 prefills moves by 0.1 from run to run (round_robin's:
+//! 1.16-1.26), so here kv_aware's p99 may be up to 15% above another row's and its skew up
+//! to 1.35; the full run's goals (docs/BENCH.md) are strict. Its own test
 //! binary, so that nothing else runs beside it and steals its CPU. It runs the release
 //! build (`cargo build --release`, done here): the router as users run it, which is what
 //! the goals are about; a debug router spends several times the CPU on KV events and
@@ -37,6 +40,7 @@ fn kv_aware_meets_its_goals_on_a_slice_of_the_conversation_trace() {
     let run = std::process::Command::new(&bin)
         .args(["scoreboard", "--dataset-path", trace, "--num-prompts", "400", "--trace-speedup", "6", "--prefills", "8", "--decodes", "8",
             "--sim-speedup", "2", "--vllm-router", &vllm_router, "--vllm-router-policies", "round_robin,cache_aware", "--check-goals",
+            "--goal-p99-slack", "0.15", "--goal-max-skew", "1.35",
             "--out", out.to_str().unwrap()])
         .output()
         .expect("run disagg scoreboard");

@@ -266,6 +266,7 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
         ("disagg bench agrees with vllm bench serve (plain instance, and through the router)", |e| Box::pin(bench_compare::bench_agrees_with_vllm(e))),
+        ("disagg bench replays a trace as vllm bench serve's timed_trace does (same counts)", |e| Box::pin(bench_compare::timed_trace_agrees_with_vllm(e))),
         ("router: decode-only field errors are vLLM's own, before any prefill", |e| Box::pin(decode_only_errors_are_vllms(e))),
         ("router: a list of prompts is one pair per prompt (equals plain)", |e| Box::pin(prompt_list_equals_plain(e))),
         ("router: n choices are one pair per choice (equals plain)", |e| Box::pin(n_choices_equal_plain(e))),

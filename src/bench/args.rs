@@ -33,6 +33,11 @@ pub enum DatasetName {
     /// sent at the recorded times (see --trace-*).
     #[value(name = "mooncake_trace")]
     MooncakeTrace,
+    /// vLLM's timed trace (JSONL records with hash ids; --dataset-path): token-id prompts
+    /// of --timed-trace-chunk-hash-size tokens per id, sent at timestamp x
+    /// --timed-trace-sec-multiplier seconds (see --timed-trace-*).
+    #[value(name = "timed_trace")]
+    TimedTrace,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -75,6 +80,27 @@ pub struct BenchArgs {
     /// mooncake_trace: arrivals come this many times faster than the timestamps say.
     #[arg(long, value_parser = crate::flags::positive)]
     pub trace_speedup: Option<f64>,
+    /// timed_trace: prompt tokens per hash id (vLLM's default 16; Mooncake's traces: 512).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timed_trace_chunk_hash_size: Option<u64>,
+    /// timed_trace: seconds per timestamp unit (0.001 for milliseconds).
+    #[arg(long, value_parser = crate::flags::positive)]
+    pub timed_trace_sec_multiplier: Option<f64>,
+    /// timed_trace: the records' field names.
+    #[arg(long)]
+    pub timed_trace_label_timestamp: Option<String>,
+    #[arg(long)]
+    pub timed_trace_label_input_length: Option<String>,
+    #[arg(long)]
+    pub timed_trace_label_output_length: Option<String>,
+    #[arg(long)]
+    pub timed_trace_label_hash_ids: Option<String>,
+    /// Send a trace's requests at its timestamps (the default for trace datasets).
+    #[arg(long, conflicts_with = "no_self_timed")]
+    pub self_timed: bool,
+    /// Send a trace's requests at --request-rate instead of its timestamps.
+    #[arg(long)]
+    pub no_self_timed: bool,
     /// Number of requests.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub num_prompts: u64,

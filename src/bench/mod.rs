@@ -140,21 +140,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let path = args.dataset_path.as_ref().context("--dataset-name sharegpt needs --dataset-path FILE")?;
             dataset::sharegpt(&tok, path, n, args.sharegpt_output_len, !args.disable_shuffle, args.seed)?
         }
-        DatasetName::MooncakeTrace => {
-            let path = args.dataset_path.as_ref().context("--dataset-name mooncake_trace needs --dataset-path FILE (a Mooncake trace's JSONL)")?;
-            if args.request_rate.is_finite() {
-                bail!("--request-rate: a trace's requests arrive at its timestamps; use --trace-speedup to replay it faster");
-            }
+        DatasetName::MooncakeTrace | DatasetName::TimedTrace => {
+            let path = args.dataset_path.as_ref().context("a trace dataset needs --dataset-path FILE (JSONL records with hash ids)")?;
             if args.backend == Backend::OpenaiChat {
-                bail!("--dataset-name mooncake_trace sends token-id prompts, which only the completions API takes: use --backend openai");
+                bail!("trace datasets send token-id prompts, which only the completions API takes: use --backend openai or vllm");
             }
-            let block_size = args.trace_block_size.map_or(trace::TRACE_BLOCK, |b| b as usize);
-            trace::mooncake(&tok, path, &trace::TraceSpec { num: n, block_size, speedup: args.trace_speedup.unwrap_or(1.0) })?
+            trace::load(&tok, path, &trace::TraceSpec { num: n, layout: trace_layout(&args) })?
         }
     };
-    if args.dataset_name != DatasetName::MooncakeTrace && (args.trace_block_size.is_some() || args.trace_speedup.is_some()) {
-        bail!("--trace-block-size and --trace-speedup apply to --dataset-name mooncake_trace only");
-    }
+    check_trace_flags(&args)?;
     let n = requests.len();
     let mut sampling = Map::new();
     if let Some(t) = args.temperature {
@@ -166,7 +160,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(t) = args.top_k {
         sampling.insert("top_k".into(), json!(t));
     }
-    let cfg = Arc::new(RequestConfig { api_url, backend: args.backend, model: model_name, ignore_eos: args.ignore_eos, sampling, headers });
+    // A trace's requests generate their recorded lengths (vLLM forces ignore_eos too).
+    let ignore_eos = args.ignore_eos || is_trace(&args);
+    let cfg = Arc::new(RequestConfig { api_url, backend: args.backend, model: model_name, ignore_eos, sampling, headers });
     let prefix = args.request_id_prefix.clone().unwrap_or_else(|| format!("bench-{:08x}-", rand::random::<u32>()));
 
     if args.ready_check_timeout_sec > 0 {
@@ -209,9 +205,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let sem = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c as usize)));
     // Arrivals in simulated time, sent K times faster against a sped-up simulator.
+    let self_timed = is_trace(&args) && !args.no_self_timed;
     let offsets: Vec<f64> = match requests.iter().map(|r| r.arrival).collect::<Option<Vec<f64>>>() {
-        Some(recorded) => recorded,
-        None => arrivals(n, args.request_rate, args.burstiness, args.seed),
+        Some(recorded) if self_timed => recorded,
+        _ => arrivals(n, args.request_rate, args.burstiness, args.seed),
     };
     let offsets: Vec<f64> = offsets.into_iter().map(|t| t / args.speedup).collect();
     let requests = Arc::new(requests);
@@ -289,6 +286,57 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let title = format!("disagg bench: {model_id}, {} requests, {} completed in {duration:.1}s", n, m.completed);
         plot::write(p, &outputs, duration, &title)?;
         println!("plot: {}", p.display());
+    }
+    Ok(())
+}
+
+fn is_trace(args: &BenchArgs) -> bool {
+    matches!(args.dataset_name, DatasetName::MooncakeTrace | DatasetName::TimedTrace)
+}
+
+fn trace_layout(args: &BenchArgs) -> trace::Layout {
+    match args.dataset_name {
+        DatasetName::TimedTrace => {
+            let d = trace::Labels::default();
+            trace::Layout::Timed {
+                chunk: args.timed_trace_chunk_hash_size.unwrap_or(16) as usize,
+                sec_multiplier: args.timed_trace_sec_multiplier.unwrap_or(1.0),
+                labels: trace::Labels {
+                    timestamp: args.timed_trace_label_timestamp.clone().unwrap_or(d.timestamp),
+                    input_length: args.timed_trace_label_input_length.clone().unwrap_or(d.input_length),
+                    output_length: args.timed_trace_label_output_length.clone().unwrap_or(d.output_length),
+                    hash_ids: args.timed_trace_label_hash_ids.clone().unwrap_or(d.hash_ids),
+                },
+            }
+        }
+        _ => trace::Layout::Mooncake {
+            block_size: args.trace_block_size.map_or(trace::TRACE_BLOCK, |b| b as usize),
+            speedup: args.trace_speedup.unwrap_or(1.0),
+        },
+    }
+}
+
+/// Every trace flag does what it says with its dataset, or is refused.
+fn check_trace_flags(args: &BenchArgs) -> anyhow::Result<()> {
+    let ours = args.trace_block_size.is_some() || args.trace_speedup.is_some();
+    let vllms = args.timed_trace_chunk_hash_size.is_some()
+        || args.timed_trace_sec_multiplier.is_some()
+        || args.timed_trace_label_timestamp.is_some()
+        || args.timed_trace_label_input_length.is_some()
+        || args.timed_trace_label_output_length.is_some()
+        || args.timed_trace_label_hash_ids.is_some();
+    if ours && args.dataset_name != DatasetName::MooncakeTrace {
+        bail!("--trace-block-size and --trace-speedup apply to --dataset-name mooncake_trace only");
+    }
+    if vllms && args.dataset_name != DatasetName::TimedTrace {
+        bail!("--timed-trace-* flags apply to --dataset-name timed_trace only");
+    }
+    if (args.self_timed || args.no_self_timed) && !is_trace(args) {
+        bail!("--self-timed/--no-self-timed is only supported with a trace dataset (timed_trace, mooncake_trace)");
+    }
+    if is_trace(args) && !args.no_self_timed && args.request_rate.is_finite() {
+        bail!("--request-rate: a trace's requests arrive at its timestamps (speed them up with --trace-speedup or \
+               --timed-trace-sec-multiplier), unless --no-self-timed");
     }
     Ok(())
 }

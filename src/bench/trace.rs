@@ -1,5 +1,7 @@
-//! Mooncake's request traces (FAST'25, kvcache-ai/Mooncake `FAST25-release/traces`): one
-//! JSON object per line, `timestamp` (ms from the trace's start), `input_length`,
+//! Request traces with hash ids: `--dataset-name timed_trace` (vLLM 0.32's, the same
+//! lengths and arrival times as `vllm bench serve`; see [`Layout::Timed`]) and
+//! `--dataset-name mooncake_trace` (ours, below) for Mooncake's request traces (FAST'25,
+//! kvcache-ai/Mooncake `FAST25-release/traces`): one JSON object per line, `timestamp` (ms from the trace's start), `input_length`,
 //! `output_length` (tokens) and `hash_ids`, one per block of 512 prompt tokens, remapped so
 //! that equal ids mean an equal (shareable) block.
 //!
@@ -14,27 +16,45 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
+use serde_json::Value;
 
 use super::dataset::{Prompt, SampleRequest, Tok};
 
-/// Tokens per hash id in the traces.
+/// Tokens per hash id in Mooncake's traces.
 pub const TRACE_BLOCK: usize = 512;
 
-#[derive(Deserialize)]
-struct Line {
-    timestamp: f64,
-    input_length: usize,
-    output_length: usize,
-    hash_ids: Vec<u64>,
+/// The JSON keys of a record's fields (vLLM's `--timed-trace-label-*`).
+#[derive(Clone, Debug)]
+pub struct Labels {
+    pub timestamp: String,
+    pub input_length: String,
+    pub output_length: String,
+    pub hash_ids: String,
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        Labels { timestamp: "timestamp".into(), input_length: "input_length".into(), output_length: "output_length".into(), hash_ids: "hash_ids".into() }
+    }
+}
+
+/// How a trace's records become requests.
+#[derive(Clone, Debug)]
+pub enum Layout {
+    /// `mooncake_trace` (ours): `block_size` tokens per hash id; the prompt is the first
+    /// `input_length * block_size / 512` tokens of its blocks; arrivals at the timestamps
+    /// (ms, counted from the first record's) divided by `speedup`.
+    Mooncake { block_size: usize, speedup: f64 },
+    /// `timed_trace` (vLLM 0.32's TimedTrace, the same lengths and times): `chunk` tokens
+    /// per hash id, taken while `input_length` lasts (a last chunk cut short), so the
+    /// prompt is shorter when the ids run out; arrivals at timestamp x `sec_multiplier`
+    /// seconds from the start.
+    Timed { chunk: usize, sec_multiplier: f64, labels: Labels },
 }
 
 pub struct TraceSpec {
     pub num: usize,
-    /// Tokens per hash id in the replay.
-    pub block_size: usize,
-    /// Arrivals come this many times faster than recorded.
-    pub speedup: f64,
+    pub layout: Layout,
 }
 
 /// A well-mixed 64-bit value of `x` (SplitMix64's finalizer).
@@ -45,16 +65,36 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// `n` tokens drawn from `seed` alone.
+fn tokens_of(seed: u64, n: usize, allowed: &[u32]) -> impl Iterator<Item = u32> + '_ {
+    let seed = mix(seed);
+    (0..n as u64).map(move |j| allowed[(mix(seed ^ j.wrapping_mul(0x2545_f491_4f6c_dd1d)) % allowed.len() as u64) as usize])
+}
+
 /// The tokens of the block with hash id `id`: a function of the id alone.
 pub fn block_tokens(id: u64, block_size: usize, allowed: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    let seed = mix(id);
-    (0..block_size as u64).map(move |j| allowed[(mix(seed ^ j.wrapping_mul(0x2545_f491_4f6c_dd1d)) % allowed.len() as u64) as usize])
+    tokens_of(id, block_size, allowed)
+}
+
+fn field<'v>(record: &'v Value, key: &str, n: usize, path: &Path) -> anyhow::Result<&'v Value> {
+    record.get(key).with_context(|| {
+        let keys: Vec<&String> = record.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        format!("{} line {}: no field `{key}` (the record has {keys:?}; --timed-trace-label-* name the fields)", path.display(), n + 1)
+    })
+}
+
+fn number(v: &Value, key: &str, n: usize, path: &Path) -> anyhow::Result<f64> {
+    v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).with_context(|| format!("{} line {}: `{key}` is not a number of 0 or more: {v}", path.display(), n + 1))
 }
 
 /// The first `spec.num` requests of a trace file (fewer if it has fewer).
-pub fn mooncake(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<SampleRequest>> {
-    if spec.block_size == 0 {
-        bail!("--trace-block-size must be at least 1");
+pub fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<SampleRequest>> {
+    let (per_id, labels) = match &spec.layout {
+        Layout::Mooncake { block_size, .. } => (*block_size, Labels::default()),
+        Layout::Timed { chunk, labels, .. } => (*chunk, labels.clone()),
+    };
+    if per_id == 0 {
+        bail!("tokens per hash id (--trace-block-size / --timed-trace-chunk-hash-size) must be at least 1");
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let special = tok.special_ids();
@@ -68,20 +108,44 @@ pub fn mooncake(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<
         if out.len() >= spec.num {
             break;
         }
-        let line: Line = serde_json::from_str(raw).with_context(|| format!("{} line {}: not a Mooncake trace record", path.display(), n + 1))?;
-        let prompt_len = (line.input_length * spec.block_size / TRACE_BLOCK).max(1);
-        let blocks = prompt_len.div_ceil(spec.block_size);
-        if line.hash_ids.len() < blocks {
-            bail!("{} line {}: input_length {} needs {blocks} hash ids of {} tokens, the line has {}",
-                path.display(), n + 1, line.input_length, TRACE_BLOCK, line.hash_ids.len());
+        let record: Value = serde_json::from_str(raw).with_context(|| format!("{} line {}: not a JSON record", path.display(), n + 1))?;
+        let timestamp = number(field(&record, &labels.timestamp, n, path)?, &labels.timestamp, n, path)?;
+        let input_length = number(field(&record, &labels.input_length, n, path)?, &labels.input_length, n, path)? as usize;
+        let output_length = number(field(&record, &labels.output_length, n, path)?, &labels.output_length, n, path)? as usize;
+        let ids: Vec<u64> = match record.get(&labels.hash_ids) {
+            None => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("{} line {}: `{}` is not a list of ids", path.display(), n + 1, labels.hash_ids))?,
+        };
+        let (prompt, arrival): (Vec<u32>, f64) = match &spec.layout {
+            Layout::Mooncake { block_size, speedup } => {
+                let len = (input_length * block_size / TRACE_BLOCK).max(1);
+                let blocks = len.div_ceil(*block_size);
+                if ids.len() < blocks {
+                    bail!("{} line {}: input_length {input_length} needs {blocks} hash ids of {TRACE_BLOCK} tokens, the line has {}", path.display(), n + 1, ids.len());
+                }
+                let prompt = ids[..blocks].iter().flat_map(|h| block_tokens(*h, *block_size, &allowed)).take(len).collect();
+                (prompt, (timestamp - *first_timestamp.get_or_insert(timestamp)).max(0.0) / 1000.0 / speedup)
+            }
+            Layout::Timed { chunk, sec_multiplier, .. } => {
+                // vLLM's _expand_prompt: a chunk per id while the length lasts; a cut chunk
+                // has tokens of its own (its key holds its size).
+                let mut left = input_length;
+                let mut prompt = Vec::new();
+                for h in &ids {
+                    if left == 0 {
+                        break;
+                    }
+                    let size = (*chunk).min(left);
+                    prompt.extend(tokens_of(mix(*h) ^ size as u64, size, &allowed));
+                    left -= size;
+                }
+                (prompt, timestamp * sec_multiplier)
+            }
+        };
+        if prompt.is_empty() {
+            bail!("{} line {}: the record makes an empty prompt (no hash ids, or input length 0)", path.display(), n + 1);
         }
-        let ids: Vec<u32> = line.hash_ids[..blocks].iter().flat_map(|h| block_tokens(*h, spec.block_size, &allowed)).take(prompt_len).collect();
-        out.push(SampleRequest {
-            prompt: Prompt::Tokens(ids),
-            prompt_len,
-            output_len: line.output_length.max(1),
-            arrival: Some((line.timestamp - *first_timestamp.get_or_insert(line.timestamp)).max(0.0) / 1000.0 / spec.speedup),
-        });
+        out.push(SampleRequest { prompt_len: prompt.len(), prompt: Prompt::Tokens(prompt), output_len: output_length.max(1), arrival: Some(arrival) });
     }
     if out.is_empty() {
         bail!("{} holds no request", path.display());
@@ -102,6 +166,10 @@ mod tests {
         p
     }
 
+    fn moon(num: usize, block_size: usize, speedup: f64) -> TraceSpec {
+        TraceSpec { num, layout: Layout::Mooncake { block_size, speedup } }
+    }
+
     fn tokens(r: &SampleRequest) -> &[u32] {
         match &r.prompt {
             Prompt::Tokens(t) => t,
@@ -116,7 +184,7 @@ mod tests {
             serde_json::json!({"timestamp": 1500, "input_length": 1030, "output_length": 0, "hash_ids": [0, 1, 5]}),
             serde_json::json!({"timestamp": 3000, "input_length": 600, "output_length": 3, "hash_ids": [9, 1]}),
         ]);
-        let reqs = mooncake(&Tok::Sim, &p, &TraceSpec { num: 10, block_size: 512, speedup: 2.0 }).unwrap();
+        let reqs = load(&Tok::Sim, &p, &moon(10, 512, 2.0)).unwrap();
         assert_eq!(reqs.iter().map(|r| r.prompt_len).collect::<Vec<_>>(), vec![1100, 1030, 600]);
         assert!(reqs.iter().all(|r| tokens(r).len() == r.prompt_len), "the prompt is exactly input_length tokens");
         assert_eq!(reqs.iter().map(|r| r.output_len).collect::<Vec<_>>(), vec![7, 1, 3]);
@@ -130,7 +198,7 @@ mod tests {
         assert!(a.iter().all(|t| !special.contains(t)), "no special token");
 
         // Scaled to 16 tokens per hash id: lengths scale, sharing stays.
-        let small = mooncake(&Tok::Sim, &p, &TraceSpec { num: 2, block_size: 16, speedup: 1.0 }).unwrap();
+        let small = load(&Tok::Sim, &p, &moon(2, 16, 1.0)).unwrap();
         assert_eq!(small.iter().map(|r| r.prompt_len).collect::<Vec<_>>(), vec![34, 32]);
         assert_eq!(tokens(&small[0])[..32], tokens(&small[1])[..32]);
         assert_ne!(tokens(&small[0])[32..34], tokens(&small[1])[..2]);
@@ -140,17 +208,40 @@ mod tests {
             serde_json::json!({"timestamp": 5000, "input_length": 512, "output_length": 1, "hash_ids": [1]}),
             serde_json::json!({"timestamp": 5400, "input_length": 512, "output_length": 1, "hash_ids": [2]}),
         ]);
-        let reqs = mooncake(&Tok::Sim, &middle, &TraceSpec { num: 2, block_size: 512, speedup: 2.0 }).unwrap();
+        let reqs = load(&Tok::Sim, &middle, &moon(2, 512, 2.0)).unwrap();
         assert_eq!(reqs.iter().map(|r| r.arrival.unwrap()).collect::<Vec<_>>(), vec![0.0, 0.2]);
     }
 
     #[test]
     fn a_line_without_enough_hash_ids_or_not_a_record_is_an_error_naming_it() {
         let short = trace(&[serde_json::json!({"timestamp": 0, "input_length": 2000, "output_length": 1, "hash_ids": [0, 1]})]);
-        let e = mooncake(&Tok::Sim, &short, &TraceSpec { num: 1, block_size: 512, speedup: 1.0 }).unwrap_err().to_string();
+        let e = load(&Tok::Sim, &short, &moon(1, 512, 1.0)).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("needs 4 hash ids"), "{e}");
         let bad = trace(&[serde_json::json!({"timestamp": 0})]);
-        let e = mooncake(&Tok::Sim, &bad, &TraceSpec { num: 1, block_size: 512, speedup: 1.0 }).unwrap_err().to_string();
-        assert!(e.contains("line 1"), "{e}");
+        let e = load(&Tok::Sim, &bad, &moon(1, 512, 1.0)).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("input_length"), "{e}");
+    }
+
+    /// vLLM's timed_trace: 16 tokens per id while input_length lasts (here 40: two chunks
+    /// and a cut one of 8), shorter when the ids run out (here 2 x 16 of 100), arrivals at
+    /// timestamp x multiplier, not counted from the first record.
+    #[test]
+    fn timed_trace_lengths_and_times_are_vllms() {
+        let p = trace(&[
+            serde_json::json!({"timestamp": 1000, "input_length": 40, "output_length": 5, "hash_ids": [1, 2, 3, 4]}),
+            serde_json::json!({"timestamp": 3000, "input_length": 100, "output_length": 6, "hash_ids": [1, 2]}),
+            serde_json::json!({"ts": 1, "in": 16, "out": 1, "ids": [9]}),
+        ]);
+        let spec = TraceSpec { num: 2, layout: Layout::Timed { chunk: 16, sec_multiplier: 0.001, labels: Labels::default() } };
+        let reqs = load(&Tok::Sim, &p, &spec).unwrap();
+        assert_eq!(reqs.iter().map(|r| r.prompt_len).collect::<Vec<_>>(), vec![40, 32]);
+        assert_eq!(reqs.iter().map(|r| r.arrival.unwrap()).collect::<Vec<_>>(), vec![1.0, 3.0]);
+        assert_eq!(tokens(&reqs[0])[..32], tokens(&reqs[1])[..32], "equal ids, equal chunks");
+        let e = load(&Tok::Sim, &p, &TraceSpec { num: 3, ..spec }).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("`timestamp`"), "{e}");
+        let labels = Labels { timestamp: "ts".into(), input_length: "in".into(), output_length: "out".into(), hash_ids: "ids".into() };
+        let p2 = trace(&[serde_json::json!({"ts": 1, "in": 16, "out": 1, "ids": [9]})]);
+        let reqs = load(&Tok::Sim, &p2, &TraceSpec { num: 1, layout: Layout::Timed { chunk: 16, sec_multiplier: 1.0, labels } }).unwrap();
+        assert_eq!((reqs[0].prompt_len, reqs[0].arrival), (16, Some(1.0)), "fields under the labels given");
     }
 }

@@ -71,9 +71,16 @@ pub struct ScoreboardArgs {
     #[arg(long, default_value = "scoreboard")]
     pub out: PathBuf,
     /// Exit non-zero when kv_aware misses a goal (hit rate >= 90% of the oracle, prefill
-    /// load skew <= 1.25, TTFT p99 below every other row's).
+    /// load skew <= --goal-max-skew, TTFT p99 below every other row's).
     #[arg(long)]
     pub check_goals: bool,
+    /// The prefill load skew kv_aware may reach.
+    #[arg(long, default_value_t = 1.25, value_parser = crate::flags::positive)]
+    pub goal_max_skew: f64,
+    /// Noise allowed on short runs: kv_aware's TTFT p99 must be below every other row's
+    /// times (1 + this).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
+    pub goal_p99_slack: f64,
 }
 
 /// One row's figures.
@@ -318,8 +325,9 @@ pub async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
     }
     // The oracle over the very prompts the bench sends.
     let tok = crate::bench::dataset::Tok::Sim;
-    let spec = crate::bench::trace::TraceSpec { num: a.num_prompts as usize, block_size: a.trace_block_size as usize, speedup: a.trace_speedup };
-    let prompts: Vec<Vec<u32>> = crate::bench::trace::mooncake(&tok, &a.dataset_path, &spec)?
+    let layout = crate::bench::trace::Layout::Mooncake { block_size: a.trace_block_size as usize, speedup: a.trace_speedup };
+    let spec = crate::bench::trace::TraceSpec { num: a.num_prompts as usize, layout };
+    let prompts: Vec<Vec<u32>> = crate::bench::trace::load(&tok, &a.dataset_path, &spec)?
         .into_iter()
         .filter_map(|r| match r.prompt {
             crate::bench::dataset::Prompt::Tokens(t) => Some(t),

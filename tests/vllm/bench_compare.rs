@@ -77,3 +77,50 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
     }
     assert_idle(&e.router.url).await;
 }
+
+/// vLLM's own trace replay (`--dataset-name timed_trace`, token-id prompts built from hash
+/// ids, arrivals at the records' timestamps) and ours, on the same records of Mooncake's
+/// conversation trace (those that fit the tiny model's context at 16 tokens per hash id):
+/// the same requests completed, the same input and output token counts.
+pub async fn timed_trace_agrees_with_vllm(e: &mut Env) {
+    let venv = script_var("vllm-env.sh", "VENV");
+    let model = script_var("vllm-env.sh", "MODEL");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-compare");
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mooncake-conversation-1000-1399.jsonl")).unwrap();
+    let records: Vec<Value> = source
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["hash_ids"].as_array().unwrap().len() * 16 + (r["output_length"].as_u64().unwrap() as usize) < 1900 && r["output_length"].as_u64().unwrap() <= 160)
+        .take(24)
+        .collect();
+    assert_eq!(records.len(), 24);
+    let t0 = records[0]["timestamp"].as_f64().unwrap();
+    let data = dir.join("trace.jsonl");
+    let lines: Vec<String> = records.iter().map(|r| {
+        let mut r = r.clone();
+        r["timestamp"] = json!(r["timestamp"].as_f64().unwrap() - t0);
+        r.to_string()
+    }).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let args = |out: &PathBuf| -> Vec<String> {
+        ["--backend", "vllm", "--base-url", &e.plain.url, "--model", "tiny-llama", "--tokenizer", &model, "--dataset-name", "timed_trace",
+         "--dataset-path", data.to_str().unwrap(), "--timed-trace-chunk-hash-size", "16", "--timed-trace-sec-multiplier", "0.0001",
+         "--num-prompts", "24", "--save-result", "--result-filename", out.to_str().unwrap(), "--disable-tqdm"]
+            .iter().map(|s| s.to_string()).collect()
+    };
+    let (o, t) = (dir.join("trace-disagg.json"), dir.join("trace-vllm.json"));
+    let out = tokio::process::Command::new(BIN).arg("bench").args(args(&o)).output().await.unwrap();
+    assert!(out.status.success(), "disagg bench: {}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::process::Command::new(format!("{venv}/bin/vllm")).args(["bench", "serve"]).args(args(&t)).env("HF_HUB_OFFLINE", "1").output().await.unwrap();
+    assert!(out.status.success(), "vllm bench serve: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let read = |p: &PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (ours, theirs) = (read(&o), read(&t));
+    for k in ["completed", "failed", "total_input_tokens", "total_output_tokens"] {
+        assert_eq!(ours[k], theirs[k], "timed_trace: {k} (disagg {} vs vllm {})", ours[k], theirs[k]);
+    }
+    assert_eq!(ours["completed"], 24);
+    let want_in: u64 = records.iter().map(|r| (r["hash_ids"].as_array().unwrap().len() * 16).min(r["input_length"].as_u64().unwrap() as usize) as u64).sum();
+    assert_eq!(ours["total_input_tokens"], want_in, "16 tokens per hash id while input_length lasts");
+    println!("      timed_trace: 24 trace records, {} in / {} out tokens on both tools", ours["total_input_tokens"], ours["total_output_tokens"]);
+}
