@@ -21,6 +21,13 @@ pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> O
         let map: Map<String, Value> = TEMPLATE_KEYS.iter().filter_map(|k| body.value(k).map(|v| (k.to_string(), v))).collect();
         return tok.encode_chat(&map).ok();
     }
+    let raw = body.get("prompt")?;
+    if raw.first() == Some(&b'[') {
+        // A flat list of token ids, decoded straight into numbers (no JSON tree).
+        if let Ok(ids) = serde_json::from_slice::<Vec<u32>>(raw) {
+            return Some(ids);
+        }
+    }
     match body.value("prompt")? {
         Value::String(s) => tokenizer?.encode(&s).ok(),
         Value::Array(items) => match items.as_slice() {

@@ -69,7 +69,8 @@ pub fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
 /// The prompts of `prompt: [A, B, ...]` (strings or token-id lists), when more than one.
 fn prompt_list(body: &ClientBody) -> Option<Vec<Range<usize>>> {
     let raw = body.get("prompt")?;
-    if raw.first() != Some(&b'[') {
+    if raw.first() != Some(&b'[') || first_item_is_number(raw) {
+        // One prompt of token ids: not scanned item by item (it may be 100k of them).
         return None;
     }
     let items: Vec<&RawValue> = serde_json::from_slice(raw).ok()?;
@@ -79,6 +80,42 @@ fn prompt_list(body: &ClientBody) -> Option<Vec<Range<usize>>> {
     }
     let base = body.raw().as_ptr() as usize;
     Some(items.iter().map(|r| (r.get().as_ptr() as usize - base)..(r.get().as_ptr() as usize - base + r.get().len())).collect())
+}
+
+/// Whether a JSON array's first item is a number (`[12, ...`).
+fn first_item_is_number(raw: &[u8]) -> bool {
+    raw.iter().skip(1).find(|b| !b.is_ascii_whitespace()).is_some_and(|b| b.is_ascii_digit() || *b == b'-')
+}
+
+/// The first `max` token ids of a prompt that is one flat array of non-negative integers
+/// (`[12, 7, ...]`), read without decoding the rest; None for any other shape.
+pub fn leading_token_ids(raw: &[u8], max: usize) -> Option<Vec<u32>> {
+    if raw.first() != Some(&b'[') || !first_item_is_number(raw) {
+        return None;
+    }
+    let mut ids = Vec::with_capacity(max.min(raw.len() / 2));
+    let mut i = 1;
+    loop {
+        while raw.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        let start = i;
+        while raw.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        ids.push(std::str::from_utf8(&raw[start..i]).ok()?.parse::<u32>().ok()?);
+        if ids.len() >= max {
+            return Some(ids);
+        }
+        while raw.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        match raw.get(i) {
+            Some(b',') => i += 1,
+            Some(b']') => return Some(ids),
+            _ => return None,
+        }
+    }
 }
 
 /// How each leg's body is written from one (sub-)request.
@@ -171,7 +208,11 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
         }
         text.push_str(&s[..end]);
     };
-    match body.value("prompt") {
+    let leading = body.get("prompt").and_then(|raw| leading_token_ids(raw, max_units));
+    match leading.map_or_else(|| body.value("prompt"), |lead| {
+        ids = lead;
+        None
+    }) {
         Some(Value::String(s)) => push(&mut text, &s),
         Some(Value::Array(items)) => {
             for item in items {
@@ -254,6 +295,19 @@ pub fn split(body: &ClientBody, shape: &Shape) -> Vec<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_token_ids_read_only_what_is_asked_and_only_flat_integer_lists() {
+        assert_eq!(leading_token_ids(b"[5, 6 ,7]", 10), Some(vec![5, 6, 7]));
+        assert_eq!(leading_token_ids(b"[ 5,6,7,8]", 2), Some(vec![5, 6]));
+        assert_eq!(leading_token_ids(b"[5, 6, \"x\"]", 10), None, "not all integers");
+        assert_eq!(leading_token_ids(b"[5, 6, \"x\"]", 2), Some(vec![5, 6]), "the rest is not read");
+        assert_eq!(leading_token_ids(b"[-1, 2]", 10), None);
+        assert_eq!(leading_token_ids(b"[[1, 2]]", 10), None);
+        assert_eq!(leading_token_ids(b"[\"a\", \"b\"]", 10), None);
+        assert_eq!(leading_token_ids(b"[99999999999]", 10), None, "beyond u32");
+        assert_eq!(leading_token_ids(b"\"text\"", 10), None);
+    }
     use crate::api::fields::Api;
     use serde_json::json;
 

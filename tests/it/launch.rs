@@ -186,7 +186,7 @@ decode:
   params:
     kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'
 {extra}
-"#, wd = std::env::temp_dir().join(format!("disagg-launch-{p}")).display(), ps = free_port_run(2), ds = free_port())
+"#, wd = std::env::temp_dir().join(format!("disagg-launch-{p}")).display(), ps = free_port_run(2), ds = free_port_run(1))
 }
 
 fn port_free(p: u16) -> bool {
@@ -205,7 +205,7 @@ fn no_process_with(needle: &str) -> bool {
 #[tokio::test]
 async fn a_local_sim_topology_serves_and_tears_down_completely() {
     // Bases far apart: prefill instances take base and base+1.
-    let (p, d, r) = (free_port_run(2), free_port(), free_port());
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
     let file = write("local.yaml", &sim_topology((p, d, r), ""));
     let mut launch = Launch::start(&file).await;
     let url = launch.ready().await.unwrap_or_else(|| panic!("no ready line:\n{}", launch.stderr()));
@@ -236,7 +236,7 @@ async fn a_local_sim_topology_serves_and_tears_down_completely() {
 
 #[tokio::test]
 async fn an_instance_that_cannot_start_is_named_and_everything_is_cleaned_up() {
-    let (p, d, r) = (free_port_run(2), free_port(), free_port());
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
     // The decode's port is taken: it cannot start.
     let _squatter = std::net::TcpListener::bind(("127.0.0.1", d)).unwrap();
     let file = write("fail.yaml", &sim_topology((p, d, r), ""));
@@ -258,7 +258,7 @@ async fn an_instance_that_cannot_start_is_named_and_everything_is_cleaned_up() {
 
 #[tokio::test]
 async fn a_child_dying_later_stops_the_launch() {
-    let (p, d, r) = (free_port_run(2), free_port(), free_port());
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
     let text = sim_topology((p, d, r), "").replace("engine: sim", "engine:\n  kind: sim\n  args: [--crash-after-requests, \"0\"]");
     let file = write("crash.yaml", &text);
     let mut launch = Launch::start(&file).await;
@@ -293,7 +293,7 @@ fn ranktable_is_written_in_vllm_ascends_format() {
 /// server is healthy.
 #[tokio::test]
 async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
-    let (p, d, r) = (free_port_run(2), free_port(), free_port());
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
     let text = sim_topology((p, d, r), "nodes: [127.0.0.1, 127.0.0.2]").replace("replicas: 2", "replicas: 1");
     let file = write("nodes.yaml", &text);
     let start = |rank: &str| {
@@ -336,7 +336,7 @@ async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
 #[tokio::test]
 async fn local_sim_topologies_run_mooncake_and_p2pnccl() {
     for class in ["MooncakeConnector", "P2pNcclConnector"] {
-        let (p, d, r) = (free_port_run(2), free_port(), free_port_run(1));
+        let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
         let file = write(&format!("{class}.yaml"), &sim_topology((p, d, r), "").replace("NixlConnector", class));
         let mut launch = Launch::start(&file).await;
         let url = launch.ready().await.unwrap_or_else(|| panic!("{class}: no ready line:\n{}", launch.stderr()));
