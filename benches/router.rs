@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use disagg::proc_stat::cpu_secs;
+
 const BIN: &str = env!("CARGO_BIN_EXE_disagg");
 const ROUNDS: usize = 3;
 
@@ -74,14 +76,6 @@ fn proc_field(pid: u32, field: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
         .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) of a process.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / 100.0 // USER_HZ
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]

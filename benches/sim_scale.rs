@@ -11,6 +11,8 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use disagg::proc_stat::cpu_secs;
+
 const BIN: &str = env!("CARGO_BIN_EXE_disagg");
 const SIMS: usize = 32;
 
@@ -29,15 +31,6 @@ fn start(args: &[String]) -> Child {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stdout.take().unwrap()), &mut line).unwrap();
     let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
     Child(c, url)
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)) / ticks
 }
 
 fn main() {

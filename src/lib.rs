@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod flags;
 pub mod launch;
+pub mod proc_stat;
 pub mod router;
 pub mod scoreboard;
 pub mod signal;

@@ -15,3 +15,22 @@ pub fn encode(registry: &Registry) -> String {
     TextEncoder::new().encode(&registry.gather(), &mut out).expect("text encoding into memory");
     String::from_utf8(out).expect("prometheus text is UTF-8")
 }
+
+/// The samples of metric `name` on a /metrics page (Prometheus' text format): each
+/// series' labels (what is inside the braces, empty without) and its value.
+pub fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once('}')?,
+            None if rest.starts_with(' ') => ("", rest),
+            None => return None,
+        };
+        Some((labels, value.split_whitespace().next()?.parse::<f64>().ok()?))
+    })
+}
+
+/// A label's value among a series' labels (`engine="0",model_name="m"`).
+pub fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|kv| kv.trim().strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
+}

@@ -65,15 +65,10 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// `n` tokens drawn from `seed` alone.
+/// `n` tokens drawn from `seed` alone (a block's: its hash id).
 fn tokens_of(seed: u64, n: usize, allowed: &[u32]) -> impl Iterator<Item = u32> + '_ {
     let seed = mix(seed);
     (0..n as u64).map(move |j| allowed[(mix(seed ^ j.wrapping_mul(0x2545_f491_4f6c_dd1d)) % allowed.len() as u64) as usize])
-}
-
-/// The tokens of the block with hash id `id`: a function of the id alone.
-pub fn block_tokens(id: u64, block_size: usize, allowed: &[u32]) -> impl Iterator<Item = u32> + '_ {
-    tokens_of(id, block_size, allowed)
 }
 
 fn field<'v>(record: &'v Value, key: &str, n: usize, path: &Path) -> anyhow::Result<&'v Value> {
@@ -123,7 +118,7 @@ pub fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<Samp
                 if ids.len() < blocks {
                     bail!("{} line {}: input_length {input_length} needs {blocks} hash ids of {TRACE_BLOCK} tokens, the line has {}", path.display(), n + 1, ids.len());
                 }
-                let prompt = ids[..blocks].iter().flat_map(|h| block_tokens(*h, *block_size, &allowed)).take(len).collect();
+                let prompt = ids[..blocks].iter().flat_map(|h| tokens_of(*h, *block_size, &allowed)).take(len).collect();
                 (prompt, (timestamp - *first_timestamp.get_or_insert(timestamp)).max(0.0) / 1000.0 / speedup)
             }
             Layout::Timed { chunk, sec_multiplier, .. } => {

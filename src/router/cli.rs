@@ -3,36 +3,13 @@
 
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use super::connector::Connector;
+pub use super::policy::PolicyKind;
 pub use crate::api::join_host_port;
 use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
-
-/// How a role's workers are chosen for each request.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum PolicyKind {
-    /// Each worker in turn.
-    RoundRobin,
-    /// Uniformly at random.
-    Random,
-    /// The less loaded of two random workers, by the router's own in-flight counts
-    /// (reserved at pick time, so a burst does not herd onto one worker).
-    PowerOfTwo,
-    /// Sticky by session: `x-session-id` / `x-user-id` header or body `user`, else the
-    /// prompt's prefix; a worker going down moves only its own keys.
-    ConsistentHash,
-    /// Approximate prefix tree of routed prompts per worker: the worker that already
-    /// holds the longest prefix, unless load is imbalanced (see the balance thresholds).
-    CacheAware,
-    /// Exact: what each engine's KV cache holds, from its own KV events; the worker and
-    /// DP rank with the fewest uncached prompt blocks plus --kv-aware-load-weight times
-    /// the blocks queued there. Text is tokenized with --model-path, else by a prefill's
-    /// render endpoint.
-    KvAware,
-}
 
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Router")]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::cli::PolicyKind;
+use super::policy::PolicyKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::flow::Router;
+use crate::api::prom::{label, samples};
 use super::workers::Worker;
 
 const POLL: Duration = Duration::from_secs(1);
@@ -67,18 +68,9 @@ async fn read(client: &reqwest::Client, router: &Router, url: &str) -> Option<Ve
 /// label (no label: engine 0). Engines above 1024 are not believed.
 pub fn requests_per_engine(text: &str) -> Vec<usize> {
     let mut per: Vec<usize> = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("vllm:num_requests_waiting").or_else(|| line.strip_prefix("vllm:num_requests_running")) else { continue };
-        let (labels, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once('}') {
-                Some((labels, value)) => (labels, value),
-                None => continue,
-            },
-            None if rest.starts_with(' ') => ("", rest),
-            None => continue,
-        };
-        let engine = labels.split(',').find_map(|kv| kv.trim().strip_prefix("engine=\"")?.strip_suffix('"')?.parse::<usize>().ok()).unwrap_or(0);
-        let Some(n) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).filter(|n| n.is_finite() && *n >= 0.0) else { continue };
+    let series = samples(text, "vllm:num_requests_waiting").chain(samples(text, "vllm:num_requests_running"));
+    for (labels, n) in series.filter(|(_, n)| n.is_finite() && *n >= 0.0) {
+        let engine = label(labels, "engine").and_then(|e| e.parse::<usize>().ok()).unwrap_or(0);
         if engine >= 1024 {
             continue;
         }

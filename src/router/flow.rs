@@ -162,14 +162,7 @@ async fn serve(
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
             if let Some((prefill, answered)) = served {
-                let h = resp.headers_mut();
-                let value = |w: &super::kv_index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
-                if let Some(v) = prefill.as_ref().and_then(value) {
-                    h.insert("x-disagg-prefill", v);
-                }
-                if let Some(v) = value(&answered) {
-                    h.insert("x-disagg-decode", v);
-                }
+                name_workers(resp.headers_mut(), prefill.as_ref(), &answered);
             }
             Ok(resp)
         }
@@ -177,6 +170,18 @@ async fn serve(
             *record = Some(held.record);
             Err(f)
         }
+    }
+}
+
+/// `--worker-headers`: the prefill rank that ran the prefill leg (none when the worker
+/// answered alone) and the rank that answered, as `URL; rank=N`.
+fn name_workers(h: &mut HeaderMap, prefill: Option<&super::kv_index::Holder>, answered: &super::kv_index::Holder) {
+    let value = |w: &super::kv_index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
+    if let Some(v) = prefill.and_then(value) {
+        h.insert("x-disagg-prefill", v);
+    }
+    if let Some(v) = value(answered) {
+        h.insert("x-disagg-decode", v);
     }
 }
 

@@ -34,7 +34,8 @@ pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> O
             // One prompt of token ids, or a list holding one prompt (fan-out sends each alone).
             [Value::String(s)] => tokenizer?.encode(s).ok(),
             [Value::Array(ids)] => ids.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect(),
-            ids => ids.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect(),
+            // A flat list of valid ids was taken above: this one holds something else.
+            _ => None,
         },
         _ => None,
     }

@@ -208,11 +208,15 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
         }
         text.push_str(&s[..end]);
     };
-    let leading = body.get("prompt").and_then(|raw| leading_token_ids(raw, max_units));
-    match leading.map_or_else(|| body.value("prompt"), |lead| {
-        ids = lead;
-        None
-    }) {
+    // A flat list of token ids: only the ids indexed are read; other prompts are decoded.
+    let prompt = match body.get("prompt").and_then(|raw| leading_token_ids(raw, max_units)) {
+        Some(leading) => {
+            ids = leading;
+            None
+        }
+        None => body.value("prompt"),
+    };
+    match prompt {
         Some(Value::String(s)) => push(&mut text, &s),
         Some(Value::Array(items)) => {
             for item in items {

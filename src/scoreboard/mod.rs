@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
-use crate::router::cli::PolicyKind;
+use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
 pub struct ScoreboardArgs {
@@ -168,20 +168,7 @@ async fn wait_healthy(client: &reqwest::Client, url: &str, child: &mut Child, lo
 
 /// A counter's sum over its series (every engine) on a /metrics page.
 fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{') || r.starts_with(' ')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks / hz
+    crate::api::prom::samples(text, name).map(|(_, v)| v).sum()
 }
 
 /// The simulated cluster of one row.
@@ -266,7 +253,7 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         // Subscribed to every simulator's events before the first request.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let cpu0 = cpu_secs(router.0.id());
+    let cpu0 = crate::proc_stat::cpu_secs(router.0.id());
     let result = dir.join("bench.json");
     let bench: Vec<String> = [
         "bench", "--base-url", &url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", &a.dataset_path.to_string_lossy(),
@@ -283,7 +270,7 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
     if !status.success() {
         bail!("{name}: disagg bench failed ({status})");
     }
-    let cpu = cpu_secs(router.0.id()) - cpu0;
+    let cpu = crate::proc_stat::cpu_secs(router.0.id()) - cpu0;
     if let Ok(Some(status)) = router.0.try_wait() {
         bail!("{name}: the router exited during the run ({status}); see {}", dir.join("router.log").display());
     }

@@ -9,13 +9,37 @@ mod ring;
 
 use std::sync::Arc;
 
+use clap::ValueEnum;
 use rand::Rng;
 
-use super::cli::PolicyKind;
 use super::config::CacheAwareConfig;
 use super::workers::Worker;
 pub use prefix::PrefixIndex;
 pub use ring::HashRing;
+
+/// How a role's workers are chosen for each request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// Each worker in turn.
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// The less loaded of two random workers, by the router's own in-flight counts
+    /// (reserved at pick time, so a burst does not herd onto one worker).
+    PowerOfTwo,
+    /// Sticky by session: `x-session-id` / `x-user-id` header or body `user`, else the
+    /// prompt's prefix; a worker going down moves only its own keys.
+    ConsistentHash,
+    /// Approximate prefix tree of routed prompts per worker: the worker that already
+    /// holds the longest prefix, unless load is imbalanced (see the balance thresholds).
+    CacheAware,
+    /// Exact: what each engine's KV cache holds, from its own KV events; the worker and
+    /// DP rank with the fewest uncached prompt blocks plus --kv-aware-load-weight times
+    /// the blocks queued there. Text is tokenized with --model-path, else by a prefill's
+    /// render endpoint.
+    KvAware,
+}
 
 /// What a policy may look at: a session key and the prompt's start, as bytes of units
 /// (chars: 1 byte each; token ids: 4 bytes each), and its chunk hashes, computed here,
