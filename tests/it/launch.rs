@@ -330,13 +330,24 @@ async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
     assert!(port_free(p) && port_free(r) && std::net::TcpListener::bind(("127.0.0.2", d + 8)).is_ok());
 }
 
+/// A router port whose P2pNccl discovery port (the plan's router port + 20000) is free
+/// too, both below the kernel's ephemeral range (so no outgoing connection takes them).
+fn router_port_with_discovery() -> u16 {
+    loop {
+        let p = 10_000 + rand::random::<u16>() % 2_700;
+        if [p, p + 20_000].iter().all(|q| std::net::TcpListener::bind(("127.0.0.1", *q)).is_ok()) {
+            return p;
+        }
+    }
+}
+
 /// Mooncake and P2pNccl topologies of simulators: the plan fills in bootstrap ports, the
 /// P2pNccl proxy address and KV ports; `disagg route` runs each connector's flow and the
 /// decode computes no prompt itself.
 #[tokio::test]
 async fn local_sim_topologies_run_mooncake_and_p2pnccl() {
     for class in ["MooncakeConnector", "P2pNcclConnector"] {
-        let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
+        let (p, d, r) = (free_port_run(2), free_port_run(1), router_port_with_discovery());
         let file = write(&format!("{class}.yaml"), &sim_topology((p, d, r), "").replace("NixlConnector", class));
         let mut launch = Launch::start(&file).await;
         let url = launch.ready().await.unwrap_or_else(|| panic!("{class}: no ready line:\n{}", launch.stderr()));
