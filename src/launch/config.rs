@@ -37,9 +37,10 @@ pub struct LaunchFile {
     /// Ours: what runs the instances: `vllm` (default, `vllm serve`) or `sim`.
     #[serde(default)]
     pub engine: Engine,
-    /// Ours: node addresses in node-rank order (default: one node, 127.0.0.1).
+    /// Ours: nodes in node-rank order (default: one node, 127.0.0.1): an address, or
+    /// `{address, envs, params}` with values for that node's instances only.
     #[serde(default)]
-    pub nodes: Vec<String>,
+    pub nodes: Vec<NodeFile>,
     /// Ours: GPUs per node (default: num_gpus / number of nodes).
     pub gpus_per_node: Option<u32>,
     /// Ours: the variable that assigns devices (default CUDA_VISIBLE_DEVICES; Ascend:
@@ -59,8 +60,35 @@ pub struct Scheduler {
     /// Ours: extra `disagg route` flags when `command` is absent.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Ours: address the router listens on (default 0.0.0.0; 127.0.0.1 on a local-only plan).
+    /// Ours: address the router listens on (default: node 0's address).
     pub host: Option<String>,
+    /// Ours: the path that answers 200 when `command`'s proxy is ready (default: try
+    /// /health, then /healthcheck, then a TCP connect).
+    pub health_path: Option<String>,
+}
+
+/// One node of `nodes`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum NodeFile {
+    Address(String),
+    Full {
+        address: String,
+        /// Environment of this node's instances (over `envs` and the role's).
+        #[serde(default)]
+        envs: BTreeMap<String, Value>,
+        /// `vllm serve` parameters of this node's instances (over the role's).
+        #[serde(default)]
+        params: BTreeMap<String, Value>,
+    },
+}
+
+impl NodeFile {
+    pub fn address(&self) -> &str {
+        match self {
+            NodeFile::Address(a) | NodeFile::Full { address: a, .. } => a,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -85,10 +113,11 @@ pub struct RoleFile {
     pub params: BTreeMap<String, Value>,
     /// Ours: DP ranks per replica.
     pub data_parallel_size: Option<u32>,
-    /// Ours: `internal` (one API server per replica; the router sends
-    /// X-data-parallel-rank) or `external` (one API server per DP rank).
-    #[serde(default)]
-    pub dp_mode: DpMode,
+    /// Ours: vLLM's DP load-balancing layout of a replica: `internal` (one API server on
+    /// the replica's first node, the others `--headless`), `hybrid` (an API server per
+    /// node for its local ranks) or `external` (an API server per rank). Default:
+    /// internal, or what `data_parallel_hybrid_lb` / `data_parallel_external_lb` say.
+    pub dp_mode: Option<DpMode>,
     /// Ours: base HTTP port: instance i on node n listens on port + 8n + i
     /// (default 8100 for prefill, 9100 for decode).
     pub port: Option<u16>,
@@ -101,6 +130,7 @@ pub struct RoleFile {
 pub enum DpMode {
     #[default]
     Internal,
+    Hybrid,
     External,
 }
 

@@ -15,7 +15,7 @@ pub use crate::api::connector::Connector;
 
 /// Connector classes of vLLM 0.32's registry (`kv_connector/factory.py`), plus the
 /// plug-ins and legacy ones PD guides use.
-const KNOWN: &[&str] = &[
+pub const KNOWN: &[&str] = &[
     "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MultiConnector", "MooncakeConnector", "MooncakeStoreConnector",
     "LMCacheConnectorV1", "LMCacheMPConnector", "OffloadingConnector", "SimpleCPUOffloadConnector", "ExampleConnector",
     "ExampleHiddenStatesConnector", "HiSparseConnector", "MoRIIOConnector", "DecodeBenchConnector", "FlexKVConnectorV1",
@@ -24,14 +24,29 @@ const KNOWN: &[&str] = &[
     "P2pNcclConnector", "SharedStorageConnector", // removed from vLLM in 2026; older builds have them
 ];
 
-/// Which flow `disagg route` runs for a connector class; None: no flow of ours.
-pub fn flow_of(class: &str) -> Option<Connector> {
-    match class {
-        "NixlConnector" | "LLMDataDistCMgrConnector" | "MultiConnector" => Some(Connector::Nixl),
+/// Which flow `disagg route` runs for a connector (None: no flow of ours). A
+/// MultiConnector runs its first child that has one; its children are checked too.
+pub fn flow_of(kv: &Value, class: &str) -> Result<Option<Connector>, String> {
+    Ok(match class {
+        "NixlConnector" | "LLMDataDistCMgrConnector" => Some(Connector::Nixl),
         "MooncakeConnector" => Some(Connector::Mooncake),
         "P2pNcclConnector" => Some(Connector::P2pNccl),
+        "MultiConnector" => {
+            let children = kv
+                .pointer("/kv_connector_extra_config/connectors")
+                .and_then(Value::as_array)
+                .filter(|c| !c.is_empty())
+                .ok_or("MultiConnector needs kv_connector_extra_config.connectors: a list of the connectors it combines")?;
+            let mut flow = None;
+            for (i, child) in children.iter().enumerate() {
+                let class = class_of(child).map_err(|e| format!("MultiConnector's connectors[{i}]: {e}"))?;
+                let f = flow_of(child, &class).map_err(|e| format!("MultiConnector's connectors[{i}]: {e}"))?;
+                flow = flow.or(f);
+            }
+            flow
+        }
         _ => None,
-    }
+    })
 }
 
 /// The connector class of a `kv_transfer_config` (placeholders already replaced), checked
@@ -40,7 +55,7 @@ pub fn class_of(kv: &Value) -> Result<String, String> {
     let class = kv.get("kv_connector").and_then(Value::as_str).ok_or("has no kv_connector")?;
     if kv.get("kv_connector_module_path").is_none() && !KNOWN.contains(&class) {
         return Err(format!(
-            "kv_connector {class} is not a connector vLLM knows ({}); a connector of your own needs kv_connector_module_path",
+            "unknown connector: kv_connector {class} is not one vLLM knows ({}); a connector of your own needs kv_connector_module_path",
             KNOWN.join(", ")
         ));
     }
@@ -86,6 +101,12 @@ mod tests {
         assert_eq!(class_of(&json!({"kv_connector": "MooncakeConnector"})).unwrap(), "MooncakeConnector");
         assert!(class_of(&json!({"kv_connector": "NixlConector"})).unwrap_err().contains("NixlConnector"));
         assert!(class_of(&json!({"kv_connector": "Mine", "kv_connector_module_path": "my.mod"})).is_ok());
+        let multi = |children: Value| json!({"kv_connector": "MultiConnector", "kv_connector_extra_config": {"connectors": children}});
+        let both = multi(json!([{"kv_connector": "OffloadingConnector"}, {"kv_connector": "NixlConnector"}]));
+        assert_eq!(flow_of(&both, "MultiConnector"), Ok(Some(Connector::Nixl)));
+        assert_eq!(flow_of(&multi(json!([{"kv_connector": "OffloadingConnector"}])), "MultiConnector"), Ok(None));
+        assert!(flow_of(&multi(json!([{"kv_connector": "NixlConector"}])), "MultiConnector").unwrap_err().contains("connectors[0]: unknown connector"));
+        assert!(flow_of(&json!({"kv_connector": "MultiConnector"}), "MultiConnector").unwrap_err().contains("connectors"));
         let mut kv = json!({"kv_connector": "P2pNcclConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {"proxy_port": "30002"}});
         fill_p2p(&mut kv, 21001, "10.0.0.1", 30002, 20001).unwrap();
         assert_eq!(kv["kv_port"], 21001);

@@ -19,10 +19,32 @@ pub struct SimArgs {
     /// Which PD role this instance plays.
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub role: Role,
-    /// Number of simulated data-parallel engines, each with its own queue and KV blocks;
-    /// pick one per request with the `X-data-parallel-rank` header.
+    /// Data-parallel ranks of the replica (vLLM's flag), each a simulated engine with its
+    /// own queue and KV blocks; pick one per request with the `X-data-parallel-rank`
+    /// header. Without the flags below, every rank runs here.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub data_parallel_size: u16,
+    /// Ranks on this "node" (vLLM's flag; default: all). See docs/SIM.md, "Multi-node DP".
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub data_parallel_size_local: Option<u16>,
+    /// First rank on this node (vLLM's flag: a hybrid-LB node, or a headless one).
+    #[arg(long)]
+    pub data_parallel_start_rank: Option<u16>,
+    /// The one rank this process serves (vLLM's external LB).
+    #[arg(long)]
+    pub data_parallel_rank: Option<u16>,
+    /// The DP master's address: the first node listens there for the others.
+    #[arg(long)]
+    pub data_parallel_address: Option<String>,
+    /// The DP master's port (vLLM's default 29550).
+    #[arg(long, default_value_t = 29550)]
+    pub data_parallel_rpc_port: u16,
+    /// Serve no HTTP: this node's ranks are reached through the master's API server.
+    #[arg(long)]
+    pub headless: bool,
+    /// An API server on every node for its own ranks (vLLM's hybrid LB).
+    #[arg(long)]
+    pub data_parallel_hybrid_lb: bool,
     /// Model name served (what `/v1/models` lists and requests must name, if they name one).
     #[arg(long, default_value = "sim-model")]
     pub model: String,
@@ -156,6 +178,7 @@ impl SimArgs {
         if self.kv_connector != Connector::P2pNccl && self.proxy_address.is_some() {
             return Err("--proxy-address is for --kv-connector p2pnccl".into());
         }
+        super::dp::Layout::of(self)?;
         if self.kv_connector == Connector::P2pNccl && self.data_parallel_size > 1 {
             return Err("--kv-connector p2pnccl runs one engine per instance (as the xPyD guide does): drop --data-parallel-size".into());
         }

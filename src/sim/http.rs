@@ -26,6 +26,8 @@ pub struct Sim {
     pub engines: Vec<Arc<Engine>>,
     pub metrics: SimMetrics,
     pub ready: AtomicBool,
+    /// Every DP rank of the replica has joined (multi-node DP; always true otherwise).
+    pub joined: Arc<AtomicBool>,
     pub dead: Arc<AtomicBool>,
     /// Generation requests received (for --crash-after-requests).
     pub seen: AtomicU64,
@@ -50,8 +52,10 @@ impl Sim {
         dead: Arc<AtomicBool>,
         kv_sources: serde_json::Map<String, serde_json::Value>,
         tokenizer: Option<crate::tokenize::ModelTokenizer>,
+        joined: Arc<AtomicBool>,
     ) -> Self {
         Sim {
+            joined,
             kv_sources,
             tokenizer,
             ready: AtomicBool::new(args.startup_delay_ms == 0),
@@ -107,6 +111,8 @@ pub fn not_serving(sim: &Sim) -> Option<ApiError> {
         Some(ApiError::new(ErrorKind::ServiceUnavailable, "engine is dead"))
     } else if !sim.ready.load(Ordering::SeqCst) {
         Some(ApiError::new(ErrorKind::ServiceUnavailable, "engine is starting (--startup-delay-ms)"))
+    } else if !sim.joined.load(Ordering::SeqCst) {
+        Some(ApiError::new(ErrorKind::ServiceUnavailable, "waiting for the other nodes' DP ranks to join"))
     } else {
         None
     }
@@ -190,7 +196,7 @@ pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Opt
          dp={} model={} connector={} side_channel_ports={side_ports:?}{bootstrap}",
         crate::api::url_host(&args.host),
         args.role,
-        args.data_parallel_size,
+        side_ports.len(),
         args.model,
         args.kv_connector.as_str(),
     )

@@ -8,6 +8,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod dp;
 pub mod engine;
 pub mod generate;
 pub mod http;
@@ -36,6 +37,18 @@ use engine::{Engine, EngineConfig};
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
+    let layout = dp::Layout::of(&args).map_err(anyhow::Error::msg)?;
+    if layout.headless {
+        // No HTTP: this node's ranks are reached through the master's API server.
+        println!(
+            "disagg sim (SIMULATED vLLM engine, no model) headless: DP ranks {}-{} of {}, joining {}",
+            layout.own.0,
+            layout.own.0 + layout.own.1 - 1,
+            layout.size,
+            layout.master.as_ref().map_or(String::new(), |(h, p)| crate::api::join_host_port(h, *p))
+        );
+        return dp::join(layout).await;
+    }
     let host = args.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener = TcpListener::bind((host.as_str(), args.port))
         .await
@@ -63,8 +76,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut engines = Vec::new();
     let mut side_ports = Vec::new();
     let mut kv_sources = serde_json::Map::new();
-    for rank in 0..args.data_parallel_size as usize {
-        let want = args.side_channel_port.map_or(0, |base| base + rank as u16);
+    for (local, rank) in layout.engine_ranks.iter().map(|r| *r as usize).enumerate() {
+        let want = args.side_channel_port.map_or(0, |base| base + local as u16);
         let side = TcpListener::bind((bind_side.as_str(), want))
             .await
             .with_context(|| format!("cannot listen on the side channel {side_host}:{want}"))?;
@@ -119,7 +132,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         Some(dir) => Some(crate::tokenize::ModelTokenizer::load(dir)?),
         None => None,
     };
-    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead, kv_sources, tokenizer));
+    let joined = Arc::new(AtomicBool::new(layout.master.is_none() || !layout.is_master()));
+    let handshake = match (&layout.master, layout.is_master()) {
+        (None, _) => None,
+        (Some(_), true) => Some(tokio::spawn(dp::lead(layout.clone(), joined.clone()))),
+        (Some(_), false) => Some(tokio::spawn(dp::join(layout.clone()))),
+    };
+    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead, kv_sources, tokenizer, joined));
     if startup_delay > 0 {
         let sim = sim.clone();
         tokio::spawn(async move {
@@ -131,5 +150,12 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, http::router(sim)).await.context("HTTP server failed")
+    let serve = axum::serve(listener, http::router(sim));
+    match handshake {
+        None => serve.await.context("HTTP server failed"),
+        Some(handshake) => tokio::select! {
+            served = serve => served.context("HTTP server failed"),
+            done = handshake => done.context("the DP handshake task failed")?,
+        },
+    }
 }

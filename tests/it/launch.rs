@@ -35,7 +35,7 @@ fn seed_plan_is_exact_line_by_line() {
     // Spot checks of what the plan is for (the golden file is reviewed, these say why).
     assert!(out.contains("prefill-1 headless (no HTTP server), GPUs 0,1,2,3,4,5,6,7, side channel 5608, DP 16, ranks 8-15"));
     assert!(out.contains("--data-parallel-start-rank 8 --data-parallel-address 10.0.0.1 --data-parallel-rpc-port 13345 --headless"));
-    assert!(out.contains("decode-8 http://10.0.0.4:9124, GPUs 0, side channel 6624, DP rank 8 of 16 (own server)"), "9100 + 8*3 + 0");
+    assert!(out.contains("decode-8 http://10.0.0.4:9124, GPUs 0, side channel 6624, DP rank 8 of 16, external LB (own API server)"), "9100 + 8*3 + 0");
     assert!(out.contains("--prefill-dp-size 16 --decode-dp-size 1 --policy round_robin --max-concurrent-requests 9216"));
 }
 
@@ -96,8 +96,8 @@ decode:
     let (ok, out, err) = run(&["launch", file.to_str().unwrap(), "--dry-run"]);
     assert!(ok, "{err}");
     assert!(out.contains("$ python toy_proxy_server.py --port 8021 --prefiller-hosts 127.0.0.1 --prefiller-ports 8100 --decoder-hosts 127.0.0.1 --decoder-ports 9100"), "{out}");
-    assert!(out.contains("CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7' vllm serve /path/to/your/model --host 127.0.0.1 --port 8100"), "{out}");
-    assert!(out.contains("CUDA_VISIBLE_DEVICES='8,9,10,11,12,13,14,15' vllm serve"), "decode gets the next 8 GPUs: {out}");
+    assert!(out.contains("CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7' VLLM_ATTENTION_BACKEND=FLASHMLA vllm serve /path/to/your/model --host 0.0.0.0 --port 8100"), "{out}");
+    assert!(out.contains("CUDA_VISIBLE_DEVICES='8,9,10,11,12,13,14,15' VLLM_ATTENTION_BACKEND=FLASHMLA vllm serve"), "decode gets the next 8 GPUs: {out}");
     assert!(out.contains(r#""kv_ip":"127.0.0.1""#), "{{KV_IP}} is the first prefill's node");
     assert!(out.contains("--trust-remote-code") && out.contains("--data-parallel-size 8"));
 }
@@ -115,7 +115,7 @@ fn bad_files_get_precise_errors() {
         (base(&format!("  replicas: 1\n  params:\n{kv}"), "num_gpus: 3\ngpus_per_worker: 2"), ":1:", "num_gpus: 3 is not a multiple of gpus_per_worker 2"),
         (base("  replicas: 1\n  params:\n    model: m", ""), ":4:", "prefill.params.kv_transfer_config: is required"),
         (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{oops'", ""), ":6:", "is not valid JSON"),
-        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConector\"}'", ""), ":6:", "is not a connector vLLM knows"),
+        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConector\"}'", ""), ":6:", "unknown connector: kv_connector NixlConector"),
         (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"LMCacheConnectorV1\"}'", ""), ":6:", "give scheduler.command a proxy"),
         (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"MooncakeConnector\"}'", ""), ":11:", "names another connector than the prefill's"),
         (base(&format!("  replicas: 3\n  num_gpus: 8\n  params:\n{kv}"), "num_gpus: 16"), ":4:", "no node has 8 free GPUs"),
