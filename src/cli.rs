@@ -46,6 +46,28 @@ pub enum Command {
     Scoreboard(crate::scoreboard::ScoreboardArgs),
 }
 
+/// vLLM's parser takes `_` for `-` in every flag name (`--trust_remote_code`), and so
+/// does every subcommand here: flag names are rewritten with dashes before clap sees them
+/// (values, and everything after a bare `--`, untouched).
+pub fn normalize_flag_names(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut rest_verbatim = false;
+    args.into_iter()
+        .map(|a| {
+            let Some(s) = a.to_str() else { return a };
+            if rest_verbatim || !s.starts_with("--") || !s.contains('_') {
+                rest_verbatim |= s == "--";
+                return a;
+            }
+            let (name, value) = match s.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (s, None),
+            };
+            let name = format!("--{}", name[2..].replace('_', "-"));
+            value.map_or(name.clone(), |v| format!("{name}={v}")).into()
+        })
+        .collect()
+}
+
 pub fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -65,5 +87,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => crate::bench::run(args).await,
         Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
         Some(Command::Scoreboard(args)) => crate::scoreboard::run(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_names_take_underscores_like_vllms_parser() {
+        let args = ["disagg", "bench", "--trust_remote_code", "--dataset_name=random", "--model", "a_b", "--", "--x_y"];
+        let out: Vec<String> = normalize_flag_names(args.iter().map(|s| s.into())).into_iter().map(|s| s.into_string().unwrap()).collect();
+        assert_eq!(out, ["disagg", "bench", "--trust-remote-code", "--dataset-name=random", "--model", "a_b", "--", "--x_y"]);
     }
 }

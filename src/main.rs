@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = disagg::cli::Cli::parse();
+    let cli = disagg::cli::Cli::parse_from(disagg::cli::normalize_flag_names(std::env::args_os()));
     disagg::cli::init_tracing(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -20,6 +20,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 struct Member {
     name: String,
     child: Child,
+    /// Its process group, recorded at spawn: the group outlives the child's own pid
+    /// (`Child::id()` is None once it is reaped, while its engine cores may still run).
+    pgid: i32,
     log: PathBuf,
 }
 
@@ -53,7 +56,8 @@ impl Group {
             });
         }
         let child = Command::from(cmd).spawn().with_context(|| format!("cannot start {name}: `{}`", argv[0]))?;
-        self.members.push(Member { name: name.to_string(), child, log: log.to_path_buf() });
+        let pgid = child.id().context("a child just spawned has a pid")? as i32;
+        self.members.push(Member { name: name.to_string(), child, pgid, log: log.to_path_buf() });
         Ok(())
     }
 
@@ -67,10 +71,8 @@ impl Group {
 
     fn signal_all(&self, sig: i32) {
         for m in &self.members {
-            if let Some(pid) = m.child.id() {
-                unsafe {
-                    libc::kill(-(pid as i32), sig);
-                }
+            unsafe {
+                libc::kill(-m.pgid, sig);
             }
         }
     }
@@ -83,24 +85,30 @@ impl Group {
         for m in &mut self.members {
             let left = end.saturating_duration_since(Instant::now());
             if tokio::time::timeout(left, m.child.wait()).await.is_err() {
-                if let Some(pid) = m.child.id() {
-                    unsafe {
-                        libc::kill(-(pid as i32), libc::SIGKILL);
-                    }
+                unsafe {
+                    libc::kill(-m.pgid, libc::SIGKILL);
                 }
                 let _ = m.child.wait().await;
             }
         }
-        // The engines' own children share the group: make sure none survives.
+        // The engines' own children share the group and may outlive the leader (one that
+        // ignores SIGTERM, or one left by an instance that died earlier): none survives.
         for m in &self.members {
-            if let Some(pid) = m.child.id() {
+            let end = Instant::now() + STOP_GRACE;
+            while group_alive(m.pgid) && Instant::now() < end {
                 unsafe {
-                    libc::kill(-(pid as i32), libc::SIGKILL);
+                    libc::kill(-m.pgid, libc::SIGKILL);
                 }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         self.members.clear();
     }
+}
+
+/// Some process of group `pgid` still exists (zombies included until reaped).
+fn group_alive(pgid: i32) -> bool {
+    unsafe { libc::kill(-pgid, 0) == 0 }
 }
 
 impl Drop for Group {
@@ -109,8 +117,35 @@ impl Drop for Group {
     }
 }
 
-/// Waits until every URL answers /health 200 (or `path`), failing fast if a member dies.
-pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], path: &str, timeout: Duration) -> anyhow::Result<()> {
+/// How a process says it is ready.
+#[derive(Clone, Copy)]
+pub enum Probe<'a> {
+    /// `GET path` answers 2xx.
+    Path(&'a str),
+    /// A proxy of unknown kind: `/health`, else `/healthcheck` (vLLM's toy proxy), else it
+    /// accepts connections and answers HTTP at all. A 5xx on either path means not yet.
+    Proxy,
+}
+
+async fn probe(client: &reqwest::Client, url: &str, how: Probe<'_>) -> Result<(), String> {
+    let paths: &[&str] = match how {
+        Probe::Path(p) => &[p],
+        Probe::Proxy => &["/health", "/healthcheck"],
+    };
+    for path in paths {
+        match client.get(format!("{url}{path}")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if r.status().is_server_error() || matches!(how, Probe::Path(_)) => return Err(format!("{url}{path} answered {}", r.status())),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("{url}{path}: {e}")),
+        }
+    }
+    // Listening and answering HTTP, with neither health path: ready as far as we can tell.
+    Ok(())
+}
+
+/// Waits until every URL passes `how`, failing fast if a member dies.
+pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], how: Probe<'_>, timeout: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
     let start = Instant::now();
     let bar = indicatif::ProgressBar::new(targets.len() as u64);
@@ -127,14 +162,7 @@ pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], path:
         }
         let checks = futures_util::future::join_all(pending.iter().map(|(name, url)| {
             let client = &client;
-            async move {
-                let r = client.get(format!("{url}{path}")).send().await;
-                (name.clone(), match r {
-                    Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(format!("{url}{path} answered {}", r.status())),
-                    Err(e) => Err(format!("{url}{path}: {e}")),
-                })
-            }
+            async move { (name.clone(), probe(client, url, how).await) }
         }))
         .await;
         for (name, r) in checks {
@@ -185,12 +213,16 @@ pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
             .filter(|i| runs_router || node.is_none_or(|n| i.node == n))
             .filter_map(|i| i.url().map(|u| (i.name.clone(), u)))
             .collect();
-        wait_healthy(&mut group, &targets, "/health", plan.timeout).await?;
-        if runs_router {
-            group.spawn("router", &plan.router.argv, &plan.router.env, &plan.log_path("router"))?;
-            let url = super::plan::url(&plan.router.host, plan.router.port);
-            let probe = if plan.router.ours { "/health" } else { "" };
-            wait_healthy(&mut group, &[("router".to_string(), url.clone())], probe, plan.timeout).await?;
+        wait_healthy(&mut group, &targets, Probe::Path("/health"), plan.timeout).await?;
+        if let (true, Some(router)) = (runs_router, &plan.router) {
+            group.spawn("router", &router.argv, &router.env, &plan.log_path("router"))?;
+            let url = super::plan::url(&router.host, router.port);
+            let how = match (&router.health_path, router.ours) {
+                (Some(p), _) => Probe::Path(p),
+                (None, true) => Probe::Path("/health"),
+                (None, false) => Probe::Proxy,
+            };
+            wait_healthy(&mut group, &[("router".to_string(), url.clone())], how, plan.timeout).await?;
             println!("disagg launch ready: {url}");
         } else {
             println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());

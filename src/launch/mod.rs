@@ -9,6 +9,7 @@ pub mod local;
 pub mod plan;
 pub mod ray;
 pub mod ranktable;
+pub mod script;
 
 use std::path::PathBuf;
 
@@ -21,29 +22,42 @@ const DEMO: &str = include_str!("demo.yaml");
 pub struct LaunchArgs {
     /// The launch file: vLLM's pdjob YAML schema, plus disagg's optional fields. Without
     /// it, a built-in demo runs: two simulated prefills, one simulated decode, a router.
-    pub config: Option<PathBuf>,
+    #[arg(conflicts_with = "role")]
+    pub file: Option<PathBuf>,
+    /// The launch file, as `vllm pdjob --config=FILE` takes it.
+    #[arg(long = "config", value_name = "FILE", conflicts_with_all = ["file", "role"])]
+    pub config_flag: Option<PathBuf>,
     /// Print the plan (per node and instance: command line, environment, ports, GPUs)
     /// and exit.
     #[arg(long)]
     pub dry_run: bool,
     /// Run only this node's share of a multi-node plan (0 = the node that also runs the
-    /// router). Needs --node-size.
-    #[arg(long, requires = "node_size")]
+    /// router). Needs --node-size. With --role: this node's rank among the role's nodes.
+    #[arg(long)]
     pub node_rank: Option<usize>,
-    /// Number of nodes of the plan (checked against the file's `nodes`).
-    #[arg(long, requires = "node_rank")]
+    /// Number of nodes of the plan (checked against the file's `nodes`). With --role: the
+    /// role's nodes.
+    #[arg(long)]
     pub node_size: Option<usize>,
     /// Run on an existing Ray cluster at ADDRESS (host:port of its GCS): a placement
     /// group per replica, instances where Ray places them, the router on the head node.
-    #[arg(long, value_name = "ADDRESS", conflicts_with_all = ["node_rank", "node_size"])]
+    #[arg(long, value_name = "ADDRESS", conflicts_with_all = ["node_rank", "node_size", "role"])]
     pub ray: Option<String>,
     /// Python with the `ray` package, for --ray.
     #[arg(long, default_value = "python3", requires = "ray")]
     pub ray_python: String,
+    #[command(flatten)]
+    pub script: script::ScriptArgs,
 }
 
 pub fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
-    let (name, text) = match &args.config {
+    if let Some(role) = args.script.role {
+        return script::plan(&args.script, role, args.node_rank.unwrap_or(0), args.node_size.unwrap_or(1));
+    }
+    if args.node_rank.is_some() != args.node_size.is_some() {
+        anyhow::bail!("--node-rank and --node-size go together");
+    }
+    let (name, text) = match args.file.as_ref().or(args.config_flag.as_ref()) {
         Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
         None => ("<built-in demo>".to_string(), DEMO.to_string()),
     };
@@ -86,9 +100,9 @@ pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
             out.push_str(&format!("  {} {endpoint}, {gpus}, side channel {}{dp}\n", i.name, i.side_channel_port));
             out.push_str(&format!("    $ {}\n", plan::shell_line(&i.env, &i.argv, &exe)));
         }
-        if n == 0 {
-            out.push_str(&format!("  router {}\n", plan::url(&plan.router.host, plan.router.port)));
-            out.push_str(&format!("    $ {}\n", plan::shell_line(&plan.router.env, &plan.router.argv, &exe)));
+        if let (0, Some(router)) = (n, &plan.router) {
+            out.push_str(&format!("  router {}\n", plan::url(&router.host, router.port)));
+            out.push_str(&format!("    $ {}\n", plan::shell_line(&router.env, &router.argv, &exe)));
         }
     }
     for note in &plan.notes {
@@ -100,11 +114,14 @@ pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
 pub async fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let plan = load(&args)?;
     if args.dry_run {
-        print!("{}", render(&plan, args.node_rank));
+        let node = if args.script.role.is_some() { None } else { args.node_rank };
+        print!("{}", render(&plan, node));
         return Ok(());
     }
     match &args.ray {
         Some(addr) => ray::run(&plan, addr, &args.ray_python).await,
+        // The launcher script's share is all of this node's plan.
+        None if args.script.role.is_some() => local::run(&plan, None).await,
         None => local::run(&plan, args.node_rank).await,
     }
 }

@@ -31,25 +31,16 @@ pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()>
             json!({"name": i.name, "role": i.role.as_str(), "num_gpus": i.gpus.len(), "port": i.port, "argv": i.argv, "env": env})
         })
         .collect();
-    let router = if plan.router.ours {
-        // Without its --prefill/--decode flags: the driver adds them with the real URLs.
-        let mut head = Vec::new();
-        let mut tail_args = Vec::new();
-        let mut it = plan.router.argv.iter();
-        while let Some(a) = it.next() {
-            if a == "--prefill" || a == "--decode" {
-                it.next();
-            } else if head.len() < 6 {
-                head.push(a.clone());
-            } else {
-                tail_args.push(a.clone());
-            }
-        }
-        json!({"command": null, "port": plan.router.port, "argv": head, "argv_tail": tail_args})
+    let router = plan.router.as_ref().context("a YAML plan has a router")?;
+    let router = if router.ours {
+        // The URLs are known only once Ray has placed the instances: the driver puts each
+        // worker's URL in by instance name.
+        let workers: Vec<Value> = router.workers.iter().map(|w| json!({"flag": w.flag, "instance": w.instance, "bootstrap": w.bootstrap})).collect();
+        json!({"command": null, "port": router.port, "base": router.base, "workers": workers, "tail": router.tail})
     } else {
-        json!({"command": plan.router.argv.iter().map(|a| shlex::try_quote(a).map(|c| c.into_owned()).unwrap_or_default()).collect::<Vec<_>>().join(" "), "port": plan.router.port})
+        json!({"command": router.argv.iter().map(|a| shlex::try_quote(a).map(|c| c.into_owned()).unwrap_or_default()).collect::<Vec<_>>().join(" "), "port": router.port})
     };
-    let doc = json!({"job": job, "timeout": plan.timeout.as_secs(), "gpus_per_worker": 1, "log_dir": logs, "instances": instances, "router": router});
+    let doc = json!({"job": job, "timeout": plan.timeout.as_secs(), "gpus_per_worker": plan.gpus_per_worker, "log_dir": logs, "instances": instances, "router": router});
     let plan_file = logs.join("ray-plan.json");
     std::fs::write(&plan_file, serde_json::to_string_pretty(&doc)?)?;
     let driver_file = logs.join("ray_driver.py");

@@ -149,8 +149,12 @@ def main():
             import shlex
             argv, extra = shlex.split(cmd), []
         else:
-            argv = r["argv"]
-            extra = [a for u in prefill for a in ("--prefill", u)] + [a for u in decode for a in ("--decode", u)] + r["argv_tail"]
+            argv = r["base"]
+            url_of = dict((name, u) for name, _, u in started)
+            extra = []
+            for w in r["workers"]:
+                extra += [w["flag"], url_of[w["instance"]]] + ([str(w["bootstrap"])] if w["bootstrap"] is not None else [])
+            extra += r["tail"]
         router = Proc.options(num_cpus=0, resources={"node:" + head: 0.001}, name=plan["job"] + "-router").remote(
             "router", argv, {}, plan["log_dir"])
         procs.append(router)

@@ -62,18 +62,36 @@ pub struct RouterPlan {
     pub ours: bool,
     /// scheduler.health_path: where a `scheduler.command` proxy says it is ready.
     pub health_path: Option<String>,
+    /// Ours: `argv` as parts, for a backend that learns the URLs only at start (Ray):
+    /// `base`, then each worker's flag with its instance's URL, then `tail`.
+    pub base: Vec<String>,
+    pub workers: Vec<RouterWorker>,
+    pub tail: Vec<String>,
+}
+
+/// One `--prefill URL [BOOTSTRAP_PORT]` or `--decode URL` of `disagg route`.
+#[derive(Debug, Clone)]
+pub struct RouterWorker {
+    pub flag: &'static str,
+    /// The instance whose URL goes here.
+    pub instance: String,
+    /// Mooncake: the prefill's bootstrap port.
+    pub bootstrap: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub file: String,
     pub engine: EngineKind,
+    /// GPUs per Ray bundle (pdjob's gpus_per_worker).
+    pub gpus_per_worker: u32,
     pub timeout: Duration,
     pub working_dir: PathBuf,
     pub nodes: Vec<String>,
     pub gpus_per_node: u32,
     pub instances: Vec<Instance>,
-    pub router: RouterPlan,
+    /// None: the launcher script's mode (no router of its own).
+    pub router: Option<RouterPlan>,
     /// Things the reader should know (e.g. parameters the simulator does not use).
     pub notes: Vec<String>,
 }
@@ -160,12 +178,13 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
     Ok(Plan {
         file: file.to_string(),
         engine: engine.kind,
+        gpus_per_worker: f.gpus_per_worker,
         timeout: Duration::from_secs(f.timeout),
         working_dir: PathBuf::from(&f.working_dir),
         nodes: cluster.nodes,
         gpus_per_node: cluster.gpus_per_node,
         instances,
-        router,
+        router: Some(router),
         notes,
     })
 }

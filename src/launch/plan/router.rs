@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::super::config::LaunchFile;
 use super::super::connector::{self as launch_connector, Connector};
-use super::{ConfigError, Ctx, Instance, Role, RouterPlan};
+use super::{ConfigError, Ctx, Instance, Role, RouterPlan, RouterWorker};
 
 /// Where the router listens, and for P2pNccl the discovery address engines ping.
 pub(super) struct Address {
@@ -41,31 +41,38 @@ pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], f
         if argv[0] == "disagg" {
             argv[0] = exe.display().to_string();
         }
-        return Ok(RouterPlan { host: nodes[0].clone(), port: at.port, argv, env: Vec::new(), ours: false, health_path: f.scheduler.health_path.clone() });
+        return Ok(RouterPlan { host: nodes[0].clone(), port: at.port, argv, env: Vec::new(), ours: false, health_path: f.scheduler.health_path.clone(), base: Vec::new(), workers: Vec::new(), tail: Vec::new() });
     }
-    let mut argv = vec![exe.display().to_string(), "route".into(), "--host".into(), at.host.clone(), "--port".into(), at.port.to_string(), "--vllm-pd-disaggregation".into()];
+    let mut base = vec![exe.display().to_string(), "route".into(), "--host".into(), at.host.clone(), "--port".into(), at.port.to_string(), "--vllm-pd-disaggregation".into()];
+    let mut workers = Vec::new();
     match flow {
         // The engines register themselves at the discovery address.
         Some(Connector::P2pNccl) => {
             let (_, dport) = at.p2p_proxy.as_ref().expect("set for P2pNccl");
-            argv.extend(["--vllm-discovery-address".into(), crate::api::join_host_port(&at.host, *dport)]);
+            base.extend(["--vllm-discovery-address".into(), crate::api::join_host_port(&at.host, *dport)]);
         }
         _ => {
             if flow == Some(Connector::Mooncake) {
-                argv.extend(["--kv-connector".into(), "mooncake".into()]);
+                base.extend(["--kv-connector".into(), "mooncake".into()]);
             }
             for i in served.iter().filter(|i| i.role == Role::Prefill) {
-                let bootstrap = (flow == Some(Connector::Mooncake)).then(|| i.side_channel_port.to_string());
-                argv.extend(["--prefill".into(), i.url().expect("serves HTTP")].into_iter().chain(bootstrap));
+                let bootstrap = (flow == Some(Connector::Mooncake)).then_some(i.side_channel_port);
+                workers.push(RouterWorker { flag: "--prefill", instance: i.name.clone(), bootstrap });
             }
-            for u in urls(Role::Decode) {
-                argv.extend(["--decode".into(), u]);
+            for i in served.iter().filter(|i| i.role == Role::Decode) {
+                workers.push(RouterWorker { flag: "--decode", instance: i.name.clone(), bootstrap: None });
             }
         }
     }
-    argv.extend(rank_flags(cx, &served)?);
-    argv.extend(f.scheduler.args.iter().cloned());
-    Ok(RouterPlan { host: at.host.clone(), port: at.port, argv, env: Vec::new(), ours: true, health_path: None })
+    let mut tail = rank_flags(cx, &served)?;
+    tail.extend(f.scheduler.args.iter().cloned());
+    let mut argv = base.clone();
+    for w in &workers {
+        let i = served.iter().find(|i| i.name == w.instance).expect("a served instance");
+        argv.extend([w.flag.to_string(), i.url().expect("serves HTTP")].into_iter().chain(w.bootstrap.map(|p| p.to_string())));
+    }
+    argv.extend(tail.iter().cloned());
+    Ok(RouterPlan { host: at.host.clone(), port: at.port, argv, env: Vec::new(), ours: true, health_path: None, base, workers, tail })
 }
 
 /// The DP ranks behind each URL, as vllm-router's flags say them: one count for every
