@@ -4,6 +4,7 @@ mod bench;
 mod capture;
 mod connectors;
 mod discovery;
+mod guides;
 mod handshake;
 mod kv_aware;
 mod kv_events;

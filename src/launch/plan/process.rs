@@ -118,6 +118,8 @@ pub(super) fn render(
         let mine = user.params.get(key.as_str());
         let value = match (mine, rule(key)) {
             (None, _) => value.clone(),
+            // `host: ~`: vLLM's default (every interface), as guides that give no --host.
+            (Some(Value::Null), _) if key == "host" => continue,
             (Some(_), Rule::PlanOnly) => {
                 return Err(field_error(&user.path(key), "is set by the plan for each node or rank: remove it"));
             }
