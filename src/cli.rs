@@ -83,7 +83,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Route(args)) => crate::router::run(args).await,
         Some(Command::Sim(args)) => crate::sim::run(args).await,
         Some(Command::Launch(args)) => crate::launch::run(args).await,
-        Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args),
+        Some(Command::Ranktable(args)) => crate::launch::ranktable::run(args).await,
         Some(Command::Bench(args)) => crate::bench::run(args).await,
         Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
         Some(Command::Scoreboard(args)) => crate::scoreboard::run(args).await,

@@ -30,6 +30,8 @@ mod bench_compare;
 mod kv_aware;
 #[path = "vllm/mooncake.rs"]
 mod mooncake;
+#[path = "vllm/launch_layouts.rs"]
+mod launch_layouts;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -214,6 +216,9 @@ async fn run() -> ExitCode {
     }
     if group_enabled("launch") {
         whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_from_yaml(), &mut failed).await;
+        whole_case("every example's and the launcher script's vllm serve commands pass vLLM's own parser and start-up checks", launch_layouts::checked_by_vllm(), &mut failed).await;
+        whole_case("DP 2 internal LB across two loopback nodes (one headless), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("internal", 2), &mut failed).await;
+        whole_case("DP 4 hybrid LB across two loopback nodes (an API server each), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("hybrid", 4), &mut failed).await;
     }
     println!("real-vLLM suite: {:.1}s in all", t0.elapsed().as_secs_f64());
     if failed.is_empty() {

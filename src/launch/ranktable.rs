@@ -1,33 +1,51 @@
 //! `disagg ranktable`: vllm-ascend's ranktable.json for LLMDataDistCMgrConnector
-//! (PROTOCOLS.md §4). Devices are numbered node by node; the first prefill-device-cnt
-//! are prefill, the next decode-device-cnt decode; cluster_id counts from 1 over all of
-//! them. Device IPs come from `hccn_tool -i N -ip -g` when it is installed, else from a
-//! --device-ips file (one line per node: the IPs of its devices, in device order).
+//! (PROTOCOLS.md §4), with gen_ranktable.sh's flags. Devices are numbered node by node;
+//! the first prefill-device-cnt are prefill, the next decode-device-cnt decode; cluster_id
+//! counts from 1 over all of them. Run on every node as the guide says: each node reads
+//! its own devices' IPs (`hccn_tool -i N -ip -g`), the first `--ips` address collects
+//! every node's list over TCP (gen_ranktable's master port, 6657), and every node writes
+//! the same file. `--device-ips FILE` (one line per node) builds it on one machine instead.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args, Debug, Clone)]
 pub struct RanktableArgs {
-    /// Node IPs (server_id), in node order.
+    /// Every node's address (server_id), prefill nodes first, in node order.
     #[arg(long, num_args = 1.., required = true)]
     pub ips: Vec<String>,
     /// NPUs per node.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub npus_per_node: u32,
+    /// The NIC the nodes reach each other on: this node's address is the one of its
+    /// addresses listed in --ips (gen_ranktable's GLOO_SOCKET_IFNAME).
+    #[arg(long)]
+    pub network_card_name: Option<String>,
+    /// This node's address among --ips (default: found from the machine's addresses).
+    #[arg(long)]
+    pub local_host: Option<String>,
     /// Devices (counted over all nodes, in order) that serve prefill.
     #[arg(long)]
     pub prefill_device_cnt: u32,
     /// Devices after the prefill ones that serve decode.
     #[arg(long)]
     pub decode_device_cnt: u32,
-    /// File of device IPs, one line per node (whitespace-separated, in device order),
-    /// used when hccn_tool is not installed.
+    /// File of every node's device IPs, one line per node (whitespace-separated, in
+    /// device order): build the table here, without hccn_tool or the other nodes.
     #[arg(long)]
     pub device_ips: Option<PathBuf>,
+    /// Port the first node collects on (gen_ranktable's MASTER_PORT).
+    #[arg(long, default_value_t = 6657)]
+    pub master_port: u16,
+    /// Seconds to wait for the other nodes.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
     /// Where to write (default: ./ranktable.json).
     #[arg(long, default_value = "ranktable.json")]
     pub output: PathBuf,
@@ -73,25 +91,138 @@ pub fn build(args: &RanktableArgs, device_ips: &[Vec<String>]) -> anyhow::Result
         "decode_device_list": decode, "status": "completed"}))
 }
 
-pub fn run(args: RanktableArgs) -> anyhow::Result<()> {
-    let device_ips: Vec<Vec<String>> = match &args.device_ips {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read {}", p.display()))?
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-            .map(|l| l.split_whitespace().map(str::to_owned).collect())
-            .collect(),
-        None => {
-            if std::process::Command::new("hccn_tool").arg("-h").output().is_err() {
-                bail!("hccn_tool is not installed here: pass --device-ips FILE (one line per node with its device IPs)");
+/// This node's address among `ips`: --local-host, or an address of this machine (of
+/// --network-card-name's interface when given) that is listed.
+fn local_rank(args: &RanktableArgs) -> anyhow::Result<usize> {
+    if let Some(h) = &args.local_host {
+        return args.ips.iter().position(|ip| ip == h).with_context(|| format!("--local-host {h} is not among --ips"));
+    }
+    let mine = interface_addresses(args.network_card_name.as_deref());
+    args.ips.iter().position(|ip| mine.contains(ip)).with_context(|| {
+        format!("none of this machine's addresses{} ({}) is among --ips; say which with --local-host",
+            args.network_card_name.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(), mine.join(", "))
+    })
+}
+
+fn interface_addresses(nic: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list freed below with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+            if !ifa.ifa_addr.is_null() && nic.is_none_or(|n| n == name) {
+                match (*ifa.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).to_string());
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).to_string());
+                    }
+                    _ => {}
+                }
             }
-            if args.ips.len() > 1 {
-                bail!("hccn_tool only sees this node's devices: for {} nodes pass --device-ips FILE", args.ips.len());
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// This node's device IPs, from hccn_tool.
+fn own_device_ips(npus: u32) -> anyhow::Result<Vec<String>> {
+    if std::process::Command::new("hccn_tool").arg("-h").output().is_err() {
+        bail!("hccn_tool is not installed here: pass --device-ips FILE (one line per node with its device IPs)");
+    }
+    (0..npus).map(hccn_ip).collect()
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeDevices {
+    node: usize,
+    device_ips: Vec<String>,
+}
+
+/// Every node's device IPs: the first node collects them and sends the table back.
+async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow::Result<serde_json::Value> {
+    let n = args.ips.len();
+    let master = crate::api::join_host_port(&args.ips[0], args.master_port);
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    if rank == 0 {
+        let listener = TcpListener::bind((args.ips[0].trim_start_matches('[').trim_end_matches(']'), args.master_port))
+            .await
+            .with_context(|| format!("cannot listen on {master} for the other nodes"))?;
+        let mut lists: Vec<Option<Vec<String>>> = vec![None; n];
+        lists[0] = Some(mine);
+        let mut peers = Vec::new();
+        while lists.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (stream, _) = tokio::time::timeout(left, listener.accept()).await.map_err(|_| {
+                let missing: Vec<&str> = lists.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| args.ips[i].as_str()).collect();
+                anyhow::anyhow!("no device list from {} after {}s", missing.join(", "), args.timeout)
+            })??;
+            let (read, write) = stream.into_split();
+            let mut line = String::new();
+            BufReader::new(read).read_line(&mut line).await?;
+            let got: NodeDevices = serde_json::from_str(&line).context("a node sent something that is not its device list")?;
+            if got.node == 0 || got.node >= n {
+                bail!("a node sent node rank {}, not one of 1..{n}", got.node);
             }
-            vec![(0..args.npus_per_node).map(hccn_ip).collect::<anyhow::Result<Vec<_>>>()?]
+            lists[got.node] = Some(got.device_ips);
+            peers.push(write);
+        }
+        let lists: Vec<Vec<String>> = lists.into_iter().map(Option::unwrap_or_default).collect();
+        let table = build(args, &lists)?;
+        let line = serde_json::to_string(&table)? + "\n";
+        for mut p in peers {
+            p.write_all(line.as_bytes()).await?;
+        }
+        return Ok(table);
+    }
+    let stream = loop {
+        match TcpStream::connect(&master).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => bail!("cannot reach the first node at {master}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    let table = build(&args, &device_ips)?;
+    let (read, mut write) = stream.into_split();
+    write.write_all((serde_json::to_string(&NodeDevices { node: rank, device_ips: mine })? + "\n").as_bytes()).await?;
+    let mut line = String::new();
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, BufReader::new(read).read_line(&mut line)).await.context("the first node sent no table in time")??;
+    serde_json::from_str(&line).context("the first node sent no table (did it fail? see its output)")
+}
+
+pub async fn run(args: RanktableArgs) -> anyhow::Result<()> {
+    let table = match &args.device_ips {
+        Some(p) => {
+            let lists: Vec<Vec<String>> = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+                .map(|l| l.split_whitespace().map(str::to_owned).collect())
+                .collect();
+            build(&args, &lists)?
+        }
+        None => {
+            let rank = local_rank(&args)?;
+            let mine = own_device_ips(args.npus_per_node)?;
+            if args.ips.len() == 1 {
+                build(&args, &[mine])?
+            } else {
+                println!("node {rank} of {} ({}): {} device IPs; gathering at {}", args.ips.len(), args.ips[rank], mine.len(), crate::api::join_host_port(&args.ips[0], args.master_port));
+                gather(&args, rank, mine).await?
+            }
+        }
+    };
     std::fs::write(&args.output, serde_json::to_string_pretty(&table)? + "\n")
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("wrote {} ({} prefill, {} decode devices); point DISAGGREGATED_PREFILL_RANK_TABLE_PATH at it on every node",
@@ -111,6 +242,10 @@ mod tests {
             prefill_device_cnt: 3,
             decode_device_cnt: 1,
             device_ips: None,
+            network_card_name: None,
+            local_host: None,
+            master_port: 6657,
+            timeout: 1,
             output: "x".into(),
         };
         let ips = vec![vec!["29.7.1.1".into(), "29.7.1.2".into()], vec!["29.7.2.1".into(), "29.7.2.2".into()]];

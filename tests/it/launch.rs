@@ -284,8 +284,51 @@ fn ranktable_is_written_in_vllm_ascends_format() {
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(t["server_count"], "2");
     assert_eq!(t["decode_device_list"][0], json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"}));
-    let (ok, _, err) = run(&["ranktable", "--ips", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
+    let (ok, _, err) = run(&["ranktable", "--ips", "1.2.3.4", "--local-host", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
     assert!(!ok && err.contains("hccn_tool is not installed"), "{err}");
+    let (ok, _, err) = run(&["ranktable", "--ips", "10.9.9.9", "--network-card-name", "lo", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
+    assert!(!ok && err.contains("none of this machine's addresses on lo (127.0.0.1"), "{err}");
+}
+
+/// The Ascend guide's way: the same command on every node (here 4 "nodes" on 127.0.0.1-4,
+/// each with a fake hccn_tool for its own devices); the first collects, all four write
+/// the same file.
+#[tokio::test]
+async fn ranktable_gathers_every_nodes_devices_and_all_nodes_write_the_same_file() {
+    let dir = write("hccn_tool", "").parent().unwrap().to_path_buf();
+    std::fs::write(dir.join("hccn_tool"), "#!/bin/sh\n# a fake hccn_tool: -i DEV -ip -g prints this node's device DEV's address\n[ \"$1\" = -h ] && exit 0\necho \"ipaddr:29.7.$FAKE_NODE.$2\"\necho \"netmask:255.255.255.0\"\n").unwrap();
+    std::fs::set_permissions(dir.join("hccn_tool"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = free_port_run(1).to_string();
+    let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    let mut children = Vec::new();
+    // The first node last: the others wait for it.
+    for node in [3usize, 1, 2, 0] {
+        let out = dir.join(format!("ranktable-{node}.json"));
+        let mut args: Vec<String> = vec!["ranktable".into(), "--ips".into()];
+        args.extend(ips.iter().map(|s| s.to_string()));
+        args.extend(["--npus-per-node", "2", "--network-card-name", "lo", "--local-host", ips[node], "--prefill-device-cnt", "4",
+            "--decode-device-cnt", "4", "--master-port", &port, "--timeout", "30", "--output", out.to_str().unwrap()].map(String::from));
+        let child = tokio::process::Command::new(BIN)
+            .args(&args)
+            .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
+            .env("FAKE_NODE", (node + 1).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((node, child));
+    }
+    for (node, child) in children {
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.expect("ranktable finishes").unwrap();
+        assert!(out.status.success(), "node {node}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let files: Vec<String> = (0..4).map(|n| std::fs::read_to_string(dir.join(format!("ranktable-{n}.json"))).unwrap()).collect();
+    assert!(files.iter().all(|f| *f == files[0]), "the nodes wrote different files");
+    let t: serde_json::Value = serde_json::from_str(&files[0]).unwrap();
+    assert_eq!(t["server_count"], "4");
+    assert_eq!(t["prefill_device_list"][3], json!({"server_id": "127.0.0.2", "device_id": "1", "device_ip": "29.7.2.1", "cluster_id": "4"}));
+    assert_eq!(t["decode_device_list"][0], json!({"server_id": "127.0.0.3", "device_id": "0", "device_ip": "29.7.3.0", "cluster_id": "5"}));
+    assert_eq!(t["decode_device_list"][3]["device_ip"], "29.7.4.1");
 }
 
 /// Two "nodes" on one machine (127.0.0.1 and 127.0.0.2, both loopback), each running its

@@ -9,6 +9,7 @@ mod handshake;
 mod kv_aware;
 mod kv_events;
 mod launch;
+mod launch_local;
 mod mooncake_handshake;
 mod router_admin;
 mod router_faults;
