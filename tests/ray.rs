@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     assert!(venv.join(".disagg-complete").is_file(), "no Ray venv at {}: run scripts/ray-env.sh", venv.display());
     let ray = venv.join("bin/ray");
     let start = Command::new(&ray)
-        .args(["start", "--head", "--port", "6379", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
+        .args(["start", "--head", "--port", "6379", "--node-ip-address", "127.0.0.1", "--num-cpus", "4", "--num-gpus", "4",
             "--disable-usage-stats", "--include-dashboard", "false"])
         .env("RAY_USAGE_STATS_ENABLED", "0")
         .output()
@@ -54,6 +54,8 @@ async fn launch_on_ray(venv: &std::path::Path) {
 timeout: 60
 working_dir: {}
 engine: sim
+num_gpus: 4
+gpus_per_worker: 2
 scheduler:
   port: 8021
   args: [--policy, round_robin]
@@ -62,6 +64,7 @@ general:
     model: tiny
 prefill:
   replicas: 2
+  num_gpus: 2
   params:
     kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_producer"}}'
 decode:
@@ -84,6 +87,13 @@ decode:
     let err = std::fs::read_to_string(work.join("launch.err")).unwrap();
     for name in ["prefill-0", "prefill-1", "decode-0"] {
         assert!(err.contains(&format!("{name} (")) && err.contains("placed on 127.0.0.1"), "{err}");
+    }
+    // gpus_per_worker 2: each prefill replica is one bundle of 2 GPUs, its actor holds both
+    // (Ray started with 4 logical GPUs; the simulator does not use them).
+    for name in ["prefill-0", "prefill-1"] {
+        let line = err.lines().find(|l| l.starts_with(&format!("{name} ("))).unwrap();
+        let gpus = line.rsplit("GPUs [").next().unwrap().trim_end_matches(']');
+        assert_eq!(gpus.split(',').filter(|g| !g.is_empty()).count(), 2, "{line}");
     }
     for i in 0..4 {
         let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("ray {i}"), "max_tokens": 3})).await;

@@ -219,6 +219,7 @@ async fn run() -> ExitCode {
         whole_case("every example's and the launcher script's vllm serve commands pass vLLM's own parser and start-up checks", launch_layouts::checked_by_vllm(), &mut failed).await;
         whole_case("DP 2 internal LB across two loopback nodes (one headless), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("internal", 2), &mut failed).await;
         whole_case("DP 4 hybrid LB across two loopback nodes (an API server each), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("hybrid", 4), &mut failed).await;
+        whole_case("DP 2 external LB across two loopback nodes (tiny MoE): both ranks' API servers start and join, the router lists each", launch_layouts::layout_runs("external", 2), &mut failed).await;
     }
     println!("real-vLLM suite: {:.1}s in all", t0.elapsed().as_secs_f64());
     if failed.is_empty() {

@@ -70,7 +70,8 @@ pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()>
                 let Ok(Some(line)) = line else { break };
                 let Ok(ev) = serde_json::from_str::<Value>(&line) else { eprintln!("{line}"); continue };
                 match ev["event"].as_str().unwrap_or("") {
-                    "instance" => eprintln!("{} ({}) placed on {}: {}", ev["name"].as_str().unwrap_or("?"), ev["role"].as_str().unwrap_or("?"), ev["host"].as_str().unwrap_or("?"), ev["url"].as_str().unwrap_or("?")),
+                    "instance" => eprintln!("{} ({}) placed on {}: {}, GPUs [{}]", ev["name"].as_str().unwrap_or("?"), ev["role"].as_str().unwrap_or("?"), ev["host"].as_str().unwrap_or("?"), ev["url"].as_str().unwrap_or("?"),
+                        ev["gpus"].as_array().map(|g| g.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default()),
                     "healthy" => eprintln!("{} healthy", ev["name"].as_str().unwrap_or("?")),
                     "ready" => println!("disagg launch ready: {}", ev["url"].as_str().unwrap_or("?")),
                     "failed" => {

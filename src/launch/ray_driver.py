@@ -51,6 +51,10 @@ class Proc:
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         return host
 
+    def gpus(self):
+        """The GPUs Ray gave this actor (its whole bundle when it is one)."""
+        return [str(g) for g in ray.get_gpu_ids()]
+
     def poll(self):
         return None if self.proc is None else self.proc.poll()
 
@@ -114,7 +118,8 @@ def main():
                 kv_ip = host
             url = "http://%s:%d" % (host, inst["port"])
             started.append((inst["name"], inst["role"], url))
-            emit(event="instance", name=inst["name"], role=inst["role"], host=host, url=url)
+            emit(event="instance", name=inst["name"], role=inst["role"], host=host, url=url,
+                 gpus=ray.get(actor.gpus.remote()))
 
         deadline = time.time() + plan["timeout"]
         pending = dict((name, url) for name, _, url in started)

@@ -131,6 +131,39 @@ fn bad_files_get_precise_errors() {
     }
 }
 
+/// What the guides showed: one flag per key, placeholders without a value, unknown
+/// connectors, MultiConnector's contents, layouts vLLM refuses; each a clear error.
+#[test]
+fn plan_errors_name_the_field() {
+    let file = |prefill_params: &str, extra: &str| {
+        format!("{extra}\nnum_gpus: 4\ngpus_per_node: 2\nnodes: [10.0.0.1, 10.0.0.2]\nprefill:\n  replicas: 1\n  num_gpus: 4\n  data_parallel_size: 4\n  params:\n    model: m\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}}'\n{prefill_params}\ndecode:\n  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_consumer\"}}'\n")
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (file("    data_parallel_start_rank: 2", ""), "prefill.params.data_parallel_start_rank: is set by the plan"),
+        (file("    data_parallel_size_local: 4", ""), "is 4, but this process runs 2 DP rank(s) locally"),
+        (file("    max_num_seqs: 8\n    _extra_params: --max_num_seqs=9", ""), "--max_num_seqs=9 is also given by prefill.params.max_num_seqs"),
+        (file("    _extra_params: --data-parallel-address 1.2.3.4", ""), "is also given by the plan"),
+        (file("    seed: '{NODE_SEED}'", ""), "{NODE_SEED} has no value here"),
+        (file("", "scheduler:\n  command: 'proxy --prefill $PREFILL_URL_1 --prefill $PREFILL_URL_3'"), "$PREFILL_URL_3 has no value"),
+        (file("  dp_mode: hybrid", "").replace("data_parallel_size: 4", "data_parallel_size: 2"), "hybrid LB with one DP rank per node"),
+        (file("    data_parallel_hybrid_lb: true\n    data_parallel_external_lb: true", ""), "one DP load-balancing mode"),
+        (file("    port: eighty", ""), "eighty is not a port"),
+        (file("", "").replace(r#""NixlConnector","kv_role":"kv_producer""#, r#""MultiConnector","kv_role":"kv_producer""#), "MultiConnector needs kv_connector_extra_config.connectors"),
+    ];
+    for (text, msg) in cases {
+        let f = write("plan.yaml", &text);
+        let (ok, _, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
+        assert!(!ok, "accepted:\n{text}");
+        assert!(err.contains(msg), "`{msg}` not in: {err}\n{text}");
+    }
+    // The same file without the mistakes is a plan; placeholders fill per node.
+    let f = write("plan.yaml", &file("    seed: '{NODE_RANK}'\n    data_parallel_rpc_port: 13999", "envs: {HCCL_IF_IP: '{NODE_IP}'}"));
+    let (ok, out, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("HCCL_IF_IP=10.0.0.2") && out.contains("--seed 1") && out.contains("--data-parallel-rpc-port 13999"), "{out}");
+    assert!(!out.contains("13345"), "the user's DP port replaces the plan's: {out}");
+}
+
 /// A launch in the background; its stdout's "ready" line gives the endpoint.
 struct Launch {
     child: tokio::process::Child,
@@ -220,7 +253,8 @@ async fn a_local_sim_topology_serves_and_tears_down_completely() {
     assert_eq!(served(&format!("http://127.0.0.1:{d}")).await, 4.0);
     let log_dir = std::env::temp_dir().join(format!("disagg-launch-{p}")).join("logs");
     for name in ["prefill-0", "prefill-1", "decode-0", "router"] {
-        assert!(log_dir.join(format!("{name}.log")).is_file(), "{name}.log");
+        let log = std::fs::read_to_string(log_dir.join(format!("{name}.log"))).unwrap_or_else(|_| panic!("{name}.log"));
+        assert!(!log.contains('\u{1b}'), "{name}.log has terminal colour codes: {log}");
     }
     let pid = launch.child.id().unwrap() as i32;
     unsafe {

