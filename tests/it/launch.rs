@@ -165,17 +165,24 @@ fn plan_errors_name_the_field() {
 }
 
 /// A launch in the background; its stdout's "ready" line gives the endpoint.
-struct Launch {
-    child: tokio::process::Child,
+pub(crate) struct Launch {
+    pub child: tokio::process::Child,
     stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     stderr_path: PathBuf,
 }
 
 impl Launch {
-    async fn start(file: &std::path::Path) -> Launch {
+    pub async fn start(file: &std::path::Path) -> Launch {
+        Launch::start_with(file, &[])
+    }
+
+    /// `disagg launch EXTRA... FILE`.
+    pub fn start_with(file: &std::path::Path, extra: &[&str]) -> Launch {
         let stderr_path = file.with_extension("stderr");
         let mut child = tokio::process::Command::new(BIN)
-            .args(["launch", file.to_str().unwrap()])
+            .arg("launch")
+            .args(extra)
+            .arg(file)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .kill_on_drop(true)
@@ -185,12 +192,21 @@ impl Launch {
         Launch { child, stdout, stderr_path }
     }
 
-    async fn ready(&mut self) -> Option<String> {
+    pub async fn ready(&mut self) -> Option<String> {
         ready_url(&mut self.stdout, Duration::from_secs(30)).await
     }
 
-    fn stderr(&self) -> String {
+    pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, and a clean exit within 30 s.
+    pub async fn stop(mut self) {
+        unsafe {
+            libc::kill(self.child.id().unwrap() as i32, libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("launch stops").unwrap();
+        assert!(status.success(), "{status}: {}", self.stderr());
     }
 }
 

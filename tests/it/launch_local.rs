@@ -4,13 +4,12 @@
 //! whose children outlive it that still leaves no process behind.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 use serde_yaml_ng::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::launch::Launch;
 use crate::support::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -74,39 +73,10 @@ fn localize(example: &str, work: &Path, nodes: Option<Vec<&str>>, timeout: u64) 
     (file, router)
 }
 
-struct Launch {
-    child: tokio::process::Child,
-    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    err: PathBuf,
-}
-
-impl Launch {
-    fn start(file: &Path, extra: &[&str]) -> Launch {
-        let err = file.with_extension("stderr");
-        let mut child = tokio::process::Command::new(BIN)
-            .arg("launch")
-            .args(extra)
-            .arg(file)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        Launch { child, stdout, err }
-    }
-
-    async fn ready(&mut self) -> String {
-        let err = self.err.clone();
-        ready_url(&mut self.stdout, Duration::from_secs(60)).await.unwrap_or_else(|| panic!("never ready:\n{}", std::fs::read_to_string(err).unwrap_or_default()))
-    }
-
-    async fn stop(mut self) {
-        unsafe {
-            libc::kill(self.child.id().unwrap() as i32, libc::SIGTERM);
-        }
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("launch stops").unwrap();
-        assert!(status.success(), "{status}: {}", std::fs::read_to_string(&self.err).unwrap_or_default());
+async fn ready(launch: &mut Launch) -> String {
+    match launch.ready().await {
+        Some(url) => url,
+        None => panic!("never ready:\n{}", launch.stderr()),
     }
 }
 
@@ -127,11 +97,11 @@ async fn pdjob_examples_launch_and_keep_serving_past_timeout() {
         let (file, router) = localize(example, &work, None, 3);
         let text = std::fs::read_to_string(&file).unwrap().replace(program, "disagg").replace("--host 0.0.0.0", "--host 127.0.0.1");
         std::fs::write(&file, text).unwrap();
-        let mut launch = Launch::start(&file, &["--config"]);
-        let url = launch.ready().await;
+        let mut launch = Launch::start_with(&file, &["--config"]);
+        let url = ready(&mut launch).await;
         assert_eq!(url, format!("http://127.0.0.1:{router}"));
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(launch.child.try_wait().unwrap().is_none(), "{example}: the launch stopped after its timeout:\n{}", std::fs::read_to_string(&launch.err).unwrap());
+        assert!(launch.child.try_wait().unwrap().is_none(), "{example}: the launch stopped after its timeout:\n{}", launch.stderr());
         serves(&url, 4).await;
         launch.stop().await;
     }
@@ -145,8 +115,8 @@ async fn guide_layouts_run_on_loopback_nodes() {
     let work = work_dir("gb200");
     let nodes = vec!["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
     let (file, router) = localize("examples/gb200-2p1d-hybrid.yaml", &work, Some(nodes), 60);
-    let mut launch = Launch::start(&file, &[]);
-    let url = launch.ready().await;
+    let mut launch = Launch::start_with(&file, &[]);
+    let url = ready(&mut launch).await;
     assert_eq!(url, format!("http://127.0.0.1:{router}"));
     serves(&url, 16).await;
     // Every prefill API server (one per node, 4 ranks each) served its share.
@@ -159,8 +129,8 @@ async fn guide_layouts_run_on_loopback_nodes() {
 
     let work = work_dir("ascend");
     let (file, router) = localize("examples/ascend-2p2d.yaml", &work, Some(vec!["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]), 60);
-    let mut launch = Launch::start(&file, &[]);
-    let url = launch.ready().await;
+    let mut launch = Launch::start_with(&file, &[]);
+    let url = ready(&mut launch).await;
     assert_eq!(url, format!("http://127.0.0.1:{router}"));
     serves(&url, 8).await;
     // The headless nodes serve no HTTP and joined their replica's first node.
@@ -177,8 +147,8 @@ async fn guide_layouts_run_on_loopback_nodes() {
 async fn a_lost_headless_node_stops_the_launch() {
     let work = work_dir("lost-node");
     let (file, _) = localize("examples/ascend-2p2d.yaml", &work, Some(vec!["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]), 60);
-    let mut launch = Launch::start(&file, &[]);
-    launch.ready().await;
+    let mut launch = Launch::start_with(&file, &[]);
+    ready(&mut launch).await;
     // The headless decode node: its replica's DP port is this launch's own.
     let y: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let rpc = format!("--data-parallel-rpc-port {}", y["general"]["params"]["data_parallel_rpc_port"].as_u64().unwrap());
@@ -192,7 +162,7 @@ async fn a_lost_headless_node_stops_the_launch() {
     }
     let status = tokio::time::timeout(Duration::from_secs(30), launch.child.wait()).await.expect("the launch stops").unwrap();
     assert!(!status.success());
-    let err = std::fs::read_to_string(&launch.err).unwrap();
+    let err = launch.stderr();
     assert!(err.contains("exited"), "{err}");
 }
 
@@ -226,8 +196,8 @@ general: {{params: {{model: m}}}}
 prefill: {{replicas: 1, port: {p}, side_channel_port: {ps}, params: {{kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_producer"}}'}}}}
 decode: {{replicas: 1, port: {d}, side_channel_port: {ds}, params: {{kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'}}}}
 "#, work = work.display(), pids = pids.display(), bin = BIN, fake = fake.display(), ps = free_port_run(1), ds = free_port_run(1))).unwrap();
-        let mut launch = Launch::start(&file, &[]);
-        launch.ready().await;
+        let mut launch = Launch::start_with(&file, &[]);
+        ready(&mut launch).await;
         let text = std::fs::read_to_string(&pids).unwrap();
         let ids: Vec<(i32, i32)> = text.lines().map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
