@@ -74,7 +74,8 @@ pub struct ScoreboardArgs {
     /// load skew <= --goal-max-skew, TTFT p99 below every other row's).
     #[arg(long)]
     pub check_goals: bool,
-    /// The prefill load skew kv_aware may reach.
+    /// The prefill load skew kv_aware may reach (or round_robin's in the same run, when
+    /// the trace itself is that uneven).
     #[arg(long, default_value_t = 1.25, value_parser = crate::flags::positive)]
     pub goal_max_skew: f64,
     /// Noise allowed on short runs: kv_aware's TTFT p99 must be below every other row's
