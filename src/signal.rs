@@ -1,21 +1,29 @@
 //! SIGINT / SIGTERM, for every long-running subcommand.
 
-/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
+use std::future::Future;
+
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this
+/// is called, not when the future is first polled: a signal that comes between the call
+/// and the first poll (a launcher that has just said it is ready) is not lost.
+pub fn shutdown() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    async move {
+        let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
+            let s = s.take();
+            async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
         };
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = recv(&mut int) => {}
+            _ = recv(&mut term) => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

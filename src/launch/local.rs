@@ -196,6 +196,8 @@ pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], how: 
 
 /// Runs this node's share of `plan` (all of it when `node` is None) until stopped.
 pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
+    // Installed now: a SIGTERM that comes right after "ready" still stops everything.
+    let stop = crate::signal::shutdown();
     let logs = plan.working_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let mine: Vec<_> = plan.instances.iter().filter(|i| node.is_none_or(|n| i.node == n)).collect();
@@ -228,7 +230,7 @@ pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
             println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());
         }
         tokio::select! {
-            _ = crate::signal::shutdown() => {
+            _ = stop => {
                 eprintln!("stopping every instance ...");
                 Ok(())
             }
