@@ -91,37 +91,115 @@ impl ClientBody {
     }
 
     /// The body without the `drop` fields (every occurrence) and with the `set` fields
-    /// (key, raw JSON) added. Unchanged bytes when there is nothing to do; the original
-    /// bytes plus a splice before the closing brace when only adding.
+    /// (key, raw JSON) added, in one buffer (a body the router parses again).
     pub fn with_fields(&self, drop: &[&str], set: &[(&str, &[u8])]) -> Bytes {
+        self.pieces_with(drop, set).to_bytes()
+    }
+
+    /// `with_fields` as pieces for a leg's request: the client's bytes are not copied,
+    /// only shared (slices of `raw`), with the few bytes the router writes between them.
+    /// The client's own bytes when there is nothing to do; those bytes plus a splice before
+    /// the closing brace when only adding.
+    pub fn pieces_with(&self, drop: &[&str], set: &[(&str, &[u8])]) -> Pieces {
         let replaced = |k: &str| drop.contains(&k) || set.iter().any(|(s, _)| *s == k);
+        let mut out = Pieces::default();
         if !self.fields.iter().any(|f| replaced(&f.key)) {
             if set.is_empty() {
-                return self.raw.clone();
+                out.push(self.raw.clone());
+                return out;
             }
             let end = self.raw.iter().rposition(|b| *b == b'}').expect("a scanned object ends with }");
-            let mut out = BytesMut::with_capacity(self.raw.len() + extra_len(set));
-            out.put_slice(&self.raw[..end]);
+            out.push(self.raw.slice(..end));
+            let mut tail = BytesMut::with_capacity(extra_len(set) + 1);
             for (i, (k, v)) in set.iter().enumerate() {
                 if i > 0 || !self.fields.is_empty() {
-                    out.put_u8(b',');
+                    tail.put_u8(b',');
                 }
-                put_entry(&mut out, k, v);
+                put_entry(&mut tail, k, v);
             }
-            out.put_u8(b'}');
-            return out.freeze();
+            tail.put_u8(b'}');
+            out.push(tail.freeze());
+            return out;
         }
-        let mut out = BytesMut::with_capacity(self.raw.len() + extra_len(set));
-        out.put_u8(b'{');
-        let kept = self.fields.iter().filter(|f| !replaced(&f.key)).map(|f| (&*f.key, &self.raw[f.value.clone()]));
-        for (i, (k, v)) in kept.chain(set.iter().map(|(k, v)| (*k, *v))).enumerate() {
-            if i > 0 {
-                out.put_u8(b',');
+        // Keys and separators are written; kept values are shared slices of the client's
+        // bytes (a 100k-token prompt is not copied).
+        let mut small = BytesMut::with_capacity(256 + extra_len(set));
+        small.put_u8(b'{');
+        let mut first = true;
+        for f in self.fields.iter().filter(|f| !replaced(&f.key)) {
+            if !first {
+                small.put_u8(b',');
             }
-            put_entry(&mut out, k, v);
+            first = false;
+            put_key(&mut small, &f.key);
+            let value = &self.raw[f.value.clone()];
+            if value.len() >= SHARE_FROM {
+                out.push(small.split().freeze());
+                out.push(self.raw.slice(f.value.clone()));
+            } else {
+                small.put_slice(value);
+            }
         }
-        out.put_u8(b'}');
-        out.freeze()
+        for (k, v) in set {
+            if !first {
+                small.put_u8(b',');
+            }
+            first = false;
+            put_entry(&mut small, k, v);
+        }
+        small.put_u8(b'}');
+        out.push(small.freeze());
+        out
+    }
+}
+
+/// Values from this size on are shared with the client's body rather than copied.
+const SHARE_FROM: usize = 4096;
+
+/// A body in pieces, sent one after another (vectored writes): nothing concatenated.
+#[derive(Clone, Default, Debug)]
+pub struct Pieces(Vec<Bytes>);
+
+impl Pieces {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.0.push(b);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.0
+    }
+
+    /// One buffer: free when there is one piece, a copy otherwise.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.0.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut out = BytesMut::with_capacity(self.len());
+                for p in many {
+                    out.put_slice(p);
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
+impl From<Bytes> for Pieces {
+    fn from(b: Bytes) -> Self {
+        let mut p = Pieces::default();
+        p.push(b);
+        p
     }
 }
 
@@ -129,9 +207,13 @@ fn extra_len(set: &[(&str, &[u8])]) -> usize {
     set.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
 }
 
-fn put_entry(out: &mut BytesMut, key: &str, value: &[u8]) {
+fn put_key(out: &mut BytesMut, key: &str) {
     serde_json::to_writer(out.writer(), key).expect("a string serialises");
     out.put_u8(b':');
+}
+
+fn put_entry(out: &mut BytesMut, key: &str, value: &[u8]) {
+    put_key(out, key);
     out.put_slice(value);
 }
 
@@ -183,6 +265,15 @@ mod tests {
         // Every occurrence of a dropped key goes, escaped spellings included.
         let b = body(r#"{"kv_transfer_params":1,"p":0,"kv\u005ftransfer_params":2}"#);
         assert_eq!(&b.with_fields(&["kv_transfer_params"], &[])[..], br#"{"p":0}"#);
+        // A long value is shared, not copied: the same bytes, in the client's buffer.
+        let ids = format!("[{}]", (0..5000).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        let raw = Bytes::from(format!(r#"{{"stream":true,"prompt":{ids},"max_tokens":9}}"#));
+        let b = ClientBody::parse(raw.clone()).unwrap();
+        let pieces = b.pieces_with(&["stream"], &[("max_tokens", b"1")]);
+        assert_eq!(&pieces.to_bytes()[..], format!(r#"{{"prompt":{ids},"max_tokens":1}}"#).as_bytes());
+        let shared = pieces.chunks().iter().find(|c| c.len() == ids.len()).expect("the prompt is one piece");
+        let start = raw.as_ptr() as usize;
+        assert!((start..start + raw.len()).contains(&(shared.as_ptr() as usize)), "the prompt piece points into the client's bytes");
     }
 
     #[test]

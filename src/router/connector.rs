@@ -17,8 +17,8 @@
 //!   transfer id once the prefill has it. docs/PROTOCOLS.md §2.
 
 use axum::http::HeaderValue;
-use bytes::Bytes;
 
+use super::body::Pieces;
 use super::request::{LegBodies, NIXL_PREFILL_PARAMS};
 use crate::api::kv_params;
 use super::workers::{Lease, Worker};
@@ -27,10 +27,10 @@ use super::workers::{Lease, Worker};
 pub struct PairLegs {
     /// The request id both legs carry.
     pub id: HeaderValue,
-    pub prefill: Bytes,
+    pub prefill: Pieces,
     /// The decode leg, when it is sent alongside the prefill (it then waits for the KV
     /// itself); otherwise it is made from the prefill's answer (`Connector::decode_body`).
-    pub decode_alongside: Option<Bytes>,
+    pub decode_alongside: Option<Pieces>,
 }
 
 pub use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
@@ -66,7 +66,7 @@ impl Connector {
 
     /// The decode leg of a connector that sends it after the prefill, given what the
     /// prefill answered with.
-    pub fn decode_body(self, bodies: &LegBodies, params: Option<&[u8]>) -> Bytes {
+    pub fn decode_body(self, bodies: &LegBodies, params: Option<&[u8]>) -> Pieces {
         match self {
             Connector::Nixl | Connector::Mooncake => bodies.decode(params),
             Connector::P2pNccl => bodies.colocated(),

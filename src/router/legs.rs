@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::body::ClientBody;
+use super::body::{ClientBody, Pieces};
 use super::workers::Lease;
 use crate::api::sse::{self, EventSplitter};
 
@@ -138,7 +138,7 @@ pub struct LegRequest {
     pub path: &'static str,
     pub request_id: HeaderValue,
     pub authorization: Option<HeaderValue>,
-    pub body: Bytes,
+    pub body: Pieces,
     pub timeout: Duration,
 }
 
@@ -159,36 +159,42 @@ impl Sent {
     }
 }
 
-/// A body of one chunk that says when it was taken.
-struct SignalledBody {
-    data: Option<Bytes>,
-    sent: Arc<Sent>,
+/// A leg's body: its pieces one frame each, with an exact length (Content-Length, not
+/// chunked), and when given, a signal once the last was taken.
+struct LegBody {
+    pieces: std::vec::IntoIter<Bytes>,
+    left: u64,
+    sent: Option<Arc<Sent>>,
 }
 
-impl http_body::Body for SignalledBody {
+impl http_body::Body for LegBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
     fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let chunk = self.data.take();
-        if chunk.is_none() || self.data.is_none() {
-            self.sent.done.store(true, Ordering::Release);
-            self.sent.notify.notify_waiters();
+        let chunk = self.pieces.next();
+        if let Some(c) = &chunk {
+            self.left -= c.len() as u64;
+        }
+        if self.left == 0 {
+            if let Some(sent) = self.sent.take() {
+                sent.done.store(true, Ordering::Release);
+                sent.notify.notify_waiters();
+            }
         }
         Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.left == 0
     }
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+        http_body::SizeHint::with_exact(self.left)
     }
 }
 
 fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> reqwest::RequestBuilder {
-    let body = match sent {
-        Some(sent) => reqwest::Body::wrap(SignalledBody { data: Some(req.body.clone()), sent }),
-        None => reqwest::Body::from(req.body.clone()),
-    };
+    let pieces = req.body.chunks().to_vec();
+    let left = pieces.iter().map(|p| p.len() as u64).sum();
+    let body = reqwest::Body::wrap(LegBody { pieces: pieces.into_iter(), left, sent });
     let mut b = client
         .post(format!("{}{}", lease.url(), req.path))
         .header(CONTENT_TYPE, "application/json")

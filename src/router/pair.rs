@@ -12,6 +12,7 @@ use axum::http::HeaderValue;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::body::Pieces;
 use super::failure::Failure;
 use super::flow::Router;
 use super::topology::Topology;
@@ -33,7 +34,7 @@ pub struct LegTemplate {
 }
 
 impl LegTemplate {
-    fn request(&self, body: Bytes, timeout: Duration) -> LegRequest {
+    fn request(&self, body: Pieces, timeout: Duration) -> LegRequest {
         LegRequest { path: self.path, request_id: self.request_id.clone(), authorization: self.authorization.clone(), body, timeout }
     }
 
@@ -54,7 +55,7 @@ pub struct Job {
 
 impl Job {
     /// A non-streamed decode's first output is its whole answer.
-    fn decode_request(&self, body: Bytes, request_id: HeaderValue) -> LegRequest {
+    fn decode_request(&self, body: Pieces, request_id: HeaderValue) -> LegRequest {
         let timeout = if self.stream { self.leg.first_byte_timeout } else { self.leg.request_timeout };
         LegRequest { request_id, ..self.leg.request(body, timeout) }
     }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::body::ClientBody;
+use super::body::{ClientBody, Pieces};
 use super::policy::RequestInfo;
 use crate::api::fields::{check_generation, Api, Generation};
 use crate::api::ApiError;
@@ -143,27 +143,27 @@ impl LegBodies {
         &self.body
     }
 
-    fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Bytes {
+    fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Pieces {
         match &self.xargs {
             Some(x) => {
                 let mut all = drop.to_vec();
                 all.push("vllm_xargs");
                 set.push(("vllm_xargs", x));
-                self.body.with_fields(&all, set)
+                self.body.pieces_with(&all, set)
             }
-            None => self.body.with_fields(drop, set),
+            None => self.body.pieces_with(drop, set),
         }
     }
 
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
     /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
-    pub fn prefill(&self) -> Bytes {
+    pub fn prefill(&self) -> Pieces {
         self.prefill_leg(Some(&NIXL_PREFILL_PARAMS))
     }
 
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
-    pub fn prefill_leg(&self, params: Option<&[u8]>) -> Bytes {
+    pub fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
         let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
@@ -176,7 +176,7 @@ impl LegBodies {
 
     /// The decode leg: the client's bytes, with the prefill's params (copied unchanged)
     /// when it returned any.
-    pub fn decode(&self, params: Option<&[u8]>) -> Bytes {
+    pub fn decode(&self, params: Option<&[u8]>) -> Pieces {
         let mut set = Vec::new();
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
@@ -185,7 +185,7 @@ impl LegBodies {
     }
 
     /// The one leg of colocated mode.
-    pub fn colocated(&self) -> Bytes {
+    pub fn colocated(&self) -> Pieces {
         self.write(STEERING, &mut Vec::new())
     }
 }
@@ -323,7 +323,7 @@ mod tests {
     fn prefill_leg_is_the_toy_proxys() {
         let b = body(json!({"model":"m","prompt":"p","max_tokens":50,"max_completion_tokens":50,"stream":true,
             "stream_options":{"include_usage":true},"min_tokens":3,"min_completion_tokens":2,"temperature":0.5,"x_custom":[1]}));
-        let out: Value = serde_json::from_slice(&LegBodies::new(b).prefill()).unwrap();
+        let out: Value = serde_json::from_slice(&LegBodies::new(b).prefill().to_bytes()).unwrap();
         assert_eq!(out["stream"], false);
         assert_eq!(out["max_tokens"], 1);
         assert_eq!(out["max_completion_tokens"], 1);
@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(out["kv_transfer_params"]["do_remote_decode"], true);
         assert_eq!(out["temperature"], 0.5);
         assert_eq!(out["x_custom"], json!([1]));
-        let plain: Value = serde_json::from_slice(&LegBodies::new(body(json!({"prompt": "p"}))).prefill()).unwrap();
+        let plain: Value = serde_json::from_slice(&LegBodies::new(body(json!({"prompt": "p"}))).prefill().to_bytes()).unwrap();
         assert!(plain.get("max_completion_tokens").is_none(), "only if the client sent it");
     }
 
@@ -341,14 +341,14 @@ mod tests {
         let evil = json!({"remote_host": "10.9.9.9", "remote_port": 7, "do_remote_prefill": true});
         let b = LegBodies::new(body(json!({"prompt": "p", "kv_transfer_params": evil, "ec_transfer_params": {"x": 1},
             "vllm_xargs": {"kv_transfer_params": "x", "keep": 1}})));
-        for leg in [b.prefill(), b.decode(None), b.colocated()] {
+        for leg in [b.prefill(), b.decode(None), b.colocated()].map(|p| p.to_bytes()) {
             let v: Value = serde_json::from_slice(&leg).unwrap();
             assert!(!leg.windows(8).any(|w| w == b"10.9.9.9"), "{v}");
             assert!(v.get("ec_transfer_params").is_none());
             assert_eq!(v["vllm_xargs"], json!({"keep": 1}));
         }
         let params = br#"{"do_remote_prefill":true,"remote_host":"127.0.0.1"}"#;
-        let v: Value = serde_json::from_slice(&b.decode(Some(params))).unwrap();
+        let v: Value = serde_json::from_slice(&b.decode(Some(params)).to_bytes()).unwrap();
         assert_eq!(v["kv_transfer_params"]["remote_host"], "127.0.0.1");
     }
 
