@@ -46,6 +46,18 @@ pub enum Command {
     Scoreboard(crate::scoreboard::ScoreboardArgs),
 }
 
+impl Cli {
+    /// The router's `--worker-threads`, for the runtime `main` builds before running it.
+    pub fn worker_threads(&self) -> Option<usize> {
+        match &self.command {
+            None => self.route.worker_threads,
+            Some(Command::Route(r)) => r.worker_threads,
+            Some(_) => None,
+        }
+        .map(usize::from)
+    }
+}
+
 /// vLLM's parser takes `_` for `-` in every flag name (`--trust_remote_code`), and so
 /// does every subcommand here: flag names are rewritten with dashes before clap sees them
 /// (values, and everything after a bare `--`, untouched).

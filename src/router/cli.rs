@@ -20,6 +20,11 @@ pub struct RouteArgs {
     /// Port to listen on (0 picks a free one; the URL is printed on stdout).
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
+    /// Threads of the router's async runtime (default: one per core). Fewer threads wake
+    /// each other less: on a small host shared with engines, 1 cuts the added latency per
+    /// request (docs/PERFORMANCE.md).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 
     /// Prefill/decode disaggregation: every request is a prefill leg then a decode leg.
     /// Implied by any prefill/decode worker flag.

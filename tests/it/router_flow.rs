@@ -295,3 +295,26 @@ async fn authorization_and_api_key_reach_the_workers() {
     let keyed = router(&["--prefill", &p.url, "--decode", &d.url, "--api-key", "sekrit"]).await;
     assert_eq!(post(&format!("{}/v1/completions", keyed.url), &body).await.0, 200);
 }
+
+/// `--worker-threads N` sizes the router's runtime: N threads named as tokio names its
+/// workers, in the bare-flags form and under `route`.
+#[tokio::test]
+async fn worker_threads_sizes_the_runtime() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("tokio-rt-worker"))
+            .count()
+    };
+    for n in ["1", "3"] {
+        let r = router(&["--worker-threads", n, "--prefill", &p.url, "--decode", &d.url]).await;
+        let (status, v) = post(&format!("{}/v1/completions", r.url), &json!({"prompt": "threads", "max_tokens": 2})).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(workers(r.pid().unwrap()).to_string(), n);
+    }
+    let r = Proc::start(&["--worker-threads", "1", "--prefill", &p.url, "--decode", &d.url, "--port", "0"]).await;
+    assert_eq!(workers(r.pid().unwrap()), 1, "bare flags, as vllm-router's command lines");
+}
