@@ -12,7 +12,6 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 
 use support::*;
 
@@ -72,14 +71,7 @@ decode:
   params:
     kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'
 "#, work.display())).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["launch", file.to_str().unwrap(), "--ray", "127.0.0.1:6379", "--ray-python", venv.join("bin/python").to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("launch.err")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = spawn_logged(&["launch", file.to_str().unwrap(), "--ray", "127.0.0.1:6379", "--ray-python", venv.join("bin/python").to_str().unwrap()], &work.join("launch.err"));
     let url = ready_url(&mut lines, Duration::from_secs(120))
         .await
         .unwrap_or_else(|| panic!("launch never ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));

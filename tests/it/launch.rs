@@ -179,16 +179,8 @@ impl Launch {
     /// `disagg launch EXTRA... FILE`.
     pub fn start_with(file: &std::path::Path, extra: &[&str]) -> Launch {
         let stderr_path = file.with_extension("stderr");
-        let mut child = tokio::process::Command::new(BIN)
-            .arg("launch")
-            .args(extra)
-            .arg(file)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let args: Vec<&str> = std::iter::once("launch").chain(extra.iter().copied()).chain([file.to_str().unwrap()]).collect();
+        let (child, stdout) = spawn_logged(&args, &stderr_path);
         Launch { child, stdout, stderr_path }
     }
 

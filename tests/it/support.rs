@@ -352,6 +352,20 @@ pub fn script_var(script: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("{script} --print did not say {key}"))
 }
 
+/// `disagg ARGS` in the background (a launch), its stderr written to `err`: the child and
+/// its stdout's lines (see `ready_url`).
+pub fn spawn_logged(args: &[&str], err: &std::path::Path) -> (Child, tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(err).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// Reads `disagg launch`'s stdout up to its `disagg launch ready: URL` line; None if the
 /// output ends or `within` passes first.
 pub async fn ready_url<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>, within: Duration) -> Option<String> {

@@ -183,14 +183,7 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
     let ports = (free_port_run(48), free_port_run(48), free_port_run(1), free_port_run(1));
     let file = work.join("two-nodes.yaml");
     std::fs::write(&file, two_node_file(&work, &venv, &model, layout, dp, ports)).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["launch", file.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("launch.err")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (child, mut lines) = spawn_logged(&["launch", file.to_str().unwrap()], &work.join("launch.err"));
     let url = ready_url(&mut lines, Duration::from_secs(600)).await.unwrap_or_else(|| {
         let logs = work.join("logs");
         let tails: String = ["prefill-0", "prefill-1", "decode-0", "router"].iter().map(|n| format!("--- {n}\n{}\n", tail_of(&logs.join(format!("{n}.log")), 15))).collect();
@@ -249,4 +242,3 @@ fn tail_of(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-use tokio::io::AsyncBufReadExt as _;
