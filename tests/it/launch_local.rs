@@ -227,3 +227,33 @@ fn gone(pid: i32) -> bool {
         Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
+
+/// The launcher script's flags run for real: `--role decode -n 2` starts two servers at the
+/// script's ports (decode: base + 1000) with their side channels, waits for them, and
+/// stops them (a fake `vllm serve` that runs the simulator in its place).
+#[tokio::test]
+async fn launcher_script_flags_start_the_servers_they_plan() {
+    let work = work_dir("script");
+    let fake = work.join("fake-vllm.sh");
+    std::fs::write(&fake, format!("#!/bin/sh\n# `vllm serve MODEL --port P ...` -> the simulator on P, its side channel from the env\nport=0\nwhile [ $# -gt 0 ]; do case \"$1\" in --port) port=$2; shift;; esac; shift; done\nexec {BIN} sim --host 127.0.0.1 --port \"$port\" --side-channel-port \"$VLLM_NIXL_SIDE_CHANNEL_PORT\"\n")).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Base ports 1000 below free ones: the decode servers listen at base + 1000 + i.
+    let (http, side) = (free_port_run(2) - 1000, free_port_run(2) - 1000);
+    let args = ["launch", "--role", "decode", "-n", "2", "--base-port", &http.to_string(), "--base-channel-port", &side.to_string(),
+        "--node-ip", "127.0.0.1", "--vllm-command", fake.to_str().unwrap(), "--log-dir", work.to_str().unwrap(), "--timeout", "30"];
+    let (mut child, mut lines) = spawn_logged(&args, &work.join("launch.err"));
+    let ready = ready_url(&mut lines, Duration::from_secs(30)).await;
+    assert_eq!(ready.as_deref(), Some("node 0 (2 instances healthy)"), "{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default());
+    for i in 0..2 {
+        let url = format!("http://127.0.0.1:{}", http + 1000 + i);
+        assert_eq!(get(&format!("{url}/health")).await.0, 200, "{url}");
+        let banner = std::fs::read_to_string(work.join(format!("logs/decode-{i}.log"))).unwrap();
+        assert!(banner.contains(&format!("side_channel_ports=[{}]", side + 1000 + i)), "{banner}");
+    }
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("launch stops").unwrap();
+    assert!(status.success());
+    assert!(std::net::TcpListener::bind(("127.0.0.1", http + 1000)).is_ok(), "the servers are gone");
+}
