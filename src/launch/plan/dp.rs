@@ -15,6 +15,9 @@ pub(super) struct Slot {
     pub gpus: Vec<u32>,
     /// The replica's n-th node (0 = the DP master).
     pub part: usize,
+    /// The node of the replica's first process (its DP master, and the API server of an
+    /// internal-LB replica).
+    pub first_node: usize,
     pub rank_start: u32,
     /// Ranks this process runs (`--data-parallel-size-local`).
     pub ranks: u32,
@@ -42,7 +45,7 @@ impl Slot {
         Some(match (layout, self.headless) {
             (DpMode::External, _) => format!("DP rank {} of {dp}, external LB (own API server)", self.rank_start),
             (DpMode::Hybrid, _) => format!("DP {dp}, ranks {}-{last}, hybrid LB (API server for its ranks)", self.rank_start),
-            (DpMode::Internal, true) => format!("DP {dp}, ranks {}-{last}, headless (served by node {}'s API server)", self.rank_start, 0),
+            (DpMode::Internal, true) => format!("DP {dp}, ranks {}-{last}, headless (served by node {}'s API server)", self.rank_start, self.first_node),
             (DpMode::Internal, false) => format!("DP {dp}, ranks {}-{last}, internal LB (API server for all {dp} ranks)", self.rank_start),
         })
     }
@@ -51,6 +54,7 @@ impl Slot {
 /// The processes of one replica placed on `parts` (node, GPUs), in node order.
 pub(super) fn slots(layout: DpMode, dp: u32, parts: &[(usize, Vec<u32>)]) -> Vec<Slot> {
     let per_node = dp / parts.len() as u32;
+    let first_node = parts[0].0;
     let mut out = Vec::new();
     for (j, (node, gpus)) in parts.iter().enumerate() {
         let first = j as u32 * per_node;
@@ -58,11 +62,11 @@ pub(super) fn slots(layout: DpMode, dp: u32, parts: &[(usize, Vec<u32>)]) -> Vec
             let per_rank = gpus.len() / per_node as usize;
             for k in 0..per_node {
                 let g = gpus[k as usize * per_rank..(k as usize + 1) * per_rank].to_vec();
-                out.push(Slot { node: *node, gpus: g, part: j, rank_start: first + k, ranks: 1, headless: false, rank: Some(first + k) });
+                out.push(Slot { node: *node, gpus: g, part: j, first_node, rank_start: first + k, ranks: 1, headless: false, rank: Some(first + k) });
             }
         } else {
             let headless = layout == DpMode::Internal && j > 0;
-            out.push(Slot { node: *node, gpus: gpus.clone(), part: j, rank_start: first, ranks: per_node, headless, rank: None });
+            out.push(Slot { node: *node, gpus: gpus.clone(), part: j, first_node, rank_start: first, ranks: per_node, headless, rank: None });
         }
     }
     out
@@ -114,6 +118,7 @@ mod tests {
         // Internal: the first node serves all 8 ranks, the second is headless from rank 4.
         let s = slots(DpMode::Internal, 8, &parts);
         assert_eq!((s.len(), s[0].served_ranks(DpMode::Internal, 8), s[1].served_ranks(DpMode::Internal, 8)), (2, 8, 0));
+        assert!(s[1].describe(DpMode::Internal, 8).unwrap().ends_with("headless (served by node 2's API server)"));
         assert_eq!(names(&flags(DpMode::Internal, 8, 2, &s[1], "m", 7)), [
             "data_parallel_size=8", "data_parallel_size_local=4", "data_parallel_start_rank=4", "data_parallel_address=m", "data_parallel_rpc_port=7", "headless"]);
         assert!(!names(&flags(DpMode::Internal, 8, 2, &s[0], "m", 7)).iter().any(|f| f.contains("start_rank") || f == "headless"));
