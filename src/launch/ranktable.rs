@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args, Debug, Clone)]
@@ -169,8 +169,13 @@ async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow:
                 anyhow::anyhow!("no device list from {} after {}s", missing.join(", "), args.timeout)
             })??;
             let (read, write) = stream.into_split();
+            // One line of at most 1 MiB, by the deadline: a peer that sends nothing or
+            // without end holds nothing.
             let mut line = String::new();
-            BufReader::new(read).read_line(&mut line).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, BufReader::new(read.take(1 << 20)).read_line(&mut line))
+                .await
+                .context("a node connected but sent no device list in time")??;
             let got: NodeDevices = serde_json::from_str(&line).context("a node sent something that is not its device list")?;
             if got.node == 0 || got.node >= n {
                 bail!("a node sent node rank {}, not one of 1..{n}", got.node);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::config::SimArgs;
@@ -99,9 +99,12 @@ pub async fn lead(layout: Layout, joined: Arc<AtomicBool>) -> anyhow::Result<()>
             accepted = listener.accept() => {
                 let (stream, peer) = accepted?;
                 let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let Ok(Some(line)) = lines.next_line().await else { continue };
+                // Its one line, short and soon, or it is not a node of ours.
+                let mut first = BufReader::new(read.take(4096));
+                let mut line = String::new();
+                let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), first.read_line(&mut line)).await else { continue };
                 let Ok(j) = serde_json::from_str::<Join>(&line) else { continue };
+                let read = first.into_inner().into_inner();
                 let ranks = j.start..j.start.saturating_add(j.local).min(layout.size);
                 for r in ranks.clone() {
                     have[r as usize] = true;
@@ -111,7 +114,7 @@ pub async fn lead(layout: Layout, joined: Arc<AtomicBool>) -> anyhow::Result<()>
                 let gone = gone_tx.clone();
                 tokio::spawn(async move {
                     let _keep = write;
-                    while let Ok(Some(_)) = lines.next_line().await {}
+                    until_closed(read).await;
                     let _ = gone.send(format!("DP ranks {}-{} ({peer})", ranks.start, ranks.end.saturating_sub(1)));
                 });
                 if have.iter().all(|h| *h) {
@@ -137,9 +140,14 @@ pub async fn join(layout: Layout) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let line = serde_json::to_string(&Join { start: layout.own.0, local: layout.own.1 })? + "\n";
     write.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(_)) = lines.next_line().await {}
+    until_closed(read).await;
     anyhow::bail!("the DP master at {addr} went away; stopping, as vLLM's engines do")
+}
+
+/// Reads (and drops) until the peer closes the connection.
+async fn until_closed(mut read: tokio::net::tcp::OwnedReadHalf) {
+    let mut buf = [0u8; 256];
+    while matches!(read.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 #[cfg(test)]
