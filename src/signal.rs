@@ -7,23 +7,20 @@ use std::future::Future;
 /// and the first poll (a launcher that has just said it is ready) is not lost.
 pub fn shutdown() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt()).ok();
-    let mut term = signal(SignalKind::terminate()).ok();
-    async move {
-        let recv = |s: &mut Option<tokio::signal::unix::Signal>| {
-            let s = s.take();
-            async move {
-                match s {
-                    Some(mut s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
+    let int = signal(SignalKind::interrupt()).ok();
+    let term = signal(SignalKind::terminate()).ok();
+    let next = |s: Option<tokio::signal::unix::Signal>| async move {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
             }
-        };
+            None => std::future::pending::<()>().await,
+        }
+    };
+    async move {
         tokio::select! {
-            _ = recv(&mut int) => {}
-            _ = recv(&mut term) => {}
+            _ = next(int) => {}
+            _ = next(term) => {}
         }
     }
 }

@@ -327,8 +327,8 @@ impl InstanceBuilder<'_> {
             Some(NodeFile::Full { envs, params, .. }) => (Some(envs), Some(params)),
             _ => (None, None),
         };
-        let mut user = UserParams { params: spec.params.clone(), origin: BTreeMap::new(), extra: &spec.extra, extra_path: format!("{name}.params._extra_params") };
-        user.origin = spec.params.keys().map(|k| (k.clone(), format!("{name}.params"))).collect();
+        let origin = spec.params.keys().map(|k| (k.clone(), format!("{name}.params"))).collect();
+        let mut user = UserParams { params: spec.params.clone(), origin, extra: &spec.extra, extra_path: format!("{name}.params._extra_params") };
         for (k, v) in node_params.into_iter().flatten() {
             user.params.insert(k.clone(), v.clone());
             user.origin.insert(k.clone(), format!("nodes[{node}].params"));
