@@ -47,14 +47,9 @@ pub enum Command {
 }
 
 impl Cli {
-    /// The router's `--worker-threads`, for the runtime `main` builds before running it.
-    pub fn worker_threads(&self) -> Option<usize> {
-        match &self.command {
-            None => self.route.worker_threads,
-            Some(Command::Route(r)) => r.worker_threads,
-            Some(_) => None,
-        }
-        .map(usize::from)
+    /// Whether this runs the router (bare flags, as vllm-router's, or `route`).
+    pub fn is_route(&self) -> bool {
+        matches!(self.command, None | Some(Command::Route(_)))
     }
 }
 

@@ -5,10 +5,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = disagg::cli::Cli::parse_from(disagg::cli::normalize_flag_names(std::env::args_os()));
     disagg::cli::init_tracing(&cli.log_level);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.worker_threads() {
-        builder.worker_threads(n);
-    }
+    // The router serves on threads of its own (router/server.rs); this thread keeps its
+    // health checks, discovery and KV event intake.
+    let mut builder = if cli.is_route() { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

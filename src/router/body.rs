@@ -5,14 +5,11 @@
 //! all: a decode checks it against the KV it pulls). Keys are compared decoded, so
 //! `"kv\u005ftransfer_params"` is the field it spells, as it is to vLLM.
 
-use std::borrow::Cow;
-use std::fmt;
-use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use super::body_scan::{self, Field};
 
 use crate::api::{validation_error, ApiError, ErrorKind};
 
@@ -22,46 +19,10 @@ pub struct ClientBody {
     fields: Vec<Field>,
 }
 
-#[derive(Clone)]
-struct Field {
-    key: Box<str>,
-    value: Range<usize>,
-}
-
-/// Records each top-level key and the byte range of its value.
-struct TopLevel {
-    base: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for TopLevel {
-    type Value = Vec<Field>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<Field>, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TopLevel {
-    type Value = Vec<Field>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<Field>, A::Error> {
-        let mut fields = Vec::with_capacity(16);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let value: &'de RawValue = map.next_value()?;
-            let start = value.get().as_ptr() as usize - self.base;
-            fields.push(Field { key: key.into(), value: start..start + value.get().len() });
-        }
-        Ok(fields)
-    }
-}
-
 impl ClientBody {
     /// Scans a body that must be one JSON object; errors are vLLM's.
     pub fn parse(raw: Bytes) -> Result<ClientBody, ApiError> {
-        let mut de = serde_json::Deserializer::from_slice(&raw);
-        let scanned = TopLevel { base: raw.as_ptr() as usize }.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
-        match scanned {
+        match body_scan::scan(&raw) {
             Ok(fields) => Ok(ClientBody { raw, fields }),
             Err(e) => Err(not_an_object(&raw, &e)),
         }

@@ -20,9 +20,9 @@ pub struct RouteArgs {
     /// Port to listen on (0 picks a free one; the URL is printed on stdout).
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// Threads of the router's async runtime (default: one per core). Fewer threads wake
-    /// each other less: on a small host shared with engines, 1 cuts the added latency per
-    /// request (docs/PERFORMANCE.md).
+    /// Threads that serve requests (default: one per core). Each accepts connections and
+    /// runs their requests and legs start to end on its own runtime (docs/PERFORMANCE.md);
+    /// health checks and KV events run on one more thread.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 

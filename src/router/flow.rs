@@ -39,7 +39,6 @@ pub struct Router {
     pub needs_request_info: bool,
     pub admission: Admission,
     pub metrics: Arc<RouterMetrics>,
-    pub client: reqwest::Client,
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
     /// tokenizer and chat template to key prompts as the engine does.

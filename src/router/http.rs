@@ -98,7 +98,7 @@ async fn models(State(r): State<Arc<Router>>) -> Response {
     for w in workers.iter().filter(|w| w.is_healthy()) {
         tried += 1;
         let url = format!("{}/v1/models", w.url);
-        let mut req = r.client.get(&url).timeout(Duration::from_secs(5));
+        let mut req = super::legs::client().get(&url).timeout(Duration::from_secs(5));
         if let Some(auth) = &r.worker_auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }

@@ -51,8 +51,7 @@ pub fn is_text(body: &ClientBody) -> bool {
 pub async fn render(router: &Router, body: &ClientBody) -> Option<Vec<u32>> {
     let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
     let worker = router.topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
-    let mut req = router
-        .client
+    let mut req = super::legs::client()
         .post(format!("{}{path}", worker.url))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.raw().clone())

@@ -191,11 +191,27 @@ impl http_body::Body for LegBody {
     }
 }
 
-fn send(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> reqwest::RequestBuilder {
+thread_local! {
+    /// This thread's HTTP client: each serving thread drives its own upstream connections
+    /// (server.rs), so a leg never waits on another thread to be woken.
+    static CLIENT: reqwest::Client = new_client().expect("the HTTP client built at start-up builds again");
+}
+
+/// The HTTP client for workers, as every serving thread builds it.
+pub fn new_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(4096).build()
+}
+
+/// This thread's HTTP client for workers (a cheap handle on its connection pool).
+pub fn client() -> reqwest::Client {
+    CLIENT.with(reqwest::Client::clone)
+}
+
+fn send(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> reqwest::RequestBuilder {
     let pieces = req.body.chunks().to_vec();
     let left = pieces.iter().map(|p| p.len() as u64).sum();
     let body = reqwest::Body::wrap(LegBody { pieces: pieces.into_iter(), left, sent });
-    let mut b = client
+    let mut b = client()
         .post(format!("{}{}", lease.url(), req.path))
         .header(CONTENT_TYPE, "application/json")
         .header("x-request-id", req.request_id.clone())
@@ -256,9 +272,9 @@ pub struct Prefilled {
 }
 
 /// The prefill leg.
-pub async fn prefill(client: &reqwest::Client, lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegError> {
+pub async fn prefill(lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegError> {
     let run = async {
-        let resp = send(client, lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
+        let resp = send(lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
         if !resp.status().is_success() {
             return Err(error_status(resp, lease, req.timeout).await);
         }
@@ -302,12 +318,12 @@ pub enum StartedBody {
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
 /// whole JSON answer, or the SSE answer up to its first data event. Bounded by the leg's
 /// timeout. `sent` is told when the worker has the whole request.
-pub async fn answer(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    tokio::time::timeout(req.timeout, start(client, lease, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+pub async fn answer(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    tokio::time::timeout(req.timeout, start(lease, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 
-async fn start(client: &reqwest::Client, lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    let resp = send(client, lease, req, sent).send().await.map_err(|e| classify(e, req.timeout))?;
+async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    let resp = send(lease, req, sent).send().await.map_err(|e| classify(e, req.timeout))?;
     let status = resp.status();
     if !status.is_success() {
         return Err(error_status(resp, lease, req.timeout).await);

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod admission;
 pub mod body;
+mod body_scan;
 pub mod breaker;
 pub mod cli;
 pub mod config;
@@ -33,7 +34,6 @@ pub mod topology;
 pub mod workers;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::http::HeaderValue;
@@ -64,12 +64,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let pool = |role, urls: &[String], dp, kind| {
         Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware, cfg.kv_aware_load_weight), &cfg.breaker)
     };
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(4096)
-        .build()
-        .context("cannot build the HTTP client")?;
+    legs::new_client().context("cannot build the HTTP client")?;
     let topology = match cfg.mode {
         Mode::Disaggregated => Topology::Disaggregated {
             prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
@@ -88,7 +83,6 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         topology,
         admission: admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
         metrics: Arc::new(metrics::RouterMetrics::new()),
-        client,
         tokenizer,
         kv_index: kv_aware.then(Arc::default),
         model_tokenizer,
@@ -102,6 +96,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
 
 pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let cfg = args.to_config().map_err(anyhow::Error::msg)?;
+    let serving_threads = args.worker_threads.map(usize::from);
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener = TcpListener::bind((host.as_str(), cfg.port))
         .await
@@ -121,8 +116,13 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
         tokio::spawn(kv_intake::run(router.clone(), index));
         tokio::spawn(engine_load::run(router.clone()));
     }
-    let shown_host = crate::api::url_host(&host);
+    server::raise_fd_limit();
     let cfg = &router.cfg;
+    let drain = router.drain.clone();
+    let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), cfg.max_connections, drain.clone())
+        .context("cannot start the serving threads")?;
+    let shown_host = crate::api::url_host(&host);
     match cfg.mode {
         Mode::Disaggregated => println!(
             "disagg route listening on http://{shown_host}:{port} mode=pd connector={} prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}{}",
@@ -134,12 +134,9 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
             cfg.workers, cfg.decode_policy, cfg.decode_dp
         ),
     }
-    server::raise_fd_limit();
-    let drain = router.drain.clone();
-    let serving = tokio::spawn(server::serve(listener, http::app(router.clone()), cfg.timeouts.clone(), cfg.max_connections, drain.clone()));
     crate::signal::shutdown().await;
     drain.run(cfg.timeouts.shutdown).await;
-    serving.abort();
+    connections.closed(std::time::Duration::from_secs(2)).await;
     tracing::info!("stopped");
     Ok(())
 }

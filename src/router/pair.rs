@@ -214,7 +214,7 @@ async fn decode_alone(router: &Router, job: &Job, decode: Lease) -> Result<Answe
 /// it against.
 async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result<Answer, (Lease, LegError)> {
     let t = Instant::now();
-    match legs::answer(&router.client, &lease, req, None).await {
+    match legs::answer(&lease, req, None).await {
         Ok(started) => {
             lease.succeeded();
             router.metrics.leg_time("decode_first_byte", t);
@@ -263,7 +263,7 @@ async fn run_pair(
             Some(done) => done,
             None => {
                 let t = Instant::now();
-                let (result, client_gone) = decode_leg(&router, &lease, &req, job.stream, &mut tx).await;
+                let (result, client_gone) = decode_leg(&lease, &req, job.stream, &mut tx).await;
                 (result, client_gone, t)
             }
         };
@@ -411,8 +411,8 @@ async fn prefill_alongside_decode(
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url(), "pair");
         let t = Instant::now();
         let (prefilled, first) = {
-            let prefill = legs::prefill(&router.client, &lease, &preq);
-            let decoding = decode_leg(router, decode, &req, job.stream, tx);
+            let prefill = legs::prefill(&lease, &preq);
+            let decoding = decode_leg(decode, &req, job.stream, tx);
             tokio::pin!(prefill, decoding);
             let mut prefilled = None;
             let first = loop {
@@ -491,14 +491,13 @@ async fn prefill_attempt(router: &Router, job: &Job, avoid: &[String], fallback:
 /// its end, until DECODE_GRACE after the whole request reached the decode (`None`: vLLM
 /// 0.32 also frees the prefill's KV when a request is cancelled before its engine has it).
 async fn decode_leg(
-    router: &Router,
     lease: &Lease,
     req: &LegRequest,
     stream: bool,
     tx: &mut oneshot::Sender<PairOutcome>,
 ) -> (Option<Result<Started, LegError>>, bool) {
     let sent = Arc::new(Sent::default());
-    let leg = legs::answer(&router.client, lease, req, Some(sent.clone()));
+    let leg = legs::answer(lease, req, Some(sent.clone()));
     tokio::pin!(leg);
     tokio::select! {
         biased;
@@ -536,7 +535,7 @@ async fn prefill_leg(
         let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
         let t = Instant::now();
-        match legs::prefill(&router.client, &lease, &req).await {
+        match legs::prefill(&lease, &req).await {
             Ok(answer) => {
                 lease.succeeded();
                 router.metrics.leg_time("prefill", t);

@@ -128,13 +128,64 @@ async fn idle_for(activity: &Activity, limit: Duration) {
     }
 }
 
-/// Serves `app` on `listener` until the drain is cut.
-pub async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, max_connections: usize, drain: Arc<Drain>) {
+/// Serves `app` on `threads` threads, each with a runtime of its own accepting from
+/// `listener`: a connection, its requests and their legs' upstream connections (each
+/// thread has its own client, legs.rs) all run on the thread that accepted it, so no
+/// network event has to wake another thread. At most `max_connections` connections over
+/// all threads. Accepting stops at the drain's cut.
+pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, max_connections: usize, drain: Arc<Drain>) -> std::io::Result<Connections> {
+    let max_connections = max_connections.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let (started, up) = std::sync::mpsc::channel();
+    for i in 0..threads {
+        let listener = listener.try_clone()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (app, timeouts, slots, drain, started) = (app.clone(), timeouts.clone(), slots.clone(), drain.clone(), started.clone());
+        std::thread::Builder::new().name(format!("disagg-serve-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let _ = started.send(Ok(()));
+                        serve(listener, app, timeouts, slots, drain).await;
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                }
+                // The connections still open keep their thread: a stream cut by the drain
+                // still gets its error event, until the process exits.
+                std::future::pending::<()>().await
+            })
+        })?;
+    }
+    // Every thread is serving (or one could not) before the router says it listens.
+    for _ in 0..threads {
+        up.recv().map_err(|_| std::io::Error::other("a serving thread ended at its start"))??;
+    }
+    Ok(Connections { slots, max: max_connections as u32 })
+}
+
+/// The connections of every serving thread: each holds a slot until it closes.
+pub struct Connections {
+    slots: Arc<Semaphore>,
+    max: u32,
+}
+
+impl Connections {
+    /// Waits until every connection has closed (after the drain's cut each closes once its
+    /// last answer, the error event of a cut stream included, is written), or `limit` passed.
+    pub async fn closed(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.slots.acquire_many(self.max)).await;
+    }
+}
+
+/// Serves `app` on `listener` until the drain is cut, taking a slot of `slots` per connection.
+async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, slots: Arc<Semaphore>, drain: Arc<Drain>) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.keep_alive + timeouts.header_read);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
     let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(max_connections));
     let mut phase = drain.subscribe();
     loop {
         let slot = tokio::select! {
@@ -186,8 +237,9 @@ pub async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts,
                         conn.as_mut().graceful_shutdown();
                     }
                     // Connections open before the drain close when idle; newer ones get
-                    // `Connection: close` on their answer (so /health can say 503).
-                    _ = phase.wait_for(|p| *p >= Phase::Draining), if !closing && existed_before_drain => {
+                    // `Connection: close` on their answer (so /health can say 503); at the
+                    // cut, every one closes once its answer is out.
+                    _ = phase.wait_for(|p| *p == Phase::Cut || (*p >= Phase::Draining && existed_before_drain)), if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }

@@ -296,25 +296,36 @@ async fn authorization_and_api_key_reach_the_workers() {
     assert_eq!(post(&format!("{}/v1/completions", keyed.url), &body).await.0, 200);
 }
 
-/// `--worker-threads N` sizes the router's runtime: N threads named as tokio names its
-/// workers, in the bare-flags form and under `route`.
+/// `--worker-threads N` starts N serving threads (and no runtime worker pool besides), in
+/// the bare-flags form and under `route`; each serves requests.
 #[tokio::test]
-async fn worker_threads_sizes_the_runtime() {
+async fn worker_threads_sets_the_serving_threads() {
     let p = Proc::sim(&["--role", "prefill"]).await;
     let d = Proc::sim(&["--role", "decode"]).await;
-    let workers = |pid: u32| {
+    let threads = |pid: u32, prefix: &str| {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .filter_map(Result::ok)
-            .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("tokio-rt-worker"))
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with(prefix))
             .count()
     };
     for n in ["1", "3"] {
         let r = router(&["--worker-threads", n, "--prefill", &p.url, "--decode", &d.url]).await;
-        let (status, v) = post(&format!("{}/v1/completions", r.url), &json!({"prompt": "threads", "max_tokens": 2})).await;
-        assert_eq!(status, 200, "{v}");
-        assert_eq!(workers(r.pid().unwrap()).to_string(), n);
+        // More connections at once than threads.
+        let url = format!("{}/v1/completions", r.url);
+        let answers = futures_util::future::join_all((0..8).map(|i| {
+            let url = url.clone();
+            async move {
+                let client = reqwest::Client::new();
+                client.post(&url).json(&json!({"prompt": format!("threads {i}"), "max_tokens": 2})).send().await.map(|r| r.status().as_u16())
+            }
+        }))
+        .await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(200))), "{answers:?}");
+        let pid = r.pid().unwrap();
+        assert_eq!(threads(pid, "disagg-serve-").to_string(), n);
+        assert_eq!(threads(pid, "tokio-rt-worker"), 0, "the control plane runs on the main thread");
     }
     let r = Proc::start(&["--worker-threads", "1", "--prefill", &p.url, "--decode", &d.url, "--port", "0"]).await;
-    assert_eq!(workers(r.pid().unwrap()), 1, "bare flags, as vllm-router's command lines");
+    assert_eq!(threads(r.pid().unwrap(), "disagg-serve-"), 1, "bare flags, as vllm-router's command lines");
 }
