@@ -36,12 +36,12 @@ struct Proc {
 /// `disagg` with these arguments; its URL from the banner.
 async fn start(args: &[&str]) -> Proc {
     let mut cmd = Command::new(BIN);
-    // DISAGG_BENCH_ROUTER_THREADS=N: the router's runtime with N worker threads (tokio's
-    // TOKIO_WORKER_THREADS), to weigh wake-ups against parallelism.
-    if let (Some("route"), Ok(n)) = (args.first().copied(), std::env::var("DISAGG_BENCH_ROUTER_THREADS")) {
-        cmd.env("TOKIO_WORKER_THREADS", n);
+    // DISAGG_BENCH_ROUTER_THREADS=N: the router with N serving threads (--worker-threads).
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if let (Some("route"), Ok(n)) = (args.first().map(String::as_str), std::env::var("DISAGG_BENCH_ROUTER_THREADS")) {
+        args.extend(["--worker-threads".to_string(), n]);
     }
-    let mut child = cmd.args(args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawn disagg");
+    let mut child = cmd.args(&args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawn disagg");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let banner = lines.next_line().await.unwrap().expect("banner");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

@@ -2,7 +2,7 @@
 //! digits, and serde_json validates it number by number (the router's top CPU cost in
 //! docs/PERFORMANCE.md's profile). Here a top-level object whose keys have no escapes,
 //! and whose array values are token ids written as JSON writers write them (`[1,2,3]` or
-//! Python's `[1, 2, 3]`), is checked 16 bytes at a time; other values go to serde_json one
+//! Python's `[1, 2, 3]`), is checked 64 bytes at a time; other values go to serde_json one
 //! by one. Anything else (nested arrays or objects, escaped keys, any error) answers None
 //! and body.rs scans the whole body with serde_json, so this never accepts what serde_json
 //! would refuse: every byte of an accepted token array is checked against JSON's grammar.
@@ -117,79 +117,86 @@ fn scalar(raw: &[u8], at: usize) -> Option<usize> {
     Some(value.get().as_ptr() as usize - raw.as_ptr() as usize + value.get().len())
 }
 
-/// The end of the array at `open` if it is non-negative integers separated by `,` or `, `.
+/// The end of the array at `open` if it is non-negative integers separated by `,` or `, `,
+/// checked 64 bytes at a time: up to the first `]` only digits, commas and spaces, with no
+/// `,,`, `  `, `<digit> `, ` ,`, nor a `0` that starts a number and is followed by a digit;
+/// the first and last bytes digits (or nothing: `[]`).
 fn token_ids(raw: &[u8], open: usize) -> Option<usize> {
-    let rest = &raw[open + 1..];
-    let close = memchr::memchr(b']', rest)?;
-    let inner = &rest[..close];
-    if inner.is_empty() || (inner[0].is_ascii_digit() && inner[close - 1].is_ascii_digit() && integers(inner)) {
-        Some(open + close + 2)
-    } else {
-        None
-    }
-}
-
-/// Whether `inner` (first and last bytes digits) is integers without leading zeros, each
-/// pair separated by `,` or `, `: in every 16 bytes, only digits, commas and spaces, and
-/// no `,,`, `  `, `<digit> `, ` ,`, nor a `0` that starts a number and is followed by a digit.
-fn integers(inner: &[u8]) -> bool {
-    // Classes of the previous two bytes, carried over chunk boundaries (bit 15 and 14).
-    let (mut prev, mut bad) = (Masks::default(), 0u16);
-    for chunk in inner.chunks(16) {
-        let (m, valid) = if chunk.len() == 16 {
-            (Masks::of(chunk.try_into().expect("16 bytes")), u16::MAX)
-        } else {
-            let mut padded = [b'0'; 16];
-            padded[..chunk.len()].copy_from_slice(chunk);
-            (Masks::of(&padded), (1u16 << chunk.len()) - 1)
+    let inner = &raw[open + 1..];
+    // The previous block's classes: bits 63 and 62 are the two bytes before this block.
+    let (mut prev, mut bad) = (Masks::default(), 0u64);
+    for (n, block) in inner.chunks(64).enumerate() {
+        let m = match block.try_into() {
+            Ok(full) => Masks::of(full),
+            Err(_) => {
+                let mut padded = [b']'; 64];
+                padded[..block.len()].copy_from_slice(block);
+                Masks::of(&padded)
+            }
         };
-        let before = |now: u16, then: u16| (now << 1) | (then >> 15);
+        let other = !(m.digit | m.comma | m.space);
+        let before = |now: u64, then: u64| (now << 1) | (then >> 63);
         let (d1, c1, s1, z1) = (before(m.digit, prev.digit), before(m.comma, prev.comma), before(m.space, prev.space), before(m.zero, prev.zero));
-        let d2 = (m.digit << 2) | (prev.digit >> 14);
-        bad |= valid
-            & (!(m.digit | m.comma | m.space)
-                | (m.comma & (c1 | s1))
-                | (m.space & (s1 | d1))
-                // byte i a digit after a `0` that is not after a digit: a leading zero
-                | (m.digit & z1 & !d2));
+        let d2 = (m.digit << 2) | (prev.digit >> 62);
+        let wrong = (m.comma & (c1 | s1))
+            | (m.space & (s1 | d1))
+            // byte i a digit after a `0` that is not after a digit: a leading zero
+            | (m.digit & z1 & !d2);
+        if other != 0 {
+            // The first byte of another class must be the closing bracket.
+            let at = other.trailing_zeros() as usize;
+            let close = n * 64 + at;
+            bad |= wrong & ((1u64 << at) - 1);
+            let edges = close == 0 || (inner[0].is_ascii_digit() && inner[close - 1].is_ascii_digit());
+            return (bad == 0 && inner.get(close) == Some(&b']') && edges).then_some(open + close + 2);
+        }
+        bad |= wrong;
         prev = m;
     }
-    bad == 0
+    None
 }
 
-/// One bit per byte of 16: digits, commas, spaces, and `0`s.
+/// One bit per byte of 64: digits, commas, spaces, and `0`s.
 #[derive(Default, Clone, Copy, Debug, PartialEq)]
 struct Masks {
-    digit: u16,
-    comma: u16,
-    space: u16,
-    zero: u16,
+    digit: u64,
+    comma: u64,
+    space: u64,
+    zero: u64,
 }
 
 impl Masks {
     #[cfg(target_arch = "x86_64")]
-    fn of(chunk: &[u8; 16]) -> Masks {
+    fn of(block: &[u8; 64]) -> Masks {
         use std::arch::x86_64::*;
-        // SAFETY: SSE2 is part of every x86_64 CPU; the load reads exactly the 16 bytes of
-        // `chunk`, unaligned.
-        unsafe {
-            let v = _mm_loadu_si128(chunk.as_ptr().cast());
-            let nine = _mm_set1_epi8(9);
-            let offset = _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8));
-            let digit = _mm_cmpeq_epi8(_mm_max_epu8(offset, nine), nine);
-            let eq = |b: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8))) as u16;
-            Masks { digit: _mm_movemask_epi8(digit) as u16, comma: eq(b','), space: eq(b' '), zero: eq(b'0') }
+        let mut m = Masks::default();
+        for (i, chunk) in block.chunks_exact(16).enumerate() {
+            // SAFETY: SSE2 is part of every x86_64 CPU; the load reads exactly the 16 bytes
+            // of `chunk`, unaligned.
+            let [digit, comma, space, zero] = unsafe {
+                let v = _mm_loadu_si128(chunk.as_ptr().cast());
+                let nine = _mm_set1_epi8(9);
+                let offset = _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8));
+                let eq = |b: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8)));
+                [_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8(offset, nine), nine)), eq(b','), eq(b' '), eq(b'0')]
+            };
+            let shift = 16 * i;
+            m.digit |= (digit as u16 as u64) << shift;
+            m.comma |= (comma as u16 as u64) << shift;
+            m.space |= (space as u16 as u64) << shift;
+            m.zero |= (zero as u16 as u64) << shift;
         }
+        m
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn of(chunk: &[u8; 16]) -> Masks {
-        Masks::scalar(chunk)
+    fn of(block: &[u8; 64]) -> Masks {
+        Masks::scalar(block)
     }
 
     #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-    fn scalar(chunk: &[u8; 16]) -> Masks {
-        let bits = |f: &dyn Fn(u8) -> bool| chunk.iter().enumerate().fold(0u16, |m, (i, &b)| m | (u16::from(f(b)) << i));
+    fn scalar(block: &[u8; 64]) -> Masks {
+        let bits = |f: &dyn Fn(u8) -> bool| block.iter().enumerate().fold(0u64, |m, (i, &b)| m | (u64::from(f(b)) << i));
         Masks { digit: bits(&|b| b.is_ascii_digit()), comma: bits(&|b| b == b','), space: bits(&|b| b == b' '), zero: bits(&|b| b == b'0') }
     }
 }
@@ -246,8 +253,28 @@ mod tests {
         }
 
         #[test]
-        fn simd_masks_match_the_scalar_ones(bytes in prop::array::uniform16(prop_oneof![Just(b'0'), Just(b'9'), Just(b','), Just(b' '), Just(b'/'), Just(b':'), any::<u8>()])) {
-            prop_assert_eq!(Masks::of(&bytes), Masks::scalar(&bytes));
+        fn simd_masks_match_the_scalar_ones(bytes in prop::collection::vec(prop_oneof![Just(b'0'), Just(b'9'), Just(b','), Just(b' '), Just(b'/'), Just(b':'), any::<u8>()], 64)) {
+            let block: [u8; 64] = bytes.try_into().unwrap();
+            prop_assert_eq!(Masks::of(&block), Masks::scalar(&block));
+        }
+    }
+
+    /// A defect at every byte offset, across the 64-byte blocks' edges, is found.
+    #[test]
+    fn defects_across_block_edges_are_found() {
+        for pad in 0..140 {
+            let lead = "7".repeat(pad % 9 + 1);
+            let fill: String = std::iter::repeat_n("5,", pad / 2).collect();
+            let ok = format!("{{\"prompt\":[{fill}{lead},0, 10]}}");
+            assert!(top_level(ok.as_bytes()).is_some(), "{ok}");
+            // Not JSON, and JSON in another shape (left to serde_json).
+            for (defect, json) in [(",,", false), (" ", false), (" ,", true), (",  ", true)] {
+                let other = format!("{{\"prompt\":[{fill}{lead}{defect}0, 10]}}");
+                assert_eq!(top_level(other.as_bytes()), None, "{other}");
+                assert_eq!(with_serde(other.as_bytes()).is_ok(), json, "{other}");
+            }
+            let zero = format!("{{\"prompt\":[{fill}{lead},01, 10]}}");
+            assert_eq!(top_level(zero.as_bytes()), None, "{zero}");
         }
     }
 
