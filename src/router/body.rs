@@ -28,6 +28,19 @@ impl ClientBody {
         }
     }
 
+    /// `parse`, with a body over 1 MiB scanned on the blocking pool: a serving thread runs
+    /// many connections and does not hand them to another thread while it is busy
+    /// (server.rs), so a large body (up to --max-payload-size) must not hold them up.
+    pub async fn parse_without_blocking(raw: Bytes) -> Result<ClientBody, ApiError> {
+        const INLINE_UP_TO: usize = 1 << 20;
+        if raw.len() <= INLINE_UP_TO {
+            return ClientBody::parse(raw);
+        }
+        tokio::task::spawn_blocking(move || ClientBody::parse(raw))
+            .await
+            .unwrap_or_else(|e| Err(ApiError::new(ErrorKind::Internal, format!("the request body's scan failed: {e}"))))
+    }
+
     pub fn raw(&self) -> &Bytes {
         &self.raw
     }

@@ -116,7 +116,7 @@ async fn serve(
     let active = router.drain.active();
     require_json(headers).map_err(Failure::bad_request)?;
     let raw = read_body(router, headers, body).await?;
-    let body = ClientBody::parse(raw).map_err(Failure::bad_request)?;
+    let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
     let shape = request::check(ep.api(), &body).map_err(Failure::bad_request)?;
     let generations = shape.generations();
     if generations > router.cfg.max_pairs {

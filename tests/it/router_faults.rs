@@ -416,6 +416,34 @@ async fn oversized_body_is_413() {
     assert_idle(&r.url).await;
 }
 
+/// A body over a MiB is scanned off the serving thread: answered as a small one is, a
+/// valid one served (its other fields reach the worker), a malformed one refused with the
+/// same error as its small twin, before any leg.
+#[tokio::test]
+async fn large_bodies_are_answered_as_small_ones() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    let url = format!("{}/v1/completions", r.url);
+    let padding = "x".repeat(3 << 20);
+    let (status, v) = post(&url, &json!({"prompt": "large", "max_tokens": 2, "padding": padding})).await;
+    assert_eq!(status, 200, "{v}");
+    let send = |raw: String| {
+        let url = url.clone();
+        async move {
+            let resp = reqwest::Client::new().post(&url).header("content-type", "application/json").body(raw).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (small_status, small) = send(r#"{"prompt": "p", "padding": "x",}"#.to_string()).await;
+    let (large_status, large) = send(format!(r#"{{"prompt": "p", "padding": "{padding}",}}"#)).await;
+    assert_eq!((small_status, large_status), (400, 400), "{small} / {large}");
+    assert_eq!(small["error"]["type"], large["error"]["type"]);
+    assert!(large["error"]["message"].as_str().unwrap().contains("JSON"), "{large}");
+    assert_eq!(served(&p.url).await, 1.0, "only the valid request reached a worker");
+    assert_idle(&r.url).await;
+}
+
 #[tokio::test]
 async fn health_follows_workers_and_serving_starts_with_one_of_each() {
     let dport = free_port();
