@@ -2,7 +2,7 @@
 //! digits, and serde_json validates it number by number (the router's top CPU cost in
 //! docs/PERFORMANCE.md's profile). Here a top-level object whose keys have no escapes,
 //! and whose array values are token ids written as JSON writers write them (`[1,2,3]` or
-//! Python's `[1, 2, 3]`), is checked 64 bytes at a time; other values go to serde_json one
+//! Python's `[1, 2, 3]`), is checked 64 bytes at a time (AVX2 where the CPU has it, else SSE2); other values go to serde_json one
 //! by one. Anything else (nested arrays or objects, escaped keys, any error) answers None
 //! and body.rs scans the whole body with serde_json, so this never accepts what serde_json
 //! would refuse: every byte of an accepted token array is checked against JSON's grammar.
@@ -122,16 +122,34 @@ fn scalar(raw: &[u8], at: usize) -> Option<usize> {
 /// `,,`, `  `, `<digit> `, ` ,`, nor a `0` that starts a number and is followed by a digit;
 /// the first and last bytes digits (or nothing: `[]`).
 fn token_ids(raw: &[u8], open: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: this CPU has AVX2 (checked just above).
+        return unsafe { token_ids_avx2(raw, open) };
+    }
+    check_token_ids(raw, open, Masks::of)
+}
+
+/// `token_ids` compiled for AVX2, its masks 32 bytes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn token_ids_avx2(raw: &[u8], open: usize) -> Option<usize> {
+    // SAFETY: the caller checked that this CPU has AVX2.
+    check_token_ids(raw, open, |block| unsafe { Masks::avx2(block) })
+}
+
+#[inline(always)]
+fn check_token_ids(raw: &[u8], open: usize, masks_of: impl Fn(&[u8; 64]) -> Masks) -> Option<usize> {
     let inner = &raw[open + 1..];
     // The previous block's classes: bits 63 and 62 are the two bytes before this block.
     let (mut prev, mut bad) = (Masks::default(), 0u64);
     for (n, block) in inner.chunks(64).enumerate() {
         let m = match block.try_into() {
-            Ok(full) => Masks::of(full),
+            Ok(full) => masks_of(full),
             Err(_) => {
                 let mut padded = [b']'; 64];
                 padded[..block.len()].copy_from_slice(block);
-                Masks::of(&padded)
+                masks_of(&padded)
             }
         };
         let other = !(m.digit | m.comma | m.space);
@@ -185,6 +203,32 @@ impl Masks {
             m.comma |= (comma as u16 as u64) << shift;
             m.space |= (space as u16 as u64) << shift;
             m.zero |= (zero as u16 as u64) << shift;
+        }
+        m
+    }
+
+    /// As `of`, 32 bytes at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn avx2(block: &[u8; 64]) -> Masks {
+        use std::arch::x86_64::*;
+        let mut m = Masks::default();
+        for (i, chunk) in block.chunks_exact(32).enumerate() {
+            // SAFETY: the caller checked for AVX2; the load reads exactly the 32 bytes of
+            // `chunk`, unaligned.
+            let [digit, comma, space, zero] = unsafe {
+                let v = _mm256_loadu_si256(chunk.as_ptr().cast());
+                let nine = _mm256_set1_epi8(9);
+                let offset = _mm256_sub_epi8(v, _mm256_set1_epi8(b'0' as i8));
+                let eq = |b: u8| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b as i8)));
+                [_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(offset, nine), nine)), eq(b','), eq(b' '), eq(b'0')]
+            };
+            let shift = 32 * i;
+            m.digit |= (digit as u32 as u64) << shift;
+            m.comma |= (comma as u32 as u64) << shift;
+            m.space |= (space as u32 as u64) << shift;
+            m.zero |= (zero as u32 as u64) << shift;
         }
         m
     }
@@ -256,6 +300,11 @@ mod tests {
         fn simd_masks_match_the_scalar_ones(bytes in prop::collection::vec(prop_oneof![Just(b'0'), Just(b'9'), Just(b','), Just(b' '), Just(b'/'), Just(b':'), any::<u8>()], 64)) {
             let block: [u8; 64] = bytes.try_into().unwrap();
             prop_assert_eq!(Masks::of(&block), Masks::scalar(&block));
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 checked just above.
+                prop_assert_eq!(unsafe { Masks::avx2(&block) }, Masks::scalar(&block));
+            }
         }
     }
 
