@@ -116,17 +116,32 @@ fn body(case: Case, i: u64) -> Value {
     json!({"model": "sim-model", "prompt": prompt, "max_tokens": 8, "ignore_eos": true, "stream": case.stream})
 }
 
-async fn drain(resp: reqwest::Result<reqwest::Response>) -> bool {
-    match resp {
-        Ok(mut r) if r.status().is_success() => {
-            while let Ok(Some(_)) = r.chunk().await {}
-            true
+/// Reads the whole answer; why it failed otherwise.
+async fn drain(resp: reqwest::Result<reqwest::Response>) -> Result<(), String> {
+    let show = |e: &dyn std::error::Error| {
+        let mut s = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            s += &format!(": {c}");
+            cause = c.source();
         }
-        _ => false,
+        s
+    };
+    let mut r = resp.map_err(|e| show(&e))?;
+    if !r.status().is_success() {
+        let status = r.status();
+        return Err(format!("{status}: {}", r.text().await.unwrap_or_default().chars().take(300).collect::<String>()));
+    }
+    loop {
+        match r.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(show(&e)),
+        }
     }
 }
 
-async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> bool {
+async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> Result<(), String> {
     let b = body(case, i);
     match mode {
         Mode::Disagg => drain(t.client.post(&t.disagg).json(&b).send().await).await,
@@ -137,8 +152,8 @@ async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> bool {
                 "remote_block_ids": null, "remote_host": null, "remote_port": null});
             p["max_tokens"] = json!(1);
             p["stream"] = json!(false);
-            let Ok(resp) = t.client.post(&t.prefill).header("x-request-id", i.to_string()).json(&p).send().await else { return false };
-            let Ok(v) = resp.json::<Value>().await else { return false };
+            let resp = t.client.post(&t.prefill).header("x-request-id", i.to_string()).json(&p).send().await.map_err(|e| e.to_string())?;
+            let v = resp.json::<Value>().await.map_err(|e| e.to_string())?;
             let mut d = b;
             d["kv_transfer_params"] = v["kv_transfer_params"].clone();
             drain(t.client.post(&t.decode).header("x-request-id", i.to_string()).json(&d).send().await).await
@@ -177,10 +192,14 @@ async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
                 while !stop.load(Ordering::Relaxed) {
                     let i = counter.fetch_add(1, Ordering::Relaxed);
                     let t0 = Instant::now();
-                    if one(&t, mode, case, i).await {
-                        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-                    } else {
-                        failures.fetch_add(1, Ordering::Relaxed);
+                    match one(&t, mode, case, i).await {
+                        Ok(()) => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
+                        Err(why) => {
+                            // The first few, to say what failed.
+                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("    {mode:?} failed: {why}");
+                            }
+                        }
                     }
                 }
                 lat

@@ -2,10 +2,11 @@
 //! digits, and serde_json validates it number by number (the router's top CPU cost in
 //! docs/PERFORMANCE.md's profile). Here a top-level object whose keys have no escapes,
 //! and whose array values are token ids written as JSON writers write them (`[1,2,3]` or
-//! Python's `[1, 2, 3]`), is checked 64 bytes at a time (AVX2 where the CPU has it, else SSE2); other values go to serde_json one
-//! by one. Anything else (nested arrays or objects, escaped keys, any error) answers None
-//! and body.rs scans the whole body with serde_json, so this never accepts what serde_json
-//! would refuse: every byte of an accepted token array is checked against JSON's grammar.
+//! Python's `[1, 2, 3]`), is checked 64 bytes at a time (AVX2 where the CPU has it, else
+//! SSE2); other values go to serde_json one by one. Anything else (nested arrays or
+//! objects, escaped keys, any error) answers None and body.rs scans the whole body with
+//! serde_json, so this never accepts what serde_json would refuse: every byte of an
+//! accepted token array is checked against JSON's grammar.
 
 use std::borrow::Cow;
 use std::fmt;

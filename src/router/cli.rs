@@ -159,8 +159,10 @@ pub struct RouteArgs {
     #[arg(long, default_value_t = 10.0, value_parser = positive_secs, help_heading = "Timeouts")]
     pub header_read_timeout_secs: f64,
     /// A client connection with nothing in flight and nothing received for this long is
-    /// closed (vLLM's own server uses 5 s).
-    #[arg(long, default_value_t = 5.0, value_parser = positive_secs, help_heading = "Timeouts")]
+    /// closed. Longer than clients keep idle connections (httpx and the OpenAI SDK 5 s,
+    /// aiohttp 15 s), so they close first: a request sent on a connection the router is
+    /// closing at that instant would be lost (vLLM's own 5 s has that race; nginx uses 75).
+    #[arg(long, default_value_t = 75.0, value_parser = positive_secs, help_heading = "Timeouts")]
     pub keep_alive_timeout_secs: f64,
     /// A request body must arrive whole within this long (408 otherwise). It is read
     /// before the request takes an admission permit, so slow bodies hold none.

@@ -18,7 +18,7 @@ const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(router: Arc<Router>) {
     let cfg = router.cfg.health.clone();
-    let client = match reqwest::Client::builder().timeout(cfg.timeout).build() {
+    let client = match reqwest::Client::builder().timeout(cfg.timeout).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the health-check client: {e}");

@@ -29,7 +29,7 @@ const QUIET: Duration = Duration::from_secs(1);
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("an HTTP client builds");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build().expect("an HTTP client builds");
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     loop {

@@ -197,9 +197,15 @@ thread_local! {
     static CLIENT: reqwest::Client = new_client().expect("the HTTP client built at start-up builds again");
 }
 
+/// How long a connection to a worker may sit idle and still be reused: under vLLM's own
+/// keep-alive (it closes idle connections after 5 s, VLLM_HTTP_TIMEOUT_KEEP_ALIVE), so the
+/// router never sends on a connection the engine is closing at that instant (the request
+/// would be lost, and counted against a healthy worker).
+pub const WORKER_CONNECTION_IDLE: Duration = Duration::from_secs(4);
+
 /// The HTTP client for workers, as every serving thread builds it.
 pub fn new_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(4096).build()
+    reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(WORKER_CONNECTION_IDLE).pool_max_idle_per_host(4096).build()
 }
 
 /// This thread's HTTP client for workers (a cheap handle on its connection pool).

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub path: String,
+    /// The router's end of the connection the request came on.
+    pub peer: std::net::SocketAddr,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -41,6 +43,7 @@ impl Capture {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let app = axum::Router::new().fallback(handle).with_state(self.clone());
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         (url, self)
     }
@@ -63,7 +66,7 @@ impl Capture {
     }
 }
 
-async fn handle(State(c): State<Capture>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(State(c): State<Capture>, ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_string();
     if c.down.load(std::sync::atomic::Ordering::SeqCst) {
         return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -74,7 +77,7 @@ async fn handle(State(c): State<Capture>, uri: Uri, headers: HeaderMap, body: By
         }
         return ().into_response();
     }
-    c.seen.lock().unwrap().push(Seen { path: path.clone(), headers, body: body.clone() });
+    c.seen.lock().unwrap().push(Seen { path: path.clone(), peer, headers, body: body.clone() });
     if path == "/v1/models" {
         return axum::Json(json!({"object": "list", "data": [{"id": "capture", "object": "model"}]})).into_response();
     }

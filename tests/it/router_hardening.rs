@@ -446,3 +446,46 @@ async fn a_non_streamed_decode_stops_when_its_client_leaves() {
     assert_eq!(metric(&metrics(&p.url).await, "disagg_sim_kv_blocks_held", &[]), 0.0);
     assert_idle(&r.url).await;
 }
+
+/// A connection to a worker idle for 4 s is not reused: vLLM closes idle connections
+/// after 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a leg sent on one it is closing at that
+/// instant is lost. Back-to-back legs do reuse theirs.
+#[tokio::test]
+async fn worker_connections_idle_past_4_s_are_not_reused() {
+    let (p_url, _p) = Capture::default().start().await;
+    let (d_url, d) = Capture::default().start().await;
+    let r = router(&["--prefill", &p_url, "--decode", &d_url]).await;
+    // One client connection: its requests are served by one serving thread, one pool.
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/completions", r.url);
+    let send = || async {
+        let resp = client.post(&url).json(&json!({"prompt": "idle", "max_tokens": 2})).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    };
+    send().await;
+    send().await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    send().await;
+    let peers: Vec<_> = d.requests("/v1/completions").iter().map(|s| s.peer).collect();
+    assert_eq!(peers.len(), 3);
+    assert_eq!(peers[0], peers[1], "back-to-back legs reuse their connection");
+    assert_ne!(peers[1], peers[2], "a connection idle for 4.5 s is not reused");
+}
+
+/// By default an idle client connection outlives the 5 s that clients such as httpx (the
+/// OpenAI SDK's) keep theirs, so the client closes first and never sends on a connection
+/// the router is closing.
+#[tokio::test]
+async fn idle_client_connections_outlast_the_clients_keep_alive() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    let mut sock = TcpStream::connect(r.url.trim_start_matches("http://")).await.unwrap();
+    for pause in [0, 6] {
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        sock.write_all(b"GET /health HTTP/1.1\r\nHost: router\r\n\r\n").await.unwrap();
+        let (answer, closed) = read_until_closed(&mut sock, Duration::from_millis(500)).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && !closed, "after {pause} s idle: {answer:?} closed={closed}");
+    }
+}
