@@ -175,6 +175,29 @@ fn check_token_ids(raw: &[u8], open: usize, masks_of: impl Fn(&[u8; 64]) -> Mask
     None
 }
 
+/// A 64-byte block's masks with one x86 SIMD width: `$width` bytes per lane, each byte a
+/// digit when `byte - '0'` (wrapping) is at most 9, unsigned.
+#[cfg(target_arch = "x86_64")]
+macro_rules! lane_masks {
+    ($block:expr, $width:literal, $bits:ty, $load:ident, $set1:ident, $sub:ident, $max:ident, $cmpeq:ident, $movemask:ident) => {{
+        use std::arch::x86_64::*;
+        let mut m = Masks::default();
+        for (i, chunk) in $block.chunks_exact($width).enumerate() {
+            // SAFETY: the CPU has these instructions (said where this is used); the load
+            // reads exactly the `$width` bytes of `chunk`, unaligned.
+            let lanes = unsafe {
+                let v = $load(chunk.as_ptr().cast());
+                let nine = $set1(9);
+                let offset = $sub(v, $set1(b'0' as i8));
+                let eq = |b: u8| $movemask($cmpeq(v, $set1(b as i8)));
+                [$movemask($cmpeq($max(offset, nine), nine)), eq(b','), eq(b' '), eq(b'0')]
+            };
+            m.put($width * i, lanes.map(|bits| u64::from(bits as $bits)));
+        }
+        m
+    }};
+}
+
 /// One bit per byte of 64: digits, commas, spaces, and `0`s.
 #[derive(Default, Clone, Copy, Debug, PartialEq)]
 struct Masks {
@@ -187,25 +210,8 @@ struct Masks {
 impl Masks {
     #[cfg(target_arch = "x86_64")]
     fn of(block: &[u8; 64]) -> Masks {
-        use std::arch::x86_64::*;
-        let mut m = Masks::default();
-        for (i, chunk) in block.chunks_exact(16).enumerate() {
-            // SAFETY: SSE2 is part of every x86_64 CPU; the load reads exactly the 16 bytes
-            // of `chunk`, unaligned.
-            let [digit, comma, space, zero] = unsafe {
-                let v = _mm_loadu_si128(chunk.as_ptr().cast());
-                let nine = _mm_set1_epi8(9);
-                let offset = _mm_sub_epi8(v, _mm_set1_epi8(b'0' as i8));
-                let eq = |b: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b as i8)));
-                [_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_max_epu8(offset, nine), nine)), eq(b','), eq(b' '), eq(b'0')]
-            };
-            let shift = 16 * i;
-            m.digit |= (digit as u16 as u64) << shift;
-            m.comma |= (comma as u16 as u64) << shift;
-            m.space |= (space as u16 as u64) << shift;
-            m.zero |= (zero as u16 as u64) << shift;
-        }
-        m
+        // SSE2 is part of every x86_64 CPU.
+        lane_masks!(block, 16, u16, _mm_loadu_si128, _mm_set1_epi8, _mm_sub_epi8, _mm_max_epu8, _mm_cmpeq_epi8, _mm_movemask_epi8)
     }
 
     /// As `of`, 32 bytes at a time.
@@ -213,25 +219,18 @@ impl Masks {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn avx2(block: &[u8; 64]) -> Masks {
-        use std::arch::x86_64::*;
-        let mut m = Masks::default();
-        for (i, chunk) in block.chunks_exact(32).enumerate() {
-            // SAFETY: the caller checked for AVX2; the load reads exactly the 32 bytes of
-            // `chunk`, unaligned.
-            let [digit, comma, space, zero] = unsafe {
-                let v = _mm256_loadu_si256(chunk.as_ptr().cast());
-                let nine = _mm256_set1_epi8(9);
-                let offset = _mm256_sub_epi8(v, _mm256_set1_epi8(b'0' as i8));
-                let eq = |b: u8| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b as i8)));
-                [_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(offset, nine), nine)), eq(b','), eq(b' '), eq(b'0')]
-            };
-            let shift = 32 * i;
-            m.digit |= (digit as u32 as u64) << shift;
-            m.comma |= (comma as u32 as u64) << shift;
-            m.space |= (space as u32 as u64) << shift;
-            m.zero |= (zero as u32 as u64) << shift;
-        }
-        m
+        // The caller checked that this CPU has AVX2.
+        lane_masks!(block, 32, u32, _mm256_loadu_si256, _mm256_set1_epi8, _mm256_sub_epi8, _mm256_max_epu8, _mm256_cmpeq_epi8, _mm256_movemask_epi8)
+    }
+
+    /// Adds one lane's masks (digits, commas, spaces, zeros) for the bytes from `at` on.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn put(&mut self, at: usize, [digit, comma, space, zero]: [u64; 4]) {
+        self.digit |= digit << at;
+        self.comma |= comma << at;
+        self.space |= space << at;
+        self.zero |= zero << at;
     }
 
     #[cfg(not(target_arch = "x86_64"))]
