@@ -2,22 +2,18 @@
 //! prefill leg returns the prefill's `kv_transfer_params`; a generating leg returns the
 //! start of its answer (status, and the first SSE event or the whole body).
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::body::{ClientBody, Pieces};
+use super::worker_client;
 use super::workers::Lease;
 use crate::api::sse::{self, EventSplitter};
 
@@ -110,6 +106,10 @@ impl std::fmt::Display for LegError {
     }
 }
 
+/// The largest whole answer read from a worker (a non-streamed answer with prompt
+/// logprobs of a long prompt runs to tens of MB).
+const MAX_ANSWER: usize = 256 << 20;
+
 /// Error text with its causes (reqwest's Display alone hides them).
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -122,13 +122,10 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn classify(e: reqwest::Error, timeout: Duration) -> LegError {
-    if e.is_connect() {
-        LegError::Connect(chain(&e))
-    } else if e.is_timeout() {
-        LegError::Timeout(timeout)
-    } else {
-        LegError::Broken(chain(&e))
+fn classify(e: worker_client::Error) -> LegError {
+    match e {
+        worker_client::Error::Connect(e) => LegError::Connect(e),
+        worker_client::Error::Broken(e) => LegError::Broken(e),
     }
 }
 
@@ -159,41 +156,11 @@ impl Sent {
     }
 }
 
-/// A leg's body: its pieces one frame each, with an exact length (Content-Length, not
-/// chunked), and when given, a signal once the last was taken.
-struct LegBody {
-    pieces: std::vec::IntoIter<Bytes>,
-    left: u64,
-    sent: Option<Arc<Sent>>,
-}
-
-impl http_body::Body for LegBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let chunk = self.pieces.next();
-        if let Some(c) = &chunk {
-            self.left -= c.len() as u64;
-        }
-        if self.left == 0 {
-            if let Some(sent) = self.sent.take() {
-                sent.done.store(true, Ordering::Release);
-                sent.notify.notify_waiters();
-            }
-        }
-        Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.left == 0
-    }
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.left)
-    }
-}
-
 thread_local! {
-    /// This thread's HTTP client: each serving thread drives its own upstream connections
-    /// (server.rs), so a leg never waits on another thread to be woken.
+    /// This thread's HTTP client for the router's other calls to workers (render,
+    /// tokenize, models): each serving thread drives its own upstream connections
+    /// (server.rs), so a call never waits on another thread to be woken. The legs
+    /// themselves go through worker_client.rs.
     static CLIENT: reqwest::Client = new_client().expect("the HTTP client built at start-up builds again");
 }
 
@@ -203,54 +170,51 @@ thread_local! {
 /// would be lost, and counted against a healthy worker).
 pub const WORKER_CONNECTION_IDLE: Duration = Duration::from_secs(4);
 
-/// The HTTP client for workers, as every serving thread builds it.
+/// The HTTP client for workers' other endpoints, as every serving thread builds it.
 pub fn new_client() -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(WORKER_CONNECTION_IDLE).pool_max_idle_per_host(4096).build()
 }
 
-/// This thread's HTTP client for workers (a cheap handle on its connection pool).
+/// This thread's HTTP client for workers' other endpoints (a cheap handle on its pool).
 pub fn client() -> reqwest::Client {
     CLIENT.with(reqwest::Client::clone)
 }
 
-fn send(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> reqwest::RequestBuilder {
-    let pieces = req.body.chunks().to_vec();
-    let left = pieces.iter().map(|p| p.len() as u64).sum();
-    let body = reqwest::Body::wrap(LegBody { pieces: pieces.into_iter(), left, sent });
-    let mut b = client()
-        .post(format!("{}{}", lease.url(), req.path))
-        .header(CONTENT_TYPE, "application/json")
-        .header("x-request-id", req.request_id.clone())
-        .body(body);
-    if let Some(rank) = lease.dp_rank() {
-        b = b.header("x-data-parallel-rank", rank);
+/// Sends a leg to its worker; `sent` is told once the worker has the whole request.
+async fn send(lease: &Lease, req: &LegRequest, sent: Option<&Sent>) -> Result<worker_client::Response, LegError> {
+    let json = HeaderValue::from_static("application/json");
+    let rank = lease.dp_rank().map(HeaderValue::from);
+    let mut headers: Vec<(&'static str, &HeaderValue)> = vec![("content-type", &json), ("x-request-id", &req.request_id)];
+    if let Some(rank) = &rank {
+        headers.push(("x-data-parallel-rank", rank));
     }
     if let Some(auth) = &req.authorization {
-        b = b.header(AUTHORIZATION, auth.clone());
+        headers.push(("authorization", auth));
     }
-    b
+    let request = worker_client::Request { url: lease.url(), path: req.path, headers: &headers, body: req.body.chunks() };
+    worker_client::post(&request, || {
+        if let Some(sent) = sent {
+            sent.done.store(true, Ordering::Release);
+            sent.notify.notify_waiters();
+        }
+    })
+    .await
+    .map_err(classify)
 }
 
-async fn error_status(resp: reqwest::Response, lease: &Lease, timeout: Duration) -> LegError {
-    let status = resp.status();
-    let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+async fn error_status(resp: worker_client::Response, lease: &Lease) -> LegError {
+    let status = resp.status;
+    let content_type = resp.content_type;
     // An error body is small; a worker that sends a huge one is cut off.
-    let body = http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20).collect().await;
-    match body {
-        Ok(b) => {
-            let body = b.to_bytes();
-            match (status, lease.dp_rank()) {
-                (StatusCode::BAD_REQUEST, Some(sent)) => match rank_not_served(&body, sent) {
-                    Some(served) => LegError::RankNotServed { served },
-                    None => LegError::Status { status, content_type, body },
-                },
-                _ => LegError::Status { status, content_type, body },
-            }
-        }
-        Err(e) => match e.downcast::<reqwest::Error>() {
-            Ok(e) => classify(*e, timeout),
-            Err(e) => LegError::Broken(format!("error answer: {e}")),
+    match resp.body.collect(1 << 20).await {
+        Ok(body) => match (status, lease.dp_rank()) {
+            (StatusCode::BAD_REQUEST, Some(sent)) => match rank_not_served(&body, sent) {
+                Some(served) => LegError::RankNotServed { served },
+                None => LegError::Status { status, content_type, body },
+            },
+            _ => LegError::Status { status, content_type, body },
         },
+        Err(e) => LegError::Broken(format!("error answer: {e}")),
     }
 }
 
@@ -280,11 +244,11 @@ pub struct Prefilled {
 /// The prefill leg.
 pub async fn prefill(lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegError> {
     let run = async {
-        let resp = send(lease, req, None).send().await.map_err(|e| classify(e, req.timeout))?;
-        if !resp.status().is_success() {
-            return Err(error_status(resp, lease, req.timeout).await);
+        let resp = send(lease, req, None).await?;
+        if !resp.status.is_success() {
+            return Err(error_status(resp, lease).await);
         }
-        let body = resp.bytes().await.map_err(|e| classify(e, req.timeout))?;
+        let body = resp.body.collect(MAX_ANSWER).await.map_err(classify)?;
         let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
         let params = answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
         Ok(Prefilled { params, kv_kept: stopped_on_length(answer.get("choices")) })
@@ -318,7 +282,7 @@ pub enum StartedBody {
     /// A JSON answer, read whole.
     Whole(Bytes),
     /// An SSE answer: the bytes up to and including its first data event, and the rest.
-    Events { head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>> },
+    Events { head: Bytes, rest: worker_client::Body },
 }
 
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
@@ -329,18 +293,18 @@ pub async fn answer(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) ->
 }
 
 async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    let resp = send(lease, req, sent).send().await.map_err(|e| classify(e, req.timeout))?;
-    let status = resp.status();
+    let resp = send(lease, req, sent.as_deref()).await?;
+    let status = resp.status;
     if !status.is_success() {
-        return Err(error_status(resp, lease, req.timeout).await);
+        return Err(error_status(resp, lease).await);
     }
-    let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+    let content_type = resp.content_type;
     let is_sse = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
     if !is_sse {
-        let body = resp.bytes().await.map_err(|e| classify(e, req.timeout))?;
+        let body = resp.body.collect(MAX_ANSWER).await.map_err(classify)?;
         return Ok(Started { status, content_type, body: StartedBody::Whole(body) });
     }
-    let mut rest = resp.bytes_stream().boxed();
+    let mut rest = resp.body;
     let mut head = BytesMut::new();
     let mut splitter = EventSplitter::default();
     loop {
@@ -356,7 +320,7 @@ async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Resu
                 }
                 return Ok(Started { status, content_type, body: StartedBody::Events { head: head.freeze(), rest } });
             }
-            Some(Err(e)) => return Err(classify(e, req.timeout)),
+            Some(Err(e)) => return Err(classify(e)),
             None => return Err(LegError::Broken("the stream ended before its first event".into())),
         }
     }

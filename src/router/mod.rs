@@ -16,6 +16,7 @@ pub mod fanout;
 pub mod flow;
 pub mod health;
 pub mod http;
+mod http1_framing;
 pub mod kv_check;
 pub mod kv_index;
 pub mod kv_intake;
@@ -31,6 +32,7 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod topology;
+pub mod worker_client;
 pub mod workers;
 
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream};
+use futures_util::stream;
 use futures_util::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -24,6 +24,7 @@ use super::legs::StartedBody;
 use super::metrics::RequestRecord;
 use super::pair::Answer;
 use super::shutdown::{Active, Drain, Phase};
+use super::worker_client;
 use super::workers::Lease;
 use crate::api::{sse, ApiError, ErrorKind};
 
@@ -99,7 +100,7 @@ pub enum Piece {
 /// A worker's SSE answer as it arrives, with breakage turned into a `Piece::Broken`.
 pub struct Upstream {
     head: Option<Bytes>,
-    rest: BoxStream<'static, reqwest::Result<Bytes>>,
+    rest: worker_client::Body,
     idle: Duration,
     /// The last bytes relayed, to see whether the stream ended with `[DONE]`.
     tail: Vec<u8>,
@@ -111,7 +112,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(head: Bytes, rest: BoxStream<'static, reqwest::Result<Bytes>>, idle: Duration, drain: &Drain) -> Self {
+    pub fn new(head: Bytes, rest: worker_client::Body, idle: Duration, drain: &Drain) -> Self {
         Upstream { head: Some(head), rest, idle, tail: Vec::new(), keep_usage: false, recent: Default::default(), phase: drain.subscribe(), over: false }
     }
 
@@ -167,7 +168,7 @@ impl Upstream {
                 self.remember(&chunk);
                 Some(Piece::Bytes(chunk))
             }
-            Ok(Some(Err(e))) => self.broken(format!("the connection to the worker broke ({})", if e.is_timeout() { "timeout" } else { "reset" })),
+            Ok(Some(Err(e))) => self.broken(format!("the connection to the worker broke ({e})")),
             Ok(None) => {
                 let tail = String::from_utf8_lossy(&self.tail);
                 if tail.trim_end().ends_with("data: [DONE]") {

@@ -1,0 +1,378 @@
+//! The HTTP/1.1 client of the legs (vLLM serves HTTP/1.1 only), written for their shape:
+//! one POST, its answer read on the request's own task.
+//! - No connection task and no channel in between (hyper's client drives each connection
+//!   from a task of its own, so every leg hops between two tasks and back).
+//! - An open stream holds its socket and the framing's few words, and no buffer: a read
+//!   copies out of a buffer on the stack, and the chunked decoder keeps its place byte by
+//!   byte (hyper's client holds ~25 KiB per connection: a read buffer, a buffer for request
+//!   heads, a block of its channel).
+//! - The head and every piece of the body go out in one vectored write.
+//! - Idle connections are kept per serving thread (each drives its own sockets) and reused
+//!   only while idle under `WORKER_CONNECTION_IDLE` and still open.
+//!
+//! Response heads are parsed by httparse (hyper's parser); bodies are delimited by
+//! http1_framing.rs.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use axum::http::{HeaderValue, StatusCode};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use tokio::net::TcpStream;
+
+use super::http1_framing::{Chunked, Framing};
+use super::legs::WORKER_CONNECTION_IDLE;
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// A response head longer than this is not a worker's.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+const MAX_IDLE_PER_WORKER: usize = 4096;
+
+#[derive(Debug)]
+pub enum Error {
+    /// No connection could be made (nothing was sent).
+    Connect(String),
+    /// The exchange broke after the connection was made.
+    Broken(String),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e) | Error::Broken(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A POST to a worker.
+pub struct Request<'a> {
+    /// The worker's URL as normalised (`http://host:port[/prefix]`, cli::normalize_url).
+    pub url: &'a str,
+    pub path: &'a str,
+    /// Headers besides Host and Content-Length (values are `HeaderValue`s: no CR or LF).
+    pub headers: &'a [(&'static str, &'a HeaderValue)],
+    pub body: &'a [Bytes],
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Body,
+}
+
+/// Sends `req`; `on_sent` is called once the whole request is written. A kept
+/// connection found closed before any answer came (the worker closed it as it was
+/// taken) is replaced by a new one, once.
+pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Response, Error> {
+    let authority = req.url.strip_prefix("http://").ok_or_else(|| Error::Connect(format!("not an http:// URL: {}", req.url)))?;
+    let (authority, prefix) = authority.split_at(authority.find('/').unwrap_or(authority.len()));
+    let head = request_head(req, authority, prefix);
+    if let Some(conn) = checkout(authority) {
+        match exchange(conn, &head, req.body, &mut on_sent, true).await {
+            Err(Attempt::Stale) => {}
+            Err(Attempt::Failed(e)) => return Err(e),
+            Ok(r) => return Ok(r),
+        }
+    }
+    let stream = TcpStream::connect(authority).await.map_err(|e| Error::Connect(format!("{authority}: {e}")))?;
+    stream.set_nodelay(true).map_err(|e| Error::Connect(format!("{authority}: {e}")))?;
+    let conn = Conn { stream, authority: authority.into() };
+    exchange(conn, &head, req.body, &mut on_sent, false).await.map_err(|a| match a {
+        Attempt::Stale => unreachable!("only a kept connection is stale"),
+        Attempt::Failed(e) => e,
+    })
+}
+
+fn request_head(req: &Request<'_>, authority: &str, prefix: &str) -> Vec<u8> {
+    let len: usize = req.body.iter().map(Bytes::len).sum();
+    let mut head = Vec::with_capacity(160 + req.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>());
+    for part in [b"POST ", prefix.as_bytes(), req.path.as_bytes(), b" HTTP/1.1\r\nhost: ", authority.as_bytes(), b"\r\ncontent-length: "] {
+        head.extend_from_slice(part);
+    }
+    head.extend_from_slice(len.to_string().as_bytes());
+    for (name, value) in req.headers {
+        for part in [b"\r\n", name.as_bytes(), b": ", value.as_bytes()] {
+            head.extend_from_slice(part);
+        }
+    }
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
+
+struct Conn {
+    stream: TcpStream,
+    authority: Box<str>,
+}
+
+enum Attempt {
+    /// A kept connection that was closed before any answer: try a new one.
+    Stale,
+    Failed(Error),
+}
+
+async fn exchange(conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl FnMut(), reused: bool) -> Result<Response, Attempt> {
+    let broken = |what: &str, e: io::Error| if reused { Attempt::Stale } else { Attempt::Failed(Error::Broken(format!("{what}: {e}"))) };
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(head)).chain(body.iter().map(|b| IoSlice::new(b))).collect();
+    write_all(&conn.stream, &mut slices).await.map_err(|e| broken("sending the request", e))?;
+    drop(slices);
+    on_sent();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(parsed) = parse_head(&buf).map_err(|e| Attempt::Failed(Error::Broken(e)))? {
+            if parsed.informational {
+                // 100 Continue and the like: the answer's head follows.
+                let _ = buf.split_to(parsed.len);
+                continue;
+            }
+            let rest = buf.split_off(parsed.len).freeze();
+            let input = if rest.is_empty() { Bytes::new() } else { rest };
+            let body = Body { conn: Some(conn), input, framing: parsed.framing, keep_alive: parsed.keep_alive };
+            return Ok(Response { status: parsed.status, content_type: parsed.content_type, body });
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Attempt::Failed(Error::Broken("the answer's head is too long".into())));
+        }
+        buf.reserve(READ_CHUNK);
+        let n = read_into(&conn.stream, &mut buf).await.map_err(|e| if buf.is_empty() { broken("reading the answer", e) } else { Attempt::Failed(Error::Broken(format!("reading the answer: {e}"))) })?;
+        if n == 0 {
+            return Err(if buf.is_empty() && reused {
+                Attempt::Stale
+            } else {
+                Attempt::Failed(Error::Broken("the worker closed the connection before its answer's head".into()))
+            });
+        }
+    }
+}
+
+async fn write_all(stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        stream.writable().await?;
+        match stream.try_write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is there into `buf`'s spare capacity; 0 at the connection's end.
+async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return other,
+        }
+    }
+}
+
+struct Head {
+    len: usize,
+    informational: bool,
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// The response head at the start of `buf`, once complete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("the answer's head is not HTTP/1.1: {e}")),
+    };
+    let code = resp.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|_| format!("the answer's status {code} is not valid"))?;
+    if code == 101 {
+        return Err("the worker switched protocols".into());
+    }
+    let (mut content_type, mut length, mut chunked, mut transfer_encoded) = (None, None, false, false);
+    let mut keep_alive = resp.version == Some(1);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-type") {
+            content_type = HeaderValue::from_bytes(h.value).ok();
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value).ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err("the answer's Content-Length is not valid".into()),
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoded = true;
+            chunked = h.value.rsplit(|b| *b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            keep_alive &= !h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    let framing = if (100..200).contains(&code) || code == 204 || code == 304 {
+        Framing::Length(0)
+    } else if transfer_encoded {
+        // Both headers is how requests are smuggled: read it as chunked, keep nothing after.
+        keep_alive &= length.is_none() && chunked;
+        if chunked { Framing::Chunked(Chunked::default()) } else { Framing::UntilClose }
+    } else {
+        length.map_or(Framing::UntilClose, Framing::Length)
+    };
+    keep_alive &= !matches!(framing, Framing::UntilClose);
+    Ok(Some(Head { len, informational: (100..200).contains(&code), status, content_type, framing, keep_alive }))
+}
+
+/// A response body, as it arrives. Read to its end, its connection is kept for the next
+/// request; dropped before, the connection is closed (vLLM then aborts the request).
+pub struct Body {
+    conn: Option<Conn>,
+    /// Read and not yet decoded.
+    input: Bytes,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl Body {
+    /// The whole body, refused when over `limit` bytes.
+    pub async fn collect(mut self, limit: usize) -> Result<Bytes, Error> {
+        let too_large = || Error::Broken(format!("the answer is over {limit} bytes"));
+        let mut out = BytesMut::new();
+        if let Framing::Length(n) = self.framing {
+            if n > limit as u64 {
+                return Err(too_large());
+            }
+            if self.input.len() as u64 == n {
+                let whole = std::mem::take(&mut self.input);
+                self.framing = Framing::Length(0);
+                self.finish();
+                return Ok(whole);
+            }
+            out.reserve(n as usize);
+        }
+        while let Some(data) = self.next().await {
+            out.extend_from_slice(&data?);
+            if out.len() > limit {
+                return Err(too_large());
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// At the body's end: the connection goes back to this thread's idle ones when it can
+    /// carry another request.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && self.input.is_empty() {
+                checkin(conn);
+            }
+        }
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.framing.take(&mut this.input) {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(data))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Broken(e))));
+                }
+            }
+            if this.framing.is_complete() {
+                this.finish();
+                return Poll::Ready(None);
+            }
+            let Some(conn) = &this.conn else { return Poll::Ready(None) };
+            match ready!(poll_read_copy(&conn.stream, cx)) {
+                Ok(read) if read.is_empty() => {
+                    this.conn = None;
+                    let early = !matches!(this.framing, Framing::UntilClose);
+                    return Poll::Ready(early.then(|| Err(Error::Broken("the worker closed the connection before the end of its answer".into()))));
+                }
+                Ok(read) => this.input = read,
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Broken(format!("reading the answer: {e}")))));
+                }
+            }
+        }
+    }
+}
+
+/// What the socket has, copied out of a buffer on the stack (so a body waiting for its
+/// next bytes holds none); empty at the connection's end.
+fn poll_read_copy(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        let mut buf = [0u8; READ_CHUNK];
+        match stream.try_read(&mut buf) {
+            Ok(n) => return Poll::Ready(Ok(Bytes::copy_from_slice(&buf[..n]))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's idle connections per worker (`host:port`), oldest first.
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<(TcpStream, Instant)>>> = RefCell::default();
+}
+
+fn checkout(authority: &str) -> Option<Conn> {
+    IDLE.with_borrow_mut(|idle| {
+        let kept = idle.get_mut(authority)?;
+        while let Some((stream, since)) = kept.pop_back() {
+            if since.elapsed() >= WORKER_CONNECTION_IDLE {
+                kept.clear();
+                break;
+            }
+            if still_open(&stream) {
+                return Some(Conn { stream, authority: authority.into() });
+            }
+        }
+        None
+    })
+}
+
+fn checkin(conn: Conn) {
+    IDLE.with_borrow_mut(|idle| {
+        // Connections idle too long are dropped as others come back.
+        for kept in idle.values_mut() {
+            while kept.front().is_some_and(|(_, since)| since.elapsed() >= WORKER_CONNECTION_IDLE) {
+                kept.pop_front();
+            }
+        }
+        idle.retain(|_, kept| !kept.is_empty());
+        let kept = idle.entry(conn.authority).or_default();
+        if kept.len() < MAX_IDLE_PER_WORKER {
+            kept.push_back((conn.stream, Instant::now()));
+        }
+    })
+}
+
+/// Whether an idle connection is still open and silent (the worker has not closed it, nor
+/// sent anything unasked), asked of the socket itself.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a valid buffer, on a socket this process owns.
+    let n = unsafe { libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n < 0 && matches!(io::Error::last_os_error().kind(), io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+#[path = "worker_client_tests.rs"]
+mod tests;
