@@ -2,7 +2,8 @@
 //! sent directly, in one run:
 //!
 //!   cargo bench --bench router      (DISAGG_BENCH_SECS=3 per point; installs vllm-router
-//!                                    with scripts/vllm-router-env.sh if it is missing)
+//!                                    with scripts/vllm-router-env.sh if it is missing;
+//!                                    DISAGG_BENCH_ONLY=rss for the RSS measurement alone)
 //!
 //! A simulated prefill and decode (`disagg sim`, no artificial delays: the fastest backend
 //! this machine can run), `disagg route` and vllm-router in front of them, all on
@@ -318,7 +319,9 @@ async fn main() {
         "CPU disagg", "CPU vllm-r");
     println!("{:>20} | {:>29} | {:>34} | {:>40} | {:>19}", "", "p50 latency (ms)", "added p50 (ms)", "requests/s", "s per 1k requests");
     let mut rows = Vec::new();
-    for case in cases {
+    // DISAGG_BENCH_ONLY=rss: only the open-streams measurement.
+    let rss_only = std::env::var("DISAGG_BENCH_ONLY").is_ok_and(|v| v == "rss");
+    for case in cases.into_iter().filter(|_| !rss_only) {
         let [d, g, v] = point(&t, case, secs).await;
         let (ag, av) = (g.p50 - d.p50, v.p50 - d.p50);
         println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>9.3} | {:>13.3} {:>13.3} {:>6.2} | {:>8.0} {:>8.0} {:>8.0} {:>6.2} {:>6.2} | {:>9.3} {:>9.3}",

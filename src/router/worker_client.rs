@@ -124,31 +124,42 @@ async fn exchange(conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl Fn
     write_all(&conn.stream, &mut slices).await.map_err(|e| broken("sending the request", e))?;
     drop(slices);
     on_sent();
-    let mut buf = BytesMut::new();
+    // The head usually comes whole in one read: parsed from that read's bytes, with no
+    // buffer held while the worker works on the answer.
+    let mut pending = BytesMut::new();
+    let mut answered = false;
     loop {
-        if let Some(parsed) = parse_head(&buf).map_err(|e| Attempt::Failed(Error::Broken(e)))? {
-            if parsed.informational {
-                // 100 Continue and the like: the answer's head follows.
-                let _ = buf.split_to(parsed.len);
-                continue;
-            }
-            let rest = buf.split_off(parsed.len).freeze();
-            let input = if rest.is_empty() { Bytes::new() } else { rest };
-            let body = Body { conn: Some(conn), input, framing: parsed.framing, keep_alive: parsed.keep_alive };
-            return Ok(Response { status: parsed.status, content_type: parsed.content_type, body });
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(Attempt::Failed(Error::Broken("the answer's head is too long".into())));
-        }
-        buf.reserve(READ_CHUNK);
-        let n = read_into(&conn.stream, &mut buf).await.map_err(|e| if buf.is_empty() { broken("reading the answer", e) } else { Attempt::Failed(Error::Broken(format!("reading the answer: {e}"))) })?;
-        if n == 0 {
-            return Err(if buf.is_empty() && reused {
+        let read = std::future::poll_fn(|cx| poll_read_copy(&conn.stream, cx)).await;
+        let first = !std::mem::replace(&mut answered, true);
+        let read = read.map_err(|e| if first { broken("reading the answer", e) } else { Attempt::Failed(Error::Broken(format!("reading the answer: {e}"))) })?;
+        if read.is_empty() {
+            return Err(if first && reused {
                 Attempt::Stale
             } else {
                 Attempt::Failed(Error::Broken("the worker closed the connection before its answer's head".into()))
             });
         }
+        let mut buf = if pending.is_empty() {
+            read
+        } else {
+            pending.extend_from_slice(&read);
+            pending.split().freeze()
+        };
+        while let Some(parsed) = parse_head(&buf).map_err(|e| Attempt::Failed(Error::Broken(e)))? {
+            let rest = buf.slice(parsed.len..);
+            if parsed.informational {
+                // 100 Continue and the like: the answer's head follows.
+                buf = rest;
+                continue;
+            }
+            let body = Body { conn: Some(conn), input: rest, framing: parsed.framing, keep_alive: parsed.keep_alive };
+            return Ok(Response { status: parsed.status, content_type: parsed.content_type, body });
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Attempt::Failed(Error::Broken("the answer's head is too long".into())));
+        }
+        // A head in pieces: kept until it is whole (no copy when `buf` is the only owner).
+        pending = BytesMut::from(buf);
     }
 }
 
@@ -163,17 +174,6 @@ async fn write_all(stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Re
         }
     }
     Ok(())
-}
-
-/// Reads what is there into `buf`'s spare capacity; 0 at the connection's end.
-async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            other => return other,
-        }
-    }
 }
 
 struct Head {

@@ -10,7 +10,6 @@
 //! a bounded number of entries per lock hold.
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 
 use lru::LruCache;
 
@@ -34,9 +33,13 @@ pub fn chunk_hashes(prompt: &[u8], unit: usize) -> Vec<(u64, u32)> {
         .collect()
 }
 
-/// One worker's chunks: chained chunk hash -> units in that chunk, and their sum.
+/// One worker's chunks: chained chunk hash -> units in that chunk, and their sum. The
+/// LRU grows with its entries up to `cap` (one made with its capacity up front reserves
+/// its whole table at once, and the pages of that table fill in as random keys land:
+/// ~70 MiB of resident memory per worker after a few thousand prompts).
 struct Tree {
     lru: LruCache<u64, u32>,
+    cap: usize,
     units: usize,
 }
 
@@ -56,8 +59,8 @@ impl PrefixIndex {
         PrefixIndex { trees: HashMap::new(), max_entries }
     }
 
-    fn share(&self, workers: usize) -> NonZeroUsize {
-        NonZeroUsize::new((self.max_entries / workers.max(1)).max(1)).expect("at least one")
+    fn share(&self, workers: usize) -> usize {
+        (self.max_entries / workers.max(1)).max(1)
     }
 
     /// Shares the cap out again over the workers (a shrunk share evicts least recently
@@ -65,18 +68,18 @@ impl PrefixIndex {
     fn reshare(&mut self) {
         let share = self.share(self.trees.len());
         for tree in self.trees.values_mut() {
-            while tree.lru.len() > share.get() {
+            tree.cap = share;
+            while tree.lru.len() > tree.cap {
                 let Some((_, units)) = tree.lru.pop_lru() else { break };
                 tree.units -= units as usize;
             }
-            tree.lru.resize(share);
         }
     }
 
     pub fn add(&mut self, worker: &str) {
         if !self.trees.contains_key(worker) {
             let share = self.share(self.trees.len() + 1);
-            self.trees.insert(worker.to_string(), Tree { lru: LruCache::new(share), units: 0 });
+            self.trees.insert(worker.to_string(), Tree { lru: LruCache::unbounded(), cap: share, units: 0 });
             self.reshare();
         }
     }
@@ -109,10 +112,13 @@ impl PrefixIndex {
             if tree.lru.get(h).is_some() {
                 continue;
             }
-            if let Some((_, old)) = tree.lru.push(*h, *units) {
-                tree.units -= old as usize;
-            }
+            tree.lru.push(*h, *units);
             tree.units += *units as usize;
+            if tree.lru.len() > tree.cap {
+                if let Some((_, old)) = tree.lru.pop_lru() {
+                    tree.units -= old as usize;
+                }
+            }
         }
     }
 
@@ -134,6 +140,18 @@ impl PrefixIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cap is a bound, not a reservation: --cache-aware-max-memory-mb 1000000 (a TiB)
+    /// must cost nothing until entries come (reserved up front, it cannot be allocated).
+    #[test]
+    fn a_huge_memory_cap_reserves_nothing_up_front() {
+        let mut idx = PrefixIndex::new((1_000_000usize << 20) / PrefixIndex::BYTES_PER_ENTRY);
+        idx.add("http://a");
+        idx.add("http://b");
+        idx.insert(&hashes("a prompt long enough for two chunks"), "http://a");
+        assert_eq!(idx.matched_units(&hashes("a prompt long enough for two chunks"), "http://a"), 35);
+        assert_eq!(idx.entries(), 3);
+    }
 
     fn hashes(s: &str) -> Vec<(u64, u32)> {
         chunk_hashes(s.as_bytes(), 1)
