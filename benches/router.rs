@@ -102,6 +102,12 @@ struct Target {
     vllm_router: String,
     /// The routers' pids, for their CPU.
     pids: [u32; 2],
+    /// The two simulators and this process (the client): everything but the router.
+    others: [u32; 3],
+}
+
+fn others_cpu(t: &Target) -> f64 {
+    t.others.iter().map(|p| cpu_secs(*p)).sum()
 }
 
 #[derive(Clone, Copy)]
@@ -170,6 +176,8 @@ struct Figures {
     p99: f64,
     /// The router's CPU per 1k requests (seconds); 0 for direct.
     cpu_per_1k: f64,
+    /// The client's and both simulators' CPU per 1k requests (seconds).
+    others_cpu_per_1k: f64,
     failures: u64,
 }
 
@@ -184,6 +192,7 @@ async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
         Mode::VllmRouter => Some(t.pids[1]),
     };
     let cpu0 = pid.map_or(0.0, cpu_secs);
+    let others0 = others_cpu(t);
     let start = Instant::now();
     let tasks: Vec<_> = (0..case.concurrency)
         .map(|_| {
@@ -215,12 +224,14 @@ async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = pid.map_or(0.0, |p| cpu_secs(p) - cpu0);
+    let others = others_cpu(t) - others0;
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Figures {
         rps: all.len() as f64 / elapsed,
         p50: pct(&all, 50.0),
         p99: pct(&all, 99.0),
         cpu_per_1k: cpu / all.len().max(1) as f64 * 1000.0,
+        others_cpu_per_1k: others / all.len().max(1) as f64 * 1000.0,
         failures: failures.load(Ordering::Relaxed),
     }
 }
@@ -258,6 +269,7 @@ async fn point(t: &Arc<Target>, case: Case, secs: f64) -> [Figures; 3] {
             p50: take(|f| f.p50),
             p99: take(|f| f.p99),
             cpu_per_1k: take(|f| f.cpu_per_1k),
+            others_cpu_per_1k: take(|f| f.others_cpu_per_1k),
             failures: runs.iter().map(|r| r[m].failures).sum(),
         };
     }
@@ -295,6 +307,7 @@ async fn main() {
         disagg: format!("{}/v1/completions", disagg.url),
         vllm_router: format!("{}/v1/completions", vr.url),
         pids: [disagg.child.id().unwrap(), vr.child.id().unwrap()],
+        others: [prefill.child.id().unwrap(), decode.child.id().unwrap(), std::process::id()],
     });
     println!("router benchmark: disagg route vs vllm-router 0.1.17 vs the two legs sent directly; simulated prefill + decode on loopback,");
     println!("{secs} s per run, {ROUNDS} rounds in rotating order, medians; 8 output tokens; token-id prompts");
@@ -329,9 +342,17 @@ async fn main() {
             g.cpu_per_1k, v.cpu_per_1k);
         rows.push(json!({"stream": case.stream, "prompt_tokens": case.prompt_tokens, "concurrency": case.concurrency,
             "direct": {"rps": d.rps, "p50_ms": d.p50, "p99_ms": d.p99, "failures": d.failures},
-            "disagg": {"rps": g.rps, "p50_ms": g.p50, "p99_ms": g.p99, "cpu_s_per_1k": g.cpu_per_1k, "failures": g.failures},
+            "disagg": {"rps": g.rps, "p50_ms": g.p50, "p99_ms": g.p99, "cpu_s_per_1k": g.cpu_per_1k, "others_cpu_s_per_1k": g.others_cpu_per_1k, "failures": g.failures},
             "vllm_router": {"rps": v.rps, "p50_ms": v.p50, "p99_ms": v.p99, "cpu_s_per_1k": v.cpu_per_1k, "failures": v.failures},
             "added_p50_ratio": ag / av, "added_p99_disagg_ms": g.p99 - d.p99, "added_p99_vllm_router_ms": v.p99 - d.p99}));
+        if case.concurrency >= 64 {
+            // What the rest of the machine allows: the client and both simulators' CPU per
+            // request in the disagg runs bounds any router's rate on these cores.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let others_ms = g.others_cpu_per_1k;
+            println!("    client + simulators: {others_ms:.3} ms CPU per request (disagg runs): a router costing nothing tops out near {:.0}/s on {cores} cores; 2x vllm-router = {:.0}/s",
+                cores / others_ms * 1000.0, 2.0 * v.rps);
+        }
         if d.failures + g.failures > 0 {
             println!("    failures: direct {}, disagg {}, vllm-router {}", d.failures, g.failures, v.failures);
         }
