@@ -4,6 +4,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod flags;
+pub mod idle_close;
 pub mod launch;
 pub mod proc_stat;
 pub mod router;

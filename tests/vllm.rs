@@ -15,6 +15,8 @@ mod support;
 #[allow(dead_code)]
 #[path = "it/handshake.rs"]
 mod handshake;
+#[path = "it/keep_alive.rs"]
+mod keep_alive;
 #[allow(dead_code)]
 #[path = "it/mooncake_handshake.rs"]
 mod mooncake_handshake;
@@ -279,6 +281,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: kv_transfer_params in vllm_xargs never reach vLLM", |e| Box::pin(xargs_steering_is_dropped(e))),
         ("router: a non-streamed decode stops when its client leaves", |e| Box::pin(abandoned_non_streamed_decode_stops(e))),
         ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
+        ("vLLM closes a connection 5 s after its last answer, keeps an unused one (as the simulator)", |e| {
+            Box::pin(keep_alive::idle_connections_close_after_their_last_answer(&e.plain.url))
+        }),
         ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
     ];
     for (name, case) in cases {

@@ -90,7 +90,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
 
     let build = || {
-        let b = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(6 * 3600));
+        // Idle connections are reused only under 4 s: vLLM closes them at 5 s
+        // (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a request sent as it closes one is lost
+        // (a trace's gaps between arrivals run that long).
+        let b = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(usize::MAX).pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
+            .timeout(Duration::from_secs(6 * 3600));
         if args.http2 { b.http2_prior_knowledge() } else { b }.build()
     };
     let http = build()?;

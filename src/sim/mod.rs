@@ -146,16 +146,41 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             sim.ready.store(true, Ordering::SeqCst);
         });
     }
-    // vLLM's server (asyncio transports) sets TCP_NODELAY; without it small SSE chunks wait on Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(listener, http::router(sim));
+    let serve = serve_http(listener, http::router(sim), keep_alive_from_env());
     match handshake {
         None => serve.await.context("HTTP server failed"),
         Some(handshake) => tokio::select! {
             served = serve => served.context("HTTP server failed"),
             done = handshake => done.context("the DP handshake task failed")?,
         },
+    }
+}
+
+/// vLLM's keep-alive: uvicorn closes a connection this long after its last answer when
+/// nothing more came (`VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, 5 s by default, vllm/envs.py).
+fn keep_alive_from_env() -> Duration {
+    Duration::from_secs(std::env::var("VLLM_HTTP_TIMEOUT_KEEP_ALIVE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5))
+}
+
+/// The simulator's HTTP server, as vLLM's behaves on a connection: TCP_NODELAY (asyncio
+/// transports set it; without it small SSE chunks wait on Nagle), and closed once idle for
+/// `keep_alive` after an answer (idle_close.rs, armed as uvicorn arms its timer).
+async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, keep_alive: Duration) -> std::io::Result<()> {
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()));
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept: back off a little.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (builder, app) = (builder.clone(), app.clone());
+        tokio::spawn(async move {
+            crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, crate::idle_close::IdleFrom::FirstAnswer, std::future::pending()).await;
+        });
     }
 }

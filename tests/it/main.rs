@@ -6,6 +6,7 @@ mod connectors;
 mod discovery;
 mod guides;
 mod handshake;
+mod keep_alive;
 mod kv_aware;
 mod kv_events;
 mod launch;

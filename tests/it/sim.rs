@@ -491,3 +491,11 @@ async fn bad_input_gets_vllm_style_400s_and_unknown_fields_are_ignored() {
     assert_eq!(r.status().as_u16(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], 413);
 }
+
+/// The same case as on vLLM-CPU (tests/vllm.rs): the connection closes 5 s after its last
+/// answer, and one that never sent a request stays open.
+#[tokio::test]
+async fn idle_connections_close_after_their_last_answer_as_vllms_do() {
+    let s = Proc::sim(&[]).await;
+    crate::keep_alive::idle_connections_close_after_their_last_answer(&s.url).await;
+}
