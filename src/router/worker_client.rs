@@ -75,15 +75,22 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     let authority = req.url.strip_prefix("http://").ok_or_else(|| Error::Connect(format!("not an http:// URL: {}", req.url)))?;
     let (authority, prefix) = authority.split_at(authority.find('/').unwrap_or(authority.len()));
     let head = request_head(req, authority, prefix);
+    let mut replacing = false;
     if let Some(conn) = checkout(authority) {
         match exchange(conn, &head, req.body, &mut on_sent, true).await {
-            Err(Attempt::Stale) => {}
+            Err(Attempt::Stale) => replacing = true,
             Err(Attempt::Failed(e)) => return Err(e),
             Ok(r) => return Ok(r),
         }
     }
-    let stream = TcpStream::connect(authority).await.map_err(|e| Error::Connect(format!("{authority}: {e}")))?;
-    stream.set_nodelay(true).map_err(|e| Error::Connect(format!("{authority}: {e}")))?;
+    let failed_connect = |e: io::Error| match replacing {
+        // The kept connection may have carried the request to a worker that then died:
+        // not a worker that was never reached.
+        true => Error::Broken(format!("{authority}: the kept connection closed unanswered, and a new one failed: {e}")),
+        false => Error::Connect(format!("{authority}: {e}")),
+    };
+    let stream = TcpStream::connect(authority).await.map_err(failed_connect)?;
+    stream.set_nodelay(true).map_err(failed_connect)?;
     let conn = Conn { stream, authority: authority.into() };
     exchange(conn, &head, req.body, &mut on_sent, false).await.map_err(|a| match a {
         Attempt::Stale => unreachable!("only a kept connection is stale"),

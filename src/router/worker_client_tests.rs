@@ -206,3 +206,19 @@ async fn a_kept_connection_the_worker_closed_is_replaced() {
     text(&s.url).await.2.unwrap();
     assert_eq!((s.connections.load(Ordering::SeqCst), s.requests.lock().unwrap().len()), (2, 3));
 }
+
+#[tokio::test]
+async fn a_worker_that_died_on_a_kept_connection_is_not_called_unreached() {
+    // One connection: the first request answered, the second read and then the worker is
+    // gone (listener and connection closed). The leg may have reached it: not `Connect`.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        read_request(&mut sock).await.unwrap();
+        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+        read_request(&mut sock).await.unwrap();
+    });
+    text(&url).await.2.unwrap();
+    assert!(matches!(send(&url).await, Err(Error::Broken(_))));
+}
