@@ -299,7 +299,8 @@ async fn main() {
     let vr = start_vllm_router(&vr_bin, &prefill.url, &decode.url).await;
     wait_healthy(&disagg.url).await;
     wait_healthy(&vr.url).await;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).tcp_nodelay(true).build().unwrap();
+    // Idle connections reused only under 4 s: the simulators close them at 5 s, as vLLM does.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).pool_idle_timeout(Duration::from_secs(4)).tcp_nodelay(true).build().unwrap();
     let t = Arc::new(Target {
         client,
         prefill: format!("{}/v1/completions", prefill.url),
@@ -345,6 +346,10 @@ async fn main() {
             "disagg": {"rps": g.rps, "p50_ms": g.p50, "p99_ms": g.p99, "cpu_s_per_1k": g.cpu_per_1k, "others_cpu_s_per_1k": g.others_cpu_per_1k, "failures": g.failures},
             "vllm_router": {"rps": v.rps, "p50_ms": v.p50, "p99_ms": v.p99, "cpu_s_per_1k": v.cpu_per_1k, "failures": v.failures},
             "added_p50_ratio": ag / av, "added_p99_disagg_ms": g.p99 - d.p99, "added_p99_vllm_router_ms": v.p99 - d.p99}));
+        if case.concurrency == 1 {
+            let (pg, pv) = (g.p99 - d.p99, v.p99 - d.p99);
+            println!("    added p99: disagg {pg:.3} ms, vllm-router {pv:.3} ms (ratio {:.2})", pg / pv);
+        }
         if case.concurrency >= 64 {
             // What the rest of the machine allows: the client and both simulators' CPU per
             // request in the disagg runs bounds any router's rate on these cores.

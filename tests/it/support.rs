@@ -134,7 +134,8 @@ impl Drop for Proc {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    // Idle connections reused only under 4 s: the simulator and vLLM close them at 5 s.
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_idle_timeout(Duration::from_secs(4)).build().unwrap()
 }
 
 /// POSTs JSON; returns the status and the body parsed as JSON (Null if it is not JSON).
