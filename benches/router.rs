@@ -300,7 +300,7 @@ async fn main() {
     wait_healthy(&disagg.url).await;
     wait_healthy(&vr.url).await;
     // Idle connections reused only under 4 s: the simulators close them at 5 s, as vLLM does.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).pool_idle_timeout(Duration::from_secs(4)).tcp_nodelay(true).build().unwrap();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE).tcp_nodelay(true).build().unwrap();
     let t = Arc::new(Target {
         client,
         prefill: format!("{}/v1/completions", prefill.url),

@@ -1,5 +1,5 @@
-//! One HTTP connection served with an idle close, by the router's listener and by the
-//! simulator's: a connection with nothing in flight that receives nothing for its
+//! Accepting and serving HTTP connections, for the router's listener and the simulator's:
+//! each connection is served with an idle close: a connection with nothing in flight that receives nothing for its
 //! keep-alive time is closed gracefully (hyper's own timers do not cover this: its header
 //! timer runs only while a request head is awaited).
 
@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
 /// When a connection's idle time starts counting.
@@ -46,18 +46,32 @@ pub async fn serve_connection(builder: &Builder<TokioExecutor>, tcp: TcpStream, 
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    tokio::pin!(close);
-    let mut closing = false;
-    loop {
+    let wind_down = async {
         tokio::select! {
-            _ = conn.as_mut() => break,
-            () = idle_for(&activity, keep_alive), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
+            () = idle_for(&activity, keep_alive) => {}
+            () = close => {}
+        }
+    };
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = wind_down => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+/// The next connection on `listener`, with TCP_NODELAY (small SSE chunks must not wait on
+/// Nagle; vLLM's asyncio transports set it too). Accept errors (out of descriptors, a
+/// connection reset before its accept) are logged and retried after a short pause.
+pub async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                return tcp;
             }
-            () = &mut close, if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }

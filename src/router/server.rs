@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use super::config::Timeouts;
 use super::shutdown::{Drain, Phase};
-use crate::idle_close::IdleFrom;
+use crate::idle_close::{accept, IdleFrom};
 
 /// Serves `app` on `threads` threads, each with a runtime of its own accepting from
 /// `listener`: a connection, its requests and their legs' upstream connections (each
@@ -82,20 +82,10 @@ async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, slo
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             _ = phase.wait_for(|p| *p == Phase::Cut) => return,
         };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let tcp = tokio::select! {
+            tcp = accept(&listener) => tcp,
             _ = phase.wait_for(|p| *p == Phase::Cut) => return,
         };
-        let (tcp, _) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of descriptors, or a connection reset before accept: back off a little.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
         let builder = builder.clone();
         let drain = drain.clone();
         let (app, keep_alive) = (app.clone(), timeouts.keep_alive);

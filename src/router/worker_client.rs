@@ -225,7 +225,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
             keep_alive &= !h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    let framing = if (100..200).contains(&code) || code == 204 || code == 304 {
+    let informational = (100..200).contains(&code);
+    let framing = if informational || code == 204 || code == 304 {
         Framing::Length(0)
     } else if transfer_encoded {
         // Both headers is how requests are smuggled: read it as chunked, keep nothing after.
@@ -235,7 +236,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         length.map_or(Framing::UntilClose, Framing::Length)
     };
     keep_alive &= !matches!(framing, Framing::UntilClose);
-    Ok(Some(Head { len, informational: (100..200).contains(&code), status, content_type, framing, keep_alive }))
+    Ok(Some(Head { len, informational, status, content_type, framing, keep_alive }))
 }
 
 /// A response body, as it arrives. Read to its end, its connection is kept for the next

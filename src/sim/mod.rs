@@ -162,22 +162,13 @@ fn keep_alive_from_env() -> Duration {
     Duration::from_secs(std::env::var("VLLM_HTTP_TIMEOUT_KEEP_ALIVE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(5))
 }
 
-/// The simulator's HTTP server, as vLLM's behaves on a connection: TCP_NODELAY (asyncio
-/// transports set it; without it small SSE chunks wait on Nagle), and closed once idle for
-/// `keep_alive` after an answer (idle_close.rs, armed as uvicorn arms its timer).
+/// The simulator's HTTP server, as vLLM's behaves on a connection: TCP_NODELAY, and closed
+/// once idle for `keep_alive` after an answer (idle_close.rs, armed as uvicorn arms its
+/// timer).
 async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, keep_alive: Duration) -> std::io::Result<()> {
     let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()));
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                // Out of descriptors, or a connection reset before accept: back off a little.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = crate::idle_close::accept(&listener).await;
         let (builder, app) = (builder.clone(), app.clone());
         tokio::spawn(async move {
             crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, crate::idle_close::IdleFrom::FirstAnswer, std::future::pending()).await;

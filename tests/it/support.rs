@@ -135,7 +135,7 @@ impl Drop for Proc {
 
 pub fn client() -> reqwest::Client {
     // Idle connections reused only under 4 s: the simulator and vLLM close them at 5 s.
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_idle_timeout(Duration::from_secs(4)).build().unwrap()
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE).build().unwrap()
 }
 
 /// POSTs JSON; returns the status and the body parsed as JSON (Null if it is not JSON).
