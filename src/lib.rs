@@ -12,3 +12,4 @@ pub mod scoreboard;
 pub mod signal;
 pub mod sim;
 pub mod tokenize;
+pub mod zmtp;

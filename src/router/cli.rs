@@ -263,6 +263,9 @@ pub struct RouteArgs {
     /// The key /workers and /metrics require (and the worker admin API, when on).
     #[arg(long, env = "DISAGG_ADMIN_API_KEY", hide_env_values = true, help_heading = "Authentication")]
     pub admin_api_key: Option<String>,
+
+    #[command(flatten)]
+    pub boundary: super::boundary::BoundaryArgs,
 }
 
 /// Normalises a worker address to `http://host:port[/path]` (no trailing slash).
@@ -512,6 +515,7 @@ impl RouteArgs {
                 endpoint: self.health_check_endpoint.clone(),
             },
             auth: self.auth()?,
+            boundary: self.boundary.to_config(self.port),
         })
     }
 

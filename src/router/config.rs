@@ -135,4 +135,5 @@ pub struct RouterConfig {
     pub breaker: BreakerConfig,
     pub health: HealthConfig,
     pub auth: AuthConfig,
+    pub boundary: super::boundary::BoundaryConfig,
 }

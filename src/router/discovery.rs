@@ -4,34 +4,40 @@
 //! `{"type": "P"|"D", "http_address": "host:port", "zmq_address": "host:port"}`. A new
 //! address joins the prefill or decode pool at once (logged); 5 s without a ping and it
 //! leaves (its in-flight requests finish); a ping after that joins it again.
+//!
+//! Anyone on the engines' network can reach this socket, so a registration is taken only
+//! under rules (docs/SECURITY.md): it names IP addresses, of the host it came from (or,
+//! with --discovery-allow, of those networks); it does not replace a live registration
+//! that says otherwise; a source host has at most --discovery-max-per-host; what is
+//! refused is counted, and logged within a budget.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use zeromq::{RouterSocket, Socket, SocketRecv};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
+use super::boundary::{Networks, WorkerHosts};
 use super::cli::{join_host_port, normalize_url};
 use super::flow::Router;
+use super::log_budget::LogBudget;
 use super::workers::Role;
+use crate::zmtp::{self, Accepted, ConnectionLimits, Incoming, Inbound, Limits, SocketType};
 
 /// An engine is gone this long after its last ping (vLLM's engines ping every 3 s).
 pub const EXPIRY: Duration = Duration::from_secs(5);
 /// Most engines registered at once (a bound on what strangers can make us hold).
 const MAX_REGISTERED: usize = 4096;
-/// Largest registration accepted (a real one is under 200 bytes).
-const MAX_MESSAGE: usize = 4096;
-
-/// An engine registered under its URL (the map's key).
-struct Registered {
-    role: Role,
-    zmq_address: String,
-    last_ping: Instant,
-}
+/// Most connections open at the discovery address.
+const MAX_CONNECTIONS: usize = 4096;
+/// A connection that sends no ping for this long is closed (engines ping every 3 s).
+const SILENT_CONNECTION: Duration = Duration::from_secs(30);
 
 /// One valid registration.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Clone)]
 pub struct Ping {
     pub role: Role,
     /// The engine's HTTP URL (normalised).
@@ -52,7 +58,7 @@ fn check_address(what: &str, addr: &str) -> Result<String, String> {
 
 /// Reads one registration payload (a msgpack map).
 pub fn parse_ping(payload: &[u8]) -> Result<Ping, String> {
-    if payload.len() > MAX_MESSAGE {
+    if payload.len() > Limits::SMALL.max_message {
         return Err(format!("a {}-byte message (registrations are small)", payload.len()));
     }
     let value = rmpv::decode::read_value(&mut &payload[..]).map_err(|e| format!("not msgpack: {e}"))?;
@@ -71,69 +77,190 @@ pub fn parse_ping(payload: &[u8]) -> Result<Ping, String> {
     Ok(Ping { role, url, zmq_address })
 }
 
-/// Binds the discovery socket (before the router says it is up, so a bad address fails
-/// the start).
-pub async fn bind(address: &str) -> anyhow::Result<RouterSocket> {
-    let mut socket = RouterSocket::new();
-    socket.bind(&format!("tcp://{address}")).await.with_context(|| format!("--vllm-discovery-address: cannot bind {address}"))?;
-    Ok(socket)
+/// Why a registration was not taken (the label it is counted under).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Malformed,
+    /// It names a host name, or a host other than the one it came from.
+    NotItsHost,
+    /// --discovery-allow / --worker-allow leave it out.
+    OutsideNetworks,
+    /// A live registration of this URL (or KV address) says otherwise.
+    Conflict,
+    TooManyFromHost,
+    Full,
 }
 
-pub async fn run(router: Arc<Router>, mut socket: RouterSocket) {
-    let mut registered: HashMap<String, Registered> = HashMap::new();
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::NotItsHost => "not_its_host",
+            Refusal::OutsideNetworks => "outside_networks",
+            Refusal::Conflict => "conflict",
+            Refusal::TooManyFromHost => "too_many_from_host",
+            Refusal::Full => "full",
+        }
+    }
+}
+
+/// The rules a registration is held to.
+pub struct Rules {
+    pub allow: Networks,
+    pub workers: WorkerHosts,
+    pub per_host: usize,
+}
+
+/// A registered engine, under its URL.
+struct Registered {
+    role: Role,
+    zmq_address: String,
+    source: IpAddr,
+    last_ping: Instant,
+}
+
+/// What a registration did.
+#[derive(Debug, PartialEq)]
+pub enum Admitted {
+    New,
+    Refreshed,
+}
+
+/// The engines registered, and the rules they came in under.
+pub struct Registry {
+    rules: Rules,
+    registered: HashMap<String, Registered>,
+}
+
+fn ip_of(host_port: &str) -> Option<SocketAddr> {
+    let (host, port) = host_port.rsplit_once(':')?;
+    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
+impl Registry {
+    pub fn new(rules: Rules) -> Self {
+        Registry { rules, registered: HashMap::new() }
+    }
+
+    /// Takes a ping from `source`, or says why not (the reason, and words for the log).
+    pub fn admit(&mut self, ping: &Ping, source: IpAddr, now: Instant) -> Result<Admitted, (Refusal, String)> {
+        let source = source.to_canonical();
+        let http = ip_of(ping.url.trim_start_matches("http://")).ok_or((Refusal::NotItsHost, format!("{} names a host, not an IP address", ping.url)))?;
+        let zmq = ip_of(&ping.zmq_address).ok_or((Refusal::NotItsHost, format!("zmq_address {} names a host, not an IP address", ping.zmq_address)))?;
+        for named in [http, zmq] {
+            let ip = named.ip().to_canonical();
+            if self.rules.allow.is_empty() {
+                if ip != source {
+                    return Err((Refusal::NotItsHost, format!("a registration from {source} names {ip} (it may name only its own host; see --discovery-allow)")));
+                }
+            } else if !(self.rules.allow.contains(source) && self.rules.allow.contains(ip)) {
+                return Err((Refusal::OutsideNetworks, format!("a registration from {source} naming {ip} is outside --discovery-allow")));
+            }
+            self.rules.workers.check(named).map_err(|e| (Refusal::OutsideNetworks, e))?;
+        }
+        if let Some(r) = self.registered.get_mut(&ping.url) {
+            if r.role == ping.role && r.zmq_address == ping.zmq_address && r.source == source {
+                r.last_ping = now;
+                return Ok(Admitted::Refreshed);
+            }
+            return Err((Refusal::Conflict, format!("{} is registered as a {} with KV address {} from {}; a ping from {source} says {} / {}", ping.url, r.role.as_str(), r.zmq_address, r.source, ping.role.as_str(), ping.zmq_address)));
+        }
+        if let Some((url, _)) = self.registered.iter().find(|(_, r)| r.zmq_address == ping.zmq_address) {
+            return Err((Refusal::Conflict, format!("KV address {} is registered to {url}", ping.zmq_address)));
+        }
+        if self.registered.values().filter(|r| r.source == source).count() >= self.rules.per_host {
+            return Err((Refusal::TooManyFromHost, format!("{source} has {} engines registered (--discovery-max-per-host)", self.rules.per_host)));
+        }
+        if self.registered.len() >= MAX_REGISTERED {
+            return Err((Refusal::Full, format!("{MAX_REGISTERED} engines registered already")));
+        }
+        self.registered.insert(ping.url.clone(), Registered { role: ping.role, zmq_address: ping.zmq_address.clone(), source, last_ping: now });
+        Ok(Admitted::New)
+    }
+
+    /// Forgets a registration (its pool refused it).
+    fn forget(&mut self, url: &str) {
+        self.registered.remove(url);
+    }
+
+    /// The registrations silent for longer than EXPIRY, removed: (url, role, zmq address).
+    pub fn expire(&mut self, now: Instant) -> Vec<(String, Role, String)> {
+        let gone: Vec<String> = self.registered.iter().filter(|(_, r)| now.duration_since(r.last_ping) > EXPIRY).map(|(u, _)| u.clone()).collect();
+        gone.into_iter().filter_map(|url| self.registered.remove(&url).map(|r| (url, r.role, r.zmq_address))).collect()
+    }
+}
+
+/// Binds the discovery socket (before the router says it is up, so a bad address fails
+/// the start).
+pub async fn bind(address: &str) -> anyhow::Result<TcpListener> {
+    let bare = address.replace(['[', ']'], "");
+    let (host, port) = bare.rsplit_once(':').context("--vllm-discovery-address: HOST:PORT")?;
+    TcpListener::bind((host, port.parse::<u16>().context("--vllm-discovery-address: bad port")?))
+        .await
+        .with_context(|| format!("--vllm-discovery-address: cannot bind {address}"))
+}
+
+pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
+    let (tx, mut rx) = mpsc::channel(1024);
+    // Connections per host: room for an engine's reconnects beside its registrations.
+    let caps = ConnectionLimits { max_connections: MAX_CONNECTIONS, per_host: (rules.per_host * 4).max(64), idle: Some(SILENT_CONNECTION), send_queue: 1 };
+    tokio::spawn(zmtp::serve(listener, SocketType::Router, Limits::SMALL, caps, tx));
+    let mut registry = Registry::new(rules);
+    let mut log = LogBudget::new(10, Duration::from_secs(10));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
-            msg = socket.recv() => {
-                let Ok(msg) = msg else { continue };
-                // [identity, payload]: the payload is the last frame.
-                let Some(payload) = msg.into_vec().pop() else { continue };
-                match parse_ping(&payload) {
-                    Ok(ping) => register(&router, &mut registered, ping),
-                    Err(e) => tracing::warn!("discovery: ignored a registration: {e}"),
+            event = rx.recv() => match event {
+                Some(Accepted::Received(Inbound { peer, incoming: Incoming::Message(mut parts), .. })) => {
+                    // A DEALER's message: the payload is its last part.
+                    let payload = parts.pop().unwrap_or_default();
+                    let admitted = parse_ping(&payload)
+                        .map_err(|e| (Refusal::Malformed, e))
+                        .and_then(|ping| registry.admit(&ping, peer.ip(), Instant::now()).map(|a| (ping, a)));
+                    match admitted {
+                        Ok((ping, Admitted::New)) => join(&router, &mut registry, ping),
+                        Ok((_, Admitted::Refreshed)) => {}
+                        Err((refusal, why)) => {
+                            router.metrics.refused("discovery", refusal.as_str());
+                            if let Some(skipped) = log.take() {
+                                tracing::warn!(from = %peer, skipped, "discovery: refused a registration: {why}");
+                            }
+                        }
+                    }
+                }
+                Some(Accepted::Refused { peer, why }) => {
+                    router.metrics.refused("discovery", "connection");
+                    if let Some(skipped) = log.take() {
+                        tracing::warn!(from = %peer, skipped, "discovery: dropped a connection: {why}");
+                    }
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = tick.tick() => {
+                for (url, role, zmq) in registry.expire(Instant::now()) {
+                    if let Some(pool) = router.topology.pool(role) {
+                        pool.remove(&url);
+                    }
+                    tracing::info!(role = role.as_str(), http = %url, %zmq, "discovery: left (no ping for 5 s)");
                 }
             }
-            _ = tick.tick() => expire(&router, &mut registered),
         }
     }
 }
 
-fn register(router: &Router, registered: &mut HashMap<String, Registered>, ping: Ping) {
-    if let Some(r) = registered.get_mut(&ping.url) {
-        if r.role == ping.role && r.zmq_address == ping.zmq_address {
-            r.last_ping = Instant::now();
-            return;
-        }
-        // The same HTTP address now says something else: it is a new engine.
-        leave(router, registered, &ping.url, "re-registered with another role or KV address");
-    }
-    if registered.len() >= MAX_REGISTERED {
-        tracing::warn!("discovery: {MAX_REGISTERED} engines registered already; ignored {}", ping.url);
+fn join(router: &Router, registry: &mut Registry, ping: Ping) {
+    let Some(pool) = router.topology.pool(ping.role) else {
+        registry.forget(&ping.url);
         return;
-    }
-    let Some(pool) = router.topology.pool(ping.role) else { return };
+    };
     match pool.add(&ping.url, None, Some(ping.zmq_address.clone())) {
-        Ok(_) => {
-            tracing::info!(role = ping.role.as_str(), http = %ping.url, zmq = %ping.zmq_address, "discovery: registered");
-            registered.insert(ping.url, Registered { role: ping.role, zmq_address: ping.zmq_address, last_ping: Instant::now() });
+        Ok(_) => tracing::info!(role = ping.role.as_str(), http = %ping.url, zmq = %ping.zmq_address, "discovery: registered"),
+        Err(e) => {
+            registry.forget(&ping.url);
+            tracing::warn!("discovery: {e}");
         }
-        Err(e) => tracing::warn!("discovery: {e}"),
-    }
-}
-
-fn leave(router: &Router, registered: &mut HashMap<String, Registered>, url: &str, why: &str) {
-    if let Some(r) = registered.remove(url) {
-        if let Some(pool) = router.topology.pool(r.role) {
-            pool.remove(url);
-        }
-        tracing::info!(role = r.role.as_str(), http = %url, zmq = %r.zmq_address, "discovery: left ({why})");
-    }
-}
-
-fn expire(router: &Router, registered: &mut HashMap<String, Registered>) {
-    let gone: Vec<String> = registered.iter().filter(|(_, r)| r.last_ping.elapsed() > EXPIRY).map(|(url, _)| url.clone()).collect();
-    for url in gone {
-        leave(router, registered, &url, "no ping for 5 s");
     }
 }
 
@@ -165,5 +292,66 @@ mod tests {
             let e = parse_ping(&bad).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    fn registry(allow: &[&str], per_host: usize) -> Registry {
+        Registry::new(Rules {
+            allow: Networks(allow.iter().map(|n| n.parse().unwrap()).collect()),
+            workers: WorkerHosts { allow: Networks::default(), own_port: 30000 },
+            per_host,
+        })
+    }
+
+    fn ping(role: Role, http: &str, zmq: &str) -> Ping {
+        Ping { role, url: format!("http://{http}"), zmq_address: zmq.into() }
+    }
+
+    #[test]
+    fn a_live_registration_is_not_replaced_and_an_expired_one_comes_back() {
+        let mut r = registry(&[], 16);
+        let t0 = Instant::now();
+        let engine = ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.5:21001");
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        assert_eq!(r.admit(&engine, ip, t0), Ok(Admitted::New));
+        assert_eq!(r.admit(&engine, ip, t0), Ok(Admitted::Refreshed));
+        // The same URL, another KV address or role, even from the engine's own host.
+        for hijack in [ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.5:6666"), ping(Role::Decode, "10.0.0.5:8100", "10.0.0.5:21001")] {
+            assert_eq!(r.admit(&hijack, ip, t0).unwrap_err().0, Refusal::Conflict);
+        }
+        // Another URL claiming the live engine's KV address.
+        assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.5:8200", "10.0.0.5:21001"), ip, t0).unwrap_err().0, Refusal::Conflict);
+        // Once expired, the engine's own re-registration (with new values) works.
+        let later = t0 + EXPIRY + Duration::from_millis(1);
+        assert_eq!(r.expire(later).len(), 1);
+        assert_eq!(r.admit(&ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.5:21002"), ip, later), Ok(Admitted::New));
+    }
+
+    #[test]
+    fn a_registration_names_its_own_host_unless_networks_are_allowed() {
+        let mut r = registry(&[], 16);
+        let now = Instant::now();
+        let stranger: IpAddr = "10.0.0.66".parse().unwrap();
+        for p in [ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.66:1"), ping(Role::Prefill, "10.0.0.66:8100", "10.0.0.5:1"), ping(Role::Prefill, "169.254.169.254:80", "169.254.169.254:1")] {
+            assert_eq!(r.admit(&p, stranger, now).unwrap_err().0, Refusal::NotItsHost, "{p:?}");
+        }
+        assert_eq!(r.admit(&ping(Role::Prefill, "engine.local:8100", "10.0.0.66:1"), stranger, now).unwrap_err().0, Refusal::NotItsHost);
+        // An IPv4 peer seen on a dual-stack socket.
+        assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.66:8100", "10.0.0.66:1"), "::ffff:10.0.0.66".parse().unwrap(), now), Ok(Admitted::New));
+        let mut r = registry(&["10.0.0.0/24"], 16);
+        assert_eq!(r.admit(&ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.5:1"), stranger, now), Ok(Admitted::New));
+        assert_eq!(r.admit(&ping(Role::Prefill, "10.0.1.5:8100", "10.0.1.5:1"), stranger, now).unwrap_err().0, Refusal::OutsideNetworks);
+        assert_eq!(r.admit(&ping(Role::Prefill, "10.0.0.7:8100", "10.0.0.7:1"), "10.9.9.9".parse().unwrap(), now).unwrap_err().0, Refusal::OutsideNetworks);
+    }
+
+    #[test]
+    fn one_host_registers_at_most_its_share() {
+        let mut r = registry(&[], 2);
+        let now = Instant::now();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        for port in [8100, 8101] {
+            assert_eq!(r.admit(&ping(Role::Decode, &format!("10.0.0.5:{port}"), &format!("10.0.0.5:{}", port + 1000)), ip, now), Ok(Admitted::New));
+        }
+        assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.5:8102", "10.0.0.5:9102"), ip, now).unwrap_err().0, Refusal::TooManyFromHost);
+        assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.6:8102", "10.0.0.6:9102"), "10.0.0.6".parse().unwrap(), now), Ok(Admitted::New));
     }
 }

@@ -1,6 +1,7 @@
 //! The router's HTTP surface, and who may use it: with --client-api-key, every /v1/*
 //! request needs one of the client keys; with --admin-api-key, /workers and /metrics need
-//! it (they list internal addresses). /health and /healthcheck stay open for probes.
+//! it (they list internal addresses). /health and /healthcheck stay open for probes and
+//! name no worker (registered engines are listed to the admin key only).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,7 +120,7 @@ async fn models(State(r): State<Arc<Router>>) -> Response {
 
 /// 200 iff at least one available prefill and one available decode (PD), or one available
 /// worker (colocated), and the router is not draining; otherwise 503 saying what is missing.
-async fn health(State(r): State<Arc<Router>>) -> Response {
+async fn health(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     if r.drain.draining() {
         return ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down").into_response();
     }
@@ -136,9 +137,10 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
                 missing.push(format!("no healthy decode worker (0 of {dt})"));
             }
             let mut status = json!({"status": "ok", "healthy_prefill": p, "prefill": pt, "healthy_decode": d, "decode": dt});
-            // Registered engines, as vLLM's P2pNccl proxy users check them (open only
-            // while no admin key guards the worker list).
-            if r.cfg.discovery.is_some() && r.cfg.auth.admin_key.is_none() {
+            // Registered engines, as vLLM's P2pNccl proxy users check them: internal
+            // addresses, for the admin key only.
+            let admin = r.cfg.auth.admin_key.as_ref().is_some_and(|k| bearer_matches(&headers, std::slice::from_ref(k)));
+            if r.cfg.discovery.is_some() && admin {
                 let urls = |pool: &Pool| pool.snapshot().iter().map(|w| json!({"http": w.url, "zmq": w.kv_address})).collect::<Vec<_>>();
                 status["prefill_instances"] = json!(urls(prefill));
                 status["decode_instances"] = json!(urls(decode));

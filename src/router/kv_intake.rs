@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use super::flow::Router;
 use super::kv_index::{Holder, KvIndex};
 use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
+use crate::zmtp::{self, Limits, SocketType};
 
 /// How often the worker set is reconciled with the subscriptions.
 const RECONCILE: Duration = Duration::from_secs(1);
@@ -27,6 +27,13 @@ const RECONCILE: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_secs(1);
 /// How long a replay may take to answer.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
+const REPLAY_WHOLE: Duration = Duration::from_secs(60);
+/// What a publisher may send: `[topic, seq, batch]` (a replayed one behind an empty
+/// part), a batch up to 32 MiB (a 128k-token prompt's BlockStored is ~0.5 MB).
+const EVENT_LIMITS: Limits = Limits { max_frame: 32 << 20, max_message: (32 << 20) + 4096, max_parts: 4, handshake: Duration::from_secs(5) };
+/// Most batches, and bytes, one replay may answer (vLLM buffers 10,000 steps by default).
+const REPLAY_MAX_BATCHES: usize = 20_000;
+const REPLAY_MAX_BYTES: usize = 256 << 20;
 
 pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build().expect("an HTTP client builds");
@@ -119,12 +126,10 @@ fn on_worker_host(endpoint: &str, host: &str) -> Option<String> {
 async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
     let endpoint = on_worker_host(&src.endpoint, host).ok_or_else(|| format!("endpoint {} is not one the engine binds", src.endpoint))?;
     let mut replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host)).map(|endpoint| Replayer { endpoint, dealer: None });
-    let mut sub = SubSocket::new();
     // A publisher that goes away (an engine restarting) ends this subscription: what it
     // held is dropped and the reconcile loop subscribes again, replaying from the start.
-    let mut monitor = sub.monitor();
-    sub.connect(&endpoint).await.map_err(|e| format!("{endpoint}: {e}"))?;
-    sub.subscribe(&src.topic).await.map_err(|e| e.to_string())?;
+    let mut sub = zmtp::connect(&endpoint, SocketType::Sub, b"", EVENT_LIMITS).await.map_err(|e| format!("{endpoint}: {e}"))?;
+    sub.subscribe(src.topic.as_bytes()).await.map_err(|e| e.to_string())?;
     tracing::info!(worker = %holder.url, rank = holder.rank, %endpoint, "subscribed to KV events");
     index.note_subscribed(holder);
     // What the engine already holds: everything its replay buffer has (a buffer that no
@@ -146,15 +151,10 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
     loop {
         // A quiet publisher may have lost its last batches (a gap shows only when the next
         // one comes): ask the replay endpoint for anything past `next`.
-        let received = tokio::select! {
-            r = tokio::time::timeout(QUIET, sub.recv()) => r,
-            event = futures_util::StreamExt::next(&mut monitor) => match event {
-                Some(zeromq::SocketEvent::Disconnected(_)) | None => return Err("the publisher disconnected".into()),
-                Some(_) => continue,
-            },
-        };
+        // Reads are cancel-safe (zmtp): the timeout loses no part of a message.
+        let received = tokio::time::timeout(QUIET, sub.recv_message()).await;
         let msg = match received {
-            Ok(msg) => msg.map_err(|e| e.to_string())?,
+            Ok(msg) => msg.map_err(|e| format!("the publisher's connection ended: {e}"))?,
             Err(_) => {
                 if let (Some(r), Some(n)) = (replay.as_mut(), next) {
                     if let Ok(batches) = r.from(n).await {
@@ -169,8 +169,7 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
                 continue;
             }
         };
-        let frames = msg.into_vec();
-        let [_, seq, payload] = &frames[..] else { return Err(format!("a message of {} frames", frames.len())) };
+        let [_, seq, payload] = &msg[..] else { return Err(format!("a message of {} frames", msg.len())) };
         let seq = u64::from_be_bytes(seq.get(..8).and_then(|s| s.try_into().ok()).ok_or("a sequence number that is not 8 bytes")?);
         match next {
             Some(n) if seq < n && !caught_up => continue,
@@ -219,7 +218,7 @@ fn apply_run(holder: &Holder, index: &KvIndex, batches: Vec<(u64, Bytes)>, from:
 /// A rank's replay endpoint, over one DEALER kept while it works (a new one after an error).
 struct Replayer {
     endpoint: String,
-    dealer: Option<DealerSocket>,
+    dealer: Option<zmtp::Connection>,
 }
 
 impl Replayer {
@@ -234,18 +233,18 @@ impl Replayer {
     }
 
     async fn ask(&mut self, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
-        if self.dealer.is_none() {
-            let mut dealer = DealerSocket::new();
-            tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(&self.endpoint)).await.map_err(|_| "replay connect timed out".to_string())?.map_err(|e| e.to_string())?;
-            self.dealer = Some(dealer);
-        }
-        let dealer = self.dealer.as_mut().expect("just set");
-        let req = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).map_err(|e| e.to_string())?;
-        dealer.send(req).await.map_err(|e| e.to_string())?;
+        let dealer = match &mut self.dealer {
+            Some(d) => d,
+            None => self.dealer.insert(zmtp::connect(&self.endpoint, SocketType::Dealer, b"", EVENT_LIMITS).await.map_err(|e| e.to_string())?),
+        };
+        dealer.send(&[Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).await.map_err(|e| e.to_string())?;
         let mut out = Vec::new();
+        let mut bytes = 0usize;
+        // Each message within REPLAY_TIMEOUT, the whole answer within REPLAY_WHOLE.
+        let deadline = tokio::time::Instant::now() + REPLAY_WHOLE;
         loop {
-            let msg = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
-            let f = msg.into_vec();
+            let next = (tokio::time::Instant::now() + REPLAY_TIMEOUT).min(deadline);
+            let f = tokio::time::timeout_at(next, dealer.recv_message()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
             if f.len() != 4 {
                 return Err(format!("a replay message of {} frames", f.len()));
             }
@@ -253,6 +252,10 @@ impl Replayer {
                 return Ok(out);
             }
             let seq = u64::from_be_bytes(f[2].get(..8).and_then(|s| s.try_into().ok()).ok_or("a bad replay sequence number")?);
+            bytes += f[3].len();
+            if out.len() >= REPLAY_MAX_BATCHES || bytes > REPLAY_MAX_BYTES {
+                return Err(format!("a replay past {REPLAY_MAX_BATCHES} batches or {} MiB", REPLAY_MAX_BYTES >> 20));
+            }
             out.push((seq, f[3].clone()));
         }
     }

@@ -27,6 +27,7 @@ pub struct RouterMetrics {
     permits: IntGauge,
     abandoned: prometheus::IntCounter,
     kv_aware: IntCounterVec,
+    refused: IntCounterVec,
     /// One render at a time (each resets the per-worker series, then sets them).
     rendering: std::sync::Mutex<()>,
 }
@@ -46,6 +47,7 @@ impl RouterMetrics {
             leg_errors: counter("disagg_router_leg_errors_total", "Failed leg attempts (each retry counts), by leg and kind.", &["leg", "kind"]),
             retries: counter("disagg_router_retries_total", "Legs retried on another worker, by leg.", &["leg"]),
             kv_aware: counter("disagg_router_kv_aware_total", "kv_aware decisions, by outcome (prefill_skipped: the decode prefilled the few tokens it lacked).", &["outcome"]),
+            refused: counter("disagg_router_refused_total", "What the network boundary refused (docs/SECURITY.md), by where it came from and why.", &["from", "reason"]),
             legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
             in_flight: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
@@ -70,6 +72,11 @@ impl RouterMetrics {
 
     pub fn kv_aware(&self, outcome: &str) {
         self.kv_aware.with_label_values(&[outcome]).inc();
+    }
+
+    /// Something refused at the network boundary (docs/SECURITY.md).
+    pub fn refused(&self, from: &'static str, reason: &'static str) {
+        self.refused.with_label_values(&[from, reason]).inc();
     }
 
     pub fn retry(&self, leg: &str) {

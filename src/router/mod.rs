@@ -5,6 +5,7 @@ pub mod admin;
 pub mod admission;
 pub mod body;
 mod body_scan;
+pub mod boundary;
 pub mod breaker;
 pub mod cli;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod kv_index;
 pub mod kv_intake;
 pub mod kv_tokens;
 pub mod legs;
+mod log_budget;
 pub mod metrics;
 pub mod pair;
 pub mod policy;
@@ -110,7 +112,9 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     };
     let router = Arc::new(build(cfg)?);
     if let Some(socket) = discovery {
-        tokio::spawn(discovery::run(router.clone(), socket));
+        let b = &router.cfg.boundary;
+        let rules = discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
+        tokio::spawn(discovery::run(router.clone(), socket, rules));
     }
     tokio::spawn(health::run(router.clone()));
     tokio::spawn(health::maintain(router.clone()));

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use zeromq::{DealerSocket, Socket, SocketOptions, SocketSend, ZmqMessage};
+use bytes::Bytes;
+
+use crate::zmtp::{self, Limits, SocketType};
 
 /// vLLM's ping period.
 const PING_EVERY: Duration = Duration::from_secs(3);
@@ -27,20 +29,17 @@ pub fn ping_payload(producer: bool, http_address: &str, zmq_address: &str) -> Ve
 /// yet, or restarts, is reached again on a later ping (libzmq reconnects on its own; here a
 /// failed send reconnects).
 pub async fn register(proxy: String, payload: Vec<u8>, zmq_address: String) {
-    let mut socket: Option<DealerSocket> = None;
+    let payload = Bytes::from(payload);
+    let mut socket: Option<zmtp::Connection> = None;
     loop {
         if socket.is_none() {
-            let mut opts = SocketOptions::default();
-            opts.peer_identity(zmq_address.parse().expect("any string is an identity"));
-            let mut s = DealerSocket::with_options(opts);
-            match tokio::time::timeout(PING_EVERY, s.connect(&format!("tcp://{proxy}"))).await {
-                Ok(Ok(())) => socket = Some(s),
-                Ok(Err(e)) => tracing::debug!("P2pNccl proxy {proxy} not reachable yet: {e}"),
-                Err(_) => tracing::debug!("P2pNccl proxy {proxy} not reachable yet"),
+            match zmtp::connect(&proxy, SocketType::Dealer, zmq_address.as_bytes(), Limits::SMALL).await {
+                Ok(s) => socket = Some(s),
+                Err(e) => tracing::debug!("P2pNccl proxy {proxy} not reachable yet: {e}"),
             }
         }
         if let Some(s) = socket.as_mut() {
-            let sent = tokio::time::timeout(PING_EVERY, s.send(ZmqMessage::from(payload.clone()))).await;
+            let sent = tokio::time::timeout(PING_EVERY, s.send(std::slice::from_ref(&payload))).await;
             if !matches!(sent, Ok(Ok(()))) {
                 tracing::debug!("P2pNccl ping to {proxy} failed; reconnecting");
                 socket = None;

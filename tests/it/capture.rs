@@ -33,6 +33,8 @@ pub struct Capture {
     /// A prefill leg is answered without `kv_transfer_params` (as vLLM does when the one
     /// token it generates is EOS or hits a stop string).
     pub no_params: bool,
+    /// What `/kv_event_sources` answers (kv_aware asks it for each rank's publisher).
+    pub kv_event_sources: Option<Value>,
 }
 
 pub const PARAMS: &str = r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[[7,8]],"remote_engine_id":"eng-1","remote_request_id":"cmpl-x-0-1","remote_host":"127.0.0.1","remote_port":5600,"tp_size":1,"extra_future_field":{"a":[1,2]}}"#;
@@ -78,6 +80,9 @@ async fn handle(State(c): State<Capture>, ConnectInfo(peer): ConnectInfo<std::ne
         return ().into_response();
     }
     c.seen.lock().unwrap().push(Seen { path: path.clone(), peer, headers, body: body.clone() });
+    if let (Some(sources), "/kv_event_sources") = (&c.kv_event_sources, path.as_str()) {
+        return axum::Json(sources.clone()).into_response();
+    }
     if path == "/v1/models" {
         return axum::Json(json!({"object": "list", "data": [{"id": "capture", "object": "model"}]})).into_response();
     }

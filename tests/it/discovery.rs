@@ -45,9 +45,11 @@ impl Drop for Registrant {
     }
 }
 
+/// /health as the admin sees it (with the key, registered engines are listed).
 async fn health(router: &str) -> (u16, Value) {
-    let (status, body) = get(&format!("{router}/health")).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    let resp = client().get(format!("{router}/health")).bearer_auth("k").send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]
@@ -55,7 +57,7 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
     let (p_url, p) = Capture::default().start().await;
     let (d_url, d) = Capture::default().start().await;
     let discovery = format!("127.0.0.1:{}", free_port());
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--log-level", "info,disagg=debug"]).await;
+    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--log-level", "info,disagg=debug"]).await;
     assert!(r.banner.contains("connector=p2pnccl"), "{}", r.banner);
     let (status, v) = health(&r.url).await;
     assert_eq!(status, 503, "nothing registered yet: {v}");
@@ -98,7 +100,7 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
     let _again = Registrant::start(&discovery, "P", &host_port(&p_url), &pz);
     assert!(eventually(Duration::from_secs(15), || async { health(&r.url).await.0 == 200 }).await);
     assert_eq!(post(&format!("{}/v1/completions", r.url), &body).await.0, 200);
-    assert_idle(&r.url).await;
+    assert_idle_as(&r.url, Some("k")).await;
 }
 
 #[tokio::test]

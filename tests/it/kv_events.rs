@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use disagg::zmtp::{self, Limits, SocketType};
 
 use disagg::api::kv_events::{decode, EventBatch, KvEvent, END_SEQ};
 
 use crate::support::*;
+
+/// What the tests take from a publisher.
+const LIMITS: Limits = Limits { max_frame: 64 << 20, max_message: 64 << 20, max_parts: 8, handshake: Duration::from_secs(5) };
 
 pub struct Engine {
     pub url: String,
@@ -32,16 +35,15 @@ async fn sources(e: &Engine) -> (Value, String, String) {
 }
 
 pub struct Subscription {
-    sub: SubSocket,
+    sub: zmtp::Connection,
     /// Every batch received so far: (seq, payload, decoded).
     pub seen: Vec<(u64, Bytes, EventBatch)>,
 }
 
 pub async fn subscribe(e: &Engine) -> Subscription {
     let (_, ep, _) = sources(e).await;
-    let mut sub = SubSocket::new();
-    sub.connect(&ep).await.unwrap();
-    sub.subscribe("").await.unwrap();
+    let mut sub = zmtp::connect(&ep, SocketType::Sub, b"", LIMITS).await.unwrap();
+    sub.subscribe(b"").await.unwrap();
     // A SUB socket only gets what is published after it is connected.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Subscription { sub, seen: Vec::new() }
@@ -51,8 +53,7 @@ impl Subscription {
     /// Collects batches until `within` passes with none arriving.
     pub async fn collect(&mut self, within: Duration) -> Vec<KvEvent> {
         let mut events = Vec::new();
-        while let Ok(Ok(msg)) = tokio::time::timeout(within, self.sub.recv()).await {
-            let frames = msg.into_vec();
+        while let Ok(Ok(frames)) = tokio::time::timeout(within, self.sub.recv_message()).await {
             assert_eq!(frames.len(), 3, "[topic, seq, payload]");
             let seq = u64::from_be_bytes(frames[1][..8].try_into().unwrap());
             let batch = decode(&frames[2]).unwrap_or_else(|e| panic!("batch {seq}: {e}"));
@@ -159,14 +160,11 @@ pub async fn removed_events_follow_eviction(e: &Engine, sub: &mut Subscription, 
 pub async fn replay_returns_what_was_missed(e: &Engine, sub: &Subscription) {
     let (_, _, replay) = sources(e).await;
     let from = sub.seen.first().map_or(0, |s| s.0);
-    let mut dealer = DealerSocket::new();
-    dealer.connect(&replay).await.unwrap();
-    let req = ZmqMessage::try_from(vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]).unwrap();
-    dealer.send(req).await.unwrap();
+    let mut dealer = zmtp::connect(&replay, SocketType::Dealer, b"", LIMITS).await.unwrap();
+    dealer.send(&[Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]).await.unwrap();
     let mut got = Vec::new();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), dealer.recv()).await.expect("a replay answer").unwrap();
-        let f = msg.into_vec();
+        let f = tokio::time::timeout(Duration::from_secs(5), dealer.recv_message()).await.expect("a replay answer").unwrap();
         assert_eq!(f.len(), 4, "[b\"\", topic, seq, payload]");
         assert!(f[0].is_empty());
         if f[2][..] == END_SEQ {

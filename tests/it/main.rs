@@ -1,6 +1,7 @@
 //! Integration tests: real processes over loopback HTTP. One binary, many modules.
 
 mod bench;
+mod boundary;
 mod capture;
 mod connectors;
 mod discovery;

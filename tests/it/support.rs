@@ -275,19 +275,33 @@ pub async fn router_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
 
 /// The router's `/workers` document.
 pub async fn workers(router: &str) -> Value {
-    serde_json::from_str(&get(&format!("{router}/workers")).await.1).unwrap()
+    workers_as(router, None).await
+}
+
+/// `/workers` with the admin key, when the router has one.
+pub async fn workers_as(router: &str, admin_key: Option<&str>) -> Value {
+    let mut req = client().get(format!("{router}/workers"));
+    if let Some(k) = admin_key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap().json().await.unwrap()
 }
 
 /// Every in-flight count, permit and queue slot of the router is back to zero.
 pub async fn assert_idle(router: &str) {
+    assert_idle_as(router, None).await
+}
+
+/// `assert_idle` for a router with an admin key.
+pub async fn assert_idle_as(router: &str, admin_key: Option<&str>) {
     let idle = eventually(Duration::from_secs(10), || async {
-        let w = workers(router).await;
+        let w = workers_as(router, admin_key).await;
         w["permits_in_use"] == 0
             && w["queued"] == 0
             && w["workers"].as_array().unwrap().iter().all(|w| w["in_flight"] == 0 && w["ranks_queued_blocks"].as_array().is_none_or(|q| q.iter().all(|b| b == 0)))
     })
     .await;
-    assert!(idle, "router not idle: {}", workers(router).await);
+    assert!(idle, "router not idle: {}", workers_as(router, admin_key).await);
 }
 
 /// A worker's in-flight count as the router sees it.

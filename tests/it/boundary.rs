@@ -1,0 +1,263 @@
+//! The network boundary (docs/SECURITY.md): what strangers on the engines' network can
+//! send the router's ZMQ sockets, over raw TCP and with pyzmq as vLLM's engines use it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::capture::Capture;
+use crate::support::*;
+
+/// A ZMTP 3.0 greeting with NULL security, as libzmq sends it.
+fn greeting() -> Vec<u8> {
+    let mut g = vec![0u8; 64];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3;
+    g[12..16].copy_from_slice(b"NULL");
+    g
+}
+
+/// A READY command naming `socket_type`.
+fn ready(socket_type: &str) -> Vec<u8> {
+    let mut body = vec![5u8];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    body.extend_from_slice(socket_type.as_bytes());
+    let mut out = vec![0x04, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+/// A long frame header declaring 2^40 bytes.
+fn huge_frame_header() -> Vec<u8> {
+    let mut h = vec![0x02];
+    h.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    h
+}
+
+async fn send_then_wait_close(address: &str, bytes: &[u8], within: Duration) -> bool {
+    let mut s = TcpStream::connect(address).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    read_until_closed(&mut s, within).await.1
+}
+
+fn assert_alive(r: &mut Proc) {
+    let pid = r.pid().expect("the router is running") as i32;
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the router died: {}", r.log_text());
+}
+
+/// The discovery socket survives every malformed stream a stranger can send, and still
+/// registers engines after.
+#[tokio::test]
+async fn no_packet_to_the_discovery_address_takes_the_router_down() {
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let mut r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k"]).await;
+    let rss_before = proc_status_kib(r.pid().unwrap(), "VmRSS");
+
+    // One packet: a greeting and a frame declaring 2^40 bytes (this aborted the router).
+    let one_packet = [greeting(), huge_frame_header()].concat();
+    assert!(send_then_wait_close(&discovery, &one_packet, Duration::from_secs(5)).await, "the connection is dropped");
+    // The same after a whole handshake, and as a command.
+    let after_ready = [greeting(), ready("DEALER"), huge_frame_header()].concat();
+    assert!(send_then_wait_close(&discovery, &after_ready, Duration::from_secs(5)).await);
+    let command = [greeting(), vec![0x06], (1u64 << 40).to_be_bytes().to_vec()].concat();
+    assert!(send_then_wait_close(&discovery, &command, Duration::from_secs(5)).await);
+    // Garbage for a greeting; a truncated frame; a socket type that cannot talk to a ROUTER.
+    assert!(send_then_wait_close(&discovery, &[0x42; 64], Duration::from_secs(5)).await);
+    assert!(send_then_wait_close(&discovery, &[greeting(), ready("PUB")].concat(), Duration::from_secs(5)).await);
+    let mut truncated = TcpStream::connect(&discovery).await.unwrap();
+    truncated.write_all(&[greeting(), ready("DEALER"), vec![0x00, 200, 1, 2, 3]].concat()).await.unwrap();
+    drop(truncated);
+    // Endless empty MORE frames: cut at the part cap, long before memory grows.
+    let mut endless = TcpStream::connect(&discovery).await.unwrap();
+    endless.write_all(&[greeting(), ready("DEALER")].concat()).await.unwrap();
+    let more = [0x01u8, 0x00].repeat(64 * 1024);
+    let mut cut = false;
+    for _ in 0..200 {
+        if endless.write_all(&more).await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut || read_until_closed(&mut endless, Duration::from_secs(5)).await.1, "endless MORE frames end the connection");
+    // A peer that connects and says nothing is dropped after the handshake time.
+    let mut silent = TcpStream::connect(&discovery).await.unwrap();
+    assert!(read_until_closed(&mut silent, Duration::from_secs(10)).await.1, "a silent peer is dropped");
+
+    assert_alive(&mut r);
+    let rss_after = proc_status_kib(r.pid().unwrap(), "VmRSS");
+    assert!(rss_after < rss_before + 64 * 1024, "RSS {rss_before} -> {rss_after} KiB");
+    let refused = metric(&metrics_with_key(&r.url, "k").await, "disagg_router_refused_total", &[("from", "discovery"), ("reason", "connection")]);
+    assert!(refused >= 6.0, "every dropped connection is counted: {refused}");
+    // A real engine still registers.
+    let (p_url, _p) = Capture::default().start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let _pe = Registrant::start(&discovery, "P", &addr_of(&p_url), &format!("127.0.0.1:{}", free_port()));
+    let _de = Registrant::start(&discovery, "D", &addr_of(&d_url), &format!("127.0.0.1:{}", free_port()));
+    assert!(eventually(Duration::from_secs(15), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await, "{}", r.log_text());
+}
+
+/// The same reader takes kv_aware's events: a publisher (anything answering on an
+/// engine's event port) that sends a 2^40-byte frame, or endless parts, is dropped.
+#[tokio::test]
+async fn a_hostile_kv_event_publisher_is_dropped_not_obeyed() {
+    let pub_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let replay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pub_port, replay_port) = (pub_listener.local_addr().unwrap().port(), replay_listener.local_addr().unwrap().port());
+    let sources = json!({"0": {"endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"), "topic": ""}});
+    let (p_url, _p) = Capture { kv_event_sources: Some(sources), ..Capture::default() }.start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let mut r = router(&["--policy", "kv_aware", "--prefill", &p_url, "--decode", &d_url]).await;
+    let hostile = |listener: tokio::net::TcpListener, me: &'static str| async move {
+        let mut served = 0;
+        while served < 3 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let attack = if served % 2 == 0 { huge_frame_header() } else { [0x01u8, 0x00].repeat(100_000) };
+            let _ = s.write_all(&[greeting(), ready(me), attack].concat()).await;
+            let _ = read_until_closed(&mut s, Duration::from_secs(5)).await;
+            served += 1;
+        }
+    };
+    let attacks = tokio::spawn(hostile(pub_listener, "PUB"));
+    let replay = tokio::spawn(hostile(replay_listener, "ROUTER"));
+    // The router reconnects each second; three hostile rounds on the event port.
+    tokio::time::timeout(Duration::from_secs(30), attacks).await.expect("the router kept reconnecting").unwrap();
+    replay.abort();
+    assert_alive(&mut r);
+    assert!(r.log_text().contains("KV events"), "the broken publisher is logged");
+    assert_eq!(post(&format!("{}/v1/completions", r.url), &json!({"prompt": "still up", "max_tokens": 2})).await.0, 200);
+}
+
+/// vLLM's `P2pNcclEngine.ping`, as written there, with pyzmq and msgpack.
+const REGISTRANT: &str = r#"
+import sys, time, zmq, msgpack
+proxy_address, kind, http_address, zmq_address = sys.argv[1:]
+context = zmq.Context()
+sock = context.socket(zmq.DEALER)
+sock.setsockopt_string(zmq.IDENTITY, zmq_address)
+sock.connect(f"tcp://{proxy_address}")
+data = {"type": kind, "http_address": http_address, "zmq_address": zmq_address}
+while True:
+    sock.send(msgpack.dumps(data))
+    time.sleep(0.5)
+"#;
+
+/// A stranger's flood of malformed registrations.
+const FLOOD: &str = r#"
+import sys, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(f"tcp://{sys.argv[1]}")
+for i in range(2000):
+    sock.send(b"\xc1 not msgpack %d" % i)
+sock.send(b"end")
+import time; time.sleep(1)
+"#;
+
+fn python() -> String {
+    let python = format!("{}/bin/python", script_var("ray-env.sh", "RAY_VENV"));
+    assert!(std::path::Path::new(&python).exists(), "no {python}: run scripts/ray-env.sh (it installs pyzmq and msgpack)");
+    python
+}
+
+/// A registering engine's ping thread (pinging every 0.5 s), stopped when dropped.
+struct Registrant(Child);
+
+impl Registrant {
+    fn start(proxy: &str, kind: &str, http: &str, zmq: &str) -> Registrant {
+        Registrant(Command::new(python()).args(["-c", REGISTRANT, proxy, kind, http, zmq]).stdin(Stdio::null()).spawn().unwrap())
+    }
+}
+
+impl Drop for Registrant {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn metrics_with_key(router: &str, key: &str) -> String {
+    client().get(format!("{router}/metrics")).bearer_auth(key).send().await.unwrap().text().await.unwrap()
+}
+
+async fn registered(router: &str) -> Value {
+    let resp = client().get(format!("{router}/health")).bearer_auth("k").send().await.unwrap();
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+fn refused(text: &str, reason: &str) -> f64 {
+    metric(text, "disagg_router_refused_total", &[("from", "discovery"), ("reason", reason)])
+}
+
+#[tokio::test]
+async fn discovery_cannot_be_hijacked_or_filled_by_strangers() {
+    let (p_url, p) = Capture::default().start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--discovery-max-per-host", "3"]).await;
+    let (pz, dz) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let _pe = Registrant::start(&discovery, "P", &addr_of(&p_url), &pz);
+    let _de = Registrant::start(&discovery, "D", &addr_of(&d_url), &dz);
+    assert!(eventually(Duration::from_secs(15), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await, "{}", r.log_text());
+
+    // A stranger names the live prefill's URL with its own KV address, then as a decode.
+    let _hijack = Registrant::start(&discovery, "P", &addr_of(&p_url), "127.0.0.1:6666");
+    let _flip = Registrant::start(&discovery, "D", &addr_of(&p_url), &pz);
+    // Another names a host that is not its own (the router itself, another address).
+    let _elsewhere = Registrant::start(&discovery, "D", "127.0.0.2:8100", "127.0.0.2:8101");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let m = metrics_with_key(&r.url, "k").await;
+            refused(&m, "conflict") >= 2.0 && refused(&m, "not_its_host") >= 1.0
+        })
+        .await,
+        "{}",
+        metrics_with_key(&r.url, "k").await
+    );
+    let v = registered(&r.url).await;
+    assert_eq!(v["prefill_instances"], json!([{"http": p_url, "zmq": pz}]), "the live registration stands: {v}");
+    assert_eq!(v["decode_instances"], json!([{"http": d_url, "zmq": dz}]), "{v}");
+    // Requests keep going to the real engines, with the real KV addresses.
+    for _ in 0..5 {
+        assert_eq!(post(&format!("{}/v1/completions", r.url), &json!({"prompt": "x", "max_tokens": 2})).await.0, 200);
+    }
+    let ids: Vec<String> = p.requests("/v1/completions").iter().map(|s| s.headers["x-request-id"].to_str().unwrap().to_string()).collect();
+    assert!(ids.iter().all(|id| id.starts_with(&format!("___prefill_addr_{pz}___decode_addr_{dz}_"))), "{ids:?}");
+
+    // One host registers at most --discovery-max-per-host engines (2 are in; 1 more fits).
+    let fillers: Vec<Registrant> = (0..3).map(|_| Registrant::start(&discovery, "D", &format!("127.0.0.1:{}", free_port()), &format!("127.0.0.1:{}", free_port()))).collect();
+    assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "too_many_from_host") >= 1.0 }).await);
+    let v = registered(&r.url).await;
+    assert_eq!(v["decode_instances"].as_array().unwrap().len() + v["prefill_instances"].as_array().unwrap().len(), 3, "{v}");
+    drop(fillers);
+
+    // A flood of malformed messages: counted, logged within a budget.
+    let flood = Command::new(python()).args(["-c", FLOOD, &discovery]).status().unwrap();
+    assert!(flood.success());
+    assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "malformed") >= 2000.0 }).await);
+    let lines = r.log_text().lines().filter(|l| l.contains("refused a registration")).count();
+    assert!(lines <= 40, "{lines} log lines for a flood of 2000");
+    // The engine list is for the admin key only.
+    let anonymous: Value = serde_json::from_str(&get(&format!("{}/health", r.url)).await.1).unwrap();
+    assert!(anonymous.get("prefill_instances").is_none() && anonymous.get("decode_instances").is_none(), "{anonymous}");
+}
+
+#[tokio::test]
+async fn with_discovery_allow_a_host_may_register_engines_on_its_networks() {
+    let (p_url, _p) = Capture::default().start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--discovery-allow", "127.0.0.0/8"]).await;
+    // The captures listen on 127.0.0.1; the registrations come from 127.0.0.1 and name
+    // 127.0.0.2 for their KV addresses: allowed on 127/8.
+    let _p = Registrant::start(&discovery, "P", &addr_of(&p_url), "127.0.0.2:7000");
+    let _e = Registrant::start(&discovery, "D", &addr_of(&d_url), "127.0.0.2:7001");
+    assert!(eventually(Duration::from_secs(10), || async { registered(&r.url).await["decode_instances"].as_array().is_some_and(|a| a.len() == 1) }).await, "{}", r.log_text());
+    let _out = Registrant::start(&discovery, "D", "10.1.1.1:8100", "10.1.1.1:8101");
+    assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "outside_networks") >= 1.0 }).await, "{}", r.log_text());
+}
