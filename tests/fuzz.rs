@@ -178,3 +178,65 @@ proptest! {
         }
     }
 }
+
+/// The ZMQ frame reader on any bytes, bare or after a valid greeting and READY: an answer
+/// or an error, never a panic, and never a buffer larger than its limits allow.
+fn zmtp_read(bytes: &[u8]) -> Vec<Result<disagg::zmtp::Read, String>> {
+    use disagg::zmtp::{FrameReader, Limits};
+    let limits = Limits { max_frame: 512, max_message: 1024, max_parts: 4, handshake: std::time::Duration::from_secs(1) };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let mut reader = FrameReader::new(bytes, limits);
+        let mut out = Vec::new();
+        for _ in 0..64 {
+            match reader.read().await {
+                Ok(r) => out.push(Ok(r)),
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    break;
+                }
+            }
+        }
+        out
+    })
+}
+
+fn framed(parts: &[Vec<u8>]) -> Vec<u8> {
+    let parts: Vec<Bytes> = parts.iter().map(|p| Bytes::from(p.clone())).collect();
+    disagg::zmtp::encode_message(&parts).to_vec()
+}
+
+proptest! {
+    #[test]
+    fn the_zmq_frame_reader_never_panics(raw in prop::collection::vec(any::<u8>(), 0..600), flips in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4)) {
+        let _ = zmtp_read(&raw);
+        // Valid frames with a few bytes changed anywhere (lengths, flags, bodies).
+        let mut msg = framed(&[raw.clone(), b"topic".to_vec()]);
+        for (at, b) in flips {
+            let len = msg.len();
+            msg[at % len] = b;
+        }
+        for r in zmtp_read(&msg) {
+            if let Ok(disagg::zmtp::Read::Message(parts)) = r {
+                prop_assert!(parts.len() <= 4 && parts.iter().map(Bytes::len).sum::<usize>() <= 1024, "a message past the limits was returned");
+            }
+        }
+    }
+
+    #[test]
+    fn the_kv_event_decoder_never_panics(raw in prop::collection::vec(any::<u8>(), 0..512), at in any::<usize>(), with in any::<u8>(), cut in any::<usize>()) {
+        use disagg::api::kv_events::{decode, encode, EventBatch, KvEvent};
+        let _ = decode(&raw);
+        let batch = EventBatch { ts: 1.5, dp_rank: Some(0), events: vec![
+            KvEvent::Stored { hashes: vec![1, u64::MAX], parent: Some(7), token_ids: (0..32).collect(), block_size: 16 },
+            KvEvent::Removed { hashes: vec![1] },
+            KvEvent::AllCleared,
+        ] };
+        let mut bytes = encode(&batch);
+        prop_assert_eq!(decode(&bytes).unwrap(), batch);
+        let len = bytes.len();
+        bytes[at % len] = with;
+        let _ = decode(&bytes);
+        let _ = decode(&bytes[..cut % (len + 1)]);
+    }
+}

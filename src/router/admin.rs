@@ -64,7 +64,7 @@ fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response>
     r.topology.pool(role).ok_or_else(|| bad(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", "))))
 }
 
-fn add(r: &Router, w: NewWorker) -> Response {
+async fn add(r: &Router, w: NewWorker) -> Response {
     if r.cfg.connector == Connector::P2pNccl {
         return bad("P2pNccl engines join by registering at --vllm-discovery-address (request ids must name their KV \
                     addresses, which only the registration gives)");
@@ -73,6 +73,12 @@ fn add(r: &Router, w: NewWorker) -> Response {
         Ok(u) => u,
         Err(e) => return bad(e),
     };
+    // A leaked admin key must not point legs (carrying prompts) at any host: the cloud's
+    // metadata address, the router itself (docs/SECURITY.md).
+    if let Err(e) = r.cfg.boundary.worker_hosts.check_url(&url).await {
+        r.metrics.refused("admin", "worker_host");
+        return bad(e);
+    }
     if w.dp_size == Some(0) || w.dp_size.is_some_and(|n| n > 1024) {
         return bad("dp_size must be 1..=1024");
     }
@@ -131,7 +137,7 @@ struct AddQuery {
 
 async fn add_worker(State(r): State<Arc<Router>>, query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>) -> Response {
     match query {
-        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size, bootstrap_port: q.bootstrap_port }),
+        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size, bootstrap_port: q.bootstrap_port }).await,
         Err(e) => bad(format!("/add_worker takes ?url=URL&role=prefill|decode|worker[&dp_size=N][&bootstrap_port=P]: {e}")),
     }
 }
@@ -165,7 +171,7 @@ async fn list_workers(State(r): State<Arc<Router>>) -> Response {
 
 async fn create_worker(State(r): State<Arc<Router>>, body: Result<axum::Json<NewWorker>, axum::extract::rejection::JsonRejection>) -> Response {
     match body {
-        Ok(axum::Json(w)) => add(&r, w),
+        Ok(axum::Json(w)) => add(&r, w).await,
         Err(e) => bad(format!("POST /workers takes {{\"url\": URL, \"role\": \"prefill|decode|worker\", \"dp_size\": N}}: {}", e.body_text())),
     }
 }

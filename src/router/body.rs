@@ -54,14 +54,31 @@ impl ClientBody {
         self.fields.iter().any(|f| &*f.key == key)
     }
 
-    /// A field decoded; `None` when absent.
-    pub fn value(&self, key: &str) -> Option<Value> {
-        self.get(key).map(|raw| serde_json::from_slice(raw).expect("a scanned value is JSON"))
+    /// A field decoded; `Ok(None)` when absent. The scan checks JSON's grammar, not what a
+    /// decode refuses: a number past f64 (`1e400`) or nesting deeper than 128, which are a
+    /// 400 naming the field.
+    pub fn value(&self, key: &str) -> Result<Option<Value>, ApiError> {
+        let Some(raw) = self.get(key) else { return Ok(None) };
+        serde_json::from_slice(raw).map(Some).map_err(|e| {
+            ApiError::new(ErrorKind::Validation, format!("1 validation error:\n  {{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': 'Value error, {e}'}}")).param(key)
+        })
+    }
+
+    /// A field decoded where an undecodable one counts as absent (policies' hints: the
+    /// worker sees the field as sent and answers for it).
+    pub fn hint(&self, key: &str) -> Option<Value> {
+        self.value(key).ok().flatten()
     }
 
     /// The given fields decoded into one map (the fields a check needs, not the body).
-    pub fn subset(&self, keys: &[&str]) -> Map<String, Value> {
-        keys.iter().filter_map(|k| self.value(k).map(|v| (k.to_string(), v))).collect()
+    pub fn subset(&self, keys: &[&str]) -> Result<Map<String, Value>, ApiError> {
+        let mut out = Map::new();
+        for k in keys {
+            if let Some(v) = self.value(k)? {
+                out.insert(k.to_string(), v);
+            }
+        }
+        Ok(out)
     }
 
     /// The body without the `drop` fields (every occurrence) and with the `set` fields
@@ -222,7 +239,7 @@ mod tests {
         assert_eq!(b.get("a"), Some(&b"\"two\""[..]));
         assert_eq!(b.get("kv_transfer_params"), Some(&br#"{"x": [1, 2]}"#[..]));
         assert!(b.get("missing").is_none());
-        assert_eq!(b.value("a"), Some(Value::from("two")));
+        assert_eq!(b.value("a").unwrap(), Some(Value::from("two")));
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub async fn run(
     let base_id = leg.request_id.to_str().unwrap_or_default().to_string();
     let mut jobs = Vec::new();
     for (k, sub) in request::split(body, shape).into_iter().enumerate() {
-        let body = ClientBody::parse(sub).expect("a split body is an object");
+        let body = match ClientBody::parse(sub) {
+            Ok(body) => body,
+            Err(e) => return Err((Failure::bad_request(e), held)),
+        };
         let info = info_for(router, headers, &body).await;
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
         jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), stream: shape.gen.stream }));

@@ -44,7 +44,8 @@ pub struct Router {
     /// tokenizer and chat template to key prompts as the engine does.
     pub kv_index: Option<Arc<super::kv_index::KvIndex>>,
     pub model_tokenizer: Option<crate::tokenize::ModelTokenizer>,
-    /// `Authorization` sent to workers (--api-key); without it, the client's is passed on.
+    /// `Authorization` sent to workers (--api-key); without it, the client's is passed on
+    /// unless client keys are configured (flow.rs, `worker_authorization`).
     pub worker_auth: Option<HeaderValue>,
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
@@ -135,7 +136,7 @@ async fn serve(
     let leg = LegTemplate {
         path: ep.path(),
         request_id: request_id.clone(),
-        authorization: router.worker_auth.clone().or_else(|| headers.get(AUTHORIZATION).cloned()),
+        authorization: worker_authorization(router, headers),
         prefill_timeout: t.prefill,
         first_byte_timeout: t.decode_first_byte,
         request_timeout: t.request,
@@ -169,6 +170,17 @@ async fn serve(
             *record = Some(held.record);
             Err(f)
         }
+    }
+}
+
+/// What workers are sent as `Authorization`: --api-key; without it, the client's own header
+/// only where the router checks no client keys (a client key is the router's secret, never
+/// a worker's).
+fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderValue> {
+    match &router.worker_auth {
+        Some(key) => Some(key.clone()),
+        None if router.cfg.auth.client_keys.is_empty() => headers.get(AUTHORIZATION).cloned(),
+        None => None,
     }
 }
 

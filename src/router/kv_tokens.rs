@@ -18,7 +18,7 @@ const TEMPLATE_KEYS: [&str; 4] = ["messages", "tools", "add_generation_prompt", 
 pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> Option<Vec<u32>> {
     if body.has("messages") {
         let tok = tokenizer?;
-        let map: Map<String, Value> = TEMPLATE_KEYS.iter().filter_map(|k| body.value(k).map(|v| (k.to_string(), v))).collect();
+        let map: Map<String, Value> = TEMPLATE_KEYS.iter().filter_map(|k| body.hint(k).map(|v| (k.to_string(), v))).collect();
         return tok.encode_chat(&map).ok();
     }
     let raw = body.get("prompt")?;
@@ -28,7 +28,7 @@ pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> O
             return Some(ids);
         }
     }
-    match body.value("prompt")? {
+    match body.hint("prompt")? {
         Value::String(s) => tokenizer?.encode(&s).ok(),
         Value::Array(items) => match items.as_slice() {
             // One prompt of token ids, or a list holding one prompt (fan-out sends each alone).

@@ -99,13 +99,15 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
 }
 
 pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
-    let cfg = args.to_config().map_err(anyhow::Error::msg)?;
+    let mut cfg = args.to_config().map_err(anyhow::Error::msg)?;
     let serving_threads = args.worker_threads.map(usize::from);
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener = TcpListener::bind((host.as_str(), cfg.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
     let port = listener.local_addr()?.port();
+    // Port 0 picked one: it is the port no worker may be on (the router itself).
+    cfg.boundary.worker_hosts.own_port = port;
     let discovery = match &cfg.discovery {
         Some(address) => Some(discovery::bind(address).await?),
         None => None,

@@ -58,7 +58,9 @@ const GENERATION_FIELDS: &[&str] =
     &["max_tokens", "max_completion_tokens", "min_tokens", "n", "seed", "temperature", "stream", "stream_options", "kv_transfer_params"];
 
 pub fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
-    let gen = check_generation(api, &body.subset(GENERATION_FIELDS))?;
+    let gen = check_generation(api, &body.subset(GENERATION_FIELDS)?)?;
+    // Decoded for every leg (steering keys are taken out of it): it must decode.
+    body.value("vllm_xargs")?;
     let prompts = match api {
         Api::Completions => prompt_list(body),
         Api::Chat => None,
@@ -127,7 +129,8 @@ pub struct LegBodies {
 
 impl LegBodies {
     pub fn new(body: ClientBody) -> Self {
-        let xargs = body.value("vllm_xargs").and_then(|v| match v {
+        // `check` refused a request whose vllm_xargs does not decode.
+        let xargs = body.hint("vllm_xargs").and_then(|v| match v {
             Value::Object(mut m) if STEERING.iter().any(|k| m.contains_key(*k)) => {
                 for k in STEERING {
                     m.remove(*k);
@@ -195,7 +198,7 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
     let session = ["x-session-id", "x-user-id"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned))
-        .or_else(|| body.value("user").and_then(|v| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned)));
+        .or_else(|| body.hint("user").and_then(|v| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned)));
     let mut text = String::new();
     let mut ids: Vec<u32> = Vec::new();
     // Characters beyond what is indexed are never looked at (a tokenizer may need a few more).
@@ -214,7 +217,7 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
             ids = leading;
             None
         }
-        None => body.value("prompt"),
+        None => body.hint("prompt"),
     };
     match prompt {
         Some(Value::String(s)) => push(&mut text, &s),
@@ -233,7 +236,7 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
         }
         _ => {}
     }
-    if let Some(Value::Array(msgs)) = body.value("messages") {
+    if let Some(Value::Array(msgs)) = body.hint("messages") {
         for m in &msgs {
             if let Some(role) = m.get("role").and_then(Value::as_str) {
                 push(&mut text, role);

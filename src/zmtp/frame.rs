@@ -41,7 +41,7 @@ pub(super) fn check_greeting(g: &[u8]) -> Result<(), Error> {
 
 /// A command frame: its name and body.
 #[derive(Debug, PartialEq)]
-pub(super) struct Command {
+pub struct Command {
     pub name: Bytes,
     pub body: Bytes,
 }
@@ -121,7 +121,7 @@ pub fn encode_message(parts: &[Bytes]) -> BytesMut {
 
 /// What a frame reader returns.
 #[derive(Debug, PartialEq)]
-pub(super) enum Read {
+pub enum Read {
     Message(Vec<Bytes>),
     Command(Command),
 }
@@ -155,7 +155,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(())
     }
 
-    pub(super) async fn greeting(&mut self) -> Result<(), Error> {
+    pub async fn greeting(&mut self) -> Result<(), Error> {
         self.fill(GREETING_LEN).await?;
         let g = self.buf.split_to(GREETING_LEN);
         check_greeting(&g)
@@ -187,7 +187,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next whole message or command; a message past the limits ends the connection.
-    pub(super) async fn read(&mut self) -> Result<Read, Error> {
+    pub async fn read(&mut self) -> Result<Read, Error> {
         loop {
             let room = self.limits.max_message - self.total;
             let (flags, body) = self.frame(self.limits.max_frame.min(room)).await?;

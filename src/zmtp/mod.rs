@@ -18,7 +18,7 @@ mod socket;
 
 use std::time::Duration;
 
-pub use frame::{encode_message, FrameReader};
+pub use frame::{encode_message, Command, FrameReader, Read};
 pub use listen::{serve, Accepted, ConnectionLimits, Inbound};
 pub use socket::{connect, handshake, Connection, Incoming, Receiver, Writer};
 

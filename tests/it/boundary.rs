@@ -261,3 +261,63 @@ async fn with_discovery_allow_a_host_may_register_engines_on_its_networks() {
     let _out = Registrant::start(&discovery, "D", "10.1.1.1:8100", "10.1.1.1:8101");
     assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "outside_networks") >= 1.0 }).await, "{}", r.log_text());
 }
+
+#[tokio::test]
+async fn client_keys_never_reach_workers() {
+    let (p_url, p) = Capture::default().start().await;
+    let (d_url, d) = Capture::default().start().await;
+    let body = json!({"prompt": "x", "max_tokens": 2});
+    let r = router(&["--prefill", &p_url, "--decode", &d_url, "--client-api-key", "client-secret"]).await;
+    let (status, v) = post_with(&format!("{}/v1/completions", r.url), &body, &[("authorization", "Bearer client-secret")]).await;
+    assert_eq!(status, 200, "{v}");
+    for seen in p.requests("/v1/completions").iter().chain(&d.requests("/v1/completions")) {
+        assert!(seen.headers.get("authorization").is_none(), "a client key reached a worker: {:?}", seen.headers);
+    }
+    // Workers get --api-key, and only it.
+    let r = router(&["--prefill", &p_url, "--decode", &d_url, "--client-api-key", "client-secret", "--api-key", "worker-secret"]).await;
+    assert_eq!(post_with(&format!("{}/v1/completions", r.url), &body, &[("authorization", "Bearer client-secret")]).await.0, 200);
+    let last = d.requests("/v1/completions").pop().unwrap();
+    assert_eq!(last.headers["authorization"], "Bearer worker-secret");
+}
+
+#[tokio::test]
+async fn numbers_past_range_and_deep_nesting_are_400s_not_panics() {
+    let (p_url, _p) = Capture::default().start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let r = router(&["--prefill", &p_url, "--decode", &d_url]).await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for (path, body) in [
+        ("/v1/completions", r#"{"prompt":"hello","max_tokens":1e400}"#.to_string()),
+        ("/v1/completions", format!(r#"{{"prompt":"hello","n":{deep}}}"#)),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1e400}"#.to_string()),
+        ("/v1/completions", r#"{"prompt":"hello","vllm_xargs":{"kv_transfer_params":{"remote_host":"10.0.0.1"},"x":1e999}}"#.to_string()),
+    ] {
+        let resp = client().post(format!("{}{path}", r.url)).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{body}");
+        let v: Value = resp.json().await.expect("a JSON error");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    assert!(!r.log_text().contains("panicked"), "{}", r.log_text());
+}
+
+#[tokio::test]
+async fn the_admin_api_adds_no_worker_on_metadata_addresses_or_the_router_itself() {
+    let (p_url, _p) = Capture::default().start().await;
+    let r = router_unready(&["--admin-api-key", "k", "--vllm-pd-disaggregation"]).await;
+    let add = |url: String| {
+        let base = r.url.clone();
+        async move {
+            let resp = client().post(format!("{base}/add_worker?url={url}&role=prefill")).bearer_auth("k").send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    for bad in ["169.254.169.254:80".to_string(), format!("127.0.0.1:{}", r.port), "[fe80::1]:8100".to_string(), "0.0.0.0:8100".to_string()] {
+        let (status, v) = add(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    assert_eq!(add(addr_of(&p_url)).await.0, 200, "a real worker is still added");
+    let r2 = router_unready(&["--admin-api-key", "k", "--vllm-pd-disaggregation", "--worker-allow", "10.0.0.0/8"]).await;
+    let resp = client().post(format!("{}/add_worker?url={}&role=prefill", r2.url, addr_of(&p_url))).bearer_auth("k").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().contains("--worker-allow"));
+}

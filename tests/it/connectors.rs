@@ -120,7 +120,7 @@ async fn mooncake_2p2d_through_the_router_equals_colocated() {
 #[tokio::test]
 async fn p2pnccl_2p2d_register_and_through_the_router_equal_colocated() {
     let discovery = format!("127.0.0.1:{}", free_port_run(1));
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery]).await;
+    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--admin-api-key", "k"]).await;
     let mut sims = Vec::new();
     for role in ["prefill", "prefill", "decode", "decode"] {
         sims.push(Proc::sim(&["--role", role, "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await);
@@ -128,11 +128,11 @@ async fn p2pnccl_2p2d_register_and_through_the_router_equal_colocated() {
     let c = Proc::sim(&[]).await;
     let url = r.url.clone();
     let all_in = eventually(Duration::from_secs(10), || async {
-        let (status, body) = get(&format!("{url}/health")).await;
+        let (status, body) = get_as(&format!("{url}/health"), "k").await;
         status == 200 && sims.iter().all(|s| body.contains(&s.url))
     })
     .await;
-    assert!(all_in, "not all registered: {}", get(&format!("{}/health", r.url)).await.1);
+    assert!(all_in, "not all registered: {}", get_as(&format!("{}/health", r.url), "k").await.1);
     routed_equals_colocated(&r.url, &c.url, 24).await;
     let (prefills, decodes) = (&sims[..2], &sims[2..]);
     for d in decodes {
@@ -143,7 +143,7 @@ async fn p2pnccl_2p2d_register_and_through_the_router_equal_colocated() {
     for p in prefills {
         assert!(metric(&metrics(&p.url).await, "vllm:request_success_total", &[]) > 0.0, "both prefills served");
     }
-    assert_idle(&r.url).await;
+    assert_idle_as(&r.url, Some("k")).await;
 }
 
 #[tokio::test]
@@ -238,7 +238,7 @@ async fn mooncake_a_decode_that_gives_up_frees_the_prefills_blocks_when_ready() 
 #[tokio::test]
 async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let discovery = format!("127.0.0.1:{}", free_port_run(1));
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--health-check-interval-secs", "30", "--policy", "round_robin"]).await;
+    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--health-check-interval-secs", "30", "--policy", "round_robin", "--admin-api-key", "k"]).await;
     let engine = |role: &'static str| {
         let discovery = discovery.clone();
         async move { Proc::sim(&["--role", role, "--kv-connector", "p2pnccl", "--proxy-address", &discovery, "--decode-ms-per-token", "5"]).await }
@@ -248,7 +248,7 @@ async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let d2 = engine("decode").await;
     let c = Proc::sim(&[]).await;
     let url = r.url.clone();
-    let health = || async { get(&format!("{url}/health")).await.1 };
+    let health = || async { get_as(&format!("{url}/health"), "k").await.1 };
     assert!(eventually(Duration::from_secs(10), || async { let h = health().await; h.contains(&d1.url) && h.contains(&d2.url) && h.contains(&p.url) }).await);
     // Three clients, each a stream of requests; the first decode dies meanwhile.
     let clients: Vec<_> = (0..3)
@@ -275,12 +275,12 @@ async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let d3 = engine("decode").await;
     let healthy = |u: String| {
         let url = url.clone();
-        async move { workers(&url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == u.as_str() && w["healthy"] == true) }
+        async move { workers_as(&url, Some("k")).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == u.as_str() && w["healthy"] == true) }
     };
     assert!(eventually(Duration::from_secs(10), || healthy(d3.url.clone())).await, "{}", health().await);
     routed_equals_colocated(&r.url, &c.url, 6).await;
     assert!(served(&d3.url).await > 0.0, "the new decode takes requests");
-    assert_idle(&r.url).await;
+    assert_idle_as(&r.url, Some("k")).await;
 }
 
 /// P2pNccl, KV nobody takes: KV pushed to a decode whose request never comes is dropped

@@ -439,7 +439,8 @@ async fn local_sim_topologies_run_mooncake_and_p2pnccl() {
         let decode = format!("http://127.0.0.1:{d}");
         if class == "P2pNcclConnector" {
             // The engines register with the router's discovery address themselves.
-            assert!(eventually(Duration::from_secs(10), || async { get(&format!("{url}/health")).await.1.contains(&format!("127.0.0.1:{}", p + 1)) }).await);
+            // (/healthcheck counts them; their addresses are the admin's to see.)
+            assert!(eventually(Duration::from_secs(10), || async { get(&format!("{url}/healthcheck")).await.1.contains("\"prefill_instances\":2") }).await);
         }
         for i in 0..4 {
             let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("launched {class} {i}"), "max_tokens": 3, "ignore_eos": true})).await;

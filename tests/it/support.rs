@@ -154,6 +154,12 @@ pub async fn post_with(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u1
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
+/// GET with `Authorization: Bearer key`.
+pub async fn get_as(url: &str, key: &str) -> (u16, String) {
+    let resp = client().get(url).bearer_auth(key).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
 pub async fn get(url: &str) -> (u16, String) {
     let resp = client().get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
