@@ -138,7 +138,7 @@ proptest! {
         let mut splitter = EventSplitter::default();
         let mut got = Vec::new();
         for w in points.windows(2) {
-            got.extend(splitter.push(&bytes[w[0]..w[1]]));
+            got.extend(splitter.push(&bytes[w[0]..w[1]]).unwrap());
         }
         let want: Vec<String> = events.iter().map(|e| e.replace(['\r', '\n'], " ")).collect();
         let got: Vec<String> = got.iter().map(|e| disagg::api::sse::data_of(e).unwrap_or_default()).collect();
@@ -147,12 +147,29 @@ proptest! {
     }
 
     #[test]
-    fn the_sse_splitter_never_panics(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8)) {
-        let mut s = EventSplitter::default();
+    fn the_sse_splitter_never_panics_and_splits_as_a_whole_buffer_would(chunks in prop::collection::vec(prop::collection::vec(prop::sample::select(vec![b'\r', b'\n', b'a', b':', 0xff]), 0..64), 0..8)) {
+        let mut s = EventSplitter::new(1 << 20);
+        let mut got = Vec::new();
         for c in &chunks {
-            for e in s.push(c) {
+            for e in s.push(c).unwrap() {
                 let _ = disagg::api::sse::data_of(&e);
+                got.push(e.to_vec());
             }
+        }
+        // The reference: the whole stream searched from the start after each event.
+        let mut rest: Vec<u8> = chunks.concat();
+        let mut want = Vec::new();
+        loop {
+            let lf = rest.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+            let crlf = rest.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+            let Some((end, len)) = [lf, crlf].into_iter().flatten().min_by_key(|(p, _)| *p) else { break };
+            want.push(rest[..end].to_vec());
+            rest.drain(..end + len);
+        }
+        prop_assert_eq!(got, want);
+        let mut small = EventSplitter::new(10);
+        for c in &chunks {
+            let _ = small.push(c);
         }
     }
 

@@ -18,23 +18,56 @@ pub fn event<T: Serialize + ?Sized>(value: &T) -> Bytes {
 }
 
 /// Splits a byte stream into SSE events (separated by a blank line), across chunk borders.
-#[derive(Default)]
+/// Each byte is scanned once (a chunk is searched from where the last search ended), and
+/// an event longer than the splitter's limit is an error, not a buffer without end.
 pub struct EventSplitter {
     pending: BytesMut,
+    /// How far `pending` has been searched for a blank line.
+    scanned: usize,
+    max_event: usize,
+}
+
+/// An event longer than the splitter's limit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EventTooLong(pub usize);
+
+impl std::fmt::Display for EventTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE event longer than {} bytes", self.0)
+    }
+}
+
+impl Default for EventSplitter {
+    /// Events up to 64 MiB.
+    fn default() -> Self {
+        EventSplitter::new(64 << 20)
+    }
 }
 
 impl EventSplitter {
+    pub fn new(max_event: usize) -> Self {
+        EventSplitter { pending: BytesMut::new(), scanned: 0, max_event }
+    }
+
     /// Feeds a chunk and returns the complete events it finished, each without its
     /// trailing blank line.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Bytes>, EventTooLong> {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::new();
         loop {
-            let Some((end, sep_len)) = find_event_end(&self.pending) else { break };
+            // A separator may straddle the previous search's end: look back 3 bytes.
+            let from = self.scanned.saturating_sub(3);
+            let Some((end, sep_len)) = find_event_end(&self.pending[from..]).map(|(e, l)| (e + from, l)) else {
+                self.scanned = self.pending.len();
+                if self.pending.len() > self.max_event {
+                    return Err(EventTooLong(self.max_event));
+                }
+                return Ok(out);
+            };
             let ev = self.pending.split_to(end + sep_len);
+            self.scanned = 0;
             out.push(ev.freeze().slice(..end));
         }
-        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -42,13 +75,20 @@ impl EventSplitter {
     }
 }
 
+/// Where the first event ends: the start of its `\n\n` or `\r\n\r\n`, and its length.
 fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
+    let mut at = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[at..]).map(|i| i + at) {
+        // With its first `\n` at i, a CRLF separator starts at i - 1, before an LF one at i.
+        if i >= 1 && buf[i - 1] == b'\r' && buf.get(i + 1..i + 3) == Some(b"\r\n") {
+            return Some((i - 1, 4));
+        }
+        if buf.get(i + 1) == Some(&b'\n') {
+            return Some((i, 2));
+        }
+        at = i + 1;
     }
+    None
 }
 
 /// The payload of an event's `data:` lines (joined by `\n` as the SSE spec says).
@@ -77,8 +117,8 @@ mod tests {
     #[test]
     fn splits_events_across_chunk_borders() {
         let mut s = EventSplitter::default();
-        assert!(s.push(b"data: {\"a\"").is_empty());
-        let evs = s.push(b":1}\n\ndata: [DONE]\n\n");
+        assert!(s.push(b"data: {\"a\"").unwrap().is_empty());
+        let evs = s.push(b":1}\n\ndata: [DONE]\n\n").unwrap();
         assert_eq!(evs.len(), 2);
         assert_eq!(data_of(&evs[0]).unwrap(), "{\"a\":1}");
         assert_eq!(data_of(&evs[1]).unwrap(), "[DONE]");
@@ -88,8 +128,25 @@ mod tests {
     #[test]
     fn accepts_crlf_separators() {
         let mut s = EventSplitter::default();
-        let evs = s.push(b"data: x\r\n\r\ndata: y\n\n");
+        let evs = s.push(b"data: x\r\n\r\ndata: y\n\n").unwrap();
         assert_eq!(evs.iter().map(|e| data_of(e).unwrap()).collect::<Vec<_>>(), ["x", "y"]);
+    }
+
+    #[test]
+    fn an_event_past_the_limit_is_an_error_and_bytes_are_scanned_once() {
+        let mut s = EventSplitter::new(1000);
+        for _ in 0..9 {
+            assert_eq!(s.push(&[b'x'; 100]).unwrap(), Vec::<Bytes>::new());
+        }
+        assert_eq!(s.push(&[b'x'; 200]), Err(EventTooLong(1000)));
+        // A separator split across chunks at every point is still found.
+        for cut in 1..4 {
+            let text = b"data: a\r\n\r\ndata: b\n\n";
+            let mut s = EventSplitter::new(100);
+            let mut evs = s.push(&text[..6 + cut]).unwrap();
+            evs.extend(s.push(&text[6 + cut..]).unwrap());
+            assert_eq!(evs.iter().map(|e| data_of(e).unwrap()).collect::<Vec<_>>(), ["a", "b"], "cut {cut}");
+        }
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub async fn send(client: &reqwest::Client, cfg: &RequestConfig, req: &SampleReq
         (out.prefill, out.decode) = (header("x-disagg-prefill"), header("x-disagg-decode"));
         let mut splitter = EventSplitter::default();
         while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-            for event in splitter.push(&chunk) {
+            for event in splitter.push(&chunk).map_err(|e| e.to_string())? {
                 let Some(data) = data_of(&event) else { continue };
                 if data == "[DONE]" {
                     continue;

@@ -24,6 +24,7 @@ use super::pair::{self, Job, LegTemplate};
 use super::relay::{Held, Piece, Upstream};
 use super::request::{self, LegBodies, Shape};
 use crate::api::sse::{self, EventSplitter};
+use crate::api::{ApiError, ErrorKind};
 
 /// Runs every generation and merges their answers; on failure, hands the held request
 /// back with the failure (the first generation to fail decides it; the others are dropped).
@@ -153,12 +154,19 @@ fn merged_stream(streams: Vec<Upstream>, n: usize, held: Held) -> Body {
         match step {
             Step::Merging(mut m) => loop {
                 match m.pieces.next().await {
-                    Some((k, Piece::Bytes(chunk))) => {
-                        let out = m.rewrite(k, &chunk);
-                        if !out.is_empty() {
-                            return Some((out, Step::Merging(m)));
+                    Some((k, Piece::Bytes(chunk))) => match m.rewrite(k, &chunk) {
+                        Ok(out) if out.is_empty() => {}
+                        Ok(out) => return Some((out, Step::Merging(m))),
+                        Err(too_long) => {
+                            tracing::warn!("a generation's stream failed: {too_long}");
+                            m.held.record.fail(Cause::DecodeMidstream);
+                            if let Some(lease) = m.held.leases.get_mut(k) {
+                                lease.failed();
+                            }
+                            let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream: {too_long}"));
+                            return Some((sse::event(&err.body()), Step::Done(m.held)));
                         }
-                    }
+                    },
                     Some((k, Piece::Broken { event, why, worker_fault })) => {
                         tracing::warn!("a generation's stream failed: {why}");
                         m.held.record.fail(Cause::DecodeMidstream);
@@ -186,9 +194,9 @@ fn merged_stream(streams: Vec<Upstream>, n: usize, held: Held) -> Body {
 impl Merge {
     /// The events a chunk of generation `k` completes, re-indexed; its `[DONE]` and final
     /// usage chunk are held back.
-    fn rewrite(&mut self, k: usize, chunk: &[u8]) -> Bytes {
+    fn rewrite(&mut self, k: usize, chunk: &[u8]) -> Result<Bytes, sse::EventTooLong> {
         let mut out = BytesMut::new();
-        for event in self.splitters[k].push(chunk) {
+        for event in self.splitters[k].push(chunk)? {
             let Some(data) = sse::data_of(&event) else {
                 out.extend_from_slice(&event);
                 out.extend_from_slice(b"\n\n");
@@ -220,7 +228,7 @@ impl Merge {
             }
             out.extend_from_slice(&sse::event(&v));
         }
-        out.freeze()
+        Ok(out.freeze())
     }
 
     /// One usage chunk for the whole request (when the client asked for usage).

@@ -107,8 +107,10 @@ impl std::fmt::Display for LegError {
 }
 
 /// The largest whole answer read from a worker (a non-streamed answer with prompt
-/// logprobs of a long prompt runs to tens of MB).
+/// logprobs of a long prompt runs to tens of MB), and the largest first event of a stream.
 const MAX_ANSWER: usize = 256 << 20;
+/// Bytes of SSE comments (vLLM's `: keep-alive`) a stream may send before its first event.
+const MAX_COMMENTS: usize = 64 << 10;
 
 /// Error text with its causes (reqwest's Display alone hides them).
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -306,13 +308,23 @@ async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Resu
     }
     let mut rest = resp.body;
     let mut head = BytesMut::new();
-    let mut splitter = EventSplitter::default();
+    let mut splitter = EventSplitter::new(MAX_ANSWER);
+    let mut comments = 0usize;
     loop {
         match rest.next().await {
             Some(Ok(chunk)) => {
                 head.extend_from_slice(&chunk);
-                // Comments (vLLM's `: keep-alive`) are relayed but are not output.
-                let Some(data) = splitter.push(&chunk).iter().find_map(|e| sse::data_of(e)) else { continue };
+                let events = splitter.push(&chunk).map_err(|e| LegError::Broken(format!("before its first event: {e}")))?;
+                // Comments (vLLM's `: keep-alive`) are relayed but are not output; a worker
+                // that sends only them is cut off at MAX_COMMENTS.
+                let data = events.iter().find_map(|e| sse::data_of(e));
+                let Some(data) = data else {
+                    comments += events.iter().map(Bytes::len).sum::<usize>();
+                    if comments > MAX_COMMENTS {
+                        return Err(LegError::Broken(format!("over {MAX_COMMENTS} bytes of comments before its first event")));
+                    }
+                    continue;
+                };
                 // An error event before any output is a failed start, not a stream.
                 if let Some(err) = serde_json::from_str::<Value>(&data).ok().and_then(|v| v.get("error").cloned()) {
                     let msg = err.get("message").and_then(Value::as_str).map_or_else(|| err.to_string(), str::to_owned);

@@ -321,3 +321,32 @@ async fn the_admin_api_adds_no_worker_on_metadata_addresses_or_the_router_itself
     assert_eq!(resp.status().as_u16(), 400);
     assert!(resp.text().await.unwrap().contains("--worker-allow"));
 }
+
+/// A decode that answers a stream with nothing but comments (`: keep-alive`), as fast as
+/// it can: cut off after MAX_COMMENTS, a 502 to the client, no memory or CPU burnt.
+#[tokio::test]
+async fn a_worker_sending_only_comments_before_its_first_event_is_cut_off() {
+    use axum::response::IntoResponse;
+    async fn comments_forever(body: axum::body::Bytes) -> axum::response::Response {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if v["kv_transfer_params"]["do_remote_decode"] == true {
+            return axum::Json(json!({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}], "kv_transfer_params": {"remote_engine_id": "e"}})).into_response();
+        }
+        let chunks = futures_util::stream::repeat_with(|| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(b": keep-alive\n\n")));
+        ([("content-type", "text/event-stream")], axum::body::Body::from_stream(chunks)).into_response()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route("/health", axum::routing::get(|| async { "" })).fallback(comments_forever);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let r = router(&["--prefill", &worker, "--decode", &worker, "--disable-retries"]).await;
+    let pid = r.pid().unwrap();
+    let rss_before = proc_status_kib(pid, "VmRSS");
+    let started = std::time::Instant::now();
+    let (status, events) = post_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "x", "max_tokens": 5, "stream": true})).await;
+    assert_eq!(status, 502, "{events:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off at once, not at a timeout: {:?}", started.elapsed());
+    assert!(r.log_text().contains("bytes of comments before its first event"), "{}", r.log_text());
+    let rss_after = proc_status_kib(pid, "VmRSS");
+    assert!(rss_after < rss_before + 16 * 1024, "RSS {rss_before} -> {rss_after} KiB");
+}
