@@ -1,10 +1,13 @@
 //! Reading request bodies: a size cap and one JSON parse, with errors in the API shape.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{ApiError, ErrorKind};
 
@@ -19,6 +22,40 @@ fn too_large(limit: usize) -> ApiError {
 /// oversized body is read and dropped (for a bounded time) before answering, so the
 /// client sees the 413 instead of a connection reset mid-upload.
 pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    read_within(headers, body, limit, None).await.map(|b| b.bytes)
+}
+
+/// Request-body bytes held at once, over every connection: a body takes its share as its
+/// bytes arrive and gives it back when dropped.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        BodyBudget { bytes: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// Bytes held by bodies now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
+    }
+}
+
+/// A body read within a budget: its bytes, and their share of the budget (given back
+/// when this is dropped).
+pub struct Budgeted {
+    pub bytes: Bytes,
+    pub share: Option<OwnedSemaphorePermit>,
+}
+
+/// `read_limited`, each arriving piece taken from `budget` first: a body that would pass
+/// it is refused with 503. The buffer grows as bytes arrive (a declared Content-Length
+/// reserves nothing).
+pub async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: Option<&BodyBudget>) -> Result<Budgeted, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -28,7 +65,8 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
         drain(body).await;
         return Err(too_large(limit));
     }
-    let mut buf = BytesMut::with_capacity(declared.map_or(1024, |n| n as usize));
+    let mut buf = BytesMut::new();
+    let mut share: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
@@ -36,9 +74,22 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
             drain(body).await;
             return Err(too_large(limit));
         }
+        if let Some(budget) = budget {
+            let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            let Ok(more) = budget.bytes.clone().try_acquire_many_owned(n) else {
+                return Err(ApiError::new(
+                    ErrorKind::ServiceUnavailable,
+                    "the router is holding as many request bodies as it may (--max-body-bytes-in-flight): retry shortly",
+                ));
+            };
+            match &mut share {
+                Some(s) => s.merge(more),
+                None => share = Some(more),
+            }
+        }
         buf.extend_from_slice(&data);
     }
-    Ok(buf.freeze())
+    Ok(Budgeted { bytes: buf.freeze(), share })
 }
 
 /// Reads and drops what is left of a body, for at most a second.

@@ -16,6 +16,8 @@ pub enum Cause {
     BadRequest,
     PayloadTooLarge,
     BodyTimeout,
+    /// --max-body-bytes-in-flight reached.
+    BodyBudget,
     QueueFull,
     QueueTimeout,
     NoHealthyPrefill,
@@ -36,6 +38,7 @@ impl Cause {
             Cause::BadRequest => "bad_request",
             Cause::PayloadTooLarge => "payload_too_large",
             Cause::BodyTimeout => "body_timeout",
+            Cause::BodyBudget => "body_budget",
             Cause::QueueFull => "queue_full",
             Cause::QueueTimeout => "queue_timeout",
             Cause::NoHealthyPrefill => "no_healthy_prefill",
@@ -69,6 +72,7 @@ impl Failure {
         let cause = match err.status.as_u16() {
             413 => Cause::PayloadTooLarge,
             408 => Cause::BodyTimeout,
+            503 => Cause::BodyBudget,
             _ => Cause::BadRequest,
         };
         Failure::api(err, cause)

@@ -27,7 +27,7 @@ use super::retry::RetryBudget;
 use super::shutdown::{Drain, Phase};
 use super::topology::Topology;
 use super::fanout;
-use crate::api::body::{read_limited, require_json};
+use crate::api::body::{read_within, require_json, BodyBudget, Budgeted};
 use crate::api::fields::Api;
 use crate::api::ApiError;
 
@@ -50,6 +50,8 @@ pub struct Router {
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
     pub prefill_time: super::prefill_time::PrefillTime,
+    /// Request-body bytes held at once (--max-body-bytes-in-flight).
+    pub body_budget: BodyBudget,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -116,7 +118,8 @@ async fn serve(
 ) -> Result<Response, Failure> {
     let active = router.drain.active();
     require_json(headers).map_err(Failure::bad_request)?;
-    let raw = read_body(router, headers, body).await?;
+    // The body's share of --max-body-bytes-in-flight is held until the answer has started.
+    let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
     let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
     let shape = request::check(ep.api(), &body).map_err(Failure::bad_request)?;
     let generations = shape.generations();
@@ -197,9 +200,9 @@ fn name_workers(h: &mut HeaderMap, prefill: Option<&super::kv_index::Holder>, an
 }
 
 /// The body, whole, within --max-payload-size and --body-read-timeout-secs.
-async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, Failure> {
+async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<Budgeted, Failure> {
     let limit = router.cfg.max_payload;
-    match tokio::time::timeout(router.cfg.timeouts.body_read, read_limited(headers, body, limit)).await {
+    match tokio::time::timeout(router.cfg.timeouts.body_read, read_within(headers, body, limit, Some(&router.body_budget))).await {
         Ok(read) => read.map_err(Failure::bad_request),
         Err(_) => Err(Failure::bad_request(ApiError::with_status(
             StatusCode::REQUEST_TIMEOUT,

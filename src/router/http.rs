@@ -190,7 +190,8 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
     let index: serde_json::Map<String, Value> =
         r.topology.pools().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),
-        "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining(), "prefix_index_entries": index}))
+        "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining(), "prefix_index_entries": index,
+        "body_bytes_in_flight": r.body_budget.in_use()}))
     .into_response()
 }
 

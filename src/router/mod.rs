@@ -94,6 +94,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         retry_budget: retry::RetryBudget::new(&cfg.retry),
         drain: Arc::default(),
         prefill_time: prefill_time::PrefillTime::default(),
+        body_budget: crate::api::body::BodyBudget::new(cfg.boundary.body_budget),
         cfg,
     })
 }
@@ -128,7 +129,8 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let cfg = &router.cfg;
     let drain = router.drain.clone();
     let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), cfg.max_connections, drain.clone())
+    let limits = server::ConnectionLimits { max_connections: cfg.max_connections, h2_streams: cfg.boundary.h2_streams };
+    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), limits, drain.clone())
         .context("cannot start the serving threads")?;
     let shown_host = crate::api::url_host(&host);
     match cfg.mode {

@@ -23,8 +23,8 @@ use crate::idle_close::{accept, IdleFrom};
 /// thread has its own client, legs.rs) all run on the thread that accepted it, so no
 /// network event has to wake another thread. At most `max_connections` connections over
 /// all threads. Accepting stops at the drain's cut.
-pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, max_connections: usize, drain: Arc<Drain>) -> std::io::Result<Connections> {
-    let max_connections = max_connections.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
+pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, limits: ConnectionLimits, drain: Arc<Drain>) -> std::io::Result<Connections> {
+    let max_connections = limits.max_connections.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (started, up) = std::sync::mpsc::channel();
     for i in 0..threads {
@@ -36,7 +36,7 @@ pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, ap
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
                         let _ = started.send(Ok(()));
-                        serve(listener, app, timeouts, slots, drain).await;
+                        serve(listener, app, timeouts, limits.h2_streams, slots, drain).await;
                     }
                     Err(e) => {
                         let _ = started.send(Err(e));
@@ -56,6 +56,14 @@ pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, ap
     Ok(Connections { slots, max: max_connections as u32 })
 }
 
+/// Bounds on the client connections.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    /// Requests in flight on one HTTP/2 connection.
+    pub h2_streams: u32,
+}
+
 /// The connections of every serving thread: each holds a slot until it closes.
 pub struct Connections {
     slots: Arc<Semaphore>,
@@ -71,10 +79,10 @@ impl Connections {
 }
 
 /// Serves `app` on `listener` until the drain is cut, taking a slot of `slots` per connection.
-async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, slots: Arc<Semaphore>, drain: Arc<Drain>) {
+async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_streams: u32, slots: Arc<Semaphore>, drain: Arc<Drain>) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.keep_alive + timeouts.header_read);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20))).max_concurrent_streams(h2_streams);
     let builder = Arc::new(builder);
     let mut phase = drain.subscribe();
     loop {

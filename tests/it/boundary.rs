@@ -350,3 +350,47 @@ async fn a_worker_sending_only_comments_before_its_first_event_is_cut_off() {
     let rss_after = proc_status_kib(pid, "VmRSS");
     assert!(rss_after < rss_before + 16 * 1024, "RSS {rss_before} -> {rss_after} KiB");
 }
+
+/// Bodies: a declared Content-Length reserves nothing; one budget bounds the body bytes
+/// held over all connections; HTTP/2 streams per connection are capped.
+#[tokio::test]
+async fn request_bodies_are_bounded_over_all_connections() {
+    let (p_url, _p) = Capture::default().start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let r = router(&["--prefill", &p_url, "--decode", &d_url, "--max-body-bytes-in-flight", "200000"]).await;
+    let pid = r.pid().unwrap();
+    let virtual_before = proc_status_kib(pid, "VmSize");
+    // 20 heads declaring 32 MB bodies, each followed by one byte.
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr_of(&r.url)).await.unwrap();
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 32000000\r\n\r\n{").await.unwrap();
+        open.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let virtual_after = proc_status_kib(pid, "VmSize");
+    assert!(virtual_after < virtual_before + 64 * 1024, "VmSize {virtual_before} -> {virtual_after} KiB for 20 one-byte bodies");
+    drop(open);
+    // A slow body holding 150 kB of the 200 kB budget: a second body of 100 kB is refused.
+    let mut slow = TcpStream::connect(addr_of(&r.url)).await.unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 300000\r\n\r\n{\"prompt\":\"").await.unwrap();
+    slow.write_all(&[b'a'; 150_000]).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"].as_u64().unwrap_or(0) >= 150_000 }).await);
+    let big = json!({"prompt": "b".repeat(100_000), "max_tokens": 1});
+    let (status, v) = post(&format!("{}/v1/completions", r.url), &big).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--max-body-bytes-in-flight"), "{v}");
+    drop(slow);
+    assert!(eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"] == 0 }).await, "the budget comes back");
+    assert_eq!(post(&format!("{}/v1/completions", r.url), &big).await.0, 200);
+    // h2c: the server's SETTINGS announce the stream cap.
+    let mut h2 = TcpStream::connect(addr_of(&r.url)).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::io::AsyncReadExt::read_exact(&mut h2, &mut head).await.unwrap();
+    assert_eq!(head[3], 4, "a SETTINGS frame first");
+    let mut settings = vec![0u8; usize::from(head[2]) | (usize::from(head[1]) << 8)];
+    tokio::io::AsyncReadExt::read_exact(&mut h2, &mut settings).await.unwrap();
+    let max_streams = settings.chunks(6).find(|s| s[..2] == [0, 3]).map(|s| u32::from_be_bytes(s[2..6].try_into().unwrap()));
+    assert_eq!(max_streams, Some(32), "SETTINGS_MAX_CONCURRENT_STREAMS");
+}
