@@ -58,8 +58,12 @@ pub async fn run(
     let mut streams = Vec::new();
     for a in answers {
         match a.started.body {
-            StartedBody::Whole(b) => wholes.push(b),
-            StartedBody::Events { head, rest } => streams.push(Upstream::new(head, rest, router.cfg.timeouts.stream_idle, &router.drain)),
+            StartedBody::Whole(b) => wholes.push(a.rename.as_ref().map_or(b.clone(), |r| r.whole(b))),
+            StartedBody::Events { head, rest } => {
+                let mut up = Upstream::new(head, rest, router.cfg.timeouts.stream_idle, &router.drain);
+                up.rename = a.rename;
+                streams.push(up);
+            }
         }
         held.leases.push(a.lease);
     }

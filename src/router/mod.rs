@@ -29,6 +29,7 @@ pub mod pair;
 pub mod policy;
 pub mod prefill_time;
 pub mod relay;
+mod rename;
 pub mod request;
 pub mod retry;
 pub mod server;

@@ -72,6 +72,8 @@ pub struct Answer {
     pub cache_from: Option<super::kv_index::Holder>,
     /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
     pub prefill: Option<super::kv_index::Holder>,
+    /// The leg id to replace by the client's in the answer (P2pNccl's names both engines).
+    pub rename: Option<super::rename::Rename>,
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
@@ -218,7 +220,7 @@ async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result
         Ok(started) => {
             lease.succeeded();
             router.metrics.leg_time("decode_first_byte", t);
-            Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t })
+            Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t, rename: None })
         }
         Err(e) => Err((lease, e)),
     }
@@ -282,7 +284,8 @@ async fn run_pair(
                     router.metrics.leg_time("decode_first_byte", t);
                     let prefill = super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
                     let cache_from = (connector == super::connector::Connector::Nixl).then(|| prefill.clone());
-                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill) }));
+                    let rename = (req.request_id != job.leg.request_id).then(|| super::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
+                    let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill), rename }));
                 }
                 return;
             }

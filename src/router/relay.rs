@@ -23,6 +23,7 @@ use super::kv_check::{reported_in_stream, reported_whole, Prediction};
 use super::legs::StartedBody;
 use super::metrics::RequestRecord;
 use super::pair::Answer;
+use super::rename::Rename;
 use super::shutdown::{Active, Drain, Phase};
 use super::worker_client;
 use super::workers::Lease;
@@ -50,12 +51,13 @@ impl Held {
 /// The response for one generation's answer; kv_aware's prediction of its cached tokens
 /// is checked against the usage it reports (kv_check.rs).
 pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, prediction: Option<Prediction>) -> Response {
-    let Answer { started, lease, since, .. } = answer;
+    let Answer { started, lease, since, rename, .. } = answer;
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);
     let body = match started.body {
         StartedBody::Whole(bytes) => {
+            let bytes = rename.as_ref().map_or(bytes.clone(), |r| r.whole(bytes));
             if let Some(p) = prediction {
                 p.check(held.record.metrics(), reported_whole(&bytes));
             }
@@ -63,6 +65,7 @@ pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain
         }
         StartedBody::Events { head, rest } => {
             let mut up = Upstream::new(head, rest, idle, drain);
+            up.rename = rename;
             up.keep_usage = prediction.is_some();
             events(up, held, prediction)
         }
@@ -109,11 +112,13 @@ pub struct Upstream {
     recent: std::collections::VecDeque<Bytes>,
     phase: tokio::sync::watch::Receiver<Phase>,
     over: bool,
+    /// P2pNccl: the leg id replaced by the client's request id (rename.rs).
+    pub rename: Option<Rename>,
 }
 
 impl Upstream {
     pub fn new(head: Bytes, rest: worker_client::Body, idle: Duration, drain: &Drain) -> Self {
-        Upstream { head: Some(head), rest, idle, tail: Vec::new(), keep_usage: false, recent: Default::default(), phase: drain.subscribe(), over: false }
+        Upstream { head: Some(head), rest, idle, tail: Vec::new(), keep_usage: false, recent: Default::default(), phase: drain.subscribe(), over: false, rename: None }
     }
 
     fn remember(&mut self, chunk: &Bytes) {
@@ -135,6 +140,13 @@ impl Upstream {
         reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>())
     }
 
+    fn renamed(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.rename {
+            Some(r) => r.chunk(&chunk),
+            None => chunk,
+        }
+    }
+
     fn broken(&mut self, why: String) -> Option<Piece> {
         self.over = true;
         let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream: {why}"));
@@ -147,6 +159,7 @@ impl Upstream {
             return None;
         }
         if let Some(head) = self.head.take() {
+            let head = self.renamed(head);
             self.remember(&head);
             return Some(Piece::Bytes(head));
         }
@@ -165,11 +178,16 @@ impl Upstream {
         };
         match next {
             Ok(Some(Ok(chunk))) => {
+                let chunk = self.renamed(chunk);
                 self.remember(&chunk);
                 Some(Piece::Bytes(chunk))
             }
             Ok(Some(Err(e))) => self.broken(format!("the connection to the worker broke ({e})")),
             Ok(None) => {
+                if let Some(held_back) = self.rename.as_mut().map(Rename::finish).filter(|b| !b.is_empty()) {
+                    self.remember(&held_back);
+                    return Some(Piece::Bytes(held_back));
+                }
                 let tail = String::from_utf8_lossy(&self.tail);
                 if tail.trim_end().ends_with("data: [DONE]") {
                     self.over = true;

@@ -394,3 +394,24 @@ async fn request_bodies_are_bounded_over_all_connections() {
     let max_streams = settings.chunks(6).find(|s| s[..2] == [0, 3]).map(|s| u32::from_be_bytes(s[2..6].try_into().unwrap()));
     assert_eq!(max_streams, Some(32), "SETTINGS_MAX_CONCURRENT_STREAMS");
 }
+
+/// P2pNccl's leg id names both engines' KV addresses, and vLLM's answer `id` is built
+/// from it: the client sees its own request id there, streamed or not, never an address.
+#[tokio::test]
+async fn answers_name_no_engine_address() {
+    let discovery = format!("127.0.0.1:{}", free_port());
+    let r = router_unready(&["--vllm-discovery-address", &discovery]).await;
+    let _p = Proc::sim(&["--role", "prefill", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await;
+    let _d = Proc::sim(&["--role", "decode", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await;
+    assert!(eventually(Duration::from_secs(10), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await);
+    let url = format!("{}/v1/completions", r.url);
+    let (status, v) = post_with(&url, &json!({"prompt": "where", "max_tokens": 3}), &[("x-request-id", "client-7")]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["id"], "cmpl-client-7", "{v}");
+    let resp = client().post(&url).header("x-request-id", "client-8").json(&json!({"prompt": "where", "max_tokens": 3, "stream": true})).send().await.unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("addr") && text.contains("\"id\":\"cmpl-client-8\""), "{text}");
+    let (status, v) = post(&format!("{}/v1/chat/completions", r.url), &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(!v.to_string().contains("addr"), "{v}");
+}
