@@ -85,7 +85,7 @@ fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
         };
         let lookup = || {
             let keys = block_hashes(&prompt, BLOCK);
-            std::hint::black_box(index.prefix_blocks(&keys));
+            std::hint::black_box(index.prefix_blocks(BLOCK, &keys));
         };
         let fresh = time(&lookup);
         // Everything but the last block cached on this rank.

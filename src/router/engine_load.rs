@@ -77,7 +77,7 @@ pub fn requests_per_engine(text: &str) -> Vec<usize> {
         if per.len() <= engine {
             per.resize(engine + 1, 0);
         }
-        per[engine] += n as usize;
+        per[engine] = per[engine].saturating_add(n as usize);
     }
     per
 }

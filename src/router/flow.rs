@@ -246,5 +246,5 @@ fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Op
     let tokens = rendered.or_else(|| super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
     let block_size = index.block_size();
     let keys = super::kv_index::block_hashes(&tokens, block_size);
-    Some(super::policy::KvView { tokens: tokens.len(), block_size, blocks: keys.len(), held: index.prefix_blocks(&keys), indexed: index.sizes() })
+    Some(super::policy::KvView { tokens: tokens.len(), block_size, blocks: keys.len(), held: index.prefix_blocks(block_size, &keys), indexed: index.sizes() })
 }

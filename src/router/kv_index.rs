@@ -5,6 +5,12 @@
 //! parent of the next stored run. A holder whose events cannot be trusted (a gap that
 //! replay could not fill, a restart) is dropped whole: the index may miss blocks, never
 //! claim blocks an engine does not hold.
+//!
+//! Workers' events are bounded as they are applied (docs/SECURITY.md): each holder indexes
+//! at most MAX_BLOCKS_PER_HOLDER blocks, the write lock is taken per bounded run of
+//! blocks, a holder's block size is its own (blocks of each size in a map of their own;
+//! lookups use the size most holders report, so one worker with another size is left out
+//! rather than every other), and a holder's id is reclaimed when it is dropped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +22,8 @@ use crate::api::{fnv1a, FNV_OFFSET};
 /// Most blocks indexed per holder (a few million: more than any engine's KV cache); a
 /// publisher that claims more is not believed beyond it.
 const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
+/// Blocks applied under one hold of the write lock: readers wait at most this long.
+const BLOCKS_PER_LOCK: usize = 4096;
 
 /// A KV cache that events come from: a worker's DP rank.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +56,8 @@ fn chain(parent: u64, block: &[u32]) -> u64 {
 struct HolderState {
     /// The engine's block hash -> ours.
     ours: HashMap<u64, u64>,
+    /// Tokens per block in this holder's events (0 before its first BlockStored).
+    block_size: usize,
 }
 
 /// Who holds one block: nearly always one rank, so that case takes no allocation (the
@@ -109,11 +119,12 @@ pub struct HolderStatus {
 
 #[derive(Default)]
 struct Inner {
-    /// Our block key -> who holds it.
-    blocks: HashMap<u64, Holders>,
-    /// Holders by a small id.
+    /// Our block key -> who holds it, for each block size.
+    blocks: HashMap<usize, HashMap<u64, Holders>>,
+    /// Holders by a small id; ids of dropped holders are reused.
     ids: HashMap<Holder, u32>,
-    names: Vec<Holder>,
+    names: Vec<Option<Holder>>,
+    free: Vec<u32>,
     states: HashMap<u32, HolderState>,
 }
 
@@ -122,16 +133,37 @@ impl Inner {
         if let Some(id) = self.ids.get(holder) {
             return *id;
         }
-        let id = self.names.len() as u32;
-        self.names.push(holder.clone());
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = Some(holder.clone());
+                id
+            }
+            None => {
+                self.names.push(Some(holder.clone()));
+                (self.names.len() - 1) as u32
+            }
+        };
         self.ids.insert(holder.clone(), id);
         id
+    }
+
+    fn name(&self, id: u32) -> Option<&Holder> {
+        self.names.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// The block size most holders report (ties: the smaller), 0 with none.
+    fn common_block_size(&self) -> usize {
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        for s in self.states.values().filter(|s| s.block_size > 0) {
+            *counts.entry(s.block_size).or_default() += 1;
+        }
+        counts.into_iter().max_by_key(|(size, n)| (*n, std::cmp::Reverse(*size))).map_or(0, |(size, _)| size)
     }
 }
 
 #[derive(Default)]
 pub struct KvIndex {
-    /// Tokens per block, from the events (0 until the first BlockStored).
+    /// Tokens per block that lookups use: the size most holders report (0 before any).
     block_size: AtomicUsize,
     inner: RwLock<Inner>,
     /// Subscribed holders: the last batch applied, and when (None before the first).
@@ -151,24 +183,49 @@ impl KvIndex {
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies one holder's events, in order.
+    /// Learns (or changes) a holder's block size; the lookups' size follows the holders.
+    fn learn_block_size(&self, inner: &mut Inner, holder: &Holder, id: u32, block_size: usize) {
+        let old = inner.states.get(&id).map_or(0, |s| s.block_size);
+        if old == block_size {
+            return;
+        }
+        if old != 0 {
+            tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events now with block size {block_size}, not {old}: its entries are dropped");
+            drop_holder_entries(inner, id);
+        }
+        inner.states.entry(id).or_default().block_size = block_size;
+        let common = inner.common_block_size();
+        self.block_size.store(common, Ordering::Relaxed);
+        if block_size != common {
+            tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events with block size {block_size}, while most workers use {common}: its blocks are left out of kv_aware");
+        }
+    }
+
+    /// Applies one holder's events, in order; the write lock is taken per BLOCKS_PER_LOCK
+    /// blocks, so a large batch never holds readers up for long.
     pub fn apply(&self, holder: &Holder, events: &[KvEvent]) {
         let mut inner = self.write();
-        let id = inner.id(holder);
+        let mut id = inner.id(holder);
+        let mut since_lock = 0usize;
         for event in events {
+            if since_lock >= BLOCKS_PER_LOCK {
+                drop(inner);
+                inner = self.write();
+                // The holder may have been dropped meanwhile (its worker left): a fresh id.
+                id = inner.id(holder);
+                since_lock = 0;
+            }
             match event {
                 KvEvent::Stored { hashes, parent, token_ids, block_size } => {
-                    if *block_size == 0 || token_ids.len() != hashes.len() * block_size {
+                    let block_size = *block_size;
+                    if block_size == 0 || hashes.len().checked_mul(block_size) != Some(token_ids.len()) {
                         continue;
                     }
-                    let known = self.block_size.compare_exchange(0, *block_size, Ordering::Relaxed, Ordering::Relaxed);
-                    if known.is_err_and(|b| b != *block_size) {
-                        tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events with block size {block_size}, not {}: ignored", self.block_size());
-                        continue;
-                    }
+                    since_lock += hashes.len();
+                    self.learn_block_size(&mut inner, holder, id, block_size);
                     let Inner { blocks, states, .. } = &mut *inner;
                     let state = states.entry(id).or_default();
-                    if state.ours.len() + hashes.len() > MAX_BLOCKS_PER_HOLDER {
+                    if state.ours.len().saturating_add(hashes.len()) > MAX_BLOCKS_PER_HOLDER {
                         tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
                         continue;
                     }
@@ -181,7 +238,8 @@ impl KvIndex {
                             None => continue,
                         },
                     };
-                    for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(*block_size)) {
+                    let blocks = blocks.entry(block_size).or_default();
+                    for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(block_size)) {
                         h = chain(h, block);
                         state.ours.insert(*engine_hash, h);
                         match blocks.get_mut(&h) {
@@ -193,22 +251,26 @@ impl KvIndex {
                     }
                 }
                 KvEvent::Removed { hashes } => {
+                    since_lock += hashes.len();
                     let Inner { blocks, states, .. } = &mut *inner;
                     let Some(state) = states.get_mut(&id) else { continue };
+                    let Some(blocks) = blocks.get_mut(&state.block_size) else { continue };
                     for k in hashes.iter().filter_map(|e| state.ours.remove(e)) {
                         if blocks.get_mut(&k).is_some_and(|holders| holders.remove(id)) {
                             blocks.remove(&k);
                         }
                     }
                 }
-                KvEvent::AllCleared => drop_holder(&mut inner, holder),
+                KvEvent::AllCleared => drop_holder_entries(&mut inner, id),
             }
         }
     }
 
     /// Forgets everything `holder` held (its events cannot be trusted, or it left).
     pub fn drop_holder(&self, holder: &Holder) {
-        drop_holder(&mut self.write(), holder);
+        let mut inner = self.write();
+        drop_holder(&mut inner, holder);
+        self.block_size.store(inner.common_block_size(), Ordering::Relaxed);
     }
 
     /// Forgets a holder that is no longer subscribed to.
@@ -225,17 +287,19 @@ impl KvIndex {
         for h in gone {
             drop_holder(&mut inner, &h);
         }
+        self.block_size.store(inner.common_block_size(), Ordering::Relaxed);
     }
 
-    /// For each holder, how many of `keys` (a prompt's block keys, in order) it holds from
-    /// the start.
-    pub fn prefix_blocks(&self, keys: &[u64]) -> HashMap<Holder, usize> {
+    /// For each holder, how many of `keys` (a prompt's block keys of `block_size` tokens, in
+    /// order) it holds from the start.
+    pub fn prefix_blocks(&self, block_size: usize, keys: &[u64]) -> HashMap<Holder, usize> {
         let inner = self.read();
-        let Some(first) = keys.first().and_then(|k| inner.blocks.get(k)) else { return HashMap::new() };
+        let Some(blocks) = inner.blocks.get(&block_size) else { return HashMap::new() };
+        let Some(first) = keys.first().and_then(|k| blocks.get(k)) else { return HashMap::new() };
         let mut alive: Vec<(u32, usize)> = first.ids().into_iter().map(|id| (id, 0)).collect();
         let mut done: Vec<(u32, usize)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let here = inner.blocks.get(key);
+            let here = blocks.get(key);
             alive.retain_mut(|(id, n)| {
                 if here.is_some_and(|h| h.contains(*id)) {
                     *n = i + 1;
@@ -249,7 +313,7 @@ impl KvIndex {
                 break;
             }
         }
-        done.into_iter().chain(alive).filter(|(_, n)| *n > 0).map(|(id, n)| (inner.names[id as usize].clone(), n)).collect()
+        done.into_iter().chain(alive).filter(|(_, n)| *n > 0).filter_map(|(id, n)| inner.name(id).map(|h| (h.clone(), n))).collect()
     }
 
     /// Records the sequence number of the batch just applied.
@@ -287,16 +351,27 @@ impl KvIndex {
     /// Blocks indexed per holder.
     pub fn sizes(&self) -> HashMap<Holder, usize> {
         let inner = self.read();
-        inner.states.iter().map(|(id, s)| (inner.names[*id as usize].clone(), s.ours.len())).collect()
+        inner.states.iter().filter(|(_, s)| !s.ours.is_empty()).filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len()))).collect()
     }
 }
 
+/// Forgets a holder: its entries, its state, and its id (free for the next holder).
 fn drop_holder(inner: &mut Inner, holder: &Holder) {
-    let Some(id) = inner.ids.get(holder).copied() else { return };
-    let Some(state) = inner.states.remove(&id) else { return };
-    for k in state.ours.values() {
-        if inner.blocks.get_mut(k).is_some_and(|holders| holders.remove(id)) {
-            inner.blocks.remove(k);
+    let Some(id) = inner.ids.remove(holder) else { return };
+    drop_holder_entries(inner, id);
+    inner.states.remove(&id);
+    inner.names[id as usize] = None;
+    inner.free.push(id);
+}
+
+/// Forgets the blocks a holder holds (it keeps its id and block size).
+fn drop_holder_entries(inner: &mut Inner, id: u32) {
+    let Some(state) = inner.states.get_mut(&id) else { return };
+    let ours = std::mem::take(&mut state.ours);
+    let Some(blocks) = inner.blocks.get_mut(&state.block_size) else { return };
+    for k in ours.values() {
+        if blocks.get_mut(k).is_some_and(|holders| holders.remove(id)) {
+            blocks.remove(k);
         }
     }
 }
@@ -320,20 +395,53 @@ mod tests {
         idx.apply(&a, &[stored(&[100], None, &[1, 2]), stored(&[101], Some(100), &[3, 4])]);
         // b holds all three in one run.
         idx.apply(&b, &[stored(&[7, 8, 9], None, &[1, 2, 3, 4, 5, 6])]);
-        let got = idx.prefix_blocks(&keys);
+        let got = idx.prefix_blocks(2, &keys);
         assert_eq!((got[&a], got[&b]), (2, 3));
         // A different first block matches nothing.
-        assert!(idx.prefix_blocks(&block_hashes(&[9, 9, 3, 4], 2)).is_empty());
+        assert!(idx.prefix_blocks(2, &block_hashes(&[9, 9, 3, 4], 2)).is_empty());
         // a's first block goes: nothing of a is a prefix any more.
         idx.apply(&a, &[KvEvent::Removed { hashes: vec![100] }]);
-        assert_eq!(idx.prefix_blocks(&keys).get(&a), None);
+        assert_eq!(idx.prefix_blocks(2, &keys).get(&a), None);
         // A run whose parent a never reported cannot be placed.
         idx.apply(&a, &[stored(&[200], Some(999), &[5, 6])]);
         assert_eq!(idx.sizes()[&a], 1);
         idx.apply(&b, &[KvEvent::AllCleared]);
-        assert!(idx.prefix_blocks(&keys).is_empty());
+        assert!(idx.prefix_blocks(2, &keys).is_empty());
         idx.drop_worker("a");
         assert!(idx.sizes().is_empty());
         assert_eq!(idx.block_size(), 2);
+    }
+
+    #[test]
+    fn one_worker_with_another_block_size_is_left_out_not_every_worker() {
+        let idx = KvIndex::default();
+        let rogue = Holder { url: "rogue".into(), rank: 0 };
+        // The rogue speaks first, with blocks of 4 tokens.
+        idx.apply(&rogue, &[KvEvent::Stored { hashes: vec![1], parent: None, token_ids: vec![1, 2, 3, 4], block_size: 4 }]);
+        assert_eq!(idx.block_size(), 4);
+        let (a, b) = (Holder { url: "a".into(), rank: 0 }, Holder { url: "b".into(), rank: 0 });
+        idx.apply(&a, &[stored(&[10, 11], None, &[1, 2, 3, 4])]);
+        idx.apply(&b, &[stored(&[20], None, &[1, 2])]);
+        assert_eq!(idx.block_size(), 2, "most workers use 2");
+        let got = idx.prefix_blocks(2, &block_hashes(&[1, 2, 3, 4], 2));
+        assert_eq!((got.get(&a), got.get(&b), got.get(&rogue)), (Some(&2), Some(&1), None));
+        // Its blocks stay, under their own size: the rogue leaving changes nothing for the others.
+        idx.drop_worker("rogue");
+        assert_eq!(idx.block_size(), 2);
+        // Overflowing products are not blocks.
+        idx.apply(&a, &[KvEvent::Stored { hashes: vec![1; 4], parent: None, token_ids: vec![], block_size: usize::MAX / 2 }]);
+        assert_eq!(idx.sizes()[&a], 2);
+    }
+
+    #[test]
+    fn dropped_holders_give_their_ids_back() {
+        let idx = KvIndex::default();
+        for round in 0..1000 {
+            let h = Holder { url: format!("w{round}"), rank: 0 };
+            idx.apply(&h, &[stored(&[1], None, &[1, 2])]);
+            idx.drop_worker(&h.url);
+        }
+        assert!(idx.read().names.len() <= 1, "ids reused under churn: {}", idx.read().names.len());
+        assert!(idx.sizes().is_empty() && idx.read().blocks.values().all(HashMap::is_empty));
     }
 }

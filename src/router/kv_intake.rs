@@ -10,7 +10,7 @@
 //! binds: a `*` or `::` endpoint as vLLM binds it. An engine configured to connect out to
 //! a collector is not subscribed to (logged).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,18 +41,18 @@ pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
     let mut tick = tokio::time::interval(RECONCILE);
     loop {
         tick.tick().await;
-        let urls: HashSet<String> = router.topology.workers().iter().map(|w| w.url.clone()).collect();
+        let workers: HashMap<String, usize> = router.topology.workers().iter().map(|w| (w.url.clone(), w.dp_size())).collect();
         subscribed.retain(|url, task| {
-            let keep = urls.contains(url) && !task.is_finished();
+            let keep = workers.contains_key(url) && !task.is_finished();
             if !keep {
                 task.abort();
                 index.drop_worker(url);
             }
             keep
         });
-        for url in urls {
+        for (url, dp_size) in workers {
             if !subscribed.contains_key(&url) {
-                let task = tokio::spawn(worker_events(client.clone(), url.clone(), index.clone()));
+                let task = tokio::spawn(worker_events(client.clone(), url.clone(), dp_size, index.clone()));
                 subscribed.insert(url, task);
             }
         }
@@ -61,8 +61,8 @@ pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
 
 /// One worker: its publishers, then every rank's events until one subscription ends (the
 /// reconcile loop then starts again).
-async fn worker_events(client: reqwest::Client, url: String, index: Arc<KvIndex>) {
-    let sources = match publishers(&client, &url).await {
+async fn worker_events(client: reqwest::Client, url: String, dp_size: usize, index: Arc<KvIndex>) {
+    let mut sources = match publishers(&client, &url).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(worker = %url, "no KV events: {e}");
@@ -75,6 +75,12 @@ async fn worker_events(client: reqwest::Client, url: String, index: Arc<KvIndex>
         // A worker that publishes nothing (no --kv-events-config): asked again later.
         tokio::time::sleep(Duration::from_secs(5)).await;
         return;
+    }
+    // A worker serves its DP ranks, no more: a list of others is not subscribed to.
+    let listed = sources.len();
+    sources.retain(|(rank, _)| *rank < dp_size);
+    if sources.len() < listed {
+        tracing::warn!(worker = %url, "/kv_event_sources lists {listed} publishers for {dp_size} DP ranks: ranks past {} are not subscribed to", dp_size - 1);
     }
     let host = reqwest::Url::parse(&url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
     let ranks = sources.into_iter().map(|(rank, src)| {
@@ -102,7 +108,9 @@ async fn publishers(client: &reqwest::Client, url: &str) -> Result<Vec<(usize, S
     if !resp.status().is_success() {
         return Err(format!("/kv_event_sources answered {}", resp.status()));
     }
-    let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    // A few ranks' configs are small; a larger answer is cut off.
+    let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20)).await.map_err(|e| e.to_string())?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     let map = v.as_object().ok_or("/kv_event_sources is not an object")?;
     let mut out = Vec::new();
     for (rank, cfg) in map {

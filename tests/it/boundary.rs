@@ -415,3 +415,37 @@ async fn answers_name_no_engine_address() {
     assert_eq!(status, 200, "{v}");
     assert!(!v.to_string().contains("addr"), "{v}");
 }
+
+/// kv_aware subscribes to the ranks a worker serves, not to however many publishers its
+/// /kv_event_sources lists.
+#[tokio::test]
+async fn a_worker_listing_more_publishers_than_its_ranks_gets_one_subscription_per_rank() {
+    let mut listeners = Vec::new();
+    let mut sources = serde_json::Map::new();
+    for rank in 0..50 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        sources.insert(rank.to_string(), json!({"endpoint": format!("tcp://*:{}", l.local_addr().unwrap().port()), "topic": ""}));
+        listeners.push(l);
+    }
+    let (p_url, _p) = Capture { kv_event_sources: Some(Value::Object(sources)), ..Capture::default() }.start().await;
+    let (d_url, _d) = Capture::default().start().await;
+    let r = router(&["--policy", "kv_aware", "--prefill", &p_url, "--decode", &d_url, "--prefill-dp-size", "2"]).await;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for l in listeners {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Hold it open, silent: the router's handshake times out and it retries.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    drop(s);
+                });
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&n), "{n} subscriptions for a worker of 2 ranks");
+    assert!(r.log_text().contains("lists 50 publishers for 2 DP ranks"), "{}", r.log_text());
+}

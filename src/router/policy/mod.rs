@@ -252,7 +252,7 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
             let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
             let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
             // Requests the engine reports beyond ours are priced as this prompt's size.
-            let queued = w.queued_blocks(rank) + w.reported_elsewhere(rank) * blocks;
+            let queued = w.queued_blocks(rank).saturating_add(w.reported_elsewhere(rank).saturating_mul(blocks));
             let cost = uncached as f64 + load_weight * queued as f64;
             // Among equals, the worker already in use by fewer requests.
             let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank, uncached);
