@@ -6,6 +6,7 @@
 //! every node's list over TCP (gen_ranktable's master port, 6657), and every node writes
 //! the same file. `--device-ips FILE` (one line per node) builds it on one machine instead.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -150,49 +151,125 @@ struct NodeDevices {
     device_ips: Vec<String>,
 }
 
+/// How long one connection to the first node has to send its line.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the first node reads at once.
+const READING_AT_ONCE: usize = 64;
+
+/// A line as the first node received it, where it came from, and the way back.
+struct Arrival {
+    from: SocketAddr,
+    line: Result<String, String>,
+    reply: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// Each node's addresses (--ips resolved), to check where a line comes from.
+async fn node_addresses(ips: &[String]) -> anyhow::Result<Vec<Vec<IpAddr>>> {
+    let mut out = Vec::new();
+    for ip in ips {
+        let bare = ip.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<IpAddr> = match bare.parse::<IpAddr>() {
+            Ok(a) => vec![a],
+            Err(_) => tokio::net::lookup_host((bare, 0)).await.with_context(|| format!("--ips {ip} does not resolve"))?.map(|a| a.ip()).collect(),
+        };
+        out.push(addrs.into_iter().map(|a| a.to_canonical()).collect());
+    }
+    Ok(out)
+}
+
+/// One connection's line: at most 1 MiB, within LINE_TIMEOUT.
+async fn read_line(stream: TcpStream, from: SocketAddr, tx: tokio::sync::mpsc::Sender<Arrival>, _slot: tokio::sync::OwnedSemaphorePermit) {
+    let (read, reply) = stream.into_split();
+    let mut line = String::new();
+    let line = match tokio::time::timeout(LINE_TIMEOUT, BufReader::new(read.take(1 << 20)).read_line(&mut line)).await {
+        Ok(Ok(0)) => Err("closed without a line".to_string()),
+        Ok(Ok(_)) => Ok(line),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no line within {}s", LINE_TIMEOUT.as_secs())),
+    };
+    let _ = tx.send(Arrival { from, line, reply }).await;
+}
+
+/// Which node a line is from, checked: its rank is one of the others, it came from that
+/// node's own address, and that node has not sent one already.
+fn accept_line(arrival: &Arrival, addresses: &[Vec<IpAddr>], lists: &[Option<Vec<String>>]) -> Result<NodeDevices, String> {
+    let line = arrival.line.as_ref().map_err(Clone::clone)?;
+    let got: NodeDevices = serde_json::from_str(line).map_err(|e| format!("not a device list: {e}"))?;
+    if got.node == 0 || got.node >= lists.len() {
+        return Err(format!("node rank {} is not one of 1..{}", got.node, lists.len()));
+    }
+    let from = arrival.from.ip().to_canonical();
+    if !addresses[got.node].contains(&from) {
+        return Err(format!("node {}'s list came from {from}, not from that node", got.node));
+    }
+    if lists[got.node].is_some() {
+        return Err(format!("node {} sent its list already", got.node));
+    }
+    Ok(got)
+}
+
+/// The first node: every other node's device list, each taken only from that node's own
+/// address, once; lines are read several at a time, each within LINE_TIMEOUT, and a bad
+/// or foreign one is logged and skipped (the gather goes on until the deadline).
+async fn collect(args: &RanktableArgs, mine: Vec<String>, deadline: Instant) -> anyhow::Result<serde_json::Value> {
+    let n = args.ips.len();
+    let master = crate::api::join_host_port(&args.ips[0], args.master_port);
+    let addresses = node_addresses(&args.ips).await?;
+    let listener = TcpListener::bind((args.ips[0].trim_start_matches('[').trim_end_matches(']'), args.master_port))
+        .await
+        .with_context(|| format!("cannot listen on {master} for the other nodes"))?;
+    let mut lists: Vec<Option<Vec<String>>> = vec![None; n];
+    lists[0] = Some(mine);
+    let mut peers = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Arrival>(READING_AT_ONCE);
+    let reading = std::sync::Arc::new(tokio::sync::Semaphore::new(READING_AT_ONCE));
+    let timed_out = |lists: &[Option<Vec<String>>]| {
+        let missing: Vec<&str> = lists.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| args.ips[i].as_str()).collect();
+        anyhow::anyhow!("no device list from {} after {}s", missing.join(", "), args.timeout)
+    };
+    while lists.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, from) = accepted?;
+                match reading.clone().try_acquire_owned() {
+                    Ok(slot) => { tokio::spawn(read_line(stream, from, tx.clone(), slot)); }
+                    Err(_) => eprintln!("ranktable: {from} refused: {READING_AT_ONCE} connections are being read already"),
+                }
+            }
+            Some(arrival) = rx.recv() => match accept_line(&arrival, &addresses, &lists) {
+                Ok(got) => {
+                    lists[got.node] = Some(got.device_ips);
+                    peers.push(arrival.reply);
+                }
+                Err(why) => eprintln!("ranktable: a line from {} skipped: {why}", arrival.from),
+            },
+            () = tokio::time::sleep(left) => return Err(timed_out(&lists)),
+        }
+    }
+    let lists: Vec<Vec<String>> = lists.into_iter().map(Option::unwrap_or_default).collect();
+    let table = build(args, &lists)?;
+    let line = serde_json::to_string(&table)? + "\n";
+    for mut p in peers {
+        p.write_all(line.as_bytes()).await?;
+    }
+    Ok(table)
+}
+
 /// Every node's device IPs: the first node collects them and sends the table back.
 async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow::Result<serde_json::Value> {
-    let n = args.ips.len();
     let master = crate::api::join_host_port(&args.ips[0], args.master_port);
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     if rank == 0 {
-        let listener = TcpListener::bind((args.ips[0].trim_start_matches('[').trim_end_matches(']'), args.master_port))
-            .await
-            .with_context(|| format!("cannot listen on {master} for the other nodes"))?;
-        let mut lists: Vec<Option<Vec<String>>> = vec![None; n];
-        lists[0] = Some(mine);
-        let mut peers = Vec::new();
-        while lists.iter().any(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (stream, _) = tokio::time::timeout(left, listener.accept()).await.map_err(|_| {
-                let missing: Vec<&str> = lists.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| args.ips[i].as_str()).collect();
-                anyhow::anyhow!("no device list from {} after {}s", missing.join(", "), args.timeout)
-            })??;
-            let (read, write) = stream.into_split();
-            // One line of at most 1 MiB, by the deadline: a peer that sends nothing or
-            // without end holds nothing.
-            let mut line = String::new();
-            let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout(left, BufReader::new(read.take(1 << 20)).read_line(&mut line))
-                .await
-                .context("a node connected but sent no device list in time")??;
-            let got: NodeDevices = serde_json::from_str(&line).context("a node sent something that is not its device list")?;
-            if got.node == 0 || got.node >= n {
-                bail!("a node sent node rank {}, not one of 1..{n}", got.node);
-            }
-            lists[got.node] = Some(got.device_ips);
-            peers.push(write);
-        }
-        let lists: Vec<Vec<String>> = lists.into_iter().map(Option::unwrap_or_default).collect();
-        let table = build(args, &lists)?;
-        let line = serde_json::to_string(&table)? + "\n";
-        for mut p in peers {
-            p.write_all(line.as_bytes()).await?;
-        }
-        return Ok(table);
+        return collect(args, mine, deadline).await;
     }
+    // From this node's own address: the first node takes a node's list only from there.
+    let own: IpAddr = node_addresses(&args.ips[rank..=rank]).await?.remove(0).first().copied().context("this node's address does not resolve")?;
     let stream = loop {
-        match TcpStream::connect(&master).await {
+        let socket = if own.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(own, 0)).with_context(|| format!("cannot send from this node's address {own}"))?;
+        let to = tokio::net::lookup_host(&master).await?.next().with_context(|| format!("{master} does not resolve"))?;
+        match socket.connect(to).await {
             Ok(s) => break s,
             Err(e) if Instant::now() > deadline => bail!("cannot reach the first node at {master}: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -202,7 +279,7 @@ async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow:
     write.write_all((serde_json::to_string(&NodeDevices { node: rank, device_ips: mine })? + "\n").as_bytes()).await?;
     let mut line = String::new();
     let left = deadline.saturating_duration_since(Instant::now());
-    tokio::time::timeout(left, BufReader::new(read).read_line(&mut line)).await.context("the first node sent no table in time")??;
+    tokio::time::timeout(left, BufReader::new(read.take(16 << 20)).read_line(&mut line)).await.context("the first node sent no table in time")??;
     serde_json::from_str(&line).context("the first node sent no table (did it fail? see its output)")
 }
 

@@ -373,6 +373,56 @@ async fn ranktable_gathers_every_nodes_devices_and_all_nodes_write_the_same_file
     assert_eq!(t["decode_device_list"][3]["device_ip"], "29.7.4.1");
 }
 
+/// The first node's gather takes a node's list only from that node's address, once; a
+/// peer that connects and closes, stays silent, sends garbage or forges another node's
+/// list from elsewhere is skipped, and the real nodes still complete the table.
+#[tokio::test]
+async fn ranktable_gather_cannot_be_stopped_or_forged_from_the_network() {
+    use tokio::io::AsyncWriteExt;
+    let dir = write("hccn_tool", "").parent().unwrap().to_path_buf();
+    std::fs::write(dir.join("hccn_tool"), "#!/bin/sh\n[ \"$1\" = -h ] && exit 0\necho \"ipaddr:29.7.$FAKE_NODE.$2\"\n").unwrap();
+    std::fs::set_permissions(dir.join("hccn_tool"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = free_port_run(1);
+    let node = |n: usize| {
+        let out = dir.join(format!("forged-{n}.json"));
+        let args: Vec<String> = ["ranktable", "--ips", "127.0.0.1", "127.0.0.2", "--npus-per-node", "1", "--local-host", ["127.0.0.1", "127.0.0.2"][n],
+            "--prefill-device-cnt", "1", "--decode-device-cnt", "1", "--master-port", &port.to_string(), "--timeout", "30", "--output", out.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        tokio::process::Command::new(BIN)
+            .args(&args)
+            .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
+            .env("FAKE_NODE", (n + 1).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let master = node(0);
+    let at = format!("127.0.0.1:{port}");
+    assert!(eventually(Duration::from_secs(10), || async { tokio::net::TcpStream::connect(&at).await.is_ok() }).await);
+    // Connect and close; connect and say nothing; garbage; node 1's list forged from 127.0.0.3.
+    drop(tokio::net::TcpStream::connect(&at).await.unwrap());
+    let _silent = tokio::net::TcpStream::connect(&at).await.unwrap();
+    tokio::net::TcpStream::connect(&at).await.unwrap().write_all(b"\xff\xfe not json\n").await.unwrap();
+    let forger = tokio::net::TcpSocket::new_v4().unwrap();
+    forger.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut forged = forger.connect(at.parse().unwrap()).await.unwrap();
+    forged.write_all(b"{\"node\":1,\"device_ips\":[\"6.6.6.6\"]}\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let real = node(1);
+    for (n, child) in [(0, master), (1, real)] {
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.expect("the gather finishes").unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "node {n}: {err}");
+        if n == 0 {
+            assert!(err.contains("came from 127.0.0.3, not from that node") && err.contains("invalid utf-8") && err.contains("closed without a line"), "{err}");
+        }
+    }
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("forged-0.json")).unwrap()).unwrap();
+    assert_eq!(t["decode_device_list"][0]["device_ip"], "29.7.2.0", "node 1's own list, not the forged one: {t}");
+}
+
 /// Two "nodes" on one machine (127.0.0.1 and 127.0.0.2, both loopback), each running its
 /// share of the plan: node 1 the decode, node 0 the prefill, then the router once node 1's
 /// server is healthy.
