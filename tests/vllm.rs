@@ -17,6 +17,8 @@ mod support;
 mod handshake;
 #[path = "it/keep_alive.rs"]
 mod keep_alive;
+#[path = "it/first_token.rs"]
+mod first_token;
 #[allow(dead_code)]
 #[path = "it/mooncake_handshake.rs"]
 mod mooncake_handshake;
@@ -284,6 +286,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("vLLM closes a connection 5 s after its last answer, keeps an unused one (as the simulator)", |e| {
             Box::pin(keep_alive::idle_connections_close_after_their_last_answer(&e.plain.url))
         }),
+        ("router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)", |e| {
+            Box::pin(first_token_cases(e))
+        }),
         ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
     ];
     for (name, case) in cases {
@@ -298,6 +303,19 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         }
     }
     [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect()
+}
+
+async fn first_token_cases(e: &mut Env) {
+    let engines = first_token::Engines {
+        router: &e.router.url,
+        plain: &e.plain.url,
+        prefills: &[&e.p0.url, &e.p1.url],
+        model: "tiny-llama",
+        eos: 1,
+        prompt: e.pair.prompt("first token", 2),
+    };
+    assert_eq!(first_token::first_token_ends_the_request(&engines).await, 12);
+    assert_idle(&e.router.url).await;
 }
 
 async fn router_equals_colocated(e: &mut Env) {

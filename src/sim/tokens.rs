@@ -8,7 +8,7 @@ use serde_json::Value;
 pub const BOS: u32 = 1;
 pub const EOS: u32 = 2;
 const FIRST_TEXT_ID: u32 = 3;
-const VOCAB: u32 = 32_000;
+pub const VOCAB: u32 = 32_000;
 /// One generated token in this many is EOS (when EOS is honoured).
 const EOS_ONE_IN: u64 = 100;
 
@@ -120,6 +120,8 @@ pub fn fingerprint(tokens: &[u32]) -> u64 {
 #[derive(Clone, Copy, Debug)]
 pub struct Generator {
     seed: u64,
+    /// A token a large `logit_bias` forces at every step.
+    forced: Option<u32>,
 }
 
 /// Sampling fields that select tokens; `max_tokens`, `min_tokens`, `stop` and `ignore_eos`
@@ -157,11 +159,19 @@ impl Generator {
         if seed.is_none() && n > 1 && j > 0 {
             state = mix(state ^ j as u64);
         }
-        Generator { seed: state }
+        Generator { seed: state, forced: None }
+    }
+
+    /// This generator with every token forced (request.rs: `logit_bias`).
+    pub fn with_forced(self, forced: Option<u32>) -> Self {
+        Generator { forced, ..self }
     }
 
     /// The token at output position `i` (0-based).
     pub fn token(&self, i: usize) -> u32 {
+        if let Some(t) = self.forced {
+            return t;
+        }
         let h = mix(self.seed ^ mix(i as u64 + 1));
         if h % EOS_ONE_IN == 0 {
             EOS

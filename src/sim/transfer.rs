@@ -169,13 +169,15 @@ pub fn spawn_frees(frees: Vec<NixlRemote>) {
 }
 
 impl Engine {
-    /// Frees a finished request's blocks, or, for a prefill leg that stopped on its
-    /// length cap, holds the prompt's blocks for the decode and returns the params the
-    /// connector answers with (NIXL's; Mooncake answers none).
+    /// Frees a finished request's blocks, or, for a prefill leg, holds the prompt's blocks
+    /// for the decode and returns the params the connector answers with, as vLLM 0.32's
+    /// connectors decide (`request_finished`): NIXL holds on FINISHED_LENGTH_CAPPED and
+    /// FINISHED_STOPPED (EOS, a stop token) and answers its params; Mooncake holds on the
+    /// length cap only and answers none.
     pub fn finish_blocks(&self, seq: &Seq, reason: Finish, st: &mut State) -> Option<Value> {
         let State { cache, held, abandoned, .. } = st;
         let key = match (&seq.job.kv, reason) {
-            (KvRequest::RemoteDecode(Handoff::Nixl), Finish::Length) => seq.job.request_id.clone(),
+            (KvRequest::RemoteDecode(Handoff::Nixl), Finish::Length | Finish::Stopped) => seq.job.request_id.clone(),
             (KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id }), Finish::Length) => {
                 if abandoned.remove(transfer_id).is_some() {
                     // Its decode gave up before the blocks were ready.

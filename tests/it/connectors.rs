@@ -307,3 +307,30 @@ async fn p2pnccl_a_decode_waiting_for_kv_leaves_with_its_client() {
     assert!(eventually(Duration::from_secs(3), || async { metric(&metrics(&d.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await);
     assert!(eventually(Duration::from_secs(3), || async { metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]) == 0.0 }).await);
 }
+
+/// The first-token cases (tests/it/first_token.rs), NIXL and Mooncake, on simulators.
+#[tokio::test]
+async fn a_prefill_whose_first_token_ends_the_request_leaves_no_kv_held() {
+    let prompt = (0..48).map(|i| format!("w{}", i % 97)).collect::<Vec<_>>().join(" ");
+    let (p1, p2) = tokio::join!(Proc::sim(&["--role", "prefill", "--block-size", "16"]), Proc::sim(&["--role", "prefill", "--block-size", "16"]));
+    let d = Proc::sim(&["--role", "decode", "--block-size", "16"]).await;
+    let plain = Proc::sim(&["--block-size", "16"]).await;
+    let r = router(&["--policy", "round_robin", "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url]).await;
+    let engines = crate::first_token::Engines {
+        router: &r.url,
+        plain: &plain.url,
+        prefills: &[&p1.url, &p2.url],
+        model: "sim-model",
+        eos: disagg::sim::tokens::EOS,
+        prompt: prompt.clone(),
+    };
+    assert_eq!(crate::first_token::first_token_ends_the_request(&engines).await, 12);
+    assert_idle(&r.url).await;
+
+    let mp = mooncake_prefill(&["--block-size", "16"]).await;
+    let md = Proc::sim(&["--role", "decode", "--kv-connector", "mooncake", "--block-size", "16", "--kv-lease-secs", "3"]).await;
+    let r = router(&["--kv-connector", "mooncake", "--prefill", &mp.url, &bootstrap_port(&mp), "--decode", &md.url]).await;
+    let engines = crate::first_token::Engines { router: &r.url, prefills: &[&mp.url], ..engines };
+    assert_eq!(crate::first_token::first_token_ends_the_request(&engines).await, 12);
+    assert_idle(&r.url).await;
+}

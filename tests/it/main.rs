@@ -5,6 +5,7 @@ mod boundary;
 mod capture;
 mod connectors;
 mod discovery;
+mod first_token;
 mod guides;
 mod handshake;
 mod keep_alive;

@@ -43,6 +43,18 @@ pub async fn run() {
         router.log_text()
     );
 
+    // A prefill whose one token ends the request: the same cases as on the simulator.
+    let engines = crate::first_token::Engines {
+        router: &router.url,
+        plain: &p.url,
+        prefills: &[&p.url],
+        model: "tiny-llama",
+        eos: 1,
+        prompt: (0..300).map(|i| format!("w{}", i % 97)).collect::<Vec<_>>().join(" "),
+    };
+    assert_eq!(crate::first_token::first_token_ends_the_request(&engines).await, 12);
+    println!("      first-token cases pass on Mooncake, as on the simulator");
+
     let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
     let before = metrics(&d.url).await;
     let mut prompt_tokens = 0.0;
