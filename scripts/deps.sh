@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages the project needs: iproute2 (network namespaces for real-vLLM and Ray
 # tests), curl (scripts/demo.sh), fonts-dejavu-core (the text of `disagg bench --plot`),
-# libibverbs1 (Mooncake's transfer engine links it, even over TCP).
+# libibverbs1 (Mooncake's transfer engine links it, even over TCP), openssl (the TLS tests'
+# certificates, scripts/test-certs.sh).
 # Installs only what is missing.
 set -euo pipefail
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl)
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 ' || missing+=(libibverbs1)
 if [[ ${#missing[@]} -gt 0 ]]; then

@@ -28,9 +28,12 @@ pub enum IdleFrom {
     FirstAnswer,
 }
 
-/// Serves `app` on `tcp` until the client closes, the connection has been idle for
+/// Serves `app` on `tcp` (plain or TLS) until the client closes, the connection has been idle for
 /// `keep_alive`, or `close` resolves (then it closes once its answers are out).
-pub async fn serve_connection(builder: &Builder<TokioExecutor>, tcp: TcpStream, app: axum::Router, keep_alive: Duration, from: IdleFrom, close: impl Future<Output = ()>) {
+pub async fn serve_connection<T>(builder: &Builder<TokioExecutor>, tcp: T, app: axum::Router, keep_alive: Duration, from: IdleFrom, close: impl Future<Output = ()>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::default());
     activity.touch();
     activity.armed.store(from == IdleFrom::Accept, Ordering::Relaxed);

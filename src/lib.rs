@@ -11,5 +11,6 @@ pub mod router;
 pub mod scoreboard;
 pub mod signal;
 pub mod sim;
+pub mod tls;
 pub mod tokenize;
 pub mod zmtp;

@@ -266,17 +266,20 @@ pub struct RouteArgs {
 
     #[command(flatten)]
     pub boundary: super::boundary::BoundaryArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    #[command(flatten)]
+    pub worker_tls: crate::tls::WorkerTlsArgs,
 }
 
-/// Normalises a worker address to `http://host:port[/path]` (no trailing slash).
+/// Normalises a worker address to `http(s)://host:port[/path]` (no trailing slash).
 pub fn normalize_url(raw: &str) -> Result<String, String> {
     let with_scheme = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
     let url = reqwest::Url::parse(&with_scheme).map_err(|e| format!("invalid worker URL `{raw}`: {e}"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => return Err(format!("worker URL `{raw}`: https is not supported; workers are reached over plain HTTP")),
-        s => return Err(format!("worker URL `{raw}`: unsupported scheme `{s}`")),
-    }
+    let scheme = match url.scheme() {
+        s @ ("http" | "https") => s,
+        s => return Err(format!("worker URL `{raw}`: unsupported scheme `{s}` (http or https)")),
+    };
     let host = url.host_str().ok_or_else(|| format!("worker URL `{raw}` has no host"))?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!("worker URL `{raw}`: no query or fragment allowed"));
@@ -284,7 +287,7 @@ pub fn normalize_url(raw: &str) -> Result<String, String> {
     let port = url.port_or_known_default().unwrap_or(80);
     let path = url.path().trim_end_matches('/');
     // `host_str` keeps IPv6 brackets, so the result is a valid URL again.
-    Ok(format!("http://{host}:{port}{path}"))
+    Ok(format!("{scheme}://{host}:{port}{path}"))
 }
 
 /// `HOST:PORT` to bind (IPv6 as `[::1]:PORT`), checked.
@@ -547,7 +550,9 @@ mod tests {
         assert_eq!(normalize_url("http://P0:8087").unwrap(), "http://p0:8087");
         assert_eq!(normalize_url("localhost:8100/").unwrap(), "http://localhost:8100");
         assert_eq!(normalize_url("http://[::1]:8100").unwrap(), "http://[::1]:8100");
-        assert!(normalize_url("https://x:1").unwrap_err().contains("https"));
+        assert_eq!(normalize_url("https://X:8443/").unwrap(), "https://x:8443");
+        assert_eq!(normalize_url("https://x").unwrap(), "https://x:443");
+        assert!(normalize_url("ftp://x:1").unwrap_err().contains("scheme"));
         assert!(normalize_url("http://:80").is_err());
     }
 

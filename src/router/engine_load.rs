@@ -20,7 +20,7 @@ const POLL: Duration = Duration::from_secs(1);
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
 pub async fn run(router: Arc<Router>) {
-    let client = match reqwest::Client::builder().timeout(router.cfg.health.timeout).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build() {
+    let client = match super::legs::control_client(Some(router.cfg.health.timeout)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the engine-load client: {e}");

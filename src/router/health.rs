@@ -18,7 +18,7 @@ const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(router: Arc<Router>) {
     let cfg = router.cfg.health.clone();
-    let client = match reqwest::Client::builder().timeout(cfg.timeout).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build() {
+    let client = match super::legs::control_client(Some(cfg.timeout)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the health-check client: {e}");
@@ -49,7 +49,7 @@ pub async fn run(router: Arc<Router>) {
                 let (mut ok, mut detail) = match client.get(&url).send().await {
                     Ok(r) if r.status().is_success() => (true, String::new()),
                     Ok(r) => (false, format!("{url} answered {}", r.status())),
-                    Err(e) => (false, format!("{url}: {e}")),
+                    Err(e) => (false, format!("{url}: {}", super::legs::chain(&e))),
                 };
                 // A Mooncake prefill is usable once its decodes can name it: its engine id
                 // per DP rank, which changes when the engine restarts.

@@ -36,7 +36,7 @@ const REPLAY_MAX_BATCHES: usize = 20_000;
 const REPLAY_MAX_BYTES: usize = 256 << 20;
 
 pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(super::legs::WORKER_CONNECTION_IDLE).build().expect("an HTTP client builds");
+    let client = super::legs::control_client(Some(Duration::from_secs(5))).expect("the HTTP client built at start-up builds again");
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     loop {

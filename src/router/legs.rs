@@ -174,7 +174,21 @@ pub const WORKER_CONNECTION_IDLE: Duration = Duration::from_secs(4);
 
 /// The HTTP client for workers' other endpoints, as every serving thread builds it.
 pub fn new_client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(WORKER_CONNECTION_IDLE).pool_max_idle_per_host(4096).build()
+    control_client(None)
+}
+
+/// The one builder of the router's clients for workers' other endpoints (health checks,
+/// /metrics, KV event sources, render, models): connections reused only under vLLM's
+/// keep-alive, https workers reached with --worker-ssl-* (worker_client::tls).
+pub fn control_client(timeout: Option<Duration>) -> reqwest::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(WORKER_CONNECTION_IDLE).pool_max_idle_per_host(4096);
+    if let Some(t) = timeout {
+        b = b.timeout(t);
+    }
+    if let Some(tls) = worker_client::tls() {
+        b = b.use_preconfigured_tls((*tls).clone());
+    }
+    b.build()
 }
 
 /// This thread's HTTP client for workers' other endpoints (a cheap handle on its pool).

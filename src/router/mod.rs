@@ -102,6 +102,8 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
 
 pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let mut cfg = args.to_config().map_err(anyhow::Error::msg)?;
+    let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::H2AndHttp1)?;
+    worker_client::use_tls(args.worker_tls.client_config()?);
     let serving_threads = args.worker_threads.map(usize::from);
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener = TcpListener::bind((host.as_str(), cfg.port))
@@ -120,6 +122,9 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
         let rules = discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
         tokio::spawn(discovery::run(router.clone(), socket, rules));
     }
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().reload_on_change());
+    }
     tokio::spawn(health::run(router.clone()));
     tokio::spawn(health::maintain(router.clone()));
     if let Some(index) = router.kv_index.clone() {
@@ -131,17 +136,18 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let drain = router.drain.clone();
     let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let limits = server::ConnectionLimits { max_connections: cfg.max_connections, h2_streams: cfg.boundary.h2_streams };
-    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), limits, drain.clone())
+    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), limits, tls.clone(), drain.clone())
         .context("cannot start the serving threads")?;
     let shown_host = crate::api::url_host(&host);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     match cfg.mode {
         Mode::Disaggregated => println!(
-            "disagg route listening on http://{shown_host}:{port} mode=pd connector={} prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}{}",
+            "disagg route listening on {scheme}://{shown_host}:{port} mode=pd connector={} prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}{}",
             cfg.connector.as_str(), cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.prefill_dp, cfg.decode_dp,
             cfg.discovery.as_ref().map_or(String::new(), |d| format!(" discovery=tcp://{d}"))
         ),
         Mode::Regular => println!(
-            "disagg route listening on http://{shown_host}:{port} mode=colocated workers={:?} policy={:?} dp={}",
+            "disagg route listening on {scheme}://{shown_host}:{port} mode=colocated workers={:?} policy={:?} dp={}",
             cfg.workers, cfg.decode_policy, cfg.decode_dp
         ),
     }

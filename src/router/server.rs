@@ -17,26 +17,27 @@ use tokio::sync::Semaphore;
 use super::config::Timeouts;
 use super::shutdown::{Drain, Phase};
 use crate::idle_close::{accept, IdleFrom};
+use crate::tls::ServerTls;
 
 /// Serves `app` on `threads` threads, each with a runtime of its own accepting from
 /// `listener`: a connection, its requests and their legs' upstream connections (each
 /// thread has its own client, legs.rs) all run on the thread that accepted it, so no
 /// network event has to wake another thread. At most `max_connections` connections over
 /// all threads. Accepting stops at the drain's cut.
-pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, limits: ConnectionLimits, drain: Arc<Drain>) -> std::io::Result<Connections> {
+pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, limits: ConnectionLimits, tls: Option<Arc<ServerTls>>, drain: Arc<Drain>) -> std::io::Result<Connections> {
     let max_connections = limits.max_connections.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (started, up) = std::sync::mpsc::channel();
     for i in 0..threads {
         let listener = listener.try_clone()?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (app, timeouts, slots, drain, started) = (app.clone(), timeouts.clone(), slots.clone(), drain.clone(), started.clone());
+        let (app, timeouts, slots, drain, started, tls) = (app.clone(), timeouts.clone(), slots.clone(), drain.clone(), started.clone(), tls.clone());
         std::thread::Builder::new().name(format!("disagg-serve-{i}")).spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
                         let _ = started.send(Ok(()));
-                        serve(listener, app, timeouts, limits.h2_streams, slots, drain).await;
+                        serve(listener, app, timeouts, limits.h2_streams, tls, slots, drain).await;
                     }
                     Err(e) => {
                         let _ = started.send(Err(e));
@@ -79,7 +80,7 @@ impl Connections {
 }
 
 /// Serves `app` on `listener` until the drain is cut, taking a slot of `slots` per connection.
-async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_streams: u32, slots: Arc<Semaphore>, drain: Arc<Drain>) {
+async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_streams: u32, tls: Option<Arc<ServerTls>>, slots: Arc<Semaphore>, drain: Arc<Drain>) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.keep_alive + timeouts.header_read);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20))).max_concurrent_streams(h2_streams);
@@ -96,7 +97,8 @@ async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_
         };
         let builder = builder.clone();
         let drain = drain.clone();
-        let (app, keep_alive) = (app.clone(), timeouts.keep_alive);
+        let (app, keep_alive, handshake) = (app.clone(), timeouts.keep_alive, timeouts.header_read);
+        let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _slot = slot;
             let existed_before_drain = !drain.draining();
@@ -107,7 +109,15 @@ async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_
             let close = async move {
                 let _ = phase.wait_for(|p| *p == Phase::Cut || (*p >= Phase::Draining && existed_before_drain)).await;
             };
-            crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, IdleFrom::Accept, close).await;
+            match tls {
+                None => crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, IdleFrom::Accept, close).await,
+                // The handshake within the head's time: a client that connects and stalls holds nothing long.
+                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => crate::idle_close::serve_connection(&builder, tls, app, keep_alive, IdleFrom::Accept, close).await,
+                    Ok(Err(e)) => tracing::debug!("TLS handshake with a client failed: {}", crate::tls::describe(&e)),
+                    Err(_) => tracing::debug!("a client did not finish its TLS handshake within {handshake:?}"),
+                },
+            }
         });
     }
 }

@@ -18,16 +18,31 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::http::{HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 
 use super::http1_framing::{Chunked, Framing};
 use super::legs::WORKER_CONNECTION_IDLE;
+
+/// The client configuration for https workers (--worker-ssl-*), set once at start.
+static TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+
+/// Sets how https workers are reached (once, before any leg).
+pub fn use_tls(config: Arc<rustls::ClientConfig>) {
+    let _ = TLS.set(config);
+}
+
+/// How https workers are reached, when set.
+pub fn tls() -> Option<Arc<rustls::ClientConfig>> {
+    TLS.get().cloned()
+}
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
@@ -72,11 +87,17 @@ pub struct Response {
 /// connection found closed before any answer came (the worker closed it as it was
 /// taken) is replaced by a new one, once.
 pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Response, Error> {
-    let authority = req.url.strip_prefix("http://").ok_or_else(|| Error::Connect(format!("not an http:// URL: {}", req.url)))?;
-    let (authority, prefix) = authority.split_at(authority.find('/').unwrap_or(authority.len()));
+    let (secure, rest) = match (req.url.strip_prefix("https://"), req.url.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => return Err(Error::Connect(format!("not an http(s):// URL: {}", req.url))),
+    };
+    let (authority, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // Idle connections are kept per scheme and authority.
+    let key = &req.url[..req.url.len() - prefix.len()];
     let head = request_head(req, authority, prefix);
     let mut replacing = false;
-    if let Some(conn) = checkout(authority) {
+    if let Some(conn) = checkout(key) {
         match exchange(conn, &head, req.body, &mut on_sent, true).await {
             Err(Attempt::Stale) => replacing = true,
             Err(Attempt::Failed(e)) => return Err(e),
@@ -91,7 +112,8 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     };
     let stream = TcpStream::connect(authority).await.map_err(failed_connect)?;
     stream.set_nodelay(true).map_err(failed_connect)?;
-    let conn = Conn { stream, authority: authority.into() };
+    let io = if secure { Transport::Tls(Box::new(handshake(stream, authority).await.map_err(failed_connect)?)) } else { Transport::Plain(stream) };
+    let conn = Conn { io, key: key.into() };
     exchange(conn, &head, req.body, &mut on_sent, false).await.map_err(|a| match a {
         Attempt::Stale => unreachable!("only a kept connection is stale"),
         Attempt::Failed(e) => e,
@@ -114,9 +136,34 @@ fn request_head(req: &Request<'_>, authority: &str, prefix: &str) -> Vec<u8> {
     head
 }
 
+/// A TLS handshake with an https worker (--worker-ssl-*), named by its URL's host.
+async fn handshake(stream: TcpStream, authority: &str) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let config = tls().ok_or_else(|| io::Error::other("an https worker, and no TLS client configured"))?;
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let name = crate::tls::server_name(host).map_err(io::Error::other)?;
+    tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io::Error::other(crate::tls::describe(&e)))
+}
+
+/// A connection to a worker: plain, or TLS (rustls keeps its record buffers; nothing else
+/// is held per connection).
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
 struct Conn {
-    stream: TcpStream,
-    authority: Box<str>,
+    io: Transport,
+    /// `scheme://host:port`: the idle pool it goes back to.
+    key: Box<str>,
 }
 
 enum Attempt {
@@ -125,10 +172,10 @@ enum Attempt {
     Failed(Error),
 }
 
-async fn exchange(conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl FnMut(), reused: bool) -> Result<Response, Attempt> {
+async fn exchange(mut conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl FnMut(), reused: bool) -> Result<Response, Attempt> {
     let broken = |what: &str, e: io::Error| if reused { Attempt::Stale } else { Attempt::Failed(Error::Broken(format!("{what}: {e}"))) };
     let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(head)).chain(body.iter().map(|b| IoSlice::new(b))).collect();
-    write_all(&conn.stream, &mut slices).await.map_err(|e| broken("sending the request", e))?;
+    write_all(&mut conn.io, &mut slices).await.map_err(|e| broken("sending the request", e))?;
     drop(slices);
     on_sent();
     // The head usually comes whole in one read: parsed from that read's bytes, with no
@@ -136,7 +183,7 @@ async fn exchange(conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl Fn
     let mut pending = BytesMut::new();
     let mut answered = false;
     loop {
-        let read = std::future::poll_fn(|cx| poll_read_copy(&conn.stream, cx)).await;
+        let read = std::future::poll_fn(|cx| poll_read_copy(&mut conn.io, cx)).await;
         let first = !std::mem::replace(&mut answered, true);
         let read = read.map_err(|e| if first { broken("reading the answer", e) } else { Attempt::Failed(Error::Broken(format!("reading the answer: {e}"))) })?;
         if read.is_empty() {
@@ -170,7 +217,21 @@ async fn exchange(conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl Fn
     }
 }
 
-async fn write_all(stream: &TcpStream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+async fn write_all(io: &mut Transport, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let stream = match io {
+        Transport::Plain(stream) => stream,
+        Transport::Tls(tls) => {
+            // rustls seals what it is given into records; one flush sends them.
+            while !slices.is_empty() {
+                let n = tokio::io::AsyncWriteExt::write_vectored(&mut **tls, slices).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            return tokio::io::AsyncWriteExt::flush(&mut **tls).await;
+        }
+    };
     while !slices.is_empty() {
         stream.writable().await?;
         match stream.try_write_vectored(slices) {
@@ -304,8 +365,8 @@ impl Stream for Body {
                 this.finish();
                 return Poll::Ready(None);
             }
-            let Some(conn) = &this.conn else { return Poll::Ready(None) };
-            match ready!(poll_read_copy(&conn.stream, cx)) {
+            let Some(conn) = &mut this.conn else { return Poll::Ready(None) };
+            match ready!(poll_read_copy(&mut conn.io, cx)) {
                 Ok(read) if read.is_empty() => {
                     this.conn = None;
                     let early = !matches!(this.framing, Framing::UntilClose);
@@ -323,7 +384,16 @@ impl Stream for Body {
 
 /// What the socket has, copied out of a buffer on the stack (so a body waiting for its
 /// next bytes holds none); empty at the connection's end.
-fn poll_read_copy(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+fn poll_read_copy(io: &mut Transport, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+    let stream = match io {
+        Transport::Plain(stream) => stream,
+        Transport::Tls(tls) => {
+            let mut buf = [0u8; READ_CHUNK];
+            let mut read = tokio::io::ReadBuf::new(&mut buf);
+            ready!(Pin::new(&mut **tls).poll_read(cx, &mut read))?;
+            return Poll::Ready(Ok(Bytes::copy_from_slice(read.filled())));
+        }
+    };
     loop {
         ready!(stream.poll_read_ready(cx))?;
         let mut buf = [0u8; READ_CHUNK];
@@ -337,19 +407,19 @@ fn poll_read_copy(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<B
 
 thread_local! {
     /// This thread's idle connections per worker (`host:port`), oldest first.
-    static IDLE: RefCell<HashMap<Box<str>, VecDeque<(TcpStream, Instant)>>> = RefCell::default();
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<(Transport, Instant)>>> = RefCell::default();
 }
 
-fn checkout(authority: &str) -> Option<Conn> {
+fn checkout(key: &str) -> Option<Conn> {
     IDLE.with_borrow_mut(|idle| {
-        let kept = idle.get_mut(authority)?;
-        while let Some((stream, since)) = kept.pop_back() {
+        let kept = idle.get_mut(key)?;
+        while let Some((io, since)) = kept.pop_back() {
             if since.elapsed() >= WORKER_CONNECTION_IDLE {
                 kept.clear();
                 break;
             }
-            if still_open(&stream) {
-                return Some(Conn { stream, authority: authority.into() });
+            if still_open(io.tcp()) {
+                return Some(Conn { io, key: key.into() });
             }
         }
         None
@@ -365,15 +435,15 @@ fn checkin(conn: Conn) {
             }
         }
         idle.retain(|_, kept| !kept.is_empty());
-        let kept = idle.entry(conn.authority).or_default();
+        let kept = idle.entry(conn.key).or_default();
         if kept.len() < MAX_IDLE_PER_WORKER {
-            kept.push_back((conn.stream, Instant::now()));
+            kept.push_back((conn.io, Instant::now()));
         }
     })
 }
 
 /// Whether an idle connection is still open and silent (the worker has not closed it, nor
-/// sent anything unasked), asked of the socket itself.
+/// sent anything unasked: over TLS, a close_notify), asked of the socket itself.
 fn still_open(stream: &TcpStream) -> bool {
     let mut byte = 0u8;
     // SAFETY: a one-byte peek into a valid buffer, on a socket this process owns.

@@ -45,6 +45,8 @@ pub struct Worker {
     ever_healthy: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
+    /// Why the last failed check failed, as last logged (a new reason is logged once).
+    last_failure: std::sync::Mutex<String>,
     /// Takes no new requests; removed from its pool once idle.
     draining: AtomicBool,
     /// What its requests say of it (health checks say what /health says).
@@ -67,6 +69,7 @@ impl Worker {
             ever_healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
+            last_failure: std::sync::Mutex::default(),
             draining: AtomicBool::new(false),
             breaker: Breaker::new(breaker),
         }
@@ -180,6 +183,7 @@ impl Worker {
     pub fn record_check(&self, ok: bool, cfg: &HealthConfig, detail: &str) {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
+            self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clear();
             let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
             let first = !self.ever_healthy.load(Ordering::Relaxed);
             if !self.is_healthy() && (first || n >= cfg.success_threshold) {
@@ -193,6 +197,15 @@ impl Worker {
             if self.is_healthy() && n >= cfg.failure_threshold {
                 self.healthy.store(false, Ordering::Relaxed);
                 tracing::warn!(worker = %self.url, role = self.role.as_str(), "unhealthy after {n} failed checks: {detail}");
+            } else if !self.is_healthy() {
+                // A worker that is down (or never came up) says why, once per reason.
+                // (Numbers aside: a reason that names a time or a count is the same reason.)
+                let reason: String = detail.chars().filter(|c| !c.is_ascii_digit()).collect();
+                let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+                if *last != reason {
+                    tracing::warn!(worker = %self.url, role = self.role.as_str(), "health check failed: {detail}");
+                    *last = reason;
+                }
             }
         }
     }

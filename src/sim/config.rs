@@ -159,6 +159,13 @@ pub struct SimArgs {
     /// Run K times faster than the clock: every step's simulated time is divided by K.
     #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive, help_heading = "Timing")]
     pub speedup: f64,
+
+    /// HTTPS, with vLLM's flags (--ssl-keyfile, --ssl-certfile, --ssl-ca-certs, --ssl-cert-reqs).
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    /// Reload the certificate files when they change (vLLM's flag).
+    #[arg(long, help_heading = "TLS")]
+    pub enable_ssl_refresh: bool,
 }
 
 impl SimArgs {

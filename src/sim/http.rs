@@ -192,8 +192,9 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Re
 pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Option<u16>) -> String {
     let bootstrap = bootstrap_port.map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
     format!(
-        "disagg sim (SIMULATED vLLM engine, no model) listening on http://{}:{port} role={:?} \
+        "disagg sim (SIMULATED vLLM engine, no model) listening on {}://{}:{port} role={:?} \
          dp={} model={} connector={} side_channel_ports={side_ports:?}{bootstrap}",
+        if args.tls.ssl_certfile.is_some() { "https" } else { "http" },
         crate::api::url_host(&args.host),
         args.role,
         side_ports.len(),

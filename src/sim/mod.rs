@@ -126,6 +126,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         let payload = p2p::ping_payload(args.role.produces_kv(), &crate::api::join_host_port(&side_host, port), &zmq_address);
         tokio::spawn(p2p::register(proxy.clone(), payload, zmq_address));
     }
+    let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::Http1)?;
+    if let (Some(tls), true) = (&tls, args.enable_ssl_refresh) {
+        tokio::spawn(tls.clone().reload_on_change());
+    }
     println!("{}", http::banner(&args, port, &side_ports, bootstrap_port));
     let startup_delay = args.startup_delay_ms;
     let tokenizer = match &args.tokenizer {
@@ -146,7 +150,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             sim.ready.store(true, Ordering::SeqCst);
         });
     }
-    let serve = serve_http(listener, http::router(sim), keep_alive_from_env());
+    let serve = serve_http(listener, http::router(sim), keep_alive_from_env(), tls);
     match handshake {
         None => serve.await.context("HTTP server failed"),
         Some(handshake) => tokio::select! {
@@ -165,13 +169,22 @@ fn keep_alive_from_env() -> Duration {
 /// The simulator's HTTP server, as vLLM's behaves on a connection: TCP_NODELAY, and closed
 /// once idle for `keep_alive` after an answer (idle_close.rs, armed as uvicorn arms its
 /// timer).
-async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, keep_alive: Duration) -> std::io::Result<()> {
+async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, keep_alive: Duration, tls: Option<Arc<crate::tls::ServerTls>>) -> std::io::Result<()> {
     let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()));
     loop {
         let tcp = crate::idle_close::accept(&listener).await;
         let (builder, app) = (builder.clone(), app.clone());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, crate::idle_close::IdleFrom::FirstAnswer, std::future::pending()).await;
+            let from = crate::idle_close::IdleFrom::FirstAnswer;
+            match acceptor {
+                None => crate::idle_close::serve_connection(&builder, tcp, app, keep_alive, from, std::future::pending()).await,
+                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => crate::idle_close::serve_connection(&builder, tls, app, keep_alive, from, std::future::pending()).await,
+                    Ok(Err(e)) => tracing::info!("TLS handshake failed: {}", crate::tls::describe(&e)),
+                    Err(_) => tracing::info!("a client did not finish its TLS handshake in 10 s"),
+                },
+            }
         });
     }
 }

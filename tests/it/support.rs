@@ -58,7 +58,7 @@ impl Proc {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let url = banner
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .unwrap_or_else(|| panic!("banner without URL: {banner}"))
             .trim_end_matches('/')
             .to_string();
