@@ -1,7 +1,7 @@
 //! End to end against REAL vLLM (CPU build) with real NIXL KV transfer between processes.
 //!
 //!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
-//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, kv_aware, mooncake or launch)
+//!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, kv_aware, mooncake, tls or launch)
 //!
 //! The binary re-runs itself inside a fresh loopback-only network namespace
 //! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
@@ -36,6 +36,8 @@ mod kv_aware;
 mod mooncake;
 #[path = "vllm/launch_layouts.rs"]
 mod launch_layouts;
+#[path = "vllm/tls.rs"]
+mod tls;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -193,9 +195,21 @@ async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String
     text(&format!("{}{path}", e.plain.url), &body(path, prompt, max_tokens, false)).await
 }
 
+/// The test certificates (scripts/test-certs.sh, made once).
+fn tls_certs() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
+        let out = Command::new(format!("{SCRIPTS}/test-certs.sh")).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "scripts/test-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .clone()
+}
+
 type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
-/// `DISAGG_VLLM_GROUPS=pd,kv,kv_aware,mooncake,launch` (default: all) picks the groups to run, for
+/// `DISAGG_VLLM_GROUPS=pd,kv,kv_aware,mooncake,tls,launch` (default: all) picks the groups to run, for
 /// development; CI runs them all.
 fn group_enabled(group: &str) -> bool {
     std::env::var("DISAGG_VLLM_GROUPS").map_or(true, |g| g.split(',').any(|x| x.trim() == group))
@@ -217,6 +231,9 @@ async fn run() -> ExitCode {
     }
     if group_enabled("mooncake") {
         whole_case("Mooncake 1P1D through disagg route: output equals plain, KV moved", mooncake::run(), &mut failed).await;
+    }
+    if group_enabled("tls") {
+        whole_case("TLS: vLLM serving https with client certificates required, the router https on both sides: output equals plain", tls::run(), &mut failed).await;
     }
     if group_enabled("launch") {
         whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_layouts::launch_from_yaml(), &mut failed).await;
@@ -282,12 +299,12 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: n choices are one pair per choice (equals plain)", |e| Box::pin(n_choices_equal_plain(e))),
         ("router: kv_transfer_params in vllm_xargs never reach vLLM", |e| Box::pin(xargs_steering_is_dropped(e))),
         ("router: a non-streamed decode stops when its client leaves", |e| Box::pin(abandoned_non_streamed_decode_stops(e))),
+        ("router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)", |e| {
+            Box::pin(first_token_cases(e))
+        }),
         ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
         ("vLLM closes a connection 5 s after its last answer, keeps an unused one (as the simulator)", |e| {
             Box::pin(keep_alive::idle_connections_close_after_their_last_answer(&e.plain.url))
-        }),
-        ("router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)", |e| {
-            Box::pin(first_token_cases(e))
         }),
         ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
     ];

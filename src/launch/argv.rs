@@ -33,6 +33,9 @@ pub(super) fn push_param(argv: &mut Vec<String>, key: &str, v: &Value) {
     }
 }
 
+/// `vllm serve`'s TLS params, which the simulator takes too.
+const TLS_PARAMS: &[&str] = &["ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "enable_ssl_refresh"];
+
 /// The simulator's flags for the params it models; the others are listed in the plan's
 /// notes. The connector's and DP flags and engine.args are added by the caller.
 pub(super) fn sim_argv(cmd: &[String], role: &str, params: &BTreeMap<String, Value>, extra: &[String], notes: &mut Vec<String>) -> Vec<String> {
@@ -46,10 +49,16 @@ pub(super) fn sim_argv(cmd: &[String], role: &str, params: &BTreeMap<String, Val
     if let Some(l) = params.get("max_model_len").and_then(scalar) {
         argv.extend(["--max-model-len".into(), l]);
     }
+    // HTTPS: the simulator takes vLLM's flags as they are.
+    for key in TLS_PARAMS {
+        if let Some(v) = params.get(*key) {
+            push_param(&mut argv, key, v);
+        }
+    }
     let unused: Vec<&str> = params
         .keys()
         .map(String::as_str)
-        .filter(|k| !["model", "served_model_name", "host", "port", "max_model_len", "kv_transfer_config", "data_parallel_address", "data_parallel_rpc_port"].contains(k))
+        .filter(|k| !["model", "served_model_name", "host", "port", "max_model_len", "kv_transfer_config", "data_parallel_address", "data_parallel_rpc_port"].contains(k) && !TLS_PARAMS.contains(k))
         .collect();
     if !unused.is_empty() || !extra.is_empty() {
         notes.push(format!(

@@ -47,6 +47,55 @@ pub struct LaunchFile {
     /// ASCEND_RT_VISIBLE_DEVICES).
     #[serde(default = "default_gpu_env")]
     pub gpu_env: String,
+    /// Ours: HTTPS for every engine and the router (docs/LAUNCH.md, "TLS").
+    pub tls: Option<TlsFile>,
+}
+
+/// `tls:`: one certificate served by every engine (`vllm serve --ssl-*`) and by the
+/// router, and the client certificate the router and the launcher's health checks present.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The CA (PEM) the certificates chain to: clients' are verified against it, and the
+    /// router trusts the engines' through it.
+    pub ca_certs: String,
+    /// The certificate (PEM) every engine and the router serve, and its key.
+    pub certfile: String,
+    pub keyfile: String,
+    /// Client certificates on engines and router (vLLM's --ssl-cert-reqs): 0 not asked,
+    /// 1 verified when sent, 2 required.
+    #[serde(default)]
+    pub cert_reqs: u8,
+    /// The client certificate (PEM) the router and the health checks present, and its key.
+    pub client_certfile: Option<String>,
+    pub client_keyfile: Option<String>,
+}
+
+impl TlsFile {
+    /// `vllm serve`'s params for this TLS.
+    pub fn engine_params(&self) -> [(&'static str, String); 4] {
+        [("ssl_keyfile", self.keyfile.clone()), ("ssl_certfile", self.certfile.clone()), ("ssl_ca_certs", self.ca_certs.clone()), ("ssl_cert_reqs", self.cert_reqs.to_string())]
+    }
+
+    /// `disagg route`'s flags: its listener's and how it reaches the engines.
+    pub fn router_flags(&self) -> Vec<String> {
+        let mut out: Vec<String> = ["--ssl-keyfile", &self.keyfile, "--ssl-certfile", &self.certfile, "--ssl-ca-certs", &self.ca_certs, "--ssl-cert-reqs", &self.cert_reqs.to_string(), "--worker-ssl-ca-certs", &self.ca_certs]
+            .map(String::from)
+            .to_vec();
+        if let (Some(c), Some(k)) = (&self.client_certfile, &self.client_keyfile) {
+            out.extend(["--worker-ssl-certfile".into(), c.clone(), "--worker-ssl-keyfile".into(), k.clone()]);
+        }
+        out
+    }
+
+    /// How the launcher's health checks reach engines and router.
+    pub fn client(&self) -> crate::tls::WorkerTlsArgs {
+        crate::tls::WorkerTlsArgs {
+            worker_ssl_ca_certs: Some(self.ca_certs.clone().into()),
+            worker_ssl_certfile: self.client_certfile.clone().map(Into::into),
+            worker_ssl_keyfile: self.client_keyfile.clone().map(Into::into),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -145,8 +145,17 @@ async fn probe(client: &reqwest::Client, url: &str, how: Probe<'_>) -> Result<()
 }
 
 /// Waits until every URL passes `how`, failing fast if a member dies.
-pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], how: Probe<'_>, timeout: Duration) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+/// The health checks' client: over https with the launch file's `tls:` (its CA and client
+/// certificate).
+pub fn health_client(plan: &Plan) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(2));
+    if let Some(tls) = &plan.tls {
+        b = b.use_preconfigured_tls((*tls.client().client_config().context("tls:")?).clone());
+    }
+    Ok(b.build()?)
+}
+
+pub async fn wait_healthy(group: &mut Group, client: &reqwest::Client, targets: &[(String, String)], how: Probe<'_>, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     let bar = indicatif::ProgressBar::new(targets.len() as u64);
     bar.set_style(
@@ -161,7 +170,6 @@ pub async fn wait_healthy(group: &mut Group, targets: &[(String, String)], how: 
             bail!("{name} exited ({status}) before everything was healthy; last lines of {}:\n{}", log.display(), tail(&log, 20));
         }
         let checks = futures_util::future::join_all(pending.iter().map(|(name, url)| {
-            let client = &client;
             async move { (name.clone(), probe(client, url, how).await) }
         }))
         .await;
@@ -215,16 +223,17 @@ pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
             .filter(|i| runs_router || node.is_none_or(|n| i.node == n))
             .filter_map(|i| i.url().map(|u| (i.name.clone(), u)))
             .collect();
-        wait_healthy(&mut group, &targets, Probe::Path("/health"), plan.timeout).await?;
+        let client = health_client(plan)?;
+        wait_healthy(&mut group, &client, &targets, Probe::Path("/health"), plan.timeout).await?;
         if let (true, Some(router)) = (runs_router, &plan.router) {
             group.spawn("router", &router.argv, &router.env, &plan.log_path("router"))?;
-            let url = super::plan::url(&router.host, router.port);
+            let url = super::plan::url(router.scheme, &router.host, router.port);
             let how = match (&router.health_path, router.ours) {
                 (Some(p), _) => Probe::Path(p),
                 (None, true) => Probe::Path("/health"),
                 (None, false) => Probe::Proxy,
             };
-            wait_healthy(&mut group, &[("router".to_string(), url.clone())], how, plan.timeout).await?;
+            wait_healthy(&mut group, &client, &[("router".to_string(), url.clone())], how, plan.timeout).await?;
             println!("disagg launch ready: {url}");
         } else {
             println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());

@@ -101,7 +101,7 @@ pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
             out.push_str(&format!("    $ {}\n", plan::shell_line(&i.env, &i.argv, &exe)));
         }
         if let (0, Some(router)) = (n, &plan.router) {
-            out.push_str(&format!("  router {}\n", plan::url(&router.host, router.port)));
+            out.push_str(&format!("  router {}\n", plan::url(router.scheme, &router.host, router.port)));
             out.push_str(&format!("    $ {}\n", plan::shell_line(&router.env, &router.argv, &exe)));
         }
     }

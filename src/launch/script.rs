@@ -127,6 +127,7 @@ pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize
             node: 0,
             host: a.node_ip.clone(),
             port: Some(port),
+            scheme: super::plan::Scheme::Http,
             side_channel_port: side,
             gpus: Vec::new(),
             dp,
@@ -145,6 +146,7 @@ pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize
         gpus_per_node: 0,
         instances,
         router: None,
+        tls: None,
         notes: vec!["the launcher script starts no router: start `disagg route --vllm-pd-disaggregation --prefill URL ... --decode URL ...` with every node's servers".into()],
     })
 }

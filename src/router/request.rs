@@ -24,7 +24,12 @@ use crate::api::ApiError;
 /// Fields through which a client could steer a KV (or encoder cache) transfer.
 const STEERING: &[&str] = &["kv_transfer_params", "ec_transfer_params"];
 
-/// Fields the prefill leg replaces or drops (PROTOCOLS.md §1).
+/// Fields the prefill leg replaces or drops (PROTOCOLS.md §1). `ignore_eos` is set and
+/// `stop_token_ids` dropped so that the prefill's one token never finishes it as
+/// FINISHED_STOPPED: the engine then always holds the prompt's KV for the decode, which
+/// samples its own first token (and stops on EOS as the client asked). vLLM 0.32's
+/// Mooncake prefill frees the KV on FINISHED_STOPPED, and its sender can wedge when the
+/// decode already asked for it.
 const PREFILL_OVERRIDES: &[&str] = &[
     "kv_transfer_params",
     "ec_transfer_params",
@@ -34,6 +39,8 @@ const PREFILL_OVERRIDES: &[&str] = &[
     "stream_options",
     "min_tokens",
     "min_completion_tokens",
+    "ignore_eos",
+    "stop_token_ids",
 ];
 
 /// The prefill leg's six-key params, serialised once.
@@ -159,7 +166,8 @@ impl LegBodies {
     }
 
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if
-    /// present, no `stream_options`/`min_tokens`/`min_completion_tokens`, the six-key params.
+    /// present, `ignore_eos:true`, no `stream_options`/`min_tokens`/`min_completion_tokens`/
+    /// `stop_token_ids`, the six-key params.
     pub fn prefill(&self) -> Pieces {
         self.prefill_leg(Some(&NIXL_PREFILL_PARAMS))
     }
@@ -167,7 +175,7 @@ impl LegBodies {
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
     pub fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
-        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
+        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1"), ("ignore_eos", b"true")];
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
         }

@@ -528,3 +528,34 @@ fn vllm_plans_fill_in_what_each_connector_needs() {
     assert!(out.contains("P2pNcclConnector was removed from vLLM"), "the plan says which vLLM it needs: {out}");
     assert!(!out.contains("--prefill http"), "P2pNccl engines register; no URLs: {out}");
 }
+
+/// `tls:` in the launch file: every engine serves HTTPS requiring client certificates (the
+/// simulator takes vLLM's --ssl-* flags), the router serves HTTPS and reaches them with
+/// its client certificate, and the launcher's health waits speak https; the plan shows it.
+#[tokio::test]
+async fn a_tls_topology_launches_and_serves_https_on_both_sides() {
+    let c = |f: &str| crate::tls::certs().join(f).display().to_string();
+    let tls = format!(
+        "tls:\n  ca_certs: {}\n  certfile: {}\n  keyfile: {}\n  cert_reqs: 2\n  client_certfile: {}\n  client_keyfile: {}\n",
+        c("ca.pem"), c("server.pem"), c("server.key"), c("client.pem"), c("client.key")
+    );
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
+    let file = write("tls.yaml", &sim_topology((p, d, r), &tls));
+    let (ok, out, err) = run(&["launch", "--dry-run", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("--ssl-cert-reqs 2") && out.contains("--worker-ssl-certfile") && out.contains(&format!("https://127.0.0.1:{p}")), "{out}");
+    let mut launch = Launch::start(&file).await;
+    let url = launch.ready().await.unwrap_or_else(|| panic!("no ready line:\n{}", launch.stderr()));
+    assert_eq!(url, format!("https://127.0.0.1:{r}"));
+    let body = json!({"prompt": "launched over TLS", "max_tokens": 3});
+    let (ok, status, answer, err) = tokio::task::spawn_blocking(move || crate::tls::curl(&format!("{url}/v1/completions"), Some(&body), Some("client"))).await.unwrap();
+    assert!(ok && status == 200, "{status} {answer} {err}");
+    // Params that set TLS beside `tls:` are refused, naming the field.
+    let twice = write("tls-twice.yaml", &sim_topology((p, d, r), &tls).replace("    model: tiny", "    model: tiny\n    ssl_keyfile: x.key"));
+    let (ok, _, err) = run(&["launch", "--dry-run", twice.to_str().unwrap()]);
+    assert!(!ok && err.contains("ssl_keyfile") && err.contains("tls:"), "{err}");
+    unsafe {
+        libc::kill(launch.child.id().unwrap() as i32, libc::SIGTERM);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(15), launch.child.wait()).await;
+}

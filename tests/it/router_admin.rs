@@ -74,7 +74,7 @@ async fn bad_admin_calls_get_clear_errors() {
         (format!("/add_worker?url={}&role=worker", "127.0.0.1:9"), 400, "no pool for both workers"),
         (format!("/add_worker?url={}&role=cook", "127.0.0.1:9"), 400, "unknown role"),
         (format!("/add_worker?url={}&role=decode", p.url), 400, "already in the router as a prefill worker"),
-        ("/add_worker?url=https://127.0.0.1:9&role=decode".to_string(), 400, "https"),
+        ("/add_worker?url=ftp://127.0.0.1:9&role=decode".to_string(), 400, "scheme"),
         ("/add_worker?role=decode".to_string(), 400, "?url="),
         ("/add_worker?url=127.0.0.1:9&role=decode&dp_size=0".to_string(), 400, "dp_size"),
         ("/remove_worker?url=127.0.0.1:9".to_string(), 404, "no worker http://127.0.0.1:9"),

@@ -32,6 +32,7 @@ pub struct Instance {
     pub host: String,
     /// None for a headless DP worker (no HTTP server).
     pub port: Option<u16>,
+    pub scheme: Scheme,
     pub side_channel_port: u16,
     pub gpus: Vec<u32>,
     /// "DP 8, ranks 0-3, hybrid LB" and the like, for the plan's reader.
@@ -44,18 +45,31 @@ pub struct Instance {
 
 impl Instance {
     pub fn url(&self) -> Option<String> {
-        self.port.map(|p| url(&self.host, p))
+        self.port.map(|p| url(self.scheme, &self.host, p))
     }
 }
 
-pub fn url(host: &str, port: u16) -> String {
-    format!("http://{}", crate::api::join_host_port(host, port))
+/// How an API server is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// The launch file's `tls:`.
+    Https,
+}
+
+pub fn url(scheme: Scheme, host: &str, port: u16) -> String {
+    let s = match scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
+    };
+    format!("{s}://{}", crate::api::join_host_port(host, port))
 }
 
 #[derive(Debug, Clone)]
 pub struct RouterPlan {
     pub host: String,
     pub port: u16,
+    pub scheme: Scheme,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Our own `disagg route` (vs a pdjob `scheduler.command`).
@@ -92,6 +106,8 @@ pub struct Plan {
     pub instances: Vec<Instance>,
     /// None: the launcher script's mode (no router of its own).
     pub router: Option<RouterPlan>,
+    /// The launch file's `tls:` (the health checks' client comes from it).
+    pub tls: Option<crate::launch::config::TlsFile>,
     /// Things the reader should know (e.g. parameters the simulator does not use).
     pub notes: Vec<String>,
 }
@@ -138,6 +154,20 @@ pub enum Target {
 
 pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target) -> Result<Plan, ConfigError> {
     let cx = Ctx { file, text };
+    if let Some(t) = &f.tls {
+        if target == Target::Ray {
+            return Err(cx.err("tls", "is for launches on known nodes; --ray does not set up TLS yet"));
+        }
+        if t.cert_reqs > 2 {
+            return Err(cx.err("tls.cert_reqs", "must be 0, 1 or 2 (vLLM's --ssl-cert-reqs)"));
+        }
+        if t.client_certfile.is_some() != t.client_keyfile.is_some() {
+            return Err(cx.err("tls.client_certfile", "goes with tls.client_keyfile"));
+        }
+        if t.cert_reqs == 2 && t.client_certfile.is_none() {
+            return Err(cx.err("tls.cert_reqs", "2 requires client certificates: give the router's with tls.client_certfile and tls.client_keyfile"));
+        }
+    }
     let cluster = cluster(f, &cx, target)?;
     let roles = roles::specs(f, &cx)?;
     let flow = roles[0].flow;
@@ -185,6 +215,7 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
         gpus_per_node: cluster.gpus_per_node,
         instances,
         router: Some(router),
+        tls: f.tls.clone(),
         notes,
     })
 }
@@ -392,7 +423,8 @@ impl InstanceBuilder<'_> {
         }
         let ranks = slot.served_ranks(spec.layout, spec.dp);
         let dp = slot.describe(spec.layout, spec.dp);
-        self.instances.push(Instance { name: inst_name, role: spec.role, replica, node, host, port, side_channel_port: side, gpus: slot.gpus.clone(), dp, ranks, argv, env });
+        let scheme = if self.f.tls.is_some() { Scheme::Https } else { Scheme::Http };
+        self.instances.push(Instance { name: inst_name, role: spec.role, replica, node, host, port, scheme, side_channel_port: side, gpus: slot.gpus.clone(), dp, ranks, argv, env });
         Ok(())
     }
 

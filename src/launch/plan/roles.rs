@@ -61,6 +61,14 @@ fn spec(
         return Err(cx.err(&format!("{name}.num_gpus"), format!("{} is not a multiple of gpus_per_worker {}", rf.num_gpus, f.gpus_per_worker)));
     }
     let mut params = general.clone();
+    if let Some(tls) = &f.tls {
+        for (k, v) in tls.engine_params() {
+            if params.contains_key(k) || rf.params.contains_key(k) {
+                return Err(cx.err(&format!("{name}.params.{k}"), "TLS is set in `tls:` (for the engines, the router and the health checks together): drop it here"));
+            }
+            params.insert(k.to_string(), Value::String(v));
+        }
+    }
     let mut own = rf.params.clone();
     let mut extra = general_extra.to_vec();
     extra.extend(take_extra(&mut own, cx, &format!("{name}.params._extra_params"))?);

@@ -41,7 +41,7 @@ pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], f
         if argv[0] == "disagg" {
             argv[0] = exe.display().to_string();
         }
-        return Ok(RouterPlan { host: nodes[0].clone(), port: at.port, argv, env: Vec::new(), ours: false, health_path: f.scheduler.health_path.clone(), base: Vec::new(), workers: Vec::new(), tail: Vec::new() });
+        return Ok(RouterPlan { host: nodes[0].clone(), port: at.port, scheme: super::Scheme::Http, argv, env: Vec::new(), ours: false, health_path: f.scheduler.health_path.clone(), base: Vec::new(), workers: Vec::new(), tail: Vec::new() });
     }
     let mut base = vec![exe.display().to_string(), "route".into(), "--host".into(), at.host.clone(), "--port".into(), at.port.to_string(), "--vllm-pd-disaggregation".into()];
     let mut workers = Vec::new();
@@ -65,6 +65,9 @@ pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], f
         }
     }
     let mut tail = rank_flags(cx, &served)?;
+    if let Some(tls) = &f.tls {
+        tail.extend(tls.router_flags());
+    }
     tail.extend(f.scheduler.args.iter().cloned());
     let mut argv = base.clone();
     for w in &workers {
@@ -72,7 +75,8 @@ pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], f
         argv.extend([w.flag.to_string(), i.url().expect("serves HTTP")].into_iter().chain(w.bootstrap.map(|p| p.to_string())));
     }
     argv.extend(tail.iter().cloned());
-    Ok(RouterPlan { host: at.host.clone(), port: at.port, argv, env: Vec::new(), ours: true, health_path: None, base, workers, tail })
+    let scheme = if f.tls.is_some() { super::Scheme::Https } else { super::Scheme::Http };
+    Ok(RouterPlan { host: at.host.clone(), port: at.port, scheme, argv, env: Vec::new(), ours: true, health_path: None, base, workers, tail })
 }
 
 /// The DP ranks behind each URL, as vllm-router's flags say them: one count for every
