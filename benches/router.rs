@@ -14,6 +14,8 @@
 //! 100k-token prompts (token ids), the routers' CPU per 1k requests (/proc), and each
 //! router's RSS holding 10,000 open streams (clients over HTTP/2, 200 streams per
 //! connection, to both: the sandbox's 20,000-descriptor limit is not hit on the client side).
+//! Then TLS: disagg route serving HTTPS to HTTPS simulators against the same plain, in the
+//! same run (latency at concurrency 1, requests/s at 64, the router's CPU).
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,7 +48,7 @@ async fn start(args: &[&str]) -> Proc {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let banner = lines.next_line().await.unwrap().expect("banner");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let url = banner.split_whitespace().find(|w| w.starts_with("http://")).unwrap().to_string();
+    let url = banner.split_whitespace().find(|w| w.starts_with("http://") || w.starts_with("https://")).unwrap().to_string();
     Proc { child, url }
 }
 
@@ -90,6 +92,8 @@ enum Mode {
     Direct,
     Disagg,
     VllmRouter,
+    /// disagg route serving HTTPS, reaching HTTPS simulators.
+    DisaggTls,
 }
 
 const MODES: [Mode; 3] = [Mode::Direct, Mode::Disagg, Mode::VllmRouter];
@@ -100,8 +104,11 @@ struct Target {
     decode: String,
     disagg: String,
     vllm_router: String,
-    /// The routers' pids, for their CPU.
-    pids: [u32; 2],
+    /// The TLS router and a client that trusts it (keeps its connections, as the plain one).
+    disagg_tls: String,
+    tls_client: reqwest::Client,
+    /// The routers' pids, for their CPU: disagg, vllm-router, disagg over TLS.
+    pids: [u32; 3],
     /// The two simulators and this process (the client): everything but the router.
     others: [u32; 3],
 }
@@ -153,6 +160,7 @@ async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> Result<(), String> {
     match mode {
         Mode::Disagg => drain(t.client.post(&t.disagg).json(&b).send().await).await,
         Mode::VllmRouter => drain(t.client.post(&t.vllm_router).json(&b).send().await).await,
+        Mode::DisaggTls => drain(t.tls_client.post(&t.disagg_tls).json(&b).send().await).await,
         Mode::Direct => {
             let mut p = b.clone();
             p["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
@@ -190,6 +198,7 @@ async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
         Mode::Direct => None,
         Mode::Disagg => Some(t.pids[0]),
         Mode::VllmRouter => Some(t.pids[1]),
+        Mode::DisaggTls => Some(t.pids[2]),
     };
     let cpu0 = pid.map_or(0.0, cpu_secs);
     let others0 = others_cpu(t);
@@ -250,30 +259,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// ROUNDS rounds of the three modes in a rotating order; the median of each figure.
-async fn point(t: &Arc<Target>, case: Case, secs: f64) -> [Figures; 3] {
-    let mut runs: Vec<[Figures; 3]> = Vec::new();
+/// ROUNDS rounds of `modes` in a rotating order; the median of each figure.
+async fn point(t: &Arc<Target>, modes: &[Mode], case: Case, secs: f64) -> Vec<Figures> {
+    let n = modes.len();
+    let mut runs: Vec<Vec<Figures>> = Vec::new();
     for round in 0..ROUNDS {
-        let mut figs = [Figures::default(); 3];
-        for k in 0..3 {
-            let m = (round + k) % 3;
-            figs[m] = load(t, MODES[m], case, secs).await;
+        let mut figs = vec![Figures::default(); n];
+        for k in 0..n {
+            let m = (round + k) % n;
+            figs[m] = load(t, modes[m], case, secs).await;
         }
         runs.push(figs);
     }
-    let mut out = [Figures::default(); 3];
-    for (m, o) in out.iter_mut().enumerate() {
-        let take = |f: fn(&Figures) -> f64| median(runs.iter().map(|r| f(&r[m])).collect());
-        *o = Figures {
-            rps: take(|f| f.rps),
-            p50: take(|f| f.p50),
-            p99: take(|f| f.p99),
-            cpu_per_1k: take(|f| f.cpu_per_1k),
-            others_cpu_per_1k: take(|f| f.others_cpu_per_1k),
-            failures: runs.iter().map(|r| r[m].failures).sum(),
-        };
-    }
-    out
+    (0..n)
+        .map(|m| {
+            let take = |f: fn(&Figures) -> f64| median(runs.iter().map(|r| f(&r[m])).collect());
+            Figures {
+                rps: take(|f| f.rps),
+                p50: take(|f| f.p50),
+                p99: take(|f| f.p99),
+                cpu_per_1k: take(|f| f.cpu_per_1k),
+                others_cpu_per_1k: take(|f| f.others_cpu_per_1k),
+                failures: runs.iter().map(|r| r[m].failures).sum(),
+            }
+        })
+        .collect()
 }
 
 async fn wait_healthy(url: &str) {
@@ -297,8 +307,37 @@ async fn main() {
     let disagg = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000", "--queue-size", "100000",
         "--prefill", &prefill.url, "--decode", &decode.url]).await;
     let vr = start_vllm_router(&vr_bin, &prefill.url, &decode.url).await;
+    // TLS: HTTPS simulators (vllm serve's --ssl-* flags) and a router serving HTTPS.
+    let certs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
+    let made = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-certs.sh")).arg(&certs).status().unwrap();
+    assert!(made.success(), "scripts/test-certs.sh failed");
+    let cert = |f: &str| certs.join(f).display().to_string();
+    let (key, crt, ca) = (cert("server.key"), cert("server.pem"), cert("ca.pem"));
+    let tls_sim = |role: &'static str| {
+        let mut a: Vec<String> = sim(role).iter().map(|s| s.to_string()).collect();
+        a.extend(["--ssl-keyfile".into(), key.clone(), "--ssl-certfile".into(), crt.clone()]);
+        a
+    };
+    let (tp, td) = (tls_sim("prefill"), tls_sim("decode"));
+    let prefill_tls = start(&tp.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let decode_tls = start(&td.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let disagg_tls = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000", "--queue-size", "100000",
+        "--prefill", &prefill_tls.url, "--decode", &decode_tls.url, "--ssl-keyfile", &key, "--ssl-certfile", &crt, "--worker-ssl-ca-certs", &ca]).await;
+    let tls_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .tcp_nodelay(true)
+        .use_preconfigured_tls((*disagg::tls::WorkerTlsArgs { worker_ssl_ca_certs: Some(ca.clone().into()), ..Default::default() }.client_config().unwrap()).clone())
+        .build()
+        .unwrap();
     wait_healthy(&disagg.url).await;
     wait_healthy(&vr.url).await;
+    for _ in 0..600 {
+        if matches!(tls_client.get(format!("{}/health", disagg_tls.url)).send().await, Ok(r) if r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Idle connections reused only under 4 s: the simulators close them at 5 s, as vLLM does.
     let client = reqwest::Client::builder().pool_max_idle_per_host(2048).pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE).tcp_nodelay(true).build().unwrap();
     let t = Arc::new(Target {
@@ -307,7 +346,9 @@ async fn main() {
         decode: format!("{}/v1/completions", decode.url),
         disagg: format!("{}/v1/completions", disagg.url),
         vllm_router: format!("{}/v1/completions", vr.url),
-        pids: [disagg.child.id().unwrap(), vr.child.id().unwrap()],
+        disagg_tls: format!("{}/v1/completions", disagg_tls.url),
+        tls_client,
+        pids: [disagg.child.id().unwrap(), vr.child.id().unwrap(), disagg_tls.child.id().unwrap()],
         others: [prefill.child.id().unwrap(), decode.child.id().unwrap(), std::process::id()],
     });
     println!("router benchmark: disagg route vs vllm-router 0.1.17 vs the two legs sent directly; simulated prefill + decode on loopback,");
@@ -336,7 +377,7 @@ async fn main() {
     // DISAGG_BENCH_ONLY=rss: only the open-streams measurement.
     let rss_only = std::env::var("DISAGG_BENCH_ONLY").is_ok_and(|v| v == "rss");
     for case in cases.into_iter().filter(|_| !rss_only) {
-        let [d, g, v] = point(&t, case, secs).await;
+        let [d, g, v] = point(&t, &MODES, case, secs).await[..] else { unreachable!("three modes") };
         let (ag, av) = (g.p50 - d.p50, v.p50 - d.p50);
         println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>9.3} | {:>13.3} {:>13.3} {:>6.2} | {:>8.0} {:>8.0} {:>8.0} {:>6.2} {:>6.2} | {:>9.3} {:>9.3}",
             case.stream, case.prompt_tokens, case.concurrency, d.p50, g.p50, v.p50, ag, av, ag / av, d.rps, g.rps, v.rps, g.rps / v.rps, g.rps / d.rps,
@@ -362,6 +403,28 @@ async fn main() {
             println!("    failures: direct {}, disagg {}, vllm-router {}", d.failures, g.failures, v.failures);
         }
     }
+    // TLS: https front and https workers against plain, same machine, same run. (The
+    // simulators' own TLS work counts in neither router's CPU.)
+    if !rss_only {
+        println!();
+        println!("TLS: disagg route serving HTTPS to HTTPS workers (rustls) vs plain HTTP; clients keep their connections");
+        println!("{:>6} {:>7} {:>5} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}", "stream", "prompt", "conc", "plain", "tls", "ratio", "plain", "tls", "ratio", "CPU plain", "CPU tls");
+        println!("{:>20} | {:>26} | {:>24} | {:>19}", "", "p50 latency (ms)", "requests/s", "s per 1k requests");
+        for case in [Case { stream: false, prompt_tokens: 1000, concurrency: 1 }, Case { stream: true, prompt_tokens: 1000, concurrency: 1 }, Case { stream: false, prompt_tokens: 1000, concurrency: 64 }] {
+            let [plain, tls] = point(&t, &[Mode::Disagg, Mode::DisaggTls], case, secs).await[..] else { unreachable!("two modes") };
+            println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>9.3} {:>9.3}", case.stream, case.prompt_tokens, case.concurrency,
+                plain.p50, tls.p50, tls.p50 / plain.p50, plain.rps, tls.rps, tls.rps / plain.rps, plain.cpu_per_1k, tls.cpu_per_1k);
+            rows.push(json!({"tls": true, "stream": case.stream, "prompt_tokens": case.prompt_tokens, "concurrency": case.concurrency,
+                "plain": {"rps": plain.rps, "p50_ms": plain.p50, "p99_ms": plain.p99, "cpu_s_per_1k": plain.cpu_per_1k, "failures": plain.failures},
+                "tls": {"rps": tls.rps, "p50_ms": tls.p50, "p99_ms": tls.p99, "cpu_s_per_1k": tls.cpu_per_1k, "failures": tls.failures}}));
+            if plain.failures + tls.failures > 0 {
+                println!("    failures: plain {}, tls {}", plain.failures, tls.failures);
+            }
+        }
+    }
+    drop(disagg_tls);
+    drop(prefill_tls);
+    drop(decode_tls);
     drop(disagg);
     drop(vr);
     drop(decode);
