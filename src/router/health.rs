@@ -49,7 +49,7 @@ pub async fn run(router: Arc<Router>) {
                 let (mut ok, mut detail) = match client.get(&url).send().await {
                     Ok(r) if r.status().is_success() => (true, String::new()),
                     Ok(r) => (false, format!("{url} answered {}", r.status())),
-                    Err(e) => (false, format!("{url}: {}", super::legs::chain(&e))),
+                    Err(e) => (false, with_tls_hint(&url, super::legs::chain(&e))),
                 };
                 // A Mooncake prefill is usable once its decodes can name it: its engine id
                 // per DP rank, which changes when the engine restarts.
@@ -73,6 +73,17 @@ pub async fn run(router: Arc<Router>) {
         });
         join_all(checks).await;
     }
+}
+
+/// A failed check's reason; an https worker that drops the connection right after the
+/// handshake, when the router presents no client certificate, most likely requires one
+/// (vLLM's `--ssl-cert-reqs 2`: uvicorn closes without an alert under TLS 1.3).
+fn with_tls_hint(url: &str, error: String) -> String {
+    let dropped = error.contains("close_notify") || error.contains("reset by peer");
+    if url.starts_with("https://") && dropped && !super::worker_client::presents_client_certificate() {
+        return format!("{url}: {error} (does the worker require a client certificate? --worker-ssl-certfile)");
+    }
+    format!("{url}: {error}")
 }
 
 /// cache_aware's prefix trees are trimmed to --max-tree-size every --eviction-interval.

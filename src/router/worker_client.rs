@@ -44,6 +44,11 @@ pub fn tls() -> Option<Arc<rustls::ClientConfig>> {
     TLS.get().cloned()
 }
 
+/// Whether https workers are shown a client certificate (--worker-ssl-certfile).
+pub fn presents_client_certificate() -> bool {
+    TLS.get().is_some_and(|c| c.client_auth_cert_resolver.has_certs())
+}
+
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
 /// A response head longer than this is not a worker's.
