@@ -65,12 +65,17 @@ pub async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: 
         drain(body).await;
         return Err(too_large(limit));
     }
-    let mut buf = BytesMut::new();
+    // The frames as they come (nothing reserved ahead of them), joined once at the end;
+    // past FRAMES_KEPT small ones (a client dripping bytes), into one growing buffer.
+    const FRAMES_KEPT: usize = 64;
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut joined = BytesMut::new();
+    let mut len = 0usize;
     let mut share: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
-        if buf.len() + data.len() > limit {
+        if len + data.len() > limit {
             drain(body).await;
             return Err(too_large(limit));
         }
@@ -87,9 +92,26 @@ pub async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: 
                 None => share = Some(more),
             }
         }
-        buf.extend_from_slice(&data);
+        len += data.len();
+        if frames.len() < FRAMES_KEPT {
+            frames.push(data);
+        } else {
+            joined.extend_from_slice(&data);
+        }
     }
-    Ok(Budgeted { bytes: buf.freeze(), share })
+    let bytes = match (frames.len(), joined.is_empty()) {
+        (0, _) => Bytes::new(),
+        (1, true) => frames.pop().expect("one frame"),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for f in &frames {
+                buf.extend_from_slice(f);
+            }
+            buf.extend_from_slice(&joined);
+            buf.freeze()
+        }
+    };
+    Ok(Budgeted { bytes, share })
 }
 
 /// Reads and drops what is left of a body, for at most a second.
