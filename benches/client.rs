@@ -77,16 +77,46 @@ fn main() {
     let s = sim(&[]);
     let tokenizer = model.clone().unwrap_or_else(|| "sim".into());
     let workload = |out: &std::path::Path| -> Vec<String> {
-        ["--backend", "vllm", "--base-url", &s.1, "--model", "sim-model", "--tokenizer", &tokenizer, "--dataset-name", "random",
-         "--random-input-len", "64", "--random-output-len", "16", "--num-prompts", &n.to_string(), "--max-concurrency", "256",
-         "--ignore-eos", "--save-result", "--result-filename", out.to_str().unwrap(), "--disable-tqdm"]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "--backend",
+            "vllm",
+            "--base-url",
+            &s.1,
+            "--model",
+            "sim-model",
+            "--tokenizer",
+            &tokenizer,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "64",
+            "--random-output-len",
+            "16",
+            "--num-prompts",
+            &n.to_string(),
+            "--max-concurrency",
+            "256",
+            "--ignore-eos",
+            "--save-result",
+            "--result-filename",
+            out.to_str().unwrap(),
+            "--disable-tqdm",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     println!("client benchmark: {n} requests (64 in / 16 out tokens, ignore_eos, concurrency 256) against a simulated engine");
     println!("{:<20} {:>10} {:>12} {:>22}", "client", "req/s", "wall (s)", "client CPU s / 1k req");
     let ours = tmp.join("disagg.json");
     if let Some((wall, cpu, j)) = run(BIN, &[vec!["bench".to_string()], workload(&ours)].concat(), &ours) {
-        println!("{:<20} {:>10.0} {:>12.2} {:>22.3}", "disagg bench", j["request_throughput"].as_f64().unwrap_or(0.0), wall, cpu / n as f64 * 1000.0);
+        println!(
+            "{:<20} {:>10.0} {:>12.2} {:>22.3}",
+            "disagg bench",
+            j["request_throughput"].as_f64().unwrap_or(0.0),
+            wall,
+            cpu / n as f64 * 1000.0
+        );
         assert_eq!(j["completed"].as_u64(), Some(n as u64));
     }
     match (&venv, &model) {
@@ -94,7 +124,13 @@ fn main() {
             let theirs = tmp.join("vllm.json");
             let args = [vec!["bench".to_string(), "serve".to_string()], workload(&theirs)].concat();
             if let Some((wall, cpu, j)) = run(&format!("{v}/bin/vllm"), &args, &theirs) {
-                println!("{:<20} {:>10.0} {:>12.2} {:>22.3}", "vllm bench serve", j["request_throughput"].as_f64().unwrap_or(0.0), wall, cpu / n as f64 * 1000.0);
+                println!(
+                    "{:<20} {:>10.0} {:>12.2} {:>22.3}",
+                    "vllm bench serve",
+                    j["request_throughput"].as_f64().unwrap_or(0.0),
+                    wall,
+                    cpu / n as f64 * 1000.0
+                );
             }
         }
         _ => println!("(vllm bench serve not measured: run scripts/vllm-env.sh)"),
@@ -106,10 +142,29 @@ fn main() {
         // 20 output tokens at one decode step per second: every stream stays open ~20 s.
         let slow = sim(&["--decode-ms-per-token", "1000"]);
         let out = tmp.join(format!("streams-{streams}.json"));
-        let mut args: Vec<String> = ["bench", "--base-url", &slow.1, "--model", "sim-model", "--tokenizer", "sim", "--random-input-len", "8",
-            "--random-output-len", "20", "--num-prompts", &streams.to_string(), "--ignore-eos", "--save-result",
-            "--result-filename", out.to_str().unwrap(), "--disable-tqdm"]
-            .iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = [
+            "bench",
+            "--base-url",
+            &slow.1,
+            "--model",
+            "sim-model",
+            "--tokenizer",
+            "sim",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "20",
+            "--num-prompts",
+            &streams.to_string(),
+            "--ignore-eos",
+            "--save-result",
+            "--result-filename",
+            out.to_str().unwrap(),
+            "--disable-tqdm",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         if http2 {
             args.push("--http2".into());
         }

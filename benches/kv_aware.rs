@@ -63,9 +63,15 @@ fn index_cost() {
     let secs = spent.as_secs_f64();
     let blocks: usize = index.sizes().values().sum();
     let after = rss_kib();
-    println!("index: {blocks} blocks from {applied} BlockStored events (runs of {run}) applied in {secs:.2} s: {:.0} events/s, {:.2} M blocks/s",
-        applied as f64 / secs, blocks as f64 / secs / 1e6);
-    println!("index memory: {:.0} MiB per million blocks (RSS {before} -> {after} KiB)", (after.saturating_sub(before)) as f64 / 1024.0 / (blocks as f64 / 1e6));
+    println!(
+        "index: {blocks} blocks from {applied} BlockStored events (runs of {run}) applied in {secs:.2} s: {:.0} events/s, {:.2} M blocks/s",
+        applied as f64 / secs,
+        blocks as f64 / secs / 1e6
+    );
+    println!(
+        "index memory: {:.0} MiB per million blocks (RSS {before} -> {after} KiB)",
+        (after.saturating_sub(before)) as f64 / 1024.0 / (blocks as f64 / 1e6)
+    );
 }
 
 fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
@@ -90,15 +96,26 @@ fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
         let fresh = time(&lookup);
         // Everything but the last block cached on this rank.
         let cached_blocks = tokens / BLOCK - 1;
-        index.apply(&holder, &[KvEvent::Stored { hashes: (0..cached_blocks as u64).map(|k| (tokens as u64) << 32 | k).collect(), parent: None, token_ids: prompt[..cached_blocks * BLOCK].to_vec(), block_size: BLOCK }]);
+        index.apply(
+            &holder,
+            &[KvEvent::Stored {
+                hashes: (0..cached_blocks as u64).map(|k| (tokens as u64) << 32 | k).collect(),
+                parent: None,
+                token_ids: prompt[..cached_blocks * BLOCK].to_vec(),
+                block_size: BLOCK,
+            }],
+        );
         let cached = time(&lookup);
         let tok = tokenizer.map(|t| {
             let words: Vec<&str> = ["harbour", "lantern", "granite", "meadow"].iter().cycle().take(tokens / 3).copied().collect();
             let text = words.join(" ");
             let n = t.encode(&text).map(|v| v.len()).unwrap_or(0);
-            (time(&|| {
-                std::hint::black_box(t.encode(&text).ok());
-            }), n)
+            (
+                time(&|| {
+                    std::hint::black_box(t.encode(&text).ok());
+                }),
+                n,
+            )
         });
         let tok = tok.map_or("-".to_string(), |(ms, n)| format!("{ms:.2} ({n} tok)"));
         println!("{tokens:>8} {fresh:>12.3} {cached:>12.3} {tok:>14}");

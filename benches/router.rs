@@ -44,7 +44,14 @@ async fn start(args: &[&str]) -> Proc {
     if let (Some("route"), Ok(n)) = (args.first().map(String::as_str), std::env::var("DISAGG_BENCH_ROUTER_THREADS")) {
         args.extend(["--worker-threads".to_string(), n]);
     }
-    let mut child = cmd.args(&args).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("spawn disagg");
+    let mut child = cmd
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn disagg");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let banner = lines.next_line().await.unwrap().expect("banner");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -60,8 +67,25 @@ fn free_port() -> u16 {
 async fn start_vllm_router(bin: &str, prefill: &str, decode: &str) -> Proc {
     let port = free_port();
     let child = Command::new(bin)
-        .args(["--vllm-pd-disaggregation", "--prefill", prefill, "--decode", decode, "--policy", "round_robin", "--host", "127.0.0.1",
-            "--port", &port.to_string(), "--max-concurrent-requests", "100000", "--queue-size", "100000", "--log-level", "warning"])
+        .args([
+            "--vllm-pd-disaggregation",
+            "--prefill",
+            prefill,
+            "--decode",
+            decode,
+            "--policy",
+            "round_robin",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--max-concurrent-requests",
+            "100000",
+            "--queue-size",
+            "100000",
+            "--log-level",
+            "warning",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -301,11 +325,27 @@ async fn wait_healthy(url: &str) {
 async fn main() {
     let secs: f64 = std::env::var("DISAGG_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let vr_bin = vllm_router_bin();
-    let sim = |role: &'static str| ["sim", "--port", "0", "--role", role, "--kv-blocks", "2000000", "--max-num-seqs", "4096", "--max-model-len", "131072"];
+    let sim = |role: &'static str| {
+        ["sim", "--port", "0", "--role", role, "--kv-blocks", "2000000", "--max-num-seqs", "4096", "--max-model-len", "131072"]
+    };
     let prefill = start(&sim("prefill")).await;
     let decode = start(&sim("decode")).await;
-    let disagg = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000", "--queue-size", "100000",
-        "--prefill", &prefill.url, "--decode", &decode.url]).await;
+    let disagg = start(&[
+        "route",
+        "--port",
+        "0",
+        "--policy",
+        "round_robin",
+        "--max-concurrent-requests",
+        "100000",
+        "--queue-size",
+        "100000",
+        "--prefill",
+        &prefill.url,
+        "--decode",
+        &decode.url,
+    ])
+    .await;
     let vr = start_vllm_router(&vr_bin, &prefill.url, &decode.url).await;
     // TLS: HTTPS simulators (vllm serve's --ssl-* flags) and a router serving HTTPS.
     let certs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
@@ -321,13 +361,36 @@ async fn main() {
     let (tp, td) = (tls_sim("prefill"), tls_sim("decode"));
     let prefill_tls = start(&tp.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let decode_tls = start(&td.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let disagg_tls = start(&["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000", "--queue-size", "100000",
-        "--prefill", &prefill_tls.url, "--decode", &decode_tls.url, "--ssl-keyfile", &key, "--ssl-certfile", &crt, "--worker-ssl-ca-certs", &ca]).await;
+    let disagg_tls = start(&[
+        "route",
+        "--port",
+        "0",
+        "--policy",
+        "round_robin",
+        "--max-concurrent-requests",
+        "100000",
+        "--queue-size",
+        "100000",
+        "--prefill",
+        &prefill_tls.url,
+        "--decode",
+        &decode_tls.url,
+        "--ssl-keyfile",
+        &key,
+        "--ssl-certfile",
+        &crt,
+        "--worker-ssl-ca-certs",
+        &ca,
+    ])
+    .await;
     let tls_client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
         .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
         .tcp_nodelay(true)
-        .use_preconfigured_tls((*disagg::tls::WorkerTlsArgs { worker_ssl_ca_certs: Some(ca.clone().into()), ..Default::default() }.client_config().unwrap()).clone())
+        .use_preconfigured_tls(
+            (*disagg::tls::WorkerTlsArgs { worker_ssl_ca_certs: Some(ca.clone().into()), ..Default::default() }.client_config().unwrap())
+                .clone(),
+        )
         .build()
         .unwrap();
     wait_healthy(&disagg.url).await;
@@ -339,7 +402,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Idle connections reused only under 4 s: the simulators close them at 5 s, as vLLM does.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE).tcp_nodelay(true).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
     let t = Arc::new(Target {
         client,
         prefill: format!("{}/v1/completions", prefill.url),
@@ -369,9 +437,25 @@ async fn main() {
         Case { stream: true, prompt_tokens: 1000, concurrency: 1024 },
     ];
     println!();
-    println!("{:>6} {:>7} {:>5} | {:>9} {:>9} {:>9} | {:>13} {:>13} {:>6} | {:>8} {:>8} {:>8} {:>6} {:>6} | {:>9} {:>9}",
-        "stream", "prompt", "conc", "direct", "disagg", "vllm-r", "added disagg", "added vllm-r", "ratio", "direct", "disagg", "vllm-r", "d/vr", "d/dir",
-        "CPU disagg", "CPU vllm-r");
+    println!(
+        "{:>6} {:>7} {:>5} | {:>9} {:>9} {:>9} | {:>13} {:>13} {:>6} | {:>8} {:>8} {:>8} {:>6} {:>6} | {:>9} {:>9}",
+        "stream",
+        "prompt",
+        "conc",
+        "direct",
+        "disagg",
+        "vllm-r",
+        "added disagg",
+        "added vllm-r",
+        "ratio",
+        "direct",
+        "disagg",
+        "vllm-r",
+        "d/vr",
+        "d/dir",
+        "CPU disagg",
+        "CPU vllm-r"
+    );
     println!("{:>20} | {:>29} | {:>34} | {:>40} | {:>19}", "", "p50 latency (ms)", "added p50 (ms)", "requests/s", "s per 1k requests");
     let mut rows = Vec::new();
     // DISAGG_BENCH_ONLY=rss: only the open-streams measurement.
@@ -408,12 +492,31 @@ async fn main() {
     if !rss_only {
         println!();
         println!("TLS: disagg route serving HTTPS to HTTPS workers (rustls) vs plain HTTP; clients keep their connections");
-        println!("{:>6} {:>7} {:>5} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}", "stream", "prompt", "conc", "plain", "tls", "ratio", "plain", "tls", "ratio", "CPU plain", "CPU tls");
+        println!(
+            "{:>6} {:>7} {:>5} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
+            "stream", "prompt", "conc", "plain", "tls", "ratio", "plain", "tls", "ratio", "CPU plain", "CPU tls"
+        );
         println!("{:>20} | {:>26} | {:>24} | {:>19}", "", "p50 latency (ms)", "requests/s", "s per 1k requests");
-        for case in [Case { stream: false, prompt_tokens: 1000, concurrency: 1 }, Case { stream: true, prompt_tokens: 1000, concurrency: 1 }, Case { stream: false, prompt_tokens: 1000, concurrency: 64 }] {
+        for case in [
+            Case { stream: false, prompt_tokens: 1000, concurrency: 1 },
+            Case { stream: true, prompt_tokens: 1000, concurrency: 1 },
+            Case { stream: false, prompt_tokens: 1000, concurrency: 64 },
+        ] {
             let [plain, tls] = point(&t, &[Mode::Disagg, Mode::DisaggTls], case, secs).await[..] else { unreachable!("two modes") };
-            println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>9.3} {:>9.3}", case.stream, case.prompt_tokens, case.concurrency,
-                plain.p50, tls.p50, tls.p50 / plain.p50, plain.rps, tls.rps, tls.rps / plain.rps, plain.cpu_per_1k, tls.cpu_per_1k);
+            println!(
+                "{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>9.3} {:>9.3}",
+                case.stream,
+                case.prompt_tokens,
+                case.concurrency,
+                plain.p50,
+                tls.p50,
+                tls.p50 / plain.p50,
+                plain.rps,
+                tls.rps,
+                tls.rps / plain.rps,
+                plain.cpu_per_1k,
+                tls.cpu_per_1k
+            );
             rows.push(json!({"tls": true, "stream": case.stream, "prompt_tokens": case.prompt_tokens, "concurrency": case.concurrency,
                 "plain": {"rps": plain.rps, "p50_ms": plain.p50, "p99_ms": plain.p99, "cpu_s_per_1k": plain.cpu_per_1k, "failures": plain.failures},
                 "tls": {"rps": tls.rps, "p50_ms": tls.p50, "p99_ms": tls.p99, "cpu_s_per_1k": tls.cpu_per_1k, "failures": tls.failures}}));
@@ -432,8 +535,12 @@ async fn main() {
     let ours = open_streams(&prefill.url, None, 10_000).await;
     let theirs = open_streams(&prefill.url, Some(&vr_bin), 10_000).await;
     for (name, (idle, busy, open)) in [("disagg route", ours), ("vllm-router", theirs)] {
-        println!("{name}: RSS {} MiB idle, {} MiB holding {open} open streams ({:.1} KiB per stream)", idle / 1024, busy / 1024,
-            (busy as f64 - idle as f64) / open.max(1) as f64);
+        println!(
+            "{name}: RSS {} MiB idle, {} MiB holding {open} open streams ({:.1} KiB per stream)",
+            idle / 1024,
+            busy / 1024,
+            (busy as f64 - idle as f64) / open.max(1) as f64
+        );
     }
     let out = json!({"points": rows, "rss": {"disagg": ours, "vllm_router": theirs}});
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-router.json");
@@ -445,18 +552,45 @@ async fn main() {
 /// decode; returns the router's RSS (KiB) before and while holding them, and how many
 /// were open.
 async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, usize) {
-    let decode = start(&["sim", "--port", "0", "--role", "decode", "--kv-blocks", "2000000", "--max-num-seqs", "100000",
-        "--decode-ms-per-token", "1000"]).await;
+    let decode = start(&[
+        "sim",
+        "--port",
+        "0",
+        "--role",
+        "decode",
+        "--kv-blocks",
+        "2000000",
+        "--max-num-seqs",
+        "100000",
+        "--decode-ms-per-token",
+        "1000",
+    ])
+    .await;
     let router = match vr {
         Some(bin) => start_vllm_router(bin, prefill, &decode.url).await,
-        None => start(&["route", "--port", "0", "--max-concurrent-requests", "100000", "--queue-size", "100000", "--prefill", prefill,
-            "--decode", &decode.url]).await,
+        None => {
+            start(&[
+                "route",
+                "--port",
+                "0",
+                "--max-concurrent-requests",
+                "100000",
+                "--queue-size",
+                "100000",
+                "--prefill",
+                prefill,
+                "--decode",
+                &decode.url,
+            ])
+            .await
+        }
     };
     wait_healthy(&router.url).await;
     let pid = router.child.id().unwrap();
     let idle = proc_field(pid, "VmRSS:");
     // 200 streams per HTTP/2 connection.
-    let clients: Vec<reqwest::Client> = (0..n.div_ceil(200)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
+    let clients: Vec<reqwest::Client> =
+        (0..n.div_ceil(200)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
     let url = format!("{}/v1/completions", router.url);
     let opened = Arc::new(AtomicU64::new(0));
     let mut held = Vec::new();
@@ -468,8 +602,14 @@ async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, u
                 let (c, url, opened) = (clients[i / 200].clone(), url.clone(), opened.clone());
                 let i = *i;
                 tokio::spawn(async move {
-                    let mut resp = c.post(url).json(&json!({"model": "sim-model", "prompt": format!("s{i}"), "max_tokens": 60, "ignore_eos": true, "stream": true}))
-                        .send().await.ok()?;
+                    let mut resp = c
+                        .post(url)
+                        .json(
+                            &json!({"model": "sim-model", "prompt": format!("s{i}"), "max_tokens": 60, "ignore_eos": true, "stream": true}),
+                        )
+                        .send()
+                        .await
+                        .ok()?;
                     resp.chunk().await.ok()??;
                     opened.fetch_add(1, Ordering::Relaxed);
                     Some(resp)

@@ -30,8 +30,14 @@ pub enum IdleFrom {
 
 /// Serves `app` on `tcp` (plain or TLS) until the client closes, the connection has been idle for
 /// `keep_alive`, or `close` resolves (then it closes once its answers are out).
-pub async fn serve_connection<T>(builder: &Builder<TokioExecutor>, tcp: T, app: axum::Router, keep_alive: Duration, from: IdleFrom, close: impl Future<Output = ()>)
-where
+pub async fn serve_connection<T>(
+    builder: &Builder<TokioExecutor>,
+    tcp: T,
+    app: axum::Router,
+    keep_alive: Duration,
+    from: IdleFrom,
+    close: impl Future<Output = ()>,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::default());

@@ -7,7 +7,8 @@ fn main() -> ExitCode {
     disagg::cli::init_tracing(&cli.log_level);
     // The router serves on threads of its own (router/server.rs); this thread keeps its
     // health checks, discovery and KV event intake.
-    let mut builder = if cli.is_route() { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    let mut builder =
+        if cli.is_route() { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

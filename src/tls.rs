@@ -80,7 +80,9 @@ impl ServerTlsArgs {
         match (&self.ssl_keyfile, &self.ssl_certfile) {
             (Some(_), Some(_)) => {}
             (None, None) if self.ssl_ca_certs.is_none() && self.ssl_cert_reqs == 0 => return Ok(false),
-            (None, None) => bail!("--ssl-ca-certs and --ssl-cert-reqs need --ssl-keyfile and --ssl-certfile (the listener's own certificate)"),
+            (None, None) => {
+                bail!("--ssl-ca-certs and --ssl-cert-reqs need --ssl-keyfile and --ssl-certfile (the listener's own certificate)")
+            }
             _ => bail!("--ssl-keyfile and --ssl-certfile go together"),
         }
         if self.ssl_cert_reqs > 0 && self.ssl_ca_certs.is_none() {
@@ -143,7 +145,9 @@ impl ServerTls {
     /// Reloads the configuration whenever one of its files changes (a new certificate in
     /// place of an expiring one); a file that does not load keeps the one in use (logged).
     pub async fn reload_on_change(self: Arc<Self>) {
-        let stamp = |files: &[PathBuf]| files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect::<Vec<Option<SystemTime>>>();
+        let stamp = |files: &[PathBuf]| {
+            files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect::<Vec<Option<SystemTime>>>()
+        };
         let files = self.args.files();
         let mut seen = stamp(&files);
         loop {
@@ -192,7 +196,10 @@ impl WorkerTlsArgs {
                 store
             }
         };
-        let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().context("TLS versions")?.with_root_certificates(roots);
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots);
         let mut config = match (&self.worker_ssl_certfile, &self.worker_ssl_keyfile) {
             (Some(c), Some(k)) => builder
                 .with_client_auth_cert(certs(c, "--worker-ssl-certfile")?, key(k, "--worker-ssl-keyfile")?)

@@ -15,19 +15,62 @@ const BIN: &str = env!("CARGO_BIN_EXE_disagg");
 
 /// Every top-level field the router decodes or rewrites, in either API.
 const FIELDS: &[&str] = &[
-    "prompt", "messages", "max_tokens", "max_completion_tokens", "min_tokens", "min_completion_tokens", "n", "seed",
-    "temperature", "stream", "stream_options", "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "user",
-    "tools", "add_generation_prompt", "chat_template_kwargs", "model", "logprobs", "echo",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "min_completion_tokens",
+    "n",
+    "seed",
+    "temperature",
+    "stream",
+    "stream_options",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "vllm_xargs",
+    "user",
+    "tools",
+    "add_generation_prompt",
+    "chat_template_kwargs",
+    "model",
+    "logprobs",
+    "echo",
 ];
 
 /// JSON text a hostile client may send: numbers past every range, escapes, every type.
 fn leaf() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
-            "1e400", "-1e400", "1e-400", "18446744073709551616", "-9223372036854775809", "4294967296", "2147483648", "0",
-            "-1", "1", "1.5", "-0", "0.0", "true", "false", "null", "\"\"", "\"x\"", "\"\\ud800\"", "\"\\u0000\"", "{}", "[]",
-            "[1,2,3]", "[[1],[2]]", "[\"a\",\"b\"]", "{\"include_usage\":1e400}", "{\"kv_transfer_params\":{\"remote_host\":\"10.0.0.1\"}}",
-            "[{\"role\":\"user\",\"content\":\"hi\"}]", "[{\"role\":1e400,\"content\":[{\"type\":\"text\",\"text\":null}]}]",
+            "1e400",
+            "-1e400",
+            "1e-400",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "4294967296",
+            "2147483648",
+            "0",
+            "-1",
+            "1",
+            "1.5",
+            "-0",
+            "0.0",
+            "true",
+            "false",
+            "null",
+            "\"\"",
+            "\"x\"",
+            "\"\\ud800\"",
+            "\"\\u0000\"",
+            "{}",
+            "[]",
+            "[1,2,3]",
+            "[[1],[2]]",
+            "[\"a\",\"b\"]",
+            "{\"include_usage\":1e400}",
+            "{\"kv_transfer_params\":{\"remote_host\":\"10.0.0.1\"}}",
+            "[{\"role\":\"user\",\"content\":\"hi\"}]",
+            "[{\"role\":1e400,\"content\":[{\"type\":\"text\",\"text\":null}]}]",
         ])
         .prop_map(str::to_owned),
         any::<i64>().prop_map(|n| n.to_string()),
@@ -68,9 +111,14 @@ async fn worker() -> String {
             .into_response();
         }
         if v["stream"] == true {
-            return ([("content-type", "text/event-stream")], "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n").into_response();
+            return (
+                [("content-type", "text/event-stream")],
+                "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n",
+            )
+                .into_response();
         }
-        axum::Json(json!({"id": "d", "object": "text_completion", "choices": [{"index": 0, "text": "a", "finish_reason": "length"}]})).into_response()
+        axum::Json(json!({"id": "d", "object": "text_completion", "choices": [{"index": 0, "text": "a", "finish_reason": "length"}]}))
+            .into_response()
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -114,7 +162,13 @@ fn main() {
     let result = runner.run(&body(), |(chat, body)| {
         let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
         let (status, content_type, text) = rt.block_on(async {
-            let resp = http.post(format!("{url}{path}")).header("content-type", "application/json").body(body.clone()).send().await.expect("an answer, not a reset");
+            let resp = http
+                .post(format!("{url}{path}"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("an answer, not a reset");
             let status = resp.status().as_u16();
             let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
             (status, ct, resp.text().await.expect("a whole body"))

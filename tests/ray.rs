@@ -23,8 +23,21 @@ fn main() -> ExitCode {
     assert!(venv.join(".disagg-complete").is_file(), "no Ray venv at {}: run scripts/ray-env.sh", venv.display());
     let ray = venv.join("bin/ray");
     let start = Command::new(&ray)
-        .args(["start", "--head", "--port", "6379", "--node-ip-address", "127.0.0.1", "--num-cpus", "4", "--num-gpus", "4",
-            "--disable-usage-stats", "--include-dashboard", "false"])
+        .args([
+            "start",
+            "--head",
+            "--port",
+            "6379",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "4",
+            "--num-gpus",
+            "4",
+            "--disable-usage-stats",
+            "--include-dashboard",
+            "false",
+        ])
         .env("RAY_USAGE_STATS_ENABLED", "0")
         .output()
         .expect("run ray start");
@@ -49,7 +62,10 @@ async fn launch_on_ray(venv: &std::path::Path) {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let file = work.join("ray.yaml");
-    std::fs::write(&file, format!(r#"
+    std::fs::write(
+        &file,
+        format!(
+            r#"
 timeout: 60
 working_dir: {}
 engine: sim
@@ -70,8 +86,15 @@ decode:
   replicas: 1
   params:
     kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'
-"#, work.display())).unwrap();
-    let (mut child, mut lines) = spawn_logged(&["launch", file.to_str().unwrap(), "--ray", "127.0.0.1:6379", "--ray-python", venv.join("bin/python").to_str().unwrap()], &work.join("launch.err"));
+"#,
+            work.display()
+        ),
+    )
+    .unwrap();
+    let (mut child, mut lines) = spawn_logged(
+        &["launch", file.to_str().unwrap(), "--ray", "127.0.0.1:6379", "--ray-python", venv.join("bin/python").to_str().unwrap()],
+        &work.join("launch.err"),
+    );
     let url = ready_url(&mut lines, Duration::from_secs(120))
         .await
         .unwrap_or_else(|| panic!("launch never ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));

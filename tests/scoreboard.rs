@@ -39,10 +39,32 @@ fn kv_aware_meets_its_goals_on_a_slice_of_the_conversation_trace() {
     let _ = std::fs::remove_dir_all(&out);
     let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mooncake-conversation-1000-1399.jsonl");
     let run = std::process::Command::new(&bin)
-        .args(["scoreboard", "--dataset-path", trace, "--num-prompts", "400", "--trace-speedup", "6", "--prefills", "8", "--decodes", "8",
-            "--sim-speedup", "2", "--vllm-router", &vllm_router, "--vllm-router-policies", "round_robin,cache_aware", "--check-goals",
-            "--goal-p99-slack", "0.15", "--goal-max-skew", "1.35",
-            "--out", out.to_str().unwrap()])
+        .args([
+            "scoreboard",
+            "--dataset-path",
+            trace,
+            "--num-prompts",
+            "400",
+            "--trace-speedup",
+            "6",
+            "--prefills",
+            "8",
+            "--decodes",
+            "8",
+            "--sim-speedup",
+            "2",
+            "--vllm-router",
+            &vllm_router,
+            "--vllm-router-policies",
+            "round_robin,cache_aware",
+            "--check-goals",
+            "--goal-p99-slack",
+            "0.15",
+            "--goal-max-skew",
+            "1.35",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .expect("run disagg scoreboard");
     let stdout = String::from_utf8_lossy(&run.stdout);

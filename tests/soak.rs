@@ -36,9 +36,15 @@ fn body_for(rng: &mut impl Rng) -> (&'static str, Value) {
     let prompt = format!("soak prompt {} with some words", rng.random_range(0..40));
     let max_tokens = rng.random_range(1..30);
     match rng.random_range(0..10) {
-        0 => ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": true})),
+        0 => (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": true}),
+        ),
         1 => ("/v1/completions", json!({"prompt": [prompt, "second soak prompt"], "max_tokens": max_tokens, "ignore_eos": true})),
-        2 => ("/v1/completions", json!({"prompt": prompt, "n": 2, "seed": 3, "temperature": 0.7, "max_tokens": max_tokens, "ignore_eos": true})),
+        2 => (
+            "/v1/completions",
+            json!({"prompt": prompt, "n": 2, "seed": 3, "temperature": 0.7, "max_tokens": max_tokens, "ignore_eos": true}),
+        ),
         _ => ("/v1/completions", json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true})),
     }
 }
@@ -53,7 +59,12 @@ fn strip(mut v: Value) -> Value {
 }
 
 fn texts(v: &Value) -> Vec<String> {
-    v["choices"].as_array().into_iter().flatten().map(|c| c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or("").to_string()).collect()
+    v["choices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or("").to_string())
+        .collect()
 }
 
 /// What a colocated engine answers (the reference every routed answer must equal).
@@ -104,7 +115,10 @@ async fn one_request(router: &str, reference: &Reference, totals: &Totals, rng_s
         // The body arrives in pieces over ~1 s (under --body-read-timeout-secs).
         let raw = serde_json::to_vec(&body).unwrap();
         let mut sock = tokio::net::TcpStream::connect(addr_of(router)).await.unwrap();
-        let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", raw.len());
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            raw.len()
+        );
         sock.write_all(head.as_bytes()).await.unwrap();
         for piece in raw.chunks(raw.len().div_ceil(5)) {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -183,10 +197,34 @@ async fn soak_with_random_faults() {
     let d3 = Proc::sim(&[&["--role", "decode", "--hang-after-tokens", "5"][..], &lease].concat()).await;
     let plain = Proc::sim(&[]).await;
     let r = router(&[
-        "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d1.url, "--decode", &d2_url, "--decode", &d3.url,
-        "--policy", "power_of_two", "--prefill-timeout-secs", "3", "--decode-first-byte-timeout-secs", "3",
-        "--request-timeout-secs", "6", "--stream-idle-timeout-secs", "1", "--cb-timeout-duration-secs", "2",
-        "--health-check-interval-secs", "0.5", "--body-read-timeout-secs", "3", "--retry-budget-min-per-sec", "50",
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d1.url,
+        "--decode",
+        &d2_url,
+        "--decode",
+        &d3.url,
+        "--policy",
+        "power_of_two",
+        "--prefill-timeout-secs",
+        "3",
+        "--decode-first-byte-timeout-secs",
+        "3",
+        "--request-timeout-secs",
+        "6",
+        "--stream-idle-timeout-secs",
+        "1",
+        "--cb-timeout-duration-secs",
+        "2",
+        "--health-check-interval-secs",
+        "0.5",
+        "--body-read-timeout-secs",
+        "3",
+        "--retry-budget-min-per-sec",
+        "50",
     ])
     .await;
     let reference = Arc::new(Reference { url: plain.url.clone(), cache: Mutex::new(HashMap::new()) });
@@ -225,7 +263,11 @@ async fn soak_with_random_faults() {
     let t = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
         "soak {secs}s: {} requests: {} correct, {} clear errors, {} clients left early, {} slow bodies",
-        t(&totals.sent), t(&totals.correct), t(&totals.clear_errors), t(&totals.left), t(&totals.slow)
+        t(&totals.sent),
+        t(&totals.correct),
+        t(&totals.clear_errors),
+        t(&totals.left),
+        t(&totals.slow)
     );
     assert_eq!(t(&totals.sent), t(&totals.correct) + t(&totals.clear_errors) + t(&totals.left));
     assert!(t(&totals.correct) > t(&totals.sent) / 2, "most requests are answered");
@@ -243,7 +285,12 @@ async fn soak_with_random_faults() {
     assert_idle(&r.url).await;
     let rss = proc_status_kib(r.pid().unwrap(), "VmRSS") / 1024;
     let peak = proc_status_kib(r.pid().unwrap(), "VmHWM") / 1024;
-    let expired: f64 = futures_util::future::join_all([&p1.url, &p2.url].map(|u| async move { metric(&metrics(u).await, "disagg_sim_kv_leases_expired_total", &[]) })).await.iter().sum();
+    let expired: f64 = futures_util::future::join_all(
+        [&p1.url, &p2.url].map(|u| async move { metric(&metrics(u).await, "disagg_sim_kv_leases_expired_total", &[]) }),
+    )
+    .await
+    .iter()
+    .sum();
     println!("router RSS {rss} MiB (peak {peak} MiB, bound {RSS_BOUND_MIB} MiB); prefill KV released by lease expiry: {expired} times");
     assert!(rss < RSS_BOUND_MIB, "router RSS {rss} MiB");
 }

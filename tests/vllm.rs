@@ -10,32 +10,32 @@
 //! the cases below in order, sharing the instances. The handshake cases are the very
 //! functions the simulator's tests run (tests/it/handshake.rs).
 
-#[path = "it/support.rs"]
-mod support;
+#[path = "vllm/bench_compare.rs"]
+mod bench_compare;
+#[path = "it/first_token.rs"]
+mod first_token;
 #[allow(dead_code)]
 #[path = "it/handshake.rs"]
 mod handshake;
 #[path = "it/keep_alive.rs"]
 mod keep_alive;
-#[path = "it/first_token.rs"]
-mod first_token;
+#[path = "vllm/kv_aware.rs"]
+mod kv_aware;
+#[path = "it/kv_events.rs"]
+mod kv_events;
+#[path = "vllm/launch_layouts.rs"]
+mod launch_layouts;
+#[path = "vllm/mooncake.rs"]
+mod mooncake;
 #[allow(dead_code)]
 #[path = "it/mooncake_handshake.rs"]
 mod mooncake_handshake;
-#[path = "it/kv_events.rs"]
-mod kv_events;
 #[path = "vllm/prefix_cache.rs"]
 mod prefix_cache;
+#[path = "it/support.rs"]
+mod support;
 #[path = "vllm/timing.rs"]
 mod timing;
-#[path = "vllm/bench_compare.rs"]
-mod bench_compare;
-#[path = "vllm/kv_aware.rs"]
-mod kv_aware;
-#[path = "vllm/mooncake.rs"]
-mod mooncake;
-#[path = "vllm/launch_layouts.rs"]
-mod launch_layouts;
 #[path = "vllm/tls.rs"]
 mod tls;
 
@@ -227,20 +227,50 @@ async fn run() -> ExitCode {
         whole_case(what, prefix_cache::run(), &mut failed).await;
     }
     if group_enabled("kv_aware") {
-        whole_case("kv_aware on 2 prefills + 1 decode: predictions equal vLLM's cached tokens, hit rate beats round_robin and cache_aware", kv_aware::run(), &mut failed).await;
+        whole_case(
+            "kv_aware on 2 prefills + 1 decode: predictions equal vLLM's cached tokens, hit rate beats round_robin and cache_aware",
+            kv_aware::run(),
+            &mut failed,
+        )
+        .await;
     }
     if group_enabled("mooncake") {
         whole_case("Mooncake 1P1D through disagg route: output equals plain, KV moved", mooncake::run(), &mut failed).await;
     }
     if group_enabled("tls") {
-        whole_case("TLS: vLLM serving https with client certificates required, the router https on both sides: output equals plain", tls::run(), &mut failed).await;
+        whole_case(
+            "TLS: vLLM serving https with client certificates required, the router https on both sides: output equals plain",
+            tls::run(),
+            &mut failed,
+        )
+        .await;
     }
     if group_enabled("launch") {
         whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_layouts::launch_from_yaml(), &mut failed).await;
-        whole_case("every example's and the launcher script's vllm serve commands pass vLLM's own parser and start-up checks", launch_layouts::checked_by_vllm(), &mut failed).await;
-        whole_case("DP 2 internal LB across two loopback nodes (one headless), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("internal", 2), &mut failed).await;
-        whole_case("DP 4 hybrid LB across two loopback nodes (an API server each), launched and routed, every rank prefills, KV over NIXL", launch_layouts::layout_runs("hybrid", 4), &mut failed).await;
-        whole_case("DP 2 external LB across two loopback nodes (tiny MoE): both ranks' API servers start and join, the router lists each", launch_layouts::layout_runs("external", 2), &mut failed).await;
+        whole_case(
+            "every example's and the launcher script's vllm serve commands pass vLLM's own parser and start-up checks",
+            launch_layouts::checked_by_vllm(),
+            &mut failed,
+        )
+        .await;
+        whole_case(
+            "DP 2 internal LB across two loopback nodes (one headless), launched and routed, every rank prefills, KV over NIXL",
+            launch_layouts::layout_runs("internal", 2),
+            &mut failed,
+        )
+        .await;
+        whole_case(
+            "DP 4 hybrid LB across two loopback nodes (an API server each), launched and routed, every rank prefills, KV over NIXL",
+            launch_layouts::layout_runs("hybrid", 4),
+            &mut failed,
+        )
+        .await;
+        whole_case(
+            "DP 2 external LB across two loopback nodes (tiny MoE): both ranks' API servers start and join, the router lists each",
+            launch_layouts::layout_runs("external", 2),
+            &mut failed,
+        )
+        .await;
     }
     println!("real-vLLM suite: {:.1}s in all", t0.elapsed().as_secs_f64());
     if failed.is_empty() {
@@ -279,7 +309,8 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     }
     println!("real vLLM: 2 prefill + 1 decode + 1 plain instance healthy in {:.1}s", t0.elapsed().as_secs_f64());
     let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
-    let pair = Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
+    let pair =
+        Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
     let mut env = Env { p0, p1, d, plain, router, pair };
 
     let cases: Vec<(&str, Case)> = vec![
@@ -292,16 +323,21 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: KV moved, both prefills used", |e| Box::pin(router_moves_kv_over_both_prefills(e))),
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
-        ("disagg bench agrees with vllm bench serve (plain instance, and through the router)", |e| Box::pin(bench_compare::bench_agrees_with_vllm(e))),
-        ("disagg bench replays a trace as vllm bench serve's timed_trace does (same counts)", |e| Box::pin(bench_compare::timed_trace_agrees_with_vllm(e))),
+        ("disagg bench agrees with vllm bench serve (plain instance, and through the router)", |e| {
+            Box::pin(bench_compare::bench_agrees_with_vllm(e))
+        }),
+        ("disagg bench replays a trace as vllm bench serve's timed_trace does (same counts)", |e| {
+            Box::pin(bench_compare::timed_trace_agrees_with_vllm(e))
+        }),
         ("router: decode-only field errors are vLLM's own, before any prefill", |e| Box::pin(decode_only_errors_are_vllms(e))),
         ("router: a list of prompts is one pair per prompt (equals plain)", |e| Box::pin(prompt_list_equals_plain(e))),
         ("router: n choices are one pair per choice (equals plain)", |e| Box::pin(n_choices_equal_plain(e))),
         ("router: kv_transfer_params in vllm_xargs never reach vLLM", |e| Box::pin(xargs_steering_is_dropped(e))),
         ("router: a non-streamed decode stops when its client leaves", |e| Box::pin(abandoned_non_streamed_decode_stops(e))),
-        ("router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)", |e| {
-            Box::pin(first_token_cases(e))
-        }),
+        (
+            "router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)",
+            |e| Box::pin(first_token_cases(e)),
+        ),
         ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
         ("vLLM closes a connection 5 s after its last answer, keeps an unused one (as the simulator)", |e| {
             Box::pin(keep_alive::idle_connections_close_after_their_last_answer(&e.plain.url))
@@ -372,12 +408,18 @@ async fn router_moves_kv_over_both_prefills(e: &mut Env) {
     let (p0, p1) = (metrics(&e.p0.url).await, metrics(&e.p1.url).await);
     let mut prompt_tokens = 0.0;
     for i in 0..4 {
-        let (status, v) = post(&format!("{}/v1/completions", e.router.url), &body("/v1/completions", &e.pair.prompt(&format!("moved {i}"), 1), 8, false)).await;
+        let (status, v) =
+            post(&format!("{}/v1/completions", e.router.url), &body("/v1/completions", &e.pair.prompt(&format!("moved {i}"), 1), 8, false))
+                .await;
         assert_eq!(status, 200, "{v}");
         prompt_tokens += v["usage"]["prompt_tokens"].as_f64().unwrap();
     }
     let d1 = metrics(&e.d.url).await;
-    assert_eq!(source(&d1, "external_kv_transfer") - source(&d0, "external_kv_transfer"), prompt_tokens, "every prompt token came over NIXL");
+    assert_eq!(
+        source(&d1, "external_kv_transfer") - source(&d0, "external_kv_transfer"),
+        prompt_tokens,
+        "every prompt token came over NIXL"
+    );
     assert_eq!(source(&d1, "local_compute"), source(&d0, "local_compute"), "none computed on the decode");
     let used = |before: &str, after: &str| metric(after, "vllm:prompt_tokens_total", &[]) - metric(before, "vllm:prompt_tokens_total", &[]);
     let (p0b, p1b) = (metrics(&e.p0.url).await, metrics(&e.p1.url).await);
@@ -409,10 +451,8 @@ async fn client_leaving_strands_nothing(e: &mut Env) {
     }
     println!("      {} decode legs kept for clients that left between the legs", abandoned().await);
     for p in [&e.p0, &e.p1] {
-        let released = eventually(Duration::from_secs(10), || async {
-            metric(&metrics(&p.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0
-        })
-        .await;
+        let released =
+            eventually(Duration::from_secs(10), || async { metric(&metrics(&p.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
         assert!(released, "{} still holds KV:\n{}", p.name, metrics(&p.url).await);
         assert!(!p.log_text().contains("Releasing expired KV blocks"), "{} released KV by lease expiry", p.name);
     }
@@ -522,7 +562,10 @@ async fn decode_only_errors_are_vllms(e: &mut Env) {
         assert_eq!(got, want, "{b}");
     }
     let chat = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0});
-    assert_eq!(post(&format!("{}/v1/chat/completions", e.router.url), &chat).await, post(&format!("{}/v1/chat/completions", e.plain.url), &chat).await);
+    assert_eq!(
+        post(&format!("{}/v1/chat/completions", e.router.url), &chat).await,
+        post(&format!("{}/v1/chat/completions", e.plain.url), &chat).await
+    );
     let after = prompt_tokens_of(&e.p0.url).await + prompt_tokens_of(&e.p1.url).await;
     assert_eq!(after, before, "no prefill ran for a refused request");
     assert_idle(&e.router.url).await;
@@ -590,16 +633,15 @@ async fn abandoned_non_streamed_decode_stops(e: &mut Env) {
     let quick = reqwest::Client::builder().timeout(Duration::from_millis(400)).build().unwrap();
     assert!(quick.post(format!("{}/v1/completions", e.router.url)).json(&b).send().await.is_err());
     assert!(eventually(Duration::from_secs(10), || async { abandoned().await > dropped_before }).await, "the decode leg was never dropped");
-    let stopped = eventually(Duration::from_secs(10), || async {
-        metric(&metrics(&e.d.url).await, "vllm:num_requests_running", &[]) == 0.0
-    })
-    .await;
+    let stopped =
+        eventually(Duration::from_secs(10), || async { metric(&metrics(&e.d.url).await, "vllm:num_requests_running", &[]) == 0.0 }).await;
     let made = gen().await - before;
     println!("      the decode made {made} of 1500 tokens for a client that left after 0.4 s");
     assert!(stopped, "the decode is still running the abandoned request");
     assert!(made < 1000.0, "the decode generated {made} tokens for nobody");
     for p in [&e.p0, &e.p1] {
-        let released = eventually(Duration::from_secs(10), || async { metric(&metrics(&p.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
+        let released =
+            eventually(Duration::from_secs(10), || async { metric(&metrics(&p.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
         assert!(released, "{} still holds KV", p.name);
     }
     assert_idle(&e.router.url).await;

@@ -12,10 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{ApiError, ErrorKind};
 
 fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        ErrorKind::PayloadTooLarge,
-        format!("request body is larger than the {limit}-byte limit"),
-    )
+    ApiError::new(ErrorKind::PayloadTooLarge, format!("request body is larger than the {limit}-byte limit"))
 }
 
 /// Reads a whole body, refusing more than `limit` bytes with 413. The rest of an
@@ -56,10 +53,7 @@ pub struct Budgeted {
 /// it is refused with 503. The buffer grows as bytes arrive (a declared Content-Length
 /// reserves nothing).
 pub async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: Option<&BodyBudget>) -> Result<Budgeted, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let mut body = body;
     if declared.is_some_and(|n| n > limit as u64) {
         drain(body).await;
@@ -130,10 +124,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(
-            ErrorKind::Validation,
-            "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
-        ))
+        Err(ApiError::new(ErrorKind::Validation, "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed"))
     }
 }
 
@@ -149,7 +140,9 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         )),
         Err(e) => Err(ApiError::new(
             ErrorKind::Validation,
-            format!("1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': '{e}'}}}}"),
+            format!(
+                "1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': '{e}'}}}}"
+            ),
         )
         .param("body")),
     }

@@ -90,7 +90,12 @@ impl<'a> Fields<'a> {
             Value::Bool(b) => Ok(Some(f64::from(u8::from(*b)))),
             Value::Number(n) => Ok(n.as_f64()),
             Value::String(s) => s.trim().parse::<f64>().map(Some).map_err(|_| {
-                validation_error(&self.loc_of(name), "float_parsing", "Input should be a valid number, unable to parse string as a number", v)
+                validation_error(
+                    &self.loc_of(name),
+                    "float_parsing",
+                    "Input should be a valid number, unable to parse string as a number",
+                    v,
+                )
             }),
             _ => Err(validation_error(&self.loc_of(name), "float_type", "Input should be a valid number", v)),
         }
@@ -222,7 +227,8 @@ pub fn check_generation(api: Api, body: &Map<String, Value>) -> Result<Generatio
     };
     f.dict("kv_transfer_params")?;
     if opts.is_some() && !stream {
-        return Err(ApiError::bad_request("Stream options can only be defined when `stream=True`. (parameter=stream_options)").param("stream_options"));
+        return Err(ApiError::bad_request("Stream options can only be defined when `stream=True`. (parameter=stream_options)")
+            .param("stream_options"));
     }
     if n < 1 {
         return Err(semantic_error(format!("n must be at least 1, got {n}."), None));
@@ -276,7 +282,10 @@ mod tests {
             msg(json!({"stream": "abc"})),
             "1 validation error:\n  {'type': 'bool_parsing', 'loc': 'body.stream', 'msg': 'Input should be a valid boolean, unable to interpret input', 'input': 'abc'}"
         );
-        assert_eq!(msg(json!({"stream_options": {"include_usage": true}})), "Stream options can only be defined when `stream=True`. (parameter=stream_options)");
+        assert_eq!(
+            msg(json!({"stream_options": {"include_usage": true}})),
+            "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
+        );
         assert_eq!(
             msg(json!({"stream": true, "stream_options": {"include_usage": "x"}})),
             "1 validation error:\n  {'type': 'bool_parsing', 'loc': 'body.stream_options.include_usage', 'msg': 'Input should be a valid boolean, unable to interpret input', 'input': 'x'}"

@@ -19,8 +19,15 @@ use serde::{Deserialize, Serialize};
 pub enum KvEvent {
     /// Full blocks cached: their hashes, the hash of the block before the first (None at a
     /// prompt's start), and every token of these blocks.
-    Stored { hashes: Vec<u64>, parent: Option<u64>, token_ids: Vec<u32>, block_size: usize },
-    Removed { hashes: Vec<u64> },
+    Stored {
+        hashes: Vec<u64>,
+        parent: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: usize,
+    },
+    Removed {
+        hashes: Vec<u64>,
+    },
     AllCleared,
 }
 

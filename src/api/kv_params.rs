@@ -18,7 +18,14 @@ struct NixlPrefill {
 
 /// NIXL: the prefill leg's params, serialised.
 pub fn nixl_prefill() -> Vec<u8> {
-    let p = NixlPrefill { do_remote_decode: true, do_remote_prefill: false, remote_engine_id: None, remote_block_ids: None, remote_host: None, remote_port: None };
+    let p = NixlPrefill {
+        do_remote_decode: true,
+        do_remote_prefill: false,
+        remote_engine_id: None,
+        remote_block_ids: None,
+        remote_host: None,
+        remote_port: None,
+    };
     serde_json::to_vec(&p).expect("params serialise")
 }
 
@@ -57,7 +64,13 @@ pub struct Mooncake {
 impl Mooncake {
     /// The prefill leg's: compute, then hold the KV under `transfer_id`.
     pub fn prefill(transfer_id: &str) -> Mooncake {
-        Mooncake { do_remote_decode: true, do_remote_prefill: false, remote_bootstrap_addr: None, remote_engine_id: None, transfer_id: transfer_id.into() }
+        Mooncake {
+            do_remote_decode: true,
+            do_remote_prefill: false,
+            remote_bootstrap_addr: None,
+            remote_engine_id: None,
+            transfer_id: transfer_id.into(),
+        }
     }
 
     /// The decode leg's: take the KV of `transfer_id` from engine `engine_id`, found on
@@ -85,12 +98,18 @@ mod tests {
     #[test]
     fn the_shapes_are_vllms() {
         let v: Value = serde_json::from_slice(&nixl_prefill()).unwrap();
-        assert_eq!(v, json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
-            "remote_block_ids": null, "remote_host": null, "remote_port": null}));
+        assert_eq!(
+            v,
+            json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+            "remote_block_ids": null, "remote_host": null, "remote_port": null})
+        );
         let v: Value = serde_json::from_slice(&Mooncake::prefill("xfer-1").to_bytes()).unwrap();
         assert_eq!(v, json!({"do_remote_decode": true, "do_remote_prefill": false, "transfer_id": "xfer-1"}));
         let v: Value = serde_json::from_slice(&Mooncake::decode("http://h:8998", "e", "xfer-1").to_bytes()).unwrap();
-        assert_eq!(v, json!({"do_remote_decode": false, "do_remote_prefill": true, "remote_bootstrap_addr": "http://h:8998",
-            "remote_engine_id": "e", "transfer_id": "xfer-1"}));
+        assert_eq!(
+            v,
+            json!({"do_remote_decode": false, "do_remote_prefill": true, "remote_bootstrap_addr": "http://h:8998",
+            "remote_engine_id": "e", "transfer_id": "xfer-1"})
+        );
     }
 }

@@ -52,7 +52,8 @@ impl Tok {
         }
         let path = Path::new(spec);
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-        let t = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load the tokenizer {}: {e}", file.display()))?;
+        let t =
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load the tokenizer {}: {e}", file.display()))?;
         Ok(Tok::Hf(Box::new(t)))
     }
 
@@ -204,7 +205,14 @@ pub fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Resu
 /// unless disabled; prompt = first turn, output length = the second turn's token count
 /// (or the given length); pairs outside vLLM's bounds (prompt < 4 or > 1024 tokens,
 /// output < 4, total > 2048) are skipped.
-pub fn sharegpt(tok: &Tok, path: &Path, num: usize, output_len: Option<usize>, shuffle: bool, seed: u64) -> anyhow::Result<Vec<SampleRequest>> {
+pub fn sharegpt(
+    tok: &Tok,
+    path: &Path,
+    num: usize,
+    output_len: Option<usize>,
+    shuffle: bool,
+    seed: u64,
+) -> anyhow::Result<Vec<SampleRequest>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let data: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("{} is not a JSON list", path.display()))?;
     let mut entries: Vec<(String, String)> = data

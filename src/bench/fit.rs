@@ -77,7 +77,9 @@ struct Run {
 fn read_run(path: &PathBuf) -> anyhow::Result<Run> {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
         .with_context(|| format!("{} is not JSON", path.display()))?;
-    let arr = |k: &str| v.get(k).and_then(Value::as_array).with_context(|| format!("{}: no `{k}` (was it saved with --save-detailed?)", path.display()));
+    let arr = |k: &str| {
+        v.get(k).and_then(Value::as_array).with_context(|| format!("{}: no `{k}` (was it saved with --save-detailed?)", path.display()))
+    };
     let lens = arr("input_lens")?;
     let ttfts = arr("ttfts")?;
     let errors = v.get("errors").and_then(Value::as_array);
@@ -93,7 +95,12 @@ fn read_run(path: &PathBuf) -> anyhow::Result<Run> {
     let concurrency = v.get("max_concurrency").and_then(Value::as_f64).unwrap_or(1.0);
     let outs: Vec<f64> = arr("output_lens")?.iter().filter_map(Value::as_f64).collect();
     let mean_output = outs.iter().sum::<f64>() / outs.len().max(1) as f64;
-    Ok(Run { concurrency, ttfts: pairs, mean_itl_ms: (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0), mean_output })
+    Ok(Run {
+        concurrency,
+        ttfts: pairs,
+        mean_itl_ms: (!itls.is_empty()).then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0),
+        mean_output,
+    })
 }
 
 /// `d0 + s·n` through (concurrency, mean gap) points; a constant from one concurrency or
@@ -172,7 +179,11 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
     std::fs::write(&args.output, serde_json::to_string_pretty(&profile)?).with_context(|| format!("writing {}", args.output.display()))?;
     println!(
         "prefill ms = {:.4} + {:.6}·T + {:.3e}·T²; decode ms = {:.4} + {:.4}·n  -> {}",
-        profile.prefill_ms[0], profile.prefill_ms[1], profile.prefill_ms[2], profile.decode_ms[0], profile.decode_ms_per_seq,
+        profile.prefill_ms[0],
+        profile.prefill_ms[1],
+        profile.prefill_ms[2],
+        profile.decode_ms[0],
+        profile.decode_ms_per_seq,
         args.output.display()
     );
     Ok(())
@@ -186,12 +197,20 @@ mod tests {
     fn recovers_the_coefficients_it_was_given() {
         let truth = |t: f64| 20.0 + 0.05 * t + 1e-5 * t * t;
         let lens: Vec<f64> = (1..40).map(|k| (k * 100) as f64).collect();
-        let low = Run { concurrency: 1.0, ttfts: lens.iter().map(|l| (*l, truth(*l) + 3.0)).collect(), mean_itl_ms: Some(3.0 + 0.5), mean_output: 100.0 };
+        let low = Run {
+            concurrency: 1.0,
+            ttfts: lens.iter().map(|l| (*l, truth(*l) + 3.0)).collect(),
+            mean_itl_ms: Some(3.0 + 0.5),
+            mean_output: 100.0,
+        };
         let high = Run { concurrency: 8.0, ttfts: Vec::new(), mean_itl_ms: Some(3.0 + 4.0), mean_output: 100.0 };
         let t = fit(&[low, high], "test".into()).unwrap();
         assert!((t.decode_ms_per_seq - 0.5).abs() < 1e-6 && (t.decode_ms[0] - 3.0).abs() < 1e-6, "{t:?}");
         // TTFT = prefill + one decode step (3.5 ms at one sequence).
-        assert!((t.prefill_ms[0] - 19.5).abs() < 1e-3 && (t.prefill_ms[1] - 0.05).abs() < 1e-6 && (t.prefill_ms[2] - 1e-5).abs() < 1e-9, "{t:?}");
+        assert!(
+            (t.prefill_ms[0] - 19.5).abs() < 1e-3 && (t.prefill_ms[1] - 0.05).abs() < 1e-6 && (t.prefill_ms[2] - 1e-5).abs() < 1e-9,
+            "{t:?}"
+        );
         assert!((t.prefill(1000) + t.decode(0.0, 1) - (truth(1000.0) + 3.0)).abs() < 1e-3);
     }
 
@@ -222,7 +241,12 @@ mod tests {
     #[test]
     fn negative_curvature_falls_back_to_a_line() {
         let xs: Vec<f64> = (1..20).map(|k| k as f64 * 10.0).collect();
-        let run = Run { concurrency: 1.0, ttfts: xs.iter().map(|x| (*x, 10.0 + 0.2 * x - 0.0005 * x * x)).collect(), mean_itl_ms: Some(2.0), mean_output: 10.0 };
+        let run = Run {
+            concurrency: 1.0,
+            ttfts: xs.iter().map(|x| (*x, 10.0 + 0.2 * x - 0.0005 * x * x)).collect(),
+            mean_itl_ms: Some(2.0),
+            mean_output: 10.0,
+        };
         let t = fit(&[run], "t".into()).unwrap();
         assert_eq!(t.prefill_ms[2], 0.0);
         assert!(t.prefill_ms[1] > 0.0);

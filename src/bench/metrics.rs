@@ -46,7 +46,12 @@ pub struct Stat {
 pub fn stat(values: &[f64], percentiles: &[f64]) -> Stat {
     let mut s: Vec<f64> = values.iter().map(|v| v * 1000.0).collect();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Stat { mean: mean(&s), median: percentile(&s, 50.0), std: std(&s), percentiles: percentiles.iter().map(|p| (*p, percentile(&s, *p))).collect() }
+    Stat {
+        mean: mean(&s),
+        median: percentile(&s, 50.0),
+        std: std(&s),
+        percentiles: percentiles.iter().map(|p| (*p, percentile(&s, *p))).collect(),
+    }
 }
 
 /// SLOs in milliseconds.

@@ -1,10 +1,10 @@
 //! `disagg bench`: a serving benchmark client with `vllm bench serve`'s flags, metric
 //! definitions, printed table and result JSON, a progress bar, and a picture of the run.
 
-pub mod fit;
 mod args;
 pub mod client;
 pub mod dataset;
+pub mod fit;
 pub mod metrics;
 pub mod plot;
 pub mod report;
@@ -38,10 +38,20 @@ pub fn arrivals(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut t = 0.0;
     let mut out: Vec<f64> = if burstiness.is_infinite() {
-        (0..n).map(|_| { t += 1.0 / rate; t }).collect()
+        (0..n)
+            .map(|_| {
+                t += 1.0 / rate;
+                t
+            })
+            .collect()
     } else {
         let gamma = rand_distr::Gamma::new(burstiness, 1.0 / (rate * burstiness)).expect("positive shape and scale");
-        (0..n).map(|_| { t += gamma.sample(&mut rng); t }).collect()
+        (0..n)
+            .map(|_| {
+                t += gamma.sample(&mut rng);
+                t
+            })
+            .collect()
     };
     if let Some(&last) = out.last() {
         if last > 0.0 {
@@ -86,14 +96,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let headers: Vec<(String, String)> = args
         .header
         .iter()
-        .map(|h| h.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).with_context(|| format!("--header {h}: expected KEY=VALUE")))
+        .map(|h| {
+            h.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--header {h}: expected KEY=VALUE"))
+        })
         .collect::<anyhow::Result<_>>()?;
 
     let build = || {
         // Idle connections are reused only under 4 s: vLLM closes them at 5 s
         // (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), and a request sent as it closes one is lost
         // (a trace's gaps between arrivals run that long).
-        let b = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(usize::MAX).pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
+        let b = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(usize::MAX)
+            .pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
             .timeout(Duration::from_secs(6 * 3600));
         if args.http2 { b.http2_prior_knowledge() } else { b }.build()
     };
@@ -101,8 +118,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // HTTP/2 servers commonly allow a few hundred streams per connection (hyper: 200) and
     // a client multiplexes over one: open enough connections for the concurrency asked.
     let in_flight = args.max_concurrency.unwrap_or(args.num_prompts) as usize;
-    let clients: Vec<reqwest::Client> =
-        if args.http2 { (0..in_flight.div_ceil(STREAMS_PER_H2_CONNECTION)).map(|_| build()).collect::<Result<_, _>>()? } else { vec![http.clone()] };
+    let clients: Vec<reqwest::Client> = if args.http2 {
+        (0..in_flight.div_ceil(STREAMS_PER_H2_CONNECTION)).map(|_| build()).collect::<Result<_, _>>()?
+    } else {
+        vec![http.clone()]
+    };
     let model_id = match &args.model {
         Some(m) => m.clone(),
         None => {
@@ -123,23 +143,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let tok = Tok::load(&tokenizer_id)?;
     let n = args.num_prompts as usize;
     let requests: Vec<SampleRequest> = match args.dataset_name {
-        DatasetName::Random => dataset::random(&tok, &dataset::RandomSpec {
-            num: n,
-            input_len: args.random_input_len,
-            output_len: args.random_output_len,
-            range_ratio: args.random_range_ratio,
-            prefix_len: args.random_prefix_len,
-            seed: args.seed,
-        })?,
-        DatasetName::PrefixRepetition => dataset::prefix_repetition(&tok, &dataset::PrefixRepetitionSpec {
-            num: n,
-            prefix_len: args.prefix_repetition_prefix_len,
-            suffix_len: args.prefix_repetition_suffix_len,
-            num_prefixes: args.prefix_repetition_num_prefixes as usize,
-            output_len: args.prefix_repetition_output_len,
-            shuffle: !args.disable_shuffle,
-            seed: args.seed,
-        })?,
+        DatasetName::Random => dataset::random(
+            &tok,
+            &dataset::RandomSpec {
+                num: n,
+                input_len: args.random_input_len,
+                output_len: args.random_output_len,
+                range_ratio: args.random_range_ratio,
+                prefix_len: args.random_prefix_len,
+                seed: args.seed,
+            },
+        )?,
+        DatasetName::PrefixRepetition => dataset::prefix_repetition(
+            &tok,
+            &dataset::PrefixRepetitionSpec {
+                num: n,
+                prefix_len: args.prefix_repetition_prefix_len,
+                suffix_len: args.prefix_repetition_suffix_len,
+                num_prefixes: args.prefix_repetition_num_prefixes as usize,
+                output_len: args.prefix_repetition_output_len,
+                shuffle: !args.disable_shuffle,
+                seed: args.seed,
+            },
+        )?,
         DatasetName::Sharegpt => {
             let path = args.dataset_path.as_ref().context("--dataset-name sharegpt needs --dataset-path FILE")?;
             dataset::sharegpt(&tok, path, n, args.sharegpt_output_len, !args.disable_shuffle, args.seed)?
@@ -339,8 +365,10 @@ fn check_trace_flags(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--self-timed/--no-self-timed is only supported with a trace dataset (timed_trace, mooncake_trace)");
     }
     if is_trace(args) && !args.no_self_timed && args.request_rate.is_finite() {
-        bail!("--request-rate: a trace's requests arrive at its timestamps (speed them up with --trace-speedup or \
-               --timed-trace-sec-multiplier), unless --no-self-timed");
+        bail!(
+            "--request-rate: a trace's requests arrive at its timestamps (speed them up with --trace-speedup or \
+               --timed-trace-sec-multiplier), unless --no-self-timed"
+        );
     }
     Ok(())
 }

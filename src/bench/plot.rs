@@ -9,11 +9,8 @@ use plotters::prelude::*;
 
 use super::client::Output;
 
-const FONT_FILES: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
+const FONT_FILES: &[&str] =
+    &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 pub fn register_font() -> anyhow::Result<()> {
     for f in FONT_FILES {
@@ -111,11 +108,7 @@ where
     let areas = root.split_evenly((2, 2));
     let ok: Vec<&Output> = outputs.iter().filter(|o| o.success).collect();
     let ttft: Vec<f64> = ok.iter().map(|o| o.ttft * 1000.0).collect();
-    let tpot: Vec<f64> = ok
-        .iter()
-        .filter(|o| !o.itl.is_empty())
-        .map(|o| (o.latency - o.ttft) / o.itl.len() as f64 * 1000.0)
-        .collect();
+    let tpot: Vec<f64> = ok.iter().filter(|o| !o.itl.is_empty()).map(|o| (o.latency - o.ttft) / o.itl.len() as f64 * 1000.0).collect();
     let itl: Vec<f64> = ok.iter().flat_map(|o| o.itl.iter().map(|x| x * 1000.0)).collect();
     histogram(&areas[0], "TTFT", &ttft)?;
     histogram(&areas[1], "TPOT", &tpot)?;

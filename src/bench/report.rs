@@ -92,7 +92,11 @@ pub fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
     linef(&mut out, "Peak concurrent requests:", m.max_concurrent_requests as f64);
     linef(&mut out, "Total token throughput (tok/s):", m.total_token_throughput);
     let routing = &m.routing;
-    for (label, v) in [("Prefix-hit rate (%):", routing.prefix_hit_rate.map(|h| h * 100.0)), ("Prefill load skew (max/mean):", routing.prefill_load_skew), ("Decode load skew (max/mean):", routing.decode_load_skew)] {
+    for (label, v) in [
+        ("Prefix-hit rate (%):", routing.prefix_hit_rate.map(|h| h * 100.0)),
+        ("Prefill load skew (max/mean):", routing.prefill_load_skew),
+        ("Decode load skew (max/mean):", routing.decode_load_skew),
+    ] {
         if let Some(v) = v {
             linef(&mut out, label, v);
         }
@@ -189,11 +193,24 @@ mod tests {
 
     #[test]
     fn table_and_keys_match_vllms() {
-        let o = Output { success: true, ttft: 0.1, itl: vec![0.02], latency: 0.12, prompt_len: 7, output_tokens: Some(2), ..Output::default() };
+        let o =
+            Output { success: true, ttft: 0.1, itl: vec![0.02], latency: 0.12, prompt_len: 7, output_tokens: Some(2), ..Output::default() };
         let m = calculate(&[o.clone()], 1.0, None, &[99.0, 99.9], &Goodput::default());
         let metrics = vec!["ttft".to_string(), "tpot".into(), "itl".into()];
-        let r = RunInfo { backend: "vllm", label: "vllm", model_id: "/m/tiny", tokenizer_id: "/m/tiny", num_prompts: 1, request_rate: f64::INFINITY,
-            burstiness: 1.0, max_concurrency: Some(4), duration: 1.0, speedup: 1.0, goodput: false, metrics: &metrics };
+        let r = RunInfo {
+            backend: "vllm",
+            label: "vllm",
+            model_id: "/m/tiny",
+            tokenizer_id: "/m/tiny",
+            num_prompts: 1,
+            request_rate: f64::INFINITY,
+            burstiness: 1.0,
+            max_concurrency: Some(4),
+            duration: 1.0,
+            speedup: 1.0,
+            goodput: false,
+            metrics: &metrics,
+        };
         let t = table(&m, &r);
         assert!(t.starts_with("============ Serving Benchmark Result ============\n"));
         assert!(t.contains("Successful requests:                     1         \n"));
@@ -203,8 +220,21 @@ mod tests {
         assert!(!t.contains("E2EL") && !t.contains("Request rate configured"));
         assert!(t.contains("-----Time per Output Token (excl. 1st token)------\n"));
         let j = json(&m, &r, &[o], false, "20261121-120000");
-        for k in ["mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms", "p99.9_ttft_ms", "p99_tpot_ms", "p99_itl_ms",
-            "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput", "completed", "failed"] {
+        for k in [
+            "mean_ttft_ms",
+            "median_ttft_ms",
+            "std_ttft_ms",
+            "p99_ttft_ms",
+            "p99.9_ttft_ms",
+            "p99_tpot_ms",
+            "p99_itl_ms",
+            "total_input_tokens",
+            "total_output_tokens",
+            "request_throughput",
+            "output_throughput",
+            "completed",
+            "failed",
+        ] {
             assert!(j.get(k).is_some(), "{k}");
         }
         assert_eq!(j["request_rate"], "inf");

@@ -84,11 +84,8 @@ mod tests {
     #[test]
     fn hit_rate_and_skew_on_hand_made_runs() {
         // Prefill A computes 100 + 60, B 40: mean 100, max 160 -> 1.6. Decodes: 10 + 30 vs 20 -> 40 / 30.
-        let runs = vec![
-            out(100, Some(0), 10, Some("A"), "D1"),
-            out(100, Some(40), 30, Some("A"), "D1"),
-            out(100, Some(60), 20, Some("B"), "D2"),
-        ];
+        let runs =
+            vec![out(100, Some(0), 10, Some("A"), "D1"), out(100, Some(40), 30, Some("A"), "D1"), out(100, Some(60), 20, Some("B"), "D2")];
         let r = summarize(&runs);
         assert_eq!(r.prefix_hit_rate, Some(100.0 / 300.0));
         assert_eq!(r.prefill_load_skew, Some(1.6));

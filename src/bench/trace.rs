@@ -34,7 +34,12 @@ pub struct Labels {
 
 impl Default for Labels {
     fn default() -> Self {
-        Labels { timestamp: "timestamp".into(), input_length: "input_length".into(), output_length: "output_length".into(), hash_ids: "hash_ids".into() }
+        Labels {
+            timestamp: "timestamp".into(),
+            input_length: "input_length".into(),
+            output_length: "output_length".into(),
+            hash_ids: "hash_ids".into(),
+        }
     }
 }
 
@@ -79,7 +84,9 @@ fn field<'v>(record: &'v Value, key: &str, n: usize, path: &Path) -> anyhow::Res
 }
 
 fn number(v: &Value, key: &str, n: usize, path: &Path) -> anyhow::Result<f64> {
-    v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).with_context(|| format!("{} line {}: `{key}` is not a number of 0 or more: {v}", path.display(), n + 1))
+    v.as_f64()
+        .filter(|x| x.is_finite() && *x >= 0.0)
+        .with_context(|| format!("{} line {}: `{key}` is not a number of 0 or more: {v}", path.display(), n + 1))
 }
 
 /// The first `spec.num` requests of a trace file (fewer if it has fewer).
@@ -109,14 +116,20 @@ pub fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<Samp
         let output_length = number(field(&record, &labels.output_length, n, path)?, &labels.output_length, n, path)? as usize;
         let ids: Vec<u64> = match record.get(&labels.hash_ids) {
             None => Vec::new(),
-            Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("{} line {}: `{}` is not a list of ids", path.display(), n + 1, labels.hash_ids))?,
+            Some(v) => serde_json::from_value(v.clone())
+                .with_context(|| format!("{} line {}: `{}` is not a list of ids", path.display(), n + 1, labels.hash_ids))?,
         };
         let (prompt, arrival): (Vec<u32>, f64) = match &spec.layout {
             Layout::Mooncake { block_size, speedup } => {
                 let len = (input_length * block_size / TRACE_BLOCK).max(1);
                 let blocks = len.div_ceil(*block_size);
                 if ids.len() < blocks {
-                    bail!("{} line {}: input_length {input_length} needs {blocks} hash ids of {TRACE_BLOCK} tokens, the line has {}", path.display(), n + 1, ids.len());
+                    bail!(
+                        "{} line {}: input_length {input_length} needs {blocks} hash ids of {TRACE_BLOCK} tokens, the line has {}",
+                        path.display(),
+                        n + 1,
+                        ids.len()
+                    );
                 }
                 let prompt = ids[..blocks].iter().flat_map(|h| tokens_of(*h, *block_size, &allowed)).take(len).collect();
                 (prompt, (timestamp - *first_timestamp.get_or_insert(timestamp)).max(0.0) / 1000.0 / speedup)
@@ -140,7 +153,12 @@ pub fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<Samp
         if prompt.is_empty() {
             bail!("{} line {}: the record makes an empty prompt (no hash ids, or input length 0)", path.display(), n + 1);
         }
-        out.push(SampleRequest { prompt_len: prompt.len(), prompt: Prompt::Tokens(prompt), output_len: output_length.max(1), arrival: Some(arrival) });
+        out.push(SampleRequest {
+            prompt_len: prompt.len(),
+            prompt: Prompt::Tokens(prompt),
+            output_len: output_length.max(1),
+            arrival: Some(arrival),
+        });
     }
     if out.is_empty() {
         bail!("{} holds no request", path.display());

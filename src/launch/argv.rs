@@ -38,7 +38,13 @@ const TLS_PARAMS: &[&str] = &["ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ss
 
 /// The simulator's flags for the params it models; the others are listed in the plan's
 /// notes. The connector's and DP flags and engine.args are added by the caller.
-pub(super) fn sim_argv(cmd: &[String], role: &str, params: &BTreeMap<String, Value>, extra: &[String], notes: &mut Vec<String>) -> Vec<String> {
+pub(super) fn sim_argv(
+    cmd: &[String],
+    role: &str,
+    params: &BTreeMap<String, Value>,
+    extra: &[String],
+    notes: &mut Vec<String>,
+) -> Vec<String> {
     let mut argv = cmd.to_vec();
     argv.extend(["--role".into(), role.into()]);
     let model = params.get("served_model_name").or_else(|| params.get("model")).and_then(|v| match v {
@@ -58,7 +64,20 @@ pub(super) fn sim_argv(cmd: &[String], role: &str, params: &BTreeMap<String, Val
     let unused: Vec<&str> = params
         .keys()
         .map(String::as_str)
-        .filter(|k| !["model", "served_model_name", "host", "port", "max_model_len", "kv_transfer_config", "data_parallel_address", "data_parallel_rpc_port"].contains(k) && !TLS_PARAMS.contains(k))
+        .filter(|k| {
+            ![
+                "model",
+                "served_model_name",
+                "host",
+                "port",
+                "max_model_len",
+                "kv_transfer_config",
+                "data_parallel_address",
+                "data_parallel_rpc_port",
+            ]
+            .contains(k)
+                && !TLS_PARAMS.contains(k)
+        })
         .collect();
     if !unused.is_empty() || !extra.is_empty() {
         notes.push(format!(

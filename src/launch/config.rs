@@ -74,14 +74,30 @@ pub struct TlsFile {
 impl TlsFile {
     /// `vllm serve`'s params for this TLS.
     pub fn engine_params(&self) -> [(&'static str, String); 4] {
-        [("ssl_keyfile", self.keyfile.clone()), ("ssl_certfile", self.certfile.clone()), ("ssl_ca_certs", self.ca_certs.clone()), ("ssl_cert_reqs", self.cert_reqs.to_string())]
+        [
+            ("ssl_keyfile", self.keyfile.clone()),
+            ("ssl_certfile", self.certfile.clone()),
+            ("ssl_ca_certs", self.ca_certs.clone()),
+            ("ssl_cert_reqs", self.cert_reqs.to_string()),
+        ]
     }
 
     /// `disagg route`'s flags: its listener's and how it reaches the engines.
     pub fn router_flags(&self) -> Vec<String> {
-        let mut out: Vec<String> = ["--ssl-keyfile", &self.keyfile, "--ssl-certfile", &self.certfile, "--ssl-ca-certs", &self.ca_certs, "--ssl-cert-reqs", &self.cert_reqs.to_string(), "--worker-ssl-ca-certs", &self.ca_certs]
-            .map(String::from)
-            .to_vec();
+        let mut out: Vec<String> = [
+            "--ssl-keyfile",
+            &self.keyfile,
+            "--ssl-certfile",
+            &self.certfile,
+            "--ssl-ca-certs",
+            &self.ca_certs,
+            "--ssl-cert-reqs",
+            &self.cert_reqs.to_string(),
+            "--worker-ssl-ca-certs",
+            &self.ca_certs,
+        ]
+        .map(String::from)
+        .to_vec();
         if let (Some(c), Some(k)) = (&self.client_certfile, &self.client_keyfile) {
             out.extend(["--worker-ssl-certfile".into(), c.clone(), "--worker-ssl-keyfile".into(), k.clone()]);
         }

@@ -16,12 +16,26 @@ pub use crate::api::connector::Connector;
 /// Connector classes of vLLM 0.32's registry (`kv_connector/factory.py`), plus the
 /// plug-ins and legacy ones PD guides use.
 pub const KNOWN: &[&str] = &[
-    "NixlConnector", "NixlPullConnector", "NixlPushConnector", "MultiConnector", "MooncakeConnector", "MooncakeStoreConnector",
-    "LMCacheConnectorV1", "LMCacheMPConnector", "OffloadingConnector", "SimpleCPUOffloadConnector", "ExampleConnector",
-    "ExampleHiddenStatesConnector", "HiSparseConnector", "MoRIIOConnector", "DecodeBenchConnector", "FlexKVConnectorV1",
-    "HF3FSKVConnector", // vLLM 0.32
+    "NixlConnector",
+    "NixlPullConnector",
+    "NixlPushConnector",
+    "MultiConnector",
+    "MooncakeConnector",
+    "MooncakeStoreConnector",
+    "LMCacheConnectorV1",
+    "LMCacheMPConnector",
+    "OffloadingConnector",
+    "SimpleCPUOffloadConnector",
+    "ExampleConnector",
+    "ExampleHiddenStatesConnector",
+    "HiSparseConnector",
+    "MoRIIOConnector",
+    "DecodeBenchConnector",
+    "FlexKVConnectorV1",
+    "HF3FSKVConnector",         // vLLM 0.32
     "LLMDataDistCMgrConnector", // vllm-ascend's plug-in
-    "P2pNcclConnector", "SharedStorageConnector", // removed from vLLM in 2026; older builds have them
+    "P2pNcclConnector",
+    "SharedStorageConnector", // removed from vLLM in 2026; older builds have them
 ];
 
 /// Which flow `disagg route` runs for a connector (None: no flow of ours). A
@@ -64,7 +78,9 @@ pub fn class_of(kv: &Value) -> Result<String, String> {
 
 /// The router's discovery port for P2pNccl: the xPyD guide's HTTP + 20000 (10002 -> 30002).
 pub fn discovery_port(router_port: u16) -> Result<u16, String> {
-    router_port.checked_add(20000).ok_or_else(|| format!("scheduler.port {router_port}: P2pNccl discovery listens on port + 20000; pick a port below 45536"))
+    router_port
+        .checked_add(20000)
+        .ok_or_else(|| format!("scheduler.port {router_port}: P2pNccl discovery listens on port + 20000; pick a port below 45536"))
 }
 
 /// Sets `key` in `obj`, or checks that the user's own value is the same.
@@ -105,9 +121,12 @@ mod tests {
         let both = multi(json!([{"kv_connector": "OffloadingConnector"}, {"kv_connector": "NixlConnector"}]));
         assert_eq!(flow_of(&both, "MultiConnector"), Ok(Some(Connector::Nixl)));
         assert_eq!(flow_of(&multi(json!([{"kv_connector": "OffloadingConnector"}])), "MultiConnector"), Ok(None));
-        assert!(flow_of(&multi(json!([{"kv_connector": "NixlConector"}])), "MultiConnector").unwrap_err().contains("connectors[0]: unknown connector"));
+        assert!(flow_of(&multi(json!([{"kv_connector": "NixlConector"}])), "MultiConnector")
+            .unwrap_err()
+            .contains("connectors[0]: unknown connector"));
         assert!(flow_of(&json!({"kv_connector": "MultiConnector"}), "MultiConnector").unwrap_err().contains("connectors"));
-        let mut kv = json!({"kv_connector": "P2pNcclConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {"proxy_port": "30002"}});
+        let mut kv =
+            json!({"kv_connector": "P2pNcclConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {"proxy_port": "30002"}});
         fill_p2p(&mut kv, 21001, "10.0.0.1", 30002, 20001).unwrap();
         assert_eq!(kv["kv_port"], 21001);
         assert_eq!(kv["kv_connector_extra_config"], json!({"proxy_ip": "10.0.0.1", "proxy_port": "30002", "http_port": "20001"}));

@@ -135,7 +135,9 @@ async fn probe(client: &reqwest::Client, url: &str, how: Probe<'_>) -> Result<()
     for path in paths {
         match client.get(format!("{url}{path}")).send().await {
             Ok(r) if r.status().is_success() => return Ok(()),
-            Ok(r) if r.status().is_server_error() || matches!(how, Probe::Path(_)) => return Err(format!("{url}{path} answered {}", r.status())),
+            Ok(r) if r.status().is_server_error() || matches!(how, Probe::Path(_)) => {
+                return Err(format!("{url}{path} answered {}", r.status()))
+            }
             Ok(_) => continue,
             Err(e) => return Err(format!("{url}{path}: {e}")),
         }
@@ -155,7 +157,13 @@ pub fn health_client(plan: &Plan) -> anyhow::Result<reqwest::Client> {
     Ok(b.build()?)
 }
 
-pub async fn wait_healthy(group: &mut Group, client: &reqwest::Client, targets: &[(String, String)], how: Probe<'_>, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_healthy(
+    group: &mut Group,
+    client: &reqwest::Client,
+    targets: &[(String, String)],
+    how: Probe<'_>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     let bar = indicatif::ProgressBar::new(targets.len() as u64);
     bar.set_style(
@@ -169,10 +177,9 @@ pub async fn wait_healthy(group: &mut Group, client: &reqwest::Client, targets: 
             bar.abandon();
             bail!("{name} exited ({status}) before everything was healthy; last lines of {}:\n{}", log.display(), tail(&log, 20));
         }
-        let checks = futures_util::future::join_all(pending.iter().map(|(name, url)| {
-            async move { (name.clone(), probe(client, url, how).await) }
-        }))
-        .await;
+        let checks =
+            futures_util::future::join_all(pending.iter().map(|(name, url)| async move { (name.clone(), probe(client, url, how).await) }))
+                .await;
         for (name, r) in checks {
             match r {
                 Ok(()) => {
@@ -195,7 +202,8 @@ pub async fn wait_healthy(group: &mut Group, client: &reqwest::Client, targets: 
         bar.set_message(pending.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "));
         if start.elapsed() > timeout {
             bar.abandon();
-            let detail: Vec<String> = pending.iter().map(|(n, _)| format!("{n}: {}", last_err.get(n).map_or("no answer", String::as_str))).collect();
+            let detail: Vec<String> =
+                pending.iter().map(|(n, _)| format!("{n}: {}", last_err.get(n).map_or("no answer", String::as_str))).collect();
             bail!("not healthy after {}s (timeout): {}", timeout.as_secs(), detail.join("; "));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -7,8 +7,8 @@ pub mod config;
 pub mod connector;
 pub mod local;
 pub mod plan;
-pub mod ray;
 pub mod ranktable;
+pub mod ray;
 pub mod script;
 
 use std::path::PathBuf;
@@ -95,7 +95,11 @@ pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
         out.push_str(&format!("node {n} ({host})\n"));
         for i in plan.instances.iter().filter(|i| i.node == n) {
             let endpoint = i.url().unwrap_or_else(|| "headless (no HTTP server)".into());
-            let gpus = if i.gpus.is_empty() { "no GPU".to_string() } else { format!("GPUs {}", i.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")) };
+            let gpus = if i.gpus.is_empty() {
+                "no GPU".to_string()
+            } else {
+                format!("GPUs {}", i.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            };
             let dp = i.dp.as_ref().map_or(String::new(), |d| format!(", {d}"));
             out.push_str(&format!("  {} {endpoint}, {gpus}, side channel {}{dp}\n", i.name, i.side_channel_port));
             out.push_str(&format!("    $ {}\n", plan::shell_line(&i.env, &i.argv, &exe)));

@@ -65,7 +65,10 @@ pub fn build(args: &RanktableArgs, device_ips: &[Vec<String>]) -> anyhow::Result
     if args.prefill_device_cnt + args.decode_device_cnt > total {
         bail!(
             "--prefill-device-cnt {} + --decode-device-cnt {} is more than the {total} devices of {} node(s) x {}",
-            args.prefill_device_cnt, args.decode_device_cnt, args.ips.len(), args.npus_per_node
+            args.prefill_device_cnt,
+            args.decode_device_cnt,
+            args.ips.len(),
+            args.npus_per_node
         );
     }
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
@@ -100,8 +103,11 @@ fn local_rank(args: &RanktableArgs) -> anyhow::Result<usize> {
     }
     let mine = interface_addresses(args.network_card_name.as_deref());
     args.ips.iter().position(|ip| mine.contains(ip)).with_context(|| {
-        format!("none of this machine's addresses{} ({}) is among --ips; say which with --local-host",
-            args.network_card_name.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(), mine.join(", "))
+        format!(
+            "none of this machine's addresses{} ({}) is among --ips; say which with --local-host",
+            args.network_card_name.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(),
+            mine.join(", ")
+        )
     })
 }
 
@@ -170,7 +176,9 @@ async fn node_addresses(ips: &[String]) -> anyhow::Result<Vec<Vec<IpAddr>>> {
         let bare = ip.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<IpAddr> = match bare.parse::<IpAddr>() {
             Ok(a) => vec![a],
-            Err(_) => tokio::net::lookup_host((bare, 0)).await.with_context(|| format!("--ips {ip} does not resolve"))?.map(|a| a.ip()).collect(),
+            Err(_) => {
+                tokio::net::lookup_host((bare, 0)).await.with_context(|| format!("--ips {ip} does not resolve"))?.map(|a| a.ip()).collect()
+            }
         };
         out.push(addrs.into_iter().map(|a| a.to_canonical()).collect());
     }
@@ -264,7 +272,8 @@ async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow:
         return collect(args, mine, deadline).await;
     }
     // From this node's own address: the first node takes a node's list only from there.
-    let own: IpAddr = node_addresses(&args.ips[rank..=rank]).await?.remove(0).first().copied().context("this node's address does not resolve")?;
+    let own: IpAddr =
+        node_addresses(&args.ips[rank..=rank]).await?.remove(0).first().copied().context("this node's address does not resolve")?;
     let stream = loop {
         let socket = if own.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.bind(SocketAddr::new(own, 0)).with_context(|| format!("cannot send from this node's address {own}"))?;
@@ -279,7 +288,9 @@ async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow:
     write.write_all((serde_json::to_string(&NodeDevices { node: rank, device_ips: mine })? + "\n").as_bytes()).await?;
     let mut line = String::new();
     let left = deadline.saturating_duration_since(Instant::now());
-    tokio::time::timeout(left, BufReader::new(read.take(16 << 20)).read_line(&mut line)).await.context("the first node sent no table in time")??;
+    tokio::time::timeout(left, BufReader::new(read.take(16 << 20)).read_line(&mut line))
+        .await
+        .context("the first node sent no table in time")??;
     serde_json::from_str(&line).context("the first node sent no table (did it fail? see its output)")
 }
 
@@ -300,15 +311,25 @@ pub async fn run(args: RanktableArgs) -> anyhow::Result<()> {
             if args.ips.len() == 1 {
                 build(&args, &[mine])?
             } else {
-                println!("node {rank} of {} ({}): {} device IPs; gathering at {}", args.ips.len(), args.ips[rank], mine.len(), crate::api::join_host_port(&args.ips[0], args.master_port));
+                println!(
+                    "node {rank} of {} ({}): {} device IPs; gathering at {}",
+                    args.ips.len(),
+                    args.ips[rank],
+                    mine.len(),
+                    crate::api::join_host_port(&args.ips[0], args.master_port)
+                );
                 gather(&args, rank, mine).await?
             }
         }
     };
     std::fs::write(&args.output, serde_json::to_string_pretty(&table)? + "\n")
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    println!("wrote {} ({} prefill, {} decode devices); point DISAGGREGATED_PREFILL_RANK_TABLE_PATH at it on every node",
-        args.output.display(), args.prefill_device_cnt, args.decode_device_cnt);
+    println!(
+        "wrote {} ({} prefill, {} decode devices); point DISAGGREGATED_PREFILL_RANK_TABLE_PATH at it on every node",
+        args.output.display(),
+        args.prefill_device_cnt,
+        args.decode_device_cnt
+    );
     Ok(())
 }
 
@@ -336,8 +357,14 @@ mod tests {
         assert_eq!(t["server_count"], "2");
         assert_eq!(t["status"], "completed");
         assert_eq!(t["prefill_device_list"].as_array().unwrap().len(), 3);
-        assert_eq!(t["prefill_device_list"][2], json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"}));
-        assert_eq!(t["decode_device_list"], json!([{"server_id": "172.19.123.51", "device_id": "1", "device_ip": "29.7.2.2", "cluster_id": "4"}]));
+        assert_eq!(
+            t["prefill_device_list"][2],
+            json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"})
+        );
+        assert_eq!(
+            t["decode_device_list"],
+            json!([{"server_id": "172.19.123.51", "device_id": "1", "device_ip": "29.7.2.2", "cluster_id": "4"}])
+        );
         let too_many = RanktableArgs { prefill_device_cnt: 4, decode_device_cnt: 1, ..args };
         assert!(build(&too_many, &ips).unwrap_err().to_string().contains("more than the 4 devices"));
     }

@@ -35,7 +35,8 @@ pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()>
     let router = if router.ours {
         // The URLs are known only once Ray has placed the instances: the driver puts each
         // worker's URL in by instance name.
-        let workers: Vec<Value> = router.workers.iter().map(|w| json!({"flag": w.flag, "instance": w.instance, "bootstrap": w.bootstrap})).collect();
+        let workers: Vec<Value> =
+            router.workers.iter().map(|w| json!({"flag": w.flag, "instance": w.instance, "bootstrap": w.bootstrap})).collect();
         json!({"command": null, "port": router.port, "base": router.base, "workers": workers, "tail": router.tail})
     } else {
         json!({"command": router.argv.iter().map(|a| shlex::try_quote(a).map(|c| c.into_owned()).unwrap_or_default()).collect::<Vec<_>>().join(" "), "port": router.port})
@@ -95,7 +96,11 @@ pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()>
         bail!("{f}");
     }
     if !status.success() && !stopping {
-        bail!("the Ray driver failed ({status}); see {}:\n{}", logs.join("ray-driver.log").display(), tail(&logs.join("ray-driver.log"), 20));
+        bail!(
+            "the Ray driver failed ({status}); see {}:\n{}",
+            logs.join("ray-driver.log").display(),
+            tail(&logs.join("ray-driver.log"), 20)
+        );
     }
     Ok(())
 }

@@ -91,15 +91,21 @@ pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize
     let dp_master_port = u16::try_from(a.dp_master_port as u32 + shift).map_err(|_| anyhow::anyhow!("--dp-master-port runs past 65535"))?;
     let kv = serde_json::json!({"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": a.nixl_buffer_device,
         "kv_connector_extra_config": {"backends": [a.nixl_backend]}});
-    let cmd = shlex::split(&a.vllm_command).filter(|w| !w.is_empty()).ok_or_else(|| anyhow::anyhow!("--vllm-command is not a valid command line"))?;
+    let cmd = shlex::split(&a.vllm_command)
+        .filter(|w| !w.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--vllm-command is not a valid command line"))?;
     let mut instances = Vec::new();
     for i in 0..n {
         let (port, side) = (port_of(a.base_port, i)?, port_of(a.base_channel_port, i)?);
         let mut argv = cmd.clone();
         argv.push(a.model.clone());
-        for (k, v) in [("--port", port.to_string()), ("--max-num-batched-tokens", a.max_num_batched_tokens.to_string()), ("--max-model-len", a.max_model_len.to_string()),
-            ("--max-num-seqs", a.max_num_seqs.to_string()), ("--tensor-parallel-size", a.tp_size.to_string())]
-        {
+        for (k, v) in [
+            ("--port", port.to_string()),
+            ("--max-num-batched-tokens", a.max_num_batched_tokens.to_string()),
+            ("--max-model-len", a.max_model_len.to_string()),
+            ("--max-num-seqs", a.max_num_seqs.to_string()),
+            ("--tensor-parallel-size", a.tp_size.to_string()),
+        ] {
             argv.extend([k.to_string(), v]);
         }
         if a.enforce_eager {
@@ -107,9 +113,12 @@ pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize
         }
         let rank = n * node_rank as u32 + i;
         if a.dp_size > 1 {
-            for (k, v) in [("--data-parallel-size", a.dp_size.to_string()), ("--data-parallel-rank", rank.to_string()),
-                ("--data-parallel-address", a.dp_master_ip.clone()), ("--data-parallel-rpc-port", dp_master_port.to_string())]
-            {
+            for (k, v) in [
+                ("--data-parallel-size", a.dp_size.to_string()),
+                ("--data-parallel-rank", rank.to_string()),
+                ("--data-parallel-address", a.dp_master_ip.clone()),
+                ("--data-parallel-rpc-port", dp_master_port.to_string()),
+            ] {
                 argv.extend([k.to_string(), v]);
             }
         }

@@ -61,7 +61,9 @@ fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response>
         None if roles.len() == 1 => roles[0],
         None => return Err(bad(format!("say the worker's role: role={}", names.join("|")))),
     };
-    r.topology.pool(role).ok_or_else(|| bad(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", "))))
+    r.topology
+        .pool(role)
+        .ok_or_else(|| bad(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", "))))
 }
 
 async fn add(r: &Router, w: NewWorker) -> Response {
@@ -98,7 +100,8 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     };
     match pool.add(&url, w.dp_size, kv_address) {
         Ok(worker) => axum::Json(json!({"success": true, "message": format!("added {} worker {url}", pool.role.as_str()),
-            "worker": worker_json(&worker)})).into_response(),
+            "worker": worker_json(&worker)}))
+        .into_response(),
         Err(e) => bad(e),
     }
 }
@@ -121,7 +124,8 @@ fn remove(r: &Router, raw: &str) -> Response {
     };
     match pool.remove(&w.url) {
         Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {}; {} request(s) in flight finish on it",
-            w.role.as_str(), w.url, w.in_flight())})).into_response(),
+            w.role.as_str(), w.url, w.in_flight())}))
+        .into_response(),
         None => not_found(&w.url),
     }
 }
@@ -169,10 +173,15 @@ async fn list_workers(State(r): State<Arc<Router>>) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn create_worker(State(r): State<Arc<Router>>, body: Result<axum::Json<NewWorker>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn create_worker(
+    State(r): State<Arc<Router>>,
+    body: Result<axum::Json<NewWorker>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     match body {
         Ok(axum::Json(w)) => add(&r, w).await,
-        Err(e) => bad(format!("POST /workers takes {{\"url\": URL, \"role\": \"prefill|decode|worker\", \"dp_size\": N}}: {}", e.body_text())),
+        Err(e) => {
+            bad(format!("POST /workers takes {{\"url\": URL, \"role\": \"prefill|decode|worker\", \"dp_size\": N}}: {}", e.body_text()))
+        }
     }
 }
 
@@ -193,8 +202,11 @@ async fn drain_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> 
         Err(resp) => return resp,
     };
     match pool.drain(&w.url) {
-        Some(w) => axum::Json(json!({"success": true, "message": format!("draining {} worker {}: no new requests; removed once its {} in flight are done",
-            w.role.as_str(), w.url, w.in_flight()), "worker": worker_json(&w)})).into_response(),
+        Some(w) => axum::Json(
+            json!({"success": true, "message": format!("draining {} worker {}: no new requests; removed once its {} in flight are done",
+            w.role.as_str(), w.url, w.in_flight()), "worker": worker_json(&w)}),
+        )
+        .into_response(),
         None => not_found(&w.url),
     }
 }

@@ -5,7 +5,6 @@
 //! all: a decode checks it against the KV it pulls). Keys are compared decoded, so
 //! `"kv\u005ftransfer_params"` is the field it spells, as it is to vLLM.
 
-
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 
@@ -60,7 +59,11 @@ impl ClientBody {
     pub fn value(&self, key: &str) -> Result<Option<Value>, ApiError> {
         let Some(raw) = self.get(key) else { return Ok(None) };
         serde_json::from_slice(raw).map(Some).map_err(|e| {
-            ApiError::new(ErrorKind::Validation, format!("1 validation error:\n  {{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': 'Value error, {e}'}}")).param(key)
+            ApiError::new(
+                ErrorKind::Validation,
+                format!("1 validation error:\n  {{'type': 'value_error', 'loc': ('body', '{key}'), 'msg': 'Value error, {e}'}}"),
+            )
+            .param(key)
         })
     }
 
@@ -211,15 +214,14 @@ fn put_entry(out: &mut BytesMut, key: &str, value: &[u8]) {
 /// vLLM's answer to a body that is not one JSON object.
 fn not_an_object(raw: &[u8], e: &serde_json::Error) -> ApiError {
     match serde_json::from_slice::<Value>(raw) {
-        Ok(other) => validation_error(
-            "body",
-            "model_attributes_type",
-            "Input should be a valid dictionary or object to extract fields from",
-            &other,
-        ),
+        Ok(other) => {
+            validation_error("body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", &other)
+        }
         Err(_) => ApiError::new(
             ErrorKind::Validation,
-            format!("1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': '{e}'}}}}"),
+            format!(
+                "1 validation error:\n  {{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error', 'ctx': {{'error': '{e}'}}}}"
+            ),
         )
         .param("body"),
     }

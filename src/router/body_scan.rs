@@ -155,7 +155,8 @@ fn check_token_ids(raw: &[u8], open: usize, masks_of: impl Fn(&[u8; 64]) -> Mask
         };
         let other = !(m.digit | m.comma | m.space);
         let before = |now: u64, then: u64| (now << 1) | (then >> 63);
-        let (d1, c1, s1, z1) = (before(m.digit, prev.digit), before(m.comma, prev.comma), before(m.space, prev.space), before(m.zero, prev.zero));
+        let (d1, c1, s1, z1) =
+            (before(m.digit, prev.digit), before(m.comma, prev.comma), before(m.space, prev.space), before(m.zero, prev.zero));
         let d2 = (m.digit << 2) | (prev.digit >> 62);
         let wrong = (m.comma & (c1 | s1))
             | (m.space & (s1 | d1))
@@ -220,7 +221,17 @@ impl Masks {
     #[inline]
     unsafe fn avx2(block: &[u8; 64]) -> Masks {
         // The caller checked that this CPU has AVX2.
-        lane_masks!(block, 32, u32, _mm256_loadu_si256, _mm256_set1_epi8, _mm256_sub_epi8, _mm256_max_epu8, _mm256_cmpeq_epi8, _mm256_movemask_epi8)
+        lane_masks!(
+            block,
+            32,
+            u32,
+            _mm256_loadu_si256,
+            _mm256_set1_epi8,
+            _mm256_sub_epi8,
+            _mm256_max_epu8,
+            _mm256_cmpeq_epi8,
+            _mm256_movemask_epi8
+        )
     }
 
     /// Adds one lane's masks (digits, commas, spaces, zeros) for the bytes from `at` on.
@@ -260,7 +271,24 @@ mod tests {
             let body = format!(r#"{{"prompt": {ok}, "max_tokens": 3}}"#);
             assert_eq!(fast(&body), Some(vec![("prompt".into(), ok.into()), ("max_tokens".into(), "3".into())]), "{body}");
         }
-        for bad in ["[01]", "[1,,2]", "[1 ,2]", "[1  2]", "[1 2]", "[1,]", "[,1]", "[1,  2]", "[1,2 ]", "[-1]", "[1.5]", "[1e3]", "[ 1]", "[1,\n2]", "[1,00]", "[1,2,3,4,5,6,7,8,9,10,11,012]"] {
+        for bad in [
+            "[01]",
+            "[1,,2]",
+            "[1 ,2]",
+            "[1  2]",
+            "[1 2]",
+            "[1,]",
+            "[,1]",
+            "[1,  2]",
+            "[1,2 ]",
+            "[-1]",
+            "[1.5]",
+            "[1e3]",
+            "[ 1]",
+            "[1,\n2]",
+            "[1,00]",
+            "[1,2,3,4,5,6,7,8,9,10,11,012]",
+        ] {
             let body = format!(r#"{{"prompt": {bad}}}"#);
             assert_eq!(fast(&body), None, "{body}");
         }

@@ -60,7 +60,10 @@ pub enum Admit {
 
 impl Breaker {
     pub fn new(cfg: BreakerConfig) -> Self {
-        Breaker { cfg, state: Mutex::new(State { phase: Phase::Closed { failures: 0, last_failure: None }, reopenings: 0, opened_total: 0 }) }
+        Breaker {
+            cfg,
+            state: Mutex::new(State { phase: Phase::Closed { failures: 0, last_failure: None }, reopenings: 0, opened_total: 0 }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
 use super::connector::Connector;
 pub use super::policy::PolicyKind;
 pub use crate::api::join_host_port;
-use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 
 #[derive(Args, Debug, Clone)]
@@ -369,7 +369,10 @@ impl RouteArgs {
         let discovery = self.vllm_discovery_address.as_deref().map(parse_bind_address).transpose()?;
         let connector = match (self.kv_connector, &discovery) {
             (Some(c @ (Connector::Nixl | Connector::Mooncake)), Some(_)) => {
-                return Err(format!("--vllm-discovery-address is P2pNccl's service discovery; it does not go with --kv-connector {}", c.as_str()))
+                return Err(format!(
+                    "--vllm-discovery-address is P2pNccl's service discovery; it does not go with --kv-connector {}",
+                    c.as_str()
+                ))
             }
             (Some(Connector::P2pNccl), None) => {
                 return Err("--kv-connector p2pnccl needs --vllm-discovery-address HOST:PORT: P2pNccl engines register their \
@@ -443,7 +446,10 @@ impl RouteArgs {
         if !self.health_check_endpoint.starts_with('/') {
             return Err(format!("--health-check-endpoint `{}` must start with /", self.health_check_endpoint));
         }
-        let toy_flags = !(self.prefiller_hosts.is_empty() && self.decoder_hosts.is_empty() && self.prefill_instances.is_empty() && self.decode_instances.is_empty());
+        let toy_flags = !(self.prefiller_hosts.is_empty()
+            && self.decoder_hosts.is_empty()
+            && self.prefill_instances.is_empty()
+            && self.decode_instances.is_empty());
         let policy = self.policy.unwrap_or(if toy_flags { PolicyKind::RoundRobin } else { PolicyKind::CacheAware });
         let secs = Duration::from_secs_f64;
         let request = secs(self.request_timeout_secs);
@@ -586,7 +592,18 @@ mod tests {
 
     #[test]
     fn mooncake_prefills_take_bootstrap_ports() {
-        let c = config(&["--kv-connector", "mooncake", "--prefill", "http://a:1", "9000", "--prefill", "http://[::1]:2", "--decode", "http://b:3"]).unwrap();
+        let c = config(&[
+            "--kv-connector",
+            "mooncake",
+            "--prefill",
+            "http://a:1",
+            "9000",
+            "--prefill",
+            "http://[::1]:2",
+            "--decode",
+            "http://b:3",
+        ])
+        .unwrap();
         assert_eq!(c.prefill, ["http://a:1", "http://[::1]:2"]);
         assert_eq!(c.bootstrap["http://a:1"], "http://a:9000");
         assert_eq!(c.bootstrap["http://[::1]:2"], "http://[::1]:8998", "vLLM's default port, IPv6 in brackets");

@@ -20,8 +20,8 @@ use axum::http::HeaderValue;
 
 use super::body::Pieces;
 use super::request::{LegBodies, NIXL_PREFILL_PARAMS};
-use crate::api::kv_params;
 use super::workers::{Lease, Worker};
+use crate::api::kv_params;
 
 /// The legs of one pair attempt.
 pub struct PairLegs {
@@ -52,13 +52,16 @@ impl Connector {
             Connector::Mooncake => {
                 let worker = prefill.worker();
                 let rank = prefill.rank();
-                let engine_id = worker.engine_id(rank).ok_or_else(|| format!("no Mooncake engine id known for {} rank {rank}", worker.url))?;
+                let engine_id =
+                    worker.engine_id(rank).ok_or_else(|| format!("no Mooncake engine id known for {} rank {rank}", worker.url))?;
                 let bootstrap = worker.kv_address.as_deref().ok_or_else(|| format!("no Mooncake bootstrap address for {}", worker.url))?;
                 let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4().simple());
                 PairLegs {
                     id,
                     prefill: bodies.prefill_leg(Some(&kv_params::Mooncake::prefill(&transfer_id).to_bytes())),
-                    decode_alongside: Some(bodies.decode(Some(&kv_params::Mooncake::decode(bootstrap, &engine_id, &transfer_id).to_bytes()))),
+                    decode_alongside: Some(
+                        bodies.decode(Some(&kv_params::Mooncake::decode(bootstrap, &engine_id, &transfer_id).to_bytes())),
+                    ),
                 }
             }
         })

@@ -25,7 +25,7 @@ use super::cli::{join_host_port, normalize_url};
 use super::flow::Router;
 use super::log_budget::LogBudget;
 use super::workers::Role;
-use crate::zmtp::{self, Accepted, ConnectionLimits, Incoming, Inbound, Limits, SocketType};
+use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 
 /// An engine is gone this long after its last ping (vLLM's engines ping every 3 s).
 pub const EXPIRY: Duration = Duration::from_secs(5);
@@ -146,13 +146,18 @@ impl Registry {
     /// Takes a ping from `source`, or says why not (the reason, and words for the log).
     pub fn admit(&mut self, ping: &Ping, source: IpAddr, now: Instant) -> Result<Admitted, (Refusal, String)> {
         let source = source.to_canonical();
-        let http = ip_of(ping.url.trim_start_matches("http://")).ok_or((Refusal::NotItsHost, format!("{} names a host, not an IP address", ping.url)))?;
-        let zmq = ip_of(&ping.zmq_address).ok_or((Refusal::NotItsHost, format!("zmq_address {} names a host, not an IP address", ping.zmq_address)))?;
+        let http = ip_of(ping.url.trim_start_matches("http://"))
+            .ok_or((Refusal::NotItsHost, format!("{} names a host, not an IP address", ping.url)))?;
+        let zmq = ip_of(&ping.zmq_address)
+            .ok_or((Refusal::NotItsHost, format!("zmq_address {} names a host, not an IP address", ping.zmq_address)))?;
         for named in [http, zmq] {
             let ip = named.ip().to_canonical();
             if self.rules.allow.is_empty() {
                 if ip != source {
-                    return Err((Refusal::NotItsHost, format!("a registration from {source} names {ip} (it may name only its own host; see --discovery-allow)")));
+                    return Err((
+                        Refusal::NotItsHost,
+                        format!("a registration from {source} names {ip} (it may name only its own host; see --discovery-allow)"),
+                    ));
                 }
             } else if !(self.rules.allow.contains(source) && self.rules.allow.contains(ip)) {
                 return Err((Refusal::OutsideNetworks, format!("a registration from {source} naming {ip} is outside --discovery-allow")));
@@ -164,18 +169,33 @@ impl Registry {
                 r.last_ping = now;
                 return Ok(Admitted::Refreshed);
             }
-            return Err((Refusal::Conflict, format!("{} is registered as a {} with KV address {} from {}; a ping from {source} says {} / {}", ping.url, r.role.as_str(), r.zmq_address, r.source, ping.role.as_str(), ping.zmq_address)));
+            return Err((
+                Refusal::Conflict,
+                format!(
+                    "{} is registered as a {} with KV address {} from {}; a ping from {source} says {} / {}",
+                    ping.url,
+                    r.role.as_str(),
+                    r.zmq_address,
+                    r.source,
+                    ping.role.as_str(),
+                    ping.zmq_address
+                ),
+            ));
         }
         if let Some((url, _)) = self.registered.iter().find(|(_, r)| r.zmq_address == ping.zmq_address) {
             return Err((Refusal::Conflict, format!("KV address {} is registered to {url}", ping.zmq_address)));
         }
         if self.registered.values().filter(|r| r.source == source).count() >= self.rules.per_host {
-            return Err((Refusal::TooManyFromHost, format!("{source} has {} engines registered (--discovery-max-per-host)", self.rules.per_host)));
+            return Err((
+                Refusal::TooManyFromHost,
+                format!("{source} has {} engines registered (--discovery-max-per-host)", self.rules.per_host),
+            ));
         }
         if self.registered.len() >= MAX_REGISTERED {
             return Err((Refusal::Full, format!("{MAX_REGISTERED} engines registered already")));
         }
-        self.registered.insert(ping.url.clone(), Registered { role: ping.role, zmq_address: ping.zmq_address.clone(), source, last_ping: now });
+        self.registered
+            .insert(ping.url.clone(), Registered { role: ping.role, zmq_address: ping.zmq_address.clone(), source, last_ping: now });
         Ok(Admitted::New)
     }
 
@@ -186,7 +206,8 @@ impl Registry {
 
     /// The registrations silent for longer than EXPIRY, removed: (url, role, zmq address).
     pub fn expire(&mut self, now: Instant) -> Vec<(String, Role, String)> {
-        let gone: Vec<String> = self.registered.iter().filter(|(_, r)| now.duration_since(r.last_ping) > EXPIRY).map(|(u, _)| u.clone()).collect();
+        let gone: Vec<String> =
+            self.registered.iter().filter(|(_, r)| now.duration_since(r.last_ping) > EXPIRY).map(|(u, _)| u.clone()).collect();
         gone.into_iter().filter_map(|url| self.registered.remove(&url).map(|r| (url, r.role, r.zmq_address))).collect()
     }
 }
@@ -204,7 +225,12 @@ pub async fn bind(address: &str) -> anyhow::Result<TcpListener> {
 pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
     let (tx, mut rx) = mpsc::channel(1024);
     // Connections per host: room for an engine's reconnects beside its registrations.
-    let caps = ConnectionLimits { max_connections: MAX_CONNECTIONS, per_host: (rules.per_host * 4).max(64), idle: Some(SILENT_CONNECTION), send_queue: 1 };
+    let caps = ConnectionLimits {
+        max_connections: MAX_CONNECTIONS,
+        per_host: (rules.per_host * 4).max(64),
+        idle: Some(SILENT_CONNECTION),
+        send_queue: 1,
+    };
     tokio::spawn(zmtp::serve(listener, SocketType::Router, Limits::SMALL, caps, tx));
     let mut registry = Registry::new(rules);
     let mut log = LogBudget::new(10, Duration::from_secs(10));
@@ -331,16 +357,26 @@ mod tests {
         let mut r = registry(&[], 16);
         let now = Instant::now();
         let stranger: IpAddr = "10.0.0.66".parse().unwrap();
-        for p in [ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.66:1"), ping(Role::Prefill, "10.0.0.66:8100", "10.0.0.5:1"), ping(Role::Prefill, "169.254.169.254:80", "169.254.169.254:1")] {
+        for p in [
+            ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.66:1"),
+            ping(Role::Prefill, "10.0.0.66:8100", "10.0.0.5:1"),
+            ping(Role::Prefill, "169.254.169.254:80", "169.254.169.254:1"),
+        ] {
             assert_eq!(r.admit(&p, stranger, now).unwrap_err().0, Refusal::NotItsHost, "{p:?}");
         }
         assert_eq!(r.admit(&ping(Role::Prefill, "engine.local:8100", "10.0.0.66:1"), stranger, now).unwrap_err().0, Refusal::NotItsHost);
         // An IPv4 peer seen on a dual-stack socket.
-        assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.66:8100", "10.0.0.66:1"), "::ffff:10.0.0.66".parse().unwrap(), now), Ok(Admitted::New));
+        assert_eq!(
+            r.admit(&ping(Role::Decode, "10.0.0.66:8100", "10.0.0.66:1"), "::ffff:10.0.0.66".parse().unwrap(), now),
+            Ok(Admitted::New)
+        );
         let mut r = registry(&["10.0.0.0/24"], 16);
         assert_eq!(r.admit(&ping(Role::Prefill, "10.0.0.5:8100", "10.0.0.5:1"), stranger, now), Ok(Admitted::New));
         assert_eq!(r.admit(&ping(Role::Prefill, "10.0.1.5:8100", "10.0.1.5:1"), stranger, now).unwrap_err().0, Refusal::OutsideNetworks);
-        assert_eq!(r.admit(&ping(Role::Prefill, "10.0.0.7:8100", "10.0.0.7:1"), "10.9.9.9".parse().unwrap(), now).unwrap_err().0, Refusal::OutsideNetworks);
+        assert_eq!(
+            r.admit(&ping(Role::Prefill, "10.0.0.7:8100", "10.0.0.7:1"), "10.9.9.9".parse().unwrap(), now).unwrap_err().0,
+            Refusal::OutsideNetworks
+        );
     }
 
     #[test]
@@ -349,7 +385,10 @@ mod tests {
         let now = Instant::now();
         let ip: IpAddr = "10.0.0.5".parse().unwrap();
         for port in [8100, 8101] {
-            assert_eq!(r.admit(&ping(Role::Decode, &format!("10.0.0.5:{port}"), &format!("10.0.0.5:{}", port + 1000)), ip, now), Ok(Admitted::New));
+            assert_eq!(
+                r.admit(&ping(Role::Decode, &format!("10.0.0.5:{port}"), &format!("10.0.0.5:{}", port + 1000)), ip, now),
+                Ok(Admitted::New)
+            );
         }
         assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.5:8102", "10.0.0.5:9102"), ip, now).unwrap_err().0, Refusal::TooManyFromHost);
         assert_eq!(r.admit(&ping(Role::Decode, "10.0.0.6:8102", "10.0.0.6:9102"), "10.0.0.6".parse().unwrap(), now), Ok(Admitted::New));

@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::flow::Router;
-use crate::api::prom::{label, samples};
 use super::workers::Worker;
+use crate::api::prom::{label, samples};
 
 const POLL: Duration = Duration::from_secs(1);
 /// A vLLM /metrics page is tens of KiB; more is not read.

@@ -150,10 +150,14 @@ enum Step {
 /// The generations' streams as one: each event re-indexed as it arrives.
 fn merged_stream(streams: Vec<Upstream>, n: usize, held: Held) -> Body {
     let count = streams.len();
-    let pieces = stream::select_all(streams.into_iter().enumerate().map(|(k, up)| {
-        stream::unfold(up, move |mut up| async move { up.next().await.map(|p| ((k, p), up)) }).boxed()
-    }));
-    let merge = Merge { pieces, splitters: (0..count).map(|_| EventSplitter::default()).collect(), usage: vec![None; count], n, id: None, held };
+    let pieces = stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(k, up)| stream::unfold(up, move |mut up| async move { up.next().await.map(|p| ((k, p), up)) }).boxed()),
+    );
+    let merge =
+        Merge { pieces, splitters: (0..count).map(|_| EventSplitter::default()).collect(), usage: vec![None; count], n, id: None, held };
     let s = stream::unfold(Step::Merging(Box::new(merge)), |step| async move {
         match step {
             Step::Merging(mut m) => loop {

@@ -18,6 +18,7 @@ use super::admission::{Admission, Refused};
 use super::body::ClientBody;
 use super::config::RouterConfig;
 use super::failure::{Cause, Failure};
+use super::fanout;
 use super::metrics::{RequestRecord, RouterMetrics};
 use super::pair::{self, Job, LegTemplate};
 use super::policy::RequestInfo;
@@ -26,7 +27,6 @@ use super::request::{self, LegBodies};
 use super::retry::RetryBudget;
 use super::shutdown::{Drain, Phase};
 use super::topology::Topology;
-use super::fanout;
 use crate::api::body::{read_within, require_json, BodyBudget, Budgeted};
 use crate::api::fields::Api;
 use crate::api::ApiError;
@@ -206,7 +206,10 @@ async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<B
         Ok(read) => read.map_err(Failure::bad_request),
         Err(_) => Err(Failure::bad_request(ApiError::with_status(
             StatusCode::REQUEST_TIMEOUT,
-            format!("the request body did not arrive within {:.0}s (--body-read-timeout-secs)", router.cfg.timeouts.body_read.as_secs_f64()),
+            format!(
+                "the request body did not arrive within {:.0}s (--body-read-timeout-secs)",
+                router.cfg.timeouts.body_read.as_secs_f64()
+            ),
         ))),
     }
 }
@@ -246,5 +249,11 @@ fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Op
     let tokens = rendered.or_else(|| super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
     let block_size = index.block_size();
     let keys = super::kv_index::block_hashes(&tokens, block_size);
-    Some(super::policy::KvView { tokens: tokens.len(), block_size, blocks: keys.len(), held: index.prefix_blocks(block_size, &keys), indexed: index.sizes() })
+    Some(super::policy::KvView {
+        tokens: tokens.len(),
+        block_size,
+        blocks: keys.len(),
+        held: index.prefix_blocks(block_size, &keys),
+        indexed: index.sizes(),
+    })
 }

@@ -16,9 +16,9 @@ use axum::routing::{get, post};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use super::flow::{self, Endpoint, Router};
 use super::topology::Topology;
 use super::workers::{Pool, Role, Worker};
-use super::flow::{self, Endpoint, Router};
 use crate::api::{ApiError, ErrorKind};
 
 pub fn app(router: Arc<Router>) -> axum::Router {
@@ -51,7 +51,8 @@ fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
 }
 
 fn unauthorized(what: &str) -> Response {
-    let mut resp = ApiError::new(ErrorKind::Unauthorized, format!("{what}: send `Authorization: Bearer <key>` with a valid key")).into_response();
+    let mut resp =
+        ApiError::new(ErrorKind::Unauthorized, format!("{what}: send `Authorization: Bearer <key>` with a valid key")).into_response();
     resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
 }
@@ -65,7 +66,8 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
     }
     let admin_call = super::admin::is_admin_path(path) || (path == "/workers" && req.method() != axum::http::Method::GET);
     if admin_call && auth.admin_key.is_none() {
-        return ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response();
+        return ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY")
+            .into_response();
     }
     if matches!(path, "/workers" | "/metrics") || admin_call {
         if let Some(admin) = &auth.admin_key {
@@ -163,8 +165,7 @@ async fn health(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
 /// The vLLM toy proxy's shape.
 async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
     let len = |role| r.topology.pool(role).map_or(0, Pool::len);
-    axum::Json(json!({"status": "ok", "prefill_instances": len(Role::Prefill), "decode_instances": len(Role::Decode)}))
-    .into_response()
+    axum::Json(json!({"status": "ok", "prefill_instances": len(Role::Prefill), "decode_instances": len(Role::Decode)})).into_response()
 }
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {

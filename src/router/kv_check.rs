@@ -98,7 +98,13 @@ fn warn_drift(url: &str, rank: usize, want: usize, got: usize) {
         "the engine holds more than the index knows: events lost before the router subscribed, or the prompt's tokens differ \
          from the engine's (--model-path's tokenizer or chat template)"
     };
-    tracing::warn!(worker = url, rank, predicted = want, reported = got, "kv_aware: cached tokens drift from the prediction; likely: {why}");
+    tracing::warn!(
+        worker = url,
+        rank,
+        predicted = want,
+        reported = got,
+        "kv_aware: cached tokens drift from the prediction; likely: {why}"
+    );
 }
 
 #[cfg(test)]

@@ -351,7 +351,12 @@ impl KvIndex {
     /// Blocks indexed per holder.
     pub fn sizes(&self) -> HashMap<Holder, usize> {
         let inner = self.read();
-        inner.states.iter().filter(|(_, s)| !s.ours.is_empty()).filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len()))).collect()
+        inner
+            .states
+            .iter()
+            .filter(|(_, s)| !s.ours.is_empty())
+            .filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len())))
+            .collect()
     }
 }
 

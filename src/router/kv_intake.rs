@@ -30,7 +30,8 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLAY_WHOLE: Duration = Duration::from_secs(60);
 /// What a publisher may send: `[topic, seq, batch]` (a replayed one behind an empty
 /// part), a batch up to 32 MiB (a 128k-token prompt's BlockStored is ~0.5 MB).
-const EVENT_LIMITS: Limits = Limits { max_frame: 32 << 20, max_message: (32 << 20) + 4096, max_parts: 4, handshake: Duration::from_secs(5) };
+const EVENT_LIMITS: Limits =
+    Limits { max_frame: 32 << 20, max_message: (32 << 20) + 4096, max_parts: 4, handshake: Duration::from_secs(5) };
 /// Most batches, and bytes, one replay may answer (vLLM buffers 10,000 steps by default).
 const REPLAY_MAX_BATCHES: usize = 20_000;
 const REPLAY_MAX_BYTES: usize = 256 << 20;
@@ -109,7 +110,10 @@ async fn publishers(client: &reqwest::Client, url: &str) -> Result<Vec<(usize, S
         return Err(format!("/kv_event_sources answered {}", resp.status()));
     }
     // A few ranks' configs are small; a larger answer is cut off.
-    let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20)).await.map_err(|e| e.to_string())?.to_bytes();
+    let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(reqwest::Body::from(resp), 1 << 20))
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     let map = v.as_object().ok_or("/kv_event_sources is not an object")?;
     let mut out = Vec::new();
@@ -187,7 +191,11 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
             }
             Some(n) if seq > n => {
                 let filled = match replay.as_mut() {
-                    Some(r) => r.from(n).await.ok().and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
+                    Some(r) => r
+                        .from(n)
+                        .await
+                        .ok()
+                        .and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
                     None => None,
                 };
                 if filled != Some(seq) {
@@ -243,7 +251,9 @@ impl Replayer {
     async fn ask(&mut self, start: u64) -> Result<Vec<(u64, Bytes)>, String> {
         let dealer = match &mut self.dealer {
             Some(d) => d,
-            None => self.dealer.insert(zmtp::connect(&self.endpoint, SocketType::Dealer, b"", EVENT_LIMITS).await.map_err(|e| e.to_string())?),
+            None => {
+                self.dealer.insert(zmtp::connect(&self.endpoint, SocketType::Dealer, b"", EVENT_LIMITS).await.map_err(|e| e.to_string())?)
+            }
         };
         dealer.send(&[Bytes::new(), Bytes::copy_from_slice(&start.to_be_bytes())]).await.map_err(|e| e.to_string())?;
         let mut out = Vec::new();
@@ -252,7 +262,10 @@ impl Replayer {
         let deadline = tokio::time::Instant::now() + REPLAY_WHOLE;
         loop {
             let next = (tokio::time::Instant::now() + REPLAY_TIMEOUT).min(deadline);
-            let f = tokio::time::timeout_at(next, dealer.recv_message()).await.map_err(|_| "replay timed out".to_string())?.map_err(|e| e.to_string())?;
+            let f = tokio::time::timeout_at(next, dealer.recv_message())
+                .await
+                .map_err(|_| "replay timed out".to_string())?
+                .map_err(|e| e.to_string())?;
             if f.len() != 4 {
                 return Err(format!("a replay message of {} frames", f.len()));
             }

@@ -40,14 +40,20 @@ pub enum LegError {
     Connect(String),
     Timeout(Duration),
     /// The worker answered an error status. A 4xx is the client's to see, as is.
-    Status { status: StatusCode, content_type: Option<HeaderValue>, body: Bytes },
+    Status {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
     /// A broken answer: reset mid-way, not JSON, or ended before any output.
     Broken(String),
     /// A stream that opened with an error event (vLLM's KV load failure does this).
     ErrorEvent(String),
     /// vLLM's 400 for the `X-data-parallel-rank` the router sent: the worker serves only
     /// `served` ranks (the router was told more). Not the client's error.
-    RankNotServed { served: usize },
+    RankNotServed {
+        served: usize,
+    },
 }
 
 impl LegError {
@@ -373,7 +379,8 @@ mod tests {
     /// one-rank engine, and a client's field value echoed into a validation error.
     #[test]
     fn only_vllms_own_rank_refusal_counts() {
-        let refusal = br#"{"error":{"message":"data_parallel_rank 3 is out of range [0, 1).","type":"BadRequestError","param":null,"code":400}}"#;
+        let refusal =
+            br#"{"error":{"message":"data_parallel_rank 3 is out of range [0, 1).","type":"BadRequestError","param":null,"code":400}}"#;
         assert_eq!(rank_not_served(refusal, 3), Some(1));
         assert_eq!(rank_not_served(refusal, 2), None, "not the rank this router sent");
         let echoed = br#"{"error":{"message":"1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid integer, unable to parse string as an integer', 'input': 'data_parallel_rank 3 is out of range [0, 1).'}","type":"Bad Request","param":"body.max_tokens","code":400}}"#;

@@ -37,7 +37,8 @@ const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 impl RouterMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let counter = |n: &str, h: &str, l: &[&str]| crate::api::prom::register(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
+        let counter =
+            |n: &str, h: &str, l: &[&str]| crate::api::prom::register(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
         let hist = |n: &str, h: &str, l: &[&str]| {
             crate::api::prom::register(&r, HistogramVec::new(HistogramOpts::new(n, h).buckets(BUCKETS.to_vec()), l).expect("valid metric"))
         };

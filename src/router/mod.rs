@@ -55,7 +55,10 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let tokenizer = match &cfg.model_path {
         Some(dir) => {
             let file = std::path::Path::new(dir).join("tokenizer.json");
-            Some(tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("--model-path: cannot load {}: {e}", file.display()))?)
+            Some(
+                tokenizers::Tokenizer::from_file(&file)
+                    .map_err(|e| anyhow::anyhow!("--model-path: cannot load {}: {e}", file.display()))?,
+            )
         }
         None => None,
     };
@@ -106,9 +109,8 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     worker_client::use_tls(args.worker_tls.client_config()?);
     let serving_threads = args.worker_threads.map(usize::from);
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let listener = TcpListener::bind((host.as_str(), cfg.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+    let listener =
+        TcpListener::bind((host.as_str(), cfg.port)).await.with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
     let port = listener.local_addr()?.port();
     // Port 0 picked one: it is the port no worker may be on (the router itself).
     cfg.boundary.worker_hosts.own_port = port;
@@ -136,8 +138,16 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let drain = router.drain.clone();
     let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let limits = server::ConnectionLimits { max_connections: cfg.max_connections, h2_streams: cfg.boundary.h2_streams };
-    let connections = server::spawn_serving_threads(listener.into_std()?, threads, http::app(router.clone()), cfg.timeouts.clone(), limits, tls.clone(), drain.clone())
-        .context("cannot start the serving threads")?;
+    let connections = server::spawn_serving_threads(
+        listener.into_std()?,
+        threads,
+        http::app(router.clone()),
+        cfg.timeouts.clone(),
+        limits,
+        tls.clone(),
+        drain.clone(),
+    )
+    .context("cannot start the serving threads")?;
     let shown_host = crate::api::url_host(&host);
     let scheme = if tls.is_some() { "https" } else { "http" };
     match cfg.mode {

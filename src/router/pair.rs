@@ -15,11 +15,11 @@ use tokio::sync::oneshot;
 use super::body::Pieces;
 use super::failure::Failure;
 use super::flow::Router;
-use super::topology::Topology;
 use super::legs::{self, Leg, LegError, LegRequest, Sent, Started};
 use super::policy::RequestInfo;
 use super::request::LegBodies;
 use super::retry;
+use super::topology::Topology;
 use super::workers::{Lease, NoWorker, Pool, Worker};
 
 /// What each leg of one generation sends besides its body.
@@ -142,7 +142,11 @@ enum PairOutcome {
     Final(Failure),
     /// The decode failed in a way that may have used the KV (timeout, broken answer, an
     /// error event); these decodes were tried.
-    Decode { decodes: Vec<String>, prefill: String, last: Failure },
+    Decode {
+        decodes: Vec<String>,
+        prefill: String,
+        last: Failure,
+    },
 }
 
 /// How long a non-streamed decode whose client has gone is kept once the whole request
@@ -284,7 +288,8 @@ async fn run_pair(
                     router.metrics.leg_time("decode_first_byte", t);
                     let prefill = super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
                     let cache_from = (connector == super::connector::Connector::Nixl).then(|| prefill.clone());
-                    let rename = (req.request_id != job.leg.request_id).then(|| super::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
+                    let rename = (req.request_id != job.leg.request_id)
+                        .then(|| super::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
                     let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill), rename }));
                 }
                 return;
@@ -455,7 +460,11 @@ async fn prefill_alongside_decode(
                 // A decode that already failed is not tried again on this pair.
                 if let Some((Some(Err(e)), ..)) = first {
                     router.metrics.leg_error(Leg::Decode, &e);
-                    return Opening::Over(PairOutcome::Decode { decodes: vec![decode.url().to_string()], prefill: lease.url().to_string(), last: last.expect("set above") });
+                    return Opening::Over(PairOutcome::Decode {
+                        decodes: vec![decode.url().to_string()],
+                        prefill: lease.url().to_string(),
+                        last: last.expect("set above"),
+                    });
                 }
             }
             Some(Ok(answer)) => {
@@ -480,7 +489,14 @@ async fn prefill_alongside_decode(
 
 /// The prefill for attempt `attempt` of a pair (a retry waits its backoff, within the
 /// retry budget); `Err` with what the client hears when no attempt is left.
-async fn prefill_attempt(router: &Router, job: &Job, avoid: &[String], fallback: bool, attempt: u32, last: &mut Option<Failure>) -> Result<Lease, Failure> {
+async fn prefill_attempt(
+    router: &Router,
+    job: &Job,
+    avoid: &[String],
+    fallback: bool,
+    attempt: u32,
+    last: &mut Option<Failure>,
+) -> Result<Lease, Failure> {
     if attempt > 0 && !may_retry(router, attempt, "prefill").await {
         return Err(last.take().expect("a retry follows a failure"));
     }

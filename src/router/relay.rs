@@ -97,7 +97,11 @@ pub enum Piece {
     Bytes(Bytes),
     /// The stream broke: the error event to send (then `[DONE]`), why (for the log), and
     /// whether the worker is to blame (not when the router is shutting down).
-    Broken { event: Bytes, why: String, worker_fault: bool },
+    Broken {
+        event: Bytes,
+        why: String,
+        worker_fault: bool,
+    },
 }
 
 /// A worker's SSE answer as it arrives, with breakage turned into a `Piece::Broken`.
@@ -118,7 +122,17 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(head: Bytes, rest: worker_client::Body, idle: Duration, drain: &Drain) -> Self {
-        Upstream { head: Some(head), rest, idle, tail: Vec::new(), keep_usage: false, recent: Default::default(), phase: drain.subscribe(), over: false, rename: None }
+        Upstream {
+            head: Some(head),
+            rest,
+            idle,
+            tail: Vec::new(),
+            keep_usage: false,
+            recent: Default::default(),
+            phase: drain.subscribe(),
+            over: false,
+            rename: None,
+        }
     }
 
     fn remember(&mut self, chunk: &Bytes) {

@@ -24,14 +24,23 @@ use crate::tls::ServerTls;
 /// thread has its own client, legs.rs) all run on the thread that accepted it, so no
 /// network event has to wake another thread. At most `max_connections` connections over
 /// all threads. Accepting stops at the drain's cut.
-pub fn spawn_serving_threads(listener: std::net::TcpListener, threads: usize, app: axum::Router, timeouts: Timeouts, limits: ConnectionLimits, tls: Option<Arc<ServerTls>>, drain: Arc<Drain>) -> std::io::Result<Connections> {
+pub fn spawn_serving_threads(
+    listener: std::net::TcpListener,
+    threads: usize,
+    app: axum::Router,
+    timeouts: Timeouts,
+    limits: ConnectionLimits,
+    tls: Option<Arc<ServerTls>>,
+    drain: Arc<Drain>,
+) -> std::io::Result<Connections> {
     let max_connections = limits.max_connections.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (started, up) = std::sync::mpsc::channel();
     for i in 0..threads {
         let listener = listener.try_clone()?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (app, timeouts, slots, drain, started, tls) = (app.clone(), timeouts.clone(), slots.clone(), drain.clone(), started.clone(), tls.clone());
+        let (app, timeouts, slots, drain, started, tls) =
+            (app.clone(), timeouts.clone(), slots.clone(), drain.clone(), started.clone(), tls.clone());
         std::thread::Builder::new().name(format!("disagg-serve-{i}")).spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
@@ -80,7 +89,15 @@ impl Connections {
 }
 
 /// Serves `app` on `listener` until the drain is cut, taking a slot of `slots` per connection.
-async fn serve(listener: TcpListener, app: axum::Router, timeouts: Timeouts, h2_streams: u32, tls: Option<Arc<ServerTls>>, slots: Arc<Semaphore>, drain: Arc<Drain>) {
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    timeouts: Timeouts,
+    h2_streams: u32,
+    tls: Option<Arc<ServerTls>>,
+    slots: Arc<Semaphore>,
+    drain: Arc<Drain>,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.keep_alive + timeouts.header_read);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20))).max_concurrent_streams(h2_streams);

@@ -96,7 +96,11 @@ impl Drain {
     /// then cut what is left and give it a moment to reach its clients.
     pub async fn run(&self, grace: Duration) {
         self.set(Phase::Draining);
-        tracing::info!("draining: /health is 503 and new requests are refused; {} in flight get {:.0}s", self.in_flight(), grace.as_secs_f64());
+        tracing::info!(
+            "draining: /health is 503 and new requests are refused; {} in flight get {:.0}s",
+            self.in_flight(),
+            grace.as_secs_f64()
+        );
         if !self.settle(grace).await {
             tracing::warn!("{} requests still in flight after {:.0}s: ending them with an error", self.in_flight(), grace.as_secs_f64());
         }

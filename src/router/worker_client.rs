@@ -117,7 +117,11 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     };
     let stream = TcpStream::connect(authority).await.map_err(failed_connect)?;
     stream.set_nodelay(true).map_err(failed_connect)?;
-    let io = if secure { Transport::Tls(Box::new(handshake(stream, authority).await.map_err(failed_connect)?)) } else { Transport::Plain(stream) };
+    let io = if secure {
+        Transport::Tls(Box::new(handshake(stream, authority).await.map_err(failed_connect)?))
+    } else {
+        Transport::Plain(stream)
+    };
     let conn = Conn { io, key: key.into() };
     exchange(conn, &head, req.body, &mut on_sent, false).await.map_err(|a| match a {
         Attempt::Stale => unreachable!("only a kept connection is stale"),
@@ -190,7 +194,13 @@ async fn exchange(mut conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut imp
     loop {
         let read = std::future::poll_fn(|cx| poll_read_copy(&mut conn.io, cx)).await;
         let first = !std::mem::replace(&mut answered, true);
-        let read = read.map_err(|e| if first { broken("reading the answer", e) } else { Attempt::Failed(Error::Broken(format!("reading the answer: {e}"))) })?;
+        let read = read.map_err(|e| {
+            if first {
+                broken("reading the answer", e)
+            } else {
+                Attempt::Failed(Error::Broken(format!("reading the answer: {e}")))
+            }
+        })?;
         if read.is_empty() {
             return Err(if first && reused {
                 Attempt::Stale
@@ -278,7 +288,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         if h.name.eq_ignore_ascii_case("content-type") {
             content_type = HeaderValue::from_bytes(h.value).ok();
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value).ok().filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).and_then(|v| v.parse::<u64>().ok());
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
             match (n, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
@@ -297,7 +310,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
     } else if transfer_encoded {
         // Both headers is how requests are smuggled: read it as chunked, keep nothing after.
         keep_alive &= length.is_none() && chunked;
-        if chunked { Framing::Chunked(Chunked::default()) } else { Framing::UntilClose }
+        if chunked {
+            Framing::Chunked(Chunked::default())
+        } else {
+            Framing::UntilClose
+        }
     } else {
         length.map_or(Framing::UntilClose, Framing::Length)
     };
@@ -375,7 +392,9 @@ impl Stream for Body {
                 Ok(read) if read.is_empty() => {
                     this.conn = None;
                     let early = !matches!(this.framing, Framing::UntilClose);
-                    return Poll::Ready(early.then(|| Err(Error::Broken("the worker closed the connection before the end of its answer".into()))));
+                    return Poll::Ready(
+                        early.then(|| Err(Error::Broken("the worker closed the connection before the end of its answer".into()))),
+                    );
                 }
                 Ok(read) => this.input = read,
                 Err(e) => {

@@ -35,7 +35,8 @@ struct Server {
 async fn server(script: impl Fn(usize) -> Vec<Step> + Send + Sync + 'static) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/pre", listener.local_addr().unwrap());
-    let (connections, requests, closed_by_client) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+    let (connections, requests, closed_by_client) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
     let script = Arc::new(script);
     let (c, r, closed) = (connections.clone(), requests.clone(), closed_by_client.clone());
     tokio::spawn(async move {
@@ -107,7 +108,10 @@ async fn the_request_goes_out_as_one_http_1_1_post() {
     assert_eq!((status, &body.unwrap()[..]), (200, &b"{}"[..]));
     let got = String::from_utf8(s.requests.lock().unwrap()[0].clone()).unwrap();
     let authority = s.url.trim_start_matches("http://").trim_end_matches("/pre");
-    assert_eq!(got, format!("POST /pre/v1/completions HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 7\r\nx-request-id: req-1\r\n\r\n{{\"a\":1}}"));
+    assert_eq!(
+        got,
+        format!("POST /pre/v1/completions HTTP/1.1\r\nhost: {authority}\r\ncontent-length: 7\r\nx-request-id: req-1\r\n\r\n{{\"a\":1}}")
+    );
 }
 
 #[tokio::test]
@@ -115,7 +119,13 @@ async fn answers_are_read_however_they_are_framed() {
     let cases: Vec<(Vec<Step>, &str)> = vec![
         (vec![Step::Write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello")], "hello"),
         // h11's chunked framing, every byte written on its own.
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\n, w\r\n0\r\n\r\n".chunks(1).flat_map(|b| [Step::Write(leak(b)), Step::Pause(1)]).collect(), "hello, w"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\n, w\r\n0\r\n\r\n"
+                .chunks(1)
+                .flat_map(|b| [Step::Write(leak(b)), Step::Pause(1)])
+                .collect(),
+            "hello, w",
+        ),
         (vec![Step::Write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2;x=y\r\nab\r\n0\r\nT: 1\r\n\r\n")], "ab"),
         (vec![Step::Write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")], "ok"),
         (vec![Step::Write(b"HTTP/1.1 200 OK\r\n\r\nuntil"), Step::Pause(20), Step::Write(b" close"), Step::Close], "until close"),

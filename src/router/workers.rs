@@ -165,10 +165,7 @@ impl Worker {
     fn pick_rank(&self) -> usize {
         let n = self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len());
         let start = self.rank_turn.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n)
-            .map(|k| (start + k) % n)
-            .min_by_key(|&r| self.ranks[r].load(Ordering::Relaxed))
-            .unwrap_or(0)
+        (0..n).map(|k| (start + k) % n).min_by_key(|&r| self.ranks[r].load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     /// A connection error on a live request: down at once, back after good checks.

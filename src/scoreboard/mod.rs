@@ -151,7 +151,13 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 /// Waits for `url`'s /health, unless the process serving it exits first.
-async fn wait_healthy(client: &reqwest::Client, url: &str, child: &mut Child, log: &std::path::Path, within: Duration) -> anyhow::Result<()> {
+async fn wait_healthy(
+    client: &reqwest::Client,
+    url: &str,
+    child: &mut Child,
+    log: &std::path::Path,
+    within: Duration,
+) -> anyhow::Result<()> {
     let end = Instant::now() + within;
     loop {
         if client.get(format!("{url}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
@@ -181,7 +187,12 @@ struct Cluster {
     events: Vec<(String, String)>,
 }
 
-async fn start_cluster(a: &ScoreboardArgs, exe: &std::path::Path, dir: &std::path::Path, client: &reqwest::Client) -> anyhow::Result<Cluster> {
+async fn start_cluster(
+    a: &ScoreboardArgs,
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    client: &reqwest::Client,
+) -> anyhow::Result<Cluster> {
     let n = (a.prefills + a.decodes) as usize;
     let ports = free_ports(3 * n)?;
     let (mut children, mut prefills, mut decodes, mut events) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -192,9 +203,24 @@ async fn start_cluster(a: &ScoreboardArgs, exe: &std::path::Path, dir: &std::pat
             r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
         );
         let args: Vec<String> = [
-            "sim", "--role", role, "--port", &http.to_string(), "--block-size", &a.block_size.to_string(), "--kv-blocks", &a.kv_blocks.to_string(),
-            "--timing-profile", &a.timing_profile, "--speedup", &a.sim_speedup.to_string(), "--max-model-len", &(a.kv_blocks * a.block_size).to_string(),
-            "--enable-prompt-tokens-details", "--kv-events-config", &config,
+            "sim",
+            "--role",
+            role,
+            "--port",
+            &http.to_string(),
+            "--block-size",
+            &a.block_size.to_string(),
+            "--kv-blocks",
+            &a.kv_blocks.to_string(),
+            "--timing-profile",
+            &a.timing_profile,
+            "--speedup",
+            &a.sim_speedup.to_string(),
+            "--max-model-len",
+            &(a.kv_blocks * a.block_size).to_string(),
+            "--enable-prompt-tokens-details",
+            "--kv-events-config",
+            &config,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -203,7 +229,11 @@ async fn start_cluster(a: &ScoreboardArgs, exe: &std::path::Path, dir: &std::pat
         children.push((spawn(exe, &args, &log)?, log));
         let url = format!("http://127.0.0.1:{http}");
         events.push((url.clone(), format!("tcp://127.0.0.1:{ev}")));
-        if role == "prefill" { prefills.push(url) } else { decodes.push(url) }
+        if role == "prefill" {
+            prefills.push(url)
+        } else {
+            decodes.push(url)
+        }
     }
     for (url, (child, log)) in prefills.iter().chain(&decodes).zip(children.iter_mut()) {
         wait_healthy(client, url, child, log, Duration::from_secs(60)).await?;
@@ -212,7 +242,14 @@ async fn start_cluster(a: &ScoreboardArgs, exe: &std::path::Path, dir: &std::pat
 }
 
 /// The router's command line for a row.
-fn router_command(a: &ScoreboardArgs, exe: &std::path::Path, c: &Cluster, vllm_router: bool, policy: &str, port: u16) -> (PathBuf, Vec<String>) {
+fn router_command(
+    a: &ScoreboardArgs,
+    exe: &std::path::Path,
+    c: &Cluster,
+    vllm_router: bool,
+    policy: &str,
+    port: u16,
+) -> (PathBuf, Vec<String>) {
     let mut args: Vec<String> = if vllm_router { vec!["--vllm-pd-disaggregation".into()] } else { vec!["route".into()] };
     for p in &c.prefills {
         args.extend(["--prefill".into(), p.clone()]);
@@ -242,7 +279,10 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
     let name = format!("{}-{policy}", if vllm_router { "vllm-router" } else { "disagg" });
     let dir = a.out.join(&name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
+        .build()?;
     let cluster = start_cluster(a, exe, &dir, &client).await?;
     let port = free_ports(1)?[0];
     let (program, args) = router_command(a, exe, &cluster, vllm_router, &policy, port);
@@ -257,10 +297,37 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
     let cpu0 = crate::proc_stat::cpu_secs(router.0.id());
     let result = dir.join("bench.json");
     let bench: Vec<String> = [
-        "bench", "--base-url", &url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", &a.dataset_path.to_string_lossy(),
-        "--num-prompts", &a.num_prompts.to_string(), "--trace-speedup", &a.trace_speedup.to_string(), "--trace-block-size", &a.trace_block_size.to_string(),
-        "--speedup", &a.sim_speedup.to_string(), "--ignore-eos", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99",
-        "--goodput", &format!("ttft:{}", a.slo_ttft_ms), "--save-result", "--save-detailed", "--result-filename", &result.to_string_lossy(), "--disable-tqdm", "--label", &name,
+        "bench",
+        "--base-url",
+        &url,
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "mooncake_trace",
+        "--dataset-path",
+        &a.dataset_path.to_string_lossy(),
+        "--num-prompts",
+        &a.num_prompts.to_string(),
+        "--trace-speedup",
+        &a.trace_speedup.to_string(),
+        "--trace-block-size",
+        &a.trace_block_size.to_string(),
+        "--speedup",
+        &a.sim_speedup.to_string(),
+        "--ignore-eos",
+        "--percentile-metrics",
+        "ttft,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--goodput",
+        &format!("ttft:{}", a.slo_ttft_ms),
+        "--save-result",
+        "--save-detailed",
+        "--result-filename",
+        &result.to_string_lossy(),
+        "--disable-tqdm",
+        "--label",
+        &name,
     ]
     .iter()
     .map(|s| s.to_string())

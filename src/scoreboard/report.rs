@@ -37,7 +37,16 @@ impl Board<'_> {
             }
             s += &format!(
                 "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1}% | {:.2} | {:.2} | {:.3} | {} |\n",
-                r.router, r.policy, r.ttft_p50, r.ttft_p99, r.e2el_p50, r.hit_rate * 100.0, r.prefill_skew, r.goodput, r.router_cpu_ms_per_req, r.failed
+                r.router,
+                r.policy,
+                r.ttft_p50,
+                r.ttft_p99,
+                r.e2el_p50,
+                r.hit_rate * 100.0,
+                r.prefill_skew,
+                r.goodput,
+                r.router_cpu_ms_per_req,
+                r.failed
             );
         }
         s += &format!("| oracle | one engine with the cluster's whole cache (LRU) | | | | {:.1}% | | | | |\n", self.oracle * 100.0);
@@ -49,7 +58,11 @@ impl Board<'_> {
         }
         let missed = self.missed_goals();
         if self.kv_aware().is_some() {
-            s += &if missed.is_empty() { "kv_aware meets its goals.\n".to_string() } else { format!("kv_aware misses: {}.\n", missed.join("; ")) };
+            s += &if missed.is_empty() {
+                "kv_aware meets its goals.\n".to_string()
+            } else {
+                format!("kv_aware misses: {}.\n", missed.join("; "))
+            };
         }
         s
     }
@@ -70,8 +83,13 @@ impl Board<'_> {
         }
         let mut missed = Vec::new();
         if kv.hit_rate < HIT_SHARE * self.oracle {
-            missed.push(format!("prefix-hit rate {:.1}% is {:.0}% of the oracle's {:.1}% (goal {:.0}%)",
-                kv.hit_rate * 100.0, kv.hit_rate / self.oracle * 100.0, self.oracle * 100.0, HIT_SHARE * 100.0));
+            missed.push(format!(
+                "prefix-hit rate {:.1}% is {:.0}% of the oracle's {:.1}% (goal {:.0}%)",
+                kv.hit_rate * 100.0,
+                kv.hit_rate / self.oracle * 100.0,
+                self.oracle * 100.0,
+                HIT_SHARE * 100.0
+            ));
         }
         let (max_skew, slack) = (self.args.goal_max_skew, self.args.goal_p99_slack);
         // The trace's own unevenness: round_robin, measured in the same run, spreads
@@ -85,7 +103,8 @@ impl Board<'_> {
         for r in self.measured().filter(|r| !std::ptr::eq(*r, kv)) {
             if !(kv.ttft_p99 < r.ttft_p99 * (1.0 + slack)) {
                 let allowed = if slack > 0.0 { format!(" (+{:.0}% allowed)", slack * 100.0) } else { String::new() };
-                missed.push(format!("TTFT p99 {:.0} ms is not below {} {}'s {:.0} ms{allowed}", kv.ttft_p99, r.router, r.policy, r.ttft_p99));
+                missed
+                    .push(format!("TTFT p99 {:.0} ms is not below {} {}'s {:.0} ms{allowed}", kv.ttft_p99, r.router, r.policy, r.ttft_p99));
             }
         }
         if kv.failed > 0 {
@@ -114,7 +133,8 @@ where
     let rows: Vec<&Row> = rows.iter().filter(|r| r.error.is_none()).collect();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(640);
-    let labels: Vec<String> = rows.iter().map(|r| format!("{}{}", if r.router.starts_with("vllm") { "vllm-router " } else { "" }, r.policy)).collect();
+    let labels: Vec<String> =
+        rows.iter().map(|r| format!("{}{}", if r.router.starts_with("vllm") { "vllm-router " } else { "" }, r.policy)).collect();
     let n = rows.len().max(1);
     let top = rows.iter().map(|r| r.ttft_p99).filter(|v| v.is_finite()).fold(1.0, f64::max) * 1.5;
     let mut chart = ChartBuilder::on(&left)

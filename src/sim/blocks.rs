@@ -260,7 +260,10 @@ mod tests {
         assert_eq!(c.hits(hashes, 2), 0);
         let a = c.allocate(hashes, 0, 3).unwrap();
         c.commit(&a, &prompt, 0);
-        assert_eq!(c.take_events(), vec![KvEvent::Stored { hashes: hashes.to_vec(), parent: None, token_ids: vec![5, 6, 7, 8], block_size: 2 }]);
+        assert_eq!(
+            c.take_events(),
+            vec![KvEvent::Stored { hashes: hashes.to_vec(), parent: None, token_ids: vec![5, 6, 7, 8], block_size: 2 }]
+        );
         c.release(&a);
         // A second request with the same start shares both full blocks.
         assert_eq!(c.hits(hashes, 2), 2);

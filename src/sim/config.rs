@@ -205,7 +205,9 @@ impl SimArgs {
         match &self.timing_profile {
             Some(spec) => {
                 if self.prefill_ms_per_1k_tokens > 0.0 || self.decode_ms_per_token > 0.0 {
-                    return Err("--timing-profile replaces --prefill-ms-per-1k-tokens and --decode-ms-per-token: pass one or the other".into());
+                    return Err(
+                        "--timing-profile replaces --prefill-ms-per-1k-tokens and --decode-ms-per-token: pass one or the other".into()
+                    );
                 }
                 super::timing::Timing::load(spec)
             }
@@ -215,8 +217,7 @@ impl SimArgs {
 
     pub fn kv_events(&self) -> Result<Option<crate::api::kv_events::KvEventsConfig>, String> {
         let Some(json) = &self.kv_events_config else { return Ok(None) };
-        let cfg: crate::api::kv_events::KvEventsConfig =
-            serde_json::from_str(json).map_err(|e| format!("--kv-events-config: {e}"))?;
+        let cfg: crate::api::kv_events::KvEventsConfig = serde_json::from_str(json).map_err(|e| format!("--kv-events-config: {e}"))?;
         if cfg.enable_kv_cache_events && cfg.publisher != "zmq" && cfg.publisher != "null" {
             return Err(format!("--kv-events-config: unknown publisher `{}` (zmq or null)", cfg.publisher));
         }

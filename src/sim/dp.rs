@@ -37,7 +37,11 @@ impl Layout {
             if r >= size {
                 return Err(format!("--data-parallel-rank {r} is not below --data-parallel-size {size}"));
             }
-            if a.headless || a.data_parallel_hybrid_lb || a.data_parallel_start_rank.is_some() || a.data_parallel_size_local.is_some_and(|l| l != 1) {
+            if a.headless
+                || a.data_parallel_hybrid_lb
+                || a.data_parallel_start_rank.is_some()
+                || a.data_parallel_size_local.is_some_and(|l| l != 1)
+            {
                 return Err("--data-parallel-rank is external LB: one rank per API server, without --headless, --data-parallel-hybrid-lb, --data-parallel-start-rank or a local size other than 1".into());
             }
             return Ok(Layout { size, engine_ranks: vec![r], own: (r, 1), headless: false, master: master(a, size > 1)? });
@@ -184,7 +188,11 @@ mod tests {
         // All local: no handshake.
         assert_eq!(layout("--data-parallel-size 2").unwrap().master, None);
         // vLLM's own refusals.
-        assert!(layout(&format!("--data-parallel-size 4 --data-parallel-size-local 2 --data-parallel-start-rank 2 --headless --data-parallel-hybrid-lb{m}")).unwrap_err().contains("headless"));
+        assert!(layout(&format!(
+            "--data-parallel-size 4 --data-parallel-size-local 2 --data-parallel-start-rank 2 --headless --data-parallel-hybrid-lb{m}"
+        ))
+        .unwrap_err()
+        .contains("headless"));
         assert!(layout("--data-parallel-size 4 --data-parallel-size-local 2").unwrap_err().contains("--data-parallel-address"));
         assert!(layout(&format!("--data-parallel-size 2 --data-parallel-rank 2{m}")).is_err());
     }

@@ -65,11 +65,17 @@ pub enum Finish {
 pub enum Event {
     /// The prompt is in the engine's KV: this many of its tokens came from a cache (the
     /// local prefix cache, or the prefill's, for a pulled prompt, as vLLM reports it).
-    Prefilled { cached_tokens: usize },
+    Prefilled {
+        cached_tokens: usize,
+    },
     Token(u32),
     /// The request's end, with its last token (None when that token is EOS, which is
     /// generated but never shown): vLLM sends the last token and the finish together.
-    Finished { reason: Finish, last_token: Option<u32>, kv_transfer_params: Option<Value> },
+    Finished {
+        reason: Finish,
+        last_token: Option<u32>,
+        kv_transfer_params: Option<Value>,
+    },
     Failed(ApiError),
 }
 
@@ -78,7 +84,9 @@ pub enum Phase {
     /// Admitted on the decode side, its KV still being pulled.
     Pulling,
     /// Prompt tokens still to compute.
-    Prefilling { left: usize },
+    Prefilling {
+        left: usize,
+    },
     Decoding,
 }
 

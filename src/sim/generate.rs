@@ -15,14 +15,14 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde_json::{Map, Value};
 
+use super::config::Role;
 use super::engine::{Engine, Event, Job, Output};
 use super::http::{not_serving, now_secs, Sim, MAX_BODY};
-use super::config::Role;
 use super::request::{self, Api, GenRequest, Handoff, KvRequest, Limits, RemoteKv};
 use super::response::{Ending, Finished, Meta, TextOut, Usage};
 use super::transfer;
-use crate::api::connector::{p2p_decode_addr, Connector};
 use crate::api::body::{parse_object, read_limited, require_json};
+use crate::api::connector::{p2p_decode_addr, Connector};
 use crate::api::{sse, ApiError, ErrorKind};
 
 pub fn hex16() -> String {
@@ -106,11 +106,7 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
         crash_now();
     }
     let engine = pick_engine(&sim, &headers)?;
-    let base = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty())
-        .map_or_else(hex16, str::to_owned);
+    let base = headers.get("x-request-id").and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map_or_else(hex16, str::to_owned);
     let id = match api {
         Api::Completions => format!("cmpl-{base}"),
         Api::Chat => format!("chatcmpl-{base}"),
@@ -140,7 +136,8 @@ pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -
             })
         })
         .collect();
-    let meta = Arc::new(Meta { api, id, created: now_secs(), model: sim.args.model.clone(), details: sim.args.enable_prompt_tokens_details });
+    let meta =
+        Arc::new(Meta { api, id, created: now_secs(), model: sim.args.model.clone(), details: sim.args.enable_prompt_tokens_details });
     if req.stream {
         Ok(stream_response(meta, req, outs, doomed, in_flight).await)
     } else {

@@ -143,10 +143,7 @@ async fn load(State(sim): State<Arc<Sim>>) -> Response {
 }
 
 async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        sim.metrics.render(&sim.engines, &sim.args.model),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], sim.metrics.render(&sim.engines, &sim.args.model))
         .into_response()
 }
 
@@ -202,4 +199,3 @@ pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Opt
         args.kv_connector.as_str(),
     )
 }
-

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::kv_events::{encode, is_bind_endpoint, EventBatch, KvEvent, KvEventsConfig, END_SEQ};
-use crate::zmtp::{self, Accepted, ConnectionLimits, Incoming, Inbound, Limits, SocketType};
+use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 
 /// What a subscriber or a replay client may send us: subscriptions and replay requests.
 const PEER_LIMITS: Limits = Limits::SMALL;
@@ -121,7 +121,14 @@ impl Publisher {
             }
             None => None,
         };
-        Ok(Publisher { subscribers, replay, topic: Bytes::from(shown.topic.clone().into_bytes()), buffer_steps: shown.buffer_steps.max(1), drop_rate: 0.0, shown })
+        Ok(Publisher {
+            subscribers,
+            replay,
+            topic: Bytes::from(shown.topic.clone().into_bytes()),
+            buffer_steps: shown.buffer_steps.max(1),
+            drop_rate: 0.0,
+            shown,
+        })
     }
 
     /// Runs until the engine goes: each batch of events is published, and replay

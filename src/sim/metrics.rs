@@ -59,14 +59,19 @@ const LABELS: &[&str] = &["engine", "model_name"];
 impl SimMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let gauge = |name: &str, help: &str| crate::api::prom::register(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
-        let igauge = |name: &str, help: &str| crate::api::prom::register(&r, IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let gauge =
+            |name: &str, help: &str| crate::api::prom::register(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
+        let igauge =
+            |name: &str, help: &str| crate::api::prom::register(&r, IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
         let counter = |name: &str, help: &str, extra: &[&str]| {
             let labels: Vec<&str> = LABELS.iter().chain(extra).copied().collect();
             crate::api::prom::register(&r, IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric"))
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            crate::api::prom::register(&r, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), LABELS).expect("valid metric"))
+            crate::api::prom::register(
+                &r,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), LABELS).expect("valid metric"),
+            )
         };
         SimMetrics {
             running: gauge("vllm:num_requests_running", "Number of requests in model execution batches."),
@@ -79,9 +84,21 @@ impl SimMetrics {
             generation: counter("vllm:generation_tokens_total", "Number of generation tokens processed.", &[]),
             success: counter("vllm:request_success_total", "Count of successfully processed requests.", &[]),
             transfers: counter("disagg_sim_kv_transfers_total", "KV pulls completed, by direction (simulator).", &["direction"]),
-            load_failures: counter("disagg_sim_kv_load_failures_total", "Decode requests failed because their KV could not be pulled or did not match (simulator).", &[]),
-            leases_expired: counter("disagg_sim_kv_leases_expired_total", "Held KV released because no decode pulled it within the lease (simulator).", &[]),
-            freed_by_abort: counter("disagg_sim_kv_freed_by_decode_abort_total", "Held KV freed early because the decode aborted before pulling (simulator).", &[]),
+            load_failures: counter(
+                "disagg_sim_kv_load_failures_total",
+                "Decode requests failed because their KV could not be pulled or did not match (simulator).",
+                &[],
+            ),
+            leases_expired: counter(
+                "disagg_sim_kv_leases_expired_total",
+                "Held KV released because no decode pulled it within the lease (simulator).",
+                &[],
+            ),
+            freed_by_abort: counter(
+                "disagg_sim_kv_freed_by_decode_abort_total",
+                "Held KV freed early because the decode aborted before pulling (simulator).",
+                &[],
+            ),
             stale_reads: counter("disagg_sim_kv_stale_reads_total", "KV reads of blocks no longer held for that request (simulator).", &[]),
             prefix_queries: counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", &[]),
             prefix_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", &[]),

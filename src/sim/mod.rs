@@ -31,8 +31,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-pub use config::{Role, SimArgs};
 use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
+pub use config::{Role, SimArgs};
 use engine::{Engine, EngineConfig};
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -50,9 +50,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         return dp::join(layout).await;
     }
     let host = args.host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let listener = TcpListener::bind((host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let listener =
+        TcpListener::bind((host.as_str(), args.port)).await.with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let port = listener.local_addr()?.port();
 
     let kv_events = args.kv_events().map_err(anyhow::Error::msg)?;
@@ -115,7 +114,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on the Mooncake bootstrap port {host}:{want}"))?;
             let port = listener.local_addr()?.port();
-            let registry: Vec<(String, String, u16)> = engines.iter().map(|e| (e.engine_id.clone(), side_host.clone(), e.side_port)).collect();
+            let registry: Vec<(String, String, u16)> =
+                engines.iter().map(|e| (e.engine_id.clone(), side_host.clone(), e.side_port)).collect();
             tokio::spawn(mooncake::serve_bootstrap(listener, mooncake::query_body(&registry)));
             Some(port)
         }
@@ -169,7 +169,12 @@ fn keep_alive_from_env() -> Duration {
 /// The simulator's HTTP server, as vLLM's behaves on a connection: TCP_NODELAY, and closed
 /// once idle for `keep_alive` after an answer (idle_close.rs, armed as uvicorn arms its
 /// timer).
-async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router, keep_alive: Duration, tls: Option<Arc<crate::tls::ServerTls>>) -> std::io::Result<()> {
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    keep_alive: Duration,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) -> std::io::Result<()> {
     let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()));
     loop {
         let tcp = crate::idle_close::accept(&listener).await;

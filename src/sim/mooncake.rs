@@ -52,7 +52,10 @@ pub async fn worker_peer(bootstrap_addr: &str, engine_id: &str) -> Result<Peer, 
         .values()
         .find(|e| e.get("engine_id").and_then(Value::as_str) == Some(engine_id))
         .ok_or_else(|| format!("bootstrap server {url} lists no engine {engine_id}"))?;
-    let addr = entry.pointer("/worker_addr/0/0").and_then(Value::as_str).ok_or_else(|| format!("{url}: engine {engine_id} has no worker address"))?;
+    let addr = entry
+        .pointer("/worker_addr/0/0")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{url}: engine {engine_id} has no worker address"))?;
     parse_tcp(addr).ok_or_else(|| format!("{url}: worker address {addr:?} is not tcp://host:port"))
 }
 

@@ -108,18 +108,20 @@ pub fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiErr
     match body.get("model") {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(m)) if m == served => Ok(()),
-        Some(Value::String(m)) => Err(ApiError::new(
-            ErrorKind::NotFound,
-            format!("The model `{m}` does not exist. Valid aliases: {served}."),
-        )
-        .param("model")),
+        Some(Value::String(m)) => {
+            Err(ApiError::new(ErrorKind::NotFound, format!("The model `{m}` does not exist. Valid aliases: {served}.")).param("model"))
+        }
         Some(v) => Err(validation_error("body.model", "string_type", "Input should be a valid string", v)),
     }
 }
 
 /// The prompts' token ids: completions take a string, token ids, or a list of either;
 /// chat applies a fixed chat template to `messages`.
-pub fn prompt_tokens(api: Api, body: &Map<String, Value>, tok: Option<&crate::tokenize::ModelTokenizer>) -> Result<Vec<Vec<u32>>, ApiError> {
+pub fn prompt_tokens(
+    api: Api,
+    body: &Map<String, Value>,
+    tok: Option<&crate::tokenize::ModelTokenizer>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     match (api, tok) {
         (Api::Completions, _) => completion_prompts(body, tok),
         (Api::Chat, None) => Ok(vec![text_tokens(&chat_text(body)?, None)?]),
@@ -145,10 +147,8 @@ fn text_tokens(text: &str, tok: Option<&crate::tokenize::ModelTokenizer>) -> Res
 const MAX_PROMPTS: usize = 1024;
 
 fn completion_prompts(body: &Map<String, Value>, tok: Option<&crate::tokenize::ModelTokenizer>) -> Result<Vec<Vec<u32>>, ApiError> {
-    let missing = || {
-        ApiError::bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)")
-            .param("prompt")
-    };
+    let missing =
+        || ApiError::bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)").param("prompt");
     let one_prompt = |v: &Value| -> Result<Vec<u32>, ApiError> {
         match v {
             Value::String(s) => text_tokens(s, tok),
@@ -166,11 +166,8 @@ fn completion_prompts(body: &Map<String, Value>, tok: Option<&crate::tokenize::M
         Some(Value::Array(items)) if items.is_empty() => Err(missing()),
         Some(Value::Array(items)) if items.iter().all(|i| i.is_string() || i.is_array()) => {
             if items.len() > MAX_PROMPTS {
-                return Err(ApiError::bad_request(format!(
-                    "Too many prompts: {} (max {MAX_PROMPTS}). (parameter=prompt)",
-                    items.len()
-                ))
-                .param("prompt"));
+                return Err(ApiError::bad_request(format!("Too many prompts: {} (max {MAX_PROMPTS}). (parameter=prompt)", items.len()))
+                    .param("prompt"));
             }
             items.iter().map(one_prompt).collect()
         }
@@ -179,18 +176,16 @@ fn completion_prompts(body: &Map<String, Value>, tok: Option<&crate::tokenize::M
 }
 
 fn token_id(v: &Value) -> Result<u32, ApiError> {
-    v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-        validation_error("body.prompt", "int_type", "Input should be a valid integer", v)
-    })
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| validation_error("body.prompt", "int_type", "Input should be a valid integer", v))
 }
 
 /// The chat template of the simulator: `<|role|>\ncontent\n` per message, then
 /// `<|assistant|>\n` (the shape of the tiny test model's template).
 fn chat_text(body: &Map<String, Value>) -> Result<String, ApiError> {
     let msgs = match body.get("messages") {
-        None | Some(Value::Null) => {
-            return Err(validation_error("body.messages", "missing", "Field required", &Value::Null))
-        }
+        None | Some(Value::Null) => return Err(validation_error("body.messages", "missing", "Field required", &Value::Null)),
         Some(Value::Array(m)) => m,
         Some(v) => return Err(validation_error("body.messages", "list_type", "Input should be a valid list", v)),
     };
@@ -202,14 +197,7 @@ fn chat_text(body: &Map<String, Value>) -> Result<String, ApiError> {
         };
         let role = match obj.get("role") {
             Some(Value::String(r)) => r.as_str(),
-            other => {
-                return Err(validation_error(
-                    &format!("{loc}.role"),
-                    "missing",
-                    "Field required",
-                    other.unwrap_or(&Value::Null),
-                ))
-            }
+            other => return Err(validation_error(&format!("{loc}.role"), "missing", "Field required", other.unwrap_or(&Value::Null))),
         };
         text.push_str("<|");
         text.push_str(role);
@@ -224,14 +212,7 @@ fn chat_text(body: &Map<String, Value>) -> Result<String, ApiError> {
                     }
                 }
             }
-            Some(v) => {
-                return Err(validation_error(
-                    &format!("{loc}.content"),
-                    "string_type",
-                    "Input should be a valid string",
-                    v,
-                ))
-            }
+            Some(v) => return Err(validation_error(&format!("{loc}.content"), "string_type", "Input should be a valid string", v)),
         }
         text.push('\n');
     }
@@ -327,7 +308,10 @@ fn forced_by_logit_bias(body: &Map<String, Value>) -> Result<Option<u32>, ApiErr
             out_of_vocab.push(id.to_string());
             continue;
         }
-        let bias = v.as_f64().ok_or_else(|| validation_error(&format!("body.logit_bias.{k}"), "float_type", "Input should be a valid number", v))?.clamp(-100.0, 100.0);
+        let bias = v
+            .as_f64()
+            .ok_or_else(|| validation_error(&format!("body.logit_bias.{k}"), "float_type", "Input should be a valid number", v))?
+            .clamp(-100.0, 100.0);
         if bias >= FORCING_BIAS && best.is_none_or(|(b, _)| bias > b) {
             best = Some((bias, id as u32));
         }
@@ -358,12 +342,9 @@ fn kv_request(body: &Map<String, Value>, connector: Connector) -> Result<KvReque
     }
     match f.dict("vllm_xargs")?.and_then(|x| x.get("kv_transfer_params")) {
         None | Some(Value::Null) => Ok(KvRequest::Local),
-        Some(Value::Object(_)) => Err(validation_error(
-            "body.vllm_xargs.kv_transfer_params",
-            "string_type",
-            "Input should be a valid string",
-            &Value::Null,
-        )),
+        Some(Value::Object(_)) => {
+            Err(validation_error("body.vllm_xargs.kv_transfer_params", "string_type", "Input should be a valid string", &Value::Null))
+        }
         // vLLM then calls .get() on a string and answers 500 with an empty message.
         Some(_) => Err(ApiError::internal("")),
     }
@@ -386,7 +367,9 @@ fn mooncake_params(p: &Map<String, Value>) -> KvRequest {
     let text = |k: &str| p.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
     let flag = |k: &str| p.get(k).and_then(Value::as_bool).unwrap_or(false);
     if flag("do_remote_prefill") {
-        if let (Some(bootstrap_addr), Some(engine_id), Some(transfer_id)) = (text("remote_bootstrap_addr"), text("remote_engine_id"), text("transfer_id")) {
+        if let (Some(bootstrap_addr), Some(engine_id), Some(transfer_id)) =
+            (text("remote_bootstrap_addr"), text("remote_engine_id"), text("transfer_id"))
+        {
             return KvRequest::RemotePrefill(RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id });
         }
         tracing::warn!("Got invalid KVTransferParams: {p:?}. This request will not utilize KVTransfer");
@@ -407,9 +390,7 @@ fn nixl_params(p: &Map<String, Value>) -> Result<KvRequest, ApiError> {
     if !f.boolean("do_remote_prefill")?.unwrap_or(false) {
         return Ok(KvRequest::Local);
     }
-    let bad = |what: &str| {
-        ApiError::bad_request(format!("kv_transfer_params: {what}")).param("kv_transfer_params")
-    };
+    let bad = |what: &str| ApiError::bad_request(format!("kv_transfer_params: {what}")).param("kv_transfer_params");
     let string = |k: &str| -> Result<String, ApiError> {
         p.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| bad(&format!("`{k}` must be a string")))
     };
@@ -497,7 +478,8 @@ mod tests {
 
     #[test]
     fn completions_default_to_16_tokens_and_lists_are_several_prompts() {
-        let r = parse(Api::Completions, &body(json!({"prompt": ["a", [5, 6], "b c"], "n": 2, "seed": 3, "temperature": 1})), &LIMITS).unwrap();
+        let r =
+            parse(Api::Completions, &body(json!({"prompt": ["a", [5, 6], "b c"], "n": 2, "seed": 3, "temperature": 1})), &LIMITS).unwrap();
         assert_eq!(r.generations(), 6);
         assert_eq!(r.prompt_of(2), &[5, 6]);
         assert_eq!(r.max_tokens, vec![16, 16, 16]);
@@ -535,15 +517,25 @@ mod tests {
             let lim = Limits { connector: Connector::Mooncake, ..LIMITS };
             parse(Api::Completions, &body(json!({"prompt": "x", "kv_transfer_params": params})), &lim).unwrap().kv
         };
-        assert_eq!(kv(json!({"do_remote_decode": true, "transfer_id": "xfer-1"})), KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id: "xfer-1".into() }));
+        assert_eq!(
+            kv(json!({"do_remote_decode": true, "transfer_id": "xfer-1"})),
+            KvRequest::RemoteDecode(Handoff::Mooncake { transfer_id: "xfer-1".into() })
+        );
         let full = json!({"do_remote_prefill": true, "remote_bootstrap_addr": "http://127.0.0.1:8998", "remote_engine_id": "e", "transfer_id": "xfer-1"});
         assert_eq!(
             kv(full),
-            KvRequest::RemotePrefill(RemoteKv::Mooncake { bootstrap_addr: "http://127.0.0.1:8998".into(), engine_id: "e".into(), transfer_id: "xfer-1".into() })
+            KvRequest::RemotePrefill(RemoteKv::Mooncake {
+                bootstrap_addr: "http://127.0.0.1:8998".into(),
+                engine_id: "e".into(),
+                transfer_id: "xfer-1".into()
+            })
         );
         assert_eq!(kv(json!({"do_remote_decode": true})), KvRequest::Local);
         assert_eq!(kv(json!({"do_remote_prefill": true, "transfer_id": "xfer-1"})), KvRequest::Local);
         // NIXL's params mean nothing to a Mooncake engine.
-        assert_eq!(kv(json!({"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1], "remote_host": "h", "remote_port": 1})), KvRequest::Local);
+        assert_eq!(
+            kv(json!({"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1], "remote_host": "h", "remote_port": 1})),
+            KvRequest::Local
+        );
     }
 }

@@ -77,11 +77,7 @@ impl TextOut {
         }
         let from = self.emitted;
         self.text.push_str(&token_text(token));
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| (from + p, s)))
-            .min_by_key(|(p, _)| *p);
+        let hit = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|p| (from + p, s))).min_by_key(|(p, _)| *p);
         if let Some((pos, stop)) = hit {
             let stop = stop.clone();
             self.text.truncate(pos);
@@ -190,7 +186,13 @@ impl Meta {
                 object: "text_completion",
                 created: self.created,
                 model: &self.model,
-                choices: &[CompletionChoice { index, text: delta, logprobs: None, finish_reason, stop_reason: stop_reason.unwrap_or(Value::Null) }],
+                choices: &[CompletionChoice {
+                    index,
+                    text: delta,
+                    logprobs: None,
+                    finish_reason,
+                    stop_reason: stop_reason.unwrap_or(Value::Null),
+                }],
                 usage,
             }),
             Api::Chat => crate::api::sse::event(&ChatChunk {
@@ -198,7 +200,13 @@ impl Meta {
                 object: "chat.completion.chunk",
                 created: self.created,
                 model: &self.model,
-                choices: &[ChatChoice { index, delta: Delta { role: role.then_some("assistant"), content: delta }, logprobs: None, finish_reason, stop_reason }],
+                choices: &[ChatChoice {
+                    index,
+                    delta: Delta { role: role.then_some("assistant"), content: delta },
+                    logprobs: None,
+                    finish_reason,
+                    stop_reason,
+                }],
                 usage,
             }),
         }

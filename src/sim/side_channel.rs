@@ -153,7 +153,14 @@ pub async fn read(peer: &Peer, engine_id: &str, request_id: &str, block_ids: &[u
 
 /// Mooncake: takes the blocks held under `transfer_id` from the `skip`th on, waiting up to
 /// `wait` for the prefill to hold them. `Ok(None)`: not held yet.
-pub async fn take(peer: &Peer, engine_id: &str, transfer_id: &str, skip: usize, wait: Duration, connect: Duration) -> Result<Option<(Vec<u64>, usize)>, String> {
+pub async fn take(
+    peer: &Peer,
+    engine_id: &str,
+    transfer_id: &str,
+    skip: usize,
+    wait: Duration,
+    connect: Duration,
+) -> Result<Option<(Vec<u64>, usize)>, String> {
     let req = Request::Take { engine_id: engine_id.into(), transfer_id: transfer_id.into(), skip, wait_ms: wait.as_millis() as u64 };
     let reply = exchange(peer, &req, Instant::now() + connect + wait).await?;
     match (reply.ok, reply.pending, reply.contents, reply.blocks) {
@@ -166,7 +173,11 @@ pub async fn take(peer: &Peer, engine_id: &str, transfer_id: &str, skip: usize, 
 /// P2pNccl: pushes a prompt's blocks to the decode under `key`.
 pub async fn put(peer: &Peer, key: &str, contents: Vec<u64>, timeout: Duration) -> Result<(), String> {
     let reply = exchange(peer, &Request::Put { key: key.into(), contents }, Instant::now() + timeout).await?;
-    if reply.ok { Ok(()) } else { Err(refused(reply, "push")) }
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(refused(reply, "push"))
+    }
 }
 
 /// Tells a prefill to free blocks a decode will never take. Best effort, as in vLLM.

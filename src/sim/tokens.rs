@@ -86,8 +86,7 @@ fn piece_id(piece: &str) -> u32 {
     FIRST_TEXT_ID + (fnv1a(piece.as_bytes()) % u64::from(VOCAB - FIRST_TEXT_ID)) as u32
 }
 
-const ONSETS: [&str; 16] =
-    ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh"];
+const ONSETS: [&str; 16] = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh"];
 const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ee"];
 
 /// The text of a generated token: a space and a pronounceable pseudo-word.
@@ -126,16 +125,8 @@ pub struct Generator {
 
 /// Sampling fields that select tokens; `max_tokens`, `min_tokens`, `stop` and `ignore_eos`
 /// only decide where the same sequence ends.
-pub const SAMPLING_FIELDS: &[&str] = &[
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-];
+pub const SAMPLING_FIELDS: &[&str] =
+    &["temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty"];
 
 impl Generator {
     pub fn new(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>) -> Self {
@@ -205,12 +196,9 @@ mod tests {
 
     #[test]
     fn generator_is_a_function_of_prompt_and_sampling_fields() {
-        let body: serde_json::Map<String, Value> =
-            serde_json::from_str(r#"{"temperature":0,"max_tokens":5}"#).unwrap();
-        let other_max: serde_json::Map<String, Value> =
-            serde_json::from_str(r#"{"temperature":0,"max_tokens":99}"#).unwrap();
-        let hot: serde_json::Map<String, Value> =
-            serde_json::from_str(r#"{"temperature":0.9}"#).unwrap();
+        let body: serde_json::Map<String, Value> = serde_json::from_str(r#"{"temperature":0,"max_tokens":5}"#).unwrap();
+        let other_max: serde_json::Map<String, Value> = serde_json::from_str(r#"{"temperature":0,"max_tokens":99}"#).unwrap();
+        let hot: serde_json::Map<String, Value> = serde_json::from_str(r#"{"temperature":0.9}"#).unwrap();
         let fp = fingerprint(&tokenize("the prompt"));
         let a = Generator::new(fp, &body);
         let b = Generator::new(fp, &other_max);

@@ -21,9 +21,9 @@ use serde_json::Value;
 
 use super::blocks::{blocks_for, BlockId, KvCache};
 use super::engine::{bump, Engine, Event, Finish, Phase, Seq, State};
+use super::mooncake;
 use super::request::{Handoff, KvRequest, NixlRemote, RemoteKv};
 use super::side_channel::{self, Peer};
-use super::mooncake;
 use crate::api::kv_params::NixlAnswer;
 use crate::api::ApiError;
 
@@ -74,12 +74,19 @@ impl std::fmt::Display for PullError {
 pub async fn pull(engine: Arc<Engine>, seq_id: u64, remote: RemoteKv, fps: Vec<u64>, hits: usize, prompt_len: usize) {
     let fetched = match &remote {
         RemoteKv::Nixl(nixl) => read_nixl(&engine, nixl, hits).await,
-        RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id } => match take_mooncake(&engine, seq_id, bootstrap_addr, engine_id, transfer_id, hits).await {
-            Some(f) => f,
-            None => return,
-        },
+        RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id } => {
+            match take_mooncake(&engine, seq_id, bootstrap_addr, engine_id, transfer_id, hits).await {
+                Some(f) => f,
+                None => return,
+            }
+        }
         RemoteKv::Pushed { key } => match engine.wait_pushed(seq_id, key).await {
-            Some(contents) => Ok(Fetched { prompt_blocks: contents.len(), contents: contents.get(hits..).map(<[u64]>::to_vec).unwrap_or_default(), num_tokens: None, cached_tokens: None }),
+            Some(contents) => Ok(Fetched {
+                prompt_blocks: contents.len(),
+                contents: contents.get(hits..).map(<[u64]>::to_vec).unwrap_or_default(),
+                num_tokens: None,
+                cached_tokens: None,
+            }),
             None => return,
         },
     };
@@ -106,14 +113,22 @@ pub async fn pull(engine: Arc<Engine>, seq_id: u64, remote: RemoteKv, fps: Vec<u
 async fn read_nixl(engine: &Engine, nixl: &NixlRemote, hits: usize) -> Result<Fetched, PullError> {
     let wanted = nixl.block_ids.get(hits..).unwrap_or_default();
     let peer = Peer { host: nixl.host.clone(), port: nixl.port };
-    let contents = side_channel::read(&peer, &nixl.engine_id, &nixl.request_id, wanted, engine.cfg.kv_load_timeout).await.map_err(PullError::Load)?;
+    let contents =
+        side_channel::read(&peer, &nixl.engine_id, &nixl.request_id, wanted, engine.cfg.kv_load_timeout).await.map_err(PullError::Load)?;
     Ok(Fetched { contents, prompt_blocks: nixl.block_ids.len(), num_tokens: nixl.num_tokens, cached_tokens: nixl.cached_tokens })
 }
 
 /// Mooncake: asks the prefill for the transfer until it has it, for as long as the
 /// prefill would hold it (--kv-lease-secs; vLLM: VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT).
 /// `None`: the request went away meanwhile (the prefill is told to free the KV).
-async fn take_mooncake(engine: &Engine, seq_id: u64, bootstrap: &str, engine_id: &str, transfer_id: &str, hits: usize) -> Option<Result<Fetched, PullError>> {
+async fn take_mooncake(
+    engine: &Engine,
+    seq_id: u64,
+    bootstrap: &str,
+    engine_id: &str,
+    transfer_id: &str,
+    hits: usize,
+) -> Option<Result<Fetched, PullError>> {
     let peer = match mooncake::worker_peer(bootstrap, engine_id).await {
         Ok(p) => p,
         Err(e) => return Some(Err(PullError::Load(e))),
@@ -127,10 +142,15 @@ async fn take_mooncake(engine: &Engine, seq_id: u64, bootstrap: &str, engine_id:
         let now = Instant::now();
         if now >= deadline {
             side_channel::free(&peer, transfer_id).await;
-            return Some(Err(PullError::Load(format!("transfer {transfer_id} was not ready on the prefill within {:?}", engine.cfg.kv_lease))));
+            return Some(Err(PullError::Load(format!(
+                "transfer {transfer_id} was not ready on the prefill within {:?}",
+                engine.cfg.kv_lease
+            ))));
         }
         match side_channel::take(&peer, engine_id, transfer_id, hits, RECHECK.min(deadline - now), engine.cfg.kv_load_timeout).await {
-            Ok(Some((contents, prompt_blocks))) => return Some(Ok(Fetched { contents, prompt_blocks, num_tokens: None, cached_tokens: None })),
+            Ok(Some((contents, prompt_blocks))) => {
+                return Some(Ok(Fetched { contents, prompt_blocks, num_tokens: None, cached_tokens: None }))
+            }
             Ok(None) => {}
             Err(e) => return Some(Err(PullError::Load(e))),
         }
@@ -339,9 +359,18 @@ impl Engine {
 
     /// Mooncake: the blocks held under `transfer_id` from the `skip`th on, and how many
     /// the prompt has; waits up to `wait` for the prefill to hold them (`Ok(None)`: not yet).
-    pub async fn serve_take(&self, engine_id: &str, transfer_id: &str, skip: usize, wait: Duration) -> Result<Option<(Vec<u64>, usize)>, String> {
+    pub async fn serve_take(
+        &self,
+        engine_id: &str,
+        transfer_id: &str,
+        skip: usize,
+        wait: Duration,
+    ) -> Result<Option<(Vec<u64>, usize)>, String> {
         if engine_id != self.engine_id {
-            return Err(format!("engine id mismatch: this side channel serves engine {}, the decode asked for {engine_id}", self.engine_id));
+            return Err(format!(
+                "engine id mismatch: this side channel serves engine {}, the decode asked for {engine_id}",
+                self.engine_id
+            ));
         }
         let deadline = tokio::time::Instant::now() + wait;
         loop {

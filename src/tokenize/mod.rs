@@ -62,7 +62,9 @@ impl ModelTokenizer {
             Some(src) => {
                 let mut env = Environment::new();
                 // HF renders chat templates with trim_blocks and lstrip_blocks.
-                env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters"));
+                env.set_syntax(
+                    minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters"),
+                );
                 env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
                 env.add_function("raise_exception", raise_exception);
                 env.add_function("strftime_now", strftime_now);

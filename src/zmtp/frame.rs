@@ -231,7 +231,10 @@ mod tests {
         let ready = ready(&[("Socket-Type", b"SUB"), ("Identity", b"")]);
         let Read::Command(c) = read_all(&ready).await.unwrap() else { panic!("a command") };
         assert_eq!(&c.name[..], b"READY");
-        assert_eq!(c.properties().unwrap(), vec![(Bytes::from_static(b"Socket-Type"), Bytes::from_static(b"SUB")), (Bytes::from_static(b"Identity"), Bytes::new())]);
+        assert_eq!(
+            c.properties().unwrap(),
+            vec![(Bytes::from_static(b"Socket-Type"), Bytes::from_static(b"SUB")), (Bytes::from_static(b"Identity"), Bytes::new())]
+        );
     }
 
     #[tokio::test]

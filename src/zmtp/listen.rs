@@ -32,11 +32,21 @@ pub struct ConnectionLimits {
 pub enum Accepted {
     /// A peer finished its handshake; `to_peer` sends it framed messages
     /// (`encode_message`) until it goes.
-    Connected { id: u64, peer: SocketAddr, identity: Bytes, to_peer: mpsc::Sender<Bytes> },
+    Connected {
+        id: u64,
+        peer: SocketAddr,
+        identity: Bytes,
+        to_peer: mpsc::Sender<Bytes>,
+    },
     Received(Inbound),
-    Closed { id: u64 },
+    Closed {
+        id: u64,
+    },
     /// A connection refused (a cap), or dropped for what it sent (or did not send in time).
-    Refused { peer: SocketAddr, why: String },
+    Refused {
+        peer: SocketAddr,
+        why: String,
+    },
 }
 
 /// A message (or subscription) from a connected peer.

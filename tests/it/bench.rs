@@ -27,10 +27,31 @@ fn line_value(table: &str, label: &str) -> f64 {
 async fn results_have_vllms_table_and_json_and_count_exactly() {
     let s = Proc::sim(&["--decode-ms-per-token", "2"]).await;
     let result = tmp("r.json");
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "40", "--random-input-len", "50",
-        "--random-output-len", "12", "--max-concurrency", "8", "--ignore-eos", "--save-result", "--save-detailed",
-        "--result-filename", result.to_str().unwrap(), "--metric-percentiles", "50,99.9", "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--disable-tqdm"]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--tokenizer",
+        "sim",
+        "--num-prompts",
+        "40",
+        "--random-input-len",
+        "50",
+        "--random-output-len",
+        "12",
+        "--max-concurrency",
+        "8",
+        "--ignore-eos",
+        "--save-result",
+        "--save-detailed",
+        "--result-filename",
+        result.to_str().unwrap(),
+        "--metric-percentiles",
+        "50,99.9",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--disable-tqdm",
+    ])
+    .await;
     assert!(ok, "{err}");
     assert!(out.contains("============ Serving Benchmark Result ============"), "{out}");
     assert_eq!(line_value(&out, "Successful requests:"), 40.0);
@@ -62,8 +83,21 @@ async fn results_have_vllms_table_and_json_and_count_exactly() {
 #[tokio::test]
 async fn failed_requests_are_counted_not_hidden() {
     let s = Proc::sim(&["--fail-rate", "0.5"]).await;
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "60", "--random-input-len", "10",
-        "--random-output-len", "3", "--ignore-eos", "--disable-tqdm"]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--tokenizer",
+        "sim",
+        "--num-prompts",
+        "60",
+        "--random-input-len",
+        "10",
+        "--random-output-len",
+        "3",
+        "--ignore-eos",
+        "--disable-tqdm",
+    ])
+    .await;
     assert!(ok, "{err}");
     let (done, failed) = (line_value(&out, "Successful requests:"), line_value(&out, "Failed requests:"));
     assert_eq!(done + failed, 60.0);
@@ -77,15 +111,37 @@ async fn chat_backend_sharegpt_file_and_plot() {
     let s = Proc::sim(&[]).await;
     let data = tmp("sharegpt.json");
     let convs: Vec<Value> = (0..5)
-        .map(|i| serde_json::json!({"conversations": [
+        .map(|i| {
+            serde_json::json!({"conversations": [
             {"from": "human", "value": format!("question number {i} about routers and queues")},
-            {"from": "gpt", "value": "an answer that is long enough to count"}]}))
+            {"from": "gpt", "value": "an answer that is long enough to count"}]})
+        })
         .collect();
     std::fs::write(&data, serde_json::to_string(&convs).unwrap()).unwrap();
     let plot = tmp("run.svg");
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-        "--tokenizer", "sim", "--dataset-name", "sharegpt", "--dataset-path", data.to_str().unwrap(), "--num-prompts", "5",
-        "--sharegpt-output-len", "6", "--ignore-eos", "--plot", plot.to_str().unwrap(), "--disable-tqdm"]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "sharegpt",
+        "--dataset-path",
+        data.to_str().unwrap(),
+        "--num-prompts",
+        "5",
+        "--sharegpt-output-len",
+        "6",
+        "--ignore-eos",
+        "--plot",
+        plot.to_str().unwrap(),
+        "--disable-tqdm",
+    ])
+    .await;
     assert!(ok, "{err}");
     assert_eq!(line_value(&out, "Successful requests:"), 5.0);
     assert_eq!(line_value(&out, "Total generated tokens:"), 30.0);
@@ -100,8 +156,22 @@ async fn chat_backend_sharegpt_file_and_plot() {
 async fn request_rate_spreads_arrivals() {
     let s = Proc::sim(&[]).await;
     let t = Instant::now();
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "20", "--random-input-len", "5",
-        "--random-output-len", "2", "--request-rate", "20", "--disable-tqdm"]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--tokenizer",
+        "sim",
+        "--num-prompts",
+        "20",
+        "--random-input-len",
+        "5",
+        "--random-output-len",
+        "2",
+        "--request-rate",
+        "20",
+        "--disable-tqdm",
+    ])
+    .await;
     assert!(ok, "{err}");
     assert!(t.elapsed().as_secs_f64() >= 0.95, "20 requests at 20/s take about a second");
     assert_eq!(line_value(&out, "Request rate configured (RPS):"), 20.0);
@@ -128,9 +198,27 @@ async fn speedup_compresses_time_and_reports_simulated_time() {
     let s = Proc::sim(&["--decode-ms-per-token", "20", "--speedup", "10"]).await;
     let result = tmp("speedup.json");
     let t = Instant::now();
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--num-prompts", "20", "--random-input-len", "8",
-        "--random-output-len", "10", "--ignore-eos", "--request-rate", "10", "--speedup", "10", "--disable-tqdm",
-        "--result-filename", result.to_str().unwrap()]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--tokenizer",
+        "sim",
+        "--num-prompts",
+        "20",
+        "--random-input-len",
+        "8",
+        "--random-output-len",
+        "10",
+        "--ignore-eos",
+        "--request-rate",
+        "10",
+        "--speedup",
+        "10",
+        "--disable-tqdm",
+        "--result-filename",
+        result.to_str().unwrap(),
+    ])
+    .await;
     let wall = t.elapsed().as_secs_f64();
     assert!(ok, "{err}");
     // 20 arrivals at 10/s span about 2 simulated seconds, sent in about 0.2 s.
@@ -156,9 +244,29 @@ async fn speedup_compresses_time_and_reports_simulated_time() {
 #[tokio::test]
 async fn prefix_repetition_prompts_share_their_prefixes() {
     let s = Proc::sim(&["--block-size", "16"]).await;
-    let (ok, out, err) = bench(&["--base-url", &s.url, "--tokenizer", "sim", "--dataset-name", "prefix_repetition", "--num-prompts", "13",
-        "--prefix-repetition-prefix-len", "64", "--prefix-repetition-suffix-len", "20", "--prefix-repetition-num-prefixes", "3",
-        "--prefix-repetition-output-len", "4", "--ignore-eos", "--max-concurrency", "1", "--disable-tqdm"]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &s.url,
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "prefix_repetition",
+        "--num-prompts",
+        "13",
+        "--prefix-repetition-prefix-len",
+        "64",
+        "--prefix-repetition-suffix-len",
+        "20",
+        "--prefix-repetition-num-prefixes",
+        "3",
+        "--prefix-repetition-output-len",
+        "4",
+        "--ignore-eos",
+        "--max-concurrency",
+        "1",
+        "--disable-tqdm",
+    ])
+    .await;
     assert!(ok, "{err}");
     assert_eq!(line_value(&out, "Successful requests:"), 12.0, "13 // 3 per prefix, as vLLM");
     // 84 tokens each, and the BOS the server adds to a text prompt (counted from usage).
@@ -176,18 +284,43 @@ async fn a_mooncake_trace_replays_through_the_router_with_per_request_records() 
     let trace = tmp("trace.jsonl");
     // Request 1 shares request 0's first two blocks (of 16 tokens here), request 2 shares
     // nothing; the third arrives 0.6 s (recorded) = 0.2 s (replayed) after the start.
-    std::fs::write(&trace, [
-        r#"{"timestamp": 0, "input_length": 1600, "output_length": 3, "hash_ids": [7, 8, 9, 10]}"#,
-        r#"{"timestamp": 300, "input_length": 1100, "output_length": 2, "hash_ids": [7, 8, 11]}"#,
-        r#"{"timestamp": 600, "input_length": 700, "output_length": 4, "hash_ids": [12, 13]}"#,
-    ].join("\n")).unwrap();
+    std::fs::write(
+        &trace,
+        [
+            r#"{"timestamp": 0, "input_length": 1600, "output_length": 3, "hash_ids": [7, 8, 9, 10]}"#,
+            r#"{"timestamp": 300, "input_length": 1100, "output_length": 2, "hash_ids": [7, 8, 11]}"#,
+            r#"{"timestamp": 600, "input_length": 700, "output_length": 4, "hash_ids": [12, 13]}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
     let p = Proc::sim(&["--role", "prefill", "--block-size", "16", "--enable-prompt-tokens-details"]).await;
     let d = Proc::sim(&["--role", "decode", "--block-size", "16", "--enable-prompt-tokens-details"]).await;
     let r = router(&["--prefill", &p.url, "--decode", &d.url, "--worker-headers"]).await;
     let result = tmp("trace.json");
-    let (ok, out, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(),
-        "--trace-block-size", "16", "--trace-speedup", "3", "--ignore-eos", "--max-concurrency", "1", "--disable-tqdm",
-        "--save-result", "--save-detailed", "--result-filename", result.to_str().unwrap()]).await;
+    let (ok, out, err) = bench(&[
+        "--base-url",
+        &r.url,
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "mooncake_trace",
+        "--dataset-path",
+        trace.to_str().unwrap(),
+        "--trace-block-size",
+        "16",
+        "--trace-speedup",
+        "3",
+        "--ignore-eos",
+        "--max-concurrency",
+        "1",
+        "--disable-tqdm",
+        "--save-result",
+        "--save-detailed",
+        "--result-filename",
+        result.to_str().unwrap(),
+    ])
+    .await;
     assert!(ok, "{err}");
     assert_eq!(line_value(&out, "Successful requests:"), 3.0, "{err}");
     assert_eq!(line_value(&out, "Total input tokens:"), (50 + 34 + 21) as f64, "1600, 1100, 700 tokens at 16 per 512, exactly");
@@ -198,17 +331,45 @@ async fn a_mooncake_trace_replays_through_the_router_with_per_request_records() 
     // The second request found request 0's two shared blocks cached; the others nothing.
     let cached: Vec<u64> = recs.iter().map(|r| r["cached_tokens"].as_u64().unwrap()).collect();
     assert_eq!(cached, vec![0, 32, 0]);
-    assert!(recs.iter().all(|x| x["prefill"] == format!("{}; rank=0", p.url).as_str() && x["decode"] == format!("{}; rank=0", d.url).as_str()), "{recs:?}");
+    assert!(
+        recs.iter().all(|x| x["prefill"] == format!("{}; rank=0", p.url).as_str() && x["decode"] == format!("{}; rank=0", d.url).as_str()),
+        "{recs:?}"
+    );
     assert!(recs[2]["start_time"].as_f64().unwrap() >= 0.19, "sent at its timestamp / 3: {}", recs[2]["start_time"]);
     let hits = metric(&metrics(&p.url).await, "vllm:prefix_cache_hits_total", &[]);
     assert_eq!(hits, 32.0, "the engine's count agrees");
     assert!((j["prefix_hit_rate"].as_f64().unwrap() - 32.0 / 105.0).abs() < 1e-9, "{}", j["prefix_hit_rate"]);
     assert_eq!(j["prefill_load_skew"].as_f64(), Some(1.0), "one prefill");
     // A trace's arrivals are its own: a request rate is refused, so are token ids for chat.
-    let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(), "--request-rate", "5"]).await;
+    let (ok, _, err) = bench(&[
+        "--base-url",
+        &r.url,
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "mooncake_trace",
+        "--dataset-path",
+        trace.to_str().unwrap(),
+        "--request-rate",
+        "5",
+    ])
+    .await;
     assert!(!ok && err.contains("--trace-speedup"), "{err}");
-    let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--dataset-name", "mooncake_trace", "--dataset-path", trace.to_str().unwrap(),
-        "--backend", "openai-chat", "--endpoint", "/v1/chat/completions"]).await;
+    let (ok, _, err) = bench(&[
+        "--base-url",
+        &r.url,
+        "--tokenizer",
+        "sim",
+        "--dataset-name",
+        "mooncake_trace",
+        "--dataset-path",
+        trace.to_str().unwrap(),
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+    ])
+    .await;
     assert!(!ok && err.contains("completions API"), "{err}");
     let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--trace-speedup", "2"]).await;
     assert!(!ok && err.contains("mooncake_trace only"), "{err}");

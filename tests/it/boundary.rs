@@ -93,7 +93,8 @@ async fn no_packet_to_the_discovery_address_takes_the_router_down() {
     assert_alive(&mut r);
     let rss_after = proc_status_kib(r.pid().unwrap(), "VmRSS");
     assert!(rss_after < rss_before + 64 * 1024, "RSS {rss_before} -> {rss_after} KiB");
-    let refused = metric(&metrics_with_key(&r.url, "k").await, "disagg_router_refused_total", &[("from", "discovery"), ("reason", "connection")]);
+    let refused =
+        metric(&metrics_with_key(&r.url, "k").await, "disagg_router_refused_total", &[("from", "discovery"), ("reason", "connection")]);
     assert!(refused >= 6.0, "every dropped connection is counted: {refused}");
     // A real engine still registers.
     let (p_url, _p) = Capture::default().start().await;
@@ -110,7 +111,8 @@ async fn a_hostile_kv_event_publisher_is_dropped_not_obeyed() {
     let pub_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let replay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (pub_port, replay_port) = (pub_listener.local_addr().unwrap().port(), replay_listener.local_addr().unwrap().port());
-    let sources = json!({"0": {"endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"), "topic": ""}});
+    let sources =
+        json!({"0": {"endpoint": format!("tcp://*:{pub_port}"), "replay_endpoint": format!("tcp://*:{replay_port}"), "topic": ""}});
     let (p_url, _p) = Capture { kv_event_sources: Some(sources), ..Capture::default() }.start().await;
     let (d_url, _d) = Capture::default().start().await;
     let mut r = router(&["--policy", "kv_aware", "--prefill", &p_url, "--decode", &d_url]).await;
@@ -230,8 +232,12 @@ async fn discovery_cannot_be_hijacked_or_filled_by_strangers() {
     assert!(ids.iter().all(|id| id.starts_with(&format!("___prefill_addr_{pz}___decode_addr_{dz}_"))), "{ids:?}");
 
     // One host registers at most --discovery-max-per-host engines (2 are in; 1 more fits).
-    let fillers: Vec<Registrant> = (0..3).map(|_| Registrant::start(&discovery, "D", &format!("127.0.0.1:{}", free_port()), &format!("127.0.0.1:{}", free_port()))).collect();
-    assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "too_many_from_host") >= 1.0 }).await);
+    let fillers: Vec<Registrant> = (0..3)
+        .map(|_| Registrant::start(&discovery, "D", &format!("127.0.0.1:{}", free_port()), &format!("127.0.0.1:{}", free_port())))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "too_many_from_host") >= 1.0 }).await
+    );
     let v = registered(&r.url).await;
     assert_eq!(v["decode_instances"].as_array().unwrap().len() + v["prefill_instances"].as_array().unwrap().len(), 3, "{v}");
     drop(fillers);
@@ -257,9 +263,20 @@ async fn with_discovery_allow_a_host_may_register_engines_on_its_networks() {
     // 127.0.0.2 for their KV addresses: allowed on 127/8.
     let _p = Registrant::start(&discovery, "P", &addr_of(&p_url), "127.0.0.2:7000");
     let _e = Registrant::start(&discovery, "D", &addr_of(&d_url), "127.0.0.2:7001");
-    assert!(eventually(Duration::from_secs(10), || async { registered(&r.url).await["decode_instances"].as_array().is_some_and(|a| a.len() == 1) }).await, "{}", r.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            registered(&r.url).await["decode_instances"].as_array().is_some_and(|a| a.len() == 1)
+        })
+        .await,
+        "{}",
+        r.log_text()
+    );
     let _out = Registrant::start(&discovery, "D", "10.1.1.1:8100", "10.1.1.1:8101");
-    assert!(eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "outside_networks") >= 1.0 }).await, "{}", r.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "outside_networks") >= 1.0 }).await,
+        "{}",
+        r.log_text()
+    );
 }
 
 #[tokio::test]
@@ -292,7 +309,8 @@ async fn numbers_past_range_and_deep_nesting_are_400s_not_panics() {
         ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1e400}"#.to_string()),
         ("/v1/completions", r#"{"prompt":"hello","vllm_xargs":{"kv_transfer_params":{"remote_host":"10.0.0.1"},"x":1e999}}"#.to_string()),
     ] {
-        let resp = client().post(format!("{}{path}", r.url)).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+        let resp =
+            client().post(format!("{}{path}", r.url)).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 400, "{body}");
         let v: Value = resp.json().await.expect("a JSON error");
         assert!(v["error"]["message"].is_string(), "{v}");
@@ -311,7 +329,8 @@ async fn the_admin_api_adds_no_worker_on_metadata_addresses_or_the_router_itself
             (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
         }
     };
-    for bad in ["169.254.169.254:80".to_string(), format!("127.0.0.1:{}", r.port), "[fe80::1]:8100".to_string(), "0.0.0.0:8100".to_string()] {
+    for bad in ["169.254.169.254:80".to_string(), format!("127.0.0.1:{}", r.port), "[fe80::1]:8100".to_string(), "0.0.0.0:8100".to_string()]
+    {
         let (status, v) = add(bad.clone()).await;
         assert_eq!(status, 400, "{bad}: {v}");
     }
@@ -330,9 +349,13 @@ async fn a_worker_sending_only_comments_before_its_first_event_is_cut_off() {
     async fn comments_forever(body: axum::body::Bytes) -> axum::response::Response {
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if v["kv_transfer_params"]["do_remote_decode"] == true {
-            return axum::Json(json!({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}], "kv_transfer_params": {"remote_engine_id": "e"}})).into_response();
+            return axum::Json(
+                json!({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}], "kv_transfer_params": {"remote_engine_id": "e"}}),
+            )
+            .into_response();
         }
-        let chunks = futures_util::stream::repeat_with(|| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(b": keep-alive\n\n")));
+        let chunks =
+            futures_util::stream::repeat_with(|| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from_static(b": keep-alive\n\n")));
         ([("content-type", "text/event-stream")], axum::body::Body::from_stream(chunks)).into_response()
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -343,7 +366,8 @@ async fn a_worker_sending_only_comments_before_its_first_event_is_cut_off() {
     let pid = r.pid().unwrap();
     let rss_before = proc_status_kib(pid, "VmRSS");
     let started = std::time::Instant::now();
-    let (status, events) = post_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "x", "max_tokens": 5, "stream": true})).await;
+    let (status, events) =
+        post_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "x", "max_tokens": 5, "stream": true})).await;
     assert_eq!(status, 502, "{events:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "cut off at once, not at a timeout: {:?}", started.elapsed());
     assert!(r.log_text().contains("bytes of comments before its first event"), "{}", r.log_text());
@@ -364,7 +388,9 @@ async fn request_bodies_are_bounded_over_all_connections() {
     let mut open = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(addr_of(&r.url)).await.unwrap();
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 32000000\r\n\r\n{").await.unwrap();
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 32000000\r\n\r\n{")
+            .await
+            .unwrap();
         open.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -373,15 +399,25 @@ async fn request_bodies_are_bounded_over_all_connections() {
     drop(open);
     // A slow body holding 150 kB of the 200 kB budget: a second body of 100 kB is refused.
     let mut slow = TcpStream::connect(addr_of(&r.url)).await.unwrap();
-    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 300000\r\n\r\n{\"prompt\":\"").await.unwrap();
+    slow.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 300000\r\n\r\n{\"prompt\":\"",
+    )
+    .await
+    .unwrap();
     slow.write_all(&[b'a'; 150_000]).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"].as_u64().unwrap_or(0) >= 150_000 }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"].as_u64().unwrap_or(0) >= 150_000 })
+            .await
+    );
     let big = json!({"prompt": "b".repeat(100_000), "max_tokens": 1});
     let (status, v) = post(&format!("{}/v1/completions", r.url), &big).await;
     assert_eq!(status, 503, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("--max-body-bytes-in-flight"), "{v}");
     drop(slow);
-    assert!(eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"] == 0 }).await, "the budget comes back");
+    assert!(
+        eventually(Duration::from_secs(5), || async { workers(&r.url).await["body_bytes_in_flight"] == 0 }).await,
+        "the budget comes back"
+    );
     assert_eq!(post(&format!("{}/v1/completions", r.url), &big).await.0, 200);
     // h2c: the server's SETTINGS announce the stream cap.
     let mut h2 = TcpStream::connect(addr_of(&r.url)).await.unwrap();
@@ -408,10 +444,18 @@ async fn answers_name_no_engine_address() {
     let (status, v) = post_with(&url, &json!({"prompt": "where", "max_tokens": 3}), &[("x-request-id", "client-7")]).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["id"], "cmpl-client-7", "{v}");
-    let resp = client().post(&url).header("x-request-id", "client-8").json(&json!({"prompt": "where", "max_tokens": 3, "stream": true})).send().await.unwrap();
+    let resp = client()
+        .post(&url)
+        .header("x-request-id", "client-8")
+        .json(&json!({"prompt": "where", "max_tokens": 3, "stream": true}))
+        .send()
+        .await
+        .unwrap();
     let text = resp.text().await.unwrap();
     assert!(!text.contains("addr") && text.contains("\"id\":\"cmpl-client-8\""), "{text}");
-    let (status, v) = post(&format!("{}/v1/chat/completions", r.url), &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2})).await;
+    let (status, v) =
+        post(&format!("{}/v1/chat/completions", r.url), &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2}))
+            .await;
     assert_eq!(status, 200, "{v}");
     assert!(!v.to_string().contains("addr"), "{v}");
 }

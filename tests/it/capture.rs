@@ -68,7 +68,13 @@ impl Capture {
     }
 }
 
-async fn handle(State(c): State<Capture>, ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(c): State<Capture>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
     if c.down.load(std::sync::atomic::Ordering::SeqCst) {
         return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
@@ -89,8 +95,10 @@ async fn handle(State(c): State<Capture>, ConnectInfo(peer): ConnectInfo<std::ne
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if v["kv_transfer_params"]["do_remote_decode"] == true {
         let params: Value = if c.no_params { Value::Null } else { serde_json::from_str(PARAMS).unwrap() };
-        return axum::Json(json!({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}, "kv_transfer_params": params}))
+        return axum::Json(
+            json!({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}, "kv_transfer_params": params}),
+        )
         .into_response();
     }
     if v["stream"] == true {

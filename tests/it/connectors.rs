@@ -20,7 +20,10 @@ fn body(n: usize) -> (&'static str, Value) {
     if n % 2 == 0 {
         ("/v1/completions", json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true, "stream": n % 4 == 0}))
     } else {
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": true, "stream": n % 3 == 0}))
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": true, "stream": n % 3 == 0}),
+        )
     }
 }
 
@@ -47,7 +50,11 @@ async fn routed_equals_colocated(router: &str, colocated: &str, n: usize) {
 }
 
 fn bootstrap_port(p: &Proc) -> String {
-    p.banner.split_whitespace().find_map(|w| w.strip_prefix("bootstrap_port=")).unwrap_or_else(|| panic!("no bootstrap port: {}", p.banner)).to_string()
+    p.banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("bootstrap_port="))
+        .unwrap_or_else(|| panic!("no bootstrap port: {}", p.banner))
+        .to_string()
 }
 
 async fn sum_metric(procs: &[&Proc], name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -65,7 +72,21 @@ async fn nixl_2p2d_through_the_router_equals_colocated() {
     let d1 = Proc::sim(&["--role", "decode", "--data-parallel-size", "2"]).await;
     let d2 = Proc::sim(&["--role", "decode", "--data-parallel-size", "2"]).await;
     let c = Proc::sim(&[]).await;
-    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d1.url, "--decode", &d2.url, "--intra-node-data-parallel-size", "2", "--policy", "round_robin"]).await;
+    let r = router(&[
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d1.url,
+        "--decode",
+        &d2.url,
+        "--intra-node-data-parallel-size",
+        "2",
+        "--policy",
+        "round_robin",
+    ])
+    .await;
     routed_equals_colocated(&r.url, &c.url, 24).await;
     assert_eq!(sum_metric(&[&d1, &d2], "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]).await, 0.0);
     for w in [&p1, &p2, &d1, &d2] {
@@ -90,10 +111,32 @@ async fn mooncake_2p2d_through_the_router_equals_colocated() {
     let c = Proc::sim(&[]).await;
     let (b1, b2) = (bootstrap_port(&p1), bootstrap_port(&p2));
     // Two ranks configured everywhere; p2's bootstrap server lists one: learned, not failed.
-    let r = router(&["--kv-connector", "mooncake", "--prefill", &p1.url, &b1, "--prefill", &p2.url, &b2, "--decode", &d1.url, "--decode", &d2.url,
-        "--intra-node-data-parallel-size", "2", "--policy", "round_robin"]).await;
+    let r = router(&[
+        "--kv-connector",
+        "mooncake",
+        "--prefill",
+        &p1.url,
+        &b1,
+        "--prefill",
+        &p2.url,
+        &b2,
+        "--decode",
+        &d1.url,
+        "--decode",
+        &d2.url,
+        "--intra-node-data-parallel-size",
+        "2",
+        "--policy",
+        "round_robin",
+    ])
+    .await;
     let url = r.url.clone();
-    assert!(eventually(Duration::from_secs(5), || async { workers(&url).await["workers"].as_array().unwrap().iter().all(|w| w["healthy"] == true) }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            workers(&url).await["workers"].as_array().unwrap().iter().all(|w| w["healthy"] == true)
+        })
+        .await
+    );
     routed_equals_colocated(&r.url, &c.url, 24).await;
     // A prefill whose one token is EOS keeps no KV (vLLM: not length-capped, nothing to
     // send): the router drops the waiting decode and has it prefill locally.
@@ -101,7 +144,11 @@ async fn mooncake_2p2d_through_the_router_equals_colocated() {
         let b = json!({"prompt": "eos probe 5", "max_tokens": 8, "stream": stream});
         let (_, want) = post(&format!("{}/v1/completions", c.url), &json!({"prompt": "eos probe 5", "max_tokens": 8})).await;
         assert_eq!(want["choices"][0]["finish_reason"], "stop", "the probe's first token is EOS: {want}");
-        let got = if stream { stream_text(&post_stream(&format!("{}/v1/completions", r.url), &b).await.1) } else { text_of(&post(&format!("{}/v1/completions", r.url), &b).await.1) };
+        let got = if stream {
+            stream_text(&post_stream(&format!("{}/v1/completions", r.url), &b).await.1)
+        } else {
+            text_of(&post(&format!("{}/v1/completions", r.url), &b).await.1)
+        };
         assert_eq!(got, text_of(&want));
     }
     assert_eq!(sum_metric(&[&d1, &d2], "disagg_sim_kv_load_failures_total", &[]).await, 0.0, "no decode waited for KV that never came");
@@ -173,8 +220,23 @@ async fn mooncake_a_dead_prefill_costs_no_request() {
     let c = Proc::sim(&[]).await;
     let (b1, b2) = (bootstrap_port(&p1), bootstrap_port(&p2));
     // Health checks far apart: the router learns of the death from the legs themselves.
-    let r = router(&["--kv-connector", "mooncake", "--prefill", &p1.url, &b1, "--prefill", &p2.url, &b2, "--decode", &d.url, "--policy", "round_robin",
-        "--health-check-interval-secs", "30"]).await;
+    let r = router(&[
+        "--kv-connector",
+        "mooncake",
+        "--prefill",
+        &p1.url,
+        &b1,
+        "--prefill",
+        &p2.url,
+        &b2,
+        "--decode",
+        &d.url,
+        "--policy",
+        "round_robin",
+        "--health-check-interval-secs",
+        "30",
+    ])
+    .await;
     p1.kill();
     let _ = p1.wait_exit(Duration::from_secs(5)).await;
     routed_equals_colocated(&r.url, &c.url, 8).await;
@@ -221,10 +283,14 @@ async fn mooncake_a_decode_that_gives_up_frees_the_prefills_blocks_when_ready() 
         }
     };
     // The decode waits for a transfer the prefill has not computed; its client leaves.
-    let waiting = client().post(format!("{}/v1/completions", d.url)).json(&json!({"prompt": prompt, "max_tokens": 5, "kv_transfer_params": params(true)})).send();
+    let waiting = client()
+        .post(format!("{}/v1/completions", d.url))
+        .json(&json!({"prompt": prompt, "max_tokens": 5, "kv_transfer_params": params(true)}))
+        .send();
     assert!(tokio::time::timeout(Duration::from_millis(600), waiting).await.is_err(), "the decode waits for its prefill");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let (status, _) = post(&format!("{}/v1/completions", p.url), &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": params(false)})).await;
+    let (status, _) =
+        post(&format!("{}/v1/completions", p.url), &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": params(false)})).await;
     assert_eq!(status, 200);
     let m = metrics(&p.url).await;
     assert_eq!(metric(&m, "disagg_sim_kv_blocks_held", &[]), 0.0, "freed at once, not after the lease");
@@ -238,10 +304,23 @@ async fn mooncake_a_decode_that_gives_up_frees_the_prefills_blocks_when_ready() 
 #[tokio::test]
 async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let discovery = format!("127.0.0.1:{}", free_port_run(1));
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--health-check-interval-secs", "30", "--policy", "round_robin", "--admin-api-key", "k"]).await;
+    let r = router_unready(&[
+        "--vllm-pd-disaggregation",
+        "--vllm-discovery-address",
+        &discovery,
+        "--health-check-interval-secs",
+        "30",
+        "--policy",
+        "round_robin",
+        "--admin-api-key",
+        "k",
+    ])
+    .await;
     let engine = |role: &'static str| {
         let discovery = discovery.clone();
-        async move { Proc::sim(&["--role", role, "--kv-connector", "p2pnccl", "--proxy-address", &discovery, "--decode-ms-per-token", "5"]).await }
+        async move {
+            Proc::sim(&["--role", role, "--kv-connector", "p2pnccl", "--proxy-address", &discovery, "--decode-ms-per-token", "5"]).await
+        }
     };
     let p = engine("prefill").await;
     let mut d1 = engine("decode").await;
@@ -249,7 +328,13 @@ async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let c = Proc::sim(&[]).await;
     let url = r.url.clone();
     let health = || async { get_as(&format!("{url}/health"), "k").await.1 };
-    assert!(eventually(Duration::from_secs(10), || async { let h = health().await; h.contains(&d1.url) && h.contains(&d2.url) && h.contains(&p.url) }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let h = health().await;
+            h.contains(&d1.url) && h.contains(&d2.url) && h.contains(&p.url)
+        })
+        .await
+    );
     // Three clients, each a stream of requests; the first decode dies meanwhile.
     let clients: Vec<_> = (0..3)
         .map(|k| {
@@ -275,7 +360,9 @@ async fn p2pnccl_decodes_leave_and_join_under_load_and_no_request_is_lost() {
     let d3 = engine("decode").await;
     let healthy = |u: String| {
         let url = url.clone();
-        async move { workers_as(&url, Some("k")).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == u.as_str() && w["healthy"] == true) }
+        async move {
+            workers_as(&url, Some("k")).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == u.as_str() && w["healthy"] == true)
+        }
     };
     assert!(eventually(Duration::from_secs(10), || healthy(d3.url.clone())).await, "{}", health().await);
     routed_equals_colocated(&r.url, &c.url, 6).await;
@@ -291,9 +378,13 @@ async fn p2pnccl_pushed_kv_nobody_takes_is_dropped_when_the_lease_ends() {
     let d = Proc::sim(&["--role", "decode", "--kv-connector", "p2pnccl", "--kv-lease-secs", "1"]).await;
     let side = |s: &Proc| s.banner.split("side_channel_ports=[").nth(1).unwrap().split(']').next().unwrap().to_string();
     let id = format!("___prefill_addr_127.0.0.1:{}___decode_addr_127.0.0.1:{}_abc", side(&p), side(&d));
-    let (status, _) = post_with(&format!("{}/v1/completions", p.url), &json!({"prompt": words("push", 30), "max_tokens": 1}), &[("x-request-id", &id)]).await;
+    let (status, _) =
+        post_with(&format!("{}/v1/completions", p.url), &json!({"prompt": words("push", 30), "max_tokens": 1}), &[("x-request-id", &id)])
+            .await;
     assert_eq!(status, 200);
-    let dropped = eventually(Duration::from_secs(5), || async { metric(&metrics(&d.url).await, "disagg_sim_kv_leases_expired_total", &[]) == 1.0 }).await;
+    let dropped =
+        eventually(Duration::from_secs(5), || async { metric(&metrics(&d.url).await, "disagg_sim_kv_leases_expired_total", &[]) == 1.0 })
+            .await;
     assert!(dropped);
 }
 
@@ -312,7 +403,8 @@ async fn p2pnccl_a_decode_waiting_for_kv_leaves_with_its_client() {
 #[tokio::test]
 async fn a_prefill_whose_first_token_ends_the_request_leaves_no_kv_held() {
     let prompt = (0..48).map(|i| format!("w{}", i % 97)).collect::<Vec<_>>().join(" ");
-    let (p1, p2) = tokio::join!(Proc::sim(&["--role", "prefill", "--block-size", "16"]), Proc::sim(&["--role", "prefill", "--block-size", "16"]));
+    let (p1, p2) =
+        tokio::join!(Proc::sim(&["--role", "prefill", "--block-size", "16"]), Proc::sim(&["--role", "prefill", "--block-size", "16"]));
     let d = Proc::sim(&["--role", "decode", "--block-size", "16"]).await;
     let plain = Proc::sim(&["--block-size", "16"]).await;
     let r = router(&["--policy", "round_robin", "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url]).await;

@@ -57,7 +57,16 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
     let (p_url, p) = Capture::default().start().await;
     let (d_url, d) = Capture::default().start().await;
     let discovery = format!("127.0.0.1:{}", free_port());
-    let r = router_unready(&["--vllm-pd-disaggregation", "--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--log-level", "info,disagg=debug"]).await;
+    let r = router_unready(&[
+        "--vllm-pd-disaggregation",
+        "--vllm-discovery-address",
+        &discovery,
+        "--admin-api-key",
+        "k",
+        "--log-level",
+        "info,disagg=debug",
+    ])
+    .await;
     assert!(r.banner.contains("connector=p2pnccl"), "{}", r.banner);
     let (status, v) = health(&r.url).await;
     assert_eq!(status, 503, "nothing registered yet: {v}");
@@ -74,7 +83,12 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
 
     // A client's id with the markers never reaches the engines: the legs' id is the router's.
     let body = json!({"prompt": "xPyD", "max_tokens": 7, "temperature": 0});
-    let (status, out) = post_with(&format!("{}/v1/completions", r.url), &body, &[("x-request-id", "___prefill_addr_10.9.9.9:1___decode_addr_10.9.9.9:2_x")]).await;
+    let (status, out) = post_with(
+        &format!("{}/v1/completions", r.url),
+        &body,
+        &[("x-request-id", "___prefill_addr_10.9.9.9:1___decode_addr_10.9.9.9:2_x")],
+    )
+    .await;
     assert_eq!(status, 200, "{out}");
     let (pre, dec) = (p.requests("/v1/completions"), d.requests("/v1/completions"));
     assert_eq!((pre.len(), dec.len()), (1, 1));
@@ -106,12 +120,21 @@ async fn engines_register_as_vllm_does_and_legs_name_both_kv_addresses() {
 #[tokio::test]
 async fn connector_flags_that_cannot_work_are_refused() {
     for (args, says) in [
-        (vec!["--kv-connector", "p2pnccl", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "needs --vllm-discovery-address"),
+        (
+            vec!["--kv-connector", "p2pnccl", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"],
+            "needs --vllm-discovery-address",
+        ),
         (vec!["--kv-connector", "nixl", "--vllm-discovery-address", "127.0.0.1:0"], "does not go with --kv-connector nixl"),
-        (vec!["--vllm-discovery-address", "127.0.0.1:1", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "drop --prefill/--decode"),
+        (
+            vec!["--vllm-discovery-address", "127.0.0.1:1", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"],
+            "drop --prefill/--decode",
+        ),
         (vec!["--vllm-discovery-address", "nowhere"], "expected HOST:PORT"),
         (vec!["--kv-connector", "mooncake", "--vllm-discovery-address", "127.0.0.1:0"], "does not go with --kv-connector mooncake"),
-        (vec!["--kv-connector", "lmcache", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"], "possible values: nixl, p2pnccl, mooncake"),
+        (
+            vec!["--kv-connector", "lmcache", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"],
+            "possible values: nixl, p2pnccl, mooncake",
+        ),
     ] {
         let out = std::process::Command::new(BIN).arg("route").args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

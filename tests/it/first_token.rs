@@ -65,7 +65,11 @@ pub async fn first_token_ends_the_request(e: &Engines<'_>) -> usize {
     let bias = |t: u32| json!({ t.to_string(): 100 });
     let mut found = None;
     for forced in [100u32, 150, 200, 260, 300, 400, 500, 700, 1000] {
-        let (status, v) = post(&format!("{}/v1/completions", e.plain), &body(e, "/v1/completions", &json!({"max_tokens": 1, "logit_bias": bias(forced)}))).await;
+        let (status, v) = post(
+            &format!("{}/v1/completions", e.plain),
+            &body(e, "/v1/completions", &json!({"max_tokens": 1, "logit_bias": bias(forced)})),
+        )
+        .await;
         assert_eq!(status, 200, "{v}");
         let text = outcome(&v).0;
         if !text.trim().is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') {
@@ -99,7 +103,8 @@ pub async fn first_token_ends_the_request(e: &Engines<'_>) -> usize {
         }
     }
     for p in e.prefills {
-        let released = eventually(Duration::from_secs(15), || async { metric(&metrics(p).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
+        let released =
+            eventually(Duration::from_secs(15), || async { metric(&metrics(p).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
         assert!(released, "{p} still holds KV: {}", metric(&metrics(p).await, "vllm:kv_cache_usage_perc", &[]));
     }
     n

@@ -191,10 +191,31 @@ fn launcher_script_four_node_example_runs_its_flags_verbatim() {
         assert_eq!(kv["kv_connector"], "NixlConnector");
     }
     // Flag names take `_` for `-`, as vLLM's parser does.
-    let (same, _) = dry_run(&["launch", "--role", "decode", "-n", "2", "--dp_size", "4", "--node_size", "2", "--node-rank", "1", "--dp_master_ip", "10.0.0.3", "--dry-run"]);
+    let (same, _) = dry_run(&[
+        "launch",
+        "--role",
+        "decode",
+        "-n",
+        "2",
+        "--dp_size",
+        "4",
+        "--node_size",
+        "2",
+        "--node-rank",
+        "1",
+        "--dp_master_ip",
+        "10.0.0.3",
+        "--dry-run",
+    ]);
     assert_eq!(flag(&same[0].1, "--data-parallel-address"), "10.0.0.3");
     assert_eq!(flag(&same[1].1, "--data-parallel-rank"), "3");
     // The script's own check: DP is 1 or one rank per server over the role's nodes.
-    let out = std::process::Command::new(BIN).args(["launch", "--role", "prefill", "-n", "8", "-d", "12", "--node-size", "2", "--dry-run"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--dp-size 12 must be 1 or --num-instances 8 x --node-size 2"));
+    let out = std::process::Command::new(BIN)
+        .args(["launch", "--role", "prefill", "-n", "8", "-d", "12", "--node-size", "2", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("--dp-size 12 must be 1 or --num-instances 8 x --node-size 2")
+    );
 }

@@ -135,10 +135,8 @@ pub async fn kv_moves_and_is_released(p: &Pair) {
     let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
     assert_eq!(source(&after, "external_kv_transfer") - source(&before, "external_kv_transfer"), prompt_tokens);
     assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"));
-    let released = eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&p.prefill).await, "vllm:kv_cache_usage_perc", &[]) == 0.0
-    })
-    .await;
+    let released =
+        eventually(Duration::from_secs(5), || async { metric(&metrics(&p.prefill).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await;
     assert!(released, "the prefill released the blocks after the pull");
 }
 

@@ -11,14 +11,27 @@ use crate::support::*;
 const BLOCK: usize = 16;
 
 fn events_config(base: u16) -> String {
-    format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{base}","replay_endpoint":"tcp://*:{}","topic":"kv-events"}}"#, base + 4)
+    format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{base}","replay_endpoint":"tcp://*:{}","topic":"kv-events"}}"#,
+        base + 4
+    )
 }
 
 /// A simulator with `dp` ranks publishing KV events on ports from a free run.
 async fn publishing_sim(role: &str, dp: usize) -> Proc {
     let base = free_port_run(8);
-    Proc::sim(&["--role", role, "--data-parallel-size", &dp.to_string(), "--block-size", &BLOCK.to_string(),
-        "--enable-prompt-tokens-details", "--kv-events-config", &events_config(base)]).await
+    Proc::sim(&[
+        "--role",
+        role,
+        "--data-parallel-size",
+        &dp.to_string(),
+        "--block-size",
+        &BLOCK.to_string(),
+        "--enable-prompt-tokens-details",
+        "--kv-events-config",
+        &events_config(base),
+    ])
+    .await
 }
 
 /// A token-id prompt: `blocks` full blocks of prefix `tag`, then `tail` tokens of its own.
@@ -55,17 +68,46 @@ async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
     let p1 = publishing_sim("prefill", 2).await;
     let p2 = publishing_sim("prefill", 2).await;
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
-    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--intra-node-data-parallel-size", "2",
-        "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
+    let r = router(&[
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d.url,
+        "--intra-node-data-parallel-size",
+        "2",
+        "--prefill-policy",
+        "kv_aware",
+        "--decode-policy",
+        "round_robin",
+    ])
+    .await;
     let url = r.url.clone();
     // Subscribed to all four ranks.
-    assert!(eventually(Duration::from_secs(10), || async { workers_list(&url).await["workers"].as_array().unwrap().iter().filter(|w| w["role"] == "prefill").all(|w| w["kv_events"].is_array()) }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            workers_list(&url).await["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["role"] == "prefill")
+                .all(|w| w["kv_events"].is_array())
+        })
+        .await
+    );
     // Four conversations: a first turn each, which caches its prefix somewhere.
     for tag in 0..4 {
-        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(tag, 4, &[1, 2, 3]), "max_tokens": 2, "ignore_eos": true})).await;
+        let (status, v) =
+            post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(tag, 4, &[1, 2, 3]), "max_tokens": 2, "ignore_eos": true}))
+                .await;
         assert_eq!(status, 200, "{v}");
     }
-    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 16 }).await, "{:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 16 }).await,
+        "{:?}",
+        indexed(&url).await
+    );
     let before: f64 = {
         let mut t = 0.0;
         for p in [&p1, &p2] {
@@ -105,7 +147,14 @@ async fn a_shared_prefix_goes_to_the_rank_that_holds_it() {
     // A reset cache is announced (AllBlocksCleared) and the index forgets that worker.
     assert_eq!(client().post(format!("{}/reset_prefix_cache", p1.url)).send().await.unwrap().status().as_u16(), 200);
     let p1_url = p1.url.clone();
-    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().filter(|(u, _, _)| *u == p1_url).all(|(_, _, n)| *n == 0) }).await, "{:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            indexed(&url).await.iter().filter(|(u, _, _)| *u == p1_url).all(|(_, _, n)| *n == 0)
+        })
+        .await,
+        "{:?}",
+        indexed(&url).await
+    );
     assert_idle(&r.url).await;
 }
 
@@ -117,22 +166,41 @@ async fn a_worker_that_leaves_takes_its_entries_and_one_that_joins_is_subscribed
     let url = r.url.clone();
     let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(9, 3, &[]), "max_tokens": 2})).await;
     assert_eq!(status, 200, "{v}");
-    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(_, _, n)| *n >= 3) }).await, "{:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(_, _, n)| *n >= 3) }).await,
+        "{:?}",
+        indexed(&url).await
+    );
     // A second prefill joins through the admin API: subscribed without a restart.
     let p2 = publishing_sim("prefill", 1).await;
     let add = client().post(format!("{url}/add_worker?url={}&role=prefill", p2.url)).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(add.status().as_u16(), 200, "{}", add.text().await.unwrap());
     let p2_url = p2.url.clone();
-    assert!(eventually(Duration::from_secs(10), || async { workers_list(&url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == p2_url.as_str() && w["kv_events"].as_array().is_some_and(|a| !a.is_empty())) }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            workers_list(&url).await["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["url"] == p2_url.as_str() && w["kv_events"].as_array().is_some_and(|a| !a.is_empty()))
+        })
+        .await
+    );
     // The first leaves: its entries go.
     let del = client().delete(format!("{url}/workers/{}", urlencode(&p1.url))).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(del.status().as_u16(), 200, "{}", del.text().await.unwrap());
     let p1_url = p1.url.clone();
-    assert!(eventually(Duration::from_secs(5), || async { !indexed(&url).await.iter().any(|(u, _, _)| *u == p1_url) }).await, "{:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { !indexed(&url).await.iter().any(|(u, _, _)| *u == p1_url) }).await,
+        "{:?}",
+        indexed(&url).await
+    );
 }
 
 fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 /// Batches lost on the way (half of them, kept for replay) leave the index complete: the
@@ -141,12 +209,34 @@ fn urlencode(s: &str) -> String {
 async fn lost_events_are_replayed_and_routing_stays_exact() {
     let base = free_port_run(8);
     let lossy = |role: &'static str, base: u16| async move {
-        Proc::sim(&["--role", role, "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(base), "--kv-events-drop-rate", "0.5"]).await
+        Proc::sim(&[
+            "--role",
+            role,
+            "--block-size",
+            &BLOCK.to_string(),
+            "--kv-events-config",
+            &events_config(base),
+            "--kv-events-drop-rate",
+            "0.5",
+        ])
+        .await
     };
     let p1 = lossy("prefill", base).await;
     let p2 = lossy("prefill", free_port_run(8)).await;
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
-    let r = router(&["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]).await;
+    let r = router(&[
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d.url,
+        "--prefill-policy",
+        "kv_aware",
+        "--decode-policy",
+        "round_robin",
+    ])
+    .await;
     let url = r.url.clone();
     assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 2 }).await);
     for tag in 0..8 {
@@ -157,7 +247,11 @@ async fn lost_events_are_replayed_and_routing_stays_exact() {
     for tag in 0..4 {
         post(&format!("{url}/v1/completions"), &json!({"prompt": prompt(200 + tag, 1, &[]), "max_tokens": 1})).await;
     }
-    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 28 }).await, "every block, lost batches included: {:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 28 }).await,
+        "every block, lost batches included: {:?}",
+        indexed(&url).await
+    );
     let total_hits = || async { hits(&p1, 0).await + hits(&p2, 0).await };
     let before = total_hits().await;
     for tag in [5, 1, 7, 3, 0, 6, 2, 4] {
@@ -178,7 +272,18 @@ async fn indexed_ranks(router: &str) -> usize {
 async fn a_restarted_engine_leaves_no_stale_entries() {
     let (http, events) = (free_port_run(1), free_port_run(8));
     let start = || async move {
-        Proc::start(&["sim", "--port", &http.to_string(), "--role", "prefill", "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(events)]).await
+        Proc::start(&[
+            "sim",
+            "--port",
+            &http.to_string(),
+            "--role",
+            "prefill",
+            "--block-size",
+            &BLOCK.to_string(),
+            "--kv-events-config",
+            &events_config(events),
+        ])
+        .await
     };
     let mut p = start().await;
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
@@ -219,14 +324,22 @@ async fn a_decode_that_holds_all_but_a_few_tokens_prefills_them_itself() {
     assert_eq!(status, 200, "{v}");
     // The decode pulled the prompt's four full blocks and published them.
     let d_url = d.url.clone();
-    assert!(eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(u, _, n)| *u == d_url && *n >= 4) }).await, "{:?}", indexed(&url).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().any(|(u, _, n)| *u == d_url && *n >= 4) }).await,
+        "{:?}",
+        indexed(&url).await
+    );
     assert_eq!(served(&p.url).await, 1.0);
     // 64 tokens held, 3 + 10 not: the decode prefills 13 tokens itself.
     let turn2 = prompt(400, 4, &[1, 2, 3, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]);
     for stream in [false, true] {
         let b = json!({"prompt": turn2, "max_tokens": 6, "ignore_eos": true, "stream": stream});
         let (_, want) = post(&format!("{}/v1/completions", c.url), &json!({"prompt": turn2, "max_tokens": 6, "ignore_eos": true})).await;
-        let got = if stream { stream_text(&post_stream(&format!("{url}/v1/completions"), &b).await.1) } else { text_of(&post(&format!("{url}/v1/completions"), &b).await.1) };
+        let got = if stream {
+            stream_text(&post_stream(&format!("{url}/v1/completions"), &b).await.1)
+        } else {
+            text_of(&post(&format!("{url}/v1/completions"), &b).await.1)
+        };
         assert_eq!(got, text_of(&want), "stream={stream}");
     }
     assert_eq!(served(&p.url).await, 1.0, "no prefill leg for the second turns");
@@ -251,22 +364,54 @@ async fn text_and_chat_prompts_route_with_the_models_tokenizer_or_the_render_end
             let model = model.clone();
             async move {
                 let base = free_port_run(8);
-                Proc::sim(&["--role", role, "--block-size", &BLOCK.to_string(), "--tokenizer", &model, "--model", "tiny-llama", "--max-model-len", "4096",
-                    "--enable-scale-out", "--enable-prompt-tokens-details", "--kv-events-config", &events_config(base)]).await
+                Proc::sim(&[
+                    "--role",
+                    role,
+                    "--block-size",
+                    &BLOCK.to_string(),
+                    "--tokenizer",
+                    &model,
+                    "--model",
+                    "tiny-llama",
+                    "--max-model-len",
+                    "4096",
+                    "--enable-scale-out",
+                    "--enable-prompt-tokens-details",
+                    "--kv-events-config",
+                    &events_config(base),
+                ])
+                .await
             }
         };
         let (p1, p2, d) = (sim("prefill").await, sim("prefill").await, sim("decode").await);
         // Every request disaggregated (the decode holds each first turn too, and would
         // otherwise serve the second alone): the prefills are chosen by what they hold.
-        let mut args = vec!["--prefill", p1.url.as_str(), "--prefill", p2.url.as_str(), "--decode", d.url.as_str(), "--prefill-policy", "kv_aware",
-            "--decode-policy", "round_robin", "--kv-aware-decode-alone-tokens", "0"];
+        let mut args = vec![
+            "--prefill",
+            p1.url.as_str(),
+            "--prefill",
+            p2.url.as_str(),
+            "--decode",
+            d.url.as_str(),
+            "--prefill-policy",
+            "kv_aware",
+            "--decode-policy",
+            "round_robin",
+            "--kv-aware-decode-alone-tokens",
+            "0",
+        ];
         if local {
             args.extend(["--model-path", model.as_str()]);
         }
         let r = router(&args).await;
         let url = r.url.clone();
         assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 3 }).await);
-        let doc = |k: usize| format!("Shared document {k}: {}", (0..120).map(|i| ["river", "stone", "cloud", "ember"][(i + k) % 4]).collect::<Vec<_>>().join(" "));
+        let doc = |k: usize| {
+            format!(
+                "Shared document {k}: {}",
+                (0..120).map(|i| ["river", "stone", "cloud", "ember"][(i + k) % 4]).collect::<Vec<_>>().join(" ")
+            )
+        };
         let bodies = |k: usize, q: usize| {
             if k % 2 == 0 {
                 json!({"model": "tiny-llama", "prompt": format!("{}\nQuestion {q}?", doc(k)), "max_tokens": 1})
@@ -360,8 +505,20 @@ async fn eight_prefills_sixteen_conversations() {
 async fn two_routers_build_the_same_index_from_the_same_events() {
     let (p1, p2) = (publishing_sim("prefill", 2).await, publishing_sim("prefill", 2).await);
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
-    let args = ["--prefill", p1.url.as_str(), "--prefill", p2.url.as_str(), "--decode", d.url.as_str(), "--intra-node-data-parallel-size", "2",
-        "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"];
+    let args = [
+        "--prefill",
+        p1.url.as_str(),
+        "--prefill",
+        p2.url.as_str(),
+        "--decode",
+        d.url.as_str(),
+        "--intra-node-data-parallel-size",
+        "2",
+        "--prefill-policy",
+        "kv_aware",
+        "--decode-policy",
+        "round_robin",
+    ];
     let (a, b) = (router(&args).await, router(&args).await);
     for r in [&a, &b] {
         let url = r.url.clone();
@@ -387,7 +544,8 @@ async fn two_routers_build_the_same_index_from_the_same_events() {
         before += hits(p, 0).await + hits(p, 1).await;
     }
     for tag in [4, 1, 5, 0, 3, 2] {
-        let (status, v) = post(&format!("{}/v1/completions", b.url), &json!({"prompt": prompt(700 + tag, 3, &[2, 3]), "max_tokens": 1})).await;
+        let (status, v) =
+            post(&format!("{}/v1/completions", b.url), &json!({"prompt": prompt(700 + tag, 3, &[2, 3]), "max_tokens": 1})).await;
         assert_eq!(status, 200, "{v}");
     }
     let mut after = 0.0;
@@ -405,8 +563,19 @@ async fn two_routers_build_the_same_index_from_the_same_events() {
 async fn load_reported_by_the_engines_steers_prompts_away_from_a_prefill_busy_elsewhere() {
     let slow = || async {
         let base = free_port_run(8);
-        Proc::sim(&["--role", "prefill", "--block-size", &BLOCK.to_string(), "--kv-events-config", &events_config(base),
-            "--prefill-ms-per-1k-tokens", "2000", "--max-num-seqs", "1"]).await
+        Proc::sim(&[
+            "--role",
+            "prefill",
+            "--block-size",
+            &BLOCK.to_string(),
+            "--kv-events-config",
+            &events_config(base),
+            "--prefill-ms-per-1k-tokens",
+            "2000",
+            "--max-num-seqs",
+            "1",
+        ])
+        .await
     };
     let (a, b) = (slow().await, slow().await);
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
@@ -421,13 +590,18 @@ async fn load_reported_by_the_engines_steers_prompts_away_from_a_prefill_busy_el
         .collect();
     let (second_url, a_url) = (second.url.clone(), a.url.clone());
     let seen = eventually(Duration::from_secs(5), || async {
-        workers(&second_url).await["workers"].as_array().unwrap().iter().any(|w| w["url"] == a_url.as_str() && w["ranks_requests_elsewhere"][0].as_u64() > Some(0))
+        workers(&second_url).await["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["url"] == a_url.as_str() && w["ranks_requests_elsewhere"][0].as_u64() > Some(0))
     })
     .await;
     assert!(seen, "the second router read A's queue from its /metrics: {}", workers(&second.url).await);
     let before = served(&b.url).await;
     for k in 0..2 {
-        let (status, v) = post(&format!("{}/v1/completions", second.url), &json!({"prompt": prompt(200 + k, 2, &[]), "max_tokens": 1})).await;
+        let (status, v) =
+            post(&format!("{}/v1/completions", second.url), &json!({"prompt": prompt(200 + k, 2, &[]), "max_tokens": 1})).await;
         assert_eq!(status, 200, "{v}");
     }
     assert_eq!(served(&b.url).await - before, 2.0, "both fresh prompts went to the idle prefill B");

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{json, Value};
 use disagg::zmtp::{self, Limits, SocketType};
+use serde_json::{json, Value};
 
 use disagg::api::kv_events::{decode, EventBatch, KvEvent, END_SEQ};
 
@@ -80,7 +80,8 @@ fn words(tag: &str, n: usize) -> String {
 }
 
 async fn complete(e: &Engine, prompt: &str) -> Value {
-    let (status, v) = post(&format!("{}/v1/completions", e.url), &json!({"model": e.model, "prompt": prompt, "max_tokens": 1, "temperature": 0})).await;
+    let (status, v) =
+        post(&format!("{}/v1/completions", e.url), &json!({"model": e.model, "prompt": prompt, "max_tokens": 1, "temperature": 0})).await;
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -111,7 +112,11 @@ pub async fn stored_events_follow_full_blocks(e: &Engine, sub: &mut Subscription
     let v = complete(e, &longer).await;
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(), Some((hashes.len() * bs) as u64));
     let events = sub.collect(Duration::from_millis(1500)).await;
-    let KvEvent::Stored { hashes: h2, parent: p2, token_ids: t2, .. } = events.iter().find(|ev| matches!(ev, KvEvent::Stored { .. })).unwrap() else { unreachable!() };
+    let KvEvent::Stored { hashes: h2, parent: p2, token_ids: t2, .. } =
+        events.iter().find(|ev| matches!(ev, KvEvent::Stored { .. })).unwrap()
+    else {
+        unreachable!()
+    };
     assert_eq!(*p2, Some(last), "chained to the last cached block");
     assert_eq!(h2.len(), toks2.len() / bs - hashes.len());
     assert_eq!(t2.len(), h2.len() * bs);
@@ -190,14 +195,26 @@ pub async fn sources_show_the_config(e: &Engine, endpoint: &str, replay: &str, t
 
 #[allow(dead_code)] // the `it` binary's cases use it; the `vllm` binary includes this file too
 fn kv_config(pub_port: u16, replay_port: u16) -> String {
-    format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{pub_port}","replay_endpoint":"tcp://*:{replay_port}","topic":"kv-events"}}"#)
+    format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{pub_port}","replay_endpoint":"tcp://*:{replay_port}","topic":"kv-events"}}"#
+    )
 }
 
 #[tokio::test]
 async fn the_simulator_publishes_vllms_kv_events() {
     let (pp, rp) = (free_port(), free_port());
-    let sim = Proc::sim(&["--block-size", "32", "--kv-blocks", "64", "--max-model-len", "2048", "--enable-prompt-tokens-details",
-        "--kv-events-config", &kv_config(pp, rp)]).await;
+    let sim = Proc::sim(&[
+        "--block-size",
+        "32",
+        "--kv-blocks",
+        "64",
+        "--max-model-len",
+        "2048",
+        "--enable-prompt-tokens-details",
+        "--kv-events-config",
+        &kv_config(pp, rp),
+    ])
+    .await;
     let e = Engine { url: sim.url.clone(), model: "sim-model".into(), block_size: 32 };
     sources_show_the_config(&e, &format!("tcp://*:{pp}"), &format!("tcp://*:{rp}"), "kv-events").await;
     let mut sub = subscribe(&e).await;
@@ -224,7 +241,12 @@ async fn a_reset_cache_is_announced_and_ranks_publish_on_their_own_ports() {
     assert_eq!(v["1"]["replay_endpoint"], format!("tcp://*:{}", rp + 1));
     let e = Engine { url: sim.url.clone(), model: "sim-model".into(), block_size: 16 };
     let mut sub = subscribe(&e).await;
-    let (status, _) = post_with(&format!("{}/v1/completions", sim.url), &json!({"prompt": words("r", 40), "max_tokens": 1}), &[("X-data-parallel-rank", "0")]).await;
+    let (status, _) = post_with(
+        &format!("{}/v1/completions", sim.url),
+        &json!({"prompt": words("r", 40), "max_tokens": 1}),
+        &[("X-data-parallel-rank", "0")],
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(!sub.collect(Duration::from_millis(800)).await.is_empty());
     assert_eq!(client().post(format!("{}/reset_prefix_cache", sim.url)).send().await.unwrap().status().as_u16(), 200);

@@ -35,7 +35,10 @@ fn seed_plan_is_exact_line_by_line() {
     // Spot checks of what the plan is for (the golden file is reviewed, these say why).
     assert!(out.contains("prefill-1 headless (no HTTP server), GPUs 0,1,2,3,4,5,6,7, side channel 5608, DP 16, ranks 8-15"));
     assert!(out.contains("--data-parallel-start-rank 8 --data-parallel-address 10.0.0.1 --data-parallel-rpc-port 13345 --headless"));
-    assert!(out.contains("decode-8 http://10.0.0.4:9124, GPUs 0, side channel 6624, DP rank 8 of 16, external LB (own API server)"), "9100 + 8*3 + 0");
+    assert!(
+        out.contains("decode-8 http://10.0.0.4:9124, GPUs 0, side channel 6624, DP rank 8 of 16, external LB (own API server)"),
+        "9100 + 8*3 + 0"
+    );
     assert!(out.contains("--prefill-dp-size 16 --decode-dp-size 1 --policy round_robin --max-concurrent-requests 9216"));
 }
 
@@ -53,7 +56,9 @@ fn node_rank_prints_and_runs_one_nodes_share() {
 /// params with `port: '{PORT}'`, `_extra_params`.
 #[test]
 fn pdjob_files_are_accepted_as_they_are() {
-    let file = write("pdjob.yaml", r#"
+    let file = write(
+        "pdjob.yaml",
+        r#"
 timeout: 3600
 num_gpus: 16
 gpus_per_worker: 1
@@ -92,12 +97,16 @@ decode:
     data_parallel_size: 8
     kv_transfer_config: '{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
     _extra_params: ''
-"#);
+"#,
+    );
     let (ok, out, err) = run(&["launch", file.to_str().unwrap(), "--dry-run"]);
     assert!(ok, "{err}");
     assert!(out.contains("$ python toy_proxy_server.py --port 8021 --prefiller-hosts 127.0.0.1 --prefiller-ports 8100 --decoder-hosts 127.0.0.1 --decoder-ports 9100"), "{out}");
     assert!(out.contains("CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7' VLLM_ATTENTION_BACKEND=FLASHMLA vllm serve /path/to/your/model --host 0.0.0.0 --port 8100"), "{out}");
-    assert!(out.contains("CUDA_VISIBLE_DEVICES='8,9,10,11,12,13,14,15' VLLM_ATTENTION_BACKEND=FLASHMLA vllm serve"), "decode gets the next 8 GPUs: {out}");
+    assert!(
+        out.contains("CUDA_VISIBLE_DEVICES='8,9,10,11,12,13,14,15' VLLM_ATTENTION_BACKEND=FLASHMLA vllm serve"),
+        "decode gets the next 8 GPUs: {out}"
+    );
     assert!(out.contains(r#""kv_ip":"127.0.0.1""#), "{{KV_IP}} is the first prefill's node");
     assert!(out.contains("--trust-remote-code") && out.contains("--data-parallel-size 8"));
 }
@@ -112,15 +121,35 @@ fn bad_files_get_precise_errors() {
         (base(&format!("  replica: 2\n  params:\n{kv}"), ""), ":3:", "unknown field `replica`"),
         (base(&format!("  replicas: 0\n  params:\n{kv}"), ""), ":3:", "prefill.replicas: must be greater than 0"),
         (base(&format!("  replicas: two\n  params:\n{kv}"), ""), ":3:", "invalid type"),
-        (base(&format!("  replicas: 1\n  params:\n{kv}"), "num_gpus: 3\ngpus_per_worker: 2"), ":1:", "num_gpus: 3 is not a multiple of gpus_per_worker 2"),
+        (
+            base(&format!("  replicas: 1\n  params:\n{kv}"), "num_gpus: 3\ngpus_per_worker: 2"),
+            ":1:",
+            "num_gpus: 3 is not a multiple of gpus_per_worker 2",
+        ),
         (base("  replicas: 1\n  params:\n    model: m", ""), ":4:", "prefill.params.kv_transfer_config: is required"),
         (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{oops'", ""), ":6:", "is not valid JSON"),
-        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConector\"}'", ""), ":6:", "unknown connector: kv_connector NixlConector"),
-        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"LMCacheConnectorV1\"}'", ""), ":6:", "give scheduler.command a proxy"),
-        (base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"MooncakeConnector\"}'", ""), ":11:", "names another connector than the prefill's"),
+        (
+            base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"NixlConector\"}'", ""),
+            ":6:",
+            "unknown connector: kv_connector NixlConector",
+        ),
+        (
+            base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"LMCacheConnectorV1\"}'", ""),
+            ":6:",
+            "give scheduler.command a proxy",
+        ),
+        (
+            base("  replicas: 1\n  params:\n    model: m\n    kv_transfer_config: '{\"kv_connector\":\"MooncakeConnector\"}'", ""),
+            ":11:",
+            "names another connector than the prefill's",
+        ),
         (base(&format!("  replicas: 3\n  num_gpus: 8\n  params:\n{kv}"), "num_gpus: 16"), ":4:", "no node has 8 free GPUs"),
         (base("  replicas: 1\n  params: {model: m", ""), ":5:", "did not find expected ',' or '}'"),
-        (base(&format!("  replicas: 1\n  params:\n{kv}\n    served_model_name: ${{env:DISAGG_SURELY_UNSET}}"), ""), ":7:", "DISAGG_SURELY_UNSET is not set"),
+        (
+            base(&format!("  replicas: 1\n  params:\n{kv}\n    served_model_name: ${{env:DISAGG_SURELY_UNSET}}"), ""),
+            ":7:",
+            "DISAGG_SURELY_UNSET is not set",
+        ),
     ];
     for (text, line, msg) in cases {
         let f = write("bad.yaml", &text);
@@ -141,14 +170,20 @@ fn plan_errors_name_the_field() {
     let cases: Vec<(String, &str)> = vec![
         (file("    data_parallel_start_rank: 2", ""), "prefill.params.data_parallel_start_rank: is set by the plan"),
         (file("    data_parallel_size_local: 4", ""), "is 4, but this process runs 2 DP rank(s) locally"),
-        (file("    max_num_seqs: 8\n    _extra_params: --max_num_seqs=9", ""), "--max_num_seqs=9 is also given by prefill.params.max_num_seqs"),
+        (
+            file("    max_num_seqs: 8\n    _extra_params: --max_num_seqs=9", ""),
+            "--max_num_seqs=9 is also given by prefill.params.max_num_seqs",
+        ),
         (file("    _extra_params: --data-parallel-address 1.2.3.4", ""), "is also given by the plan"),
         (file("    seed: '{NODE_SEED}'", ""), "{NODE_SEED} has no value here"),
         (file("", "scheduler:\n  command: 'proxy --prefill $PREFILL_URL_1 --prefill $PREFILL_URL_3'"), "$PREFILL_URL_3 has no value"),
         (file("  dp_mode: hybrid", "").replace("data_parallel_size: 4", "data_parallel_size: 2"), "hybrid LB with one DP rank per node"),
         (file("    data_parallel_hybrid_lb: true\n    data_parallel_external_lb: true", ""), "one DP load-balancing mode"),
         (file("    port: eighty", ""), "eighty is not a port"),
-        (file("", "").replace(r#""NixlConnector","kv_role":"kv_producer""#, r#""MultiConnector","kv_role":"kv_producer""#), "MultiConnector needs kv_connector_extra_config.connectors"),
+        (
+            file("", "").replace(r#""NixlConnector","kv_role":"kv_producer""#, r#""MultiConnector","kv_role":"kv_producer""#),
+            "MultiConnector needs kv_connector_extra_config.connectors",
+        ),
     ];
     for (text, msg) in cases {
         let f = write("plan.yaml", &text);
@@ -204,7 +239,8 @@ impl Launch {
 
 fn sim_topology(dir_ports: (u16, u16, u16), extra: &str) -> String {
     let (p, d, r) = dir_ports;
-    format!(r#"
+    format!(
+        r#"
 timeout: 30
 working_dir: {wd}
 engine: sim
@@ -227,7 +263,11 @@ decode:
   params:
     kv_transfer_config: '{{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}}'
 {extra}
-"#, wd = std::env::temp_dir().join(format!("disagg-launch-{p}")).display(), ps = free_port_run(2), ds = free_port_run(1))
+"#,
+        wd = std::env::temp_dir().join(format!("disagg-launch-{p}")).display(),
+        ps = free_port_run(2),
+        ds = free_port_run(1)
+    )
 }
 
 fn port_free(p: u16) -> bool {
@@ -320,15 +360,34 @@ async fn a_child_dying_later_stops_the_launch() {
 fn ranktable_is_written_in_vllm_ascends_format() {
     let ips = write("device_ips.txt", "# node 0\n29.7.1.1 29.7.1.2\n29.7.2.1 29.7.2.2\n");
     let out = ips.with_file_name("ranktable.json");
-    let (ok, _, err) = run(&["ranktable", "--ips", "172.19.32.175", "172.19.123.51", "--npus-per-node", "2",
-        "--prefill-device-cnt", "2", "--decode-device-cnt", "2", "--device-ips", ips.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "ranktable",
+        "--ips",
+        "172.19.32.175",
+        "172.19.123.51",
+        "--npus-per-node",
+        "2",
+        "--prefill-device-cnt",
+        "2",
+        "--decode-device-cnt",
+        "2",
+        "--device-ips",
+        ips.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(t["server_count"], "2");
-    assert_eq!(t["decode_device_list"][0], json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"}));
-    let (ok, _, err) = run(&["ranktable", "--ips", "1.2.3.4", "--local-host", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
+    assert_eq!(
+        t["decode_device_list"][0],
+        json!({"server_id": "172.19.123.51", "device_id": "0", "device_ip": "29.7.2.1", "cluster_id": "3"})
+    );
+    let (ok, _, err) =
+        run(&["ranktable", "--ips", "1.2.3.4", "--local-host", "1.2.3.4", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
     assert!(!ok && err.contains("hccn_tool is not installed"), "{err}");
-    let (ok, _, err) = run(&["ranktable", "--ips", "10.9.9.9", "--network-card-name", "lo", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
+    let (ok, _, err) =
+        run(&["ranktable", "--ips", "10.9.9.9", "--network-card-name", "lo", "--prefill-device-cnt", "1", "--decode-device-cnt", "1"]);
     assert!(!ok && err.contains("none of this machine's addresses on lo (127.0.0.1"), "{err}");
 }
 
@@ -348,8 +407,27 @@ async fn ranktable_gathers_every_nodes_devices_and_all_nodes_write_the_same_file
         let out = dir.join(format!("ranktable-{node}.json"));
         let mut args: Vec<String> = vec!["ranktable".into(), "--ips".into()];
         args.extend(ips.iter().map(|s| s.to_string()));
-        args.extend(["--npus-per-node", "2", "--network-card-name", "lo", "--local-host", ips[node], "--prefill-device-cnt", "4",
-            "--decode-device-cnt", "4", "--master-port", &port, "--timeout", "30", "--output", out.to_str().unwrap()].map(String::from));
+        args.extend(
+            [
+                "--npus-per-node",
+                "2",
+                "--network-card-name",
+                "lo",
+                "--local-host",
+                ips[node],
+                "--prefill-device-cnt",
+                "4",
+                "--decode-device-cnt",
+                "4",
+                "--master-port",
+                &port,
+                "--timeout",
+                "30",
+                "--output",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
         let child = tokio::process::Command::new(BIN)
             .args(&args)
             .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
@@ -368,7 +446,10 @@ async fn ranktable_gathers_every_nodes_devices_and_all_nodes_write_the_same_file
     assert!(files.iter().all(|f| *f == files[0]), "the nodes wrote different files");
     let t: serde_json::Value = serde_json::from_str(&files[0]).unwrap();
     assert_eq!(t["server_count"], "4");
-    assert_eq!(t["prefill_device_list"][3], json!({"server_id": "127.0.0.2", "device_id": "1", "device_ip": "29.7.2.1", "cluster_id": "4"}));
+    assert_eq!(
+        t["prefill_device_list"][3],
+        json!({"server_id": "127.0.0.2", "device_id": "1", "device_ip": "29.7.2.1", "cluster_id": "4"})
+    );
     assert_eq!(t["decode_device_list"][0], json!({"server_id": "127.0.0.3", "device_id": "0", "device_ip": "29.7.3.0", "cluster_id": "5"}));
     assert_eq!(t["decode_device_list"][3]["device_ip"], "29.7.4.1");
 }
@@ -385,10 +466,28 @@ async fn ranktable_gather_cannot_be_stopped_or_forged_from_the_network() {
     let port = free_port_run(1);
     let node = |n: usize| {
         let out = dir.join(format!("forged-{n}.json"));
-        let args: Vec<String> = ["ranktable", "--ips", "127.0.0.1", "127.0.0.2", "--npus-per-node", "1", "--local-host", ["127.0.0.1", "127.0.0.2"][n],
-            "--prefill-device-cnt", "1", "--decode-device-cnt", "1", "--master-port", &port.to_string(), "--timeout", "30", "--output", out.to_str().unwrap()]
-            .map(String::from)
-            .to_vec();
+        let args: Vec<String> = [
+            "ranktable",
+            "--ips",
+            "127.0.0.1",
+            "127.0.0.2",
+            "--npus-per-node",
+            "1",
+            "--local-host",
+            ["127.0.0.1", "127.0.0.2"][n],
+            "--prefill-device-cnt",
+            "1",
+            "--decode-device-cnt",
+            "1",
+            "--master-port",
+            &port.to_string(),
+            "--timeout",
+            "30",
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
         tokio::process::Command::new(BIN)
             .args(&args)
             .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default()))
@@ -416,7 +515,12 @@ async fn ranktable_gather_cannot_be_stopped_or_forged_from_the_network() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "node {n}: {err}");
         if n == 0 {
-            assert!(err.contains("came from 127.0.0.3, not from that node") && err.contains("invalid utf-8") && err.contains("closed without a line"), "{err}");
+            assert!(
+                err.contains("came from 127.0.0.3, not from that node")
+                    && err.contains("invalid utf-8")
+                    && err.contains("closed without a line"),
+                "{err}"
+            );
         }
     }
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("forged-0.json")).unwrap()).unwrap();
@@ -446,7 +550,8 @@ async fn node_rank_runs_one_share_and_node_0_waits_for_the_others() {
     let (mut n1, mut n1_out, _) = start("1");
     let (mut n0, mut n0_out, n0_err) = start("0");
     assert_eq!(ready_url(&mut n1_out, Duration::from_secs(30)).await.as_deref(), Some("node 1 (1 instances healthy)"));
-    let url = ready_url(&mut n0_out, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("{}", std::fs::read_to_string(&n0_err).unwrap()));
+    let url =
+        ready_url(&mut n0_out, Duration::from_secs(30)).await.unwrap_or_else(|| panic!("{}", std::fs::read_to_string(&n0_err).unwrap()));
     assert_eq!(url, format!("http://127.0.0.1:{r}"));
     // The decode of node 1 listens on 127.0.0.2 at its base + 8 * node rank.
     let decode = format!("http://127.0.0.2:{}", d + 8);
@@ -490,14 +595,27 @@ async fn local_sim_topologies_run_mooncake_and_p2pnccl() {
         if class == "P2pNcclConnector" {
             // The engines register with the router's discovery address themselves.
             // (/healthcheck counts them; their addresses are the admin's to see.)
-            assert!(eventually(Duration::from_secs(10), || async { get(&format!("{url}/healthcheck")).await.1.contains("\"prefill_instances\":2") }).await);
+            assert!(
+                eventually(Duration::from_secs(10), || async {
+                    get(&format!("{url}/healthcheck")).await.1.contains("\"prefill_instances\":2")
+                })
+                .await
+            );
         }
         for i in 0..4 {
-            let (status, v) = post(&format!("{url}/v1/completions"), &json!({"prompt": format!("launched {class} {i}"), "max_tokens": 3, "ignore_eos": true})).await;
+            let (status, v) = post(
+                &format!("{url}/v1/completions"),
+                &json!({"prompt": format!("launched {class} {i}"), "max_tokens": 3, "ignore_eos": true}),
+            )
+            .await;
             assert_eq!(status, 200, "{class}: {v}");
         }
         assert_eq!(served(&decode).await, 4.0, "{class}");
-        assert_eq!(metric(&metrics(&decode).await, "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]), 0.0, "{class}: the KV came from the prefills");
+        assert_eq!(
+            metric(&metrics(&decode).await, "vllm:prompt_tokens_by_source_total", &[("source", "local_compute")]),
+            0.0,
+            "{class}: the KV came from the prefills"
+        );
         unsafe {
             libc::kill(launch.child.id().unwrap() as i32, libc::SIGTERM);
         }
@@ -523,7 +641,10 @@ fn vllm_plans_fill_in_what_each_connector_needs() {
     let (ok, out, err) = run(&["launch", f.to_str().unwrap(), "--dry-run"]);
     assert!(ok, "{err}");
     assert!(out.contains("--vllm-pd-disaggregation --vllm-discovery-address 127.0.0.1:30002"), "the runbook's 10002/30002: {out}");
-    assert!(out.contains(r#""kv_port":5601"#) && out.contains(r#""proxy_ip":"127.0.0.1","proxy_port":"30002","http_port":"8101""#), "{out}");
+    assert!(
+        out.contains(r#""kv_port":5601"#) && out.contains(r#""proxy_ip":"127.0.0.1","proxy_port":"30002","http_port":"8101""#),
+        "{out}"
+    );
     assert!(out.contains("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1"), "{out}");
     assert!(out.contains("P2pNcclConnector was removed from vLLM"), "the plan says which vLLM it needs: {out}");
     assert!(!out.contains("--prefill http"), "P2pNccl engines register; no URLs: {out}");
@@ -537,21 +658,30 @@ async fn a_tls_topology_launches_and_serves_https_on_both_sides() {
     let c = |f: &str| crate::tls::certs().join(f).display().to_string();
     let tls = format!(
         "tls:\n  ca_certs: {}\n  certfile: {}\n  keyfile: {}\n  cert_reqs: 2\n  client_certfile: {}\n  client_keyfile: {}\n",
-        c("ca.pem"), c("server.pem"), c("server.key"), c("client.pem"), c("client.key")
+        c("ca.pem"),
+        c("server.pem"),
+        c("server.key"),
+        c("client.pem"),
+        c("client.key")
     );
     let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
     let file = write("tls.yaml", &sim_topology((p, d, r), &tls));
     let (ok, out, err) = run(&["launch", "--dry-run", file.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(out.contains("--ssl-cert-reqs 2") && out.contains("--worker-ssl-certfile") && out.contains(&format!("https://127.0.0.1:{p}")), "{out}");
+    assert!(
+        out.contains("--ssl-cert-reqs 2") && out.contains("--worker-ssl-certfile") && out.contains(&format!("https://127.0.0.1:{p}")),
+        "{out}"
+    );
     let mut launch = Launch::start(&file).await;
     let url = launch.ready().await.unwrap_or_else(|| panic!("no ready line:\n{}", launch.stderr()));
     assert_eq!(url, format!("https://127.0.0.1:{r}"));
     let body = json!({"prompt": "launched over TLS", "max_tokens": 3});
-    let (ok, status, answer, err) = tokio::task::spawn_blocking(move || crate::tls::curl(&format!("{url}/v1/completions"), Some(&body), Some("client"))).await.unwrap();
+    let (ok, status, answer, err) =
+        tokio::task::spawn_blocking(move || crate::tls::curl(&format!("{url}/v1/completions"), Some(&body), Some("client"))).await.unwrap();
     assert!(ok && status == 200, "{status} {answer} {err}");
     // Params that set TLS beside `tls:` are refused, naming the field.
-    let twice = write("tls-twice.yaml", &sim_topology((p, d, r), &tls).replace("    model: tiny", "    model: tiny\n    ssl_keyfile: x.key"));
+    let twice =
+        write("tls-twice.yaml", &sim_topology((p, d, r), &tls).replace("    model: tiny", "    model: tiny\n    ssl_keyfile: x.key"));
     let (ok, _, err) = run(&["launch", "--dry-run", twice.to_str().unwrap()]);
     assert!(!ok && err.contains("ssl_keyfile") && err.contains("tls:"), "{err}");
     unsafe {

@@ -92,7 +92,10 @@ async fn serves(url: &str, n: usize) {
 /// still serving after `timeout` has passed.
 #[tokio::test]
 async fn pdjob_examples_launch_and_keep_serving_past_timeout() {
-    for (example, program) in [("examples/pdjob-toy-proxy.yaml", "python tests/v1/kv_connector/nixl_integration/toy_proxy_server.py"), ("examples/pdjob-vllm-router.yaml", "cargo run --release --")] {
+    for (example, program) in [
+        ("examples/pdjob-toy-proxy.yaml", "python tests/v1/kv_connector/nixl_integration/toy_proxy_server.py"),
+        ("examples/pdjob-vllm-router.yaml", "cargo run --release --"),
+    ] {
         let work = work_dir("pdjob");
         let (file, router) = localize(example, &work, None, 3);
         let text = std::fs::read_to_string(&file).unwrap().replace(program, "disagg").replace("--host 0.0.0.0", "--host 127.0.0.1");
@@ -154,7 +157,9 @@ async fn a_lost_headless_node_stops_the_launch() {
     let rpc = format!("--data-parallel-rpc-port {}", y["general"]["params"]["data_parallel_rpc_port"].as_u64().unwrap());
     let pid = std::fs::read_dir("/proc").unwrap().filter_map(Result::ok).find_map(|e| {
         let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        (cmd.contains(" sim ") && cmd.contains("--headless") && cmd.contains("--data-parallel-start-rank 2") && cmd.contains(&rpc)).then(|| e.file_name().to_string_lossy().parse::<i32>().ok()).flatten()
+        (cmd.contains(" sim ") && cmd.contains("--headless") && cmd.contains("--data-parallel-start-rank 2") && cmd.contains(&rpc))
+            .then(|| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .flatten()
     });
     let pid = pid.expect("the headless decode node's process");
     unsafe {
@@ -172,14 +177,18 @@ async fn a_lost_headless_node_stops_the_launch() {
 async fn engine_children_never_outlive_the_launch() {
     let work = work_dir("children");
     let fake = work.join("fake-engine.sh");
-    std::fs::write(&fake, r#"#!/bin/sh
+    std::fs::write(
+        &fake,
+        r#"#!/bin/sh
 # A fake engine: a child that ignores SIGTERM, then the simulator in the engine's place.
 host=127.0.0.1; port=0
 while [ $# -gt 0 ]; do case "$1" in --host) host=$2; shift;; --port) port=$2; shift;; esac; shift; done
 sh -c 'trap "" TERM; while :; do sleep 1; done' &
 echo "child $! leader $$" >> "$PIDS"
 exec "$DISAGG" sim --host "$host" --port "$port"
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let pids = work.join("pids");
     for kill_leader_first in [false, true] {
@@ -199,10 +208,13 @@ decode: {{replicas: 1, port: {d}, side_channel_port: {ds}, params: {{kv_transfer
         let mut launch = Launch::start_with(&file, &[]);
         ready(&mut launch).await;
         let text = std::fs::read_to_string(&pids).unwrap();
-        let ids: Vec<(i32, i32)> = text.lines().map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w[1].parse().unwrap(), w[3].parse().unwrap())
-        }).collect();
+        let ids: Vec<(i32, i32)> = text
+            .lines()
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w[1].parse().unwrap(), w[3].parse().unwrap())
+            })
+            .collect();
         assert_eq!(ids.len(), 2);
         if kill_leader_first {
             // The engine itself dies; its child lives on in the group.
@@ -239,11 +251,33 @@ async fn launcher_script_flags_start_the_servers_they_plan() {
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     // Base ports 1000 below free ones: the decode servers listen at base + 1000 + i.
     let (http, side) = (free_port_run(2) - 1000, free_port_run(2) - 1000);
-    let args = ["launch", "--role", "decode", "-n", "2", "--base-port", &http.to_string(), "--base-channel-port", &side.to_string(),
-        "--node-ip", "127.0.0.1", "--vllm-command", fake.to_str().unwrap(), "--log-dir", work.to_str().unwrap(), "--timeout", "30"];
+    let args = [
+        "launch",
+        "--role",
+        "decode",
+        "-n",
+        "2",
+        "--base-port",
+        &http.to_string(),
+        "--base-channel-port",
+        &side.to_string(),
+        "--node-ip",
+        "127.0.0.1",
+        "--vllm-command",
+        fake.to_str().unwrap(),
+        "--log-dir",
+        work.to_str().unwrap(),
+        "--timeout",
+        "30",
+    ];
     let (mut child, mut lines) = spawn_logged(&args, &work.join("launch.err"));
     let ready = ready_url(&mut lines, Duration::from_secs(30)).await;
-    assert_eq!(ready.as_deref(), Some("node 0 (2 instances healthy)"), "{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default());
+    assert_eq!(
+        ready.as_deref(),
+        Some("node 0 (2 instances healthy)"),
+        "{}",
+        std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()
+    );
     for i in 0..2 {
         let url = format!("http://127.0.0.1:{}", http + 1000 + i);
         assert_eq!(get(&format!("{url}/health")).await.0, 200, "{url}");

@@ -20,5 +20,5 @@ mod router_flow;
 mod router_hardening;
 mod router_policy;
 mod sim;
-mod tls;
 mod support;
+mod tls;

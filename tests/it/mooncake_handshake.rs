@@ -47,11 +47,13 @@ pub async fn cases(p: &MooncakePair) -> usize {
     // Prefill first, then decode: the prefill stops on its length cap and answers no params.
     let prompt = "Mooncake handshake: the orchard keeper pruned the trees before the first frost came";
     let (_, plain) = post(&format!("{}/v1/completions", p.plain), &p.body(prompt, 12, None)).await;
-    let (status, pre) = post(&format!("{}/v1/completions", p.prefill), &p.body(prompt, 1, Some(MooncakePair::prefill_params("xfer-hs-1")))).await;
+    let (status, pre) =
+        post(&format!("{}/v1/completions", p.prefill), &p.body(prompt, 1, Some(MooncakePair::prefill_params("xfer-hs-1")))).await;
     assert_eq!(status, 200, "{pre}");
     assert_eq!(pre["choices"][0]["finish_reason"], "length");
     assert!(pre["kv_transfer_params"].is_null(), "a Mooncake prefill answers no params: {pre}");
-    let (status, dec) = post(&format!("{}/v1/completions", p.decode), &p.body(prompt, 12, Some(p.decode_params(&engine_id, "xfer-hs-1")))).await;
+    let (status, dec) =
+        post(&format!("{}/v1/completions", p.decode), &p.body(prompt, 12, Some(p.decode_params(&engine_id, "xfer-hs-1")))).await;
     assert_eq!(status, 200, "{dec}");
     assert_eq!(text_of(&dec), text_of(&plain), "prefill then decode");
 
@@ -63,7 +65,8 @@ pub async fn cases(p: &MooncakePair) -> usize {
     let decoding = tokio::spawn(async move { post(&decode_url, &decode_body).await });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!decoding.is_finished(), "the decode waits for its prefill");
-    let (status, _) = post(&format!("{}/v1/completions", p.prefill), &p.body(prompt, 1, Some(MooncakePair::prefill_params("xfer-hs-2")))).await;
+    let (status, _) =
+        post(&format!("{}/v1/completions", p.prefill), &p.body(prompt, 1, Some(MooncakePair::prefill_params("xfer-hs-2")))).await;
     assert_eq!(status, 200);
     let (status, dec) = decoding.await.unwrap();
     assert_eq!(status, 200, "{dec}");

@@ -86,8 +86,13 @@ async fn bad_admin_calls_get_clear_errors() {
         let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{path}: not OpenAI's shape: {v}"));
         assert!(msg.contains(says), "{path}: {msg}");
     }
-    let (status, v) =
-        admin(reqwest::Method::POST, &format!("{}/workers", r.url), Some(json!({"url": "127.0.0.1:9", "role": "decode", "priority": 3})), Some(KEY)).await;
+    let (status, v) = admin(
+        reqwest::Method::POST,
+        &format!("{}/workers", r.url),
+        Some(json!({"url": "127.0.0.1:9", "role": "decode", "priority": 3})),
+        Some(KEY),
+    )
+    .await;
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("priority"), "unknown fields are named: {v}");
     assert_eq!(listed(&r.url).await["urls"].as_array().unwrap().len(), 2, "nothing was added");
@@ -108,7 +113,8 @@ async fn a_router_started_empty_serves_once_a_prefill_and_a_decode_join() {
     let (status, v) = post_admin(&format!("{}/add_worker?url={}&role=prefill", r.url, p.url)).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["worker"]["role"], "prefill");
-    let (status, v) = admin(reqwest::Method::POST, &format!("{}/workers", r.url), Some(json!({"url": d.url, "worker_type": "decode"})), Some(KEY)).await;
+    let (status, v) =
+        admin(reqwest::Method::POST, &format!("{}/workers", r.url), Some(json!({"url": d.url, "worker_type": "decode"})), Some(KEY)).await;
     assert_eq!(status, 200, "vllm-router's worker_type: {v}");
     assert!(eventually(Duration::from_secs(10), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await);
     let (_, direct) = post(&format!("{}/v1/completions", p.url), &req).await;
@@ -145,7 +151,8 @@ async fn one(router: &str, reference: &str, i: usize) -> Result<(), String> {
 
 #[tokio::test]
 async fn workers_join_drain_and_leave_under_load_and_nothing_is_lost() {
-    let p: Vec<Proc> = futures_util::future::join_all((0..2).map(|_| Proc::sim(&["--role", "prefill", "--decode-ms-per-token", "2"]))).await;
+    let p: Vec<Proc> =
+        futures_util::future::join_all((0..2).map(|_| Proc::sim(&["--role", "prefill", "--decode-ms-per-token", "2"]))).await;
     let d: Vec<Proc> = futures_util::future::join_all((0..2).map(|_| Proc::sim(&["--role", "decode", "--decode-ms-per-token", "2"]))).await;
     let reference = Proc::sim(&[]).await;
     let r = router(&["--prefill", &p[0].url, "--decode", &d[0].url, "--admin-api-key", KEY, "--policy", "round_robin"]).await;
@@ -176,11 +183,20 @@ async fn workers_join_drain_and_leave_under_load_and_nothing_is_lost() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(post_admin(&format!("{}/add_worker?url={}&role=prefill", r.url, p[1].url)).await.0, 200);
     assert_eq!(post_admin(&format!("{}/add_worker?url={}&role=decode", r.url, d[1].url)).await.0, 200);
-    assert!(eventually(Duration::from_secs(10), || { let u = d[1].url.clone(); async move { served_by(u).await > 0.0 } }).await, "a joined decode serves");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let u = d[1].url.clone();
+            async move { served_by(u).await > 0.0 }
+        })
+        .await,
+        "a joined decode serves"
+    );
     // Drain the first prefill: it takes nothing new and leaves once idle.
     let (status, v) = post_admin(&format!("{}/workers/{}/drain", r.url, enc(&p[0].url))).await;
     assert_eq!(status, 200, "{v}");
-    let gone = eventually(Duration::from_secs(10), || async { !listed(&r.url).await["urls"].as_array().unwrap().contains(&json!(p[0].url)) }).await;
+    let gone =
+        eventually(Duration::from_secs(10), || async { !listed(&r.url).await["urls"].as_array().unwrap().contains(&json!(p[0].url)) })
+            .await;
     assert!(gone, "a drained worker leaves once idle: {}", listed(&r.url).await);
     let after_drain = served(&p[0].url).await;
     // Remove the first decode outright: its in-flight requests finish on it.

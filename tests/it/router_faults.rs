@@ -35,8 +35,19 @@ async fn prefill_connect_error_retries_on_another_prefill() {
     let p2 = Proc::sim(&["--role", "prefill"]).await;
     let d = Proc::sim(&["--role", "decode"]).await;
     // Slow health checks: the dead prefill is found by a request, not by a check.
-    let r = router(&["--health-check-interval-secs", "60", "--policy", "round_robin",
-        "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url]).await;
+    let r = router(&[
+        "--health-check-interval-secs",
+        "60",
+        "--policy",
+        "round_robin",
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d.url,
+    ])
+    .await;
     p1.kill();
     p1.wait_exit(Duration::from_secs(5)).await;
     for i in 0..4 {
@@ -69,7 +80,10 @@ async fn prefill_5xx_retries_then_502_naming_the_leg() {
     let (status, v) = post(&format!("{}/v1/completions", all_bad.url), &body("x")).await;
     assert_eq!(status, 502, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(["prefill leg failed: the worker answered HTTP 500", "prefill leg failed: the worker answered HTTP 503"].contains(&msg), "no worker address, no upstream text: {msg}");
+    assert!(
+        ["prefill leg failed: the worker answered HTTP 500", "prefill leg failed: the worker answered HTTP 503"].contains(&msg),
+        "no worker address, no upstream text: {msg}"
+    );
     assert_eq!(v["error"]["type"], "BadGatewayError");
     assert_eq!(served(&d.url).await, 4.0, "no decode was sent for the failed request");
     assert_idle(&r.url).await;
@@ -81,8 +95,19 @@ async fn prefill_timeout_retries_and_cancels_the_slow_one() {
     let slow = Proc::sim(&["--role", "prefill", "--hang-after-tokens", "0"]).await;
     let ok = Proc::sim(&["--role", "prefill"]).await;
     let d = Proc::sim(&["--role", "decode"]).await;
-    let r = router(&["--request-timeout-secs", "0.5", "--policy", "round_robin",
-        "--prefill", &slow.url, "--prefill", &ok.url, "--decode", &d.url]).await;
+    let r = router(&[
+        "--request-timeout-secs",
+        "0.5",
+        "--policy",
+        "round_robin",
+        "--prefill",
+        &slow.url,
+        "--prefill",
+        &ok.url,
+        "--decode",
+        &d.url,
+    ])
+    .await;
     let t = Instant::now();
     for i in 0..2 {
         assert_eq!(post(&format!("{}/v1/completions", r.url), &body(&format!("t{i}"))).await.0, 200);
@@ -90,11 +115,13 @@ async fn prefill_timeout_retries_and_cancels_the_slow_one() {
     assert!(t.elapsed() >= Duration::from_millis(2 * 500));
     assert_eq!(leg_errors(&r.url, "prefill", "timeout").await, 2.0);
     // The slow prefill saw its request dropped: nothing runs or stays allocated there.
-    assert!(eventually(Duration::from_secs(5), || async {
-        let m = metrics(&slow.url).await;
-        metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let m = metrics(&slow.url).await;
+            metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
+        })
+        .await
+    );
     assert_idle(&r.url).await;
 }
 
@@ -126,7 +153,8 @@ async fn decode_failure_before_its_engine_retries_the_same_kv_on_another_decode(
     let bad = Proc::sim(&["--role", "decode", "--fail-rate", "1"]).await;
     let mut dead = Proc::sim(&["--role", "decode"]).await;
     let good = Proc::sim(&["--role", "decode"]).await;
-    let r = router(&["--policy", "round_robin", "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &bad.url, "--decode", &good.url]).await;
+    let r =
+        router(&["--policy", "round_robin", "--prefill", &p1.url, "--prefill", &p2.url, "--decode", &bad.url, "--decode", &good.url]).await;
     for i in 0..3 {
         let (status, v) = post(&format!("{}/v1/completions", r.url), &body(&format!("d{i}"))).await;
         assert_eq!(status, 200, "{v}");
@@ -223,10 +251,7 @@ async fn decode_silence_mid_stream_times_out_into_an_error_event() {
     assert_error_ending(&events).await;
     assert!(events[events.len() - 2].contains("no data for"));
     // The router dropped the stalled request, so the decode freed it.
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]) == 0.0
-    })
-    .await);
+    assert!(eventually(Duration::from_secs(5), || async { metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]) == 0.0 }).await);
     assert_idle(&r.url).await;
 }
 
@@ -249,11 +274,13 @@ async fn client_leaving_mid_stream_cancels_the_decode() {
     let (resp, _) = open_stream(&format!("{}/v1/completions", r.url), &sbody("bye", 3000)).await;
     assert_eq!(metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]), 1.0);
     drop(resp);
-    assert!(eventually(Duration::from_secs(5), || async {
-        let m = metrics(&d.url).await;
-        metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let m = metrics(&d.url).await;
+            metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
+        })
+        .await
+    );
     assert!(metric(&metrics(&d.url).await, "vllm:generation_tokens_total", &[]) < 3000.0);
     assert_eq!(metric(&metrics(&p.url).await, "disagg_sim_kv_blocks_held", &[]), 0.0);
     assert_idle(&r.url).await;
@@ -270,16 +297,16 @@ async fn client_leaving_during_prefill_cancels_it() {
     let prompt: String = (0..600).map(|i| format!(" w{i}")).collect();
     let url = format!("{}/v1/completions", r.url);
     let req = tokio::spawn(async move { client().post(url).json(&body(&prompt)).send().await });
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&p.url).await, "vllm:num_requests_running", &[]) == 1.0
-    })
-    .await);
+    assert!(eventually(Duration::from_secs(5), || async { metric(&metrics(&p.url).await, "vllm:num_requests_running", &[]) == 1.0 }).await);
     req.abort();
-    assert!(eventually(Duration::from_secs(5), || async {
-        let m = metrics(&p.url).await;
-        metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
-    })
-    .await, "the prefill was cancelled");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let m = metrics(&p.url).await;
+            metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:kv_cache_usage_perc", &[]) == 0.0
+        })
+        .await,
+        "the prefill was cancelled"
+    );
     assert_idle(&r.url).await;
     assert_eq!(served(&d.url).await, 0.0, "no decode leg for a request whose client left during prefill");
 }
@@ -296,10 +323,7 @@ async fn client_leaving_just_before_the_prefill_answers_strands_nothing() {
     let prompt: String = (0..80).map(|i| format!(" w{i}")).collect();
     let url = format!("{}/v1/completions", r.url);
     let req = tokio::spawn(async move { client().post(url).json(&sbody(&prompt, 20)).send().await });
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&p.url).await, "vllm:num_requests_running", &[]) == 1.0
-    })
-    .await);
+    assert!(eventually(Duration::from_secs(5), || async { metric(&metrics(&p.url).await, "vllm:num_requests_running", &[]) == 1.0 }).await);
     req.abort();
     let freed = eventually(Duration::from_secs(5), || async {
         let m = metrics(&p.url).await;
@@ -325,10 +349,10 @@ async fn client_leaving_between_legs_frees_prefill_kv_at_once() {
     let blocker = open_stream(&format!("{}/v1/completions", d.url), &sbody("blocker", 300)).await;
     let url = format!("{}/v1/completions", r.url);
     let req = tokio::spawn(async move { client().post(url).json(&sbody("between the legs", 50)).send().await });
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&d.url).await, "vllm:num_requests_waiting", &[]) == 1.0
-    })
-    .await, "the decode leg is queued behind the blocker");
+    assert!(
+        eventually(Duration::from_secs(5), || async { metric(&metrics(&d.url).await, "vllm:num_requests_waiting", &[]) == 1.0 }).await,
+        "the decode leg is queued behind the blocker"
+    );
     assert_eq!(metric(&metrics(&p.url).await, "disagg_sim_kv_requests_held", &[]), 1.0);
     req.abort();
     drop(blocker);
@@ -341,11 +365,14 @@ async fn client_leaving_between_legs_frees_prefill_kv_at_once() {
     let m = metrics(&p.url).await;
     assert_eq!(metric(&m, "disagg_sim_kv_leases_expired_total", &[]), 0.0, "not by the 60 s lease");
     assert_eq!(metric(&m, "disagg_sim_kv_transfers_total", &[("direction", "sent")]), 1.0, "by the decode's pull");
-    assert!(eventually(Duration::from_secs(5), || async {
-        let m = metrics(&d.url).await;
-        metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:num_requests_waiting", &[]) == 0.0
-    })
-    .await, "and the abandoned decode was dropped after its first output");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let m = metrics(&d.url).await;
+            metric(&m, "vllm:num_requests_running", &[]) == 0.0 && metric(&m, "vllm:num_requests_waiting", &[]) == 0.0
+        })
+        .await,
+        "and the abandoned decode was dropped after its first output"
+    );
     assert!(metric(&metrics(&d.url).await, "vllm:generation_tokens_total", &[]) < 300.0 + 50.0);
     assert_eq!(metric(&metrics(&r.url).await, "disagg_router_abandoned_decode_legs_total", &[]), 1.0);
     assert_idle(&r.url).await;
@@ -375,8 +402,19 @@ async fn permit_is_held_for_the_whole_stream() {
 async fn queue_overflow_is_429_and_queue_timeout_is_503() {
     let p = Proc::sim(&["--role", "prefill"]).await;
     let d = Proc::sim(&["--role", "decode", "--decode-ms-per-token", "20"]).await;
-    let r = router(&["--max-concurrent-requests", "1", "--queue-size", "1", "--queue-timeout-secs", "0.6",
-        "--prefill", &p.url, "--decode", &d.url]).await;
+    let r = router(&[
+        "--max-concurrent-requests",
+        "1",
+        "--queue-size",
+        "1",
+        "--queue-timeout-secs",
+        "0.6",
+        "--prefill",
+        &p.url,
+        "--decode",
+        &d.url,
+    ])
+    .await;
     let url = format!("{}/v1/completions", r.url);
     let hold = open_stream(&url, &sbody("hold", 200)).await;
     let waiting = {
@@ -449,8 +487,17 @@ async fn health_follows_workers_and_serving_starts_with_one_of_each() {
     let dport = free_port();
     let p = Proc::sim(&["--role", "prefill"]).await;
     let dead_prefill = format!("http://127.0.0.1:{}", free_port());
-    let r = router_unready(&["--health-failure-threshold", "2", "--prefill", &p.url, "--prefill", &dead_prefill,
-        "--decode", &format!("http://127.0.0.1:{dport}")]).await;
+    let r = router_unready(&[
+        "--health-failure-threshold",
+        "2",
+        "--prefill",
+        &p.url,
+        "--prefill",
+        &dead_prefill,
+        "--decode",
+        &format!("http://127.0.0.1:{dport}"),
+    ])
+    .await;
     let (status, text) = get(&format!("{}/health", r.url)).await;
     assert_eq!(status, 503);
     assert!(text.contains("no healthy decode worker (0 of 1)"), "{text}");

@@ -18,9 +18,25 @@ async fn vllm_router_command_line_works_verbatim() {
     let p = sims(2, &["--role", "prefill", "--data-parallel-size", "4"]).await;
     let d = sims(2, &["--role", "decode", "--data-parallel-size", "4"]).await;
     let r = Proc::start(&[
-        "--policy", "round_robin", "--vllm-pd-disaggregation", "--max-concurrent-requests", "9216",
-        "--prefill", &p[0].url, "--prefill", &p[1].url, "--decode", &d[0].url, "--decode", &d[1].url,
-        "--host", "127.0.0.1", "--port", "0", "--intra-node-data-parallel-size", "4",
+        "--policy",
+        "round_robin",
+        "--vllm-pd-disaggregation",
+        "--max-concurrent-requests",
+        "9216",
+        "--prefill",
+        &p[0].url,
+        "--prefill",
+        &p[1].url,
+        "--decode",
+        &d[0].url,
+        "--decode",
+        &d[1].url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--intra-node-data-parallel-size",
+        "4",
     ])
     .await;
     assert!(eventually(Duration::from_secs(10), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await);
@@ -44,8 +60,16 @@ async fn toy_proxy_flags_and_instances_shorthand_work() {
     let p = sims(2, &["--role", "prefill"]).await;
     let d = sims(1, &["--role", "decode"]).await;
     let toy = router(&[
-        "--prefiller-hosts", "127.0.0.1", "localhost", "--prefiller-ports", &p[0].port.to_string(), &p[1].port.to_string(),
-        "--decoder-host", "127.0.0.1", "--decoder-port", &d[0].port.to_string(),
+        "--prefiller-hosts",
+        "127.0.0.1",
+        "localhost",
+        "--prefiller-ports",
+        &p[0].port.to_string(),
+        &p[1].port.to_string(),
+        "--decoder-host",
+        "127.0.0.1",
+        "--decoder-port",
+        &d[0].port.to_string(),
     ])
     .await;
     let hc: Value = serde_json::from_str(&get(&format!("{}/healthcheck", toy.url)).await.1).unwrap();
@@ -89,8 +113,15 @@ async fn bad_flags_are_clear_errors() {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
     };
     assert!(ok);
-    for flag in ["--prefill-policy", "--cache-threshold", "--intra-node-data-parallel-size", "--queue-timeout-secs",
-        "--prefiller-hosts", "--health-failure-threshold", "--max-payload-size"] {
+    for flag in [
+        "--prefill-policy",
+        "--cache-threshold",
+        "--intra-node-data-parallel-size",
+        "--queue-timeout-secs",
+        "--prefiller-hosts",
+        "--health-failure-threshold",
+        "--max-payload-size",
+    ] {
         assert!(help.contains(flag), "--help documents {flag}");
     }
 }
@@ -208,11 +239,9 @@ async fn streams_are_relayed_chunk_by_chunk() {
     let d = Proc::sim(&["--role", "decode", "--decode-ms-per-token", "40"]).await;
     let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
     let t = Instant::now();
-    let (resp, first) = open_stream(
-        &format!("{}/v1/completions", r.url),
-        &json!({"prompt": "slow", "max_tokens": 15, "ignore_eos": true, "stream": true}),
-    )
-    .await;
+    let (resp, first) =
+        open_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "slow", "max_tokens": 15, "ignore_eos": true, "stream": true}))
+            .await;
     let first_at = t.elapsed();
     let events = rest_of(resp, first).await;
     let total = t.elapsed();
@@ -232,7 +261,8 @@ async fn colocated_mode_balances_workers_with_the_same_machinery() {
         let (status, _) = post(&format!("{}/v1/completions", r.url), &json!({"prompt": format!("c{i}"), "max_tokens": 2})).await;
         assert_eq!(status, 200);
     }
-    let (status, events) = post_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "s", "max_tokens": 2, "stream": true})).await;
+    let (status, events) =
+        post_stream(&format!("{}/v1/completions", r.url), &json!({"prompt": "s", "max_tokens": 2, "stream": true})).await;
     assert_eq!(status, 200);
     assert_eq!(events.last().unwrap(), "[DONE]");
     let counts = futures_util::future::join_all(w.iter().map(|s| served(&s.url))).await;
@@ -264,15 +294,23 @@ async fn models_survive_a_dead_worker_and_endpoints_answer_json() {
     let (status, v) = post(&format!("{}/v1/completions", r.url), &json!("not an object")).await;
     assert_eq!(status, 400);
     assert_eq!(v["error"]["code"], 400);
-    let raw = client().post(format!("{}/v1/completions", r.url)).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    let raw =
+        client().post(format!("{}/v1/completions", r.url)).header("content-type", "application/json").body("{oops").send().await.unwrap();
     assert_eq!(raw.status().as_u16(), 400);
     assert!(raw.json::<Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("JSON"));
     let w = workers(&r.url).await;
     assert_eq!(w["workers"].as_array().unwrap().len(), 3);
     assert_eq!(w["workers"][0]["role"], "prefill");
     let m = metrics(&r.url).await;
-    for name in ["disagg_router_requests_total", "disagg_router_errors_total", "disagg_router_leg_duration_seconds_bucket",
-        "disagg_router_in_flight", "disagg_router_queue_depth", "disagg_router_worker_healthy", "disagg_router_permits_in_use"] {
+    for name in [
+        "disagg_router_requests_total",
+        "disagg_router_errors_total",
+        "disagg_router_leg_duration_seconds_bucket",
+        "disagg_router_in_flight",
+        "disagg_router_queue_depth",
+        "disagg_router_worker_healthy",
+        "disagg_router_permits_in_use",
+    ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
     assert_eq!(metric(&m, "disagg_router_errors_total", &[("cause", "bad_request")]), 2.0);
@@ -317,7 +355,12 @@ async fn worker_threads_sets_the_serving_threads() {
             let url = url.clone();
             async move {
                 let client = reqwest::Client::new();
-                client.post(&url).json(&json!({"prompt": format!("threads {i}"), "max_tokens": 2})).send().await.map(|r| r.status().as_u16())
+                client
+                    .post(&url)
+                    .json(&json!({"prompt": format!("threads {i}"), "max_tokens": 2}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
             }
         }))
         .await;

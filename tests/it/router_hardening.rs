@@ -52,7 +52,11 @@ async fn a_client_cannot_point_the_decode_at_any_host() {
     assert!(prefill.requests("/v1/completions").iter().all(|s| !String::from_utf8_lossy(&s.body).contains(&port.to_string())));
     // The exact bodies: no transfer params of the client's on either leg.
     let cap = router(&["--prefill", &purl, "--decode", &durl]).await;
-    let (status, _) = post(&format!("{}/v1/completions", cap.url), &json!({"prompt": "p", "kv_transfer_params": evil, "vllm_xargs": {"kv_transfer_params": 1, "k": 2}})).await;
+    let (status, _) = post(
+        &format!("{}/v1/completions", cap.url),
+        &json!({"prompt": "p", "kv_transfer_params": evil, "vllm_xargs": {"kv_transfer_params": 1, "k": 2}}),
+    )
+    .await;
     assert_eq!(status, 200);
     let leg: Value = serde_json::from_slice(&decode.requests("/v1/completions")[0].body).unwrap();
     assert!(leg.get("kv_transfer_params").is_none(), "{leg}");
@@ -90,7 +94,10 @@ async fn decode_only_fields_are_refused_before_any_prefill() {
         assert_eq!(got.0, 400, "{b}");
     }
     let chat = json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0, "max_tokens": 5});
-    assert_eq!(post(&format!("{}/v1/chat/completions", r.url), &chat).await, post(&format!("{}/v1/chat/completions", plain.url), &chat).await);
+    assert_eq!(
+        post(&format!("{}/v1/chat/completions", r.url), &chat).await,
+        post(&format!("{}/v1/chat/completions", plain.url), &chat).await
+    );
     assert_eq!(metric(&metrics(&p.url).await, "vllm:prompt_tokens_total", &[]), 0.0, "no prefill ran");
     assert_eq!(metric(&metrics(&p.url).await, "disagg_sim_kv_blocks_held", &[]), 0.0);
     assert_idle(&r.url).await;
@@ -103,13 +110,30 @@ async fn decode_only_fields_are_refused_before_any_prefill() {
 async fn slow_clients_hold_no_permit_and_idle_connections_close() {
     let p = Proc::sim(&["--role", "prefill"]).await;
     let d = Proc::sim(&["--role", "decode"]).await;
-    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--max-concurrent-requests", "2", "--queue-size", "0",
-        "--body-read-timeout-secs", "2", "--header-read-timeout-secs", "1", "--keep-alive-timeout-secs", "1"]).await;
+    let r = router(&[
+        "--prefill",
+        &p.url,
+        "--decode",
+        &d.url,
+        "--max-concurrent-requests",
+        "2",
+        "--queue-size",
+        "0",
+        "--body-read-timeout-secs",
+        "2",
+        "--header-read-timeout-secs",
+        "1",
+        "--keep-alive-timeout-secs",
+        "1",
+    ])
+    .await;
     let addr = addr_of(&r.url);
     let mut slow = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(&addr).await.unwrap();
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{").await.unwrap();
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+            .await
+            .unwrap();
         slow.push(s);
     }
     let drip = async {
@@ -176,8 +200,19 @@ async fn slow_clients_hold_no_permit_and_idle_connections_close() {
 async fn cache_aware_memory_is_bounded_by_construction() {
     let p = Proc::sim(&["--role", "prefill", "--max-model-len", "100000000", "--kv-blocks", "8000000"]).await;
     let d = Proc::sim(&["--role", "decode", "--max-model-len", "100000000", "--kv-blocks", "8000000"]).await;
-    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--policy", "cache_aware", "--cache-aware-max-prefix", "256",
-        "--max-payload-size", "67108864"]).await;
+    let r = router(&[
+        "--prefill",
+        &p.url,
+        "--decode",
+        &d.url,
+        "--policy",
+        "cache_aware",
+        "--cache-aware-max-prefix",
+        "256",
+        "--max-payload-size",
+        "67108864",
+    ])
+    .await;
     let big: String = (0..1_500_000).map(|i| format!("w{} ", i % 997)).collect();
     let url = format!("{}/v1/completions", r.url);
     let bigs = (0..2).map(|k| {
@@ -211,9 +246,25 @@ async fn a_hung_worker_is_ejected_and_probed() {
     let p = Proc::sim(&["--role", "prefill"]).await;
     let hung = Proc::sim(&["--role", "decode", "--hang-after-tokens", "0"]).await;
     let good = Proc::sim(&["--role", "decode"]).await;
-    let r = router(&["--prefill", &p.url, "--decode", &hung.url, "--decode", &good.url, "--policy", "round_robin",
-        "--decode-first-byte-timeout-secs", "0.4", "--request-timeout-secs", "0.4", "--cb-failure-threshold", "2",
-        "--cb-timeout-duration-secs", "2"]).await;
+    let r = router(&[
+        "--prefill",
+        &p.url,
+        "--decode",
+        &hung.url,
+        "--decode",
+        &good.url,
+        "--policy",
+        "round_robin",
+        "--decode-first-byte-timeout-secs",
+        "0.4",
+        "--request-timeout-secs",
+        "0.4",
+        "--cb-failure-threshold",
+        "2",
+        "--cb-timeout-duration-secs",
+        "2",
+    ])
+    .await;
     let url = format!("{}/v1/completions", r.url);
     let send = |i: usize| {
         let url = url.clone();
@@ -286,8 +337,20 @@ async fn client_admin_and_worker_keys_are_separate() {
     let dir = std::env::temp_dir().join(format!("disagg-keys-{}", std::process::id()));
     std::fs::write(&dir, "# client keys\nfile-key\n\n").unwrap();
     let r = router_with_env(
-        &["--prefill", &purl, "--decode", &durl, "--client-api-key", "flag-key", "--client-api-key-file", dir.to_str().unwrap(),
-          "--admin-api-key", "adm", "--api-key", "worker-key"],
+        &[
+            "--prefill",
+            &purl,
+            "--decode",
+            &durl,
+            "--client-api-key",
+            "flag-key",
+            "--client-api-key-file",
+            dir.to_str().unwrap(),
+            "--admin-api-key",
+            "adm",
+            "--api-key",
+            "worker-key",
+        ],
         &[("DISAGG_CLIENT_API_KEYS", "env-key, other")],
     )
     .await;
@@ -302,7 +365,10 @@ async fn client_admin_and_worker_keys_are_separate() {
     for key in ["flag-key", "file-key", "env-key", "other"] {
         assert_eq!(post_with(&url, &body, &[("Authorization", &format!("Bearer {key}"))]).await.0, 200, "{key}");
     }
-    assert!(prefill.requests("/v1/completions").iter().all(|s| s.headers["authorization"] == "Bearer worker-key"), "the client's key stays with the router");
+    assert!(
+        prefill.requests("/v1/completions").iter().all(|s| s.headers["authorization"] == "Bearer worker-key"),
+        "the client's key stays with the router"
+    );
     assert_eq!(get(&format!("{}/v1/models", r.url)).await.0, 401);
     assert_eq!(get(&format!("{}/health", r.url)).await.0, 200);
     for path in ["/workers", "/metrics"] {
@@ -435,10 +501,8 @@ async fn a_non_streamed_decode_stops_when_its_client_leaves() {
     })
     .await;
     assert!(dropped, "the decode leg was not dropped");
-    let stopped = eventually(Duration::from_secs(4), || async {
-        metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]) == 0.0
-    })
-    .await;
+    let stopped =
+        eventually(Duration::from_secs(4), || async { metric(&metrics(&d.url).await, "vllm:num_requests_running", &[]) == 0.0 }).await;
     assert!(stopped, "the decode still runs the abandoned request");
     let generated = metric(&metrics(&d.url).await, "vllm:generation_tokens_total", &[]);
     assert!(generated < 250.0, "the decode generated {generated} of 500 tokens for nobody");

@@ -76,18 +76,24 @@ async fn random_spreads_over_every_worker() {
 #[tokio::test]
 async fn power_of_two_does_not_herd_a_burst() {
     let p = Proc::sim(&["--role", "prefill"]).await;
-    let d: Vec<Proc> = futures_util::future::join_all((0..3).map(|_| Proc::sim(&["--role", "decode", "--decode-ms-per-token", "50"]))).await;
+    let d: Vec<Proc> =
+        futures_util::future::join_all((0..3).map(|_| Proc::sim(&["--role", "decode", "--decode-ms-per-token", "50"]))).await;
     let mut args = vec!["--policy", "power_of_two", "--prefill", p.url.as_str()];
     for s in &d {
         args.extend(["--decode", s.url.as_str()]);
     }
     let r = router(&args).await;
     let url = format!("{}/v1/completions", r.url);
-    let streams = futures_util::future::join_all((0..30).map(|i| {
-        let url = url.clone();
-        async move { open_stream(&url, &json!({"prompt": format!("b{i}"), "max_tokens": 400, "ignore_eos": true, "stream": true})).await }
-    }))
-    .await;
+    let streams =
+        futures_util::future::join_all(
+            (0..30).map(|i| {
+                let url = url.clone();
+                async move {
+                    open_stream(&url, &json!({"prompt": format!("b{i}"), "max_tokens": 400, "ignore_eos": true, "stream": true})).await
+                }
+            }),
+        )
+        .await;
     let loads = futures_util::future::join_all(d.iter().map(|s| in_flight(&r.url, &s.url))).await;
     assert_eq!(loads.iter().sum::<u64>(), 30);
     let gap = loads.iter().max().unwrap() - loads.iter().min().unwrap();
@@ -170,10 +176,21 @@ async fn cache_aware_follows_shared_prefixes_and_spreads_new_ones() {
 #[tokio::test]
 async fn cache_aware_yields_to_load_when_imbalanced() {
     let p = Proc::sim(&["--role", "prefill"]).await;
-    let d: Vec<Proc> = futures_util::future::join_all((0..2).map(|_| Proc::sim(&["--role", "decode", "--decode-ms-per-token", "50"]))).await;
+    let d: Vec<Proc> =
+        futures_util::future::join_all((0..2).map(|_| Proc::sim(&["--role", "decode", "--decode-ms-per-token", "50"]))).await;
     let r = router(&[
-        "--policy", "cache_aware", "--balance-abs-threshold", "2", "--balance-rel-threshold", "1.0",
-        "--prefill", &p.url, "--decode", &d[0].url, "--decode", &d[1].url,
+        "--policy",
+        "cache_aware",
+        "--balance-abs-threshold",
+        "2",
+        "--balance-rel-threshold",
+        "1.0",
+        "--prefill",
+        &p.url,
+        "--decode",
+        &d[0].url,
+        "--decode",
+        &d[1].url,
     ])
     .await;
     let url = format!("{}/v1/completions", r.url);
@@ -181,7 +198,9 @@ async fn cache_aware_yields_to_load_when_imbalanced() {
     // Sequential long streams with one prefix stack up on one decode ...
     let mut held = Vec::new();
     for i in 0..3 {
-        held.push(open_stream(&url, &json!({"prompt": format!("{prefix}{i}"), "max_tokens": 400, "ignore_eos": true, "stream": true})).await);
+        held.push(
+            open_stream(&url, &json!({"prompt": format!("{prefix}{i}"), "max_tokens": 400, "ignore_eos": true, "stream": true})).await,
+        );
     }
     let loads = futures_util::future::join_all(d.iter().map(|s| in_flight(&r.url, &s.url))).await;
     assert_eq!(loads.iter().copied().max(), Some(3), "the prefix is followed while balanced: {loads:?}");
@@ -202,11 +221,8 @@ async fn dp_ranks_are_picked_by_load_and_sent_as_a_header() {
         assert_eq!(send(&r.url, &format!("dp{i}"), &[], json!({})).await, 200);
     }
     for (_, c) in p.iter().chain(&d) {
-        let ranks: Vec<String> = c
-            .requests("/v1/completions")
-            .iter()
-            .map(|s| s.headers["x-data-parallel-rank"].to_str().unwrap().to_string())
-            .collect();
+        let ranks: Vec<String> =
+            c.requests("/v1/completions").iter().map(|s| s.headers["x-data-parallel-rank"].to_str().unwrap().to_string()).collect();
         let mut counts: HashMap<String, usize> = HashMap::new();
         for r in &ranks {
             *counts.entry(r.clone()).or_default() += 1;

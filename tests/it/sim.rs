@@ -276,16 +276,13 @@ async fn decode_aborted_before_pulling_frees_the_prefills_blocks() {
     decode["kv_transfer_params"] = prefill["kv_transfer_params"].clone();
     let url = format!("{}/v1/completions", d.url);
     let queued = tokio::spawn(async move { client().post(url).json(&decode).send().await });
-    let waiting = eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&d.url).await, "vllm:num_requests_waiting", &[]) == 1.0
-    })
-    .await;
+    let waiting =
+        eventually(Duration::from_secs(5), || async { metric(&metrics(&d.url).await, "vllm:num_requests_waiting", &[]) == 1.0 }).await;
     assert!(waiting, "the decode request is queued");
     queued.abort(); // the client goes away before the decode pulled
     let freed = eventually(Duration::from_secs(5), || async {
         let m = metrics(&p.url).await;
-        metric(&m, "disagg_sim_kv_freed_by_decode_abort_total", &[]) == 1.0
-            && metric(&m, "disagg_sim_kv_blocks_held", &[]) == 0.0
+        metric(&m, "disagg_sim_kv_freed_by_decode_abort_total", &[]) == 1.0 && metric(&m, "disagg_sim_kv_blocks_held", &[]) == 0.0
     })
     .await;
     assert!(freed, "the prefill freed the blocks at once:\n{}", metrics(&p.url).await);
@@ -418,10 +415,7 @@ async fn hang_after_tokens_stalls_the_stream_and_holds_kv() {
     assert_eq!(got.matches("data: ").count(), 2, "two tokens, then nothing: {got}");
     assert!(metric(&metrics(&s.url).await, "vllm:kv_cache_usage_perc", &[]) > 0.0);
     drop(body);
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&metrics(&s.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0
-    })
-    .await);
+    assert!(eventually(Duration::from_secs(5), || async { metric(&metrics(&s.url).await, "vllm:kv_cache_usage_perc", &[]) == 0.0 }).await);
 }
 
 #[tokio::test]
@@ -474,8 +468,15 @@ async fn bad_input_gets_vllm_style_400s_and_unknown_fields_are_ignored() {
             (status, r.json::<Value>().await.unwrap())
         }
     };
-    for body in ["{bad json", "[1,2]", r#"{"prompt":"x","max_tokens":"abc"}"#, r#"{"prompt":"x","max_tokens":-1}"#,
-        r#"{"prompt":"x","stop":5}"#, r#"{"prompt":"x","max_tokens":1000}"#, r#"{"max_tokens":3}"#] {
+    for body in [
+        "{bad json",
+        "[1,2]",
+        r#"{"prompt":"x","max_tokens":"abc"}"#,
+        r#"{"prompt":"x","max_tokens":-1}"#,
+        r#"{"prompt":"x","stop":5}"#,
+        r#"{"prompt":"x","max_tokens":1000}"#,
+        r#"{"max_tokens":3}"#,
+    ] {
         let (status, err) = raw(body).await;
         assert_eq!(status, 400, "{body}: {err}");
         assert_eq!(err["error"]["code"], 400, "{body}");

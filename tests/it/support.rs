@@ -135,7 +135,11 @@ impl Drop for Proc {
 
 pub fn client() -> reqwest::Client {
     // Idle connections reused only under 4 s: the simulator and vLLM close them at 5 s.
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .build()
+        .unwrap()
 }
 
 /// POSTs JSON; returns the status and the body parsed as JSON (Null if it is not JSON).
@@ -304,7 +308,11 @@ pub async fn assert_idle_as(router: &str, admin_key: Option<&str>) {
         let w = workers_as(router, admin_key).await;
         w["permits_in_use"] == 0
             && w["queued"] == 0
-            && w["workers"].as_array().unwrap().iter().all(|w| w["in_flight"] == 0 && w["ranks_queued_blocks"].as_array().is_none_or(|q| q.iter().all(|b| b == 0)))
+            && w["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["in_flight"] == 0 && w["ranks_queued_blocks"].as_array().is_none_or(|q| q.iter().all(|b| b == 0)))
     })
     .await;
     assert!(idle, "router not idle: {}", workers_as(router, admin_key).await);
@@ -313,12 +321,7 @@ pub async fn assert_idle_as(router: &str, admin_key: Option<&str>) {
 /// A worker's in-flight count as the router sees it.
 pub async fn in_flight(router: &str, worker_url: &str) -> u64 {
     let w = workers(router).await;
-    w["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["url"] == worker_url)
-        .map_or(0, |w| w["in_flight"].as_u64().unwrap())
+    w["workers"].as_array().unwrap().iter().find(|w| w["url"] == worker_url).map_or(0, |w| w["in_flight"].as_u64().unwrap())
 }
 
 /// Requests a sim has completed (all DP engines).
@@ -340,10 +343,7 @@ pub async fn rest_of(mut resp: reqwest::Response, first: Vec<u8>) -> Vec<String>
     while let Ok(Some(c)) = resp.chunk().await {
         raw.extend_from_slice(&c);
     }
-    String::from_utf8_lossy(&raw)
-        .split("\n\n")
-        .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned))
-        .collect()
+    String::from_utf8_lossy(&raw).split("\n\n").filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_owned)).collect()
 }
 
 /// For test binaries that must run inside a loopback-only network namespace (real vLLM,
@@ -366,7 +366,10 @@ pub fn reexec_in_netns() -> Option<std::process::ExitCode> {
 
 /// Reads `KEY=value` lines printed by one of the project's env scripts.
 pub fn script_var(script: &str, key: &str) -> String {
-    let out = std::process::Command::new(format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"))).arg("--print").output().expect("run env script");
+    let out = std::process::Command::new(format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR")))
+        .arg("--print")
+        .output()
+        .expect("run env script");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
@@ -376,13 +379,8 @@ pub fn script_var(script: &str, key: &str) -> String {
 /// `disagg ARGS` in the background (a launch), its stderr written to `err`: the child and
 /// its stdout's lines (see `ready_url`).
 pub fn spawn_logged(args: &[&str], err: &std::path::Path) -> (Child, tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(err).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(std::fs::File::create(err).unwrap()).kill_on_drop(true).spawn().unwrap();
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     (child, lines)
 }

@@ -31,9 +31,18 @@ fn file(name: &str) -> String {
 
 /// `vllm serve`'s flags for a server certificate that requires client certificates.
 fn serving(cert: &str, reqs: &str) -> Vec<String> {
-    ["--ssl-keyfile", &file(&format!("{cert}.key")), "--ssl-certfile", &file(&format!("{cert}.pem")), "--ssl-ca-certs", &file("ca.pem"), "--ssl-cert-reqs", reqs]
-        .map(String::from)
-        .to_vec()
+    [
+        "--ssl-keyfile",
+        &file(&format!("{cert}.key")),
+        "--ssl-certfile",
+        &file(&format!("{cert}.pem")),
+        "--ssl-ca-certs",
+        &file("ca.pem"),
+        "--ssl-cert-reqs",
+        reqs,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// curl over https with the test CA (and a client certificate): (exit ok, status, body, stderr).
@@ -77,7 +86,17 @@ async fn https_and_mtls_on_both_sides_equal_plain_http() {
     assert!(p.url.starts_with("https://127.0.0.1:"), "{}", p.banner);
     let mut args: Vec<String> = vec!["--prefill".into(), p.url.clone(), "--decode".into(), d.url.clone()];
     args.extend(serving("server", "2"));
-    args.extend(["--worker-ssl-ca-certs", &file("ca.pem"), "--worker-ssl-certfile", &file("client.pem"), "--worker-ssl-keyfile", &file("client.key")].map(String::from));
+    args.extend(
+        [
+            "--worker-ssl-ca-certs",
+            &file("ca.pem"),
+            "--worker-ssl-certfile",
+            &file("client.pem"),
+            "--worker-ssl-keyfile",
+            &file("client.key"),
+        ]
+        .map(String::from),
+    );
     let r = router_unready(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert!(r.url.starts_with("https://"), "{}", r.banner);
     assert!(healthy_over_tls(&r.url).await, "{}", r.log_text());
@@ -112,12 +131,22 @@ async fn https_and_mtls_on_both_sides_equal_plain_http() {
 #[tokio::test]
 async fn worker_certificates_that_do_not_verify_are_clear_errors() {
     let expired = Proc::sim(&["--role", "prefill", "--ssl-keyfile", &file("expired.key"), "--ssl-certfile", &file("expired.pem")]).await;
-    let d = Proc::sim(&{
-        let mut a = vec!["--role".to_string(), "decode".to_string()];
-        a.extend(serving("server", "2"));
-        a
-    }.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let cases = [(file("ca.pem"), "certificate expired", &expired.url), (file("other-ca.pem"), "UnknownIssuer", &d.url), (file("ca.pem"), "CertificateRequired", &d.url)];
+    let d = Proc::sim(
+        &{
+            let mut a = vec!["--role".to_string(), "decode".to_string()];
+            a.extend(serving("server", "2"));
+            a
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    )
+    .await;
+    let cases = [
+        (file("ca.pem"), "certificate expired", &expired.url),
+        (file("other-ca.pem"), "UnknownIssuer", &d.url),
+        (file("ca.pem"), "CertificateRequired", &d.url),
+    ];
     for (ca, says, worker) in cases {
         let args = ["--prefill", worker.as_str(), "--decode", worker.as_str(), "--worker-ssl-ca-certs", ca.as_str()];
         let r = router_unready(&args).await;
@@ -139,22 +168,47 @@ async fn the_listeners_certificate_reloads_when_its_files_change() {
     }
     let (p, d) = (Proc::sim(&["--role", "prefill"]).await, Proc::sim(&["--role", "decode"]).await);
     let (key, cert) = (dir.join("server.key"), dir.join("server.pem"));
-    let r = router_unready(&["--prefill", &p.url, "--decode", &d.url, "--ssl-keyfile", key.to_str().unwrap(), "--ssl-certfile", cert.to_str().unwrap()]).await;
+    let r = router_unready(&[
+        "--prefill",
+        &p.url,
+        "--decode",
+        &d.url,
+        "--ssl-keyfile",
+        key.to_str().unwrap(),
+        "--ssl-certfile",
+        cert.to_str().unwrap(),
+    ])
+    .await;
     let served_serial = |port: u16| {
         let s_client = Command::new("sh")
             .arg("-c")
-            .arg(format!("echo | openssl s_client -connect 127.0.0.1:{port} -CAfile {} 2>/dev/null | openssl x509 -noout -serial", file("ca.pem")))
+            .arg(format!(
+                "echo | openssl s_client -connect 127.0.0.1:{port} -CAfile {} 2>/dev/null | openssl x509 -noout -serial",
+                file("ca.pem")
+            ))
             .output()
             .unwrap();
         String::from_utf8_lossy(&s_client.stdout).trim().to_string()
     };
-    let serial_of = |f: &str| String::from_utf8_lossy(&Command::new("openssl").args(["x509", "-noout", "-serial", "-in", &file(f)]).output().unwrap().stdout).trim().to_string();
+    let serial_of = |f: &str| {
+        String::from_utf8_lossy(&Command::new("openssl").args(["x509", "-noout", "-serial", "-in", &file(f)]).output().unwrap().stdout)
+            .trim()
+            .to_string()
+    };
     assert_eq!(served_serial(r.port), serial_of("server.pem"));
     std::fs::copy(certs().join("server2.key"), &key).unwrap();
     std::fs::copy(certs().join("server2.pem"), &cert).unwrap();
     let port = r.port;
     let want = serial_of("server2.pem");
-    assert!(eventually(Duration::from_secs(10), || { let w = want.clone(); async move { served_serial(port) == w } }).await, "{}", r.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let w = want.clone();
+            async move { served_serial(port) == w }
+        })
+        .await,
+        "{}",
+        r.log_text()
+    );
     assert!(r.log_text().contains("reloaded"));
 }
 

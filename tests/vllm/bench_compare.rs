@@ -32,10 +32,35 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
         .collect();
     std::fs::write(&data, serde_json::to_string(&convs).unwrap()).unwrap();
     let common = |url: &str, out: &PathBuf| -> Vec<String> {
-        ["--backend", "vllm", "--base-url", url, "--model", "tiny-llama", "--tokenizer", &model, "--dataset-name", "sharegpt",
-         "--dataset-path", data.to_str().unwrap(), "--num-prompts", "32", "--max-concurrency", "4", "--ignore-eos", "--disable-shuffle",
-         "--num-warmups", "8", "--save-result", "--result-filename", out.to_str().unwrap(), "--disable-tqdm"]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "--backend",
+            "vllm",
+            "--base-url",
+            url,
+            "--model",
+            "tiny-llama",
+            "--tokenizer",
+            &model,
+            "--dataset-name",
+            "sharegpt",
+            "--dataset-path",
+            data.to_str().unwrap(),
+            "--num-prompts",
+            "32",
+            "--max-concurrency",
+            "4",
+            "--ignore-eos",
+            "--disable-shuffle",
+            "--num-warmups",
+            "8",
+            "--save-result",
+            "--result-filename",
+            out.to_str().unwrap(),
+            "--disable-tqdm",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let targets = [("plain", e.plain.url.clone()), ("router-1p1d", e.router.url.clone())];
     let read = |p: &PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
@@ -57,7 +82,12 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
                 .output()
                 .await
                 .unwrap();
-            assert!(out.status.success(), "vllm bench serve: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "vllm bench serve: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
             theirs.push(read(&t));
         }
         for (a, b) in ours.iter().zip(&theirs) {
@@ -68,10 +98,17 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
         }
         let best = |runs: &[Value], k: &str| runs.iter().map(|r| f(r, k)).fold(f64::INFINITY, f64::min);
         let all = |runs: &[Value], k: &str| runs.iter().map(|r| format!("{:.2}", f(r, k))).collect::<Vec<_>>().join("/");
-        let (ta, tb, pa, pb) = (best(&ours, "mean_ttft_ms"), best(&theirs, "mean_ttft_ms"), best(&ours, "mean_tpot_ms"), best(&theirs, "mean_tpot_ms"));
-        println!("      {name}: 32 requests, {} in / {} out tokens on both; mean TTFT disagg {} ms vs vllm {} ms, mean TPOT {} vs {} ms",
-            ours[0]["total_input_tokens"], ours[0]["total_output_tokens"],
-            all(&ours, "mean_ttft_ms"), all(&theirs, "mean_ttft_ms"), all(&ours, "mean_tpot_ms"), all(&theirs, "mean_tpot_ms"));
+        let (ta, tb, pa, pb) =
+            (best(&ours, "mean_ttft_ms"), best(&theirs, "mean_ttft_ms"), best(&ours, "mean_tpot_ms"), best(&theirs, "mean_tpot_ms"));
+        println!(
+            "      {name}: 32 requests, {} in / {} out tokens on both; mean TTFT disagg {} ms vs vllm {} ms, mean TPOT {} vs {} ms",
+            ours[0]["total_input_tokens"],
+            ours[0]["total_output_tokens"],
+            all(&ours, "mean_ttft_ms"),
+            all(&theirs, "mean_ttft_ms"),
+            all(&ours, "mean_tpot_ms"),
+            all(&theirs, "mean_tpot_ms")
+        );
         assert!((ta - tb).abs() <= (0.35 * ta.max(tb)).max(5.0), "{name}: best mean TTFT {ta} vs {tb}");
         assert!((pa - pb).abs() <= (0.25 * pa.max(pb)).max(1.0), "{name}: best mean TPOT {pa} vs {pb}");
     }
@@ -91,28 +128,63 @@ pub async fn timed_trace_agrees_with_vllm(e: &mut Env) {
     let records: Vec<Value> = source
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["hash_ids"].as_array().unwrap().len() * 16 + (r["output_length"].as_u64().unwrap() as usize) < 1900 && r["output_length"].as_u64().unwrap() <= 160)
+        .filter(|r| {
+            r["hash_ids"].as_array().unwrap().len() * 16 + (r["output_length"].as_u64().unwrap() as usize) < 1900
+                && r["output_length"].as_u64().unwrap() <= 160
+        })
         .take(24)
         .collect();
     assert_eq!(records.len(), 24);
     let t0 = records[0]["timestamp"].as_f64().unwrap();
     let data = dir.join("trace.jsonl");
-    let lines: Vec<String> = records.iter().map(|r| {
-        let mut r = r.clone();
-        r["timestamp"] = json!(r["timestamp"].as_f64().unwrap() - t0);
-        r.to_string()
-    }).collect();
+    let lines: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["timestamp"] = json!(r["timestamp"].as_f64().unwrap() - t0);
+            r.to_string()
+        })
+        .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let args = |out: &PathBuf| -> Vec<String> {
-        ["--backend", "vllm", "--base-url", &e.plain.url, "--model", "tiny-llama", "--tokenizer", &model, "--dataset-name", "timed_trace",
-         "--dataset-path", data.to_str().unwrap(), "--timed-trace-chunk-hash-size", "16", "--timed-trace-sec-multiplier", "0.0001",
-         "--num-prompts", "24", "--save-result", "--result-filename", out.to_str().unwrap(), "--disable-tqdm"]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "--backend",
+            "vllm",
+            "--base-url",
+            &e.plain.url,
+            "--model",
+            "tiny-llama",
+            "--tokenizer",
+            &model,
+            "--dataset-name",
+            "timed_trace",
+            "--dataset-path",
+            data.to_str().unwrap(),
+            "--timed-trace-chunk-hash-size",
+            "16",
+            "--timed-trace-sec-multiplier",
+            "0.0001",
+            "--num-prompts",
+            "24",
+            "--save-result",
+            "--result-filename",
+            out.to_str().unwrap(),
+            "--disable-tqdm",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let (o, t) = (dir.join("trace-disagg.json"), dir.join("trace-vllm.json"));
     let out = tokio::process::Command::new(BIN).arg("bench").args(args(&o)).output().await.unwrap();
     assert!(out.status.success(), "disagg bench: {}", String::from_utf8_lossy(&out.stderr));
-    let out = tokio::process::Command::new(format!("{venv}/bin/vllm")).args(["bench", "serve"]).args(args(&t)).env("HF_HUB_OFFLINE", "1").output().await.unwrap();
+    let out = tokio::process::Command::new(format!("{venv}/bin/vllm"))
+        .args(["bench", "serve"])
+        .args(args(&t))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success(), "vllm bench serve: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let read = |p: &PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let (ours, theirs) = (read(&o), read(&t));
@@ -120,7 +192,13 @@ pub async fn timed_trace_agrees_with_vllm(e: &mut Env) {
         assert_eq!(ours[k], theirs[k], "timed_trace: {k} (disagg {} vs vllm {})", ours[k], theirs[k]);
     }
     assert_eq!(ours["completed"], 24);
-    let want_in: u64 = records.iter().map(|r| (r["hash_ids"].as_array().unwrap().len() * 16).min(r["input_length"].as_u64().unwrap() as usize) as u64).sum();
+    let want_in: u64 = records
+        .iter()
+        .map(|r| (r["hash_ids"].as_array().unwrap().len() * 16).min(r["input_length"].as_u64().unwrap() as usize) as u64)
+        .sum();
     assert_eq!(ours["total_input_tokens"], want_in, "16 tokens per hash id while input_length lasts");
-    println!("      timed_trace: 24 trace records, {} in / {} out tokens on both tools", ours["total_input_tokens"], ours["total_output_tokens"]);
+    println!(
+        "      timed_trace: 24 trace records, {} in / {} out tokens on both tools",
+        ours["total_input_tokens"], ours["total_output_tokens"]
+    );
 }

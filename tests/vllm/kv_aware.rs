@@ -20,10 +20,14 @@ const DOCS: usize = 7;
 const QUESTIONS: usize = 4;
 
 fn events(port: u16) -> String {
-    format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{port}","replay_endpoint":"tcp://*:{}","topic":"kv-events"}}"#, port + 1)
+    format!(
+        r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{port}","replay_endpoint":"tcp://*:{}","topic":"kv-events"}}"#,
+        port + 1
+    )
 }
 
-const WORDS: [&str; 12] = ["harbour", "lantern", "granite", "meadow", "copper", "willow", "signal", "orchard", "timber", "beacon", "pebble", "thistle"];
+const WORDS: [&str; 12] =
+    ["harbour", "lantern", "granite", "meadow", "copper", "willow", "signal", "orchard", "timber", "beacon", "pebble", "thistle"];
 
 /// A shared document of about 150 tokens (a full 128-token block and some).
 fn document(run: &str, d: usize) -> String {
@@ -60,7 +64,12 @@ async fn hit_rate(policy: &str, prefills: &[&str], decode: &str, model: &str) ->
     if policy == "kv_aware" {
         let url = r.url.clone();
         let subscribed = eventually(Duration::from_secs(20), || async {
-            workers(&url).await["workers"].as_array().unwrap().iter().filter(|w| w["role"] == "prefill").all(|w| w["kv_events"].as_array().is_some_and(|a| !a.is_empty()))
+            workers(&url).await["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["role"] == "prefill")
+                .all(|w| w["kv_events"].as_array().is_some_and(|a| !a.is_empty()))
         })
         .await;
         assert!(subscribed, "{}", workers(&r.url).await);
@@ -96,8 +105,19 @@ pub async fn run() {
     let (e0, e1) = (events(5571), events(5573));
     let serve = |name, role, port: u16, side: u16, cpu: u16, extra: &[&str]| {
         let (port, side, cpu) = (port.to_string(), side.to_string(), cpu.to_string());
-        let mut args = vec![role, port.as_str(), "--side-channel-port", side.as_str(), "--cpu", cpu.as_str(), "--max-model-len", "1024", "--",
-            "--enable-prefix-caching", "--enable-prompt-tokens-details"];
+        let mut args = vec![
+            role,
+            port.as_str(),
+            "--side-channel-port",
+            side.as_str(),
+            "--cpu",
+            cpu.as_str(),
+            "--max-model-len",
+            "1024",
+            "--",
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+        ];
         args.extend_from_slice(extra);
         Vllm::spawn_script(name, &args)
     };
@@ -125,7 +145,10 @@ pub async fn run() {
     let r = kv_router.expect("ran");
     let m = metrics(&r.url).await;
     let exact = metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]);
-    let all = ["predicted_exact", "predicted_more", "predicted_less", "unreported"].iter().map(|o| metric(&m, "disagg_router_kv_aware_total", &[("outcome", o)])).sum::<f64>();
+    let all = ["predicted_exact", "predicted_more", "predicted_less", "unreported"]
+        .iter()
+        .map(|o| metric(&m, "disagg_router_kv_aware_total", &[("outcome", o)]))
+        .sum::<f64>();
     println!("      kv_aware predicted the reported cached tokens of {exact} of {all} answers (half of them streamed)");
     assert_eq!(all, (DOCS * QUESTIONS) as f64, "{m}");
     assert!(exact >= 0.99 * all, "{m}");

@@ -71,7 +71,9 @@ pub async fn checked_by_vllm() {
         assert!(disagg::launch::connector::KNOWN.contains(&name.as_str()), "vLLM registers {name}, which the launcher calls unknown");
     }
     let mut commands: Vec<(String, Vec<String>)> = Vec::new();
-    for example in ["examples/gb200-2p1d-hybrid.yaml", "examples/ascend-2p2d.yaml", "examples/deepseek-2p2d.yaml", "examples/pdjob-toy-proxy.yaml"] {
+    for example in
+        ["examples/gb200-2p1d-hybrid.yaml", "examples/ascend-2p2d.yaml", "examples/deepseek-2p2d.yaml", "examples/pdjob-toy-proxy.yaml"]
+    {
         for c in vllm_commands(&["launch", example, "--dry-run"]) {
             commands.push((example.to_string(), c));
         }
@@ -101,7 +103,14 @@ pub async fn checked_by_vllm() {
         assert_eq!(r["ok"], true, "{from}: vLLM refused `vllm serve {}`: {}", argv.join(" "), r["error"]);
         for s in r["stand_ins"].as_array().unwrap() {
             let s = s.as_str().unwrap();
-            assert!(s.starts_with("--tensor-parallel-size") || s.starts_with("--pipeline-parallel-size") || s.contains("LLMDataDistCMgrConnector") || s.contains("kv_parallel_size") || s.starts_with("--swap-space"), "unexpected stand-in {s}");
+            assert!(
+                s.starts_with("--tensor-parallel-size")
+                    || s.starts_with("--pipeline-parallel-size")
+                    || s.contains("LLMDataDistCMgrConnector")
+                    || s.contains("kv_parallel_size")
+                    || s.starts_with("--swap-space"),
+                "unexpected stand-in {s}"
+            );
         }
     }
     let stages: Vec<&str> = results[..n].iter().map(|r| r["stage"].as_str().unwrap()).collect();
@@ -119,7 +128,8 @@ fn two_node_file(work: &Path, venv: &Path, model: &str, layout: &str, dp: u32, p
     let (http, side, rpc, router) = ports;
     // One core list per local rank of a process (VLLM_CPU.md): "0" or "0|1".
     let bind = if layout == "external" { "0".to_string() } else { (0..local).map(|r| (r % 2).to_string()).collect::<Vec<_>>().join("|") };
-    format!(r#"
+    format!(
+        r#"
 timeout: 600
 working_dir: {work}
 num_gpus: {gpus}
@@ -187,7 +197,10 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
     let (child, mut lines) = spawn_logged(&["launch", file.to_str().unwrap()], &work.join("launch.err"));
     let url = ready_url(&mut lines, Duration::from_secs(600)).await.unwrap_or_else(|| {
         let logs = work.join("logs");
-        let tails: String = ["prefill-0", "prefill-1", "decode-0", "router"].iter().map(|n| format!("--- {n}\n{}\n", tail_of(&logs.join(format!("{n}.log")), 15))).collect();
+        let tails: String = ["prefill-0", "prefill-1", "decode-0", "router"]
+            .iter()
+            .map(|n| format!("--- {n}\n{}\n", tail_of(&logs.join(format!("{n}.log")), 15)))
+            .collect();
         panic!("{layout}: launch never ready:\n{}\n{tails}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default())
     });
     if layout == "external" {
@@ -204,7 +217,9 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
     let requests = 2 * dp as usize;
     for i in 0..requests {
         let prompt = format!("Request {i} of the {layout} layout: tell me about data parallel ranks on two nodes");
-        let (status, v) = post(&format!("{url}/v1/completions"), &json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 4, "temperature": 0})).await;
+        let (status, v) =
+            post(&format!("{url}/v1/completions"), &json!({"model": "tiny-llama", "prompt": prompt, "max_tokens": 4, "temperature": 0}))
+                .await;
         assert_eq!(status, 200, "{layout}: {v}");
     }
     // Every prefill rank computed prompts (vLLM labels its metrics with the global rank),
@@ -225,7 +240,10 @@ pub async fn layout_runs(layout: &'static str, dp: u32) {
     }
     // The decode replica is the plan's second: on node 1, at its base + 8.
     let d = metrics(&format!("http://127.0.0.2:{}", http + 48)).await;
-    assert!(metric(&d, "vllm:prompt_tokens_by_source_total", &[("source", "external_kv_transfer")]) > 0.0, "{layout}: the decode pulled no KV");
+    assert!(
+        metric(&d, "vllm:prompt_tokens_by_source_total", &[("source", "external_kv_transfer")]) > 0.0,
+        "{layout}: the decode pulled no KV"
+    );
     stop(child, &work).await;
 }
 
@@ -280,4 +298,3 @@ fn tail_of(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = t.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
-

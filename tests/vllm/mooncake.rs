@@ -14,7 +14,12 @@ use super::{body, text, Vllm};
 
 pub async fn run() {
     let t0 = Instant::now();
-    let mooncake = |name, role, port: u16, cpu: u16| Vllm::spawn_script(name, &[role, &port.to_string(), "--cpu", &cpu.to_string(), "--connector", "mooncake", "--bootstrap-port", "8998"]);
+    let mooncake = |name, role, port: u16, cpu: u16| {
+        Vllm::spawn_script(
+            name,
+            &[role, &port.to_string(), "--cpu", &cpu.to_string(), "--connector", "mooncake", "--bootstrap-port", "8998"],
+        )
+    };
     let mut p = mooncake("mooncake-prefill", "prefill", 8110, 0);
     let mut d = mooncake("mooncake-decode", "decode", 8210, 1);
     for v in [&mut p, &mut d] {

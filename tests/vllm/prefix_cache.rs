@@ -59,10 +59,26 @@ pub async fn run() {
     let chat_template = format!("{tokenizer_dir}/chat_template.jinja");
     let cfg = r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv-events"}"#;
     let blocks = BLOCKS.to_string();
-    let mut v = Vllm::spawn_with("kv-plain", "plain", 8400, 5900, 0, &[
-        "--enable-prefix-caching", "--block-size", "32", "--enable-prompt-tokens-details", "--enable-scale-out",
-        "--num-gpu-blocks-override", &blocks, "--kv-events-config", cfg, "--chat-template", &chat_template,
-    ]);
+    let mut v = Vllm::spawn_with(
+        "kv-plain",
+        "plain",
+        8400,
+        5900,
+        0,
+        &[
+            "--enable-prefix-caching",
+            "--block-size",
+            "32",
+            "--enable-prompt-tokens-details",
+            "--enable-scale-out",
+            "--num-gpu-blocks-override",
+            &blocks,
+            "--kv-events-config",
+            cfg,
+            "--chat-template",
+            &chat_template,
+        ],
+    );
     v.wait_healthy(Duration::from_secs(600)).await;
     let e = Engine { url: v.url.clone(), model: "tiny-llama".into(), block_size: 32 };
     kv_events::sources_show_the_config(&e, "tcp://*:5557", "tcp://*:5558", "kv-events").await;
@@ -76,7 +92,8 @@ pub async fn run() {
     // router's own path.
     let sim = Proc::sim(&["--enable-scale-out", "--tokenizer", &tokenizer_dir, "--model", "tiny-llama", "--max-model-len", "2048"]).await;
     let router_tokenizer = disagg::tokenize::ModelTokenizer::load(&tokenizer_dir).unwrap();
-    let completions = [json!("hello world"), json!("  spaces  and\ttabs\n"), json!("unicodé ✓ 漢字"), json!(["a list", "of two"]), json!([5, 6, 7])];
+    let completions =
+        [json!("hello world"), json!("  spaces  and\ttabs\n"), json!("unicodé ✓ 漢字"), json!(["a list", "of two"]), json!([5, 6, 7])];
     let chats = chat_corpus();
     let ids = |v: &Value| -> Vec<Value> {
         match v {
@@ -84,7 +101,9 @@ pub async fn run() {
             one => vec![one["token_ids"].clone()],
         }
     };
-    let bodies = completions.iter().map(|p| ("/v1/completions/render", json!({"model": "tiny-llama", "prompt": p})))
+    let bodies = completions
+        .iter()
+        .map(|p| ("/v1/completions/render", json!({"model": "tiny-llama", "prompt": p})))
         .chain(chats.iter().map(|m| ("/v1/chat/completions/render", json!({"model": "tiny-llama", "messages": m}))));
     for (path, body) in bodies {
         let (s1, want) = post(&format!("{}{path}", v.url), &body).await;
@@ -98,9 +117,17 @@ pub async fn run() {
         }
     }
     let (prefixes, _) = router_tokenizer.turns_held();
-    assert!(router_tokenizer.turn_hits() >= 8, "the conversations' later turns found their earlier turns cached ({prefixes} prefixes held)");
-    println!("      render: {} completions and {} chat bodies give vLLM's token ids on the simulator and on the router's path \
-              (turn cache: {} of its chats found an earlier turn)", completions.len(), chats.len(), router_tokenizer.turn_hits());
+    assert!(
+        router_tokenizer.turn_hits() >= 8,
+        "the conversations' later turns found their earlier turns cached ({prefixes} prefixes held)"
+    );
+    println!(
+        "      render: {} completions and {} chat bodies give vLLM's token ids on the simulator and on the router's path \
+              (turn cache: {} of its chats found an earlier turn)",
+        completions.len(),
+        chats.len(),
+        router_tokenizer.turn_hits()
+    );
     drop(sim);
     super::timing::run(&v.url).await;
 }

@@ -26,10 +26,35 @@ fn centre_and_spread(mut v: Vec<f64>) -> (f64, f64) {
 
 async fn bench(url: &str, model_dir: &str, concurrency: u32, seed: u32, out: &Path) -> Value {
     let args: Vec<String> = [
-        "bench", "--backend", "vllm", "--base-url", url, "--model", "tiny-llama", "--tokenizer", model_dir, "--dataset-name", "random",
-        "--random-input-len", "300", "--random-output-len", "24", "--random-range-ratio", "0.9", "--num-prompts", "24",
-        "--max-concurrency", &concurrency.to_string(), "--seed", &seed.to_string(), "--ignore-eos", "--save-result", "--save-detailed",
-        "--result-filename", out.to_str().unwrap(), "--disable-tqdm",
+        "bench",
+        "--backend",
+        "vllm",
+        "--base-url",
+        url,
+        "--model",
+        "tiny-llama",
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "300",
+        "--random-output-len",
+        "24",
+        "--random-range-ratio",
+        "0.9",
+        "--num-prompts",
+        "24",
+        "--max-concurrency",
+        &concurrency.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--ignore-eos",
+        "--save-result",
+        "--save-detailed",
+        "--result-filename",
+        out.to_str().unwrap(),
+        "--disable-tqdm",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -61,8 +86,19 @@ pub async fn run(vllm_url: &str) {
     let o = fit.output().unwrap();
     assert!(o.status.success(), "fit-timing: {}", String::from_utf8_lossy(&o.stderr));
     println!("      fitted: {}", String::from_utf8_lossy(&o.stdout).trim());
-    let sim = Proc::sim(&["--model", "tiny-llama", "--tokenizer", &model, "--max-model-len", "2048", "--block-size", "32",
-        "--timing-profile", profile.to_str().unwrap()]).await;
+    let sim = Proc::sim(&[
+        "--model",
+        "tiny-llama",
+        "--tokenizer",
+        &model,
+        "--max-model-len",
+        "2048",
+        "--block-size",
+        "32",
+        "--timing-profile",
+        profile.to_str().unwrap(),
+    ])
+    .await;
     for ((c, seed), runs) in workloads.iter().zip(&real) {
         let s = bench(&sim.url, &model, *c, *seed, &dir.join(format!("sim-c{c}.json"))).await;
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap();

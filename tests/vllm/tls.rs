@@ -55,9 +55,9 @@ pub async fn run() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(launch.stdout.take().unwrap()));
-    let router = ready_url(&mut lines, Duration::from_secs(600))
-        .await
-        .unwrap_or_else(|| panic!("the TLS launch never got ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));
+    let router = ready_url(&mut lines, Duration::from_secs(600)).await.unwrap_or_else(|| {
+        panic!("the TLS launch never got ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default())
+    });
     assert_eq!(router, "https://127.0.0.1:8021");
     println!("      TLS 1P1D (client certificates required) launched, healthy over https in {:.1}s", t0.elapsed().as_secs_f64());
     let (pu, du) = ("https://127.0.0.1:8100".to_string(), "https://127.0.0.1:9100".to_string());

@@ -45,7 +45,9 @@ impl Slot {
         Some(match (layout, self.headless) {
             (DpMode::External, _) => format!("DP rank {} of {dp}, external LB (own API server)", self.rank_start),
             (DpMode::Hybrid, _) => format!("DP {dp}, ranks {}-{last}, hybrid LB (API server for its ranks)", self.rank_start),
-            (DpMode::Internal, true) => format!("DP {dp}, ranks {}-{last}, headless (served by node {}'s API server)", self.rank_start, self.first_node),
+            (DpMode::Internal, true) => {
+                format!("DP {dp}, ranks {}-{last}, headless (served by node {}'s API server)", self.rank_start, self.first_node)
+            }
             (DpMode::Internal, false) => format!("DP {dp}, ranks {}-{last}, internal LB (API server for all {dp} ranks)", self.rank_start),
         })
     }
@@ -62,11 +64,29 @@ pub(super) fn slots(layout: DpMode, dp: u32, parts: &[(usize, Vec<u32>)]) -> Vec
             let per_rank = gpus.len() / per_node as usize;
             for k in 0..per_node {
                 let g = gpus[k as usize * per_rank..(k as usize + 1) * per_rank].to_vec();
-                out.push(Slot { node: *node, gpus: g, part: j, first_node, rank_start: first + k, ranks: 1, headless: false, rank: Some(first + k) });
+                out.push(Slot {
+                    node: *node,
+                    gpus: g,
+                    part: j,
+                    first_node,
+                    rank_start: first + k,
+                    ranks: 1,
+                    headless: false,
+                    rank: Some(first + k),
+                });
             }
         } else {
             let headless = layout == DpMode::Internal && j > 0;
-            out.push(Slot { node: *node, gpus: gpus.clone(), part: j, first_node, rank_start: first, ranks: per_node, headless, rank: None });
+            out.push(Slot {
+                node: *node,
+                gpus: gpus.clone(),
+                part: j,
+                first_node,
+                rank_start: first,
+                ranks: per_node,
+                headless,
+                rank: None,
+            });
         }
     }
     out
@@ -85,7 +105,12 @@ pub(super) fn flags(layout: DpMode, dp: u32, replica_nodes: usize, slot: &Slot, 
         return Vec::new();
     }
     if let Some(r) = slot.rank {
-        return vec![flag("data_parallel_size", dp), flag("data_parallel_rank", r), flag("data_parallel_address", master), flag("data_parallel_rpc_port", rpc_port)];
+        return vec![
+            flag("data_parallel_size", dp),
+            flag("data_parallel_rank", r),
+            flag("data_parallel_address", master),
+            flag("data_parallel_rpc_port", rpc_port),
+        ];
     }
     let mut out = vec![flag("data_parallel_size", dp), flag("data_parallel_size_local", slot.ranks)];
     if replica_nodes == 1 {
@@ -119,19 +144,40 @@ mod tests {
         let s = slots(DpMode::Internal, 8, &parts);
         assert_eq!((s.len(), s[0].served_ranks(DpMode::Internal, 8), s[1].served_ranks(DpMode::Internal, 8)), (2, 8, 0));
         assert!(s[1].describe(DpMode::Internal, 8).unwrap().ends_with("headless (served by node 2's API server)"));
-        assert_eq!(names(&flags(DpMode::Internal, 8, 2, &s[1], "m", 7)), [
-            "data_parallel_size=8", "data_parallel_size_local=4", "data_parallel_start_rank=4", "data_parallel_address=m", "data_parallel_rpc_port=7", "headless"]);
+        assert_eq!(
+            names(&flags(DpMode::Internal, 8, 2, &s[1], "m", 7)),
+            [
+                "data_parallel_size=8",
+                "data_parallel_size_local=4",
+                "data_parallel_start_rank=4",
+                "data_parallel_address=m",
+                "data_parallel_rpc_port=7",
+                "headless"
+            ]
+        );
         assert!(!names(&flags(DpMode::Internal, 8, 2, &s[0], "m", 7)).iter().any(|f| f.contains("start_rank") || f == "headless"));
         // Hybrid: both nodes serve their 4 ranks; never headless.
         let s = slots(DpMode::Hybrid, 8, &parts);
         assert_eq!((s[0].served_ranks(DpMode::Hybrid, 8), s[1].served_ranks(DpMode::Hybrid, 8)), (4, 4));
-        assert_eq!(names(&flags(DpMode::Hybrid, 8, 2, &s[1], "m", 7)), [
-            "data_parallel_size=8", "data_parallel_size_local=4", "data_parallel_hybrid_lb", "data_parallel_start_rank=4", "data_parallel_address=m", "data_parallel_rpc_port=7"]);
+        assert_eq!(
+            names(&flags(DpMode::Hybrid, 8, 2, &s[1], "m", 7)),
+            [
+                "data_parallel_size=8",
+                "data_parallel_size_local=4",
+                "data_parallel_hybrid_lb",
+                "data_parallel_start_rank=4",
+                "data_parallel_address=m",
+                "data_parallel_rpc_port=7"
+            ]
+        );
         // External: a process per rank, each with a quarter of its node's GPUs.
         let s = slots(DpMode::External, 8, &parts);
         assert_eq!(s.len(), 8);
         assert_eq!((s[5].node, s[5].gpus.clone(), s[5].rank), (3, vec![1], Some(5)));
-        assert_eq!(names(&flags(DpMode::External, 8, 2, &s[5], "m", 7)), ["data_parallel_size=8", "data_parallel_rank=5", "data_parallel_address=m", "data_parallel_rpc_port=7"]);
+        assert_eq!(
+            names(&flags(DpMode::External, 8, 2, &s[5], "m", 7)),
+            ["data_parallel_size=8", "data_parallel_rank=5", "data_parallel_address=m", "data_parallel_rpc_port=7"]
+        );
         // One node, DP 2: the ranks are local.
         let one = slots(DpMode::Internal, 2, &[(0, vec![])]);
         assert_eq!(names(&flags(DpMode::Internal, 2, 1, &one[0], "m", 7)), ["data_parallel_size=2", "data_parallel_size_local=2"]);

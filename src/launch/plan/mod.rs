@@ -165,7 +165,10 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
             return Err(cx.err("tls.client_certfile", "goes with tls.client_keyfile"));
         }
         if t.cert_reqs == 2 && t.client_certfile.is_none() {
-            return Err(cx.err("tls.cert_reqs", "2 requires client certificates: give the router's with tls.client_certfile and tls.client_keyfile"));
+            return Err(cx.err(
+                "tls.cert_reqs",
+                "2 requires client certificates: give the router's with tls.client_certfile and tls.client_keyfile",
+            ));
         }
     }
     let cluster = cluster(f, &cx, target)?;
@@ -177,21 +180,45 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
     if flow == Some(Connector::P2pNccl) && engine.kind == EngineKind::Vllm {
         notes.push("engine: P2pNcclConnector was removed from vLLM in 2026 (vLLM 0.32 has none): these engines need a vLLM release that still has it".into());
     }
-    let mut placer = Placer { free: cluster.nodes.iter().map(|_| (0..cluster.gpus_per_node).collect()).collect(), gpus_per_node: cluster.gpus_per_node, num_gpus: f.num_gpus };
-    let mut builder = InstanceBuilder { f, cx: &cx, target, cluster: &cluster, engine: &engine, p2p: at.p2p_proxy.clone(), instances: Vec::new(), notes: &mut notes, http_next: BTreeMap::new(), side_next: BTreeMap::new() };
+    let mut placer = Placer {
+        free: cluster.nodes.iter().map(|_| (0..cluster.gpus_per_node).collect()).collect(),
+        gpus_per_node: cluster.gpus_per_node,
+        num_gpus: f.num_gpus,
+    };
+    let mut builder = InstanceBuilder {
+        f,
+        cx: &cx,
+        target,
+        cluster: &cluster,
+        engine: &engine,
+        p2p: at.p2p_proxy.clone(),
+        instances: Vec::new(),
+        notes: &mut notes,
+        http_next: BTreeMap::new(),
+        side_next: BTreeMap::new(),
+    };
     let mut replica_global = 0usize;
     for spec in &roles {
         for replica in 0..spec.replicas as usize {
             let parts = placer.place(&cx, spec, replica, replica_global, cluster.nodes.len())?;
             if spec.dp as usize % parts.len() != 0 {
-                return Err(cx.err(&format!("{}.data_parallel_size", spec.name()), format!("{} DP ranks do not split over the replica's {} nodes", spec.dp, parts.len())));
+                return Err(cx.err(
+                    &format!("{}.data_parallel_size", spec.name()),
+                    format!("{} DP ranks do not split over the replica's {} nodes", spec.dp, parts.len()),
+                ));
             }
-            if spec.flow == Some(Connector::Mooncake) && spec.role == Role::Prefill && (parts.len() > 1 || (spec.layout != DpMode::Internal && spec.dp > 1)) {
+            if spec.flow == Some(Connector::Mooncake)
+                && spec.role == Role::Prefill
+                && (parts.len() > 1 || (spec.layout != DpMode::Internal && spec.dp > 1))
+            {
                 return Err(cx.err(&format!("{}.data_parallel_size", spec.name()),
                     "a Mooncake prefill is planned as one process per replica (one bootstrap server naming all its DP ranks): keep its DP internal and on one node"));
             }
             if spec.layout == DpMode::Hybrid && parts.len() > 1 && spec.dp as usize / parts.len() == 1 {
-                return Err(cx.err(&format!("{}.dp_mode", spec.name()), "hybrid LB with one DP rank per node is what vLLM runs as external LB (it switches by itself): say dp_mode: external"));
+                return Err(cx.err(
+                    &format!("{}.dp_mode", spec.name()),
+                    "hybrid LB with one DP rank per node is what vLLM runs as external LB (it switches by itself): say dp_mode: external",
+                ));
             }
             let master = cluster.nodes[parts[0].0].clone();
             let rpc_port = DP_RPC_BASE + replica_global as u16;
@@ -284,22 +311,40 @@ struct Placer {
 }
 
 impl Placer {
-    fn place(&mut self, cx: &Ctx<'_>, spec: &RoleSpec, replica: usize, replica_global: usize, nodes: usize) -> Result<Vec<(usize, Vec<u32>)>, ConfigError> {
+    fn place(
+        &mut self,
+        cx: &Ctx<'_>,
+        spec: &RoleSpec,
+        replica: usize,
+        replica_global: usize,
+        nodes: usize,
+    ) -> Result<Vec<(usize, Vec<u32>)>, ConfigError> {
         let (name, need, per_node) = (spec.name(), spec.num_gpus, self.gpus_per_node);
         if need == 0 {
             return Ok(vec![(replica_global % nodes, Vec::new())]);
         }
         if need <= per_node {
             let node = (0..nodes).find(|n| self.free[*n].len() >= need as usize).ok_or_else(|| {
-                cx.err(&format!("{name}.num_gpus"), format!("no node has {need} free GPUs for {name} replica {replica} (num_gpus {}, {per_node} per node)", self.num_gpus))
+                cx.err(
+                    &format!("{name}.num_gpus"),
+                    format!("no node has {need} free GPUs for {name} replica {replica} (num_gpus {}, {per_node} per node)", self.num_gpus),
+                )
             })?;
             return Ok(vec![(node, self.free[node].drain(..need as usize).collect())]);
         }
         if need % per_node != 0 {
-            return Err(cx.err(&format!("{name}.num_gpus"), format!("a replica of {need} GPUs spans nodes of {per_node}: it must be a multiple of {per_node}")));
+            return Err(cx.err(
+                &format!("{name}.num_gpus"),
+                format!("a replica of {need} GPUs spans nodes of {per_node}: it must be a multiple of {per_node}"),
+            ));
         }
         if spec.dp == 1 {
-            return Err(cx.err(&format!("{name}.num_gpus"), format!("a replica of {need} GPUs spans several nodes: set data_parallel_size so every node runs its share of the DP ranks")));
+            return Err(cx.err(
+                &format!("{name}.num_gpus"),
+                format!(
+                    "a replica of {need} GPUs spans several nodes: set data_parallel_size so every node runs its share of the DP ranks"
+                ),
+            ));
         }
         let k = (need / per_node) as usize;
         let start = (0..=nodes.saturating_sub(k))
@@ -325,7 +370,15 @@ struct InstanceBuilder<'a> {
 }
 
 impl InstanceBuilder<'_> {
-    fn add(&mut self, spec: &RoleSpec, replica: usize, replica_nodes: usize, slot: &Slot, master: &str, rpc_port: u16) -> Result<(), ConfigError> {
+    fn add(
+        &mut self,
+        spec: &RoleSpec,
+        replica: usize,
+        replica_nodes: usize,
+        slot: &Slot,
+        master: &str,
+        rpc_port: u16,
+    ) -> Result<(), ConfigError> {
         let (cx, name) = (self.cx, spec.name());
         let node = slot.node;
         let host = self.cluster.nodes[node].clone();
@@ -348,8 +401,12 @@ impl InstanceBuilder<'_> {
         let deferred: &[&str] = if self.target == Target::Ray { &["HOST", "KV_IP"] } else { &[] };
         let fills = Fills {
             values: vec![
-                ("NODE_IP", host.clone()), ("NODE_RANK", node.to_string()), ("LOCAL_RANK", local_rank.to_string()), ("KV_IP", kv_ip),
-                ("PORT", planned_port.map_or(String::new(), |p| p.to_string())), ("NODE_NAME", inst_name.clone()),
+                ("NODE_IP", host.clone()),
+                ("NODE_RANK", node.to_string()),
+                ("LOCAL_RANK", local_rank.to_string()),
+                ("KV_IP", kv_ip),
+                ("PORT", planned_port.map_or(String::new(), |p| p.to_string())),
+                ("NODE_NAME", inst_name.clone()),
             ],
             deferred,
         };
@@ -359,7 +416,8 @@ impl InstanceBuilder<'_> {
             _ => (None, None),
         };
         let origin = spec.params.keys().map(|k| (k.clone(), format!("{name}.params"))).collect();
-        let mut user = UserParams { params: spec.params.clone(), origin, extra: &spec.extra, extra_path: format!("{name}.params._extra_params") };
+        let mut user =
+            UserParams { params: spec.params.clone(), origin, extra: &spec.extra, extra_path: format!("{name}.params._extra_params") };
         for (k, v) in node_params.into_iter().flatten() {
             user.params.insert(k.clone(), v.clone());
             user.origin.insert(k.clone(), format!("nodes[{node}].params"));
@@ -368,7 +426,9 @@ impl InstanceBuilder<'_> {
         let mut plan_env: Vec<(String, String)> = Vec::new();
         if self.engine.kind == EngineKind::Vllm {
             match (spec.flow, spec.class.as_deref()) {
-                (Some(Connector::Mooncake), _) if spec.role == Role::Prefill => plan_env.push(("VLLM_MOONCAKE_BOOTSTRAP_PORT".into(), side.to_string())),
+                (Some(Connector::Mooncake), _) if spec.role == Role::Prefill => {
+                    plan_env.push(("VLLM_MOONCAKE_BOOTSTRAP_PORT".into(), side.to_string()))
+                }
                 // Both legs must see the id the router sent (it names the KV addresses).
                 (Some(Connector::P2pNccl), _) => plan_env.push(("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION".into(), "1".into())),
                 (Some(Connector::Nixl), Some(c)) if c != "LLMDataDistCMgrConnector" => {
@@ -381,7 +441,8 @@ impl InstanceBuilder<'_> {
         if !slot.gpus.is_empty() && self.target == Target::Nodes {
             plan_env.push((self.f.gpu_env.clone(), slot.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
         }
-        let layers: Vec<&BTreeMap<String, serde_yaml_ng::Value>> = [Some(&self.f.envs), Some(&spec.envs), node_envs].into_iter().flatten().collect();
+        let layers: Vec<&BTreeMap<String, serde_yaml_ng::Value>> =
+            [Some(&self.f.envs), Some(&spec.envs), node_envs].into_iter().flatten().collect();
         let env = process::environment(plan_env, &layers, &fills).map_err(|(k, m)| cx.err(&format!("envs.{k}"), m))?;
         let side = env_port(&env, "VLLM_NIXL_SIDE_CHANNEL_PORT").or_else(|| env_port(&env, "VLLM_MOONCAKE_BOOTSTRAP_PORT")).unwrap_or(side);
 
@@ -407,7 +468,9 @@ impl InstanceBuilder<'_> {
         let port = if slot.headless { None } else { rendered.port.or(planned_port) };
         let argv = match self.engine.kind {
             EngineKind::Vllm => {
-                let model = rendered.model.ok_or_else(|| cx.err(&format!("{name}.params.model"), "is required (in general.params or the role's params)"))?;
+                let model = rendered
+                    .model
+                    .ok_or_else(|| cx.err(&format!("{name}.params.model"), "is required (in general.params or the role's params)"))?;
                 let mut argv = self.engine.argv.clone();
                 argv.push(model);
                 argv.extend(rendered.args);
@@ -424,7 +487,21 @@ impl InstanceBuilder<'_> {
         let ranks = slot.served_ranks(spec.layout, spec.dp);
         let dp = slot.describe(spec.layout, spec.dp);
         let scheme = if self.f.tls.is_some() { Scheme::Https } else { Scheme::Http };
-        self.instances.push(Instance { name: inst_name, role: spec.role, replica, node, host, port, scheme, side_channel_port: side, gpus: slot.gpus.clone(), dp, ranks, argv, env });
+        self.instances.push(Instance {
+            name: inst_name,
+            role: spec.role,
+            replica,
+            node,
+            host,
+            port,
+            scheme,
+            side_channel_port: side,
+            gpus: slot.gpus.clone(),
+            dp,
+            ranks,
+            argv,
+            env,
+        });
         Ok(())
     }
 
@@ -454,7 +531,16 @@ impl InstanceBuilder<'_> {
 
 /// The simulator takes vLLM's host, port and DP flags as they are.
 fn sim_flags(vllm_args: &[String]) -> Vec<String> {
-    const TAKES_VALUE: &[&str] = &["--host", "--port", "--data-parallel-size", "--data-parallel-size-local", "--data-parallel-start-rank", "--data-parallel-rank", "--data-parallel-address", "--data-parallel-rpc-port"];
+    const TAKES_VALUE: &[&str] = &[
+        "--host",
+        "--port",
+        "--data-parallel-size",
+        "--data-parallel-size-local",
+        "--data-parallel-start-rank",
+        "--data-parallel-rank",
+        "--data-parallel-address",
+        "--data-parallel-rpc-port",
+    ];
     const SWITCHES: &[&str] = &["--headless", "--data-parallel-hybrid-lb"];
     let mut out = Vec::new();
     let mut it = vllm_args.iter().peekable();

@@ -67,7 +67,11 @@ impl Fills<'_> {
             let after = &rest[i + 1..];
             let end = after.find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')).unwrap_or(after.len());
             let name = &after[..end];
-            if end > 0 && after[end..].starts_with('}') && name.starts_with(|c: char| c.is_ascii_uppercase()) && !self.deferred.contains(&name) {
+            if end > 0
+                && after[end..].starts_with('}')
+                && name.starts_with(|c: char| c.is_ascii_uppercase())
+                && !self.deferred.contains(&name)
+            {
                 return Some(name);
             }
             rest = after;
@@ -126,9 +130,14 @@ pub(super) fn render(
             (Some(v), Rule::MustMatch) => {
                 let have = scalar(v).map(|s| fills.apply(&s));
                 if have != *value {
-                    return Err(field_error(&user.path(key), format!(
-                        "is {}, but this process runs {} DP rank(s) locally: remove it and let the plan set it",
-                        have.unwrap_or_default(), value.clone().unwrap_or_default())));
+                    return Err(field_error(
+                        &user.path(key),
+                        format!(
+                            "is {}, but this process runs {} DP rank(s) locally: remove it and let the plan set it",
+                            have.unwrap_or_default(),
+                            value.clone().unwrap_or_default()
+                        ),
+                    ));
                 }
                 value.clone()
             }
@@ -137,7 +146,10 @@ pub(super) fn render(
             }
         };
         if key == "port" {
-            port = value.as_deref().map(|p| p.parse::<u16>().map_err(|_| field_error(&user.path(key), format!("{p} is not a port")))).transpose()?;
+            port = value
+                .as_deref()
+                .map(|p| p.parse::<u16>().map_err(|_| field_error(&user.path(key), format!("{p} is not a port"))))
+                .transpose()?;
         }
         args.push(format!("--{}", key.replace('_', "-")));
         args.extend(value);
@@ -176,12 +188,21 @@ pub(super) fn render(
     for a in user.extra {
         if let Some(name) = flag_name(a) {
             if plan_keys.contains(&name.as_str()) || user.params.contains_key(&name) {
-                let by = if plan_keys.contains(&name.as_str()) && !user.params.contains_key(&name) { "the plan".to_string() } else { user.path(&name) };
+                let by = if plan_keys.contains(&name.as_str()) && !user.params.contains_key(&name) {
+                    "the plan".to_string()
+                } else {
+                    user.path(&name)
+                };
                 return Err(field_error(&user.extra_path, format!("{a} is also given by {by}: give it once")));
             }
         }
         if headless && flag_name(a).is_some_and(|n| API_SERVER_ONLY.contains(&n.as_str())) {
-            return Err(field_error(&user.extra_path, format!("{a} cannot reach a --headless node (vLLM refuses it there): put it in params, which the plan keeps off headless nodes")));
+            return Err(field_error(
+                &user.extra_path,
+                format!(
+                    "{a} cannot reach a --headless node (vLLM refuses it there): put it in params, which the plan keeps off headless nodes"
+                ),
+            ));
         }
         args.push(fills.apply(a));
     }
@@ -201,7 +222,11 @@ fn flag_name(arg: &str) -> Option<String> {
 
 /// The environment: the plan's variables, then the user's (all instances, the role's, the
 /// node's) over them, each once.
-pub(super) fn environment(plan: Vec<(String, String)>, user: &[&BTreeMap<String, Value>], fills: &Fills<'_>) -> Result<Vec<(String, String)>, (String, String)> {
+pub(super) fn environment(
+    plan: Vec<(String, String)>,
+    user: &[&BTreeMap<String, Value>],
+    fills: &Fills<'_>,
+) -> Result<Vec<(String, String)>, (String, String)> {
     let mut env = plan;
     for layer in user {
         for (k, v) in *layer {
@@ -220,7 +245,12 @@ mod tests {
     fn user(yaml: &str, extra: &[String]) -> UserParams<'static> {
         let params: BTreeMap<String, Value> = serde_yaml_ng::from_str(yaml).unwrap();
         let origin = params.keys().map(|k| (k.clone(), "prefill.params".to_string())).collect();
-        UserParams { params, origin, extra: Box::leak(extra.to_vec().into_boxed_slice()), extra_path: "prefill.params._extra_params".into() }
+        UserParams {
+            params,
+            origin,
+            extra: Box::leak(extra.to_vec().into_boxed_slice()),
+            extra_path: "prefill.params._extra_params".into(),
+        }
     }
 
     fn fills() -> Fills<'static> {
@@ -228,8 +258,13 @@ mod tests {
     }
 
     fn plan() -> Vec<Flag> {
-        vec![("host".into(), Some("10.0.0.2".into())), ("port".into(), Some("8100".into())), ("data_parallel_size".into(), Some("4".into())),
-            ("data_parallel_size_local".into(), Some("2".into())), ("data_parallel_rpc_port".into(), Some("13345".into()))]
+        vec![
+            ("host".into(), Some("10.0.0.2".into())),
+            ("port".into(), Some("8100".into())),
+            ("data_parallel_size".into(), Some("4".into())),
+            ("data_parallel_size_local".into(), Some("2".into())),
+            ("data_parallel_rpc_port".into(), Some("13345".into())),
+        ]
     }
 
     fn kv(s: &str) -> Result<String, String> {
@@ -238,7 +273,9 @@ mod tests {
 
     #[test]
     fn a_users_value_replaces_the_plans_once_or_is_an_error_naming_the_field() {
-        let r = render(plan(), &user("{model: m, port: 8087, data_parallel_rpc_port: 13356, max_num_seqs: 8}", &[]), false, &fills(), &kv).ok().unwrap();
+        let r = render(plan(), &user("{model: m, port: 8087, data_parallel_rpc_port: 13356, max_num_seqs: 8}", &[]), false, &fills(), &kv)
+            .ok()
+            .unwrap();
         assert_eq!(r.args.join(" "), "--host 10.0.0.2 --port 8087 --data-parallel-size 4 --data-parallel-size-local 2 --data-parallel-rpc-port 13356 --max-num-seqs 8");
         assert_eq!((r.port, r.model.as_deref()), (Some(8087), Some("m")));
         let e = render(plan(), &user("{data_parallel_size_local: 4}", &[]), false, &fills(), &kv).err().unwrap();
@@ -251,7 +288,14 @@ mod tests {
         let e = render(plan(), &user("{max_num_seqs: 8}", &["--max_num_seqs=9".into()]), false, &fills(), &kv).err().unwrap();
         assert!(e.message.contains("prefill.params.max_num_seqs"), "{}", e.message);
         // Dotted keys combine in vLLM's parser.
-        assert!(render(plan(), &user("{compilation_config: '{}'}", &["--compilation_config.custom_ops+=+rms_norm".into()]), false, &fills(), &kv).is_ok());
+        assert!(render(
+            plan(),
+            &user("{compilation_config: '{}'}", &["--compilation_config.custom_ops+=+rms_norm".into()]),
+            false,
+            &fills(),
+            &kv
+        )
+        .is_ok());
     }
 
     #[test]
@@ -264,7 +308,15 @@ mod tests {
         assert_eq!(fills().unfilled("a {NODE_IP} {OTHER_1} {\"x\":1}"), Some("NODE_IP"));
         assert_eq!(fills().unfilled(&fills().apply("a {NODE_IP} {\"x\":1} {lower}")), None);
         assert_eq!(fills().unfilled("$X {PREFILL_URL_3}"), Some("PREFILL_URL_3"));
-        let env = environment(vec![("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), "5608".into())], &[&serde_yaml_ng::from_str("{VLLM_NIXL_SIDE_CHANNEL_PORT: 5600, HCCL_IF_IP: '{NODE_IP}'}").unwrap()], &fills()).unwrap();
-        assert_eq!(env, [("HCCL_IF_IP".to_string(), "10.0.0.2".to_string()), ("VLLM_NIXL_SIDE_CHANNEL_PORT".to_string(), "5600".to_string())]);
+        let env = environment(
+            vec![("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), "5608".into())],
+            &[&serde_yaml_ng::from_str("{VLLM_NIXL_SIDE_CHANNEL_PORT: 5600, HCCL_IF_IP: '{NODE_IP}'}").unwrap()],
+            &fills(),
+        )
+        .unwrap();
+        assert_eq!(
+            env,
+            [("HCCL_IF_IP".to_string(), "10.0.0.2".to_string()), ("VLLM_NIXL_SIDE_CHANNEL_PORT".to_string(), "5600".to_string())]
+        );
     }
 }

@@ -58,13 +58,18 @@ fn spec(
         return Err(cx.err(&format!("{name}.replicas"), "must be greater than 0"));
     }
     if f.num_gpus > 0 && rf.num_gpus % f.gpus_per_worker != 0 {
-        return Err(cx.err(&format!("{name}.num_gpus"), format!("{} is not a multiple of gpus_per_worker {}", rf.num_gpus, f.gpus_per_worker)));
+        return Err(
+            cx.err(&format!("{name}.num_gpus"), format!("{} is not a multiple of gpus_per_worker {}", rf.num_gpus, f.gpus_per_worker))
+        );
     }
     let mut params = general.clone();
     if let Some(tls) = &f.tls {
         for (k, v) in tls.engine_params() {
             if params.contains_key(k) || rf.params.contains_key(k) {
-                return Err(cx.err(&format!("{name}.params.{k}"), "TLS is set in `tls:` (for the engines, the router and the health checks together): drop it here"));
+                return Err(cx.err(
+                    &format!("{name}.params.{k}"),
+                    "TLS is set in `tls:` (for the engines, the router and the health checks together): drop it here",
+                ));
             }
             params.insert(k.to_string(), Value::String(v));
         }
@@ -84,20 +89,41 @@ fn spec(
         Role::Decode | Role::Both => (rf.port.unwrap_or(9100), rf.side_channel_port.unwrap_or(6600)),
     };
     if flow == Some(Connector::P2pNccl) && dp > 1 {
-        return Err(cx.err(&format!("{name}.data_parallel_size"), "P2pNccl runs one engine per instance (the xPyD guide's layout): use replicas"));
+        return Err(
+            cx.err(&format!("{name}.data_parallel_size"), "P2pNccl runs one engine per instance (the xPyD guide's layout): use replicas")
+        );
     }
-    Ok(RoleSpec { role, replicas: rf.replicas, num_gpus: rf.num_gpus, envs: rf.envs.clone(), params, extra, dp, layout, port, side, flow, class })
+    Ok(RoleSpec {
+        role,
+        replicas: rf.replicas,
+        num_gpus: rf.num_gpus,
+        envs: rf.envs.clone(),
+        params,
+        extra,
+        dp,
+        layout,
+        port,
+        side,
+        flow,
+        class,
+    })
 }
 
 /// `<role>.data_parallel_size` or `params.data_parallel_size` (equal when both are given).
 fn data_parallel_size(cx: &Ctx<'_>, name: &str, rf: &RoleFile, params: &mut BTreeMap<String, Value>) -> Result<u32, ConfigError> {
     let from_params = match params.remove("data_parallel_size") {
         None => None,
-        Some(v) => Some(scalar(&v).and_then(|s| s.parse::<u32>().ok()).ok_or_else(|| cx.err(&format!("{name}.params.data_parallel_size"), "must be a positive integer"))?),
+        Some(v) => Some(
+            scalar(&v)
+                .and_then(|s| s.parse::<u32>().ok())
+                .ok_or_else(|| cx.err(&format!("{name}.params.data_parallel_size"), "must be a positive integer"))?,
+        ),
     };
     let dp = match (rf.data_parallel_size, from_params) {
         (Some(a), Some(b)) if a != b => {
-            return Err(cx.err(&format!("{name}.params.data_parallel_size"), format!("is {b}, but {name}.data_parallel_size is {a}: give it once")))
+            return Err(
+                cx.err(&format!("{name}.params.data_parallel_size"), format!("is {b}, but {name}.data_parallel_size is {a}: give it once"))
+            )
         }
         (Some(d), _) | (None, Some(d)) => d,
         (None, None) => 1,
@@ -117,7 +143,9 @@ fn layout(cx: &Ctx<'_>, name: &str, rf: &RoleFile, params: &mut BTreeMap<String,
             None | Some(Value::Bool(false)) => {}
             Some(Value::Bool(true)) | Some(Value::Null) => {
                 if from_params.is_some_and(|m| m != mode) {
-                    return Err(cx.err(&format!("{name}.params.{key}"), "vLLM takes one DP load-balancing mode: hybrid or external, not both"));
+                    return Err(
+                        cx.err(&format!("{name}.params.{key}"), "vLLM takes one DP load-balancing mode: hybrid or external, not both")
+                    );
                 }
                 from_params = Some(mode);
             }
@@ -125,7 +153,9 @@ fn layout(cx: &Ctx<'_>, name: &str, rf: &RoleFile, params: &mut BTreeMap<String,
         }
     }
     match (rf.dp_mode, from_params) {
-        (Some(a), Some(b)) if a != b => Err(cx.err(&format!("{name}.dp_mode"), format!("is {a:?}, but the params ask for {b:?} load balancing: say it once"))),
+        (Some(a), Some(b)) if a != b => {
+            Err(cx.err(&format!("{name}.dp_mode"), format!("is {a:?}, but the params ask for {b:?} load balancing: say it once")))
+        }
         (Some(m), _) | (None, Some(m)) => Ok(m),
         (None, None) => Ok(DpMode::Internal),
     }
@@ -142,7 +172,13 @@ fn take_extra(params: &mut BTreeMap<String, Value>, cx: &Ctx<'_>, path: &str) ->
 /// The connector flow of a role's `kv_transfer_config` (required for vLLM engines; the
 /// simulator runs NIXL's without one). Without a scheduler.command, it must be one
 /// `disagg route` runs.
-fn kv_flow(cx: &Ctx<'_>, role: &str, params: &BTreeMap<String, Value>, engine: EngineKind, custom_router: bool) -> Result<(Option<Connector>, Option<String>), ConfigError> {
+fn kv_flow(
+    cx: &Ctx<'_>,
+    role: &str,
+    params: &BTreeMap<String, Value>,
+    engine: EngineKind,
+    custom_router: bool,
+) -> Result<(Option<Connector>, Option<String>), ConfigError> {
     let path = format!("{role}.params.kv_transfer_config");
     let raw = match params.get("kv_transfer_config") {
         Some(Value::String(s)) => s.clone(),

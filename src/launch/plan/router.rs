@@ -27,23 +27,57 @@ pub(super) fn address(f: &LaunchFile, cx: &Ctx<'_>, nodes: &[String], flow: Opti
     Ok(Address { host, port, p2p_proxy })
 }
 
-pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], flow: Option<Connector>, instances: &[Instance], at: &Address) -> Result<RouterPlan, ConfigError> {
+pub(super) fn plan(
+    f: &LaunchFile,
+    cx: &Ctx<'_>,
+    exe: &Path,
+    nodes: &[String],
+    flow: Option<Connector>,
+    instances: &[Instance],
+    at: &Address,
+) -> Result<RouterPlan, ConfigError> {
     let served: Vec<&Instance> = instances.iter().filter(|i| i.port.is_some()).collect();
     let urls = |r: Role| served.iter().filter(|i| i.role == r).map(|i| i.url().expect("serves HTTP")).collect::<Vec<_>>();
     if let Some(cmd) = &f.scheduler.command {
         let cmd = substitute(cmd, at.port, &urls(Role::Prefill), &urls(Role::Decode));
         if let Some(left) = unfilled_url_placeholder(&cmd) {
-            return Err(cx.err("scheduler.command", format!(
-                "{left} has no value: the plan has {} prefill and {} decode API server(s)", urls(Role::Prefill).len(), urls(Role::Decode).len())));
+            return Err(cx.err(
+                "scheduler.command",
+                format!(
+                    "{left} has no value: the plan has {} prefill and {} decode API server(s)",
+                    urls(Role::Prefill).len(),
+                    urls(Role::Decode).len()
+                ),
+            ));
         }
-        let mut argv = shlex::split(&cmd).filter(|w| !w.is_empty()).ok_or_else(|| cx.err("scheduler.command", "is not a valid command line"))?;
+        let mut argv =
+            shlex::split(&cmd).filter(|w| !w.is_empty()).ok_or_else(|| cx.err("scheduler.command", "is not a valid command line"))?;
         // `disagg` in the proxy command is this very binary, on PATH or not.
         if argv[0] == "disagg" {
             argv[0] = exe.display().to_string();
         }
-        return Ok(RouterPlan { host: nodes[0].clone(), port: at.port, scheme: super::Scheme::Http, argv, env: Vec::new(), ours: false, health_path: f.scheduler.health_path.clone(), base: Vec::new(), workers: Vec::new(), tail: Vec::new() });
+        return Ok(RouterPlan {
+            host: nodes[0].clone(),
+            port: at.port,
+            scheme: super::Scheme::Http,
+            argv,
+            env: Vec::new(),
+            ours: false,
+            health_path: f.scheduler.health_path.clone(),
+            base: Vec::new(),
+            workers: Vec::new(),
+            tail: Vec::new(),
+        });
     }
-    let mut base = vec![exe.display().to_string(), "route".into(), "--host".into(), at.host.clone(), "--port".into(), at.port.to_string(), "--vllm-pd-disaggregation".into()];
+    let mut base = vec![
+        exe.display().to_string(),
+        "route".into(),
+        "--host".into(),
+        at.host.clone(),
+        "--port".into(),
+        at.port.to_string(),
+        "--vllm-pd-disaggregation".into(),
+    ];
     let mut workers = Vec::new();
     match flow {
         // The engines register themselves at the discovery address.
@@ -76,7 +110,18 @@ pub(super) fn plan(f: &LaunchFile, cx: &Ctx<'_>, exe: &Path, nodes: &[String], f
     }
     argv.extend(tail.iter().cloned());
     let scheme = if f.tls.is_some() { super::Scheme::Https } else { super::Scheme::Http };
-    Ok(RouterPlan { host: at.host.clone(), port: at.port, scheme, argv, env: Vec::new(), ours: true, health_path: None, base, workers, tail })
+    Ok(RouterPlan {
+        host: at.host.clone(),
+        port: at.port,
+        scheme,
+        argv,
+        env: Vec::new(),
+        ours: true,
+        health_path: None,
+        base,
+        workers,
+        tail,
+    })
 }
 
 /// The DP ranks behind each URL, as vllm-router's flags say them: one count for every
@@ -88,7 +133,10 @@ fn rank_flags(cx: &Ctx<'_>, served: &[&Instance]) -> Result<Vec<String>, ConfigE
         match counts.as_slice() {
             [] => Ok(1),
             [one] => Ok(*one),
-            _ => Err(cx.err(&format!("{}.data_parallel_size", r.as_str()), "the role's API servers front different numbers of DP ranks, which the router's flags cannot say")),
+            _ => Err(cx.err(
+                &format!("{}.data_parallel_size", r.as_str()),
+                "the role's API servers front different numbers of DP ranks, which the router's flags cannot say",
+            )),
         }
     };
     let (p, d) = (per_role(Role::Prefill)?, per_role(Role::Decode)?);
@@ -145,7 +193,12 @@ mod tests {
     #[test]
     fn placeholders_are_replaced_highest_index_first_and_leftovers_found() {
         let p: Vec<String> = (1..=11).map(|i| format!("http://p{i}:81{i:02}")).collect();
-        let out = substitute("x --port {PORT} $PREFILL_HOST_1 $PREFILL_HOST_11 ${PREFILL_PORT_2} $PREFILL_URL_10 $DECODE_URL_1", 9, &p, &["http://d:1".into()]);
+        let out = substitute(
+            "x --port {PORT} $PREFILL_HOST_1 $PREFILL_HOST_11 ${PREFILL_PORT_2} $PREFILL_URL_10 $DECODE_URL_1",
+            9,
+            &p,
+            &["http://d:1".into()],
+        );
         assert_eq!(out, "x --port 9 p1 p11 8102 http://p10:8110 http://d:1");
         assert_eq!(unfilled_url_placeholder(&out), None);
         let out = substitute("x $PREFILL_URL_1 ${DECODE_HOST_2}", 9, &p[..1], &["http://d:1".into()]);

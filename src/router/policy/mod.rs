@@ -91,13 +91,21 @@ pub struct Pick {
 }
 
 pub enum Policy {
-    RoundRobin { next: usize },
+    RoundRobin {
+        next: usize,
+    },
     Random,
     PowerOfTwo,
     ConsistentHash(HashRing),
-    CacheAware { cfg: CacheAwareConfig, index: PrefixIndex },
+    CacheAware {
+        cfg: CacheAwareConfig,
+        index: PrefixIndex,
+    },
     /// `turn` rotates ties, so equal candidates share new prompts even one at a time.
-    KvAware { load_weight: f64, turn: usize },
+    KvAware {
+        load_weight: f64,
+        turn: usize,
+    },
 }
 
 impl Policy {
@@ -249,7 +257,9 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
         let w = &workers[c];
         for rank in 0..w.served_ranks() {
             let holder = super::kv_index::Holder { url: w.url.clone(), rank };
-            let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| m.and_then(|m| m.get(&holder)).copied().unwrap_or(0);
+            let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| {
+                m.and_then(|m| m.get(&holder)).copied().unwrap_or(0)
+            };
             let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
             // Requests the engine reports beyond ours are priced as this prompt's size.
             let queued = w.queued_blocks(rank).saturating_add(w.reported_elsewhere(rank).saturating_mul(blocks));
@@ -261,5 +271,9 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
             }
         }
     }
-    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |(_, _, _, c, rank, uncached)| Pick { index: c, rank: Some(rank), blocks: uncached })
+    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |(_, _, _, c, rank, uncached)| Pick {
+        index: c,
+        rank: Some(rank),
+        blocks: uncached,
+    })
 }
