@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use disagg::api::kv_events::KvEvent;
-use disagg::router::kv_index::{block_hashes, Holder, KvIndex};
+use disagg::router::kv_aware::index::{block_hashes, Holder, KvIndex};
 
 const BLOCK: usize = 16;
 

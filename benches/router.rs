@@ -385,7 +385,7 @@ async fn main() {
     .await;
     let tls_client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
-        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .pool_idle_timeout(disagg::router::upstream::legs::WORKER_CONNECTION_IDLE)
         .tcp_nodelay(true)
         .use_preconfigured_tls(
             (*disagg::tls::WorkerTlsArgs { worker_ssl_ca_certs: Some(ca.clone().into()), ..Default::default() }.client_config().unwrap())
@@ -404,7 +404,7 @@ async fn main() {
     // Idle connections reused only under 4 s: the simulators close them at 5 s, as vLLM does.
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
-        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .pool_idle_timeout(disagg::router::upstream::legs::WORKER_CONNECTION_IDLE)
         .tcp_nodelay(true)
         .build()
         .unwrap();

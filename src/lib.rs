@@ -6,6 +6,7 @@ pub mod cli;
 pub mod flags;
 pub mod idle_close;
 pub mod launch;
+pub mod log_budget;
 pub mod proc_stat;
 pub mod router;
 pub mod scoreboard;

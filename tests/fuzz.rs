@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use serde_json::{Map, Value};
 
 use disagg::api::sse::EventSplitter;
-use disagg::router::body::ClientBody;
+use disagg::router::request::body::ClientBody;
 use disagg::router::request::LegBodies;
 
 /// JSON values a client might send, strings with escapes and non-ASCII included.

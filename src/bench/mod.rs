@@ -110,7 +110,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let b = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(usize::MAX)
-            .pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
+            .pool_idle_timeout(crate::router::upstream::legs::WORKER_CONNECTION_IDLE)
             .timeout(Duration::from_secs(6 * 3600));
         if args.http2 { b.http2_prior_knowledge() } else { b }.build()
     };

@@ -1,41 +1,15 @@
 //! `disagg route`: the PD router. The flow of one request is in flow.rs; the failure
 //! contract it implements is docs/FAILURES.md.
 
-pub mod admin;
-pub mod admission;
-pub mod body;
-mod body_scan;
-pub mod boundary;
-pub mod breaker;
-pub mod cli;
 pub mod config;
-pub mod connector;
-pub mod discovery;
-pub mod engine_load;
-pub mod failure;
-pub mod fanout;
 pub mod flow;
-pub mod health;
-pub mod http;
-mod http1_framing;
-pub mod kv_check;
-pub mod kv_index;
-pub mod kv_intake;
-pub mod kv_tokens;
-pub mod legs;
-mod log_budget;
+pub mod front;
+pub mod kv_aware;
 pub mod metrics;
 pub mod pair;
 pub mod policy;
-pub mod prefill_time;
-pub mod relay;
-mod rename;
 pub mod request;
-pub mod retry;
-pub mod server;
-pub mod shutdown;
-pub mod topology;
-pub mod worker_client;
+pub mod upstream;
 pub mod workers;
 
 use std::sync::Arc;
@@ -44,11 +18,11 @@ use anyhow::Context;
 use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 
-pub use cli::RouteArgs;
+pub use config::cli::RouteArgs;
 use config::{Mode, RouterConfig};
 use flow::Router;
 use policy::Policy;
-use topology::Topology;
+use workers::topology::Topology;
 use workers::{Pool, Role};
 
 pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
@@ -72,7 +46,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let pool = |role, urls: &[String], dp, kind| {
         Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware, cfg.kv_aware_load_weight), &cfg.breaker)
     };
-    legs::new_client().context("cannot build the HTTP client")?;
+    upstream::legs::new_client().context("cannot build the HTTP client")?;
     let topology = match cfg.mode {
         Mode::Disaggregated => Topology::Disaggregated {
             prefill: pool(Role::Prefill, &cfg.prefill, cfg.prefill_dp, cfg.prefill_policy),
@@ -89,15 +63,15 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     Ok(Router {
         needs_request_info,
         topology,
-        admission: admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
+        admission: flow::admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
         metrics: Arc::new(metrics::RouterMetrics::new()),
         tokenizer,
         kv_index: kv_aware.then(Arc::default),
         model_tokenizer,
         worker_auth,
-        retry_budget: retry::RetryBudget::new(&cfg.retry),
+        retry_budget: pair::retry::RetryBudget::new(&cfg.retry),
         drain: Arc::default(),
-        prefill_time: prefill_time::PrefillTime::default(),
+        prefill_time: pair::prefill_time::PrefillTime::default(),
         body_budget: crate::api::body::BodyBudget::new(cfg.boundary.body_budget),
         cfg,
     })
@@ -106,7 +80,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
 pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let mut cfg = args.to_config().map_err(anyhow::Error::msg)?;
     let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::H2AndHttp1)?;
-    worker_client::use_tls(args.worker_tls.client_config()?);
+    upstream::client::use_tls(args.worker_tls.client_config()?);
     let serving_threads = args.worker_threads.map(usize::from);
     let host = cfg.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener =
@@ -115,33 +89,34 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     // Port 0 picked one: it is the port no worker may be on (the router itself).
     cfg.boundary.worker_hosts.own_port = port;
     let discovery = match &cfg.discovery {
-        Some(address) => Some(discovery::bind(address).await?),
+        Some(address) => Some(workers::discovery::bind(address).await?),
         None => None,
     };
     let router = Arc::new(build(cfg)?);
     if let Some(socket) = discovery {
         let b = &router.cfg.boundary;
-        let rules = discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
-        tokio::spawn(discovery::run(router.clone(), socket, rules));
+        let rules =
+            workers::discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
+        tokio::spawn(workers::discovery::run(router.clone(), socket, rules));
     }
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().reload_on_change());
     }
-    tokio::spawn(health::run(router.clone()));
-    tokio::spawn(health::maintain(router.clone()));
+    tokio::spawn(workers::health::run(router.clone()));
+    tokio::spawn(workers::health::maintain(router.clone()));
     if let Some(index) = router.kv_index.clone() {
-        tokio::spawn(kv_intake::run(router.clone(), index));
-        tokio::spawn(engine_load::run(router.clone()));
+        tokio::spawn(kv_aware::intake::run(router.clone(), index));
+        tokio::spawn(kv_aware::engine_load::run(router.clone()));
     }
-    server::raise_fd_limit();
+    front::server::raise_fd_limit();
     let cfg = &router.cfg;
     let drain = router.drain.clone();
     let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let limits = server::ConnectionLimits { max_connections: cfg.max_connections, h2_streams: cfg.boundary.h2_streams };
-    let connections = server::spawn_serving_threads(
+    let limits = front::server::ConnectionLimits { max_connections: cfg.max_connections, h2_streams: cfg.boundary.h2_streams };
+    let connections = front::server::spawn_serving_threads(
         listener.into_std()?,
         threads,
-        http::app(router.clone()),
+        front::app(router.clone()),
         cfg.timeouts.clone(),
         limits,
         tls.clone(),

@@ -281,7 +281,7 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
-        .pool_idle_timeout(crate::router::legs::WORKER_CONNECTION_IDLE)
+        .pool_idle_timeout(crate::router::upstream::legs::WORKER_CONNECTION_IDLE)
         .build()?;
     let cluster = start_cluster(a, exe, &dir, &client).await?;
     let port = free_ports(1)?[0];

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::router::kv_index::block_hashes;
+use crate::router::kv_aware::index::block_hashes;
 
 /// Cached tokens over prompt tokens for `prompts` through an LRU of `capacity` blocks.
 pub fn hit_rate(prompts: &[Vec<u32>], block_size: usize, capacity: usize) -> f64 {
@@ -18,7 +18,7 @@ pub fn hit_rate(prompts: &[Vec<u32>], block_size: usize, capacity: usize) -> f64
     for p in prompts {
         let keys = block_hashes(p, block_size);
         let held = keys.iter().take_while(|k| lru.contains(**k)).count();
-        hit += crate::router::kv_check::predicted(p.len(), held, block_size);
+        hit += crate::router::kv_aware::check::predicted(p.len(), held, block_size);
         total += p.len();
         for k in keys {
             lru.touch(k);

@@ -55,7 +55,7 @@ mod tests {
 
     #[test]
     fn the_payload_is_what_the_router_reads() {
-        let ping = crate::router::discovery::parse_ping(&ping_payload(true, "127.0.0.1:8100", "127.0.0.1:21001")).unwrap();
+        let ping = crate::router::workers::discovery::parse_ping(&ping_payload(true, "127.0.0.1:8100", "127.0.0.1:21001")).unwrap();
         assert_eq!(ping.zmq_address, "127.0.0.1:21001");
         assert_eq!(ping.url, "http://127.0.0.1:8100");
         assert!(!ping_payload(false, "a:1", "b:2").is_empty());

@@ -137,7 +137,7 @@ pub fn client() -> reqwest::Client {
     // Idle connections reused only under 4 s: the simulator and vLLM close them at 5 s.
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
-        .pool_idle_timeout(disagg::router::legs::WORKER_CONNECTION_IDLE)
+        .pool_idle_timeout(disagg::router::upstream::legs::WORKER_CONNECTION_IDLE)
         .build()
         .unwrap()
 }

@@ -110,8 +110,8 @@ pub async fn run() {
         let (s2, got) = post(&format!("{}{path}", sim.url), &body).await;
         assert_eq!((s1, s2), (200, 200), "{want} / {got}");
         assert_eq!(ids(&got), ids(&want), "{path} of {body}");
-        let client_body = disagg::router::body::ClientBody::parse(serde_json::to_vec(&body).unwrap().into()).unwrap();
-        let routed = disagg::router::kv_tokens::prompt_tokens(&client_body, Some(&router_tokenizer));
+        let client_body = disagg::router::request::body::ClientBody::parse(serde_json::to_vec(&body).unwrap().into()).unwrap();
+        let routed = disagg::router::kv_aware::tokens::prompt_tokens(&client_body, Some(&router_tokenizer));
         if ids(&want).len() == 1 {
             assert_eq!(routed.map(|t| json!(t)), Some(ids(&want)[0].clone()), "the router's tokens for {body}");
         }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use clap::ValueEnum;
 use rand::Rng;
 
-use super::config::CacheAwareConfig;
-use super::workers::Worker;
+use crate::router::config::CacheAwareConfig;
+use crate::router::workers::Worker;
 pub use prefix::PrefixIndex;
 pub use ring::HashRing;
 
@@ -62,9 +62,9 @@ pub struct KvView {
     pub tokens: usize,
     pub block_size: usize,
     pub blocks: usize,
-    pub held: std::collections::HashMap<super::kv_index::Holder, usize>,
+    pub held: std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>,
     /// Blocks indexed per holder: among equals, the emptier cache takes a new prompt.
-    pub indexed: std::collections::HashMap<super::kv_index::Holder, usize>,
+    pub indexed: std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>,
 }
 
 impl RequestInfo {
@@ -256,8 +256,8 @@ fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, lo
     for &c in candidates.iter().cycle().skip(turn % n).take(n) {
         let w = &workers[c];
         for rank in 0..w.served_ranks() {
-            let holder = super::kv_index::Holder { url: w.url.clone(), rank };
-            let of = |m: Option<&std::collections::HashMap<super::kv_index::Holder, usize>>| {
+            let holder = crate::router::kv_aware::index::Holder { url: w.url.clone(), rank };
+            let of = |m: Option<&std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>>| {
                 m.and_then(|m| m.get(&holder)).copied().unwrap_or(0)
             };
             let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));

@@ -7,9 +7,9 @@
 
 use serde_json::{Map, Value};
 
-use super::body::ClientBody;
-use super::flow::Router;
-use super::workers::Role;
+use crate::router::flow::Router;
+use crate::router::request::body::ClientBody;
+use crate::router::workers::Role;
 use crate::tokenize::ModelTokenizer;
 
 /// The keys of a chat body the template reads.
@@ -51,7 +51,7 @@ pub fn is_text(body: &ClientBody) -> bool {
 pub async fn render(router: &Router, body: &ClientBody) -> Option<Vec<u32>> {
     let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
     let worker = router.topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
-    let mut req = super::legs::client()
+    let mut req = crate::router::upstream::legs::client()
         .post(format!("{}{path}", worker.url))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.raw().clone())

@@ -18,10 +18,10 @@
 
 use axum::http::HeaderValue;
 
-use super::body::Pieces;
-use super::request::{LegBodies, NIXL_PREFILL_PARAMS};
-use super::workers::{Lease, Worker};
 use crate::api::kv_params;
+use crate::router::request::body::Pieces;
+use crate::router::request::{LegBodies, NIXL_PREFILL_PARAMS};
+use crate::router::workers::{Lease, Worker};
 
 /// The legs of one pair attempt.
 pub struct PairLegs {

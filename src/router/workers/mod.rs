@@ -11,12 +11,17 @@
 //! other's reservations and does not herd. The reservation is a `Lease`, released when
 //! dropped, on every path.
 
+pub mod breaker;
+pub mod discovery;
+pub mod health;
+pub mod topology;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::breaker::{Admit, Breaker, Circuit};
-use super::config::{BreakerConfig, HealthConfig};
-use super::policy::{Policy, RequestInfo};
+use crate::router::config::{BreakerConfig, HealthConfig};
+use crate::router::policy::{Policy, RequestInfo};
+use crate::router::workers::breaker::{Admit, Breaker, Circuit};
 
 pub use crate::api::Role;
 
@@ -248,8 +253,8 @@ impl Lease {
         self.rank
     }
     /// The reserved rank as the KV index names it.
-    pub fn holder(&self) -> super::kv_index::Holder {
-        super::kv_index::Holder { url: self.worker.url.clone(), rank: self.rank }
+    pub fn holder(&self) -> crate::router::kv_aware::index::Holder {
+        crate::router::kv_aware::index::Holder { url: self.worker.url.clone(), rank: self.rank }
     }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
     pub fn dp_rank(&self) -> Option<usize> {

@@ -28,8 +28,8 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 
-use super::http1_framing::{Chunked, Framing};
-use super::legs::WORKER_CONNECTION_IDLE;
+use crate::router::upstream::framing::{Chunked, Framing};
+use crate::router::upstream::legs::WORKER_CONNECTION_IDLE;
 
 /// The client configuration for https workers (--worker-ssl-*), set once at start.
 static TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
@@ -476,5 +476,5 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 #[cfg(test)]
-#[path = "worker_client_tests.rs"]
+#[path = "client_tests.rs"]
 mod tests;

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
-use super::connector::Connector;
-pub use super::policy::PolicyKind;
 pub use crate::api::join_host_port;
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
+use crate::router::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
+use crate::router::pair::connector::Connector;
+pub use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Router")]
@@ -63,7 +63,7 @@ pub struct RouteArgs {
     /// The KV connector the engines run, which decides each leg's body and request id
     /// [default: nixl; p2pnccl with --vllm-discovery-address].
     #[arg(long, value_enum)]
-    pub kv_connector: Option<super::connector::Connector>,
+    pub kv_connector: Option<crate::router::pair::connector::Connector>,
     /// Bind a ZMQ ROUTER here for P2pNccl engines to register with (vLLM's xPyD proxy's
     /// service discovery; `0.0.0.0:30002` in the runbook). Registered engines join the
     /// router's pools and leave 5 s after their last ping. Trust: whoever can reach this
@@ -265,7 +265,7 @@ pub struct RouteArgs {
     pub admin_api_key: Option<String>,
 
     #[command(flatten)]
-    pub boundary: super::boundary::BoundaryArgs,
+    pub boundary: crate::router::config::boundary::BoundaryArgs,
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
@@ -387,8 +387,9 @@ impl RouteArgs {
             prefill
                 .iter()
                 .map(|url| {
-                    let port = ports.iter().find(|(u, _)| u == url).map_or(super::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
-                    (url.clone(), super::connector::mooncake_bootstrap(url, port))
+                    let port =
+                        ports.iter().find(|(u, _)| u == url).map_or(crate::router::pair::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
+                    (url.clone(), crate::router::pair::connector::mooncake_bootstrap(url, port))
                 })
                 .collect()
         } else if let Some((url, port)) = ports.first() {
@@ -475,7 +476,7 @@ impl RouteArgs {
                 max_tree_size: usize::try_from(self.max_tree_size).unwrap_or(usize::MAX),
                 max_prefix: usize::try_from(self.cache_aware_max_prefix).unwrap_or(usize::MAX),
                 max_entries: usize::try_from(self.cache_aware_max_memory_mb << 20).unwrap_or(usize::MAX)
-                    / super::policy::PrefixIndex::BYTES_PER_ENTRY,
+                    / crate::router::policy::PrefixIndex::BYTES_PER_ENTRY,
             },
             model_path: self.model_path.clone(),
             kv_aware_load_weight: self.kv_aware_load_weight,

@@ -9,16 +9,16 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 
-use super::connector::{self, Connector};
-use super::flow::Router;
-use super::workers::Role;
+use crate::router::flow::Router;
+use crate::router::pair::connector::{self, Connector};
+use crate::router::workers::Role;
 
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(router: Arc<Router>) {
     let cfg = router.cfg.health.clone();
-    let client = match super::legs::control_client(Some(cfg.timeout)) {
+    let client = match crate::router::upstream::legs::control_client(Some(cfg.timeout)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the health-check client: {e}");
@@ -49,7 +49,7 @@ pub async fn run(router: Arc<Router>) {
                 let (mut ok, mut detail) = match client.get(&url).send().await {
                     Ok(r) if r.status().is_success() => (true, String::new()),
                     Ok(r) => (false, format!("{url} answered {}", r.status())),
-                    Err(e) => (false, with_tls_hint(&url, super::legs::chain(&e))),
+                    Err(e) => (false, with_tls_hint(&url, crate::router::upstream::legs::chain(&e))),
                 };
                 // A Mooncake prefill is usable once its decodes can name it: its engine id
                 // per DP rank, which changes when the engine restarts.
@@ -80,7 +80,7 @@ pub async fn run(router: Arc<Router>) {
 /// (vLLM's `--ssl-cert-reqs 2`: uvicorn closes without an alert under TLS 1.3).
 fn with_tls_hint(url: &str, error: String) -> String {
     let dropped = error.contains("close_notify") || error.contains("reset by peer");
-    if url.starts_with("https://") && dropped && !super::worker_client::presents_client_certificate() {
+    if url.starts_with("https://") && dropped && !crate::router::upstream::client::presents_client_certificate() {
         return format!("{url}: {error} (does the worker require a client certificate? --worker-ssl-certfile)");
     }
     format!("{url}: {error}")

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::flow::Router;
-use super::kv_index::{Holder, KvIndex};
 use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
+use crate::router::flow::Router;
+use crate::router::kv_aware::index::{Holder, KvIndex};
 use crate::zmtp::{self, Limits, SocketType};
 
 /// How often the worker set is reconciled with the subscriptions.
@@ -37,7 +37,8 @@ const REPLAY_MAX_BATCHES: usize = 20_000;
 const REPLAY_MAX_BYTES: usize = 256 << 20;
 
 pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
-    let client = super::legs::control_client(Some(Duration::from_secs(5))).expect("the HTTP client built at start-up builds again");
+    let client = crate::router::upstream::legs::control_client(Some(Duration::from_secs(5)))
+        .expect("the HTTP client built at start-up builds again");
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     loop {

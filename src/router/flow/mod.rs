@@ -6,6 +6,11 @@
 //! answer (fanout.rs) → relay the answer (relay.rs).
 //! docs/FAILURES.md is the contract this file implements.
 
+pub mod admission;
+pub mod drain;
+pub mod fanout;
+pub mod relay;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -14,22 +19,21 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::admission::{Admission, Refused};
-use super::body::ClientBody;
-use super::config::RouterConfig;
-use super::failure::{Cause, Failure};
-use super::fanout;
-use super::metrics::{RequestRecord, RouterMetrics};
-use super::pair::{self, Job, LegTemplate};
-use super::policy::RequestInfo;
-use super::relay::{self, Held};
-use super::request::{self, LegBodies};
-use super::retry::RetryBudget;
-use super::shutdown::{Drain, Phase};
-use super::topology::Topology;
 use crate::api::body::{read_within, require_json, BodyBudget, Budgeted};
 use crate::api::fields::Api;
 use crate::api::ApiError;
+use crate::router::config::RouterConfig;
+use crate::router::flow::admission::{Admission, Refused};
+use crate::router::flow::drain::{Drain, Phase};
+use crate::router::metrics::{RequestRecord, RouterMetrics};
+use crate::router::pair::failure::{Cause, Failure};
+use crate::router::pair::retry::RetryBudget;
+use crate::router::pair::{self, Job, LegTemplate};
+use crate::router::policy::RequestInfo;
+use crate::router::request::body::ClientBody;
+use crate::router::request::{self, LegBodies};
+use crate::router::workers::topology::Topology;
+use relay::Held;
 
 /// Everything the router shares between requests.
 pub struct Router {
@@ -42,14 +46,14 @@ pub struct Router {
     pub tokenizer: Option<tokenizers::Tokenizer>,
     /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
     /// tokenizer and chat template to key prompts as the engine does.
-    pub kv_index: Option<Arc<super::kv_index::KvIndex>>,
+    pub kv_index: Option<Arc<crate::router::kv_aware::index::KvIndex>>,
     pub model_tokenizer: Option<crate::tokenize::ModelTokenizer>,
     /// `Authorization` sent to workers (--api-key); without it, the client's is passed on
     /// unless client keys are configured (flow.rs, `worker_authorization`).
     pub worker_auth: Option<HeaderValue>,
     pub retry_budget: RetryBudget,
     pub drain: Arc<Drain>,
-    pub prefill_time: super::prefill_time::PrefillTime,
+    pub prefill_time: crate::router::pair::prefill_time::PrefillTime,
     /// Request-body bytes held at once (--max-body-bytes-in-flight).
     pub body_budget: BodyBudget,
 }
@@ -161,7 +165,7 @@ async fn serve(
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
     match pair::run(router, job.clone()).await {
         Ok(answer) => {
-            let prediction = job.info.kv.as_ref().and_then(|kv| super::kv_check::predict(kv, &answer));
+            let prediction = job.info.kv.as_ref().and_then(|kv| crate::router::kv_aware::check::predict(kv, &answer));
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
             if let Some((prefill, answered)) = served {
@@ -189,8 +193,12 @@ fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderVa
 
 /// `--worker-headers`: the prefill rank that ran the prefill leg (none when the worker
 /// answered alone) and the rank that answered, as `URL; rank=N`.
-fn name_workers(h: &mut HeaderMap, prefill: Option<&super::kv_index::Holder>, answered: &super::kv_index::Holder) {
-    let value = |w: &super::kv_index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
+fn name_workers(
+    h: &mut HeaderMap,
+    prefill: Option<&crate::router::kv_aware::index::Holder>,
+    answered: &crate::router::kv_aware::index::Holder,
+) {
+    let value = |w: &crate::router::kv_aware::index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
     if let Some(v) = prefill.and_then(value) {
         h.insert("x-disagg-prefill", v);
     }
@@ -232,7 +240,7 @@ pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBo
     if router.kv_index.is_some() {
         // Text without a local tokenizer: the engine's own render endpoint tokenizes it.
         let rendered = match router.model_tokenizer {
-            None if super::kv_tokens::is_text(body) => super::kv_tokens::render(router, body).await,
+            None if crate::router::kv_aware::tokens::is_text(body) => crate::router::kv_aware::tokens::render(router, body).await,
             _ => None,
         };
         // Tokenizing a long prompt is CPU work proportional to its size: off the async
@@ -244,12 +252,13 @@ pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBo
 }
 
 /// kv_aware's view of a prompt: its blocks, and how many of them each rank holds.
-fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Option<super::policy::KvView> {
+fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Option<crate::router::policy::KvView> {
     let index = router.kv_index.as_ref()?;
-    let tokens = rendered.or_else(|| super::kv_tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
+    let tokens =
+        rendered.or_else(|| crate::router::kv_aware::tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
     let block_size = index.block_size();
-    let keys = super::kv_index::block_hashes(&tokens, block_size);
-    Some(super::policy::KvView {
+    let keys = crate::router::kv_aware::index::block_hashes(&tokens, block_size);
+    Some(crate::router::policy::KvView {
         tokens: tokens.len(),
         block_size,
         blocks: keys.len(),

@@ -9,6 +9,9 @@
 //!   a client sends never decides which host an engine connects to or which blocks it reads.
 //! - `request_info`: what policies read (session key, prompt start).
 
+pub mod body;
+mod scan;
+
 use std::ops::Range;
 
 use axum::http::HeaderMap;
@@ -16,10 +19,10 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::body::{ClientBody, Pieces};
-use super::policy::RequestInfo;
 use crate::api::fields::{check_generation, Api, Generation};
 use crate::api::ApiError;
+use crate::router::policy::RequestInfo;
+use crate::router::request::body::{ClientBody, Pieces};
 
 /// Fields through which a client could steer a KV (or encoder cache) transfer.
 const STEERING: &[&str] = &["kv_transfer_params", "ec_transfer_params"];

@@ -12,12 +12,12 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::cli::normalize_url;
-use super::connector::Connector;
-use super::flow::Router;
-use super::http::worker_json;
-use super::workers::{Pool, Role, Worker};
 use crate::api::{ApiError, ErrorKind};
+use crate::router::config::cli::normalize_url;
+use crate::router::flow::Router;
+use crate::router::front::worker_json;
+use crate::router::pair::connector::Connector;
+use crate::router::workers::{Pool, Role, Worker};
 
 pub fn routes() -> axum::Router<Arc<Router>> {
     axum::Router::new()
@@ -92,9 +92,10 @@ async fn add(r: &Router, w: NewWorker) -> Response {
         Err(resp) => return resp,
     };
     let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
-        (Connector::Mooncake, Role::Prefill, port) => {
-            Some(super::connector::mooncake_bootstrap(&url, port.unwrap_or(super::connector::MOONCAKE_BOOTSTRAP_PORT)))
-        }
+        (Connector::Mooncake, Role::Prefill, port) => Some(crate::router::pair::connector::mooncake_bootstrap(
+            &url,
+            port.unwrap_or(crate::router::pair::connector::MOONCAKE_BOOTSTRAP_PORT),
+        )),
         (_, _, Some(_)) => return bad("bootstrap_port is a Mooncake prefill's; this router's connector or the role takes none"),
         _ => None,
     };

@@ -6,9 +6,9 @@
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
-use super::legs::{Leg, LegError};
-use super::workers::{NoWorker, Role};
 use crate::api::{ApiError, ErrorKind};
+use crate::router::upstream::legs::{Leg, LegError};
+use crate::router::workers::{NoWorker, Role};
 
 /// Why a request failed, for the error metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

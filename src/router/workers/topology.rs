@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::workers::{Pool, Role, Worker};
+use crate::router::workers::{Pool, Role, Worker};
 
 pub enum Topology {
     Disaggregated { prefill: Pool, decode: Pool },

@@ -20,11 +20,11 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::boundary::{Networks, WorkerHosts};
-use super::cli::{join_host_port, normalize_url};
-use super::flow::Router;
-use super::log_budget::LogBudget;
-use super::workers::Role;
+use crate::log_budget::LogBudget;
+use crate::router::config::boundary::{Networks, WorkerHosts};
+use crate::router::config::cli::{join_host_port, normalize_url};
+use crate::router::flow::Router;
+use crate::router::workers::Role;
 use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 
 /// An engine is gone this long after its last ping (vLLM's engines ping every 3 s).

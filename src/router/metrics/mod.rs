@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use super::breaker::Circuit;
-use super::failure::Cause;
-use super::workers::Pool;
+use crate::router::pair::failure::Cause;
+use crate::router::workers::breaker::Circuit;
+use crate::router::workers::Pool;
 
 pub struct RouterMetrics {
     registry: Registry,
@@ -84,7 +84,7 @@ impl RouterMetrics {
         self.retries.with_label_values(&[leg]).inc();
     }
 
-    pub fn leg_error(&self, leg: super::legs::Leg, err: &super::legs::LegError) {
+    pub fn leg_error(&self, leg: crate::router::upstream::legs::Leg, err: &crate::router::upstream::legs::LegError) {
         self.leg_errors.with_label_values(&[leg.as_str(), err.kind()]).inc();
     }
 

@@ -18,16 +18,16 @@ use futures_util::stream;
 use futures_util::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::failure::Cause;
-use super::kv_check::{reported_in_stream, reported_whole, Prediction};
-use super::legs::StartedBody;
-use super::metrics::RequestRecord;
-use super::pair::Answer;
-use super::rename::Rename;
-use super::shutdown::{Active, Drain, Phase};
-use super::worker_client;
-use super::workers::Lease;
 use crate::api::{sse, ApiError, ErrorKind};
+use crate::router::flow::drain::{Active, Drain, Phase};
+use crate::router::kv_aware::check::{reported_in_stream, reported_whole, Prediction};
+use crate::router::metrics::RequestRecord;
+use crate::router::pair::failure::Cause;
+use crate::router::pair::rename::Rename;
+use crate::router::pair::Answer;
+use crate::router::upstream::client as worker_client;
+use crate::router::upstream::legs::StartedBody;
+use crate::router::workers::Lease;
 
 /// What a request holds until its answer is over.
 pub struct Held {

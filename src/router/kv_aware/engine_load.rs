@@ -11,16 +11,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::flow::Router;
-use super::workers::Worker;
 use crate::api::prom::{label, samples};
+use crate::router::flow::Router;
+use crate::router::workers::Worker;
 
 const POLL: Duration = Duration::from_secs(1);
 /// A vLLM /metrics page is tens of KiB; more is not read.
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
 pub async fn run(router: Arc<Router>) {
-    let client = match super::legs::control_client(Some(router.cfg.health.timeout)) {
+    let client = match crate::router::upstream::legs::control_client(Some(router.cfg.health.timeout)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the engine-load client: {e}");

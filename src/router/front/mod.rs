@@ -3,6 +3,9 @@
 //! it (they list internal addresses). /health and /healthcheck stay open for probes and
 //! name no worker (registered engines are listed to the admin key only).
 
+pub mod admin;
+pub mod server;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +19,10 @@ use axum::routing::{get, post};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use super::flow::{self, Endpoint, Router};
-use super::topology::Topology;
-use super::workers::{Pool, Role, Worker};
 use crate::api::{ApiError, ErrorKind};
+use crate::router::flow::{self, Endpoint, Router};
+use crate::router::workers::topology::Topology;
+use crate::router::workers::{Pool, Role, Worker};
 
 pub fn app(router: Arc<Router>) -> axum::Router {
     axum::Router::new()
@@ -30,7 +33,7 @@ pub fn app(router: Arc<Router>) -> axum::Router {
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
-        .merge(if router.cfg.auth.admin_key.is_some() { super::admin::routes() } else { axum::Router::new() })
+        .merge(if router.cfg.auth.admin_key.is_some() { crate::router::front::admin::routes() } else { axum::Router::new() })
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
         .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
@@ -64,7 +67,7 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
     if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
         return unauthorized("this router needs a client API key");
     }
-    let admin_call = super::admin::is_admin_path(path) || (path == "/workers" && req.method() != axum::http::Method::GET);
+    let admin_call = crate::router::front::admin::is_admin_path(path) || (path == "/workers" && req.method() != axum::http::Method::GET);
     if admin_call && auth.admin_key.is_none() {
         return ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY")
             .into_response();
@@ -101,7 +104,7 @@ async fn models(State(r): State<Arc<Router>>) -> Response {
     for w in workers.iter().filter(|w| w.is_healthy()) {
         tried += 1;
         let url = format!("{}/v1/models", w.url);
-        let mut req = super::legs::client().get(&url).timeout(Duration::from_secs(5));
+        let mut req = crate::router::upstream::legs::client().get(&url).timeout(Duration::from_secs(5));
         if let Some(auth) = &r.worker_auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }
@@ -113,7 +116,7 @@ async fn models(State(r): State<Arc<Router>>) -> Response {
                 _ => tracing::warn!(worker = %w.url, "/v1/models: the answer is not JSON"),
             },
             Ok(resp) => tracing::warn!(worker = %w.url, "/v1/models answered {}", resp.status()),
-            Err(e) => tracing::warn!(worker = %w.url, "/v1/models: {}", super::legs::chain(&e)),
+            Err(e) => tracing::warn!(worker = %w.url, "/v1/models: {}", crate::router::upstream::legs::chain(&e)),
         }
     }
     let detail = if tried == 0 { "no healthy worker".to_string() } else { format!("{tried} healthy workers tried, none answered") };

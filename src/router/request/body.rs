@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 
-use super::body_scan::{self, Field};
+use crate::router::request::scan::{self, Field};
 
 use crate::api::{validation_error, ApiError, ErrorKind};
 
@@ -21,7 +21,7 @@ pub struct ClientBody {
 impl ClientBody {
     /// Scans a body that must be one JSON object; errors are vLLM's.
     pub fn parse(raw: Bytes) -> Result<ClientBody, ApiError> {
-        match body_scan::scan(&raw) {
+        match scan::scan(&raw) {
             Ok(fields) => Ok(ClientBody { raw, fields }),
             Err(e) => Err(not_an_object(&raw, &e)),
         }

@@ -16,15 +16,15 @@ use futures_util::stream::{self, BoxStream, SelectAll};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::body::ClientBody;
-use super::failure::{Cause, Failure};
-use super::flow::{info_for, Router};
-use super::legs::StartedBody;
-use super::pair::{self, Job, LegTemplate};
-use super::relay::{Held, Piece, Upstream};
-use super::request::{self, LegBodies, Shape};
 use crate::api::sse::{self, EventSplitter};
 use crate::api::{ApiError, ErrorKind};
+use crate::router::flow::relay::{Held, Piece, Upstream};
+use crate::router::flow::{info_for, Router};
+use crate::router::pair::failure::{Cause, Failure};
+use crate::router::pair::{self, Job, LegTemplate};
+use crate::router::request::body::ClientBody;
+use crate::router::request::{self, LegBodies, Shape};
+use crate::router::upstream::legs::StartedBody;
 
 /// Runs every generation and merges their answers; on failure, hands the held request
 /// back with the failure (the first generation to fail decides it; the others are dropped).
@@ -74,7 +74,7 @@ pub async fn run(
             return Err((Failure::api(broken, Cause::DecodeFailed), held));
         };
         let merged = serde_json::to_vec(&merge_whole(parts, n)).expect("JSON serialises");
-        ("application/json", super::relay::whole(Bytes::from(merged), held))
+        ("application/json", crate::router::flow::relay::whole(Bytes::from(merged), held))
     } else if wholes.is_empty() {
         (sse::CONTENT_TYPE, merged_stream(streams, n, held))
     } else {

@@ -12,10 +12,10 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::body::{ClientBody, Pieces};
-use super::worker_client;
-use super::workers::Lease;
 use crate::api::sse::{self, EventSplitter};
+use crate::router::request::body::{ClientBody, Pieces};
+use crate::router::upstream::client as worker_client;
+use crate::router::workers::Lease;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leg {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::config::RetryConfig;
+use crate::router::config::RetryConfig;
 
 /// Seconds per bucket; the budget looks at the current and the previous bucket.
 const BUCKET_SECS: u64 = 5;

@@ -5,6 +5,12 @@
 //! way that may have used the KV. Colocated: one leg, retried on other workers.
 //! docs/FAILURES.md is the contract this file implements.
 
+pub mod connector;
+pub mod failure;
+pub mod prefill_time;
+pub mod rename;
+pub mod retry;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +18,14 @@ use axum::http::HeaderValue;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::body::Pieces;
-use super::failure::Failure;
-use super::flow::Router;
-use super::legs::{self, Leg, LegError, LegRequest, Sent, Started};
-use super::policy::RequestInfo;
-use super::request::LegBodies;
-use super::retry;
-use super::topology::Topology;
-use super::workers::{Lease, NoWorker, Pool, Worker};
+use crate::router::flow::Router;
+use crate::router::pair::failure::Failure;
+use crate::router::policy::RequestInfo;
+use crate::router::request::body::Pieces;
+use crate::router::request::LegBodies;
+use crate::router::upstream::legs::{self, Leg, LegError, LegRequest, Sent, Started};
+use crate::router::workers::topology::Topology;
+use crate::router::workers::{Lease, NoWorker, Pool, Worker};
 
 /// What each leg of one generation sends besides its body.
 #[derive(Clone)]
@@ -69,11 +74,11 @@ pub struct Answer {
     pub since: Instant,
     /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
     /// reports its prefill's, a decode alone its own (None where unknown).
-    pub cache_from: Option<super::kv_index::Holder>,
+    pub cache_from: Option<crate::router::kv_aware::index::Holder>,
     /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
-    pub prefill: Option<super::kv_index::Holder>,
+    pub prefill: Option<crate::router::kv_aware::index::Holder>,
     /// The leg id to replace by the client's in the answer (P2pNccl's names both engines).
-    pub rename: Option<super::rename::Rename>,
+    pub rename: Option<crate::router::pair::rename::Rename>,
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
@@ -286,10 +291,10 @@ async fn run_pair(
                     router.metrics.abandoned_decode();
                 } else {
                     router.metrics.leg_time("decode_first_byte", t);
-                    let prefill = super::kv_index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
-                    let cache_from = (connector == super::connector::Connector::Nixl).then(|| prefill.clone());
+                    let prefill = crate::router::kv_aware::index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
+                    let cache_from = (connector == crate::router::pair::connector::Connector::Nixl).then(|| prefill.clone());
                     let rename = (req.request_id != job.leg.request_id)
-                        .then(|| super::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
+                        .then(|| crate::router::pair::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
                     let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill), rename }));
                 }
                 return;

@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::config::BreakerConfig;
+use crate::router::config::BreakerConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Circuit {

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use super::kv_index::Holder;
-use super::metrics::RouterMetrics;
-use super::pair::Answer;
-use super::policy::KvView;
+use crate::router::kv_aware::index::Holder;
+use crate::router::metrics::RouterMetrics;
+use crate::router::pair::Answer;
+use crate::router::policy::KvView;
 
 #[derive(Deserialize)]
 struct Reported {

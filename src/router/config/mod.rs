@@ -1,8 +1,11 @@
 //! The router's configuration, checked: what the command line (cli.rs) turns into.
 
+pub mod boundary;
+pub mod cli;
+
 use std::time::Duration;
 
-use super::policy::PolicyKind;
+use crate::router::policy::PolicyKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -102,7 +105,7 @@ pub struct RouterConfig {
     pub host: String,
     pub port: u16,
     pub mode: Mode,
-    pub connector: super::connector::Connector,
+    pub connector: crate::router::pair::connector::Connector,
     /// Where P2pNccl engines register (`--vllm-discovery-address`).
     pub discovery: Option<String>,
     /// Each Mooncake prefill's bootstrap server (`http://host:port`), by its URL.
@@ -135,5 +138,5 @@ pub struct RouterConfig {
     pub breaker: BreakerConfig,
     pub health: HealthConfig,
     pub auth: AuthConfig,
-    pub boundary: super::boundary::BoundaryConfig,
+    pub boundary: crate::router::config::boundary::BoundaryConfig,
 }

@@ -14,9 +14,9 @@ use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::config::Timeouts;
-use super::shutdown::{Drain, Phase};
 use crate::idle_close::{accept, IdleFrom};
+use crate::router::config::Timeouts;
+use crate::router::flow::drain::{Drain, Phase};
 use crate::tls::ServerTls;
 
 /// Serves `app` on `threads` threads, each with a runtime of its own accepting from

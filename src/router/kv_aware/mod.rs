@@ -1,0 +1,9 @@
+//! `kv_aware`: what each engine's KV cache holds, from its own KV events (docs/PROTOCOLS.md
+//! §6): the index, the intake of events, a prompt's tokens as the engine sees them, the
+//! check of predictions against what engines report, and the load engines report.
+
+pub mod check;
+pub mod engine_load;
+pub mod index;
+pub mod intake;
+pub mod tokens;
