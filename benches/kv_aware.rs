@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use disagg::api::kv_events::KvEvent;
-use disagg::router::kv_aware::index::{block_hashes, Holder, KvIndex};
+use disagg::router::kv_aware::index::{block_hashes, KvIndex}; use disagg::router::policy::WorkerRank;
 
 const BLOCK: usize = 16;
 
@@ -42,7 +42,7 @@ fn index_cost() {
     let mut spent = std::time::Duration::ZERO;
     let mut applied = 0usize;
     for r in 0..ranks {
-        let holder = Holder { url: format!("http://10.0.0.{r}:8000"), rank: 0 };
+        let holder = WorkerRank { url: format!("http://10.0.0.{r}:8000"), rank: 0 };
         let mut hash = (r as u64) << 40;
         let mut s = 0;
         while s < per_rank / run {
@@ -76,7 +76,7 @@ fn index_cost() {
 
 fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
     let index = KvIndex::default();
-    let holder = Holder { url: "http://10.0.0.1:8000".into(), rank: 0 };
+    let holder = WorkerRank { url: "http://10.0.0.1:8000".into(), rank: 0 };
     println!("per request (block keys + lookup; ms of CPU):");
     println!("{:>8} {:>12} {:>12} {:>14}", "tokens", "fresh", "cached", "tokenize text");
     for tokens in [1_000usize, 8_000, 32_000, 128_000] {

@@ -8,7 +8,7 @@ use clap::Args;
 pub use crate::api::join_host_port;
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 use crate::router::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
-use crate::router::pair::connector::Connector;
+use crate::api::connector::Connector;
 pub use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
@@ -63,7 +63,7 @@ pub struct RouteArgs {
     /// The KV connector the engines run, which decides each leg's body and request id
     /// [default: nixl; p2pnccl with --vllm-discovery-address].
     #[arg(long, value_enum)]
-    pub kv_connector: Option<crate::router::pair::connector::Connector>,
+    pub kv_connector: Option<crate::api::connector::Connector>,
     /// Bind a ZMQ ROUTER here for P2pNccl engines to register with (vLLM's xPyD proxy's
     /// service discovery; `0.0.0.0:30002` in the runbook). Registered engines join the
     /// router's pools and leave 5 s after their last ping. Trust: whoever can reach this
@@ -388,8 +388,8 @@ impl RouteArgs {
                 .iter()
                 .map(|url| {
                     let port =
-                        ports.iter().find(|(u, _)| u == url).map_or(crate::router::pair::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
-                    (url.clone(), crate::router::pair::connector::mooncake_bootstrap(url, port))
+                        ports.iter().find(|(u, _)| u == url).map_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
+                    (url.clone(), crate::router::upstream::bootstrap::address(url, port))
                 })
                 .collect()
         } else if let Some((url, port)) = ports.first() {

@@ -5,7 +5,10 @@ pub mod cli;
 
 use std::time::Duration;
 
-use crate::router::policy::PolicyKind;
+use crate::router::pair::retry::RetryConfig;
+use crate::router::policy::{CacheAwareConfig, PolicyKind};
+use crate::router::workers::breaker::BreakerConfig;
+use crate::router::workers::health::HealthConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -15,28 +18,7 @@ pub enum Mode {
     Regular,
 }
 
-#[derive(Debug, Clone)]
-pub struct CacheAwareConfig {
-    pub cache_threshold: f64,
-    pub balance_abs_threshold: usize,
-    pub balance_rel_threshold: f64,
-    pub eviction_interval: Duration,
-    /// Most prompt units (characters, or tokens with a tokenizer) indexed per worker.
-    pub max_tree_size: usize,
-    /// Units of each prompt's start that are indexed (the rest is not looked at).
-    pub max_prefix: usize,
-    /// Most index entries for all workers together (each ~100 bytes).
-    pub max_entries: usize,
-}
 
-#[derive(Debug, Clone)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub failure_threshold: u32,
-    pub success_threshold: u32,
-    pub endpoint: String,
-}
 
 /// Every time limit, each its own flag.
 #[derive(Debug, Clone)]
@@ -59,37 +41,7 @@ pub struct Timeouts {
     pub shutdown: Duration,
 }
 
-/// Per-worker circuit breaker (vllm-router's `--cb-*` flags).
-#[derive(Debug, Clone)]
-pub struct BreakerConfig {
-    pub enabled: bool,
-    /// Consecutive failures (within `window`) that open the circuit.
-    pub failure_threshold: u32,
-    /// Successful probes that close a half-open circuit.
-    pub success_threshold: u32,
-    /// How long an open circuit ejects the worker (doubled on each reopening, up to 8x).
-    pub open_for: Duration,
-    /// Failures older than this do not count.
-    pub window: Duration,
-}
 
-/// Retries of failed legs on other workers.
-#[derive(Debug, Clone)]
-pub struct RetryConfig {
-    /// Extra attempts of a failed leg on other workers (prefill leg; decode leg with the
-    /// same KV; colocated leg).
-    pub max_retries: u32,
-    /// A pair whose decode failed before its first byte is run again once.
-    pub rerun_pair: bool,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub multiplier: f64,
-    pub jitter: f64,
-    /// Retries may add this fraction of the requests of the last 10 s ...
-    pub budget_ratio: f64,
-    /// ... and at least this many per second.
-    pub budget_min_per_sec: f64,
-}
 
 /// Keys: clients', the admin's, and the one the router sends to workers.
 #[derive(Debug, Clone, Default)]
@@ -105,7 +57,7 @@ pub struct RouterConfig {
     pub host: String,
     pub port: u16,
     pub mode: Mode,
-    pub connector: crate::router::pair::connector::Connector,
+    pub connector: crate::api::connector::Connector,
     /// Where P2pNccl engines register (`--vllm-discovery-address`).
     pub discovery: Option<String>,
     /// Each Mooncake prefill's bootstrap server (`http://host:port`), by its URL.

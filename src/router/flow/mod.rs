@@ -26,7 +26,8 @@ use crate::router::config::RouterConfig;
 use crate::router::flow::admission::{Admission, Refused};
 use crate::router::flow::drain::{Drain, Phase};
 use crate::router::metrics::{RequestRecord, RouterMetrics};
-use crate::router::pair::failure::{Cause, Failure};
+use crate::router::metrics::Cause;
+use crate::router::pair::failure::Failure;
 use crate::router::pair::retry::RetryBudget;
 use crate::router::pair::{self, Job, LegTemplate};
 use crate::router::policy::RequestInfo;
@@ -195,10 +196,10 @@ fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderVa
 /// answered alone) and the rank that answered, as `URL; rank=N`.
 fn name_workers(
     h: &mut HeaderMap,
-    prefill: Option<&crate::router::kv_aware::index::Holder>,
-    answered: &crate::router::kv_aware::index::Holder,
+    prefill: Option<&crate::router::policy::WorkerRank>,
+    answered: &crate::router::policy::WorkerRank,
 ) {
-    let value = |w: &crate::router::kv_aware::index::Holder| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
+    let value = |w: &crate::router::policy::WorkerRank| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
     if let Some(v) = prefill.and_then(value) {
         h.insert("x-disagg-prefill", v);
     }

@@ -22,7 +22,7 @@ use crate::api::{sse, ApiError, ErrorKind};
 use crate::router::flow::drain::{Active, Drain, Phase};
 use crate::router::kv_aware::check::{reported_in_stream, reported_whole, Prediction};
 use crate::router::metrics::RequestRecord;
-use crate::router::pair::failure::Cause;
+use crate::router::metrics::Cause;
 use crate::router::pair::rename::Rename;
 use crate::router::pair::Answer;
 use crate::router::upstream::client as worker_client;
@@ -43,7 +43,7 @@ pub struct Held {
 impl Held {
     /// The answer reached its end (normally, or with an error event the client got).
     pub fn finish(&mut self) {
-        self.record.metrics().leg_time("decode_total", self.started);
+        self.record.metrics().leg_time(crate::router::metrics::LegTime::DecodeTotal, self.started);
         self.record.finish();
     }
 }

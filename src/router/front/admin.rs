@@ -16,7 +16,7 @@ use crate::api::{ApiError, ErrorKind};
 use crate::router::config::cli::normalize_url;
 use crate::router::flow::Router;
 use crate::router::front::worker_json;
-use crate::router::pair::connector::Connector;
+use crate::api::connector::Connector;
 use crate::router::workers::{Pool, Role, Worker};
 
 pub fn routes() -> axum::Router<Arc<Router>> {
@@ -78,7 +78,7 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     // A leaked admin key must not point legs (carrying prompts) at any host: the cloud's
     // metadata address, the router itself (docs/SECURITY.md).
     if let Err(e) = r.cfg.boundary.worker_hosts.check_url(&url).await {
-        r.metrics.refused("admin", "worker_host");
+        r.metrics.refused("admin", &OutsideWorkerHosts);
         return bad(e);
     }
     if w.dp_size == Some(0) || w.dp_size.is_some_and(|n| n > 1024) {
@@ -92,9 +92,9 @@ async fn add(r: &Router, w: NewWorker) -> Response {
         Err(resp) => return resp,
     };
     let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
-        (Connector::Mooncake, Role::Prefill, port) => Some(crate::router::pair::connector::mooncake_bootstrap(
+        (Connector::Mooncake, Role::Prefill, port) => Some(crate::router::upstream::bootstrap::address(
             &url,
-            port.unwrap_or(crate::router::pair::connector::MOONCAKE_BOOTSTRAP_PORT),
+            port.unwrap_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT),
         )),
         (_, _, Some(_)) => return bad("bootstrap_port is a Mooncake prefill's; this router's connector or the role takes none"),
         _ => None,
@@ -104,6 +104,15 @@ async fn add(r: &Router, w: NewWorker) -> Response {
             "worker": worker_json(&worker)}))
         .into_response(),
         Err(e) => bad(e),
+    }
+}
+
+/// The admin API's one refusal at the boundary: a worker on a host it may not be on.
+struct OutsideWorkerHosts;
+
+impl crate::router::metrics::Label for OutsideWorkerHosts {
+    fn label(&self) -> &'static str {
+        "worker_host"
     }
 }
 

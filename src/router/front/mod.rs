@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 
 use crate::api::{ApiError, ErrorKind};
 use crate::router::flow::{self, Endpoint, Router};
+use crate::router::metrics::WorkerGauges;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::{Pool, Role, Worker};
 
@@ -173,7 +174,20 @@ async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
     let pools: Vec<&Pool> = r.topology.pools().collect();
-    let text = r.metrics.render(&pools, r.admission.queued(), r.admission.in_use(), r.drain.draining());
+    let gauges: Vec<WorkerGauges> = pools
+        .iter()
+        .flat_map(|pool| {
+            pool.snapshot().iter().map(|w| WorkerGauges {
+                url: w.url.clone(),
+                role: pool.role.as_str(),
+                rank_in_flight: w.rank_in_flight(),
+                healthy: w.is_healthy(),
+                circuit: w.circuit().gauge(),
+                circuit_openings: w.breaker.opened_total(),
+            }).collect::<Vec<_>>()
+        })
+        .collect();
+    let text = r.metrics.render(&gauges, r.admission.queued(), r.admission.in_use(), r.drain.draining());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

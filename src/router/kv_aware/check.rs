@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use crate::router::kv_aware::index::Holder;
-use crate::router::metrics::RouterMetrics;
+use crate::router::policy::WorkerRank;
+use crate::router::metrics::{KvAwareOutcome, RouterMetrics};
 use crate::router::pair::Answer;
 use crate::router::policy::KvView;
 
@@ -38,7 +38,7 @@ pub fn predicted(tokens: usize, held: usize, block_size: usize) -> usize {
 
 /// The cached tokens predicted for an answer, to check against what it reports.
 pub struct Prediction {
-    holder: Holder,
+    holder: WorkerRank,
     want: usize,
 }
 
@@ -71,10 +71,10 @@ impl Prediction {
     pub fn check(&self, metrics: &RouterMetrics, got: Option<usize>) {
         let want = self.want;
         let outcome = match got {
-            None => "unreported",
-            Some(g) if g == want => "predicted_exact",
-            Some(g) if g < want => "predicted_more",
-            Some(_) => "predicted_less",
+            None => KvAwareOutcome::Unreported,
+            Some(g) if g == want => KvAwareOutcome::PredictedExact,
+            Some(g) if g < want => KvAwareOutcome::PredictedMore,
+            Some(_) => KvAwareOutcome::PredictedLess,
         };
         metrics.kv_aware(outcome);
         if let Some(got) = got.filter(|g| *g != want) {

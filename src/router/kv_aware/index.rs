@@ -25,12 +25,7 @@ const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
 /// Blocks applied under one hold of the write lock: readers wait at most this long.
 const BLOCKS_PER_LOCK: usize = 4096;
 
-/// A KV cache that events come from: a worker's DP rank.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Holder {
-    pub url: String,
-    pub rank: usize,
-}
+pub use crate::router::policy::WorkerRank;
 
 /// The chained hashes of the full blocks of `tokens`: block i's key covers blocks 0..=i.
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
@@ -122,14 +117,14 @@ struct Inner {
     /// Our block key -> who holds it, for each block size.
     blocks: HashMap<usize, HashMap<u64, Holders>>,
     /// Holders by a small id; ids of dropped holders are reused.
-    ids: HashMap<Holder, u32>,
-    names: Vec<Option<Holder>>,
+    ids: HashMap<WorkerRank, u32>,
+    names: Vec<Option<WorkerRank>>,
     free: Vec<u32>,
     states: HashMap<u32, HolderState>,
 }
 
 impl Inner {
-    fn id(&mut self, holder: &Holder) -> u32 {
+    fn id(&mut self, holder: &WorkerRank) -> u32 {
         if let Some(id) = self.ids.get(holder) {
             return *id;
         }
@@ -147,7 +142,7 @@ impl Inner {
         id
     }
 
-    fn name(&self, id: u32) -> Option<&Holder> {
+    fn name(&self, id: u32) -> Option<&WorkerRank> {
         self.names.get(id as usize).and_then(Option::as_ref)
     }
 
@@ -167,7 +162,7 @@ pub struct KvIndex {
     block_size: AtomicUsize,
     inner: RwLock<Inner>,
     /// Subscribed holders: the last batch applied, and when (None before the first).
-    seen: std::sync::Mutex<HashMap<Holder, Option<(u64, std::time::Instant)>>>,
+    seen: std::sync::Mutex<HashMap<WorkerRank, Option<(u64, std::time::Instant)>>>,
 }
 
 impl KvIndex {
@@ -184,7 +179,7 @@ impl KvIndex {
     }
 
     /// Learns (or changes) a holder's block size; the lookups' size follows the holders.
-    fn learn_block_size(&self, inner: &mut Inner, holder: &Holder, id: u32, block_size: usize) {
+    fn learn_block_size(&self, inner: &mut Inner, holder: &WorkerRank, id: u32, block_size: usize) {
         let old = inner.states.get(&id).map_or(0, |s| s.block_size);
         if old == block_size {
             return;
@@ -203,7 +198,7 @@ impl KvIndex {
 
     /// Applies one holder's events, in order; the write lock is taken per BLOCKS_PER_LOCK
     /// blocks, so a large batch never holds readers up for long.
-    pub fn apply(&self, holder: &Holder, events: &[KvEvent]) {
+    pub fn apply(&self, holder: &WorkerRank, events: &[KvEvent]) {
         let mut inner = self.write();
         let mut id = inner.id(holder);
         let mut since_lock = 0usize;
@@ -267,14 +262,14 @@ impl KvIndex {
     }
 
     /// Forgets everything `holder` held (its events cannot be trusted, or it left).
-    pub fn drop_holder(&self, holder: &Holder) {
+    pub fn drop_holder(&self, holder: &WorkerRank) {
         let mut inner = self.write();
         drop_holder(&mut inner, holder);
         self.block_size.store(inner.common_block_size(), Ordering::Relaxed);
     }
 
     /// Forgets a holder that is no longer subscribed to.
-    pub fn unsubscribed(&self, holder: &Holder) {
+    pub fn unsubscribed(&self, holder: &WorkerRank) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(holder);
         self.drop_holder(holder);
     }
@@ -283,7 +278,7 @@ impl KvIndex {
     pub fn drop_worker(&self, url: &str) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|h, _| h.url != url);
         let mut inner = self.write();
-        let gone: Vec<Holder> = inner.ids.keys().filter(|h| h.url == url).cloned().collect();
+        let gone: Vec<WorkerRank> = inner.ids.keys().filter(|h| h.url == url).cloned().collect();
         for h in gone {
             drop_holder(&mut inner, &h);
         }
@@ -292,7 +287,7 @@ impl KvIndex {
 
     /// For each holder, how many of `keys` (a prompt's block keys of `block_size` tokens, in
     /// order) it holds from the start.
-    pub fn prefix_blocks(&self, block_size: usize, keys: &[u64]) -> HashMap<Holder, usize> {
+    pub fn prefix_blocks(&self, block_size: usize, keys: &[u64]) -> HashMap<WorkerRank, usize> {
         let inner = self.read();
         let Some(blocks) = inner.blocks.get(&block_size) else { return HashMap::new() };
         let Some(first) = keys.first().and_then(|k| blocks.get(k)) else { return HashMap::new() };
@@ -317,12 +312,12 @@ impl KvIndex {
     }
 
     /// Records the sequence number of the batch just applied.
-    pub fn note_seq(&self, holder: &Holder, seq: u64) {
+    pub fn note_seq(&self, holder: &WorkerRank, seq: u64) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(holder.clone(), Some((seq, std::time::Instant::now())));
     }
 
     /// Records a holder whose events are subscribed to (before any arrive).
-    pub fn note_subscribed(&self, holder: &Holder) {
+    pub fn note_subscribed(&self, holder: &WorkerRank) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(holder.clone()).or_insert(None);
     }
 
@@ -336,7 +331,7 @@ impl KvIndex {
         ranks
             .into_iter()
             .map(|rank| {
-                let h = Holder { url: url.to_string(), rank };
+                let h = WorkerRank { url: url.to_string(), rank };
                 let last = seen.get(&h).copied().flatten();
                 HolderStatus {
                     rank,
@@ -349,7 +344,7 @@ impl KvIndex {
     }
 
     /// Blocks indexed per holder.
-    pub fn sizes(&self) -> HashMap<Holder, usize> {
+    pub fn sizes(&self) -> HashMap<WorkerRank, usize> {
         let inner = self.read();
         inner
             .states
@@ -361,7 +356,7 @@ impl KvIndex {
 }
 
 /// Forgets a holder: its entries, its state, and its id (free for the next holder).
-fn drop_holder(inner: &mut Inner, holder: &Holder) {
+fn drop_holder(inner: &mut Inner, holder: &WorkerRank) {
     let Some(id) = inner.ids.remove(holder) else { return };
     drop_holder_entries(inner, id);
     inner.states.remove(&id);
@@ -392,7 +387,7 @@ mod tests {
     #[test]
     fn prefixes_follow_stored_removed_and_cleared_events() {
         let idx = KvIndex::default();
-        let (a, b) = (Holder { url: "a".into(), rank: 0 }, Holder { url: "b".into(), rank: 1 });
+        let (a, b) = (WorkerRank { url: "a".into(), rank: 0 }, WorkerRank { url: "b".into(), rank: 1 });
         let prompt = [1, 2, 3, 4, 5, 6, 7];
         let keys = block_hashes(&prompt, 2);
         assert_eq!(keys.len(), 3, "full blocks only");
@@ -420,11 +415,11 @@ mod tests {
     #[test]
     fn one_worker_with_another_block_size_is_left_out_not_every_worker() {
         let idx = KvIndex::default();
-        let rogue = Holder { url: "rogue".into(), rank: 0 };
+        let rogue = WorkerRank { url: "rogue".into(), rank: 0 };
         // The rogue speaks first, with blocks of 4 tokens.
         idx.apply(&rogue, &[KvEvent::Stored { hashes: vec![1], parent: None, token_ids: vec![1, 2, 3, 4], block_size: 4 }]);
         assert_eq!(idx.block_size(), 4);
-        let (a, b) = (Holder { url: "a".into(), rank: 0 }, Holder { url: "b".into(), rank: 0 });
+        let (a, b) = (WorkerRank { url: "a".into(), rank: 0 }, WorkerRank { url: "b".into(), rank: 0 });
         idx.apply(&a, &[stored(&[10, 11], None, &[1, 2, 3, 4])]);
         idx.apply(&b, &[stored(&[20], None, &[1, 2])]);
         assert_eq!(idx.block_size(), 2, "most workers use 2");
@@ -442,7 +437,7 @@ mod tests {
     fn dropped_holders_give_their_ids_back() {
         let idx = KvIndex::default();
         for round in 0..1000 {
-            let h = Holder { url: format!("w{round}"), rank: 0 };
+            let h = WorkerRank { url: format!("w{round}"), rank: 0 };
             idx.apply(&h, &[stored(&[1], None, &[1, 2])]);
             idx.drop_worker(&h.url);
         }

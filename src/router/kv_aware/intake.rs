@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
 use crate::router::flow::Router;
-use crate::router::kv_aware::index::{Holder, KvIndex};
+use crate::router::kv_aware::index::{WorkerRank, KvIndex};
 use crate::zmtp::{self, Limits, SocketType};
 
 /// How often the worker set is reconciled with the subscriptions.
@@ -86,7 +86,7 @@ async fn worker_events(client: reqwest::Client, url: String, dp_size: usize, ind
     }
     let host = reqwest::Url::parse(&url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
     let ranks = sources.into_iter().map(|(rank, src)| {
-        let holder = Holder { url: url.clone(), rank };
+        let holder = WorkerRank { url: url.clone(), rank };
         let index = index.clone();
         let host = host.clone();
         async move {
@@ -136,7 +136,7 @@ fn on_worker_host(endpoint: &str, host: &str) -> Option<String> {
     Some(format!("tcp://{}", crate::api::join_host_port(host, port.parse().ok()?)))
 }
 
-async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
+async fn rank_events(holder: &WorkerRank, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
     let endpoint = on_worker_host(&src.endpoint, host).ok_or_else(|| format!("endpoint {} is not one the engine binds", src.endpoint))?;
     let mut replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host)).map(|endpoint| Replayer { endpoint, dealer: None });
     // A publisher that goes away (an engine restarting) ends this subscription: what it
@@ -216,7 +216,7 @@ async fn rank_events(holder: &Holder, src: &Source, host: &str, index: &KvIndex)
 
 /// Applies replayed batches in order; with `from`, they must start there and leave no
 /// gap. Returns the next sequence number expected, or None at a gap or a bad batch.
-fn apply_run(holder: &Holder, index: &KvIndex, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
+fn apply_run(holder: &WorkerRank, index: &KvIndex, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
     let mut next = from;
     for (seq, payload) in batches {
         match next {

@@ -1,14 +1,15 @@
 //! The router's Prometheus metrics. Counters and histograms are recorded once per request
 //! by `RequestRecord` when it drops; gauges (in flight, queue, health) are read at scrape.
+//! Every label is a typed value (labels.rs); this room imports no other.
+
+pub mod labels;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::router::pair::failure::Cause;
-use crate::router::workers::breaker::Circuit;
-use crate::router::workers::Pool;
+pub use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf};
 
 pub struct RouterMetrics {
     registry: Registry,
@@ -71,55 +72,58 @@ impl RouterMetrics {
         self.abandoned.inc();
     }
 
-    pub fn kv_aware(&self, outcome: &str) {
-        self.kv_aware.with_label_values(&[outcome]).inc();
+    pub fn kv_aware(&self, outcome: KvAwareOutcome) {
+        self.kv_aware.with_label_values(&[outcome.label()]).inc();
     }
 
-    /// Something refused at the network boundary (docs/SECURITY.md).
-    pub fn refused(&self, from: &'static str, reason: &'static str) {
-        self.refused.with_label_values(&[from, reason]).inc();
+    /// Something refused at the network boundary (docs/SECURITY.md): where it came from,
+    /// and why (the refusing room's own reason).
+    pub fn refused(&self, from: &'static str, reason: &impl Label) {
+        self.refused.with_label_values(&[from, reason.label()]).inc();
     }
 
-    pub fn retry(&self, leg: &str) {
-        self.retries.with_label_values(&[leg]).inc();
+    pub fn retry(&self, of: RetryOf) {
+        self.retries.with_label_values(&[of.label()]).inc();
     }
 
-    pub fn leg_error(&self, leg: crate::router::upstream::legs::Leg, err: &crate::router::upstream::legs::LegError) {
-        self.leg_errors.with_label_values(&[leg.as_str(), err.kind()]).inc();
+    pub fn leg_error(&self, leg: Leg, kind: LegErrorKind) {
+        self.leg_errors.with_label_values(&[leg.label(), kind.label()]).inc();
     }
 
-    pub fn leg_time(&self, leg: &str, since: Instant) {
-        self.legs.with_label_values(&[leg]).observe(since.elapsed().as_secs_f64());
+    pub fn leg_time(&self, leg: LegTime, since: Instant) {
+        self.legs.with_label_values(&[leg.label()]).observe(since.elapsed().as_secs_f64());
     }
 
-    /// The text exposition. Per-worker series are rebuilt from the pools each time, so a
+    /// The text exposition. Per-worker series are rebuilt from `workers` each time, so a
     /// worker that has left has none.
-    pub fn render(&self, pools: &[&Pool], queued: usize, permits: usize, draining: bool) -> String {
+    pub fn render(&self, workers: &[WorkerGauges], queued: usize, permits: usize, draining: bool) -> String {
         let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened] {
             gauge.reset();
         }
-        for pool in pools {
-            for w in pool.snapshot().iter() {
-                let role = pool.role.as_str();
-                for (rank, n) in w.rank_in_flight().into_iter().enumerate() {
-                    self.in_flight.with_label_values(&[w.url.as_str(), role, &rank.to_string()]).set(n as i64);
-                }
-                self.healthy.with_label_values(&[w.url.as_str(), role]).set(i64::from(w.is_healthy()));
-                let circuit = match w.circuit() {
-                    Circuit::Closed => 0,
-                    Circuit::HalfOpen => 1,
-                    Circuit::Open => 2,
-                };
-                self.circuit.with_label_values(&[w.url.as_str(), role]).set(circuit);
-                self.circuit_opened.with_label_values(&[w.url.as_str(), role]).set(w.breaker.opened_total() as i64);
+        for w in workers {
+            for (rank, n) in w.rank_in_flight.iter().enumerate() {
+                self.in_flight.with_label_values(&[w.url.as_str(), w.role, &rank.to_string()]).set(*n as i64);
             }
+            self.healthy.with_label_values(&[w.url.as_str(), w.role]).set(i64::from(w.healthy));
+            self.circuit.with_label_values(&[w.url.as_str(), w.role]).set(w.circuit as i64);
+            self.circuit_opened.with_label_values(&[w.url.as_str(), w.role]).set(w.circuit_openings as i64);
         }
         self.queue_depth.set(queued as i64);
         self.permits.set(permits as i64);
         self.draining.set(i64::from(draining));
         crate::api::prom::encode(&self.registry)
     }
+}
+
+/// One worker's gauges, as the scrape reads them.
+pub struct WorkerGauges {
+    pub url: String,
+    pub role: &'static str,
+    pub rank_in_flight: Vec<usize>,
+    pub healthy: bool,
+    pub circuit: CircuitState,
+    pub circuit_openings: u64,
 }
 
 impl Default for RouterMetrics {
@@ -168,7 +172,7 @@ impl Drop for RequestRecord {
         }
         self.metrics.requests.with_label_values(&[self.endpoint, &self.status.to_string()]).inc();
         if let Some(c) = self.cause {
-            self.metrics.errors.with_label_values(&[c.as_str()]).inc();
+            self.metrics.errors.with_label_values(&[c.label()]).inc();
         }
         self.metrics.duration.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
     }

@@ -7,53 +7,9 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
 use crate::api::{ApiError, ErrorKind};
-use crate::router::upstream::legs::{Leg, LegError};
+use crate::router::metrics::{Cause, Leg};
+use crate::router::upstream::legs::LegError;
 use crate::router::workers::{NoWorker, Role};
-
-/// Why a request failed, for the error metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cause {
-    BadRequest,
-    PayloadTooLarge,
-    BodyTimeout,
-    /// --max-body-bytes-in-flight reached.
-    BodyBudget,
-    QueueFull,
-    QueueTimeout,
-    NoHealthyPrefill,
-    NoHealthyDecode,
-    NoHealthyWorker,
-    PrefillFailed,
-    DecodeFailed,
-    DecodeMidstream,
-    Upstream4xx,
-    ClientDisconnect,
-    ShuttingDown,
-    Internal,
-}
-
-impl Cause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::BadRequest => "bad_request",
-            Cause::PayloadTooLarge => "payload_too_large",
-            Cause::BodyTimeout => "body_timeout",
-            Cause::BodyBudget => "body_budget",
-            Cause::QueueFull => "queue_full",
-            Cause::QueueTimeout => "queue_timeout",
-            Cause::NoHealthyPrefill => "no_healthy_prefill",
-            Cause::NoHealthyDecode => "no_healthy_decode",
-            Cause::NoHealthyWorker => "no_healthy_worker",
-            Cause::PrefillFailed => "prefill_failed",
-            Cause::DecodeFailed => "decode_failed",
-            Cause::DecodeMidstream => "decode_midstream",
-            Cause::Upstream4xx => "upstream_4xx",
-            Cause::ClientDisconnect => "client_disconnect",
-            Cause::ShuttingDown => "shutting_down",
-            Cause::Internal => "internal",
-        }
-    }
-}
 
 /// An answer that is not the worker's success, and the cause it is counted under.
 pub struct Failure {

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::router::flow::Router;
 use crate::router::pair::failure::Failure;
+use crate::router::metrics::{KvAwareOutcome, LegTime, RetryOf};
 use crate::router::policy::RequestInfo;
 use crate::router::request::body::Pieces;
 use crate::router::request::LegBodies;
@@ -74,9 +75,9 @@ pub struct Answer {
     pub since: Instant,
     /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
     /// reports its prefill's, a decode alone its own (None where unknown).
-    pub cache_from: Option<crate::router::kv_aware::index::Holder>,
+    pub cache_from: Option<crate::router::policy::WorkerRank>,
     /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
-    pub prefill: Option<crate::router::kv_aware::index::Holder>,
+    pub prefill: Option<crate::router::policy::WorkerRank>,
     /// The leg id to replace by the client's in the answer (P2pNccl's names both engines).
     pub rename: Option<crate::router::pair::rename::Rename>,
 }
@@ -110,7 +111,7 @@ fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], fallback: bool) -> Re
 /// for a DP rank it does not serve is the router's configuration, not the client's: the
 /// worker's rank count is lowered, and the same worker may take the retry.
 fn leg_failed(router: &Router, leg: Leg, lease: &mut Lease, err: LegError, request_id: &HeaderValue) -> Result<Failure, Failure> {
-    router.metrics.leg_error(leg, &err);
+    router.metrics.leg_error(leg, err.kind());
     if let LegError::RankNotServed { served } = err {
         // The worker's configuration, not its health: fewer ranks from now on, and the
         // request goes elsewhere.
@@ -131,11 +132,11 @@ fn leg_failed(router: &Router, leg: Leg, lease: &mut Lease, err: LegError, reque
 
 /// Whether another attempt may be made now: within --retry-max-retries and the retry
 /// budget; waits the backoff before saying yes.
-async fn may_retry(router: &Router, attempt: u32, label: &'static str) -> bool {
+async fn may_retry(router: &Router, attempt: u32, of: RetryOf) -> bool {
     if attempt > router.cfg.retry.max_retries || !router.retry_budget.try_retry() {
         return false;
     }
-    router.metrics.retry(label);
+    router.metrics.retry(of);
     tokio::time::sleep(retry::backoff(&router.cfg.retry, attempt)).await;
     true
 }
@@ -164,7 +165,7 @@ async fn disaggregated(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Fa
     let pairs = if router.cfg.retry.rerun_pair { 2 } else { 1 };
     let mut last = None;
     for pair in 0..pairs {
-        if pair > 0 && !may_retry(router, 1, "pair").await {
+        if pair > 0 && !may_retry(router, 1, RetryOf::Pair).await {
             break;
         }
         // The decode is reserved first: with none available, no prefill KV is made for nothing.
@@ -213,7 +214,7 @@ async fn decode_alone(router: &Router, job: &Job, decode: Lease) -> Result<Answe
     let req = job.decode_request(job.bodies.colocated(), job.leg.request_id.clone());
     match lone_leg(router, decode, &req).await {
         Ok(answer) => {
-            router.metrics.kv_aware("prefill_skipped");
+            router.metrics.kv_aware(KvAwareOutcome::PrefillSkipped);
             Ok(answer)
         }
         Err((mut decode, e)) => Err((decode.url().to_string(), leg_failed(router, Leg::Decode, &mut decode, e, &job.leg.request_id))),
@@ -228,7 +229,7 @@ async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result
     match legs::answer(&lease, req, None).await {
         Ok(started) => {
             lease.succeeded();
-            router.metrics.leg_time("decode_first_byte", t);
+            router.metrics.leg_time(LegTime::DecodeFirstByte, t);
             Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t, rename: None })
         }
         Err(e) => Err((lease, e)),
@@ -290,9 +291,9 @@ async fn run_pair(
                     // The decode has taken the KV; dropping its answer aborts it on vLLM.
                     router.metrics.abandoned_decode();
                 } else {
-                    router.metrics.leg_time("decode_first_byte", t);
-                    let prefill = crate::router::kv_aware::index::Holder { url: prefill_worker.url.clone(), rank: prefill_rank };
-                    let cache_from = (connector == crate::router::pair::connector::Connector::Nixl).then(|| prefill.clone());
+                    router.metrics.leg_time(LegTime::DecodeFirstByte, t);
+                    let prefill = crate::router::policy::WorkerRank { url: prefill_worker.url.clone(), rank: prefill_rank };
+                    let cache_from = (connector == crate::api::connector::Connector::Nixl).then(|| prefill.clone());
                     let rename = (req.request_id != job.leg.request_id)
                         .then(|| crate::router::pair::rename::Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
                     let _ = tx.send(PairOutcome::Answer(Answer { started, lease, since: t, cache_from, prefill: Some(prefill), rename }));
@@ -322,7 +323,7 @@ async fn run_pair(
         let avoid: Vec<String> = avoid_d.iter().chain(&tried).cloned().collect();
         let other = if same_kv_elsewhere && prefill_up { pd(&router).1.pick(&job.info, &avoid).ok() } else { None };
         let next = match other {
-            Some(other) if may_retry(&router, attempt, "decode").await => Some(other),
+            Some(other) if may_retry(&router, attempt, RetryOf::Decode).await => Some(other),
             _ => None,
         };
         match next {
@@ -464,7 +465,7 @@ async fn prefill_alongside_decode(
                 }
                 // A decode that already failed is not tried again on this pair.
                 if let Some((Some(Err(e)), ..)) = first {
-                    router.metrics.leg_error(Leg::Decode, &e);
+                    router.metrics.leg_error(Leg::Decode, e.kind());
                     return Opening::Over(PairOutcome::Decode {
                         decodes: vec![decode.url().to_string()],
                         prefill: lease.url().to_string(),
@@ -474,7 +475,7 @@ async fn prefill_alongside_decode(
             }
             Some(Ok(answer)) => {
                 lease.succeeded();
-                router.metrics.leg_time("prefill", t);
+                router.metrics.leg_time(LegTime::Prefill, t);
                 router.prefill_time.observe(t.elapsed());
                 // The prefill stopped before its length cap (EOS as its one token): no KV
                 // for the decode, which prefills locally instead.
@@ -502,7 +503,7 @@ async fn prefill_attempt(
     attempt: u32,
     last: &mut Option<Failure>,
 ) -> Result<Lease, Failure> {
-    if attempt > 0 && !may_retry(router, attempt, "prefill").await {
+    if attempt > 0 && !may_retry(router, attempt, RetryOf::Prefill).await {
         return Err(last.take().expect("a retry follows a failure"));
     }
     pick(pd(router).0, &job.info, avoid, fallback && attempt == 0).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
@@ -562,7 +563,7 @@ async fn prefill_leg(
         match legs::prefill(&lease, &req).await {
             Ok(answer) => {
                 lease.succeeded();
-                router.metrics.leg_time("prefill", t);
+                router.metrics.leg_time(LegTime::Prefill, t);
                 router.prefill_time.observe(t.elapsed());
                 return Ok((answer.params, lease.worker().clone(), lease.rank(), legs.id));
             }
@@ -584,7 +585,7 @@ async fn colocated(router: &Router, workers: &Pool, job: &Job) -> Result<Answer,
     let mut avoid = Vec::new();
     let mut last: Option<Failure> = None;
     for attempt in 0.. {
-        if attempt > 0 && !may_retry(router, attempt, "worker").await {
+        if attempt > 0 && !may_retry(router, attempt, RetryOf::Worker).await {
             break;
         }
         let lease = match workers.pick(&job.info, &avoid) {

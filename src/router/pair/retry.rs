@@ -7,7 +7,24 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::router::config::RetryConfig;
+
+/// Retries of failed legs on other workers.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Extra attempts of a failed leg on other workers (prefill leg; decode leg with the
+    /// same KV; colocated leg).
+    pub max_retries: u32,
+    /// A pair whose decode failed before its first byte is run again once.
+    pub rerun_pair: bool,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    pub jitter: f64,
+    /// Retries may add this fraction of the requests of the last 10 s ...
+    pub budget_ratio: f64,
+    /// ... and at least this many per second.
+    pub budget_min_per_sec: f64,
+}
 
 /// Seconds per bucket; the budget looks at the current and the previous bucket.
 const BUCKET_SECS: u64 = 5;

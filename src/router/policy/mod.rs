@@ -4,18 +4,44 @@
 //! leaving (`add_worker`, `remove_worker`); a pick may still name a worker that has just
 //! left (its snapshot was taken first), which they treat as unknown.
 
+mod cache_aware;
+mod consistent_hash;
+mod kv_aware;
+mod power_of_two;
 mod prefix;
+mod random;
 mod ring;
+mod round_robin;
 
+use std::time::Duration;
 use std::sync::Arc;
 
 use clap::ValueEnum;
-use rand::Rng;
 
-use crate::router::config::CacheAwareConfig;
-use crate::router::workers::Worker;
 pub use prefix::PrefixIndex;
 pub use ring::HashRing;
+
+#[derive(Debug, Clone)]
+pub struct CacheAwareConfig {
+    pub cache_threshold: f64,
+    pub balance_abs_threshold: usize,
+    pub balance_rel_threshold: f64,
+    pub eviction_interval: Duration,
+    /// Most prompt units (characters, or tokens with a tokenizer) indexed per worker.
+    pub max_tree_size: usize,
+    /// Units of each prompt's start that are indexed (the rest is not looked at).
+    pub max_prefix: usize,
+    /// Most index entries for all workers together (each ~100 bytes).
+    pub max_entries: usize,
+}
+
+/// One DP rank of one worker: what a request is sent to, and a KV cache that events come
+/// from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerRank {
+    pub url: String,
+    pub rank: usize,
+}
 
 /// How a role's workers are chosen for each request.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,9 +88,9 @@ pub struct KvView {
     pub tokens: usize,
     pub block_size: usize,
     pub blocks: usize,
-    pub held: std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>,
+    pub held: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
     /// Blocks indexed per holder: among equals, the emptier cache takes a new prompt.
-    pub indexed: std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>,
+    pub indexed: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
 }
 
 impl RequestInfo {
@@ -78,8 +104,18 @@ impl RequestInfo {
     }
 }
 
-/// Units of prompt prefix that key consistent_hash when there is no session key.
-const HASH_PREFIX_UNITS: usize = 256;
+/// What a policy reads of a worker (workers::Worker is one).
+pub trait Candidate {
+    fn url(&self) -> &str;
+    /// Requests in flight on it, as the router counts them.
+    fn in_flight(&self) -> usize;
+    /// DP ranks it serves.
+    fn served_ranks(&self) -> usize;
+    /// kv_aware: uncached prompt blocks reserved on a rank by requests in flight.
+    fn queued_blocks(&self, rank: usize) -> usize;
+    /// kv_aware: requests the engine reports on a rank beyond the router's own.
+    fn reported_elsewhere(&self, rank: usize) -> usize;
+}
 
 /// A policy's choice: the candidate (an index into the pool's snapshot), the DP rank when
 /// the policy chooses it (kv_aware: the rank whose cache holds the prompt; otherwise the
@@ -146,80 +182,17 @@ impl Policy {
     }
 
     /// The chosen candidate, and what the policy decided beyond it.
-    pub fn select(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> Pick {
-        if let Policy::KvAware { load_weight, turn } = self {
-            *turn = turn.wrapping_add(1);
-            return kv_aware(workers, candidates, req, *load_weight, *turn);
-        }
-        Pick { index: self.select_worker(workers, candidates, req), rank: None, blocks: 0 }
-    }
-
-    fn select_worker(&mut self, workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo) -> usize {
-        let load = |i: &usize| workers[*i].in_flight();
+    pub fn select<W: Candidate>(&mut self, workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo) -> Pick {
+        let worker_only = |index| Pick { index, rank: None, blocks: 0 };
         match self {
-            Policy::KvAware { .. } => unreachable!("kv_aware picks a rank too (select)"),
-            Policy::RoundRobin { next } => {
-                let chosen = candidates[*next % candidates.len()];
-                *next = next.wrapping_add(1);
-                chosen
-            }
-            Policy::Random => candidates[rand::rng().random_range(0..candidates.len())],
-            Policy::PowerOfTwo => {
-                if candidates.len() == 1 {
-                    return candidates[0];
-                }
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..candidates.len());
-                let mut b = rng.random_range(0..candidates.len() - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (candidates[a], candidates[b]);
-                if load(&b) < load(&a) {
-                    b
-                } else {
-                    a
-                }
-            }
-            Policy::ConsistentHash(ring) => {
-                let key: &[u8] = match &req.session {
-                    Some(s) => s.as_bytes(),
-                    None => &req.prompt[..req.prompt.len().min(HASH_PREFIX_UNITS * req.unit.max(1))],
-                };
-                ring.lookup(key, |url| candidates.iter().any(|c| workers[*c].url == url))
-                    .and_then(|url| candidates.iter().copied().find(|c| workers[*c].url == url))
-                    .unwrap_or(candidates[0])
-            }
-            Policy::CacheAware { cfg, index } => {
-                let loads: Vec<usize> = candidates.iter().map(load).collect();
-                let (min, max) = (*loads.iter().min().unwrap_or(&0), *loads.iter().max().unwrap_or(&0));
-                let imbalanced = max - min > cfg.balance_abs_threshold && max as f64 > min as f64 * cfg.balance_rel_threshold;
-                let least_loaded = || candidates[loads.iter().enumerate().min_by_key(|(_, l)| **l).map_or(0, |(k, _)| k)];
-                let chosen = if imbalanced || req.prompt.is_empty() {
-                    least_loaded()
-                } else {
-                    let matched = |i: usize| index.matched_units(&req.chunks, &workers[i].url);
-                    let (best, best_units) = candidates
-                        .iter()
-                        .map(|c| (*c, matched(*c)))
-                        .max_by(|(a, ma), (b, mb)| ma.cmp(mb).then(load(b).cmp(&load(a))))
-                        .unwrap_or((candidates[0], 0));
-                    let rate = best_units as f64 / req.units().max(1) as f64;
-                    if rate > cfg.cache_threshold {
-                        best
-                    } else {
-                        // Nothing cached worth following: the worker with the most room.
-                        candidates
-                            .iter()
-                            .copied()
-                            .min_by(|a, b| index.size(&workers[*a].url).cmp(&index.size(&workers[*b].url)).then(load(a).cmp(&load(b))))
-                            .unwrap_or(candidates[0])
-                    }
-                };
-                if !req.chunks.is_empty() {
-                    index.insert(&req.chunks, &workers[chosen].url);
-                }
-                chosen
+            Policy::RoundRobin { next } => worker_only(round_robin::select(next, candidates)),
+            Policy::Random => worker_only(random::select(candidates)),
+            Policy::PowerOfTwo => worker_only(power_of_two::select(workers, candidates)),
+            Policy::ConsistentHash(ring) => worker_only(consistent_hash::select(ring, workers, candidates, req)),
+            Policy::CacheAware { cfg, index } => worker_only(cache_aware::select(cfg, index, workers, candidates, req)),
+            Policy::KvAware { load_weight, turn } => {
+                *turn = turn.wrapping_add(1);
+                kv_aware::select(workers, candidates, req, *load_weight, *turn)
             }
         }
     }
@@ -240,40 +213,4 @@ impl Policy {
             _ => false,
         }
     }
-}
-
-/// kv_aware: every candidate's every served rank is priced at the prompt blocks it would
-/// compute (those it does not hold from the start) plus `load_weight` times the blocks
-/// that requests in flight there still have to compute (the router's own reservations,
-/// plus the requests the engine reports beyond those, each as large as this prompt);
-/// the cheapest wins, ties to the less loaded worker, then to the rank with the fewest
-/// blocks cached, then in turn (new prompts spread over the caches, also when every cache
-/// is full).
-fn kv_aware(workers: &[Arc<Worker>], candidates: &[usize], req: &RequestInfo, load_weight: f64, turn: usize) -> Pick {
-    let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
-    let mut best: Option<(f64, usize, usize, usize, usize, usize)> = None;
-    let n = candidates.len();
-    for &c in candidates.iter().cycle().skip(turn % n).take(n) {
-        let w = &workers[c];
-        for rank in 0..w.served_ranks() {
-            let holder = crate::router::kv_aware::index::Holder { url: w.url.clone(), rank };
-            let of = |m: Option<&std::collections::HashMap<crate::router::kv_aware::index::Holder, usize>>| {
-                m.and_then(|m| m.get(&holder)).copied().unwrap_or(0)
-            };
-            let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
-            // Requests the engine reports beyond ours are priced as this prompt's size.
-            let queued = w.queued_blocks(rank).saturating_add(w.reported_elsewhere(rank).saturating_mul(blocks));
-            let cost = uncached as f64 + load_weight * queued as f64;
-            // Among equals, the worker already in use by fewer requests.
-            let key = (cost, w.in_flight(), of(req.kv.as_ref().map(|kv| &kv.indexed)), c, rank, uncached);
-            if best.as_ref().is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
-                best = Some(key);
-            }
-        }
-    }
-    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |(_, _, _, c, rank, uncached)| Pick {
-        index: c,
-        rank: Some(rank),
-        blocks: uncached,
-    })
 }

@@ -17,20 +17,8 @@ use crate::router::request::body::{ClientBody, Pieces};
 use crate::router::upstream::client as worker_client;
 use crate::router::workers::Lease;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Leg {
-    Prefill,
-    Decode,
-}
-
-impl Leg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Leg::Prefill => "prefill",
-            Leg::Decode => "decode",
-        }
-    }
-}
+pub use crate::router::metrics::Leg;
+use crate::router::metrics::LegErrorKind;
 
 /// How a leg failed. `Display` has the details (for the log); `class` is what a client
 /// may be told.
@@ -70,16 +58,16 @@ impl LegError {
             || matches!(self, LegError::RankNotServed { .. })
     }
 
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// What the metrics count it as.
+    pub fn kind(&self) -> LegErrorKind {
         match self {
-            LegError::Connect(_) => "connect",
-            LegError::Timeout(_) => "timeout",
-            LegError::Status { status, .. } if status.is_client_error() => "4xx",
-            LegError::Status { .. } => "5xx",
-            LegError::Broken(_) => "broken",
-            LegError::ErrorEvent(_) => "error_event",
-            LegError::RankNotServed { .. } => "dp_rank_out_of_range",
+            LegError::Connect(_) => LegErrorKind::Connect,
+            LegError::Timeout(_) => LegErrorKind::Timeout,
+            LegError::Status { status, .. } if status.is_client_error() => LegErrorKind::Client4xx,
+            LegError::Status { .. } => LegErrorKind::Server5xx,
+            LegError::Broken(_) => LegErrorKind::Broken,
+            LegError::ErrorEvent(_) => LegErrorKind::ErrorEvent,
+            LegError::RankNotServed { .. } => LegErrorKind::RankNotServed,
         }
     }
 

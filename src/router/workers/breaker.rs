@@ -7,16 +7,41 @@
 //! half-open --(success_threshold successful probes)--> closed
 //! half-open --(a failed probe)--> open again, for twice as long (at most 8x)
 
+use std::time::Duration;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::router::config::BreakerConfig;
+
+/// Per-worker circuit breaker (vllm-router's `--cb-*` flags).
+#[derive(Debug, Clone)]
+pub struct BreakerConfig {
+    pub enabled: bool,
+    /// Consecutive failures (within `window`) that open the circuit.
+    pub failure_threshold: u32,
+    /// Successful probes that close a half-open circuit.
+    pub success_threshold: u32,
+    /// How long an open circuit ejects the worker (doubled on each reopening, up to 8x).
+    pub open_for: Duration,
+    /// Failures older than this do not count.
+    pub window: Duration,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Circuit {
     Closed,
     Open,
     HalfOpen,
+}
+
+impl Circuit {
+    /// The state as the metrics' gauge shows it.
+    pub fn gauge(self) -> crate::router::metrics::CircuitState {
+        match self {
+            Circuit::Closed => crate::router::metrics::CircuitState::Closed,
+            Circuit::HalfOpen => crate::router::metrics::CircuitState::HalfOpen,
+            Circuit::Open => crate::router::metrics::CircuitState::Open,
+        }
+    }
 }
 
 impl Circuit {

@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::log_budget::LogBudget;
-use crate::router::config::boundary::{Networks, WorkerHosts};
+use crate::router::metrics::Label;
+use crate::router::workers::allow::{Networks, WorkerHosts};
 use crate::router::config::cli::{join_host_port, normalize_url};
 use crate::router::flow::Router;
 use crate::router::workers::Role;
@@ -89,10 +90,12 @@ pub enum Refusal {
     Conflict,
     TooManyFromHost,
     Full,
+    /// A connection dropped for what it sent (or did not send in time), or past a cap.
+    Connection,
 }
 
-impl Refusal {
-    pub fn as_str(self) -> &'static str {
+impl Label for Refusal {
+    fn label(&self) -> &'static str {
         match self {
             Refusal::Malformed => "malformed",
             Refusal::NotItsHost => "not_its_host",
@@ -100,6 +103,7 @@ impl Refusal {
             Refusal::Conflict => "conflict",
             Refusal::TooManyFromHost => "too_many_from_host",
             Refusal::Full => "full",
+            Refusal::Connection => "connection",
         }
     }
 }
@@ -248,7 +252,7 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
                         Ok((ping, Admitted::New)) => join(&router, &mut registry, ping),
                         Ok((_, Admitted::Refreshed)) => {}
                         Err((refusal, why)) => {
-                            router.metrics.refused("discovery", refusal.as_str());
+                            router.metrics.refused("discovery", &refusal);
                             if let Some(skipped) = log.take() {
                                 tracing::warn!(from = %peer, skipped, "discovery: refused a registration: {why}");
                             }
@@ -256,7 +260,7 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
                     }
                 }
                 Some(Accepted::Refused { peer, why }) => {
-                    router.metrics.refused("discovery", "connection");
+                    router.metrics.refused("discovery", &Refusal::Connection);
                     if let Some(skipped) = log.take() {
                         tracing::warn!(from = %peer, skipped, "discovery: dropped a connection: {why}");
                     }

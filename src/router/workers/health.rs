@@ -5,13 +5,23 @@
 //! and success thresholds apply. A connection error on a live request marks a worker down
 //! at once (workers.rs).
 
+use std::time::Duration;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
 
 use crate::router::flow::Router;
-use crate::router::pair::connector::{self, Connector};
+use crate::api::connector::Connector;
 use crate::router::workers::Role;
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    pub endpoint: String,
+}
 
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -54,7 +64,7 @@ pub async fn run(router: Arc<Router>) {
                 // A Mooncake prefill is usable once its decodes can name it: its engine id
                 // per DP rank, which changes when the engine restarts.
                 if let (true, Connector::Mooncake, Role::Prefill, Some(bootstrap)) = (ok, connector, w.role, &w.kv_address) {
-                    match connector::mooncake_engine_ids(client, bootstrap, w.dp_size()).await {
+                    match crate::router::upstream::bootstrap::engine_ids(client, bootstrap, w.dp_size()).await {
                         Ok(ids) => {
                             // The bootstrap server lists the ranks the engine serves.
                             if ids.len() < w.dp_size() {

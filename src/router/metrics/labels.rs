@@ -1,0 +1,171 @@
+//! The metrics' labels, each a type: what a series may say is written down here.
+
+/// A value that names a metric's label.
+pub trait Label {
+    fn label(&self) -> &'static str;
+}
+
+/// Why a request failed, for the error metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    BadRequest,
+    PayloadTooLarge,
+    BodyTimeout,
+    /// --max-body-bytes-in-flight reached.
+    BodyBudget,
+    QueueFull,
+    QueueTimeout,
+    NoHealthyPrefill,
+    NoHealthyDecode,
+    NoHealthyWorker,
+    PrefillFailed,
+    DecodeFailed,
+    DecodeMidstream,
+    Upstream4xx,
+    ClientDisconnect,
+    ShuttingDown,
+    Internal,
+}
+
+impl Label for Cause {
+    fn label(&self) -> &'static str {
+        match self {
+            Cause::BadRequest => "bad_request",
+            Cause::PayloadTooLarge => "payload_too_large",
+            Cause::BodyTimeout => "body_timeout",
+            Cause::BodyBudget => "body_budget",
+            Cause::QueueFull => "queue_full",
+            Cause::QueueTimeout => "queue_timeout",
+            Cause::NoHealthyPrefill => "no_healthy_prefill",
+            Cause::NoHealthyDecode => "no_healthy_decode",
+            Cause::NoHealthyWorker => "no_healthy_worker",
+            Cause::PrefillFailed => "prefill_failed",
+            Cause::DecodeFailed => "decode_failed",
+            Cause::DecodeMidstream => "decode_midstream",
+            Cause::Upstream4xx => "upstream_4xx",
+            Cause::ClientDisconnect => "client_disconnect",
+            Cause::ShuttingDown => "shutting_down",
+            Cause::Internal => "internal",
+        }
+    }
+}
+
+/// A leg of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leg {
+    Prefill,
+    Decode,
+}
+
+impl Label for Leg {
+    fn label(&self) -> &'static str {
+        match self {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        }
+    }
+}
+
+impl Leg {
+    pub fn as_str(self) -> &'static str {
+        self.label()
+    }
+}
+
+/// How a leg failed, as counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegErrorKind {
+    Connect,
+    Timeout,
+    Client4xx,
+    Server5xx,
+    Broken,
+    ErrorEvent,
+    RankNotServed,
+}
+
+impl Label for LegErrorKind {
+    fn label(&self) -> &'static str {
+        match self {
+            LegErrorKind::Connect => "connect",
+            LegErrorKind::Timeout => "timeout",
+            LegErrorKind::Client4xx => "4xx",
+            LegErrorKind::Server5xx => "5xx",
+            LegErrorKind::Broken => "broken",
+            LegErrorKind::ErrorEvent => "error_event",
+            LegErrorKind::RankNotServed => "dp_rank_out_of_range",
+        }
+    }
+}
+
+/// The leg times the histogram keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LegTime {
+    Prefill,
+    DecodeFirstByte,
+    DecodeTotal,
+}
+
+impl Label for LegTime {
+    fn label(&self) -> &'static str {
+        match self {
+            LegTime::Prefill => "prefill",
+            LegTime::DecodeFirstByte => "decode_first_byte",
+            LegTime::DecodeTotal => "decode_total",
+        }
+    }
+}
+
+/// What a retry tries again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOf {
+    Prefill,
+    Decode,
+    /// The whole pair, from a new prefill.
+    Pair,
+    /// A colocated worker's one leg.
+    Worker,
+}
+
+impl Label for RetryOf {
+    fn label(&self) -> &'static str {
+        match self {
+            RetryOf::Prefill => "prefill",
+            RetryOf::Decode => "decode",
+            RetryOf::Pair => "pair",
+            RetryOf::Worker => "worker",
+        }
+    }
+}
+
+/// kv_aware's decisions and its predictions' fate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvAwareOutcome {
+    /// The decode prefilled the few tokens it lacked (no prefill leg).
+    PrefillSkipped,
+    PredictedExact,
+    /// The engine reported fewer cached tokens than predicted.
+    PredictedMore,
+    PredictedLess,
+    Unreported,
+}
+
+impl Label for KvAwareOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            KvAwareOutcome::PrefillSkipped => "prefill_skipped",
+            KvAwareOutcome::PredictedExact => "predicted_exact",
+            KvAwareOutcome::PredictedMore => "predicted_more",
+            KvAwareOutcome::PredictedLess => "predicted_less",
+            KvAwareOutcome::Unreported => "unreported",
+        }
+    }
+}
+
+/// A circuit breaker's state, as the gauge shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}

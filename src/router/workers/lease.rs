@@ -1,0 +1,66 @@
+//! A reserved slot on a worker's DP rank, released on drop, on every path.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::worker::Worker;
+
+/// One reserved slot on a worker's DP rank; released on drop.
+pub struct Lease {
+    worker: Arc<Worker>,
+    rank: usize,
+    /// The uncached blocks this request reserved on the rank (kv_aware), released on drop.
+    blocks: usize,
+    /// This request is the half-open circuit's probe.
+    probe: bool,
+}
+
+impl Lease {
+    pub(super) fn new(worker: Arc<Worker>, rank: usize, probe: bool, blocks: usize) -> Self {
+        worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
+        worker.queued_blocks[rank].fetch_add(blocks, Ordering::Relaxed);
+        Lease { worker, rank, blocks, probe }
+    }
+
+    /// The leg on this lease succeeded (or the worker answered the client's error).
+    pub fn succeeded(&mut self) {
+        self.worker.breaker.success();
+        self.probe = false;
+    }
+
+    /// The leg on this lease failed for a reason of the worker's.
+    pub fn failed(&mut self) {
+        self.worker.leg_failed();
+        self.probe = false;
+    }
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+    /// The worker's URL: its identity (for excluding it from a retry).
+    pub fn url(&self) -> &str {
+        &self.worker.url
+    }
+    /// The reserved DP rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// The reserved rank as the KV index names it.
+    pub fn holder(&self) -> crate::router::policy::WorkerRank {
+        crate::router::policy::WorkerRank { url: self.worker.url.clone(), rank: self.rank }
+    }
+    /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
+    pub fn dp_rank(&self) -> Option<usize> {
+        (self.worker.dp_size() > 1).then_some(self.rank)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.worker.ranks[self.rank].fetch_sub(1, Ordering::Relaxed);
+        self.worker.queued_blocks[self.rank].fetch_sub(self.blocks, Ordering::Relaxed);
+        if self.probe {
+            self.worker.breaker.end_probe();
+        }
+    }
+}
+

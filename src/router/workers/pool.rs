@@ -1,0 +1,201 @@
+//! The workers of one role, read through snapshots (add, remove, drain), and the pick:
+//! the policy's choice and its reservation under one short lock.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::breaker::{Admit, BreakerConfig};
+use super::lease::Lease;
+use super::worker::Worker;
+use crate::api::Role;
+use crate::router::policy::{Policy, RequestInfo};
+
+/// No worker of a role can take the request.
+#[derive(Debug)]
+pub struct NoWorker {
+    pub role: Role,
+    pub total: usize,
+    pub healthy: usize,
+}
+
+impl std::fmt::Display for NoWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.healthy == 0 {
+            write!(f, "no healthy {} worker ({} configured, none healthy or all ejected)", self.role.as_str(), self.total)
+        } else {
+            write!(f, "no other healthy {} worker left to try ({} of {} available)", self.role.as_str(), self.healthy, self.total)
+        }
+    }
+}
+
+/// The workers of one role and the policy that picks among them.
+pub struct Pool {
+    pub role: Role,
+    workers: RwLock<Arc<Vec<Arc<Worker>>>>,
+    /// DP ranks of a worker added without saying (--intra-node-data-parallel-size).
+    default_dp: usize,
+    breaker: BreakerConfig,
+    /// Whether picks read the request's prompt or session key (fixed by the policy).
+    needs_info: bool,
+    policy: Mutex<Policy>,
+}
+
+impl Pool {
+    /// A pool of `urls`; `kv_addresses` has the KV address of those that have one.
+    pub fn new(
+        role: Role,
+        urls: &[String],
+        kv_addresses: &std::collections::HashMap<String, String>,
+        dp_size: usize,
+        mut policy: Policy,
+        breaker: &BreakerConfig,
+    ) -> Self {
+        let workers: Vec<Arc<Worker>> = urls
+            .iter()
+            .map(|u| {
+                let mut w = Worker::new(u.clone(), role, dp_size, breaker.clone());
+                w.kv_address = kv_addresses.get(u).cloned();
+                Arc::new(w)
+            })
+            .collect();
+        for w in &workers {
+            policy.add_worker(&w.url);
+        }
+        Pool {
+            role,
+            workers: RwLock::new(Arc::new(workers)),
+            default_dp: dp_size,
+            breaker: breaker.clone(),
+            needs_info: policy.needs_request_info(),
+            policy: Mutex::new(policy),
+        }
+    }
+
+    /// The workers as they are now.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.workers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    pub fn get(&self, url: &str) -> Option<Arc<Worker>> {
+        self.snapshot().iter().find(|w| w.url == url).cloned()
+    }
+
+    /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
+    pub fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, String> {
+        let mut worker = Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone());
+        worker.kv_address = kv_address;
+        let worker = Arc::new(worker);
+        {
+            let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
+            if set.iter().any(|w| w.url == url) {
+                return Err(format!("{} worker {url} is already in the pool", self.role.as_str()));
+            }
+            let mut next = Vec::clone(&set);
+            next.push(worker.clone());
+            *set = Arc::new(next);
+        }
+        self.lock().add_worker(url);
+        tracing::info!(worker = %url, role = self.role.as_str(), dp_size = worker.dp_size(), "worker added");
+        Ok(worker)
+    }
+
+    /// Removes a worker at once (its in-flight requests finish); None if it is not here.
+    pub fn remove(&self, url: &str) -> Option<Arc<Worker>> {
+        let removed = {
+            let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
+            let at = set.iter().position(|w| w.url == url)?;
+            let mut next = Vec::clone(&set);
+            let removed = next.remove(at);
+            *set = Arc::new(next);
+            removed
+        };
+        self.lock().remove_worker(url);
+        tracing::info!(worker = %url, role = self.role.as_str(), in_flight = removed.in_flight(), "worker removed");
+        Some(removed)
+    }
+
+    /// Stops new requests to a worker; `remove_drained` takes it out once idle.
+    pub fn drain(&self, url: &str) -> Option<Arc<Worker>> {
+        let w = self.get(url)?;
+        if !w.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!(worker = %url, role = self.role.as_str(), in_flight = w.in_flight(), "draining");
+        }
+        Some(w)
+    }
+
+    /// Removes the draining workers that have nothing in flight.
+    pub fn remove_drained(&self) {
+        for w in self.snapshot().iter().filter(|w| w.is_draining() && w.in_flight() == 0) {
+            self.remove(&w.url);
+        }
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.snapshot().iter().filter(|w| w.is_healthy()).count()
+    }
+
+    /// Healthy workers whose circuit lets requests through.
+    pub fn available_count(&self) -> usize {
+        self.snapshot().iter().filter(|w| w.is_available()).count()
+    }
+
+    /// Whether picks need the request's prompt or session key.
+    pub fn is_kv_aware(&self) -> bool {
+        self.lock().is_kv_aware()
+    }
+
+    pub fn needs_request_info(&self) -> bool {
+        self.needs_info
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Picks an available worker whose URL is not in `exclude`, and reserves its least
+    /// loaded rank.
+    pub fn pick(&self, req: &RequestInfo, exclude: &[String]) -> Result<Lease, NoWorker> {
+        let workers = self.snapshot();
+        let mut candidates: Vec<usize> =
+            (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
+        let mut policy = self.lock();
+        while !candidates.is_empty() {
+            let pick = policy.select(&workers, &candidates, req);
+            let chosen = pick.index;
+            let worker = &workers[chosen];
+            // Another pick may have taken a half-open worker's one probe meanwhile.
+            let probe = match worker.breaker.admit() {
+                Admit::Yes => false,
+                Admit::Probe => true,
+                Admit::No => {
+                    candidates.retain(|c| *c != chosen);
+                    continue;
+                }
+            };
+            let (rank, blocks) = match pick.rank.filter(|r| *r < worker.served_ranks()) {
+                Some(rank) => (rank, pick.blocks),
+                None => (worker.pick_rank(), 0),
+            };
+            return Ok(Lease::new(worker.clone(), rank, probe, blocks));
+        }
+        Err(NoWorker { role: self.role, total: workers.len(), healthy: workers.iter().filter(|w| w.is_available()).count() })
+    }
+
+    /// Entries in the policy's prefix index, if it keeps one.
+    pub fn index_entries(&self) -> Option<usize> {
+        self.lock().index_entries()
+    }
+
+    /// Periodic policy upkeep (cache_aware's trim), in bounded steps between which
+    /// picks take the lock.
+    pub async fn maintain(&self) {
+        while self.lock().maintain() {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
