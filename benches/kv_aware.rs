@@ -15,7 +15,8 @@
 use std::time::Instant;
 
 use disagg::api::kv_events::KvEvent;
-use disagg::router::kv_aware::index::{block_hashes, KvIndex}; use disagg::router::policy::WorkerRank;
+use disagg::router::kv_aware::index::{block_hashes, KvIndex};
+use disagg::router::policy::WorkerRank;
 
 const BLOCK: usize = 16;
 

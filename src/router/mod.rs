@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 pub use config::cli::RouteArgs;
 use config::{Mode, RouterConfig};
 use flow::Router;
+use metrics::{Label, Task};
 use policy::Policy;
 use workers::topology::Topology;
 use workers::{Pool, Role};
@@ -62,7 +63,7 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     };
     Ok(Router {
         needs_request_info,
-        topology,
+        topology: Arc::new(topology),
         admission: flow::admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
         metrics: Arc::new(metrics::RouterMetrics::new()),
         tokenizer,
@@ -77,6 +78,61 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     })
 }
 
+/// The router's background tasks, each supervised: one that ends or panics is logged,
+/// counted (`disagg_router_task_restarts_total{task}`) and started again a second later.
+fn background(router: &Arc<Router>, discovery: Option<std::net::TcpListener>, tls: Option<Arc<crate::tls::ServerTls>>) {
+    let (topology, metrics, cfg) = (router.topology.clone(), router.metrics.clone(), &router.cfg);
+    if let Some(listener) = discovery {
+        let b = &cfg.boundary;
+        let rules =
+            workers::discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
+        let (t, m) = (topology.clone(), metrics.clone());
+        supervise(Task::Discovery, &metrics, move || {
+            let (t, m, rules) = (t.clone(), m.clone(), rules.clone());
+            let listener = listener.try_clone();
+            async move {
+                match listener {
+                    Ok(l) => workers::discovery::run(t, m, l, rules).await,
+                    Err(e) => tracing::error!("discovery: the listener cannot be shared again: {e}"),
+                }
+            }
+        });
+    }
+    if let Some(tls) = tls {
+        supervise(Task::TlsReload, &metrics, move || tls.clone().reload_on_change());
+    }
+    let (t, health, connector) = (topology.clone(), cfg.health.clone(), cfg.connector);
+    supervise(Task::Health, &metrics, move || workers::health::run(t.clone(), health.clone(), connector));
+    let (t, every) = (topology.clone(), cfg.cache_aware.eviction_interval);
+    supervise(Task::Upkeep, &metrics, move || workers::health::maintain(t.clone(), every));
+    if let Some(index) = router.kv_index.clone() {
+        let t = topology.clone();
+        supervise(Task::KvIntake, &metrics, move || kv_aware::intake::run(t.clone(), index.clone()));
+        let (t, timeout, auth) = (topology.clone(), cfg.health.timeout, router.worker_auth.clone());
+        supervise(Task::EngineLoad, &metrics, move || kv_aware::engine_load::run(t.clone(), timeout, auth.clone()));
+    }
+}
+
+/// Runs `make()`'s task for as long as the router runs: when it ends or panics, it is
+/// logged, counted, and made again after a second.
+fn supervise<F, Fut>(task: Task, metrics: &Arc<metrics::RouterMetrics>, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => tracing::error!(task = task.label(), "a background task ended; it is started again"),
+                Err(e) => tracing::error!(task = task.label(), "a background task failed ({e}); it is started again"),
+            }
+            metrics.task_restarted(task);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+}
+
 pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let mut cfg = args.to_config().map_err(anyhow::Error::msg)?;
     let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::H2AndHttp1)?;
@@ -89,25 +145,11 @@ pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
     // Port 0 picked one: it is the port no worker may be on (the router itself).
     cfg.boundary.worker_hosts.own_port = port;
     let discovery = match &cfg.discovery {
-        Some(address) => Some(workers::discovery::bind(address).await?),
+        Some(address) => Some(workers::discovery::bind(address)?),
         None => None,
     };
     let router = Arc::new(build(cfg)?);
-    if let Some(socket) = discovery {
-        let b = &router.cfg.boundary;
-        let rules =
-            workers::discovery::Rules { allow: b.discovery_allow.clone(), workers: b.worker_hosts.clone(), per_host: b.discovery_per_host };
-        tokio::spawn(workers::discovery::run(router.clone(), socket, rules));
-    }
-    if let Some(tls) = &tls {
-        tokio::spawn(tls.clone().reload_on_change());
-    }
-    tokio::spawn(workers::health::run(router.clone()));
-    tokio::spawn(workers::health::maintain(router.clone()));
-    if let Some(index) = router.kv_index.clone() {
-        tokio::spawn(kv_aware::intake::run(router.clone(), index));
-        tokio::spawn(kv_aware::engine_load::run(router.clone()));
-    }
+    background(&router, discovery, tls.clone());
     front::server::raise_fd_limit();
     let cfg = &router.cfg;
     let drain = router.drain.clone();

@@ -3,7 +3,6 @@
 //! The command line is trusted as given; the admin API (a key that may leak) and
 //! discovery (anyone on the engines' network) are not.
 
-
 use clap::Args;
 use ipnet::IpNet;
 
@@ -58,5 +57,3 @@ impl BoundaryArgs {
         }
     }
 }
-
-

@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use clap::Args;
 
+pub use crate::router::workers::url::normalize_url;
+
+use crate::api::connector::Connector;
 pub use crate::api::join_host_port;
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 use crate::router::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
-use crate::api::connector::Connector;
 pub use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
@@ -272,24 +274,6 @@ pub struct RouteArgs {
     pub worker_tls: crate::tls::WorkerTlsArgs,
 }
 
-/// Normalises a worker address to `http(s)://host:port[/path]` (no trailing slash).
-pub fn normalize_url(raw: &str) -> Result<String, String> {
-    let with_scheme = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
-    let url = reqwest::Url::parse(&with_scheme).map_err(|e| format!("invalid worker URL `{raw}`: {e}"))?;
-    let scheme = match url.scheme() {
-        s @ ("http" | "https") => s,
-        s => return Err(format!("worker URL `{raw}`: unsupported scheme `{s}` (http or https)")),
-    };
-    let host = url.host_str().ok_or_else(|| format!("worker URL `{raw}` has no host"))?;
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("worker URL `{raw}`: no query or fragment allowed"));
-    }
-    let port = url.port_or_known_default().unwrap_or(80);
-    let path = url.path().trim_end_matches('/');
-    // `host_str` keeps IPv6 brackets, so the result is a valid URL again.
-    Ok(format!("{scheme}://{host}:{port}{path}"))
-}
-
 /// `HOST:PORT` to bind (IPv6 as `[::1]:PORT`), checked.
 fn parse_bind_address(spec: &str) -> Result<String, String> {
     let (host, port) = spec
@@ -387,8 +371,7 @@ impl RouteArgs {
             prefill
                 .iter()
                 .map(|url| {
-                    let port =
-                        ports.iter().find(|(u, _)| u == url).map_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
+                    let port = ports.iter().find(|(u, _)| u == url).map_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT, |p| p.1);
                     (url.clone(), crate::router::upstream::bootstrap::address(url, port))
                 })
                 .collect()

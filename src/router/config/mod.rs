@@ -18,8 +18,6 @@ pub enum Mode {
     Regular,
 }
 
-
-
 /// Every time limit, each its own flag.
 #[derive(Debug, Clone)]
 pub struct Timeouts {
@@ -40,8 +38,6 @@ pub struct Timeouts {
     /// How long in-flight requests may finish after SIGTERM.
     pub shutdown: Duration,
 }
-
-
 
 /// Keys: clients', the admin's, and the one the router sends to workers.
 #[derive(Debug, Clone, Default)]

@@ -25,8 +25,8 @@ use crate::api::ApiError;
 use crate::router::config::RouterConfig;
 use crate::router::flow::admission::{Admission, Refused};
 use crate::router::flow::drain::{Drain, Phase};
-use crate::router::metrics::{RequestRecord, RouterMetrics};
 use crate::router::metrics::Cause;
+use crate::router::metrics::{RequestRecord, RouterMetrics};
 use crate::router::pair::failure::Failure;
 use crate::router::pair::retry::RetryBudget;
 use crate::router::pair::{self, Job, LegTemplate};
@@ -39,7 +39,7 @@ use relay::Held;
 /// Everything the router shares between requests.
 pub struct Router {
     pub cfg: RouterConfig,
-    pub topology: Topology,
+    pub topology: Arc<Topology>,
     /// Whether a pool's policy reads the request's prompt or session key.
     pub needs_request_info: bool,
     pub admission: Admission,
@@ -166,7 +166,7 @@ async fn serve(
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
     match pair::run(router, job.clone()).await {
         Ok(answer) => {
-            let prediction = job.info.kv.as_ref().and_then(|kv| crate::router::kv_aware::check::predict(kv, &answer));
+            let prediction = job.info.kv.as_ref().and_then(|kv| crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success()));
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
             if let Some((prefill, answered)) = served {
@@ -194,11 +194,7 @@ fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderVa
 
 /// `--worker-headers`: the prefill rank that ran the prefill leg (none when the worker
 /// answered alone) and the rank that answered, as `URL; rank=N`.
-fn name_workers(
-    h: &mut HeaderMap,
-    prefill: Option<&crate::router::policy::WorkerRank>,
-    answered: &crate::router::policy::WorkerRank,
-) {
+fn name_workers(h: &mut HeaderMap, prefill: Option<&crate::router::policy::WorkerRank>, answered: &crate::router::policy::WorkerRank) {
     let value = |w: &crate::router::policy::WorkerRank| HeaderValue::from_str(&format!("{}; rank={}", w.url, w.rank)).ok();
     if let Some(v) = prefill.and_then(value) {
         h.insert("x-disagg-prefill", v);
@@ -241,7 +237,9 @@ pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBo
     if router.kv_index.is_some() {
         // Text without a local tokenizer: the engine's own render endpoint tokenizes it.
         let rendered = match router.model_tokenizer {
-            None if crate::router::kv_aware::tokens::is_text(body) => crate::router::kv_aware::tokens::render(router, body).await,
+            None if crate::router::kv_aware::tokens::is_text(body) => {
+                crate::router::kv_aware::tokens::render(&router.topology, router.worker_auth.as_ref(), body).await
+            }
             _ => None,
         };
         // Tokenizing a long prompt is CPU work proportional to its size: off the async

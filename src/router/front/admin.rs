@@ -12,11 +12,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::api::connector::Connector;
 use crate::api::{ApiError, ErrorKind};
-use crate::router::config::cli::normalize_url;
+use crate::router::workers::url::normalize_url;
 use crate::router::flow::Router;
 use crate::router::front::worker_json;
-use crate::api::connector::Connector;
 use crate::router::workers::{Pool, Role, Worker};
 
 pub fn routes() -> axum::Router<Arc<Router>> {
@@ -92,10 +92,9 @@ async fn add(r: &Router, w: NewWorker) -> Response {
         Err(resp) => return resp,
     };
     let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
-        (Connector::Mooncake, Role::Prefill, port) => Some(crate::router::upstream::bootstrap::address(
-            &url,
-            port.unwrap_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT),
-        )),
+        (Connector::Mooncake, Role::Prefill, port) => {
+            Some(crate::router::upstream::bootstrap::address(&url, port.unwrap_or(crate::api::connector::MOONCAKE_BOOTSTRAP_PORT)))
+        }
         (_, _, Some(_)) => return bad("bootstrap_port is a Mooncake prefill's; this router's connector or the role takes none"),
         _ => None,
     };

@@ -131,7 +131,7 @@ async fn health(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
         return ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down").into_response();
     }
     let count = |p: &Pool| (p.available_count(), p.len());
-    let (missing, status) = match &r.topology {
+    let (missing, status) = match &*r.topology {
         Topology::Disaggregated { prefill, decode } => {
             let (p, pt) = count(prefill);
             let (d, dt) = count(decode);
@@ -177,14 +177,17 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
     let gauges: Vec<WorkerGauges> = pools
         .iter()
         .flat_map(|pool| {
-            pool.snapshot().iter().map(|w| WorkerGauges {
-                url: w.url.clone(),
-                role: pool.role.as_str(),
-                rank_in_flight: w.rank_in_flight(),
-                healthy: w.is_healthy(),
-                circuit: w.circuit().gauge(),
-                circuit_openings: w.breaker.opened_total(),
-            }).collect::<Vec<_>>()
+            pool.snapshot()
+                .iter()
+                .map(|w| WorkerGauges {
+                    url: w.url.clone(),
+                    role: pool.role.as_str(),
+                    rank_in_flight: w.rank_in_flight(),
+                    healthy: w.is_healthy(),
+                    circuit: w.circuit().gauge(),
+                    circuit_openings: w.breaker.opened_total(),
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     let text = r.metrics.render(&gauges, r.admission.queued(), r.admission.in_use(), r.drain.draining());

@@ -9,10 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use crate::router::policy::WorkerRank;
 use crate::router::metrics::{KvAwareOutcome, RouterMetrics};
-use crate::router::pair::Answer;
 use crate::router::policy::KvView;
+use crate::router::policy::WorkerRank;
 
 #[derive(Deserialize)]
 struct Reported {
@@ -42,10 +41,10 @@ pub struct Prediction {
     want: usize,
 }
 
-/// The prediction for a successful answer whose cache kv_aware chose.
-pub fn predict(kv: &KvView, answer: &Answer) -> Option<Prediction> {
-    let holder = answer.cache_from.clone()?;
-    if !answer.started.status.is_success() || kv.tokens == 0 {
+/// The prediction for a successful answer whose prompt cache was `cache_from`'s.
+pub fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok: bool) -> Option<Prediction> {
+    let holder = cache_from?.clone();
+    if !answered_ok || kv.tokens == 0 {
         return None;
     }
     let want = predicted(kv.tokens, kv.held.get(&holder).copied().unwrap_or(0), kv.block_size);

@@ -12,15 +12,18 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::api::prom::{label, samples};
-use crate::router::flow::Router;
+use axum::http::HeaderValue;
+
+use crate::router::workers::topology::Topology;
 use crate::router::workers::Worker;
 
 const POLL: Duration = Duration::from_secs(1);
 /// A vLLM /metrics page is tens of KiB; more is not read.
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
-pub async fn run(router: Arc<Router>) {
-    let client = match crate::router::upstream::legs::control_client(Some(router.cfg.health.timeout)) {
+/// Polls every worker's /metrics each second (each within `timeout`, with `auth`).
+pub async fn run(topology: Arc<Topology>, timeout: Duration, auth: Option<HeaderValue>) {
+    let client = match crate::router::upstream::legs::control_client(Some(timeout)) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("cannot build the engine-load client: {e}");
@@ -31,14 +34,14 @@ pub async fn run(router: Arc<Router>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let workers = router.topology.workers();
-        let polls = workers.iter().map(|w| poll(&client, &router, w));
+        let workers = topology.workers();
+        let polls = workers.iter().map(|w| poll(&client, auth.as_ref(), w));
         futures_util::future::join_all(polls).await;
     }
 }
 
-async fn poll(client: &reqwest::Client, router: &Router, w: &Arc<Worker>) {
-    let reported = if w.is_healthy() { read(client, router, &w.url).await } else { None };
+async fn poll(client: &reqwest::Client, auth: Option<&HeaderValue>, w: &Arc<Worker>) {
+    let reported = if w.is_healthy() { read(client, auth, &w.url).await } else { None };
     let reported = reported.unwrap_or_default();
     for rank in 0..w.dp_size() {
         let engine = reported.get(rank).copied().unwrap_or(0);
@@ -47,9 +50,9 @@ async fn poll(client: &reqwest::Client, router: &Router, w: &Arc<Worker>) {
 }
 
 /// Requests waiting + running per engine, from the worker's /metrics.
-async fn read(client: &reqwest::Client, router: &Router, url: &str) -> Option<Vec<usize>> {
+async fn read(client: &reqwest::Client, auth: Option<&HeaderValue>, url: &str) -> Option<Vec<usize>> {
     let mut req = client.get(format!("{url}/metrics"));
-    if let Some(auth) = &router.worker_auth {
+    if let Some(auth) = auth {
         req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
     }
     let resp = req.send().await.ok().filter(|r| r.status().is_success())?;

@@ -17,8 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
-use crate::router::flow::Router;
-use crate::router::kv_aware::index::{WorkerRank, KvIndex};
+use crate::router::kv_aware::index::{KvIndex, WorkerRank};
+use crate::router::workers::topology::Topology;
 use crate::zmtp::{self, Limits, SocketType};
 
 /// How often the worker set is reconciled with the subscriptions.
@@ -36,14 +36,14 @@ const EVENT_LIMITS: Limits =
 const REPLAY_MAX_BATCHES: usize = 20_000;
 const REPLAY_MAX_BYTES: usize = 256 << 20;
 
-pub async fn run(router: Arc<Router>, index: Arc<KvIndex>) {
+pub async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
     let client = crate::router::upstream::legs::control_client(Some(Duration::from_secs(5)))
         .expect("the HTTP client built at start-up builds again");
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     loop {
         tick.tick().await;
-        let workers: HashMap<String, usize> = router.topology.workers().iter().map(|w| (w.url.clone(), w.dp_size())).collect();
+        let workers: HashMap<String, usize> = topology.workers().iter().map(|w| (w.url.clone(), w.dp_size())).collect();
         subscribed.retain(|url, task| {
             let keep = workers.contains_key(url) && !task.is_finished();
             if !keep {

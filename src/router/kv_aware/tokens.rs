@@ -7,8 +7,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::router::flow::Router;
 use crate::router::request::body::ClientBody;
+use crate::router::workers::topology::Topology;
 use crate::router::workers::Role;
 use crate::tokenize::ModelTokenizer;
 
@@ -48,15 +48,15 @@ pub fn is_text(body: &ClientBody) -> bool {
 
 /// The prompt's token ids from a worker's render endpoint (one that serves prefills, or
 /// any worker in colocated mode); None when none answers within 2 s.
-pub async fn render(router: &Router, body: &ClientBody) -> Option<Vec<u32>> {
+pub async fn render(topology: &Topology, auth: Option<&axum::http::HeaderValue>, body: &ClientBody) -> Option<Vec<u32>> {
     let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
-    let worker = router.topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
+    let worker = topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
     let mut req = crate::router::upstream::legs::client()
         .post(format!("{}{path}", worker.url))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.raw().clone())
         .timeout(std::time::Duration::from_secs(2));
-    if let Some(auth) = &router.worker_auth {
+    if let Some(auth) = auth {
         req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
     }
     let resp = req.send().await.ok().filter(|r| r.status().is_success())?;

@@ -169,3 +169,27 @@ pub enum CircuitState {
     HalfOpen = 1,
     Open = 2,
 }
+
+/// The router's background tasks (each supervised: restarted when it ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Discovery,
+    TlsReload,
+    Health,
+    Upkeep,
+    KvIntake,
+    EngineLoad,
+}
+
+impl Label for Task {
+    fn label(&self) -> &'static str {
+        match self {
+            Task::Discovery => "discovery",
+            Task::TlsReload => "tls_reload",
+            Task::Health => "health",
+            Task::Upkeep => "upkeep",
+            Task::KvIntake => "kv_intake",
+            Task::EngineLoad => "engine_load",
+        }
+    }
+}

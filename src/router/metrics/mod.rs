@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf};
+pub use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
 
 pub struct RouterMetrics {
     registry: Registry,
@@ -29,6 +29,7 @@ pub struct RouterMetrics {
     abandoned: prometheus::IntCounter,
     kv_aware: IntCounterVec,
     refused: IntCounterVec,
+    task_restarts: IntCounterVec,
     /// One render at a time (each resets the per-worker series, then sets them).
     rendering: std::sync::Mutex<()>,
 }
@@ -49,6 +50,7 @@ impl RouterMetrics {
             leg_errors: counter("disagg_router_leg_errors_total", "Failed leg attempts (each retry counts), by leg and kind.", &["leg", "kind"]),
             retries: counter("disagg_router_retries_total", "Legs retried on another worker, by leg.", &["leg"]),
             kv_aware: counter("disagg_router_kv_aware_total", "kv_aware decisions, by outcome (prefill_skipped: the decode prefilled the few tokens it lacked).", &["outcome"]),
+            task_restarts: counter("disagg_router_task_restarts_total", "Background tasks started again after they ended or panicked, by task.", &["task"]),
             refused: counter("disagg_router_refused_total", "What the network boundary refused (docs/SECURITY.md), by where it came from and why.", &["from", "reason"]),
             legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
@@ -80,6 +82,10 @@ impl RouterMetrics {
     /// and why (the refusing room's own reason).
     pub fn refused(&self, from: &'static str, reason: &impl Label) {
         self.refused.with_label_values(&[from, reason.label()]).inc();
+    }
+
+    pub fn task_restarted(&self, task: Task) {
+        self.task_restarts.with_label_values(&[task.label()]).inc();
     }
 
     pub fn retry(&self, of: RetryOf) {

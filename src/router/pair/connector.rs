@@ -102,4 +102,3 @@ impl Connector {
         self != Connector::P2pNccl
     }
 }
-

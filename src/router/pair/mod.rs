@@ -19,8 +19,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::router::flow::Router;
-use crate::router::pair::failure::Failure;
 use crate::router::metrics::{KvAwareOutcome, LegTime, RetryOf};
+use crate::router::pair::failure::Failure;
 use crate::router::policy::RequestInfo;
 use crate::router::request::body::Pieces;
 use crate::router::request::LegBodies;
@@ -83,7 +83,7 @@ pub struct Answer {
 }
 
 pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure> {
-    match &router.topology {
+    match &*router.topology {
         Topology::Disaggregated { .. } => disaggregated(router, job).await,
         Topology::Colocated { workers } => colocated(router, workers, &job).await,
     }
@@ -91,7 +91,7 @@ pub async fn run(router: &Arc<Router>, job: Arc<Job>) -> Result<Answer, Failure>
 
 /// The prefill and decode pools (the request was dispatched on the topology in `run`).
 fn pd(router: &Router) -> (&Pool, &Pool) {
-    match &router.topology {
+    match &*router.topology {
         Topology::Disaggregated { prefill, decode } => (prefill, decode),
         Topology::Colocated { .. } => unreachable!("pairs are only run on a disaggregated topology"),
     }
@@ -226,7 +226,7 @@ async fn decode_alone(router: &Router, job: &Job, decode: Lease) -> Result<Answe
 /// it against.
 async fn lone_leg(router: &Router, mut lease: Lease, req: &LegRequest) -> Result<Answer, (Lease, LegError)> {
     let t = Instant::now();
-    match legs::answer(&lease, req, None).await {
+    match legs::answer(lease.target(), req, None).await {
         Ok(started) => {
             lease.succeeded();
             router.metrics.leg_time(LegTime::DecodeFirstByte, t);
@@ -425,7 +425,7 @@ async fn prefill_alongside_decode(
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url(), "pair");
         let t = Instant::now();
         let (prefilled, first) = {
-            let prefill = legs::prefill(&lease, &preq);
+            let prefill = legs::prefill(lease.target(), &preq);
             let decoding = decode_leg(decode, &req, job.stream, tx);
             tokio::pin!(prefill, decoding);
             let mut prefilled = None;
@@ -522,7 +522,7 @@ async fn decode_leg(
     tx: &mut oneshot::Sender<PairOutcome>,
 ) -> (Option<Result<Started, LegError>>, bool) {
     let sent = Arc::new(Sent::default());
-    let leg = legs::answer(lease, req, Some(sent.clone()));
+    let leg = legs::answer(lease.target(), req, Some(sent.clone()));
     tokio::pin!(leg);
     tokio::select! {
         biased;
@@ -560,7 +560,7 @@ async fn prefill_leg(
         let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
         tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
         let t = Instant::now();
-        match legs::prefill(&lease, &req).await {
+        match legs::prefill(lease.target(), &req).await {
             Ok(answer) => {
                 lease.succeeded();
                 router.metrics.leg_time(LegTime::Prefill, t);

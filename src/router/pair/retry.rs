@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-
 /// Retries of failed legs on other workers.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {

@@ -6,7 +6,13 @@ use std::sync::Arc;
 
 use super::{CacheAwareConfig, Candidate, PrefixIndex, RequestInfo};
 
-pub(super) fn select<W: Candidate>(cfg: &CacheAwareConfig, index: &mut PrefixIndex, workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo) -> usize {
+pub(super) fn select<W: Candidate>(
+    cfg: &CacheAwareConfig,
+    index: &mut PrefixIndex,
+    workers: &[Arc<W>],
+    candidates: &[usize],
+    req: &RequestInfo,
+) -> usize {
     let load = |i: &usize| workers[*i].in_flight();
     let loads: Vec<usize> = candidates.iter().map(load).collect();
     let (min, max) = (*loads.iter().min().unwrap_or(&0), *loads.iter().max().unwrap_or(&0));

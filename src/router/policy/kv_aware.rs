@@ -53,5 +53,9 @@ pub(super) fn select<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req
             }
         }
     }
-    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |p| Pick { index: p.candidate, rank: Some(p.rank), blocks: p.uncached })
+    best.map_or(Pick { index: candidates[0], rank: None, blocks: 0 }, |p| Pick {
+        index: p.candidate,
+        rank: Some(p.rank),
+        blocks: p.uncached,
+    })
 }

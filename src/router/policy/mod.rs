@@ -13,8 +13,8 @@ mod random;
 mod ring;
 mod round_robin;
 
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::ValueEnum;
 

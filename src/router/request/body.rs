@@ -9,6 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 
 use crate::router::request::scan::{self, Field};
+pub use crate::router::upstream::pieces::Pieces;
 
 use crate::api::{validation_error, ApiError, ErrorKind};
 
@@ -149,53 +150,6 @@ impl ClientBody {
 
 /// Values from this size on are shared with the client's body rather than copied.
 const SHARE_FROM: usize = 4096;
-
-/// A body in pieces, sent one after another (vectored writes): nothing concatenated.
-#[derive(Clone, Default, Debug)]
-pub struct Pieces(Vec<Bytes>);
-
-impl Pieces {
-    fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.0.push(b);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.iter().map(Bytes::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn chunks(&self) -> &[Bytes] {
-        &self.0
-    }
-
-    /// One buffer: free when there is one piece, a copy otherwise.
-    pub fn to_bytes(&self) -> Bytes {
-        match self.0.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            many => {
-                let mut out = BytesMut::with_capacity(self.len());
-                for p in many {
-                    out.put_slice(p);
-                }
-                out.freeze()
-            }
-        }
-    }
-}
-
-impl From<Bytes> for Pieces {
-    fn from(b: Bytes) -> Self {
-        let mut p = Pieces::default();
-        p.push(b);
-        p
-    }
-}
 
 fn extra_len(set: &[(&str, &[u8])]) -> usize {
     set.iter().map(|(k, v)| k.len() + v.len() + 4).sum()

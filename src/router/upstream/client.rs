@@ -74,7 +74,7 @@ impl std::fmt::Display for Error {
 
 /// A POST to a worker.
 pub struct Request<'a> {
-    /// The worker's URL as normalised (`http://host:port[/prefix]`, cli::normalize_url).
+    /// The worker's URL as normalised (`http://host:port[/prefix]`, workers::url::normalize_url).
     pub url: &'a str,
     pub path: &'a str,
     /// Headers besides Host and Content-Length (values are `HeaderValue`s: no CR or LF).

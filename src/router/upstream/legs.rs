@@ -13,9 +13,8 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::api::sse::{self, EventSplitter};
-use crate::router::request::body::{ClientBody, Pieces};
 use crate::router::upstream::client as worker_client;
-use crate::router::workers::Lease;
+use crate::router::upstream::pieces::Pieces;
 
 pub use crate::router::metrics::Leg;
 use crate::router::metrics::LegErrorKind;
@@ -125,6 +124,13 @@ fn classify(e: worker_client::Error) -> LegError {
     }
 }
 
+/// Where a leg goes: a worker's URL, and the DP rank it asks for (`X-data-parallel-rank`).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub url: &'a str,
+    pub dp_rank: Option<usize>,
+}
+
 /// What every leg sends besides its body.
 #[derive(Clone)]
 pub struct LegRequest {
@@ -191,9 +197,9 @@ pub fn client() -> reqwest::Client {
 }
 
 /// Sends a leg to its worker; `sent` is told once the worker has the whole request.
-async fn send(lease: &Lease, req: &LegRequest, sent: Option<&Sent>) -> Result<worker_client::Response, LegError> {
+async fn send(to: Target<'_>, req: &LegRequest, sent: Option<&Sent>) -> Result<worker_client::Response, LegError> {
     let json = HeaderValue::from_static("application/json");
-    let rank = lease.dp_rank().map(HeaderValue::from);
+    let rank = to.dp_rank.map(HeaderValue::from);
     let mut headers: Vec<(&'static str, &HeaderValue)> = vec![("content-type", &json), ("x-request-id", &req.request_id)];
     if let Some(rank) = &rank {
         headers.push(("x-data-parallel-rank", rank));
@@ -201,7 +207,7 @@ async fn send(lease: &Lease, req: &LegRequest, sent: Option<&Sent>) -> Result<wo
     if let Some(auth) = &req.authorization {
         headers.push(("authorization", auth));
     }
-    let request = worker_client::Request { url: lease.url(), path: req.path, headers: &headers, body: req.body.chunks() };
+    let request = worker_client::Request { url: to.url, path: req.path, headers: &headers, body: req.body.chunks() };
     worker_client::post(&request, || {
         if let Some(sent) = sent {
             sent.done.store(true, Ordering::Release);
@@ -212,12 +218,12 @@ async fn send(lease: &Lease, req: &LegRequest, sent: Option<&Sent>) -> Result<wo
     .map_err(classify)
 }
 
-async fn error_status(resp: worker_client::Response, lease: &Lease) -> LegError {
+async fn error_status(resp: worker_client::Response, to: Target<'_>) -> LegError {
     let status = resp.status;
     let content_type = resp.content_type;
     // An error body is small; a worker that sends a huge one is cut off.
     match resp.body.collect(1 << 20).await {
-        Ok(body) => match (status, lease.dp_rank()) {
+        Ok(body) => match (status, to.dp_rank) {
             (StatusCode::BAD_REQUEST, Some(sent)) => match rank_not_served(&body, sent) {
                 Some(served) => LegError::RankNotServed { served },
                 None => LegError::Status { status, content_type, body },
@@ -254,16 +260,25 @@ pub struct Prefilled {
 }
 
 /// The prefill leg.
-pub async fn prefill(lease: &Lease, req: &LegRequest) -> Result<Prefilled, LegError> {
+pub async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegError> {
     let run = async {
-        let resp = send(lease, req, None).await?;
+        let resp = send(to, req, None).await?;
         if !resp.status.is_success() {
-            return Err(error_status(resp, lease).await);
+            return Err(error_status(resp, to).await);
         }
         let body = resp.body.collect(MAX_ANSWER).await.map_err(classify)?;
-        let answer = ClientBody::parse(body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
-        let params = answer.get("kv_transfer_params").filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
-        Ok(Prefilled { params, kv_kept: finished_on_length_cap(answer.get("choices")) })
+        // The two fields read, as raw JSON; the rest of the answer is not decoded.
+        #[derive(serde::Deserialize)]
+        struct Answer<'a> {
+            #[serde(borrow, default)]
+            kv_transfer_params: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow, default)]
+            choices: Option<&'a serde_json::value::RawValue>,
+        }
+        let answer: Answer<'_> =
+            serde_json::from_slice(&body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
+        let params = answer.kv_transfer_params.map(|r| r.get().as_bytes()).filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
+        Ok(Prefilled { params, kv_kept: finished_on_length_cap(answer.choices.map(|r| r.get().as_bytes())) })
     };
     tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
@@ -311,15 +326,15 @@ pub enum StartedBody {
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
 /// whole JSON answer, or the SSE answer up to its first data event. Bounded by the leg's
 /// timeout. `sent` is told when the worker has the whole request.
-pub async fn answer(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    tokio::time::timeout(req.timeout, start(lease, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+pub async fn answer(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    tokio::time::timeout(req.timeout, start(to, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 
-async fn start(lease: &Lease, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    let resp = send(lease, req, sent.as_deref()).await?;
+async fn start(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+    let resp = send(to, req, sent.as_deref()).await?;
     let status = resp.status;
     if !status.is_success() {
-        return Err(error_status(resp, lease).await);
+        return Err(error_status(resp, to).await);
     }
     let content_type = resp.content_type;
     let is_sse = content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));

@@ -5,3 +5,4 @@ pub mod bootstrap;
 pub mod client;
 mod framing;
 pub mod legs;
+pub mod pieces;

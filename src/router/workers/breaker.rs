@@ -7,10 +7,9 @@
 //! half-open --(success_threshold successful probes)--> closed
 //! half-open --(a failed probe)--> open again, for twice as long (at most 8x)
 
-use std::time::Duration;
 use std::sync::Mutex;
+use std::time::Duration;
 use std::time::Instant;
-
 
 /// Per-worker circuit breaker (vllm-router's `--cb-*` flags).
 #[derive(Debug, Clone)]

@@ -21,10 +21,12 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::log_budget::LogBudget;
+use crate::api::join_host_port;
+use crate::router::workers::url::normalize_url;
 use crate::router::metrics::Label;
+use crate::router::metrics::RouterMetrics;
 use crate::router::workers::allow::{Networks, WorkerHosts};
-use crate::router::config::cli::{join_host_port, normalize_url};
-use crate::router::flow::Router;
+use crate::router::workers::topology::Topology;
 use crate::router::workers::Role;
 use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 
@@ -109,6 +111,7 @@ impl Label for Refusal {
 }
 
 /// The rules a registration is held to.
+#[derive(Clone)]
 pub struct Rules {
     pub allow: Networks,
     pub workers: WorkerHosts,
@@ -218,15 +221,23 @@ impl Registry {
 
 /// Binds the discovery socket (before the router says it is up, so a bad address fails
 /// the start).
-pub async fn bind(address: &str) -> anyhow::Result<TcpListener> {
+pub fn bind(address: &str) -> anyhow::Result<std::net::TcpListener> {
     let bare = address.replace(['[', ']'], "");
     let (host, port) = bare.rsplit_once(':').context("--vllm-discovery-address: HOST:PORT")?;
-    TcpListener::bind((host, port.parse::<u16>().context("--vllm-discovery-address: bad port")?))
-        .await
-        .with_context(|| format!("--vllm-discovery-address: cannot bind {address}"))
+    let listener = std::net::TcpListener::bind((host, port.parse::<u16>().context("--vllm-discovery-address: bad port")?))
+        .with_context(|| format!("--vllm-discovery-address: cannot bind {address}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
-pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
+pub async fn run(topology: Arc<Topology>, metrics: Arc<RouterMetrics>, listener: std::net::TcpListener, rules: Rules) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("discovery: {e}");
+            return;
+        }
+    };
     let (tx, mut rx) = mpsc::channel(1024);
     // Connections per host: room for an engine's reconnects beside its registrations.
     let caps = ConnectionLimits {
@@ -249,10 +260,10 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
                         .map_err(|e| (Refusal::Malformed, e))
                         .and_then(|ping| registry.admit(&ping, peer.ip(), Instant::now()).map(|a| (ping, a)));
                     match admitted {
-                        Ok((ping, Admitted::New)) => join(&router, &mut registry, ping),
+                        Ok((ping, Admitted::New)) => join(&topology, &mut registry, ping),
                         Ok((_, Admitted::Refreshed)) => {}
                         Err((refusal, why)) => {
-                            router.metrics.refused("discovery", &refusal);
+                            metrics.refused("discovery", &refusal);
                             if let Some(skipped) = log.take() {
                                 tracing::warn!(from = %peer, skipped, "discovery: refused a registration: {why}");
                             }
@@ -260,7 +271,7 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
                     }
                 }
                 Some(Accepted::Refused { peer, why }) => {
-                    router.metrics.refused("discovery", &Refusal::Connection);
+                    metrics.refused("discovery", &Refusal::Connection);
                     if let Some(skipped) = log.take() {
                         tracing::warn!(from = %peer, skipped, "discovery: dropped a connection: {why}");
                     }
@@ -270,7 +281,7 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
             },
             _ = tick.tick() => {
                 for (url, role, zmq) in registry.expire(Instant::now()) {
-                    if let Some(pool) = router.topology.pool(role) {
+                    if let Some(pool) = topology.pool(role) {
                         pool.remove(&url);
                     }
                     tracing::info!(role = role.as_str(), http = %url, %zmq, "discovery: left (no ping for 5 s)");
@@ -280,8 +291,8 @@ pub async fn run(router: Arc<Router>, listener: TcpListener, rules: Rules) {
     }
 }
 
-fn join(router: &Router, registry: &mut Registry, ping: Ping) {
-    let Some(pool) = router.topology.pool(ping.role) else {
+fn join(topology: &Topology, registry: &mut Registry, ping: Ping) {
+    let Some(pool) = topology.pool(ping.role) else {
         registry.forget(&ping.url);
         return;
     };

@@ -5,13 +5,13 @@
 //! and success thresholds apply. A connection error on a live request marks a worker down
 //! at once (workers.rs).
 
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::router::flow::Router;
 use crate::api::connector::Connector;
+use crate::router::workers::topology::Topology;
 use crate::router::workers::Role;
 
 #[derive(Debug, Clone)]
@@ -26,8 +26,7 @@ pub struct HealthConfig {
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub async fn run(router: Arc<Router>) {
-    let cfg = router.cfg.health.clone();
+pub async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: Connector) {
     let client = match crate::router::upstream::legs::control_client(Some(cfg.timeout)) {
         Ok(c) => c,
         Err(e) => {
@@ -45,15 +44,14 @@ pub async fn run(router: Arc<Router>) {
         if full {
             last_full = Some(tokio::time::Instant::now());
         }
-        for pool in router.topology.pools() {
+        for pool in topology.pools() {
             pool.remove_drained();
         }
-        let workers = router.topology.workers();
+        let workers = topology.workers();
         let due = workers.iter().filter(|w| full || !w.is_healthy());
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;
-            let connector = router.cfg.connector;
             async move {
                 let url = format!("{}{}", w.url, cfg.endpoint);
                 let (mut ok, mut detail) = match client.get(&url).send().await {
@@ -97,12 +95,12 @@ fn with_tls_hint(url: &str, error: String) -> String {
 }
 
 /// cache_aware's prefix trees are trimmed to --max-tree-size every --eviction-interval.
-pub async fn maintain(router: Arc<Router>) {
-    let mut tick = tokio::time::interval(router.cfg.cache_aware.eviction_interval);
+pub async fn maintain(topology: Arc<Topology>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        for pool in router.topology.pools() {
+        for pool in topology.pools() {
             pool.maintain().await;
         }
     }

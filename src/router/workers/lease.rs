@@ -49,6 +49,11 @@ impl Lease {
         crate::router::policy::WorkerRank { url: self.worker.url.clone(), rank: self.rank }
     }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
+    /// Where a leg on this lease goes.
+    pub fn target(&self) -> crate::router::upstream::legs::Target<'_> {
+        crate::router::upstream::legs::Target { url: &self.worker.url, dp_rank: self.dp_rank() }
+    }
+
     pub fn dp_rank(&self) -> Option<usize> {
         (self.worker.dp_size() > 1).then_some(self.rank)
     }
@@ -63,4 +68,3 @@ impl Drop for Lease {
         }
     }
 }
-

@@ -18,6 +18,7 @@ pub mod health;
 mod lease;
 mod pool;
 pub mod topology;
+pub mod url;
 mod worker;
 
 pub use crate::api::Role;

@@ -197,7 +197,6 @@ impl Worker {
     }
 }
 
-
 impl Candidate for Worker {
     fn url(&self) -> &str {
         &self.url
