@@ -61,18 +61,28 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         (Some(dir), true) => Some(crate::tokenize::ModelTokenizer::load(dir).context("--model-path")?),
         _ => None,
     };
+    let topology = Arc::new(topology);
+    let metrics = Arc::new(metrics::RouterMetrics::new());
     Ok(Router {
         needs_request_info,
-        topology: Arc::new(topology),
+        topology: topology.clone(),
         admission: flow::admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
-        metrics: Arc::new(metrics::RouterMetrics::new()),
+        metrics: metrics.clone(),
         tokenizer,
         kv_index: kv_aware.then(Arc::default),
         model_tokenizer,
         worker_auth,
-        retry_budget: pair::retry::RetryBudget::new(&cfg.retry),
+        pairs: Arc::new(pair::Pairs {
+            topology: topology.clone(),
+            connector: cfg.connector,
+            retry: cfg.retry.clone(),
+            budget: pair::retry::RetryBudget::new(&cfg.retry),
+            metrics: metrics.clone(),
+            prefill_time: pair::prefill_time::PrefillTime::default(),
+            decode_alone_tokens: cfg.kv_aware_decode_alone_tokens,
+            legs: pair::HttpLegs,
+        }),
         drain: Arc::default(),
-        prefill_time: pair::prefill_time::PrefillTime::default(),
         body_budget: crate::api::body::BodyBudget::new(cfg.boundary.body_budget),
         cfg,
     })

@@ -22,7 +22,7 @@ use crate::router::flow::relay::{Held, Piece, Upstream};
 use crate::router::flow::{info_for, Router};
 use crate::router::metrics::Cause;
 use crate::router::pair::failure::Failure;
-use crate::router::pair::{self, Job, LegTemplate};
+use crate::router::pair::{Delivery, Job, LegTemplate};
 use crate::router::request::body::ClientBody;
 use crate::router::request::{self, LegBodies, Shape};
 use crate::router::upstream::legs::StartedBody;
@@ -46,9 +46,9 @@ pub async fn run(
         };
         let info = info_for(router, headers, &body).await;
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
-        jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), stream: shape.gen.stream }));
+        jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), delivery: Delivery::from(shape.gen.stream) }));
     }
-    let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| pair::run(router, job))).await {
+    let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| router.pairs.run(job))).await {
         Ok(answers) => answers,
         Err(f) => return Err((f, held)),
     };

@@ -28,8 +28,7 @@ use crate::router::flow::drain::{Drain, Phase};
 use crate::router::metrics::Cause;
 use crate::router::metrics::{RequestRecord, RouterMetrics};
 use crate::router::pair::failure::Failure;
-use crate::router::pair::retry::RetryBudget;
-use crate::router::pair::{self, Job, LegTemplate};
+use crate::router::pair::{Delivery, Job, LegTemplate, Pairs};
 use crate::router::policy::RequestInfo;
 use crate::router::request::body::ClientBody;
 use crate::router::request::{self, LegBodies};
@@ -52,9 +51,9 @@ pub struct Router {
     /// `Authorization` sent to workers (--api-key); without it, the client's is passed on
     /// unless client keys are configured (flow.rs, `worker_authorization`).
     pub worker_auth: Option<HeaderValue>,
-    pub retry_budget: RetryBudget,
+    /// The PD state machine, with the retry rules and budget it spends.
+    pub pairs: Arc<Pairs>,
     pub drain: Arc<Drain>,
-    pub prefill_time: crate::router::pair::prefill_time::PrefillTime,
     /// Request-body bytes held at once (--max-body-bytes-in-flight).
     pub body_budget: BodyBudget,
 }
@@ -138,7 +137,7 @@ async fn serve(
     if router.drain.draining() {
         return Err(Failure::shutting_down());
     }
-    router.retry_budget.request();
+    router.pairs.budget.request();
     let permit = admit(&router.admission, generations).await?;
     let t = &router.cfg.timeouts;
     let leg = LegTemplate {
@@ -163,8 +162,8 @@ async fn serve(
         });
     }
     let info = info_for(router, headers, &body).await;
-    let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, stream: shape.gen.stream });
-    match pair::run(router, job.clone()).await {
+    let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, delivery: Delivery::from(shape.gen.stream) });
+    match router.pairs.run(job.clone()).await {
         Ok(answer) => {
             let prediction = job.info.kv.as_ref().and_then(|kv| crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success()));
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));

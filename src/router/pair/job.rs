@@ -1,0 +1,90 @@
+//! What one generation runs with (its legs' bodies and headers, what policies read), and
+//! the start of its answer.
+
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+
+use super::rename::Rename;
+use crate::router::policy::{RequestInfo, WorkerRank};
+use crate::router::request::LegBodies;
+use crate::router::upstream::legs::{LegRequest, Started};
+use crate::router::upstream::pieces::Pieces;
+use crate::router::workers::Lease;
+
+/// What each leg of one generation sends besides its body.
+#[derive(Clone)]
+pub struct LegTemplate {
+    pub path: &'static str,
+    pub request_id: HeaderValue,
+    pub authorization: Option<HeaderValue>,
+    pub prefill_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl LegTemplate {
+    pub(super) fn request(&self, body: Pieces, timeout: Duration) -> LegRequest {
+        LegRequest { path: self.path, request_id: self.request_id.clone(), authorization: self.authorization.clone(), body, timeout }
+    }
+
+    /// The same legs under another request id (one generation of a split request).
+    pub fn with_id(&self, request_id: HeaderValue) -> Self {
+        LegTemplate { request_id, ..self.clone() }
+    }
+}
+
+/// How the client takes its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Server-sent events: a decode's first output comes early.
+    Stream,
+    /// One JSON body: a decode's first output is its end.
+    Whole,
+}
+
+impl From<bool> for Delivery {
+    /// From the request's `stream`.
+    fn from(stream: bool) -> Self {
+        if stream {
+            Delivery::Stream
+        } else {
+            Delivery::Whole
+        }
+    }
+}
+
+/// One generation to run.
+pub struct Job {
+    pub bodies: LegBodies,
+    pub info: RequestInfo,
+    pub leg: LegTemplate,
+    pub delivery: Delivery,
+}
+
+impl Job {
+    /// A decode (or colocated) leg with this body under `request_id`: its time limit is the
+    /// first byte's when streamed, the whole answer's otherwise.
+    pub(super) fn decode_request(&self, body: Pieces, request_id: HeaderValue) -> LegRequest {
+        let timeout = match self.delivery {
+            Delivery::Stream => self.leg.first_byte_timeout,
+            Delivery::Whole => self.leg.request_timeout,
+        };
+        LegRequest { request_id, ..self.leg.request(body, timeout) }
+    }
+}
+
+/// The start of the answer, and the worker rank giving it.
+pub struct Answer {
+    pub started: Started,
+    pub lease: Lease,
+    /// When the answering leg was sent.
+    pub since: Instant,
+    /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
+    /// reports its prefill's, a decode alone its own (None where unknown).
+    pub cache_from: Option<WorkerRank>,
+    /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
+    pub prefill: Option<WorkerRank>,
+    /// The leg id to replace by the client's in the answer (P2pNccl's names both engines).
+    pub rename: Option<Rename>,
+}

@@ -1,0 +1,197 @@
+//! The prefill side of a pair attempt: NIXL and P2pNccl send the prefill leg, then the
+//! decode leg made from its answer; Mooncake sends both at once (the decode waits for the
+//! KV itself).
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::decode::{Client, DecodeDone, DecodeEnd, Opened, Opening, PairOutcome};
+use super::{pick, Avoidance, Job, LegSender, Pairs};
+use crate::router::metrics::{Leg, LegTime, RetryOf};
+use crate::router::pair::failure::Failure;
+use crate::router::upstream::legs::LegRequest;
+use crate::router::workers::{Lease, Worker};
+
+/// A prefill that answered: the params its answer carries, its worker and rank, and the
+/// request id the pair's legs carry.
+struct PrefillDone {
+    params: Option<Bytes>,
+    worker: Arc<Worker>,
+    rank: usize,
+    leg_id: HeaderValue,
+}
+
+impl<S: LegSender> Pairs<S> {
+    /// NIXL, P2pNccl: the prefill leg (with a grace when the client leaves), then the
+    /// decode leg made from its answer.
+    pub(super) async fn prefill_then_decode(
+        &self,
+        job: &Job,
+        decode: &Lease,
+        avoid_p: &mut Vec<String>,
+        avoidance: Avoidance,
+        tx: &mut oneshot::Sender<PairOutcome>,
+    ) -> Opening {
+        let started = Instant::now();
+        let prefilled = {
+            let prefill = self.prefill_leg(job, decode.worker(), avoid_p, avoidance);
+            tokio::pin!(prefill);
+            tokio::select! {
+                biased;
+                done = &mut prefill => done,
+                () = tx.closed() => match tokio::time::timeout(self.prefill_time.grace(started.elapsed(), job.leg.prefill_timeout), prefill).await {
+                    Ok(done) => done,
+                    Err(_) => return Opening::Abandoned,
+                },
+            }
+        };
+        match prefilled {
+            Ok(done) => {
+                let req = job.decode_request(self.connector.decode_body(&job.bodies, done.params.as_deref()), done.leg_id);
+                Opening::Opened(Opened { prefill_worker: done.worker, prefill_rank: done.rank, req, first: None })
+            }
+            Err(f) => Opening::Over(PairOutcome::Final(f)),
+        }
+    }
+
+    /// The prefill leg (for the reserved `decode`), retried on other prefill workers.
+    async fn prefill_leg(&self, job: &Job, decode: &Worker, avoid: &mut Vec<String>, avoidance: Avoidance) -> Result<PrefillDone, Failure> {
+        let mut last: Option<Failure> = None;
+        let mut attempt = 0;
+        loop {
+            let mut lease = self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await?;
+            attempt += 1;
+            let legs = self.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e))?;
+            let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
+            tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
+            let t = Instant::now();
+            match self.legs.prefill(lease.target(), &req).await {
+                Ok(answer) => {
+                    lease.succeeded();
+                    self.metrics.leg_time(LegTime::Prefill, t);
+                    self.prefill_time.observe(t.elapsed());
+                    return Ok(PrefillDone { params: answer.params, worker: lease.worker().clone(), rank: lease.rank(), leg_id: legs.id });
+                }
+                Err(e) => match self.judge(Leg::Prefill, &mut lease, e, job).settle(avoid, lease.url()) {
+                    ControlFlow::Continue(f) => last = Some(f),
+                    ControlFlow::Break(answer) => return Err(answer),
+                },
+            }
+        }
+    }
+
+    /// The prefill for attempt `attempt` of a pair (a retry waits its backoff, within the
+    /// retry budget); `Err` with what the client hears when no attempt is left.
+    async fn prefill_attempt(&self, job: &Job, avoid: &[String], avoidance: Avoidance, attempt: u32, last: &mut Option<Failure>) -> Result<Lease, Failure> {
+        if attempt > 0 && !self.may_retry(attempt, RetryOf::Prefill).await {
+            return Err(last.take().expect("a retry follows a failure"));
+        }
+        let avoidance = if attempt == 0 { avoidance } else { Avoidance::Strict };
+        pick(self.pd().0, &job.info, avoid, avoidance).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
+    }
+
+    /// Mooncake: the prefill and decode legs at once (the decode waits for the KV itself).
+    /// A failed prefill drops the decode (vLLM aborts it) and the pair is tried again on
+    /// another prefill; a decode that fails first waits for its prefill to tell whether
+    /// the KV is there for another decode.
+    pub(super) async fn prefill_alongside_decode(
+        &self,
+        job: &Job,
+        decode: &Lease,
+        avoid: &mut Vec<String>,
+        avoidance: Avoidance,
+        tx: &mut oneshot::Sender<PairOutcome>,
+    ) -> Opening {
+        let mut last: Option<Failure> = None;
+        let mut attempt = 0;
+        loop {
+            let mut lease = match self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await {
+                Ok(lease) => lease,
+                Err(f) => return Opening::Over(PairOutcome::Final(f)),
+            };
+            attempt += 1;
+            let legs = match self.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode.worker()) {
+                Ok(legs) => legs,
+                Err(why) => {
+                    tracing::warn!(request_id = ?job.leg.request_id, worker = %lease.url(), "prefill skipped: {why}");
+                    avoid.push(lease.url().to_string());
+                    last = Some(Failure::internal("no prefill worker could be named to its decode"));
+                    continue;
+                }
+            };
+            let preq = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
+            let req = job.decode_request(legs.decode_alongside.expect("this connector sends the decode alongside"), legs.id);
+            tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url(), "pair");
+            let t = Instant::now();
+            let (prefilled, first) = {
+                let prefill = self.legs.prefill(lease.target(), &preq);
+                let decoding = self.decode_leg(decode, &req, job, tx);
+                tokio::pin!(prefill, decoding);
+                let mut prefilled = None;
+                let first = loop {
+                    tokio::select! {
+                        p = &mut prefill, if prefilled.is_none() => {
+                            // A failed prefill, or one that kept no KV: its decode would wait
+                            // for KV that never comes, and is dropped (vLLM aborts it).
+                            let over = p.as_ref().map_or(true, |a| !a.kv_kept);
+                            prefilled = Some(p);
+                            if over {
+                                break None;
+                            }
+                        }
+                        done = &mut decoding => break Some(DecodeDone { sent_at: t, ..done }),
+                    }
+                };
+                // A decode that failed before its prefill answered: whether the KV is there
+                // for another decode depends on the prefill.
+                if prefilled.is_none() && first.as_ref().is_some_and(|d| matches!(d.end, DecodeEnd::Answered(Err(_)))) {
+                    prefilled = Some(prefill.await);
+                }
+                (prefilled, first)
+            };
+            let opened = |lease: &Lease, req, first| Opening::Opened(Opened { prefill_worker: lease.worker().clone(), prefill_rank: lease.rank(), req, first });
+            match prefilled {
+                Some(Err(e)) => {
+                    match self.judge(Leg::Prefill, &mut lease, e, job).settle(avoid, lease.url()) {
+                        ControlFlow::Continue(f) => last = Some(f),
+                        ControlFlow::Break(answer) => return Opening::Over(PairOutcome::Final(answer)),
+                    }
+                    match first {
+                        Some(DecodeDone { client: Client::Gone, .. }) => return Opening::Abandoned,
+                        // A decode that already failed is not tried again on this pair.
+                        Some(DecodeDone { end: DecodeEnd::Answered(Err(e)), .. }) => {
+                            self.metrics.leg_error(Leg::Decode, e.kind());
+                            return Opening::Over(PairOutcome::Decode {
+                                decodes: vec![decode.url().to_string()],
+                                prefill: lease.url().to_string(),
+                                last: last.expect("set above"),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ok(answer)) => {
+                    lease.succeeded();
+                    self.metrics.leg_time(LegTime::Prefill, t);
+                    self.prefill_time.observe(t.elapsed());
+                    // The prefill kept no KV (its engine did not finish it on the length
+                    // cap): the decode prefills locally instead.
+                    let req = if first.is_none() && !answer.kv_kept {
+                        job.decode_request(self.connector.decode_body(&job.bodies, None), req.request_id)
+                    } else {
+                        req
+                    };
+                    return opened(&lease, req, first);
+                }
+                // The decode ended before the prefill answered: it answered (the KV moved),
+                // or it was kept for a client that left and then let go (decode_leg).
+                None => return opened(&lease, req, first),
+            }
+        }
+    }
+}
