@@ -165,7 +165,10 @@ async fn serve(
     let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, delivery: Delivery::from(shape.gen.stream) });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
-            let prediction = job.info.kv.as_ref().and_then(|kv| crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success()));
+            let prediction =
+                job.info.kv.as_ref().and_then(|kv| {
+                    crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success())
+                });
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
             if let Some((prefill, answered)) = served {

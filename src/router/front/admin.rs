@@ -14,9 +14,9 @@ use serde_json::json;
 
 use crate::api::connector::Connector;
 use crate::api::{ApiError, ErrorKind};
-use crate::router::workers::url::normalize_url;
 use crate::router::flow::Router;
 use crate::router::front::worker_json;
+use crate::router::workers::url::normalize_url;
 use crate::router::workers::{Pool, Role, Worker};
 
 pub fn routes() -> axum::Router<Arc<Router>> {

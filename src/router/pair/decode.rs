@@ -29,7 +29,11 @@ pub(super) enum PairOutcome {
     Final(Failure),
     /// The decode failed in a way that may have used the KV (timeout, broken answer, an
     /// error event); these decodes were tried, on this prefill.
-    Decode { decodes: Vec<String>, prefill: String, last: Failure },
+    Decode {
+        decodes: Vec<String>,
+        prefill: String,
+        last: Failure,
+    },
 }
 
 /// What a pair attempt starts from: its reserved decode, and what to avoid.

@@ -87,7 +87,14 @@ impl<S: LegSender> Pairs<S> {
 
     /// The prefill for attempt `attempt` of a pair (a retry waits its backoff, within the
     /// retry budget); `Err` with what the client hears when no attempt is left.
-    async fn prefill_attempt(&self, job: &Job, avoid: &[String], avoidance: Avoidance, attempt: u32, last: &mut Option<Failure>) -> Result<Lease, Failure> {
+    async fn prefill_attempt(
+        &self,
+        job: &Job,
+        avoid: &[String],
+        avoidance: Avoidance,
+        attempt: u32,
+        last: &mut Option<Failure>,
+    ) -> Result<Lease, Failure> {
         if attempt > 0 && !self.may_retry(attempt, RetryOf::Prefill).await {
             return Err(last.take().expect("a retry follows a failure"));
         }
@@ -154,7 +161,9 @@ impl<S: LegSender> Pairs<S> {
                 }
                 (prefilled, first)
             };
-            let opened = |lease: &Lease, req, first| Opening::Opened(Opened { prefill_worker: lease.worker().clone(), prefill_rank: lease.rank(), req, first });
+            let opened = |lease: &Lease, req, first| {
+                Opening::Opened(Opened { prefill_worker: lease.worker().clone(), prefill_rank: lease.rank(), req, first })
+            };
             match prefilled {
                 Some(Err(e)) => {
                     match self.judge(Leg::Prefill, &mut lease, e, job).settle(avoid, lease.url()) {

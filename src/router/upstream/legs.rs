@@ -150,6 +150,12 @@ pub struct Sent {
 }
 
 impl Sent {
+    /// The worker has the whole request.
+    pub fn done(&self) {
+        self.done.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
     pub async fn wait(&self) {
         let notified = self.notify.notified();
         if !self.done.load(Ordering::Acquire) {
@@ -210,8 +216,7 @@ async fn send(to: Target<'_>, req: &LegRequest, sent: Option<&Sent>) -> Result<w
     let request = worker_client::Request { url: to.url, path: req.path, headers: &headers, body: req.body.chunks() };
     worker_client::post(&request, || {
         if let Some(sent) = sent {
-            sent.done.store(true, Ordering::Release);
-            sent.notify.notify_waiters();
+            sent.done();
         }
     })
     .await

@@ -20,13 +20,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::log_budget::LogBudget;
 use crate::api::join_host_port;
-use crate::router::workers::url::normalize_url;
+use crate::log_budget::LogBudget;
 use crate::router::metrics::Label;
 use crate::router::metrics::RouterMetrics;
 use crate::router::workers::allow::{Networks, WorkerHosts};
 use crate::router::workers::topology::Topology;
+use crate::router::workers::url::normalize_url;
 use crate::router::workers::Role;
 use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 

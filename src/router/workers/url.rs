@@ -17,4 +17,3 @@ pub fn normalize_url(raw: &str) -> Result<String, String> {
     // `host_str` keeps IPv6 brackets, so the result is a valid URL again.
     Ok(format!("{scheme}://{host}:{port}{path}"))
 }
-
