@@ -175,7 +175,7 @@ proptest! {
 
     #[test]
     fn the_launch_parser_never_panics(text in "\\PC{0,400}") {
-        let _ = disagg::launch::config::parse("fuzz.yaml", &text);
+        let _ = disagg::launch::spec::config::parse("fuzz.yaml", &text);
     }
 
     #[test]
@@ -191,7 +191,7 @@ proptest! {
                 j += 1;
             }
             s.replace_range(i..j, &with);
-            let _ = disagg::launch::config::parse("fuzz.yaml", &s);
+            let _ = disagg::launch::spec::config::parse("fuzz.yaml", &s);
         }
     }
 }

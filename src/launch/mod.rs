@@ -2,14 +2,12 @@
 //! optional fields: docs/LAUNCH.md), on this machine, one node's share of a multi-node
 //! plan, or a Ray cluster.
 
-pub mod argv;
-pub mod config;
-pub mod connector;
 pub mod local;
 pub mod plan;
 pub mod ranktable;
 pub mod ray;
 pub mod script;
+pub mod spec;
 
 use std::path::PathBuf;
 
@@ -61,8 +59,8 @@ pub fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
         Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
         None => ("<built-in demo>".to_string(), DEMO.to_string()),
     };
-    let text = config::expand_env(&name, &text)?;
-    let file = config::parse(&name, &text)?;
+    let text = spec::config::expand_env(&name, &text)?;
+    let file = spec::config::parse(&name, &text)?;
     let exe = std::env::current_exe().context("cannot find the disagg executable")?;
     let target = if args.ray.is_some() { plan::Target::Ray } else { plan::Target::Nodes };
     let plan = plan::build(&file, &name, &text, &exe, target)?;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::config::EngineKind;
 use super::plan::{Instance, Plan, Role};
+use crate::launch::spec::config::EngineKind;
 
 #[derive(Args, Debug, Clone)]
 pub struct ScriptArgs {

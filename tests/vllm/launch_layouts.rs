@@ -68,7 +68,7 @@ pub async fn checked_by_vllm() {
         .unwrap();
     let registry: Vec<String> = serde_json::from_slice(out.stdout.rsplit(|b| *b == b'\n').find(|l| l.starts_with(b"[")).unwrap()).unwrap();
     for name in &registry {
-        assert!(disagg::launch::connector::KNOWN.contains(&name.as_str()), "vLLM registers {name}, which the launcher calls unknown");
+        assert!(disagg::launch::spec::connector::KNOWN.contains(&name.as_str()), "vLLM registers {name}, which the launcher calls unknown");
     }
     let mut commands: Vec<(String, Vec<String>)> = Vec::new();
     for example in

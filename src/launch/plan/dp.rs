@@ -6,7 +6,7 @@
 //!   ranks; the router lists every node with its local rank count.
 //! - external: an API server per rank (`--data-parallel-rank`).
 
-use super::super::config::DpMode;
+use crate::launch::spec::config::DpMode;
 
 /// One process of a replica: where it runs, its GPUs and the DP ranks behind it.
 #[derive(Debug, Clone)]

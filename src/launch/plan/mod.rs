@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::argv::sim_argv;
-use super::config::{line_of, ConfigError, DpMode, EngineKind, LaunchFile, NodeFile};
-use super::connector::{self as launch_connector, Connector};
+use crate::launch::spec::argv::sim_argv;
+use crate::launch::spec::config::{line_of, ConfigError, DpMode, EngineKind, LaunchFile, NodeFile};
+use crate::launch::spec::connector::{self as launch_connector, Connector};
 use dp::Slot;
 use process::{Fills, UserParams};
 use roles::RoleSpec;
@@ -107,7 +107,7 @@ pub struct Plan {
     /// None: the launcher script's mode (no router of its own).
     pub router: Option<RouterPlan>,
     /// The launch file's `tls:` (the health checks' client comes from it).
-    pub tls: Option<crate::launch::config::TlsFile>,
+    pub tls: Option<crate::launch::spec::config::TlsFile>,
     /// Things the reader should know (e.g. parameters the simulator does not use).
     pub notes: Vec<String>,
 }

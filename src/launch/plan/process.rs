@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use serde_yaml_ng::Value;
 
-use super::super::argv::push_param;
-use super::super::config::scalar;
 use super::dp::Flag;
+use crate::launch::spec::argv::push_param;
+use crate::launch::spec::config::scalar;
 
 /// Keys vLLM refuses on a `--headless` node ("api_server_count can't be set in headless
 /// mode"): the user's value reaches the API-server nodes only.

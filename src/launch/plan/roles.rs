@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use serde_yaml_ng::Value;
 
-use super::super::config::{scalar, ConfigError, DpMode, EngineKind, LaunchFile, RoleFile};
-use super::super::connector::{self as launch_connector, Connector};
 use super::{Ctx, Role};
+use crate::launch::spec::config::{scalar, ConfigError, DpMode, EngineKind, LaunchFile, RoleFile};
+use crate::launch::spec::connector::{self as launch_connector, Connector};
 
 pub(super) struct RoleSpec {
     pub role: Role,

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use super::super::config::LaunchFile;
-use super::super::connector::{self as launch_connector, Connector};
 use super::{ConfigError, Ctx, Instance, Role, RouterPlan, RouterWorker};
+use crate::launch::spec::config::LaunchFile;
+use crate::launch::spec::connector::{self as launch_connector, Connector};
 
 /// Where the router listens, and for P2pNccl the discovery address engines ping.
 pub(super) struct Address {

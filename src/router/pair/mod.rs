@@ -15,6 +15,8 @@ mod prefill;
 pub mod prefill_time;
 pub mod rename;
 pub mod retry;
+#[cfg(test)]
+mod scripted;
 pub mod sender;
 #[cfg(test)]
 mod tests;

@@ -1,176 +1,28 @@
 //! The state machine against scripted workers: one test per row of docs/FAILURES.md that
 //! the pair room decides (the rows' HTTP tests run the same paths on the simulator).
-//! Every leg's worker, request id, body and end (answered, or dropped) is recorded; the
-//! clock is tokio's paused one, so backoffs and graces take no time.
+//! Workers are scripted (scripted.rs); the clock is tokio's paused one, so backoffs and
+//! graces take no time.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::HeaderValue;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::time::Instant;
 
 use super::retry::{RetryBudget, RetryConfig};
+use super::scripted::*;
 use super::*;
 use crate::router::metrics::Cause;
 use crate::router::policy::{CacheAwareConfig, Policy, PolicyKind};
 use crate::router::request::body::ClientBody;
 use crate::router::request::LegBodies;
-use crate::router::upstream::legs::{LegError, Prefilled, Sent, Started, StartedBody, Target};
+use crate::router::upstream::legs::{LegError, Prefilled};
 use crate::router::workers::breaker::BreakerConfig;
 use crate::router::workers::health::HealthConfig;
 use crate::router::workers::Role;
-
-/// What a scripted worker does with one leg.
-enum Step {
-    /// Answers a prefill leg.
-    Prefill(Result<Prefilled, LegError>),
-    /// Answers a generating leg.
-    Answer(Result<Started, LegError>),
-    /// Takes the whole request and never answers.
-    Hang,
-    /// Does the step after a while.
-    After(Duration, Box<Step>),
-}
-
-fn after(ms: u64, step: Step) -> Step {
-    Step::After(Duration::from_millis(ms), Box::new(step))
-}
-
-fn prefilled() -> Step {
-    Step::Prefill(Ok(Prefilled { params: Some(Bytes::from_static(br#"{"remote_block_ids":[1]}"#)), kv_kept: true }))
-}
-
-fn answered() -> Step {
-    let body = Bytes::from_static(br#"{"choices":[{"text":"ok"}]}"#);
-    Step::Answer(Ok(Started { status: StatusCode::OK, content_type: None, body: StartedBody::Whole(body) }))
-}
-
-fn status(code: u16) -> LegError {
-    LegError::Status { status: StatusCode::from_u16(code).unwrap(), content_type: None, body: Bytes::from_static(b"{\"error\":\"x\"}") }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Prefill,
-    Answer,
-}
-
-/// How a leg ended, as the worker saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum End {
-    Answered,
-    /// Dropped before its answer (vLLM aborts such a request).
-    Dropped,
-}
-
-#[derive(Clone, Debug)]
-struct SentLeg {
-    kind: Kind,
-    url: String,
-    rank: Option<usize>,
-    id: String,
-    body: Value,
-    sent_at: Instant,
-    end: Option<(End, Instant)>,
-}
-
-/// Scripted workers: a queue of steps per URL; a leg no step was written for is refused.
-#[derive(Default)]
-struct Script {
-    steps: Mutex<HashMap<String, VecDeque<Step>>>,
-    legs: Mutex<Vec<SentLeg>>,
-}
-
-impl Script {
-    fn on(&self, url: &str, steps: impl IntoIterator<Item = Step>) {
-        self.steps.lock().unwrap().entry(url.to_string()).or_default().extend(steps);
-    }
-
-    fn legs(&self) -> Vec<SentLeg> {
-        self.legs.lock().unwrap().clone()
-    }
-
-    /// `kind url` for each leg, in the order sent.
-    fn order(&self) -> Vec<String> {
-        self.legs().iter().map(|l| format!("{:?} {}", l.kind, l.url)).collect()
-    }
-}
-
-/// Marks its leg dropped unless it was answered.
-struct LegEnd {
-    script: Arc<Script>,
-    index: usize,
-    answered: bool,
-}
-
-impl Drop for LegEnd {
-    fn drop(&mut self) {
-        let end = if self.answered { End::Answered } else { End::Dropped };
-        self.script.legs.lock().unwrap()[self.index].end = Some((end, Instant::now()));
-    }
-}
-
-struct ScriptedLegs(Arc<Script>);
-
-impl ScriptedLegs {
-    async fn leg(&self, kind: Kind, to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Step {
-        let body: Vec<u8> = req.body.chunks().iter().flat_map(|c| c.iter().copied()).collect();
-        let index = {
-            let mut legs = self.0.legs.lock().unwrap();
-            legs.push(SentLeg {
-                kind,
-                url: to.url.to_string(),
-                rank: to.dp_rank,
-                id: req.request_id.to_str().unwrap().to_string(),
-                body: serde_json::from_slice(&body).unwrap(),
-                sent_at: Instant::now(),
-                end: None,
-            });
-            legs.len() - 1
-        };
-        let mut end = LegEnd { script: self.0.clone(), index, answered: false };
-        if let Some(sent) = sent {
-            sent.done();
-        }
-        let step = self.0.steps.lock().unwrap().get_mut(to.url).and_then(VecDeque::pop_front);
-        let mut step = step.unwrap_or_else(|| match kind {
-            Kind::Prefill => Step::Prefill(Err(LegError::Connect("unscripted".into()))),
-            Kind::Answer => Step::Answer(Err(LegError::Connect("unscripted".into()))),
-        });
-        loop {
-            step = match step {
-                Step::After(d, next) => {
-                    tokio::time::sleep(d).await;
-                    *next
-                }
-                Step::Hang => std::future::pending().await,
-                done => {
-                    end.answered = true;
-                    return done;
-                }
-            }
-        }
-    }
-}
-
-impl LegSender for ScriptedLegs {
-    async fn prefill(&self, to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegError> {
-        match self.leg(Kind::Prefill, to, req, None).await {
-            Step::Prefill(r) => r,
-            _ => panic!("a generating step scripted for a prefill leg"),
-        }
-    }
-
-    async fn answer(&self, to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-        match self.leg(Kind::Answer, to, req, sent).await {
-            Step::Answer(r) => r,
-            _ => panic!("a prefill step scripted for a generating leg"),
-        }
-    }
-}
 
 fn retry(max_retries: u32) -> RetryConfig {
     RetryConfig {

@@ -13,7 +13,7 @@ fn cli_flag(key: &str) -> String {
 
 /// `key: value` as vLLM's flags: `true` -> `--key`, `false` -> `--no-key`, lists ->
 /// `--key a b`, mappings -> JSON.
-pub(super) fn push_param(argv: &mut Vec<String>, key: &str, v: &Value) {
+pub(crate) fn push_param(argv: &mut Vec<String>, key: &str, v: &Value) {
     match v {
         Value::Null => {}
         Value::Bool(true) => argv.push(cli_flag(key)),
@@ -38,7 +38,7 @@ const TLS_PARAMS: &[&str] = &["ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ss
 
 /// The simulator's flags for the params it models; the others are listed in the plan's
 /// notes. The connector's and DP flags and engine.args are added by the caller.
-pub(super) fn sim_argv(
+pub(crate) fn sim_argv(
     cmd: &[String],
     role: &str,
     params: &BTreeMap<String, Value>,
