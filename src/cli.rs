@@ -24,6 +24,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
 pub enum Command {
     /// The PD router: OpenAI-compatible front, prefill leg then decode leg (a drop-in for
     /// vllm-router's and the vLLM toy proxy's command lines).

@@ -195,7 +195,7 @@ mod tests {
     fn table_and_keys_match_vllms() {
         let o =
             Output { success: true, ttft: 0.1, itl: vec![0.02], latency: 0.12, prompt_len: 7, output_tokens: Some(2), ..Output::default() };
-        let m = calculate(&[o.clone()], 1.0, None, &[99.0, 99.9], &Goodput::default());
+        let m = calculate(std::slice::from_ref(&o), 1.0, None, &[99.0, 99.9], &Goodput::default());
         let metrics = vec!["ttft".to_string(), "tpot".into(), "itl".into()];
         let r = RunInfo {
             backend: "vllm",

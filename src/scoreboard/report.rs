@@ -96,12 +96,13 @@ impl Board<'_> {
         // requests evenly; kv_aware may not be worse than that, nor than the goal.
         let round_robin = self.measured().find(|r| r.router == "disagg route" && r.policy == "round_robin").map(|r| r.prefill_skew);
         let allowed = round_robin.map_or(max_skew, |rr| rr.max(max_skew));
-        if !(kv.prefill_skew <= allowed) {
+        // NaN (no measurement) misses the goal too.
+        if kv.prefill_skew.partial_cmp(&allowed).is_none_or(|o| o.is_gt()) {
             let rr = round_robin.map(|rr| format!(", round_robin's in this run {rr:.2}")).unwrap_or_default();
             missed.push(format!("prefill load skew {:.2} (goal <= {max_skew}{rr})", kv.prefill_skew));
         }
         for r in self.measured().filter(|r| !std::ptr::eq(*r, kv)) {
-            if !(kv.ttft_p99 < r.ttft_p99 * (1.0 + slack)) {
+            if kv.ttft_p99.partial_cmp(&(r.ttft_p99 * (1.0 + slack))).is_none_or(|o| o.is_ge()) {
                 let allowed = if slack > 0.0 { format!(" (+{:.0}% allowed)", slack * 100.0) } else { String::new() };
                 missed
                     .push(format!("TTFT p99 {:.0} ms is not below {} {}'s {:.0} ms{allowed}", kv.ttft_p99, r.router, r.policy, r.ttft_p99));

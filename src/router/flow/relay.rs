@@ -217,6 +217,7 @@ impl Upstream {
 
 /// A streamed answer relayed to the client.
 fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Body {
+    #[expect(clippy::large_enum_variant, reason = "the state moves once per chunk; boxing it would allocate per chunk")]
     enum State {
         Relay(Upstream, Held, Option<Prediction>),
         Done(Held),

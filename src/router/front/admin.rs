@@ -53,17 +53,19 @@ fn bad(msg: impl Into<String>) -> Response {
 
 /// The pool a new worker goes to: its role, which must be one of this topology's; without
 /// one, the only pool there is.
-fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, Response> {
+fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, ApiError> {
     let roles = r.topology.roles();
     let names: Vec<&str> = roles.iter().map(|x| x.as_str()).collect();
     let role = match role {
-        Some(name) => Role::parse(name).ok_or_else(|| bad(format!("unknown role `{name}`: one of {}", names.join(", "))))?,
+        Some(name) => {
+            Role::parse(name).ok_or_else(|| ApiError::bad_request(format!("unknown role `{name}`: one of {}", names.join(", "))))?
+        }
         None if roles.len() == 1 => roles[0],
-        None => return Err(bad(format!("say the worker's role: role={}", names.join("|")))),
+        None => return Err(ApiError::bad_request(format!("say the worker's role: role={}", names.join("|")))),
     };
-    r.topology
-        .pool(role)
-        .ok_or_else(|| bad(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", "))))
+    r.topology.pool(role).ok_or_else(|| {
+        ApiError::bad_request(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", ")))
+    })
 }
 
 async fn add(r: &Router, w: NewWorker) -> Response {
@@ -89,7 +91,7 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     }
     let pool = match pool_for(r, w.role.as_deref()) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
         (Connector::Mooncake, Role::Prefill, port) => {
@@ -115,27 +117,27 @@ impl crate::router::metrics::Label for OutsideWorkerHosts {
     }
 }
 
-fn not_found(url: &str) -> Response {
-    ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router")).into_response()
+fn not_found(url: &str) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, format!("no worker {url} in this router"))
 }
 
 /// The worker a path or query names (normalised as the command line's URLs are), and
 /// its pool.
-fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, Arc<Worker>), Response> {
-    let url = normalize_url(raw).map_err(bad)?;
+fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, Arc<Worker>), ApiError> {
+    let url = normalize_url(raw).map_err(ApiError::bad_request)?;
     r.topology.pools().find_map(|p| p.get(&url).map(|w| (p, w))).ok_or_else(|| not_found(&url))
 }
 
 fn remove(r: &Router, raw: &str) -> Response {
     let (pool, w) = match find(r, raw) {
         Ok(found) => found,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     match pool.remove(&w.url) {
         Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {}; {} request(s) in flight finish on it",
             w.role.as_str(), w.url, w.in_flight())}))
         .into_response(),
-        None => not_found(&w.url),
+        None => not_found(&w.url).into_response(),
     }
 }
 
@@ -197,7 +199,7 @@ async fn create_worker(
 async fn get_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
     match find(&r, &url) {
         Ok((_, w)) => axum::Json(worker_json(&w)).into_response(),
-        Err(resp) => resp,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -208,7 +210,7 @@ async fn delete_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) ->
 async fn drain_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> Response {
     let (pool, w) = match find(&r, &url) {
         Ok(found) => found,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     match pool.drain(&w.url) {
         Some(w) => axum::Json(
@@ -216,6 +218,6 @@ async fn drain_worker(State(r): State<Arc<Router>>, Path(url): Path<String>) -> 
             w.role.as_str(), w.url, w.in_flight()), "worker": worker_json(&w)}),
         )
         .into_response(),
-        None => not_found(&w.url),
+        None => not_found(&w.url).into_response(),
     }
 }

@@ -130,7 +130,7 @@ async fn health(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     if r.drain.draining() {
         return ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down").into_response();
     }
-    let count = |p: &Pool| (p.available_count(), p.len());
+    let count = |p: &Pool| (p.available_count(), p.worker_count());
     let (missing, status) = match &*r.topology {
         Topology::Disaggregated { prefill, decode } => {
             let (p, pt) = count(prefill);
@@ -168,7 +168,7 @@ async fn health(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
 
 /// The vLLM toy proxy's shape.
 async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
-    let len = |role| r.topology.pool(role).map_or(0, Pool::len);
+    let len = |role| r.topology.pool(role).map_or(0, Pool::worker_count);
     axum::Json(json!({"status": "ok", "prefill_instances": len(Role::Prefill), "decode_instances": len(Role::Decode)})).into_response()
 }
 

@@ -53,9 +53,9 @@ pub async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
             keep
         });
         for (url, dp_size) in workers {
-            if !subscribed.contains_key(&url) {
-                let task = tokio::spawn(worker_events(client.clone(), url.clone(), dp_size, index.clone()));
-                subscribed.insert(url, task);
+            if let std::collections::hash_map::Entry::Vacant(slot) = subscribed.entry(url) {
+                let url = slot.key().clone();
+                slot.insert(tokio::spawn(worker_events(client.clone(), url, dp_size, index.clone())));
             }
         }
     }

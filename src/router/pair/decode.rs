@@ -24,7 +24,7 @@ pub const DECODE_GRACE: Duration = Duration::from_secs(1);
 
 /// How one pair attempt ended.
 pub(super) enum PairOutcome {
-    Answer(Answer),
+    Answer(Box<Answer>),
     /// The request is over: every prefill failed, or a worker said 4xx.
     Final(Failure),
     /// The decode failed in a way that may have used the KV (timeout, broken answer, an
@@ -136,7 +136,7 @@ impl<S: LegSender> Pairs<S> {
                         let rename = (req.request_id != job.leg.request_id)
                             .then(|| Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
                         let answer = Answer { started, lease, since: done.sent_at, cache_from, prefill: Some(prefill), rename };
-                        let _ = tx.send(PairOutcome::Answer(answer));
+                        let _ = tx.send(PairOutcome::Answer(Box::new(answer)));
                     }
                     return;
                 }

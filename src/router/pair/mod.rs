@@ -130,7 +130,7 @@ impl<S: LegSender> Pairs<S> {
             let pick = Pick { decode, avoid_p: avoid_p.clone(), avoid_d: avoid_d.clone(), avoidance };
             tokio::spawn(self.clone().run_pair(job.clone(), pick, tx));
             match rx.await.map_err(|_| Failure::internal("the request's pair task ended unexpectedly"))? {
-                PairOutcome::Answer(answer) => return Ok(answer),
+                PairOutcome::Answer(answer) => return Ok(*answer),
                 PairOutcome::Final(f) => return Err(f),
                 PairOutcome::Decode { decodes, prefill, last: f } => {
                     avoid_d.extend(decodes);

@@ -429,9 +429,12 @@ fn poll_read_copy(io: &mut Transport, cx: &mut Context<'_>) -> Poll<io::Result<B
     }
 }
 
+/// Idle connections per worker (`host:port`), each with when it went idle, oldest first.
+type IdleConnections = HashMap<Box<str>, VecDeque<(Transport, Instant)>>;
+
 thread_local! {
     /// This thread's idle connections per worker (`host:port`), oldest first.
-    static IDLE: RefCell<HashMap<Box<str>, VecDeque<(Transport, Instant)>>> = RefCell::default();
+    static IDLE: RefCell<IdleConnections> = RefCell::default();
 }
 
 fn checkout(key: &str) -> Option<Conn> {

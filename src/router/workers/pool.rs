@@ -76,7 +76,7 @@ impl Pool {
         self.workers.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn len(&self) -> usize {
+    pub fn worker_count(&self) -> usize {
         self.snapshot().len()
     }
 
@@ -132,10 +132,6 @@ impl Pool {
         for w in self.snapshot().iter().filter(|w| w.is_draining() && w.in_flight() == 0) {
             self.remove(&w.url);
         }
-    }
-
-    pub fn healthy_count(&self) -> usize {
-        self.snapshot().iter().filter(|w| w.is_healthy()).count()
     }
 
     /// Healthy workers whose circuit lets requests through.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::router::workers::{Pool, Role, Worker};
 
+#[expect(clippy::large_enum_variant, reason = "one per router")]
 pub enum Topology {
     Disaggregated { prefill: Pool, decode: Pool },
     Colocated { workers: Pool },
@@ -32,9 +33,5 @@ impl Topology {
     /// The roles a worker may be added with.
     pub fn roles(&self) -> Vec<Role> {
         self.pools().map(|p| p.role).collect()
-    }
-
-    pub fn is_disaggregated(&self) -> bool {
-        matches!(self, Topology::Disaggregated { .. })
     }
 }
