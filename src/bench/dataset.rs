@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 
 use tokenizers::PostProcessor;
 
-use crate::sim::tokens as sim_tokens;
+use crate::sim::engine::tokens as sim_tokens;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]

@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
-use crate::sim::timing::Timing;
+use crate::sim::engine::timing::Timing;
 
 #[derive(Args, Debug, Clone)]
 pub struct FitArgs {

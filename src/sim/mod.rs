@@ -5,24 +5,12 @@
 //! registration on vLLM's wire) with a deterministic token model instead of a neural
 //! network, and a real loopback side channel instead of NIXL, Mooncake or NCCL. Where it differs from vLLM, the difference is documented in
 //! docs/SIM.md; the handshake tests run against both.
+//!
+//! Two rooms: engine/ (the scheduler, KV blocks, token model, the connectors' transfers)
+//! and server/ (vLLM's API on top of it); this file starts them.
 
-pub mod blocks;
-pub mod config;
-pub mod dp;
 pub mod engine;
-pub mod generate;
-pub mod http;
-pub mod kv_publisher;
-pub mod metrics;
-pub mod mooncake;
-pub mod p2p;
-pub mod render;
-pub mod request;
-pub mod response;
-pub mod side_channel;
-pub mod timing;
-pub mod tokens;
-pub mod transfer;
+pub mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,12 +20,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
-pub use config::{Role, SimArgs};
 use engine::{Engine, EngineConfig};
+pub use server::config::{Role, SimArgs};
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
-    let layout = dp::Layout::of(&args).map_err(anyhow::Error::msg)?;
+    let layout = server::dp::Layout::of(&args).map_err(anyhow::Error::msg)?;
     if layout.headless {
         // No HTTP: this node's ranks are reached through the master's API server.
         println!(
@@ -47,7 +35,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             layout.size,
             layout.master.as_ref().map_or(String::new(), |(h, p)| crate::api::join_host_port(h, *p))
         );
-        return dp::join(layout).await;
+        return server::dp::join(layout).await;
     }
     let host = args.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let listener =
@@ -70,7 +58,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     });
     let side_host = args.advertised_side_host();
     let bind_side = side_host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let metrics = metrics::SimMetrics::new();
+    let metrics = engine::metrics::SimMetrics::new();
     let dead = Arc::new(AtomicBool::new(false));
     let mut engines = Vec::new();
     let mut side_ports = Vec::new();
@@ -84,7 +72,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         side_ports.push(side_port);
         let events = match &kv_events {
             Some(kc) => {
-                let mut publisher = kv_publisher::Publisher::open(kc, rank, &host).await?;
+                let mut publisher = engine::kv_publisher::Publisher::open(kc, rank, &host).await?;
                 publisher.drop_rate = args.kv_events_drop_rate;
                 kv_sources.insert(rank.to_string(), serde_json::to_value(&publisher.shown).expect("a config serialises"));
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -102,7 +90,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             dead.clone(),
             events,
         ));
-        tokio::spawn(side_channel::serve(side, engine.clone()));
+        tokio::spawn(engine::side_channel::serve(side, engine.clone()));
         tokio::spawn(engine.clone().run());
         engines.push(engine);
     }
@@ -116,21 +104,21 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             let port = listener.local_addr()?.port();
             let registry: Vec<(String, String, u16)> =
                 engines.iter().map(|e| (e.engine_id.clone(), side_host.clone(), e.side_port)).collect();
-            tokio::spawn(mooncake::serve_bootstrap(listener, mooncake::query_body(&registry)));
+            tokio::spawn(engine::mooncake::serve_bootstrap(listener, engine::mooncake::query_body(&registry)));
             Some(port)
         }
         _ => None,
     };
     if let (Connector::P2pNccl, Some(proxy)) = (args.kv_connector, &args.proxy_address) {
         let zmq_address = crate::api::join_host_port(&side_host, side_ports[0]);
-        let payload = p2p::ping_payload(args.role.produces_kv(), &crate::api::join_host_port(&side_host, port), &zmq_address);
-        tokio::spawn(p2p::register(proxy.clone(), payload, zmq_address));
+        let payload = engine::p2p::ping_payload(args.role.produces_kv(), &crate::api::join_host_port(&side_host, port), &zmq_address);
+        tokio::spawn(engine::p2p::register(proxy.clone(), payload, zmq_address));
     }
     let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::Http1)?;
     if let (Some(tls), true) = (&tls, args.enable_ssl_refresh) {
         tokio::spawn(tls.clone().reload_on_change());
     }
-    println!("{}", http::banner(&args, port, &side_ports, bootstrap_port));
+    println!("{}", server::http::banner(&args, port, &side_ports, bootstrap_port));
     let startup_delay = args.startup_delay_ms;
     let tokenizer = match &args.tokenizer {
         Some(dir) => Some(crate::tokenize::ModelTokenizer::load(dir)?),
@@ -139,10 +127,10 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let joined = Arc::new(AtomicBool::new(layout.master.is_none() || !layout.is_master()));
     let handshake = match (&layout.master, layout.is_master()) {
         (None, _) => None,
-        (Some(_), true) => Some(tokio::spawn(dp::lead(layout.clone(), joined.clone()))),
-        (Some(_), false) => Some(tokio::spawn(dp::join(layout.clone()))),
+        (Some(_), true) => Some(tokio::spawn(server::dp::lead(layout.clone(), joined.clone()))),
+        (Some(_), false) => Some(tokio::spawn(server::dp::join(layout.clone()))),
     };
-    let sim = Arc::new(http::Sim::new(args, engines, metrics, dead, kv_sources, tokenizer, joined));
+    let sim = Arc::new(server::http::Sim::new(args, engines, metrics, dead, kv_sources, tokenizer, joined));
     if startup_delay > 0 {
         let sim = sim.clone();
         tokio::spawn(async move {
@@ -150,7 +138,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
             sim.ready.store(true, Ordering::SeqCst);
         });
     }
-    let serve = serve_http(listener, http::router(sim), keep_alive_from_env(), tls);
+    let serve = serve_http(listener, server::http::router(sim), keep_alive_from_env(), tls);
     match handshake {
         None => serve.await.context("HTTP server failed"),
         Some(handshake) => tokio::select! {

@@ -413,7 +413,7 @@ async fn a_prefill_whose_first_token_ends_the_request_leaves_no_kv_held() {
         plain: &plain.url,
         prefills: &[&p1.url, &p2.url],
         model: "sim-model",
-        eos: disagg::sim::tokens::EOS,
+        eos: disagg::sim::engine::tokens::EOS,
         prompt: prompt.clone(),
     };
     assert_eq!(crate::first_token::first_token_ends_the_request(&engines).await, 12);

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use super::engine::Engine;
+use super::Engine;
 
 /// A peer's side channel.
 #[derive(Clone, Debug, PartialEq)]

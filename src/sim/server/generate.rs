@@ -16,14 +16,14 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use serde_json::{Map, Value};
 
 use super::config::Role;
-use super::engine::{Engine, Event, Job, Output};
 use super::http::{not_serving, now_secs, Sim, MAX_BODY};
-use super::request::{self, Api, GenRequest, Handoff, KvRequest, Limits, RemoteKv};
 use super::response::{Ending, Finished, Meta, TextOut, Usage};
-use super::transfer;
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::connector::{p2p_decode_addr, Connector};
 use crate::api::{sse, ApiError, ErrorKind};
+use crate::sim::engine::request::{self, Api, GenRequest, Handoff, KvRequest, Limits, RemoteKv};
+use crate::sim::engine::transfer;
+use crate::sim::engine::{Engine, Event, Job, Output};
 
 pub fn hex16() -> String {
     format!("{:016x}", rand::random::<u64>())

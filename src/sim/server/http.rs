@@ -12,12 +12,12 @@ use axum::Router;
 use serde_json::json;
 
 use super::config::SimArgs;
-use super::engine::Engine;
 use super::generate::{generate, hex16};
-use super::metrics::SimMetrics;
-use super::request::{self, Api};
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::{ApiError, ErrorKind};
+use crate::sim::engine::metrics::SimMetrics;
+use crate::sim::engine::request::{self, Api};
+use crate::sim::engine::Engine;
 
 pub const MAX_BODY: usize = 64 << 20;
 

@@ -8,6 +8,17 @@
 //! (timing.rs). Then sleep that long without the lock. Then, under the lock again, produce
 //! one token for every sequence that is decoding, and publish the step's KV events.
 
+pub mod blocks;
+pub mod kv_publisher;
+pub mod metrics;
+pub mod mooncake;
+pub mod p2p;
+pub mod request;
+pub mod side_channel;
+pub mod timing;
+pub mod tokens;
+pub mod transfer;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,12 +27,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
-use super::blocks::{blocks_for, fingerprints, BlockId, KvCache, KvEvent};
-use super::metrics::Stats;
-use super::request::KvRequest;
-use super::timing::Timing;
-use super::tokens::{non_eos, Generator, EOS};
-use super::transfer::{self, Held, Pushed};
+use self::blocks::{blocks_for, fingerprints, BlockId, KvCache, KvEvent};
+use self::metrics::Stats;
+use self::request::KvRequest;
+use self::timing::Timing;
+use self::tokens::{non_eos, Generator, EOS};
+use self::transfer::{Held, Pushed};
 use crate::api::ApiError;
 
 pub struct EngineConfig {

@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 
 use super::generate::hex16;
 use super::http::{Sim, MAX_BODY};
-use super::request::{self, Api};
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::ApiError;
+use crate::sim::engine::request::{self, Api};
 
 fn forbidden() -> Response {
     let err = ApiError::with_status(

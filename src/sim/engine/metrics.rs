@@ -3,7 +3,7 @@
 
 use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::engine::Engine;
+use super::Engine;
 
 /// One engine's counters (handles into the shared families).
 pub struct Stats {

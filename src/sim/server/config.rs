@@ -201,7 +201,7 @@ impl SimArgs {
         !self.no_enable_prefix_caching
     }
 
-    pub fn timing(&self) -> Result<super::timing::Timing, String> {
+    pub fn timing(&self) -> Result<crate::sim::engine::timing::Timing, String> {
         match &self.timing_profile {
             Some(spec) => {
                 if self.prefill_ms_per_1k_tokens > 0.0 || self.decode_ms_per_token > 0.0 {
@@ -209,9 +209,9 @@ impl SimArgs {
                         "--timing-profile replaces --prefill-ms-per-1k-tokens and --decode-ms-per-token: pass one or the other".into()
                     );
                 }
-                super::timing::Timing::load(spec)
+                crate::sim::engine::timing::Timing::load(spec)
             }
-            None => Ok(super::timing::Timing::linear(self.prefill_ms_per_1k_tokens, self.decode_ms_per_token)),
+            None => Ok(crate::sim::engine::timing::Timing::linear(self.prefill_ms_per_1k_tokens, self.decode_ms_per_token)),
         }
     }
 

@@ -4,9 +4,9 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::engine::Finish;
-use super::request::Api;
-use super::tokens::token_text;
+use crate::sim::engine::request::Api;
+use crate::sim::engine::tokens::token_text;
+use crate::sim::engine::Finish;
 
 pub const FINGERPRINT: &str = "disagg-sim";
 
@@ -276,7 +276,7 @@ struct Delta<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::tokens::tokenize;
+    use crate::sim::engine::tokens::tokenize;
 
     #[test]
     fn stop_string_truncates_and_is_never_shown() {

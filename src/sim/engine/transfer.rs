@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::blocks::{blocks_for, BlockId, KvCache};
-use super::engine::{bump, Engine, Event, Finish, Phase, Seq, State};
 use super::mooncake;
 use super::request::{Handoff, KvRequest, NixlRemote, RemoteKv};
 use super::side_channel::{self, Peer};
+use super::{bump, Engine, Event, Finish, Phase, Seq, State};
 use crate::api::kv_params::NixlAnswer;
 use crate::api::ApiError;
 
