@@ -28,13 +28,7 @@ use workers::{Pool, Role};
 
 pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let tokenizer = match &cfg.model_path {
-        Some(dir) => {
-            let file = std::path::Path::new(dir).join("tokenizer.json");
-            Some(
-                tokenizers::Tokenizer::from_file(&file)
-                    .map_err(|e| anyhow::anyhow!("--model-path: cannot load {}: {e}", file.display()))?,
-            )
-        }
+        Some(dir) => Some(Arc::new(crate::tokenize::load_tokenizer(dir).context("--model-path")?)),
         None => None,
     };
     let worker_auth = cfg
@@ -57,8 +51,8 @@ pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     };
     let needs_request_info = topology.pools().any(Pool::needs_request_info);
     let kv_aware = topology.pools().any(Pool::is_kv_aware);
-    let model_tokenizer = match (&cfg.model_path, kv_aware) {
-        (Some(dir), true) => Some(crate::tokenize::ModelTokenizer::load(dir).context("--model-path")?),
+    let model_tokenizer = match (&cfg.model_path, &tokenizer, kv_aware) {
+        (Some(dir), Some(t), true) => Some(crate::tokenize::ModelTokenizer::with_tokenizer(dir, t.clone()).context("--model-path")?),
         _ => None,
     };
     let topology = Arc::new(topology);

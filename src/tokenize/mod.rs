@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 pub use turns::CACHE_TOKENS;
 
 pub struct ModelTokenizer {
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
     /// Earlier turns of a conversation, tokenized once (turns.rs).
     turns: turns::TurnCache,
     template: Option<Environment<'static>>,
@@ -41,14 +41,25 @@ fn strftime_now(fmt: String) -> String {
     chrono::Local::now().format(&fmt).to_string()
 }
 
+/// A model directory's tokenizer.json, as vLLM uses it: prompts whole (no truncation, no
+/// padding). The one place the file is read.
+pub fn load_tokenizer(dir: &str) -> anyhow::Result<tokenizers::Tokenizer> {
+    let file = Path::new(dir).join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
+    tokenizer.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
 impl ModelTokenizer {
     pub fn load(dir: &str) -> anyhow::Result<Self> {
+        Self::with_tokenizer(dir, std::sync::Arc::new(load_tokenizer(dir)?))
+    }
+
+    /// The model's chat template and special tokens from `dir`, over a tokenizer already
+    /// loaded from it (load_tokenizer).
+    pub fn with_tokenizer(dir: &str, tokenizer: std::sync::Arc<tokenizers::Tokenizer>) -> anyhow::Result<Self> {
         let dir = Path::new(dir);
-        let file = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
-        // vLLM tokenizes prompts whole: no truncation, no padding.
-        tokenizer.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        tokenizer.with_padding(None);
         let turns = turns::TurnCache::new(&tokenizer);
         let cfg: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
             Ok(text) => serde_json::from_str(&text).context("tokenizer_config.json is not JSON")?,

@@ -14,7 +14,7 @@ pub mod relay;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::header::{AUTHORIZATION, CONNECTION};
+use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
@@ -43,7 +43,7 @@ pub struct Router {
     pub needs_request_info: bool,
     pub admission: Admission,
     pub metrics: Arc<RouterMetrics>,
-    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
     /// tokenizer and chat template to key prompts as the engine does.
     pub kv_index: Option<Arc<crate::router::kv_aware::index::KvIndex>>,
@@ -106,9 +106,6 @@ pub async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, bod
         f.response
     });
     resp.headers_mut().insert("x-request-id", request_id);
-    if router.drain.draining() {
-        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-    }
     resp
 }
 
@@ -232,7 +229,7 @@ async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemapho
 /// What the pools' policies read from a request (nothing, for those that read nothing).
 pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
     let mut info = if router.needs_request_info {
-        request::request_info(headers, body, router.tokenizer.as_ref(), router.cfg.cache_aware.max_prefix)
+        request::request_info(headers, body, router.tokenizer.as_deref(), router.cfg.cache_aware.max_prefix)
     } else {
         RequestInfo::default()
     };

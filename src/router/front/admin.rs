@@ -19,7 +19,9 @@ use crate::router::front::worker_json;
 use crate::router::workers::url::normalize_url;
 use crate::router::workers::{Pool, Role, Worker};
 
-pub fn routes() -> axum::Router<Arc<Router>> {
+/// The admin API's routes, each behind the admin key (without --admin-api-key, each says
+/// the API is off).
+pub fn routes(router: &Arc<Router>) -> axum::Router<Arc<Router>> {
     axum::Router::new()
         .route("/add_worker", post(add_worker))
         .route("/remove_worker", post(remove_worker))
@@ -27,11 +29,17 @@ pub fn routes() -> axum::Router<Arc<Router>> {
         .route("/workers", post(create_worker))
         .route("/workers/{url}", get(get_worker).delete(delete_worker))
         .route("/workers/{url}/drain", post(drain_worker))
+        .route_layer(axum::middleware::from_fn_with_state(router.clone(), admin_only))
 }
 
-/// The paths of this API (all need the admin key).
-pub fn is_admin_path(path: &str) -> bool {
-    matches!(path, "/add_worker" | "/remove_worker" | "/list_workers") || path.starts_with("/workers/")
+async fn admin_only(State(r): State<Arc<Router>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match &r.cfg.auth.admin_key {
+        None => ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response(),
+        Some(admin) if !super::bearer_matches(req.headers(), std::slice::from_ref(admin)) => {
+            super::unauthorized("this endpoint needs the admin API key")
+        }
+        Some(_) => next.run(req).await,
+    }
 }
 
 /// A worker to add: `url`, its role (`role`, or vllm-router's `worker_type`), and its DP
@@ -81,7 +89,7 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     // metadata address, the router itself (docs/SECURITY.md).
     if let Err(e) = r.cfg.boundary.worker_hosts.check_url(&url).await {
         r.metrics.refused("admin", &OutsideWorkerHosts);
-        return bad(e);
+        return bad(e.to_string());
     }
     if w.dp_size == Some(0) || w.dp_size.is_some_and(|n| n > 1024) {
         return bad("dp_size must be 1..=1024");
@@ -104,7 +112,7 @@ async fn add(r: &Router, w: NewWorker) -> Response {
         Ok(worker) => axum::Json(json!({"success": true, "message": format!("added {} worker {url}", pool.role.as_str()),
             "worker": worker_json(&worker)}))
         .into_response(),
-        Err(e) => bad(e),
+        Err(e) => bad(e.to_string()),
     }
 }
 
@@ -141,18 +149,10 @@ fn remove(r: &Router, raw: &str) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddQuery {
-    url: String,
-    role: Option<String>,
-    dp_size: Option<usize>,
-    bootstrap_port: Option<u16>,
-}
-
-async fn add_worker(State(r): State<Arc<Router>>, query: Result<Query<AddQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+/// vllm-router's `POST /add_worker?url=...` (the same fields as `POST /workers`'s body).
+async fn add_worker(State(r): State<Arc<Router>>, query: Result<Query<NewWorker>, axum::extract::rejection::QueryRejection>) -> Response {
     match query {
-        Ok(Query(q)) => add(&r, NewWorker { url: q.url, role: q.role, dp_size: q.dp_size, bootstrap_port: q.bootstrap_port }).await,
+        Ok(Query(w)) => add(&r, w).await,
         Err(e) => bad(format!("/add_worker takes ?url=URL&role=prefill|decode|worker[&dp_size=N][&bootstrap_port=P]: {e}")),
     }
 }

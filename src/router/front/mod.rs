@@ -34,7 +34,7 @@ pub fn app(router: Arc<Router>) -> axum::Router {
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
-        .merge(if router.cfg.auth.admin_key.is_some() { crate::router::front::admin::routes() } else { axum::Router::new() })
+        .merge(crate::router::front::admin::routes(&router))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
         .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
@@ -61,19 +61,15 @@ fn unauthorized(what: &str) -> Response {
     resp
 }
 
-/// Authentication by path, and `Connection: close` on every answer while draining.
+/// Client keys on `/v1/*`, the admin key on `/workers` and `/metrics` (the admin API checks
+/// its own, admin.rs), and `Connection: close` on every answer while draining.
 async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let auth = &r.cfg.auth;
     if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
         return unauthorized("this router needs a client API key");
     }
-    let admin_call = crate::router::front::admin::is_admin_path(path) || (path == "/workers" && req.method() != axum::http::Method::GET);
-    if admin_call && auth.admin_key.is_none() {
-        return ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY")
-            .into_response();
-    }
-    if matches!(path, "/workers" | "/metrics") || admin_call {
+    if matches!(path, "/workers" | "/metrics") {
         if let Some(admin) = &auth.admin_key {
             if !bearer_matches(req.headers(), std::slice::from_ref(admin)) {
                 return unauthorized("this endpoint needs the admin API key");

@@ -35,6 +35,22 @@ pub struct PairLegs {
 
 pub use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
 
+/// A prefill its decode cannot name yet (Mooncake: learned from its bootstrap server).
+#[derive(Debug)]
+pub enum NotNamed {
+    EngineId { url: String, rank: usize },
+    Bootstrap { url: String },
+}
+
+impl std::fmt::Display for NotNamed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotNamed::EngineId { url, rank } => write!(f, "no Mooncake engine id known for {url} rank {rank}"),
+            NotNamed::Bootstrap { url } => write!(f, "no Mooncake bootstrap address for {url}"),
+        }
+    }
+}
+
 impl Connector {
     /// Whether the decode leg goes out with the prefill leg (it then waits for the KV
     /// itself) rather than after the prefill's answer.
@@ -44,7 +60,7 @@ impl Connector {
 
     /// The legs of a pair attempt on this prefill rank and decode worker; an error when
     /// the prefill's peers cannot find it yet (a Mooncake engine id not learned).
-    pub fn pair_legs(self, bodies: &LegBodies, request_id: &HeaderValue, prefill: &Lease, decode: &Worker) -> Result<PairLegs, String> {
+    pub fn pair_legs(self, bodies: &LegBodies, request_id: &HeaderValue, prefill: &Lease, decode: &Worker) -> Result<PairLegs, NotNamed> {
         let id = self.leg_id(request_id, prefill.worker(), decode);
         Ok(match self {
             Connector::Nixl => PairLegs { id, prefill: bodies.prefill_leg(Some(&NIXL_PREFILL_PARAMS)), decode_alongside: None },
@@ -52,9 +68,8 @@ impl Connector {
             Connector::Mooncake => {
                 let worker = prefill.worker();
                 let rank = prefill.rank();
-                let engine_id =
-                    worker.engine_id(rank).ok_or_else(|| format!("no Mooncake engine id known for {} rank {rank}", worker.url))?;
-                let bootstrap = worker.kv_address.as_deref().ok_or_else(|| format!("no Mooncake bootstrap address for {}", worker.url))?;
+                let engine_id = worker.engine_id(rank).ok_or_else(|| NotNamed::EngineId { url: worker.url.clone(), rank })?;
+                let bootstrap = worker.kv_address.as_deref().ok_or_else(|| NotNamed::Bootstrap { url: worker.url.clone() })?;
                 let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4().simple());
                 PairLegs {
                     id,

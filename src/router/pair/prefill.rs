@@ -14,7 +14,7 @@ use super::decode::{Client, DecodeDone, DecodeEnd, Opened, Opening, PairOutcome}
 use super::{pick, Avoidance, Job, LegSender, Pairs};
 use crate::router::metrics::{Leg, LegTime, RetryOf};
 use crate::router::pair::failure::Failure;
-use crate::router::upstream::legs::LegRequest;
+use crate::router::upstream::legs::{LegRequest, PrefillKv};
 use crate::router::workers::{Lease, Worker};
 
 /// A prefill that answered: the params its answer carries, its worker and rank, and the
@@ -66,7 +66,7 @@ impl<S: LegSender> Pairs<S> {
         loop {
             let mut lease = self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await?;
             attempt += 1;
-            let legs = self.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e))?;
+            let legs = self.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e.to_string()))?;
             let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
             tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
             let t = Instant::now();
@@ -145,7 +145,7 @@ impl<S: LegSender> Pairs<S> {
                         p = &mut prefill, if prefilled.is_none() => {
                             // A failed prefill, or one that kept no KV: its decode would wait
                             // for KV that never comes, and is dropped (vLLM aborts it).
-                            let over = p.as_ref().map_or(true, |a| !a.kv_kept);
+                            let over = p.as_ref().map_or(true, |a| a.kv == PrefillKv::NotKept);
                             prefilled = Some(p);
                             if over {
                                 break None;
@@ -190,7 +190,7 @@ impl<S: LegSender> Pairs<S> {
                     self.prefill_time.observe(t.elapsed());
                     // The prefill kept no KV (its engine did not finish it on the length
                     // cap): the decode prefills locally instead.
-                    let req = if first.is_none() && !answer.kv_kept {
+                    let req = if first.is_none() && answer.kv == PrefillKv::NotKept {
                         job.decode_request(self.connector.decode_body(&job.bodies, None), req.request_id)
                     } else {
                         req

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::LegSender;
-use crate::router::upstream::legs::{LegError, LegRequest, Prefilled, Sent, Started, StartedBody, Target};
+use crate::router::upstream::legs::{LegError, LegRequest, PrefillKv, Prefilled, Sent, Started, StartedBody, Target};
 
 /// What a scripted worker does with one leg.
 pub(super) enum Step {
@@ -30,7 +30,7 @@ pub(super) fn after(ms: u64, step: Step) -> Step {
 }
 
 pub(super) fn prefilled() -> Step {
-    Step::Prefill(Ok(Prefilled { params: Some(Bytes::from_static(br#"{"remote_block_ids":[1]}"#)), kv_kept: true }))
+    Step::Prefill(Ok(Prefilled { params: Some(Bytes::from_static(br#"{"remote_block_ids":[1]}"#)), kv: PrefillKv::Kept }))
 }
 
 pub(super) fn answered() -> Step {

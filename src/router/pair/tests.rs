@@ -19,7 +19,7 @@ use crate::router::metrics::Cause;
 use crate::router::policy::{CacheAwareConfig, Policy, PolicyKind};
 use crate::router::request::body::ClientBody;
 use crate::router::request::LegBodies;
-use crate::router::upstream::legs::{LegError, Prefilled};
+use crate::router::upstream::legs::{LegError, PrefillKv, Prefilled};
 use crate::router::workers::breaker::BreakerConfig;
 use crate::router::workers::health::HealthConfig;
 use crate::router::workers::Role;
@@ -341,7 +341,7 @@ async fn mooncake_a_dead_prefill_costs_no_request() {
 #[tokio::test(start_paused = true)]
 async fn mooncake_a_prefill_that_kept_no_kv_gets_its_decode_sent_again_without_params() {
     let s = pd(Connector::Mooncake, &[P1], &[D1], retry(3));
-    s.script.on(P1, [after(10, Step::Prefill(Ok(Prefilled { params: None, kv_kept: false })))]);
+    s.script.on(P1, [after(10, Step::Prefill(Ok(Prefilled { params: None, kv: PrefillKv::NotKept })))]);
     s.script.on(D1, [Step::Hang, answered()]);
     assert!(s.pairs.run(job(Delivery::Whole)).await.is_ok());
     let legs = alongside_first(s.script.legs());

@@ -101,10 +101,10 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     // Idle connections are kept per scheme and authority.
     let key = &req.url[..req.url.len() - prefix.len()];
     let head = request_head(req, authority, prefix);
-    let mut replacing = false;
+    let mut replacing = Replacing::No;
     if let Some(conn) = checkout(key) {
-        match exchange(conn, &head, req.body, &mut on_sent, true).await {
-            Err(Attempt::Stale) => replacing = true,
+        match exchange(conn, &head, req.body, &mut on_sent, Origin::Kept).await {
+            Err(Attempt::Stale) => replacing = Replacing::AKeptOneThatClosed,
             Err(Attempt::Failed(e)) => return Err(e),
             Ok(r) => return Ok(r),
         }
@@ -112,8 +112,8 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     let failed_connect = |e: io::Error| match replacing {
         // The kept connection may have carried the request to a worker that then died:
         // not a worker that was never reached.
-        true => Error::Broken(format!("{authority}: the kept connection closed unanswered, and a new one failed: {e}")),
-        false => Error::Connect(format!("{authority}: {e}")),
+        Replacing::AKeptOneThatClosed => Error::Broken(format!("{authority}: the kept connection closed unanswered, and a new one failed: {e}")),
+        Replacing::No => Error::Connect(format!("{authority}: {e}")),
     };
     let stream = TcpStream::connect(authority).await.map_err(failed_connect)?;
     stream.set_nodelay(true).map_err(failed_connect)?;
@@ -123,7 +123,7 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
         Transport::Plain(stream)
     };
     let conn = Conn { io, key: key.into() };
-    exchange(conn, &head, req.body, &mut on_sent, false).await.map_err(|a| match a {
+    exchange(conn, &head, req.body, &mut on_sent, Origin::New).await.map_err(|a| match a {
         Attempt::Stale => unreachable!("only a kept connection is stale"),
         Attempt::Failed(e) => e,
     })
@@ -181,7 +181,23 @@ enum Attempt {
     Failed(Error),
 }
 
-async fn exchange(mut conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl FnMut(), reused: bool) -> Result<Response, Attempt> {
+/// Whether a connection was kept from an earlier request (it may have been closed by the
+/// worker meanwhile) or made for this one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Kept,
+    New,
+}
+
+/// Whether a new connection replaces a kept one found closed.
+#[derive(Clone, Copy)]
+enum Replacing {
+    No,
+    AKeptOneThatClosed,
+}
+
+async fn exchange(mut conn: Conn, head: &[u8], body: &[Bytes], on_sent: &mut impl FnMut(), origin: Origin) -> Result<Response, Attempt> {
+    let reused = origin == Origin::Kept;
     let broken = |what: &str, e: io::Error| if reused { Attempt::Stale } else { Attempt::Failed(Error::Broken(format!("{what}: {e}"))) };
     let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(head)).chain(body.iter().map(|b| IoSlice::new(b))).collect();
     write_all(&mut conn.io, &mut slices).await.map_err(|e| broken("sending the request", e))?;

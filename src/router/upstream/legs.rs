@@ -261,7 +261,15 @@ pub struct Prefilled {
     /// being EOS or a stop token (FINISHED_STOPPED) keeps none, and the decode must prefill
     /// locally; a stop string is matched after the engine finished on the cap, so the KV
     /// is kept. (NIXL keeps it in every case and says so with its params.)
-    pub kv_kept: bool,
+    pub kv: PrefillKv,
+}
+
+/// Whether a prefill kept the prompt's KV for its decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKv {
+    Kept,
+    /// Freed: the decode must prefill locally.
+    NotKept,
 }
 
 /// The prefill leg.
@@ -283,7 +291,8 @@ pub async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegE
         let answer: Answer<'_> =
             serde_json::from_slice(&body).map_err(|_| LegError::Broken("the prefill's answer is not a JSON object".into()))?;
         let params = answer.kv_transfer_params.map(|r| r.get().as_bytes()).filter(|p| non_empty_object(p)).map(Bytes::copy_from_slice);
-        Ok(Prefilled { params, kv_kept: finished_on_length_cap(answer.choices.map(|r| r.get().as_bytes())) })
+        let kv = if finished_on_length_cap(answer.choices.map(|r| r.get().as_bytes())) { PrefillKv::Kept } else { PrefillKv::NotKept };
+        Ok(Prefilled { params, kv })
     };
     tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }

@@ -27,6 +27,35 @@ impl Networks {
     }
 }
 
+/// Why a worker may not be added where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRefused {
+    OutsideAllow(IpAddr),
+    /// Link-local, multicast, broadcast or unspecified.
+    NotAWorkerAddress(IpAddr),
+    /// The router's own port on one of its own addresses.
+    TheRouterItself(SocketAddr),
+    BadUrl { url: String, why: String },
+    Unresolved { host: String, why: String },
+    /// One of the addresses a worker URL's name resolves to is refused.
+    Resolved { url: String, refused: Box<HostRefused> },
+}
+
+impl std::fmt::Display for HostRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostRefused::OutsideAllow(ip) => write!(f, "{ip} is outside --worker-allow"),
+            HostRefused::NotAWorkerAddress(ip) => {
+                write!(f, "{ip} is not a worker's address (link-local, multicast, broadcast or unspecified)")
+            }
+            HostRefused::TheRouterItself(addr) => write!(f, "{addr} is this router itself"),
+            HostRefused::BadUrl { url, why } => write!(f, "{url}: {why}"),
+            HostRefused::Unresolved { host, why } => write!(f, "{host} {why}"),
+            HostRefused::Resolved { url, refused } => write!(f, "worker {url}: {refused}"),
+        }
+    }
+}
+
 /// Where workers added at runtime may be.
 #[derive(Clone, Debug)]
 pub struct WorkerHosts {
@@ -39,41 +68,43 @@ pub struct WorkerHosts {
 
 impl WorkerHosts {
     /// Whether a worker at `addr` may be added; the error says why not.
-    pub fn check(&self, addr: SocketAddr) -> Result<(), String> {
+    pub fn check(&self, addr: SocketAddr) -> Result<(), HostRefused> {
         let ip = addr.ip().to_canonical();
         if !self.allow.is_empty() {
-            return if self.allow.contains(ip) { Ok(()) } else { Err(format!("{ip} is outside --worker-allow")) };
+            return if self.allow.contains(ip) { Ok(()) } else { Err(HostRefused::OutsideAllow(ip)) };
         }
         let link_local = match ip {
             IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
             IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
         };
         if ip.is_unspecified() || ip.is_multicast() || link_local {
-            return Err(format!("{ip} is not a worker's address (link-local, multicast, broadcast or unspecified)"));
+            return Err(HostRefused::NotAWorkerAddress(ip));
         }
         if addr.port() == self.own_port && (ip.is_loopback() || local_address(ip)) {
-            return Err(format!("{addr} is this router itself"));
+            return Err(HostRefused::TheRouterItself(addr));
         }
         Ok(())
     }
 
     /// `check` for a worker URL: its host as written, or every address its name resolves to.
-    pub async fn check_url(&self, url: &str) -> Result<(), String> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
-        let host = parsed.host_str().ok_or_else(|| format!("{url} has no host"))?.trim_start_matches('[').trim_end_matches(']').to_string();
+    pub async fn check_url(&self, url: &str) -> Result<(), HostRefused> {
+        let bad_url = |why: String| HostRefused::BadUrl { url: url.to_string(), why };
+        let parsed = reqwest::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
+        let host = parsed.host_str().ok_or_else(|| bad_url("no host".into()))?.trim_start_matches('[').trim_end_matches(']').to_string();
+        let unresolved = |why: String| HostRefused::Unresolved { host: host.clone(), why };
         let port = parsed.port_or_known_default().unwrap_or(80);
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host((host.as_str(), port)))
                 .await
-                .map_err(|_| format!("{host} did not resolve within 5 s"))?
-                .map_err(|e| format!("{host} does not resolve: {e}"))?
+                .map_err(|_| unresolved("did not resolve within 5 s".into()))?
+                .map_err(|e| unresolved(format!("does not resolve: {e}")))?
                 .collect(),
         };
         if addrs.is_empty() {
-            return Err(format!("{host} resolves to no address"));
+            return Err(unresolved("resolves to no address".into()));
         }
-        addrs.into_iter().try_for_each(|a| self.check(a).map_err(|e| format!("worker {url}: {e}")))
+        addrs.into_iter().try_for_each(|a| self.check(a).map_err(|e| HostRefused::Resolved { url: url.to_string(), refused: Box::new(e) }))
     }
 }
 
@@ -122,7 +153,7 @@ mod tests {
     #[tokio::test]
     async fn names_are_checked_by_what_they_resolve_to() {
         assert!(hosts(&["127.0.0.0/8", "::1"]).check_url("http://localhost:8100").await.is_ok());
-        assert!(hosts(&["10.0.0.0/8"]).check_url("http://localhost:8100").await.unwrap_err().contains("outside --worker-allow"));
+        assert!(hosts(&["10.0.0.0/8"]).check_url("http://localhost:8100").await.unwrap_err().to_string().contains("outside --worker-allow"));
         assert!(hosts(&[]).check_url("http://169.254.169.254:80").await.is_err());
     }
 }

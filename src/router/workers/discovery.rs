@@ -169,7 +169,7 @@ impl Registry {
             } else if !(self.rules.allow.contains(source) && self.rules.allow.contains(ip)) {
                 return Err((Refusal::OutsideNetworks, format!("a registration from {source} naming {ip} is outside --discovery-allow")));
             }
-            self.rules.workers.check(named).map_err(|e| (Refusal::OutsideNetworks, e))?;
+            self.rules.workers.check(named).map_err(|e| (Refusal::OutsideNetworks, e.to_string()))?;
         }
         if let Some(r) = self.registered.get_mut(&ping.url) {
             if r.role == ping.role && r.zmq_address == ping.zmq_address && r.source == source {

@@ -28,6 +28,19 @@ impl std::fmt::Display for NoWorker {
     }
 }
 
+/// A worker added to a pool that has it already.
+#[derive(Debug)]
+pub struct AlreadyInPool {
+    pub role: Role,
+    pub url: String,
+}
+
+impl std::fmt::Display for AlreadyInPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} worker {} is already in the pool", self.role.as_str(), self.url)
+    }
+}
+
 /// The workers of one role and the policy that picks among them.
 pub struct Pool {
     pub role: Role,
@@ -85,14 +98,14 @@ impl Pool {
     }
 
     /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
-    pub fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, String> {
+    pub fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, AlreadyInPool> {
         let mut worker = Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone());
         worker.kv_address = kv_address;
         let worker = Arc::new(worker);
         {
             let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
             if set.iter().any(|w| w.url == url) {
-                return Err(format!("{} worker {url} is already in the pool", self.role.as_str()));
+                return Err(AlreadyInPool { role: self.role, url: url.to_string() });
             }
             let mut next = Vec::clone(&set);
             next.push(worker.clone());

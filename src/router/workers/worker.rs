@@ -53,7 +53,7 @@ impl Worker {
             queued_blocks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             elsewhere: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             rank_turn: AtomicUsize::new(0),
-            served_ranks: AtomicUsize::new(dp_size),
+            served_ranks: AtomicUsize::new(dp_size.max(1)),
             healthy: AtomicBool::new(false),
             ever_healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -126,7 +126,7 @@ impl Worker {
 
     /// The DP ranks in use (fewer than configured once the worker said so).
     pub fn served_ranks(&self) -> usize {
-        self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len())
+        self.served_ranks.load(Ordering::Relaxed)
     }
 
     /// Requests in flight on one rank.
@@ -152,7 +152,7 @@ impl Worker {
 
     /// The least loaded rank; ties go round the ranks so idle ranks share the work.
     pub(super) fn pick_rank(&self) -> usize {
-        let n = self.served_ranks.load(Ordering::Relaxed).clamp(1, self.ranks.len());
+        let n = self.served_ranks();
         let start = self.rank_turn.fetch_add(1, Ordering::Relaxed) % n;
         (0..n).map(|k| (start + k) % n).min_by_key(|&r| self.ranks[r].load(Ordering::Relaxed)).unwrap_or(0)
     }

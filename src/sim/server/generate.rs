@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::config::Role;
 use super::http::{not_serving, now_secs, Sim, MAX_BODY};
-use super::response::{Ending, Finished, Meta, TextOut, Usage};
+use super::response::{Ending, Finished, Meta, RoleField, TextOut, Usage};
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::connector::{p2p_decode_addr, Connector};
 use crate::api::{sse, ApiError, ErrorKind};
@@ -340,7 +340,7 @@ impl Choice {
     fn finish(&mut self, delta: &str, ending: &Ending, tokens: usize) -> Piece {
         self.over = true;
         self.ended = Some(tokens);
-        Piece::Chunk(self.meta.chunk(self.index, delta, Some(ending), false, self.usage_for(tokens)))
+        Piece::Chunk(self.meta.chunk(self.index, delta, Some(ending), RoleField::Omitted, self.usage_for(tokens)))
     }
 
     fn fail(&mut self, e: &ApiError) -> Piece {
@@ -360,7 +360,7 @@ impl Choice {
             if self.meta.api == Api::Chat && !self.role_sent {
                 self.role_sent = true;
                 self.pending = self.out.next().await;
-                return Some(Piece::Chunk(self.meta.chunk(self.index, "", None, true, None)));
+                return Some(Piece::Chunk(self.meta.chunk(self.index, "", None, RoleField::Assistant, None)));
             }
             let event = match self.pending.take() {
                 Some(e) => Some(e),
@@ -377,7 +377,7 @@ impl Choice {
                         return Some(self.finish(&delta, &ending, tokens));
                     }
                     if !delta.is_empty() {
-                        return Some(Piece::Chunk(self.meta.chunk(self.index, &delta, None, false, self.usage_for(self.text.tokens))));
+                        return Some(Piece::Chunk(self.meta.chunk(self.index, &delta, None, RoleField::Omitted, self.usage_for(self.text.tokens))));
                     }
                 }
                 // vLLM sends the last token and the finish reason in one chunk.

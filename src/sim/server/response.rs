@@ -29,6 +29,13 @@ pub enum Ending {
     StopToken(u32),
 }
 
+/// Whether a chat chunk names the speaker (vLLM's first chunk of each choice does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleField {
+    Assistant,
+    Omitted,
+}
+
 impl Ending {
     /// The ending the engine reports (a stop token's is TextOut's, from the token itself).
     pub fn from_finish(f: Finish) -> Self {
@@ -177,7 +184,7 @@ impl Meta {
     }
 
     /// One streamed chunk of choice `index` with `delta` text; `ending` on its last one.
-    pub fn chunk(&self, index: u32, delta: &str, ending: Option<&Ending>, role: bool, usage: Option<Usage>) -> bytes::Bytes {
+    pub fn chunk(&self, index: u32, delta: &str, ending: Option<&Ending>, role: RoleField, usage: Option<Usage>) -> bytes::Bytes {
         let finish_reason = ending.map(Ending::finish_reason);
         let stop_reason = ending.map(Ending::stop_reason);
         match self.api {
@@ -202,7 +209,7 @@ impl Meta {
                 model: &self.model,
                 choices: &[ChatChoice {
                     index,
-                    delta: Delta { role: role.then_some("assistant"), content: delta },
+                    delta: Delta { role: (role == RoleField::Assistant).then_some("assistant"), content: delta },
                     logprobs: None,
                     finish_reason,
                     stop_reason,
