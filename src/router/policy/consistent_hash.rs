@@ -9,9 +9,9 @@ use super::{Candidate, HashRing, RequestInfo};
 const HASH_PREFIX_UNITS: usize = 256;
 
 pub(super) fn select<W: Candidate>(ring: &HashRing, workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo) -> usize {
-    let key: &[u8] = match &req.session {
-        Some(s) => s.as_bytes(),
-        None => &req.prompt[..req.prompt.len().min(HASH_PREFIX_UNITS * req.unit.max(1))],
+    let key = match &req.session {
+        Some(s) => HashRing::key(s.as_bytes()),
+        None => HashRing::key_of(|h| req.prompt.hash_units(h, 0..req.prompt.units().min(HASH_PREFIX_UNITS))),
     };
     ring.lookup(key, |url| candidates.iter().any(|c| workers[*c].url() == url))
         .and_then(|url| candidates.iter().copied().find(|c| workers[*c].url() == url))

@@ -67,15 +67,48 @@ pub enum PolicyKind {
     KvAware,
 }
 
-/// What a policy may look at: a session key and the prompt's start, as bytes of units
-/// (chars: 1 byte each; token ids: 4 bytes each), and its chunk hashes, computed here,
-/// outside any lock. Filled only for the policies that need them.
+/// A prompt's start as policies read it, in units: text bytes, or token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptStart {
+    /// UTF-8 text, one unit per byte.
+    Text(Vec<u8>),
+    /// Token ids, one unit each.
+    Tokens(Vec<u32>),
+}
+
+impl Default for PromptStart {
+    fn default() -> Self {
+        PromptStart::Text(Vec::new())
+    }
+}
+
+impl PromptStart {
+    pub fn units(&self) -> usize {
+        match self {
+            PromptStart::Text(b) => b.len(),
+            PromptStart::Tokens(t) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.units() == 0
+    }
+
+    /// FNV-1a from `h` over the units in `range` (a token id as its 4 little-endian bytes).
+    pub fn hash_units(&self, h: u64, range: std::ops::Range<usize>) -> u64 {
+        match self {
+            PromptStart::Text(b) => crate::api::fnv1a(h, &b[range]),
+            PromptStart::Tokens(t) => t[range].iter().fold(h, |h, id| crate::api::fnv1a(h, &id.to_le_bytes())),
+        }
+    }
+}
+
+/// What a policy may look at: a session key and the prompt's start, and its chunk hashes,
+/// computed here, outside any lock. Filled only for the policies that need them.
 #[derive(Default, Debug)]
 pub struct RequestInfo {
     pub session: Option<String>,
-    pub prompt: Vec<u8>,
-    /// Bytes per unit of `prompt`: 1 (characters) or 4 (token ids).
-    pub unit: usize,
+    pub prompt: PromptStart,
     pub chunks: Vec<(u64, u32)>,
     /// kv_aware: the prompt's full blocks, and how many of them each (worker, rank) holds
     /// from the start (from the KV index, looked up before the pick).
@@ -94,13 +127,13 @@ pub struct KvView {
 }
 
 impl RequestInfo {
-    pub fn new(session: Option<String>, prompt: Vec<u8>, unit: usize) -> Self {
-        let chunks = prefix::chunk_hashes(&prompt, unit);
-        RequestInfo { session, prompt, unit, chunks, kv: None }
+    pub fn new(session: Option<String>, prompt: PromptStart) -> Self {
+        let chunks = prefix::chunk_hashes(&prompt);
+        RequestInfo { session, prompt, chunks, kv: None }
     }
 
     pub fn units(&self) -> usize {
-        self.prompt.len() / self.unit.max(1)
+        self.prompt.units()
     }
 }
 

@@ -20,15 +20,16 @@ pub const CHUNK_UNITS: usize = 16;
 const TRIM_STEP: usize = 16_384;
 
 /// The chained hashes of a prompt's chunks, and the units in each.
-pub fn chunk_hashes(prompt: &[u8], unit: usize) -> Vec<(u64, u32)> {
-    let step = CHUNK_UNITS * unit.max(1);
+pub fn chunk_hashes(prompt: &super::PromptStart) -> Vec<(u64, u32)> {
+    let units = prompt.units();
     let mut h = crate::api::FNV_OFFSET;
-    prompt
-        .chunks(step)
-        .map(|c| {
-            h = crate::api::fnv1a(h, c);
-            h = h.rotate_left(17) ^ (c.len() as u64);
-            (h, (c.len() / unit.max(1)) as u32)
+    (0..units)
+        .step_by(CHUNK_UNITS)
+        .map(|start| {
+            let end = (start + CHUNK_UNITS).min(units);
+            h = prompt.hash_units(h, start..end);
+            h = h.rotate_left(17) ^ ((end - start) as u64);
+            (h, (end - start) as u32)
         })
         .collect()
 }
@@ -152,7 +153,7 @@ mod tests {
     }
 
     fn hashes(s: &str) -> Vec<(u64, u32)> {
-        chunk_hashes(s.as_bytes(), 1)
+        chunk_hashes(&super::super::PromptStart::Text(s.as_bytes().to_vec()))
     }
 
     fn index(workers: &[&str], max_entries: usize) -> PrefixIndex {

@@ -12,14 +12,30 @@ pub struct HashRing {
 }
 
 fn hash(bytes: &[u8]) -> u64 {
-    // FNV-1a, then a finaliser for spread: stable across runs and platforms.
-    let h = crate::api::fnv1a(crate::api::FNV_OFFSET, bytes);
+    finish(crate::api::fnv1a(crate::api::FNV_OFFSET, bytes))
+}
+
+/// FNV-1a, then a finaliser for spread: stable across runs and platforms.
+fn finish(h: u64) -> u64 {
     let h = h ^ (h >> 33);
     let h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^ (h >> 33)
 }
 
+/// A key's place on the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingKey(u64);
+
 impl HashRing {
+    pub fn key(bytes: &[u8]) -> RingKey {
+        RingKey(hash(bytes))
+    }
+
+    /// The key of bytes fed to FNV-1a by `feed` (from the offset basis it is given).
+    pub fn key_of(feed: impl FnOnce(u64) -> u64) -> RingKey {
+        RingKey(finish(feed(crate::api::FNV_OFFSET)))
+    }
+
     pub fn add(&mut self, url: &str) {
         let id: Arc<str> = Arc::from(url);
         self.points.extend((0..VNODES).map(|v| (hash(format!("{url}#{v}").as_bytes()), id.clone())));
@@ -31,11 +47,11 @@ impl HashRing {
     }
 
     /// The owner of `key` among the workers `usable` accepts.
-    pub fn lookup(&self, key: &[u8], usable: impl Fn(&str) -> bool) -> Option<&str> {
+    pub fn lookup(&self, key: RingKey, usable: impl Fn(&str) -> bool) -> Option<&str> {
         if self.points.is_empty() {
             return None;
         }
-        let h = hash(key);
+        let h = key.0;
         let start = self.points.partition_point(|(p, _)| *p < h);
         (0..self.points.len()).map(|k| &*self.points[(start + k) % self.points.len()].1).find(|w| usable(w))
     }
@@ -51,7 +67,7 @@ mod tests {
         let mut ring = HashRing::default();
         urls.iter().for_each(|u| ring.add(u));
         let keys: Vec<String> = (0..2000).map(|i| format!("session-{i}")).collect();
-        let owner = |ring: &HashRing, k: &str, down: &str| ring.lookup(k.as_bytes(), |w| w != down).unwrap().to_string();
+        let owner = |ring: &HashRing, k: &str, down: &str| ring.lookup(HashRing::key(k.as_bytes()), |w| w != down).unwrap().to_string();
         let before: Vec<String> = keys.iter().map(|k| owner(&ring, k, "")).collect();
         let after: Vec<String> = keys.iter().map(|k| owner(&ring, k, &urls[2])).collect();
         for (b, a) in before.iter().zip(&after) {

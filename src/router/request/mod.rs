@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::api::fields::{check_generation, Api, Generation};
 use crate::api::ApiError;
-use crate::router::policy::RequestInfo;
+use crate::router::policy::{PromptStart, RequestInfo};
 use crate::router::request::body::{ClientBody, Pieces};
 
 /// Fields through which a client could steer a KV (or encoder cache) transfer.
@@ -278,9 +278,9 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
     if ids.is_empty() {
         let mut prompt = text.into_bytes();
         prompt.truncate(max_units);
-        RequestInfo::new(session, prompt, 1)
+        RequestInfo::new(session, PromptStart::Text(prompt))
     } else {
-        RequestInfo::new(session, ids.iter().flat_map(|t| t.to_le_bytes()).collect(), 4)
+        RequestInfo::new(session, PromptStart::Tokens(ids))
     }
 }
 
