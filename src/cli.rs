@@ -15,9 +15,9 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
     #[command(flatten)]
-    pub route: crate::router::RouteArgs,
+    pub(crate) route: crate::router::RouteArgs,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `disagg=debug`); RUST_LOG wins.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
@@ -25,7 +25,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 #[expect(clippy::large_enum_variant, reason = "parsed once, at start")]
-pub enum Command {
+pub(crate) enum Command {
     /// The PD router: OpenAI-compatible front, prefill leg then decode leg (a drop-in for
     /// vllm-router's and the vLLM toy proxy's command lines).
     Route(crate::router::RouteArgs),

@@ -15,32 +15,32 @@ fn finite(s: &str) -> Result<f64, String> {
 }
 
 /// A finite number >= 0.
-pub fn non_negative(s: &str) -> Result<f64, String> {
+pub(crate) fn non_negative(s: &str) -> Result<f64, String> {
     finite(s).and_then(|v| if v >= 0.0 { Ok(v) } else { Err("must be >= 0".into()) })
 }
 
 /// A finite number > 0 (seconds, rates).
-pub fn positive(s: &str) -> Result<f64, String> {
+pub(crate) fn positive(s: &str) -> Result<f64, String> {
     finite(s).and_then(|v| if v > 0.0 { Ok(v) } else { Err("must be > 0".into()) })
 }
 
 /// A number > 0, or inf.
-pub fn positive_or_inf(s: &str) -> Result<f64, String> {
+pub(crate) fn positive_or_inf(s: &str) -> Result<f64, String> {
     number(s).and_then(|v| if v > 0.0 { Ok(v) } else { Err("must be > 0 (or inf)".into()) })
 }
 
 /// A fraction in [0, 1].
-pub fn fraction(s: &str) -> Result<f64, String> {
+pub(crate) fn fraction(s: &str) -> Result<f64, String> {
     finite(s).and_then(|v| if (0.0..=1.0).contains(&v) { Ok(v) } else { Err("must be between 0 and 1".into()) })
 }
 
 /// A ratio in [0, 1).
-pub fn below_one(s: &str) -> Result<f64, String> {
+pub(crate) fn below_one(s: &str) -> Result<f64, String> {
     finite(s).and_then(|v| if (0.0..1.0).contains(&v) { Ok(v) } else { Err("must be in [0, 1)".into()) })
 }
 
 /// A finite number >= 1.
-pub fn at_least_one(s: &str) -> Result<f64, String> {
+pub(crate) fn at_least_one(s: &str) -> Result<f64, String> {
     finite(s).and_then(|v| if v >= 1.0 { Ok(v) } else { Err("must be >= 1".into()) })
 }
 

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 
 /// When a connection's idle time starts counting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IdleFrom {
+pub(crate) enum IdleFrom {
     /// From the accept (the router: a connection that never sends a request is closed too).
     Accept,
     /// From the end of its first answer, as uvicorn arms its keep-alive timer only when a
@@ -30,7 +30,7 @@ pub enum IdleFrom {
 
 /// Serves `app` on `tcp` (plain or TLS) until the client closes, the connection has been idle for
 /// `keep_alive`, or `close` resolves (then it closes once its answers are out).
-pub async fn serve_connection<T>(
+pub(crate) async fn serve_connection<T>(
     builder: &Builder<TokioExecutor>,
     tcp: T,
     app: axum::Router,
@@ -71,7 +71,7 @@ pub async fn serve_connection<T>(
 /// The next connection on `listener`, with TCP_NODELAY (small SSE chunks must not wait on
 /// Nagle; vLLM's asyncio transports set it too). Accept errors (out of descriptors, a
 /// connection reset before its accept) are logged and retried after a short pause.
-pub async fn accept(listener: &TcpListener) -> TcpStream {
+pub(crate) async fn accept(listener: &TcpListener) -> TcpStream {
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-pub struct LogBudget {
+pub(crate) struct LogBudget {
     per_window: u32,
     window: Duration,
     started: Instant,
@@ -13,13 +13,13 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
-    pub fn new(per_window: u32, window: Duration) -> Self {
+    pub(crate) fn new(per_window: u32, window: Duration) -> Self {
         LogBudget { per_window, window, started: Instant::now(), used: 0, skipped: 0 }
     }
 
     /// Whether a line may be written now; `Some(n)`: yes, and `n` lines were left out since
     /// the last one written (say so in it).
-    pub fn take(&mut self) -> Option<u64> {
+    pub(crate) fn take(&mut self) -> Option<u64> {
         let now = Instant::now();
         if now.duration_since(self.started) >= self.window {
             self.started = now;

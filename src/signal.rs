@@ -5,7 +5,7 @@ use std::future::Future;
 /// Resolves at the first SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this
 /// is called, not when the future is first polled: a signal that comes between the call
 /// and the first poll (a launcher that has just said it is ready) is not lost.
-pub fn shutdown() -> impl Future<Output = ()> {
+pub(crate) fn shutdown() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let int = signal(SignalKind::interrupt()).ok();
     let term = signal(SignalKind::terminate()).ok();

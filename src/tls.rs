@@ -23,24 +23,24 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// The listener's TLS, as `vllm serve` takes it.
 #[derive(Args, Debug, Clone, Default)]
 #[command(next_help_heading = "TLS")]
-pub struct ServerTlsArgs {
+pub(crate) struct ServerTlsArgs {
     /// The private key (PEM) of the listener's certificate: serve HTTPS (with --ssl-certfile).
     #[arg(long, value_name = "FILE")]
-    pub ssl_keyfile: Option<PathBuf>,
+    pub(crate) ssl_keyfile: Option<PathBuf>,
     /// The listener's certificate chain (PEM).
     #[arg(long, value_name = "FILE")]
-    pub ssl_certfile: Option<PathBuf>,
+    pub(crate) ssl_certfile: Option<PathBuf>,
     /// CA certificates (PEM) that clients' certificates must chain to (--ssl-cert-reqs 1|2).
     #[arg(long, value_name = "FILE")]
-    pub ssl_ca_certs: Option<PathBuf>,
+    pub(crate) ssl_ca_certs: Option<PathBuf>,
     /// Client certificates: 0 not asked for, 1 verified when sent, 2 required (mTLS).
     #[arg(long, value_name = "0|1|2", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
-    pub ssl_cert_reqs: u8,
+    pub(crate) ssl_cert_reqs: u8,
 }
 
 /// What an HTTPS listener speaks (ALPN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Alpn {
+pub(crate) enum Alpn {
     /// HTTP/2 and HTTP/1.1 (the router).
     H2AndHttp1,
     /// HTTP/1.1 only (vLLM's uvicorn; the simulator).
@@ -76,7 +76,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 impl ServerTlsArgs {
     /// Whether HTTPS is asked for; the combination of flags is checked.
-    pub fn enabled(&self) -> anyhow::Result<bool> {
+    pub(crate) fn enabled(&self) -> anyhow::Result<bool> {
         match (&self.ssl_keyfile, &self.ssl_certfile) {
             (Some(_), Some(_)) => {}
             (None, None) if self.ssl_ca_certs.is_none() && self.ssl_cert_reqs == 0 => return Ok(false),
@@ -118,7 +118,7 @@ impl ServerTlsArgs {
 }
 
 /// An HTTPS listener's configuration, reloaded when its files change.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     args: ServerTlsArgs,
     alpn: Alpn,
     current: RwLock<Arc<ServerConfig>>,
@@ -129,7 +129,7 @@ const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 impl ServerTls {
     /// The listener's TLS, or None for plain HTTP.
-    pub fn load(args: &ServerTlsArgs, alpn: Alpn) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    pub(crate) fn load(args: &ServerTlsArgs, alpn: Alpn) -> anyhow::Result<Option<Arc<ServerTls>>> {
         if !args.enabled()? {
             return Ok(None);
         }
@@ -138,13 +138,13 @@ impl ServerTls {
     }
 
     /// An acceptor with the configuration of this moment.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// Reloads the configuration whenever one of its files changes (a new certificate in
     /// place of an expiring one); a file that does not load keeps the one in use (logged).
-    pub async fn reload_on_change(self: Arc<Self>) {
+    pub(crate) async fn reload_on_change(self: Arc<Self>) {
         let stamp = |files: &[PathBuf]| {
             files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect::<Vec<Option<SystemTime>>>()
         };
@@ -210,20 +210,16 @@ impl WorkerTlsArgs {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
-
-    pub fn any(&self) -> bool {
-        self.worker_ssl_ca_certs.is_some() || self.worker_ssl_certfile.is_some() || self.worker_ssl_keyfile.is_some()
-    }
 }
 
 /// A TLS server name for a URL's host (an IP address or a DNS name).
-pub fn server_name(host: &str) -> anyhow::Result<rustls_pki_types::ServerName<'static>> {
+pub(crate) fn server_name(host: &str) -> anyhow::Result<rustls_pki_types::ServerName<'static>> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     rustls_pki_types::ServerName::try_from(bare.to_string()).with_context(|| format!("`{host}` is not a TLS server name"))
 }
 
 /// A TLS handshake's error as a person reads it (rustls names the certificate's fault).
-pub fn describe(e: &std::io::Error) -> String {
+pub(crate) fn describe(e: &std::io::Error) -> String {
     match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(tls) => format!("TLS: {tls}"),
         None => e.to_string(),

@@ -95,22 +95,44 @@ fn paths_in(text: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// The files the map in docs/ARCHITECTURE.md places under `src/`: its first code block
+/// is a tree, two spaces a level, folders ending in `/`; lines indented deeper than one
+/// level below the last entry continue a description.
+fn files_in_map(map: &str) -> BTreeSet<String> {
+    let block = map.split("```").nth(1).expect("docs/ARCHITECTURE.md has a code block");
+    let mut stack: Vec<String> = Vec::new();
+    let mut files = BTreeSet::new();
+    for line in block.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let depth = indent / 2;
+        let entry = indent % 2 == 0
+            && depth <= stack.len()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+            && (name.ends_with('/') || name.contains('.'));
+        if !entry {
+            continue;
+        }
+        stack.truncate(depth);
+        if let Some(folder) = name.strip_suffix('/') {
+            stack.push(folder.to_string());
+        } else {
+            files.insert(stack.iter().map(|f| format!("{f}/")).collect::<String>() + name);
+        }
+    }
+    files
+}
+
 #[test]
-fn every_file_under_src_is_named_in_architecture_md() {
+fn every_file_under_src_is_in_architecture_md_at_its_place() {
     let map = std::fs::read_to_string(Path::new(ROOT).join("docs/ARCHITECTURE.md")).unwrap();
-    // The map lists files by name under their folder's line; a name may repeat in
-    // several folders, so each file's name and folder must both appear.
-    let missing: Vec<String> = src_files()
-        .iter()
-        .filter(|f| {
-            let name = f.file_name().unwrap().to_string_lossy().to_string();
-            let folder = folder_of(f);
-            let last = folder.rsplit('/').next().unwrap_or("");
-            !(map.contains(&name) && (folder.is_empty() || map.contains(&format!("{last}/"))))
-        })
-        .map(|f| f.strip_prefix(ROOT).unwrap().display().to_string())
-        .collect();
-    assert!(missing.is_empty(), "docs/ARCHITECTURE.md does not name: {missing:?}");
+    let listed = files_in_map(&map);
+    let present: BTreeSet<String> =
+        src_files().iter().map(|f| f.strip_prefix(ROOT).unwrap().to_string_lossy().trim_start_matches('/').replace('\\', "/")).collect();
+    let missing: Vec<&String> = present.difference(&listed).collect();
+    let stale: Vec<&String> = listed.difference(&present).collect();
+    assert!(missing.is_empty(), "docs/ARCHITECTURE.md's map does not place: {missing:?}");
+    assert!(stale.is_empty(), "docs/ARCHITECTURE.md's map names files that are not there: {stale:?}");
 }
 
 #[test]

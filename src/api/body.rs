@@ -18,41 +18,41 @@ fn too_large(limit: usize) -> ApiError {
 /// Reads a whole body, refusing more than `limit` bytes with 413. The rest of an
 /// oversized body is read and dropped (for a bounded time) before answering, so the
 /// client sees the 413 instead of a connection reset mid-upload.
-pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     read_within(headers, body, limit, None).await.map(|b| b.bytes)
 }
 
 /// Request-body bytes held at once, over every connection: a body takes its share as its
 /// bytes arrive and gives it back when dropped.
 #[derive(Clone)]
-pub struct BodyBudget {
+pub(crate) struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
 }
 
 impl BodyBudget {
-    pub fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         let total = total.clamp(1, Semaphore::MAX_PERMITS);
         BodyBudget { bytes: Arc::new(Semaphore::new(total)), total }
     }
 
     /// Bytes held by bodies now.
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.total - self.bytes.available_permits()
     }
 }
 
 /// A body read within a budget: its bytes, and their share of the budget (given back
 /// when this is dropped).
-pub struct Budgeted {
-    pub bytes: Bytes,
-    pub share: Option<OwnedSemaphorePermit>,
+pub(crate) struct Budgeted {
+    pub(crate) bytes: Bytes,
+    pub(crate) share: Option<OwnedSemaphorePermit>,
 }
 
 /// `read_limited`, each arriving piece taken from `budget` first: a body that would pass
 /// it is refused with 503. The buffer grows as bytes arrive (a declared Content-Length
 /// reserves nothing).
-pub async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: Option<&BodyBudget>) -> Result<Budgeted, ApiError> {
+pub(crate) async fn read_within(headers: &HeaderMap, body: Body, limit: usize, budget: Option<&BodyBudget>) -> Result<Budgeted, ApiError> {
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let mut body = body;
     if declared.is_some_and(|n| n > limit as u64) {
@@ -115,7 +115,7 @@ async fn drain(mut body: Body) {
 }
 
 /// vLLM (FastAPI) accepts only JSON bodies on its generation endpoints.
-pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let ok = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -129,7 +129,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses a body that must be a JSON object, keeping field order for pass-through.
-pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(crate::api::validation_error(

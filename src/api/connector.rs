@@ -2,7 +2,7 @@
 //! sim`, and the wire facts both sides of a connector share (docs/PROTOCOLS.md §1-§3).
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Connector {
+pub(crate) enum Connector {
     /// NixlConnector (also vllm-ascend's LLMDataDistCMgrConnector).
     Nixl,
     /// P2pNcclConnector (xPyD with ZMQ service discovery).
@@ -13,7 +13,7 @@ pub enum Connector {
 }
 
 impl Connector {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Connector::Nixl => "nixl",
             Connector::P2pNccl => "p2pnccl",
@@ -24,18 +24,18 @@ impl Connector {
 
 /// Where a prefill's Mooncake bootstrap server listens by default (vLLM's
 /// VLLM_MOONCAKE_BOOTSTRAP_PORT).
-pub const MOONCAKE_BOOTSTRAP_PORT: u16 = 8998;
+pub(crate) const MOONCAKE_BOOTSTRAP_PORT: u16 = 8998;
 
 /// P2pNccl's request id, which names both engines' KV (zmq) addresses:
 /// `___prefill_addr_{P}___decode_addr_{D}_{uuid}` (vLLM's xPyD proxy).
-pub fn p2p_request_id(prefill_kv: &str, decode_kv: &str, uuid: &str) -> String {
+pub(crate) fn p2p_request_id(prefill_kv: &str, decode_kv: &str, uuid: &str) -> String {
     format!("___prefill_addr_{prefill_kv}___decode_addr_{decode_kv}_{uuid}")
 }
 
 /// The decode's KV address a P2pNccl prefill pushes to, read from a request id as vLLM's
 /// `P2pNcclConnector.parse_request_id` does (`___decode_addr_(.*):(\d+)`: the last
 /// `:digits` after the marker). Host as written (IPv6 in brackets), port.
-pub fn p2p_decode_addr(request_id: &str) -> Option<(&str, u16)> {
+pub(crate) fn p2p_decode_addr(request_id: &str) -> Option<(&str, u16)> {
     let rest = &request_id[request_id.find("___decode_addr_")? + "___decode_addr_".len()..];
     // The greedy `(.*)` ends at the last colon that digits follow.
     let mut best = None;

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 /// The error classes we answer with; the name is the JSON `type`, as vLLM names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// A request that does not fit the schema (vLLM's pydantic errors: type "Bad Request").
     Validation,
     BadRequest,
@@ -23,7 +23,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ErrorKind::Validation | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -55,7 +55,7 @@ impl ErrorKind {
     }
 
     /// The kind for an arbitrary status (used when a fault knob picks the status).
-    pub fn for_status(status: StatusCode) -> ErrorKind {
+    pub(crate) fn for_status(status: StatusCode) -> ErrorKind {
         match status.as_u16() {
             401 => ErrorKind::Unauthorized,
             404 => ErrorKind::NotFound,
@@ -75,37 +75,37 @@ impl ErrorKind {
 /// fault knob asks for an unusual status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub kind: ErrorKind,
-    pub status: StatusCode,
-    pub message: String,
+    pub(crate) kind: ErrorKind,
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
     /// The request field at fault, when there is one (vLLM fills `param`).
-    pub param: Option<String>,
-    pub retry_after_secs: Option<u64>,
+    pub(crate) param: Option<String>,
+    pub(crate) retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError { kind, status: kind.status(), message: message.into(), param: None, retry_after_secs: None }
     }
-    pub fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn with_status(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, ..ApiError::new(ErrorKind::for_status(status), message) }
     }
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(ErrorKind::BadRequest, message)
     }
-    pub fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         ApiError::new(ErrorKind::Internal, message)
     }
-    pub fn param(mut self, param: impl Into<String>) -> Self {
+    pub(crate) fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self
     }
-    pub fn retry_after(mut self, secs: u64) -> Self {
+    pub(crate) fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
         self
     }
 
-    pub fn body(&self) -> Value {
+    pub(crate) fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
             "type": self.kind.type_name(),

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::{ApiError, ErrorKind};
 
 /// A pydantic-style schema error, as vLLM reports it (type "Bad Request", `param` = loc).
-pub fn validation_error(loc: &str, kind: &str, msg: &str, input: &Value) -> ApiError {
+pub(crate) fn validation_error(loc: &str, kind: &str, msg: &str, input: &Value) -> ApiError {
     ApiError::new(
         ErrorKind::Validation,
         format!("1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}', 'input': {}}}", python_input(input)),
@@ -31,7 +31,7 @@ fn python_input(v: &Value) -> String {
 
 /// A semantic error of vLLM's (`VLLMValidationError`): type "BadRequestError"; with a
 /// parameter, vLLM adds `(parameter=.., value=..)` and fills `param`.
-pub fn semantic_error(message: impl Into<String>, parameter: Option<(&str, &str)>) -> ApiError {
+pub(crate) fn semantic_error(message: impl Into<String>, parameter: Option<(&str, &str)>) -> ApiError {
     let message = message.into();
     match parameter {
         Some((name, value)) => ApiError::bad_request(format!("{message} (parameter={name}, value={value})")).param(name),
@@ -41,17 +41,17 @@ pub fn semantic_error(message: impl Into<String>, parameter: Option<(&str, &str)
 
 /// Typed reads of the fields of one JSON object; `null` counts as absent, as in vLLM's
 /// schema. `loc` is where the object sits (`body`, `body.stream_options`).
-pub struct Fields<'a> {
-    pub map: &'a Map<String, Value>,
-    pub loc: &'a str,
+pub(crate) struct Fields<'a> {
+    pub(crate) map: &'a Map<String, Value>,
+    pub(crate) loc: &'a str,
 }
 
 impl<'a> Fields<'a> {
-    pub fn body(map: &'a Map<String, Value>) -> Self {
+    pub(crate) fn body(map: &'a Map<String, Value>) -> Self {
         Fields { map, loc: "body" }
     }
 
-    pub fn get(&self, name: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a Value> {
         self.map.get(name).filter(|v| !v.is_null())
     }
 
@@ -60,7 +60,7 @@ impl<'a> Fields<'a> {
     }
 
     /// pydantic's lax int: integers, floats without a fraction, numeric strings, booleans.
-    pub fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
+    pub(crate) fn int(&self, name: &str) -> Result<Option<i64>, ApiError> {
         let Some(v) = self.get(name) else { return Ok(None) };
         let err = |kind: &str, msg: &str| Err(validation_error(&self.loc_of(name), kind, msg, v));
         match v {
@@ -84,7 +84,7 @@ impl<'a> Fields<'a> {
     }
 
     /// pydantic's lax float: numbers, numeric strings, booleans.
-    pub fn float(&self, name: &str) -> Result<Option<f64>, ApiError> {
+    pub(crate) fn float(&self, name: &str) -> Result<Option<f64>, ApiError> {
         let Some(v) = self.get(name) else { return Ok(None) };
         match v {
             Value::Bool(b) => Ok(Some(f64::from(u8::from(*b)))),
@@ -102,7 +102,7 @@ impl<'a> Fields<'a> {
     }
 
     /// pydantic's lax bool: booleans, 0/1, and the usual words.
-    pub fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+    pub(crate) fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
         let Some(v) = self.get(name) else { return Ok(None) };
         let parsed = match v {
             Value::Bool(b) => Some(*b),
@@ -125,7 +125,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A nested model (e.g. `stream_options`): must be an object.
-    pub fn model(&self, name: &str) -> Result<Option<Fields<'a>>, ApiError> {
+    pub(crate) fn model(&self, name: &str) -> Result<Option<Fields<'a>>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Object(m)) => Ok(Some(Fields { map: m, loc: self.loc })),
@@ -139,7 +139,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A free-form `dict` field (e.g. `kv_transfer_params`).
-    pub fn dict(&self, name: &str) -> Result<Option<&'a Map<String, Value>>, ApiError> {
+    pub(crate) fn dict(&self, name: &str) -> Result<Option<&'a Map<String, Value>>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Object(m)) => Ok(Some(m)),
@@ -147,7 +147,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub fn strings(&self, name: &str) -> Result<Vec<String>, ApiError> {
+    pub(crate) fn strings(&self, name: &str) -> Result<Vec<String>, ApiError> {
         match self.get(name) {
             None => Ok(Vec::new()),
             Some(Value::String(s)) => Ok(vec![s.clone()]),
@@ -163,7 +163,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub fn token_ids(&self, name: &str) -> Result<Vec<u32>, ApiError> {
+    pub(crate) fn token_ids(&self, name: &str) -> Result<Vec<u32>, ApiError> {
         match self.get(name) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
@@ -183,29 +183,29 @@ impl<'a> Fields<'a> {
 /// output length, `min_tokens` and streaming. A PD router runs them before its prefill
 /// leg, because the prefill leg overrides these fields and so cannot reject them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    pub stream: bool,
-    pub n: u32,
+pub(crate) struct Generation {
+    pub(crate) stream: bool,
+    pub(crate) n: u32,
     /// The requested output cap (chat: `max_completion_tokens` first), if any.
-    pub max_tokens: Option<i64>,
-    pub seed: Option<i64>,
-    pub include_usage: bool,
-    pub continuous_usage: bool,
+    pub(crate) max_tokens: Option<i64>,
+    pub(crate) seed: Option<i64>,
+    pub(crate) include_usage: bool,
+    pub(crate) continuous_usage: bool,
 }
 
 /// Which API a body is for: chat reads `max_completion_tokens` first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Api {
+pub(crate) enum Api {
     Completions,
     Chat,
 }
 
 /// vLLM's default most `n` (VLLM_MAX_N_SEQUENCES).
-pub const MAX_N: i64 = 16384;
+pub(crate) const MAX_N: i64 = 16384;
 /// Below this temperature vLLM samples greedily (`_SAMPLING_EPS`).
 const SAMPLING_EPS: f64 = 1e-5;
 
-pub fn check_generation(api: Api, body: &Map<String, Value>) -> Result<Generation, ApiError> {
+pub(crate) fn check_generation(api: Api, body: &Map<String, Value>) -> Result<Generation, ApiError> {
     let f = Fields::body(body);
     let max_field = match api {
         Api::Chat if f.get("max_completion_tokens").is_some() => "max_completion_tokens",

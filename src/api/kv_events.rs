@@ -40,23 +40,23 @@ pub struct EventBatch {
 
 /// `--kv-events-config` as vLLM takes it (and `/kv_event_sources` shows it, per rank).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KvEventsConfig {
+pub(crate) struct KvEventsConfig {
     #[serde(default)]
-    pub enable_kv_cache_events: bool,
+    pub(crate) enable_kv_cache_events: bool,
     #[serde(default = "null_publisher")]
-    pub publisher: String,
+    pub(crate) publisher: String,
     #[serde(default = "default_endpoint")]
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     #[serde(default)]
-    pub replay_endpoint: Option<String>,
+    pub(crate) replay_endpoint: Option<String>,
     #[serde(default = "default_buffer_steps")]
-    pub buffer_steps: usize,
+    pub(crate) buffer_steps: usize,
     #[serde(default = "default_hwm")]
-    pub hwm: usize,
+    pub(crate) hwm: usize,
     #[serde(default = "default_hwm")]
-    pub max_queue_size: usize,
+    pub(crate) max_queue_size: usize,
     #[serde(default)]
-    pub topic: String,
+    pub(crate) topic: String,
 }
 
 fn null_publisher() -> String {
@@ -74,12 +74,12 @@ fn default_hwm() -> usize {
 
 impl KvEventsConfig {
     /// Whether events are published at all.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enable_kv_cache_events && self.publisher == "zmq"
     }
 
     /// This config as DP rank `rank` uses it (its ports offset by the rank).
-    pub fn for_rank(&self, rank: usize) -> Self {
+    pub(crate) fn for_rank(&self, rank: usize) -> Self {
         KvEventsConfig {
             endpoint: offset_endpoint(&self.endpoint, rank),
             replay_endpoint: self.replay_endpoint.as_deref().map(|e| offset_endpoint(e, rank)),
@@ -89,7 +89,7 @@ impl KvEventsConfig {
 }
 
 /// vLLM's `offset_endpoint_port`: a tcp port (not 0) plus the DP rank; inproc gets a suffix.
-pub fn offset_endpoint(endpoint: &str, rank: usize) -> String {
+pub(crate) fn offset_endpoint(endpoint: &str, rank: usize) -> String {
     if rank == 0 {
         return endpoint.to_string();
     }
@@ -103,7 +103,7 @@ pub fn offset_endpoint(endpoint: &str, rank: usize) -> String {
 }
 
 /// vLLM binds wildcard and ipc/inproc endpoints and connects to the rest.
-pub fn is_bind_endpoint(endpoint: &str) -> bool {
+pub(crate) fn is_bind_endpoint(endpoint: &str) -> bool {
     endpoint.contains('*') || endpoint.contains("::") || endpoint.starts_with("ipc://") || endpoint.starts_with("inproc://")
 }
 

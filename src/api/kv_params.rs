@@ -17,7 +17,7 @@ struct NixlPrefill {
 }
 
 /// NIXL: the prefill leg's params, serialised.
-pub fn nixl_prefill() -> Vec<u8> {
+pub(crate) fn nixl_prefill() -> Vec<u8> {
     let p = NixlPrefill {
         do_remote_decode: true,
         do_remote_prefill: false,
@@ -31,39 +31,39 @@ pub fn nixl_prefill() -> Vec<u8> {
 
 /// NIXL: what a length-capped prefill answers (vLLM 0.32's keys), which its decode pulls with.
 #[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct NixlAnswer {
-    pub do_remote_prefill: bool,
-    pub do_remote_decode: bool,
+pub(crate) struct NixlAnswer {
+    pub(crate) do_remote_prefill: bool,
+    pub(crate) do_remote_decode: bool,
     /// One list of block ids per KV-cache group.
-    pub remote_block_ids: Vec<Vec<u32>>,
-    pub remote_engine_id: String,
-    pub remote_request_id: String,
-    pub remote_host: String,
-    pub remote_port: u16,
-    pub tp_size: u32,
-    pub dcp_size: u32,
-    pub pp_size: u32,
-    pub remote_num_tokens: usize,
-    pub remote_blocks_expiry_time: Option<f64>,
-    pub transfer_mode: &'static str,
-    pub remote_prefill_cached_tokens: usize,
+    pub(crate) remote_block_ids: Vec<Vec<u32>>,
+    pub(crate) remote_engine_id: String,
+    pub(crate) remote_request_id: String,
+    pub(crate) remote_host: String,
+    pub(crate) remote_port: u16,
+    pub(crate) tp_size: u32,
+    pub(crate) dcp_size: u32,
+    pub(crate) pp_size: u32,
+    pub(crate) remote_num_tokens: usize,
+    pub(crate) remote_blocks_expiry_time: Option<f64>,
+    pub(crate) transfer_mode: &'static str,
+    pub(crate) remote_prefill_cached_tokens: usize,
 }
 
 /// Mooncake: both legs' params, one transfer id per pair attempt.
 #[derive(Serialize, Debug, Clone, PartialEq)]
-pub struct Mooncake {
-    pub do_remote_decode: bool,
-    pub do_remote_prefill: bool,
+pub(crate) struct Mooncake {
+    pub(crate) do_remote_decode: bool,
+    pub(crate) do_remote_prefill: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote_bootstrap_addr: Option<String>,
+    pub(crate) remote_bootstrap_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote_engine_id: Option<String>,
-    pub transfer_id: String,
+    pub(crate) remote_engine_id: Option<String>,
+    pub(crate) transfer_id: String,
 }
 
 impl Mooncake {
     /// The prefill leg's: compute, then hold the KV under `transfer_id`.
-    pub fn prefill(transfer_id: &str) -> Mooncake {
+    pub(crate) fn prefill(transfer_id: &str) -> Mooncake {
         Mooncake {
             do_remote_decode: true,
             do_remote_prefill: false,
@@ -75,7 +75,7 @@ impl Mooncake {
 
     /// The decode leg's: take the KV of `transfer_id` from engine `engine_id`, found on
     /// the bootstrap server at `bootstrap_addr`.
-    pub fn decode(bootstrap_addr: &str, engine_id: &str, transfer_id: &str) -> Mooncake {
+    pub(crate) fn decode(bootstrap_addr: &str, engine_id: &str, transfer_id: &str) -> Mooncake {
         Mooncake {
             do_remote_decode: false,
             do_remote_prefill: true,
@@ -85,7 +85,7 @@ impl Mooncake {
         }
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("params serialise")
     }
 }

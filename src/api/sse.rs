@@ -3,11 +3,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
-pub const DONE: &[u8] = b"data: [DONE]\n\n";
-pub const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
+pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
+pub(crate) const CONTENT_TYPE: &str = "text/event-stream; charset=utf-8";
 
 /// One `data:` event holding `value` serialised as JSON.
-pub fn event<T: Serialize + ?Sized>(value: &T) -> Bytes {
+pub(crate) fn event<T: Serialize + ?Sized>(value: &T) -> Bytes {
     let mut buf = BytesMut::with_capacity(128).writer();
     buf.get_mut().put_slice(b"data: ");
     // Serialising a serde_json::Value or a derived struct into memory cannot fail.

@@ -14,29 +14,29 @@ use crate::api::sse::{data_of, EventSplitter};
 
 /// The result of one request, as vLLM's RequestFuncOutput.
 #[derive(Debug, Clone, Default)]
-pub struct Output {
-    pub success: bool,
+pub(crate) struct Output {
+    pub(crate) success: bool,
     /// Seconds from the run's start to this request's send.
-    pub start_time: f64,
-    pub ttft: f64,
-    pub itl: Vec<f64>,
-    pub latency: f64,
-    pub prompt_len: usize,
-    pub output_tokens: Option<usize>,
+    pub(crate) start_time: f64,
+    pub(crate) ttft: f64,
+    pub(crate) itl: Vec<f64>,
+    pub(crate) latency: f64,
+    pub(crate) prompt_len: usize,
+    pub(crate) output_tokens: Option<usize>,
     /// `usage.prompt_tokens_details.cached_tokens`, where the server reports it.
-    pub cached_tokens: Option<usize>,
+    pub(crate) cached_tokens: Option<usize>,
     /// The workers that served it, where the router names them (`disagg route
     /// --worker-headers`: `x-disagg-prefill`, `x-disagg-decode`).
-    pub prefill: Option<String>,
-    pub decode: Option<String>,
-    pub generated_text: String,
-    pub error: String,
+    pub(crate) prefill: Option<String>,
+    pub(crate) decode: Option<String>,
+    pub(crate) generated_text: String,
+    pub(crate) error: String,
 }
 
 impl Output {
     /// Multiplies every time by `k`: wall time against a simulator sped up K times back
     /// to simulated time.
-    pub fn scale_time(&mut self, k: f64) {
+    pub(crate) fn scale_time(&mut self, k: f64) {
         self.start_time *= k;
         self.ttft *= k;
         self.latency *= k;
@@ -44,7 +44,7 @@ impl Output {
     }
 
     /// When each output chunk arrived, in seconds from the run's start.
-    pub fn token_times(&self) -> impl Iterator<Item = f64> + '_ {
+    pub(crate) fn token_times(&self) -> impl Iterator<Item = f64> + '_ {
         let first = self.start_time + self.ttft;
         std::iter::once(first).chain(self.itl.iter().scan(first, |t, gap| {
             *t += gap;
@@ -54,13 +54,13 @@ impl Output {
 }
 
 /// What every request of a run shares.
-pub struct RequestConfig {
-    pub api_url: String,
-    pub backend: Backend,
-    pub model: String,
-    pub ignore_eos: bool,
-    pub sampling: Map<String, Value>,
-    pub headers: Vec<(String, String)>,
+pub(crate) struct RequestConfig {
+    pub(crate) api_url: String,
+    pub(crate) backend: Backend,
+    pub(crate) model: String,
+    pub(crate) ignore_eos: bool,
+    pub(crate) sampling: Map<String, Value>,
+    pub(crate) headers: Vec<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +93,7 @@ struct Details {
     cached_tokens: Option<usize>,
 }
 
-pub fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
+pub(crate) fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
     let mut p = match cfg.backend {
         Backend::OpenaiChat => json!({
             "model": cfg.model, "messages": [{"role": "user", "content": match &req.prompt {
@@ -116,7 +116,13 @@ pub fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
     p
 }
 
-pub async fn send(client: &reqwest::Client, cfg: &RequestConfig, req: &SampleRequest, request_id: &str, run_start: Instant) -> Output {
+pub(crate) async fn send(
+    client: &reqwest::Client,
+    cfg: &RequestConfig,
+    req: &SampleRequest,
+    request_id: &str,
+    run_start: Instant,
+) -> Output {
     let body = Bytes::from(serde_json::to_vec(&payload(cfg, req)).expect("JSON"));
     let mut out = Output { prompt_len: req.prompt_len, ..Output::default() };
     let mut b = client.post(&cfg.api_url).header("content-type", "application/json").header("x-request-id", request_id).body(body);

@@ -16,7 +16,7 @@ use crate::sim::engine::tokens as sim_tokens;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
-pub enum Prompt {
+pub(crate) enum Prompt {
     Text(String),
     /// Sent as token ids, so that no tokenizer round trip changes it (traces).
     Tokens(Vec<u32>),
@@ -29,16 +29,16 @@ impl From<String> for Prompt {
 }
 
 #[derive(Debug, Clone)]
-pub struct SampleRequest {
-    pub prompt: Prompt,
-    pub prompt_len: usize,
-    pub output_len: usize,
+pub(crate) struct SampleRequest {
+    pub(crate) prompt: Prompt,
+    pub(crate) prompt_len: usize,
+    pub(crate) output_len: usize,
     /// When it is sent, in seconds from the run's start, where the dataset says (traces).
-    pub arrival: Option<f64>,
+    pub(crate) arrival: Option<f64>,
 }
 
 /// A tokenizer: a HF tokenizer.json, or the simulator's word pieces.
-pub enum Tok {
+pub(crate) enum Tok {
     Hf(Box<tokenizers::Tokenizer>),
     Sim,
 }
@@ -46,7 +46,7 @@ pub enum Tok {
 const SIM_VOCAB: usize = 32_000;
 
 impl Tok {
-    pub fn load(spec: &str) -> anyhow::Result<Tok> {
+    pub(crate) fn load(spec: &str) -> anyhow::Result<Tok> {
         if spec == "sim" {
             return Ok(Tok::Sim);
         }
@@ -58,28 +58,28 @@ impl Tok {
     }
 
     /// Token ids of `text`; `special` adds the tokenizer's special tokens (BOS ...).
-    pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
+    pub(crate) fn encode(&self, text: &str, special: bool) -> Vec<u32> {
         match self {
             Tok::Hf(t) => t.encode(text, special).map(|e| e.get_ids().to_vec()).unwrap_or_default(),
             Tok::Sim => sim_tokens::tokenize(text),
         }
     }
 
-    pub fn decode(&self, ids: &[u32]) -> String {
+    pub(crate) fn decode(&self, ids: &[u32]) -> String {
         match self {
             Tok::Hf(t) => t.decode(ids, true).unwrap_or_default(),
             Tok::Sim => ids.iter().map(|i| sim_tokens::token_text(*i)).collect(),
         }
     }
 
-    pub fn vocab_size(&self) -> usize {
+    pub(crate) fn vocab_size(&self) -> usize {
         match self {
             Tok::Hf(t) => t.get_vocab_size(true),
             Tok::Sim => SIM_VOCAB,
         }
     }
 
-    pub fn special_ids(&self) -> Vec<u32> {
+    pub(crate) fn special_ids(&self) -> Vec<u32> {
         match self {
             Tok::Hf(t) => t.get_added_tokens_decoder().iter().filter(|(_, a)| a.special).map(|(id, _)| *id).collect(),
             Tok::Sim => vec![0, sim_tokens::BOS, sim_tokens::EOS],
@@ -87,7 +87,7 @@ impl Tok {
     }
 
     /// Special tokens the tokenizer adds to a single sequence (vLLM subtracts them).
-    pub fn num_special_tokens_to_add(&self) -> usize {
+    pub(crate) fn num_special_tokens_to_add(&self) -> usize {
         match self {
             Tok::Hf(t) => t.get_post_processor().map_or(0, |p| p.added_tokens(false)),
             Tok::Sim => 0,
@@ -115,17 +115,17 @@ fn prompt_of_len(tok: &Tok, mut ids: Vec<u32>, target: usize, rng: &mut StdRng) 
     }
 }
 
-pub struct RandomSpec {
-    pub num: usize,
-    pub input_len: usize,
-    pub output_len: usize,
-    pub range_ratio: f64,
-    pub prefix_len: usize,
-    pub seed: u64,
+pub(crate) struct RandomSpec {
+    pub(crate) num: usize,
+    pub(crate) input_len: usize,
+    pub(crate) output_len: usize,
+    pub(crate) range_ratio: f64,
+    pub(crate) prefix_len: usize,
+    pub(crate) seed: u64,
 }
 
 /// The length ranges vLLM samples from (get_sampling_params).
-pub fn length_ranges(spec: &RandomSpec, num_special: usize) -> ((usize, usize), (usize, usize)) {
+pub(crate) fn length_ranges(spec: &RandomSpec, num_special: usize) -> ((usize, usize), (usize, usize)) {
     let real_input = spec.input_len.saturating_sub(num_special) as f64;
     let r = spec.range_ratio;
     let input = ((real_input * (1.0 - r)).floor() as usize, (real_input * (1.0 + r)).ceil() as usize);
@@ -134,7 +134,7 @@ pub fn length_ranges(spec: &RandomSpec, num_special: usize) -> ((usize, usize), 
     (input, output)
 }
 
-pub fn random(tok: &Tok, spec: &RandomSpec) -> anyhow::Result<Vec<SampleRequest>> {
+pub(crate) fn random(tok: &Tok, spec: &RandomSpec) -> anyhow::Result<Vec<SampleRequest>> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let ((in_lo, in_hi), (out_lo, out_hi)) = length_ranges(spec, tok.num_special_tokens_to_add());
     if spec.prefix_len + in_lo < 1 {
@@ -165,17 +165,17 @@ pub fn random(tok: &Tok, spec: &RandomSpec) -> anyhow::Result<Vec<SampleRequest>
 /// prefixes of `prefix_len` tokens, each followed by `num / num_prefixes` random suffixes
 /// of `suffix_len` tokens (each part decoded and re-encoded to its exact length), shuffled
 /// with the seed unless disabled.
-pub struct PrefixRepetitionSpec {
-    pub num: usize,
-    pub prefix_len: usize,
-    pub suffix_len: usize,
-    pub num_prefixes: usize,
-    pub output_len: usize,
-    pub shuffle: bool,
-    pub seed: u64,
+pub(crate) struct PrefixRepetitionSpec {
+    pub(crate) num: usize,
+    pub(crate) prefix_len: usize,
+    pub(crate) suffix_len: usize,
+    pub(crate) num_prefixes: usize,
+    pub(crate) output_len: usize,
+    pub(crate) shuffle: bool,
+    pub(crate) seed: u64,
 }
 
-pub fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Result<Vec<SampleRequest>> {
+pub(crate) fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Result<Vec<SampleRequest>> {
     let per_prefix = spec.num / spec.num_prefixes.max(1);
     if per_prefix == 0 {
         bail!("num_requests ({}) must be greater than or equal to num_prefixes ({})", spec.num, spec.num_prefixes);
@@ -205,7 +205,7 @@ pub fn prefix_repetition(tok: &Tok, spec: &PrefixRepetitionSpec) -> anyhow::Resu
 /// unless disabled; prompt = first turn, output length = the second turn's token count
 /// (or the given length); pairs outside vLLM's bounds (prompt < 4 or > 1024 tokens,
 /// output < 4, total > 2048) are skipped.
-pub fn sharegpt(
+pub(crate) fn sharegpt(
     tok: &Tok,
     path: &Path,
     num: usize,

@@ -19,13 +19,13 @@ use serde_json::Value;
 use crate::sim::engine::timing::Timing;
 
 #[derive(Args, Debug, Clone)]
-pub struct FitArgs {
+pub(crate) struct FitArgs {
     /// Result files of `disagg bench --save-result --save-detailed` (or vLLM's).
     #[arg(required = true, value_name = "RESULT.json")]
-    pub results: Vec<PathBuf>,
+    pub(crate) results: Vec<PathBuf>,
     /// Where to write the profile (for `disagg sim --timing-profile`).
     #[arg(long, short, value_name = "FILE")]
-    pub output: PathBuf,
+    pub(crate) output: PathBuf,
 }
 
 /// Least squares for `y = Σ c_k x^k` (k < degree + 1), by the normal equations.
@@ -173,7 +173,7 @@ fn fit(runs: &[Run], source: String) -> anyhow::Result<Timing> {
     })
 }
 
-pub fn run(args: FitArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: FitArgs) -> anyhow::Result<()> {
     let runs = args.results.iter().map(read_run).collect::<anyhow::Result<Vec<_>>>()?;
     let names: Vec<String> = args.results.iter().map(|p| p.display().to_string()).collect();
     let profile = fit(&runs, format!("fitted by disagg fit-timing from {}", names.join(", ")))?;

@@ -7,7 +7,7 @@ use super::client::Output;
 use super::dataset::Tok;
 
 /// numpy.percentile (linear interpolation) of sorted values; 0 for none.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -17,7 +17,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
-pub fn mean(v: &[f64]) -> f64 {
+pub(crate) fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         0.0
     } else {
@@ -26,7 +26,7 @@ pub fn mean(v: &[f64]) -> f64 {
 }
 
 /// Population standard deviation (numpy's default).
-pub fn std(v: &[f64]) -> f64 {
+pub(crate) fn std(v: &[f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -36,14 +36,14 @@ pub fn std(v: &[f64]) -> f64 {
 
 /// One latency metric's statistics, in milliseconds.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stat {
-    pub mean: f64,
-    pub median: f64,
-    pub std: f64,
-    pub percentiles: Vec<(f64, f64)>,
+pub(crate) struct Stat {
+    pub(crate) mean: f64,
+    pub(crate) median: f64,
+    pub(crate) std: f64,
+    pub(crate) percentiles: Vec<(f64, f64)>,
 }
 
-pub fn stat(values: &[f64], percentiles: &[f64]) -> Stat {
+pub(crate) fn stat(values: &[f64], percentiles: &[f64]) -> Stat {
     let mut s: Vec<f64> = values.iter().map(|v| v * 1000.0).collect();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Stat {
@@ -56,14 +56,14 @@ pub fn stat(values: &[f64], percentiles: &[f64]) -> Stat {
 
 /// SLOs in milliseconds.
 #[derive(Debug, Clone, Default)]
-pub struct Goodput {
-    pub ttft: Option<f64>,
-    pub tpot: Option<f64>,
-    pub e2el: Option<f64>,
+pub(crate) struct Goodput {
+    pub(crate) ttft: Option<f64>,
+    pub(crate) tpot: Option<f64>,
+    pub(crate) e2el: Option<f64>,
 }
 
 impl Goodput {
-    pub fn parse(items: &[String]) -> Result<Goodput, String> {
+    pub(crate) fn parse(items: &[String]) -> Result<Goodput, String> {
         let mut g = Goodput::default();
         for item in items {
             let (k, v) = item.split_once(':').ok_or_else(|| format!("--goodput {item}: expected KEY:MILLISECONDS"))?;
@@ -80,34 +80,34 @@ impl Goodput {
         }
         Ok(g)
     }
-    pub fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.ttft.is_some() || self.tpot.is_some() || self.e2el.is_some()
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Metrics {
-    pub completed: usize,
-    pub failed: usize,
-    pub total_input: usize,
-    pub total_output: usize,
-    pub request_throughput: f64,
-    pub request_goodput: f64,
-    pub output_throughput: f64,
-    pub total_token_throughput: f64,
-    pub ttft: Stat,
-    pub tpot: Stat,
-    pub itl: Stat,
-    pub e2el: Stat,
-    pub max_output_tokens_per_s: f64,
-    pub max_concurrent_requests: usize,
+pub(crate) struct Metrics {
+    pub(crate) completed: usize,
+    pub(crate) failed: usize,
+    pub(crate) total_input: usize,
+    pub(crate) total_output: usize,
+    pub(crate) request_throughput: f64,
+    pub(crate) request_goodput: f64,
+    pub(crate) output_throughput: f64,
+    pub(crate) total_token_throughput: f64,
+    pub(crate) ttft: Stat,
+    pub(crate) tpot: Stat,
+    pub(crate) itl: Stat,
+    pub(crate) e2el: Stat,
+    pub(crate) max_output_tokens_per_s: f64,
+    pub(crate) max_concurrent_requests: usize,
     /// Output tokens of each request (0 for failed ones).
-    pub output_lens: Vec<usize>,
+    pub(crate) output_lens: Vec<usize>,
     /// Prefix-hit rate and load skew (routing.rs).
-    pub routing: super::routing::Routing,
+    pub(crate) routing: super::routing::Routing,
 }
 
-pub fn calculate(outputs: &[Output], duration: f64, tok: Option<&Tok>, percentiles: &[f64], goodput: &Goodput) -> Metrics {
+pub(crate) fn calculate(outputs: &[Output], duration: f64, tok: Option<&Tok>, percentiles: &[f64], goodput: &Goodput) -> Metrics {
     let mut output_lens = Vec::with_capacity(outputs.len());
     let (mut ttfts, mut tpots, mut all_tpots, mut itls, mut e2els) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut total_input, mut completed) = (0, 0);

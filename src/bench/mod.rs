@@ -2,14 +2,14 @@
 //! definitions, printed table and result JSON, a progress bar, and a picture of the run.
 
 mod args;
-pub mod client;
-pub mod dataset;
-pub mod fit;
-pub mod metrics;
-pub mod plot;
-pub mod report;
-pub mod routing;
-pub mod trace;
+pub(crate) mod client;
+pub(crate) mod dataset;
+pub(crate) mod fit;
+pub(crate) mod metrics;
+pub(crate) mod plot;
+pub(crate) mod report;
+pub(crate) mod routing;
+pub(crate) mod trace;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 use serde_json::{json, Map, Value};
 
-pub use args::BenchArgs;
+pub(crate) use args::BenchArgs;
 use args::{Backend, DatasetName};
 use client::{Output, RequestConfig};
 use dataset::{SampleRequest, Tok};
@@ -31,7 +31,7 @@ const STREAMS_PER_H2_CONNECTION: usize = 100;
 
 /// Arrival offsets (seconds) of `n` requests, as vLLM draws them: gamma gaps of shape
 /// `burstiness` and scale 1/(rate*burstiness), rescaled so the last lands at n/rate.
-pub fn arrivals(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
+pub(crate) fn arrivals(n: usize, rate: f64, burstiness: f64, seed: u64) -> Vec<f64> {
     if rate.is_infinite() {
         return vec![0.0; n];
     }
@@ -74,7 +74,7 @@ async fn first_model(client: &reqwest::Client, base: &str) -> anyhow::Result<Str
     v["data"][0]["id"].as_str().map(str::to_owned).context("/v1/models lists no model; pass --model")
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
     let base = base.trim_end_matches('/').to_string();
     let api_url = format!("{base}{}", args.endpoint);

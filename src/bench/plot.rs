@@ -12,7 +12,7 @@ use super::client::Output;
 const FONT_FILES: &[&str] =
     &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
-pub fn register_font() -> anyhow::Result<()> {
+pub(crate) fn register_font() -> anyhow::Result<()> {
     for f in FONT_FILES {
         if let Ok(bytes) = std::fs::read(f) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -118,7 +118,7 @@ where
     Ok(())
 }
 
-pub fn write(path: &Path, outputs: &[Output], duration: f64, title: &str) -> anyhow::Result<()> {
+pub(crate) fn write(path: &Path, outputs: &[Output], duration: f64, title: &str) -> anyhow::Result<()> {
     register_font()?;
     let size = (1400, 1000);
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {

@@ -7,24 +7,24 @@ use super::client::Output;
 use super::metrics::{Metrics, Stat};
 
 /// What the report says about the run besides its metrics.
-pub struct RunInfo<'a> {
-    pub backend: &'a str,
-    pub label: &'a str,
-    pub model_id: &'a str,
-    pub tokenizer_id: &'a str,
-    pub num_prompts: u64,
-    pub request_rate: f64,
-    pub burstiness: f64,
-    pub max_concurrency: Option<u64>,
-    pub duration: f64,
+pub(crate) struct RunInfo<'a> {
+    pub(crate) backend: &'a str,
+    pub(crate) label: &'a str,
+    pub(crate) model_id: &'a str,
+    pub(crate) tokenizer_id: &'a str,
+    pub(crate) num_prompts: u64,
+    pub(crate) request_rate: f64,
+    pub(crate) burstiness: f64,
+    pub(crate) max_concurrency: Option<u64>,
+    pub(crate) duration: f64,
     /// `--speedup`: the times above are simulated time, measured K times faster.
-    pub speedup: f64,
-    pub goodput: bool,
-    pub metrics: &'a [String],
+    pub(crate) speedup: f64,
+    pub(crate) goodput: bool,
+    pub(crate) metrics: &'a [String],
 }
 
 /// Python's str() of a float: `inf`, `10.0`, `2.5`.
-pub fn py_float(v: f64) -> String {
+pub(crate) fn py_float(v: f64) -> String {
     if v.is_infinite() {
         "inf".into()
     } else if v.fract() == 0.0 {
@@ -35,7 +35,7 @@ pub fn py_float(v: f64) -> String {
 }
 
 /// The key of a percentile: `99`, `99.9`.
-pub fn p_word(p: f64) -> String {
+pub(crate) fn p_word(p: f64) -> String {
     if p.fract() == 0.0 {
         format!("{}", p as i64)
     } else {
@@ -67,7 +67,7 @@ fn stat_of<'m>(m: &'m Metrics, key: &str) -> &'m Stat {
     }
 }
 
-pub fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
+pub(crate) fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
     let mut out = format!("{:=^50}\n", " Serving Benchmark Result ");
     line(&mut out, "Successful requests:", m.completed);
     line(&mut out, "Failed requests:", m.failed);
@@ -118,7 +118,7 @@ pub fn table(m: &Metrics, r: &RunInfo<'_>) -> String {
     out
 }
 
-pub fn json(m: &Metrics, r: &RunInfo<'_>, outputs: &[Output], detailed: bool, date: &str) -> Value {
+pub(crate) fn json(m: &Metrics, r: &RunInfo<'_>, outputs: &[Output], detailed: bool, date: &str) -> Value {
     let mut j = Map::new();
     let mut put = |k: &str, v: Value| {
         j.insert(k.to_string(), v);
@@ -180,7 +180,7 @@ pub fn json(m: &Metrics, r: &RunInfo<'_>, outputs: &[Output], detailed: bool, da
 }
 
 /// vLLM's result file name: `{label}-{rate}qps[-concurrency{N}]-{model}-{date}.json`.
-pub fn file_name(r: &RunInfo<'_>, date: &str) -> String {
+pub(crate) fn file_name(r: &RunInfo<'_>, date: &str) -> String {
     let model = r.model_id.rsplit('/').next().unwrap_or(r.model_id);
     let conc = r.max_concurrency.map_or(String::new(), |c| format!("-concurrency{c}"));
     format!("{}-{}qps{conc}-{model}-{date}.json", r.label, py_float(r.request_rate))

@@ -16,14 +16,14 @@ use serde_json::{json, Value};
 use super::client::Output;
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Routing {
-    pub prefix_hit_rate: Option<f64>,
-    pub prefill_load_skew: Option<f64>,
-    pub decode_load_skew: Option<f64>,
+pub(crate) struct Routing {
+    pub(crate) prefix_hit_rate: Option<f64>,
+    pub(crate) prefill_load_skew: Option<f64>,
+    pub(crate) decode_load_skew: Option<f64>,
 }
 
 /// max / mean of the work per worker; None without workers or work.
-pub fn skew(work: &BTreeMap<&str, f64>) -> Option<f64> {
+pub(crate) fn skew(work: &BTreeMap<&str, f64>) -> Option<f64> {
     let total: f64 = work.values().sum();
     if work.is_empty() || total <= 0.0 {
         return None;
@@ -32,7 +32,7 @@ pub fn skew(work: &BTreeMap<&str, f64>) -> Option<f64> {
     Some(max / (total / work.len() as f64))
 }
 
-pub fn summarize(outputs: &[Output]) -> Routing {
+pub(crate) fn summarize(outputs: &[Output]) -> Routing {
     let ok: Vec<&Output> = outputs.iter().filter(|o| o.success).collect();
     let reporting: Vec<&&Output> = ok.iter().filter(|o| o.cached_tokens.is_some()).collect();
     let prompt: usize = reporting.iter().map(|o| o.prompt_len).sum();
@@ -52,7 +52,7 @@ pub fn summarize(outputs: &[Output]) -> Routing {
 }
 
 /// One record per request, in the order sent.
-pub fn records(outputs: &[Output]) -> Value {
+pub(crate) fn records(outputs: &[Output]) -> Value {
     Value::Array(
         outputs
             .iter()

@@ -21,15 +21,15 @@ use serde_json::Value;
 use super::dataset::{Prompt, SampleRequest, Tok};
 
 /// Tokens per hash id in Mooncake's traces.
-pub const TRACE_BLOCK: usize = 512;
+pub(crate) const TRACE_BLOCK: usize = 512;
 
 /// The JSON keys of a record's fields (vLLM's `--timed-trace-label-*`).
 #[derive(Clone, Debug)]
-pub struct Labels {
-    pub timestamp: String,
-    pub input_length: String,
-    pub output_length: String,
-    pub hash_ids: String,
+pub(crate) struct Labels {
+    pub(crate) timestamp: String,
+    pub(crate) input_length: String,
+    pub(crate) output_length: String,
+    pub(crate) hash_ids: String,
 }
 
 impl Default for Labels {
@@ -45,7 +45,7 @@ impl Default for Labels {
 
 /// How a trace's records become requests.
 #[derive(Clone, Debug)]
-pub enum Layout {
+pub(crate) enum Layout {
     /// `mooncake_trace` (ours): `block_size` tokens per hash id; the prompt is the first
     /// `input_length * block_size / 512` tokens of its blocks; arrivals at the timestamps
     /// (ms, counted from the first record's) divided by `speedup`.
@@ -57,9 +57,9 @@ pub enum Layout {
     Timed { chunk: usize, sec_multiplier: f64, labels: Labels },
 }
 
-pub struct TraceSpec {
-    pub num: usize,
-    pub layout: Layout,
+pub(crate) struct TraceSpec {
+    pub(crate) num: usize,
+    pub(crate) layout: Layout,
 }
 
 /// A well-mixed 64-bit value of `x` (SplitMix64's finalizer).
@@ -90,7 +90,7 @@ fn number(v: &Value, key: &str, n: usize, path: &Path) -> anyhow::Result<f64> {
 }
 
 /// The first `spec.num` requests of a trace file (fewer if it has fewer).
-pub fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<SampleRequest>> {
+pub(crate) fn load(tok: &Tok, path: &Path, spec: &TraceSpec) -> anyhow::Result<Vec<SampleRequest>> {
     let (per_id, labels) = match &spec.layout {
         Layout::Mooncake { block_size, .. } => (*block_size, Labels::default()),
         Layout::Timed { chunk, labels, .. } => (*chunk, labels.clone()),

@@ -28,18 +28,18 @@ struct Member {
 
 /// The processes of one launch; stopped (SIGKILL) if dropped without `stop`.
 #[derive(Default)]
-pub struct Group {
+pub(crate) struct Group {
     members: Vec<Member>,
 }
 
-pub fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Group {
-    pub fn spawn(&mut self, name: &str, argv: &[String], env: &[(String, String)], log: &Path) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, argv: &[String], env: &[(String, String)], log: &Path) -> anyhow::Result<()> {
         let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -62,7 +62,7 @@ impl Group {
     }
 
     /// The first member that has exited: its name, status and log.
-    pub fn exited(&mut self) -> Option<(String, std::process::ExitStatus, PathBuf)> {
+    pub(crate) fn exited(&mut self) -> Option<(String, std::process::ExitStatus, PathBuf)> {
         self.members.iter_mut().find_map(|m| match m.child.try_wait() {
             Ok(Some(status)) => Some((m.name.clone(), status, m.log.clone())),
             _ => None,
@@ -78,7 +78,7 @@ impl Group {
     }
 
     /// SIGTERM to every process group (last started first), SIGKILL after the grace.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.members.reverse();
         self.signal_all(libc::SIGTERM);
         let end = Instant::now() + STOP_GRACE;
@@ -119,7 +119,7 @@ impl Drop for Group {
 
 /// How a process says it is ready.
 #[derive(Clone, Copy)]
-pub enum Probe<'a> {
+pub(crate) enum Probe<'a> {
     /// `GET path` answers 2xx.
     Path(&'a str),
     /// A proxy of unknown kind: `/health`, else `/healthcheck` (vLLM's toy proxy), else it
@@ -149,7 +149,7 @@ async fn probe(client: &reqwest::Client, url: &str, how: Probe<'_>) -> Result<()
 /// Waits until every URL passes `how`, failing fast if a member dies.
 /// The health checks' client: over https with the launch file's `tls:` (its CA and client
 /// certificate).
-pub fn health_client(plan: &Plan) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn health_client(plan: &Plan) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder().timeout(Duration::from_secs(2));
     if let Some(tls) = &plan.tls {
         b = b.use_preconfigured_tls((*tls.client().client_config().context("tls:")?).clone());
@@ -157,7 +157,7 @@ pub fn health_client(plan: &Plan) -> anyhow::Result<reqwest::Client> {
     Ok(b.build()?)
 }
 
-pub async fn wait_healthy(
+pub(crate) async fn wait_healthy(
     group: &mut Group,
     client: &reqwest::Client,
     targets: &[(String, String)],
@@ -211,7 +211,7 @@ pub async fn wait_healthy(
 }
 
 /// Runs this node's share of `plan` (all of it when `node` is None) until stopped.
-pub async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
+pub(crate) async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> {
     // Installed now: a SIGTERM that comes right after "ready" still stops everything.
     let stop = crate::signal::shutdown();
     let logs = plan.working_dir.join("logs");

@@ -2,11 +2,11 @@
 //! optional fields: docs/LAUNCH.md), on this machine, one node's share of a multi-node
 //! plan, or a Ray cluster.
 
-pub mod local;
-pub mod plan;
-pub mod ranktable;
-pub mod ray;
-pub mod script;
+pub(crate) mod local;
+pub(crate) mod plan;
+pub(crate) mod ranktable;
+pub(crate) mod ray;
+pub(crate) mod script;
 pub mod spec;
 
 use std::path::PathBuf;
@@ -17,38 +17,38 @@ use clap::Args;
 const DEMO: &str = include_str!("demo.yaml");
 
 #[derive(Args, Debug, Clone)]
-pub struct LaunchArgs {
+pub(crate) struct LaunchArgs {
     /// The launch file: vLLM's pdjob YAML schema, plus disagg's optional fields. Without
     /// it, a built-in demo runs: two simulated prefills, one simulated decode, a router.
     #[arg(conflicts_with = "role")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// The launch file, as `vllm pdjob --config=FILE` takes it.
     #[arg(long = "config", value_name = "FILE", conflicts_with_all = ["file", "role"])]
-    pub config_flag: Option<PathBuf>,
+    pub(crate) config_flag: Option<PathBuf>,
     /// Print the plan (per node and instance: command line, environment, ports, GPUs)
     /// and exit.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Run only this node's share of a multi-node plan (0 = the node that also runs the
     /// router). Needs --node-size. With --role: this node's rank among the role's nodes.
     #[arg(long)]
-    pub node_rank: Option<usize>,
+    pub(crate) node_rank: Option<usize>,
     /// Number of nodes of the plan (checked against the file's `nodes`). With --role: the
     /// role's nodes.
     #[arg(long)]
-    pub node_size: Option<usize>,
+    pub(crate) node_size: Option<usize>,
     /// Run on an existing Ray cluster at ADDRESS (host:port of its GCS): a placement
     /// group per replica, instances where Ray places them, the router on the head node.
     #[arg(long, value_name = "ADDRESS", conflicts_with_all = ["node_rank", "node_size", "role"])]
-    pub ray: Option<String>,
+    pub(crate) ray: Option<String>,
     /// Python with the `ray` package, for --ray.
     #[arg(long, default_value = "python3", requires = "ray")]
-    pub ray_python: String,
+    pub(crate) ray_python: String,
     #[command(flatten)]
-    pub script: script::ScriptArgs,
+    pub(crate) script: script::ScriptArgs,
 }
 
-pub fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
+pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
     if let Some(role) = args.script.role {
         return script::plan(&args.script, role, args.node_rank.unwrap_or(0), args.node_size.unwrap_or(1));
     }
@@ -75,7 +75,7 @@ pub fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
     Ok(plan)
 }
 
-pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
+pub(crate) fn render(plan: &plan::Plan, node: Option<usize>) -> String {
     let exe = std::env::current_exe().unwrap_or_default();
     let mut out = format!(
         "# disagg launch plan: {} (engine {:?}, {} node(s), {} GPUs per node, timeout {}s, logs in {}/logs)\n",
@@ -113,7 +113,7 @@ pub fn render(plan: &plan::Plan, node: Option<usize>) -> String {
     out
 }
 
-pub async fn run(args: LaunchArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let plan = load(&args)?;
     if args.dry_run {
         let node = if args.script.role.is_some() { None } else { args.node_rank };

@@ -17,39 +17,39 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Args, Debug, Clone)]
-pub struct RanktableArgs {
+pub(crate) struct RanktableArgs {
     /// Every node's address (server_id), prefill nodes first, in node order.
     #[arg(long, num_args = 1.., required = true)]
-    pub ips: Vec<String>,
+    pub(crate) ips: Vec<String>,
     /// NPUs per node.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub npus_per_node: u32,
+    pub(crate) npus_per_node: u32,
     /// The NIC the nodes reach each other on: this node's address is the one of its
     /// addresses listed in --ips (gen_ranktable's GLOO_SOCKET_IFNAME).
     #[arg(long)]
-    pub network_card_name: Option<String>,
+    pub(crate) network_card_name: Option<String>,
     /// This node's address among --ips (default: found from the machine's addresses).
     #[arg(long)]
-    pub local_host: Option<String>,
+    pub(crate) local_host: Option<String>,
     /// Devices (counted over all nodes, in order) that serve prefill.
     #[arg(long)]
-    pub prefill_device_cnt: u32,
+    pub(crate) prefill_device_cnt: u32,
     /// Devices after the prefill ones that serve decode.
     #[arg(long)]
-    pub decode_device_cnt: u32,
+    pub(crate) decode_device_cnt: u32,
     /// File of every node's device IPs, one line per node (whitespace-separated, in
     /// device order): build the table here, without hccn_tool or the other nodes.
     #[arg(long)]
-    pub device_ips: Option<PathBuf>,
+    pub(crate) device_ips: Option<PathBuf>,
     /// Port the first node collects on (gen_ranktable's MASTER_PORT).
     #[arg(long, default_value_t = 6657)]
-    pub master_port: u16,
+    pub(crate) master_port: u16,
     /// Seconds to wait for the other nodes.
     #[arg(long, default_value_t = 600)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     /// Where to write (default: ./ranktable.json).
     #[arg(long, default_value = "ranktable.json")]
-    pub output: PathBuf,
+    pub(crate) output: PathBuf,
 }
 
 fn hccn_ip(device: u32) -> anyhow::Result<String> {
@@ -60,7 +60,7 @@ fn hccn_ip(device: u32) -> anyhow::Result<String> {
         .with_context(|| format!("hccn_tool -i {device} -ip -g printed no ipaddr: {text}"))
 }
 
-pub fn build(args: &RanktableArgs, device_ips: &[Vec<String>]) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn build(args: &RanktableArgs, device_ips: &[Vec<String>]) -> anyhow::Result<serde_json::Value> {
     let total = args.ips.len() as u32 * args.npus_per_node;
     if args.prefill_device_cnt + args.decode_device_cnt > total {
         bail!(
@@ -294,7 +294,7 @@ async fn gather(args: &RanktableArgs, rank: usize, mine: Vec<String>) -> anyhow:
     serde_json::from_str(&line).context("the first node sent no table (did it fail? see its output)")
 }
 
-pub async fn run(args: RanktableArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: RanktableArgs) -> anyhow::Result<()> {
     let table = match &args.device_ips {
         Some(p) => {
             let lists: Vec<Vec<String>> = std::fs::read_to_string(p)

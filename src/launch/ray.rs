@@ -15,7 +15,7 @@ use super::plan::Plan;
 
 const DRIVER: &str = include_str!("ray_driver.py");
 
-pub async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()> {
+pub(crate) async fn run(plan: &Plan, address: &str, python: &str) -> anyhow::Result<()> {
     if plan.instances.iter().any(|i| i.port.is_none()) || plan.nodes.len() > 1 {
         bail!("--ray places every replica itself: leave out `nodes`, and multi-node replicas (one replica over several nodes) are not supported on Ray");
     }

@@ -14,66 +14,66 @@ use super::plan::{Instance, Plan, Role};
 use crate::launch::spec::config::EngineKind;
 
 #[derive(Args, Debug, Clone)]
-pub struct ScriptArgs {
+pub(crate) struct ScriptArgs {
     /// Launcher-script mode: this node's servers of ROLE, from the script's flags.
     #[arg(short = 'r', long, value_enum)]
-    pub role: Option<ScriptRole>,
+    pub(crate) role: Option<ScriptRole>,
     /// Model to serve.
     #[arg(short = 'm', long, default_value = "ibm-research/PowerMoE-3b", requires = "role")]
-    pub model: String,
+    pub(crate) model: String,
     /// Servers on this node.
     #[arg(short = 'n', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8), requires = "role")]
-    pub num_instances: u32,
+    pub(crate) num_instances: u32,
     /// Tensor parallel size of each server.
     #[arg(short = 't', long, default_value_t = 1, requires = "role")]
-    pub tp_size: u32,
+    pub(crate) tp_size: u32,
     /// Data parallel size of the role: 1, or num_instances x node_size (one rank per server).
     #[arg(short = 'd', long, default_value_t = 1, requires = "role")]
-    pub dp_size: u32,
+    pub(crate) dp_size: u32,
     #[arg(long, default_value_t = 8300, requires = "role")]
-    pub base_port: u16,
+    pub(crate) base_port: u16,
     #[arg(long, default_value_t = 4300, requires = "role")]
-    pub base_channel_port: u16,
+    pub(crate) base_channel_port: u16,
     /// This node's address (the NIXL side channel's host).
     #[arg(long, default_value = "localhost", requires = "role")]
-    pub node_ip: String,
+    pub(crate) node_ip: String,
     #[arg(long, default_value = "localhost", requires = "role")]
-    pub dp_master_ip: String,
+    pub(crate) dp_master_ip: String,
     #[arg(long, default_value_t = 6300, requires = "role")]
-    pub dp_master_port: u16,
+    pub(crate) dp_master_port: u16,
     #[arg(long, default_value = "cpu", requires = "role")]
-    pub nixl_buffer_device: String,
+    pub(crate) nixl_buffer_device: String,
     #[arg(long, default_value = "UCX", requires = "role")]
-    pub nixl_backend: String,
+    pub(crate) nixl_backend: String,
     #[arg(long, default_value = "rc,ud,ib", requires = "role")]
-    pub ucx_tls: String,
+    pub(crate) ucx_tls: String,
     #[arg(long, default_value_t = 8192, requires = "role")]
-    pub max_model_len: u32,
+    pub(crate) max_model_len: u32,
     #[arg(long, default_value_t = 8192, requires = "role")]
-    pub max_num_batched_tokens: u32,
+    pub(crate) max_num_batched_tokens: u32,
     #[arg(long, default_value_t = 256, requires = "role")]
-    pub max_num_seqs: u32,
+    pub(crate) max_num_seqs: u32,
     #[arg(long, requires = "role")]
-    pub enforce_eager: bool,
+    pub(crate) enforce_eager: bool,
     /// The command that starts a server (default `vllm serve`).
     #[arg(long, default_value = "vllm serve", requires = "role")]
-    pub vllm_command: String,
+    pub(crate) vllm_command: String,
     /// Seconds to wait for every server's /health.
     #[arg(long, default_value_t = 600, requires = "role")]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     /// Logs go to DIR/logs/<role>-<i>.log.
     #[arg(long, default_value = "./disagg-run", requires = "role")]
-    pub log_dir: PathBuf,
+    pub(crate) log_dir: PathBuf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScriptRole {
+pub(crate) enum ScriptRole {
     Prefill,
     Decode,
 }
 
 /// The plan of one node's share. `node_rank`/`node_size` count this role's nodes.
-pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize) -> anyhow::Result<Plan> {
+pub(crate) fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize) -> anyhow::Result<Plan> {
     let n = a.num_instances;
     if a.dp_size != 1 && a.dp_size != n * node_size as u32 {
         anyhow::bail!("--dp-size {} must be 1 or --num-instances {n} x --node-size {node_size} (one DP rank per server)", a.dp_size);
@@ -132,7 +132,6 @@ pub fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size: usize
         instances.push(Instance {
             name: format!("{}-{i}", role.as_str()),
             role,
-            replica: if a.dp_size > 1 { 0 } else { i as usize },
             node: 0,
             host: a.node_ip.clone(),
             port: Some(port),

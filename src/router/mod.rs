@@ -1,16 +1,16 @@
 //! `disagg route`: the PD router. The flow of one request is in flow.rs; the failure
 //! contract it implements is docs/FAILURES.md.
 
-pub mod config;
-pub mod flow;
-pub mod front;
+pub(crate) mod config;
+pub(crate) mod flow;
+pub(crate) mod front;
 pub mod kv_aware;
-pub mod metrics;
-pub mod pair;
+pub(crate) mod metrics;
+pub(crate) mod pair;
 pub mod policy;
 pub mod request;
 pub mod upstream;
-pub mod workers;
+pub(crate) mod workers;
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use anyhow::Context;
 use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 
-pub use config::cli::RouteArgs;
+pub(crate) use config::cli::RouteArgs;
 use config::{Mode, RouterConfig};
 use flow::Router;
 use metrics::{Label, Task};
@@ -26,7 +26,7 @@ use policy::Policy;
 use workers::topology::Topology;
 use workers::{Pool, Role};
 
-pub fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
+pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     let tokenizer = match &cfg.model_path {
         Some(dir) => Some(Arc::new(crate::tokenize::load_tokenizer(dir).context("--model-path")?)),
         None => None,
@@ -137,7 +137,7 @@ where
     });
 }
 
-pub async fn run(args: RouteArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: RouteArgs) -> anyhow::Result<()> {
     let mut cfg = args.to_config().map_err(anyhow::Error::msg)?;
     let tls = crate::tls::ServerTls::load(&args.tls, crate::tls::Alpn::H2AndHttp1)?;
     upstream::client::use_tls(args.worker_tls.client_config()?);

@@ -22,84 +22,83 @@ use serde_json::Value;
 use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
-pub struct ScoreboardArgs {
+pub(crate) struct ScoreboardArgs {
     /// A Mooncake trace (JSONL), replayed as `disagg bench --dataset-name mooncake_trace`.
     #[arg(long)]
-    pub dataset_path: PathBuf,
+    pub(crate) dataset_path: PathBuf,
     /// Requests replayed: the trace's first N.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub num_prompts: u64,
+    pub(crate) num_prompts: u64,
     /// Arrivals this many times faster than the trace's timestamps (more load).
     #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
-    pub trace_speedup: f64,
+    pub(crate) trace_speedup: f64,
     /// Prompt tokens per hash id (the traces' own: 512).
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
-    pub trace_block_size: u64,
+    pub(crate) trace_block_size: u64,
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
-    pub prefills: u64,
+    pub(crate) prefills: u64,
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
-    pub decodes: u64,
+    pub(crate) decodes: u64,
     /// Each simulator's KV cache, in blocks of --block-size tokens.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub kv_blocks: u64,
+    pub(crate) kv_blocks: u64,
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
-    pub block_size: u64,
+    pub(crate) block_size: u64,
     /// The simulators' step times (`disagg sim --timing-profile`).
     #[arg(long, default_value = "mocker")]
-    pub timing_profile: String,
+    pub(crate) timing_profile: String,
     /// Run the simulators (and the bench's clock) K times faster than simulated time.
     #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
-    pub sim_speedup: f64,
+    pub(crate) sim_speedup: f64,
     /// `disagg route` policies, one row each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "round_robin,power_of_two,cache_aware,kv_aware")]
-    pub policies: Vec<PolicyKind>,
+    pub(crate) policies: Vec<PolicyKind>,
     /// The vllm-router binary (scripts/vllm-router-env.sh installs 0.1.17 and prints it);
     /// without it, vllm-router's rows are left out (and the table says so).
     #[arg(long)]
-    pub vllm_router: Option<PathBuf>,
+    pub(crate) vllm_router: Option<PathBuf>,
     /// More flags for every `disagg route` row, whitespace-separated (e.g.
     /// `--kv-aware-load-weight 0.25`).
     #[arg(long, allow_hyphen_values = true, default_value = "")]
-    pub route_args: String,
+    pub(crate) route_args: String,
     /// vllm-router policies, one row each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "round_robin,cache_aware")]
-    pub vllm_router_policies: Vec<PolicyKind>,
+    pub(crate) vllm_router_policies: Vec<PolicyKind>,
     /// The SLO goodput counts against: TTFT at most this many ms (simulated time).
     #[arg(long, default_value_t = 2000.0, value_parser = crate::flags::positive)]
-    pub slo_ttft_ms: f64,
+    pub(crate) slo_ttft_ms: f64,
     /// Where the table, the plot and each row's bench result go.
     #[arg(long, default_value = "scoreboard")]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Exit non-zero when kv_aware misses a goal (hit rate >= 90% of the oracle, prefill
     /// load skew <= --goal-max-skew, TTFT p99 below every other row's).
     #[arg(long)]
-    pub check_goals: bool,
+    pub(crate) check_goals: bool,
     /// The prefill load skew kv_aware may reach (or round_robin's in the same run, when
     /// the trace itself is that uneven).
     #[arg(long, default_value_t = 1.25, value_parser = crate::flags::positive)]
-    pub goal_max_skew: f64,
+    pub(crate) goal_max_skew: f64,
     /// Noise allowed on short runs: kv_aware's TTFT p99 must be below every other row's
     /// times (1 + this).
     #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
-    pub goal_p99_slack: f64,
+    pub(crate) goal_p99_slack: f64,
 }
 
 /// One row's figures.
 #[derive(Debug, Clone, Default)]
-pub struct Row {
-    pub router: String,
-    pub policy: String,
-    pub ttft_p50: f64,
-    pub ttft_p99: f64,
-    pub e2el_p50: f64,
-    pub hit_rate: f64,
-    pub prefill_skew: f64,
-    pub goodput: f64,
-    pub router_cpu_ms_per_req: f64,
-    pub completed: u64,
-    pub failed: u64,
+pub(crate) struct Row {
+    pub(crate) router: String,
+    pub(crate) policy: String,
+    pub(crate) ttft_p50: f64,
+    pub(crate) ttft_p99: f64,
+    pub(crate) e2el_p50: f64,
+    pub(crate) hit_rate: f64,
+    pub(crate) prefill_skew: f64,
+    pub(crate) goodput: f64,
+    pub(crate) router_cpu_ms_per_req: f64,
+    pub(crate) failed: u64,
     /// Why the row could not be measured (its router did not start, the bench failed).
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// A child process group, killed when dropped.
@@ -364,13 +363,12 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         prefill_skew: if mean > 0.0 { computed.iter().copied().fold(0.0, f64::max) / mean } else { f64::NAN },
         goodput: f("request_goodput"),
         router_cpu_ms_per_req: cpu * 1000.0 / completed.max(1) as f64,
-        completed,
         failed: r["failed"].as_u64().unwrap_or(0),
         error: None,
     })
 }
 
-pub async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("this binary's path")?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
     if let Some(v) = &a.vllm_router {

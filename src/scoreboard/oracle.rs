@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::router::kv_aware::index::block_hashes;
 
 /// Cached tokens over prompt tokens for `prompts` through an LRU of `capacity` blocks.
-pub fn hit_rate(prompts: &[Vec<u32>], block_size: usize, capacity: usize) -> f64 {
+pub(crate) fn hit_rate(prompts: &[Vec<u32>], block_size: usize, capacity: usize) -> f64 {
     let mut lru = Lru::new(capacity);
     let (mut hit, mut total) = (0usize, 0usize);
     for p in prompts {

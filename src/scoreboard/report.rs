@@ -6,19 +6,19 @@ use plotters::prelude::*;
 
 use super::{Row, ScoreboardArgs};
 
-pub struct Board<'a> {
-    pub args: &'a ScoreboardArgs,
-    pub rows: &'a [Row],
-    pub oracle: f64,
+pub(crate) struct Board<'a> {
+    pub(crate) args: &'a ScoreboardArgs,
+    pub(crate) rows: &'a [Row],
+    pub(crate) oracle: f64,
     /// The hit rate with nothing ever evicted: no placement can do better.
-    pub unbounded: f64,
+    pub(crate) unbounded: f64,
 }
 
 /// kv_aware's goal: a hit rate at least this share of the oracle's.
 const HIT_SHARE: f64 = 0.9;
 
 impl Board<'_> {
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let a = self.args;
         let mut s = format!(
             "# Routing scoreboard\n\n{} requests of `{}` (arrivals {}x, {} tokens per hash id) on {} simulated prefills + {} decodes \
@@ -76,7 +76,7 @@ impl Board<'_> {
     }
 
     /// Each goal kv_aware misses, with by how much.
-    pub fn missed_goals(&self) -> Vec<String> {
+    pub(crate) fn missed_goals(&self) -> Vec<String> {
         let Some(kv) = self.kv_aware() else { return Vec::new() };
         if let Some(e) = &kv.error {
             return vec![format!("kv_aware's row was not measured: {e}")];
@@ -116,7 +116,7 @@ impl Board<'_> {
 }
 
 /// The picture, as SVG or PNG by the file's extension.
-pub fn plot(path: &Path, rows: &[Row], oracle: f64) -> anyhow::Result<()> {
+pub(crate) fn plot(path: &Path, rows: &[Row], oracle: f64) -> anyhow::Result<()> {
     crate::bench::plot::register_font()?;
     let size = (1200, 520);
     if path.extension().is_some_and(|e| e == "png") {

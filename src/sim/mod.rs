@@ -10,7 +10,7 @@
 //! and server/ (vLLM's API on top of it); this file starts them.
 
 pub mod engine;
-pub mod server;
+pub(crate) mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 
 use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
 use engine::{Engine, EngineConfig};
-pub use server::config::{Role, SimArgs};
+pub use server::config::SimArgs;
 
-pub async fn run(args: SimArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let layout = server::dp::Layout::of(&args).map_err(anyhow::Error::msg)?;
     if layout.headless {

@@ -13,8 +13,6 @@ use anyhow::Context;
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
-pub use turns::CACHE_TOKENS;
-
 pub struct ModelTokenizer {
     tokenizer: std::sync::Arc<tokenizers::Tokenizer>,
     /// Earlier turns of a conversation, tokenized once (turns.rs).
@@ -43,7 +41,7 @@ fn strftime_now(fmt: String) -> String {
 
 /// A model directory's tokenizer.json, as vLLM uses it: prompts whole (no truncation, no
 /// padding). The one place the file is read.
-pub fn load_tokenizer(dir: &str) -> anyhow::Result<tokenizers::Tokenizer> {
+pub(crate) fn load_tokenizer(dir: &str) -> anyhow::Result<tokenizers::Tokenizer> {
     let file = Path::new(dir).join("tokenizer.json");
     let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", file.display()))?;
     tokenizer.with_truncation(None).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -58,7 +56,7 @@ impl ModelTokenizer {
 
     /// The model's chat template and special tokens from `dir`, over a tokenizer already
     /// loaded from it (load_tokenizer).
-    pub fn with_tokenizer(dir: &str, tokenizer: std::sync::Arc<tokenizers::Tokenizer>) -> anyhow::Result<Self> {
+    pub(crate) fn with_tokenizer(dir: &str, tokenizer: std::sync::Arc<tokenizers::Tokenizer>) -> anyhow::Result<Self> {
         let dir = Path::new(dir);
         let turns = turns::TurnCache::new(&tokenizer);
         let cfg: Json = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {

@@ -21,7 +21,7 @@ use lru::LruCache;
 use tokenizers::{OffsetReferential, OffsetType, Tokenizer};
 
 /// Token ids the cache holds at most, all prefixes together (4 bytes each: 32 MiB).
-pub const CACHE_TOKENS: usize = 8 << 20;
+pub(crate) const CACHE_TOKENS: usize = 8 << 20;
 /// The last cuts of a text looked up (a new turn adds a few; a text with thousands of
 /// added tokens is not searched through under the lock).
 const CUTS_LOOKED_UP: usize = 32;
@@ -34,7 +34,7 @@ struct Key {
     len: usize,
 }
 
-pub struct TurnCache {
+pub(crate) struct TurnCache {
     /// Token ids held at most ([`CACHE_TOKENS`]; tests set less).
     max_tokens: usize,
     /// Ids of the added tokens the tokenizer splits on before normalizing (the cuts).
@@ -54,7 +54,7 @@ struct Entries {
 type Cut = (usize, usize);
 
 impl TurnCache {
-    pub fn new(tokenizer: &Tokenizer) -> Self {
+    pub(crate) fn new(tokenizer: &Tokenizer) -> Self {
         Self::bounded(tokenizer, CACHE_TOKENS)
     }
 
@@ -66,7 +66,7 @@ impl TurnCache {
     }
 
     /// The text's token ids (no special tokens added), reusing the longest cached prefix.
-    pub fn encode(&self, tokenizer: &Tokenizer, text: &str) -> anyhow::Result<Vec<u32>> {
+    pub(crate) fn encode(&self, tokenizer: &Tokenizer, text: &str) -> anyhow::Result<Vec<u32>> {
         let cuts = self.cuts(tokenizer, text);
         let Some(&last) = cuts.last() else { return encode(tokenizer, text) };
         let keys = self.keys(text, &cuts);
@@ -141,12 +141,12 @@ impl TurnCache {
     }
 
     /// Texts that found a prefix of theirs cached, so far.
-    pub fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.hits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Prefixes held, and their token ids together.
-    pub fn held(&self) -> (usize, usize) {
+    pub(crate) fn held(&self) -> (usize, usize) {
         let entries = self.entries.lock().expect("turn cache lock");
         (entries.lru.len(), entries.tokens)
     }
@@ -154,7 +154,7 @@ impl TurnCache {
 
 /// Token ids without special tokens added. Where `text` starts at a cut, its first id
 /// is that added token's (callers slice it off: `[1..]`, never empty).
-pub fn encode(tokenizer: &Tokenizer, text: &str) -> anyhow::Result<Vec<u32>> {
+pub(crate) fn encode(tokenizer: &Tokenizer, text: &str) -> anyhow::Result<Vec<u32>> {
     let enc = tokenizer.encode_fast(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     Ok(enc.get_ids().to_vec())
 }

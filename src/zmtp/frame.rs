@@ -42,8 +42,8 @@ pub(super) fn check_greeting(g: &[u8]) -> Result<(), Error> {
 /// A command frame: its name and body.
 #[derive(Debug, PartialEq)]
 pub struct Command {
-    pub name: Bytes,
-    pub body: Bytes,
+    pub(crate) name: Bytes,
+    pub(crate) body: Bytes,
 }
 
 impl Command {
@@ -59,7 +59,7 @@ impl Command {
     }
 
     /// READY's metadata: (name, value) pairs.
-    pub fn properties(&self) -> Result<Vec<(Bytes, Bytes)>, Error> {
+    pub(crate) fn properties(&self) -> Result<Vec<(Bytes, Bytes)>, Error> {
         let mut b = self.body.clone();
         let mut out = Vec::new();
         while !b.is_empty() {
@@ -155,7 +155,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(())
     }
 
-    pub async fn greeting(&mut self) -> Result<(), Error> {
+    pub(crate) async fn greeting(&mut self) -> Result<(), Error> {
         self.fill(GREETING_LEN).await?;
         let g = self.buf.split_to(GREETING_LEN);
         check_greeting(&g)

@@ -16,26 +16,24 @@ use super::{handshake, Incoming, Limits, SocketType};
 
 /// Bounds on the connections a bound socket holds.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectionLimits {
-    pub max_connections: usize,
-    pub per_host: usize,
+pub(crate) struct ConnectionLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) per_host: usize,
     /// A connection that sends nothing for this long is closed (None: subscribers to a
     /// PUB, which send nothing after subscribing).
-    pub idle: Option<Duration>,
+    pub(crate) idle: Option<Duration>,
     /// Framed messages queued to one connection; past it, a message to it is dropped
     /// (ZeroMQ's high-water mark).
-    pub send_queue: usize,
+    pub(crate) send_queue: usize,
 }
 
 /// What a bound socket hears.
 #[derive(Debug)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// A peer finished its handshake; `to_peer` sends it framed messages
     /// (`encode_message`) until it goes.
     Connected {
         id: u64,
-        peer: SocketAddr,
-        identity: Bytes,
         to_peer: mpsc::Sender<Bytes>,
     },
     Received(Inbound),
@@ -51,14 +49,14 @@ pub enum Accepted {
 
 /// A message (or subscription) from a connected peer.
 #[derive(Debug)]
-pub struct Inbound {
-    pub id: u64,
-    pub peer: SocketAddr,
-    pub incoming: Incoming,
+pub(crate) struct Inbound {
+    pub(crate) id: u64,
+    pub(crate) peer: SocketAddr,
+    pub(crate) incoming: Incoming,
 }
 
 /// Accepts on `listener` for as long as `tx` is open.
-pub async fn serve(listener: TcpListener, me: SocketType, limits: Limits, caps: ConnectionLimits, tx: mpsc::Sender<Accepted>) {
+pub(crate) async fn serve(listener: TcpListener, me: SocketType, limits: Limits, caps: ConnectionLimits, tx: mpsc::Sender<Accepted>) {
     let slots = Arc::new(Semaphore::new(caps.max_connections.min(Semaphore::MAX_PERMITS)));
     let hosts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut next_id = 0u64;
@@ -141,7 +139,7 @@ async fn connection(
     };
     let (mut receiver, mut writer) = conn.split();
     let (to_peer, mut queued) = mpsc::channel::<Bytes>(caps.send_queue.max(1));
-    if tx.send(Accepted::Connected { id, peer, identity: receiver.peer_identity.clone(), to_peer }).await.is_err() {
+    if tx.send(Accepted::Connected { id, to_peer }).await.is_err() {
         return;
     }
     let mut sending = true;

@@ -19,7 +19,7 @@ mod socket;
 use std::time::Duration;
 
 pub use frame::{encode_message, Command, FrameReader, Read};
-pub use listen::{serve, Accepted, ConnectionLimits, Inbound};
+pub(crate) use listen::{serve, Accepted, ConnectionLimits, Inbound};
 pub use socket::{connect, handshake, Connection, Incoming, Receiver, Writer};
 
 /// What a peer may send: checked before a byte of it is allocated.
@@ -37,11 +37,11 @@ pub struct Limits {
 
 impl Limits {
     /// Small messages only (P2pNccl registrations, replay requests): 4 KiB.
-    pub const SMALL: Limits = Limits { max_frame: 4096, max_message: 4096, max_parts: 4, handshake: Duration::from_secs(5) };
+    pub(crate) const SMALL: Limits = Limits { max_frame: 4096, max_message: 4096, max_parts: 4, handshake: Duration::from_secs(5) };
 }
 
 /// Largest command frame (a READY's metadata, a SUBSCRIBE's topic).
-pub const MAX_COMMAND: usize = 16 * 1024;
+pub(crate) const MAX_COMMAND: usize = 16 * 1024;
 
 /// The socket types used here, as ZMTP names them in READY's `Socket-Type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub enum SocketType {
 }
 
 impl SocketType {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             SocketType::Pub => "PUB",
             SocketType::Sub => "SUB",
@@ -63,7 +63,7 @@ impl SocketType {
     }
 
     /// Whether a peer of `peer` type may talk to this one (ZMTP 3's compatibility table).
-    pub fn accepts(self, peer: &[u8]) -> bool {
+    pub(crate) fn accepts(self, peer: &[u8]) -> bool {
         let ok: &[&[u8]] = match self {
             SocketType::Pub => &[b"SUB", b"XSUB"],
             SocketType::Sub => &[b"PUB", b"XPUB"],
@@ -110,7 +110,7 @@ impl From<std::io::Error> for Error {
 }
 
 /// `tcp://host:port` (or `host:port`) -> `host:port`; other transports are refused.
-pub fn tcp_address(endpoint: &str) -> Result<&str, Error> {
+pub(crate) fn tcp_address(endpoint: &str) -> Result<&str, Error> {
     match endpoint.split_once("://") {
         Some(("tcp", rest)) => Ok(rest),
         Some((other, _)) => Err(Error::Protocol(format!("transport `{other}` is not supported (tcp only)"))),

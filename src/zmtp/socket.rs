@@ -30,12 +30,12 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub async fn send(&mut self, parts: &[Bytes]) -> Result<(), Error> {
+    pub(crate) async fn send(&mut self, parts: &[Bytes]) -> Result<(), Error> {
         self.send_framed(&frame::encode_message(parts)).await
     }
 
     /// Bytes already framed by `encode_message` (framed once for many subscribers).
-    pub async fn send_framed(&mut self, framed: &[u8]) -> Result<(), Error> {
+    pub(crate) async fn send_framed(&mut self, framed: &[u8]) -> Result<(), Error> {
         self.io.write_all(framed).await?;
         Ok(())
     }
@@ -73,19 +73,14 @@ pub async fn handshake(stream: TcpStream, me: SocketType, identity: &[u8], limit
         if !me.accepts(&peer_type) {
             return Err(Error::Protocol(format!("a {} socket cannot talk to a {}", me.name(), String::from_utf8_lossy(&peer_type))));
         }
-        Ok(prop("Identity").unwrap_or_default())
+        Ok(())
     };
-    let peer_identity = tokio::time::timeout(limits.handshake, exchange).await.map_err(|_| Error::HandshakeTimeout)??;
-    Ok(Connection { receiver: Receiver { reader, me, peer_identity }, writer: Writer { io: write } })
+    tokio::time::timeout(limits.handshake, exchange).await.map_err(|_| Error::HandshakeTimeout)??;
+    Ok(Connection { receiver: Receiver { reader, me }, writer: Writer { io: write } })
 }
 
 impl Connection {
-    /// The peer's `Identity` (empty when it set none).
-    pub fn peer_identity(&self) -> &Bytes {
-        &self.receiver.peer_identity
-    }
-
-    pub async fn recv(&mut self) -> Result<Incoming, Error> {
+    pub(crate) async fn recv(&mut self) -> Result<Incoming, Error> {
         self.receiver.recv().await
     }
 
@@ -112,7 +107,7 @@ impl Connection {
     }
 
     /// The receiving end and the sending end, to be driven apart.
-    pub fn split(self) -> (Receiver, Writer) {
+    pub(crate) fn split(self) -> (Receiver, Writer) {
         (self.receiver, self.writer)
     }
 }
@@ -121,14 +116,12 @@ impl Connection {
 pub struct Receiver {
     reader: FrameReader<OwnedReadHalf>,
     me: SocketType,
-    /// The peer's `Identity` (empty when it set none).
-    pub peer_identity: Bytes,
 }
 
 impl Receiver {
     /// The next message (or, on a PUB, subscription); commands a peer may send after the
     /// handshake (heartbeats, ...) are skipped.
-    pub async fn recv(&mut self) -> Result<Incoming, Error> {
+    pub(crate) async fn recv(&mut self) -> Result<Incoming, Error> {
         loop {
             match self.reader.read().await? {
                 Read::Message(mut parts) => {

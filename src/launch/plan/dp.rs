@@ -11,25 +11,25 @@ use crate::launch::spec::config::DpMode;
 /// One process of a replica: where it runs, its GPUs and the DP ranks behind it.
 #[derive(Debug, Clone)]
 pub(super) struct Slot {
-    pub node: usize,
-    pub gpus: Vec<u32>,
+    pub(crate) node: usize,
+    pub(crate) gpus: Vec<u32>,
     /// The replica's n-th node (0 = the DP master).
-    pub part: usize,
+    pub(crate) part: usize,
     /// The node of the replica's first process (its DP master, and the API server of an
     /// internal-LB replica).
-    pub first_node: usize,
-    pub rank_start: u32,
+    pub(crate) first_node: usize,
+    pub(crate) rank_start: u32,
     /// Ranks this process runs (`--data-parallel-size-local`).
-    pub ranks: u32,
+    pub(crate) ranks: u32,
     /// No API server (internal layout, not the first node).
-    pub headless: bool,
+    pub(crate) headless: bool,
     /// External layout: the one rank it serves.
-    pub rank: Option<u32>,
+    pub(crate) rank: Option<u32>,
 }
 
 impl Slot {
     /// DP ranks reached through this process's API server.
-    pub fn served_ranks(&self, layout: DpMode, dp: u32) -> u32 {
+    pub(crate) fn served_ranks(&self, layout: DpMode, dp: u32) -> u32 {
         match (self.headless, layout) {
             (true, _) => 0,
             (false, DpMode::Internal) => dp,
@@ -37,7 +37,7 @@ impl Slot {
         }
     }
 
-    pub fn describe(&self, layout: DpMode, dp: u32) -> Option<String> {
+    pub(crate) fn describe(&self, layout: DpMode, dp: u32) -> Option<String> {
         if dp == 1 {
             return None;
         }

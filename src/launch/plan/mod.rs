@@ -18,46 +18,44 @@ use dp::Slot;
 use process::{Fills, UserParams};
 use roles::RoleSpec;
 
-pub use crate::api::Role;
-pub use router::substitute;
+pub(crate) use crate::api::Role;
 
 /// One process to start.
 #[derive(Debug, Clone)]
-pub struct Instance {
+pub(crate) struct Instance {
     /// `prefill-0`, `decode-1`, ...: also its log file's name.
-    pub name: String,
-    pub role: Role,
-    pub replica: usize,
-    pub node: usize,
-    pub host: String,
+    pub(crate) name: String,
+    pub(crate) role: Role,
+    pub(crate) node: usize,
+    pub(crate) host: String,
     /// None for a headless DP worker (no HTTP server).
-    pub port: Option<u16>,
-    pub scheme: Scheme,
-    pub side_channel_port: u16,
-    pub gpus: Vec<u32>,
+    pub(crate) port: Option<u16>,
+    pub(crate) scheme: Scheme,
+    pub(crate) side_channel_port: u16,
+    pub(crate) gpus: Vec<u32>,
     /// "DP 8, ranks 0-3, hybrid LB" and the like, for the plan's reader.
-    pub dp: Option<String>,
+    pub(crate) dp: Option<String>,
     /// DP ranks reached through its API server (0 for a headless node).
-    pub ranks: u32,
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
+    pub(crate) ranks: u32,
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl Instance {
-    pub fn url(&self) -> Option<String> {
+    pub(crate) fn url(&self) -> Option<String> {
         self.port.map(|p| url(self.scheme, &self.host, p))
     }
 }
 
 /// How an API server is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
+pub(crate) enum Scheme {
     Http,
     /// The launch file's `tls:`.
     Https,
 }
 
-pub fn url(scheme: Scheme, host: &str, port: u16) -> String {
+pub(crate) fn url(scheme: Scheme, host: &str, port: u16) -> String {
     let s = match scheme {
         Scheme::Http => "http",
         Scheme::Https => "https",
@@ -66,54 +64,54 @@ pub fn url(scheme: Scheme, host: &str, port: u16) -> String {
 }
 
 #[derive(Debug, Clone)]
-pub struct RouterPlan {
-    pub host: String,
-    pub port: u16,
-    pub scheme: Scheme,
-    pub argv: Vec<String>,
-    pub env: Vec<(String, String)>,
+pub(crate) struct RouterPlan {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) scheme: Scheme,
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
     /// Our own `disagg route` (vs a pdjob `scheduler.command`).
-    pub ours: bool,
+    pub(crate) ours: bool,
     /// scheduler.health_path: where a `scheduler.command` proxy says it is ready.
-    pub health_path: Option<String>,
+    pub(crate) health_path: Option<String>,
     /// Ours: `argv` as parts, for a backend that learns the URLs only at start (Ray):
     /// `base`, then each worker's flag with its instance's URL, then `tail`.
-    pub base: Vec<String>,
-    pub workers: Vec<RouterWorker>,
-    pub tail: Vec<String>,
+    pub(crate) base: Vec<String>,
+    pub(crate) workers: Vec<RouterWorker>,
+    pub(crate) tail: Vec<String>,
 }
 
 /// One `--prefill URL [BOOTSTRAP_PORT]` or `--decode URL` of `disagg route`.
 #[derive(Debug, Clone)]
-pub struct RouterWorker {
-    pub flag: &'static str,
+pub(crate) struct RouterWorker {
+    pub(crate) flag: &'static str,
     /// The instance whose URL goes here.
-    pub instance: String,
+    pub(crate) instance: String,
     /// Mooncake: the prefill's bootstrap port.
-    pub bootstrap: Option<u16>,
+    pub(crate) bootstrap: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Plan {
-    pub file: String,
-    pub engine: EngineKind,
+pub(crate) struct Plan {
+    pub(crate) file: String,
+    pub(crate) engine: EngineKind,
     /// GPUs per Ray bundle (pdjob's gpus_per_worker).
-    pub gpus_per_worker: u32,
-    pub timeout: Duration,
-    pub working_dir: PathBuf,
-    pub nodes: Vec<String>,
-    pub gpus_per_node: u32,
-    pub instances: Vec<Instance>,
+    pub(crate) gpus_per_worker: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) working_dir: PathBuf,
+    pub(crate) nodes: Vec<String>,
+    pub(crate) gpus_per_node: u32,
+    pub(crate) instances: Vec<Instance>,
     /// None: the launcher script's mode (no router of its own).
-    pub router: Option<RouterPlan>,
+    pub(crate) router: Option<RouterPlan>,
     /// The launch file's `tls:` (the health checks' client comes from it).
-    pub tls: Option<crate::launch::spec::config::TlsFile>,
+    pub(crate) tls: Option<crate::launch::spec::config::TlsFile>,
     /// Things the reader should know (e.g. parameters the simulator does not use).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Plan {
-    pub fn log_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn log_path(&self, name: &str) -> PathBuf {
         self.working_dir.join("logs").join(format!("{name}.log"))
     }
 }
@@ -147,12 +145,12 @@ const DP_RPC_BASE: u16 = 13345;
 /// (then `{HOST}` and `{KV_IP}` stay in the commands, filled in on the node, and Ray
 /// assigns the GPUs itself).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     Nodes,
     Ray,
 }
 
-pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target) -> Result<Plan, ConfigError> {
+pub(crate) fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target) -> Result<Plan, ConfigError> {
     let cx = Ctx { file, text };
     if let Some(t) = &f.tls {
         if target == Target::Ray {
@@ -223,7 +221,7 @@ pub fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target)
             let master = cluster.nodes[parts[0].0].clone();
             let rpc_port = DP_RPC_BASE + replica_global as u16;
             for slot in dp::slots(spec.layout, spec.dp, &parts) {
-                builder.add(spec, replica, parts.len(), &slot, &master, rpc_port)?;
+                builder.add(spec, parts.len(), &slot, &master, rpc_port)?;
             }
             replica_global += 1;
         }
@@ -370,15 +368,7 @@ struct InstanceBuilder<'a> {
 }
 
 impl InstanceBuilder<'_> {
-    fn add(
-        &mut self,
-        spec: &RoleSpec,
-        replica: usize,
-        replica_nodes: usize,
-        slot: &Slot,
-        master: &str,
-        rpc_port: u16,
-    ) -> Result<(), ConfigError> {
+    fn add(&mut self, spec: &RoleSpec, replica_nodes: usize, slot: &Slot, master: &str, rpc_port: u16) -> Result<(), ConfigError> {
         let (cx, name) = (self.cx, spec.name());
         let node = slot.node;
         let host = self.cluster.nodes[node].clone();
@@ -490,7 +480,6 @@ impl InstanceBuilder<'_> {
         self.instances.push(Instance {
             name: inst_name,
             role: spec.role,
-            replica,
             node,
             host,
             port,
@@ -575,7 +564,7 @@ fn check_ports_unique(cx: &Ctx<'_>, instances: &[Instance]) -> Result<(), Config
 }
 
 /// Shell-pastable rendering of an argv with its environment.
-pub fn shell_line(env: &[(String, String)], argv: &[String], exe: &Path) -> String {
+pub(crate) fn shell_line(env: &[(String, String)], argv: &[String], exe: &Path) -> String {
     let q = |s: &str| shlex::try_quote(s).map(|c| c.into_owned()).unwrap_or_else(|_| s.to_string());
     let own = exe.display().to_string();
     env.iter()

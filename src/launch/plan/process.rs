@@ -36,8 +36,8 @@ fn rule(key: &str) -> Rule {
 
 /// What is wrong, and the launch file's field it is about.
 pub(super) struct FieldError {
-    pub path: String,
-    pub message: String,
+    pub(crate) path: String,
+    pub(crate) message: String,
 }
 
 fn field_error(path: &str, message: impl Into<String>) -> FieldError {
@@ -46,13 +46,13 @@ fn field_error(path: &str, message: impl Into<String>) -> FieldError {
 
 /// Per-process values of `{NAME}` placeholders.
 pub(super) struct Fills<'a> {
-    pub values: Vec<(&'static str, String)>,
+    pub(crate) values: Vec<(&'static str, String)>,
     /// Placeholders left for later (`{HOST}`, `{KV_IP}` on Ray: filled on the node).
-    pub deferred: &'a [&'a str],
+    pub(crate) deferred: &'a [&'a str],
 }
 
 impl Fills<'_> {
-    pub fn apply(&self, s: &str) -> String {
+    pub(crate) fn apply(&self, s: &str) -> String {
         let mut out = s.to_string();
         for (k, v) in &self.values {
             out = out.replace(&format!("{{{k}}}"), v);
@@ -61,7 +61,7 @@ impl Fills<'_> {
     }
 
     /// The first `{NAME}` (upper case) in `s` that nothing fills.
-    pub fn unfilled<'s>(&self, s: &'s str) -> Option<&'s str> {
+    pub(crate) fn unfilled<'s>(&self, s: &'s str) -> Option<&'s str> {
         let mut rest = s;
         while let Some(i) = rest.find('{') {
             let after = &rest[i + 1..];
@@ -79,18 +79,18 @@ impl Fills<'_> {
         None
     }
 
-    pub fn names(&self) -> String {
+    pub(crate) fn names(&self) -> String {
         self.values.iter().map(|(k, _)| format!("{{{k}}}")).collect::<Vec<_>>().join(", ")
     }
 }
 
 /// A user's params for one process: the role's, with its node's over them.
 pub(super) struct UserParams<'a> {
-    pub params: BTreeMap<String, Value>,
+    pub(crate) params: BTreeMap<String, Value>,
     /// Where a key came from, for messages: `prefill.params` or `nodes[2].params`.
-    pub origin: BTreeMap<String, String>,
-    pub extra: &'a [String],
-    pub extra_path: String,
+    pub(crate) origin: BTreeMap<String, String>,
+    pub(crate) extra: &'a [String],
+    pub(crate) extra_path: String,
 }
 
 impl UserParams<'_> {
@@ -102,10 +102,10 @@ impl UserParams<'_> {
 /// The rendered flags of one process: the plan's (with the user's overrides applied), then
 /// the user's other params, then `_extra_params`. `model` is returned apart (positional).
 pub(super) struct Rendered {
-    pub model: Option<String>,
-    pub args: Vec<String>,
+    pub(crate) model: Option<String>,
+    pub(crate) args: Vec<String>,
     /// The HTTP port the process listens on (the user's `port` if given).
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
 }
 
 /// `kv` renders `kv_transfer_config` (placeholders, connector fills) for this process.

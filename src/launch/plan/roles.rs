@@ -10,26 +10,26 @@ use crate::launch::spec::config::{scalar, ConfigError, DpMode, EngineKind, Launc
 use crate::launch::spec::connector::{self as launch_connector, Connector};
 
 pub(super) struct RoleSpec {
-    pub role: Role,
-    pub replicas: u32,
-    pub num_gpus: u32,
-    pub envs: BTreeMap<String, Value>,
+    pub(crate) role: Role,
+    pub(crate) replicas: u32,
+    pub(crate) num_gpus: u32,
+    pub(crate) envs: BTreeMap<String, Value>,
     /// general.params under the role's own; DP keys the plan owns taken out.
-    pub params: BTreeMap<String, Value>,
+    pub(crate) params: BTreeMap<String, Value>,
     /// `_extra_params` of general and the role, split into arguments.
-    pub extra: Vec<String>,
-    pub dp: u32,
-    pub layout: DpMode,
-    pub port: u16,
-    pub side: u16,
+    pub(crate) extra: Vec<String>,
+    pub(crate) dp: u32,
+    pub(crate) layout: DpMode,
+    pub(crate) port: u16,
+    pub(crate) side: u16,
     /// The connector flow `disagg route` runs for it (None: a scheduler.command's own).
-    pub flow: Option<Connector>,
+    pub(crate) flow: Option<Connector>,
     /// The connector's class name (None for the simulator without a kv_transfer_config).
-    pub class: Option<String>,
+    pub(crate) class: Option<String>,
 }
 
 impl RoleSpec {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.role.as_str()
     }
 }

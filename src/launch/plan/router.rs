@@ -9,9 +9,9 @@ use crate::launch::spec::connector::{self as launch_connector, Connector};
 
 /// Where the router listens, and for P2pNccl the discovery address engines ping.
 pub(super) struct Address {
-    pub host: String,
-    pub port: u16,
-    pub p2p_proxy: Option<(String, u16)>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) p2p_proxy: Option<(String, u16)>,
 }
 
 pub(super) fn address(f: &LaunchFile, cx: &Ctx<'_>, nodes: &[String], flow: Option<Connector>) -> Result<Address, ConfigError> {
@@ -151,7 +151,7 @@ fn rank_flags(cx: &Ctx<'_>, served: &[&Instance]) -> Result<Vec<String>, ConfigE
 
 /// pdjob's placeholders in `scheduler.command`, replaced highest index first so that
 /// `$PREFILL_HOST_1` never eats the front of `$PREFILL_HOST_10`.
-pub fn substitute(cmd: &str, port: u16, prefill: &[String], decode: &[String]) -> String {
+pub(crate) fn substitute(cmd: &str, port: u16, prefill: &[String], decode: &[String]) -> String {
     let mut out = cmd.replace("{PORT}", &port.to_string());
     for (name, urls) in [("PREFILL", prefill), ("DECODE", decode)] {
         for idx in (1..=urls.len()).rev() {

@@ -15,65 +15,65 @@ const DEFAULT_TIMEOUT: u64 = 600;
 pub struct LaunchFile {
     /// Seconds to wait for every instance's /health (pdjob).
     #[serde(default = "default_timeout")]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     /// GPUs in the whole cluster (pdjob). 0 for CPU engines or the simulator.
     #[serde(default)]
-    pub num_gpus: u32,
+    pub(crate) num_gpus: u32,
     /// GPUs per worker, the unit of a Ray placement bundle (pdjob).
     #[serde(default = "one")]
-    pub gpus_per_worker: u32,
+    pub(crate) gpus_per_worker: u32,
     /// Logs go to `<working_dir>/logs/<role>-<i>.log` (pdjob).
     #[serde(default = "default_working_dir")]
-    pub working_dir: String,
+    pub(crate) working_dir: String,
     /// Environment of every instance (pdjob).
     #[serde(default)]
-    pub envs: BTreeMap<String, Value>,
+    pub(crate) envs: BTreeMap<String, Value>,
     #[serde(default)]
-    pub scheduler: Scheduler,
+    pub(crate) scheduler: Scheduler,
     #[serde(default)]
-    pub general: General,
-    pub prefill: RoleFile,
-    pub decode: RoleFile,
+    pub(crate) general: General,
+    pub(crate) prefill: RoleFile,
+    pub(crate) decode: RoleFile,
     /// Ours: what runs the instances: `vllm` (default, `vllm serve`) or `sim`.
     #[serde(default)]
-    pub engine: Engine,
+    pub(crate) engine: Engine,
     /// Ours: nodes in node-rank order (default: one node, 127.0.0.1): an address, or
     /// `{address, envs, params}` with values for that node's instances only.
     #[serde(default)]
-    pub nodes: Vec<NodeFile>,
+    pub(crate) nodes: Vec<NodeFile>,
     /// Ours: GPUs per node (default: num_gpus / number of nodes).
-    pub gpus_per_node: Option<u32>,
+    pub(crate) gpus_per_node: Option<u32>,
     /// Ours: the variable that assigns devices (default CUDA_VISIBLE_DEVICES; Ascend:
     /// ASCEND_RT_VISIBLE_DEVICES).
     #[serde(default = "default_gpu_env")]
-    pub gpu_env: String,
+    pub(crate) gpu_env: String,
     /// Ours: HTTPS for every engine and the router (docs/LAUNCH.md, "TLS").
-    pub tls: Option<TlsFile>,
+    pub(crate) tls: Option<TlsFile>,
 }
 
 /// `tls:`: one certificate served by every engine (`vllm serve --ssl-*`) and by the
 /// router, and the client certificate the router and the launcher's health checks present.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFile {
+pub(crate) struct TlsFile {
     /// The CA (PEM) the certificates chain to: clients' are verified against it, and the
     /// router trusts the engines' through it.
-    pub ca_certs: String,
+    pub(crate) ca_certs: String,
     /// The certificate (PEM) every engine and the router serve, and its key.
-    pub certfile: String,
-    pub keyfile: String,
+    pub(crate) certfile: String,
+    pub(crate) keyfile: String,
     /// Client certificates on engines and router (vLLM's --ssl-cert-reqs): 0 not asked,
     /// 1 verified when sent, 2 required.
     #[serde(default)]
-    pub cert_reqs: u8,
+    pub(crate) cert_reqs: u8,
     /// The client certificate (PEM) the router and the health checks present, and its key.
-    pub client_certfile: Option<String>,
-    pub client_keyfile: Option<String>,
+    pub(crate) client_certfile: Option<String>,
+    pub(crate) client_keyfile: Option<String>,
 }
 
 impl TlsFile {
     /// `vllm serve`'s params for this TLS.
-    pub fn engine_params(&self) -> [(&'static str, String); 4] {
+    pub(crate) fn engine_params(&self) -> [(&'static str, String); 4] {
         [
             ("ssl_keyfile", self.keyfile.clone()),
             ("ssl_certfile", self.certfile.clone()),
@@ -83,7 +83,7 @@ impl TlsFile {
     }
 
     /// `disagg route`'s flags: its listener's and how it reaches the engines.
-    pub fn router_flags(&self) -> Vec<String> {
+    pub(crate) fn router_flags(&self) -> Vec<String> {
         let mut out: Vec<String> = [
             "--ssl-keyfile",
             &self.keyfile,
@@ -105,7 +105,7 @@ impl TlsFile {
     }
 
     /// How the launcher's health checks reach engines and router.
-    pub fn client(&self) -> crate::tls::WorkerTlsArgs {
+    pub(crate) fn client(&self) -> crate::tls::WorkerTlsArgs {
         crate::tls::WorkerTlsArgs {
             worker_ssl_ca_certs: Some(self.ca_certs.clone().into()),
             worker_ssl_certfile: self.client_certfile.clone().map(Into::into),
@@ -116,26 +116,26 @@ impl TlsFile {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     /// The router's port (pdjob; default 8021).
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// pdjob: the proxy command, with {PORT}, $PREFILL_URL_n, $DECODE_HOST_n ... Absent:
     /// `disagg route` is used.
-    pub command: Option<String>,
+    pub(crate) command: Option<String>,
     /// Ours: extra `disagg route` flags when `command` is absent.
     #[serde(default)]
-    pub args: Vec<String>,
+    pub(crate) args: Vec<String>,
     /// Ours: address the router listens on (default: node 0's address).
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Ours: the path that answers 200 when `command`'s proxy is ready (default: try
     /// /health, then /healthcheck, then a TCP connect).
-    pub health_path: Option<String>,
+    pub(crate) health_path: Option<String>,
 }
 
 /// One node of `nodes`.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
-pub enum NodeFile {
+pub(crate) enum NodeFile {
     Address(String),
     Full {
         address: String,
@@ -149,7 +149,7 @@ pub enum NodeFile {
 }
 
 impl NodeFile {
-    pub fn address(&self) -> &str {
+    pub(crate) fn address(&self) -> &str {
         match self {
             NodeFile::Address(a) | NodeFile::Full { address: a, .. } => a,
         }
@@ -158,41 +158,41 @@ impl NodeFile {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct General {
+pub(crate) struct General {
     /// `vllm serve` parameters shared by both roles (pdjob).
     #[serde(default)]
-    pub params: BTreeMap<String, Value>,
+    pub(crate) params: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RoleFile {
+pub(crate) struct RoleFile {
     #[serde(default)]
-    pub envs: BTreeMap<String, Value>,
+    pub(crate) envs: BTreeMap<String, Value>,
     /// GPUs per replica (pdjob).
     #[serde(default)]
-    pub num_gpus: u32,
-    pub replicas: u32,
+    pub(crate) num_gpus: u32,
+    pub(crate) replicas: u32,
     /// `vllm serve` parameters, merged over general.params (pdjob).
     #[serde(default)]
-    pub params: BTreeMap<String, Value>,
+    pub(crate) params: BTreeMap<String, Value>,
     /// Ours: DP ranks per replica.
-    pub data_parallel_size: Option<u32>,
+    pub(crate) data_parallel_size: Option<u32>,
     /// Ours: vLLM's DP load-balancing layout of a replica: `internal` (one API server on
     /// the replica's first node, the others `--headless`), `hybrid` (an API server per
     /// node for its local ranks) or `external` (an API server per rank). Default:
     /// internal, or what `data_parallel_hybrid_lb` / `data_parallel_external_lb` say.
-    pub dp_mode: Option<DpMode>,
+    pub(crate) dp_mode: Option<DpMode>,
     /// Ours: base HTTP port: instance i on node n listens on port + 8n + i
     /// (default 8100 for prefill, 9100 for decode).
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// Ours: base NIXL side-channel port, + 8n + i likewise (default 5600 / 6600).
-    pub side_channel_port: Option<u16>,
+    pub(crate) side_channel_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum DpMode {
+pub(crate) enum DpMode {
     #[default]
     Internal,
     Hybrid,
@@ -201,7 +201,7 @@ pub enum DpMode {
 
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
-pub enum Engine {
+pub(crate) enum Engine {
     Kind(EngineKind),
     Full {
         kind: EngineKind,
@@ -221,24 +221,24 @@ impl Default for Engine {
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum EngineKind {
+pub(crate) enum EngineKind {
     Vllm,
     Sim,
 }
 
 impl Engine {
-    pub fn kind(&self) -> EngineKind {
+    pub(crate) fn kind(&self) -> EngineKind {
         match self {
             Engine::Kind(k) | Engine::Full { kind: k, .. } => *k,
         }
     }
-    pub fn command(&self) -> Option<&str> {
+    pub(crate) fn command(&self) -> Option<&str> {
         match self {
             Engine::Full { command: Some(c), .. } => Some(c),
             _ => None,
         }
     }
-    pub fn args(&self) -> &[String] {
+    pub(crate) fn args(&self) -> &[String] {
         match self {
             Engine::Full { args, .. } => args,
             Engine::Kind(_) => &[],
@@ -262,9 +262,9 @@ fn default_gpu_env() -> String {
 /// A config error, with the line it is about when known.
 #[derive(Debug)]
 pub struct ConfigError {
-    pub file: String,
-    pub line: Option<usize>,
-    pub message: String,
+    pub(crate) file: String,
+    pub(crate) line: Option<usize>,
+    pub(crate) message: String,
 }
 
 impl std::fmt::Display for ConfigError {
@@ -279,7 +279,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The line of a key path like `prefill.replicas` in block-style YAML, for messages.
-pub fn line_of(text: &str, path: &str) -> Option<usize> {
+pub(crate) fn line_of(text: &str, path: &str) -> Option<usize> {
     let mut want = path.split('.').peekable();
     let mut indent: Option<usize> = None;
     let mut key = want.next()?;
@@ -308,7 +308,7 @@ pub fn line_of(text: &str, path: &str) -> Option<usize> {
 }
 
 /// A YAML scalar as an environment value or a CLI argument.
-pub fn scalar(v: &Value) -> Option<String> {
+pub(crate) fn scalar(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -320,7 +320,7 @@ pub fn scalar(v: &Value) -> Option<String> {
 /// Replaces `${env:NAME}` with the launcher's environment variable NAME (an error if it
 /// is unset). pdjob's own placeholders (`{PORT}`, `$PREFILL_URL_1`, `${PREFILL_URL_1}`)
 /// are left alone.
-pub fn expand_env(file: &str, text: &str) -> Result<String, ConfigError> {
+pub(crate) fn expand_env(file: &str, text: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     for (n, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {

@@ -11,7 +11,7 @@
 
 use serde_json::{json, Value};
 
-pub use crate::api::connector::Connector;
+pub(crate) use crate::api::connector::Connector;
 
 /// Connector classes of vLLM 0.32's registry (`kv_connector/factory.py`), plus the
 /// plug-ins and legacy ones PD guides use.
@@ -40,7 +40,7 @@ pub const KNOWN: &[&str] = &[
 
 /// Which flow `disagg route` runs for a connector (None: no flow of ours). A
 /// MultiConnector runs its first child that has one; its children are checked too.
-pub fn flow_of(kv: &Value, class: &str) -> Result<Option<Connector>, String> {
+pub(crate) fn flow_of(kv: &Value, class: &str) -> Result<Option<Connector>, String> {
     Ok(match class {
         "NixlConnector" | "LLMDataDistCMgrConnector" => Some(Connector::Nixl),
         "MooncakeConnector" => Some(Connector::Mooncake),
@@ -65,7 +65,7 @@ pub fn flow_of(kv: &Value, class: &str) -> Result<Option<Connector>, String> {
 
 /// The connector class of a `kv_transfer_config` (placeholders already replaced), checked
 /// against the known names unless it names its own module.
-pub fn class_of(kv: &Value) -> Result<String, String> {
+pub(crate) fn class_of(kv: &Value) -> Result<String, String> {
     let class = kv.get("kv_connector").and_then(Value::as_str).ok_or("has no kv_connector")?;
     if kv.get("kv_connector_module_path").is_none() && !KNOWN.contains(&class) {
         return Err(format!(
@@ -77,7 +77,7 @@ pub fn class_of(kv: &Value) -> Result<String, String> {
 }
 
 /// The router's discovery port for P2pNccl: the xPyD guide's HTTP + 20000 (10002 -> 30002).
-pub fn discovery_port(router_port: u16) -> Result<u16, String> {
+pub(crate) fn discovery_port(router_port: u16) -> Result<u16, String> {
     router_port
         .checked_add(20000)
         .ok_or_else(|| format!("scheduler.port {router_port}: P2pNccl discovery listens on port + 20000; pick a port below 45536"))
@@ -96,7 +96,7 @@ fn fill(obj: &mut serde_json::Map<String, Value>, key: &str, want: Value, path: 
 }
 
 /// P2pNccl's fills into one instance's `kv_transfer_config`.
-pub fn fill_p2p(kv: &mut Value, kv_port: u16, proxy_ip: &str, proxy_port: u16, http_port: u16) -> Result<(), String> {
+pub(crate) fn fill_p2p(kv: &mut Value, kv_port: u16, proxy_ip: &str, proxy_port: u16, http_port: u16) -> Result<(), String> {
     let obj = kv.as_object_mut().ok_or("is not a JSON object")?;
     fill(obj, "kv_port", json!(kv_port), "kv_transfer_config")?;
     let extra = obj.entry("kv_connector_extra_config").or_insert_with(|| json!({}));

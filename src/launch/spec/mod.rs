@@ -2,6 +2,6 @@
 //! schema, config.rs), each KV connector's engine flags (connector.rs), and the command
 //! lines' pieces (argv.rs). Reads nothing else of `launch`; the plan is made from it.
 
-pub mod argv;
+pub(crate) mod argv;
 pub mod config;
 pub mod connector;

@@ -5,273 +5,273 @@ use std::time::Duration;
 
 use clap::Args;
 
-pub use crate::router::workers::url::normalize_url;
+pub(crate) use crate::router::workers::url::normalize_url;
 
 use crate::api::connector::Connector;
-pub use crate::api::join_host_port;
+pub(crate) use crate::api::join_host_port;
 use crate::flags::{at_least_one, fraction as unit_interval, non_negative, positive as positive_secs};
 use crate::router::config::{AuthConfig, BreakerConfig, CacheAwareConfig, HealthConfig, Mode, RetryConfig, RouterConfig, Timeouts};
-pub use crate::router::policy::PolicyKind;
+pub(crate) use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Router")]
-pub struct RouteArgs {
+pub(crate) struct RouteArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
+    pub(crate) host: String,
     /// Port to listen on (0 picks a free one; the URL is printed on stdout).
     #[arg(long, default_value_t = 30000)]
-    pub port: u16,
+    pub(crate) port: u16,
     /// Threads that serve requests (default: one per core). Each accepts connections and
     /// runs their requests and legs start to end on its own runtime (docs/PERFORMANCE.md);
     /// health checks and KV events run on one more thread.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub worker_threads: Option<u16>,
+    pub(crate) worker_threads: Option<u16>,
 
     /// Prefill/decode disaggregation: every request is a prefill leg then a decode leg.
     /// Implied by any prefill/decode worker flag.
     #[arg(long)]
-    pub vllm_pd_disaggregation: bool,
+    pub(crate) vllm_pd_disaggregation: bool,
     /// A prefill worker URL (repeatable). An optional second value is its Mooncake
     /// bootstrap port (default 8998; with --kv-connector mooncake only).
     #[arg(long, value_name = "URL", num_args = 1..=2, action = clap::ArgAction::Append)]
-    pub prefill: Vec<String>,
+    pub(crate) prefill: Vec<String>,
     /// A decode worker URL (repeatable).
     #[arg(long, value_name = "URL", action = clap::ArgAction::Append)]
-    pub decode: Vec<String>,
+    pub(crate) decode: Vec<String>,
     /// Colocated (non-PD) worker URLs, load-balanced with the same machinery.
     #[arg(long, value_name = "URL", num_args = 1.., action = clap::ArgAction::Append)]
-    pub worker_urls: Vec<String>,
+    pub(crate) worker_urls: Vec<String>,
 
     /// Toy-proxy style prefill hosts, zipped with --prefiller-ports.
     #[arg(long, alias = "prefiller-host", value_name = "HOST", num_args = 1.., help_heading = "vLLM toy proxy flags")]
-    pub prefiller_hosts: Vec<String>,
+    pub(crate) prefiller_hosts: Vec<String>,
     /// Toy-proxy style prefill ports, zipped with --prefiller-hosts.
     #[arg(long, alias = "prefiller-port", value_name = "PORT", num_args = 1.., help_heading = "vLLM toy proxy flags")]
-    pub prefiller_ports: Vec<u16>,
+    pub(crate) prefiller_ports: Vec<u16>,
     /// Toy-proxy style decode hosts, zipped with --decoder-ports.
     #[arg(long, alias = "decoder-host", value_name = "HOST", num_args = 1.., help_heading = "vLLM toy proxy flags")]
-    pub decoder_hosts: Vec<String>,
+    pub(crate) decoder_hosts: Vec<String>,
     /// Toy-proxy style decode ports, zipped with --decoder-hosts.
     #[arg(long, alias = "decoder-port", value_name = "PORT", num_args = 1.., help_heading = "vLLM toy proxy flags")]
-    pub decoder_ports: Vec<u16>,
+    pub(crate) decoder_ports: Vec<u16>,
     /// Shorthand: `HOST:PORT[,PORT...][,HOST:PORT...]`, e.g. `localhost:8300,8301`.
     #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
-    pub prefill_instances: Vec<String>,
+    pub(crate) prefill_instances: Vec<String>,
     /// Shorthand for decode workers, as --prefill-instances.
     #[arg(long, value_name = "HOST:PORTS", action = clap::ArgAction::Append, help_heading = "vLLM toy proxy flags")]
-    pub decode_instances: Vec<String>,
+    pub(crate) decode_instances: Vec<String>,
 
     /// The KV connector the engines run, which decides each leg's body and request id
     /// [default: nixl; p2pnccl with --vllm-discovery-address].
     #[arg(long, value_enum)]
-    pub kv_connector: Option<crate::api::connector::Connector>,
+    pub(crate) kv_connector: Option<crate::api::connector::Connector>,
     /// Bind a ZMQ ROUTER here for P2pNccl engines to register with (vLLM's xPyD proxy's
     /// service discovery; `0.0.0.0:30002` in the runbook). Registered engines join the
     /// router's pools and leave 5 s after their last ping. Trust: whoever can reach this
     /// address can add workers, so bind it on the engines' network only.
     #[arg(long, value_name = "HOST:PORT")]
-    pub vllm_discovery_address: Option<String>,
+    pub(crate) vllm_discovery_address: Option<String>,
 
     /// Policy for every role unless overridden [default: cache_aware; round_robin with the
     /// vLLM toy proxy's flags, as the toy proxy does].
     #[arg(long, value_enum)]
-    pub policy: Option<PolicyKind>,
+    pub(crate) policy: Option<PolicyKind>,
     /// Policy for prefill workers (default: --policy).
     #[arg(long, value_enum)]
-    pub prefill_policy: Option<PolicyKind>,
+    pub(crate) prefill_policy: Option<PolicyKind>,
     /// Policy for decode workers (default: --policy).
     #[arg(long, value_enum)]
-    pub decode_policy: Option<PolicyKind>,
+    pub(crate) decode_policy: Option<PolicyKind>,
     /// cache_aware: minimum matched fraction of the prompt to prefer the matching worker;
     /// below it, the worker with the smallest tree is chosen.
     #[arg(long, default_value_t = 0.3, value_parser = unit_interval)]
-    pub cache_threshold: f64,
+    pub(crate) cache_threshold: f64,
     /// cache_aware: load is imbalanced when max - min in-flight exceeds this ...
     #[arg(long, default_value_t = 64)]
-    pub balance_abs_threshold: usize,
+    pub(crate) balance_abs_threshold: usize,
     /// ... and max exceeds min times this; then the least loaded worker is chosen.
     #[arg(long, default_value_t = 1.5, value_parser = at_least_one)]
-    pub balance_rel_threshold: f64,
+    pub(crate) balance_rel_threshold: f64,
     /// cache_aware: seconds between evictions of the prefix trees.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
-    pub eviction_interval: u64,
+    pub(crate) eviction_interval: u64,
     /// cache_aware: most characters (tokens with --model-path) kept per worker's tree.
     #[arg(long, default_value_t = 67_108_864, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_tree_size: u64,
+    pub(crate) max_tree_size: u64,
     /// cache_aware: characters (tokens with --model-path) of each prompt's start that are
     /// indexed; the rest of a long prompt is not looked at.
     #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(16..))]
-    pub cache_aware_max_prefix: u64,
+    pub(crate) cache_aware_max_prefix: u64,
     /// cache_aware: memory cap of the prefix index, all workers together (MiB).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
-    pub cache_aware_max_memory_mb: u64,
+    pub(crate) cache_aware_max_memory_mb: u64,
     /// kv_aware: the weight of the work queued on a DP rank (the uncached prompt blocks of
     /// its prefills in flight) against the blocks this prompt would compute there
     /// (docs/PROTOCOLS.md §6 has the measurement behind the default).
     #[arg(long, default_value_t = 0.1, value_parser = non_negative)]
-    pub kv_aware_load_weight: f64,
+    pub(crate) kv_aware_load_weight: f64,
     /// kv_aware (decode pool): a decode whose cache holds all but at most this many of the
     /// prompt's tokens prefills them itself, with no prefill leg (0: always disaggregate).
     #[arg(long, default_value_t = 32)]
-    pub kv_aware_decode_alone_tokens: usize,
+    pub(crate) kv_aware_decode_alone_tokens: usize,
     /// Name the workers that served each request in its response headers
     /// (`x-disagg-prefill`, `x-disagg-decode`: `URL; rank=N`), for benchmarks' records.
     #[arg(long)]
-    pub worker_headers: bool,
+    pub(crate) worker_headers: bool,
     /// A local model directory whose tokenizer.json makes cache_aware and
     /// consistent_hash work on token ids instead of characters.
     #[arg(long, value_name = "DIR")]
-    pub model_path: Option<String>,
+    pub(crate) model_path: Option<String>,
 
     /// Data-parallel ranks behind each worker URL; the router picks a rank by load and
     /// sends `X-data-parallel-rank`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub intra_node_data_parallel_size: u16,
+    pub(crate) intra_node_data_parallel_size: u16,
     /// DP ranks behind each prefill URL, when it differs from decode's (default:
     /// --intra-node-data-parallel-size).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub prefill_dp_size: Option<u16>,
+    pub(crate) prefill_dp_size: Option<u16>,
     /// DP ranks behind each decode URL (default: --intra-node-data-parallel-size).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub decode_dp_size: Option<u16>,
+    pub(crate) decode_dp_size: Option<u16>,
 
     /// Most requests in flight at once (the permit is held until the response, stream
     /// included, has ended or the client has gone).
     #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_concurrent_requests: u64,
+    pub(crate) max_concurrent_requests: u64,
     /// Requests that may wait for a permit (FIFO); beyond it: 429.
     #[arg(long, default_value_t = 100)]
-    pub queue_size: usize,
+    pub(crate) queue_size: usize,
     /// Longest wait for a permit; then 503.
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
-    pub queue_timeout_secs: f64,
+    pub(crate) queue_timeout_secs: f64,
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, default_value_t = 33_554_432, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_payload_size: u64,
+    pub(crate) max_payload_size: u64,
     /// Most client connections open at once; more wait in the listen queue.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_connections: u64,
+    pub(crate) max_connections: u64,
     /// Most prefill/decode pairs one request may fan out to (a list of prompts times `n`).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16384))]
-    pub max_pairs_per_request: u64,
+    pub(crate) max_pairs_per_request: u64,
 
     /// A client's request head must arrive within this long (counted from the end of its
     /// previous request on a kept-alive connection, plus --keep-alive-timeout-secs).
     #[arg(long, default_value_t = 10.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub header_read_timeout_secs: f64,
+    pub(crate) header_read_timeout_secs: f64,
     /// A client connection with nothing in flight and nothing received for this long is
     /// closed. Longer than clients keep idle connections (httpx and the OpenAI SDK 5 s,
     /// aiohttp 15 s), so they close first: a request sent on a connection the router is
     /// closing at that instant would be lost (vLLM's own 5 s has that race; nginx uses 75).
     #[arg(long, default_value_t = 75.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub keep_alive_timeout_secs: f64,
+    pub(crate) keep_alive_timeout_secs: f64,
     /// A request body must arrive whole within this long (408 otherwise). It is read
     /// before the request takes an admission permit, so slow bodies hold none.
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub body_read_timeout_secs: f64,
+    pub(crate) body_read_timeout_secs: f64,
     /// Time limit of a prefill leg's answer.
     #[arg(long, default_value_t = 300.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub prefill_timeout_secs: f64,
+    pub(crate) prefill_timeout_secs: f64,
     /// Time limit of a streamed decode leg until its first byte.
     #[arg(long, default_value_t = 300.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub decode_first_byte_timeout_secs: f64,
+    pub(crate) decode_first_byte_timeout_secs: f64,
     /// Time limit of a non-streamed decode leg's whole answer; also caps the two above.
     #[arg(long, default_value_t = 1800.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub request_timeout_secs: f64,
+    pub(crate) request_timeout_secs: f64,
     /// A streamed decode that sends nothing for this long is failed mid-stream.
     #[arg(long, default_value_t = 120.0, value_parser = positive_secs, help_heading = "Timeouts")]
-    pub stream_idle_timeout_secs: f64,
+    pub(crate) stream_idle_timeout_secs: f64,
     /// After SIGTERM/SIGINT: /health turns 503 and new requests get 503 at once; requests
     /// in flight get this long to finish, then open streams end with an error event.
     #[arg(long, default_value_t = 30.0, value_parser = non_negative, help_heading = "Timeouts")]
-    pub shutdown_timeout_secs: f64,
+    pub(crate) shutdown_timeout_secs: f64,
 
     /// Extra attempts of a failed leg (connect error, 5xx, timeout) on other workers before
     /// the client hears of it: the prefill leg, a decode leg (with the same KV), or the one
     /// leg of colocated mode.
     #[arg(long, default_value_t = 2, help_heading = "Retries")]
-    pub retry_max_retries: u32,
+    pub(crate) retry_max_retries: u32,
     /// No retries, and no re-run of a pair whose decode failed before its first byte.
     #[arg(long, help_heading = "Retries")]
-    pub disable_retries: bool,
+    pub(crate) disable_retries: bool,
     /// Wait before the first retry; later ones wait --retry-backoff-multiplier times more.
     #[arg(long, default_value_t = 50, help_heading = "Retries")]
-    pub retry_initial_backoff_ms: u64,
+    pub(crate) retry_initial_backoff_ms: u64,
     /// Longest wait before a retry.
     #[arg(long, default_value_t = 5000, help_heading = "Retries")]
-    pub retry_max_backoff_ms: u64,
+    pub(crate) retry_max_backoff_ms: u64,
     #[arg(long, default_value_t = 1.5, value_parser = at_least_one, help_heading = "Retries")]
-    pub retry_backoff_multiplier: f64,
+    pub(crate) retry_backoff_multiplier: f64,
     /// Each wait is randomised by up to this fraction either way.
     #[arg(long, default_value_t = 0.2, value_parser = unit_interval, help_heading = "Retries")]
-    pub retry_jitter_factor: f64,
+    pub(crate) retry_jitter_factor: f64,
     /// Retry budget: retries in the last 10 s may be at most this fraction of the requests
     /// in them (or --retry-budget-min-per-sec); beyond it a failure is not retried.
     #[arg(long, default_value_t = 0.2, value_parser = non_negative, help_heading = "Retries")]
-    pub retry_budget_ratio: f64,
+    pub(crate) retry_budget_ratio: f64,
     #[arg(long, default_value_t = 10.0, value_parser = non_negative, help_heading = "Retries")]
-    pub retry_budget_min_per_sec: f64,
+    pub(crate) retry_budget_min_per_sec: f64,
 
     /// Consecutive failed legs (connect error, 5xx, timeout, broken answer) that open a
     /// worker's circuit: it takes no requests until a probe succeeds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Circuit breaker")]
-    pub cb_failure_threshold: u32,
+    pub(crate) cb_failure_threshold: u32,
     /// Successful probe requests that close a half-open circuit.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Circuit breaker")]
-    pub cb_success_threshold: u32,
+    pub(crate) cb_success_threshold: u32,
     /// How long an open circuit keeps the worker out before one probe request is let
     /// through (doubled each time a probe fails, up to 8x).
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs, help_heading = "Circuit breaker")]
-    pub cb_timeout_duration_secs: f64,
+    pub(crate) cb_timeout_duration_secs: f64,
     /// Failures further apart than this do not add up.
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs, help_heading = "Circuit breaker")]
-    pub cb_window_duration_secs: f64,
+    pub(crate) cb_window_duration_secs: f64,
     #[arg(long, help_heading = "Circuit breaker")]
-    pub disable_circuit_breaker: bool,
+    pub(crate) disable_circuit_breaker: bool,
 
     /// Seconds between health checks of all workers (checked concurrently).
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
-    pub health_check_interval_secs: f64,
+    pub(crate) health_check_interval_secs: f64,
     /// Time limit of one health check.
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
-    pub health_check_timeout_secs: f64,
+    pub(crate) health_check_timeout_secs: f64,
     /// Consecutive failed checks before a healthy worker is marked down (a connection
     /// error on a request marks it down at once).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    pub health_failure_threshold: u32,
+    pub(crate) health_failure_threshold: u32,
     /// Consecutive good checks before a down worker is used again (a worker never seen
     /// healthy is used after its first good check).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub health_success_threshold: u32,
+    pub(crate) health_success_threshold: u32,
     /// Path checked on every worker.
     #[arg(long, default_value = "/health")]
-    pub health_check_endpoint: String,
+    pub(crate) health_check_endpoint: String,
 
     /// The key the router sends to workers as `Authorization: Bearer KEY` (vllm-router's
     /// meaning). With it, a client's own Authorization header is not passed on.
     #[arg(long, env = "DISAGG_WORKER_API_KEY", hide_env_values = true, help_heading = "Authentication")]
-    pub api_key: Option<String>,
+    pub(crate) api_key: Option<String>,
     /// A key clients must send (`Authorization: Bearer KEY`) on /v1/*; repeatable.
     /// Without any, the generation endpoints are open.
     #[arg(long, value_name = "KEY", action = clap::ArgAction::Append, help_heading = "Authentication")]
-    pub client_api_key: Vec<String>,
+    pub(crate) client_api_key: Vec<String>,
     /// A file of client keys, one per line (blank lines and `#` comments skipped).
     #[arg(long, value_name = "FILE", help_heading = "Authentication")]
-    pub client_api_key_file: Option<String>,
+    pub(crate) client_api_key_file: Option<String>,
     /// Client keys from the environment, comma-separated.
     #[arg(long, env = "DISAGG_CLIENT_API_KEYS", hide_env_values = true, value_name = "KEYS", help_heading = "Authentication")]
-    pub client_api_keys_env: Option<String>,
+    pub(crate) client_api_keys_env: Option<String>,
     /// The key /workers and /metrics require (and the worker admin API, when on).
     #[arg(long, env = "DISAGG_ADMIN_API_KEY", hide_env_values = true, help_heading = "Authentication")]
-    pub admin_api_key: Option<String>,
+    pub(crate) admin_api_key: Option<String>,
 
     #[command(flatten)]
-    pub boundary: crate::router::config::boundary::BoundaryArgs,
+    pub(crate) boundary: crate::router::config::boundary::BoundaryArgs,
     #[command(flatten)]
-    pub tls: crate::tls::ServerTlsArgs,
+    pub(crate) tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
-    pub worker_tls: crate::tls::WorkerTlsArgs,
+    pub(crate) worker_tls: crate::tls::WorkerTlsArgs,
 }
 
 /// `HOST:PORT` to bind (IPv6 as `[::1]:PORT`), checked.
@@ -299,7 +299,7 @@ fn zip_hosts(hosts: &[String], ports: &[u16], what: &str) -> Result<Vec<String>,
 }
 
 /// `localhost:8300,8301,other:9000` -> three workers; a bare port reuses the last host.
-pub fn parse_instances(spec: &str, flag: &str) -> Result<Vec<String>, String> {
+pub(crate) fn parse_instances(spec: &str, flag: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let mut host: Option<String> = None;
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -323,7 +323,7 @@ pub fn parse_instances(spec: &str, flag: &str) -> Result<Vec<String>, String> {
 }
 
 impl RouteArgs {
-    pub fn to_config(&self) -> Result<RouterConfig, String> {
+    pub(crate) fn to_config(&self) -> Result<RouterConfig, String> {
         // --prefill takes an optional second value: a Mooncake bootstrap port (or `none`),
         // as in vllm-router and vLLM's Mooncake proxy.
         let mut prefill = Vec::new();

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::{ApiError, ErrorKind};
 
-pub struct Admission {
+pub(crate) struct Admission {
     sem: Arc<Semaphore>,
     max: usize,
     queued: AtomicUsize,
@@ -20,7 +20,7 @@ pub struct Admission {
 }
 
 /// Why a request was not admitted, for the error metric.
-pub enum Refused {
+pub(crate) enum Refused {
     QueueFull(ApiError),
     QueueTimeout(ApiError),
     /// It needs more permits than there are.
@@ -36,12 +36,12 @@ impl Drop for Queued<'_> {
 }
 
 impl Admission {
-    pub fn new(max: usize, queue_size: usize, timeout: Duration) -> Self {
+    pub(crate) fn new(max: usize, queue_size: usize, timeout: Duration) -> Self {
         Admission { sem: Arc::new(Semaphore::new(max)), max, queued: AtomicUsize::new(0), queue_size, timeout }
     }
 
     /// Admits a request that makes `generations` generations (one permit each).
-    pub async fn admit(&self, generations: usize) -> Result<OwnedSemaphorePermit, Refused> {
+    pub(crate) async fn admit(&self, generations: usize) -> Result<OwnedSemaphorePermit, Refused> {
         let Some(n) = u32::try_from(generations).ok().filter(|n| *n as usize <= self.max) else {
             return Err(Refused::TooLarge(ApiError::bad_request(format!(
                 "this request makes {generations} generations, more than --max-concurrent-requests {}",
@@ -79,11 +79,11 @@ impl Admission {
         }
     }
 
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.max - self.sem.available_permits()
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     Serving,
     /// No new requests; the ones in flight finish.
     Draining,
@@ -17,7 +17,7 @@ pub enum Phase {
     Cut,
 }
 
-pub struct Drain {
+pub(crate) struct Drain {
     phase: watch::Sender<Phase>,
     active: AtomicUsize,
     idle: Notify,
@@ -30,7 +30,7 @@ impl Default for Drain {
 }
 
 /// One request in flight (its handler, then its response body).
-pub struct Active(Arc<Drain>);
+pub(crate) struct Active(Arc<Drain>);
 
 impl Drop for Active {
     fn drop(&mut self) {
@@ -41,29 +41,29 @@ impl Drop for Active {
 }
 
 impl Drain {
-    pub fn active(self: &Arc<Self>) -> Active {
+    pub(crate) fn active(self: &Arc<Self>) -> Active {
         self.active.fetch_add(1, Ordering::AcqRel);
         Active(self.clone())
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
 
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         *self.phase.borrow()
     }
 
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         self.phase() >= Phase::Draining
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
     }
 
     /// Resolves once the drain reaches `phase`.
-    pub async fn reached(&self, phase: Phase) {
+    pub(crate) async fn reached(&self, phase: Phase) {
         let mut rx = self.phase.subscribe();
         let _ = rx.wait_for(|p| *p >= phase).await;
     }
@@ -94,7 +94,7 @@ impl Drain {
 
     /// The whole drain: stop taking requests, let those in flight finish within `grace`,
     /// then cut what is left and give it a moment to reach its clients.
-    pub async fn run(&self, grace: Duration) {
+    pub(crate) async fn run(&self, grace: Duration) {
         self.set(Phase::Draining);
         tracing::info!(
             "draining: /health is 503 and new requests are refused; {} in flight get {:.0}s",

@@ -29,7 +29,7 @@ use crate::router::upstream::legs::StartedBody;
 
 /// Runs every generation and merges their answers; on failure, hands the held request
 /// back with the failure (the first generation to fail decides it; the others are dropped).
-pub async fn run(
+pub(crate) async fn run(
     router: &Arc<Router>,
     headers: &HeaderMap,
     body: &ClientBody,

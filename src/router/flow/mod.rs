@@ -6,10 +6,10 @@
 //! answer (fanout.rs) → relay the answer (relay.rs).
 //! docs/FAILURES.md is the contract this file implements.
 
-pub mod admission;
-pub mod drain;
-pub mod fanout;
-pub mod relay;
+pub(crate) mod admission;
+pub(crate) mod drain;
+pub(crate) mod fanout;
+pub(crate) mod relay;
 
 use std::sync::Arc;
 
@@ -36,30 +36,30 @@ use crate::router::workers::topology::Topology;
 use relay::Held;
 
 /// Everything the router shares between requests.
-pub struct Router {
-    pub cfg: RouterConfig,
-    pub topology: Arc<Topology>,
+pub(crate) struct Router {
+    pub(crate) cfg: RouterConfig,
+    pub(crate) topology: Arc<Topology>,
     /// Whether a pool's policy reads the request's prompt or session key.
-    pub needs_request_info: bool,
-    pub admission: Admission,
-    pub metrics: Arc<RouterMetrics>,
-    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    pub(crate) needs_request_info: bool,
+    pub(crate) admission: Admission,
+    pub(crate) metrics: Arc<RouterMetrics>,
+    pub(crate) tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
     /// tokenizer and chat template to key prompts as the engine does.
-    pub kv_index: Option<Arc<crate::router::kv_aware::index::KvIndex>>,
-    pub model_tokenizer: Option<crate::tokenize::ModelTokenizer>,
+    pub(crate) kv_index: Option<Arc<crate::router::kv_aware::index::KvIndex>>,
+    pub(crate) model_tokenizer: Option<crate::tokenize::ModelTokenizer>,
     /// `Authorization` sent to workers (--api-key); without it, the client's is passed on
     /// unless client keys are configured (flow.rs, `worker_authorization`).
-    pub worker_auth: Option<HeaderValue>,
+    pub(crate) worker_auth: Option<HeaderValue>,
     /// The PD state machine, with the retry rules and budget it spends.
-    pub pairs: Arc<Pairs>,
-    pub drain: Arc<Drain>,
+    pub(crate) pairs: Arc<Pairs>,
+    pub(crate) drain: Arc<Drain>,
     /// Request-body bytes held at once (--max-body-bytes-in-flight).
-    pub body_budget: BodyBudget,
+    pub(crate) body_budget: BodyBudget,
 }
 
 #[derive(Clone, Copy, Debug)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Completions,
     Chat,
 }
@@ -85,7 +85,7 @@ impl Endpoint {
     }
 }
 
-pub async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
     let request_id = headers
         .get("x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 256)
@@ -227,7 +227,7 @@ async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemapho
 }
 
 /// What the pools' policies read from a request (nothing, for those that read nothing).
-pub async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
+pub(crate) async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
     let mut info = if router.needs_request_info {
         request::request_info(headers, body, router.tokenizer.as_deref(), router.cfg.cache_aware.max_prefix)
     } else {

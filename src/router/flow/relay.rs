@@ -30,19 +30,22 @@ use crate::router::upstream::legs::StartedBody;
 use crate::router::workers::Lease;
 
 /// What a request holds until its answer is over.
-pub struct Held {
-    pub permit: OwnedSemaphorePermit,
+pub(crate) struct Held {
+    /// Held for its drop: the admission permit goes back when the answer is over.
+    #[expect(dead_code, reason = "held for its drop")]
+    pub(crate) permit: OwnedSemaphorePermit,
     /// The worker ranks answering (their in-flight counts are released with the body).
-    pub leases: Vec<Lease>,
-    pub record: RequestRecord,
+    pub(crate) leases: Vec<Lease>,
+    pub(crate) record: RequestRecord,
     /// When the answering leg was sent, for its decode_total time.
-    pub started: Instant,
-    pub active: Active,
+    pub(crate) started: Instant,
+    #[expect(dead_code, reason = "held for its drop")]
+    pub(crate) active: Active,
 }
 
 impl Held {
     /// The answer reached its end (normally, or with an error event the client got).
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.record.metrics().leg_time(crate::router::metrics::LegTime::DecodeTotal, self.started);
         self.record.finish();
     }
@@ -50,7 +53,7 @@ impl Held {
 
 /// The response for one generation's answer; kv_aware's prediction of its cached tokens
 /// is checked against the usage it reports (kv_check.rs).
-pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, prediction: Option<Prediction>) -> Response {
+pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, prediction: Option<Prediction>) -> Response {
     let Answer { started, lease, since, rename, .. } = answer;
     held.record.status(started.status.as_u16());
     held.started = since;
@@ -79,7 +82,7 @@ pub fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain
 }
 
 /// A whole (JSON) answer; the guards go when hyper has taken the bytes.
-pub fn whole(bytes: Bytes, held: Held) -> Body {
+pub(crate) fn whole(bytes: Bytes, held: Held) -> Body {
     let s = stream::unfold(Some((bytes, held)), |state| async move {
         let (bytes, mut held) = state?;
         held.finish();
@@ -93,7 +96,7 @@ pub fn whole(bytes: Bytes, held: Held) -> Body {
 const USAGE_CHUNKS: usize = 4;
 
 /// One piece of a relayed stream.
-pub enum Piece {
+pub(crate) enum Piece {
     Bytes(Bytes),
     /// The stream broke: the error event to send (then `[DONE]`), why (for the log), and
     /// whether the worker is to blame (not when the router is shutting down).
@@ -105,23 +108,23 @@ pub enum Piece {
 }
 
 /// A worker's SSE answer as it arrives, with breakage turned into a `Piece::Broken`.
-pub struct Upstream {
+pub(crate) struct Upstream {
     head: Option<Bytes>,
     rest: worker_client::Body,
     idle: Duration,
     /// The last bytes relayed, to see whether the stream ended with `[DONE]`.
     tail: Vec<u8>,
     /// Whether to keep the last chunks (shared, not copied) for the final usage chunk.
-    pub keep_usage: bool,
+    pub(crate) keep_usage: bool,
     recent: std::collections::VecDeque<Bytes>,
     phase: tokio::sync::watch::Receiver<Phase>,
     over: bool,
     /// P2pNccl: the leg id replaced by the client's request id (rename.rs).
-    pub rename: Option<Rename>,
+    pub(crate) rename: Option<Rename>,
 }
 
 impl Upstream {
-    pub fn new(head: Bytes, rest: worker_client::Body, idle: Duration, drain: &Drain) -> Self {
+    pub(crate) fn new(head: Bytes, rest: worker_client::Body, idle: Duration, drain: &Drain) -> Self {
         Upstream {
             head: Some(head),
             rest,
@@ -150,7 +153,7 @@ impl Upstream {
     }
 
     /// The cached tokens the stream's last usage chunk reports (when kept).
-    pub fn cached_tokens_reported(&self) -> Option<usize> {
+    pub(crate) fn cached_tokens_reported(&self) -> Option<usize> {
         reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>())
     }
 
@@ -168,7 +171,7 @@ impl Upstream {
     }
 
     /// The next piece; `None` once the stream ended with `[DONE]` (or broke before).
-    pub async fn next(&mut self) -> Option<Piece> {
+    pub(crate) async fn next(&mut self) -> Option<Piece> {
         if self.over {
             return None;
         }

@@ -21,7 +21,7 @@ use crate::router::workers::{Pool, Role, Worker};
 
 /// The admin API's routes, each behind the admin key (without --admin-api-key, each says
 /// the API is off).
-pub fn routes(router: &Arc<Router>) -> axum::Router<Arc<Router>> {
+pub(crate) fn routes(router: &Arc<Router>) -> axum::Router<Arc<Router>> {
     axum::Router::new()
         .route("/add_worker", post(add_worker))
         .route("/remove_worker", post(remove_worker))
@@ -34,7 +34,9 @@ pub fn routes(router: &Arc<Router>) -> axum::Router<Arc<Router>> {
 
 async fn admin_only(State(r): State<Arc<Router>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     match &r.cfg.auth.admin_key {
-        None => ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response(),
+        None => {
+            ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response()
+        }
         Some(admin) if !super::bearer_matches(req.headers(), std::slice::from_ref(admin)) => {
             super::unauthorized("this endpoint needs the admin API key")
         }
@@ -47,7 +49,7 @@ async fn admin_only(State(r): State<Arc<Router>>, req: axum::extract::Request, n
 /// a Mooncake prefill's bootstrap port (default 8998).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewWorker {
+pub(crate) struct NewWorker {
     url: String,
     #[serde(alias = "worker_type")]
     role: Option<String>,

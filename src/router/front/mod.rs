@@ -3,8 +3,8 @@
 //! it (they list internal addresses). /health and /healthcheck stay open for probes and
 //! name no worker (registered engines are listed to the admin key only).
 
-pub mod admin;
-pub mod server;
+pub(crate) mod admin;
+pub(crate) mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use crate::router::metrics::WorkerGauges;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::{Pool, Role, Worker};
 
-pub fn app(router: Arc<Router>) -> axum::Router {
+pub(crate) fn app(router: Arc<Router>) -> axum::Router {
     axum::Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -213,7 +213,7 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
 }
 
 /// What /workers (and the admin API) say of a worker.
-pub fn worker_json(w: &Worker) -> Value {
+pub(crate) fn worker_json(w: &Worker) -> Value {
     let queued: Vec<usize> = (0..w.dp_size()).map(|r| w.queued_blocks(r)).collect();
     let elsewhere: Vec<usize> = (0..w.dp_size()).map(|r| w.reported_elsewhere(r)).collect();
     json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "draining": w.is_draining(),

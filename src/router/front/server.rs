@@ -24,7 +24,7 @@ use crate::tls::ServerTls;
 /// thread has its own client, legs.rs) all run on the thread that accepted it, so no
 /// network event has to wake another thread. At most `max_connections` connections over
 /// all threads. Accepting stops at the drain's cut.
-pub fn spawn_serving_threads(
+pub(crate) fn spawn_serving_threads(
     listener: std::net::TcpListener,
     threads: usize,
     app: axum::Router,
@@ -68,14 +68,14 @@ pub fn spawn_serving_threads(
 
 /// Bounds on the client connections.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectionLimits {
-    pub max_connections: usize,
+pub(crate) struct ConnectionLimits {
+    pub(crate) max_connections: usize,
     /// Requests in flight on one HTTP/2 connection.
-    pub h2_streams: u32,
+    pub(crate) h2_streams: u32,
 }
 
 /// The connections of every serving thread: each holds a slot until it closes.
-pub struct Connections {
+pub(crate) struct Connections {
     slots: Arc<Semaphore>,
     max: u32,
 }
@@ -83,7 +83,7 @@ pub struct Connections {
 impl Connections {
     /// Waits until every connection has closed (after the drain's cut each closes once its
     /// last answer, the error event of a cut stream included, is written), or `limit` passed.
-    pub async fn closed(&self, limit: Duration) {
+    pub(crate) async fn closed(&self, limit: Duration) {
         let _ = tokio::time::timeout(limit, self.slots.acquire_many(self.max)).await;
     }
 }
@@ -141,7 +141,7 @@ async fn serve(
 
 /// Raises the soft limit of open files to the hard one: each connection and each leg
 /// takes a descriptor.
-pub fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     #[cfg(unix)]
     unsafe {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

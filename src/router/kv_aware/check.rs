@@ -28,7 +28,7 @@ struct Details {
 
 /// What vLLM reports as cached for a prompt of `tokens` when `held` of its full blocks are
 /// in the cache: full blocks only, and never the last token (it is always computed).
-pub fn predicted(tokens: usize, held: usize, block_size: usize) -> usize {
+pub(crate) fn predicted(tokens: usize, held: usize, block_size: usize) -> usize {
     if block_size == 0 || tokens == 0 {
         return 0;
     }
@@ -36,13 +36,13 @@ pub fn predicted(tokens: usize, held: usize, block_size: usize) -> usize {
 }
 
 /// The cached tokens predicted for an answer, to check against what it reports.
-pub struct Prediction {
+pub(crate) struct Prediction {
     holder: WorkerRank,
     want: usize,
 }
 
 /// The prediction for a successful answer whose prompt cache was `cache_from`'s.
-pub fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok: bool) -> Option<Prediction> {
+pub(crate) fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok: bool) -> Option<Prediction> {
     let holder = cache_from?.clone();
     if !answered_ok || kv.tokens == 0 {
         return None;
@@ -52,12 +52,12 @@ pub fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok: bool) 
 }
 
 /// `usage.prompt_tokens_details.cached_tokens` of a whole JSON answer.
-pub fn reported_whole(body: &[u8]) -> Option<usize> {
+pub(crate) fn reported_whole(body: &[u8]) -> Option<usize> {
     serde_json::from_slice::<Reported>(body).ok().and_then(|r| r.usage?.prompt_tokens_details?.cached_tokens)
 }
 
 /// The last `"cached_tokens":N` in a stream's last bytes (its final usage chunk).
-pub fn reported_in_stream(tail: &[u8]) -> Option<usize> {
+pub(crate) fn reported_in_stream(tail: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"cached_tokens\":";
     let at = tail.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
     let rest = &tail[at..];
@@ -67,7 +67,7 @@ pub fn reported_in_stream(tail: &[u8]) -> Option<usize> {
 }
 
 impl Prediction {
-    pub fn check(&self, metrics: &RouterMetrics, got: Option<usize>) {
+    pub(crate) fn check(&self, metrics: &RouterMetrics, got: Option<usize>) {
         let want = self.want;
         let outcome = match got {
             None => KvAwareOutcome::Unreported,

@@ -22,7 +22,7 @@ const POLL: Duration = Duration::from_secs(1);
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
 /// Polls every worker's /metrics each second (each within `timeout`, with `auth`).
-pub async fn run(topology: Arc<Topology>, timeout: Duration, auth: Option<HeaderValue>) {
+pub(crate) async fn run(topology: Arc<Topology>, timeout: Duration, auth: Option<HeaderValue>) {
     let client = match crate::router::upstream::legs::control_client(Some(timeout)) {
         Ok(c) => c,
         Err(e) => {
@@ -69,7 +69,7 @@ async fn read(client: &reqwest::Client, auth: Option<&HeaderValue>, url: &str) -
 
 /// `vllm:num_requests_waiting` + `vllm:num_requests_running`, indexed by the `engine`
 /// label (no label: engine 0). Engines above 1024 are not believed.
-pub fn requests_per_engine(text: &str) -> Vec<usize> {
+pub(crate) fn requests_per_engine(text: &str) -> Vec<usize> {
     let mut per: Vec<usize> = Vec::new();
     let series = samples(text, "vllm:num_requests_waiting").chain(samples(text, "vllm:num_requests_running"));
     for (labels, n) in series.filter(|(_, n)| n.is_finite() && *n >= 0.0) {

@@ -25,7 +25,7 @@ const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
 /// Blocks applied under one hold of the write lock: readers wait at most this long.
 const BLOCKS_PER_LOCK: usize = 4096;
 
-pub use crate::router::policy::WorkerRank;
+pub(crate) use crate::router::policy::WorkerRank;
 
 /// The chained hashes of the full blocks of `tokens`: block i's key covers blocks 0..=i.
 pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
@@ -105,12 +105,12 @@ impl Holders {
 
 /// What /workers shows of a holder.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct HolderStatus {
-    pub rank: usize,
-    pub indexed_blocks: usize,
+pub(crate) struct HolderStatus {
+    pub(crate) rank: usize,
+    pub(crate) indexed_blocks: usize,
     /// The last event batch's sequence number, and how long ago it came.
-    pub last_seq: Option<u64>,
-    pub secs_since_event: Option<f64>,
+    pub(crate) last_seq: Option<u64>,
+    pub(crate) secs_since_event: Option<f64>,
 }
 
 #[derive(Default)]
@@ -167,7 +167,7 @@ pub struct KvIndex {
 }
 
 impl KvIndex {
-    pub fn block_size(&self) -> usize {
+    pub(crate) fn block_size(&self) -> usize {
         self.block_size.load(Ordering::Relaxed)
     }
 
@@ -270,13 +270,13 @@ impl KvIndex {
     }
 
     /// Forgets a holder that is no longer subscribed to.
-    pub fn unsubscribed(&self, holder: &WorkerRank) {
+    pub(crate) fn unsubscribed(&self, holder: &WorkerRank) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(holder);
         self.drop_holder(holder);
     }
 
     /// Forgets every rank of `url`.
-    pub fn drop_worker(&self, url: &str) {
+    pub(crate) fn drop_worker(&self, url: &str) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).retain(|h, _| h.url != url);
         let mut inner = self.write();
         let gone: Vec<WorkerRank> = inner.ids.keys().filter(|h| h.url == url).cloned().collect();
@@ -313,17 +313,17 @@ impl KvIndex {
     }
 
     /// Records the sequence number of the batch just applied.
-    pub fn note_seq(&self, holder: &WorkerRank, seq: u64) {
+    pub(crate) fn note_seq(&self, holder: &WorkerRank, seq: u64) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(holder.clone(), Some((seq, std::time::Instant::now())));
     }
 
     /// Records a holder whose events are subscribed to (before any arrive).
-    pub fn note_subscribed(&self, holder: &WorkerRank) {
+    pub(crate) fn note_subscribed(&self, holder: &WorkerRank) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(holder.clone()).or_insert(None);
     }
 
     /// Each rank of `url` that has published or is indexed.
-    pub fn status(&self, url: &str) -> Vec<HolderStatus> {
+    pub(crate) fn status(&self, url: &str) -> Vec<HolderStatus> {
         let sizes = self.sizes();
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut ranks: Vec<usize> = sizes.keys().chain(seen.keys()).filter(|h| h.url == url).map(|h| h.rank).collect();

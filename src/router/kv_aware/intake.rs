@@ -36,7 +36,7 @@ const EVENT_LIMITS: Limits =
 const REPLAY_MAX_BATCHES: usize = 20_000;
 const REPLAY_MAX_BYTES: usize = 256 << 20;
 
-pub async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
+pub(crate) async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
     let client = crate::router::upstream::legs::control_client(Some(Duration::from_secs(5)))
         .expect("the HTTP client built at start-up builds again");
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();

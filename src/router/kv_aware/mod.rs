@@ -2,8 +2,8 @@
 //! §6): the index, the intake of events, a prompt's tokens as the engine sees them, the
 //! check of predictions against what engines report, and the load engines report.
 
-pub mod check;
-pub mod engine_load;
+pub(crate) mod check;
+pub(crate) mod engine_load;
 pub mod index;
-pub mod intake;
+pub(crate) mod intake;
 pub mod tokens;

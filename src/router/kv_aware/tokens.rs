@@ -42,13 +42,13 @@ pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> O
 }
 
 /// Whether the prompt is text (a chat, or a completions string) rather than token ids.
-pub fn is_text(body: &ClientBody) -> bool {
+pub(crate) fn is_text(body: &ClientBody) -> bool {
     body.has("messages") || body.get("prompt").is_some_and(|raw| raw.first() == Some(&b'"') || raw.starts_with(b"[\""))
 }
 
 /// The prompt's token ids from a worker's render endpoint (one that serves prefills, or
 /// any worker in colocated mode); None when none answers within 2 s.
-pub async fn render(topology: &Topology, auth: Option<&axum::http::HeaderValue>, body: &ClientBody) -> Option<Vec<u32>> {
+pub(crate) async fn render(topology: &Topology, auth: Option<&axum::http::HeaderValue>, body: &ClientBody) -> Option<Vec<u32>> {
     let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
     let worker = topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
     let mut req = crate::router::upstream::legs::client()

@@ -1,13 +1,13 @@
 //! The metrics' labels, each a type: what a series may say is written down here.
 
 /// A value that names a metric's label.
-pub trait Label {
+pub(crate) trait Label {
     fn label(&self) -> &'static str;
 }
 
 /// Why a request failed, for the error metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     BadRequest,
     PayloadTooLarge,
     BodyTimeout,
@@ -52,7 +52,7 @@ impl Label for Cause {
 
 /// A leg of a pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Leg {
+pub(crate) enum Leg {
     Prefill,
     Decode,
 }
@@ -67,14 +67,14 @@ impl Label for Leg {
 }
 
 impl Leg {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         self.label()
     }
 }
 
 /// How a leg failed, as counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LegErrorKind {
+pub(crate) enum LegErrorKind {
     Connect,
     Timeout,
     Client4xx,
@@ -100,7 +100,7 @@ impl Label for LegErrorKind {
 
 /// The leg times the histogram keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LegTime {
+pub(crate) enum LegTime {
     Prefill,
     DecodeFirstByte,
     DecodeTotal,
@@ -118,7 +118,7 @@ impl Label for LegTime {
 
 /// What a retry tries again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RetryOf {
+pub(crate) enum RetryOf {
     Prefill,
     Decode,
     /// The whole pair, from a new prefill.
@@ -140,7 +140,7 @@ impl Label for RetryOf {
 
 /// kv_aware's decisions and its predictions' fate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvAwareOutcome {
+pub(crate) enum KvAwareOutcome {
     /// The decode prefilled the few tokens it lacked (no prefill leg).
     PrefillSkipped,
     PredictedExact,
@@ -164,7 +164,7 @@ impl Label for KvAwareOutcome {
 
 /// A circuit breaker's state, as the gauge shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CircuitState {
+pub(crate) enum CircuitState {
     Closed = 0,
     HalfOpen = 1,
     Open = 2,
@@ -172,7 +172,7 @@ pub enum CircuitState {
 
 /// The router's background tasks (each supervised: restarted when it ends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Task {
+pub(crate) enum Task {
     Discovery,
     TlsReload,
     Health,

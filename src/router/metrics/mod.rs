@@ -2,16 +2,16 @@
 //! by `RequestRecord` when it drops; gauges (in flight, queue, health) are read at scrape.
 //! Every label is a typed value (labels.rs); this room imports no other.
 
-pub mod labels;
+pub(crate) mod labels;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
+pub(crate) use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
 
-pub struct RouterMetrics {
+pub(crate) struct RouterMetrics {
     registry: Registry,
     requests: IntCounterVec,
     errors: IntCounterVec,
@@ -37,7 +37,7 @@ pub struct RouterMetrics {
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 impl RouterMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let r = Registry::new();
         let counter =
             |n: &str, h: &str, l: &[&str]| crate::api::prom::register(&r, IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"));
@@ -70,39 +70,39 @@ impl RouterMetrics {
         }
     }
 
-    pub fn abandoned_decode(&self) {
+    pub(crate) fn abandoned_decode(&self) {
         self.abandoned.inc();
     }
 
-    pub fn kv_aware(&self, outcome: KvAwareOutcome) {
+    pub(crate) fn kv_aware(&self, outcome: KvAwareOutcome) {
         self.kv_aware.with_label_values(&[outcome.label()]).inc();
     }
 
     /// Something refused at the network boundary (docs/SECURITY.md): where it came from,
     /// and why (the refusing room's own reason).
-    pub fn refused(&self, from: &'static str, reason: &impl Label) {
+    pub(crate) fn refused(&self, from: &'static str, reason: &impl Label) {
         self.refused.with_label_values(&[from, reason.label()]).inc();
     }
 
-    pub fn task_restarted(&self, task: Task) {
+    pub(crate) fn task_restarted(&self, task: Task) {
         self.task_restarts.with_label_values(&[task.label()]).inc();
     }
 
-    pub fn retry(&self, of: RetryOf) {
+    pub(crate) fn retry(&self, of: RetryOf) {
         self.retries.with_label_values(&[of.label()]).inc();
     }
 
-    pub fn leg_error(&self, leg: Leg, kind: LegErrorKind) {
+    pub(crate) fn leg_error(&self, leg: Leg, kind: LegErrorKind) {
         self.leg_errors.with_label_values(&[leg.label(), kind.label()]).inc();
     }
 
-    pub fn leg_time(&self, leg: LegTime, since: Instant) {
+    pub(crate) fn leg_time(&self, leg: LegTime, since: Instant) {
         self.legs.with_label_values(&[leg.label()]).observe(since.elapsed().as_secs_f64());
     }
 
     /// The text exposition. Per-worker series are rebuilt from `workers` each time, so a
     /// worker that has left has none.
-    pub fn render(&self, workers: &[WorkerGauges], queued: usize, permits: usize, draining: bool) -> String {
+    pub(crate) fn render(&self, workers: &[WorkerGauges], queued: usize, permits: usize, draining: bool) -> String {
         let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened] {
             gauge.reset();
@@ -123,13 +123,13 @@ impl RouterMetrics {
 }
 
 /// One worker's gauges, as the scrape reads them.
-pub struct WorkerGauges {
-    pub url: String,
-    pub role: &'static str,
-    pub rank_in_flight: Vec<usize>,
-    pub healthy: bool,
-    pub circuit: CircuitState,
-    pub circuit_openings: u64,
+pub(crate) struct WorkerGauges {
+    pub(crate) url: String,
+    pub(crate) role: &'static str,
+    pub(crate) rank_in_flight: Vec<usize>,
+    pub(crate) healthy: bool,
+    pub(crate) circuit: CircuitState,
+    pub(crate) circuit_openings: u64,
 }
 
 impl Default for RouterMetrics {
@@ -140,7 +140,7 @@ impl Default for RouterMetrics {
 
 /// Records one request's outcome exactly once, when dropped: whichever path the request
 /// took (answered, failed, client gone mid-way), the counters see it.
-pub struct RequestRecord {
+pub(crate) struct RequestRecord {
     metrics: Arc<RouterMetrics>,
     endpoint: &'static str,
     start: Instant,
@@ -150,22 +150,22 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(metrics: Arc<RouterMetrics>, endpoint: &'static str) -> Self {
+    pub(crate) fn new(metrics: Arc<RouterMetrics>, endpoint: &'static str) -> Self {
         RequestRecord { metrics, endpoint, start: Instant::now(), status: 499, cause: None, done: false }
     }
-    pub fn metrics(&self) -> &RouterMetrics {
+    pub(crate) fn metrics(&self) -> &RouterMetrics {
         &self.metrics
     }
     /// The status sent to the client.
-    pub fn status(&mut self, status: u16) {
+    pub(crate) fn status(&mut self, status: u16) {
         self.status = status;
     }
     /// Why the request failed (the first cause wins).
-    pub fn fail(&mut self, cause: Cause) {
+    pub(crate) fn fail(&mut self, cause: Cause) {
         self.cause.get_or_insert(cause);
     }
     /// The response reached its end (a success or an error the client received whole).
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.done = true;
     }
 }

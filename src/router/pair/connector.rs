@@ -24,20 +24,20 @@ use crate::router::request::{LegBodies, NIXL_PREFILL_PARAMS};
 use crate::router::workers::{Lease, Worker};
 
 /// The legs of one pair attempt.
-pub struct PairLegs {
+pub(crate) struct PairLegs {
     /// The request id both legs carry.
-    pub id: HeaderValue,
-    pub prefill: Pieces,
+    pub(crate) id: HeaderValue,
+    pub(crate) prefill: Pieces,
     /// The decode leg, when it is sent alongside the prefill (it then waits for the KV
     /// itself); otherwise it is made from the prefill's answer (`Connector::decode_body`).
-    pub decode_alongside: Option<Pieces>,
+    pub(crate) decode_alongside: Option<Pieces>,
 }
 
-pub use crate::api::connector::{Connector, MOONCAKE_BOOTSTRAP_PORT};
+pub(crate) use crate::api::connector::Connector;
 
 /// A prefill its decode cannot name yet (Mooncake: learned from its bootstrap server).
 #[derive(Debug)]
-pub enum NotNamed {
+pub(crate) enum NotNamed {
     EngineId { url: String, rank: usize },
     Bootstrap { url: String },
 }
@@ -54,13 +54,19 @@ impl std::fmt::Display for NotNamed {
 impl Connector {
     /// Whether the decode leg goes out with the prefill leg (it then waits for the KV
     /// itself) rather than after the prefill's answer.
-    pub fn sends_decode_alongside(self) -> bool {
+    pub(crate) fn sends_decode_alongside(self) -> bool {
         self == Connector::Mooncake
     }
 
     /// The legs of a pair attempt on this prefill rank and decode worker; an error when
     /// the prefill's peers cannot find it yet (a Mooncake engine id not learned).
-    pub fn pair_legs(self, bodies: &LegBodies, request_id: &HeaderValue, prefill: &Lease, decode: &Worker) -> Result<PairLegs, NotNamed> {
+    pub(crate) fn pair_legs(
+        self,
+        bodies: &LegBodies,
+        request_id: &HeaderValue,
+        prefill: &Lease,
+        decode: &Worker,
+    ) -> Result<PairLegs, NotNamed> {
         let id = self.leg_id(request_id, prefill.worker(), decode);
         Ok(match self {
             Connector::Nixl => PairLegs { id, prefill: bodies.prefill_leg(Some(&NIXL_PREFILL_PARAMS)), decode_alongside: None },
@@ -84,7 +90,7 @@ impl Connector {
 
     /// The decode leg of a connector that sends it after the prefill, given what the
     /// prefill answered with.
-    pub fn decode_body(self, bodies: &LegBodies, params: Option<&[u8]>) -> Pieces {
+    pub(crate) fn decode_body(self, bodies: &LegBodies, params: Option<&[u8]>) -> Pieces {
         match self {
             Connector::Nixl | Connector::Mooncake => bodies.decode(params),
             Connector::P2pNccl => bodies.colocated(),
@@ -113,7 +119,7 @@ impl Connector {
     /// Whether a decode that failed without touching the KV leaves it for another decode.
     /// P2pNccl's prefill pushed it to the decode the id names: a new pair is needed.
     /// Mooncake's prefill holds it under the transfer id for whichever decode asks.
-    pub fn kv_can_go_to_another_decode(self) -> bool {
+    pub(crate) fn kv_can_go_to_another_decode(self) -> bool {
         self != Connector::P2pNccl
     }
 }

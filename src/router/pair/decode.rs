@@ -20,7 +20,7 @@ use crate::router::workers::{Lease, Worker};
 /// How long a non-streamed decode whose client has gone is kept once the whole request
 /// reached it: by then vLLM has taken it into its engine, where an abort frees the
 /// prefill's KV (see `decode_leg`).
-pub const DECODE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const DECODE_GRACE: Duration = Duration::from_secs(1);
 
 /// How one pair attempt ended.
 pub(super) enum PairOutcome {
@@ -38,10 +38,10 @@ pub(super) enum PairOutcome {
 
 /// What a pair attempt starts from: its reserved decode, and what to avoid.
 pub(super) struct Pick {
-    pub decode: Lease,
-    pub avoid_p: Vec<String>,
-    pub avoid_d: Vec<String>,
-    pub avoidance: Avoidance,
+    pub(crate) decode: Lease,
+    pub(crate) avoid_p: Vec<String>,
+    pub(crate) avoid_d: Vec<String>,
+    pub(crate) avoidance: Avoidance,
 }
 
 /// Whether the client is still there for the answer.
@@ -60,19 +60,19 @@ pub(super) enum DecodeEnd {
 
 /// A decode leg's end, whether the client was still there, and when the leg was sent.
 pub(super) struct DecodeDone {
-    pub end: DecodeEnd,
-    pub client: Client,
-    pub sent_at: Instant,
+    pub(crate) end: DecodeEnd,
+    pub(crate) client: Client,
+    pub(crate) sent_at: Instant,
 }
 
 /// A pair whose prefill has answered (or run alongside its decode).
 pub(super) struct Opened {
-    pub prefill_worker: Arc<Worker>,
-    pub prefill_rank: usize,
+    pub(crate) prefill_worker: Arc<Worker>,
+    pub(crate) prefill_rank: usize,
     /// The decode leg (sent again to another decode if the first fails leaving the KV).
-    pub req: LegRequest,
+    pub(crate) req: LegRequest,
     /// How the decode sent alongside the prefill went.
-    pub first: Option<DecodeDone>,
+    pub(crate) first: Option<DecodeDone>,
 }
 
 pub(super) enum Opening {

@@ -12,19 +12,19 @@ use crate::router::upstream::legs::LegError;
 use crate::router::workers::{NoWorker, Role};
 
 /// An answer that is not the worker's success, and the cause it is counted under.
-pub struct Failure {
-    pub response: Response,
-    pub status: u16,
-    pub cause: Cause,
+pub(crate) struct Failure {
+    pub(crate) response: Response,
+    pub(crate) status: u16,
+    pub(crate) cause: Cause,
 }
 
 impl Failure {
-    pub fn api(err: ApiError, cause: Cause) -> Self {
+    pub(crate) fn api(err: ApiError, cause: Cause) -> Self {
         Failure { status: err.status.as_u16(), response: err.into_response(), cause }
     }
 
     /// A request the client got wrong (vLLM's own checks).
-    pub fn bad_request(err: ApiError) -> Self {
+    pub(crate) fn bad_request(err: ApiError) -> Self {
         let cause = match err.status.as_u16() {
             413 => Cause::PayloadTooLarge,
             408 => Cause::BodyTimeout,
@@ -35,7 +35,7 @@ impl Failure {
     }
 
     /// A worker's 4xx, returned to the client as the worker sent it.
-    pub fn passthrough(err: LegError) -> Self {
+    pub(crate) fn passthrough(err: LegError) -> Self {
         match err {
             LegError::Status { status, content_type, body } => {
                 let mut resp = (status, body).into_response();
@@ -48,7 +48,7 @@ impl Failure {
         }
     }
 
-    pub fn leg_failed(leg: Leg, err: &LegError) -> Self {
+    pub(crate) fn leg_failed(leg: Leg, err: &LegError) -> Self {
         let cause = match leg {
             Leg::Prefill => Cause::PrefillFailed,
             Leg::Decode => Cause::DecodeFailed,
@@ -56,7 +56,7 @@ impl Failure {
         Failure::api(ApiError::new(ErrorKind::BadGateway, format!("{} leg failed: {}", leg.as_str(), err.class())), cause)
     }
 
-    pub fn no_worker(no: NoWorker) -> Self {
+    pub(crate) fn no_worker(no: NoWorker) -> Self {
         let cause = match no.role {
             Role::Prefill => Cause::NoHealthyPrefill,
             Role::Decode => Cause::NoHealthyDecode,
@@ -65,14 +65,14 @@ impl Failure {
         Failure::api(ApiError::new(ErrorKind::ServiceUnavailable, no.to_string()).retry_after(1), cause)
     }
 
-    pub fn shutting_down() -> Self {
+    pub(crate) fn shutting_down() -> Self {
         Failure::api(
             ApiError::new(ErrorKind::ServiceUnavailable, "the router is shutting down; retry on another replica").retry_after(1),
             Cause::ShuttingDown,
         )
     }
 
-    pub fn internal(what: &str) -> Self {
+    pub(crate) fn internal(what: &str) -> Self {
         Failure::api(ApiError::internal(what), Cause::Internal)
     }
 }

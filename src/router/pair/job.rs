@@ -14,13 +14,13 @@ use crate::router::workers::Lease;
 
 /// What each leg of one generation sends besides its body.
 #[derive(Clone)]
-pub struct LegTemplate {
-    pub path: &'static str,
-    pub request_id: HeaderValue,
-    pub authorization: Option<HeaderValue>,
-    pub prefill_timeout: Duration,
-    pub first_byte_timeout: Duration,
-    pub request_timeout: Duration,
+pub(crate) struct LegTemplate {
+    pub(crate) path: &'static str,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) authorization: Option<HeaderValue>,
+    pub(crate) prefill_timeout: Duration,
+    pub(crate) first_byte_timeout: Duration,
+    pub(crate) request_timeout: Duration,
 }
 
 impl LegTemplate {
@@ -29,14 +29,14 @@ impl LegTemplate {
     }
 
     /// The same legs under another request id (one generation of a split request).
-    pub fn with_id(&self, request_id: HeaderValue) -> Self {
+    pub(crate) fn with_id(&self, request_id: HeaderValue) -> Self {
         LegTemplate { request_id, ..self.clone() }
     }
 }
 
 /// How the client takes its answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// Server-sent events: a decode's first output comes early.
     Stream,
     /// One JSON body: a decode's first output is its end.
@@ -55,11 +55,11 @@ impl From<bool> for Delivery {
 }
 
 /// One generation to run.
-pub struct Job {
-    pub bodies: LegBodies,
-    pub info: RequestInfo,
-    pub leg: LegTemplate,
-    pub delivery: Delivery,
+pub(crate) struct Job {
+    pub(crate) bodies: LegBodies,
+    pub(crate) info: RequestInfo,
+    pub(crate) leg: LegTemplate,
+    pub(crate) delivery: Delivery,
 }
 
 impl Job {
@@ -75,16 +75,16 @@ impl Job {
 }
 
 /// The start of the answer, and the worker rank giving it.
-pub struct Answer {
-    pub started: Started,
-    pub lease: Lease,
+pub(crate) struct Answer {
+    pub(crate) started: Started,
+    pub(crate) lease: Lease,
     /// When the answering leg was sent.
-    pub since: Instant,
+    pub(crate) since: Instant,
     /// The DP rank whose prefix cache the answer's `cached_tokens` count: NIXL's decode
     /// reports its prefill's, a decode alone its own (None where unknown).
-    pub cache_from: Option<WorkerRank>,
+    pub(crate) cache_from: Option<WorkerRank>,
     /// The prefill rank that ran this answer's prefill leg (None: the worker answered alone).
-    pub prefill: Option<WorkerRank>,
+    pub(crate) prefill: Option<WorkerRank>,
     /// The leg id to replace by the client's in the answer (P2pNccl's names both engines).
-    pub rename: Option<Rename>,
+    pub(crate) rename: Option<Rename>,
 }

@@ -7,17 +7,17 @@
 //! unit tests (tests.rs), one per row of docs/FAILURES.md, the contract this room keeps.
 
 mod colocated;
-pub mod connector;
+pub(crate) mod connector;
 mod decode;
-pub mod failure;
+pub(crate) mod failure;
 mod job;
 mod prefill;
-pub mod prefill_time;
-pub mod rename;
-pub mod retry;
+pub(crate) mod prefill_time;
+pub(crate) mod rename;
+pub(crate) mod retry;
 #[cfg(test)]
 mod scripted;
-pub mod sender;
+pub(crate) mod sender;
 #[cfg(test)]
 mod tests;
 mod verdict;
@@ -36,25 +36,25 @@ use crate::router::workers::topology::Topology;
 use crate::router::workers::{Lease, NoWorker, Pool};
 use decode::{PairOutcome, Pick};
 use failure::Failure;
-pub use job::{Answer, Delivery, Job, LegTemplate};
+pub(crate) use job::{Answer, Delivery, Job, LegTemplate};
 use prefill_time::PrefillTime;
 use retry::{RetryBudget, RetryConfig};
-pub use sender::{HttpLegs, LegSender};
+pub(crate) use sender::{HttpLegs, LegSender};
 use verdict::Verdict;
 
 /// What the state machine runs with: the pools, the connector, the retry rules and budget,
 /// the metrics, and the legs' sender.
-pub struct Pairs<S = HttpLegs> {
-    pub topology: Arc<Topology>,
-    pub connector: Connector,
-    pub retry: RetryConfig,
-    pub budget: RetryBudget,
-    pub metrics: Arc<RouterMetrics>,
-    pub prefill_time: PrefillTime,
+pub(crate) struct Pairs<S = HttpLegs> {
+    pub(crate) topology: Arc<Topology>,
+    pub(crate) connector: Connector,
+    pub(crate) retry: RetryConfig,
+    pub(crate) budget: RetryBudget,
+    pub(crate) metrics: Arc<RouterMetrics>,
+    pub(crate) prefill_time: PrefillTime,
     /// kv_aware: a decode holding all but at most this many prompt tokens prefills them
     /// itself (no prefill leg); 0: never.
-    pub decode_alone_tokens: usize,
-    pub legs: S,
+    pub(crate) decode_alone_tokens: usize,
+    pub(crate) legs: S,
 }
 
 /// Whether a pick may settle for a worker it was told to avoid.
@@ -74,7 +74,7 @@ fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], how: Avoidance) -> Re
 }
 
 impl<S: LegSender> Pairs<S> {
-    pub async fn run(self: &Arc<Self>, job: Arc<Job>) -> Result<Answer, Failure> {
+    pub(crate) async fn run(self: &Arc<Self>, job: Arc<Job>) -> Result<Answer, Failure> {
         match &*self.topology {
             Topology::Disaggregated { .. } => self.disaggregated(job).await,
             Topology::Colocated { workers } => self.colocated(workers, &job).await,

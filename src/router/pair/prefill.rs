@@ -66,7 +66,10 @@ impl<S: LegSender> Pairs<S> {
         loop {
             let mut lease = self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await?;
             attempt += 1;
-            let legs = self.connector.pair_legs(&job.bodies, &job.leg.request_id, &lease, decode).map_err(|e| Failure::internal(&e.to_string()))?;
+            let legs = self
+                .connector
+                .pair_legs(&job.bodies, &job.leg.request_id, &lease, decode)
+                .map_err(|e| Failure::internal(&e.to_string()))?;
             let req = LegRequest { request_id: legs.id.clone(), ..job.leg.request(legs.prefill, job.leg.prefill_timeout) };
             tracing::debug!(request_id = ?job.leg.request_id, prefill = %lease.url(), decode = %decode.url, leg_id = ?legs.id, "pair");
             let t = Instant::now();

@@ -6,12 +6,12 @@ use std::time::Duration;
 /// The typical time of a prefill leg (an exponentially weighted mean), which sets how
 /// long a prefill whose client has gone may still answer (see run_pair).
 #[derive(Default)]
-pub struct PrefillTime {
+pub(crate) struct PrefillTime {
     micros: std::sync::atomic::AtomicU64,
 }
 
 impl PrefillTime {
-    pub fn observe(&self, took: Duration) {
+    pub(crate) fn observe(&self, took: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         let new = took.as_micros().min(u128::from(u64::MAX)) as u64;
         let old = self.micros.load(Relaxed);
@@ -23,7 +23,7 @@ impl PrefillTime {
     /// client has gone: three typical prefill times, or twice what it has already waited
     /// (a queued prefill is expected to wait about as long again), at least a second, at
     /// most the prefill timeout.
-    pub fn grace(&self, elapsed: Duration, limit: Duration) -> Duration {
+    pub(crate) fn grace(&self, elapsed: Duration, limit: Duration) -> Duration {
         let typical = Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed));
         (typical * 3).max(elapsed * 2).max(Duration::from_secs(1)).min(limit.saturating_sub(elapsed))
     }

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use memchr::memmem;
 
-pub struct Rename {
+pub(crate) struct Rename {
     from: Vec<u8>,
     to: Bytes,
     /// The tail of the last chunk that may be the start of `from`.
@@ -16,12 +16,12 @@ pub struct Rename {
 }
 
 impl Rename {
-    pub fn new(from: &[u8], to: &[u8]) -> Self {
+    pub(crate) fn new(from: &[u8], to: &[u8]) -> Self {
         Rename { from: from.to_vec(), to: Bytes::copy_from_slice(to), carry: BytesMut::new() }
     }
 
     /// A whole answer with every `from` replaced.
-    pub fn whole(&self, bytes: Bytes) -> Bytes {
+    pub(crate) fn whole(&self, bytes: Bytes) -> Bytes {
         if memmem::find(&bytes, &self.from).is_none() {
             return bytes;
         }
@@ -42,7 +42,7 @@ impl Rename {
 
     /// The next piece of a stream, renamed; a tail that may begin `from` is kept for the
     /// next piece.
-    pub fn chunk(&mut self, chunk: &[u8]) -> Bytes {
+    pub(crate) fn chunk(&mut self, chunk: &[u8]) -> Bytes {
         let joined;
         let data: &[u8] = if self.carry.is_empty() {
             chunk
@@ -60,7 +60,7 @@ impl Rename {
     }
 
     /// What is held back, at the stream's end.
-    pub fn finish(&mut self) -> Bytes {
+    pub(crate) fn finish(&mut self) -> Bytes {
         self.carry.split().freeze()
     }
 

@@ -9,27 +9,27 @@ use rand::Rng;
 
 /// Retries of failed legs on other workers.
 #[derive(Debug, Clone)]
-pub struct RetryConfig {
+pub(crate) struct RetryConfig {
     /// Extra attempts of a failed leg on other workers (prefill leg; decode leg with the
     /// same KV; colocated leg).
-    pub max_retries: u32,
+    pub(crate) max_retries: u32,
     /// A pair whose decode failed before its first byte is run again once.
-    pub rerun_pair: bool,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub multiplier: f64,
-    pub jitter: f64,
+    pub(crate) rerun_pair: bool,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) multiplier: f64,
+    pub(crate) jitter: f64,
     /// Retries may add this fraction of the requests of the last 10 s ...
-    pub budget_ratio: f64,
+    pub(crate) budget_ratio: f64,
     /// ... and at least this many per second.
-    pub budget_min_per_sec: f64,
+    pub(crate) budget_min_per_sec: f64,
 }
 
 /// Seconds per bucket; the budget looks at the current and the previous bucket.
 const BUCKET_SECS: u64 = 5;
 
 /// Requests and retries counted in two rotating 5 s buckets (lock-free).
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     ratio: f64,
     min_per_sec: f64,
     start: Instant,
@@ -45,7 +45,7 @@ struct Bucket {
 }
 
 impl RetryBudget {
-    pub fn new(cfg: &RetryConfig) -> Self {
+    pub(crate) fn new(cfg: &RetryConfig) -> Self {
         RetryBudget { ratio: cfg.budget_ratio, min_per_sec: cfg.budget_min_per_sec, start: Instant::now(), buckets: Default::default() }
     }
 
@@ -64,12 +64,12 @@ impl RetryBudget {
     }
 
     /// Counts one client request (what the budget is a fraction of).
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         self.bucket(self.epoch()).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget; false when it is spent.
-    pub fn try_retry(&self) -> bool {
+    pub(crate) fn try_retry(&self) -> bool {
         let now = self.epoch();
         let current = self.bucket(now);
         let previous = &self.buckets[((now + 1) % 2) as usize];
@@ -93,7 +93,7 @@ impl RetryBudget {
 }
 
 /// The wait before retry number `attempt` (1 = the first retry).
-pub fn backoff(cfg: &RetryConfig, attempt: u32) -> Duration {
+pub(crate) fn backoff(cfg: &RetryConfig, attempt: u32) -> Duration {
     if attempt == 0 || cfg.initial_backoff.is_zero() {
         return Duration::ZERO;
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::router::upstream::legs::{self, LegError, LegRequest, Prefilled, Sent, Started, Target};
 
 /// Sends one leg and returns what the worker answered.
-pub trait LegSender: Send + Sync + 'static {
+pub(crate) trait LegSender: Send + Sync + 'static {
     /// A prefill leg: the params its answer carries, and whether it kept the KV.
     fn prefill(&self, to: Target<'_>, req: &LegRequest) -> impl Future<Output = Result<Prefilled, LegError>> + Send;
     /// A generating leg (decode, or a worker answering alone): the start of its answer.
@@ -17,7 +17,7 @@ pub trait LegSender: Send + Sync + 'static {
 }
 
 /// The legs over HTTP/1.1 (upstream/legs.rs).
-pub struct HttpLegs;
+pub(crate) struct HttpLegs;
 
 impl LegSender for HttpLegs {
     fn prefill(&self, to: Target<'_>, req: &LegRequest) -> impl Future<Output = Result<Prefilled, LegError>> + Send {

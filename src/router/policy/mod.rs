@@ -18,21 +18,21 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
-pub use prefix::PrefixIndex;
-pub use ring::HashRing;
+pub(crate) use prefix::PrefixIndex;
+pub(crate) use ring::HashRing;
 
 #[derive(Debug, Clone)]
-pub struct CacheAwareConfig {
-    pub cache_threshold: f64,
-    pub balance_abs_threshold: usize,
-    pub balance_rel_threshold: f64,
-    pub eviction_interval: Duration,
+pub(crate) struct CacheAwareConfig {
+    pub(crate) cache_threshold: f64,
+    pub(crate) balance_abs_threshold: usize,
+    pub(crate) balance_rel_threshold: f64,
+    pub(crate) eviction_interval: Duration,
     /// Most prompt units (characters, or tokens with a tokenizer) indexed per worker.
-    pub max_tree_size: usize,
+    pub(crate) max_tree_size: usize,
     /// Units of each prompt's start that are indexed (the rest is not looked at).
-    pub max_prefix: usize,
+    pub(crate) max_prefix: usize,
     /// Most index entries for all workers together (each ~100 bytes).
-    pub max_entries: usize,
+    pub(crate) max_entries: usize,
 }
 
 /// One DP rank of one worker: what a request is sent to, and a KV cache that events come
@@ -46,7 +46,7 @@ pub struct WorkerRank {
 /// How a role's workers are chosen for each request.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
-pub enum PolicyKind {
+pub(crate) enum PolicyKind {
     /// Each worker in turn.
     RoundRobin,
     /// Uniformly at random.
@@ -69,7 +69,7 @@ pub enum PolicyKind {
 
 /// A prompt's start as policies read it, in units: text bytes, or token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PromptStart {
+pub(crate) enum PromptStart {
     /// UTF-8 text, one unit per byte.
     Text(Vec<u8>),
     /// Token ids, one unit each.
@@ -83,19 +83,19 @@ impl Default for PromptStart {
 }
 
 impl PromptStart {
-    pub fn units(&self) -> usize {
+    pub(crate) fn units(&self) -> usize {
         match self {
             PromptStart::Text(b) => b.len(),
             PromptStart::Tokens(t) => t.len(),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.units() == 0
     }
 
     /// FNV-1a from `h` over the units in `range` (a token id as its 4 little-endian bytes).
-    pub fn hash_units(&self, h: u64, range: std::ops::Range<usize>) -> u64 {
+    pub(crate) fn hash_units(&self, h: u64, range: std::ops::Range<usize>) -> u64 {
         match self {
             PromptStart::Text(b) => crate::api::fnv1a(h, &b[range]),
             PromptStart::Tokens(t) => t[range].iter().fold(h, |h, id| crate::api::fnv1a(h, &id.to_le_bytes())),
@@ -106,39 +106,39 @@ impl PromptStart {
 /// What a policy may look at: a session key and the prompt's start, and its chunk hashes,
 /// computed here, outside any lock. Filled only for the policies that need them.
 #[derive(Default, Debug)]
-pub struct RequestInfo {
-    pub session: Option<String>,
-    pub prompt: PromptStart,
-    pub chunks: Vec<(u64, u32)>,
+pub(crate) struct RequestInfo {
+    pub(crate) session: Option<String>,
+    pub(crate) prompt: PromptStart,
+    pub(crate) chunks: Vec<(u64, u32)>,
     /// kv_aware: the prompt's full blocks, and how many of them each (worker, rank) holds
     /// from the start (from the KV index, looked up before the pick).
-    pub kv: Option<KvView>,
+    pub(crate) kv: Option<KvView>,
 }
 
 #[derive(Default, Debug)]
-pub struct KvView {
+pub(crate) struct KvView {
     /// The prompt's tokens and tokens per block.
-    pub tokens: usize,
-    pub block_size: usize,
-    pub blocks: usize,
-    pub held: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
+    pub(crate) tokens: usize,
+    pub(crate) block_size: usize,
+    pub(crate) blocks: usize,
+    pub(crate) held: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
     /// Blocks indexed per holder: among equals, the emptier cache takes a new prompt.
-    pub indexed: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
+    pub(crate) indexed: std::collections::HashMap<crate::router::policy::WorkerRank, usize>,
 }
 
 impl RequestInfo {
-    pub fn new(session: Option<String>, prompt: PromptStart) -> Self {
+    pub(crate) fn new(session: Option<String>, prompt: PromptStart) -> Self {
         let chunks = prefix::chunk_hashes(&prompt);
         RequestInfo { session, prompt, chunks, kv: None }
     }
 
-    pub fn units(&self) -> usize {
+    pub(crate) fn units(&self) -> usize {
         self.prompt.units()
     }
 }
 
 /// What a policy reads of a worker (workers::Worker is one).
-pub trait Candidate {
+pub(crate) trait Candidate {
     fn url(&self) -> &str;
     /// Requests in flight on it, as the router counts them.
     fn in_flight(&self) -> usize;
@@ -153,13 +153,13 @@ pub trait Candidate {
 /// A policy's choice: the candidate (an index into the pool's snapshot), the DP rank when
 /// the policy chooses it (kv_aware: the rank whose cache holds the prompt; otherwise the
 /// worker's least loaded), and the uncached blocks the request reserves there.
-pub struct Pick {
-    pub index: usize,
-    pub rank: Option<usize>,
-    pub blocks: usize,
+pub(crate) struct Pick {
+    pub(crate) index: usize,
+    pub(crate) rank: Option<usize>,
+    pub(crate) blocks: usize,
 }
 
-pub enum Policy {
+pub(crate) enum Policy {
     RoundRobin {
         next: usize,
     },
@@ -179,7 +179,7 @@ pub enum Policy {
 
 impl Policy {
     /// A policy with no workers yet (the pool adds them).
-    pub fn new(kind: PolicyKind, cache: &CacheAwareConfig, kv_load_weight: f64) -> Self {
+    pub(crate) fn new(kind: PolicyKind, cache: &CacheAwareConfig, kv_load_weight: f64) -> Self {
         match kind {
             PolicyKind::RoundRobin => Policy::RoundRobin { next: 0 },
             PolicyKind::Random => Policy::Random,
@@ -190,7 +190,7 @@ impl Policy {
         }
     }
 
-    pub fn add_worker(&mut self, url: &str) {
+    pub(crate) fn add_worker(&mut self, url: &str) {
         match self {
             Policy::ConsistentHash(ring) => ring.add(url),
             Policy::CacheAware { index, .. } => index.add(url),
@@ -198,7 +198,7 @@ impl Policy {
         }
     }
 
-    pub fn remove_worker(&mut self, url: &str) {
+    pub(crate) fn remove_worker(&mut self, url: &str) {
         match self {
             Policy::ConsistentHash(ring) => ring.remove(url),
             Policy::CacheAware { index, .. } => index.remove(url),
@@ -206,16 +206,16 @@ impl Policy {
         }
     }
 
-    pub fn needs_request_info(&self) -> bool {
+    pub(crate) fn needs_request_info(&self) -> bool {
         matches!(self, Policy::ConsistentHash(_) | Policy::CacheAware { .. })
     }
 
-    pub fn is_kv_aware(&self) -> bool {
+    pub(crate) fn is_kv_aware(&self) -> bool {
         matches!(self, Policy::KvAware { .. })
     }
 
     /// The chosen candidate, and what the policy decided beyond it.
-    pub fn select<W: Candidate>(&mut self, workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo) -> Pick {
+    pub(crate) fn select<W: Candidate>(&mut self, workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo) -> Pick {
         let worker_only = |index| Pick { index, rank: None, blocks: 0 };
         match self {
             Policy::RoundRobin { next } => worker_only(round_robin::select(next, candidates)),
@@ -231,7 +231,7 @@ impl Policy {
     }
 
     /// Entries in cache_aware's prefix index (None for other policies).
-    pub fn index_entries(&self) -> Option<usize> {
+    pub(crate) fn index_entries(&self) -> Option<usize> {
         match self {
             Policy::CacheAware { index, .. } => Some(index.entries()),
             _ => None,
@@ -240,7 +240,7 @@ impl Policy {
 
     /// One bounded step of upkeep (cache_aware's trim to --max-tree-size); returns
     /// whether more steps are due.
-    pub fn maintain(&mut self) -> bool {
+    pub(crate) fn maintain(&mut self) -> bool {
         match self {
             Policy::CacheAware { cfg, index } => index.trim(cfg.max_tree_size),
             _ => false,

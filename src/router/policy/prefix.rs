@@ -14,13 +14,13 @@ use std::collections::HashMap;
 use lru::LruCache;
 
 /// Units (characters or tokens) per chunk.
-pub const CHUNK_UNITS: usize = 16;
+pub(crate) const CHUNK_UNITS: usize = 16;
 
 /// Most entries evicted per lock hold by `trim`.
 const TRIM_STEP: usize = 16_384;
 
 /// The chained hashes of a prompt's chunks, and the units in each.
-pub fn chunk_hashes(prompt: &super::PromptStart) -> Vec<(u64, u32)> {
+pub(crate) fn chunk_hashes(prompt: &super::PromptStart) -> Vec<(u64, u32)> {
     let units = prompt.units();
     let mut h = crate::api::FNV_OFFSET;
     (0..units)
@@ -45,17 +45,17 @@ struct Tree {
 
 /// Per worker (by URL), the chunks routed to it. Workers join and leave (`add`, `remove`);
 /// the memory cap is shared out again each time.
-pub struct PrefixIndex {
+pub(crate) struct PrefixIndex {
     trees: HashMap<String, Tree>,
     max_entries: usize,
 }
 
 impl PrefixIndex {
     /// Bytes one entry costs (hash map slot, LRU node, allocator overhead), measured.
-    pub const BYTES_PER_ENTRY: usize = 96;
+    pub(crate) const BYTES_PER_ENTRY: usize = 96;
 
     /// An empty index holding at most `max_entries` entries for all workers together.
-    pub fn new(max_entries: usize) -> Self {
+    pub(crate) fn new(max_entries: usize) -> Self {
         PrefixIndex { trees: HashMap::new(), max_entries }
     }
 
@@ -75,36 +75,36 @@ impl PrefixIndex {
         }
     }
 
-    pub fn add(&mut self, worker: &str) {
+    pub(crate) fn add(&mut self, worker: &str) {
         if !self.trees.contains_key(worker) {
             self.trees.insert(worker.to_string(), Tree { lru: LruCache::unbounded(), units: 0 });
             self.reshare();
         }
     }
 
-    pub fn remove(&mut self, worker: &str) {
+    pub(crate) fn remove(&mut self, worker: &str) {
         if self.trees.remove(worker).is_some() {
             self.reshare();
         }
     }
 
     /// Units held for a worker (0 for one the index does not know).
-    pub fn size(&self, worker: &str) -> usize {
+    pub(crate) fn size(&self, worker: &str) -> usize {
         self.trees.get(worker).map_or(0, |t| t.units)
     }
 
-    pub fn entries(&self) -> usize {
+    pub(crate) fn entries(&self) -> usize {
         self.trees.values().map(|t| t.lru.len()).sum()
     }
 
     /// How many leading units of the prompt the worker's tree holds.
-    pub fn matched_units(&self, chunks: &[(u64, u32)], worker: &str) -> usize {
+    pub(crate) fn matched_units(&self, chunks: &[(u64, u32)], worker: &str) -> usize {
         let Some(tree) = self.trees.get(worker) else { return 0 };
         chunks.iter().take_while(|(h, _)| tree.lru.contains(h)).map(|(_, u)| *u as usize).sum()
     }
 
     /// Records that the chunks went to `worker` (nothing, for a worker that has left).
-    pub fn insert(&mut self, chunks: &[(u64, u32)], worker: &str) {
+    pub(crate) fn insert(&mut self, chunks: &[(u64, u32)], worker: &str) {
         let cap = self.share(self.trees.len());
         let Some(tree) = self.trees.get_mut(worker) else { return };
         for (h, units) in chunks {
@@ -123,7 +123,7 @@ impl PrefixIndex {
 
     /// Evicts least recently used entries of workers over `max_units`, at most
     /// `TRIM_STEP` of them; returns whether more remain to evict.
-    pub fn trim(&mut self, max_units: usize) -> bool {
+    pub(crate) fn trim(&mut self, max_units: usize) -> bool {
         let mut budget = TRIM_STEP;
         for tree in self.trees.values_mut() {
             while tree.units > max_units && budget > 0 {

@@ -7,7 +7,7 @@ const VNODES: usize = 160;
 use std::sync::Arc;
 
 #[derive(Default)]
-pub struct HashRing {
+pub(crate) struct HashRing {
     points: Vec<(u64, Arc<str>)>,
 }
 
@@ -24,30 +24,30 @@ fn finish(h: u64) -> u64 {
 
 /// A key's place on the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingKey(u64);
+pub(crate) struct RingKey(u64);
 
 impl HashRing {
-    pub fn key(bytes: &[u8]) -> RingKey {
+    pub(crate) fn key(bytes: &[u8]) -> RingKey {
         RingKey(hash(bytes))
     }
 
     /// The key of bytes fed to FNV-1a by `feed` (from the offset basis it is given).
-    pub fn key_of(feed: impl FnOnce(u64) -> u64) -> RingKey {
+    pub(crate) fn key_of(feed: impl FnOnce(u64) -> u64) -> RingKey {
         RingKey(finish(feed(crate::api::FNV_OFFSET)))
     }
 
-    pub fn add(&mut self, url: &str) {
+    pub(crate) fn add(&mut self, url: &str) {
         let id: Arc<str> = Arc::from(url);
         self.points.extend((0..VNODES).map(|v| (hash(format!("{url}#{v}").as_bytes()), id.clone())));
         self.points.sort_unstable();
     }
 
-    pub fn remove(&mut self, url: &str) {
+    pub(crate) fn remove(&mut self, url: &str) {
         self.points.retain(|(_, u)| &**u != url);
     }
 
     /// The owner of `key` among the workers `usable` accepts.
-    pub fn lookup(&self, key: RingKey, usable: impl Fn(&str) -> bool) -> Option<&str> {
+    pub(crate) fn lookup(&self, key: RingKey, usable: impl Fn(&str) -> bool) -> Option<&str> {
         if self.points.is_empty() {
             return None;
         }

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
 
 use crate::router::request::scan::{self, Field};
-pub use crate::router::upstream::pieces::Pieces;
+pub(crate) use crate::router::upstream::pieces::Pieces;
 
 use crate::api::{validation_error, ApiError, ErrorKind};
 
@@ -31,7 +31,7 @@ impl ClientBody {
     /// `parse`, with a body over 1 MiB scanned on the blocking pool: a serving thread runs
     /// many connections and does not hand them to another thread while it is busy
     /// (server.rs), so a large body (up to --max-payload-size) must not hold them up.
-    pub async fn parse_without_blocking(raw: Bytes) -> Result<ClientBody, ApiError> {
+    pub(crate) async fn parse_without_blocking(raw: Bytes) -> Result<ClientBody, ApiError> {
         const INLINE_UP_TO: usize = 1 << 20;
         if raw.len() <= INLINE_UP_TO {
             return ClientBody::parse(raw);
@@ -41,7 +41,7 @@ impl ClientBody {
             .unwrap_or_else(|e| Err(ApiError::new(ErrorKind::Internal, format!("the request body's scan failed: {e}"))))
     }
 
-    pub fn raw(&self) -> &Bytes {
+    pub(crate) fn raw(&self) -> &Bytes {
         &self.raw
     }
 
@@ -50,14 +50,14 @@ impl ClientBody {
         self.fields.iter().rev().find(|f| &*f.key == key).map(|f| &self.raw[f.value.clone()])
     }
 
-    pub fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.fields.iter().any(|f| &*f.key == key)
     }
 
     /// A field decoded; `Ok(None)` when absent. The scan checks JSON's grammar, not what a
     /// decode refuses: a number past f64 (`1e400`) or nesting deeper than 128, which are a
     /// 400 naming the field.
-    pub fn value(&self, key: &str) -> Result<Option<Value>, ApiError> {
+    pub(crate) fn value(&self, key: &str) -> Result<Option<Value>, ApiError> {
         let Some(raw) = self.get(key) else { return Ok(None) };
         serde_json::from_slice(raw).map(Some).map_err(|e| {
             ApiError::new(
@@ -70,12 +70,12 @@ impl ClientBody {
 
     /// A field decoded where an undecodable one counts as absent (policies' hints: the
     /// worker sees the field as sent and answers for it).
-    pub fn hint(&self, key: &str) -> Option<Value> {
+    pub(crate) fn hint(&self, key: &str) -> Option<Value> {
         self.value(key).ok().flatten()
     }
 
     /// The given fields decoded into one map (the fields a check needs, not the body).
-    pub fn subset(&self, keys: &[&str]) -> Result<Map<String, Value>, ApiError> {
+    pub(crate) fn subset(&self, keys: &[&str]) -> Result<Map<String, Value>, ApiError> {
         let mut out = Map::new();
         for k in keys {
             if let Some(v) = self.value(k)? {
@@ -95,7 +95,7 @@ impl ClientBody {
     /// only shared (slices of `raw`), with the few bytes the router writes between them.
     /// The client's own bytes when there is nothing to do; those bytes plus a splice before
     /// the closing brace when only adding.
-    pub fn pieces_with(&self, drop: &[&str], set: &[(&str, &[u8])]) -> Pieces {
+    pub(crate) fn pieces_with(&self, drop: &[&str], set: &[(&str, &[u8])]) -> Pieces {
         let replaced = |k: &str| drop.contains(&k) || set.iter().any(|(s, _)| *s == k);
         let mut out = Pieces::default();
         if !self.fields.iter().any(|f| replaced(&f.key)) {

@@ -47,19 +47,19 @@ const PREFILL_OVERRIDES: &[&str] = &[
 ];
 
 /// The prefill leg's six-key params, serialised once.
-pub static NIXL_PREFILL_PARAMS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(crate::api::kv_params::nixl_prefill);
+pub(crate) static NIXL_PREFILL_PARAMS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(crate::api::kv_params::nixl_prefill);
 
 /// The checked facts of a request.
 #[derive(Debug)]
-pub struct Shape {
-    pub gen: Generation,
+pub(crate) struct Shape {
+    pub(crate) gen: Generation,
     /// A completions prompt given as a list of prompts: the byte range of each in the body.
-    pub prompts: Option<Vec<Range<usize>>>,
+    pub(crate) prompts: Option<Vec<Range<usize>>>,
 }
 
 impl Shape {
     /// How many generations (pairs, in PD mode) the request makes.
-    pub fn generations(&self) -> usize {
+    pub(crate) fn generations(&self) -> usize {
         self.prompts.as_ref().map_or(1, Vec::len) * self.gen.n as usize
     }
 }
@@ -67,7 +67,7 @@ impl Shape {
 const GENERATION_FIELDS: &[&str] =
     &["max_tokens", "max_completion_tokens", "min_tokens", "n", "seed", "temperature", "stream", "stream_options", "kv_transfer_params"];
 
-pub fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
+pub(crate) fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
     let gen = check_generation(api, &body.subset(GENERATION_FIELDS)?)?;
     // Decoded for every leg (steering keys are taken out of it): it must decode.
     body.value("vllm_xargs")?;
@@ -101,7 +101,7 @@ fn first_item_is_number(raw: &[u8]) -> bool {
 
 /// The first `max` token ids of a prompt that is one flat array of non-negative integers
 /// (`[12, 7, ...]`), read without decoding the rest; None for any other shape.
-pub fn leading_token_ids(raw: &[u8], max: usize) -> Option<Vec<u32>> {
+pub(crate) fn leading_token_ids(raw: &[u8], max: usize) -> Option<Vec<u32>> {
     if raw.first() != Some(&b'[') || !first_item_is_number(raw) {
         return None;
     }
@@ -152,10 +152,6 @@ impl LegBodies {
         LegBodies { body, xargs }
     }
 
-    pub fn body(&self) -> &ClientBody {
-        &self.body
-    }
-
     fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Pieces {
         match &self.xargs {
             Some(x) => {
@@ -177,7 +173,7 @@ impl LegBodies {
 
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
-    pub fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
+    pub(crate) fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
         let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1"), ("ignore_eos", b"true")];
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
@@ -205,7 +201,12 @@ impl LegBodies {
 }
 
 /// The session key and prompt start a policy may use (at most `max_units` of it).
-pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&tokenizers::Tokenizer>, max_units: usize) -> RequestInfo {
+pub(crate) fn request_info(
+    headers: &HeaderMap,
+    body: &ClientBody,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    max_units: usize,
+) -> RequestInfo {
     let session = ["x-session-id", "x-user-id"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_owned))
@@ -287,7 +288,7 @@ pub fn request_info(headers: &HeaderMap, body: &ClientBody, tokenizer: Option<&t
 /// The sub-request bodies of a request that fans out: one per prompt of a list and per
 /// choice of `n`, each with one prompt and `n` 1. vLLM seeds choice `j` with `seed + j`,
 /// so a sub-request gets that seed and samples what the choice would have.
-pub fn split(body: &ClientBody, shape: &Shape) -> Vec<Bytes> {
+pub(crate) fn split(body: &ClientBody, shape: &Shape) -> Vec<Bytes> {
     let n = shape.gen.n as i128;
     let prompts: Vec<Option<&[u8]>> = match &shape.prompts {
         Some(ranges) => ranges.iter().map(|r| Some(&body.raw()[r.clone()])).collect(),

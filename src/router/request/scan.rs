@@ -18,8 +18,8 @@ use serde_json::value::RawValue;
 /// A top-level key (decoded) and where its value lies in the body.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Field {
-    pub key: Box<str>,
-    pub value: Range<usize>,
+    pub(crate) key: Box<str>,
+    pub(crate) value: Range<usize>,
 }
 
 /// The body's top-level fields: the fast path, else serde_json's scan (and its error).

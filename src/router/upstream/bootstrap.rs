@@ -2,7 +2,7 @@
 //! engine ids it lists per DP rank.
 
 /// A Mooncake prefill's bootstrap server: its URL's host (IPv6 in brackets) at `port`.
-pub fn address(url: &str, port: u16) -> String {
+pub(crate) fn address(url: &str, port: u16) -> String {
     // `host_str` keeps IPv6 brackets, which join_host_port leaves as they are.
     let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
     format!("http://{}", crate::api::join_host_port(&host, port))
@@ -12,7 +12,7 @@ pub fn address(url: &str, port: u16) -> String {
 /// `GET {bootstrap}/query` answers `{"<dp_rank>": {"engine_id": .., "worker_addr": ..}}`.
 /// The ranks must be 0..k with no gaps; at most `dp_size` of them are returned (a worker
 /// that lists fewer serves fewer than configured, and the caller learns that).
-pub async fn engine_ids(client: &reqwest::Client, bootstrap: &str, dp_size: usize) -> Result<Vec<String>, String> {
+pub(crate) async fn engine_ids(client: &reqwest::Client, bootstrap: &str, dp_size: usize) -> Result<Vec<String>, String> {
     let url = format!("{bootstrap}/query");
     let resp = client.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
     if !resp.status().is_success() {

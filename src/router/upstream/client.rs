@@ -35,17 +35,17 @@ use crate::router::upstream::legs::WORKER_CONNECTION_IDLE;
 static TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
 
 /// Sets how https workers are reached (once, before any leg).
-pub fn use_tls(config: Arc<rustls::ClientConfig>) {
+pub(crate) fn use_tls(config: Arc<rustls::ClientConfig>) {
     let _ = TLS.set(config);
 }
 
 /// How https workers are reached, when set.
-pub fn tls() -> Option<Arc<rustls::ClientConfig>> {
+pub(crate) fn tls() -> Option<Arc<rustls::ClientConfig>> {
     TLS.get().cloned()
 }
 
 /// Whether https workers are shown a client certificate (--worker-ssl-certfile).
-pub fn presents_client_certificate() -> bool {
+pub(crate) fn presents_client_certificate() -> bool {
     TLS.get().is_some_and(|c| c.client_auth_cert_resolver.has_certs())
 }
 
@@ -57,7 +57,7 @@ const MAX_HEADERS: usize = 64;
 const MAX_IDLE_PER_WORKER: usize = 4096;
 
 #[derive(Debug)]
-pub enum Error {
+pub(crate) enum Error {
     /// No connection could be made (nothing was sent).
     Connect(String),
     /// The exchange broke after the connection was made.
@@ -73,25 +73,25 @@ impl std::fmt::Display for Error {
 }
 
 /// A POST to a worker.
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// The worker's URL as normalised (`http://host:port[/prefix]`, workers::url::normalize_url).
-    pub url: &'a str,
-    pub path: &'a str,
+    pub(crate) url: &'a str,
+    pub(crate) path: &'a str,
     /// Headers besides Host and Content-Length (values are `HeaderValue`s: no CR or LF).
-    pub headers: &'a [(&'static str, &'a HeaderValue)],
-    pub body: &'a [Bytes],
+    pub(crate) headers: &'a [(&'static str, &'a HeaderValue)],
+    pub(crate) body: &'a [Bytes],
 }
 
-pub struct Response {
-    pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
-    pub body: Body,
+pub(crate) struct Response {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: Option<HeaderValue>,
+    pub(crate) body: Body,
 }
 
 /// Sends `req`; `on_sent` is called once the whole request is written. A kept
 /// connection found closed before any answer came (the worker closed it as it was
 /// taken) is replaced by a new one, once.
-pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Response, Error> {
+pub(crate) async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Response, Error> {
     let (secure, rest) = match (req.url.strip_prefix("https://"), req.url.strip_prefix("http://")) {
         (Some(rest), _) => (true, rest),
         (None, Some(rest)) => (false, rest),
@@ -112,7 +112,9 @@ pub async fn post(req: &Request<'_>, mut on_sent: impl FnMut()) -> Result<Respon
     let failed_connect = |e: io::Error| match replacing {
         // The kept connection may have carried the request to a worker that then died:
         // not a worker that was never reached.
-        Replacing::AKeptOneThatClosed => Error::Broken(format!("{authority}: the kept connection closed unanswered, and a new one failed: {e}")),
+        Replacing::AKeptOneThatClosed => {
+            Error::Broken(format!("{authority}: the kept connection closed unanswered, and a new one failed: {e}"))
+        }
         Replacing::No => Error::Connect(format!("{authority}: {e}")),
     };
     let stream = TcpStream::connect(authority).await.map_err(failed_connect)?;
@@ -340,7 +342,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
 
 /// A response body, as it arrives. Read to its end, its connection is kept for the next
 /// request; dropped before, the connection is closed (vLLM then aborts the request).
-pub struct Body {
+pub(crate) struct Body {
     conn: Option<Conn>,
     /// Read and not yet decoded.
     input: Bytes,
@@ -350,7 +352,7 @@ pub struct Body {
 
 impl Body {
     /// The whole body, refused when over `limit` bytes.
-    pub async fn collect(mut self, limit: usize) -> Result<Bytes, Error> {
+    pub(crate) async fn collect(mut self, limit: usize) -> Result<Bytes, Error> {
         let too_large = || Error::Broken(format!("the answer is over {limit} bytes"));
         let mut out = BytesMut::new();
         if let Framing::Length(n) = self.framing {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 const MAX_EXTRA: usize = 16 * 1024;
 
 #[derive(Debug)]
-pub enum Framing {
+pub(crate) enum Framing {
     Length(u64),
     Chunked(Chunked),
     /// The body runs to the connection's end (the connection is not reused).
@@ -20,7 +20,7 @@ pub enum Framing {
 impl Framing {
     /// The next data from `input` (consumed as far as it was decoded); `Ok(None)` when
     /// `input` holds no more data: decoded to its end, or the body is complete.
-    pub fn take(&mut self, input: &mut Bytes) -> Result<Option<Bytes>, String> {
+    pub(crate) fn take(&mut self, input: &mut Bytes) -> Result<Option<Bytes>, String> {
         match self {
             Framing::Length(left) => {
                 let n = (*left).min(input.len() as u64) as usize;
@@ -33,7 +33,7 @@ impl Framing {
     }
 
     /// Whether the whole body has been taken.
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         match self {
             Framing::Length(left) => *left == 0,
             Framing::Chunked(c) => c.state == State::Done,
@@ -43,7 +43,7 @@ impl Framing {
 }
 
 #[derive(Debug, Default)]
-pub struct Chunked {
+pub(crate) struct Chunked {
     state: State,
     /// Bytes of extensions or trailers seen (bounded by MAX_EXTRA).
     extra: usize,

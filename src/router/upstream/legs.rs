@@ -16,13 +16,12 @@ use crate::api::sse::{self, EventSplitter};
 use crate::router::upstream::client as worker_client;
 use crate::router::upstream::pieces::Pieces;
 
-pub use crate::router::metrics::Leg;
 use crate::router::metrics::LegErrorKind;
 
 /// How a leg failed. `Display` has the details (for the log); `class` is what a client
 /// may be told.
 #[derive(Debug)]
-pub enum LegError {
+pub(crate) enum LegError {
     /// No connection could be made: the worker is marked down at once.
     Connect(String),
     Timeout(Duration),
@@ -44,21 +43,21 @@ pub enum LegError {
 }
 
 impl LegError {
-    pub fn is_client_error(&self) -> bool {
+    pub(crate) fn is_client_error(&self) -> bool {
         matches!(self, LegError::Status { status, .. } if status.is_client_error())
     }
 
     /// Whether the decode cannot have consumed the KV it was sent (it was not reached, or
     /// it answered an error before any output), so another decode may be sent the same
     /// KV transfer. A timeout or a broken answer may come after the pull: not so.
-    pub fn kv_untouched_elsewhere(&self) -> bool {
+    pub(crate) fn kv_untouched_elsewhere(&self) -> bool {
         matches!(self, LegError::Connect(_) | LegError::ErrorEvent(_))
             || matches!(self, LegError::Status { status, .. } if status.is_server_error())
             || matches!(self, LegError::RankNotServed { .. })
     }
 
     /// What the metrics count it as.
-    pub fn kind(&self) -> LegErrorKind {
+    pub(crate) fn kind(&self) -> LegErrorKind {
         match self {
             LegError::Connect(_) => LegErrorKind::Connect,
             LegError::Timeout(_) => LegErrorKind::Timeout,
@@ -71,7 +70,7 @@ impl LegError {
     }
 
     /// The cause class, for the client: no worker address, no upstream text.
-    pub fn class(&self) -> String {
+    pub(crate) fn class(&self) -> String {
         match self {
             LegError::Connect(_) => "the worker could not be reached".into(),
             LegError::Timeout(d) => format!("no answer within {:.0}s", d.as_secs_f64()),
@@ -106,7 +105,7 @@ const MAX_ANSWER: usize = 256 << 20;
 const MAX_COMMENTS: usize = 64 << 10;
 
 /// Error text with its causes (reqwest's Display alone hides them).
-pub fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -126,37 +125,37 @@ fn classify(e: worker_client::Error) -> LegError {
 
 /// Where a leg goes: a worker's URL, and the DP rank it asks for (`X-data-parallel-rank`).
 #[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
-    pub url: &'a str,
-    pub dp_rank: Option<usize>,
+pub(crate) struct Target<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) dp_rank: Option<usize>,
 }
 
 /// What every leg sends besides its body.
 #[derive(Clone)]
-pub struct LegRequest {
-    pub path: &'static str,
-    pub request_id: HeaderValue,
-    pub authorization: Option<HeaderValue>,
-    pub body: Pieces,
-    pub timeout: Duration,
+pub(crate) struct LegRequest {
+    pub(crate) path: &'static str,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) authorization: Option<HeaderValue>,
+    pub(crate) body: Pieces,
+    pub(crate) timeout: Duration,
 }
 
 /// Set once the leg's body has been handed to the connection: from then on the worker
 /// has the whole request.
 #[derive(Default)]
-pub struct Sent {
+pub(crate) struct Sent {
     done: AtomicBool,
     notify: Notify,
 }
 
 impl Sent {
     /// The worker has the whole request.
-    pub fn done(&self) {
+    pub(crate) fn done(&self) {
         self.done.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
 
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let notified = self.notify.notified();
         if !self.done.load(Ordering::Acquire) {
             notified.await;
@@ -179,14 +178,14 @@ thread_local! {
 pub const WORKER_CONNECTION_IDLE: Duration = Duration::from_secs(4);
 
 /// The HTTP client for workers' other endpoints, as every serving thread builds it.
-pub fn new_client() -> reqwest::Result<reqwest::Client> {
+pub(crate) fn new_client() -> reqwest::Result<reqwest::Client> {
     control_client(None)
 }
 
 /// The one builder of the router's clients for workers' other endpoints (health checks,
 /// /metrics, KV event sources, render, models): connections reused only under vLLM's
 /// keep-alive, https workers reached with --worker-ssl-* (worker_client::tls).
-pub fn control_client(timeout: Option<Duration>) -> reqwest::Result<reqwest::Client> {
+pub(crate) fn control_client(timeout: Option<Duration>) -> reqwest::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder().tcp_nodelay(true).pool_idle_timeout(WORKER_CONNECTION_IDLE).pool_max_idle_per_host(4096);
     if let Some(t) = timeout {
         b = b.timeout(t);
@@ -198,7 +197,7 @@ pub fn control_client(timeout: Option<Duration>) -> reqwest::Result<reqwest::Cli
 }
 
 /// This thread's HTTP client for workers' other endpoints (a cheap handle on its pool).
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     CLIENT.with(reqwest::Client::clone)
 }
 
@@ -253,27 +252,27 @@ fn rank_not_served(body: &[u8], sent: usize) -> Option<usize> {
 }
 
 /// What a prefill leg answered, as far as its KV goes.
-pub struct Prefilled {
+pub(crate) struct Prefilled {
     /// The prefill's `kv_transfer_params` as it sent them (None when it returned none).
-    pub params: Option<Bytes>,
+    pub(crate) params: Option<Bytes>,
     /// Whether its engine finished it on the length cap (FINISHED_LENGTH_CAPPED), the only
     /// way vLLM 0.32's Mooncake connector keeps a prompt's KV for a decode. Its one token
     /// being EOS or a stop token (FINISHED_STOPPED) keeps none, and the decode must prefill
     /// locally; a stop string is matched after the engine finished on the cap, so the KV
     /// is kept. (NIXL keeps it in every case and says so with its params.)
-    pub kv: PrefillKv,
+    pub(crate) kv: PrefillKv,
 }
 
 /// Whether a prefill kept the prompt's KV for its decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrefillKv {
+pub(crate) enum PrefillKv {
     Kept,
     /// Freed: the decode must prefill locally.
     NotKept,
 }
 
 /// The prefill leg.
-pub async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegError> {
+pub(crate) async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegError> {
     let run = async {
         let resp = send(to, req, None).await?;
         if !resp.status.is_success() {
@@ -324,13 +323,13 @@ fn non_empty_object(raw: &[u8]) -> bool {
 }
 
 /// The start of a decode (or colocated) answer.
-pub struct Started {
-    pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
-    pub body: StartedBody,
+pub(crate) struct Started {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: Option<HeaderValue>,
+    pub(crate) body: StartedBody,
 }
 
-pub enum StartedBody {
+pub(crate) enum StartedBody {
     /// A JSON answer, read whole.
     Whole(Bytes),
     /// An SSE answer: the bytes up to and including its first data event, and the rest.
@@ -340,7 +339,7 @@ pub enum StartedBody {
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
 /// whole JSON answer, or the SSE answer up to its first data event. Bounded by the leg's
 /// timeout. `sent` is told when the worker has the whole request.
-pub async fn answer(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
+pub(crate) async fn answer(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
     tokio::time::timeout(req.timeout, start(to, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
 }
 

@@ -9,21 +9,17 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub struct Pieces(Vec<Bytes>);
 
 impl Pieces {
-    pub fn push(&mut self, b: Bytes) {
+    pub(crate) fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.0.push(b);
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.iter().map(Bytes::len).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn chunks(&self) -> &[Bytes] {
+    pub(crate) fn chunks(&self) -> &[Bytes] {
         &self.0
     }
 

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 /// A network as a flag gives it: CIDR, or one address.
-pub fn parse_network(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_network(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| format!("`{s}` is not a network: write it as CIDR (10.0.0.0/16, fd00::/8) or one address"))
@@ -14,31 +14,40 @@ pub fn parse_network(s: &str) -> Result<IpNet, String> {
 
 /// A set of networks; empty: none.
 #[derive(Clone, Debug, Default)]
-pub struct Networks(pub Vec<IpNet>);
+pub(crate) struct Networks(pub Vec<IpNet>);
 
 impl Networks {
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }
 
 /// Why a worker may not be added where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostRefused {
+pub(crate) enum HostRefused {
     OutsideAllow(IpAddr),
     /// Link-local, multicast, broadcast or unspecified.
     NotAWorkerAddress(IpAddr),
     /// The router's own port on one of its own addresses.
     TheRouterItself(SocketAddr),
-    BadUrl { url: String, why: String },
-    Unresolved { host: String, why: String },
+    BadUrl {
+        url: String,
+        why: String,
+    },
+    Unresolved {
+        host: String,
+        why: String,
+    },
     /// One of the addresses a worker URL's name resolves to is refused.
-    Resolved { url: String, refused: Box<HostRefused> },
+    Resolved {
+        url: String,
+        refused: Box<HostRefused>,
+    },
 }
 
 impl std::fmt::Display for HostRefused {
@@ -58,17 +67,17 @@ impl std::fmt::Display for HostRefused {
 
 /// Where workers added at runtime may be.
 #[derive(Clone, Debug)]
-pub struct WorkerHosts {
+pub(crate) struct WorkerHosts {
     /// --worker-allow (empty: the default rule).
-    pub allow: Networks,
+    pub(crate) allow: Networks,
     /// The router's own listening port (a worker there on a local address would be the
     /// router itself: every leg would come back to it).
-    pub own_port: u16,
+    pub(crate) own_port: u16,
 }
 
 impl WorkerHosts {
     /// Whether a worker at `addr` may be added; the error says why not.
-    pub fn check(&self, addr: SocketAddr) -> Result<(), HostRefused> {
+    pub(crate) fn check(&self, addr: SocketAddr) -> Result<(), HostRefused> {
         let ip = addr.ip().to_canonical();
         if !self.allow.is_empty() {
             return if self.allow.contains(ip) { Ok(()) } else { Err(HostRefused::OutsideAllow(ip)) };
@@ -87,7 +96,7 @@ impl WorkerHosts {
     }
 
     /// `check` for a worker URL: its host as written, or every address its name resolves to.
-    pub async fn check_url(&self, url: &str) -> Result<(), HostRefused> {
+    pub(crate) async fn check_url(&self, url: &str) -> Result<(), HostRefused> {
         let bad_url = |why: String| HostRefused::BadUrl { url: url.to_string(), why };
         let parsed = reqwest::Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
         let host = parsed.host_str().ok_or_else(|| bad_url("no host".into()))?.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -153,7 +162,12 @@ mod tests {
     #[tokio::test]
     async fn names_are_checked_by_what_they_resolve_to() {
         assert!(hosts(&["127.0.0.0/8", "::1"]).check_url("http://localhost:8100").await.is_ok());
-        assert!(hosts(&["10.0.0.0/8"]).check_url("http://localhost:8100").await.unwrap_err().to_string().contains("outside --worker-allow"));
+        assert!(hosts(&["10.0.0.0/8"])
+            .check_url("http://localhost:8100")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("outside --worker-allow"));
         assert!(hosts(&[]).check_url("http://169.254.169.254:80").await.is_err());
     }
 }

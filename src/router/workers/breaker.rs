@@ -13,20 +13,20 @@ use std::time::Instant;
 
 /// Per-worker circuit breaker (vllm-router's `--cb-*` flags).
 #[derive(Debug, Clone)]
-pub struct BreakerConfig {
-    pub enabled: bool,
+pub(crate) struct BreakerConfig {
+    pub(crate) enabled: bool,
     /// Consecutive failures (within `window`) that open the circuit.
-    pub failure_threshold: u32,
+    pub(crate) failure_threshold: u32,
     /// Successful probes that close a half-open circuit.
-    pub success_threshold: u32,
+    pub(crate) success_threshold: u32,
     /// How long an open circuit ejects the worker (doubled on each reopening, up to 8x).
-    pub open_for: Duration,
+    pub(crate) open_for: Duration,
     /// Failures older than this do not count.
-    pub window: Duration,
+    pub(crate) window: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Circuit {
+pub(crate) enum Circuit {
     Closed,
     Open,
     HalfOpen,
@@ -34,7 +34,7 @@ pub enum Circuit {
 
 impl Circuit {
     /// The state as the metrics' gauge shows it.
-    pub fn gauge(self) -> crate::router::metrics::CircuitState {
+    pub(crate) fn gauge(self) -> crate::router::metrics::CircuitState {
         match self {
             Circuit::Closed => crate::router::metrics::CircuitState::Closed,
             Circuit::HalfOpen => crate::router::metrics::CircuitState::HalfOpen,
@@ -44,7 +44,7 @@ impl Circuit {
 }
 
 impl Circuit {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Circuit::Closed => "closed",
             Circuit::Open => "open",
@@ -68,14 +68,14 @@ struct State {
     opened_total: u64,
 }
 
-pub struct Breaker {
+pub(crate) struct Breaker {
     cfg: BreakerConfig,
     state: Mutex<State>,
 }
 
 /// What a pick may do with a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     Yes,
     /// Half-open: this request is the probe.
     Probe,
@@ -83,7 +83,7 @@ pub enum Admit {
 }
 
 impl Breaker {
-    pub fn new(cfg: BreakerConfig) -> Self {
+    pub(crate) fn new(cfg: BreakerConfig) -> Self {
         Breaker {
             cfg,
             state: Mutex::new(State { phase: Phase::Closed { failures: 0, last_failure: None }, reopenings: 0, opened_total: 0 }),
@@ -95,7 +95,7 @@ impl Breaker {
     }
 
     /// Whether a request may go to the worker now, without taking the probe slot.
-    pub fn allows(&self) -> bool {
+    pub(crate) fn allows(&self) -> bool {
         if !self.cfg.enabled {
             return true;
         }
@@ -109,7 +109,7 @@ impl Breaker {
     }
 
     /// Takes the way in for one request (the probe slot when half-open).
-    pub fn admit(&self) -> Admit {
+    pub(crate) fn admit(&self) -> Admit {
         if !self.cfg.enabled {
             return Admit::Yes;
         }
@@ -127,7 +127,7 @@ impl Breaker {
     }
 
     /// A probe that ended without a verdict (e.g. the client left) frees its slot.
-    pub fn end_probe(&self) {
+    pub(crate) fn end_probe(&self) {
         if let Phase::HalfOpen { probing, .. } = &mut self.lock().phase {
             *probing = false;
         }
@@ -141,7 +141,7 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> Circuit {
+    pub(crate) fn state(&self) -> Circuit {
         let mut st = self.lock();
         Self::advance(&mut st);
         match st.phase {
@@ -151,12 +151,12 @@ impl Breaker {
         }
     }
 
-    pub fn opened_total(&self) -> u64 {
+    pub(crate) fn opened_total(&self) -> u64 {
         self.lock().opened_total
     }
 
     /// A leg on this worker succeeded (4xx answers count: the worker works).
-    pub fn success(&self) {
+    pub(crate) fn success(&self) {
         let mut st = self.lock();
         match &mut st.phase {
             Phase::Closed { failures, .. } => *failures = 0,
@@ -174,7 +174,7 @@ impl Breaker {
 
     /// A leg on this worker failed (connect error, 5xx, timeout, broken answer). Returns
     /// true when this failure opened the circuit.
-    pub fn failure(&self) -> bool {
+    pub(crate) fn failure(&self) -> bool {
         if !self.cfg.enabled {
             return false;
         }

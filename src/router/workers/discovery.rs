@@ -31,7 +31,7 @@ use crate::router::workers::Role;
 use crate::zmtp::{self, Accepted, ConnectionLimits, Inbound, Incoming, Limits, SocketType};
 
 /// An engine is gone this long after its last ping (vLLM's engines ping every 3 s).
-pub const EXPIRY: Duration = Duration::from_secs(5);
+pub(crate) const EXPIRY: Duration = Duration::from_secs(5);
 /// Most engines registered at once (a bound on what strangers can make us hold).
 const MAX_REGISTERED: usize = 4096;
 /// Most connections open at the discovery address.
@@ -41,11 +41,11 @@ const SILENT_CONNECTION: Duration = Duration::from_secs(30);
 
 /// One valid registration.
 #[derive(Debug, PartialEq, Clone)]
-pub struct Ping {
-    pub role: Role,
+pub(crate) struct Ping {
+    pub(crate) role: Role,
     /// The engine's HTTP URL (normalised).
-    pub url: String,
-    pub zmq_address: String,
+    pub(crate) url: String,
+    pub(crate) zmq_address: String,
 }
 
 /// `host:port`, IPv6 in brackets.
@@ -60,7 +60,7 @@ fn check_address(what: &str, addr: &str) -> Result<String, String> {
 }
 
 /// Reads one registration payload (a msgpack map).
-pub fn parse_ping(payload: &[u8]) -> Result<Ping, String> {
+pub(crate) fn parse_ping(payload: &[u8]) -> Result<Ping, String> {
     if payload.len() > Limits::SMALL.max_message {
         return Err(format!("a {}-byte message (registrations are small)", payload.len()));
     }
@@ -82,7 +82,7 @@ pub fn parse_ping(payload: &[u8]) -> Result<Ping, String> {
 
 /// Why a registration was not taken (the label it is counted under).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     Malformed,
     /// It names a host name, or a host other than the one it came from.
     NotItsHost,
@@ -112,10 +112,10 @@ impl Label for Refusal {
 
 /// The rules a registration is held to.
 #[derive(Clone)]
-pub struct Rules {
-    pub allow: Networks,
-    pub workers: WorkerHosts,
-    pub per_host: usize,
+pub(crate) struct Rules {
+    pub(crate) allow: Networks,
+    pub(crate) workers: WorkerHosts,
+    pub(crate) per_host: usize,
 }
 
 /// A registered engine, under its URL.
@@ -128,13 +128,13 @@ struct Registered {
 
 /// What a registration did.
 #[derive(Debug, PartialEq)]
-pub enum Admitted {
+pub(crate) enum Admitted {
     New,
     Refreshed,
 }
 
 /// The engines registered, and the rules they came in under.
-pub struct Registry {
+pub(crate) struct Registry {
     rules: Rules,
     registered: HashMap<String, Registered>,
 }
@@ -146,12 +146,12 @@ fn ip_of(host_port: &str) -> Option<SocketAddr> {
 }
 
 impl Registry {
-    pub fn new(rules: Rules) -> Self {
+    pub(crate) fn new(rules: Rules) -> Self {
         Registry { rules, registered: HashMap::new() }
     }
 
     /// Takes a ping from `source`, or says why not (the reason, and words for the log).
-    pub fn admit(&mut self, ping: &Ping, source: IpAddr, now: Instant) -> Result<Admitted, (Refusal, String)> {
+    pub(crate) fn admit(&mut self, ping: &Ping, source: IpAddr, now: Instant) -> Result<Admitted, (Refusal, String)> {
         let source = source.to_canonical();
         let http = ip_of(ping.url.trim_start_matches("http://"))
             .ok_or((Refusal::NotItsHost, format!("{} names a host, not an IP address", ping.url)))?;
@@ -212,7 +212,7 @@ impl Registry {
     }
 
     /// The registrations silent for longer than EXPIRY, removed: (url, role, zmq address).
-    pub fn expire(&mut self, now: Instant) -> Vec<(String, Role, String)> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<(String, Role, String)> {
         let gone: Vec<String> =
             self.registered.iter().filter(|(_, r)| now.duration_since(r.last_ping) > EXPIRY).map(|(u, _)| u.clone()).collect();
         gone.into_iter().filter_map(|url| self.registered.remove(&url).map(|r| (url, r.role, r.zmq_address))).collect()
@@ -221,7 +221,7 @@ impl Registry {
 
 /// Binds the discovery socket (before the router says it is up, so a bad address fails
 /// the start).
-pub fn bind(address: &str) -> anyhow::Result<std::net::TcpListener> {
+pub(crate) fn bind(address: &str) -> anyhow::Result<std::net::TcpListener> {
     let bare = address.replace(['[', ']'], "");
     let (host, port) = bare.rsplit_once(':').context("--vllm-discovery-address: HOST:PORT")?;
     let listener = std::net::TcpListener::bind((host, port.parse::<u16>().context("--vllm-discovery-address: bad port")?))
@@ -230,7 +230,7 @@ pub fn bind(address: &str) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-pub async fn run(topology: Arc<Topology>, metrics: Arc<RouterMetrics>, listener: std::net::TcpListener, rules: Rules) {
+pub(crate) async fn run(topology: Arc<Topology>, metrics: Arc<RouterMetrics>, listener: std::net::TcpListener, rules: Rules) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {

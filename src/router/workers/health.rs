@@ -15,18 +15,18 @@ use crate::router::workers::topology::Topology;
 use crate::router::workers::Role;
 
 #[derive(Debug, Clone)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub failure_threshold: u32,
-    pub success_threshold: u32,
-    pub endpoint: String,
+pub(crate) struct HealthConfig {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) failure_threshold: u32,
+    pub(crate) success_threshold: u32,
+    pub(crate) endpoint: String,
 }
 
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: Connector) {
+pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: Connector) {
     let client = match crate::router::upstream::legs::control_client(Some(cfg.timeout)) {
         Ok(c) => c,
         Err(e) => {
@@ -95,7 +95,7 @@ fn with_tls_hint(url: &str, error: String) -> String {
 }
 
 /// cache_aware's prefix trees are trimmed to --max-tree-size every --eviction-interval.
-pub async fn maintain(topology: Arc<Topology>, every: std::time::Duration) {
+pub(crate) async fn maintain(topology: Arc<Topology>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::worker::Worker;
 
 /// One reserved slot on a worker's DP rank; released on drop.
-pub struct Lease {
+pub(crate) struct Lease {
     worker: Arc<Worker>,
     rank: usize,
     /// The uncached blocks this request reserved on the rank (kv_aware), released on drop.
@@ -23,38 +23,38 @@ impl Lease {
     }
 
     /// The leg on this lease succeeded (or the worker answered the client's error).
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.worker.breaker.success();
         self.probe = false;
     }
 
     /// The leg on this lease failed for a reason of the worker's.
-    pub fn failed(&mut self) {
+    pub(crate) fn failed(&mut self) {
         self.worker.leg_failed();
         self.probe = false;
     }
-    pub fn worker(&self) -> &Arc<Worker> {
+    pub(crate) fn worker(&self) -> &Arc<Worker> {
         &self.worker
     }
     /// The worker's URL: its identity (for excluding it from a retry).
-    pub fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         &self.worker.url
     }
     /// The reserved DP rank.
-    pub fn rank(&self) -> usize {
+    pub(crate) fn rank(&self) -> usize {
         self.rank
     }
     /// The reserved rank as the KV index names it.
-    pub fn holder(&self) -> crate::router::policy::WorkerRank {
+    pub(crate) fn holder(&self) -> crate::router::policy::WorkerRank {
         crate::router::policy::WorkerRank { url: self.worker.url.clone(), rank: self.rank }
     }
     /// The DP rank to send as `X-data-parallel-rank`, when the worker has several.
     /// Where a leg on this lease goes.
-    pub fn target(&self) -> crate::router::upstream::legs::Target<'_> {
+    pub(crate) fn target(&self) -> crate::router::upstream::legs::Target<'_> {
         crate::router::upstream::legs::Target { url: &self.worker.url, dp_rank: self.dp_rank() }
     }
 
-    pub fn dp_rank(&self) -> Option<usize> {
+    pub(crate) fn dp_rank(&self) -> Option<usize> {
         (self.worker.dp_size() > 1).then_some(self.rank)
     }
 }

@@ -11,17 +11,17 @@
 //! other's reservations and does not herd. The reservation is a `Lease`, released when
 //! dropped, on every path.
 
-pub mod allow;
-pub mod breaker;
-pub mod discovery;
-pub mod health;
+pub(crate) mod allow;
+pub(crate) mod breaker;
+pub(crate) mod discovery;
+pub(crate) mod health;
 mod lease;
 mod pool;
-pub mod topology;
-pub mod url;
+pub(crate) mod topology;
+pub(crate) mod url;
 mod worker;
 
-pub use crate::api::Role;
-pub use lease::Lease;
-pub use pool::{NoWorker, Pool};
-pub use worker::Worker;
+pub(crate) use crate::api::Role;
+pub(crate) use lease::Lease;
+pub(crate) use pool::{NoWorker, Pool};
+pub(crate) use worker::Worker;

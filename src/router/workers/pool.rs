@@ -12,10 +12,10 @@ use crate::router::policy::{Policy, RequestInfo};
 
 /// No worker of a role can take the request.
 #[derive(Debug)]
-pub struct NoWorker {
-    pub role: Role,
-    pub total: usize,
-    pub healthy: usize,
+pub(crate) struct NoWorker {
+    pub(crate) role: Role,
+    pub(crate) total: usize,
+    pub(crate) healthy: usize,
 }
 
 impl std::fmt::Display for NoWorker {
@@ -30,9 +30,9 @@ impl std::fmt::Display for NoWorker {
 
 /// A worker added to a pool that has it already.
 #[derive(Debug)]
-pub struct AlreadyInPool {
-    pub role: Role,
-    pub url: String,
+pub(crate) struct AlreadyInPool {
+    pub(crate) role: Role,
+    pub(crate) url: String,
 }
 
 impl std::fmt::Display for AlreadyInPool {
@@ -42,8 +42,8 @@ impl std::fmt::Display for AlreadyInPool {
 }
 
 /// The workers of one role and the policy that picks among them.
-pub struct Pool {
-    pub role: Role,
+pub(crate) struct Pool {
+    pub(crate) role: Role,
     workers: RwLock<Arc<Vec<Arc<Worker>>>>,
     /// DP ranks of a worker added without saying (--intra-node-data-parallel-size).
     default_dp: usize,
@@ -55,7 +55,7 @@ pub struct Pool {
 
 impl Pool {
     /// A pool of `urls`; `kv_addresses` has the KV address of those that have one.
-    pub fn new(
+    pub(crate) fn new(
         role: Role,
         urls: &[String],
         kv_addresses: &std::collections::HashMap<String, String>,
@@ -85,20 +85,20 @@ impl Pool {
     }
 
     /// The workers as they are now.
-    pub fn snapshot(&self) -> Arc<Vec<Arc<Worker>>> {
+    pub(crate) fn snapshot(&self) -> Arc<Vec<Arc<Worker>>> {
         self.workers.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn worker_count(&self) -> usize {
+    pub(crate) fn worker_count(&self) -> usize {
         self.snapshot().len()
     }
 
-    pub fn get(&self, url: &str) -> Option<Arc<Worker>> {
+    pub(crate) fn get(&self, url: &str) -> Option<Arc<Worker>> {
         self.snapshot().iter().find(|w| w.url == url).cloned()
     }
 
     /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
-    pub fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, AlreadyInPool> {
+    pub(crate) fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, AlreadyInPool> {
         let mut worker = Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone());
         worker.kv_address = kv_address;
         let worker = Arc::new(worker);
@@ -117,7 +117,7 @@ impl Pool {
     }
 
     /// Removes a worker at once (its in-flight requests finish); None if it is not here.
-    pub fn remove(&self, url: &str) -> Option<Arc<Worker>> {
+    pub(crate) fn remove(&self, url: &str) -> Option<Arc<Worker>> {
         let removed = {
             let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
             let at = set.iter().position(|w| w.url == url)?;
@@ -132,7 +132,7 @@ impl Pool {
     }
 
     /// Stops new requests to a worker; `remove_drained` takes it out once idle.
-    pub fn drain(&self, url: &str) -> Option<Arc<Worker>> {
+    pub(crate) fn drain(&self, url: &str) -> Option<Arc<Worker>> {
         let w = self.get(url)?;
         if !w.draining.swap(true, Ordering::Relaxed) {
             tracing::info!(worker = %url, role = self.role.as_str(), in_flight = w.in_flight(), "draining");
@@ -141,23 +141,23 @@ impl Pool {
     }
 
     /// Removes the draining workers that have nothing in flight.
-    pub fn remove_drained(&self) {
+    pub(crate) fn remove_drained(&self) {
         for w in self.snapshot().iter().filter(|w| w.is_draining() && w.in_flight() == 0) {
             self.remove(&w.url);
         }
     }
 
     /// Healthy workers whose circuit lets requests through.
-    pub fn available_count(&self) -> usize {
+    pub(crate) fn available_count(&self) -> usize {
         self.snapshot().iter().filter(|w| w.is_available()).count()
     }
 
     /// Whether picks need the request's prompt or session key.
-    pub fn is_kv_aware(&self) -> bool {
+    pub(crate) fn is_kv_aware(&self) -> bool {
         self.lock().is_kv_aware()
     }
 
-    pub fn needs_request_info(&self) -> bool {
+    pub(crate) fn needs_request_info(&self) -> bool {
         self.needs_info
     }
 
@@ -167,7 +167,7 @@ impl Pool {
 
     /// Picks an available worker whose URL is not in `exclude`, and reserves its least
     /// loaded rank.
-    pub fn pick(&self, req: &RequestInfo, exclude: &[String]) -> Result<Lease, NoWorker> {
+    pub(crate) fn pick(&self, req: &RequestInfo, exclude: &[String]) -> Result<Lease, NoWorker> {
         let workers = self.snapshot();
         let mut candidates: Vec<usize> =
             (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
@@ -195,13 +195,13 @@ impl Pool {
     }
 
     /// Entries in the policy's prefix index, if it keeps one.
-    pub fn index_entries(&self) -> Option<usize> {
+    pub(crate) fn index_entries(&self) -> Option<usize> {
         self.lock().index_entries()
     }
 
     /// Periodic policy upkeep (cache_aware's trim), in bounded steps between which
     /// picks take the lock.
-    pub async fn maintain(&self) {
+    pub(crate) async fn maintain(&self) {
         while self.lock().maintain() {
             tokio::task::yield_now().await;
         }

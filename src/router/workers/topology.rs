@@ -6,13 +6,13 @@ use std::sync::Arc;
 use crate::router::workers::{Pool, Role, Worker};
 
 #[expect(clippy::large_enum_variant, reason = "one per router")]
-pub enum Topology {
+pub(crate) enum Topology {
     Disaggregated { prefill: Pool, decode: Pool },
     Colocated { workers: Pool },
 }
 
 impl Topology {
-    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &Pool> {
         let (first, second) = match self {
             Topology::Disaggregated { prefill, decode } => (prefill, Some(decode)),
             Topology::Colocated { workers } => (workers, None),
@@ -21,17 +21,17 @@ impl Topology {
     }
 
     /// Every worker of every pool, as they are now.
-    pub fn workers(&self) -> Vec<Arc<Worker>> {
+    pub(crate) fn workers(&self) -> Vec<Arc<Worker>> {
         self.pools().flat_map(|p| p.snapshot().iter().cloned().collect::<Vec<_>>()).collect()
     }
 
     /// The pool of a role, if this topology has one.
-    pub fn pool(&self, role: Role) -> Option<&Pool> {
+    pub(crate) fn pool(&self, role: Role) -> Option<&Pool> {
         self.pools().find(|p| p.role == role)
     }
 
     /// The roles a worker may be added with.
-    pub fn roles(&self) -> Vec<Role> {
+    pub(crate) fn roles(&self) -> Vec<Role> {
         self.pools().map(|p| p.role).collect()
     }
 }

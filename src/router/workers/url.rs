@@ -1,7 +1,7 @@
 //! A worker's URL as the router keys it: `http(s)://host:port[/path]`.
 
 /// Normalises a worker address to `http(s)://host:port[/path]` (no trailing slash).
-pub fn normalize_url(raw: &str) -> Result<String, String> {
+pub(crate) fn normalize_url(raw: &str) -> Result<String, String> {
     let with_scheme = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
     let url = reqwest::Url::parse(&with_scheme).map_err(|e| format!("invalid worker URL `{raw}`: {e}"))?;
     let scheme = match url.scheme() {

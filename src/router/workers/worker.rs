@@ -9,13 +9,13 @@ use super::health::HealthConfig;
 use crate::api::Role;
 use crate::router::policy::Candidate;
 
-pub struct Worker {
-    pub url: String,
-    pub role: Role,
+pub(crate) struct Worker {
+    pub(crate) url: String,
+    pub(crate) role: Role,
     /// Where its KV connector listens, when the connector names it in request ids
     /// (P2pNccl's zmq address, as the worker registered it; a Mooncake prefill's bootstrap
     /// server, `http://host:port`).
-    pub kv_address: Option<String>,
+    pub(crate) kv_address: Option<String>,
     /// A Mooncake prefill's engine id per DP rank, from its bootstrap server (health.rs).
     pub(super) engine_ids: Mutex<Vec<String>>,
     /// In-flight requests per DP rank, counted by the router itself.
@@ -39,11 +39,11 @@ pub struct Worker {
     /// Takes no new requests; removed from its pool once idle.
     pub(super) draining: AtomicBool,
     /// What its requests say of it (health checks say what /health says).
-    pub breaker: Breaker,
+    pub(crate) breaker: Breaker,
 }
 
 impl Worker {
-    pub fn new(url: String, role: Role, dp_size: usize, breaker: BreakerConfig) -> Self {
+    pub(crate) fn new(url: String, role: Role, dp_size: usize, breaker: BreakerConfig) -> Self {
         Worker {
             url,
             role,
@@ -65,36 +65,36 @@ impl Worker {
     }
 
     /// Healthy, not draining, and its circuit lets a request through.
-    pub fn is_available(&self) -> bool {
+    pub(crate) fn is_available(&self) -> bool {
         self.is_healthy() && !self.is_draining() && self.breaker.allows()
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn circuit(&self) -> Circuit {
+    pub(crate) fn circuit(&self) -> Circuit {
         self.breaker.state()
     }
 
     /// A leg on this worker failed for a reason of the worker's (not the client's).
-    pub fn leg_failed(&self) {
+    pub(crate) fn leg_failed(&self) {
         if self.breaker.failure() {
             tracing::warn!(worker = %self.url, role = self.role.as_str(), "circuit opened: too many failed requests in a row");
         }
     }
 
-    pub fn dp_size(&self) -> usize {
+    pub(crate) fn dp_size(&self) -> usize {
         self.ranks.len()
     }
 
     /// The engine id a peer names this worker's DP rank by (Mooncake), once learned.
-    pub fn engine_id(&self, rank: usize) -> Option<String> {
+    pub(crate) fn engine_id(&self, rank: usize) -> Option<String> {
         self.engine_ids.lock().unwrap_or_else(|e| e.into_inner()).get(rank).cloned()
     }
 
     /// Records the engine ids the worker's bootstrap server lists, one per DP rank.
-    pub fn set_engine_ids(&self, ids: Vec<String>) {
+    pub(crate) fn set_engine_ids(&self, ids: Vec<String>) {
         let mut known = self.engine_ids.lock().unwrap_or_else(|e| e.into_inner());
         if *known != ids {
             tracing::info!(worker = %self.url, engine_ids = ?ids, "engine ids");
@@ -102,21 +102,21 @@ impl Worker {
         }
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.ranks.iter().map(|r| r.load(Ordering::Relaxed)).sum()
     }
 
-    pub fn rank_in_flight(&self) -> Vec<usize> {
+    pub(crate) fn rank_in_flight(&self) -> Vec<usize> {
         self.ranks.iter().map(|r| r.load(Ordering::Relaxed)).collect()
     }
 
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
     /// The worker said it serves only `n` DP ranks (vLLM's "data_parallel_rank R is out
     /// of range [0, N)"): ranks from `n` on are not picked again.
-    pub fn limit_ranks(&self, n: usize) {
+    pub(crate) fn limit_ranks(&self, n: usize) {
         let n = n.clamp(1, self.ranks.len());
         if self.served_ranks.swap(n, Ordering::Relaxed) != n {
             tracing::warn!(worker = %self.url, configured = self.ranks.len(), served = n,
@@ -125,26 +125,26 @@ impl Worker {
     }
 
     /// The DP ranks in use (fewer than configured once the worker said so).
-    pub fn served_ranks(&self) -> usize {
+    pub(crate) fn served_ranks(&self) -> usize {
         self.served_ranks.load(Ordering::Relaxed)
     }
 
     /// Requests in flight on one rank.
-    pub fn rank_load(&self, rank: usize) -> usize {
+    pub(crate) fn rank_load(&self, rank: usize) -> usize {
         self.ranks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
     }
 
     /// kv_aware: uncached prompt blocks reserved on one rank by requests in flight.
-    pub fn queued_blocks(&self, rank: usize) -> usize {
+    pub(crate) fn queued_blocks(&self, rank: usize) -> usize {
         self.queued_blocks.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
     }
 
     /// kv_aware: requests on one rank that the engine reported beyond this router's own.
-    pub fn reported_elsewhere(&self, rank: usize) -> usize {
+    pub(crate) fn reported_elsewhere(&self, rank: usize) -> usize {
         self.elsewhere.get(rank).map_or(0, |r| r.load(Ordering::Relaxed))
     }
 
-    pub fn set_reported_elsewhere(&self, rank: usize, n: usize) {
+    pub(crate) fn set_reported_elsewhere(&self, rank: usize, n: usize) {
         if let Some(r) = self.elsewhere.get(rank) {
             r.store(n, Ordering::Relaxed);
         }
@@ -158,7 +158,7 @@ impl Worker {
     }
 
     /// A connection error on a live request: down at once, back after good checks.
-    pub fn mark_down(&self, why: &str) {
+    pub(crate) fn mark_down(&self, why: &str) {
         self.successes.store(0, Ordering::Relaxed);
         if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(worker = %self.url, role = self.role.as_str(), "marked down: {why}");
@@ -166,7 +166,7 @@ impl Worker {
     }
 
     /// Applies one health check result with the configured thresholds.
-    pub fn record_check(&self, ok: bool, cfg: &HealthConfig, detail: &str) {
+    pub(crate) fn record_check(&self, ok: bool, cfg: &HealthConfig, detail: &str) {
         if ok {
             self.failures.store(0, Ordering::Relaxed);
             self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clear();

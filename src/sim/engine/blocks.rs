@@ -14,13 +14,13 @@ use std::collections::HashMap;
 
 use super::tokens::mix;
 
-pub type BlockId = u32;
+pub(crate) type BlockId = u32;
 
-pub use crate::api::kv_events::KvEvent;
+pub(crate) use crate::api::kv_events::KvEvent;
 
 /// The fingerprint of every block of `tokens` (the last one may be partial), each chained
 /// over all tokens up to its end; a full block's fingerprint is its prefix-cache hash.
-pub fn fingerprints(tokens: &[u32], block_size: usize) -> Vec<u64> {
+pub(crate) fn fingerprints(tokens: &[u32], block_size: usize) -> Vec<u64> {
     let mut out = Vec::with_capacity(blocks_for(tokens.len(), block_size));
     let mut h = 0x6b76_u64;
     for chunk in tokens.chunks(block_size) {
@@ -34,7 +34,7 @@ pub fn fingerprints(tokens: &[u32], block_size: usize) -> Vec<u64> {
 }
 
 /// Number of blocks that hold `tokens` tokens.
-pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
+pub(crate) fn blocks_for(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size)
 }
 
@@ -85,7 +85,7 @@ impl FreeQueue {
     }
 }
 
-pub struct KvCache {
+pub(crate) struct KvCache {
     block_size: usize,
     /// Prefix caching on (vLLM's --enable-prefix-caching, on by default).
     caching: bool,
@@ -100,7 +100,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(total: usize, block_size: usize, caching: bool) -> Self {
+    pub(crate) fn new(total: usize, block_size: usize, caching: bool) -> Self {
         KvCache {
             block_size,
             caching,
@@ -113,26 +113,18 @@ impl KvCache {
         }
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.refs.len() - 1
     }
 
     /// Blocks some request or held KV uses (what vLLM's KV-cache usage counts).
-    pub fn used(&self) -> usize {
+    pub(crate) fn used(&self) -> usize {
         self.total() - self.free.len
-    }
-
-    pub fn cached_blocks(&self) -> usize {
-        self.cached.len()
     }
 
     /// How many leading blocks of a prompt with these full-block hashes are cached, at
     /// most `max_blocks` (vLLM always computes at least the prompt's last token).
-    pub fn hits(&self, hashes: &[u64], max_blocks: usize) -> usize {
+    pub(crate) fn hits(&self, hashes: &[u64], max_blocks: usize) -> usize {
         if !self.caching {
             return 0;
         }
@@ -141,7 +133,7 @@ impl KvCache {
 
     /// Takes the cached blocks of the first `hits` hashes (shared) and `fresh` new blocks;
     /// `None` when that many blocks cannot be had.
-    pub fn allocate(&mut self, hashes: &[u64], hits: usize, fresh: usize) -> Option<Vec<BlockId>> {
+    pub(crate) fn allocate(&mut self, hashes: &[u64], hits: usize, fresh: usize) -> Option<Vec<BlockId>> {
         let shared: Vec<BlockId> = hashes[..hits].iter().map(|h| self.cached[h]).collect();
         let revived = shared.iter().filter(|b| self.free.queued[**b as usize]).count();
         if self.free.len - revived < fresh {
@@ -172,7 +164,7 @@ impl KvCache {
 
     /// Records the tokens of `blocks` (a request's blocks, in order): every block's
     /// fingerprint, and the full blocks from `from_block` on are cached (BlockStored).
-    pub fn commit(&mut self, blocks: &[BlockId], tokens: &[u32], from_block: usize) {
+    pub(crate) fn commit(&mut self, blocks: &[BlockId], tokens: &[u32], from_block: usize) {
         let fps = fingerprints(tokens, self.block_size);
         let full = tokens.len() / self.block_size;
         let mut stored = Vec::new();
@@ -196,7 +188,7 @@ impl KvCache {
     }
 
     /// Writes content pulled from another engine into `blocks`.
-    pub fn write(&mut self, blocks: &[BlockId], contents: &[u64]) {
+    pub(crate) fn write(&mut self, blocks: &[BlockId], contents: &[u64]) {
         for (b, c) in blocks.iter().zip(contents) {
             self.content[*b as usize] = *c;
         }
@@ -204,7 +196,7 @@ impl KvCache {
 
     /// Drops one use of each block; a block nobody uses goes to the free queue. Blocks
     /// are freed last first, so a prompt's tail is evicted before its head (as vLLM does).
-    pub fn release(&mut self, blocks: &[BlockId]) {
+    pub(crate) fn release(&mut self, blocks: &[BlockId]) {
         for b in blocks.iter().rev() {
             let r = &mut self.refs[*b as usize];
             debug_assert!(*r > 0, "block {b} released more often than taken");
@@ -216,12 +208,12 @@ impl KvCache {
     }
 
     /// The contents of the given blocks; `None` if an id is not a block of this pool.
-    pub fn read(&self, blocks: &[BlockId]) -> Option<Vec<u64>> {
+    pub(crate) fn read(&self, blocks: &[BlockId]) -> Option<Vec<u64>> {
         blocks.iter().map(|b| (*b as usize >= 1).then(|| self.content.get(*b as usize).copied()).flatten()).collect()
     }
 
     /// Forgets every cached hash (vLLM's reset_prefix_cache): AllBlocksCleared.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.cached.clear();
         for h in &mut self.hash {
             *h = None;
@@ -230,7 +222,7 @@ impl KvCache {
     }
 
     /// The events since the last call.
-    pub fn take_events(&mut self) -> Vec<KvEvent> {
+    pub(crate) fn take_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.events)
     }
 }

@@ -57,7 +57,7 @@ fn dial(endpoint: String, me: SocketType) -> mpsc::Receiver<Accepted> {
                     let (mut receiver, mut writer) = conn.split();
                     let (to_peer, mut queued) = mpsc::channel::<Bytes>(SEND_QUEUE);
                     let peer = ([0, 0, 0, 0], 0).into();
-                    if tx.send(Accepted::Connected { id, peer, identity: Bytes::new(), to_peer }).await.is_err() {
+                    if tx.send(Accepted::Connected { id, to_peer }).await.is_err() {
                         return;
                     }
                     loop {
@@ -83,14 +83,14 @@ fn dial(endpoint: String, me: SocketType) -> mpsc::Receiver<Accepted> {
 }
 
 /// The sockets of one rank, ready; `sources` gets the config as /kv_event_sources shows it.
-pub struct Publisher {
+pub(crate) struct Publisher {
     subscribers: mpsc::Receiver<Accepted>,
     replay: Option<mpsc::Receiver<Accepted>>,
     topic: Bytes,
     buffer_steps: usize,
     /// Fraction of batches not sent live (still buffered for replay): --kv-events-drop-rate.
-    pub drop_rate: f64,
-    pub shown: KvEventsConfig,
+    pub(crate) drop_rate: f64,
+    pub(crate) shown: KvEventsConfig,
 }
 
 /// A subscriber: where its batches go, and the topic prefixes it asked for.
@@ -100,7 +100,7 @@ struct Subscriber {
 }
 
 impl Publisher {
-    pub async fn open(cfg: &KvEventsConfig, rank: usize, host: &str) -> anyhow::Result<Publisher> {
+    pub(crate) async fn open(cfg: &KvEventsConfig, rank: usize, host: &str) -> anyhow::Result<Publisher> {
         let mut shown = cfg.for_rank(rank);
         let subscribers = if is_bind_endpoint(&shown.endpoint) {
             let (bound, rx) = bind(&shown.endpoint, host, SocketType::Pub).await?;
@@ -133,7 +133,7 @@ impl Publisher {
 
     /// Runs until the engine goes: each batch of events is published, and replay
     /// requests are answered from the buffer.
-    pub async fn run(self, rank: usize, mut rx: mpsc::UnboundedReceiver<Vec<KvEvent>>) {
+    pub(crate) async fn run(self, rank: usize, mut rx: mpsc::UnboundedReceiver<Vec<KvEvent>>) {
         let Publisher { subscribers: mut arrivals, mut replay, topic, buffer_steps, drop_rate, .. } = self;
         let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
         let mut seq = 0u64;
@@ -169,7 +169,7 @@ impl Publisher {
                     seq += 1;
                 }
                 Some(event) = arrivals.recv() => match event {
-                    Accepted::Connected { id, to_peer, .. } => { subscribers.insert(id, Subscriber { to_peer, topics: Vec::new() }); }
+                    Accepted::Connected { id, to_peer } => { subscribers.insert(id, Subscriber { to_peer, topics: Vec::new() }); }
                     Accepted::Received(Inbound { id, incoming: Incoming::Subscribe(t), .. }) => {
                         if let Some(s) = subscribers.get_mut(&id) { s.topics.push(t); }
                     }
@@ -182,7 +182,7 @@ impl Publisher {
                     _ => {}
                 },
                 Some(event) = replay_event => match event {
-                    Accepted::Connected { id, to_peer, .. } => { replay_peers.insert(id, to_peer); }
+                    Accepted::Connected { id, to_peer } => { replay_peers.insert(id, to_peer); }
                     Accepted::Received(Inbound { id, incoming: Incoming::Message(frames), .. }) => {
                         let Some(to_peer) = replay_peers.get(&id).cloned() else { continue };
                         // [b"", start]: every buffered batch from `start`, then the end marker.

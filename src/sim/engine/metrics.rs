@@ -6,24 +6,24 @@ use prometheus::{GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, I
 use super::Engine;
 
 /// One engine's counters (handles into the shared families).
-pub struct Stats {
-    pub prompt_tokens: IntCounter,
-    pub prompt_local_compute: IntCounter,
-    pub prompt_external: IntCounter,
-    pub generation_tokens: IntCounter,
-    pub requests_finished: IntCounter,
-    pub transfers_sent: IntCounter,
-    pub transfers_received: IntCounter,
-    pub kv_load_failures: IntCounter,
-    pub leases_expired: IntCounter,
-    pub freed_by_decode_abort: IntCounter,
-    pub stale_reads: IntCounter,
-    pub prompt_local_hit: IntCounter,
-    pub prefix_queries: IntCounter,
-    pub prefix_hits: IntCounter,
+pub(crate) struct Stats {
+    pub(crate) prompt_tokens: IntCounter,
+    pub(crate) prompt_local_compute: IntCounter,
+    pub(crate) prompt_external: IntCounter,
+    pub(crate) generation_tokens: IntCounter,
+    pub(crate) requests_finished: IntCounter,
+    pub(crate) transfers_sent: IntCounter,
+    pub(crate) transfers_received: IntCounter,
+    pub(crate) kv_load_failures: IntCounter,
+    pub(crate) leases_expired: IntCounter,
+    pub(crate) freed_by_decode_abort: IntCounter,
+    pub(crate) stale_reads: IntCounter,
+    pub(crate) prompt_local_hit: IntCounter,
+    pub(crate) prefix_queries: IntCounter,
+    pub(crate) prefix_hits: IntCounter,
     /// Simulated seconds (wall time × --speedup), vLLM's buckets.
-    pub ttft: Histogram,
-    pub e2e: Histogram,
+    pub(crate) ttft: Histogram,
+    pub(crate) e2e: Histogram,
 }
 
 /// vLLM's default buckets (vllm/v1/metrics/buckets.py).
@@ -32,7 +32,7 @@ const TTFT_BUCKETS: &[f64] =
 const REQUEST_LATENCY_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
 
-pub struct SimMetrics {
+pub(crate) struct SimMetrics {
     registry: Registry,
     running: GaugeVec,
     waiting: GaugeVec,
@@ -57,7 +57,7 @@ pub struct SimMetrics {
 const LABELS: &[&str] = &["engine", "model_name"];
 
 impl SimMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let r = Registry::new();
         let gauge =
             |name: &str, help: &str| crate::api::prom::register(&r, GaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"));
@@ -108,7 +108,7 @@ impl SimMetrics {
         }
     }
 
-    pub fn stats_for(&self, rank: usize, model: &str) -> Stats {
+    pub(crate) fn stats_for(&self, rank: usize, model: &str) -> Stats {
         let rank = rank.to_string();
         let l = [rank.as_str(), model];
         let src = |s: &str| self.by_source.with_label_values(&[l[0], l[1], s]);
@@ -132,7 +132,7 @@ impl SimMetrics {
         }
     }
 
-    pub fn render(&self, engines: &[std::sync::Arc<Engine>], model: &str) -> String {
+    pub(crate) fn render(&self, engines: &[std::sync::Arc<Engine>], model: &str) -> String {
         for e in engines {
             let s = e.snapshot();
             let rank = e.rank.to_string();

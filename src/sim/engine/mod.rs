@@ -8,16 +8,16 @@
 //! (timing.rs). Then sleep that long without the lock. Then, under the lock again, produce
 //! one token for every sequence that is decoding, and publish the step's KV events.
 
-pub mod blocks;
-pub mod kv_publisher;
-pub mod metrics;
-pub mod mooncake;
-pub mod p2p;
-pub mod request;
-pub mod side_channel;
-pub mod timing;
+pub(crate) mod blocks;
+pub(crate) mod kv_publisher;
+pub(crate) mod metrics;
+pub(crate) mod mooncake;
+pub(crate) mod p2p;
+pub(crate) mod request;
+pub(crate) mod side_channel;
+pub(crate) mod timing;
 pub mod tokens;
-pub mod transfer;
+pub(crate) mod transfer;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
@@ -35,45 +35,45 @@ use self::tokens::{non_eos, Generator, EOS};
 use self::transfer::{Held, Pushed};
 use crate::api::ApiError;
 
-pub struct EngineConfig {
-    pub block_size: usize,
-    pub kv_blocks: usize,
-    pub prefix_caching: bool,
-    pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
-    pub timing: Timing,
+pub(crate) struct EngineConfig {
+    pub(crate) block_size: usize,
+    pub(crate) kv_blocks: usize,
+    pub(crate) prefix_caching: bool,
+    pub(crate) max_num_seqs: usize,
+    pub(crate) max_num_batched_tokens: usize,
+    pub(crate) timing: Timing,
     /// Every step's time is divided by this.
-    pub speedup: f64,
-    pub hang_after_tokens: Option<usize>,
-    pub kv_lease: Duration,
-    pub kv_load_timeout: Duration,
-    pub die_on_kv_mismatch: bool,
+    pub(crate) speedup: f64,
+    pub(crate) hang_after_tokens: Option<usize>,
+    pub(crate) kv_lease: Duration,
+    pub(crate) kv_load_timeout: Duration,
+    pub(crate) die_on_kv_mismatch: bool,
 }
 
 /// What the HTTP layer asks an engine to run.
-pub struct Job {
+pub(crate) struct Job {
     /// The engine-internal id (`cmpl-<base>-0-<hex>`), also the id KV is held under.
-    pub request_id: String,
-    pub prompt: Vec<u32>,
-    pub generator: Generator,
-    pub max_tokens: usize,
-    pub min_tokens: usize,
-    pub ignore_eos: bool,
+    pub(crate) request_id: String,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) generator: Generator,
+    pub(crate) max_tokens: usize,
+    pub(crate) min_tokens: usize,
+    pub(crate) ignore_eos: bool,
     /// Tokens that end the request where they are sampled (vLLM's core checks them, as EOS).
-    pub stop_token_ids: Vec<u32>,
-    pub kv: KvRequest,
+    pub(crate) stop_token_ids: Vec<u32>,
+    pub(crate) kv: KvRequest,
 }
 
 /// How the engine finished a request (vLLM's core statuses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
+pub(crate) enum Finish {
     /// FINISHED_LENGTH_CAPPED: max_tokens reached.
     Length,
     /// FINISHED_STOPPED: EOS or a stop_token_ids token was sampled.
     Stopped,
 }
 
-pub enum Event {
+pub(crate) enum Event {
     /// The prompt is in the engine's KV: this many of its tokens came from a cache (the
     /// local prefix cache, or the prefill's, for a pulled prompt, as vLLM reports it).
     Prefilled {
@@ -91,7 +91,7 @@ pub enum Event {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Admitted on the decode side, its KV still being pulled.
     Pulling,
     /// Prompt tokens still to compute.
@@ -101,80 +101,75 @@ pub enum Phase {
     Decoding,
 }
 
-pub struct Seq {
-    pub id: u64,
-    pub job: Job,
-    pub tx: mpsc::UnboundedSender<Event>,
-    pub blocks: Vec<BlockId>,
-    pub generated: usize,
+pub(crate) struct Seq {
+    pub(crate) id: u64,
+    pub(crate) job: Job,
+    pub(crate) tx: mpsc::UnboundedSender<Event>,
+    pub(crate) blocks: Vec<BlockId>,
+    pub(crate) generated: usize,
     /// The generated tokens (their KV fills blocks that get cached).
-    pub output: Vec<u32>,
+    pub(crate) output: Vec<u32>,
     /// Blocks recorded in the cache so far.
-    pub committed: usize,
+    pub(crate) committed: usize,
     /// Prompt tokens found cached.
-    pub hit_tokens: usize,
-    pub phase: Phase,
+    pub(crate) hit_tokens: usize,
+    pub(crate) phase: Phase,
     /// When the request reached the engine.
-    pub arrived: std::time::Instant,
+    pub(crate) arrived: std::time::Instant,
 }
 
-pub struct State {
-    pub cache: KvCache,
-    pub waiting: VecDeque<Seq>,
-    pub running: Vec<Seq>,
-    pub held: HashMap<String, Held>,
+pub(crate) struct State {
+    pub(crate) cache: KvCache,
+    pub(crate) waiting: VecDeque<Seq>,
+    pub(crate) running: Vec<Seq>,
+    pub(crate) held: HashMap<String, Held>,
     /// P2pNccl: KV pushed to this decode, by request id.
-    pub pushed: HashMap<String, Pushed>,
+    pub(crate) pushed: HashMap<String, Pushed>,
     /// Mooncake transfers a decode gave up on before this prefill held them.
-    pub abandoned: HashMap<String, std::time::Instant>,
-    pub next_id: u64,
+    pub(crate) abandoned: HashMap<String, std::time::Instant>,
+    pub(crate) next_id: u64,
 }
 
-pub fn bump(c: &prometheus::IntCounter, n: usize) {
+pub(crate) fn bump(c: &prometheus::IntCounter, n: usize) {
     c.inc_by(n as u64);
 }
 
 /// Gauges read at scrape time.
-pub struct Snapshot {
-    pub running: usize,
-    pub waiting: usize,
-    pub blocks_used: usize,
-    pub blocks_total: usize,
-    pub held_blocks: usize,
-    pub held_requests: usize,
+pub(crate) struct Snapshot {
+    pub(crate) running: usize,
+    pub(crate) waiting: usize,
+    pub(crate) blocks_used: usize,
+    pub(crate) blocks_total: usize,
+    pub(crate) held_blocks: usize,
+    pub(crate) held_requests: usize,
 }
 
-pub struct Engine {
-    pub rank: usize,
-    pub engine_id: String,
-    pub side_host: String,
-    pub side_port: u16,
-    pub cfg: Arc<EngineConfig>,
-    pub state: Mutex<State>,
-    pub wake: Notify,
+pub(crate) struct Engine {
+    pub(crate) rank: usize,
+    pub(crate) engine_id: String,
+    pub(crate) side_host: String,
+    pub(crate) side_port: u16,
+    pub(crate) cfg: Arc<EngineConfig>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) wake: Notify,
     /// Woken when KV is held for, or pushed to, a transfer (side-channel waiters).
-    pub handed_over: Notify,
-    pub stats: Stats,
+    pub(crate) handed_over: Notify,
+    pub(crate) stats: Stats,
     /// Set when the engine "dies" (--die-on-kv-mismatch); the process exits right after.
-    pub dead: Arc<AtomicBool>,
+    pub(crate) dead: Arc<AtomicBool>,
     /// Where each step's KV events go (--kv-events-config).
     events: Option<mpsc::UnboundedSender<Vec<KvEvent>>>,
 }
 
 /// A running request's output. Dropping it cancels the request (client gone).
-pub struct Output {
+pub(crate) struct Output {
     rx: mpsc::UnboundedReceiver<Event>,
     engine: Arc<Engine>,
 }
 
 impl Output {
-    pub async fn next(&mut self) -> Option<Event> {
+    pub(crate) async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
-    }
-
-    /// The next event if it is already there.
-    pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
     }
 }
 
@@ -187,7 +182,7 @@ impl Drop for Output {
 
 impl Engine {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         rank: usize,
         cfg: Arc<EngineConfig>,
         side_host: String,
@@ -219,12 +214,12 @@ impl Engine {
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; keep serving what we can.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn submit(self: &Arc<Self>, job: Job) -> Output {
+    pub(crate) fn submit(self: &Arc<Self>, job: Job) -> Output {
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.lock();
@@ -247,7 +242,7 @@ impl Engine {
         Output { rx, engine: self.clone() }
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let st = self.lock();
         let pulling = st.running.iter().filter(|s| s.phase == Phase::Pulling).count();
         Snapshot {
@@ -262,13 +257,13 @@ impl Engine {
     }
 
     /// Requests queued or running: the engine's load, for picking a DP rank.
-    pub fn load(&self) -> usize {
+    pub(crate) fn load(&self) -> usize {
         let st = self.lock();
         st.waiting.len() + st.running.len()
     }
 
     /// Publishes the KV events recorded since the last call, as one batch.
-    pub fn publish(&self, st: &mut State) {
+    pub(crate) fn publish(&self, st: &mut State) {
         let events = st.cache.take_events();
         if let (Some(tx), false) = (&self.events, events.is_empty()) {
             let _ = tx.send(events);
@@ -276,13 +271,13 @@ impl Engine {
     }
 
     /// Forgets the prefix cache (vLLM's /reset_prefix_cache).
-    pub fn reset_prefix_cache(&self) {
+    pub(crate) fn reset_prefix_cache(&self) {
         let mut st = self.lock();
         st.cache.clear();
         self.publish(&mut st);
     }
 
-    pub async fn run(self: Arc<Self>) {
+    pub(crate) async fn run(self: Arc<Self>) {
         let reaper = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -393,7 +388,7 @@ impl Engine {
         (cost_ms, has_work)
     }
 
-    pub fn drop_cancelled(&self) {
+    pub(crate) fn drop_cancelled(&self) {
         let frees = transfer::reap_cancelled(&mut self.lock());
         transfer::spawn_frees(frees);
     }

@@ -14,7 +14,7 @@ use super::side_channel::Peer;
 use crate::api::join_host_port;
 
 /// What `/query` answers for engines `(engine_id, side host, side port)` in rank order.
-pub fn query_body(engines: &[(String, String, u16)]) -> Value {
+pub(crate) fn query_body(engines: &[(String, String, u16)]) -> Value {
     let ranks: Map<String, Value> = engines
         .iter()
         .enumerate()
@@ -28,7 +28,7 @@ pub fn query_body(engines: &[(String, String, u16)]) -> Value {
 
 /// Serves the bootstrap server's `GET /query` (the registry is fixed: the simulator's
 /// engines register themselves at start).
-pub async fn serve_bootstrap(listener: TcpListener, query: Value) -> std::io::Result<()> {
+pub(crate) async fn serve_bootstrap(listener: TcpListener, query: Value) -> std::io::Result<()> {
     let app = axum::Router::new().route("/query", axum::routing::get(move || async move { axum::Json(query) }));
     axum::serve(listener, app).await
 }
@@ -40,7 +40,7 @@ fn client() -> &'static reqwest::Client {
 
 /// The side channel of engine `engine_id`, from the bootstrap server at `bootstrap_addr`
 /// (`http://host:port`), as vLLM's decode worker finds the prefill worker it pulls from.
-pub async fn worker_peer(bootstrap_addr: &str, engine_id: &str) -> Result<Peer, String> {
+pub(crate) async fn worker_peer(bootstrap_addr: &str, engine_id: &str) -> Result<Peer, String> {
     let url = format!("{}/query", bootstrap_addr.trim_end_matches('/'));
     let resp = client().get(&url).send().await.map_err(|e| format!("bootstrap server {url}: {e}"))?;
     if !resp.status().is_success() {

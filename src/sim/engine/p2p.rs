@@ -14,7 +14,7 @@ use crate::zmtp::{self, Limits, SocketType};
 const PING_EVERY: Duration = Duration::from_secs(3);
 
 /// The registration payload.
-pub fn ping_payload(producer: bool, http_address: &str, zmq_address: &str) -> Vec<u8> {
+pub(crate) fn ping_payload(producer: bool, http_address: &str, zmq_address: &str) -> Vec<u8> {
     let map = rmpv::Value::Map(vec![
         ("type".into(), if producer { "P" } else { "D" }.into()),
         ("http_address".into(), http_address.into()),
@@ -28,7 +28,7 @@ pub fn ping_payload(producer: bool, http_address: &str, zmq_address: &str) -> Ve
 /// Pings `proxy` (`host:port`) for as long as the simulator runs. A proxy that is not up
 /// yet, or restarts, is reached again on a later ping (libzmq reconnects on its own; here a
 /// failed send reconnects).
-pub async fn register(proxy: String, payload: Vec<u8>, zmq_address: String) {
+pub(crate) async fn register(proxy: String, payload: Vec<u8>, zmq_address: String) {
     let payload = Bytes::from(payload);
     let mut socket: Option<zmtp::Connection> = None;
     loop {

@@ -5,14 +5,14 @@
 use serde_json::{Map, Value};
 
 use super::tokens::{self, Generator, BOS};
-pub use crate::api::connector::Connector;
-pub use crate::api::fields::Api;
+pub(crate) use crate::api::connector::Connector;
+pub(crate) use crate::api::fields::Api;
 use crate::api::fields::{check_generation, Fields};
 use crate::api::{validation_error, ApiError, ErrorKind};
 
 /// Where the prompt's KV comes from and goes to (docs/PROTOCOLS.md §1-§3).
 #[derive(Clone, Debug, PartialEq)]
-pub enum KvRequest {
+pub(crate) enum KvRequest {
     /// Plain serving.
     Local,
     /// `do_remote_decode` (P2pNccl: any request to a producer): compute the prompt, then
@@ -25,7 +25,7 @@ pub enum KvRequest {
 
 /// How a prefill hands its prompt's blocks to a decode.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Handoff {
+pub(crate) enum Handoff {
     /// NIXL: hold them under the engine's request id and answer the params a decode
     /// pulls them with.
     Nixl,
@@ -37,7 +37,7 @@ pub enum Handoff {
 
 /// Where a decode gets its prompt's blocks.
 #[derive(Clone, Debug, PartialEq)]
-pub enum RemoteKv {
+pub(crate) enum RemoteKv {
     /// NIXL: read the named blocks from the prefill's side channel.
     Nixl(NixlRemote),
     /// Mooncake: find the engine's worker address on the prefill's bootstrap server, then
@@ -49,62 +49,62 @@ pub enum RemoteKv {
 
 /// The NIXL prefill's answer that a decode pulls from.
 #[derive(Clone, Debug, PartialEq)]
-pub struct NixlRemote {
-    pub engine_id: String,
-    pub request_id: String,
-    pub block_ids: Vec<u32>,
-    pub host: String,
-    pub port: u16,
-    pub num_tokens: Option<usize>,
+pub(crate) struct NixlRemote {
+    pub(crate) engine_id: String,
+    pub(crate) request_id: String,
+    pub(crate) block_ids: Vec<u32>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) num_tokens: Option<usize>,
     /// The prefill's prefix-cache hits (`remote_prefill_cached_tokens`).
-    pub cached_tokens: Option<usize>,
+    pub(crate) cached_tokens: Option<usize>,
 }
 
 /// One request: one or more prompts (a completions list), each sampled `n` times.
-pub struct GenRequest {
-    pub prompts: Vec<Vec<u32>>,
-    pub n: usize,
+pub(crate) struct GenRequest {
+    pub(crate) prompts: Vec<Vec<u32>>,
+    pub(crate) n: usize,
     /// One per generation, prompt-major: choice `j` of a seeded request uses `seed + j`,
     /// as vLLM seeds its child requests.
-    pub generators: Vec<Generator>,
+    pub(crate) generators: Vec<Generator>,
     /// Per prompt (the default depends on the prompt's length).
-    pub max_tokens: Vec<usize>,
-    pub min_tokens: usize,
-    pub ignore_eos: bool,
-    pub stop: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub continuous_usage: bool,
-    pub kv: KvRequest,
+    pub(crate) max_tokens: Vec<usize>,
+    pub(crate) min_tokens: usize,
+    pub(crate) ignore_eos: bool,
+    pub(crate) stop: Vec<String>,
+    pub(crate) stop_token_ids: Vec<u32>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+    pub(crate) continuous_usage: bool,
+    pub(crate) kv: KvRequest,
 }
 
 impl GenRequest {
     /// The prompt of generation `k`.
-    pub fn prompt_of(&self, k: usize) -> &[u32] {
+    pub(crate) fn prompt_of(&self, k: usize) -> &[u32] {
         &self.prompts[k / self.n]
     }
 
-    pub fn max_tokens_of(&self, k: usize) -> usize {
+    pub(crate) fn max_tokens_of(&self, k: usize) -> usize {
         self.max_tokens[k / self.n]
     }
 
-    pub fn generations(&self) -> usize {
+    pub(crate) fn generations(&self) -> usize {
         self.prompts.len() * self.n
     }
 }
 
-pub struct Limits<'a> {
-    pub model: &'a str,
-    pub max_model_len: usize,
+pub(crate) struct Limits<'a> {
+    pub(crate) model: &'a str,
+    pub(crate) max_model_len: usize,
     /// A real model's tokenizer (--tokenizer); else the simulator's word pieces.
-    pub tokenizer: Option<&'a crate::tokenize::ModelTokenizer>,
+    pub(crate) tokenizer: Option<&'a crate::tokenize::ModelTokenizer>,
     /// Whose `kv_transfer_params` the engine reads (--kv-connector).
-    pub connector: Connector,
+    pub(crate) connector: Connector,
 }
 
 /// Checks the `model` field against the served model (vLLM answers 404).
-pub fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiError> {
     match body.get("model") {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(m)) if m == served => Ok(()),
@@ -117,7 +117,7 @@ pub fn check_model(body: &Map<String, Value>, served: &str) -> Result<(), ApiErr
 
 /// The prompts' token ids: completions take a string, token ids, or a list of either;
 /// chat applies a fixed chat template to `messages`.
-pub fn prompt_tokens(
+pub(crate) fn prompt_tokens(
     api: Api,
     body: &Map<String, Value>,
     tok: Option<&crate::tokenize::ModelTokenizer>,
@@ -221,7 +221,7 @@ fn chat_text(body: &Map<String, Value>) -> Result<String, ApiError> {
 }
 
 /// Parses and checks a generation request; `Err` carries vLLM's status and message.
-pub fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result<GenRequest, ApiError> {
+pub(crate) fn parse(api: Api, body: &Map<String, Value>, limits: &Limits<'_>) -> Result<GenRequest, ApiError> {
     let f = Fields::body(body);
     check_model(body, limits.model)?;
     let gen = check_generation(api, body)?;
@@ -352,7 +352,7 @@ fn kv_request(body: &Map<String, Value>, connector: Connector) -> Result<KvReque
 
 /// A request's `kv_transfer_params` as the connector reads them. P2pNccl reads none: its
 /// engines go by the request id (the HTTP layer decides, generate.rs).
-pub fn kv_params(p: &Map<String, Value>, connector: Connector) -> Result<KvRequest, ApiError> {
+pub(crate) fn kv_params(p: &Map<String, Value>, connector: Connector) -> Result<KvRequest, ApiError> {
     match connector {
         Connector::Nixl => nixl_params(p),
         Connector::Mooncake => Ok(mooncake_params(p)),

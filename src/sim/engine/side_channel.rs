@@ -23,10 +23,10 @@ use super::Engine;
 
 /// A peer's side channel.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// As written in params (IPv6 may be in brackets).
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,7 +63,7 @@ const MAX_LINE: u64 = 4 << 20;
 /// The longest a `take` may wait on the prefill side before answering `pending`.
 const MAX_TAKE_WAIT: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
+pub(crate) async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let engine = engine.clone();
@@ -142,7 +142,7 @@ fn refused(reply: Reply, what: &str) -> String {
 }
 
 /// NIXL: reads the named blocks; returns their contents.
-pub async fn read(peer: &Peer, engine_id: &str, request_id: &str, block_ids: &[u32], timeout: Duration) -> Result<Vec<u64>, String> {
+pub(crate) async fn read(peer: &Peer, engine_id: &str, request_id: &str, block_ids: &[u32], timeout: Duration) -> Result<Vec<u64>, String> {
     let req = Request::Read { engine_id: engine_id.into(), request_id: request_id.into(), block_ids: block_ids.to_vec() };
     let mut reply = exchange(peer, &req, Instant::now() + timeout).await?;
     match reply.contents.take() {
@@ -153,7 +153,7 @@ pub async fn read(peer: &Peer, engine_id: &str, request_id: &str, block_ids: &[u
 
 /// Mooncake: takes the blocks held under `transfer_id` from the `skip`th on, waiting up to
 /// `wait` for the prefill to hold them. `Ok(None)`: not held yet.
-pub async fn take(
+pub(crate) async fn take(
     peer: &Peer,
     engine_id: &str,
     transfer_id: &str,
@@ -171,7 +171,7 @@ pub async fn take(
 }
 
 /// P2pNccl: pushes a prompt's blocks to the decode under `key`.
-pub async fn put(peer: &Peer, key: &str, contents: Vec<u64>, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn put(peer: &Peer, key: &str, contents: Vec<u64>, timeout: Duration) -> Result<(), String> {
     let reply = exchange(peer, &Request::Put { key: key.into(), contents }, Instant::now() + timeout).await?;
     if reply.ok {
         Ok(())
@@ -181,7 +181,7 @@ pub async fn put(peer: &Peer, key: &str, contents: Vec<u64>, timeout: Duration) 
 }
 
 /// Tells a prefill to free blocks a decode will never take. Best effort, as in vLLM.
-pub async fn free(peer: &Peer, key: &str) {
+pub(crate) async fn free(peer: &Peer, key: &str) {
     let req = Request::Free { request_id: key.into() };
     if let Err(e) = exchange(peer, &req, Instant::now() + Duration::from_secs(5)).await {
         tracing::warn!("could not tell the prefill to free {key}: {e}");

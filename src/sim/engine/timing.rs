@@ -18,25 +18,25 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Timing {
+pub(crate) struct Timing {
     /// p0, p1, p2 (ms).
-    pub prefill_ms: [f64; 3],
+    pub(crate) prefill_ms: [f64; 3],
     /// d0, d1, d2 (ms).
-    pub decode_ms: [f64; 3],
+    pub(crate) decode_ms: [f64; 3],
     /// s (ms per running sequence).
     #[serde(default)]
-    pub decode_ms_per_seq: f64,
+    pub(crate) decode_ms_per_seq: f64,
     /// Floor of a decode step (ms).
     #[serde(default)]
-    pub decode_min_ms: f64,
+    pub(crate) decode_min_ms: f64,
     /// Where the coefficients come from.
     #[serde(default)]
-    pub source: String,
+    pub(crate) source: String,
 }
 
 impl Timing {
     /// The legacy knobs: linear prefill, constant decode.
-    pub fn linear(prefill_ms_per_1k: f64, decode_ms_per_token: f64) -> Self {
+    pub(crate) fn linear(prefill_ms_per_1k: f64, decode_ms_per_token: f64) -> Self {
         Timing {
             prefill_ms: [0.0, prefill_ms_per_1k / 1000.0, 0.0],
             decode_ms: [decode_ms_per_token, 0.0, 0.0],
@@ -47,7 +47,7 @@ impl Timing {
     }
 
     /// NVIDIA Dynamo's mocker polynomial.
-    pub fn mocker() -> Self {
+    pub(crate) fn mocker() -> Self {
         Timing {
             prefill_ms: [16.50142, 1.518344e-02, 4.209989e-07],
             decode_ms: [5.74, 54.01, -25.74],
@@ -58,7 +58,7 @@ impl Timing {
     }
 
     /// A profile by built-in name or from a JSON file.
-    pub fn load(spec: &str) -> Result<Self, String> {
+    pub(crate) fn load(spec: &str) -> Result<Self, String> {
         if spec == "mocker" {
             return Ok(Timing::mocker());
         }
@@ -67,12 +67,13 @@ impl Timing {
     }
 
     /// One sequence prefilling `tokens` new tokens alone in a step.
-    pub fn prefill(&self, tokens: usize) -> f64 {
+    #[cfg(test)]
+    pub(crate) fn prefill(&self, tokens: usize) -> f64 {
         self.prefill_chunks([tokens])
     }
 
     /// A step prefilling these chunks (new tokens per sequence).
-    pub fn prefill_chunks(&self, chunks: impl IntoIterator<Item = usize>) -> f64 {
+    pub(crate) fn prefill_chunks(&self, chunks: impl IntoIterator<Item = usize>) -> f64 {
         let [p0, p1, p2] = self.prefill_ms;
         let (mut any, mut cost) = (false, p0);
         for t in chunks.into_iter().filter(|t| *t > 0) {
@@ -87,7 +88,7 @@ impl Timing {
         }
     }
 
-    pub fn decode(&self, usage: f64, seqs: usize) -> f64 {
+    pub(crate) fn decode(&self, usage: f64, seqs: usize) -> f64 {
         if seqs == 0 {
             return 0.0;
         }

@@ -5,20 +5,20 @@
 
 use serde_json::Value;
 
-pub const BOS: u32 = 1;
+pub(crate) const BOS: u32 = 1;
 pub const EOS: u32 = 2;
 const FIRST_TEXT_ID: u32 = 3;
-pub const VOCAB: u32 = 32_000;
+pub(crate) const VOCAB: u32 = 32_000;
 /// One generated token in this many is EOS (when EOS is honoured).
 const EOS_ONE_IN: u64 = 100;
 
 /// 64-bit FNV-1a of `bytes` (crate::api::fnv1a from the start).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     crate::api::fnv1a(crate::api::FNV_OFFSET, bytes)
 }
 
 /// splitmix64 finaliser: a cheap, well-mixed bijection.
-pub fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -44,7 +44,7 @@ fn class(c: char) -> Class {
 
 /// Splits text into pieces: a word with at most one leading space, a run of other
 /// whitespace, or a single punctuation character; each piece is one token.
-pub fn tokenize(text: &str) -> Vec<u32> {
+pub(crate) fn tokenize(text: &str) -> Vec<u32> {
     let mut out = Vec::with_capacity(text.len() / 4 + 1);
     let chars: Vec<(usize, char)> = text.char_indices().collect();
     let mut i = 0;
@@ -90,7 +90,7 @@ const ONSETS: [&str; 16] = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s
 const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ee"];
 
 /// The text of a generated token: a space and a pronounceable pseudo-word.
-pub fn token_text(id: u32) -> String {
+pub(crate) fn token_text(id: u32) -> String {
     match id {
         BOS => "<s>".into(),
         EOS => String::new(),
@@ -110,14 +110,14 @@ pub fn token_text(id: u32) -> String {
 
 /// A stable fingerprint of a token sequence: what a decode compares with the blocks it
 /// pulled, standing in for the KV content itself.
-pub fn fingerprint(tokens: &[u32]) -> u64 {
+pub(crate) fn fingerprint(tokens: &[u32]) -> u64 {
     tokens.iter().fold(0x5151_5151_u64, |h, t| mix(h ^ u64::from(*t)))
 }
 
 /// The deterministic sampler. `seed` folds in the prompt and every sampling field that
 /// changes which tokens come out (not the ones that only cut the output short).
 #[derive(Clone, Copy, Debug)]
-pub struct Generator {
+pub(crate) struct Generator {
     seed: u64,
     /// A token a large `logit_bias` forces at every step.
     forced: Option<u32>,
@@ -125,18 +125,25 @@ pub struct Generator {
 
 /// Sampling fields that select tokens; `max_tokens`, `min_tokens`, `stop` and `ignore_eos`
 /// only decide where the same sequence ends.
-pub const SAMPLING_FIELDS: &[&str] =
+pub(crate) const SAMPLING_FIELDS: &[&str] =
     &["temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty"];
 
 impl Generator {
-    pub fn new(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>) -> Self {
         let seed = body.get("seed").and_then(Value::as_i64);
         Generator::for_choice(prompt_fingerprint, body, seed, 0, 1)
     }
 
     /// Choice `j` of `n`: with a seed, sampled as a request seeded `seed + j` is (vLLM
     /// seeds its child requests so); without one, each choice differs.
-    pub fn for_choice(prompt_fingerprint: u64, body: &serde_json::Map<String, Value>, seed: Option<i64>, j: usize, n: usize) -> Self {
+    pub(crate) fn for_choice(
+        prompt_fingerprint: u64,
+        body: &serde_json::Map<String, Value>,
+        seed: Option<i64>,
+        j: usize,
+        n: usize,
+    ) -> Self {
         let mut state = prompt_fingerprint;
         for field in SAMPLING_FIELDS {
             let value = match (*field, seed) {
@@ -154,12 +161,12 @@ impl Generator {
     }
 
     /// This generator with every token forced (request.rs: `logit_bias`).
-    pub fn with_forced(self, forced: Option<u32>) -> Self {
+    pub(crate) fn with_forced(self, forced: Option<u32>) -> Self {
         Generator { forced, ..self }
     }
 
     /// The token at output position `i` (0-based).
-    pub fn token(&self, i: usize) -> u32 {
+    pub(crate) fn token(&self, i: usize) -> u32 {
         if let Some(t) = self.forced {
             return t;
         }
@@ -173,7 +180,7 @@ impl Generator {
 }
 
 /// A text token that stands in for EOS when `ignore_eos` asks to keep going.
-pub fn non_eos(id: u32, i: usize) -> u32 {
+pub(crate) fn non_eos(id: u32, i: usize) -> u32 {
     if id == EOS {
         FIRST_TEXT_ID + (mix(i as u64) % u64::from(VOCAB - FIRST_TEXT_ID)) as u32
     } else {

@@ -28,15 +28,15 @@ use crate::api::kv_params::NixlAnswer;
 use crate::api::ApiError;
 
 /// Blocks a prefill holds for a remote decode.
-pub struct Held {
-    pub blocks: Vec<BlockId>,
-    pub expires: Instant,
+pub(crate) struct Held {
+    pub(crate) blocks: Vec<BlockId>,
+    pub(crate) expires: Instant,
 }
 
 /// KV a P2pNccl prefill pushed to this decode, until its request takes it.
-pub struct Pushed {
-    pub contents: Vec<u64>,
-    pub expires: Instant,
+pub(crate) struct Pushed {
+    pub(crate) contents: Vec<u64>,
+    pub(crate) expires: Instant,
 }
 
 /// What a decode got from its prefill.
@@ -53,7 +53,7 @@ struct Fetched {
 /// How often a waiting decode checks whether its client is still there.
 const RECHECK: Duration = Duration::from_millis(200);
 #[derive(Debug)]
-pub enum PullError {
+pub(crate) enum PullError {
     /// The prefill could not be reached or refused the read.
     Load(String),
     /// The blocks were read but hold another prompt.
@@ -71,7 +71,7 @@ impl std::fmt::Display for PullError {
 
 /// Gets the prompt blocks a decode lacks (all from `hits` on) and hands the outcome to
 /// the engine. Returns early, with nothing to hand, when the request is gone meanwhile.
-pub async fn pull(engine: Arc<Engine>, seq_id: u64, remote: RemoteKv, fps: Vec<u64>, hits: usize, prompt_len: usize) {
+pub(crate) async fn pull(engine: Arc<Engine>, seq_id: u64, remote: RemoteKv, fps: Vec<u64>, hits: usize, prompt_len: usize) {
     let fetched = match &remote {
         RemoteKv::Nixl(nixl) => read_nixl(&engine, nixl, hits).await,
         RemoteKv::Mooncake { bootstrap_addr, engine_id, transfer_id } => {
@@ -160,7 +160,7 @@ async fn take_mooncake(
 /// Removes requests whose client has gone, freeing their blocks. Returns the remote KV
 /// of NIXL decodes that had not pulled yet: their prefills must be told to free it (a
 /// Mooncake decode waiting for its transfer tells its prefill itself, take_mooncake).
-pub fn reap_cancelled(st: &mut State) -> Vec<NixlRemote> {
+pub(crate) fn reap_cancelled(st: &mut State) -> Vec<NixlRemote> {
     let State { cache, waiting, running, .. } = st;
     let mut frees = Vec::new();
     running.retain(|s| {
@@ -182,7 +182,7 @@ pub fn reap_cancelled(st: &mut State) -> Vec<NixlRemote> {
     frees
 }
 
-pub fn spawn_frees(frees: Vec<NixlRemote>) {
+pub(crate) fn spawn_frees(frees: Vec<NixlRemote>) {
     for remote in frees {
         tokio::spawn(async move { side_channel::free(&Peer { host: remote.host, port: remote.port }, &remote.request_id).await });
     }
@@ -194,7 +194,7 @@ impl Engine {
     /// connectors decide (`request_finished`): NIXL holds on FINISHED_LENGTH_CAPPED and
     /// FINISHED_STOPPED (EOS, a stop token) and answers its params; Mooncake holds on the
     /// length cap only and answers none.
-    pub fn finish_blocks(&self, seq: &Seq, reason: Finish, st: &mut State) -> Option<Value> {
+    pub(crate) fn finish_blocks(&self, seq: &Seq, reason: Finish, st: &mut State) -> Option<Value> {
         let State { cache, held, abandoned, .. } = st;
         let key = match (&seq.job.kv, reason) {
             (KvRequest::RemoteDecode(Handoff::Nixl), Finish::Length | Finish::Stopped) => seq.job.request_id.clone(),
@@ -241,7 +241,7 @@ impl Engine {
 
     /// P2pNccl: a prefill pushes its prompt's blocks to the decode as soon as they are
     /// computed (vLLM sends each layer's KV during the forward pass).
-    pub fn push_computed(&self, seq: &Seq, cache: &KvCache) {
+    pub(crate) fn push_computed(&self, seq: &Seq, cache: &KvCache) {
         let KvRequest::RemoteDecode(Handoff::Push { host, port, key }) = &seq.job.kv else { return };
         let n = blocks_for(seq.job.prompt.len(), self.cfg.block_size);
         let Some(contents) = cache.read(&seq.blocks[..n]) else { return };
@@ -305,7 +305,7 @@ impl Engine {
 
     /// A decode reads held blocks over the side channel: returns their contents and
     /// frees them. Blocks no longer held are still readable (stale), as with NIXL.
-    pub fn serve_read(&self, engine_id: &str, request_id: &str, block_ids: &[BlockId]) -> Result<Vec<u64>, String> {
+    pub(crate) fn serve_read(&self, engine_id: &str, request_id: &str, block_ids: &[BlockId]) -> Result<Vec<u64>, String> {
         if engine_id != self.engine_id {
             return Err(format!(
                 "engine id mismatch: this side channel serves engine {}, the decode asked for {engine_id}",
@@ -335,7 +335,7 @@ impl Engine {
     /// A decode aborted before pulling: free the held blocks now. A Mooncake transfer the
     /// prefill does not hold yet is remembered, so its blocks are freed when it finishes
     /// (vLLM's prefill frees them once ready).
-    pub fn serve_free(&self, key: &str) -> bool {
+    pub(crate) fn serve_free(&self, key: &str) -> bool {
         let freed = {
             let mut guard = self.lock();
             let State { cache, held, abandoned, .. } = &mut *guard;
@@ -359,7 +359,7 @@ impl Engine {
 
     /// Mooncake: the blocks held under `transfer_id` from the `skip`th on, and how many
     /// the prompt has; waits up to `wait` for the prefill to hold them (`Ok(None)`: not yet).
-    pub async fn serve_take(
+    pub(crate) async fn serve_take(
         &self,
         engine_id: &str,
         transfer_id: &str,
@@ -394,7 +394,7 @@ impl Engine {
     }
 
     /// P2pNccl: KV a prefill pushed, kept until this decode's request takes it.
-    pub fn serve_put(&self, key: String, contents: Vec<u64>) {
+    pub(crate) fn serve_put(&self, key: String, contents: Vec<u64>) {
         self.lock().pushed.insert(key, Pushed { contents, expires: Instant::now() + self.cfg.kv_lease });
         self.handed_over.notify_waiters();
     }
@@ -420,7 +420,7 @@ impl Engine {
     }
 
     /// Ends the leases of KV nobody took: held blocks, pushed KV, remembered aborts.
-    pub fn expire_leases(&self) {
+    pub(crate) fn expire_leases(&self) {
         let now = Instant::now();
         let expired = {
             let mut guard = self.lock();

@@ -19,19 +19,19 @@ use tokio::net::{TcpListener, TcpStream};
 use super::config::SimArgs;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Layout {
-    pub size: u16,
+pub(crate) struct Layout {
+    pub(crate) size: u16,
     /// Global ranks of the engines this process runs, in header order.
-    pub engine_ranks: Vec<u16>,
+    pub(crate) engine_ranks: Vec<u16>,
     /// This process's own ranks (what it announces, or counts as joined).
-    pub own: (u16, u16),
-    pub headless: bool,
+    pub(crate) own: (u16, u16),
+    pub(crate) headless: bool,
     /// Some(address): ranks elsewhere, handshake at this address.
-    pub master: Option<(String, u16)>,
+    pub(crate) master: Option<(String, u16)>,
 }
 
 impl Layout {
-    pub fn of(a: &SimArgs) -> Result<Layout, String> {
+    pub(crate) fn of(a: &SimArgs) -> Result<Layout, String> {
         let size = a.data_parallel_size;
         if let Some(r) = a.data_parallel_rank {
             if r >= size {
@@ -70,7 +70,7 @@ impl Layout {
     }
 
     /// The first node (rank 0) waits for the others; the others join it.
-    pub fn is_master(&self) -> bool {
+    pub(crate) fn is_master(&self) -> bool {
         self.own.0 == 0
     }
 }
@@ -91,7 +91,7 @@ struct Join {
 
 /// The first node: waits until every rank has joined (then `joined` is set), and returns
 /// an error when a node leaves.
-pub async fn lead(layout: Layout, joined: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub(crate) async fn lead(layout: Layout, joined: Arc<AtomicBool>) -> anyhow::Result<()> {
     let (host, port) = layout.master.clone().expect("a master address");
     let listener = TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), port))
         .await
@@ -132,7 +132,7 @@ pub async fn lead(layout: Layout, joined: Arc<AtomicBool>) -> anyhow::Result<()>
 
 /// A later node: joins the first (retrying until it listens) and returns an error when it
 /// goes away.
-pub async fn join(layout: Layout) -> anyhow::Result<()> {
+pub(crate) async fn join(layout: Layout) -> anyhow::Result<()> {
     let (host, port) = layout.master.clone().expect("a master address");
     let addr = crate::api::join_host_port(&host, port);
     let stream = loop {

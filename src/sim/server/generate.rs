@@ -25,12 +25,12 @@ use crate::sim::engine::request::{self, Api, GenRequest, Handoff, KvRequest, Lim
 use crate::sim::engine::transfer;
 use crate::sim::engine::{Engine, Event, Job, Output};
 
-pub fn hex16() -> String {
+pub(crate) fn hex16() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
 /// Counts a generation request in flight for `/load` until dropped.
-pub struct InFlight(Arc<Sim>);
+pub(crate) struct InFlight(Arc<Sim>);
 
 impl InFlight {
     fn new(sim: &Arc<Sim>) -> Self {
@@ -82,7 +82,7 @@ fn release_rejected(sim: &Sim, body: &Map<String, Value>, err: &ApiError) {
     }
 }
 
-pub async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(crate) async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let in_flight = InFlight::new(&sim);
     if let Some(e) = not_serving(&sim) {
         return Err(e);
@@ -377,7 +377,13 @@ impl Choice {
                         return Some(self.finish(&delta, &ending, tokens));
                     }
                     if !delta.is_empty() {
-                        return Some(Piece::Chunk(self.meta.chunk(self.index, &delta, None, RoleField::Omitted, self.usage_for(self.text.tokens))));
+                        return Some(Piece::Chunk(self.meta.chunk(
+                            self.index,
+                            &delta,
+                            None,
+                            RoleField::Omitted,
+                            self.usage_for(self.text.tokens),
+                        )));
                     }
                 }
                 // vLLM sends the last token and the finish reason in one chunk.

@@ -19,33 +19,33 @@ use crate::sim::engine::metrics::SimMetrics;
 use crate::sim::engine::request::{self, Api};
 use crate::sim::engine::Engine;
 
-pub const MAX_BODY: usize = 64 << 20;
+pub(crate) const MAX_BODY: usize = 64 << 20;
 
-pub struct Sim {
-    pub args: SimArgs,
-    pub engines: Vec<Arc<Engine>>,
-    pub metrics: SimMetrics,
-    pub ready: AtomicBool,
+pub(crate) struct Sim {
+    pub(crate) args: SimArgs,
+    pub(crate) engines: Vec<Arc<Engine>>,
+    pub(crate) metrics: SimMetrics,
+    pub(crate) ready: AtomicBool,
     /// Every DP rank of the replica has joined (multi-node DP; always true otherwise).
-    pub joined: Arc<AtomicBool>,
-    pub dead: Arc<AtomicBool>,
+    pub(crate) joined: Arc<AtomicBool>,
+    pub(crate) dead: Arc<AtomicBool>,
     /// Generation requests received (for --crash-after-requests).
-    pub seen: AtomicU64,
+    pub(crate) seen: AtomicU64,
     /// HTTP generation requests in flight (`/load`).
-    pub in_flight: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
     started: u64,
     /// Per DP rank, the KV events publisher's config (`/kv_event_sources`).
-    pub kv_sources: serde_json::Map<String, serde_json::Value>,
+    pub(crate) kv_sources: serde_json::Map<String, serde_json::Value>,
     /// A real model's tokenizer and chat template (--tokenizer).
-    pub tokenizer: Option<crate::tokenize::ModelTokenizer>,
+    pub(crate) tokenizer: Option<crate::tokenize::ModelTokenizer>,
 }
 
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Sim {
-    pub fn new(
+    pub(crate) fn new(
         args: SimArgs,
         engines: Vec<Arc<Engine>>,
         metrics: SimMetrics,
@@ -88,7 +88,7 @@ async fn authenticate(State(sim): State<Arc<Sim>>, req: axum::extract::Request, 
     }
 }
 
-pub fn router(sim: Arc<Sim>) -> Router {
+pub(crate) fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -106,7 +106,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .with_state(sim)
 }
 
-pub fn not_serving(sim: &Sim) -> Option<ApiError> {
+pub(crate) fn not_serving(sim: &Sim) -> Option<ApiError> {
     if sim.dead.load(Ordering::SeqCst) {
         Some(ApiError::new(ErrorKind::ServiceUnavailable, "engine is dead"))
     } else if !sim.ready.load(Ordering::SeqCst) {
@@ -186,7 +186,7 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Re
 }
 
 /// The first line a test or launcher reads to learn where the sim listens.
-pub fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Option<u16>) -> String {
+pub(crate) fn banner(args: &SimArgs, port: u16, side_ports: &[u16], bootstrap_port: Option<u16>) -> String {
     let bootstrap = bootstrap_port.map(|p| format!(" bootstrap_port={p}")).unwrap_or_default();
     format!(
         "disagg sim (SIMULATED vLLM engine, no model) listening on {}://{}:{port} role={:?} \

@@ -2,9 +2,9 @@
 //! their answers (generate.rs, response.rs), /render, the command line (config.rs) and
 //! the data-parallel layout (dp.rs). It drives the engine (../engine) and nothing drives it.
 
-pub mod config;
-pub mod dp;
-pub mod generate;
-pub mod http;
-pub mod render;
-pub mod response;
+pub(crate) mod config;
+pub(crate) mod dp;
+pub(crate) mod generate;
+pub(crate) mod http;
+pub(crate) mod render;
+pub(crate) mod response;

@@ -53,10 +53,10 @@ async fn render(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Resp
     }
 }
 
-pub async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
     render(sim, Api::Completions, headers, body).await
 }
 
-pub async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
     render(sim, Api::Chat, headers, body).await
 }

@@ -8,21 +8,21 @@ use crate::sim::engine::request::Api;
 use crate::sim::engine::tokens::token_text;
 use crate::sim::engine::Finish;
 
-pub const FINGERPRINT: &str = "disagg-sim";
+pub(crate) const FINGERPRINT: &str = "disagg-sim";
 
 /// Identity shared by every chunk of one response.
-pub struct Meta {
-    pub api: Api,
-    pub id: String,
-    pub created: u64,
-    pub model: String,
+pub(crate) struct Meta {
+    pub(crate) api: Api,
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
     /// Report cached prompt tokens (--enable-prompt-tokens-details).
-    pub details: bool,
+    pub(crate) details: bool,
 }
 
 /// Why a choice ended, as vLLM reports it.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Ending {
+pub(crate) enum Ending {
     Length,
     Eos,
     StopString(String),
@@ -31,14 +31,14 @@ pub enum Ending {
 
 /// Whether a chat chunk names the speaker (vLLM's first chunk of each choice does).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RoleField {
+pub(crate) enum RoleField {
     Assistant,
     Omitted,
 }
 
 impl Ending {
     /// The ending the engine reports (a stop token's is TextOut's, from the token itself).
-    pub fn from_finish(f: Finish) -> Self {
+    pub(crate) fn from_finish(f: Finish) -> Self {
         match f {
             Finish::Length => Ending::Length,
             Finish::Stopped => Ending::Eos,
@@ -60,24 +60,24 @@ impl Ending {
 }
 
 /// Detokenises the output and applies `stop` / `stop_token_ids`.
-pub struct TextOut {
+pub(crate) struct TextOut {
     stops: Vec<String>,
     stop_ids: Vec<u32>,
     hold: usize,
-    pub text: String,
+    pub(crate) text: String,
     emitted: usize,
-    pub tokens: usize,
+    pub(crate) tokens: usize,
 }
 
 impl TextOut {
-    pub fn new(stops: Vec<String>, stop_ids: Vec<u32>) -> Self {
+    pub(crate) fn new(stops: Vec<String>, stop_ids: Vec<u32>) -> Self {
         let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
         TextOut { stops, stop_ids, hold, text: String::new(), emitted: 0, tokens: 0 }
     }
 
     /// Adds one token. Returns the text that may be shown now and, if a stop condition
     /// hit, how the output ended (the text is then final).
-    pub fn push(&mut self, token: u32) -> (String, Option<Ending>) {
+    pub(crate) fn push(&mut self, token: u32) -> (String, Option<Ending>) {
         self.tokens += 1;
         if self.stop_ids.contains(&token) {
             return (self.flush(), Some(Ending::StopToken(token)));
@@ -100,7 +100,7 @@ impl TextOut {
     }
 
     /// Whatever is still held back.
-    pub fn flush(&mut self) -> String {
+    pub(crate) fn flush(&mut self) -> String {
         let rest = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
         rest
@@ -108,39 +108,39 @@ impl TextOut {
 }
 
 #[derive(Serialize, Clone, Copy)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub total_tokens: usize,
-    pub completion_tokens: usize,
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) total_tokens: usize,
+    pub(crate) completion_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens_details: Option<Details>,
+    pub(crate) prompt_tokens_details: Option<Details>,
 }
 
 #[derive(Serialize, Clone, Copy)]
-pub struct Details {
-    pub cached_tokens: usize,
+pub(crate) struct Details {
+    pub(crate) cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub(crate) fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
         Usage { prompt_tokens, total_tokens: prompt_tokens + completion_tokens, completion_tokens, prompt_tokens_details: None }
     }
 
     /// With the cached prompt tokens, when they are reported.
-    pub fn cached(mut self, report: bool, cached_tokens: usize) -> Self {
+    pub(crate) fn cached(mut self, report: bool, cached_tokens: usize) -> Self {
         self.prompt_tokens_details = report.then_some(Details { cached_tokens });
         self
     }
 }
 
 /// One finished choice of a non-streamed answer.
-pub struct Finished {
-    pub text: String,
-    pub ending: Ending,
-    pub tokens: usize,
-    pub kv: Option<Value>,
+pub(crate) struct Finished {
+    pub(crate) text: String,
+    pub(crate) ending: Ending,
+    pub(crate) tokens: usize,
+    pub(crate) kv: Option<Value>,
     /// Prompt tokens found cached.
-    pub cached: usize,
+    pub(crate) cached: usize,
 }
 
 impl Meta {
@@ -157,7 +157,7 @@ impl Meta {
     }
 
     /// The whole non-streamed response (vLLM 0.32's shape), choices in order.
-    pub fn full_response(&self, choices: &[Finished], usage: Usage) -> Value {
+    pub(crate) fn full_response(&self, choices: &[Finished], usage: Usage) -> Value {
         let usage = json!({
             "prompt_tokens": usage.prompt_tokens,
             "total_tokens": usage.total_tokens,
@@ -184,7 +184,7 @@ impl Meta {
     }
 
     /// One streamed chunk of choice `index` with `delta` text; `ending` on its last one.
-    pub fn chunk(&self, index: u32, delta: &str, ending: Option<&Ending>, role: RoleField, usage: Option<Usage>) -> bytes::Bytes {
+    pub(crate) fn chunk(&self, index: u32, delta: &str, ending: Option<&Ending>, role: RoleField, usage: Option<Usage>) -> bytes::Bytes {
         let finish_reason = ending.map(Ending::finish_reason);
         let stop_reason = ending.map(Ending::stop_reason);
         match self.api {
@@ -220,7 +220,7 @@ impl Meta {
     }
 
     /// The `choices: []` chunk carrying usage (`stream_options.include_usage`).
-    pub fn usage_chunk(&self, usage: Usage) -> bytes::Bytes {
+    pub(crate) fn usage_chunk(&self, usage: Usage) -> bytes::Bytes {
         let object = match self.api {
             Api::Completions => "text_completion",
             Api::Chat => "chat.completion.chunk",
