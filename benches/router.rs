@@ -588,9 +588,11 @@ async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, u
     wait_healthy(&router.url).await;
     let pid = router.child.id().unwrap();
     let idle = proc_field(pid, "VmRSS:");
-    // 200 streams per HTTP/2 connection.
+    // 32 streams per HTTP/2 connection: the router's --h2-max-concurrent-streams default (a
+    // client opening more waits for its streams to end).
+    const PER_CONNECTION: usize = 32;
     let clients: Vec<reqwest::Client> =
-        (0..n.div_ceil(200)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
+        (0..n.div_ceil(PER_CONNECTION)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
     let url = format!("{}/v1/completions", router.url);
     let opened = Arc::new(AtomicU64::new(0));
     let mut held = Vec::new();
@@ -599,7 +601,7 @@ async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, u
         let starts: Vec<_> = wave
             .iter()
             .map(|i| {
-                let (c, url, opened) = (clients[i / 200].clone(), url.clone(), opened.clone());
+                let (c, url, opened) = (clients[i / PER_CONNECTION].clone(), url.clone(), opened.clone());
                 let i = *i;
                 tokio::spawn(async move {
                     let mut resp = c
