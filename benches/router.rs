@@ -330,22 +330,17 @@ async fn main() {
     };
     let prefill = start(&sim("prefill")).await;
     let decode = start(&sim("decode")).await;
-    let disagg = start(&[
-        "route",
-        "--port",
-        "0",
-        "--policy",
-        "round_robin",
-        "--max-concurrent-requests",
-        "100000",
-        "--queue-size",
-        "100000",
-        "--prefill",
-        &prefill.url,
-        "--decode",
-        &decode.url,
-    ])
-    .await;
+    // The router as measured: round_robin, never refusing work; its legs' flags after.
+    let route = |prefill: &str, decode: &str, extra: &[&str]| {
+        let mut a: Vec<String> = ["route", "--port", "0", "--policy", "round_robin", "--max-concurrent-requests", "100000"]
+            .into_iter()
+            .chain(["--queue-size", "100000", "--prefill", prefill, "--decode", decode])
+            .map(String::from)
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let disagg = start(&route(&prefill.url, &decode.url, &[]).iter().map(String::as_str).collect::<Vec<_>>()).await;
     let vr = start_vllm_router(&vr_bin, &prefill.url, &decode.url).await;
     // TLS: HTTPS simulators (vllm serve's --ssl-* flags) and a router serving HTTPS.
     let certs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
@@ -361,28 +356,8 @@ async fn main() {
     let (tp, td) = (tls_sim("prefill"), tls_sim("decode"));
     let prefill_tls = start(&tp.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let decode_tls = start(&td.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let disagg_tls = start(&[
-        "route",
-        "--port",
-        "0",
-        "--policy",
-        "round_robin",
-        "--max-concurrent-requests",
-        "100000",
-        "--queue-size",
-        "100000",
-        "--prefill",
-        &prefill_tls.url,
-        "--decode",
-        &decode_tls.url,
-        "--ssl-keyfile",
-        &key,
-        "--ssl-certfile",
-        &crt,
-        "--worker-ssl-ca-certs",
-        &ca,
-    ])
-    .await;
+    let tls_args = route(&prefill_tls.url, &decode_tls.url, &["--ssl-keyfile", &key, "--ssl-certfile", &crt, "--worker-ssl-ca-certs", &ca]);
+    let disagg_tls = start(&tls_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let tls_client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
         .pool_idle_timeout(disagg::router::upstream::legs::WORKER_CONNECTION_IDLE)

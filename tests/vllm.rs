@@ -195,18 +195,6 @@ async fn reference(e: &Env, path: &str, prompt: &str, max_tokens: u32) -> String
     text(&format!("{}{path}", e.plain.url), &body(path, prompt, max_tokens, false)).await
 }
 
-/// The test certificates (scripts/test-certs.sh, made once).
-fn tls_certs() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
-        let out = Command::new(format!("{SCRIPTS}/test-certs.sh")).arg(&dir).output().unwrap();
-        assert!(out.status.success(), "scripts/test-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-    .clone()
-}
-
 type Case = for<'a> fn(&'a mut Env) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 /// `DISAGG_VLLM_GROUPS=pd,kv,kv_aware,mooncake,tls,launch` (default: all) picks the groups to run, for

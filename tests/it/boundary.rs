@@ -1,7 +1,7 @@
 //! The network boundary (docs/SECURITY.md): what strangers on the engines' network can
 //! send the router's ZMQ sockets, over raw TCP and with pyzmq as vLLM's engines use it.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::capture::Capture;
+use crate::discovery::Registrant;
 use crate::support::*;
 
 /// A ZMTP 3.0 greeting with NULL security, as libzmq sends it.
@@ -99,8 +100,8 @@ async fn no_packet_to_the_discovery_address_takes_the_router_down() {
     // A real engine still registers.
     let (p_url, _p) = Capture::default().start().await;
     let (d_url, _d) = Capture::default().start().await;
-    let _pe = Registrant::start(&discovery, "P", &addr_of(&p_url), &format!("127.0.0.1:{}", free_port()));
-    let _de = Registrant::start(&discovery, "D", &addr_of(&d_url), &format!("127.0.0.1:{}", free_port()));
+    let _pe = Registrant::pinging_every("0.5", &discovery, "P", &addr_of(&p_url), &format!("127.0.0.1:{}", free_port()));
+    let _de = Registrant::pinging_every("0.5", &discovery, "D", &addr_of(&d_url), &format!("127.0.0.1:{}", free_port()));
     assert!(eventually(Duration::from_secs(15), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await, "{}", r.log_text());
 }
 
@@ -136,20 +137,6 @@ async fn a_hostile_kv_event_publisher_is_dropped_not_obeyed() {
     assert_eq!(post(&format!("{}/v1/completions", r.url), &json!({"prompt": "still up", "max_tokens": 2})).await.0, 200);
 }
 
-/// vLLM's `P2pNcclEngine.ping`, as written there, with pyzmq and msgpack.
-const REGISTRANT: &str = r#"
-import sys, time, zmq, msgpack
-proxy_address, kind, http_address, zmq_address = sys.argv[1:]
-context = zmq.Context()
-sock = context.socket(zmq.DEALER)
-sock.setsockopt_string(zmq.IDENTITY, zmq_address)
-sock.connect(f"tcp://{proxy_address}")
-data = {"type": kind, "http_address": http_address, "zmq_address": zmq_address}
-while True:
-    sock.send(msgpack.dumps(data))
-    time.sleep(0.5)
-"#;
-
 /// A stranger's flood of malformed registrations.
 const FLOOD: &str = r#"
 import sys, zmq
@@ -165,22 +152,6 @@ fn python() -> String {
     let python = format!("{}/bin/python", script_var("ray-env.sh", "RAY_VENV"));
     assert!(std::path::Path::new(&python).exists(), "no {python}: run scripts/ray-env.sh (it installs pyzmq and msgpack)");
     python
-}
-
-/// A registering engine's ping thread (pinging every 0.5 s), stopped when dropped.
-struct Registrant(Child);
-
-impl Registrant {
-    fn start(proxy: &str, kind: &str, http: &str, zmq: &str) -> Registrant {
-        Registrant(Command::new(python()).args(["-c", REGISTRANT, proxy, kind, http, zmq]).stdin(Stdio::null()).spawn().unwrap())
-    }
-}
-
-impl Drop for Registrant {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn metrics_with_key(router: &str, key: &str) -> String {
@@ -203,15 +174,15 @@ async fn discovery_cannot_be_hijacked_or_filled_by_strangers() {
     let discovery = format!("127.0.0.1:{}", free_port());
     let r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--discovery-max-per-host", "3"]).await;
     let (pz, dz) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let _pe = Registrant::start(&discovery, "P", &addr_of(&p_url), &pz);
-    let _de = Registrant::start(&discovery, "D", &addr_of(&d_url), &dz);
+    let _pe = Registrant::pinging_every("0.5", &discovery, "P", &addr_of(&p_url), &pz);
+    let _de = Registrant::pinging_every("0.5", &discovery, "D", &addr_of(&d_url), &dz);
     assert!(eventually(Duration::from_secs(15), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await, "{}", r.log_text());
 
     // A stranger names the live prefill's URL with its own KV address, then as a decode.
-    let _hijack = Registrant::start(&discovery, "P", &addr_of(&p_url), "127.0.0.1:6666");
-    let _flip = Registrant::start(&discovery, "D", &addr_of(&p_url), &pz);
+    let _hijack = Registrant::pinging_every("0.5", &discovery, "P", &addr_of(&p_url), "127.0.0.1:6666");
+    let _flip = Registrant::pinging_every("0.5", &discovery, "D", &addr_of(&p_url), &pz);
     // Another names a host that is not its own (the router itself, another address).
-    let _elsewhere = Registrant::start(&discovery, "D", "127.0.0.2:8100", "127.0.0.2:8101");
+    let _elsewhere = Registrant::pinging_every("0.5", &discovery, "D", "127.0.0.2:8100", "127.0.0.2:8101");
     assert!(
         eventually(Duration::from_secs(10), || async {
             let m = metrics_with_key(&r.url, "k").await;
@@ -233,7 +204,9 @@ async fn discovery_cannot_be_hijacked_or_filled_by_strangers() {
 
     // One host registers at most --discovery-max-per-host engines (2 are in; 1 more fits).
     let fillers: Vec<Registrant> = (0..3)
-        .map(|_| Registrant::start(&discovery, "D", &format!("127.0.0.1:{}", free_port()), &format!("127.0.0.1:{}", free_port())))
+        .map(|_| {
+            Registrant::pinging_every("0.5", &discovery, "D", &format!("127.0.0.1:{}", free_port()), &format!("127.0.0.1:{}", free_port()))
+        })
         .collect();
     assert!(
         eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "too_many_from_host") >= 1.0 }).await
@@ -261,8 +234,8 @@ async fn with_discovery_allow_a_host_may_register_engines_on_its_networks() {
     let r = router_unready(&["--vllm-discovery-address", &discovery, "--admin-api-key", "k", "--discovery-allow", "127.0.0.0/8"]).await;
     // The captures listen on 127.0.0.1; the registrations come from 127.0.0.1 and name
     // 127.0.0.2 for their KV addresses: allowed on 127/8.
-    let _p = Registrant::start(&discovery, "P", &addr_of(&p_url), "127.0.0.2:7000");
-    let _e = Registrant::start(&discovery, "D", &addr_of(&d_url), "127.0.0.2:7001");
+    let _p = Registrant::pinging_every("0.5", &discovery, "P", &addr_of(&p_url), "127.0.0.2:7000");
+    let _e = Registrant::pinging_every("0.5", &discovery, "D", &addr_of(&d_url), "127.0.0.2:7001");
     assert!(
         eventually(Duration::from_secs(10), || async {
             registered(&r.url).await["decode_instances"].as_array().is_some_and(|a| a.len() == 1)
@@ -271,7 +244,7 @@ async fn with_discovery_allow_a_host_may_register_engines_on_its_networks() {
         "{}",
         r.log_text()
     );
-    let _out = Registrant::start(&discovery, "D", "10.1.1.1:8100", "10.1.1.1:8101");
+    let _out = Registrant::pinging_every("0.5", &discovery, "D", "10.1.1.1:8100", "10.1.1.1:8101");
     assert!(
         eventually(Duration::from_secs(10), || async { refused(&metrics_with_key(&r.url, "k").await, "outside_networks") >= 1.0 }).await,
         "{}",

@@ -14,7 +14,7 @@ use crate::support::*;
 /// vLLM's `P2pNcclEngine.ping`, as written there, with pyzmq and msgpack.
 const REGISTRANT: &str = r#"
 import sys, time, zmq, msgpack
-proxy_address, kind, http_address, zmq_address = sys.argv[1:]
+proxy_address, kind, http_address, zmq_address, every = sys.argv[1:]
 context = zmq.Context()
 sock = context.socket(zmq.DEALER)
 sock.setsockopt_string(zmq.IDENTITY, zmq_address)
@@ -22,18 +22,23 @@ sock.connect(f"tcp://{proxy_address}")
 data = {"type": kind, "http_address": http_address, "zmq_address": zmq_address}
 while True:
     sock.send(msgpack.dumps(data))
-    time.sleep(3)
+    time.sleep(float(every))
 "#;
 
 /// A registering engine's ping thread, stopped when dropped.
-struct Registrant(Child);
+pub(crate) struct Registrant(Child);
 
 impl Registrant {
-    fn start(proxy: &str, kind: &str, http: &str, zmq: &str) -> Registrant {
+    /// Pings every 3 s, as vLLM's engine.
+    pub(crate) fn start(proxy: &str, kind: &str, http: &str, zmq: &str) -> Registrant {
+        Registrant::pinging_every("3", proxy, kind, http, zmq)
+    }
+
+    pub(crate) fn pinging_every(secs: &str, proxy: &str, kind: &str, http: &str, zmq: &str) -> Registrant {
         let venv = script_var("ray-env.sh", "RAY_VENV");
         let python = format!("{venv}/bin/python");
         assert!(std::path::Path::new(&python).exists(), "no {python}: run scripts/ray-env.sh (it installs pyzmq and msgpack)");
-        let child = Command::new(python).args(["-c", REGISTRANT, proxy, kind, http, zmq]).stdin(Stdio::null()).spawn().unwrap();
+        let child = Command::new(python).args(["-c", REGISTRANT, proxy, kind, http, zmq, secs]).stdin(Stdio::null()).spawn().unwrap();
         Registrant(child)
     }
 }

@@ -655,7 +655,7 @@ fn vllm_plans_fill_in_what_each_connector_needs() {
 /// its client certificate, and the launcher's health waits speak https; the plan shows it.
 #[tokio::test]
 async fn a_tls_topology_launches_and_serves_https_on_both_sides() {
-    let c = |f: &str| crate::tls::certs().join(f).display().to_string();
+    let c = |f: &str| test_certs().join(f).display().to_string();
     let tls = format!(
         "tls:\n  ca_certs: {}\n  certfile: {}\n  keyfile: {}\n  cert_reqs: 2\n  client_certfile: {}\n  client_keyfile: {}\n",
         c("ca.pem"),
@@ -677,7 +677,7 @@ async fn a_tls_topology_launches_and_serves_https_on_both_sides() {
     assert_eq!(url, format!("https://127.0.0.1:{r}"));
     let body = json!({"prompt": "launched over TLS", "max_tokens": 3});
     let (ok, status, answer, err) =
-        tokio::task::spawn_blocking(move || crate::tls::curl(&format!("{url}/v1/completions"), Some(&body), Some("client"))).await.unwrap();
+        tokio::task::spawn_blocking(move || curl_tls(&format!("{url}/v1/completions"), Some(&body), Some("client"))).await.unwrap();
     assert!(ok && status == 200, "{status} {answer} {err}");
     // Params that set TLS beside `tls:` are refused, naming the field.
     let twice =

@@ -427,3 +427,36 @@ pub async fn read_until_closed(sock: &mut tokio::net::TcpStream, within: Duratio
         }
     }
 }
+
+/// The test certificates (scripts/test-certs.sh, made once per test binary).
+pub fn test_certs() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
+        let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-certs.sh")).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "scripts/test-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .clone()
+}
+
+/// A file of the test certificates, by name.
+pub fn cert_file(name: &str) -> String {
+    test_certs().join(name).to_string_lossy().into_owned()
+}
+
+/// curl over https with the test CA (and a client certificate, by name): (exit ok, status, body, stderr).
+pub fn curl_tls(url: &str, body: Option<&Value>, client: Option<&str>) -> (bool, u16, String, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "60", "--cacert", &cert_file("ca.pem"), "-w", "\n%{http_code}"]);
+    if let Some(c) = client {
+        cmd.args(["--cert", &cert_file(&format!("{c}.pem")), "--key", &cert_file(&format!("{c}.key"))]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (out.status.success(), code.trim().parse().unwrap_or(0), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

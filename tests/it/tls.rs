@@ -6,38 +6,21 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::support::*;
 
-/// The test certificates (made once per test run).
-pub fn certs() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-certs");
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-certs.sh")).arg(&dir).output().unwrap();
-        assert!(out.status.success(), "scripts/test-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-    .clone()
-}
-
-fn file(name: &str) -> String {
-    certs().join(name).to_string_lossy().into_owned()
-}
-
 /// `vllm serve`'s flags for a server certificate that requires client certificates.
 fn serving(cert: &str, reqs: &str) -> Vec<String> {
     [
         "--ssl-keyfile",
-        &file(&format!("{cert}.key")),
+        &cert_file(&format!("{cert}.key")),
         "--ssl-certfile",
-        &file(&format!("{cert}.pem")),
+        &cert_file(&format!("{cert}.pem")),
         "--ssl-ca-certs",
-        &file("ca.pem"),
+        &cert_file("ca.pem"),
         "--ssl-cert-reqs",
         reqs,
     ]
@@ -45,33 +28,17 @@ fn serving(cert: &str, reqs: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// curl over https with the test CA (and a client certificate): (exit ok, status, body, stderr).
-pub fn curl(url: &str, body: Option<&Value>, client: Option<&str>) -> (bool, u16, String, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "20", "--cacert", &file("ca.pem"), "-w", "\n%{http_code}"]);
-    if let Some(c) = client {
-        cmd.args(["--cert", &file(&format!("{c}.pem")), "--key", &file(&format!("{c}.key"))]);
-    }
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-    }
-    let out = cmd.arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (out.status.success(), code.trim().parse().unwrap_or(0), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 async fn healthy_over_tls(url: &str) -> bool {
     let url = format!("{url}/health");
     eventually(Duration::from_secs(15), || {
         let url = url.clone();
-        async move { tokio::task::spawn_blocking(move || curl(&url, None, Some("client")).1 == 200).await.unwrap() }
+        async move { tokio::task::spawn_blocking(move || curl_tls(&url, None, Some("client")).1 == 200).await.unwrap() }
     })
     .await
 }
 
 async fn curl_async(url: String, body: Value, client: Option<&'static str>) -> (bool, u16, String, String) {
-    tokio::task::spawn_blocking(move || curl(&url, Some(&body), client)).await.unwrap()
+    tokio::task::spawn_blocking(move || curl_tls(&url, Some(&body), client)).await.unwrap()
 }
 
 #[tokio::test]
@@ -89,11 +56,11 @@ async fn https_and_mtls_on_both_sides_equal_plain_http() {
     args.extend(
         [
             "--worker-ssl-ca-certs",
-            &file("ca.pem"),
+            &cert_file("ca.pem"),
             "--worker-ssl-certfile",
-            &file("client.pem"),
+            &cert_file("client.pem"),
             "--worker-ssl-keyfile",
-            &file("client.key"),
+            &cert_file("client.key"),
         ]
         .map(String::from),
     );
@@ -130,7 +97,8 @@ async fn https_and_mtls_on_both_sides_equal_plain_http() {
 /// logged, and clients get a clear 503 at once.
 #[tokio::test]
 async fn worker_certificates_that_do_not_verify_are_clear_errors() {
-    let expired = Proc::sim(&["--role", "prefill", "--ssl-keyfile", &file("expired.key"), "--ssl-certfile", &file("expired.pem")]).await;
+    let expired =
+        Proc::sim(&["--role", "prefill", "--ssl-keyfile", &cert_file("expired.key"), "--ssl-certfile", &cert_file("expired.pem")]).await;
     let d = Proc::sim(
         &{
             let mut a = vec!["--role".to_string(), "decode".to_string()];
@@ -143,9 +111,9 @@ async fn worker_certificates_that_do_not_verify_are_clear_errors() {
     )
     .await;
     let cases = [
-        (file("ca.pem"), "certificate expired", &expired.url),
-        (file("other-ca.pem"), "UnknownIssuer", &d.url),
-        (file("ca.pem"), "CertificateRequired", &d.url),
+        (cert_file("ca.pem"), "certificate expired", &expired.url),
+        (cert_file("other-ca.pem"), "UnknownIssuer", &d.url),
+        (cert_file("ca.pem"), "CertificateRequired", &d.url),
     ];
     for (ca, says, worker) in cases {
         let args = ["--prefill", worker.as_str(), "--decode", worker.as_str(), "--worker-ssl-ca-certs", ca.as_str()];
@@ -164,7 +132,7 @@ async fn worker_certificates_that_do_not_verify_are_clear_errors() {
 async fn the_listeners_certificate_reloads_when_its_files_change() {
     let dir = tempdir("tls-reload");
     for f in ["server.pem", "server.key"] {
-        std::fs::copy(certs().join(f), dir.join(f)).unwrap();
+        std::fs::copy(test_certs().join(f), dir.join(f)).unwrap();
     }
     let (p, d) = (Proc::sim(&["--role", "prefill"]).await, Proc::sim(&["--role", "decode"]).await);
     let (key, cert) = (dir.join("server.key"), dir.join("server.pem"));
@@ -184,20 +152,20 @@ async fn the_listeners_certificate_reloads_when_its_files_change() {
             .arg("-c")
             .arg(format!(
                 "echo | openssl s_client -connect 127.0.0.1:{port} -CAfile {} 2>/dev/null | openssl x509 -noout -serial",
-                file("ca.pem")
+                cert_file("ca.pem")
             ))
             .output()
             .unwrap();
         String::from_utf8_lossy(&s_client.stdout).trim().to_string()
     };
     let serial_of = |f: &str| {
-        String::from_utf8_lossy(&Command::new("openssl").args(["x509", "-noout", "-serial", "-in", &file(f)]).output().unwrap().stdout)
+        String::from_utf8_lossy(&Command::new("openssl").args(["x509", "-noout", "-serial", "-in", &cert_file(f)]).output().unwrap().stdout)
             .trim()
             .to_string()
     };
     assert_eq!(served_serial(r.port), serial_of("server.pem"));
-    std::fs::copy(certs().join("server2.key"), &key).unwrap();
-    std::fs::copy(certs().join("server2.pem"), &cert).unwrap();
+    std::fs::copy(test_certs().join("server2.key"), &key).unwrap();
+    std::fs::copy(test_certs().join("server2.pem"), &cert).unwrap();
     let port = r.port;
     let want = serial_of("server2.pem");
     assert!(

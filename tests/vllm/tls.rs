@@ -12,28 +12,8 @@ use serde_json::{json, Value};
 
 use super::support::*;
 
-fn file(name: &str) -> String {
-    crate::tls_certs().join(name).to_string_lossy().into_owned()
-}
-
-/// curl over https with the test CA and a client certificate: (exit ok, status, body, stderr).
-fn curl(url: &str, body: Option<&Value>, client: Option<&str>) -> (bool, u16, String, String) {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "60", "--cacert", &file("ca.pem"), "-w", "\n%{http_code}"]);
-    if let Some(c) = client {
-        cmd.args(["--cert", &file(&format!("{c}.pem")), "--key", &file(&format!("{c}.key"))]);
-    }
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
-    }
-    let out = cmd.arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (out.status.success(), code.trim().parse().unwrap_or(0), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 async fn curl_async(url: String, body: Option<Value>, client: Option<&'static str>) -> (bool, u16, String, String) {
-    tokio::task::spawn_blocking(move || curl(&url, body.as_ref(), client)).await.unwrap()
+    tokio::task::spawn_blocking(move || curl_tls(&url, body.as_ref(), client)).await.unwrap()
 }
 
 pub async fn run() {
@@ -48,7 +28,7 @@ pub async fn run() {
         .current_dir(&work)
         .env("VENV", script_var("vllm-env.sh", "VENV"))
         .env("MODEL", script_var("vllm-env.sh", "MODEL"))
-        .env("CERTS", crate::tls_certs())
+        .env("CERTS", test_certs())
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(work.join("launch.err")).unwrap())
         .kill_on_drop(true)
@@ -91,9 +71,9 @@ pub async fn run() {
     // A router that does not trust the engines' CA, or sends no client certificate: the
     // engines are down with the reason logged, and requests get 503 at once.
     for (flags, says) in [
-        (vec!["--worker-ssl-ca-certs".to_string(), file("other-ca.pem")], "UnknownIssuer"),
+        (vec!["--worker-ssl-ca-certs".to_string(), cert_file("other-ca.pem")], "UnknownIssuer"),
         // (uvicorn closes the connection without an alert under TLS 1.3: the log says what is likely.)
-        (vec!["--worker-ssl-ca-certs".to_string(), file("ca.pem")], "does the worker require a client certificate?"),
+        (vec!["--worker-ssl-ca-certs".to_string(), cert_file("ca.pem")], "does the worker require a client certificate?"),
     ] {
         let mut a = vec!["--prefill".to_string(), pu.clone(), "--decode".to_string(), du.clone()];
         a.extend(flags.iter().map(|s| s.to_string()));
