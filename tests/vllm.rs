@@ -25,11 +25,15 @@ mod kv_aware;
 mod kv_events;
 #[path = "vllm/launch_layouts.rs"]
 mod launch_layouts;
+#[path = "it/messages.rs"]
+mod messages;
 #[path = "vllm/mooncake.rs"]
 mod mooncake;
 #[allow(dead_code)]
 #[path = "it/mooncake_handshake.rs"]
 mod mooncake_handshake;
+#[path = "it/passthrough.rs"]
+mod passthrough;
 #[path = "vllm/prefix_cache.rs"]
 mod prefix_cache;
 #[path = "it/support.rs"]
@@ -311,6 +315,12 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: KV moved, both prefills used", |e| Box::pin(router_moves_kv_over_both_prefills(e))),
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
+        ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, an error)", |e| {
+            Box::pin(messages_through_pd(e))
+        }),
+        ("router: vLLM's other APIs pass through (tokenize, detokenize, version equal the engine's; others 404)", |e| {
+            Box::pin(passthrough::passes_through(&e.router.url, &e.p0.url, "tiny-llama"))
+        }),
         ("disagg bench agrees with vllm bench serve (plain instance, and through the router)", |e| {
             Box::pin(bench_compare::bench_agrees_with_vllm(e))
         }),
@@ -344,6 +354,17 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         }
     }
     [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect()
+}
+
+/// The Messages case (tests/it/messages.rs) on real vLLM, and its prompts' KV moved over NIXL.
+async fn messages_through_pd(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let before = metrics(&e.d.url).await;
+    messages::messages_equal_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("messages", 2), "unused").await;
+    let after = metrics(&e.d.url).await;
+    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
+    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
+    assert_idle(&e.router.url).await;
 }
 
 async fn first_token_cases(e: &mut Env) {

@@ -3,6 +3,7 @@
 
 pub(crate) mod body;
 pub(crate) mod connector;
+pub(crate) mod dialect;
 mod error;
 pub(crate) mod fields;
 pub mod kv_events;

@@ -91,6 +91,11 @@ impl ModelTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids back to text, special tokens kept (vLLM's /detokenize).
+    pub(crate) fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
+        self.tokenizer.decode(ids, false).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+    }
+
     /// The chat template applied to a chat request's body (messages, tools,
     /// `add_generation_prompt`, `chat_template_kwargs`).
     pub fn render_chat(&self, body: &serde_json::Map<String, Json>) -> anyhow::Result<String> {

@@ -182,7 +182,8 @@ pub async fn post_stream(url: &str, body: &Value) -> (u16, Vec<String>) {
         buf.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            if let Some(data) = event.trim().strip_prefix("data: ") {
+            // An event's data line (Anthropic's events name their type on a line before it).
+            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
                 events.push(data.to_string());
             }
         }

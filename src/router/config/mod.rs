@@ -1,7 +1,9 @@
 //! The router's configuration, checked: what the command line (cli.rs) turns into.
 
+pub(crate) mod addresses;
 pub(crate) mod boundary;
 pub(crate) mod cli;
+pub(crate) mod passthrough;
 
 use std::time::Duration;
 
@@ -87,4 +89,5 @@ pub(crate) struct RouterConfig {
     pub(crate) health: HealthConfig,
     pub(crate) auth: AuthConfig,
     pub(crate) boundary: crate::router::config::boundary::BoundaryConfig,
+    pub(crate) passthrough: passthrough::PassthroughConfig,
 }

@@ -9,6 +9,7 @@
 pub(crate) mod admission;
 pub(crate) mod drain;
 pub(crate) mod fanout;
+pub(crate) mod passthrough;
 pub(crate) mod relay;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::api::body::{read_within, require_json, BodyBudget, Budgeted};
+use crate::api::dialect::Dialect;
 use crate::api::fields::Api;
 use crate::api::ApiError;
 use crate::router::config::RouterConfig;
@@ -62,6 +64,8 @@ pub(crate) struct Router {
 pub(crate) enum Endpoint {
     Completions,
     Chat,
+    /// Anthropic's Messages API, as vLLM serves it.
+    Messages,
 }
 
 impl Endpoint {
@@ -69,44 +73,81 @@ impl Endpoint {
         match self {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Chat => "/v1/chat/completions",
-        }
-    }
-    fn api(self) -> Api {
-        match self {
-            Endpoint::Completions => Api::Completions,
-            Endpoint::Chat => Api::Chat,
+            Endpoint::Messages => "/v1/messages",
         }
     }
     fn label(self) -> &'static str {
         match self {
             Endpoint::Completions => "completions",
             Endpoint::Chat => "chat_completions",
+            Endpoint::Messages => "messages",
+        }
+    }
+    pub(crate) fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::Completions | Endpoint::Chat => Dialect::OpenAi,
+            Endpoint::Messages => Dialect::Anthropic,
+        }
+    }
+    /// vLLM's checks of what the prefill leg overrides, and the request's shape.
+    fn check(self, body: &ClientBody) -> Result<request::Shape, ApiError> {
+        match self {
+            Endpoint::Completions => request::check(Api::Completions, body),
+            Endpoint::Chat => request::check(Api::Chat, body),
+            Endpoint::Messages => request::check_messages(body),
         }
     }
 }
 
 pub(crate) async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
-    let request_id = headers
-        .get("x-request-id")
-        .filter(|v| !v.is_empty() && v.len() <= 256)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()).expect("hex is a valid header"));
+    let request_id = request_id(&headers);
     let mut record = Some(RequestRecord::new(router.metrics.clone(), ep.label()));
     let served = serve(&router, ep, &headers, body, &request_id, &mut record);
     let result = tokio::select! {
         result = served => result,
         () = router.drain.reached(Phase::Cut) => Err(Failure::shutting_down()),
     };
-    let mut resp = result.unwrap_or_else(|f| {
-        if let Some(rec) = record.as_mut() {
-            rec.status(f.status);
-            rec.fail(f.cause);
-            rec.finish();
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(f) => {
+            if let Some(rec) = record.as_mut() {
+                rec.status(f.status);
+                rec.fail(f.cause);
+                rec.finish();
+            }
+            in_dialect(f.response, ep.dialect()).await
         }
-        f.response
-    });
+    };
     resp.headers_mut().insert("x-request-id", request_id);
     resp
+}
+
+/// An error answer (the router's own, or a worker's) in the endpoint's dialect.
+pub(crate) async fn in_dialect(resp: Response, dialect: Dialect) -> Response {
+    if dialect == Dialect::OpenAi {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // Error bodies are small: the router's own, or a worker's within its error cap.
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    match dialect.translate_error(&bytes) {
+        Some(rewritten) => {
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(rewritten))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
+    }
+}
+
+/// The client's `x-request-id` (up to 256 bytes), or a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get("x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()).expect("hex is a valid header"))
 }
 
 async fn serve(
@@ -122,7 +163,7 @@ async fn serve(
     // The body's share of --max-body-bytes-in-flight is held until the answer has started.
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
     let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
-    let shape = request::check(ep.api(), &body).map_err(Failure::bad_request)?;
+    let shape = ep.check(&body).map_err(Failure::bad_request)?;
     let generations = shape.generations();
     if generations > router.cfg.max_pairs {
         return Err(Failure::bad_request(ApiError::bad_request(format!(
@@ -159,7 +200,7 @@ async fn serve(
         });
     }
     let info = info_for(router, headers, &body).await;
-    let job = Arc::new(Job { bodies: LegBodies::new(body), info, leg, delivery: Delivery::from(shape.gen.stream) });
+    let job = Arc::new(Job { bodies: LegBodies::in_dialect(body, ep.dialect()), info, leg, delivery: Delivery::from(shape.gen.stream) });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
             let prediction =
@@ -167,7 +208,7 @@ async fn serve(
                     crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success())
                 });
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
-            let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction);
+            let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction, ep.dialect());
             if let Some((prefill, answered)) = served {
                 name_workers(resp.headers_mut(), prefill.as_ref(), &answered);
             }
@@ -183,7 +224,7 @@ async fn serve(
 /// What workers are sent as `Authorization`: --api-key; without it, the client's own header
 /// only where the router checks no client keys (a client key is the router's secret, never
 /// a worker's).
-fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderValue> {
     match &router.worker_auth {
         Some(key) => Some(key.clone()),
         None if router.cfg.auth.client_keys.is_empty() => headers.get(AUTHORIZATION).cloned(),
@@ -204,7 +245,7 @@ fn name_workers(h: &mut HeaderMap, prefill: Option<&crate::router::policy::Worke
 }
 
 /// The body, whole, within --max-payload-size and --body-read-timeout-secs.
-async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<Budgeted, Failure> {
+pub(crate) async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<Budgeted, Failure> {
     let limit = router.cfg.max_payload;
     match tokio::time::timeout(router.cfg.timeouts.body_read, read_within(headers, body, limit, Some(&router.body_budget))).await {
         Ok(read) => read.map_err(Failure::bad_request),
@@ -218,7 +259,7 @@ async fn read_body(router: &Router, headers: &HeaderMap, body: Body) -> Result<B
     }
 }
 
-async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemaphorePermit, Failure> {
+pub(crate) async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemaphorePermit, Failure> {
     admission.admit(generations).await.map_err(|r| match r {
         Refused::QueueFull(e) => Failure::api(e, Cause::QueueFull),
         Refused::QueueTimeout(e) => Failure::api(e, Cause::QueueTimeout),

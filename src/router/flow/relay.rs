@@ -18,7 +18,8 @@ use futures_util::stream;
 use futures_util::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::api::{sse, ApiError, ErrorKind};
+use crate::api::dialect::Dialect;
+use crate::api::{ApiError, ErrorKind};
 use crate::router::flow::drain::{Active, Drain, Phase};
 use crate::router::kv_aware::check::{reported_in_stream, reported_whole, Prediction};
 use crate::router::metrics::Cause;
@@ -53,7 +54,14 @@ impl Held {
 
 /// The response for one generation's answer; kv_aware's prediction of its cached tokens
 /// is checked against the usage it reports (kv_check.rs).
-pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, prediction: Option<Prediction>) -> Response {
+pub(crate) fn respond(
+    answer: Answer,
+    mut held: Held,
+    idle: Duration,
+    drain: &Arc<Drain>,
+    prediction: Option<Prediction>,
+    dialect: Dialect,
+) -> Response {
     let Answer { started, lease, since, rename, .. } = answer;
     held.record.status(started.status.as_u16());
     held.started = since;
@@ -69,6 +77,7 @@ pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Ar
         StartedBody::Events { head, rest } => {
             let mut up = Upstream::new(head, rest, idle, drain);
             up.rename = rename;
+            up.dialect = dialect;
             up.keep_usage = prediction.is_some();
             events(up, held, prediction)
         }
@@ -121,6 +130,8 @@ pub(crate) struct Upstream {
     over: bool,
     /// P2pNccl: the leg id replaced by the client's request id (rename.rs).
     pub(crate) rename: Option<Rename>,
+    /// Whose stream this is: how it ends, and its error event.
+    pub(crate) dialect: Dialect,
 }
 
 impl Upstream {
@@ -135,6 +146,7 @@ impl Upstream {
             phase: drain.subscribe(),
             over: false,
             rename: None,
+            dialect: Dialect::OpenAi,
         }
     }
 
@@ -167,7 +179,7 @@ impl Upstream {
     fn broken(&mut self, why: String) -> Option<Piece> {
         self.over = true;
         let err = ApiError::new(ErrorKind::BadGateway, format!("decode leg failed mid-stream: {why}"));
-        Some(Piece::Broken { event: sse::event(&err.body()), why, worker_fault: true })
+        Some(Piece::Broken { event: self.dialect.error_event(&err), why, worker_fault: true })
     }
 
     /// The next piece; `None` once the stream ended with `[DONE]` (or broke before).
@@ -206,11 +218,15 @@ impl Upstream {
                     return Some(Piece::Bytes(held_back));
                 }
                 let tail = String::from_utf8_lossy(&self.tail);
-                if tail.trim_end().ends_with("data: [DONE]") {
+                if self.dialect.stream_ended(&tail) {
                     self.over = true;
                     None
                 } else {
-                    self.broken("the stream ended without [DONE]".into())
+                    let end = match self.dialect {
+                        Dialect::OpenAi => "[DONE]",
+                        Dialect::Anthropic => "message_stop",
+                    };
+                    self.broken(format!("the stream ended without {end}"))
                 }
             }
             Err(_) => self.broken(format!("no data for {:.0}s (--stream-idle-timeout-secs)", self.idle.as_secs_f64())),
@@ -223,7 +239,7 @@ fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Bod
     #[expect(clippy::large_enum_variant, reason = "the state moves once per chunk; boxing it would allocate per chunk")]
     enum State {
         Relay(Upstream, Held, Option<Prediction>),
-        Done(Held),
+        Done(Held, Dialect),
         End,
     }
     let s = stream::unfold(State::Relay(upstream, held, prediction), |state| async move {
@@ -236,7 +252,8 @@ fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Bod
                     if let Some(lease) = held.leases.last_mut().filter(|_| worker_fault) {
                         lease.failed();
                     }
-                    Some((event, State::Done(held)))
+                    let dialect = up.dialect;
+                    Some((event, State::Done(held, dialect)))
                 }
                 None => {
                     if let Some(p) = prediction {
@@ -246,9 +263,9 @@ fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Bod
                     None
                 }
             },
-            State::Done(mut held) => {
+            State::Done(mut held, dialect) => {
                 held.finish();
-                Some((Bytes::from_static(sse::DONE), State::End))
+                Some((Bytes::from_static(dialect.after_error()), State::End))
             }
             State::End => None,
         }

@@ -1,5 +1,6 @@
-//! The router's HTTP surface, and who may use it: with --client-api-key, every /v1/*
-//! request needs one of the client keys; with --admin-api-key, /workers and /metrics need
+//! The router's HTTP surface, and who may use it: with --client-api-key, every API that
+//! serves clients (/v1/*, /v2/*, /inference/*, the passed-through paths) needs one of the
+//! client keys (as a bearer token or `x-api-key`); with --admin-api-key, /workers and /metrics need
 //! it (they list internal addresses). /health and /healthcheck stay open for probes and
 //! name no worker (registered engines are listed to the admin key only).
 
@@ -12,13 +13,14 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, CONNECTION, WWW_AUTHENTICATE};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use crate::api::dialect::Dialect;
 use crate::api::{ApiError, ErrorKind};
 use crate::router::flow::{self, Endpoint, Router};
 use crate::router::metrics::WorkerGauges;
@@ -29,15 +31,32 @@ pub(crate) fn app(router: Arc<Router>) -> axum::Router {
     axum::Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/healthcheck", get(healthcheck))
         .route("/metrics", get(metrics))
         .route("/workers", get(workers))
         .merge(crate::router::front::admin::routes(&router))
+        .merge(passthrough_routes())
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint on disagg route") })
         .layer(axum::middleware::from_fn_with_state(router.clone(), guard))
         .with_state(router)
+}
+
+/// vLLM's other APIs (config/passthrough.rs lists them), each to one worker of its group's pool.
+fn passthrough_routes() -> axum::Router<Arc<Router>> {
+    use crate::router::config::passthrough::{PathGroup, PATHS};
+    PATHS.iter().fold(axum::Router::new(), |app, &(path, group)| {
+        let handler = move |State(r): State<Arc<Router>>, method: Method, uri: Uri, headers: HeaderMap, body: Body| {
+            let path_and_query = uri.path_and_query().map_or(path.to_string(), |p| p.as_str().to_string());
+            flow::passthrough::forward(r, group, method, path_and_query, headers, body)
+        };
+        match group {
+            PathGroup::Info => app.route(path, get(handler)),
+            _ => app.route(path, post(handler)),
+        }
+    })
 }
 
 /// Whether `headers` carry `Authorization: Bearer <one of keys>` (compared in constant time).
@@ -54,9 +73,24 @@ fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
     keys.iter().fold(false, |found, k| found | bool::from(k.as_bytes().ct_eq(token.as_bytes())))
 }
 
-fn unauthorized(what: &str) -> Response {
-    let mut resp =
-        ApiError::new(ErrorKind::Unauthorized, format!("{what}: send `Authorization: Bearer <key>` with a valid key")).into_response();
+/// Whether `headers` carry one of the client keys: `Authorization: Bearer <key>`, or
+/// `x-api-key: <key>` as the Anthropic SDK sends it.
+fn client_key_matches(headers: &HeaderMap, keys: &[String]) -> bool {
+    let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii());
+    let x_matches = x_api_key.is_some_and(|token| keys.iter().fold(false, |found, k| found | bool::from(k.as_bytes().ct_eq(token))));
+    x_matches | bearer_matches(headers, keys)
+}
+
+/// The APIs that serve clients (generation, models, and every passed-through path): the
+/// probes, /metrics, /workers and the admin API are not among them.
+fn needs_client_key(path: &str) -> bool {
+    ["/v1/", "/v2/", "/inference/"].iter().any(|p| path.starts_with(p))
+        || crate::router::config::passthrough::PATHS.iter().any(|(p, _)| *p == path)
+}
+
+fn unauthorized(what: &str, dialect: Dialect) -> Response {
+    let err = ApiError::new(ErrorKind::Unauthorized, format!("{what}: send `Authorization: Bearer <key>` with a valid key"));
+    let mut resp = (err.status, axum::Json(dialect.error_body(&err))).into_response();
     resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
 }
@@ -66,13 +100,14 @@ fn unauthorized(what: &str) -> Response {
 async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let auth = &r.cfg.auth;
-    if path.starts_with("/v1/") && !auth.client_keys.is_empty() && !bearer_matches(req.headers(), &auth.client_keys) {
-        return unauthorized("this router needs a client API key");
+    if needs_client_key(path) && !auth.client_keys.is_empty() && !client_key_matches(req.headers(), &auth.client_keys) {
+        let dialect = if path.starts_with("/v1/messages") { Dialect::Anthropic } else { Dialect::OpenAi };
+        return unauthorized("this router needs a client API key (or `x-api-key: <key>`)", dialect);
     }
     if matches!(path, "/workers" | "/metrics") {
         if let Some(admin) = &auth.admin_key {
             if !bearer_matches(req.headers(), std::slice::from_ref(admin)) {
-                return unauthorized("this endpoint needs the admin API key");
+                return unauthorized("this endpoint needs the admin API key", Dialect::OpenAi);
             }
         }
     }
@@ -89,6 +124,10 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bod
 
 async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     flow::generate(r, Endpoint::Chat, headers, body).await
+}
+
+async fn messages(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
+    flow::generate(r, Endpoint::Messages, headers, body).await
 }
 
 /// `/v1/models` from the first healthy worker that answers: one dead worker never makes

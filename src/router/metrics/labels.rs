@@ -22,6 +22,8 @@ pub(crate) enum Cause {
     DecodeFailed,
     DecodeMidstream,
     Upstream4xx,
+    /// A passed-through request's worker failed or did not answer in time.
+    WorkerFailed,
     ClientDisconnect,
     ShuttingDown,
     Internal,
@@ -43,6 +45,7 @@ impl Label for Cause {
             Cause::DecodeFailed => "decode_failed",
             Cause::DecodeMidstream => "decode_midstream",
             Cause::Upstream4xx => "upstream_4xx",
+            Cause::WorkerFailed => "worker_failed",
             Cause::ClientDisconnect => "client_disconnect",
             Cause::ShuttingDown => "shutting_down",
             Cause::Internal => "internal",

@@ -19,7 +19,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::api::fields::{check_generation, Api, Generation};
+use crate::api::dialect::Dialect;
+use crate::api::fields::{check_generation, validation_error, Api, Fields, Generation};
 use crate::api::ApiError;
 use crate::router::policy::{PromptStart, RequestInfo};
 use crate::router::request::body::{ClientBody, Pieces};
@@ -78,6 +79,39 @@ pub(crate) fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
     Ok(Shape { gen, prompts })
 }
 
+/// A Messages request (vLLM's AnthropicMessagesRequest): the fields the prefill leg
+/// overrides or vLLM skips on it are checked first: `max_tokens` (required, positive; the
+/// prefill leg sends 1) and the thinking budget (below `max_tokens`; vLLM does not check
+/// it on a leg with `do_remote_decode`). One generation, always.
+pub(crate) fn check_messages(body: &ClientBody) -> Result<Shape, ApiError> {
+    let fields = body.subset(&["max_tokens", "stream", "thinking", "kv_transfer_params"])?;
+    let f = Fields::body(&fields);
+    let max_tokens = f.int("max_tokens")?.ok_or_else(|| validation_error("body.max_tokens", "missing", "Field required", &Value::Null))?;
+    if max_tokens <= 0 {
+        let input = &fields["max_tokens"];
+        return Err(validation_error("body.max_tokens", "value_error", "Value error, max_tokens must be positive", input));
+    }
+    let stream = f.boolean("stream")?.unwrap_or(false);
+    f.dict("kv_transfer_params")?;
+    if let Some(thinking) = f.model("thinking")? {
+        let thinking = Fields { map: thinking.map, loc: "body.thinking" };
+        if thinking.get("type").and_then(Value::as_str) == Some("enabled") {
+            let budget = thinking.int("budget_tokens")?.unwrap_or(0);
+            if budget >= max_tokens {
+                return Err(validation_error(
+                    "body",
+                    "value_error",
+                    "Value error, thinking.budget_tokens must be less than max_tokens",
+                    &Value::Object(fields.clone()),
+                ));
+            }
+        }
+    }
+    body.value("vllm_xargs")?;
+    let gen = Generation { stream, n: 1, max_tokens: Some(max_tokens), seed: None, include_usage: false, continuous_usage: false };
+    Ok(Shape { gen, prompts: None })
+}
+
 /// The prompts of `prompt: [A, B, ...]` (strings or token-id lists), when more than one.
 fn prompt_list(body: &ClientBody) -> Option<Vec<Range<usize>>> {
     let raw = body.get("prompt")?;
@@ -133,12 +167,18 @@ pub(crate) fn leading_token_ids(raw: &[u8], max: usize) -> Option<Vec<u32>> {
 /// How each leg's body is written from one (sub-)request.
 pub struct LegBodies {
     body: ClientBody,
+    /// Anthropic's Messages take no `ignore_eos` (vLLM builds its chat request field by field).
+    dialect: Dialect,
     /// `vllm_xargs` with the steering keys taken out, when it had any.
     xargs: Option<Vec<u8>>,
 }
 
 impl LegBodies {
     pub fn new(body: ClientBody) -> Self {
+        LegBodies::in_dialect(body, Dialect::OpenAi)
+    }
+
+    pub(crate) fn in_dialect(body: ClientBody, dialect: Dialect) -> Self {
         // `check` refused a request whose vllm_xargs does not decode.
         let xargs = body.hint("vllm_xargs").and_then(|v| match v {
             Value::Object(mut m) if STEERING.iter().any(|k| m.contains_key(*k)) => {
@@ -149,7 +189,7 @@ impl LegBodies {
             }
             _ => None,
         });
-        LegBodies { body, xargs }
+        LegBodies { body, dialect, xargs }
     }
 
     fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Pieces {
@@ -174,7 +214,10 @@ impl LegBodies {
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
     pub(crate) fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
-        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1"), ("ignore_eos", b"true")];
+        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
+        if self.dialect == Dialect::OpenAi {
+            set.push(("ignore_eos", b"true"));
+        }
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
         }

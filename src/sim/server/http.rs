@@ -92,10 +92,14 @@ pub(crate) fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(super::messages::messages))
+        .route("/v1/messages/count_tokens", post(super::messages::count_tokens))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/load", get(load))
         .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/kv_event_sources", get(kv_event_sources))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
@@ -162,6 +166,45 @@ async fn tokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// vLLM's /detokenize: `{"tokens": [...]}` -> `{"prompt": text}` (the model's tokenizer,
+/// or the simulator's own token texts).
+async fn detokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        require_json(&headers)?;
+        let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
+        request::check_model(&body, &sim.args.model)?;
+        let ids: Vec<u32> = match body.get("tokens") {
+            Some(serde_json::Value::Array(items)) => {
+                items.iter().map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok())).collect::<Option<_>>()
+            }
+            _ => None,
+        }
+        .ok_or_else(|| {
+            crate::api::fields::validation_error(
+                "body.tokens",
+                "list_type",
+                "Input should be a valid list",
+                body.get("tokens").unwrap_or(&serde_json::Value::Null),
+            )
+        })?;
+        let prompt = match sim.tokenizer.as_ref() {
+            Some(t) => t.decode(&ids).map_err(|e| ApiError::bad_request(e.to_string()))?,
+            None => ids.iter().map(|id| crate::sim::engine::tokens::token_text(*id)).collect(),
+        };
+        Ok::<_, ApiError>(json!({"prompt": prompt}))
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's /version, naming the simulator.
+async fn version() -> Response {
+    axum::Json(json!({"version": concat!("disagg-sim ", env!("CARGO_PKG_VERSION"))})).into_response()
 }
 
 /// Where each DP rank publishes its KV events (vLLM: `{}` without --kv-events-config).
