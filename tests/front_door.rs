@@ -1,5 +1,6 @@
 //! A structure-aware fuzz of the router's front door: bodies with extreme numbers, deep
-//! nesting and wrong types in every field the router reads, on both generation APIs,
+//! nesting and wrong types in every field the router reads, on the three generation APIs
+//! (completions, chat, Anthropic's messages),
 //! through a real `disagg route` process. Every answer is a 2xx or a 4xx with a JSON body
 //! (or an SSE stream), and the router never panics. Cases: FRONT_DOOR_CASES (default 5000).
 
@@ -36,7 +37,28 @@ const FIELDS: &[&str] = &[
     "model",
     "logprobs",
     "echo",
+    "system",
+    "thinking",
+    "stop_sequences",
 ];
+
+/// The generation APIs the front door serves.
+#[derive(Clone, Copy, Debug)]
+enum Api {
+    Completions,
+    Chat,
+    Messages,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Api::Completions => "/v1/completions",
+            Api::Chat => "/v1/chat/completions",
+            Api::Messages => "/v1/messages",
+        }
+    }
+}
 
 /// JSON text a hostile client may send: numbers past every range, escapes, every type.
 fn leaf() -> impl Strategy<Value = String> {
@@ -88,27 +110,39 @@ fn value() -> impl Strategy<Value = String> {
     })
 }
 
-fn body() -> impl Strategy<Value = (bool, String)> {
-    (any::<bool>(), prop::collection::vec((prop::sample::select(FIELDS), value()), 1..6), any::<bool>()).prop_map(|(chat, fields, base)| {
+fn body() -> impl Strategy<Value = (Api, String)> {
+    let api = prop::sample::select(vec![Api::Completions, Api::Chat, Api::Messages]);
+    (api, prop::collection::vec((prop::sample::select(FIELDS), value()), 1..6), any::<bool>()).prop_map(|(api, fields, base)| {
         let mut parts: Vec<String> = Vec::new();
         if base {
             // A valid request underneath, so the hostile fields reach further in.
-            parts.push(if chat { r#""messages":[{"role":"user","content":"hi"}]"#.into() } else { r#""prompt":"hi""#.into() });
+            parts.push(match api {
+                Api::Completions => r#""prompt":"hi""#.into(),
+                Api::Chat | Api::Messages => r#""messages":[{"role":"user","content":"hi"}]"#.into(),
+            });
             parts.push(r#""max_tokens":2"#.into());
         }
         parts.extend(fields.into_iter().map(|(k, v)| format!("\"{k}\":{v}")));
-        (chat, format!("{{{}}}", parts.join(",")))
+        (api, format!("{{{}}}", parts.join(",")))
     })
 }
 
 /// A worker that answers every leg as vLLM would in shape (params for a prefill leg).
 async fn worker() -> String {
-    async fn answer(body: axum::body::Bytes) -> axum::response::Response {
+    async fn answer(uri: axum::http::Uri, body: axum::body::Bytes) -> axum::response::Response {
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let messages = uri.path() == "/v1/messages";
         if v["kv_transfer_params"]["do_remote_decode"] == true {
             return axum::Json(json!({"id": "p", "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
                 "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1], "remote_host": "127.0.0.1", "remote_port": 1}}))
             .into_response();
+        }
+        if v["stream"] == true && messages {
+            return (
+                [("content-type", "text/event-stream")],
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            )
+                .into_response();
         }
         if v["stream"] == true {
             return (
@@ -159,8 +193,8 @@ fn main() {
     let cases = std::env::var("FRONT_DOOR_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let statuses = std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new());
-    let result = runner.run(&body(), |(chat, body)| {
-        let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+    let result = runner.run(&body(), |(api, body)| {
+        let path = api.path();
         let (status, content_type, text) = rt.block_on(async {
             let resp = http
                 .post(format!("{url}{path}"))
@@ -175,13 +209,18 @@ fn main() {
         });
         *statuses.lock().unwrap().entry(status).or_default() += 1;
         prop_assert!((200..300).contains(&status) || (400..500).contains(&status), "{status} for {body}: {text}");
+        let messages = matches!(api, Api::Messages);
         if content_type.starts_with("text/event-stream") {
-            prop_assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            let end = if messages { "data: {\"type\":\"message_stop\"}\n\n" } else { "data: [DONE]\n\n" };
+            prop_assert!(text.ends_with(end), "{text}");
         } else {
             let v: Result<Value, _> = serde_json::from_str(&text);
             prop_assert!(v.is_ok(), "not JSON ({status}) for {body}: {text}");
-            if status >= 400 {
-                prop_assert!(v.unwrap()["error"]["message"].is_string(), "not OpenAI's error shape: {text}");
+            let v = v.unwrap();
+            if status >= 400 && messages {
+                prop_assert!(v["type"] == "error" && v["error"]["message"].is_string(), "not Anthropic's error shape: {text}");
+            } else if status >= 400 {
+                prop_assert!(v["error"]["message"].is_string(), "not OpenAI's error shape: {text}");
             }
         }
         Ok(())
