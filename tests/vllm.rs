@@ -42,6 +42,8 @@ mod support;
 mod timing;
 #[path = "vllm/tls.rs"]
 mod tls;
+#[path = "it/tokens_out.rs"]
+mod tokens_out;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -75,11 +77,7 @@ struct Vllm {
 }
 
 impl Vllm {
-    fn spawn(name: &'static str, role: &str, port: u16, side: u16, cpu: u16) -> Vllm {
-        Vllm::spawn_with(name, role, port, side, cpu, &[])
-    }
-
-    /// As `spawn`, with extra `vllm serve` arguments.
+    /// scripts/vllm-serve.sh ROLE PORT with its side channel, CPU and extra `vllm serve` arguments.
     fn spawn_with(name: &'static str, role: &str, port: u16, side: u16, cpu: u16, extra: &[&str]) -> Vllm {
         let (port, side, cpu) = (port.to_string(), side.to_string(), cpu.to_string());
         let mut args = vec![role, &port, "--side-channel-port", &side, "--cpu", &cpu];
@@ -292,10 +290,12 @@ async fn whole_case(what: &'static str, case: impl Future<Output = ()>, failed: 
 /// the router; returns the instances' log tails for a failure report.
 async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let t0 = Instant::now();
-    let mut p0 = Vllm::spawn("prefill-0", "prefill", 8100, 5600, 0);
-    let mut p1 = Vllm::spawn("prefill-1", "prefill", 8101, 5601, 1);
-    let mut d = Vllm::spawn("decode-0", "decode", 8200, 5700, 1);
-    let mut plain = Vllm::spawn("plain", "plain", 8300, 5800, 0);
+    // --enable-scale-out: the token-in / token-out API (/inference/v1/generate) too.
+    let scale_out = ["--enable-scale-out"];
+    let mut p0 = Vllm::spawn_with("prefill-0", "prefill", 8100, 5600, 0, &scale_out);
+    let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &scale_out);
+    let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
+    let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
     for v in [&mut p0, &mut p1, &mut d, &mut plain] {
         v.wait_healthy(Duration::from_secs(600)).await;
     }
@@ -317,6 +317,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
         ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, an error)", |e| {
             Box::pin(messages_through_pd(e))
+        }),
+        ("router: /inference/v1/generate (token ids in and out) through PD equals plain vLLM's, whole and streamed", |e| {
+            Box::pin(tokens_out_through_pd(e))
         }),
         ("router: vLLM's other APIs pass through (tokenize, detokenize, version equal the engine's; others 404)", |e| {
             Box::pin(passthrough::passes_through(&e.router.url, &e.p0.url, "tiny-llama"))
@@ -361,6 +364,17 @@ async fn messages_through_pd(e: &mut Env) {
     let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
     let before = metrics(&e.d.url).await;
     messages::messages_equal_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("messages", 2), "unused").await;
+    let after = metrics(&e.d.url).await;
+    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
+    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
+    assert_idle(&e.router.url).await;
+}
+
+/// The generate case (tests/it/tokens_out.rs) on real vLLM, and its prompts' KV moved over NIXL.
+async fn tokens_out_through_pd(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let before = metrics(&e.d.url).await;
+    tokens_out::generate_equals_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("tokens out", 2)).await;
     let after = metrics(&e.d.url).await;
     assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
     assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");

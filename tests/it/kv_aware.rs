@@ -19,19 +19,17 @@ fn events_config(base: u16) -> String {
 
 /// A simulator with `dp` ranks publishing KV events on ports from a free run.
 async fn publishing_sim(role: &str, dp: usize) -> Proc {
+    publishing_sim_with(role, dp, &[]).await
+}
+
+/// As `publishing_sim`, with more flags.
+async fn publishing_sim_with(role: &str, dp: usize, extra: &[&str]) -> Proc {
     let base = free_port_run(8);
-    Proc::sim(&[
-        "--role",
-        role,
-        "--data-parallel-size",
-        &dp.to_string(),
-        "--block-size",
-        &BLOCK.to_string(),
-        "--enable-prompt-tokens-details",
-        "--kv-events-config",
-        &events_config(base),
-    ])
-    .await
+    let (dp, block, events) = (dp.to_string(), BLOCK.to_string(), events_config(base));
+    let mut args = vec!["--role", role, "--data-parallel-size", &dp, "--block-size", &block, "--enable-prompt-tokens-details"];
+    args.extend(["--kv-events-config", &events]);
+    args.extend(extra);
+    Proc::sim(&args).await
 }
 
 /// A token-id prompt: `blocks` full blocks of prefix `tag`, then `tail` tokens of its own.
@@ -609,4 +607,49 @@ async fn load_reported_by_the_engines_steers_prompts_away_from_a_prefill_busy_el
         assert_eq!(t.await.unwrap().0, 200);
     }
     assert_idle(&second.url).await;
+}
+
+/// `/inference/v1/generate` is keyed by its own `token_ids`: second turns land where their
+/// first turns' blocks are, and the predictions equal the engines' cached tokens.
+#[tokio::test]
+async fn generate_requests_are_keyed_by_their_token_ids() {
+    let p1 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
+    let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
+    let d =
+        Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details", "--enable-scale-out"]).await;
+    let r = router(&[
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d.url,
+        "--prefill-policy",
+        "kv_aware",
+        "--decode-policy",
+        "round_robin",
+    ])
+    .await;
+    let url = r.url.clone();
+    let generate =
+        |tag: u32, tail: &[u32]| json!({"token_ids": prompt(tag, 4, tail), "sampling_params": {"max_tokens": 2, "ignore_eos": true}});
+    for tag in 0..4 {
+        let (status, v) = post(&format!("{url}/inference/v1/generate"), &generate(tag, &[1, 2, 3])).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 16 }).await,
+        "{:?}",
+        indexed(&url).await
+    );
+    let before = hits(&p1, 0).await + hits(&p2, 0).await;
+    for tag in [2, 0, 3, 1] {
+        let (status, v) = post(&format!("{url}/inference/v1/generate"), &generate(tag, &[4, 5, 6, 7])).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let after = hits(&p1, 0).await + hits(&p2, 0).await;
+    assert_eq!(after - before, (4 * 4 * BLOCK) as f64, "every second turn found its whole prefix on the prefill it was sent to");
+    let m = metrics(&url).await;
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
+    assert_idle(&r.url).await;
 }

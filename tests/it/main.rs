@@ -23,6 +23,8 @@ mod router_hardening;
 mod router_messages;
 mod router_passthrough;
 mod router_policy;
+mod router_tokens_out;
 mod sim;
 mod support;
 mod tls;
+mod tokens_out;

@@ -33,7 +33,7 @@ use crate::router::pair::failure::Failure;
 use crate::router::pair::{Delivery, Job, LegTemplate, Pairs};
 use crate::router::policy::RequestInfo;
 use crate::router::request::body::ClientBody;
-use crate::router::request::{self, LegBodies};
+use crate::router::request::{self, LegBodies, LegShape};
 use crate::router::workers::topology::Topology;
 use relay::Held;
 
@@ -66,6 +66,8 @@ pub(crate) enum Endpoint {
     Chat,
     /// Anthropic's Messages API, as vLLM serves it.
     Messages,
+    /// vLLM's token-in / token-out API (`--enable-scale-out`), as llm-d uses it.
+    TokensOut,
 }
 
 impl Endpoint {
@@ -74,6 +76,7 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::TokensOut => "/inference/v1/generate",
         }
     }
     fn label(self) -> &'static str {
@@ -81,20 +84,23 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Chat => "chat_completions",
             Endpoint::Messages => "messages",
+            Endpoint::TokensOut => "generate",
         }
     }
     pub(crate) fn dialect(self) -> Dialect {
         match self {
-            Endpoint::Completions | Endpoint::Chat => Dialect::OpenAi,
+            Endpoint::Completions | Endpoint::Chat | Endpoint::TokensOut => Dialect::OpenAi,
             Endpoint::Messages => Dialect::Anthropic,
         }
     }
-    /// vLLM's checks of what the prefill leg overrides, and the request's shape.
-    fn check(self, body: &ClientBody) -> Result<request::Shape, ApiError> {
+    /// vLLM's checks of what the prefill leg overrides, the request's shape, and how its
+    /// prefill leg is written.
+    fn check(self, body: &ClientBody) -> Result<(request::Shape, LegShape), ApiError> {
         match self {
-            Endpoint::Completions => request::check(Api::Completions, body),
-            Endpoint::Chat => request::check(Api::Chat, body),
-            Endpoint::Messages => request::check_messages(body),
+            Endpoint::Completions => Ok((request::check(Api::Completions, body)?, LegShape::OpenAi)),
+            Endpoint::Chat => Ok((request::check(Api::Chat, body)?, LegShape::OpenAi)),
+            Endpoint::Messages => Ok((request::check_messages(body)?, LegShape::Anthropic)),
+            Endpoint::TokensOut => request::check_tokens_out(body),
         }
     }
 }
@@ -163,7 +169,7 @@ async fn serve(
     // The body's share of --max-body-bytes-in-flight is held until the answer has started.
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
     let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
-    let shape = ep.check(&body).map_err(Failure::bad_request)?;
+    let (shape, leg_shape) = ep.check(&body).map_err(Failure::bad_request)?;
     let generations = shape.generations();
     if generations > router.cfg.max_pairs {
         return Err(Failure::bad_request(ApiError::bad_request(format!(
@@ -200,7 +206,7 @@ async fn serve(
         });
     }
     let info = info_for(router, headers, &body).await;
-    let job = Arc::new(Job { bodies: LegBodies::in_dialect(body, ep.dialect()), info, leg, delivery: Delivery::from(shape.gen.stream) });
+    let job = Arc::new(Job { bodies: LegBodies::shaped(body, leg_shape), info, leg, delivery: Delivery::from(shape.gen.stream) });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
             let prediction =

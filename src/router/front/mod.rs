@@ -32,6 +32,7 @@ pub(crate) fn app(router: Arc<Router>) -> axum::Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
+        .route("/inference/v1/generate", post(tokens_out))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/healthcheck", get(healthcheck))
@@ -128,6 +129,10 @@ async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> R
 
 async fn messages(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     flow::generate(r, Endpoint::Messages, headers, body).await
+}
+
+async fn tokens_out(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
+    flow::generate(r, Endpoint::TokensOut, headers, body).await
 }
 
 /// `/v1/models` from the first healthy worker that answers: one dead worker never makes

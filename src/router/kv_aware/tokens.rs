@@ -1,5 +1,5 @@
-//! A prompt's token ids as the engine will see them, for `kv_aware`: token-id prompts as
-//! they are; text through the model's own tokenizer (`--model-path`: tokenizer.json, BOS
+//! A prompt's token ids as the engine will see them, for `kv_aware`: token-id prompts (and
+//! `/inference/v1/generate`'s `token_ids`) as they are; text through the model's own tokenizer (`--model-path`: tokenizer.json, BOS
 //! as the model adds it) and a chat through its chat template (tokenize.rs, minijinja),
 //! the way vLLM renders and tokenizes them. Without a tokenizer, the engine's own render
 //! endpoint (`/v1/completions/render`, `/v1/chat/completions/render`: vLLM's
@@ -16,6 +16,10 @@ use crate::tokenize::ModelTokenizer;
 const TEMPLATE_KEYS: [&str; 4] = ["messages", "tools", "add_generation_prompt", "chat_template_kwargs"];
 
 pub fn prompt_tokens(body: &ClientBody, tokenizer: Option<&ModelTokenizer>) -> Option<Vec<u32>> {
+    // /inference/v1/generate: the engine's own token ids, exact by construction.
+    if let Some(raw) = body.get("token_ids") {
+        return serde_json::from_slice::<Vec<u32>>(raw).ok();
+    }
     if body.has("messages") {
         let tok = tokenizer?;
         let map: Map<String, Value> = TEMPLATE_KEYS.iter().filter_map(|k| body.hint(k).map(|v| (k.to_string(), v))).collect();
@@ -82,6 +86,8 @@ mod tests {
     fn token_prompts_are_taken_as_they_are_and_text_needs_a_tokenizer() {
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": [5, 6, 7]})), None), Some(vec![5, 6, 7]));
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": [[5, 6]]})), None), Some(vec![5, 6]));
+        let generate = serde_json::json!({"token_ids": [9, 8, 7], "sampling_params": {"max_tokens": 2}});
+        assert_eq!(prompt_tokens(&body(generate), None), Some(vec![9, 8, 7]));
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": "text"})), None), None);
         assert_eq!(prompt_tokens(&body(serde_json::json!({"prompt": [1, -2]})), None), None);
         assert_eq!(prompt_tokens(&body(serde_json::json!({"messages": []})), None), None);

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::api::dialect::Dialect;
 use crate::api::fields::{check_generation, validation_error, Api, Fields, Generation};
 use crate::api::ApiError;
 use crate::router::policy::{PromptStart, RequestInfo};
@@ -112,6 +111,67 @@ pub(crate) fn check_messages(body: &ClientBody) -> Result<Shape, ApiError> {
     Ok(Shape { gen, prompts: None })
 }
 
+/// Which API's fields the prefill leg overrides.
+pub(crate) enum LegShape {
+    /// Completions and chat: `max_tokens` 1, `ignore_eos`.
+    OpenAi,
+    /// Messages: `max_tokens` 1; no `ignore_eos` (vLLM builds its chat request field by field).
+    Anthropic,
+    /// `/inference/v1/generate`: the caps live in `sampling_params`, rewritten once here.
+    TokensOut { prefill_sampling: Vec<u8> },
+}
+
+/// Sampling fields the tokens-out prefill leg drops.
+const PREFILL_SAMPLING_DROPS: &[&str] = &["min_tokens", "stop_token_ids", "n", "output_kind"];
+
+/// `/inference/v1/generate` (vLLM's GenerateRequest): `sampling_params` must be an object;
+/// its `max_tokens` (the prefill leg sends 1), `min_tokens` and `n` are checked as vLLM's
+/// SamplingParams does, and `n` above 1 is refused (PD runs one generation per request
+/// here). Returns the shape and the prefill leg's `sampling_params`.
+pub(crate) fn check_tokens_out(body: &ClientBody) -> Result<(Shape, LegShape), ApiError> {
+    let top = body.subset(&["stream", "stream_options", "kv_transfer_params"])?;
+    let f = Fields::body(&top);
+    let stream = f.boolean("stream")?.unwrap_or(false);
+    f.dict("kv_transfer_params")?;
+    let mut sampling = match body.value("sampling_params")? {
+        Some(Value::Object(m)) => m,
+        other => {
+            let input = other.unwrap_or(Value::Null);
+            return Err(validation_error(
+                "body.sampling_params",
+                "model_attributes_type",
+                "Input should be a valid dictionary or object to extract fields from",
+                &input,
+            ));
+        }
+    };
+    let s = Fields { map: &sampling, loc: "body.sampling_params" };
+    let max_tokens = s.int("max_tokens")?;
+    let min_tokens = s.int("min_tokens")?.unwrap_or(0);
+    let n = s.int("n")?.unwrap_or(1);
+    if let Some(m) = max_tokens.filter(|m| *m < 1) {
+        return Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {m}.")));
+    }
+    if let Some(m) = max_tokens.filter(|m| min_tokens > *m) {
+        return Err(ApiError::bad_request(format!("min_tokens must be less than or equal to max_tokens={m}, got {min_tokens}.")));
+    }
+    if n != 1 {
+        return Err(ApiError::bad_request(format!(
+            "sampling_params.n is {n}: disagg route runs one generation per /inference/v1/generate request; send n = 1 (or one request per sample)"
+        ))
+        .param("sampling_params.n"));
+    }
+    body.value("vllm_xargs")?;
+    for k in PREFILL_SAMPLING_DROPS {
+        sampling.remove(*k);
+    }
+    sampling.insert("max_tokens".into(), Value::from(1));
+    sampling.insert("ignore_eos".into(), Value::Bool(true));
+    let prefill_sampling = serde_json::to_vec(&sampling).expect("a map serialises");
+    let gen = Generation { stream, n: 1, max_tokens, seed: None, include_usage: false, continuous_usage: false };
+    Ok((Shape { gen, prompts: None }, LegShape::TokensOut { prefill_sampling }))
+}
+
 /// The prompts of `prompt: [A, B, ...]` (strings or token-id lists), when more than one.
 fn prompt_list(body: &ClientBody) -> Option<Vec<Range<usize>>> {
     let raw = body.get("prompt")?;
@@ -167,18 +227,18 @@ pub(crate) fn leading_token_ids(raw: &[u8], max: usize) -> Option<Vec<u32>> {
 /// How each leg's body is written from one (sub-)request.
 pub struct LegBodies {
     body: ClientBody,
-    /// Anthropic's Messages take no `ignore_eos` (vLLM builds its chat request field by field).
-    dialect: Dialect,
+    /// Which API's fields the prefill leg overrides.
+    shape: LegShape,
     /// `vllm_xargs` with the steering keys taken out, when it had any.
     xargs: Option<Vec<u8>>,
 }
 
 impl LegBodies {
     pub fn new(body: ClientBody) -> Self {
-        LegBodies::in_dialect(body, Dialect::OpenAi)
+        LegBodies::shaped(body, LegShape::OpenAi)
     }
 
-    pub(crate) fn in_dialect(body: ClientBody, dialect: Dialect) -> Self {
+    pub(crate) fn shaped(body: ClientBody, shape: LegShape) -> Self {
         // `check` refused a request whose vllm_xargs does not decode.
         let xargs = body.hint("vllm_xargs").and_then(|v| match v {
             Value::Object(mut m) if STEERING.iter().any(|k| m.contains_key(*k)) => {
@@ -189,7 +249,7 @@ impl LegBodies {
             }
             _ => None,
         });
-        LegBodies { body, dialect, xargs }
+        LegBodies { body, shape, xargs }
     }
 
     fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Pieces {
@@ -214,9 +274,15 @@ impl LegBodies {
     /// The prefill leg as `prefill`, with the connector's params (NIXL's six keys,
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
     pub(crate) fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
-        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false"), ("max_tokens", b"1")];
-        if self.dialect == Dialect::OpenAi {
-            set.push(("ignore_eos", b"true"));
+        let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false")];
+        let mut drop = PREFILL_OVERRIDES.to_vec();
+        match &self.shape {
+            LegShape::OpenAi => set.extend([("max_tokens", b"1".as_slice()), ("ignore_eos", b"true")]),
+            LegShape::Anthropic => set.push(("max_tokens", b"1")),
+            LegShape::TokensOut { prefill_sampling } => {
+                set.push(("sampling_params", prefill_sampling));
+                drop.push("sampling_params");
+            }
         }
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
@@ -224,7 +290,7 @@ impl LegBodies {
         if self.body.has("max_completion_tokens") {
             set.push(("max_completion_tokens", b"1"));
         }
-        self.write(PREFILL_OVERRIDES, &mut set)
+        self.write(&drop, &mut set)
     }
 
     /// The decode leg: the client's bytes, with the prefill's params (copied unchanged)
@@ -267,7 +333,8 @@ pub(crate) fn request_info(
         text.push_str(&s[..end]);
     };
     // A flat list of token ids: only the ids indexed are read; other prompts are decoded.
-    let prompt = match body.get("prompt").and_then(|raw| leading_token_ids(raw, max_units)) {
+    // (/inference/v1/generate names its prompt `token_ids`.)
+    let prompt = match body.get("prompt").or_else(|| body.get("token_ids")).and_then(|raw| leading_token_ids(raw, max_units)) {
         Some(leading) => {
             ids = leading;
             None

@@ -45,7 +45,7 @@ impl Drop for InFlight {
     }
 }
 
-fn crash_now() -> ! {
+pub(crate) fn crash_now() -> ! {
     tracing::error!("crashing on purpose (--crash-after-requests)");
     std::process::exit(1)
 }
@@ -83,14 +83,35 @@ fn release_rejected(sim: &Sim, body: &Map<String, Value>, err: &ApiError) {
 }
 
 pub(crate) async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let in_flight = InFlight::new(&sim);
     if let Some(e) = not_serving(&sim) {
         return Err(e);
     }
-    let nth = sim.seen.fetch_add(1, Ordering::SeqCst) + 1;
-    let doomed = sim.args.crash_after_requests.is_some_and(|n| nth > n);
     require_json(&headers)?;
     let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
+    let Started { meta, req, outs, doomed, in_flight } = start(&sim, api, &headers, &body)?;
+    if req.stream {
+        Ok(stream_response(meta, req, outs, doomed, in_flight).await)
+    } else {
+        full_response(&meta, &req, outs).await
+    }
+}
+
+/// A generation request admitted: its engine jobs submitted, their outputs to read.
+pub(crate) struct Started {
+    pub(crate) meta: Arc<Meta>,
+    pub(crate) req: GenRequest,
+    pub(crate) outs: Vec<Output>,
+    /// --crash-after-requests: this one dies (before a whole answer, after a first chunk).
+    pub(crate) doomed: bool,
+    pub(crate) in_flight: InFlight,
+}
+
+/// The fault knobs at the door, vLLM's checks of `body` as `api`, and one engine job per
+/// generation.
+pub(crate) fn start(sim: &Arc<Sim>, api: Api, headers: &HeaderMap, body: &Map<String, Value>) -> Result<Started, ApiError> {
+    let in_flight = InFlight::new(sim);
+    let nth = sim.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    let doomed = sim.args.crash_after_requests.is_some_and(|n| nth > n);
     if sim.args.fail_rate > 0.0 && rand::random::<f64>() < sim.args.fail_rate {
         let status = StatusCode::from_u16(sim.args.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(ApiError::with_status(status, "simulated failure (--fail-rate)"));
@@ -101,11 +122,11 @@ pub(crate) async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: 
         tokenizer: sim.tokenizer.as_ref(),
         connector: sim.args.kv_connector,
     };
-    let req = request::parse(api, &body, &limits).inspect_err(|e| release_rejected(&sim, &body, e))?;
+    let req = request::parse(api, body, &limits).inspect_err(|e| release_rejected(sim, body, e))?;
     if doomed && !req.stream {
         crash_now();
     }
-    let engine = pick_engine(&sim, &headers)?;
+    let engine = pick_engine(sim, headers)?;
     let base = headers.get("x-request-id").and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map_or_else(hex16, str::to_owned);
     let id = match api {
         Api::Completions => format!("cmpl-{base}"),
@@ -138,11 +159,7 @@ pub(crate) async fn generate(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: 
         .collect();
     let meta =
         Arc::new(Meta { api, id, created: now_secs(), model: sim.args.model.clone(), details: sim.args.enable_prompt_tokens_details });
-    if req.stream {
-        Ok(stream_response(meta, req, outs, doomed, in_flight).await)
-    } else {
-        full_response(&meta, &req, outs).await
-    }
+    Ok(Started { meta, req, outs, doomed, in_flight })
 }
 
 /// P2pNccl engines go by the request id (`key`, vLLM's engine request id): a producer

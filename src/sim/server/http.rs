@@ -104,6 +104,7 @@ pub(crate) fn router(sim: Arc<Sim>) -> Router {
         .route("/kv_event_sources", get(kv_event_sources))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/v1/completions/render", post(super::render::completions))
+        .route("/inference/v1/generate", post(super::tokens_out::generate))
         .route("/v1/chat/completions/render", post(super::render::chat))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "Not Found") })
         .layer(axum::middleware::from_fn_with_state(sim.clone(), authenticate))

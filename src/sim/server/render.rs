@@ -17,7 +17,7 @@ use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::ApiError;
 use crate::sim::engine::request::{self, Api};
 
-fn forbidden() -> Response {
+pub(crate) fn forbidden() -> Response {
     let err = ApiError::with_status(
         StatusCode::FORBIDDEN,
         "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to enable them.",
