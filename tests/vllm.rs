@@ -10,6 +10,10 @@
 //! the cases below in order, sharing the instances. The handshake cases are the very
 //! functions the simulator's tests run (tests/it/handshake.rs).
 
+#[path = "vllm/agent_fields.rs"]
+mod agent_fields;
+#[path = "vllm/apis.rs"]
+mod apis;
 #[path = "vllm/bench_compare.rs"]
 mod bench_compare;
 #[path = "it/first_token.rs"]
@@ -316,10 +320,13 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
         ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, an error)", |e| {
-            Box::pin(messages_through_pd(e))
+            Box::pin(apis::messages_through_pd(e))
         }),
         ("router: /inference/v1/generate (token ids in and out) through PD equals plain vLLM's, whole and streamed", |e| {
-            Box::pin(tokens_out_through_pd(e))
+            Box::pin(apis::tokens_out_through_pd(e))
+        }),
+        ("router: the fields agents use survive both legs (logprobs, structured output, echo); prompt logprobs refused", |e| {
+            Box::pin(apis::agent_fields(e))
         }),
         ("router: vLLM's other APIs pass through (tokenize, detokenize, version equal the engine's; others 404)", |e| {
             Box::pin(passthrough::passes_through(&e.router.url, &e.p0.url, "tiny-llama"))
@@ -357,28 +364,6 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         }
     }
     [&env.p0, &env.p1, &env.d].iter().map(|v| (v.name.to_string(), v.tail())).collect()
-}
-
-/// The Messages case (tests/it/messages.rs) on real vLLM, and its prompts' KV moved over NIXL.
-async fn messages_through_pd(e: &mut Env) {
-    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
-    let before = metrics(&e.d.url).await;
-    messages::messages_equal_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("messages", 2), "unused").await;
-    let after = metrics(&e.d.url).await;
-    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
-    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
-    assert_idle(&e.router.url).await;
-}
-
-/// The generate case (tests/it/tokens_out.rs) on real vLLM, and its prompts' KV moved over NIXL.
-async fn tokens_out_through_pd(e: &mut Env) {
-    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
-    let before = metrics(&e.d.url).await;
-    tokens_out::generate_equals_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("tokens out", 2)).await;
-    let after = metrics(&e.d.url).await;
-    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
-    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
-    assert_idle(&e.router.url).await;
 }
 
 async fn first_token_cases(e: &mut Env) {

@@ -16,6 +16,37 @@ pub(crate) enum Backend {
     OpenaiChat,
     /// Same as openai (vLLM's name for it).
     Vllm,
+    /// /v1/messages (Anthropic's Messages API, as vLLM serves it), streamed. vLLM's bench
+    /// has no such backend: the name is ours. Text prompts only; no --ignore-eos (vLLM's
+    /// Messages API has no such field).
+    #[value(name = "anthropic-messages")]
+    AnthropicMessages,
+}
+
+impl Backend {
+    /// The name results carry (vLLM's where vLLM has one).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Backend::Openai => "openai",
+            Backend::OpenaiChat => "openai-chat",
+            Backend::Vllm => "vllm",
+            Backend::AnthropicMessages => "anthropic-messages",
+        }
+    }
+
+    /// How the endpoint's path must end.
+    pub(crate) fn endpoint_suffix(self) -> &'static str {
+        match self {
+            Backend::OpenaiChat => "chat/completions",
+            Backend::AnthropicMessages => "/messages",
+            Backend::Openai | Backend::Vllm => "completions",
+        }
+    }
+
+    /// Whether its requests carry text only (chat messages), never token ids.
+    pub(crate) fn text_only(self) -> bool {
+        matches!(self, Backend::OpenaiChat | Backend::AnthropicMessages)
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

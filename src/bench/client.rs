@@ -1,6 +1,9 @@
 //! One benchmark request, timed as `vllm bench serve` times it: TTFT at the first SSE
 //! message with non-empty `choices`, ITL between such messages, E2EL at the last one;
 //! output tokens from `usage.completion_tokens`, which also corrects the prompt length.
+//! Anthropic's Messages stream (`--backend anthropic-messages`) the same way: its
+//! `message_start` (written from the chat stream's role delta) and `content_block_delta`
+//! events are the chunks, `message_delta`'s usage the counts.
 
 use std::time::Instant;
 
@@ -93,6 +96,73 @@ struct Details {
     cached_tokens: Option<usize>,
 }
 
+/// One event of Anthropic's Messages stream, as far as the bench reads it.
+#[derive(Deserialize)]
+struct MessagesEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    delta: Option<MessagesDelta>,
+    usage: Option<MessagesUsage>,
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct MessagesDelta {
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessagesUsage {
+    input_tokens: Option<usize>,
+    output_tokens: Option<usize>,
+    cache_read_input_tokens: Option<usize>,
+}
+
+/// What one stream event brings: output text (a token chunk), usage, or an error.
+enum Seen {
+    Text(String),
+    Usage { output: Option<usize>, prompt: Option<usize>, cached: Option<usize> },
+    Failed(String),
+    Nothing,
+}
+
+/// An event's data as the backend's stream shapes it.
+fn read_event(backend: Backend, data: &str) -> Seen {
+    if backend == Backend::AnthropicMessages {
+        let Ok(e) = serde_json::from_str::<MessagesEvent>(data) else { return Seen::Nothing };
+        let prompt = |u: &MessagesUsage| u.input_tokens.map(|i| i + u.cache_read_input_tokens.unwrap_or(0));
+        return match e.kind.as_str() {
+            "content_block_delta" => e.delta.and_then(|d| d.text).map_or(Seen::Nothing, Seen::Text),
+            "message_delta" => e.usage.map_or(Seen::Nothing, |u| Seen::Usage {
+                output: u.output_tokens,
+                prompt: prompt(&u),
+                cached: u.cache_read_input_tokens,
+            }),
+            // vLLM writes it from the chat stream's first chunk (the role delta, which is
+            // where vllm bench serve takes a chat request's TTFT): the first chunk here too.
+            "message_start" => Seen::Text(String::new()),
+            "error" => Seen::Failed(e.error.map_or_else(|| "an error event".into(), |v| v.to_string())),
+            _ => Seen::Nothing,
+        };
+    }
+    if data == "[DONE]" {
+        return Seen::Nothing;
+    }
+    let Ok(c) = serde_json::from_str::<Chunk>(data) else { return Seen::Nothing };
+    if let Some(choice) = c.choices.first() {
+        let text = choice.text.as_deref().or(choice.delta.as_ref().and_then(|d| d.content.as_deref()));
+        return Seen::Text(text.unwrap_or("").to_string());
+    }
+    match c.usage {
+        Some(u) => Seen::Usage {
+            output: u.completion_tokens,
+            prompt: u.prompt_tokens,
+            cached: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        },
+        None => Seen::Nothing,
+    }
+}
+
 pub(crate) fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
     let mut p = match cfg.backend {
         Backend::OpenaiChat => json!({
@@ -101,6 +171,13 @@ pub(crate) fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
                 Prompt::Tokens(_) => unreachable!("token-id prompts are refused for chat at start"),
             }}],
             "max_completion_tokens": req.output_len, "stream": true, "stream_options": {"include_usage": true},
+        }),
+        Backend::AnthropicMessages => json!({
+            "model": cfg.model, "messages": [{"role": "user", "content": match &req.prompt {
+                Prompt::Text(t) => t.as_str(),
+                Prompt::Tokens(_) => unreachable!("token-id prompts are refused for messages at start"),
+            }}],
+            "max_tokens": req.output_len, "stream": true,
         }),
         Backend::Openai | Backend::Vllm => json!({
             "model": cfg.model, "prompt": req.prompt, "repetition_penalty": 1.0, "max_tokens": req.output_len,
@@ -144,27 +221,27 @@ pub(crate) async fn send(
         while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
             for event in splitter.push(&chunk).map_err(|e| e.to_string())? {
                 let Some(data) = data_of(&event) else { continue };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let Ok(c) = serde_json::from_str::<Chunk>(&data) else { continue };
-                if let Some(choice) = c.choices.first() {
-                    let now = Instant::now();
-                    if first {
-                        out.itl.push(now.duration_since(last).as_secs_f64());
-                    } else {
-                        first = true;
-                        out.ttft = now.duration_since(st).as_secs_f64();
+                match read_event(cfg.backend, &data) {
+                    Seen::Text(text) => {
+                        let now = Instant::now();
+                        if first {
+                            out.itl.push(now.duration_since(last).as_secs_f64());
+                        } else {
+                            first = true;
+                            out.ttft = now.duration_since(st).as_secs_f64();
+                        }
+                        last = now;
+                        out.generated_text.push_str(&text);
                     }
-                    last = now;
-                    let text = choice.text.as_deref().or(choice.delta.as_ref().and_then(|d| d.content.as_deref()));
-                    out.generated_text.push_str(text.unwrap_or(""));
-                } else if let Some(u) = c.usage {
-                    out.output_tokens = u.completion_tokens;
-                    out.cached_tokens = u.prompt_tokens_details.and_then(|d| d.cached_tokens);
-                    if let Some(p) = u.prompt_tokens {
-                        out.prompt_len = p;
+                    Seen::Usage { output, prompt, cached } => {
+                        out.output_tokens = output.or(out.output_tokens);
+                        out.cached_tokens = cached.or(out.cached_tokens);
+                        if let Some(p) = prompt {
+                            out.prompt_len = p;
+                        }
                     }
+                    Seen::Failed(e) => return Err(e),
+                    Seen::Nothing => {}
                 }
             }
         }

@@ -78,9 +78,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
     let base = base.trim_end_matches('/').to_string();
     let api_url = format!("{base}{}", args.endpoint);
-    let suffix = if args.backend == Backend::OpenaiChat { "chat/completions" } else { "completions" };
+    let suffix = args.backend.endpoint_suffix();
     if !api_url.ends_with(suffix) {
-        bail!("--backend {:?} needs an endpoint ending in `{suffix}`, got {}", args.backend, args.endpoint);
+        bail!("--backend {} needs an endpoint ending in `{suffix}`, got {}", args.backend.name(), args.endpoint);
+    }
+    if args.backend == Backend::AnthropicMessages && args.ignore_eos {
+        bail!("--ignore-eos: vLLM's Messages API has no such field (its chat request is built field by field); drop it, or use --backend openai-chat");
     }
     let selected: Vec<String> = args.percentile_metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     if let Some(bad) = selected.iter().find(|m| !METRIC_NAMES.contains(&m.as_str())) {
@@ -172,7 +175,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         DatasetName::MooncakeTrace | DatasetName::TimedTrace => {
             let path = args.dataset_path.as_ref().context("a trace dataset needs --dataset-path FILE (JSONL records with hash ids)")?;
-            if args.backend == Backend::OpenaiChat {
+            if args.backend.text_only() {
                 bail!("trace datasets send token-id prompts, which only the completions API takes: use --backend openai or vllm");
             }
             trace::load(&tok, path, &trace::TraceSpec { num: n, layout: trace_layout(&args) })?
@@ -280,11 +283,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let m = metrics::calculate(&outputs, duration, Some(&tok), &percentiles, &goodput);
-    let backend = match args.backend {
-        Backend::Openai => "openai",
-        Backend::OpenaiChat => "openai-chat",
-        Backend::Vllm => "vllm",
-    };
+    let backend = args.backend.name();
     let label = args.label.clone().unwrap_or_else(|| backend.to_string());
     let info = report::RunInfo {
         backend,

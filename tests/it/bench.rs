@@ -374,3 +374,43 @@ async fn a_mooncake_trace_replays_through_the_router_with_per_request_records() 
     let (ok, _, err) = bench(&["--base-url", &r.url, "--tokenizer", "sim", "--trace-speedup", "2"]).await;
     assert!(!ok && err.contains("mooncake_trace only"), "{err}");
 }
+
+/// `--backend anthropic-messages`: Anthropic's Messages stream timed and counted as the
+/// OpenAI streams are, through the router (PD); the server's own token counts reported.
+#[tokio::test]
+async fn the_messages_backend_times_and_counts_anthropic_streams() {
+    let p = Proc::sim(&["--role", "prefill", "--enable-prompt-tokens-details"]).await;
+    let d = Proc::sim(&["--role", "decode", "--decode-ms-per-token", "2", "--enable-prompt-tokens-details"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    let result = tmp("messages.json");
+    let args = |extra: &[&'static str]| {
+        let mut a: Vec<String> = ["--base-url", &r.url, "--tokenizer", "sim", "--num-prompts", "12", "--random-input-len", "40"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--random-output-len", "8", "--max-concurrency", "4", "--disable-tqdm"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| async move { bench(&a.iter().map(String::as_str).collect::<Vec<_>>()).await };
+    let full = ["--backend", "anthropic-messages", "--endpoint", "/v1/messages", "--save-result", "--save-detailed", "--result-filename"];
+    let mut a = args(&full);
+    a.push(result.to_str().unwrap().to_string());
+    let (ok, out, err) = run(a).await;
+    assert!(ok, "{err}\n{out}");
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!((j["completed"].as_u64(), j["failed"].as_u64()), (Some(12), Some(0)), "{j}");
+    assert_eq!(j["backend"], "anthropic-messages");
+    // The decode's own counts: every generated token, every prompt token, reported.
+    let dm = metrics(&d.url).await;
+    assert_eq!(j["total_output_tokens"].as_f64().unwrap(), metric(&dm, "vllm:generation_tokens_total", &[]));
+    assert_eq!(j["total_input_tokens"].as_f64().unwrap(), metric(&dm, "vllm:prompt_tokens_total", &[]));
+    let ttfts = j["ttfts"].as_array().unwrap();
+    assert!(ttfts.iter().all(|t| t.as_f64().unwrap() > 0.0), "{j}");
+    assert!(j["mean_tpot_ms"].as_f64().unwrap() >= 1.8, "about the decode step time: {}", j["mean_tpot_ms"]);
+    // What it cannot do is refused.
+    let (ok, _, err) = run(args(&["--backend", "anthropic-messages", "--endpoint", "/v1/messages", "--ignore-eos"])).await;
+    assert!(!ok && err.contains("--ignore-eos"), "{err}");
+    let (ok, _, err) = run(args(&["--backend", "anthropic-messages", "--endpoint", "/v1/completions"])).await;
+    assert!(!ok && err.contains("/messages"), "{err}");
+}

@@ -653,3 +653,62 @@ async fn generate_requests_are_keyed_by_their_token_ids() {
     assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
     assert_idle(&r.url).await;
 }
+
+/// Anthropic's Messages are keyed by the engines' own /v1/messages/render (vLLM converts
+/// them with its own code): a conversation's next turn goes where its first turn's blocks
+/// are, streamed or not, and the predictions equal the cached tokens the answers report
+/// (`usage.cache_read_input_tokens`).
+#[tokio::test]
+async fn messages_are_keyed_by_the_engines_render_and_predicted_exactly() {
+    let p1 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
+    let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
+    let r = router(&[
+        "--prefill",
+        &p1.url,
+        "--prefill",
+        &p2.url,
+        "--decode",
+        &d.url,
+        "--prefill-policy",
+        "kv_aware",
+        "--decode-policy",
+        "round_robin",
+    ])
+    .await;
+    let url = r.url.clone();
+    let first = |tag: usize| {
+        let story: String = (0..60).map(|i| format!("conversation {tag} line {i} says something new. ")).collect();
+        vec![json!({"role": "user", "content": story})]
+    };
+    for tag in 0..4 {
+        let body = json!({"model": "sim-model", "max_tokens": 3, "system": "Be brief.", "messages": first(tag)});
+        let (status, v) = post(&format!("{url}/v1/messages"), &body).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 40 }).await,
+        "{:?}",
+        indexed(&url).await
+    );
+    let before = hits(&p1, 0).await + hits(&p2, 0).await;
+    for tag in [2, 0, 3, 1] {
+        let mut turns = first(tag);
+        turns.push(json!({"role": "assistant", "content": "Noted."}));
+        turns.push(json!({"role": "user", "content": "And then?"}));
+        let body = json!({"model": "sim-model", "max_tokens": 3, "system": "Be brief.", "messages": turns, "stream": tag % 2 == 0});
+        if tag % 2 == 0 {
+            let (status, events) = post_stream(&format!("{url}/v1/messages"), &body).await;
+            assert_eq!(status, 200, "{events:?}");
+        } else {
+            let (status, v) = post(&format!("{url}/v1/messages"), &body).await;
+            assert_eq!(status, 200, "{v}");
+        }
+    }
+    let after = hits(&p1, 0).await + hits(&p2, 0).await;
+    assert!(after - before >= (4 * 40) as f64, "every second turn found its first turn's blocks: {before} -> {after}");
+    let m = metrics(&url).await;
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
+    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[]), 8.0, "no other outcome");
+    assert_idle(&r.url).await;
+}

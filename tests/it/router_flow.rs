@@ -372,3 +372,29 @@ async fn worker_threads_sets_the_serving_threads() {
     let r = Proc::start(&["--worker-threads", "1", "--prefill", &p.url, "--decode", &d.url, "--port", "0"]).await;
     assert_eq!(threads(r.pid().unwrap(), "disagg-serve-"), 1, "bare flags, as vllm-router's command lines");
 }
+
+/// What PD cannot answer as one instance would (prompt logprobs: the decode computes none
+/// of the prompt) is a 400 before any prefill; colocated workers are sent it as it is.
+#[tokio::test]
+async fn prompt_logprobs_are_refused_in_pd_before_any_prefill() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    for body in [
+        json!({"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 1}),
+        json!({"prompt": "hi", "max_tokens": 2, "echo": true, "logprobs": 1}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 0}),
+    ] {
+        let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+        let (status, err) = post(&format!("{}{path}", r.url), &body).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains("prompt logprobs"), "{err}");
+    }
+    assert_eq!(served(&p.url).await, 0.0, "no prefill ran");
+    // echo alone, and logprobs of the output, are answered.
+    let (status, v) = post(&format!("{}/v1/completions", r.url), &json!({"prompt": "hi", "max_tokens": 2, "echo": true})).await;
+    assert_eq!(status, 200, "{v}");
+    let c = router(&["--worker-urls", &p.url]).await;
+    let (status, v) = post(&format!("{}/v1/completions", c.url), &json!({"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 1})).await;
+    assert_ne!(status, 400, "colocated: the worker decides: {v}");
+}

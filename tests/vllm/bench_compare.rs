@@ -110,7 +110,9 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
             all(&theirs, "mean_tpot_ms")
         );
         assert!((ta - tb).abs() <= (0.35 * ta.max(tb)).max(5.0), "{name}: best mean TTFT {ta} vs {tb}");
-        assert!((pa - pb).abs() <= (0.25 * pa.max(pb)).max(1.0), "{name}: best mean TPOT {pa} vs {pb}");
+        // TPOT moves as much as TTFT between runs here: in one clean-clone CI run vLLM's own
+        // three runs on the plain instance gave 5.44/3.84/5.31 ms (ours 6.06/6.32/5.45).
+        assert!((pa - pb).abs() <= (0.35 * pa.max(pb)).max(1.5), "{name}: best mean TPOT {pa} vs {pb}");
     }
     assert_idle(&e.router.url).await;
 }

@@ -121,8 +121,11 @@ pub async fn run() {
         args.extend_from_slice(extra);
         Vllm::spawn_script(name, &args)
     };
-    let mut p0 = serve("kv-aware-prefill-0", "prefill", 8120, 5620, 0, &["--num-gpu-blocks-override", "32", "--kv-events-config", &e0]);
-    let mut p1 = serve("kv-aware-prefill-1", "prefill", 8121, 5621, 1, &["--num-gpu-blocks-override", "32", "--kv-events-config", &e1]);
+    // --enable-scale-out: Anthropic's Messages are keyed by /v1/messages/render.
+    let prefill_args = |e: &str| ["--num-gpu-blocks-override", "32", "--enable-scale-out", "--kv-events-config", e].map(str::to_owned);
+    let (a0, a1) = (prefill_args(&e0), prefill_args(&e1));
+    let mut p0 = serve("kv-aware-prefill-0", "prefill", 8120, 5620, 0, &a0.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut p1 = serve("kv-aware-prefill-1", "prefill", 8121, 5621, 1, &a1.iter().map(String::as_str).collect::<Vec<_>>());
     let mut d = serve("kv-aware-decode", "decode", 8220, 5720, 1, &[]);
     for v in [&mut p0, &mut p1, &mut d] {
         v.wait_healthy(Duration::from_secs(600)).await;
@@ -152,4 +155,52 @@ pub async fn run() {
     println!("      kv_aware predicted the reported cached tokens of {exact} of {all} answers (half of them streamed)");
     assert_eq!(all, (DOCS * QUESTIONS) as f64, "{m}");
     assert!(exact >= 0.99 * all, "{m}");
+    messages_conversations(&r.url, exact).await;
+}
+
+/// Multi-turn Anthropic Messages conversations through the kv_aware router (keyed by the
+/// prefills' /v1/messages/render): every answer's `cache_read_input_tokens` is what the
+/// router predicted, and later turns find their earlier turns cached.
+async fn messages_conversations(router: &str, exact_before: f64) {
+    let outcome = |m: &str, o: &str| metric(m, "disagg_router_kv_aware_total", &[("outcome", o)]);
+    let mut asked = 0.0;
+    let mut cached_later = 0u64;
+    for c in 0..3 {
+        let mut turns = vec![json!({"role": "user", "content": format!("{}{}", document("messages", c), question(c, 0))})];
+        for t in 0..3 {
+            let body = json!({"model": "tiny-llama", "max_tokens": 4, "system": "Answer briefly.", "messages": turns,
+                              "temperature": 0, "stream": t == 1});
+            let reply = if t == 1 {
+                let (status, events) = post_stream(&format!("{router}/v1/messages"), &body).await;
+                assert_eq!(status, 200, "{events:?}");
+                let last_usage = events
+                    .iter()
+                    .rev()
+                    .find_map(|e| serde_json::from_str::<serde_json::Value>(e).ok().filter(|v| v["type"] == "message_delta"));
+                cached_later += last_usage.and_then(|v| v["usage"]["cache_read_input_tokens"].as_u64()).unwrap_or(0);
+                events
+                    .iter()
+                    .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                    .filter_map(|v| v["delta"]["text"].as_str().map(str::to_owned))
+                    .collect::<String>()
+            } else {
+                let (status, v) = post(&format!("{router}/v1/messages"), &body).await;
+                assert_eq!(status, 200, "{v}");
+                if t > 0 {
+                    cached_later += v["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0);
+                }
+                v["content"][0]["text"].as_str().unwrap_or("").to_string()
+            };
+            asked += 1.0;
+            turns.push(json!({"role": "assistant", "content": if reply.is_empty() { "ok".to_string() } else { reply }}));
+            turns.push(json!({"role": "user", "content": format!("Turn {t} of conversation {c}: say more.")}));
+            // Events of this answer's blocks reach the router before the next turn.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let m = metrics(router).await;
+    let exact = outcome(&m, "predicted_exact") - exact_before;
+    println!("      Messages: kv_aware predicted the reported cached tokens of {exact} of {asked} answers; later turns read {cached_later} cached tokens");
+    assert_eq!(exact, asked, "{m}");
+    assert!(cached_later > 0, "later turns found their conversations cached");
 }

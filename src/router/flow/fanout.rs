@@ -44,7 +44,7 @@ pub(crate) async fn run(
             Ok(body) => body,
             Err(e) => return Err((Failure::bad_request(e), held)),
         };
-        let info = info_for(router, headers, &body).await;
+        let info = info_for(router, headers, &body, crate::api::dialect::Dialect::OpenAi).await;
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
         jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), delivery: Delivery::from(shape.gen.stream) }));
     }

@@ -170,6 +170,9 @@ async fn serve(
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
     let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
     let (shape, leg_shape) = ep.check(&body).map_err(Failure::bad_request)?;
+    if matches!(*router.topology, Topology::Disaggregated { .. }) {
+        request::check_pd(&body).map_err(Failure::bad_request)?;
+    }
     let generations = shape.generations();
     if generations > router.cfg.max_pairs {
         return Err(Failure::bad_request(ApiError::bad_request(format!(
@@ -205,7 +208,7 @@ async fn serve(
             f
         });
     }
-    let info = info_for(router, headers, &body).await;
+    let info = info_for(router, headers, &body, ep.dialect()).await;
     let job = Arc::new(Job { bodies: LegBodies::shaped(body, leg_shape), info, leg, delivery: Delivery::from(shape.gen.stream) });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
@@ -274,33 +277,38 @@ pub(crate) async fn admit(admission: &Admission, generations: usize) -> Result<O
 }
 
 /// What the pools' policies read from a request (nothing, for those that read nothing).
-pub(crate) async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody) -> RequestInfo {
+pub(crate) async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &ClientBody, dialect: Dialect) -> RequestInfo {
     let mut info = if router.needs_request_info {
         request::request_info(headers, body, router.tokenizer.as_deref(), router.cfg.cache_aware.max_prefix)
     } else {
         RequestInfo::default()
     };
     if router.kv_index.is_some() {
-        // Text without a local tokenizer: the engine's own render endpoint tokenizes it.
-        let rendered = match router.model_tokenizer {
-            None if crate::router::kv_aware::tokens::is_text(body) => {
-                crate::router::kv_aware::tokens::render(&router.topology, router.worker_auth.as_ref(), body).await
-            }
-            _ => None,
+        // Text without a local tokenizer, and Anthropic's Messages always (vLLM converts them
+        // with its own code: system, content blocks, tools), are tokenized by the engine's
+        // own render endpoint.
+        let text = crate::router::kv_aware::tokens::is_text(body);
+        let rendered = if dialect == Dialect::Anthropic || (router.model_tokenizer.is_none() && text) {
+            crate::router::kv_aware::tokens::render(&router.topology, router.worker_auth.as_ref(), body, dialect).await
+        } else {
+            None
         };
         // Tokenizing a long prompt is CPU work proportional to its size: off the async
         // workers, outside every lock; then looked up under the index's read lock.
         let (r, b) = (router.clone(), body.clone());
-        info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b, rendered)).await.ok().flatten();
+        info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b, rendered, dialect)).await.ok().flatten();
     }
     info
 }
 
 /// kv_aware's view of a prompt: its blocks, and how many of them each rank holds.
-fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>) -> Option<crate::router::policy::KvView> {
+fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>, dialect: Dialect) -> Option<crate::router::policy::KvView> {
     let index = router.kv_index.as_ref()?;
-    let tokens =
-        rendered.or_else(|| crate::router::kv_aware::tokens::prompt_tokens(body, router.model_tokenizer.as_ref())).unwrap_or_default();
+    let local = || match dialect {
+        Dialect::OpenAi => crate::router::kv_aware::tokens::prompt_tokens(body, router.model_tokenizer.as_ref()),
+        Dialect::Anthropic => None,
+    };
+    let tokens = rendered.or_else(local).unwrap_or_default();
     let block_size = index.block_size();
     let keys = crate::router::kv_aware::index::block_hashes(&tokens, block_size);
     Some(crate::router::policy::KvView {

@@ -70,7 +70,7 @@ pub(crate) fn respond(
         StartedBody::Whole(bytes) => {
             let bytes = rename.as_ref().map_or(bytes.clone(), |r| r.whole(bytes));
             if let Some(p) = prediction {
-                p.check(held.record.metrics(), reported_whole(&bytes));
+                p.check(held.record.metrics(), reported_whole(&bytes, dialect));
             }
             whole(bytes, held)
         }
@@ -166,7 +166,7 @@ impl Upstream {
 
     /// The cached tokens the stream's last usage chunk reports (when kept).
     pub(crate) fn cached_tokens_reported(&self) -> Option<usize> {
-        reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>())
+        reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>(), self.dialect)
     }
 
     fn renamed(&mut self, chunk: Bytes) -> Bytes {

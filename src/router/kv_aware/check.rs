@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 
+use crate::api::dialect::Dialect;
 use crate::router::metrics::{KvAwareOutcome, RouterMetrics};
 use crate::router::policy::KvView;
 use crate::router::policy::WorkerRank;
@@ -20,6 +21,7 @@ struct Reported {
 #[derive(Deserialize)]
 struct Usage {
     prompt_tokens_details: Option<Details>,
+    cache_read_input_tokens: Option<usize>,
 }
 #[derive(Deserialize)]
 struct Details {
@@ -51,15 +53,25 @@ pub(crate) fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok:
     Some(Prediction { holder, want })
 }
 
-/// `usage.prompt_tokens_details.cached_tokens` of a whole JSON answer.
-pub(crate) fn reported_whole(body: &[u8]) -> Option<usize> {
-    serde_json::from_slice::<Reported>(body).ok().and_then(|r| r.usage?.prompt_tokens_details?.cached_tokens)
+/// The cached prompt tokens a whole JSON answer reports: `usage.prompt_tokens_details.
+/// cached_tokens` (OpenAI's shape), `usage.cache_read_input_tokens` (Anthropic's, as vLLM
+/// writes it when prompt-token details are on).
+pub(crate) fn reported_whole(body: &[u8], dialect: Dialect) -> Option<usize> {
+    let r = serde_json::from_slice::<Reported>(body).ok()?.usage?;
+    match dialect {
+        Dialect::OpenAi => r.prompt_tokens_details?.cached_tokens,
+        Dialect::Anthropic => r.cache_read_input_tokens,
+    }
 }
 
-/// The last `"cached_tokens":N` in a stream's last bytes (its final usage chunk).
-pub(crate) fn reported_in_stream(tail: &[u8]) -> Option<usize> {
-    const KEY: &[u8] = b"\"cached_tokens\":";
-    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+/// The last cached-token count in a stream's last bytes (its final usage chunk, or
+/// Anthropic's `message_delta`).
+pub(crate) fn reported_in_stream(tail: &[u8], dialect: Dialect) -> Option<usize> {
+    let key: &[u8] = match dialect {
+        Dialect::OpenAi => b"\"cached_tokens\":",
+        Dialect::Anthropic => b"\"cache_read_input_tokens\":",
+    };
+    let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
     let rest = &tail[at..];
     let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
@@ -109,17 +121,27 @@ fn warn_drift(url: &str, rank: usize, want: usize, got: usize) {
 #[cfg(test)]
 mod tests {
     use super::{predicted, reported_in_stream, reported_whole};
+    use crate::api::dialect::Dialect::{Anthropic, OpenAi};
 
     #[test]
     fn usage_is_read_from_a_whole_answer_and_from_a_streams_last_usage_chunk() {
         let whole = br#"{"id":"x","usage":{"prompt_tokens":70,"prompt_tokens_details":{"cached_tokens":64}}}"#;
-        assert_eq!(reported_whole(whole), Some(64));
-        assert_eq!(reported_whole(br#"{"usage":{"prompt_tokens":70}}"#), None);
+        assert_eq!(reported_whole(whole, OpenAi), Some(64));
+        assert_eq!(reported_whole(br#"{"usage":{"prompt_tokens":70}}"#, OpenAi), None);
         let stream = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\n\
                        data: {\"choices\":[],\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\": 48}}}\n\ndata: [DONE]\n\n";
-        assert_eq!(reported_in_stream(stream), Some(48), "the last usage counts");
-        assert_eq!(reported_in_stream(b"data: {\"usage\":{\"prompt_tokens_details\":null}}\n\ndata: [DONE]"), None);
-        assert_eq!(reported_in_stream(b"\"cached_tokens\":"), None, "cut off: nothing to read");
+        assert_eq!(reported_in_stream(stream, OpenAi), Some(48), "the last usage counts");
+        assert_eq!(reported_in_stream(b"data: {\"usage\":{\"prompt_tokens_details\":null}}\n\ndata: [DONE]", OpenAi), None);
+        assert_eq!(reported_in_stream(b"\"cached_tokens\":", OpenAi), None, "cut off: nothing to read");
+        // Anthropic's usage, as vLLM writes it: cached input apart from the rest.
+        let message = br#"{"type":"message","usage":{"input_tokens":6,"output_tokens":2,"cache_read_input_tokens":64}}"#;
+        assert_eq!(reported_whole(message, Anthropic), Some(64));
+        assert_eq!(reported_whole(message, OpenAi), None);
+        let events =
+            b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":6,\"cache_read_input_tokens\":32}}\n\n\
+                       event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert_eq!(reported_in_stream(events, Anthropic), Some(32));
+        assert_eq!(reported_in_stream(events, OpenAi), None);
     }
 
     #[test]

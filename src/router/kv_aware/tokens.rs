@@ -3,10 +3,12 @@
 //! as the model adds it) and a chat through its chat template (tokenize.rs, minijinja),
 //! the way vLLM renders and tokenizes them. Without a tokenizer, the engine's own render
 //! endpoint (`/v1/completions/render`, `/v1/chat/completions/render`: vLLM's
-//! `--enable-scale-out`) tokenizes text; where it cannot, `kv_aware` routes by load alone.
+//! `--enable-scale-out`) tokenizes text, and Anthropic's Messages always (`/v1/messages/
+//! render`: vLLM's own conversion); where it cannot, `kv_aware` routes by load alone.
 
 use serde_json::{Map, Value};
 
+use crate::api::dialect::Dialect;
 use crate::router::request::body::ClientBody;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::Role;
@@ -52,8 +54,17 @@ pub(crate) fn is_text(body: &ClientBody) -> bool {
 
 /// The prompt's token ids from a worker's render endpoint (one that serves prefills, or
 /// any worker in colocated mode); None when none answers within 2 s.
-pub(crate) async fn render(topology: &Topology, auth: Option<&axum::http::HeaderValue>, body: &ClientBody) -> Option<Vec<u32>> {
-    let path = if body.has("messages") { "/v1/chat/completions/render" } else { "/v1/completions/render" };
+pub(crate) async fn render(
+    topology: &Topology,
+    auth: Option<&axum::http::HeaderValue>,
+    body: &ClientBody,
+    dialect: Dialect,
+) -> Option<Vec<u32>> {
+    let path = match dialect {
+        Dialect::Anthropic => "/v1/messages/render",
+        Dialect::OpenAi if body.has("messages") => "/v1/chat/completions/render",
+        Dialect::OpenAi => "/v1/completions/render",
+    };
     let worker = topology.workers().into_iter().find(|w| w.is_healthy() && w.role != Role::Decode)?;
     let mut req = crate::router::upstream::legs::client()
         .post(format!("{}{path}", worker.url))

@@ -78,6 +78,23 @@ pub(crate) fn check(api: Api, body: &ClientBody) -> Result<Shape, ApiError> {
     Ok(Shape { gen, prompts })
 }
 
+/// What PD cannot answer as one instance would: a decode takes the prompt's KV from the
+/// prefill and computes none of the prompt, so it has no prompt logprobs to give
+/// (`prompt_logprobs`, or completions' `echo` with `logprobs`). Refused before any prefill.
+pub(crate) fn check_pd(body: &ClientBody) -> Result<(), ApiError> {
+    let fields = body.subset(&["prompt_logprobs", "echo", "logprobs"])?;
+    let f = Fields::body(&fields);
+    let why = "in PD serving the decode takes the prompt's KV from the prefill and computes no prompt logprobs; \
+               send it to a colocated instance, or drop the field";
+    if f.get("prompt_logprobs").is_some() {
+        return Err(ApiError::bad_request(format!("prompt_logprobs: {why}")).param("prompt_logprobs"));
+    }
+    if f.boolean("echo")? == Some(true) && f.get("logprobs").is_some_and(|v| v != &Value::Bool(false)) {
+        return Err(ApiError::bad_request(format!("echo with logprobs asks for the prompt's logprobs: {why}")).param("echo"));
+    }
+    Ok(())
+}
+
 /// A Messages request (vLLM's AnthropicMessagesRequest): the fields the prefill leg
 /// overrides or vLLM skips on it are checked first: `max_tokens` (required, positive; the
 /// prefill leg sends 1) and the thinking budget (below `max_tokens`; vLLM does not check

@@ -106,6 +106,7 @@ pub(crate) fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/completions/render", post(super::render::completions))
         .route("/inference/v1/generate", post(super::tokens_out::generate))
         .route("/v1/chat/completions/render", post(super::render::chat))
+        .route("/v1/messages/render", post(super::render::messages))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "Not Found") })
         .layer(axum::middleware::from_fn_with_state(sim.clone(), authenticate))
         .with_state(sim)

@@ -79,6 +79,11 @@ fn text_of(v: &Value, loc: &str) -> Result<String, ApiError> {
     }
 }
 
+/// A Messages request as the chat request vLLM runs (for /v1/messages/render).
+pub(crate) fn chat_request(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    to_chat(body, Purpose::Generate)
+}
+
 /// What a converted request is for: count_tokens takes no `max_tokens`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Purpose {

@@ -60,3 +60,23 @@ pub(crate) async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap,
 pub(crate) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
     render(sim, Api::Chat, headers, body).await
 }
+
+/// `/v1/messages/render`: a Messages request's token ids, as its chat request renders.
+pub(crate) async fn messages(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+    if !sim.args.enable_scale_out {
+        return forbidden();
+    }
+    let result = async {
+        require_json(&headers)?;
+        let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
+        request::check_model(&body, &sim.args.model)?;
+        let chat = super::messages::chat_request(&body)?;
+        let tokens = request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?.into_iter().next().unwrap_or_default();
+        Ok::<_, ApiError>(rendered(&sim, format!("msg-{}", hex16()), tokens))
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

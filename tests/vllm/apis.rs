@@ -1,0 +1,34 @@
+//! The PD group's cases for the APIs beyond completions and chat (tests/it/messages.rs,
+//! tokens_out.rs), each with a check that the prompts' KV came over NIXL.
+
+use super::support::*;
+use super::Env;
+
+/// The Messages case (tests/it/messages.rs) on real vLLM, and its prompts' KV moved over NIXL.
+pub async fn messages_through_pd(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let before = metrics(&e.d.url).await;
+    crate::messages::messages_equal_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("messages", 2), "unused").await;
+    let after = metrics(&e.d.url).await;
+    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
+    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
+    assert_idle(&e.router.url).await;
+}
+
+/// The generate case (tests/it/tokens_out.rs) on real vLLM, and its prompts' KV moved over NIXL.
+pub async fn tokens_out_through_pd(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let before = metrics(&e.d.url).await;
+    crate::tokens_out::generate_equals_plain(&e.router.url, &e.plain.url, "tiny-llama", &e.pair.prompt("tokens out", 2)).await;
+    let after = metrics(&e.d.url).await;
+    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
+    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
+    assert_idle(&e.router.url).await;
+}
+
+/// The fields agents use (tests/vllm/agent_fields.rs), through PD against the plain instance.
+pub async fn agent_fields(e: &mut Env) {
+    let prompt = e.pair.prompt("agent fields", 1);
+    crate::agent_fields::survive_both_legs(&e.router.url, &e.plain.url, &prompt).await;
+    assert_idle(&e.router.url).await;
+}
