@@ -32,6 +32,12 @@ async fn publishing_sim_with(role: &str, dp: usize, extra: &[&str]) -> Proc {
     Proc::sim(&args).await
 }
 
+/// A router over two prefills (kv_aware) and a decode (round_robin).
+async fn kv_aware_router(p1: &Proc, p2: &Proc, d: &Proc) -> Proc {
+    let args = ["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url];
+    router(&[&args[..], &["--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]].concat()).await
+}
+
 /// A token-id prompt: `blocks` full blocks of prefix `tag`, then `tail` tokens of its own.
 fn prompt(tag: u32, blocks: usize, tail: &[u32]) -> Vec<u32> {
     (0..blocks * BLOCK).map(|i| 1000 + tag * 7919 + i as u32).chain(tail.iter().copied()).collect()
@@ -222,19 +228,7 @@ async fn lost_events_are_replayed_and_routing_stays_exact() {
     let p1 = lossy("prefill", base).await;
     let p2 = lossy("prefill", free_port_run(8)).await;
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
-    let r = router(&[
-        "--prefill",
-        &p1.url,
-        "--prefill",
-        &p2.url,
-        "--decode",
-        &d.url,
-        "--prefill-policy",
-        "kv_aware",
-        "--decode-policy",
-        "round_robin",
-    ])
-    .await;
+    let r = kv_aware_router(&p1, &p2, &d).await;
     let url = r.url.clone();
     assert!(eventually(Duration::from_secs(10), || async { indexed_ranks(&url).await == 2 }).await);
     for tag in 0..8 {
@@ -617,19 +611,7 @@ async fn generate_requests_are_keyed_by_their_token_ids() {
     let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
     let d =
         Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details", "--enable-scale-out"]).await;
-    let r = router(&[
-        "--prefill",
-        &p1.url,
-        "--prefill",
-        &p2.url,
-        "--decode",
-        &d.url,
-        "--prefill-policy",
-        "kv_aware",
-        "--decode-policy",
-        "round_robin",
-    ])
-    .await;
+    let r = kv_aware_router(&p1, &p2, &d).await;
     let url = r.url.clone();
     let generate =
         |tag: u32, tail: &[u32]| json!({"token_ids": prompt(tag, 4, tail), "sampling_params": {"max_tokens": 2, "ignore_eos": true}});
@@ -663,19 +645,7 @@ async fn messages_are_keyed_by_the_engines_render_and_predicted_exactly() {
     let p1 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
     let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
     let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
-    let r = router(&[
-        "--prefill",
-        &p1.url,
-        "--prefill",
-        &p2.url,
-        "--decode",
-        &d.url,
-        "--prefill-policy",
-        "kv_aware",
-        "--decode-policy",
-        "round_robin",
-    ])
-    .await;
+    let r = kv_aware_router(&p1, &p2, &d).await;
     let url = r.url.clone();
     let first = |tag: usize| {
         let story: String = (0..60).map(|i| format!("conversation {tag} line {i} says something new. ")).collect();

@@ -32,7 +32,17 @@ fn rendered(sim: &Sim, id: String, tokens: Vec<u32>) -> Value {
         "model": sim.args.model, "kv_transfer_params": null, "ec_transfer_params": null})
 }
 
-async fn render(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Response {
+/// What a render request is: its API's body, and what it answers.
+#[derive(Clone, Copy)]
+enum Form {
+    /// One rendered prompt per prompt of the list.
+    Completions,
+    Chat,
+    /// Anthropic's Messages: rendered as the chat request vLLM converts them to.
+    Messages,
+}
+
+async fn render(sim: Arc<Sim>, form: Form, headers: HeaderMap, body: Body) -> Response {
     if !sim.args.enable_scale_out {
         return forbidden();
     }
@@ -40,10 +50,19 @@ async fn render(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Resp
         require_json(&headers)?;
         let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
         request::check_model(&body, &sim.args.model)?;
-        let prompts = request::prompt_tokens(api, &body, sim.tokenizer.as_ref())?;
-        Ok::<_, ApiError>(match api {
-            Api::Completions => Value::Array(prompts.into_iter().map(|p| rendered(&sim, format!("cmpl-{}", hex16()), p)).collect()),
-            Api::Chat => rendered(&sim, format!("chatcmpl-{}", hex16()), prompts.into_iter().next().unwrap_or_default()),
+        let one = |prompts: Vec<Vec<u32>>| prompts.into_iter().next().unwrap_or_default();
+        Ok::<_, ApiError>(match form {
+            Form::Completions => {
+                let prompts = request::prompt_tokens(Api::Completions, &body, sim.tokenizer.as_ref())?;
+                Value::Array(prompts.into_iter().map(|p| rendered(&sim, format!("cmpl-{}", hex16()), p)).collect())
+            }
+            Form::Chat => {
+                rendered(&sim, format!("chatcmpl-{}", hex16()), one(request::prompt_tokens(Api::Chat, &body, sim.tokenizer.as_ref())?))
+            }
+            Form::Messages => {
+                let chat = super::messages::chat_request(&body)?;
+                rendered(&sim, format!("msg-{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?))
+            }
         })
     }
     .await;
@@ -54,29 +73,14 @@ async fn render(sim: Arc<Sim>, api: Api, headers: HeaderMap, body: Body) -> Resp
 }
 
 pub(crate) async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
-    render(sim, Api::Completions, headers, body).await
+    render(sim, Form::Completions, headers, body).await
 }
 
 pub(crate) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
-    render(sim, Api::Chat, headers, body).await
+    render(sim, Form::Chat, headers, body).await
 }
 
 /// `/v1/messages/render`: a Messages request's token ids, as its chat request renders.
 pub(crate) async fn messages(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
-    if !sim.args.enable_scale_out {
-        return forbidden();
-    }
-    let result = async {
-        require_json(&headers)?;
-        let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
-        request::check_model(&body, &sim.args.model)?;
-        let chat = super::messages::chat_request(&body)?;
-        let tokens = request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?.into_iter().next().unwrap_or_default();
-        Ok::<_, ApiError>(rendered(&sim, format!("msg-{}", hex16()), tokens))
-    }
-    .await;
-    match result {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    render(sim, Form::Messages, headers, body).await
 }
