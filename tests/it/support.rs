@@ -109,10 +109,22 @@ pub fn free_port() -> u16 {
 /// The first of `n` consecutive loopback ports free a moment ago, below the kernel's
 /// ephemeral range (so no test's outgoing connection takes one of them meanwhile): for
 /// plans that put replica k on port + k.
+///
+/// Tests run concurrently in one binary: a run handed out is never handed out again (a
+/// port checked free by one test and bound a moment later by its child could otherwise be
+/// checked free by another test in between).
 pub fn free_port_run(n: u16) -> u16 {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if handed_out.len() > 10_000 {
+        // Nearly the whole range: the oldest runs are long closed.
+        handed_out.clear();
+    }
     loop {
         let base = 20_000 + rand::random::<u16>() % (12_000 - n);
-        if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        let run = base..base + n;
+        if run.clone().all(|p| !handed_out.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            handed_out.extend(run);
             return base;
         }
     }
