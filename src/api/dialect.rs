@@ -1,5 +1,7 @@
 //! Whose API shape a request, its errors and its stream take: OpenAI's (completions, chat,
-//! and every path but Messages) or Anthropic's (`/v1/messages`). vLLM 0.32's Anthropic
+//! and every path but Messages and Responses), OpenAI's Responses API (errors as OpenAI's;
+//! streams of typed events that end with `response.completed`, errors as an `error` event)
+//! or Anthropic's (`/v1/messages`). vLLM 0.32's Anthropic
 //! errors are `{"type":"error","error":{"type","message"}}` with the OpenAI error's type
 //! (anthropic/api_router.py, `translate_error_response`); its streams end with a
 //! `message_stop` event and no `[DONE]` (anthropic/serving.py, `message_stream_converter`).
@@ -12,6 +14,9 @@ use super::{sse, ApiError};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
     OpenAi,
+    /// `/v1/responses`: its stream's end is the `response.completed` event, which the
+    /// router reads as it passes (router/responses/capture.rs), not the stream's last bytes.
+    Responses,
     Anthropic,
 }
 
@@ -19,7 +24,7 @@ impl Dialect {
     /// An error's JSON body in this dialect's shape.
     pub(crate) fn error_body(self, err: &ApiError) -> Value {
         match self {
-            Dialect::OpenAi => err.body(),
+            Dialect::OpenAi | Dialect::Responses => err.body(),
             Dialect::Anthropic => anthropic(&err.body()).unwrap_or_else(|| json!({"type": "error", "error": {"message": err.message}})),
         }
     }
@@ -28,6 +33,11 @@ impl Dialect {
     pub(crate) fn error_event(self, err: &ApiError) -> Bytes {
         match self {
             Dialect::OpenAi => sse::event(&err.body()),
+            Dialect::Responses => {
+                let event =
+                    json!({"type": "error", "code": err.kind_name(), "message": err.message, "param": err.param, "sequence_number": 0});
+                Bytes::from(format!("event: error\ndata: {event}\n\n"))
+            }
             Dialect::Anthropic => Bytes::from(format!("event: error\ndata: {}\n\n", self.error_body(err))),
         }
     }
@@ -36,7 +46,7 @@ impl Dialect {
     pub(crate) fn after_error(self) -> &'static [u8] {
         match self {
             Dialect::OpenAi => sse::DONE,
-            Dialect::Anthropic => b"",
+            Dialect::Anthropic | Dialect::Responses => b"",
         }
     }
 
@@ -46,6 +56,7 @@ impl Dialect {
         match self {
             Dialect::OpenAi => tail.ends_with("data: [DONE]"),
             Dialect::Anthropic => tail.ends_with(r#"{"type":"message_stop"}"#),
+            Dialect::Responses => false,
         }
     }
 
@@ -53,7 +64,7 @@ impl Dialect {
     /// dialect; None when it is not one (an engine's answer already in this shape stays).
     pub(crate) fn translate_error(self, body: &[u8]) -> Option<Vec<u8>> {
         match self {
-            Dialect::OpenAi => None,
+            Dialect::OpenAi | Dialect::Responses => None,
             Dialect::Anthropic => {
                 let v: Value = serde_json::from_slice(body).ok()?;
                 serde_json::to_vec(&anthropic(&v)?).ok()

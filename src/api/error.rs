@@ -11,6 +11,8 @@ pub(crate) enum ErrorKind {
     /// A request that does not fit the schema (vLLM's pydantic errors: type "Bad Request").
     Validation,
     BadRequest,
+    /// vLLM's `create_error_response(err_type="invalid_request_error")` (the Responses API).
+    InvalidRequest,
     Unauthorized,
     NotFound,
     RequestTimeout,
@@ -25,7 +27,7 @@ pub(crate) enum ErrorKind {
 impl ErrorKind {
     pub(crate) fn status(self) -> StatusCode {
         match self {
-            ErrorKind::Validation | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Validation | ErrorKind::BadRequest | ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -42,6 +44,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Validation => "Bad Request",
             ErrorKind::BadRequest => "BadRequestError",
+            ErrorKind::InvalidRequest => "invalid_request_error",
             ErrorKind::Unauthorized => "AuthenticationError",
             ErrorKind::NotFound => "NotFoundError",
             ErrorKind::RequestTimeout => "RequestTimeoutError",
@@ -103,6 +106,11 @@ impl ApiError {
     pub(crate) fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
         self
+    }
+
+    /// The error's `type` as vLLM names it.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        self.kind.type_name()
     }
 
     pub(crate) fn body(&self) -> Value {

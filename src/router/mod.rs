@@ -9,6 +9,7 @@ pub(crate) mod metrics;
 pub(crate) mod pair;
 pub mod policy;
 pub mod request;
+pub(crate) mod responses;
 pub mod upstream;
 pub(crate) mod workers;
 
@@ -78,6 +79,7 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         }),
         drain: Arc::default(),
         body_budget: crate::api::body::BodyBudget::new(cfg.boundary.body_budget),
+        responses: Arc::new(responses::Responses::new(&cfg.responses)),
         cfg,
     })
 }

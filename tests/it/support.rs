@@ -283,6 +283,12 @@ async fn router_unready_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
     if !args.contains(&"--health-check-interval-secs") {
         all.extend(["--health-check-interval-secs", "0.2"]);
     }
+    // A stored Responses conversation goes to a directory of the test's own.
+    let state_dir;
+    if !args.contains(&"--state-dir") {
+        state_dir = temp_dir("router-state").to_string_lossy().into_owned();
+        all.extend(["--state-dir", state_dir.as_str()]);
+    }
     all.extend_from_slice(args);
     Proc::start_with_env(&all, env).await
 }
@@ -472,4 +478,14 @@ pub fn curl_tls(url: &str, body: Option<&Value>, client: Option<&str>) -> (bool,
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (out.status.success(), code.trim().parse().unwrap_or(0), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A new empty directory under the system's temp dir, named for what it holds.
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("disagg-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

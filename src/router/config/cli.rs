@@ -271,6 +271,8 @@ pub(crate) struct RouteArgs {
     #[command(flatten)]
     pub(crate) passthrough: crate::router::config::passthrough::PassthroughArgs,
     #[command(flatten)]
+    pub(crate) responses: crate::router::config::responses::ResponsesArgs,
+    #[command(flatten)]
     pub(crate) tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
     pub(crate) worker_tls: crate::tls::WorkerTlsArgs,
@@ -464,6 +466,7 @@ impl RouteArgs {
             auth: self.auth()?,
             boundary: self.boundary.to_config(self.port),
             passthrough: self.passthrough.to_config(),
+            responses: self.responses.to_config()?,
         })
     }
 

@@ -4,6 +4,7 @@ pub(crate) mod addresses;
 pub(crate) mod boundary;
 pub(crate) mod cli;
 pub(crate) mod passthrough;
+pub(crate) mod responses;
 
 use std::time::Duration;
 
@@ -90,4 +91,5 @@ pub(crate) struct RouterConfig {
     pub(crate) auth: AuthConfig,
     pub(crate) boundary: crate::router::config::boundary::BoundaryConfig,
     pub(crate) passthrough: passthrough::PassthroughConfig,
+    pub(crate) responses: responses::ResponsesConfig,
 }

@@ -75,7 +75,7 @@ pub(crate) async fn run(
             return Err((Failure::api(broken, Cause::DecodeFailed), held));
         };
         let merged = serde_json::to_vec(&merge_whole(parts, n)).expect("JSON serialises");
-        ("application/json", crate::router::flow::relay::whole(Bytes::from(merged), held))
+        ("application/json", crate::router::flow::relay::whole(Bytes::from(merged), held, None))
     } else if wholes.is_empty() {
         (sse::CONTENT_TYPE, merged_stream(streams, n, held))
     } else {

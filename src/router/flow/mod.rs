@@ -58,6 +58,8 @@ pub(crate) struct Router {
     pub(crate) drain: Arc<Drain>,
     /// Request-body bytes held at once (--max-body-bytes-in-flight).
     pub(crate) body_budget: BodyBudget,
+    /// The Responses API's stored conversations.
+    pub(crate) responses: Arc<crate::router::responses::Responses>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +70,8 @@ pub(crate) enum Endpoint {
     Messages,
     /// vLLM's token-in / token-out API (`--enable-scale-out`), as llm-d uses it.
     TokensOut,
+    /// OpenAI's Responses API, its conversations kept by the router (router/responses/).
+    Responses,
 }
 
 impl Endpoint {
@@ -77,6 +81,7 @@ impl Endpoint {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Messages => "/v1/messages",
             Endpoint::TokensOut => "/inference/v1/generate",
+            Endpoint::Responses => "/v1/responses",
         }
     }
     fn label(self) -> &'static str {
@@ -85,12 +90,14 @@ impl Endpoint {
             Endpoint::Chat => "chat_completions",
             Endpoint::Messages => "messages",
             Endpoint::TokensOut => "generate",
+            Endpoint::Responses => "responses",
         }
     }
     pub(crate) fn dialect(self) -> Dialect {
         match self {
             Endpoint::Completions | Endpoint::Chat | Endpoint::TokensOut => Dialect::OpenAi,
             Endpoint::Messages => Dialect::Anthropic,
+            Endpoint::Responses => Dialect::Responses,
         }
     }
     /// vLLM's checks of what the prefill leg overrides, the request's shape, and how its
@@ -101,6 +108,7 @@ impl Endpoint {
             Endpoint::Chat => Ok((request::check(Api::Chat, body)?, LegShape::OpenAi)),
             Endpoint::Messages => Ok((request::check_messages(body)?, LegShape::Anthropic)),
             Endpoint::TokensOut => request::check_tokens_out(body),
+            Endpoint::Responses => Ok((request::check_responses(body)?, LegShape::Responses)),
         }
     }
 }
@@ -169,6 +177,15 @@ async fn serve(
     // The body's share of --max-body-bytes-in-flight is held until the answer has started.
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
     let body = ClientBody::parse_without_blocking(raw).await.map_err(Failure::bad_request)?;
+    // A Responses turn: its history from the router's store, the router's id.
+    let (body, turn) = match ep {
+        Endpoint::Responses => {
+            let owner = crate::router::responses::Responses::owner(headers, &router.cfg.auth.client_keys);
+            let (body, turn) = router.responses.prepare(owner, body).await.map_err(Failure::bad_request)?;
+            (body, Some(turn))
+        }
+        _ => (body, None),
+    };
     let (shape, leg_shape) = ep.check(&body).map_err(Failure::bad_request)?;
     if matches!(*router.topology, Topology::Disaggregated { .. }) {
         request::check_pd(&body).map_err(Failure::bad_request)?;
@@ -217,7 +234,8 @@ async fn serve(
                     crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success())
                 });
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
-            let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, prediction, ep.dialect());
+            let finish = relay::Finish { prediction, dialect: ep.dialect(), turn, max_event: router.cfg.max_payload };
+            let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, finish);
             if let Some((prefill, answered)) = served {
                 name_workers(resp.headers_mut(), prefill.as_ref(), &answered);
             }
@@ -288,7 +306,7 @@ pub(crate) async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &C
         // with its own code: system, content blocks, tools), are tokenized by the engine's
         // own render endpoint.
         let text = crate::router::kv_aware::tokens::is_text(body);
-        let rendered = if dialect == Dialect::Anthropic || (router.model_tokenizer.is_none() && text) {
+        let rendered = if matches!(dialect, Dialect::Anthropic | Dialect::Responses) || (router.model_tokenizer.is_none() && text) {
             crate::router::kv_aware::tokens::render(&router.topology, router.worker_auth.as_ref(), body, dialect).await
         } else {
             None
@@ -306,7 +324,7 @@ fn kv_view(router: &Router, body: &ClientBody, rendered: Option<Vec<u32>>, diale
     let index = router.kv_index.as_ref()?;
     let local = || match dialect {
         Dialect::OpenAi => crate::router::kv_aware::tokens::prompt_tokens(body, router.model_tokenizer.as_ref()),
-        Dialect::Anthropic => None,
+        Dialect::Anthropic | Dialect::Responses => None,
     };
     let tokens = rendered.or_else(local).unwrap_or_default();
     let block_size = index.block_size();

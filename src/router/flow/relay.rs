@@ -26,6 +26,8 @@ use crate::router::metrics::Cause;
 use crate::router::metrics::RequestRecord;
 use crate::router::pair::rename::Rename;
 use crate::router::pair::Answer;
+use crate::router::responses::capture::StreamCapture;
+use crate::router::responses::Turn;
 use crate::router::upstream::client as worker_client;
 use crate::router::upstream::legs::StartedBody;
 use crate::router::workers::Lease;
@@ -52,33 +54,39 @@ impl Held {
     }
 }
 
-/// The response for one generation's answer; kv_aware's prediction of its cached tokens
-/// is checked against the usage it reports (kv_check.rs).
-pub(crate) fn respond(
-    answer: Answer,
-    mut held: Held,
-    idle: Duration,
-    drain: &Arc<Drain>,
-    prediction: Option<Prediction>,
-    dialect: Dialect,
-) -> Response {
+/// What is done with an answer as it passes: kv_aware's prediction of its cached tokens is
+/// checked against the usage it reports (kv_check.rs); a Responses turn's response is
+/// stored (router/responses/).
+pub(crate) struct Finish {
+    pub(crate) prediction: Option<Prediction>,
+    pub(crate) dialect: Dialect,
+    pub(crate) turn: Option<Turn>,
+    /// The longest Responses event held whole (--max-payload-size).
+    pub(crate) max_event: usize,
+}
+
+/// The response for one generation's answer.
+pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, finish: Finish) -> Response {
     let Answer { started, lease, since, rename, .. } = answer;
+    let Finish { prediction, dialect, turn, max_event } = finish;
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);
+    let success = started.status.is_success();
     let body = match started.body {
         StartedBody::Whole(bytes) => {
             let bytes = rename.as_ref().map_or(bytes.clone(), |r| r.whole(bytes));
             if let Some(p) = prediction {
                 p.check(held.record.metrics(), reported_whole(&bytes, dialect));
             }
-            whole(bytes, held)
+            whole(bytes, held, turn.filter(|_| success))
         }
         StartedBody::Events { head, rest } => {
             let mut up = Upstream::new(head, rest, idle, drain);
             up.rename = rename;
             up.dialect = dialect;
             up.keep_usage = prediction.is_some();
+            up.capture = turn.map(|t| StreamCapture::new(t, max_event));
             events(up, held, prediction)
         }
     };
@@ -90,10 +98,14 @@ pub(crate) fn respond(
     resp
 }
 
-/// A whole (JSON) answer; the guards go when hyper has taken the bytes.
-pub(crate) fn whole(bytes: Bytes, held: Held) -> Body {
-    let s = stream::unfold(Some((bytes, held)), |state| async move {
-        let (bytes, mut held) = state?;
+/// A whole (JSON) answer; the guards go when hyper has taken the bytes. A Responses turn
+/// is stored before the client sees its answer.
+pub(crate) fn whole(bytes: Bytes, held: Held, turn: Option<Turn>) -> Body {
+    let s = stream::unfold(Some((bytes, held, turn)), |state| async move {
+        let (mut bytes, mut held, turn) = state?;
+        if let Some(turn) = turn {
+            bytes = crate::router::responses::capture::whole(&turn, bytes).await;
+        }
         held.finish();
         Some((Ok::<_, std::convert::Infallible>(bytes), None))
     });
@@ -132,6 +144,8 @@ pub(crate) struct Upstream {
     pub(crate) rename: Option<Rename>,
     /// Whose stream this is: how it ends, and its error event.
     pub(crate) dialect: Dialect,
+    /// A Responses stream: its events rewritten and its response stored as they pass.
+    pub(crate) capture: Option<StreamCapture>,
 }
 
 impl Upstream {
@@ -147,6 +161,7 @@ impl Upstream {
             over: false,
             rename: None,
             dialect: Dialect::OpenAi,
+            capture: None,
         }
     }
 
@@ -169,6 +184,14 @@ impl Upstream {
         reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>(), self.dialect)
     }
 
+    /// A Responses stream's chunk as its capture passes it on (whole events, rewritten).
+    async fn captured(&mut self, chunk: Bytes) -> Result<Bytes, String> {
+        match &mut self.capture {
+            Some(c) => c.feed(&chunk).await,
+            None => Ok(chunk),
+        }
+    }
+
     fn renamed(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.rename {
             Some(r) => r.chunk(&chunk),
@@ -189,6 +212,10 @@ impl Upstream {
         }
         if let Some(head) = self.head.take() {
             let head = self.renamed(head);
+            let head = match self.captured(head).await {
+                Ok(b) => b,
+                Err(why) => return self.broken(why),
+            };
             self.remember(&head);
             return Some(Piece::Bytes(head));
         }
@@ -208,6 +235,10 @@ impl Upstream {
         match next {
             Ok(Some(Ok(chunk))) => {
                 let chunk = self.renamed(chunk);
+                let chunk = match self.captured(chunk).await {
+                    Ok(b) => b,
+                    Err(why) => return self.broken(why),
+                };
                 self.remember(&chunk);
                 Some(Piece::Bytes(chunk))
             }
@@ -218,12 +249,17 @@ impl Upstream {
                     return Some(Piece::Bytes(held_back));
                 }
                 let tail = String::from_utf8_lossy(&self.tail);
-                if self.dialect.stream_ended(&tail) {
+                let ended = match &self.capture {
+                    Some(c) => c.ended(),
+                    None => self.dialect.stream_ended(&tail),
+                };
+                if ended {
                     self.over = true;
                     None
                 } else {
                     let end = match self.dialect {
                         Dialect::OpenAi => "[DONE]",
+                        Dialect::Responses => "response.completed",
                         Dialect::Anthropic => "message_stop",
                     };
                     self.broken(format!("the stream ended without {end}"))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONNECTION, WWW_AUTHENTICATE};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::middleware::Next;
@@ -24,6 +24,7 @@ use crate::api::dialect::Dialect;
 use crate::api::{ApiError, ErrorKind};
 use crate::router::flow::{self, Endpoint, Router};
 use crate::router::metrics::WorkerGauges;
+use crate::router::responses::Responses;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::{Pool, Role, Worker};
 
@@ -33,6 +34,9 @@ pub(crate) fn app(router: Arc<Router>) -> axum::Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
         .route("/inference/v1/generate", post(tokens_out))
+        .route("/v1/responses", post(responses))
+        .route("/v1/responses/{id}", get(retrieve_response).delete(delete_response))
+        .route("/v1/responses/{id}/cancel", post(cancel_response))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/healthcheck", get(healthcheck))
@@ -133,6 +137,36 @@ async fn messages(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) 
 
 async fn tokens_out(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     flow::generate(r, Endpoint::TokensOut, headers, body).await
+}
+
+async fn responses(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
+    flow::generate(r, Endpoint::Responses, headers, body).await
+}
+
+#[derive(serde::Deserialize)]
+struct RetrieveQuery {
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+async fn retrieve_response(
+    State(r): State<Arc<Router>>,
+    Path(id): Path<String>,
+    Query(q): Query<RetrieveQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    r.responses.retrieve(&id, &owner, q.stream.unwrap_or(false)).await
+}
+
+async fn cancel_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    r.responses.cancel(&id, &owner).await
+}
+
+async fn delete_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    r.responses.delete(&id, &owner).await
 }
 
 /// `/v1/models` from the first healthy worker that answers: one dead worker never makes

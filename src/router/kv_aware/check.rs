@@ -21,6 +21,7 @@ struct Reported {
 #[derive(Deserialize)]
 struct Usage {
     prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
     cache_read_input_tokens: Option<usize>,
 }
 #[derive(Deserialize)]
@@ -60,6 +61,7 @@ pub(crate) fn reported_whole(body: &[u8], dialect: Dialect) -> Option<usize> {
     let r = serde_json::from_slice::<Reported>(body).ok()?.usage?;
     match dialect {
         Dialect::OpenAi => r.prompt_tokens_details?.cached_tokens,
+        Dialect::Responses => r.input_tokens_details?.cached_tokens,
         Dialect::Anthropic => r.cache_read_input_tokens,
     }
 }
@@ -68,7 +70,7 @@ pub(crate) fn reported_whole(body: &[u8], dialect: Dialect) -> Option<usize> {
 /// Anthropic's `message_delta`).
 pub(crate) fn reported_in_stream(tail: &[u8], dialect: Dialect) -> Option<usize> {
     let key: &[u8] = match dialect {
-        Dialect::OpenAi => b"\"cached_tokens\":",
+        Dialect::OpenAi | Dialect::Responses => b"\"cached_tokens\":",
         Dialect::Anthropic => b"\"cache_read_input_tokens\":",
     };
     let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();

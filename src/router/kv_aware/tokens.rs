@@ -62,6 +62,7 @@ pub(crate) async fn render(
 ) -> Option<Vec<u32>> {
     let path = match dialect {
         Dialect::Anthropic => "/v1/messages/render",
+        Dialect::Responses => "/v1/responses/render",
         Dialect::OpenAi if body.has("messages") => "/v1/chat/completions/render",
         Dialect::OpenAi => "/v1/completions/render",
     };

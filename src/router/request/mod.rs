@@ -128,12 +128,31 @@ pub(crate) fn check_messages(body: &ClientBody) -> Result<Shape, ApiError> {
     Ok(Shape { gen, prompts: None })
 }
 
+/// A Responses request (vLLM's ResponsesRequest), after the router wrote its history in
+/// (router/responses/): `max_output_tokens` (the prefill leg sends 1) must be at least 1,
+/// as vLLM's SamplingParams checks it on the decode. One generation, always.
+pub(crate) fn check_responses(body: &ClientBody) -> Result<Shape, ApiError> {
+    let fields = body.subset(&["max_output_tokens", "stream", "kv_transfer_params"])?;
+    let f = Fields::body(&fields);
+    let max_tokens = f.int("max_output_tokens")?;
+    if let Some(m) = max_tokens.filter(|m| *m < 1) {
+        return Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {m}.")).param("max_output_tokens"));
+    }
+    let stream = f.boolean("stream")?.unwrap_or(false);
+    f.dict("kv_transfer_params")?;
+    body.value("vllm_xargs")?;
+    let gen = Generation { stream, n: 1, max_tokens, seed: None, include_usage: false, continuous_usage: false };
+    Ok(Shape { gen, prompts: None })
+}
+
 /// Which API's fields the prefill leg overrides.
 pub(crate) enum LegShape {
     /// Completions and chat: `max_tokens` 1, `ignore_eos`.
     OpenAi,
     /// Messages: `max_tokens` 1; no `ignore_eos` (vLLM builds its chat request field by field).
     Anthropic,
+    /// Responses: `max_output_tokens` 1, `ignore_eos`.
+    Responses,
     /// `/inference/v1/generate`: the caps live in `sampling_params`, rewritten once here.
     TokensOut { prefill_sampling: Vec<u8> },
 }
@@ -296,6 +315,10 @@ impl LegBodies {
         match &self.shape {
             LegShape::OpenAi => set.extend([("max_tokens", b"1".as_slice()), ("ignore_eos", b"true")]),
             LegShape::Anthropic => set.push(("max_tokens", b"1")),
+            LegShape::Responses => {
+                set.extend([("max_output_tokens", b"1".as_slice()), ("ignore_eos", b"true")]);
+                drop.push("max_output_tokens");
+            }
             LegShape::TokensOut { prefill_sampling } => {
                 set.push(("sampling_params", prefill_sampling));
                 drop.push("sampling_params");
@@ -375,7 +398,22 @@ pub(crate) fn request_info(
         }
         _ => {}
     }
-    if let Some(Value::Array(msgs)) = body.hint("messages") {
+    // Responses: the instructions, then `input` (a string, or items as messages).
+    if let Some(Value::String(s)) = body.hint("instructions") {
+        push(&mut text, &s);
+    }
+    let messages = match body.hint("input") {
+        Some(Value::String(s)) => {
+            push(&mut text, &s);
+            None
+        }
+        Some(Value::Array(items)) => Some(items),
+        _ => body.hint("messages").and_then(|m| match m {
+            Value::Array(m) => Some(m),
+            _ => None,
+        }),
+    };
+    if let Some(msgs) = messages {
         for m in &msgs {
             if let Some(role) = m.get("role").and_then(Value::as_str) {
                 push(&mut text, role);

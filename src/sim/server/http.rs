@@ -107,6 +107,8 @@ pub(crate) fn router(sim: Arc<Sim>) -> Router {
         .route("/inference/v1/generate", post(super::tokens_out::generate))
         .route("/v1/chat/completions/render", post(super::render::chat))
         .route("/v1/messages/render", post(super::render::messages))
+        .route("/v1/responses", post(super::responses::responses))
+        .route("/v1/responses/render", post(super::render::responses))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "Not Found") })
         .layer(axum::middleware::from_fn_with_state(sim.clone(), authenticate))
         .with_state(sim)

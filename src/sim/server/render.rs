@@ -40,6 +40,8 @@ enum Form {
     Chat,
     /// Anthropic's Messages: rendered as the chat request vLLM converts them to.
     Messages,
+    /// OpenAI's Responses: rendered as the chat messages vLLM builds from them.
+    Responses,
 }
 
 async fn render(sim: Arc<Sim>, form: Form, headers: HeaderMap, body: Body) -> Response {
@@ -63,6 +65,10 @@ async fn render(sim: Arc<Sim>, form: Form, headers: HeaderMap, body: Body) -> Re
                 let chat = super::messages::chat_request(&body)?;
                 rendered(&sim, format!("msg-{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?))
             }
+            Form::Responses => {
+                let chat = super::responses::chat_request(&body)?;
+                rendered(&sim, format!("resp_{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?))
+            }
         })
     }
     .await;
@@ -83,4 +89,9 @@ pub(crate) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
 /// `/v1/messages/render`: a Messages request's token ids, as its chat request renders.
 pub(crate) async fn messages(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
     render(sim, Form::Messages, headers, body).await
+}
+
+/// `/v1/responses/render`: a Responses request's token ids, as its chat messages render.
+pub(crate) async fn responses(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -> Response {
+    render(sim, Form::Responses, headers, body).await
 }
