@@ -2,7 +2,8 @@
 # Debian packages the project needs: iproute2 (network namespaces for real-vLLM and Ray
 # tests), curl (scripts/demo.sh), fonts-dejavu-core (the text of `disagg bench --plot`),
 # libibverbs1 (Mooncake's transfer engine links it, even over TCP), openssl (the TLS tests'
-# certificates, scripts/test-certs.sh).
+# certificates, scripts/test-certs.sh), postgresql (the Responses store shared by router
+# replicas: the tests start a server of their own on loopback).
 # Installs only what is missing.
 set -euo pipefail
 missing=()
@@ -11,6 +12,7 @@ command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 ' || missing+=(libibverbs1)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "[deps] installing ${missing[*]}" >&2
   if [[ $EUID -ne 0 ]]; then SUDO=sudo; else SUDO=; fi

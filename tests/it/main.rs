@@ -16,6 +16,7 @@ mod launch_local;
 mod messages;
 mod mooncake_handshake;
 mod passthrough;
+mod postgres;
 mod responses;
 mod router_admin;
 mod router_faults;
