@@ -40,6 +40,8 @@ mod mooncake_handshake;
 mod passthrough;
 #[path = "vllm/prefix_cache.rs"]
 mod prefix_cache;
+#[path = "it/responses.rs"]
+mod responses;
 #[path = "it/support.rs"]
 mod support;
 #[path = "vllm/timing.rs"]
@@ -101,6 +103,9 @@ impl Vllm {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(format!("{SCRIPTS}/vllm-serve.sh"))
             .args(args)
+            // vLLM's own Responses store, so that a plain instance can chain by
+            // previous_response_id as the router does; the router sends engines store: false.
+            .env("VLLM_ENABLE_RESPONSES_API_STORE", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -321,6 +326,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
         ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, an error)", |e| {
             Box::pin(apis::messages_through_pd(e))
+        }),
+        ("router: the OpenAI SDK's Responses calls through PD equal plain vLLM's (create, stream, a 3-turn previous_response_id chain over both prefills, retrieve, cancel, store false, errors)", |e| {
+            Box::pin(apis::responses_through_pd(e))
         }),
         ("router: /inference/v1/generate (token ids in and out) through PD equals plain vLLM's, whole and streamed", |e| {
             Box::pin(apis::tokens_out_through_pd(e))

@@ -21,6 +21,10 @@ pub(crate) enum Backend {
     /// Messages API has no such field).
     #[value(name = "anthropic-messages")]
     AnthropicMessages,
+    /// /v1/responses (OpenAI's Responses API), streamed, `store: false`: vLLM's own
+    /// backend of that name. Text prompts only.
+    #[value(name = "openai-responses")]
+    OpenaiResponses,
 }
 
 impl Backend {
@@ -31,6 +35,7 @@ impl Backend {
             Backend::OpenaiChat => "openai-chat",
             Backend::Vllm => "vllm",
             Backend::AnthropicMessages => "anthropic-messages",
+            Backend::OpenaiResponses => "openai-responses",
         }
     }
 
@@ -39,13 +44,14 @@ impl Backend {
         match self {
             Backend::OpenaiChat => "chat/completions",
             Backend::AnthropicMessages => "/messages",
+            Backend::OpenaiResponses => "responses",
             Backend::Openai | Backend::Vllm => "completions",
         }
     }
 
     /// Whether its requests carry text only (chat messages), never token ids.
     pub(crate) fn text_only(self) -> bool {
-        matches!(self, Backend::OpenaiChat | Backend::AnthropicMessages)
+        matches!(self, Backend::OpenaiChat | Backend::AnthropicMessages | Backend::OpenaiResponses)
     }
 }
 

@@ -3,7 +3,10 @@
 //! output tokens from `usage.completion_tokens`, which also corrects the prompt length.
 //! Anthropic's Messages stream (`--backend anthropic-messages`) the same way: its
 //! `message_start` (written from the chat stream's role delta) and `content_block_delta`
-//! events are the chunks, `message_delta`'s usage the counts.
+//! events are the chunks, `message_delta`'s usage the counts. The Responses stream
+//! (`--backend openai-responses`) as vLLM's bench reads it: text and reasoning deltas are
+//! the chunks, `response.completed`'s usage the counts, and a stream without that terminal
+//! event fails.
 
 use std::time::Instant;
 
@@ -118,10 +121,32 @@ struct MessagesUsage {
     cache_read_input_tokens: Option<usize>,
 }
 
-/// What one stream event brings: output text (a token chunk), usage, or an error.
+#[derive(Deserialize)]
+struct ResponsesEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    delta: Option<String>,
+    response: Option<ResponsesObject>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesObject {
+    usage: Option<ResponsesUsage>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesUsage {
+    input_tokens: Option<usize>,
+    output_tokens: Option<usize>,
+    input_tokens_details: Option<Details>,
+}
+
+/// What one stream event brings: output text (a token chunk), usage, the end of a
+/// Responses stream (with its usage), or an error.
 enum Seen {
     Text(String),
     Usage { output: Option<usize>, prompt: Option<usize>, cached: Option<usize> },
+    Finished { output: Option<usize>, prompt: Option<usize>, cached: Option<usize> },
     Failed(String),
     Nothing,
 }
@@ -142,6 +167,25 @@ fn read_event(backend: Backend, data: &str) -> Seen {
             // where vllm bench serve takes a chat request's TTFT): the first chunk here too.
             "message_start" => Seen::Text(String::new()),
             "error" => Seen::Failed(e.error.map_or_else(|| "an error event".into(), |v| v.to_string())),
+            _ => Seen::Nothing,
+        };
+    }
+    if backend == Backend::OpenaiResponses {
+        // vLLM bench's async_request_openai_responses: token deltas (text and reasoning)
+        // time the stream; completed / incomplete end it with usage; error / failed fail it.
+        let Ok(e) = serde_json::from_str::<ResponsesEvent>(data) else { return Seen::Nothing };
+        return match e.kind.as_str() {
+            "response.output_text.delta" => Seen::Text(e.delta.unwrap_or_default()),
+            "response.reasoning_text.delta" => Seen::Text(String::new()),
+            "response.completed" | "response.incomplete" => {
+                let u = e.response.and_then(|r| r.usage);
+                Seen::Finished {
+                    output: u.as_ref().and_then(|u| u.output_tokens),
+                    prompt: u.as_ref().and_then(|u| u.input_tokens),
+                    cached: u.and_then(|u| u.input_tokens_details).and_then(|d| d.cached_tokens),
+                }
+            }
+            "error" | "response.failed" => Seen::Failed(data.to_string()),
             _ => Seen::Nothing,
         };
     }
@@ -179,6 +223,13 @@ pub(crate) fn payload(cfg: &RequestConfig, req: &SampleRequest) -> Value {
             }}],
             "max_tokens": req.output_len, "stream": true,
         }),
+        Backend::OpenaiResponses => json!({
+            "model": cfg.model, "input": match &req.prompt {
+                Prompt::Text(t) => t.as_str(),
+                Prompt::Tokens(_) => unreachable!("token-id prompts are refused for responses at start"),
+            },
+            "max_output_tokens": req.output_len, "stream": true, "store": false,
+        }),
         Backend::Openai | Backend::Vllm => json!({
             "model": cfg.model, "prompt": req.prompt, "repetition_penalty": 1.0, "max_tokens": req.output_len,
             "logprobs": null, "stream": true, "stream_options": {"include_usage": true},
@@ -210,6 +261,7 @@ pub(crate) async fn send(
     out.start_time = st.duration_since(run_start).as_secs_f64();
     let mut last = st;
     let mut first = false;
+    let mut finished = false;
     let result: Result<(), String> = async {
         let mut resp = b.send().await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
@@ -240,6 +292,14 @@ pub(crate) async fn send(
                             out.prompt_len = p;
                         }
                     }
+                    Seen::Finished { output, prompt, cached } => {
+                        finished = true;
+                        out.output_tokens = output.or(out.output_tokens);
+                        out.cached_tokens = cached.or(out.cached_tokens);
+                        if let Some(p) = prompt {
+                            out.prompt_len = p;
+                        }
+                    }
                     Seen::Failed(e) => return Err(e),
                     Seen::Nothing => {}
                 }
@@ -249,6 +309,9 @@ pub(crate) async fn send(
     }
     .await;
     match result {
+        Ok(()) if first && cfg.backend == Backend::OpenaiResponses && !finished => {
+            out.error = "Stream ended without a terminal event.This response will be marked as failed!".into()
+        }
         Ok(()) if first => out.success = true,
         Ok(()) => out.error = "Never received a valid chunk to calculate TTFT. This response will be marked as failed!".into(),
         Err(e) => out.error = e,

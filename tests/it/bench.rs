@@ -414,3 +414,44 @@ async fn the_messages_backend_times_and_counts_anthropic_streams() {
     let (ok, _, err) = run(args(&["--backend", "anthropic-messages", "--endpoint", "/v1/completions"])).await;
     assert!(!ok && err.contains("/messages"), "{err}");
 }
+
+/// `--backend openai-responses` (vLLM's name): the Responses stream timed and counted as
+/// the others are, through the router (PD); a stream without its terminal event fails.
+#[tokio::test]
+async fn the_responses_backend_times_and_counts_responses_streams() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode", "--decode-ms-per-token", "2"]).await;
+    let r = router(&["--prefill", &p.url, "--decode", &d.url]).await;
+    let result = tmp("responses.json");
+    let common = [
+        "--tokenizer",
+        "sim",
+        "--random-input-len",
+        "40",
+        "--disable-tqdm",
+        "--backend",
+        "openai-responses",
+        "--endpoint",
+        "/v1/responses",
+    ];
+    let mut args = vec!["--base-url", r.url.as_str(), "--num-prompts", "12", "--random-output-len", "8", "--max-concurrency", "4"];
+    args.extend(common);
+    args.extend(["--ignore-eos", "--save-result", "--save-detailed", "--result-filename", result.to_str().unwrap()]);
+    let (ok, out, err) = bench(&args).await;
+    assert!(ok, "{err}\n{out}");
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    assert_eq!((j["completed"].as_u64(), j["failed"].as_u64()), (Some(12), Some(0)), "{j}");
+    assert_eq!(j["backend"], "openai-responses");
+    let dm = metrics(&d.url).await;
+    assert_eq!(j["total_output_tokens"].as_f64().unwrap(), metric(&dm, "vllm:generation_tokens_total", &[]));
+    assert_eq!(j["total_input_tokens"].as_f64().unwrap(), metric(&dm, "vllm:prompt_tokens_total", &[]));
+    assert!(j["mean_tpot_ms"].as_f64().unwrap() >= 1.8, "about the decode step time: {}", j["mean_tpot_ms"]);
+    // A decode that dies mid-stream: the stream ends without response.completed, a failure.
+    let dead = Proc::sim(&["--role", "decode", "--crash-after-requests", "0"]).await;
+    let r2 = router(&["--prefill", &p.url, "--decode", &dead.url]).await;
+    let mut args = vec!["--base-url", r2.url.as_str(), "--num-prompts", "1", "--random-output-len", "30", "--ignore-eos"];
+    args.extend(common);
+    let (_, out, err) = bench(&args).await;
+    let failed = out.lines().find_map(|l| l.strip_prefix("Failed requests:")).map(|n| n.trim().to_string());
+    assert_eq!(failed.as_deref(), Some("1"), "{out}\n{err}");
+}

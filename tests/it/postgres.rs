@@ -107,3 +107,20 @@ async fn two_router_replicas_share_a_conversation_through_postgresql() {
     let gone = client().get(format!("{}/v1/responses/{id1}", b.url)).bearer_auth("sk-a").send().await.unwrap();
     assert_eq!(gone.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn an_unreachable_store_answers_turns_that_need_none_and_refuses_continuations_with_503() {
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let nowhere = format!("postgres://disagg@127.0.0.1:{}/postgres", free_port());
+    let r = router(&["--responses-store", &nowhere, "--prefill", &p.url, "--decode", &d.url]).await;
+    let url = format!("{}/v1/responses", r.url);
+    let (status, v) = post(&url, &json!({"model": "sim-model", "input": "hi", "max_output_tokens": 3})).await;
+    assert_eq!(status, 200, "answered, though not stored: {v}");
+    let next = json!({"model": "sim-model", "input": "more", "previous_response_id": v["id"]});
+    let (status, v) = post(&url, &next).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("store"), "{v}");
+    assert_eq!(get(&format!("{}/v1/responses/resp_x", r.url)).await.0, 503);
+    assert_idle(&r.url).await;
+}

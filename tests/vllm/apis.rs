@@ -32,3 +32,19 @@ pub async fn agent_fields(e: &mut Env) {
     crate::agent_fields::survive_both_legs(&e.router.url, &e.plain.url, &prompt).await;
     assert_idle(&e.router.url).await;
 }
+
+/// The Responses case (tests/it/responses.rs) on real vLLM: the plain instance stores
+/// responses (VLLM_ENABLE_RESPONSES_API_STORE=1), so the same `previous_response_id` chain
+/// runs on both; the turns landed on both prefills and their KV came over NIXL.
+pub async fn responses_through_pd(e: &mut Env) {
+    let source = |t: &str, s: &str| metric(t, "vllm:prompt_tokens_by_source_total", &[("source", s)]);
+    let before = metrics(&e.d.url).await;
+    let served_before = (served(&e.p0.url).await, served(&e.p1.url).await);
+    let prompt = e.pair.prompt("responses", 2);
+    crate::responses::responses_equal_plain(&e.router.url, &e.plain.url, "previous", "tiny-llama", &prompt, "unused").await;
+    let after = metrics(&e.d.url).await;
+    assert!(source(&after, "external_kv_transfer") > source(&before, "external_kv_transfer"), "prompts came over NIXL");
+    assert_eq!(source(&after, "local_compute"), source(&before, "local_compute"), "none computed on the decode");
+    assert!(served(&e.p0.url).await > served_before.0 && served(&e.p1.url).await > served_before.1, "both prefills served turns");
+    assert_idle(&e.router.url).await;
+}

@@ -156,6 +156,54 @@ pub async fn run() {
     assert_eq!(all, (DOCS * QUESTIONS) as f64, "{m}");
     assert!(exact >= 0.99 * all, "{m}");
     messages_conversations(&r.url, exact).await;
+    let m = metrics(&r.url).await;
+    responses_conversations(&r.url, metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")])).await;
+}
+
+/// Multi-turn Responses conversations chained by `previous_response_id` through the
+/// kv_aware router (the router rebuilds each turn's history; keyed by the prefills'
+/// /v1/responses/render): every answer's `input_tokens_details.cached_tokens` is what the
+/// router predicted, and later turns find their earlier turns cached.
+async fn responses_conversations(router: &str, exact_before: f64) {
+    let mut asked = 0.0;
+    let mut cached_later = 0u64;
+    for c in 0..3 {
+        let mut previous = serde_json::Value::Null;
+        for t in 0..3 {
+            let input = if t == 0 {
+                format!("{}{}", document("responses", c), question(c, 0))
+            } else {
+                format!("Turn {t} of conversation {c}: say more.")
+            };
+            let body = json!({"model": "tiny-llama", "max_output_tokens": 4, "instructions": "Answer briefly.", "input": input,
+                              "previous_response_id": previous, "temperature": 0, "stream": t == 1});
+            let response = if t == 1 {
+                let (status, events) = post_stream(&format!("{router}/v1/responses"), &body).await;
+                assert_eq!(status, 200, "{events:?}");
+                events
+                    .iter()
+                    .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                    .find(|v| v["type"] == "response.completed")
+                    .map(|v| v["response"].clone())
+                    .unwrap_or_else(|| panic!("no response.completed: {events:?}"))
+            } else {
+                let (status, v) = post(&format!("{router}/v1/responses"), &body).await;
+                assert_eq!(status, 200, "{v}");
+                v
+            };
+            if t > 0 {
+                cached_later += response["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+            }
+            previous = response["id"].clone();
+            asked += 1.0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let m = metrics(router).await;
+    let exact = metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]) - exact_before;
+    println!("      Responses: kv_aware predicted the reported cached tokens of {exact} of {asked} answers; later turns read {cached_later} cached tokens");
+    assert_eq!(exact, asked, "{m}");
+    assert!(cached_later > 0, "later turns found their conversations cached");
 }
 
 /// Multi-turn Anthropic Messages conversations through the kv_aware router (keyed by the
