@@ -171,6 +171,8 @@ struct Env {
     p1: Vllm,
     d: Vllm,
     plain: Vllm,
+    /// The tiny model as an embedding model (`--runner pooling --convert embed`).
+    pooling: Vllm,
     router: Proc,
     pair: Pair,
 }
@@ -305,14 +307,15 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &scale_out);
     let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
     let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
-    for v in [&mut p0, &mut p1, &mut d, &mut plain] {
+    let mut pooling = Vllm::spawn_with("pooling", "plain", 8400, 5900, 1, &["--runner", "pooling", "--convert", "embed"]);
+    for v in [&mut p0, &mut p1, &mut d, &mut plain, &mut pooling] {
         v.wait_healthy(Duration::from_secs(600)).await;
     }
-    println!("real vLLM: 2 prefill + 1 decode + 1 plain instance healthy in {:.1}s", t0.elapsed().as_secs_f64());
+    println!("real vLLM: 2 prefill + 1 decode + 1 plain + 1 pooling instance healthy in {:.1}s", t0.elapsed().as_secs_f64());
     let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
     let pair =
         Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
-    let mut env = Env { p0, p1, d, plain, router, pair };
+    let mut env = Env { p0, p1, d, plain, pooling, router, pair };
 
     let cases: Vec<(&str, Case)> = vec![
         ("handshake: prefill returns params", |e| Box::pin(handshake::prefill_returns_params(&e.pair))),
@@ -336,6 +339,7 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: the fields agents use survive both legs (logprobs, structured output, echo); prompt logprobs refused", |e| {
             Box::pin(apis::agent_fields(e))
         }),
+        ("router: a pooling model's /v1/embeddings and /pooling pass through (equal the engine's)", |e| Box::pin(apis::pooling_passes_through(e))),
         ("router: vLLM's other APIs pass through (tokenize, detokenize, version equal the engine's; others 404)", |e| {
             Box::pin(passthrough::passes_through(&e.router.url, &e.p0.url, "tiny-llama"))
         }),

@@ -30,6 +30,16 @@ turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": o
 m = client.messages.create(model=model, max_tokens=6, extra_body=GREEDY, messages=turns)
 out["turns"] = {"text": "".join(b.text for b in m.content if b.type == "text"), "stop_reason": m.stop_reason}
 out["count_tokens"] = client.messages.count_tokens(model=model, messages=turns).input_tokens
+# A named tool: vLLM constrains the answer to the tool's input schema (no tool parser needed).
+tool = {"name": "get_weather", "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+try:
+    m = client.messages.create(model=model, max_tokens=24, extra_body=GREEDY, tools=[tool],
+        tool_choice={"type": "tool", "name": "get_weather"}, messages=[{"role": "user", "content": prompt}])
+    out["tool"] = {"blocks": [[b.type, getattr(b, "name", None), getattr(b, "input", None), getattr(b, "text", None)] for b in m.content],
+        "stop_reason": m.stop_reason}
+except anthropic.APIStatusError as e:
+    out["tool"] = {"status": e.status_code}
 try:
     client.messages.create(model=model, max_tokens=0, messages=[{"role": "user", "content": prompt}])
     out["error"] = "none"
@@ -58,7 +68,7 @@ pub async fn sdk_calls(base_url: &str, model: &str, prompt: &str, key: &str) -> 
 pub async fn messages_equal_plain(router: &str, plain: &str, model: &str, prompt: &str, key: &str) {
     let via = sdk_calls(router, model, prompt, key).await;
     let direct = sdk_calls(plain, model, prompt, key).await;
-    for call in ["create", "stream", "turns", "count_tokens"] {
+    for call in ["create", "stream", "turns", "count_tokens", "tool"] {
         assert_eq!(via[call], direct[call], "{call}: through the router {via} / plain {direct}");
     }
     assert!(!via["create"]["text"].as_str().unwrap().is_empty(), "{via}");

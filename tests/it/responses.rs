@@ -25,6 +25,21 @@ with client.responses.stream(model=model, input=[{"role": "user", "content": pro
     deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
     final = s.get_final_response()
 out["stream"] = {"text": "".join(deltas), "final": final.output_text, "status": final.status, "deltas_gt_1": len(deltas) > 1}
+# Structured output (a JSON schema in text.format): the decode's grammar, through PD.
+schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"], "additionalProperties": False}
+s = client.responses.create(model=model, input=prompt, max_output_tokens=16, **G,
+    text={"format": {"type": "json_schema", "name": "reply", "schema": schema, "strict": True}})
+out["structured"] = {"text": s.output_text, "status": s.status}
+# A named function tool: vLLM constrains the call's arguments to its schema.
+fn_tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+try:
+    t = client.responses.create(model=model, input=prompt, max_output_tokens=24, tools=[fn_tool],
+        tool_choice={"type": "function", "name": "get_weather"}, **G)
+    out["tool"] = {"items": [[i.type, getattr(i, "name", None), getattr(i, "arguments", None)] for i in t.output],
+        "text": t.output_text}
+except openai.APIStatusError as e:
+    out["tool"] = {"status": e.status_code}
 # A three-turn conversation.
 follow = ["And then?", "Say it again in other words."]
 turns, texts, history, prev = [], [], [{"role": "user", "content": prompt}], None
@@ -74,7 +89,7 @@ pub async fn sdk_calls(base_url: &str, model: &str, prompt: &str, key: &str, cha
 pub async fn responses_equal_plain(router: &str, plain: &str, plain_chain: &str, model: &str, prompt: &str, key: &str) -> Value {
     let via = sdk_calls(router, model, prompt, key, "previous").await;
     let direct = sdk_calls(plain, model, prompt, key, plain_chain).await;
-    for call in ["create", "stream", "chain", "error_status"] {
+    for call in ["create", "stream", "structured", "tool", "chain", "error_status"] {
         assert_eq!(via[call], direct[call], "{call}: through the router {via} / plain {direct}");
     }
     assert!(!via["create"]["text"].as_str().unwrap().is_empty(), "{via}");

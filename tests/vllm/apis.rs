@@ -48,3 +48,20 @@ pub async fn responses_through_pd(e: &mut Env) {
     assert!(served(&e.p0.url).await > served_before.0 && served(&e.p1.url).await > served_before.1, "both prefills served turns");
     assert_idle(&e.router.url).await;
 }
+
+/// A pooling model behind a router (`--worker-urls`): its embeddings and `/pooling` answer
+/// through the passthrough as the engine answers them directly.
+pub async fn pooling_passes_through(e: &mut Env) {
+    let r = router(&["--worker-urls", &e.pooling.url]).await;
+    let body = serde_json::json!({"model": "tiny-llama", "input": ["the router passes this through", "and this"]});
+    for path in ["/v1/embeddings", "/pooling"] {
+        let (status, via) = post(&format!("{}{path}", r.url), &body).await;
+        let (want_status, direct) = post(&format!("{}{path}", e.pooling.url), &body).await;
+        assert_eq!((status, want_status), (200, 200), "{path}: {via} / {direct}");
+        assert_eq!(via["data"], direct["data"], "{path}");
+        assert!(via["data"][1].is_object(), "{path}: two inputs, two answers: {via}");
+    }
+    assert_idle(&r.url).await;
+    // Its engine's busy loop would take CPU from the timing cases after this one.
+    e.pooling.kill();
+}
