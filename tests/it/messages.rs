@@ -64,8 +64,8 @@ pub async fn sdk_calls(base_url: &str, model: &str, prompt: &str, key: &str) -> 
 }
 
 /// Through `router` (PD), every call answers as `plain` does; the router's own error is a
-/// 400 in Anthropic's shape, found before any prefill.
-pub async fn messages_equal_plain(router: &str, plain: &str, model: &str, prompt: &str, key: &str) {
+/// 400 in Anthropic's shape, found before any prefill. Returns the router's calls.
+pub async fn messages_equal_plain(router: &str, plain: &str, model: &str, prompt: &str, key: &str) -> Value {
     let via = sdk_calls(router, model, prompt, key).await;
     let direct = sdk_calls(plain, model, prompt, key).await;
     for call in ["create", "stream", "turns", "count_tokens", "tool"] {
@@ -78,4 +78,5 @@ pub async fn messages_equal_plain(router: &str, plain: &str, model: &str, prompt
     assert_eq!(via["error"]["status"], 400, "{via}");
     assert_eq!(via["error"]["status"], direct["error"]["status"], "{via} / {direct}");
     assert_eq!(via["error"]["anthropic_shape"], true, "{via}");
+    via
 }
