@@ -14,14 +14,12 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::generate::generate;
 use super::http::{Sim, MAX_BODY};
 use crate::api::body::{parse_object, read_limited, require_json};
 use crate::api::dialect::Dialect;
-use crate::api::sse::{data_of, EventSplitter};
 use crate::api::ApiError;
 use crate::sim::engine::request::Api;
 
@@ -271,30 +269,6 @@ impl Converter {
 /// The chat stream converted as it comes: each chat event becomes the Anthropic events it
 /// completes.
 fn events(resp: Response) -> Response {
-    struct State {
-        chat: axum::body::BodyDataStream,
-        splitter: EventSplitter,
-        converter: Converter,
-        ready: std::collections::VecDeque<Bytes>,
-    }
-    let state = State {
-        chat: resp.into_body().into_data_stream(),
-        splitter: EventSplitter::new(MAX_BODY),
-        converter: Converter::default(),
-        ready: Default::default(),
-    };
-    let body = futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(b) = s.ready.pop_front() {
-                return Some((Ok::<Bytes, std::convert::Infallible>(b), s));
-            }
-            let chunk = s.chat.next().await?.ok()?;
-            for e in s.splitter.push(&chunk).ok()? {
-                if let Some(data) = data_of(&e) {
-                    s.ready.extend(s.converter.convert(&data));
-                }
-            }
-        }
-    });
-    ([(header::CONTENT_TYPE, crate::api::sse::CONTENT_TYPE)], Body::from_stream(body)).into_response()
+    let mut converter = Converter::default();
+    super::response::chat_stream_converted(resp, move |data| converter.convert(data))
 }

@@ -14,16 +14,14 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::generate::{generate, hex16};
 use super::http::{Sim, MAX_BODY};
 use crate::api::body::{parse_object, read_limited, require_json};
-use crate::api::sse::{data_of, EventSplitter};
 use crate::api::{ApiError, ErrorKind};
 use crate::sim::engine::request::Api;
 
@@ -270,13 +268,7 @@ impl Converter {
 }
 
 fn events(resp: Response, shell: Shell) -> Response {
-    struct State {
-        chat: axum::body::BodyDataStream,
-        splitter: EventSplitter,
-        converter: Converter,
-        ready: std::collections::VecDeque<Bytes>,
-    }
-    let converter = Converter {
+    let mut converter = Converter {
         shell,
         item: format!("msg_{}", hex16()),
         sequence: 0,
@@ -285,20 +277,5 @@ fn events(resp: Response, shell: Shell) -> Response {
         started: false,
         finish: None,
     };
-    let state =
-        State { chat: resp.into_body().into_data_stream(), splitter: EventSplitter::new(MAX_BODY), converter, ready: Default::default() };
-    let body = futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(b) = s.ready.pop_front() {
-                return Some((Ok::<Bytes, std::convert::Infallible>(b), s));
-            }
-            let chunk = s.chat.next().await?.ok()?;
-            for e in s.splitter.push(&chunk).ok()? {
-                if let Some(data) = data_of(&e) {
-                    s.ready.extend(s.converter.convert(&data));
-                }
-            }
-        }
-    });
-    ([(header::CONTENT_TYPE, crate::api::sse::CONTENT_TYPE)], Body::from_stream(body)).into_response()
+    super::response::chat_stream_converted(resp, move |data| converter.convert(data))
 }
