@@ -280,6 +280,43 @@ struct Delta<'a> {
     content: &'a str,
 }
 
+/// A chat stream converted as it comes into another API's events (Anthropic's Messages,
+/// OpenAI's Responses): `convert` turns each chat event's data into the events it completes.
+pub(crate) fn chat_stream_converted<C>(resp: axum::response::Response, convert: C) -> axum::response::Response
+where
+    C: FnMut(&str) -> Vec<bytes::Bytes> + Send + 'static,
+{
+    use axum::response::IntoResponse;
+    use futures_util::StreamExt;
+    struct State<C> {
+        chat: axum::body::BodyDataStream,
+        splitter: crate::api::sse::EventSplitter,
+        convert: C,
+        ready: std::collections::VecDeque<bytes::Bytes>,
+    }
+    let state = State {
+        chat: resp.into_body().into_data_stream(),
+        splitter: crate::api::sse::EventSplitter::new(super::http::MAX_BODY),
+        convert,
+        ready: Default::default(),
+    };
+    let body = futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(b) = s.ready.pop_front() {
+                return Some((Ok::<bytes::Bytes, std::convert::Infallible>(b), s));
+            }
+            let chunk = s.chat.next().await?.ok()?;
+            for e in s.splitter.push(&chunk).ok()? {
+                if let Some(data) = crate::api::sse::data_of(&e) {
+                    let events = (s.convert)(&data);
+                    s.ready.extend(events);
+                }
+            }
+        }
+    });
+    ([(axum::http::header::CONTENT_TYPE, crate::api::sse::CONTENT_TYPE)], axum::body::Body::from_stream(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,41 +354,4 @@ mod tests {
         let mut out = TextOut::new(vec![], vec![7]);
         assert_eq!(out.push(7).1, Some(Ending::StopToken(7)));
     }
-}
-
-/// A chat stream converted as it comes into another API's events (Anthropic's Messages,
-/// OpenAI's Responses): `convert` turns each chat event's data into the events it completes.
-pub(crate) fn chat_stream_converted<C>(resp: axum::response::Response, convert: C) -> axum::response::Response
-where
-    C: FnMut(&str) -> Vec<bytes::Bytes> + Send + 'static,
-{
-    use axum::response::IntoResponse;
-    use futures_util::StreamExt;
-    struct State<C> {
-        chat: axum::body::BodyDataStream,
-        splitter: crate::api::sse::EventSplitter,
-        convert: C,
-        ready: std::collections::VecDeque<bytes::Bytes>,
-    }
-    let state = State {
-        chat: resp.into_body().into_data_stream(),
-        splitter: crate::api::sse::EventSplitter::new(super::http::MAX_BODY),
-        convert,
-        ready: Default::default(),
-    };
-    let body = futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(b) = s.ready.pop_front() {
-                return Some((Ok::<bytes::Bytes, std::convert::Infallible>(b), s));
-            }
-            let chunk = s.chat.next().await?.ok()?;
-            for e in s.splitter.push(&chunk).ok()? {
-                if let Some(data) = crate::api::sse::data_of(&e) {
-                    let events = (s.convert)(&data);
-                    s.ready.extend(events);
-                }
-            }
-        }
-    });
-    ([(axum::http::header::CONTENT_TYPE, crate::api::sse::CONTENT_TYPE)], axum::body::Body::from_stream(body)).into_response()
 }
