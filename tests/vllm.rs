@@ -301,8 +301,10 @@ async fn whole_case(what: &'static str, case: impl Future<Output = ()>, failed: 
 /// the router; returns the instances' log tails for a failure report.
 async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let t0 = Instant::now();
-    // --enable-scale-out: the token-in / token-out API (/inference/v1/generate) too.
-    let scale_out = ["--enable-scale-out"];
+    // --enable-scale-out: the token-in / token-out API (/inference/v1/generate) too; a tool
+    // parser that needs no special tokens (pythonic), so that tools run (tests/it/messages.rs,
+    // responses.rs).
+    let scale_out = ["--enable-scale-out", "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"];
     let mut p0 = Vllm::spawn_with("prefill-0", "prefill", 8100, 5600, 0, &scale_out);
     let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &scale_out);
     let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
@@ -327,10 +329,10 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: KV moved, both prefills used", |e| Box::pin(router_moves_kv_over_both_prefills(e))),
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
-        ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, an error)", |e| {
+        ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, a named tool, an error)", |e| {
             Box::pin(apis::messages_through_pd(e))
         }),
-        ("router: the OpenAI SDK's Responses calls through PD equal plain vLLM's (create, stream, a 3-turn previous_response_id chain over both prefills, retrieve, cancel, store false, errors)", |e| {
+        ("router: the OpenAI SDK's Responses calls through PD equal plain vLLM's (create, stream, structured output, a named function, a 3-turn previous_response_id chain over both prefills, retrieve, cancel, store false, errors)", |e| {
             Box::pin(apis::responses_through_pd(e))
         }),
         ("router: /inference/v1/generate (token ids in and out) through PD equals plain vLLM's, whole and streamed", |e| {
