@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-const BLOCK: usize = 16;
+pub(crate) const BLOCK: usize = 16;
 
 fn events_config(base: u16) -> String {
     format!(
@@ -23,7 +23,7 @@ async fn publishing_sim(role: &str, dp: usize) -> Proc {
 }
 
 /// As `publishing_sim`, with more flags.
-async fn publishing_sim_with(role: &str, dp: usize, extra: &[&str]) -> Proc {
+pub(crate) async fn publishing_sim_with(role: &str, dp: usize, extra: &[&str]) -> Proc {
     let base = free_port_run(8);
     let (dp, block, events) = (dp.to_string(), BLOCK.to_string(), events_config(base));
     let mut args = vec!["--role", role, "--data-parallel-size", &dp, "--block-size", &block, "--enable-prompt-tokens-details"];
@@ -33,13 +33,13 @@ async fn publishing_sim_with(role: &str, dp: usize, extra: &[&str]) -> Proc {
 }
 
 /// A router over two prefills (kv_aware) and a decode (round_robin).
-async fn kv_aware_router(p1: &Proc, p2: &Proc, d: &Proc) -> Proc {
+pub(crate) async fn kv_aware_router(p1: &Proc, p2: &Proc, d: &Proc) -> Proc {
     let args = ["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url];
     router(&[&args[..], &["--prefill-policy", "kv_aware", "--decode-policy", "round_robin"]].concat()).await
 }
 
 /// A token-id prompt: `blocks` full blocks of prefix `tag`, then `tail` tokens of its own.
-fn prompt(tag: u32, blocks: usize, tail: &[u32]) -> Vec<u32> {
+pub(crate) fn prompt(tag: u32, blocks: usize, tail: &[u32]) -> Vec<u32> {
     (0..blocks * BLOCK).map(|i| 1000 + tag * 7919 + i as u32).chain(tail.iter().copied()).collect()
 }
 
@@ -51,7 +51,7 @@ async fn workers_list(router: &str) -> Value {
 const ADMIN_KEY: &str = "adm";
 
 /// Indexed blocks per (url, rank), from /workers.
-async fn indexed(router: &str) -> Vec<(String, u64, u64)> {
+pub(crate) async fn indexed(router: &str) -> Vec<(String, u64, u64)> {
     let v = workers_list(router).await;
     let mut out = Vec::new();
     for w in v["workers"].as_array().unwrap() {
@@ -63,7 +63,7 @@ async fn indexed(router: &str) -> Vec<(String, u64, u64)> {
 }
 
 /// Prefix-cache hits per rank of a simulator.
-async fn hits(sim: &Proc, rank: usize) -> f64 {
+pub(crate) async fn hits(sim: &Proc, rank: usize) -> f64 {
     metric(&metrics(&sim.url).await, "vllm:prefix_cache_hits_total", &[("engine", &rank.to_string())])
 }
 
@@ -601,84 +601,4 @@ async fn load_reported_by_the_engines_steers_prompts_away_from_a_prefill_busy_el
         assert_eq!(t.await.unwrap().0, 200);
     }
     assert_idle(&second.url).await;
-}
-
-/// `/inference/v1/generate` is keyed by its own `token_ids`: second turns land where their
-/// first turns' blocks are, and the predictions equal the engines' cached tokens.
-#[tokio::test]
-async fn generate_requests_are_keyed_by_their_token_ids() {
-    let p1 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
-    let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
-    let d =
-        Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details", "--enable-scale-out"]).await;
-    let r = kv_aware_router(&p1, &p2, &d).await;
-    let url = r.url.clone();
-    let generate =
-        |tag: u32, tail: &[u32]| json!({"token_ids": prompt(tag, 4, tail), "sampling_params": {"max_tokens": 2, "ignore_eos": true}});
-    for tag in 0..4 {
-        let (status, v) = post(&format!("{url}/inference/v1/generate"), &generate(tag, &[1, 2, 3])).await;
-        assert_eq!(status, 200, "{v}");
-    }
-    assert!(
-        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 16 }).await,
-        "{:?}",
-        indexed(&url).await
-    );
-    let before = hits(&p1, 0).await + hits(&p2, 0).await;
-    for tag in [2, 0, 3, 1] {
-        let (status, v) = post(&format!("{url}/inference/v1/generate"), &generate(tag, &[4, 5, 6, 7])).await;
-        assert_eq!(status, 200, "{v}");
-    }
-    let after = hits(&p1, 0).await + hits(&p2, 0).await;
-    assert_eq!(after - before, (4 * 4 * BLOCK) as f64, "every second turn found its whole prefix on the prefill it was sent to");
-    let m = metrics(&url).await;
-    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
-    assert_idle(&r.url).await;
-}
-
-/// Anthropic's Messages are keyed by the engines' own /v1/messages/render (vLLM converts
-/// them with its own code): a conversation's next turn goes where its first turn's blocks
-/// are, streamed or not, and the predictions equal the cached tokens the answers report
-/// (`usage.cache_read_input_tokens`).
-#[tokio::test]
-async fn messages_are_keyed_by_the_engines_render_and_predicted_exactly() {
-    let p1 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
-    let p2 = publishing_sim_with("prefill", 1, &["--enable-scale-out"]).await;
-    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string(), "--enable-prompt-tokens-details"]).await;
-    let r = kv_aware_router(&p1, &p2, &d).await;
-    let url = r.url.clone();
-    let first = |tag: usize| {
-        let story: String = (0..60).map(|i| format!("conversation {tag} line {i} says something new. ")).collect();
-        vec![json!({"role": "user", "content": story})]
-    };
-    for tag in 0..4 {
-        let body = json!({"model": "sim-model", "max_tokens": 3, "system": "Be brief.", "messages": first(tag)});
-        let (status, v) = post(&format!("{url}/v1/messages"), &body).await;
-        assert_eq!(status, 200, "{v}");
-    }
-    assert!(
-        eventually(Duration::from_secs(5), || async { indexed(&url).await.iter().map(|(_, _, n)| n).sum::<u64>() >= 40 }).await,
-        "{:?}",
-        indexed(&url).await
-    );
-    let before = hits(&p1, 0).await + hits(&p2, 0).await;
-    for tag in [2, 0, 3, 1] {
-        let mut turns = first(tag);
-        turns.push(json!({"role": "assistant", "content": "Noted."}));
-        turns.push(json!({"role": "user", "content": "And then?"}));
-        let body = json!({"model": "sim-model", "max_tokens": 3, "system": "Be brief.", "messages": turns, "stream": tag % 2 == 0});
-        if tag % 2 == 0 {
-            let (status, events) = post_stream(&format!("{url}/v1/messages"), &body).await;
-            assert_eq!(status, 200, "{events:?}");
-        } else {
-            let (status, v) = post(&format!("{url}/v1/messages"), &body).await;
-            assert_eq!(status, 200, "{v}");
-        }
-    }
-    let after = hits(&p1, 0).await + hits(&p2, 0).await;
-    assert!(after - before >= (4 * 40) as f64, "every second turn found its first turn's blocks: {before} -> {after}");
-    let m = metrics(&url).await;
-    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[("outcome", "predicted_exact")]), 8.0, "{m}");
-    assert_eq!(metric(&m, "disagg_router_kv_aware_total", &[]), 8.0, "no other outcome");
-    assert_idle(&r.url).await;
 }
