@@ -27,9 +27,12 @@ with client.responses.stream(model=model, input=[{"role": "user", "content": pro
 out["stream"] = {"text": "".join(deltas), "final": final.output_text, "status": final.status, "deltas_gt_1": len(deltas) > 1}
 # Structured output (a JSON schema in text.format): the decode's grammar, through PD.
 schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"], "additionalProperties": False}
-s = client.responses.create(model=model, input=prompt, max_output_tokens=16, **G,
-    text={"format": {"type": "json_schema", "name": "reply", "schema": schema, "strict": True}})
-out["structured"] = {"text": s.output_text, "status": s.status}
+try:
+    s = client.responses.create(model=model, input=prompt, max_output_tokens=16, **G,
+        text={"format": {"type": "json_schema", "name": "reply", "schema": schema, "strict": True}})
+    out["structured"] = {"text": s.output_text, "status": s.status}
+except openai.APIStatusError as e:
+    out["structured"] = {"status": e.status_code}
 # A named function tool: vLLM constrains the call's arguments to its schema.
 fn_tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -8,7 +8,8 @@
 //! `.in_progress`, `.output_item.added`, `.content_part.added`, `.output_text.delta`...,
 //! `.output_text.done`, `.content_part.done`, `.output_item.done`, `.completed` (each with
 //! its `sequence_number`; no `[DONE]`). The response's id is the body's `request_id`.
-//! Text only: tool calls and reasoning items are refused with a 400 saying so.
+//! Text only: tool-call and reasoning items, and structured output (`text.format`), are
+//! refused with a 400 saying so; `tools` are not applied (as vLLM without a tool parser).
 
 use std::sync::Arc;
 
@@ -70,6 +71,10 @@ fn text_of(content: &Value) -> Result<String, ApiError> {
 
 /// The chat request vLLM runs for a Responses request (also for /v1/responses/render).
 pub(crate) fn chat_request(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    let format = body.get("text").and_then(|t| t.get("format")).and_then(|f| f.get("type")).and_then(Value::as_str);
+    if format.is_some_and(|f| f != "text") {
+        return Err(unsupported("structured output (text.format)"));
+    }
     let mut messages = Vec::new();
     if let Some(instructions) = body.get("instructions").and_then(Value::as_str).filter(|s| !s.is_empty()) {
         messages.push(json!({"role": "system", "content": instructions}));
