@@ -3,6 +3,7 @@
 pub(crate) mod addresses;
 pub(crate) mod boundary;
 pub(crate) mod cli;
+pub(crate) mod keys;
 pub(crate) mod passthrough;
 pub(crate) mod responses;
 

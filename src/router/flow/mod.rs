@@ -180,7 +180,7 @@ async fn serve(
     // A Responses turn: its history from the router's store, the router's id.
     let (body, turn) = match ep {
         Endpoint::Responses => {
-            let owner = crate::router::responses::Responses::owner(headers, &router.cfg.auth.client_keys);
+            let owner = crate::router::responses::Responses::owner(headers, &router.cfg.auth);
             let (body, turn) = router.responses.prepare(owner, body).await.map_err(Failure::bad_request)?;
             (body, Some(turn))
         }

@@ -37,7 +37,7 @@ async fn admin_only(State(r): State<Arc<Router>>, req: axum::extract::Request, n
         None => {
             ApiError::new(ErrorKind::NotFound, "the worker admin API is off: start disagg route with --admin-api-key KEY").into_response()
         }
-        Some(admin) if !super::bearer_matches(req.headers(), std::slice::from_ref(admin)) => {
+        Some(admin) if !crate::router::config::keys::bearer_matches(req.headers(), std::slice::from_ref(admin)) => {
             super::unauthorized("this endpoint needs the admin API key", crate::api::dialect::Dialect::OpenAi)
         }
         Some(_) => next.run(req).await,

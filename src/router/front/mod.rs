@@ -18,10 +18,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use crate::api::dialect::Dialect;
 use crate::api::{ApiError, ErrorKind};
+use crate::router::config::keys::bearer_matches;
 use crate::router::flow::{self, Endpoint, Router};
 use crate::router::metrics::WorkerGauges;
 use crate::router::responses::Responses;
@@ -64,28 +64,6 @@ fn passthrough_routes() -> axum::Router<Arc<Router>> {
     })
 }
 
-/// Whether `headers` carry `Authorization: Bearer <one of keys>` (compared in constant time).
-fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
-    let Some(token) = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-    else {
-        return false;
-    };
-    keys.iter().fold(false, |found, k| found | bool::from(k.as_bytes().ct_eq(token.as_bytes())))
-}
-
-/// Whether `headers` carry one of the client keys: `Authorization: Bearer <key>`, or
-/// `x-api-key: <key>` as the Anthropic SDK sends it.
-fn client_key_matches(headers: &HeaderMap, keys: &[String]) -> bool {
-    let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii());
-    let x_matches = x_api_key.is_some_and(|token| keys.iter().fold(false, |found, k| found | bool::from(k.as_bytes().ct_eq(token))));
-    x_matches | bearer_matches(headers, keys)
-}
-
 /// The APIs that serve clients (generation, models, and every passed-through path): the
 /// probes, /metrics, /workers and the admin API are not among them.
 fn needs_client_key(path: &str) -> bool {
@@ -105,7 +83,7 @@ fn unauthorized(what: &str, dialect: Dialect) -> Response {
 async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let auth = &r.cfg.auth;
-    if needs_client_key(path) && !auth.client_keys.is_empty() && !client_key_matches(req.headers(), &auth.client_keys) {
+    if needs_client_key(path) && !auth.client_keys.is_empty() && auth.client_key_of(req.headers()).is_none() {
         let dialect = if path.starts_with("/v1/messages") { Dialect::Anthropic } else { Dialect::OpenAi };
         return unauthorized("this router needs a client API key (or `x-api-key: <key>`)", dialect);
     }
@@ -155,17 +133,17 @@ async fn retrieve_response(
     Query(q): Query<RetrieveQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    let owner = Responses::owner(&headers, &r.cfg.auth);
     r.responses.retrieve(&id, &owner, q.stream.unwrap_or(false)).await
 }
 
 async fn cancel_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    let owner = Responses::owner(&headers, &r.cfg.auth);
     r.responses.cancel(&id, &owner).await
 }
 
 async fn delete_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth.client_keys);
+    let owner = Responses::owner(&headers, &r.cfg.auth);
     r.responses.delete(&id, &owner).await
 }
 

@@ -21,16 +21,15 @@ pub(crate) mod store;
 
 use std::sync::Arc;
 
-use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 
 use crate::api::fields::{validation_error, Fields};
 use crate::api::{ApiError, ErrorKind};
 use crate::router::config::responses::ResponsesConfig;
+use crate::router::config::AuthConfig;
 use crate::router::request::body::ClientBody;
 use store::{Owner, ResponseStore, StoredResponse};
 
@@ -70,22 +69,11 @@ impl Responses {
 
     /// Whose responses a request may see: the digest of the client key it presented (the
     /// front door's guard has checked it), or everyone's where no keys are configured.
-    pub(crate) fn owner(headers: &HeaderMap, client_keys: &[String]) -> Owner {
-        if client_keys.is_empty() {
+    pub(crate) fn owner(headers: &HeaderMap, auth: &AuthConfig) -> Owner {
+        if auth.client_keys.is_empty() {
             return Owner(String::new());
         }
-        let bearer = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim().as_bytes());
-        let x_api_key = headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii());
-        let key = [bearer, x_api_key]
-            .into_iter()
-            .flatten()
-            .find_map(|presented| client_keys.iter().find(|k| bool::from(k.as_bytes().ct_eq(presented))))
-            .map_or("", String::as_str);
+        let key = auth.client_key_of(headers).unwrap_or("");
         let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
         Owner(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
     }
@@ -275,10 +263,10 @@ mod tests {
 
     #[test]
     fn owners_are_digests_of_the_key_presented() {
-        let keys = vec!["sk-a".to_string(), "sk-b".to_string()];
+        let keys = AuthConfig { client_keys: vec!["sk-a".to_string(), "sk-b".to_string()], ..AuthConfig::default() };
         let with = |k: &str| {
             let mut h = HeaderMap::new();
-            h.insert(AUTHORIZATION, format!("Bearer {k}").parse().unwrap());
+            h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {k}").parse().unwrap());
             Responses::owner(&h, &keys)
         };
         assert_ne!(with("sk-a"), with("sk-b"));
@@ -287,6 +275,6 @@ mod tests {
         let mut x = HeaderMap::new();
         x.insert("x-api-key", "sk-a".parse().unwrap());
         assert_eq!(Responses::owner(&x, &keys), with("sk-a"), "the same key by either header");
-        assert_eq!(Responses::owner(&x, &[]).0, "", "no keys: one owner");
+        assert_eq!(Responses::owner(&x, &AuthConfig::default()).0, "", "no keys: one owner");
     }
 }
