@@ -311,18 +311,12 @@ impl LegBodies {
     /// Mooncake's transfer id) or none (P2pNccl's engines find their peer by request id).
     pub(crate) fn prefill_leg(&self, params: Option<&[u8]>) -> Pieces {
         let mut set: Vec<(&str, &[u8])> = vec![("stream", b"false")];
-        let mut drop = PREFILL_OVERRIDES.to_vec();
         match &self.shape {
             LegShape::OpenAi => set.extend([("max_tokens", b"1".as_slice()), ("ignore_eos", b"true")]),
             LegShape::Anthropic => set.push(("max_tokens", b"1")),
-            LegShape::Responses => {
-                set.extend([("max_output_tokens", b"1".as_slice()), ("ignore_eos", b"true")]);
-                drop.push("max_output_tokens");
-            }
-            LegShape::TokensOut { prefill_sampling } => {
-                set.push(("sampling_params", prefill_sampling));
-                drop.push("sampling_params");
-            }
+            // A field set here replaces the client's (`pieces_with`): nothing more to drop.
+            LegShape::Responses => set.extend([("max_output_tokens", b"1".as_slice()), ("ignore_eos", b"true")]),
+            LegShape::TokensOut { prefill_sampling } => set.push(("sampling_params", prefill_sampling)),
         }
         if let Some(p) = params {
             set.push(("kv_transfer_params", p));
@@ -330,7 +324,7 @@ impl LegBodies {
         if self.body.has("max_completion_tokens") {
             set.push(("max_completion_tokens", b"1"));
         }
-        self.write(&drop, &mut set)
+        self.write(PREFILL_OVERRIDES, &mut set)
     }
 
     /// The decode leg: the client's bytes, with the prefill's params (copied unchanged)

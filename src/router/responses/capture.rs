@@ -70,8 +70,8 @@ impl StreamCapture {
         let Some(response) = v.get_mut("response") else { return event.to_vec() };
         if kind == "response.completed" || kind == "response.incomplete" {
             self.turn.finish(response).await;
-        } else if let Some(obj) = response.as_object_mut() {
-            obj.insert("previous_response_id".into(), self.turn.previous_id.clone().map_or(Value::Null, Value::String));
+        } else {
+            self.turn.show(response);
         }
         format!("event: {kind}\ndata: {v}").into_bytes()
     }

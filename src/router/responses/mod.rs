@@ -170,15 +170,21 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
 }
 
 impl Turn {
-    /// The finished response as the client sees it (its `previous_response_id` as sent, no
-    /// transfer params), stored with the conversation the next turn continues.
-    pub(crate) async fn finish(&self, response: &mut Value) {
+    /// A response object as the client sees it: its `previous_response_id` as the client
+    /// sent it (the engines were sent none), no transfer params.
+    pub(crate) fn show(&self, response: &mut Value) {
         if let Some(obj) = response.as_object_mut() {
             obj.insert("previous_response_id".into(), self.previous_id.clone().map_or(Value::Null, Value::String));
             if obj.contains_key("kv_transfer_params") {
                 obj.insert("kv_transfer_params".into(), Value::Null);
             }
         }
+    }
+
+    /// The finished response as the client sees it (`show`), stored with the conversation
+    /// the next turn continues.
+    pub(crate) async fn finish(&self, response: &mut Value) {
+        self.show(response);
         let finished = matches!(response.get("status").and_then(Value::as_str), Some("completed" | "incomplete"));
         if !self.store || !finished || response.get("id").and_then(Value::as_str) != Some(self.id.as_str()) {
             return;
