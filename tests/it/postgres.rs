@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::*;
 
 pub struct Postgres {
-    bin: PathBuf,
+    pub bin: PathBuf,
     data: PathBuf,
     pub port: u16,
 }
@@ -122,5 +122,47 @@ async fn an_unreachable_store_answers_turns_that_need_none_and_refuses_continuat
     assert_eq!(status, 503, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("store"), "{v}");
     assert_eq!(get(&format!("{}/v1/responses/resp_x", r.url)).await.0, 503);
+    assert_idle(&r.url).await;
+}
+
+/// A store that stalls (here: another session holds the table locked) answers within
+/// --responses-store-timeout-secs: a continuation is a 503, a new response is answered
+/// without being stored, and nothing stays held.
+#[tokio::test]
+async fn a_stalled_store_holds_no_request_past_its_timeout() {
+    let pg = Postgres::start();
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&["--role", "decode"]).await;
+    let url = pg.url();
+    let r = router(&["--responses-store", &url, "--responses-store-timeout-secs", "1", "--prefill", &p.url, "--decode", &d.url]).await;
+    let responses = format!("{}/v1/responses", r.url);
+    let turn = json!({"model": "sim-model", "input": "hi", "max_output_tokens": 3});
+    let (status, first) = post(&responses, &turn).await;
+    assert_eq!(status, 200, "{first}");
+    let psql = |sql: &[&str]| {
+        let mut c = tokio::process::Command::new(pg.bin.join("psql"));
+        c.args(["-X", "-q", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "disagg", "-d", "postgres"]);
+        for s in sql {
+            c.args(["-c", s]);
+        }
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).kill_on_drop(true);
+        c
+    };
+    let _locker = psql(&["BEGIN", "LOCK TABLE disagg_responses IN ACCESS EXCLUSIVE MODE", "SELECT pg_sleep(60)"]).spawn().unwrap();
+    let locked = "SELECT count(*) FROM pg_locks l JOIN pg_class c ON l.relation = c.oid \
+                  WHERE c.relname = 'disagg_responses' AND l.mode = 'AccessExclusiveLock' AND l.granted";
+    let held = eventually(std::time::Duration::from_secs(10), || async {
+        let out = psql(&["\\pset tuples_only on", locked]).output().await.unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "1"
+    })
+    .await;
+    assert!(held, "the other session holds the table");
+    let t = std::time::Instant::now();
+    let next = json!({"model": "sim-model", "input": "more", "previous_response_id": first["id"]});
+    let (status, v) = post(&responses, &next).await;
+    assert_eq!(status, 503, "{v}");
+    let (status, v) = post(&responses, &turn).await;
+    assert_eq!(status, 200, "answered, not stored: {v}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(8), "two calls of 1 s each took {:?}", t.elapsed());
     assert_idle(&r.url).await;
 }

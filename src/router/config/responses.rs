@@ -30,6 +30,10 @@ pub(crate) struct ResponsesArgs {
     /// A response (with its conversation) larger than this is answered but not stored.
     #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
     pub(crate) responses_max_bytes: usize,
+    /// The longest one store call may take, connecting included; past it a continuation or
+    /// read answers 503 and a new response is answered without being stored.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS", value_parser = crate::flags::positive)]
+    pub(crate) responses_store_timeout_secs: f64,
 }
 
 /// Which store keeps the conversations.
@@ -46,6 +50,7 @@ pub(crate) struct ResponsesConfig {
     pub(crate) ttl: Duration,
     pub(crate) max_stored: u64,
     pub(crate) max_bytes: usize,
+    pub(crate) timeout: Duration,
 }
 
 impl ResponsesArgs {
@@ -72,6 +77,7 @@ impl ResponsesArgs {
             ttl: Duration::from_secs(self.responses_ttl_secs),
             max_stored: self.responses_max_stored,
             max_bytes: self.responses_max_bytes,
+            timeout: Duration::from_secs_f64(self.responses_store_timeout_secs),
         })
     }
 }

@@ -104,6 +104,7 @@ mod tests {
             ttl: std::time::Duration::from_secs(60),
             max_stored: 1,
             max_bytes: 1 << 20,
+            timeout: std::time::Duration::from_secs(10),
         }));
         let body = ClientBody::parse(Bytes::from(json!({"input": "hi"}).to_string())).unwrap();
         let (_, mut turn) = r.prepare(Owner(String::new()), body).await.unwrap();

@@ -228,6 +228,7 @@ mod tests {
             ttl: std::time::Duration::from_secs(60),
             max_stored: 10,
             max_bytes: 1 << 20,
+            timeout: std::time::Duration::from_secs(10),
         }))
     }
 

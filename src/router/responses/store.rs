@@ -33,6 +33,8 @@ pub(crate) struct ResponseStore {
     kind: StoreKind,
     ttl: Duration,
     max_stored: u64,
+    /// The longest one call may take (--responses-store-timeout-secs).
+    timeout: Duration,
     sqlite: OnceCell<Arc<Mutex<rusqlite::Connection>>>,
     postgres: Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
@@ -56,6 +58,7 @@ impl ResponseStore {
             kind: cfg.store.clone(),
             ttl: cfg.ttl,
             max_stored: cfg.max_stored,
+            timeout: cfg.timeout,
             sqlite: OnceCell::new(),
             postgres: Mutex::new(None),
         }
@@ -72,6 +75,28 @@ impl ResponseStore {
     }
 
     pub(crate) async fn put(&self, id: &str, owner: &Owner, stored: &StoredResponse) -> Result<(), String> {
+        self.bounded(self.put_now(id, owner, stored)).await
+    }
+
+    /// The response `id` if `owner` made it and it has not expired.
+    pub(crate) async fn get(&self, id: &str, owner: &Owner) -> Result<Option<StoredResponse>, String> {
+        self.bounded(self.get_now(id, owner)).await
+    }
+
+    /// Deletes the response `id` if `owner` made it; whether there was one.
+    pub(crate) async fn delete(&self, id: &str, owner: &Owner) -> Result<bool, String> {
+        self.bounded(self.delete_now(id, owner)).await
+    }
+
+    /// A store call within --responses-store-timeout-secs (connecting included): a stalled
+    /// store never holds a request, its permit or its connection longer.
+    async fn bounded<T>(&self, call: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+        tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
+            Err(format!("the store did not answer within {:.1}s (--responses-store-timeout-secs)", self.timeout.as_secs_f64()))
+        })
+    }
+
+    async fn put_now(&self, id: &str, owner: &Owner, stored: &StoredResponse) -> Result<(), String> {
         let (created, oldest, max) = (now_secs(), self.oldest(), i64::try_from(self.max_stored).unwrap_or(i64::MAX));
         match &self.kind {
             StoreKind::Off => Ok(()),
@@ -114,8 +139,7 @@ impl ResponseStore {
         }
     }
 
-    /// The response `id` if `owner` made it and it has not expired.
-    pub(crate) async fn get(&self, id: &str, owner: &Owner) -> Result<Option<StoredResponse>, String> {
+    async fn get_now(&self, id: &str, owner: &Owner) -> Result<Option<StoredResponse>, String> {
         let oldest = self.oldest();
         match &self.kind {
             StoreKind::Off => Ok(None),
@@ -146,8 +170,7 @@ impl ResponseStore {
         }
     }
 
-    /// Deletes the response `id` if `owner` made it; whether there was one.
-    pub(crate) async fn delete(&self, id: &str, owner: &Owner) -> Result<bool, String> {
+    async fn delete_now(&self, id: &str, owner: &Owner) -> Result<bool, String> {
         let oldest = self.oldest();
         match &self.kind {
             StoreKind::Off => Ok(false),
@@ -205,10 +228,7 @@ impl ResponseStore {
             return Ok(c.clone());
         }
         let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
-        let (client, connection) = tokio::time::timeout(Duration::from_secs(10), connect)
-            .await
-            .map_err(|_| "the PostgreSQL store did not answer within 10s".to_string())?
-            .map_err(pg_error)?;
+        let (client, connection) = connect.await.map_err(pg_error)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!("the PostgreSQL store's connection ended: {e}");
@@ -239,7 +259,13 @@ mod tests {
     use super::*;
 
     fn store(dir: &std::path::Path, max_stored: u64, ttl: Duration) -> ResponseStore {
-        ResponseStore::new(&ResponsesConfig { store: StoreKind::Sqlite(dir.join("r.sqlite3")), ttl, max_stored, max_bytes: 1 << 20 })
+        ResponseStore::new(&ResponsesConfig {
+            store: StoreKind::Sqlite(dir.join("r.sqlite3")),
+            ttl,
+            max_stored,
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(10),
+        })
     }
 
     fn row(n: u32) -> StoredResponse {
