@@ -18,6 +18,8 @@ pub(crate) enum ErrorKind {
     RequestTimeout,
     PayloadTooLarge,
     RateLimit,
+    /// A tenant's per-minute allowance ran out: OpenAI's `rate_limit_exceeded`.
+    QuotaExceeded(Quota),
     Internal,
     BadGateway,
     ServiceUnavailable,
@@ -32,7 +34,7 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RateLimit | ErrorKind::QuotaExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorKind::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -50,6 +52,7 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => "RequestTimeoutError",
             ErrorKind::PayloadTooLarge => "PayloadTooLargeError",
             ErrorKind::RateLimit => "RateLimitError",
+            ErrorKind::QuotaExceeded(q) => q.as_str(),
             ErrorKind::Internal => "InternalServerError",
             ErrorKind::BadGateway => "BadGatewayError",
             ErrorKind::ServiceUnavailable => "ServiceUnavailableError",
@@ -70,6 +73,22 @@ impl ErrorKind {
             504 => ErrorKind::GatewayTimeout,
             s if s < 500 => ErrorKind::BadRequest,
             _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Which per-minute allowance a request ran out of (OpenAI's error `type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Quota {
+    Requests,
+    Tokens,
+}
+
+impl Quota {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Quota::Requests => "requests",
+            Quota::Tokens => "tokens",
         }
     }
 }
@@ -114,11 +133,16 @@ impl ApiError {
     }
 
     pub(crate) fn body(&self) -> Value {
+        // OpenAI's rate limits say what ran out in `type` and name the error in `code`.
+        let code = match self.kind {
+            ErrorKind::QuotaExceeded(_) => json!("rate_limit_exceeded"),
+            _ => json!(self.status.as_u16()),
+        };
         json!({"error": {
             "message": self.message,
             "type": self.kind.type_name(),
             "param": self.param,
-            "code": self.status.as_u16(),
+            "code": code,
         }})
     }
 }

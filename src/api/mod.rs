@@ -11,7 +11,7 @@ pub(crate) mod kv_params;
 pub(crate) mod prom;
 pub mod sse;
 
-pub(crate) use error::{ApiError, ErrorKind};
+pub(crate) use error::{ApiError, ErrorKind, Quota};
 
 /// The 64-bit FNV-1a offset basis: the start of a hash (`fnv1a`).
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -1,6 +1,7 @@
 //! `disagg route`: the PD router. The flow of one request is in flow.rs; the failure
 //! contract it implements is docs/FAILURES.md.
 
+pub(crate) mod admission;
 pub(crate) mod config;
 pub(crate) mod flow;
 pub(crate) mod front;
@@ -10,6 +11,7 @@ pub(crate) mod pair;
 pub mod policy;
 pub mod request;
 pub(crate) mod responses;
+pub(crate) mod tenants;
 pub mod upstream;
 pub(crate) mod workers;
 
@@ -58,10 +60,21 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
     };
     let topology = Arc::new(topology);
     let metrics = Arc::new(metrics::RouterMetrics::new());
+    let tenants = Arc::new(match &cfg.flow_control.tenants {
+        Some(path) => tenants::Tenants::load(path.clone(), cfg.flow_control.replicas).map_err(anyhow::Error::msg)?,
+        None => tenants::Tenants::none(),
+    });
     Ok(Router {
         needs_request_info,
         topology: topology.clone(),
-        admission: flow::admission::Admission::new(cfg.max_concurrent, cfg.queue_size, cfg.queue_timeout),
+        admission: Arc::new(admission::Admission::new(
+            cfg.max_concurrent,
+            cfg.queue_size,
+            cfg.queue_timeout,
+            tenants.clone(),
+            cfg.flow_control.threshold.map(|t| (workers::room::EngineRoom::new(t), topology.clone())),
+        )),
+        tenants,
         metrics: metrics.clone(),
         tokenizer,
         kv_index: kv_aware.then(Arc::default),
@@ -114,8 +127,19 @@ fn background(router: &Arc<Router>, discovery: Option<std::net::TcpListener>, tl
     if let Some(index) = router.kv_index.clone() {
         let t = topology.clone();
         supervise(Task::KvIntake, &metrics, move || kv_aware::intake::run(t.clone(), index.clone()));
+    }
+    // The engines' own load: kv_aware prices it, flow control's room reads their queues.
+    if router.kv_index.is_some() || cfg.flow_control.threshold.is_some() {
         let (t, timeout, auth) = (topology.clone(), cfg.health.timeout, router.worker_auth.clone());
         supervise(Task::EngineLoad, &metrics, move || kv_aware::engine_load::run(t.clone(), timeout, auth.clone()));
+    }
+    if cfg.flow_control.threshold.is_some() {
+        let admission = router.admission.clone();
+        supervise(Task::EngineRoom, &metrics, move || admission.clone().watch_room());
+    }
+    if router.tenants.configured() {
+        let tenants = router.tenants.clone();
+        supervise(Task::TenantsReload, &metrics, move || tenants.clone().reload_on_change());
     }
 }
 

@@ -273,6 +273,8 @@ pub(crate) struct RouteArgs {
     #[command(flatten)]
     pub(crate) responses: crate::router::config::responses::ResponsesArgs,
     #[command(flatten)]
+    pub(crate) flow_control: crate::router::config::flow_control::FlowControlArgs,
+    #[command(flatten)]
     pub(crate) tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
     pub(crate) worker_tls: crate::tls::WorkerTlsArgs,
@@ -467,6 +469,7 @@ impl RouteArgs {
             boundary: self.boundary.to_config(self.port),
             passthrough: self.passthrough.to_config(),
             responses: self.responses.to_config()?,
+            flow_control: self.flow_control.to_config(),
         })
     }
 

@@ -3,6 +3,7 @@
 pub(crate) mod addresses;
 pub(crate) mod boundary;
 pub(crate) mod cli;
+pub(crate) mod flow_control;
 pub(crate) mod keys;
 pub(crate) mod passthrough;
 pub(crate) mod responses;
@@ -93,4 +94,5 @@ pub(crate) struct RouterConfig {
     pub(crate) boundary: crate::router::config::boundary::BoundaryConfig,
     pub(crate) passthrough: passthrough::PassthroughConfig,
     pub(crate) responses: responses::ResponsesConfig,
+    pub(crate) flow_control: flow_control::FlowControlConfig,
 }

@@ -27,6 +27,13 @@ use crate::router::request::body::ClientBody;
 use crate::router::request::{self, LegBodies, Shape};
 use crate::router::upstream::legs::StartedBody;
 
+/// What flow control gave the request: its claim on the engines' room (shared by its
+/// generations) and what its legs say of its priority.
+pub(crate) struct Marks {
+    pub(crate) transit: Option<Arc<crate::router::workers::room::Transit>>,
+    pub(crate) priority: request::LegPriority,
+}
+
 /// Runs every generation and merges their answers; on failure, hands the held request
 /// back with the failure (the first generation to fail decides it; the others are dropped).
 pub(crate) async fn run(
@@ -36,6 +43,7 @@ pub(crate) async fn run(
     shape: &Shape,
     leg: &LegTemplate,
     mut held: Held,
+    marks: Marks,
 ) -> Result<Response, (Failure, Held)> {
     let base_id = leg.request_id.to_str().unwrap_or_default().to_string();
     let mut jobs = Vec::new();
@@ -46,7 +54,9 @@ pub(crate) async fn run(
         };
         let info = info_for(router, headers, &body, crate::api::dialect::Dialect::OpenAi).await;
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
-        jobs.push(Arc::new(Job { bodies: LegBodies::new(body), info, leg: leg.with_id(id), delivery: Delivery::from(shape.gen.stream) }));
+        let bodies = LegBodies::new(body).with_priority(marks.priority.clone());
+        let delivery = Delivery::from(shape.gen.stream);
+        jobs.push(Arc::new(Job { bodies, info, leg: leg.with_id(id), delivery, transit: marks.transit.clone() }));
     }
     let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| router.pairs.run(job))).await {
         Ok(answers) => answers,
@@ -54,6 +64,7 @@ pub(crate) async fn run(
     };
     let n = shape.gen.n as usize;
     held.record.status(200);
+    held.record.first_output();
     held.started = answers.iter().map(|a| a.since).min().expect("at least two generations");
     let mut wholes = Vec::new();
     let mut streams = Vec::new();

@@ -6,7 +6,6 @@
 //! answer (fanout.rs) → relay the answer (relay.rs).
 //! docs/FAILURES.md is the contract this file implements.
 
-pub(crate) mod admission;
 pub(crate) mod drain;
 pub(crate) mod fanout;
 pub(crate) mod passthrough;
@@ -18,14 +17,14 @@ use axum::body::Body;
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::api::body::{read_within, require_json, BodyBudget, Budgeted};
 use crate::api::dialect::Dialect;
 use crate::api::fields::Api;
 use crate::api::ApiError;
+use crate::router::admission::{Admission, Permit, Refused, Ticket};
+use crate::router::config::flow_control::EngineScheduling;
 use crate::router::config::RouterConfig;
-use crate::router::flow::admission::{Admission, Refused};
 use crate::router::flow::drain::{Drain, Phase};
 use crate::router::metrics::Cause;
 use crate::router::metrics::{RequestRecord, RouterMetrics};
@@ -33,7 +32,9 @@ use crate::router::pair::failure::Failure;
 use crate::router::pair::{Delivery, Job, LegTemplate, Pairs};
 use crate::router::policy::RequestInfo;
 use crate::router::request::body::ClientBody;
-use crate::router::request::{self, LegBodies, LegShape};
+use crate::router::request::{self, LegBodies, LegPriority, LegShape};
+use crate::router::tenants::limits::RateHeaders;
+use crate::router::tenants::Tenants;
 use crate::router::workers::topology::Topology;
 use relay::Held;
 
@@ -43,7 +44,9 @@ pub(crate) struct Router {
     pub(crate) topology: Arc<Topology>,
     /// Whether a pool's policy reads the request's prompt or session key.
     pub(crate) needs_request_info: bool,
-    pub(crate) admission: Admission,
+    pub(crate) admission: Arc<Admission>,
+    /// Who clients are and what they may use (--tenants).
+    pub(crate) tenants: Arc<Tenants>,
     pub(crate) metrics: Arc<RouterMetrics>,
     pub(crate) tokenizer: Option<Arc<tokenizers::Tokenizer>>,
     /// kv_aware: what each worker's DP ranks hold (kv_intake.rs feeds it), and the model's
@@ -116,7 +119,8 @@ impl Endpoint {
 pub(crate) async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
     let request_id = request_id(&headers);
     let mut record = Some(RequestRecord::new(router.metrics.clone(), ep.label()));
-    let served = serve(&router, ep, &headers, body, &request_id, &mut record);
+    let mut rate = None;
+    let served = serve(&router, ep, &headers, body, &request_id, &mut record, &mut rate);
     let result = tokio::select! {
         result = served => result,
         () = router.drain.reached(Phase::Cut) => Err(Failure::shutting_down()),
@@ -133,6 +137,9 @@ pub(crate) async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderM
         }
     };
     resp.headers_mut().insert("x-request-id", request_id);
+    if let Some(rate) = rate {
+        rate.write(resp.headers_mut());
+    }
     resp
 }
 
@@ -171,8 +178,10 @@ async fn serve(
     body: Body,
     request_id: &HeaderValue,
     record: &mut Option<RequestRecord>,
+    rate: &mut Option<RateHeaders>,
 ) -> Result<Response, Failure> {
     let active = router.drain.active();
+    let tenant = router.tenants.of(headers);
     require_json(headers).map_err(Failure::bad_request)?;
     // The body's share of --max-body-bytes-in-flight is held until the answer has started.
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
@@ -180,7 +189,7 @@ async fn serve(
     // A Responses turn: its history from the router's store, the router's id.
     let (body, turn) = match ep {
         Endpoint::Responses => {
-            let owner = crate::router::responses::Responses::owner(headers, &router.cfg.auth);
+            let owner = crate::router::responses::Responses::owner(headers, &router.cfg.auth, &router.tenants);
             let (body, turn) = router.responses.prepare(owner, body).await.map_err(Failure::bad_request)?;
             (body, Some(turn))
         }
@@ -201,8 +210,33 @@ async fn serve(
     if router.drain.draining() {
         return Err(Failure::shutting_down());
     }
+    // Flow control: the tenant's priority and limits, then the router's queue.
+    let priority = tenant.priority(crate::router::tenants::asked_priority(headers, &body).map_err(Failure::bad_request)?);
+    let cost = crate::router::tenants::estimate(&body, generations);
+    if router.tenants.configured() {
+        let label = crate::router::metrics::TenantLabel { tenant: tenant.name.clone(), priority: router.tenants.priority_label(priority) };
+        record.as_mut().expect("the record stays until the answer is built").tenant(label, cost.total());
+    }
+    match tenant.charge(cost) {
+        Ok(headers) => *rate = Some(headers),
+        Err(limited) => {
+            *rate = Some(limited.headers);
+            let cause = if limited.error.status == StatusCode::TOO_MANY_REQUESTS { Cause::RateLimited } else { Cause::BadRequest };
+            return Err(Failure::api(limited.error, cause));
+        }
+    }
     router.pairs.budget.request();
-    let permit = admit(&router.admission, generations).await?;
+    let waited = std::time::Instant::now();
+    let permit = admit(&router.admission, Ticket { tenant: tenant.clone(), priority, cost: cost.total(), generations }).await?;
+    if let Some(rec) = record.as_ref() {
+        rec.queued(waited);
+    }
+    let leg_priority = match router.cfg.flow_control.engines {
+        EngineScheduling::Priority => LegPriority::Set(priority.to_string().into_bytes()),
+        EngineScheduling::Fcfs if router.cfg.flow_control.orders() => LegPriority::Dropped,
+        EngineScheduling::Fcfs => LegPriority::AsSent,
+    };
+    let transit = permit.transit();
     let t = &router.cfg.timeouts;
     let leg = LegTemplate {
         path: ep.path(),
@@ -220,15 +254,18 @@ async fn serve(
         active,
     };
     if generations > 1 {
-        return fanout::run(router, headers, &body, &shape, &leg, held).await.map_err(|(f, held)| {
+        let marks = fanout::Marks { transit, priority: leg_priority };
+        return fanout::run(router, headers, &body, &shape, &leg, held, marks).await.map_err(|(f, held)| {
             *record = Some(held.record);
             f
         });
     }
     let info = info_for(router, headers, &body, ep.dialect()).await;
-    let job = Arc::new(Job { bodies: LegBodies::shaped(body, leg_shape), info, leg, delivery: Delivery::from(shape.gen.stream) });
+    let bodies = LegBodies::shaped(body, leg_shape).with_priority(leg_priority);
+    let job = Arc::new(Job { bodies, info, leg, delivery: Delivery::from(shape.gen.stream), transit });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
+            held.record.first_output();
             let prediction =
                 job.info.kv.as_ref().and_then(|kv| {
                     crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success())
@@ -249,12 +286,12 @@ async fn serve(
 }
 
 /// What workers are sent as `Authorization`: --api-key; without it, the client's own header
-/// only where the router checks no client keys (a client key is the router's secret, never
-/// a worker's).
+/// only where the router checks no client keys (a client key, a tenant's included, is the
+/// router's secret, never a worker's).
 pub(crate) fn worker_authorization(router: &Router, headers: &HeaderMap) -> Option<HeaderValue> {
     match &router.worker_auth {
         Some(key) => Some(key.clone()),
-        None if router.cfg.auth.client_keys.is_empty() => headers.get(AUTHORIZATION).cloned(),
+        None if router.cfg.auth.client_keys.is_empty() && !router.tenants.configured() => headers.get(AUTHORIZATION).cloned(),
         None => None,
     }
 }
@@ -286,8 +323,8 @@ pub(crate) async fn read_body(router: &Router, headers: &HeaderMap, body: Body) 
     }
 }
 
-pub(crate) async fn admit(admission: &Admission, generations: usize) -> Result<OwnedSemaphorePermit, Failure> {
-    admission.admit(generations).await.map_err(|r| match r {
+pub(crate) async fn admit(admission: &Admission, ticket: Ticket) -> Result<Permit, Failure> {
+    admission.admit(ticket).await.map_err(|r| match r {
         Refused::QueueFull(e) => Failure::api(e, Cause::QueueFull),
         Refused::QueueTimeout(e) => Failure::api(e, Cause::QueueTimeout),
         Refused::TooLarge(e) => Failure::api(e, Cause::BadRequest),

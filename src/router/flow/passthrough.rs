@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 
 use crate::api::dialect::Dialect;
 use crate::api::{ApiError, ErrorKind};
+use crate::router::admission::Ticket;
 use crate::router::config::passthrough::PathGroup;
 use crate::router::flow::{admit, read_body, worker_authorization, Router};
 use crate::router::metrics::Cause;
@@ -61,7 +62,9 @@ async fn run(
     }
     let active = router.drain.active();
     let body = if method == Method::GET { Bytes::new() } else { read_body(router, headers, body).await?.bytes };
-    let permit = admit(&router.admission, 1).await?;
+    let tenant = router.tenants.of(&headers);
+    let priority = tenant.priority(None);
+    let permit = admit(&router.admission, Ticket { tenant, priority, cost: 0, generations: 1 }).await?;
     let role = router.cfg.passthrough.role_for(group);
     let pool = router.topology.pool(role).or_else(|| router.topology.pools().next()).expect("a topology has a pool");
     let authorization = worker_authorization(router, headers);

@@ -16,7 +16,6 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream;
 use futures_util::StreamExt;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::api::dialect::Dialect;
 use crate::api::{ApiError, ErrorKind};
@@ -36,7 +35,7 @@ use crate::router::workers::Lease;
 pub(crate) struct Held {
     /// Held for its drop: the admission permit goes back when the answer is over.
     #[expect(dead_code, reason = "held for its drop")]
-    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) permit: crate::router::admission::Permit,
     /// The worker ranks answering (their in-flight counts are released with the body).
     pub(crate) leases: Vec<Lease>,
     pub(crate) record: RequestRecord,

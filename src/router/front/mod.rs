@@ -1,6 +1,6 @@
-//! The router's HTTP surface, and who may use it: with --client-api-key, every API that
-//! serves clients (/v1/*, /v2/*, /inference/*, the passed-through paths) needs one of the
-//! client keys (as a bearer token or `x-api-key`); with --admin-api-key, /workers and /metrics need
+//! The router's HTTP surface, and who may use it: with --client-api-key or --tenants, every
+//! API that serves clients (/v1/*, /v2/*, /inference/*, the passed-through paths) needs one
+//! of the client keys or the tenants' (as a bearer token or `x-api-key`); with --admin-api-key, /workers and /metrics need
 //! it (they list internal addresses). /health and /healthcheck stay open for probes and
 //! name no worker (registered engines are listed to the admin key only).
 
@@ -83,7 +83,8 @@ fn unauthorized(what: &str, dialect: Dialect) -> Response {
 async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let auth = &r.cfg.auth;
-    if needs_client_key(path) && !auth.client_keys.is_empty() && auth.client_key_of(req.headers()).is_none() {
+    let keys_required = !auth.client_keys.is_empty() || r.tenants.configured();
+    if needs_client_key(path) && keys_required && auth.client_key_of(req.headers()).is_none() && r.tenants.by_key(req.headers()).is_none() {
         let dialect = if path.starts_with("/v1/messages") { Dialect::Anthropic } else { Dialect::OpenAi };
         return unauthorized("this router needs a client API key (or `x-api-key: <key>`)", dialect);
     }
@@ -133,17 +134,17 @@ async fn retrieve_response(
     Query(q): Query<RetrieveQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth);
+    let owner = Responses::owner(&headers, &r.cfg.auth, &r.tenants);
     r.responses.retrieve(&id, &owner, q.stream.unwrap_or(false)).await
 }
 
 async fn cancel_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth);
+    let owner = Responses::owner(&headers, &r.cfg.auth, &r.tenants);
     r.responses.cancel(&id, &owner).await
 }
 
 async fn delete_response(State(r): State<Arc<Router>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let owner = Responses::owner(&headers, &r.cfg.auth);
+    let owner = Responses::owner(&headers, &r.cfg.auth, &r.tenants);
     r.responses.delete(&id, &owner).await
 }
 
@@ -264,8 +265,23 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
         r.topology.pools().filter_map(|p| p.index_entries().map(|n| (p.role.as_str().to_string(), json!(n)))).collect();
     axum::Json(json!({"workers": list, "queued": r.admission.queued(), "permits_in_use": r.admission.in_use(),
         "requests_in_flight": r.drain.in_flight(), "draining": r.drain.draining(), "prefix_index_entries": index,
-        "body_bytes_in_flight": r.body_budget.in_use()}))
+        "body_bytes_in_flight": r.body_budget.in_use(), "tenants": tenants_json(&r.tenants)}))
     .into_response()
+}
+
+/// What /workers says of each tenant: what it is admitted for now and what is left of
+/// its per-minute allowances.
+fn tenants_json(tenants: &crate::router::tenants::Tenants) -> Value {
+    let view = |v: Option<crate::router::tenants::limits::BucketView>| v.map(|v| json!({"limit": v.limit, "remaining": v.remaining}));
+    tenants
+        .all()
+        .iter()
+        .map(|t| {
+            let rate = t.headers();
+            json!({"name": &*t.name, "admitted": t.admitted.load(std::sync::atomic::Ordering::Relaxed),
+                "weight": t.weight(), "requests": view(rate.requests), "tokens": view(rate.tokens)})
+        })
+        .collect()
 }
 
 /// What /workers (and the admin API) say of a worker.
@@ -275,5 +291,6 @@ pub(crate) fn worker_json(w: &Worker) -> Value {
     json!({"url": w.url, "role": w.role.as_str(), "healthy": w.is_healthy(), "draining": w.is_draining(),
            "circuit": w.circuit().as_str(), "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight(),
            "ranks_queued_blocks": queued,
-           "ranks_requests_elsewhere": elsewhere})
+           "ranks_requests_elsewhere": elsewhere,
+           "ranks_queue": (0..w.dp_size()).map(|r| w.rank_queue(r)).collect::<Vec<_>>(), "queue_threshold": w.queue_threshold()})
 }

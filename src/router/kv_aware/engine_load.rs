@@ -3,7 +3,8 @@
 //! `vllm:num_requests_running` per DP engine (`engine="N"`); what a rank reports beyond
 //! the requests this router has in flight there is work from elsewhere (other router
 //! replicas, clients that reach the engine directly), which the router's own reservations
-//! cannot see. kv_aware prices it (policy/mod.rs). Read with the health check's timeout,
+//! cannot see. kv_aware prices it (policy/mod.rs); flow control reads the waiting ones as
+//! each rank's queue (workers/room.rs). Read with the health check's timeout,
 //! at most [`MAX_METRICS_BYTES`] of it; a worker that does not answer keeps no such load.
 
 use std::sync::Arc;
@@ -44,13 +45,21 @@ async fn poll(client: &reqwest::Client, auth: Option<&HeaderValue>, w: &Arc<Work
     let reported = if w.is_healthy() { read(client, auth, &w.url).await } else { None };
     let reported = reported.unwrap_or_default();
     for rank in 0..w.dp_size() {
-        let engine = reported.get(rank).copied().unwrap_or(0);
-        w.set_reported_elsewhere(rank, engine.saturating_sub(w.rank_load(rank)));
+        let engine = reported.get(rank).copied().unwrap_or_default();
+        w.set_reported_elsewhere(rank, (engine.waiting + engine.running).saturating_sub(w.rank_load(rank)));
+        w.set_reported_waiting(rank, engine.waiting);
     }
 }
 
-/// Requests waiting + running per engine, from the worker's /metrics.
-async fn read(client: &reqwest::Client, auth: Option<&HeaderValue>, url: &str) -> Option<Vec<usize>> {
+/// What one engine (DP rank) reports of its requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct EngineRequests {
+    pub(crate) waiting: usize,
+    pub(crate) running: usize,
+}
+
+/// Requests waiting and running per engine, from the worker's /metrics.
+async fn read(client: &reqwest::Client, auth: Option<&HeaderValue>, url: &str) -> Option<Vec<EngineRequests>> {
     let mut req = client.get(format!("{url}/metrics"));
     if let Some(auth) = auth {
         req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
@@ -67,30 +76,36 @@ async fn read(client: &reqwest::Client, auth: Option<&HeaderValue>, url: &str) -
     Some(requests_per_engine(&String::from_utf8_lossy(&body)))
 }
 
-/// `vllm:num_requests_waiting` + `vllm:num_requests_running`, indexed by the `engine`
+/// `vllm:num_requests_waiting` and `vllm:num_requests_running`, indexed by the `engine`
 /// label (no label: engine 0). Engines above 1024 are not believed.
-pub(crate) fn requests_per_engine(text: &str) -> Vec<usize> {
-    let mut per: Vec<usize> = Vec::new();
-    let series = samples(text, "vllm:num_requests_waiting").chain(samples(text, "vllm:num_requests_running"));
-    for (labels, n) in series.filter(|(_, n)| n.is_finite() && *n >= 0.0) {
+pub(crate) fn requests_per_engine(text: &str) -> Vec<EngineRequests> {
+    let mut per: Vec<EngineRequests> = Vec::new();
+    let series =
+        samples(text, "vllm:num_requests_waiting").map(|s| (true, s)).chain(samples(text, "vllm:num_requests_running").map(|s| (false, s)));
+    for (waiting, (labels, n)) in series.filter(|(_, (_, n))| n.is_finite() && *n >= 0.0) {
         let engine = label(labels, "engine").and_then(|e| e.parse::<usize>().ok()).unwrap_or(0);
         if engine >= 1024 {
             continue;
         }
         if per.len() <= engine {
-            per.resize(engine + 1, 0);
+            per.resize(engine + 1, EngineRequests::default());
         }
-        per[engine] = per[engine].saturating_add(n as usize);
+        let slot = if waiting { &mut per[engine].waiting } else { &mut per[engine].running };
+        *slot = slot.saturating_add(n as usize);
     }
     per
 }
 
 #[cfg(test)]
 mod tests {
-    use super::requests_per_engine;
+    use super::{requests_per_engine, EngineRequests};
+
+    fn both(waiting: usize, running: usize) -> EngineRequests {
+        EngineRequests { waiting, running }
+    }
 
     #[test]
-    fn waiting_and_running_add_up_per_engine() {
+    fn waiting_and_running_are_read_per_engine() {
         let text = "# HELP vllm:num_requests_waiting Number of requests waiting.\n\
                     vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
                     vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2.0\n\
@@ -98,8 +113,8 @@ mod tests {
                     vllm:num_requests_running{model_name=\"m\",engine=\"1\"} 4\n\
                     vllm:num_requests_waiting_by_reason{engine=\"0\"} 9\n\
                     vllm:num_requests_running{engine=\"2\"} NaN\n";
-        assert_eq!(requests_per_engine(text), vec![5, 4]);
-        assert_eq!(requests_per_engine("vllm:num_requests_running 7\n"), vec![7], "no engine label: engine 0");
-        assert_eq!(requests_per_engine("vllm:num_requests_running{engine=\"99999\"} 1\n"), Vec::<usize>::new());
+        assert_eq!(requests_per_engine(text), vec![both(3, 2), both(0, 4)]);
+        assert_eq!(requests_per_engine("vllm:num_requests_running 7\n"), vec![both(0, 7)], "no engine label: engine 0");
+        assert_eq!(requests_per_engine("vllm:num_requests_running{engine=\"99999\"} 1\n"), Vec::<EngineRequests>::new());
     }
 }

@@ -15,6 +15,8 @@ pub(crate) enum Cause {
     BodyBudget,
     QueueFull,
     QueueTimeout,
+    /// A tenant's requests or tokens per minute ran out.
+    RateLimited,
     NoHealthyPrefill,
     NoHealthyDecode,
     NoHealthyWorker,
@@ -38,6 +40,7 @@ impl Label for Cause {
             Cause::BodyBudget => "body_budget",
             Cause::QueueFull => "queue_full",
             Cause::QueueTimeout => "queue_timeout",
+            Cause::RateLimited => "rate_limited",
             Cause::NoHealthyPrefill => "no_healthy_prefill",
             Cause::NoHealthyDecode => "no_healthy_decode",
             Cause::NoHealthyWorker => "no_healthy_worker",
@@ -182,6 +185,8 @@ pub(crate) enum Task {
     Upkeep,
     KvIntake,
     EngineLoad,
+    EngineRoom,
+    TenantsReload,
 }
 
 impl Label for Task {
@@ -193,6 +198,8 @@ impl Label for Task {
             Task::Upkeep => "upkeep",
             Task::KvIntake => "kv_intake",
             Task::EngineLoad => "engine_load",
+            Task::EngineRoom => "engine_room",
+            Task::TenantsReload => "tenants_reload",
         }
     }
 }

@@ -30,6 +30,7 @@ pub(crate) struct RouterMetrics {
     kv_aware: IntCounterVec,
     refused: IntCounterVec,
     task_restarts: IntCounterVec,
+    tenant: TenantMetrics,
     /// One render at a time (each resets the per-worker series, then sets them).
     rendering: std::sync::Mutex<()>,
 }
@@ -65,6 +66,13 @@ impl RouterMetrics {
             abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
                 "Decode legs whose client left before their first output: kept until that output (so the prefill's KV was pulled), then dropped.").expect("valid metric")),
             permits: crate::api::prom::register(&r, IntGauge::new("disagg_router_permits_in_use", "Permits held by requests in flight (of --max-concurrent-requests).").expect("valid metric")),
+            tenant: TenantMetrics {
+                requests: counter("disagg_router_tenant_requests_total", "Requests by tenant and priority (with --tenants).", &["tenant", "priority"]),
+                tokens: counter("disagg_router_tenant_tokens_total", "Estimated tokens (prompt + max output) charged to each tenant's tokens per minute.", &["tenant"]),
+                refused: counter("disagg_router_tenant_refused_total", "Requests refused by flow control, by tenant and cause (rate_limited, queue_full, queue_timeout).", &["tenant", "cause"]),
+                queued: hist("disagg_router_tenant_queue_seconds", "Time waiting in the router's queue, by tenant and priority.", &["tenant", "priority"]),
+                ttft: hist("disagg_router_tenant_ttft_seconds", "Time to the answer's first output (a stream's first event), by tenant and priority.", &["tenant", "priority"]),
+            },
             rendering: std::sync::Mutex::new(()),
             registry: r,
         }
@@ -122,6 +130,22 @@ impl RouterMetrics {
     }
 }
 
+/// Per-tenant series (with --tenants; their label values come from the tenants file).
+struct TenantMetrics {
+    requests: IntCounterVec,
+    tokens: IntCounterVec,
+    refused: IntCounterVec,
+    queued: HistogramVec,
+    ttft: HistogramVec,
+}
+
+/// Whom a request is counted for: its tenant, and its priority as labelled.
+#[derive(Clone, Debug)]
+pub(crate) struct TenantLabel {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) priority: String,
+}
+
 /// One worker's gauges, as the scrape reads them.
 pub(crate) struct WorkerGauges {
     pub(crate) url: String,
@@ -147,11 +171,12 @@ pub(crate) struct RequestRecord {
     status: u16,
     cause: Option<Cause>,
     done: bool,
+    tenant: Option<TenantLabel>,
 }
 
 impl RequestRecord {
     pub(crate) fn new(metrics: Arc<RouterMetrics>, endpoint: &'static str) -> Self {
-        RequestRecord { metrics, endpoint, start: Instant::now(), status: 499, cause: None, done: false }
+        RequestRecord { metrics, endpoint, start: Instant::now(), status: 499, cause: None, done: false, tenant: None }
     }
     pub(crate) fn metrics(&self) -> &RouterMetrics {
         &self.metrics
@@ -163,6 +188,23 @@ impl RequestRecord {
     /// Why the request failed (the first cause wins).
     pub(crate) fn fail(&mut self, cause: Cause) {
         self.cause.get_or_insert(cause);
+    }
+    /// Counts the request for its tenant (with --tenants), charged `tokens`.
+    pub(crate) fn tenant(&mut self, label: TenantLabel, tokens: u64) {
+        self.metrics.tenant.tokens.with_label_values(&[&*label.tenant]).inc_by(tokens);
+        self.tenant = Some(label);
+    }
+    /// It waited this long in the router's queue.
+    pub(crate) fn queued(&self, since: Instant) {
+        if let Some(t) = &self.tenant {
+            self.metrics.tenant.queued.with_label_values(&[&*t.tenant, &t.priority]).observe(since.elapsed().as_secs_f64());
+        }
+    }
+    /// The answer's first output is here.
+    pub(crate) fn first_output(&self) {
+        if let Some(t) = &self.tenant {
+            self.metrics.tenant.ttft.with_label_values(&[&*t.tenant, &t.priority]).observe(self.start.elapsed().as_secs_f64());
+        }
     }
     /// The response reached its end (a success or an error the client received whole).
     pub(crate) fn finish(&mut self) {
@@ -179,6 +221,12 @@ impl Drop for RequestRecord {
         self.metrics.requests.with_label_values(&[self.endpoint, &self.status.to_string()]).inc();
         if let Some(c) = self.cause {
             self.metrics.errors.with_label_values(&[c.label()]).inc();
+        }
+        if let Some(t) = &self.tenant {
+            self.metrics.tenant.requests.with_label_values(&[&*t.tenant, &t.priority]).inc();
+            if let Some(c) = self.cause.filter(|c| matches!(c, Cause::RateLimited | Cause::QueueFull | Cause::QueueTimeout)) {
+                self.metrics.tenant.refused.with_label_values(&[&*t.tenant, c.label()]).inc();
+            }
         }
         self.metrics.duration.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
     }

@@ -17,7 +17,7 @@ impl<S: LegSender> Pairs<S> {
             if attempt > 0 && !self.may_retry(attempt, RetryOf::Worker).await {
                 break;
             }
-            let lease = match workers.pick(&job.info, &avoid) {
+            let lease = match super::pick(workers, job, &avoid, super::Avoidance::Strict) {
                 Ok(lease) => lease,
                 Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
             };

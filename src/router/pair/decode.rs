@@ -135,6 +135,8 @@ impl<S: LegSender> Pairs<S> {
                         let cache_from = (self.connector == Connector::Nixl).then(|| prefill.clone());
                         let rename = (req.request_id != job.leg.request_id)
                             .then(|| Rename::new(req.request_id.as_bytes(), job.leg.request_id.as_bytes()));
+                        let mut lease = lease;
+                        lease.started();
                         let answer = Answer { started, lease, since: done.sent_at, cache_from, prefill: Some(prefill), rename };
                         let _ = tx.send(PairOutcome::Answer(Box::new(answer)));
                     }

@@ -1,6 +1,7 @@
 //! What one generation runs with (its legs' bodies and headers, what policies read), and
 //! the start of its answer.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
@@ -10,6 +11,7 @@ use crate::router::policy::{RequestInfo, WorkerRank};
 use crate::router::request::LegBodies;
 use crate::router::upstream::legs::{LegRequest, Started};
 use crate::router::upstream::pieces::Pieces;
+use crate::router::workers::room::Transit;
 use crate::router::workers::Lease;
 
 /// What each leg of one generation sends besides its body.
@@ -60,9 +62,18 @@ pub(crate) struct Job {
     pub(crate) info: RequestInfo,
     pub(crate) leg: LegTemplate,
     pub(crate) delivery: Delivery,
+    /// Flow control's claim on the engines' room, given up as each pool is picked from.
+    pub(crate) transit: Option<Arc<Transit>>,
 }
 
 impl Job {
+    /// A worker of `role` was picked for this generation.
+    pub(super) fn picked(&self, role: crate::router::workers::Role) {
+        if let Some(t) = &self.transit {
+            t.picked(role);
+        }
+    }
+
     /// A decode (or colocated) leg with this body under `request_id`: its time limit is the
     /// first byte's when streamed, the whole answer's otherwise.
     pub(super) fn decode_request(&self, body: Pieces, request_id: HeaderValue) -> LegRequest {

@@ -30,7 +30,6 @@ use tokio::sync::oneshot;
 
 use crate::api::connector::Connector;
 use crate::router::metrics::{KvAwareOutcome, Leg, LegTime, RetryOf, RouterMetrics};
-use crate::router::policy::RequestInfo;
 use crate::router::upstream::legs::LegRequest;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::{Lease, NoWorker, Pool};
@@ -65,12 +64,16 @@ enum Avoidance {
     UnlessNoneElse,
 }
 
-/// Picks from `pool`, avoiding `avoid` as `how` says.
-fn pick(pool: &Pool, info: &RequestInfo, avoid: &[String], how: Avoidance) -> Result<Lease, NoWorker> {
-    match pool.pick(info, avoid) {
-        Err(no) if how == Avoidance::UnlessNoneElse && no.healthy > 0 => pool.pick(info, &[]),
+/// Picks from `pool` for `job`, avoiding `avoid` as `how` says.
+fn pick(pool: &Pool, job: &Job, avoid: &[String], how: Avoidance) -> Result<Lease, NoWorker> {
+    let picked = match pool.pick(&job.info, avoid) {
+        Err(no) if how == Avoidance::UnlessNoneElse && no.healthy > 0 => pool.pick(&job.info, &[]),
         other => other,
+    };
+    if picked.is_ok() {
+        job.picked(pool.role);
     }
+    picked
 }
 
 impl<S: LegSender> Pairs<S> {
@@ -115,14 +118,14 @@ impl<S: LegSender> Pairs<S> {
             }
             let avoidance = if run == 0 { Avoidance::Strict } else { Avoidance::UnlessNoneElse };
             // The decode is reserved first: with none available, no prefill KV is made for nothing.
-            let mut decode = pick(self.pd().1, &job.info, &avoid_d, avoidance).map_err(Failure::no_worker)?;
+            let mut decode = pick(self.pd().1, &job, &avoid_d, avoidance).map_err(Failure::no_worker)?;
             if run == 0 && self.prefill_on_decode(&job, &decode) {
                 match self.decode_alone(&job, decode).await {
                     ControlFlow::Break(answered) => return answered,
                     // Anything but a 4xx: disaggregate, on another decode.
                     ControlFlow::Continue(failed_url) => {
                         avoid_d.push(failed_url);
-                        decode = pick(self.pd().1, &job.info, &avoid_d, Avoidance::UnlessNoneElse).map_err(Failure::no_worker)?;
+                        decode = pick(self.pd().1, &job, &avoid_d, Avoidance::UnlessNoneElse).map_err(Failure::no_worker)?;
                     }
                 }
             }
@@ -179,6 +182,7 @@ impl<S: LegSender> Pairs<S> {
         match self.legs.answer(lease.target(), req, None).await {
             Ok(started) => {
                 lease.succeeded();
+                lease.started();
                 self.metrics.leg_time(LegTime::DecodeFirstByte, t);
                 Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t, rename: None })
             }

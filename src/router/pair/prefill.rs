@@ -102,7 +102,7 @@ impl<S: LegSender> Pairs<S> {
             return Err(last.take().expect("a retry follows a failure"));
         }
         let avoidance = if attempt == 0 { avoidance } else { Avoidance::Strict };
-        pick(self.pd().0, &job.info, avoid, avoidance).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
+        pick(self.pd().0, job, avoid, avoidance).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
     }
 
     /// Mooncake: the prefill and decode legs at once (the decode waits for the KV itself).

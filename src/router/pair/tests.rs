@@ -10,6 +10,8 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use bytes::Bytes;
 use serde_json::json;
+
+use crate::router::policy::RequestInfo;
 use tokio::time::Instant;
 
 use super::retry::{RetryBudget, RetryConfig};
@@ -112,7 +114,7 @@ fn job(delivery: Delivery) -> Arc<Job> {
         first_byte_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_secs(60),
     };
-    Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery })
+    Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery, transit: None })
 }
 
 async fn failure_text(f: Failure) -> (u16, Cause, String) {

@@ -267,6 +267,20 @@ pub struct LegBodies {
     shape: LegShape,
     /// `vllm_xargs` with the steering keys taken out, when it had any.
     xargs: Option<Vec<u8>>,
+    priority: LegPriority,
+}
+
+/// What the legs say of the request's `priority` (flow control).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum LegPriority {
+    /// The client's field as it is (the router does not order by priority).
+    #[default]
+    AsSent,
+    /// The priority the router resolved for the request's tenant (engines that schedule by
+    /// priority), its JSON.
+    Set(Vec<u8>),
+    /// None: the engines schedule first come, first served (vLLM refuses a priority then).
+    Dropped,
 }
 
 impl LegBodies {
@@ -285,19 +299,27 @@ impl LegBodies {
             }
             _ => None,
         });
-        LegBodies { body, shape, xargs }
+        LegBodies { body, shape, xargs, priority: LegPriority::AsSent }
+    }
+
+    /// The legs with `priority` as flow control resolved it.
+    pub(crate) fn with_priority(mut self, priority: LegPriority) -> Self {
+        self.priority = priority;
+        self
     }
 
     fn write<'a>(&'a self, drop: &[&str], set: &mut Vec<(&'a str, &'a [u8])>) -> Pieces {
-        match &self.xargs {
-            Some(x) => {
-                let mut all = drop.to_vec();
-                all.push("vllm_xargs");
-                set.push(("vllm_xargs", x));
-                self.body.pieces_with(&all, set)
-            }
-            None => self.body.pieces_with(drop, set),
+        let mut drop = std::borrow::Cow::Borrowed(drop);
+        if let Some(x) = &self.xargs {
+            drop.to_mut().push("vllm_xargs");
+            set.push(("vllm_xargs", x));
         }
+        match &self.priority {
+            LegPriority::AsSent => {}
+            LegPriority::Set(p) => set.push(("priority", p)),
+            LegPriority::Dropped => drop.to_mut().push("priority"),
+        }
+        self.body.pieces_with(&drop, set)
     }
 
     /// The prefill leg: `stream:false`, `max_tokens:1`, `max_completion_tokens:1` only if

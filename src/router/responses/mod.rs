@@ -31,6 +31,7 @@ use crate::api::{ApiError, ErrorKind};
 use crate::router::config::responses::ResponsesConfig;
 use crate::router::config::AuthConfig;
 use crate::router::request::body::ClientBody;
+use crate::router::tenants::{presented_key, Tenants};
 use store::{Owner, ResponseStore, StoredResponse};
 
 /// The router's Responses state: the store and its bounds.
@@ -68,13 +69,16 @@ impl Responses {
     }
 
     /// Whose responses a request may see: the digest of the client key it presented (the
-    /// front door's guard has checked it), or everyone's where no keys are configured.
-    pub(crate) fn owner(headers: &HeaderMap, auth: &AuthConfig) -> Owner {
-        if auth.client_keys.is_empty() {
-            return Owner(String::new());
-        }
-        let key = auth.client_key_of(headers).unwrap_or("");
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    /// front door's guard has checked it: one of --client-api-key's, or a tenant's), or
+    /// everyone's where no keys are configured.
+    pub(crate) fn owner(headers: &HeaderMap, auth: &AuthConfig, tenants: &Tenants) -> Owner {
+        let key = match (auth.client_key_of(headers), tenants.by_key(headers)) {
+            (Some(key), _) => key.as_bytes(),
+            (None, Some(_)) => presented_key(headers).unwrap_or_default(),
+            (None, None) if auth.client_keys.is_empty() && !tenants.configured() => return Owner(String::new()),
+            (None, None) => b"",
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, key);
         Owner(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
     }
 
@@ -274,14 +278,14 @@ mod tests {
         let with = |k: &str| {
             let mut h = HeaderMap::new();
             h.insert(axum::http::header::AUTHORIZATION, format!("Bearer {k}").parse().unwrap());
-            Responses::owner(&h, &keys)
+            Responses::owner(&h, &keys, &Tenants::none())
         };
         assert_ne!(with("sk-a"), with("sk-b"));
         assert_eq!(with("sk-a"), with("sk-a"));
         assert!(!with("sk-a").0.contains("sk-a"));
         let mut x = HeaderMap::new();
         x.insert("x-api-key", "sk-a".parse().unwrap());
-        assert_eq!(Responses::owner(&x, &keys), with("sk-a"), "the same key by either header");
-        assert_eq!(Responses::owner(&x, &AuthConfig::default()).0, "", "no keys: one owner");
+        assert_eq!(Responses::owner(&x, &keys, &Tenants::none()), with("sk-a"), "the same key by either header");
+        assert_eq!(Responses::owner(&x, &AuthConfig::default(), &Tenants::none()).0, "", "no keys: one owner");
     }
 }

@@ -13,13 +13,23 @@ pub(crate) struct Lease {
     blocks: usize,
     /// This request is the half-open circuit's probe.
     probe: bool,
+    /// The leg has not started answering: it counts in the rank's queue (room.rs).
+    pending: bool,
 }
 
 impl Lease {
     pub(super) fn new(worker: Arc<Worker>, rank: usize, probe: bool, blocks: usize) -> Self {
         worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
         worker.queued_blocks[rank].fetch_add(blocks, Ordering::Relaxed);
-        Lease { worker, rank, blocks, probe }
+        worker.pending[rank].fetch_add(1, Ordering::Relaxed);
+        Lease { worker, rank, blocks, probe, pending: true }
+    }
+
+    /// The leg started answering: it no longer counts in the rank's queue.
+    pub(crate) fn started(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.worker.pending[self.rank].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The leg on this lease succeeded (or the worker answered the client's error).
@@ -63,6 +73,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.ranks[self.rank].fetch_sub(1, Ordering::Relaxed);
         self.worker.queued_blocks[self.rank].fetch_sub(self.blocks, Ordering::Relaxed);
+        self.started();
         if self.probe {
             self.worker.breaker.end_probe();
         }

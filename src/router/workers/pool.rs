@@ -171,6 +171,10 @@ impl Pool {
         let workers = self.snapshot();
         let mut candidates: Vec<usize> =
             (0..workers.len()).filter(|i| workers[*i].is_available() && !exclude.iter().any(|u| *u == workers[*i].url)).collect();
+        // Flow control (room.rs): the policy chooses among the workers with room, where any has.
+        if candidates.iter().any(|c| !workers[*c].has_room()) && candidates.iter().any(|c| workers[*c].has_room()) {
+            candidates.retain(|c| workers[*c].has_room());
+        }
         let mut policy = self.lock();
         while !candidates.is_empty() {
             let pick = policy.select(&workers, &candidates, req);
@@ -206,4 +210,40 @@ impl Pool {
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// (tests) A pool of healthy round-robin workers.
+#[cfg(test)]
+pub(crate) fn healthy_pool(role: Role, urls: &[&str], dp: usize) -> Pool {
+    use std::time::Duration;
+    let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+    let breaker = BreakerConfig {
+        enabled: true,
+        failure_threshold: 100,
+        success_threshold: 1,
+        open_for: Duration::from_secs(30),
+        window: Duration::from_secs(60),
+    };
+    let cache = crate::router::policy::CacheAwareConfig {
+        cache_threshold: 0.5,
+        balance_abs_threshold: 32,
+        balance_rel_threshold: 1.1,
+        eviction_interval: Duration::from_secs(60),
+        max_tree_size: 1 << 20,
+        max_prefix: 1 << 16,
+        max_entries: 1 << 16,
+    };
+    let policy = Policy::new(crate::router::policy::PolicyKind::RoundRobin, &cache, 0.0);
+    let pool = Pool::new(role, &urls, &Default::default(), dp, policy, &breaker);
+    let health = super::health::HealthConfig {
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(1),
+        failure_threshold: 1,
+        success_threshold: 1,
+        endpoint: "/health".into(),
+    };
+    for w in pool.snapshot().iter() {
+        w.record_check(true, &health, "");
+    }
+    pool
 }

@@ -26,6 +26,12 @@ pub(crate) struct Worker {
     /// kv_aware: requests the engine reports on each rank beyond this router's own
     /// (engine_load.rs): other routers', or clients reaching the engine directly.
     pub(super) elsewhere: Vec<AtomicUsize>,
+    /// Legs this router sent to each rank that have not started answering (room.rs).
+    pub(super) pending: Vec<AtomicUsize>,
+    /// Requests waiting on each rank, as the engine last reported (engine_load.rs).
+    pub(super) reported_waiting: Vec<AtomicUsize>,
+    /// Flow control: a rank takes no more while its queue is at this many (0: no limit).
+    pub(super) queue_threshold: AtomicUsize,
     /// Rotates the tie-break between equally loaded ranks.
     pub(super) rank_turn: AtomicUsize,
     /// Ranks the worker was found to serve (`limit_ranks`), at most `ranks.len()`.
@@ -52,6 +58,9 @@ impl Worker {
             ranks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             queued_blocks: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             elsewhere: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            pending: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            reported_waiting: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            queue_threshold: AtomicUsize::new(0),
             rank_turn: AtomicUsize::new(0),
             served_ranks: AtomicUsize::new(dp_size.max(1)),
             healthy: AtomicBool::new(false),
@@ -150,11 +159,19 @@ impl Worker {
         }
     }
 
-    /// The least loaded rank; ties go round the ranks so idle ranks share the work.
+    /// Requests the engine last reported waiting on a rank.
+    pub(crate) fn set_reported_waiting(&self, rank: usize, n: usize) {
+        if let Some(r) = self.reported_waiting.get(rank) {
+            r.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The least loaded rank (with room for one more, under flow control, where one has
+    /// it); ties go round the ranks so idle ranks share the work.
     pub(super) fn pick_rank(&self) -> usize {
         let n = self.served_ranks();
         let start = self.rank_turn.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|k| (start + k) % n).min_by_key(|&r| self.ranks[r].load(Ordering::Relaxed)).unwrap_or(0)
+        (0..n).map(|k| (start + k) % n).min_by_key(|&r| (!self.rank_has_room(r), self.ranks[r].load(Ordering::Relaxed))).unwrap_or(0)
     }
 
     /// A connection error on a live request: down at once, back after good checks.
