@@ -48,6 +48,7 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         kv_blocks: args.kv_blocks as usize,
         prefix_caching: args.prefix_caching(),
         max_num_seqs: args.max_num_seqs as usize,
+        scheduling: args.scheduling_policy,
         max_num_batched_tokens: args.max_num_batched_tokens as usize,
         timing: args.timing().map_err(anyhow::Error::msg)?,
         speedup: args.speedup,

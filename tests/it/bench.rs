@@ -407,7 +407,11 @@ async fn the_messages_backend_times_and_counts_anthropic_streams() {
     assert_eq!(j["total_input_tokens"].as_f64().unwrap(), metric(&dm, "vllm:prompt_tokens_total", &[]));
     let ttfts = j["ttfts"].as_array().unwrap();
     assert!(ttfts.iter().all(|t| t.as_f64().unwrap() > 0.0), "{j}");
-    assert!(j["mean_tpot_ms"].as_f64().unwrap() >= 1.8, "about the decode step time: {}", j["mean_tpot_ms"]);
+    assert!(
+        j["mean_tpot_ms"].as_f64().unwrap() >= 1.0,
+        "about the decode step time (2 ms; steps catch up after a late one): {}",
+        j["mean_tpot_ms"]
+    );
     // What it cannot do is refused.
     let (ok, _, err) = run(args(&["--backend", "anthropic-messages", "--endpoint", "/v1/messages", "--ignore-eos"])).await;
     assert!(!ok && err.contains("--ignore-eos"), "{err}");
@@ -445,7 +449,11 @@ async fn the_responses_backend_times_and_counts_responses_streams() {
     let dm = metrics(&d.url).await;
     assert_eq!(j["total_output_tokens"].as_f64().unwrap(), metric(&dm, "vllm:generation_tokens_total", &[]));
     assert_eq!(j["total_input_tokens"].as_f64().unwrap(), metric(&dm, "vllm:prompt_tokens_total", &[]));
-    assert!(j["mean_tpot_ms"].as_f64().unwrap() >= 1.8, "about the decode step time: {}", j["mean_tpot_ms"]);
+    assert!(
+        j["mean_tpot_ms"].as_f64().unwrap() >= 1.0,
+        "about the decode step time (2 ms; steps catch up after a late one): {}",
+        j["mean_tpot_ms"]
+    );
     // A decode that dies mid-stream: the stream ends without response.completed, a failure.
     let dead = Proc::sim(&["--role", "decode", "--crash-after-requests", "0"]).await;
     let r2 = router(&["--prefill", &p.url, "--decode", &dead.url]).await;

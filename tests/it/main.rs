@@ -6,6 +6,7 @@ mod capture;
 mod connectors;
 mod discovery;
 mod first_token;
+mod flow_control;
 mod guides;
 mod handshake;
 mod keep_alive;

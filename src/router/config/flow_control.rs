@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::router::workers::room::QueueThreshold;
 
@@ -22,23 +22,10 @@ pub(crate) struct FlowControlArgs {
     /// router's queue in priority and fair-share order. `auto`: learned per engine.
     #[arg(long, value_name = "N|auto", value_parser = parse_threshold)]
     pub(crate) engine_queue_threshold: Option<QueueThreshold>,
-    /// How the engines schedule (vLLM's --scheduling-policy): `priority` sends each
-    /// request's priority (as the router resolved it for its tenant) on both legs; `fcfs`
-    /// (vLLM's default, which refuses a non-zero priority) sends none once the router orders
-    /// by priority itself (--tenants or --engine-queue-threshold).
-    #[arg(long, value_enum, default_value_t = EngineScheduling::Fcfs)]
-    pub(crate) engines_scheduling_policy: EngineScheduling,
     /// Router replicas sharing the tenants' limits: each enforces 1/N of every per-minute and
     /// concurrency limit (requests are assumed spread evenly, as a load balancer does).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) router_replicas: u32,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum EngineScheduling {
-    #[default]
-    Fcfs,
-    Priority,
 }
 
 fn parse_threshold(s: &str) -> Result<QueueThreshold, String> {
@@ -56,12 +43,13 @@ fn parse_threshold(s: &str) -> Result<QueueThreshold, String> {
 pub(crate) struct FlowControlConfig {
     pub(crate) tenants: Option<PathBuf>,
     pub(crate) threshold: Option<QueueThreshold>,
-    pub(crate) engines: EngineScheduling,
     pub(crate) replicas: u32,
 }
 
 impl FlowControlConfig {
-    /// Whether the router orders requests itself (not only FIFO).
+    /// Whether the router orders requests itself (not only FIFO): each request's priority,
+    /// as resolved for its tenant, is then what both legs carry (engines started with
+    /// `--scheduling-policy priority` order by it; vLLM 0.32's FCFS engines ignore it).
     pub(crate) fn orders(&self) -> bool {
         self.tenants.is_some() || self.threshold.is_some()
     }
@@ -69,11 +57,6 @@ impl FlowControlConfig {
 
 impl FlowControlArgs {
     pub(crate) fn to_config(&self) -> FlowControlConfig {
-        FlowControlConfig {
-            tenants: self.tenants.clone(),
-            threshold: self.engine_queue_threshold,
-            engines: self.engines_scheduling_policy,
-            replicas: self.router_replicas,
-        }
+        FlowControlConfig { tenants: self.tenants.clone(), threshold: self.engine_queue_threshold, replicas: self.router_replicas }
     }
 }

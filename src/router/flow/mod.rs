@@ -23,7 +23,6 @@ use crate::api::dialect::Dialect;
 use crate::api::fields::Api;
 use crate::api::ApiError;
 use crate::router::admission::{Admission, Permit, Refused, Ticket};
-use crate::router::config::flow_control::EngineScheduling;
 use crate::router::config::RouterConfig;
 use crate::router::flow::drain::{Drain, Phase};
 use crate::router::metrics::Cause;
@@ -231,11 +230,8 @@ async fn serve(
     if let Some(rec) = record.as_ref() {
         rec.queued(waited);
     }
-    let leg_priority = match router.cfg.flow_control.engines {
-        EngineScheduling::Priority => LegPriority::Set(priority.to_string().into_bytes()),
-        EngineScheduling::Fcfs if router.cfg.flow_control.orders() => LegPriority::Dropped,
-        EngineScheduling::Fcfs => LegPriority::AsSent,
-    };
+    let leg_priority =
+        if router.cfg.flow_control.orders() { LegPriority::Set(priority.to_string().into_bytes()) } else { LegPriority::AsSent };
     let transit = permit.transit();
     let t = &router.cfg.timeouts;
     let leg = LegTemplate {

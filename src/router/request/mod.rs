@@ -276,11 +276,8 @@ pub(crate) enum LegPriority {
     /// The client's field as it is (the router does not order by priority).
     #[default]
     AsSent,
-    /// The priority the router resolved for the request's tenant (engines that schedule by
-    /// priority), its JSON.
+    /// The priority the router resolved for the request's tenant, its JSON.
     Set(Vec<u8>),
-    /// None: the engines schedule first come, first served (vLLM refuses a priority then).
-    Dropped,
 }
 
 impl LegBodies {
@@ -314,10 +311,8 @@ impl LegBodies {
             drop.to_mut().push("vllm_xargs");
             set.push(("vllm_xargs", x));
         }
-        match &self.priority {
-            LegPriority::AsSent => {}
-            LegPriority::Set(p) => set.push(("priority", p)),
-            LegPriority::Dropped => drop.to_mut().push("priority"),
+        if let LegPriority::Set(p) = &self.priority {
+            set.push(("priority", p));
         }
         self.body.pieces_with(&drop, set)
     }

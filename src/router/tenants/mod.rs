@@ -186,16 +186,21 @@ fn view(b: &Buckets) -> RateHeaders {
 /// The priority a request asks for: vLLM's `priority` field (an integer), else the
 /// `x-priority` header; None when it asks for none.
 pub(crate) fn asked_priority(headers: &HeaderMap, body: &ClientBody) -> Result<Option<i32>, ApiError> {
-    let bad = |what: &str| ApiError::bad_request(format!("{what} must be an integer (lower is served first)")).param("priority");
-    if let Some(v) = body.value("priority")? {
-        return match v {
-            serde_json::Value::Null => Ok(None),
-            v => v.as_i64().and_then(|p| i32::try_from(p).ok()).map(Some).ok_or_else(|| bad("priority")),
+    let out_of_range =
+        |p: i64| ApiError::bad_request(format!("priority {p} is out of range (a 32-bit integer; lower is served first)")).param("priority");
+    if body.has("priority") {
+        // As vLLM reads it (pydantic's lax int: `5` and `"5"`, not `5.5`).
+        let fields = body.subset(&["priority"])?;
+        return match crate::api::fields::Fields::body(&fields).int("priority")? {
+            None => Ok(None),
+            Some(p) => i32::try_from(p).map(Some).map_err(|_| out_of_range(p)),
         };
     }
     match headers.get(PRIORITY_HEADER) {
         None => Ok(None),
-        Some(h) => h.to_str().ok().and_then(|s| s.trim().parse::<i32>().ok()).map(Some).ok_or_else(|| bad("the x-priority header")),
+        Some(h) => h.to_str().ok().and_then(|s| s.trim().parse::<i32>().ok()).map(Some).ok_or_else(|| {
+            ApiError::bad_request("the x-priority header must be a 32-bit integer (lower is served first)").param("priority")
+        }),
     }
 }
 

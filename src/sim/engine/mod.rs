@@ -40,6 +40,7 @@ pub(crate) struct EngineConfig {
     pub(crate) kv_blocks: usize,
     pub(crate) prefix_caching: bool,
     pub(crate) max_num_seqs: usize,
+    pub(crate) scheduling: SchedulingPolicy,
     pub(crate) max_num_batched_tokens: usize,
     pub(crate) timing: Timing,
     /// Every step's time is divided by this.
@@ -48,6 +49,17 @@ pub(crate) struct EngineConfig {
     pub(crate) kv_lease: Duration,
     pub(crate) kv_load_timeout: Duration,
     pub(crate) die_on_kv_mismatch: bool,
+}
+
+/// How the waiting queue is ordered (vLLM's `--scheduling-policy`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum SchedulingPolicy {
+    /// By arrival.
+    #[default]
+    Fcfs,
+    /// By `priority` (lower first), then arrival (vLLM's PriorityRequestQueue; the
+    /// simulator does not preempt running requests for a better one).
+    Priority,
 }
 
 /// What the HTTP layer asks an engine to run.
@@ -59,6 +71,8 @@ pub(crate) struct Job {
     pub(crate) max_tokens: usize,
     pub(crate) min_tokens: usize,
     pub(crate) ignore_eos: bool,
+    /// vLLM's `priority`: the waiting queue's order under `--scheduling-policy priority`.
+    pub(crate) priority: i64,
     /// Tokens that end the request where they are sampled (vLLM's core checks them, as EOS).
     pub(crate) stop_token_ids: Vec<u32>,
     pub(crate) kv: KvRequest,
@@ -225,18 +239,27 @@ impl Engine {
             let mut st = self.lock();
             let id = st.next_id;
             st.next_id += 1;
-            st.waiting.push_back(Seq {
-                id,
-                job,
-                tx,
-                blocks: Vec::new(),
-                generated: 0,
-                output: Vec::new(),
-                committed: 0,
-                hit_tokens: 0,
-                phase: Phase::Decoding,
-                arrived: std::time::Instant::now(),
-            });
+            // Priority scheduling: behind every waiting request of the same or a better
+            // priority (they arrived earlier), ahead of the rest.
+            let at = match self.cfg.scheduling {
+                SchedulingPolicy::Fcfs => st.waiting.len(),
+                SchedulingPolicy::Priority => st.waiting.iter().position(|s| s.job.priority > job.priority).unwrap_or(st.waiting.len()),
+            };
+            st.waiting.insert(
+                at,
+                Seq {
+                    id,
+                    job,
+                    tx,
+                    blocks: Vec::new(),
+                    generated: 0,
+                    output: Vec::new(),
+                    committed: 0,
+                    hit_tokens: 0,
+                    phase: Phase::Decoding,
+                    arrived: std::time::Instant::now(),
+                },
+            );
         }
         self.wake.notify_one();
         Output { rx, engine: self.clone() }

@@ -88,6 +88,10 @@ pub struct SimArgs {
     /// on a block-count mismatch. Default: fail only that request with HTTP 500.
     #[arg(long)]
     pub(crate) die_on_kv_mismatch: bool,
+    /// How waiting requests are ordered (vLLM's flag): `fcfs` by arrival, `priority` by the
+    /// request's `priority` (lower first), then arrival.
+    #[arg(long, value_enum, default_value_t = crate::sim::engine::SchedulingPolicy::Fcfs)]
+    pub(crate) scheduling_policy: crate::sim::engine::SchedulingPolicy,
     /// Most requests running at once per DP engine (continuous batching); more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_num_seqs: u32,

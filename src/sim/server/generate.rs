@@ -152,6 +152,7 @@ pub(crate) fn start(sim: &Arc<Sim>, api: Api, headers: &HeaderMap, body: &Map<St
                 max_tokens: req.max_tokens_of(k),
                 min_tokens: req.min_tokens,
                 ignore_eos: req.ignore_eos,
+                priority: req.priority,
                 stop_token_ids: req.stop_token_ids.clone(),
                 kv,
             })
