@@ -10,6 +10,7 @@
 
 mod oracle;
 mod report;
+mod tenants;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -23,9 +24,23 @@ use crate::router::policy::PolicyKind;
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ScoreboardArgs {
-    /// A Mooncake trace (JSONL), replayed as `disagg bench --dataset-name mooncake_trace`.
-    #[arg(long)]
-    pub(crate) dataset_path: PathBuf,
+    /// `trace`: every policy over a trace; `tenants`: flow control against a flood
+    /// (tenants.rs).
+    #[arg(long, value_enum, default_value_t = Scenario::Trace)]
+    pub(crate) scenario: Scenario,
+    /// A Mooncake trace (JSONL), replayed as `disagg bench --dataset-name mooncake_trace`
+    /// (the trace scenario).
+    #[arg(long, required_if_eq("scenario", "trace"))]
+    pub(crate) dataset_path: Option<PathBuf>,
+    /// The tenants scenario: seconds (simulated) of arrivals.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) tenants_seconds: u64,
+    /// The tenants scenario: prompt tokens per request.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) input_len: u64,
+    /// The tenants scenario: output tokens per request.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) output_len: u64,
     /// Requests replayed: the trace's first N.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) num_prompts: u64,
@@ -82,6 +97,12 @@ pub(crate) struct ScoreboardArgs {
     /// times (1 + this).
     #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
     pub(crate) goal_p99_slack: f64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    Trace,
+    Tenants,
 }
 
 /// One row's figures.
@@ -191,6 +212,7 @@ async fn start_cluster(
     exe: &std::path::Path,
     dir: &std::path::Path,
     client: &reqwest::Client,
+    extra: &[String],
 ) -> anyhow::Result<Cluster> {
     let n = (a.prefills + a.decodes) as usize;
     let ports = free_ports(3 * n)?;
@@ -201,7 +223,7 @@ async fn start_cluster(
         let config = format!(
             r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
         );
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "sim",
             "--role",
             role,
@@ -224,6 +246,7 @@ async fn start_cluster(
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend_from_slice(extra);
         let log = dir.join(format!("{role}-{k}.log"));
         children.push((spawn(exe, &args, &log)?, log));
         let url = format!("http://127.0.0.1:{http}");
@@ -282,7 +305,7 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         .timeout(Duration::from_secs(5))
         .pool_idle_timeout(crate::router::upstream::legs::WORKER_CONNECTION_IDLE)
         .build()?;
-    let cluster = start_cluster(a, exe, &dir, &client).await?;
+    let cluster = start_cluster(a, exe, &dir, &client, &[]).await?;
     let port = free_ports(1)?[0];
     let (program, args) = router_command(a, exe, &cluster, vllm_router, &policy, port);
     let log = dir.join("router.log");
@@ -304,7 +327,7 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         "--dataset-name",
         "mooncake_trace",
         "--dataset-path",
-        &a.dataset_path.to_string_lossy(),
+        &a.dataset_path.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
         "--num-prompts",
         &a.num_prompts.to_string(),
         "--trace-speedup",
@@ -376,11 +399,15 @@ pub(crate) async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
             bail!("--vllm-router {}: no such file (scripts/vllm-router-env.sh installs it and prints its path)", v.display());
         }
     }
+    if a.scenario == Scenario::Tenants {
+        return tenants::run(&a, &exe).await;
+    }
+    let dataset = a.dataset_path.clone().context("--dataset-path: the trace to replay")?;
     // The oracle over the very prompts the bench sends.
     let tok = crate::bench::dataset::Tok::Sim;
     let layout = crate::bench::trace::Layout::Mooncake { block_size: a.trace_block_size as usize, speedup: a.trace_speedup };
     let spec = crate::bench::trace::TraceSpec { num: a.num_prompts as usize, layout };
-    let prompts: Vec<Vec<u32>> = crate::bench::trace::load(&tok, &a.dataset_path, &spec)?
+    let prompts: Vec<Vec<u32>> = crate::bench::trace::load(&tok, &dataset, &spec)?
         .into_iter()
         .filter_map(|r| match r.prompt {
             crate::bench::dataset::Prompt::Tokens(t) => Some(t),

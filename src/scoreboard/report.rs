@@ -25,7 +25,7 @@ impl Board<'_> {
              (`disagg sim --timing-profile {}`, {} KV blocks of {} tokens each, prefix caching and KV events on; times are simulated time). \
              Hit rate and prefill skew are the engines' own counts (prefix-cache hits over queries; the most prompt tokens one prefill \
              computed over the mean). Goodput: requests with TTFT <= {} ms, per second.\n\n",
-            a.num_prompts, a.dataset_path.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned()), a.trace_speedup, a.trace_block_size,
+            a.num_prompts, a.dataset_path.as_deref().and_then(|p| p.file_name()).map_or(String::new(), |f| f.to_string_lossy().into_owned()), a.trace_speedup, a.trace_block_size,
             a.prefills, a.decodes, a.timing_profile, a.kv_blocks, a.block_size, a.slo_ttft_ms
         );
         s += "| router | policy | TTFT p50 (ms) | TTFT p99 (ms) | E2E p50 (ms) | prefix-hit rate | prefill load skew | goodput (req/s) | router CPU (ms/req) | failed |\n";

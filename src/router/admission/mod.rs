@@ -5,6 +5,9 @@
 //! a request needs have room (workers/room.rs), so that requests wait here, in the order
 //! the router chooses, and not in the engines' FIFO queues.
 //!
+//! Under `auto` thresholds, requests of a band worse than the best one leave one slot free
+//! in each pool, so that a request of the best band starts at once.
+//!
 //! Waiting requests go in fair.rs's order: strict priority bands, weighted fair shares of
 //! tokens between a band's tenants, FIFO within a tenant. Without a tenants file and a
 //! threshold that is one FIFO queue, as before. Waiting is bounded: `--queue-size` in all,
@@ -148,6 +151,15 @@ impl Shared {
         self.gate.as_ref().map_or(usize::MAX, |g| g.room.room(&g.topology))
     }
 
+    /// Room a request of `priority` leaves free: under `auto` thresholds, one slot for the
+    /// best band the tenants file names when the request is of a worse one, so that an
+    /// interactive request never waits for a batch job's leg to end before it can start
+    /// (a fixed threshold is the operator's exact number: nothing is kept back from it).
+    fn reserve(&self, priority: i32) -> usize {
+        let learned = self.gate.as_ref().is_some_and(|g| g.room.is_learned());
+        usize::from(learned && priority > self.tenants.best_priority())
+    }
+
     fn grant(self: &Arc<Self>, st: &mut State, generations: usize, tenant: Arc<Tenant>) -> Permit {
         st.in_use += generations;
         self.in_use.store(st.in_use, Ordering::Relaxed);
@@ -168,7 +180,7 @@ impl Shared {
                     break;
                 }
                 let left = room.get_or_insert_with(|| self.room());
-                if *left == 0 {
+                if *left <= self.reserve(next.priority) {
                     self.held.store(true, Ordering::Relaxed);
                     break;
                 }
@@ -230,7 +242,7 @@ impl Admission {
             // No jumping the queue: with requests waiting, a new one waits behind them.
             let item_may_go = t.tenant.limits().concurrent.is_none_or(|c| t.tenant.admitted.load(Ordering::Relaxed) < c);
             if st.waiting.len() == 0 && st.in_use + t.generations <= s.max && item_may_go {
-                if s.room() > 0 {
+                if s.room() > s.reserve(t.priority) {
                     return Ok(s.grant(&mut st, t.generations, t.tenant));
                 }
                 s.held.store(true, Ordering::Relaxed);

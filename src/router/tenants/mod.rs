@@ -291,6 +291,11 @@ impl Tenants {
         self.table().bands.iter().find(|b| b.priority == priority).copied()
     }
 
+    /// The best (lowest) priority any tenant may have.
+    pub(crate) fn best_priority(&self) -> i32 {
+        self.table().all.iter().map(|t| t.spec().best_priority).min().unwrap_or(0)
+    }
+
     /// The label a priority is counted under: the value, when the file names it.
     pub(crate) fn priority_label(&self, priority: i32) -> String {
         if priority == 0 || self.table().priorities.contains(&priority) {

@@ -15,6 +15,7 @@ pub(crate) struct Lease {
     probe: bool,
     /// The leg has not started answering: it counts in the rank's queue (room.rs).
     pending: bool,
+    reserved: std::time::Instant,
 }
 
 impl Lease {
@@ -22,13 +23,14 @@ impl Lease {
         worker.ranks[rank].fetch_add(1, Ordering::Relaxed);
         worker.queued_blocks[rank].fetch_add(blocks, Ordering::Relaxed);
         worker.pending[rank].fetch_add(1, Ordering::Relaxed);
-        Lease { worker, rank, blocks, probe, pending: true }
+        Lease { worker, rank, blocks, probe, pending: true, reserved: std::time::Instant::now() }
     }
 
     /// The leg started answering: it no longer counts in the rank's queue.
     pub(crate) fn started(&mut self) {
         if std::mem::take(&mut self.pending) {
             self.worker.pending[self.rank].fetch_sub(1, Ordering::Relaxed);
+            self.worker.start_took(self.reserved.elapsed());
         }
     }
 

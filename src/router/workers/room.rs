@@ -1,16 +1,22 @@
 //! Whether the engines have room (flow control, `--engine-queue-threshold`): a rank's
-//! queue is the larger of what its engine last reported waiting (`vllm:num_requests_waiting`)
-//! and the legs this router sent it that have not started answering; the rank has room
-//! while its queue is under its threshold. The router's queue (router/admission/) sends a
+//! queue is the legs this router sent it that have not started answering, plus what its
+//! engine reported waiting (`vllm:num_requests_waiting`) beyond this router's own when it
+//! last reported (other replicas', clients reaching it directly); the rank has room while
+//! its queue is under its threshold. (The router's own count is live; a report is up to a
+//! second old, so only what it says of others is taken from it.) The router's queue (router/admission/) sends a
 //! request on only when each pool it needs has room, so the order the router chooses is
 //! the order the engines serve in.
 //!
-//! `auto` learns each engine's threshold: every second, an engine that reported requests
-//! waiting takes one fewer; one that reported none while the router held requests because
-//! it was full takes one more (at least 1, at most 256): the engines are kept busy with
-//! their own queues near empty.
+//! `auto` learns each engine's threshold, once a second, from how long its legs take to
+//! start answering (the router times each one) against the shortest it has seen lately:
+//! more than 1.5x that, and the engine is past its knee (requests queue in it, or its
+//! batch slows every step), so it takes a quarter fewer; at most 1.25x while it was full
+//! and the router held requests, and it takes half as many more (at least 1, at most
+//! 1024). An engine reporting more requests waiting than half its threshold (others', too)
+//! takes a quarter fewer. So the engines stay near their best time to first token with
+//! the queue kept at the router, where priority and fair shares order it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::topology::Topology;
@@ -25,16 +31,58 @@ pub(crate) enum QueueThreshold {
     Auto,
 }
 
-/// Where an auto threshold starts, and its bounds.
-const AUTO_START: usize = 4;
-const AUTO_MAX: usize = 256;
+/// How long a worker's legs take to start (milliseconds, as f64 bits): a moving average
+/// of the last ~10, and its floor, which rises 2% a second so that old lows are forgotten.
+#[derive(Default)]
+pub(crate) struct StartTime {
+    average: AtomicU64,
+    floor: AtomicU64,
+    /// The worker was full since the last learning step.
+    was_full: AtomicBool,
+}
+
+fn load_f64(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+fn store_f64(a: &AtomicU64, v: f64) {
+    a.store(v.to_bits(), Ordering::Relaxed);
+}
 
 impl Worker {
-    /// The rank's queue: the engine's report or the router's own unstarted legs, the larger.
+    /// A leg on this worker started answering after `took` (lease.rs).
+    pub(crate) fn start_took(&self, took: std::time::Duration) {
+        if self.queue_threshold() == 0 {
+            return;
+        }
+        let ms = took.as_secs_f64() * 1000.0;
+        let s = &self.start_time;
+        let avg = load_f64(&s.average);
+        // Benign races: two legs ending at once may lose one sample.
+        store_f64(&s.average, if avg == 0.0 { ms } else { avg + (ms - avg) * 0.1 });
+    }
+}
+
+/// Where an auto threshold starts, and its bounds.
+const AUTO_START: usize = 4;
+const AUTO_MAX: usize = 1024;
+
+impl Worker {
+    /// The rank's queue: the router's own unstarted legs, and the others' the engine reported.
     pub(crate) fn rank_queue(&self, rank: usize) -> usize {
         let pending = self.pending.get(rank).map_or(0, |p| p.load(Ordering::Relaxed));
-        let reported = self.reported_waiting.get(rank).map_or(0, |p| p.load(Ordering::Relaxed));
-        pending.max(reported)
+        let elsewhere = self.waiting_elsewhere.get(rank).map_or(0, |p| p.load(Ordering::Relaxed));
+        pending + elsewhere
+    }
+
+    /// Requests the engine reports waiting on a rank (engine_load.rs): kept for `auto`, and
+    /// what exceeds the router's own unstarted legs counts as others' in the rank's queue.
+    pub(crate) fn set_reported_waiting(&self, rank: usize, n: usize) {
+        let ours = self.pending.get(rank).map_or(0, |p| p.load(Ordering::Relaxed));
+        if let (Some(w), Some(e)) = (self.reported_waiting.get(rank), self.waiting_elsewhere.get(rank)) {
+            w.store(n, Ordering::Relaxed);
+            e.store(n.saturating_sub(ours), Ordering::Relaxed);
+        }
     }
 
     /// The rank's threshold; 0: none (flow control is off).
@@ -103,6 +151,11 @@ impl EngineRoom {
         EngineRoom { threshold, transit: Arc::default() }
     }
 
+    /// Whether the thresholds are learned (`auto`).
+    pub(crate) fn is_learned(&self) -> bool {
+        self.threshold == QueueThreshold::Auto
+    }
+
     /// Requests that may be sent on now: the least room of the pools a request uses.
     pub(crate) fn room(&self, topology: &Topology) -> usize {
         topology
@@ -118,7 +171,11 @@ impl EngineRoom {
                         } else if w.queue_threshold() == 0 {
                             w.queue_threshold.store(AUTO_START, Ordering::Relaxed);
                         }
-                        w.room()
+                        let room = w.room();
+                        if room == 0 {
+                            w.start_time.was_full.store(true, Ordering::Relaxed);
+                        }
+                        room
                     })
                     .sum();
                 room.saturating_sub(self.transit[pool_index(pool.role)].load(Ordering::Relaxed))
@@ -149,11 +206,19 @@ impl EngineRoom {
             if t == 0 {
                 continue;
             }
-            let waiting: usize = w.reported_waiting.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-            let next = if waiting > 0 {
-                t - 1
-            } else if held && !w.has_room() {
-                t + 1
+            // The busiest rank speaks for the engine.
+            let waiting = w.reported_waiting.iter().map(|r| r.load(Ordering::Relaxed)).max().unwrap_or(0);
+            let st = &w.start_time;
+            let (average, floor) = (load_f64(&st.average), load_f64(&st.floor));
+            let floor = if floor == 0.0 || average < floor { average } else { floor * 1.02 };
+            store_f64(&st.floor, floor);
+            let slowed = floor > 0.0 && average > 1.5 * floor;
+            let brisk = floor == 0.0 || average <= 1.25 * floor;
+            let was_full = st.was_full.swap(false, Ordering::Relaxed);
+            let next = if 2 * waiting > t || slowed {
+                t - t.div_ceil(4)
+            } else if held && was_full && brisk {
+                t + t.div_ceil(2)
             } else {
                 t
             };
@@ -166,6 +231,7 @@ impl EngineRoom {
 mod tests {
     use super::*;
     use crate::router::workers::pool::healthy_pool;
+    use std::time::Duration;
 
     fn pool(role: Role, urls: &[&str]) -> crate::router::workers::Pool {
         healthy_pool(role, urls, 1)
@@ -192,9 +258,12 @@ mod tests {
         p.started();
         drop(d);
         assert_eq!(room.room(&t), 2);
-        // An engine's own report counts when it is larger.
-        t.workers()[2].set_reported_waiting(0, 5);
-        assert_eq!(room.room(&t), 0, "the decode reports 5 waiting");
+        // What an engine reports beyond the router's own counts as others'.
+        let _d = decode.pick(&Default::default(), &[]).unwrap();
+        t.workers()[2].set_reported_waiting(0, 1);
+        assert_eq!(room.room(&t), 1, "the one waiting is the router's own");
+        t.workers()[2].set_reported_waiting(0, 2);
+        assert_eq!(room.room(&t), 0, "one more waiting there is another's");
         drop(transit);
     }
 
@@ -206,13 +275,23 @@ mod tests {
         let w = t.workers()[0].clone();
         w.set_reported_waiting(0, 3);
         room.learn(&t, true);
-        assert_eq!(w.queue_threshold(), AUTO_START - 1);
+        assert_eq!(w.queue_threshold(), 3, "3 of 4 waiting at the engine: a quarter fewer");
         w.set_reported_waiting(0, 0);
-        let leases: Vec<_> = (0..AUTO_START - 1).map(|_| t.pool(Role::Both).unwrap().pick(&Default::default(), &[]).unwrap()).collect();
-        room.learn(&t, true);
-        assert_eq!(w.queue_threshold(), AUTO_START, "full, held, and the engine has nothing waiting: one more");
+        let leases: Vec<_> = (0..3).map(|_| t.pool(Role::Both).unwrap().pick(&Default::default(), &[]).unwrap()).collect();
+        assert_eq!(room.room(&t), 0, "full");
         room.learn(&t, false);
-        assert_eq!(w.queue_threshold(), AUTO_START, "nothing held: no change");
+        assert_eq!(w.queue_threshold(), 3, "nothing held: no change");
+        assert_eq!(room.room(&t), 0);
+        room.learn(&t, true);
+        assert_eq!(w.queue_threshold(), 5, "full, held, nothing waiting at the engine: half as many more");
+        // Legs that take twice as long to start as the floor: past the knee.
+        w.start_took(Duration::from_millis(10));
+        room.learn(&t, false);
+        for _ in 0..40 {
+            w.start_took(Duration::from_millis(30));
+        }
+        room.learn(&t, true);
+        assert_eq!(w.queue_threshold(), 3, "slowed starts: a quarter fewer");
         drop(leases);
     }
 }

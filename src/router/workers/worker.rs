@@ -28,10 +28,14 @@ pub(crate) struct Worker {
     pub(super) elsewhere: Vec<AtomicUsize>,
     /// Legs this router sent to each rank that have not started answering (room.rs).
     pub(super) pending: Vec<AtomicUsize>,
-    /// Requests waiting on each rank, as the engine last reported (engine_load.rs).
+    /// Requests waiting on each rank, as the engine last reported (engine_load.rs), and
+    /// how many of them were not this router's (room.rs).
     pub(super) reported_waiting: Vec<AtomicUsize>,
+    pub(super) waiting_elsewhere: Vec<AtomicUsize>,
     /// Flow control: a rank takes no more while its queue is at this many (0: no limit).
     pub(super) queue_threshold: AtomicUsize,
+    /// Flow control's `auto` (room.rs): how long legs take to start, and its recent floor.
+    pub(super) start_time: super::room::StartTime,
     /// Rotates the tie-break between equally loaded ranks.
     pub(super) rank_turn: AtomicUsize,
     /// Ranks the worker was found to serve (`limit_ranks`), at most `ranks.len()`.
@@ -60,7 +64,9 @@ impl Worker {
             elsewhere: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             pending: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             reported_waiting: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
+            waiting_elsewhere: (0..dp_size).map(|_| AtomicUsize::new(0)).collect(),
             queue_threshold: AtomicUsize::new(0),
+            start_time: super::room::StartTime::default(),
             rank_turn: AtomicUsize::new(0),
             served_ranks: AtomicUsize::new(dp_size.max(1)),
             healthy: AtomicBool::new(false),
@@ -155,13 +161,6 @@ impl Worker {
 
     pub(crate) fn set_reported_elsewhere(&self, rank: usize, n: usize) {
         if let Some(r) = self.elsewhere.get(rank) {
-            r.store(n, Ordering::Relaxed);
-        }
-    }
-
-    /// Requests the engine last reported waiting on a rank.
-    pub(crate) fn set_reported_waiting(&self, rank: usize, n: usize) {
-        if let Some(r) = self.reported_waiting.get(rank) {
             r.store(n, Ordering::Relaxed);
         }
     }
