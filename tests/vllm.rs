@@ -2,6 +2,7 @@
 //!
 //!   cargo test --test vllm        (after scripts/vllm-env.sh; as root)
 //!   DISAGG_VLLM_GROUPS=kv cargo test --test vllm   (one group: pd, kv, kv_aware, mooncake, tls or launch)
+//!   DISAGG_VLLM_GROUPS=pd DISAGG_VLLM_CASES=priority cargo test --test vllm   (the PD cases naming a word)
 //!
 //! The binary re-runs itself inside a fresh loopback-only network namespace
 //! (scripts/in-netns.sh): vLLM's UCX also listens on the machine's address, and tests may
@@ -42,6 +43,8 @@ mod mooncake_handshake;
 mod passthrough;
 #[path = "vllm/prefix_cache.rs"]
 mod prefix_cache;
+#[path = "vllm/priority.rs"]
+mod priority;
 #[path = "it/responses.rs"]
 mod responses;
 #[path = "it/support.rs"]
@@ -175,6 +178,8 @@ struct Env {
     plain: Vllm,
     /// The tiny model as an embedding model (`--runner pooling --convert embed`).
     pooling: Vllm,
+    /// A decode that schedules by priority, one request at a time (priority.rs).
+    prio: Vllm,
     router: Proc,
     pair: Pair,
 }
@@ -312,14 +317,18 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
     let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
     let mut pooling = Vllm::spawn_with("pooling", "plain", 8400, 5900, 1, &["--runner", "pooling", "--convert", "embed"]);
-    for v in [&mut p0, &mut p1, &mut d, &mut plain, &mut pooling] {
+    let mut prio = Vllm::spawn_with("decode-priority", "decode", 8201, 5701, 0, &["--scheduling-policy", "priority", "--max-num-seqs", "1"]);
+    for v in [&mut p0, &mut p1, &mut d, &mut plain, &mut pooling, &mut prio] {
         v.wait_healthy(Duration::from_secs(600)).await;
     }
-    println!("real vLLM: 2 prefill + 1 decode + 1 plain + 1 pooling instance healthy in {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "real vLLM: 2 prefill + 2 decode (one by priority) + 1 plain + 1 pooling instance healthy in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
     let pair =
         Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
-    let mut env = Env { p0, p1, d, plain, pooling, router, pair };
+    let mut env = Env { p0, p1, d, plain, pooling, prio, router, pair };
 
     let cases: Vec<(&str, Case)> = vec![
         ("handshake: prefill returns params", |e| Box::pin(handshake::prefill_returns_params(&e.pair))),
@@ -342,6 +351,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         }),
         ("router: the fields agents use survive both legs (logprobs, structured output, echo); prompt logprobs refused", |e| {
             Box::pin(apis::agent_fields(e))
+        }),
+        ("router: flow control's priority reaches vLLM (--scheduling-policy priority) on both legs: a high-priority request sent after a queue of low ones is served next", |e| {
+            Box::pin(priority::served_by_priority(e))
         }),
         ("router: a pooling model's /v1/embeddings and /pooling pass through (equal the engine's)", |e| Box::pin(apis::pooling_passes_through(e))),
         ("router: vLLM's other APIs pass through (tokenize, detokenize, version equal the engine's; others 404)", |e| {
@@ -368,7 +380,12 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         }),
         ("handshake: mismatched prompt fails (kills the decode)", |e| Box::pin(mismatch_kills_decode(e))),
     ];
+    // DISAGG_VLLM_CASES=word,word: only the PD cases whose names hold one of the words.
+    let only = std::env::var("DISAGG_VLLM_CASES").ok();
     for (name, case) in cases {
+        if only.as_ref().is_some_and(|w| !w.split(',').any(|w| name.contains(w.trim()))) {
+            continue;
+        }
         let t = Instant::now();
         let fut = std::panic::AssertUnwindSafe(case(&mut env));
         match futures_util::FutureExt::catch_unwind(fut).await {

@@ -9,8 +9,8 @@
 //!
 //! `auto` learns each engine's threshold, once a second, from how long its legs take to
 //! start answering (the router times each one) against the shortest it has seen lately:
-//! more than 1.5x that, and the engine is past its knee (requests queue in it, or its
-//! batch slows every step), so it takes a quarter fewer; at most 1.25x while it was full
+//! more than 1.3x that, and the engine is past its knee (requests queue in it, or its
+//! batch slows every step), so it takes a quarter fewer; at most 1.1x while it was full
 //! and the router held requests, and it takes half as many more (at least 1, at most
 //! 1024). An engine reporting more requests waiting than half its threshold (others', too)
 //! takes a quarter fewer. So the engines stay near their best time to first token with
@@ -212,8 +212,8 @@ impl EngineRoom {
             let (average, floor) = (load_f64(&st.average), load_f64(&st.floor));
             let floor = if floor == 0.0 || average < floor { average } else { floor * 1.02 };
             store_f64(&st.floor, floor);
-            let slowed = floor > 0.0 && average > 1.5 * floor;
-            let brisk = floor == 0.0 || average <= 1.25 * floor;
+            let slowed = floor > 0.0 && average > 1.3 * floor;
+            let brisk = floor == 0.0 || average <= 1.1 * floor;
             let was_full = st.was_full.swap(false, Ordering::Relaxed);
             let next = if 2 * waiting > t || slowed {
                 t - t.div_ceil(4)
