@@ -317,7 +317,8 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
     let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
     let mut pooling = Vllm::spawn_with("pooling", "plain", 8400, 5900, 1, &["--runner", "pooling", "--convert", "embed"]);
-    let mut prio = Vllm::spawn_with("decode-priority", "decode", 8201, 5701, 0, &["--scheduling-policy", "priority", "--max-num-seqs", "1"]);
+    let mut prio =
+        Vllm::spawn_with("decode-priority", "decode", 8201, 5701, 0, &["--scheduling-policy", "priority", "--max-num-seqs", "1"]);
     for v in [&mut p0, &mut p1, &mut d, &mut plain, &mut pooling, &mut prio] {
         v.wait_healthy(Duration::from_secs(600)).await;
     }

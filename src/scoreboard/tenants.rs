@@ -37,7 +37,8 @@ struct FloodRow {
     b: TenantFigures,
 }
 
-const TENANTS_FILE: &str = "tenants:\n  - name: flood\n    keys: [sk-a]\n    priority: 10\n  - name: interactive\n    keys: [sk-b]\n    priority: 0\n";
+const TENANTS_FILE: &str =
+    "tenants:\n  - name: flood\n    keys: [sk-a]\n    priority: 10\n  - name: interactive\n    keys: [sk-b]\n    priority: 0\n";
 
 /// Which router a row runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,10 +177,12 @@ impl Setting<'_> {
 fn read_result(path: &Path, sent: u64) -> anyhow::Result<TenantFigures> {
     let r: Value = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?)?;
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    let errors: Vec<String> = r["errors"].as_array().map(|e| e.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    let errors: Vec<String> =
+        r["errors"].as_array().map(|e| e.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default();
     let failed: Vec<&String> = errors.iter().filter(|e| !e.is_empty()).collect();
     // vllm-router refuses what waited past its queue timeout with a 408.
-    let refused = failed.iter().filter(|e| matches!(e.as_str(), "Too Many Requests" | "Service Unavailable" | "Request Timeout")).count() as u64;
+    let refused =
+        failed.iter().filter(|e| matches!(e.as_str(), "Too Many Requests" | "Service Unavailable" | "Request Timeout")).count() as u64;
     let completed = r["completed"].as_u64().unwrap_or(0);
     Ok(TenantFigures {
         sent,
@@ -233,7 +236,10 @@ pub(super) async fn run(a: &ScoreboardArgs, exe: &Path) -> anyhow::Result<()> {
         let cluster = start_cluster(a, exe, &dir, &s.client, &s.sim_args()).await?;
         let (mut router, url) = s.router(&cluster, front, &dir, capacity, concurrency).await?;
         let (ra, rb) = (dir.join("a.json"), dir.join("b.json"));
-        let (sa, sb) = tokio::join!(s.bench(&url, "sk-a", num_a, Some(rate_a), None, &ra).status(), s.bench(&url, "sk-b", num_b, Some(rate_b), None, &rb).status());
+        let (sa, sb) = tokio::join!(
+            s.bench(&url, "sk-a", num_a, Some(rate_a), None, &ra).status(),
+            s.bench(&url, "sk-b", num_b, Some(rate_b), None, &rb).status()
+        );
         if !sa?.success() || !sb?.success() {
             bail!("{}: a bench failed; see {}", front.name(), dir.display());
         }

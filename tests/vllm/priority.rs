@@ -11,7 +11,8 @@ use serde_json::json;
 use super::support::*;
 use super::Env;
 
-const TENANTS: &str = "tenants:\n  - name: batch\n    keys: [sk-batch]\n    priority: 10\n  - name: chat\n    keys: [sk-chat]\n    priority: 0\n";
+const TENANTS: &str =
+    "tenants:\n  - name: batch\n    keys: [sk-batch]\n    priority: 10\n  - name: chat\n    keys: [sk-chat]\n    priority: 0\n";
 
 /// Four batch requests, then (after they queue at the decode) one chat request asking for
 /// `chat_priority` (None: its tenant's default); the order they finish in.

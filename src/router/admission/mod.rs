@@ -174,8 +174,7 @@ impl Shared {
         {
             let mut st = self.lock();
             let mut room = None;
-            loop {
-                let Some((next, generations)) = st.waiting.next(may_go).map(|(n, i)| (n, i.generations)) else { break };
+            while let Some((next, generations)) = st.waiting.next(may_go).map(|(n, i)| (n, i.generations)) {
                 if st.in_use + generations > self.max {
                     break;
                 }

@@ -221,7 +221,7 @@ async fn serve(
         Err(limited) => {
             *rate = Some(limited.headers);
             let cause = if limited.error.status == StatusCode::TOO_MANY_REQUESTS { Cause::RateLimited } else { Cause::BadRequest };
-            return Err(Failure::api(limited.error, cause));
+            return Err(Failure::api(*limited.error, cause));
         }
     }
     router.pairs.budget.request();
@@ -230,6 +230,7 @@ async fn serve(
     if let Some(rec) = record.as_ref() {
         rec.queued(waited);
     }
+    tracing::debug!(request_id = ?request_id, tenant = %tenant.name, priority, queued_ms = waited.elapsed().as_millis() as u64, "admitted");
     let leg_priority =
         if router.cfg.flow_control.orders() { LegPriority::Set(priority.to_string().into_bytes()) } else { LegPriority::AsSent };
     let transit = permit.transit();

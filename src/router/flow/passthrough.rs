@@ -62,7 +62,7 @@ async fn run(
     }
     let active = router.drain.active();
     let body = if method == Method::GET { Bytes::new() } else { read_body(router, headers, body).await?.bytes };
-    let tenant = router.tenants.of(&headers);
+    let tenant = router.tenants.of(headers);
     let priority = tenant.priority(None);
     let permit = admit(&router.admission, Ticket { tenant, priority, cost: 0, generations: 1 }).await?;
     let role = router.cfg.passthrough.role_for(group);

@@ -62,7 +62,7 @@ impl Cost {
 
 /// A request a tenant's limits refuse.
 pub(crate) struct Limited {
-    pub(crate) error: ApiError,
+    pub(crate) error: Box<ApiError>,
     pub(crate) headers: RateHeaders,
 }
 
@@ -120,10 +120,10 @@ impl Tenant {
         if let Some(max) = limits.max_prompt_tokens {
             if cost.prompt > max {
                 return Err(Limited {
-                    error: ApiError::bad_request(format!(
+                    error: Box::new(ApiError::bad_request(format!(
                         "this request's prompt is about {} tokens; tenant {} may send at most {max} (max_prompt_tokens)",
                         cost.prompt, self.name
-                    )),
+                    ))),
                     headers: self.headers(),
                 });
             }
@@ -161,7 +161,8 @@ impl Tenant {
                 ),
             };
             let headers = view(&b);
-            let error = ApiError::new(ErrorKind::QuotaExceeded(quota), message).retry_after(wait.as_secs_f64().ceil().max(1.0) as u64);
+            let error =
+                Box::new(ApiError::new(ErrorKind::QuotaExceeded(quota), message).retry_after(wait.as_secs_f64().ceil().max(1.0) as u64));
             return Err(Limited { error, headers });
         }
         if let Some(r) = b.requests.as_mut() {
