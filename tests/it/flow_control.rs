@@ -68,6 +68,12 @@ async fn limits_per_tenant_in_openais_shape_and_headers() {
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_prompt_tokens"), "{v}");
 
+    // Every answer to a tenant carries its allowances: /v1/models and a passed-through API too.
+    let models = client().get(format!("{}/v1/models", r.url)).bearer_auth("sk-r").send().await.unwrap();
+    assert_eq!(models.status(), 200);
+    assert_eq!(header(models.headers(), "x-ratelimit-remaining-requests"), "0");
+    let tokenized = client().post(format!("{}/tokenize", r.url)).bearer_auth("sk-t").json(&json!({"prompt": "hi"})).send().await.unwrap();
+    assert_eq!(header(tokenized.headers(), "x-ratelimit-limit-tokens"), "100");
     // Every client presents a key: the file's, or --client-api-key's (the default tenant).
     assert_eq!(post_as(&url, "sk-plain", &small).await.0, 200);
     assert_eq!(post_as(&url, "sk-unknown", &small).await.0, 401);
@@ -232,5 +238,110 @@ async fn a_tenants_queue_is_bounded_while_another_is_served_and_the_file_reloads
     assert!(reloaded, "the new key is taken");
     assert_eq!(post_as(&url, "sk-f2", &json!({"prompt": "z", "max_tokens": 1})).await.0, 429, "the new limit holds");
     assert_eq!(post_as(&url, "sk-f", &json!({"prompt": "z", "max_tokens": 1})).await.0, 401, "the old key is gone");
+    assert_idle(&r.url).await;
+}
+
+/// Twelve requests at once over four APIs as two tenants, through a router holding them at
+/// a threshold of 1: every one answered, and every slot, leg and claim on the engines'
+/// room given back after.
+async fn every_api_through(router: &str, admin: &str) {
+    let apis = [
+        ("/v1/completions", json!({"prompt": "hello there", "max_tokens": 6})),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6})),
+        ("/v1/messages", json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6})),
+        ("/v1/responses", json!({"input": "hi", "max_output_tokens": 6})),
+    ];
+    let sends = (0..12).map(|i| {
+        let (path, body) = apis[i % 4].clone();
+        let url = format!("{router}{path}");
+        let key = if i % 2 == 0 { "sk-b" } else { "sk-c" };
+        tokio::spawn(async move { (path, post_as(&url, key, &body).await) })
+    });
+    for done in futures_util::future::join_all(sends).await {
+        let (path, (status, _, v)) = done.unwrap();
+        assert_eq!(status, 200, "{path}: {v}");
+    }
+    assert_idle_as(router, Some(admin)).await;
+    let w = workers_as(router, Some(admin)).await;
+    for worker in w["workers"].as_array().unwrap() {
+        assert!(worker["ranks_queue"].as_array().unwrap().iter().all(|q| q == 0), "a leg still counted: {w}");
+    }
+}
+
+#[tokio::test]
+async fn every_connector_and_api_under_flow_control_and_workers_added_at_runtime() {
+    let file =
+        tenants_file("tenants:\n  - name: batch\n    keys: [sk-b]\n    priority: 10\n  - name: chat\n    keys: [sk-c]\n    priority: 0\n");
+    let slow = ["--decode-ms-per-token", "5"];
+    let flow = ["--tenants", file.as_str(), "--engine-queue-threshold", "1", "--admin-api-key", "adm", "--policy", "cache_aware"];
+    // NIXL, and a decode added through the admin API under load takes requests.
+    let p = Proc::sim(&["--role", "prefill"]).await;
+    let d = Proc::sim(&[&["--role", "decode"][..], &slow].concat()).await;
+    let mut args = vec!["--prefill", p.url.as_str(), "--decode", d.url.as_str()];
+    args.extend(flow);
+    let r = router(&args).await;
+    every_api_through(&r.url, "adm").await;
+    let d2 = Proc::sim(&[&["--role", "decode"][..], &slow].concat()).await;
+    let added = client().post(format!("{}/add_worker?url={}&role=decode", r.url, d2.url)).bearer_auth("adm").send().await.unwrap();
+    assert!(added.status().is_success(), "{}", added.text().await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            workers_as(&r.url, Some("adm")).await["workers"].as_array().unwrap().iter().all(|w| w["healthy"] == true)
+        })
+        .await
+    );
+    every_api_through(&r.url, "adm").await;
+    assert!(served(&d2.url).await > 0.0, "the added decode was given work");
+
+    // Mooncake: both legs at once.
+    let mp = Proc::sim(&["--role", "prefill", "--kv-connector", "mooncake", "--mooncake-bootstrap-port", "0"]).await;
+    let md = Proc::sim(&[&["--role", "decode", "--kv-connector", "mooncake"][..], &slow].concat()).await;
+    let bootstrap_port =
+        mp.banner.split_whitespace().find_map(|w| w.strip_prefix("bootstrap_port=")).expect("the banner names it").to_string();
+    let mut args = vec!["--kv-connector", "mooncake", "--prefill", mp.url.as_str(), bootstrap_port.as_str(), "--decode", md.url.as_str()];
+    args.extend(flow);
+    let r = router(&args).await;
+    every_api_through(&r.url, "adm").await;
+
+    // P2pNccl: engines register over ZMQ.
+    let discovery = format!("127.0.0.1:{}", free_port_run(1));
+    let mut args = vec!["--vllm-pd-disaggregation", "--vllm-discovery-address", discovery.as_str()];
+    args.extend(flow);
+    let r = router_unready(&args).await;
+    let _sims = [
+        Proc::sim(&["--role", "prefill", "--kv-connector", "p2pnccl", "--proxy-address", &discovery]).await,
+        Proc::sim(&[&["--role", "decode", "--kv-connector", "p2pnccl", "--proxy-address", &discovery][..], &slow].concat()).await,
+    ];
+    assert!(eventually(Duration::from_secs(10), || async { get(&format!("{}/health", r.url)).await.0 == 200 }).await);
+    every_api_through(&r.url, "adm").await;
+}
+
+/// kv_aware still picks the pair; flow control only decides when: second turns under a
+/// threshold find their first turns' prefixes on the ranks that hold them.
+#[tokio::test]
+async fn kv_aware_picks_the_holder_under_flow_control() {
+    use crate::kv_aware::{hits, prompt, publishing_sim_with, BLOCK};
+    let file = tenants_file("tenants:\n  - name: batch\n    keys: [sk-b]\n    priority: 10\n");
+    let p1 = publishing_sim_with("prefill", 1, &[]).await;
+    let p2 = publishing_sim_with("prefill", 1, &[]).await;
+    let d = Proc::sim(&["--role", "decode", "--block-size", &BLOCK.to_string()]).await;
+    let args =
+        ["--prefill", &p1.url, "--prefill", &p2.url, "--decode", &d.url, "--prefill-policy", "kv_aware", "--decode-policy", "round_robin"];
+    let r = router(&[&args[..], &["--tenants", &file, "--engine-queue-threshold", "2"]].concat()).await;
+    let url = format!("{}/v1/completions", r.url);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for tag in 0..4 {
+        let (status, _, v) = post_as(&url, "sk-b", &json!({"prompt": prompt(tag, 4, &[1, 2]), "max_tokens": 2, "ignore_eos": true})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let before = hits(&p1, 0).await + hits(&p2, 0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // In another order than the first turns (round robin would now miss every one).
+    for tag in [1, 2, 3, 0] {
+        let (status, _, v) = post_as(&url, "sk-b", &json!({"prompt": prompt(tag, 4, &[3, 4]), "max_tokens": 2, "ignore_eos": true})).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let gained = hits(&p1, 0).await + hits(&p2, 0).await - before;
+    assert_eq!(gained, (4 * 4 * BLOCK) as f64, "every second turn found its 4 blocks where its first turn left them");
     assert_idle(&r.url).await;
 }

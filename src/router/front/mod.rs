@@ -95,7 +95,15 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
             }
         }
     }
+    // A tenant's allowances on every answer to it (generation answers carry them already,
+    // as charged).
+    let tenant = (r.tenants.configured() && needs_client_key(path)).then(|| r.tenants.of(req.headers()));
     let mut resp = next.run(req).await;
+    if let Some(t) = tenant
+        .filter(|_| !resp.headers().contains_key("x-ratelimit-limit-requests") && !resp.headers().contains_key("x-ratelimit-limit-tokens"))
+    {
+        t.headers().write(resp.headers_mut());
+    }
     if r.drain.draining() {
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
