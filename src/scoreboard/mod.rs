@@ -263,6 +263,29 @@ async fn start_cluster(
     Ok(Cluster { _children: children.into_iter().map(|(c, _)| c).collect(), prefills, decodes, events })
 }
 
+/// What every row's `disagg bench` measures and where it writes it: TTFT and E2E p50/p99,
+/// goodput under the TTFT SLO, at the simulators' speed.
+fn measured(a: &ScoreboardArgs, result: &std::path::Path) -> Vec<String> {
+    [
+        "--speedup",
+        &a.sim_speedup.to_string(),
+        "--percentile-metrics",
+        "ttft,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--goodput",
+        &format!("ttft:{}", a.slo_ttft_ms),
+        "--save-result",
+        "--save-detailed",
+        "--result-filename",
+        &result.to_string_lossy(),
+        "--disable-tqdm",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The router's command line for a row.
 fn router_command(
     a: &ScoreboardArgs,
@@ -334,25 +357,13 @@ async fn run_row(a: &ScoreboardArgs, exe: &std::path::Path, vllm_router: bool, p
         &a.trace_speedup.to_string(),
         "--trace-block-size",
         &a.trace_block_size.to_string(),
-        "--speedup",
-        &a.sim_speedup.to_string(),
         "--ignore-eos",
-        "--percentile-metrics",
-        "ttft,e2el",
-        "--metric-percentiles",
-        "50,99",
-        "--goodput",
-        &format!("ttft:{}", a.slo_ttft_ms),
-        "--save-result",
-        "--save-detailed",
-        "--result-filename",
-        &result.to_string_lossy(),
-        "--disable-tqdm",
         "--label",
         &name,
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(measured(a, &result))
     .collect();
     eprintln!("scoreboard: {router_name} --policy {policy}: replaying {} requests", a.num_prompts);
     let bench_log = std::fs::File::create(dir.join("bench.log"))?;

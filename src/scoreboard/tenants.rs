@@ -143,24 +143,12 @@ impl Setting<'_> {
             "--ignore-eos",
             "--num-prompts",
             &num.to_string(),
-            "--speedup",
-            &a.sim_speedup.to_string(),
-            "--percentile-metrics",
-            "ttft,e2el",
-            "--metric-percentiles",
-            "50,99",
-            "--goodput",
-            &format!("ttft:{}", a.slo_ttft_ms),
-            "--save-result",
-            "--save-detailed",
-            "--result-filename",
-            &result.to_string_lossy(),
-            "--disable-tqdm",
             "--header",
             &format!("Authorization=Bearer {key}"),
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(super::measured(a, result))
         .collect();
         if let Some(r) = rate {
             args.extend(["--request-rate".into(), format!("{r:.3}")]);

@@ -18,12 +18,9 @@ use super::retry::{RetryBudget, RetryConfig};
 use super::scripted::*;
 use super::*;
 use crate::router::metrics::Cause;
-use crate::router::policy::{CacheAwareConfig, Policy, PolicyKind};
 use crate::router::request::body::ClientBody;
 use crate::router::request::LegBodies;
 use crate::router::upstream::legs::{LegError, PrefillKv, Prefilled};
-use crate::router::workers::breaker::BreakerConfig;
-use crate::router::workers::health::HealthConfig;
 use crate::router::workers::Role;
 
 fn retry(max_retries: u32) -> RetryConfig {
@@ -40,39 +37,13 @@ fn retry(max_retries: u32) -> RetryConfig {
 }
 
 fn pool(role: Role, urls: &[&str], dp: usize, connector: Connector) -> Pool {
-    let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
     let kv: HashMap<String, String> = match connector {
         Connector::Nixl => HashMap::new(),
-        Connector::Mooncake => urls.iter().map(|u| (u.clone(), format!("{}:8998", u.trim_start_matches("http://")))).collect(),
-        Connector::P2pNccl => urls.iter().enumerate().map(|(i, u)| (u.clone(), format!("127.0.0.1:{}", 21000 + i))).collect(),
+        Connector::Mooncake => urls.iter().map(|u| (u.to_string(), format!("{}:8998", u.trim_start_matches("http://")))).collect(),
+        Connector::P2pNccl => urls.iter().enumerate().map(|(i, u)| (u.to_string(), format!("127.0.0.1:{}", 21000 + i))).collect(),
     };
-    let breaker = BreakerConfig {
-        enabled: true,
-        failure_threshold: 100,
-        success_threshold: 1,
-        open_for: Duration::from_secs(30),
-        window: Duration::from_secs(60),
-    };
-    let cache = CacheAwareConfig {
-        cache_threshold: 0.5,
-        balance_abs_threshold: 32,
-        balance_rel_threshold: 1.1,
-        eviction_interval: Duration::from_secs(60),
-        max_tree_size: 1 << 20,
-        max_prefix: 1 << 16,
-        max_entries: 1 << 16,
-    };
-    let policy = Policy::new(PolicyKind::RoundRobin, &cache, 0.0);
-    let pool = Pool::new(role, &urls, &kv, dp, policy, &breaker);
-    let health = HealthConfig {
-        interval: Duration::from_secs(5),
-        timeout: Duration::from_secs(1),
-        failure_threshold: 1,
-        success_threshold: 1,
-        endpoint: "/health".into(),
-    };
+    let pool = crate::router::workers::pool::healthy_pool_with(role, urls, dp, &kv);
     for w in pool.snapshot().iter() {
-        w.record_check(true, &health, "");
         w.set_engine_ids((0..dp).map(|r| format!("engine-{}-{r}", w.url)).collect());
     }
     pool

@@ -215,6 +215,12 @@ impl Pool {
 /// (tests) A pool of healthy round-robin workers.
 #[cfg(test)]
 pub(crate) fn healthy_pool(role: Role, urls: &[&str], dp: usize) -> Pool {
+    healthy_pool_with(role, urls, dp, &Default::default())
+}
+
+/// (tests) As `healthy_pool`, with the KV address of those that have one.
+#[cfg(test)]
+pub(crate) fn healthy_pool_with(role: Role, urls: &[&str], dp: usize, kv_addresses: &std::collections::HashMap<String, String>) -> Pool {
     use std::time::Duration;
     let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
     let breaker = BreakerConfig {
@@ -234,7 +240,7 @@ pub(crate) fn healthy_pool(role: Role, urls: &[&str], dp: usize) -> Pool {
         max_entries: 1 << 16,
     };
     let policy = Policy::new(crate::router::policy::PolicyKind::RoundRobin, &cache, 0.0);
-    let pool = Pool::new(role, &urls, &Default::default(), dp, policy, &breaker);
+    let pool = Pool::new(role, &urls, kv_addresses, dp, policy, &breaker);
     let health = super::health::HealthConfig {
         interval: Duration::from_secs(5),
         timeout: Duration::from_secs(1),
