@@ -99,6 +99,11 @@ impl Permit {
     pub(crate) fn transit(&self) -> Option<Arc<Transit>> {
         self.transit.clone()
     }
+
+    /// Gives up the whole claim at once (a request whose one leg is about to be picked).
+    pub(crate) fn picked_all(&mut self) {
+        self.transit = None;
+    }
 }
 
 impl Drop for Permit {

@@ -64,7 +64,9 @@ async fn run(
     let body = if method == Method::GET { Bytes::new() } else { read_body(router, headers, body).await?.bytes };
     let tenant = router.tenants.of(headers);
     let priority = tenant.priority(None);
-    let permit = admit(&router.admission, Ticket { tenant, priority, cost: 0, generations: 1 }).await?;
+    let mut permit = admit(&router.admission, Ticket { tenant, priority, cost: 0, generations: 1 }).await?;
+    // One leg, on one pool: its lease counts in that pool's queue from here on.
+    permit.picked_all();
     let role = router.cfg.passthrough.role_for(group);
     let pool = router.topology.pool(role).or_else(|| router.topology.pools().next()).expect("a topology has a pool");
     let authorization = worker_authorization(router, headers);

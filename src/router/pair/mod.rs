@@ -120,6 +120,8 @@ impl<S: LegSender> Pairs<S> {
             // The decode is reserved first: with none available, no prefill KV is made for nothing.
             let mut decode = pick(self.pd().1, &job, &avoid_d, avoidance).map_err(Failure::no_worker)?;
             if run == 0 && self.prefill_on_decode(&job, &decode) {
+                // No prefill leg: its claim on the prefills' room ends here.
+                job.picked(crate::router::workers::Role::Prefill);
                 match self.decode_alone(&job, decode).await {
                     ControlFlow::Break(answered) => return answered,
                     // Anything but a 4xx: disaggregate, on another decode.
