@@ -30,12 +30,15 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, keys: &[String]) -> bool {
     bearer_token(headers).and_then(|t| matching(keys, t)).is_some()
 }
 
+/// The keys a request presents as a client: its bearer token, then its `x-api-key`.
+pub(crate) fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    bearer_token(headers).into_iter().chain(headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii()))
+}
+
 impl AuthConfig {
     /// The client key a request presents: as a bearer token, else as `x-api-key`.
     pub(crate) fn client_key_of(&self, headers: &HeaderMap) -> Option<&str> {
-        let bearer = bearer_token(headers).and_then(|t| matching(&self.client_keys, t));
-        let x_api_key = headers.get("x-api-key").and_then(|v| matching(&self.client_keys, v.as_bytes().trim_ascii()));
-        bearer.or(x_api_key)
+        presented_keys(headers).find_map(|t| matching(&self.client_keys, t))
     }
 }
 

@@ -211,17 +211,19 @@ async fn serve(
     }
     // Flow control: the tenant's priority and limits, then the router's queue.
     let priority = tenant.priority(crate::router::tenants::asked_priority(headers, &body).map_err(Failure::bad_request)?);
-    let cost = crate::router::tenants::estimate(&body, generations);
+    // Without a tenants file there is one tenant, without limits: nothing to estimate or charge.
+    let mut cost = crate::router::tenants::Cost::default();
     if router.tenants.configured() {
+        cost = crate::router::tenants::estimate(&body, generations);
         let label = crate::router::metrics::TenantLabel { tenant: tenant.name.clone(), priority: router.tenants.priority_label(priority) };
         record.as_mut().expect("the record stays until the answer is built").tenant(label, cost.total());
-    }
-    match tenant.charge(cost) {
-        Ok(headers) => *rate = Some(headers),
-        Err(limited) => {
-            *rate = Some(limited.headers);
-            let cause = if limited.error.status == StatusCode::TOO_MANY_REQUESTS { Cause::RateLimited } else { Cause::BadRequest };
-            return Err(Failure::api(*limited.error, cause));
+        match tenant.charge(cost) {
+            Ok(headers) => *rate = Some(headers),
+            Err(limited) => {
+                *rate = Some(limited.headers);
+                let cause = if limited.error.status == StatusCode::TOO_MANY_REQUESTS { Cause::RateLimited } else { Cause::BadRequest };
+                return Err(Failure::api(*limited.error, cause));
+            }
         }
     }
     router.pairs.budget.request();

@@ -83,8 +83,11 @@ fn unauthorized(what: &str, dialect: Dialect) -> Response {
 async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let auth = &r.cfg.auth;
+    let client_api = needs_client_key(path);
+    // The tenant's key, read once: for the check here and its allowances on the answer.
+    let tenant = if client_api { r.tenants.by_key(req.headers()) } else { None };
     let keys_required = !auth.client_keys.is_empty() || r.tenants.configured();
-    if needs_client_key(path) && keys_required && auth.client_key_of(req.headers()).is_none() && r.tenants.by_key(req.headers()).is_none() {
+    if client_api && keys_required && tenant.is_none() && auth.client_key_of(req.headers()).is_none() {
         let dialect = if path.starts_with("/v1/messages") { Dialect::Anthropic } else { Dialect::OpenAi };
         return unauthorized("this router needs a client API key (or `x-api-key: <key>`)", dialect);
     }
@@ -97,7 +100,7 @@ async fn guard(State(r): State<Arc<Router>>, req: Request, next: Next) -> Respon
     }
     // A tenant's allowances on every answer to it (generation answers carry them already,
     // as charged).
-    let tenant = (r.tenants.configured() && needs_client_key(path)).then(|| r.tenants.of(req.headers()));
+    let tenant = (r.tenants.configured() && client_api).then(|| r.tenants.or_default(tenant));
     let mut resp = next.run(req).await;
     if let Some(t) = tenant
         .filter(|_| !resp.headers().contains_key("x-ratelimit-limit-requests") && !resp.headers().contains_key("x-ratelimit-limit-tokens"))

@@ -31,7 +31,7 @@ use crate::api::{ApiError, ErrorKind};
 use crate::router::config::responses::ResponsesConfig;
 use crate::router::config::AuthConfig;
 use crate::router::request::body::ClientBody;
-use crate::router::tenants::{presented_key, Tenants};
+use crate::router::tenants::Tenants;
 use store::{Owner, ResponseStore, StoredResponse};
 
 /// The router's Responses state: the store and its bounds.
@@ -72,9 +72,9 @@ impl Responses {
     /// front door's guard has checked it: one of --client-api-key's, or a tenant's), or
     /// everyone's where no keys are configured.
     pub(crate) fn owner(headers: &HeaderMap, auth: &AuthConfig, tenants: &Tenants) -> Owner {
-        let key = match (auth.client_key_of(headers), tenants.by_key(headers)) {
+        let key = match (auth.client_key_of(headers), tenants.key_of(headers)) {
             (Some(key), _) => key.as_bytes(),
-            (None, Some(_)) => presented_key(headers).unwrap_or_default(),
+            (None, Some((key, _))) => key,
             (None, None) if auth.client_keys.is_empty() && !tenants.configured() => return Owner(String::new()),
             (None, None) => b"",
         };

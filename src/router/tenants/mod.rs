@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::http::HeaderMap;
 
 use crate::api::{ApiError, ErrorKind, Quota};
-use crate::router::config::keys::bearer_token;
+use crate::router::config::keys::presented_keys;
 use crate::router::request::body::ClientBody;
 use file::{BandSpec, Limits, TenantSpec, TenantsSpec, DEFAULT_TENANT};
 use limits::{Bucket, RateHeaders, Short};
@@ -240,11 +240,6 @@ fn digest(key: &[u8]) -> [u8; 32] {
     d.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
-/// The key a request presents: its bearer token, else its `x-api-key`.
-pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    bearer_token(headers).or_else(|| headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii()))
-}
-
 fn divided(limit: Option<u64>, replicas: u32) -> Option<u64> {
     limit.map(|l| l.div_ceil(u64::from(replicas)).max(1))
 }
@@ -272,15 +267,29 @@ impl Tenants {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The file's key the request presents (as a bearer token or `x-api-key`, as client keys
+    /// are read), and its tenant; None without a tenants file.
+    pub(crate) fn key_of<'h>(&self, headers: &'h HeaderMap) -> Option<(&'h [u8], Arc<Tenant>)> {
+        if !self.configured() {
+            return None;
+        }
+        let table = self.table();
+        presented_keys(headers).find_map(|k| table.by_key.get(&digest(k)).map(|t| (k, t.clone())))
+    }
+
     /// The tenant whose key the request presents, if it presents one of the file's.
     pub(crate) fn by_key(&self, headers: &HeaderMap) -> Option<Arc<Tenant>> {
-        let key = presented_key(headers)?;
-        self.table().by_key.get(&digest(key)).cloned()
+        self.key_of(headers).map(|(_, t)| t)
+    }
+
+    /// The tenant `by_key` found, else the default tenant.
+    pub(crate) fn or_default(&self, found: Option<Arc<Tenant>>) -> Arc<Tenant> {
+        found.unwrap_or_else(|| self.table().default.clone())
     }
 
     /// The request's tenant: by its key, else the default tenant.
     pub(crate) fn of(&self, headers: &HeaderMap) -> Arc<Tenant> {
-        self.by_key(headers).unwrap_or_else(|| self.table().default.clone())
+        self.or_default(self.by_key(headers))
     }
 
     pub(crate) fn all(&self) -> Vec<Arc<Tenant>> {
@@ -408,6 +417,9 @@ mod tests {
         let a = t.of(&headers("sk-a"));
         assert_eq!(&*a.name, "a");
         assert_eq!(&*t.of(&headers("sk-other")).name, DEFAULT_TENANT);
+        let mut both = headers("sk-other");
+        both.insert("x-api-key", "sk-a".parse().unwrap());
+        assert_eq!(&*t.of(&both).name, "a", "read as client keys are: the bearer, then x-api-key");
         assert_eq!((a.priority(None), a.priority(Some(0)), a.priority(Some(7))), (10, 5, 7), "default, capped, as asked");
         for left in [2, 1, 0] {
             assert_eq!(a.charge(Cost::default()).ok().unwrap().requests.unwrap().remaining, left);
