@@ -21,6 +21,17 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `disagg=debug`); RUST_LOG wins.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// How log lines are written: `text` (plain) or `json` (one JSON object per line, for
+    /// log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The log's line format.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,6 +56,9 @@ pub(crate) enum Command {
     /// Replay a trace on a simulated cluster through every router policy (and vllm-router):
     /// a Markdown table and a plot of TTFT, hit rate, load skew, goodput and router CPU.
     Scoreboard(crate::scoreboard::ScoreboardArgs),
+    /// A live terminal view of a running router: its workers (health, circuit, in flight
+    /// and queue per rank, KV usage, hit rate) and its rate, TTFT and errors; `q` quits.
+    Top(crate::top::TopArgs),
 }
 
 impl Cli {
@@ -76,13 +90,16 @@ pub fn normalize_flag_names(args: impl IntoIterator<Item = std::ffi::OsString>) 
         .collect()
 }
 
-pub fn init_tracing(level: &str) {
+pub fn init_tracing(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: logs sent to a file or a collector stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        // Colours only on a terminal: logs sent to a file or a collector stay plain text.
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => fmt.json().with_current_span(false).with_span_list(false).try_init(),
+    };
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -95,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => crate::bench::run(args).await,
         Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
         Some(Command::Scoreboard(args)) => crate::scoreboard::run(args).await,
+        Some(Command::Top(args)) => crate::top::run(args).await,
     }
 }
 

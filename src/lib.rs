@@ -14,4 +14,5 @@ pub mod signal;
 pub mod sim;
 pub mod tls;
 pub mod tokenize;
+pub mod top;
 pub mod zmtp;

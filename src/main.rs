@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = disagg::cli::Cli::parse_from(disagg::cli::normalize_flag_names(std::env::args_os()));
-    disagg::cli::init_tracing(&cli.log_level);
+    disagg::cli::init_tracing(&cli.log_level, cli.log_format);
     // The router serves on threads of its own (router/server.rs); this thread keeps its
     // health checks, discovery and KV event intake.
     let mut builder =

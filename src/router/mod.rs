@@ -7,6 +7,7 @@ pub(crate) mod flow;
 pub(crate) mod front;
 pub mod kv_aware;
 pub(crate) mod metrics;
+pub(crate) mod observe;
 pub(crate) mod pair;
 pub mod policy;
 pub mod request;
@@ -93,6 +94,7 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         drain: Arc::default(),
         body_budget: crate::api::body::BodyBudget::new(cfg.boundary.body_budget),
         responses: Arc::new(responses::Responses::new(&cfg.responses)),
+        observer: observe::Observer::start(&cfg.observe, metrics.clone())?,
         cfg,
     })
 }

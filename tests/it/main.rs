@@ -17,6 +17,8 @@ mod launch;
 mod launch_local;
 mod messages;
 mod mooncake_handshake;
+mod observe;
+mod otlp;
 mod passthrough;
 mod postgres;
 mod ranktable;

@@ -275,6 +275,8 @@ pub(crate) struct RouteArgs {
     #[command(flatten)]
     pub(crate) flow_control: crate::router::config::flow_control::FlowControlArgs,
     #[command(flatten)]
+    pub(crate) observe: crate::router::config::observe::ObserveArgs,
+    #[command(flatten)]
     pub(crate) tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
     pub(crate) worker_tls: crate::tls::WorkerTlsArgs,
@@ -470,6 +472,7 @@ impl RouteArgs {
             passthrough: self.passthrough.to_config(),
             responses: self.responses.to_config()?,
             flow_control: self.flow_control.to_config(),
+            observe: self.observe.to_config()?,
         })
     }
 

@@ -5,6 +5,7 @@ pub(crate) mod boundary;
 pub(crate) mod cli;
 pub(crate) mod flow_control;
 pub(crate) mod keys;
+pub(crate) mod observe;
 pub(crate) mod passthrough;
 pub(crate) mod responses;
 
@@ -95,4 +96,5 @@ pub(crate) struct RouterConfig {
     pub(crate) passthrough: passthrough::PassthroughConfig,
     pub(crate) responses: responses::ResponsesConfig,
     pub(crate) flow_control: flow_control::FlowControlConfig,
+    pub(crate) observe: crate::router::observe::ObserveConfig,
 }

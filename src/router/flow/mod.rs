@@ -27,6 +27,7 @@ use crate::router::config::RouterConfig;
 use crate::router::flow::drain::{Drain, Phase};
 use crate::router::metrics::Cause;
 use crate::router::metrics::{RequestRecord, RouterMetrics};
+use crate::router::observe::Journey;
 use crate::router::pair::failure::Failure;
 use crate::router::pair::{Delivery, Job, LegTemplate, Pairs};
 use crate::router::policy::RequestInfo;
@@ -62,6 +63,8 @@ pub(crate) struct Router {
     pub(crate) body_budget: BodyBudget,
     /// The Responses API's stored conversations.
     pub(crate) responses: Arc<crate::router::responses::Responses>,
+    /// The access log and traces (off: no journeys).
+    pub(crate) observer: Arc<crate::router::observe::Observer>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +80,7 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Chat => "/v1/chat/completions",
@@ -117,9 +120,14 @@ impl Endpoint {
 
 pub(crate) async fn generate(router: Arc<Router>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
     let request_id = request_id(&headers);
-    let mut record = Some(RequestRecord::new(router.metrics.clone(), ep.label()));
+    let mut record = RequestRecord::new(router.metrics.clone(), ep.label());
+    let journey = router.observer.journey(&headers, ep.path(), &request_id);
+    if let Some(j) = &journey {
+        record.watch(j.clone());
+    }
+    let mut record = Some(record);
     let mut rate = None;
-    let served = serve(&router, ep, &headers, body, &request_id, &mut record, &mut rate);
+    let served = serve(&router, ep, &headers, body, Seen { request_id: &request_id, journey }, &mut record, &mut rate);
     let result = tokio::select! {
         result = served => result,
         () = router.drain.reached(Phase::Cut) => Err(Failure::shutting_down()),
@@ -170,17 +178,27 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()).expect("hex is a valid header"))
 }
 
+/// How a request is known: its id, and its journey when observed.
+struct Seen<'a> {
+    request_id: &'a HeaderValue,
+    journey: Option<Arc<Journey>>,
+}
+
 async fn serve(
     router: &Arc<Router>,
     ep: Endpoint,
     headers: &HeaderMap,
     body: Body,
-    request_id: &HeaderValue,
+    seen: Seen<'_>,
     record: &mut Option<RequestRecord>,
     rate: &mut Option<RateHeaders>,
 ) -> Result<Response, Failure> {
+    let Seen { request_id, journey } = seen;
     let active = router.drain.active();
     let tenant = router.tenants.of(headers);
+    if let Some(j) = journey.as_ref().filter(|_| router.tenants.configured()) {
+        j.tenant(tenant.name.clone());
+    }
     require_json(headers).map_err(Failure::bad_request)?;
     // The body's share of --max-body-bytes-in-flight is held until the answer has started.
     let Budgeted { bytes: raw, share: _body_share } = read_body(router, headers, body).await?;
@@ -195,6 +213,9 @@ async fn serve(
         _ => (body, None),
     };
     let (shape, leg_shape) = ep.check(&body).map_err(Failure::bad_request)?;
+    if let Some(j) = &journey {
+        j.model(body.get("model").and_then(|m| serde_json::from_slice::<&str>(m).ok()));
+    }
     if matches!(*router.topology, Topology::Disaggregated { .. }) {
         request::check_pd(&body).map_err(Failure::bad_request)?;
     }
@@ -232,6 +253,9 @@ async fn serve(
     if let Some(rec) = record.as_ref() {
         rec.queued(waited);
     }
+    if let Some(j) = &journey {
+        j.admitted();
+    }
     tracing::debug!(request_id = ?request_id, tenant = %tenant.name, priority, queued_ms = waited.elapsed().as_millis() as u64, "admitted");
     let leg_priority =
         if router.cfg.flow_control.orders() { LegPriority::Set(priority.to_string().into_bytes()) } else { LegPriority::AsSent };
@@ -244,8 +268,9 @@ async fn serve(
         prefill_timeout: t.prefill,
         first_byte_timeout: t.decode_first_byte,
         request_timeout: t.request,
+        journey: journey.clone(),
     };
-    let held = Held {
+    let mut held = Held {
         permit,
         leases: Vec::new(),
         record: record.take().expect("the record stays until the answer is built"),
@@ -269,8 +294,11 @@ async fn serve(
                 job.info.kv.as_ref().and_then(|kv| {
                     crate::router::kv_aware::check::predict(kv, answer.cache_from.as_ref(), answer.started.status.is_success())
                 });
+            if let (Some(j), Some(p)) = (&journey, &prediction) {
+                j.predicted_cached(p.want());
+            }
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
-            let finish = relay::Finish { prediction, dialect: ep.dialect(), turn, max_event: router.cfg.max_payload };
+            let finish = relay::Finish { prediction, dialect: ep.dialect(), turn, max_event: router.cfg.max_payload, journey };
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, finish);
             if let Some((prefill, answered)) = served {
                 name_workers(resp.headers_mut(), prefill.as_ref(), &answered);

@@ -18,11 +18,13 @@ use futures_util::stream;
 use futures_util::StreamExt;
 
 use crate::api::dialect::Dialect;
+use crate::api::usage::{self, Usage};
 use crate::api::{ApiError, ErrorKind};
 use crate::router::flow::drain::{Active, Drain, Phase};
-use crate::router::kv_aware::check::{reported_in_stream, reported_whole, Prediction};
+use crate::router::kv_aware::check::Prediction;
 use crate::router::metrics::Cause;
 use crate::router::metrics::RequestRecord;
+use crate::router::observe::Journey;
 use crate::router::pair::rename::Rename;
 use crate::router::pair::Answer;
 use crate::router::responses::capture::StreamCapture;
@@ -62,12 +64,36 @@ pub(crate) struct Finish {
     pub(crate) turn: Option<Turn>,
     /// The longest Responses event held whole (--max-payload-size).
     pub(crate) max_event: usize,
+    /// The request's journey (observed): told the usage the answer reports.
+    pub(crate) journey: Option<Arc<Journey>>,
+}
+
+/// Who hears of the usage an answer reports: kv_aware's prediction (its cached tokens),
+/// the request's journey (all of it).
+struct UsageReaders {
+    prediction: Option<Prediction>,
+    journey: Option<Arc<Journey>>,
+}
+
+impl UsageReaders {
+    fn any(&self) -> bool {
+        self.prediction.is_some() || self.journey.is_some()
+    }
+    fn tell(self, metrics: &crate::router::metrics::RouterMetrics, usage: Usage) {
+        if let Some(p) = self.prediction {
+            p.check(metrics, usage.cached.map(|c| c as usize));
+        }
+        if let Some(j) = self.journey {
+            j.usage(usage);
+        }
+    }
 }
 
 /// The response for one generation's answer.
 pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, finish: Finish) -> Response {
     let Answer { started, lease, since, rename, .. } = answer;
-    let Finish { prediction, dialect, turn, max_event } = finish;
+    let Finish { prediction, dialect, turn, max_event, journey } = finish;
+    let readers = UsageReaders { prediction, journey };
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);
@@ -75,8 +101,8 @@ pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Ar
     let body = match started.body {
         StartedBody::Whole(bytes) => {
             let bytes = rename.as_ref().map_or(bytes.clone(), |r| r.whole(bytes));
-            if let Some(p) = prediction {
-                p.check(held.record.metrics(), reported_whole(&bytes, dialect));
+            if readers.any() {
+                readers.tell(held.record.metrics(), usage::whole(&bytes, dialect));
             }
             whole(bytes, held, turn.filter(|_| success))
         }
@@ -84,9 +110,9 @@ pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Ar
             let mut up = Upstream::new(head, rest, idle, drain);
             up.rename = rename;
             up.dialect = dialect;
-            up.keep_usage = prediction.is_some();
+            up.keep_usage = readers.any();
             up.capture = turn.map(|t| StreamCapture::new(t, max_event));
-            events(up, held, prediction)
+            events(up, held, readers)
         }
     };
     let mut resp = Response::new(body);
@@ -178,9 +204,9 @@ impl Upstream {
         }
     }
 
-    /// The cached tokens the stream's last usage chunk reports (when kept).
-    pub(crate) fn cached_tokens_reported(&self) -> Option<usize> {
-        reported_in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>(), self.dialect)
+    /// The usage the stream's last chunks report (when kept).
+    fn usage_reported(&self) -> Usage {
+        usage::in_stream(&self.recent.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>(), self.dialect)
     }
 
     /// A Responses stream's chunk as its capture passes it on (whole events, rewritten).
@@ -270,17 +296,17 @@ impl Upstream {
 }
 
 /// A streamed answer relayed to the client.
-fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Body {
+fn events(upstream: Upstream, held: Held, readers: UsageReaders) -> Body {
     #[expect(clippy::large_enum_variant, reason = "the state moves once per chunk; boxing it would allocate per chunk")]
     enum State {
-        Relay(Upstream, Held, Option<Prediction>),
+        Relay(Upstream, Held, UsageReaders),
         Done(Held, Dialect),
         End,
     }
-    let s = stream::unfold(State::Relay(upstream, held, prediction), |state| async move {
+    let s = stream::unfold(State::Relay(upstream, held, readers), |state| async move {
         match state {
-            State::Relay(mut up, mut held, prediction) => match up.next().await {
-                Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held, prediction))),
+            State::Relay(mut up, mut held, readers) => match up.next().await {
+                Some(Piece::Bytes(b)) => Some((b, State::Relay(up, held, readers))),
                 Some(Piece::Broken { event, why, worker_fault }) => {
                     tracing::warn!(worker = %held.leases.last().map_or("", |l| l.url()), "decode stream failed: {why}");
                     held.record.fail(Cause::DecodeMidstream);
@@ -291,8 +317,8 @@ fn events(upstream: Upstream, held: Held, prediction: Option<Prediction>) -> Bod
                     Some((event, State::Done(held, dialect)))
                 }
                 None => {
-                    if let Some(p) = prediction {
-                        p.check(held.record.metrics(), up.cached_tokens_reported());
+                    if readers.any() {
+                        readers.tell(held.record.metrics(), up.usage_reported());
                     }
                     held.finish();
                     None

@@ -7,27 +7,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Deserialize;
-
-use crate::api::dialect::Dialect;
 use crate::router::metrics::{KvAwareOutcome, RouterMetrics};
 use crate::router::policy::KvView;
 use crate::router::policy::WorkerRank;
-
-#[derive(Deserialize)]
-struct Reported {
-    usage: Option<Usage>,
-}
-#[derive(Deserialize)]
-struct Usage {
-    prompt_tokens_details: Option<Details>,
-    input_tokens_details: Option<Details>,
-    cache_read_input_tokens: Option<usize>,
-}
-#[derive(Deserialize)]
-struct Details {
-    cached_tokens: Option<usize>,
-}
 
 /// What vLLM reports as cached for a prompt of `tokens` when `held` of its full blocks are
 /// in the cache: full blocks only, and never the last token (it is always computed).
@@ -54,33 +36,12 @@ pub(crate) fn predict(kv: &KvView, cache_from: Option<&WorkerRank>, answered_ok:
     Some(Prediction { holder, want })
 }
 
-/// The cached prompt tokens a whole JSON answer reports: `usage.prompt_tokens_details.
-/// cached_tokens` (OpenAI's shape), `usage.cache_read_input_tokens` (Anthropic's, as vLLM
-/// writes it when prompt-token details are on).
-pub(crate) fn reported_whole(body: &[u8], dialect: Dialect) -> Option<usize> {
-    let r = serde_json::from_slice::<Reported>(body).ok()?.usage?;
-    match dialect {
-        Dialect::OpenAi => r.prompt_tokens_details?.cached_tokens,
-        Dialect::Responses => r.input_tokens_details?.cached_tokens,
-        Dialect::Anthropic => r.cache_read_input_tokens,
-    }
-}
-
-/// The last cached-token count in a stream's last bytes (its final usage chunk, or
-/// Anthropic's `message_delta`).
-pub(crate) fn reported_in_stream(tail: &[u8], dialect: Dialect) -> Option<usize> {
-    let key: &[u8] = match dialect {
-        Dialect::OpenAi | Dialect::Responses => b"\"cached_tokens\":",
-        Dialect::Anthropic => b"\"cache_read_input_tokens\":",
-    };
-    let at = tail.windows(key.len()).rposition(|w| w == key)? + key.len();
-    let rest = &tail[at..];
-    let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
-}
-
 impl Prediction {
+    /// The cached tokens predicted.
+    pub(crate) fn want(&self) -> usize {
+        self.want
+    }
+
     pub(crate) fn check(&self, metrics: &RouterMetrics, got: Option<usize>) {
         let want = self.want;
         let outcome = match got {
@@ -122,7 +83,16 @@ fn warn_drift(url: &str, rank: usize, want: usize, got: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{predicted, reported_in_stream, reported_whole};
+    use super::predicted;
+    use crate::api::dialect::Dialect;
+    use crate::api::usage;
+
+    fn reported_whole(b: &[u8], d: Dialect) -> Option<u64> {
+        usage::whole(b, d).cached
+    }
+    fn reported_in_stream(b: &[u8], d: Dialect) -> Option<u64> {
+        usage::in_stream(b, d).cached
+    }
     use crate::api::dialect::Dialect::{Anthropic, OpenAi};
 
     #[test]

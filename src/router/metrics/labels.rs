@@ -203,3 +203,19 @@ impl Label for Task {
         }
     }
 }
+
+/// What observability dropped when its writer fell behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dropped {
+    AccessLogLine,
+    Trace,
+}
+
+impl Label for Dropped {
+    fn label(&self) -> &'static str {
+        match self {
+            Dropped::AccessLogLine => "access_log_line",
+            Dropped::Trace => "trace",
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub(crate) use labels::{Cause, CircuitState, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
+pub(crate) use labels::{Cause, CircuitState, Dropped, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
 
 pub(crate) struct RouterMetrics {
     registry: Registry,
@@ -30,6 +30,8 @@ pub(crate) struct RouterMetrics {
     kv_aware: IntCounterVec,
     refused: IntCounterVec,
     task_restarts: IntCounterVec,
+    observe_dropped: IntCounterVec,
+    ttft: HistogramVec,
     tenant: TenantMetrics,
     /// One render at a time (each resets the per-worker series, then sets them).
     rendering: std::sync::Mutex<()>,
@@ -53,6 +55,8 @@ impl RouterMetrics {
             kv_aware: counter("disagg_router_kv_aware_total", "kv_aware decisions, by outcome (prefill_skipped: the decode prefilled the few tokens it lacked).", &["outcome"]),
             task_restarts: counter("disagg_router_task_restarts_total", "Background tasks started again after they ended or panicked, by task.", &["task"]),
             refused: counter("disagg_router_refused_total", "What the network boundary refused (docs/SECURITY.md), by where it came from and why.", &["from", "reason"]),
+            observe_dropped: counter("disagg_router_observe_dropped_total", "Access-log lines and traces dropped because their writer fell behind, by what.", &["what"]),
+            ttft: hist("disagg_router_ttft_seconds", "Time from a request's arrival to its answer's first output (a stream's first event, or the whole answer), by endpoint.", &["endpoint"]),
             legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
             in_flight: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
@@ -90,6 +94,11 @@ impl RouterMetrics {
     /// and why (the refusing room's own reason).
     pub(crate) fn refused(&self, from: &'static str, reason: &impl Label) {
         self.refused.with_label_values(&[from, reason.label()]).inc();
+    }
+
+    /// An access-log line or a trace dropped (its writer is behind).
+    pub(crate) fn observe_dropped(&self, what: Dropped) {
+        self.observe_dropped.with_label_values(&[what.label()]).inc();
     }
 
     pub(crate) fn task_restarted(&self, task: Task) {
@@ -162,6 +171,18 @@ impl Default for RouterMetrics {
     }
 }
 
+/// A request's end as its record saw it.
+pub(crate) struct RequestEnd {
+    pub(crate) status: u16,
+    pub(crate) cause: Option<Cause>,
+}
+
+/// Told once of a request's end, whichever path it took (the access log and traces,
+/// router/observe/).
+pub(crate) trait EndWatcher: Send + Sync {
+    fn ended(&self, end: RequestEnd);
+}
+
 /// Records one request's outcome exactly once, when dropped: whichever path the request
 /// took (answered, failed, client gone mid-way), the counters see it.
 pub(crate) struct RequestRecord {
@@ -171,12 +192,28 @@ pub(crate) struct RequestRecord {
     status: u16,
     cause: Option<Cause>,
     done: bool,
+    first_output: bool,
     tenant: Option<TenantLabel>,
+    watcher: Option<Arc<dyn EndWatcher>>,
 }
 
 impl RequestRecord {
     pub(crate) fn new(metrics: Arc<RouterMetrics>, endpoint: &'static str) -> Self {
-        RequestRecord { metrics, endpoint, start: Instant::now(), status: 499, cause: None, done: false, tenant: None }
+        RequestRecord {
+            metrics,
+            endpoint,
+            start: Instant::now(),
+            status: 499,
+            cause: None,
+            done: false,
+            first_output: false,
+            tenant: None,
+            watcher: None,
+        }
+    }
+    /// `watcher` is told of the request's end.
+    pub(crate) fn watch(&mut self, watcher: Arc<dyn EndWatcher>) {
+        self.watcher = Some(watcher);
     }
     pub(crate) fn metrics(&self) -> &RouterMetrics {
         &self.metrics
@@ -200,8 +237,12 @@ impl RequestRecord {
             self.metrics.tenant.queued.with_label_values(&[&*t.tenant, &t.priority]).observe(since.elapsed().as_secs_f64());
         }
     }
-    /// The answer's first output is here.
-    pub(crate) fn first_output(&self) {
+    /// The answer's first output is here (counted once).
+    pub(crate) fn first_output(&mut self) {
+        if std::mem::replace(&mut self.first_output, true) {
+            return;
+        }
+        self.metrics.ttft.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
         if let Some(t) = &self.tenant {
             self.metrics.tenant.ttft.with_label_values(&[&*t.tenant, &t.priority]).observe(self.start.elapsed().as_secs_f64());
         }
@@ -229,5 +270,8 @@ impl Drop for RequestRecord {
             }
         }
         self.metrics.duration.with_label_values(&[self.endpoint]).observe(self.start.elapsed().as_secs_f64());
+        if let Some(w) = self.watcher.take() {
+            w.ended(RequestEnd { status: self.status, cause: self.cause });
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use super::rename::Rename;
+use crate::router::observe::Journey;
 use crate::router::policy::{RequestInfo, WorkerRank};
 use crate::router::request::LegBodies;
 use crate::router::upstream::legs::{LegRequest, Started};
@@ -23,11 +24,20 @@ pub(crate) struct LegTemplate {
     pub(crate) prefill_timeout: Duration,
     pub(crate) first_byte_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    /// The request's journey, when observed: each leg is marked in it (sender.rs).
+    pub(crate) journey: Option<Arc<Journey>>,
 }
 
 impl LegTemplate {
     pub(super) fn request(&self, body: Pieces, timeout: Duration) -> LegRequest {
-        LegRequest { path: self.path, request_id: self.request_id.clone(), authorization: self.authorization.clone(), body, timeout }
+        LegRequest {
+            path: self.path,
+            request_id: self.request_id.clone(),
+            authorization: self.authorization.clone(),
+            body,
+            timeout,
+            journey: self.journey.clone(),
+        }
     }
 
     /// The same legs under another request id (one generation of a split request).

@@ -84,6 +84,7 @@ fn job(delivery: Delivery) -> Arc<Job> {
         prefill_timeout: Duration::from_secs(30),
         first_byte_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_secs(60),
+        journey: None,
     };
     Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery, transit: None })
 }

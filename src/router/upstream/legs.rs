@@ -138,6 +138,8 @@ pub(crate) struct LegRequest {
     pub(crate) authorization: Option<HeaderValue>,
     pub(crate) body: Pieces,
     pub(crate) timeout: Duration,
+    /// The request's journey, when observed (the legs' seam marks each leg in it).
+    pub(crate) journey: Option<Arc<crate::router::observe::Journey>>,
 }
 
 /// Set once the leg's body has been handed to the connection: from then on the worker
@@ -202,7 +204,12 @@ pub(crate) fn client() -> reqwest::Client {
 }
 
 /// Sends a leg to its worker; `sent` is told once the worker has the whole request.
-async fn send(to: Target<'_>, req: &LegRequest, sent: Option<&Sent>) -> Result<worker_client::Response, LegError> {
+async fn send(
+    to: Target<'_>,
+    req: &LegRequest,
+    sent: Option<&Sent>,
+    traceparent: Option<&HeaderValue>,
+) -> Result<worker_client::Response, LegError> {
     let json = HeaderValue::from_static("application/json");
     let rank = to.dp_rank.map(HeaderValue::from);
     let mut headers: Vec<(&'static str, &HeaderValue)> = vec![("content-type", &json), ("x-request-id", &req.request_id)];
@@ -211,6 +218,9 @@ async fn send(to: Target<'_>, req: &LegRequest, sent: Option<&Sent>) -> Result<w
     }
     if let Some(auth) = &req.authorization {
         headers.push(("authorization", auth));
+    }
+    if let Some(tp) = traceparent {
+        headers.push(("traceparent", tp));
     }
     let request = worker_client::Request { url: to.url, path: req.path, headers: &headers, body: req.body.chunks() };
     worker_client::post(&request, || {
@@ -273,8 +283,10 @@ pub(crate) enum PrefillKv {
 
 /// The prefill leg.
 pub(crate) async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefilled, LegError> {
+    let mark = req.journey.as_ref().map(|j| j.begin(true, to.url, to.dp_rank));
+    let traceparent = mark.as_ref().and_then(|m| m.traceparent.as_ref());
     let run = async {
-        let resp = send(to, req, None).await?;
+        let resp = send(to, req, None, traceparent).await?;
         if !resp.status.is_success() {
             return Err(error_status(resp, to).await);
         }
@@ -293,7 +305,11 @@ pub(crate) async fn prefill(to: Target<'_>, req: &LegRequest) -> Result<Prefille
         let kv = if finished_on_length_cap(answer.choices.map(|r| r.get().as_bytes())) { PrefillKv::Kept } else { PrefillKv::NotKept };
         Ok(Prefilled { params, kv })
     };
-    tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+    let result = tokio::time::timeout(req.timeout, run).await.unwrap_or(Err(LegError::Timeout(req.timeout)));
+    if let Some(m) = mark {
+        m.end(result.as_ref().err().map(LegError::kind));
+    }
+    result
 }
 
 /// Whether the engine finished every choice on its length cap: `"length"`, or `"stop"`
@@ -339,12 +355,19 @@ pub(crate) enum StartedBody {
 /// Sends a generating leg (decode, or a colocated worker's) and returns its start: the
 /// whole JSON answer, or the SSE answer up to its first data event. Bounded by the leg's
 /// timeout. `sent` is told when the worker has the whole request.
+/// Observed, the leg is marked in the request's journey from its send to its start.
 pub(crate) async fn answer(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    tokio::time::timeout(req.timeout, start(to, req, sent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)))
+    let mark = req.journey.as_ref().map(|j| j.begin(false, to.url, to.dp_rank));
+    let traceparent = mark.as_ref().and_then(|m| m.traceparent.as_ref());
+    let result = tokio::time::timeout(req.timeout, start(to, req, sent, traceparent)).await.unwrap_or(Err(LegError::Timeout(req.timeout)));
+    if let Some(m) = mark {
+        m.end(result.as_ref().err().map(LegError::kind));
+    }
+    result
 }
 
-async fn start(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>) -> Result<Started, LegError> {
-    let resp = send(to, req, sent.as_deref()).await?;
+async fn start(to: Target<'_>, req: &LegRequest, sent: Option<Arc<Sent>>, traceparent: Option<&HeaderValue>) -> Result<Started, LegError> {
+    let resp = send(to, req, sent.as_deref(), traceparent).await?;
     let status = resp.status;
     if !status.is_success() {
         return Err(error_status(resp, to).await);

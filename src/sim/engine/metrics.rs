@@ -24,11 +24,13 @@ pub(crate) struct Stats {
     /// Simulated seconds (wall time × --speedup), vLLM's buckets.
     pub(crate) ttft: Histogram,
     pub(crate) e2e: Histogram,
+    pub(crate) itl: Histogram,
 }
 
 /// vLLM's default buckets (vllm/v1/metrics/buckets.py).
 const TTFT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0];
+const ITL_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 const REQUEST_LATENCY_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
 
@@ -52,6 +54,7 @@ pub(crate) struct SimMetrics {
     prefix_hits: IntCounterVec,
     ttft: HistogramVec,
     e2e: HistogramVec,
+    itl: HistogramVec,
 }
 
 const LABELS: &[&str] = &["engine", "model_name"];
@@ -104,6 +107,7 @@ impl SimMetrics {
             prefix_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", &[]),
             ttft: histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
             e2e: histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS),
+            itl: histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS),
             registry: r,
         }
     }
@@ -129,6 +133,7 @@ impl SimMetrics {
             stale_reads: self.stale_reads.with_label_values(&l),
             ttft: self.ttft.with_label_values(&l),
             e2e: self.e2e.with_label_values(&l),
+            itl: self.itl.with_label_values(&l),
         }
     }
 

@@ -130,6 +130,8 @@ pub(crate) struct Seq {
     pub(crate) phase: Phase,
     /// When the request reached the engine.
     pub(crate) arrived: std::time::Instant,
+    /// When its last token was made (for the inter-token latency).
+    pub(crate) last_token: Option<std::time::Instant>,
 }
 
 pub(crate) struct State {
@@ -258,6 +260,7 @@ impl Engine {
                     hit_tokens: 0,
                     phase: Phase::Decoding,
                     arrived: std::time::Instant::now(),
+                    last_token: None,
                 },
             );
         }
@@ -459,6 +462,9 @@ impl Engine {
             seq.output.push(token);
             if seq.generated == 1 {
                 self.stats.ttft.observe(self.simulated_secs(seq.arrived.elapsed()));
+            }
+            if let Some(last) = seq.last_token.replace(std::time::Instant::now()) {
+                self.stats.itl.observe(self.simulated_secs(last.elapsed()));
             }
             bump(&self.stats.generation_tokens, 1);
             let finish = if stopped {
