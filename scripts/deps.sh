@@ -3,7 +3,9 @@
 # tests), curl (scripts/demo.sh), fonts-dejavu-core (the text of `disagg bench --plot`),
 # libibverbs1 (Mooncake's transfer engine links it, even over TCP), openssl (the TLS tests'
 # certificates, scripts/test-certs.sh), postgresql (the Responses store shared by router
-# replicas: the tests start a server of their own on loopback).
+# replicas: the tests start a server of their own on loopback), prometheus (the dashboard
+# and rules in deploy/ are checked on a real Prometheus and its promtool), tmux (`disagg top`
+# is driven in a real terminal).
 # Installs only what is missing.
 set -euo pipefail
 missing=()
@@ -13,6 +15,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || missing+=(fonts-dejavu-core)
 ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 ' || missing+=(libibverbs1)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+command -v tmux >/dev/null || missing+=(tmux)
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "[deps] installing ${missing[*]}" >&2
   if [[ $EUID -ne 0 ]]; then SUDO=sudo; else SUDO=; fi

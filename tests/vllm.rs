@@ -39,6 +39,9 @@ mod mooncake;
 #[allow(dead_code)]
 #[path = "it/mooncake_handshake.rs"]
 mod mooncake_handshake;
+#[allow(dead_code)]
+#[path = "it/otlp.rs"]
+mod otlp;
 #[path = "it/passthrough.rs"]
 mod passthrough;
 #[path = "vllm/prefix_cache.rs"]
@@ -55,6 +58,8 @@ mod timing;
 mod tls;
 #[path = "it/tokens_out.rs"]
 mod tokens_out;
+#[path = "vllm/traces.rs"]
+mod traces;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -182,6 +187,8 @@ struct Env {
     prio: Vllm,
     router: Proc,
     pair: Pair,
+    /// The OTLP receiver the PD instances (and a tracing router) send to.
+    otlp: otlp::Receiver,
 }
 
 fn body(path: &str, prompt: &str, max_tokens: u32, stream: bool) -> Value {
@@ -312,9 +319,12 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     // parser that needs no special tokens (pythonic), so that tools run (tests/it/messages.rs,
     // responses.rs).
     let scale_out = ["--enable-scale-out", "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"];
-    let mut p0 = Vllm::spawn_with("prefill-0", "prefill", 8100, 5600, 0, &scale_out);
-    let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &scale_out);
-    let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &scale_out);
+    // The PD instances send their traces to the test's OTLP receiver (traces.rs).
+    let otlp = otlp::Receiver::start();
+    let traced: Vec<&str> = scale_out.iter().copied().chain(["--otlp-traces-endpoint", otlp.grpc.as_str()]).collect();
+    let mut p0 = Vllm::spawn_with("prefill-0", "prefill", 8100, 5600, 0, &traced);
+    let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &traced);
+    let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &traced);
     let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
     let mut pooling = Vllm::spawn_with("pooling", "plain", 8400, 5900, 1, &["--runner", "pooling", "--convert", "embed"]);
     let mut prio =
@@ -329,7 +339,7 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let router = support::router(&["--policy", "round_robin", "--prefill", &p0.url, "--prefill", &p1.url, "--decode", &d.url]).await;
     let pair =
         Pair { prefill: p0.url.clone(), decode: d.url.clone(), colocated: plain.url.clone(), model: "tiny-llama".into(), block_size: 128 };
-    let mut env = Env { p0, p1, d, plain, pooling, prio, router, pair };
+    let mut env = Env { p0, p1, d, plain, pooling, prio, router, pair, otlp };
 
     let cases: Vec<(&str, Case)> = vec![
         ("handshake: prefill returns params", |e| Box::pin(handshake::prefill_returns_params(&e.pair))),
@@ -341,6 +351,9 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
         ("router: KV moved, both prefills used", |e| Box::pin(router_moves_kv_over_both_prefills(e))),
         ("router: client leaving between legs strands no KV", |e| Box::pin(client_leaving_strands_nothing(e))),
         ("router: round trip vs direct", |e| Box::pin(round_trip(e))),
+        ("router: one trace per request holds the router's spans and both engines' vLLM spans, parented on the legs (OTLP)", |e| {
+            Box::pin(traces::one_trace_across_router_and_engines(e))
+        }),
         ("router: the Anthropic SDK's Messages calls through PD equal plain vLLM's (create, stream, turns, count_tokens, a named tool, an error)", |e| {
             Box::pin(apis::messages_through_pd(e))
         }),

@@ -4,6 +4,7 @@ mod bench;
 mod boundary;
 mod capture;
 mod connectors;
+mod dashboard;
 mod discovery;
 mod first_token;
 mod flow_control;

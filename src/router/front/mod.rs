@@ -250,6 +250,17 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
                     healthy: w.is_healthy(),
                     circuit: w.circuit().gauge(),
                     circuit_openings: w.breaker.opened_total(),
+                    kv_events: r.kv_index.as_ref().map(|index| {
+                        index
+                            .status(&w.url)
+                            .into_iter()
+                            .map(|h| crate::router::metrics::RankEvents {
+                                rank: h.rank,
+                                blocks: h.indexed_blocks,
+                                secs_since_event: h.secs_since_event,
+                            })
+                            .collect()
+                    }),
                 })
                 .collect::<Vec<_>>()
         })

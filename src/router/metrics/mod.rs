@@ -23,6 +23,8 @@ pub(crate) struct RouterMetrics {
     healthy: IntGaugeVec,
     circuit: IntGaugeVec,
     circuit_opened: IntGaugeVec,
+    kv_blocks: IntGaugeVec,
+    kv_event_age: prometheus::GaugeVec,
     draining: IntGauge,
     queue_depth: IntGauge,
     permits: IntGauge,
@@ -65,6 +67,10 @@ impl RouterMetrics {
                 "The worker's circuit breaker: 0 closed, 1 half-open (probing), 2 open (ejected)."), &["worker", "role"]).expect("valid metric")),
             circuit_opened: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_worker_circuit_openings",
                 "Times the worker's circuit opened (it was ejected)."), &["worker", "role"]).expect("valid metric")),
+            kv_blocks: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_kv_index_blocks",
+                "kv_aware: blocks the index holds for each worker's DP rank."), &["worker", "rank"]).expect("valid metric")),
+            kv_event_age: crate::api::prom::register(&r, prometheus::GaugeVec::new(Opts::new("disagg_router_kv_events_seconds_since_last",
+                "kv_aware: seconds since the last KV event from each worker's DP rank (absent before its first)."), &["worker", "rank"]).expect("valid metric")),
             draining: crate::api::prom::register(&r, IntGauge::new("disagg_router_draining", "1 while the router drains for shutdown.").expect("valid metric")),
             queue_depth: crate::api::prom::register(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
             abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
@@ -121,9 +127,10 @@ impl RouterMetrics {
     /// worker that has left has none.
     pub(crate) fn render(&self, workers: &[WorkerGauges], queued: usize, permits: usize, draining: bool) -> String {
         let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
-        for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened] {
+        for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened, &self.kv_blocks] {
             gauge.reset();
         }
+        self.kv_event_age.reset();
         for w in workers {
             for (rank, n) in w.rank_in_flight.iter().enumerate() {
                 self.in_flight.with_label_values(&[w.url.as_str(), w.role, &rank.to_string()]).set(*n as i64);
@@ -131,6 +138,13 @@ impl RouterMetrics {
             self.healthy.with_label_values(&[w.url.as_str(), w.role]).set(i64::from(w.healthy));
             self.circuit.with_label_values(&[w.url.as_str(), w.role]).set(w.circuit as i64);
             self.circuit_opened.with_label_values(&[w.url.as_str(), w.role]).set(w.circuit_openings as i64);
+            for k in w.kv_events.iter().flatten() {
+                let rank = k.rank.to_string();
+                self.kv_blocks.with_label_values(&[w.url.as_str(), &rank]).set(k.blocks as i64);
+                if let Some(age) = k.secs_since_event {
+                    self.kv_event_age.with_label_values(&[w.url.as_str(), &rank]).set(age);
+                }
+            }
         }
         self.queue_depth.set(queued as i64);
         self.permits.set(permits as i64);
@@ -163,6 +177,15 @@ pub(crate) struct WorkerGauges {
     pub(crate) healthy: bool,
     pub(crate) circuit: CircuitState,
     pub(crate) circuit_openings: u64,
+    /// kv_aware: what the index holds of each rank and how fresh its events are.
+    pub(crate) kv_events: Option<Vec<RankEvents>>,
+}
+
+/// One DP rank's KV events as the index has them.
+pub(crate) struct RankEvents {
+    pub(crate) rank: usize,
+    pub(crate) blocks: usize,
+    pub(crate) secs_since_event: Option<f64>,
 }
 
 impl Default for RouterMetrics {
