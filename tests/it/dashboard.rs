@@ -28,7 +28,7 @@ fn dashboard_queries() -> Vec<String> {
 fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    for (i, _) in expr.match_indices(|c: char| c == 'd' || c == 'v' || c == 'u') {
+    for (i, _) in expr.match_indices(['d', 'v', 'u']) {
         if i > 0 && is_name(expr[..i].chars().last().unwrap()) {
             continue;
         }
