@@ -3,7 +3,8 @@
 //!
 //!   cargo bench --bench router      (DISAGG_BENCH_SECS=3 per point; installs vllm-router
 //!                                    with scripts/vllm-router-env.sh if it is missing;
-//!                                    DISAGG_BENCH_ONLY=rss for the RSS measurement alone)
+//!                                    DISAGG_BENCH_ONLY=rss for the RSS measurement alone,
+//!                                    =sides for the TLS and tracing comparisons alone)
 //!
 //! A simulated prefill and decode (`disagg sim`, no artificial delays: the fastest backend
 //! this machine can run), `disagg route` and vllm-router in front of them, all on
@@ -27,6 +28,12 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use disagg::proc_stat::cpu_secs;
+
+#[path = "router/observe.rs"]
+mod observe;
+#[path = "router/rss.rs"]
+mod rss;
+use rss::open_streams;
 
 const BIN: &str = env!("CARGO_BIN_EXE_disagg");
 const ROUNDS: usize = 3;
@@ -118,6 +125,9 @@ enum Mode {
     VllmRouter,
     /// disagg route serving HTTPS, reaching HTTPS simulators.
     DisaggTls,
+    /// disagg route sending every request's trace over OTLP (ratio 1.0) and writing an
+    /// access log.
+    DisaggTraced,
 }
 
 const MODES: [Mode; 3] = [Mode::Direct, Mode::Disagg, Mode::VllmRouter];
@@ -131,8 +141,9 @@ struct Target {
     /// The TLS router and a client that trusts it (keeps its connections, as the plain one).
     disagg_tls: String,
     tls_client: reqwest::Client,
-    /// The routers' pids, for their CPU: disagg, vllm-router, disagg over TLS.
-    pids: [u32; 3],
+    disagg_traced: String,
+    /// The routers' pids, for their CPU: disagg, vllm-router, disagg over TLS, disagg traced.
+    pids: [u32; 4],
     /// The two simulators and this process (the client): everything but the router.
     others: [u32; 3],
 }
@@ -185,6 +196,7 @@ async fn one(t: &Target, mode: Mode, case: Case, i: u64) -> Result<(), String> {
         Mode::Disagg => drain(t.client.post(&t.disagg).json(&b).send().await).await,
         Mode::VllmRouter => drain(t.client.post(&t.vllm_router).json(&b).send().await).await,
         Mode::DisaggTls => drain(t.tls_client.post(&t.disagg_tls).json(&b).send().await).await,
+        Mode::DisaggTraced => drain(t.client.post(&t.disagg_traced).json(&b).send().await).await,
         Mode::Direct => {
             let mut p = b.clone();
             p["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
@@ -223,6 +235,7 @@ async fn load(t: &Arc<Target>, mode: Mode, case: Case, secs: f64) -> Figures {
         Mode::Disagg => Some(t.pids[0]),
         Mode::VllmRouter => Some(t.pids[1]),
         Mode::DisaggTls => Some(t.pids[2]),
+        Mode::DisaggTraced => Some(t.pids[3]),
     };
     let cpu0 = pid.map_or(0.0, cpu_secs);
     let others0 = others_cpu(t);
@@ -358,6 +371,16 @@ async fn main() {
     let decode_tls = start(&td.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let tls_args = route(&prefill_tls.url, &decode_tls.url, &["--ssl-keyfile", &key, "--ssl-certfile", &crt, "--worker-ssl-ca-certs", &ca]);
     let disagg_tls = start(&tls_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    // Traces on (every request, over OTLP HTTP/protobuf to an in-process sink) and an
+    // access log (to /dev/null: the router's work, not the disk's).
+    let sink = observe::OtlpSink::start().await;
+    std::env::set_var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf");
+    let traced_args = route(
+        &prefill.url,
+        &decode.url,
+        &["--otlp-traces-endpoint", &sink.url, "--otlp-traces-sample-ratio", "1.0", "--access-log", "/dev/null"],
+    );
+    let disagg_traced = start(&traced_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let tls_client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
         .pool_idle_timeout(disagg::router::upstream::legs::WORKER_CONNECTION_IDLE)
@@ -370,6 +393,7 @@ async fn main() {
         .unwrap();
     wait_healthy(&disagg.url).await;
     wait_healthy(&vr.url).await;
+    wait_healthy(&disagg_traced.url).await;
     for _ in 0..600 {
         if matches!(tls_client.get(format!("{}/health", disagg_tls.url)).send().await, Ok(r) if r.status().is_success()) {
             break;
@@ -391,7 +415,8 @@ async fn main() {
         vllm_router: format!("{}/v1/completions", vr.url),
         disagg_tls: format!("{}/v1/completions", disagg_tls.url),
         tls_client,
-        pids: [disagg.child.id().unwrap(), vr.child.id().unwrap(), disagg_tls.child.id().unwrap()],
+        disagg_traced: format!("{}/v1/completions", disagg_traced.url),
+        pids: [disagg.child.id().unwrap(), vr.child.id().unwrap(), disagg_tls.child.id().unwrap(), disagg_traced.child.id().unwrap()],
         others: [prefill.child.id().unwrap(), decode.child.id().unwrap(), std::process::id()],
     });
     println!("router benchmark: disagg route vs vllm-router 0.1.17 vs the two legs sent directly; simulated prefill + decode on loopback,");
@@ -433,9 +458,11 @@ async fn main() {
     );
     println!("{:>20} | {:>29} | {:>34} | {:>40} | {:>19}", "", "p50 latency (ms)", "added p50 (ms)", "requests/s", "s per 1k requests");
     let mut rows = Vec::new();
-    // DISAGG_BENCH_ONLY=rss: only the open-streams measurement.
-    let rss_only = std::env::var("DISAGG_BENCH_ONLY").is_ok_and(|v| v == "rss");
-    for case in cases.into_iter().filter(|_| !rss_only) {
+    // DISAGG_BENCH_ONLY=rss|sides: only the open-streams measurement, or only the side-by-side
+    // comparisons (TLS, tracing).
+    let only = std::env::var("DISAGG_BENCH_ONLY").ok();
+    let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    for case in cases.into_iter().filter(|_| runs("main")) {
         let [d, g, v] = point(&t, &MODES, case, secs).await[..] else { unreachable!("three modes") };
         let (ag, av) = (g.p50 - d.p50, v.p50 - d.p50);
         println!("{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>9.3} | {:>13.3} {:>13.3} {:>6.2} | {:>8.0} {:>8.0} {:>8.0} {:>6.2} {:>6.2} | {:>9.3} {:>9.3}",
@@ -462,44 +489,21 @@ async fn main() {
             println!("    failures: direct {}, disagg {}, vllm-router {}", d.failures, g.failures, v.failures);
         }
     }
-    // TLS: https front and https workers against plain, same machine, same run. (The
-    // simulators' own TLS work counts in neither router's CPU.)
-    if !rss_only {
-        println!();
-        println!("TLS: disagg route serving HTTPS to HTTPS workers (rustls) vs plain HTTP; clients keep their connections");
-        println!(
-            "{:>6} {:>7} {:>5} | {:>9} {:>9} {:>6} | {:>8} {:>8} {:>6} | {:>9} {:>9}",
-            "stream", "prompt", "conc", "plain", "tls", "ratio", "plain", "tls", "ratio", "CPU plain", "CPU tls"
-        );
-        println!("{:>20} | {:>26} | {:>24} | {:>19}", "", "p50 latency (ms)", "requests/s", "s per 1k requests");
-        for case in [
+    // TLS: https front and https workers against plain; then tracing on against off. Same
+    // machine, same run. (The simulators' own TLS work counts in neither router's CPU.)
+    if runs("sides") {
+        let cases = [
             Case { stream: false, prompt_tokens: 1000, concurrency: 1 },
             Case { stream: true, prompt_tokens: 1000, concurrency: 1 },
             Case { stream: false, prompt_tokens: 1000, concurrency: 64 },
-        ] {
-            let [plain, tls] = point(&t, &[Mode::Disagg, Mode::DisaggTls], case, secs).await[..] else { unreachable!("two modes") };
-            println!(
-                "{:>6} {:>7} {:>5} | {:>9.3} {:>9.3} {:>6.2} | {:>8.0} {:>8.0} {:>6.2} | {:>9.3} {:>9.3}",
-                case.stream,
-                case.prompt_tokens,
-                case.concurrency,
-                plain.p50,
-                tls.p50,
-                tls.p50 / plain.p50,
-                plain.rps,
-                tls.rps,
-                tls.rps / plain.rps,
-                plain.cpu_per_1k,
-                tls.cpu_per_1k
-            );
-            rows.push(json!({"tls": true, "stream": case.stream, "prompt_tokens": case.prompt_tokens, "concurrency": case.concurrency,
-                "plain": {"rps": plain.rps, "p50_ms": plain.p50, "p99_ms": plain.p99, "cpu_s_per_1k": plain.cpu_per_1k, "failures": plain.failures},
-                "tls": {"rps": tls.rps, "p50_ms": tls.p50, "p99_ms": tls.p99, "cpu_s_per_1k": tls.cpu_per_1k, "failures": tls.failures}}));
-            if plain.failures + tls.failures > 0 {
-                println!("    failures: plain {}, tls {}", plain.failures, tls.failures);
-            }
-        }
+        ];
+        let tls = "TLS: disagg route serving HTTPS to HTTPS workers (rustls) vs plain HTTP; clients keep their connections";
+        rows.extend(observe::side_by_side(&t, tls, ("plain", Mode::Disagg), ("tls", Mode::DisaggTls), &cases, secs).await);
+        let traced = "Tracing: every request's trace sent over OTLP (ratio 1.0) and an access-log line, vs both off";
+        rows.extend(observe::side_by_side(&t, traced, ("off", Mode::Disagg), ("traced", Mode::DisaggTraced), &cases, secs).await);
+        println!("    the OTLP sink received {} exports, {} KiB", sink.exports(), sink.bytes() / 1024);
     }
+    drop(disagg_traced);
     drop(disagg_tls);
     drop(prefill_tls);
     drop(decode_tls);
@@ -507,9 +511,11 @@ async fn main() {
     drop(vr);
     drop(decode);
     println!();
-    let ours = open_streams(&prefill.url, None, 10_000).await;
-    let theirs = open_streams(&prefill.url, Some(&vr_bin), 10_000).await;
-    for (name, (idle, busy, open)) in [("disagg route", ours), ("vllm-router", theirs)] {
+    let (ours, theirs) = match runs("rss") {
+        true => (open_streams(&prefill.url, None, 10_000).await, open_streams(&prefill.url, Some(&vr_bin), 10_000).await),
+        false => ((0, 0, 0), (0, 0, 0)),
+    };
+    for (name, (idle, busy, open)) in [("disagg route", ours), ("vllm-router", theirs)].into_iter().filter(|_| runs("rss")) {
         println!(
             "{name}: RSS {} MiB idle, {} MiB holding {open} open streams ({:.1} KiB per stream)",
             idle / 1024,
@@ -521,87 +527,4 @@ async fn main() {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-router.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("results: {}", path.display());
-}
-
-/// Opens `n` streams through a fresh router (disagg, or vllm-router at `vr`) to a slow
-/// decode; returns the router's RSS (KiB) before and while holding them, and how many
-/// were open.
-async fn open_streams(prefill: &str, vr: Option<&str>, n: usize) -> (u64, u64, usize) {
-    let decode = start(&[
-        "sim",
-        "--port",
-        "0",
-        "--role",
-        "decode",
-        "--kv-blocks",
-        "2000000",
-        "--max-num-seqs",
-        "100000",
-        "--decode-ms-per-token",
-        "1000",
-    ])
-    .await;
-    let router = match vr {
-        Some(bin) => start_vllm_router(bin, prefill, &decode.url).await,
-        None => {
-            start(&[
-                "route",
-                "--port",
-                "0",
-                "--max-concurrent-requests",
-                "100000",
-                "--queue-size",
-                "100000",
-                "--prefill",
-                prefill,
-                "--decode",
-                &decode.url,
-            ])
-            .await
-        }
-    };
-    wait_healthy(&router.url).await;
-    let pid = router.child.id().unwrap();
-    let idle = proc_field(pid, "VmRSS:");
-    // 32 streams per HTTP/2 connection: the router's --h2-max-concurrent-streams default (a
-    // client opening more waits for its streams to end).
-    const PER_CONNECTION: usize = 32;
-    let clients: Vec<reqwest::Client> =
-        (0..n.div_ceil(PER_CONNECTION)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
-    let url = format!("{}/v1/completions", router.url);
-    let opened = Arc::new(AtomicU64::new(0));
-    let mut held = Vec::new();
-    // Open in waves so the prefill legs stay a few hundred at a time.
-    for wave in (0..n).collect::<Vec<_>>().chunks(500) {
-        let starts: Vec<_> = wave
-            .iter()
-            .map(|i| {
-                let (c, url, opened) = (clients[i / PER_CONNECTION].clone(), url.clone(), opened.clone());
-                let i = *i;
-                tokio::spawn(async move {
-                    let mut resp = c
-                        .post(url)
-                        .json(
-                            &json!({"model": "sim-model", "prompt": format!("s{i}"), "max_tokens": 60, "ignore_eos": true, "stream": true}),
-                        )
-                        .send()
-                        .await
-                        .ok()?;
-                    resp.chunk().await.ok()??;
-                    opened.fetch_add(1, Ordering::Relaxed);
-                    Some(resp)
-                })
-            })
-            .collect();
-        for s in starts {
-            if let Some(resp) = s.await.unwrap() {
-                held.push(resp);
-            }
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = proc_field(pid, "VmRSS:");
-    let open = opened.load(Ordering::Relaxed) as usize;
-    drop(held);
-    (idle, busy, open)
 }

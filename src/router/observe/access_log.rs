@@ -4,6 +4,7 @@
 //! (`disagg_router_observe_dropped_total{what="access_log_line"}`), never queued without
 //! bound.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -17,12 +18,12 @@ use crate::router::metrics::Label;
 const BACKLOG: usize = 16_384;
 
 pub(crate) struct AccessLog {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Arc<Snapshot>>,
 }
 
 impl AccessLog {
     pub(crate) fn start(target: &AccessLogTarget) -> anyhow::Result<Self> {
-        let (tx, mut rx) = mpsc::channel::<String>(BACKLOG);
+        let (tx, mut rx) = mpsc::channel::<Arc<Snapshot>>(BACKLOG);
         let mut out: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> = match target {
             AccessLogTarget::Stdout => Box::pin(tokio::io::stdout()),
             AccessLogTarget::File(p) => {
@@ -32,16 +33,12 @@ impl AccessLog {
         };
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(64 * 1024);
-            while let Some(line) = rx.recv().await {
-                buf.extend_from_slice(line.as_bytes());
-                buf.push(b'\n');
+            while let Some(journey) = rx.recv().await {
+                write_line(&mut buf, &journey);
                 // Whatever else is waiting goes in the same write.
                 while buf.len() < 1 << 20 {
                     match rx.try_recv() {
-                        Ok(line) => {
-                            buf.extend_from_slice(line.as_bytes());
-                            buf.push(b'\n');
-                        }
+                        Ok(journey) => write_line(&mut buf, &journey),
                         Err(_) => break,
                     }
                 }
@@ -59,10 +56,16 @@ impl AccessLog {
         Ok(AccessLog { tx })
     }
 
-    /// Hands a line to the writer; false when it was dropped (the writer is behind).
-    pub(crate) fn write(&self, line: String) -> bool {
-        self.tx.try_send(line).is_ok()
+    /// Hands a journey to the writer; false when it was dropped (the writer is behind).
+    pub(crate) fn write(&self, journey: Arc<Snapshot>) -> bool {
+        self.tx.try_send(journey).is_ok()
     }
+}
+
+fn write_line(buf: &mut Vec<u8>, journey: &Snapshot) {
+    // Writing JSON into memory cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, &line(journey));
+    buf.push(b'\n');
 }
 
 fn ms(from: Instant, to: Instant) -> Value {
@@ -74,7 +77,7 @@ fn worker(leg: Option<&LegMark>) -> Value {
 }
 
 /// The request's line.
-pub(crate) fn line(s: &Snapshot) -> String {
+pub(crate) fn line(s: &Snapshot) -> Value {
     let prefill = s.prefill();
     let answering = s.answering();
     let time = chrono::DateTime::<chrono::Utc>::from(s.start_time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -82,7 +85,7 @@ pub(crate) fn line(s: &Snapshot) -> String {
     let first_token = answering.and_then(|l| l.end).map(|(at, _)| at);
     let failed: Vec<Value> =
         s.failed().map(|l| json!({"leg": l.role.name(), "url": l.url, "rank": l.rank, "cause": l.end.map(|e| e.1.name())})).collect();
-    let v = json!({
+    json!({
         "time": time,
         "request_id": s.request_id,
         "endpoint": s.endpoint,
@@ -104,6 +107,5 @@ pub(crate) fn line(s: &Snapshot) -> String {
         "retries": s.retries(),
         "failed_legs": failed,
         "trace_id": s.trace.filter(|t| t.sampled).map(|t| format!("{:032x}", t.trace_id)),
-    });
-    v.to_string()
+    })
 }

@@ -222,7 +222,7 @@ impl Journey {
 impl EndWatcher for Journey {
     fn ended(&self, end: RequestEnd) {
         let snapshot = self.snapshot(Ended { status: end.status, cause: end.cause, at: Instant::now() });
-        self.observer.finished(&snapshot);
+        self.observer.finished(snapshot);
     }
 }
 

@@ -48,14 +48,17 @@ impl Observer {
         Some(Arc::new(Journey::new(self.clone(), trace, endpoint, request_id)))
     }
 
-    fn finished(&self, journey: &journey::Snapshot) {
+    /// A finished journey goes to the access log's writer and the exporter, which format
+    /// it there: nothing is formatted on the request's path.
+    fn finished(&self, journey: journey::Snapshot) {
+        let journey = Arc::new(journey);
         if let Some(log) = &self.access_log {
-            if !log.write(access_log::line(journey)) {
+            if !log.write(journey.clone()) {
                 self.metrics.observe_dropped(Dropped::AccessLogLine);
             }
         }
-        if let (Some(traces), Some(trace)) = (&self.traces, journey.trace.filter(|t| t.sampled)) {
-            if !traces.send(otlp::spans(journey, &trace)) {
+        if let (Some(traces), true) = (&self.traces, journey.trace.is_some_and(|t| t.sampled)) {
+            if !traces.send(journey) {
                 self.metrics.observe_dropped(Dropped::Trace);
             }
         }

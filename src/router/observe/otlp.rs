@@ -4,6 +4,7 @@
 //! backlog drops traces (counted), never holds a request.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
@@ -26,7 +27,7 @@ const BATCH_EVERY: Duration = Duration::from_millis(500);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) struct Traces {
-    tx: mpsc::Sender<Vec<SpanData>>,
+    tx: mpsc::Sender<Arc<Snapshot>>,
     ratio: f64,
 }
 
@@ -47,15 +48,16 @@ impl Traces {
                 .build()?,
         };
         exporter.set_resource(&Resource::builder().with_service_name("disagg-router").build());
-        let (tx, mut rx) = mpsc::channel::<Vec<SpanData>>(BACKLOG);
+        let (tx, mut rx) = mpsc::channel::<Arc<Snapshot>>(BACKLOG);
         let endpoint = cfg.endpoint.clone();
         tokio::spawn(async move {
             let mut failing = false;
-            while let Some(mut batch) = rx.recv().await {
+            while let Some(first) = rx.recv().await {
+                let mut batch = spans_of(&first);
                 let deadline = tokio::time::Instant::now() + BATCH_EVERY;
                 while batch.len() < BATCH_SPANS {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(more)) => batch.extend(more),
+                        Ok(Some(more)) => batch.extend(spans_of(&more)),
                         Ok(None) | Err(_) => break,
                     }
                 }
@@ -81,14 +83,22 @@ impl Traces {
         self.ratio
     }
 
-    /// Hands a trace's spans to the exporter; false when dropped (the backlog is full).
-    pub(crate) fn send(&self, spans: Vec<SpanData>) -> bool {
-        self.tx.try_send(spans).is_ok()
+    /// Hands a sampled journey to the exporter; false when dropped (the backlog is full).
+    pub(crate) fn send(&self, journey: Arc<Snapshot>) -> bool {
+        self.tx.try_send(journey).is_ok()
     }
 }
 
+/// A sampled journey's spans (none for one that is not).
+fn spans_of(s: &Snapshot) -> Vec<SpanData> {
+    s.trace.filter(|t| t.sampled).map_or_else(Vec::new, |t| spans(s, &t))
+}
+
+/// The router's instrumentation scope, built once.
 fn scope() -> InstrumentationScope {
-    InstrumentationScope::builder("disagg.router").with_version(env!("CARGO_PKG_VERSION")).build()
+    static SCOPE: std::sync::LazyLock<InstrumentationScope> =
+        std::sync::LazyLock::new(|| InstrumentationScope::builder("disagg.router").with_version(env!("CARGO_PKG_VERSION")).build());
+    SCOPE.clone()
 }
 
 /// One span of the trace.
