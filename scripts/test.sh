@@ -25,20 +25,26 @@ cargo clippy --locked --all-targets -- -D warnings
 if [[ $# -gt 0 ]]; then
   exec cargo test --locked "$@"
 fi
-# The scoreboard (tests/scoreboard.rs) measures the release build, in target/scoreboard. It
-# is built from now on at the lowest CPU priority, beside the tests, taking the CPU they
-# leave idle (the real-vLLM suite mostly waits on its engines); the scoreboard runs last.
+# Every test binary is built first, at full speed; then the tests that load the CPU
+# themselves run alone.
+cargo test --locked --no-run
+cpu_tests=(--lib --bins)
+for t in tests/*.rs tests/*/main.rs; do
+  name=$(basename "$t" .rs)
+  [[ $name == main ]] && name=$(basename "$(dirname "$t")")
+  [[ $name == scoreboard || $name == vllm ]] || cpu_tests+=(--test "$name")
+done
+cargo test --locked "${cpu_tests[@]}"
+# The real-vLLM suite mostly waits on its engines: the scoreboard's release build
+# (tests/scoreboard.rs measures the router as users run it) takes that idle CPU at the
+# lowest priority, in a target directory of its own; the scoreboard runs last, on it.
 mkdir -p target
 nice -n 19 cargo build --release --locked --bin disagg --target-dir target/scoreboard >target/scoreboard-build.log 2>&1 &
 prebuild=$!
 trap 'kill $prebuild 2>/dev/null || true' EXIT
-targets=(--lib --bins)
-for t in tests/*.rs tests/*/main.rs; do
-  name=$(basename "$t" .rs)
-  [[ $name == main ]] && name=$(basename "$(dirname "$t")")
-  [[ $name == scoreboard ]] || targets+=(--test "$name")
-done
-cargo test --locked "${targets[@]}"
-# A failed early build is no failure: the scoreboard builds again (and says why).
-wait $prebuild || true
+cargo test --locked --test vllm
+# A failed early build is no failure: the scoreboard then builds for itself.
+if wait $prebuild; then
+  export DISAGG_SCOREBOARD_BIN="$PWD/target/scoreboard/release/disagg"
+fi
 cargo test --locked --test scoreboard

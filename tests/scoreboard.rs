@@ -20,11 +20,12 @@ mod support;
 
 use support::*;
 
-/// This very source's `disagg`, built with optimizations, in a target directory of its own
-/// (`target/scoreboard`): scripts/test.sh starts this build early at the lowest CPU
-/// priority, so that it fills the CPU the other tests leave idle; here it is finished (or
-/// waited for: cargo holds the directory's lock while it builds).
+/// This very source's `disagg`, built with optimizations: the one scripts/test.sh built
+/// beside the real-vLLM suite (`DISAGG_SCOREBOARD_BIN`), else built here.
 fn release_binary() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("DISAGG_SCOREBOARD_BIN").map(std::path::PathBuf::from).filter(|p| p.is_file()) {
+        return bin;
+    }
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target/").join("scoreboard");
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--release", "--locked", "--bin", "disagg", "--target-dir"])
