@@ -15,7 +15,7 @@ scripts/ray-env.sh >/dev/null
 scripts/vllm-router-env.sh >/dev/null
 # Fuzzing (tests/fuzz.rs) and the soak (tests/soak.rs) run for a bounded time.
 export PROPTEST_CASES=${PROPTEST_CASES:-20000}
-export DISAGG_SOAK_SECS=${DISAGG_SOAK_SECS:-90}
+export DISAGG_SOAK_SECS=${DISAGG_SOAK_SECS:-60}
 # Formatting and lints first: they take seconds and fail fast.
 if command -v rustup >/dev/null; then
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
@@ -35,16 +35,16 @@ for t in tests/*.rs tests/*/main.rs; do
   [[ $name == scoreboard || $name == vllm ]] || cpu_tests+=(--test "$name")
 done
 cargo test --locked "${cpu_tests[@]}"
-# The real-vLLM suite mostly waits on its engines: the scoreboard's release build
-# (tests/scoreboard.rs measures the router as users run it) takes that idle CPU at the
-# lowest priority, in a target directory of its own; the scoreboard runs last, on it.
+# The scoreboard's optimized build (tests/scoreboard.rs measures the router as users run
+# it) goes on beside the real-vLLM suite at the lowest priority, taking what CPU the
+# suite leaves, in a target directory of its own; the scoreboard runs last, on it.
 mkdir -p target
-nice -n 19 cargo build --release --locked --bin disagg --target-dir target/scoreboard >target/scoreboard-build.log 2>&1 &
+nice -n 19 cargo build --profile scoreboard --locked --bin disagg --target-dir target/scoreboard >target/scoreboard-build.log 2>&1 &
 prebuild=$!
 trap 'kill $prebuild 2>/dev/null || true' EXIT
 cargo test --locked --test vllm
 # A failed early build is no failure: the scoreboard then builds for itself.
 if wait $prebuild; then
-  export DISAGG_SCOREBOARD_BIN="$PWD/target/scoreboard/release/disagg"
+  export DISAGG_SCOREBOARD_BIN="$PWD/target/scoreboard/scoreboard/disagg"
 fi
 cargo test --locked --test scoreboard

@@ -9,7 +9,8 @@
 //! to 1.35, or round_robin's in the same run when the slice is that uneven; the full run's
 //! goals (docs/BENCH.md) are strict. Its own test
 //! binary, so that nothing else runs beside it and steals its CPU. It runs the release
-//! build (`cargo build --release`, done here): the router as users run it, which is what
+//! build's code (Cargo.toml's `scoreboard` profile: release without debuginfo; built by
+//! scripts/test.sh beside the real-vLLM suite, or here): the router as users run it, which is what
 //! the goals are about; a debug router spends several times the CPU on KV events and
 //! starves the simulators it shares these two cores with.
 //!
@@ -20,21 +21,22 @@ mod support;
 
 use support::*;
 
-/// This very source's `disagg`, built with optimizations: the one scripts/test.sh built
-/// beside the real-vLLM suite (`DISAGG_SCOREBOARD_BIN`), else built here.
+/// This very source's `disagg`, built with release's optimizations (Cargo.toml's
+/// `scoreboard` profile): the one scripts/test.sh built beside the real-vLLM suite
+/// (`DISAGG_SCOREBOARD_BIN`), else built here.
 fn release_binary() -> std::path::PathBuf {
     if let Some(bin) = std::env::var_os("DISAGG_SCOREBOARD_BIN").map(std::path::PathBuf::from).filter(|p| p.is_file()) {
         return bin;
     }
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target/").join("scoreboard");
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "--locked", "--bin", "disagg", "--target-dir"])
+        .args(["build", "--profile", "scoreboard", "--locked", "--bin", "disagg", "--target-dir"])
         .arg(&dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
-        .expect("run cargo build --release");
-    assert!(status.success(), "cargo build --release failed");
-    dir.join("release/disagg")
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --profile scoreboard failed");
+    dir.join("scoreboard/disagg")
 }
 
 /// One scoreboard run over the slice: its exit status, stdout and stderr.
