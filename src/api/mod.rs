@@ -10,6 +10,7 @@ pub mod kv_events;
 pub(crate) mod kv_params;
 pub(crate) mod prom;
 pub mod sse;
+pub(crate) mod timing;
 pub(crate) mod usage;
 
 pub(crate) use error::{ApiError, ErrorKind, Quota};

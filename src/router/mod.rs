@@ -10,6 +10,7 @@ pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod pair;
 pub mod policy;
+pub(crate) mod predict;
 pub mod request;
 pub(crate) mod responses;
 pub(crate) mod tenants;
@@ -43,7 +44,13 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         .transpose()
         .context("--api-key must be printable ASCII")?;
     let pool = |role, urls: &[String], dp, kind| {
-        Pool::new(role, urls, &cfg.bootstrap, dp, Policy::new(kind, &cfg.cache_aware, cfg.kv_aware_load_weight), &cfg.breaker)
+        let leg = match role {
+            Role::Prefill => policy::slo_aware::LegOf::Prefill,
+            Role::Decode => policy::slo_aware::LegOf::Decode,
+            Role::Both => policy::slo_aware::LegOf::Whole,
+        };
+        let policy = Policy::new(kind, &cfg.cache_aware, cfg.kv_aware_load_weight).for_leg(cfg.elastic.slo, leg);
+        Pool::new(role, urls, &cfg.bootstrap, dp, policy, &cfg.breaker, &cfg.elastic.seed)
     };
     upstream::legs::new_client().context("cannot build the HTTP client")?;
     let topology = match cfg.mode {
@@ -53,6 +60,9 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
         },
         Mode::Regular => Topology::Colocated { workers: pool(Role::Both, &cfg.workers, cfg.decode_dp, cfg.decode_policy) },
     };
+    for url in &cfg.elastic.pd_pool {
+        topology.add_elastic(url, Some(cfg.decode_dp)).map_err(|e| anyhow::anyhow!("--pd-pool: {e}"))?;
+    }
     let needs_request_info = topology.pools().any(Pool::needs_request_info);
     let kv_aware = topology.pools().any(Pool::is_kv_aware);
     let model_tokenizer = match (&cfg.model_path, &tokenizer, kv_aware) {
@@ -89,6 +99,7 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
             metrics: metrics.clone(),
             prefill_time: pair::prefill_time::PrefillTime::default(),
             decode_alone_tokens: cfg.kv_aware_decode_alone_tokens,
+            slo: cfg.elastic.slo,
             legs: pair::HttpLegs,
         }),
         drain: Arc::default(),
@@ -204,6 +215,7 @@ pub(crate) async fn run(args: RouteArgs) -> anyhow::Result<()> {
             "disagg route listening on {scheme}://{shown_host}:{port} mode=pd connector={} prefill={:?} decode={:?} policy={:?}/{:?} dp={}/{}{}",
             cfg.connector.as_str(), cfg.prefill, cfg.decode, cfg.prefill_policy, cfg.decode_policy, cfg.prefill_dp, cfg.decode_dp,
             cfg.discovery.as_ref().map_or(String::new(), |d| format!(" discovery=tcp://{d}"))
+                + &if cfg.elastic.pd_pool.is_empty() { String::new() } else { format!(" pd_pool={:?}", cfg.elastic.pd_pool) }
         ),
         Mode::Regular => println!(
             "disagg route listening on {scheme}://{shown_host}:{port} mode=colocated workers={:?} policy={:?} dp={}",

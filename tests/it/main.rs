@@ -6,6 +6,7 @@ mod capture;
 mod connectors;
 mod dashboard;
 mod discovery;
+mod elastic;
 mod first_token;
 mod flow_control;
 mod guides;

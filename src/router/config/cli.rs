@@ -277,9 +277,16 @@ pub(crate) struct RouteArgs {
     #[command(flatten)]
     pub(crate) observe: crate::router::config::observe::ObserveArgs,
     #[command(flatten)]
+    pub(crate) elastic: crate::router::config::elastic::ElasticArgs,
+    #[command(flatten)]
     pub(crate) tls: crate::tls::ServerTlsArgs,
     #[command(flatten)]
     pub(crate) worker_tls: crate::tls::WorkerTlsArgs,
+}
+
+/// Whether the vLLM toy proxy's flags name the workers (its default policy is round_robin).
+fn toy_flags(a: &RouteArgs) -> bool {
+    !(a.prefiller_hosts.is_empty() && a.decoder_hosts.is_empty() && a.prefill_instances.is_empty() && a.decode_instances.is_empty())
 }
 
 impl RouteArgs {
@@ -348,17 +355,24 @@ impl RouteArgs {
                         with them): drop --prefill/--decode"
                 .into());
         }
-        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty() || discovery.is_some();
+        let policy = self.policy.unwrap_or(if toy_flags(self) { PolicyKind::RoundRobin } else { PolicyKind::CacheAware });
+        let (prefill_policy, decode_policy) = (self.prefill_policy.unwrap_or(policy), self.decode_policy.unwrap_or(policy));
+        let elastic = self.elastic.to_config(connector, [prefill_policy, decode_policy])?;
+        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty() || discovery.is_some() || !elastic.pd_pool.is_empty();
         // Workers may also join later: through the admin API, or by registering.
         let joinable = self.admin_api_key.is_some() || discovery.is_some();
         let mode = if pd {
             if !workers.is_empty() {
                 return Err("--worker-urls is for colocated workers; with prefill/decode workers use --prefill and --decode".into());
             }
-            if (prefill.is_empty() || decode.is_empty()) && !joinable {
+            let elastic_engines = elastic.pd_pool.len();
+            if (prefill.len() + decode.len() + elastic_engines == 0 || (elastic_engines == 0 && (prefill.is_empty() || decode.is_empty())))
+                && !joinable
+            {
                 return Err(format!(
                     "prefill/decode disaggregation needs at least one prefill and one decode worker \
-                     (got {} prefill, {} decode): pass --prefill URL and --decode URL, or --admin-api-key KEY to add them at runtime",
+                     (got {} prefill, {} decode): pass --prefill URL and --decode URL (or --pd-pool URL... of engines \
+                     that take either leg), or --admin-api-key KEY to add them at runtime",
                     prefill.len(),
                     decode.len()
                 ));
@@ -378,6 +392,10 @@ impl RouteArgs {
                 return Err(format!("worker {dup} is listed twice"));
             }
         }
+        let mut seen: std::collections::HashSet<&str> = prefill.iter().chain(&decode).map(String::as_str).collect();
+        if let Some(dup) = elastic.pd_pool.iter().find(|u| !seen.insert(u.as_str())) {
+            return Err(format!("worker {dup} is listed twice (a --pd-pool engine takes both legs: list it there only)"));
+        }
         if let Some(dir) = &self.model_path {
             let file = std::path::Path::new(dir).join("tokenizer.json");
             if !file.is_file() {
@@ -390,11 +408,6 @@ impl RouteArgs {
         if !self.health_check_endpoint.starts_with('/') {
             return Err(format!("--health-check-endpoint `{}` must start with /", self.health_check_endpoint));
         }
-        let toy_flags = !(self.prefiller_hosts.is_empty()
-            && self.decoder_hosts.is_empty()
-            && self.prefill_instances.is_empty()
-            && self.decode_instances.is_empty());
-        let policy = self.policy.unwrap_or(if toy_flags { PolicyKind::RoundRobin } else { PolicyKind::CacheAware });
         let secs = Duration::from_secs_f64;
         let request = secs(self.request_timeout_secs);
         let cap = |d: f64| secs(d).min(request);
@@ -409,8 +422,8 @@ impl RouteArgs {
             prefill,
             decode,
             workers,
-            prefill_policy: self.prefill_policy.unwrap_or(policy),
-            decode_policy: self.decode_policy.unwrap_or(policy),
+            prefill_policy,
+            decode_policy,
             cache_aware: CacheAwareConfig {
                 cache_threshold: self.cache_threshold,
                 balance_abs_threshold: self.balance_abs_threshold,
@@ -473,6 +486,7 @@ impl RouteArgs {
             responses: self.responses.to_config()?,
             flow_control: self.flow_control.to_config(),
             observe: self.observe.to_config()?,
+            elastic,
         })
     }
 

@@ -3,6 +3,7 @@
 pub(crate) mod addresses;
 pub(crate) mod boundary;
 pub(crate) mod cli;
+pub(crate) mod elastic;
 pub(crate) mod flow_control;
 pub(crate) mod keys;
 pub(crate) mod observe;
@@ -97,4 +98,5 @@ pub(crate) struct RouterConfig {
     pub(crate) responses: responses::ResponsesConfig,
     pub(crate) flow_control: flow_control::FlowControlConfig,
     pub(crate) observe: crate::router::observe::ObserveConfig,
+    pub(crate) elastic: elastic::ElasticConfig,
 }

@@ -286,7 +286,7 @@ async fn serve(
     }
     let info = info_for(router, headers, &body, ep.dialect()).await;
     let bodies = LegBodies::shaped(body, leg_shape).with_priority(leg_priority);
-    let job = Arc::new(Job { bodies, info, leg, delivery: Delivery::from(shape.gen.stream), transit });
+    let job = Arc::new(Job { bodies, info, leg, delivery: Delivery::from(shape.gen.stream), transit, prediction: Default::default() });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
             held.record.first_output();
@@ -298,7 +298,8 @@ async fn serve(
                 j.predicted_cached(p.want());
             }
             let served = router.cfg.worker_headers.then(|| (answer.prefill.clone(), answer.lease.holder()));
-            let finish = relay::Finish { prediction, dialect: ep.dialect(), turn, max_event: router.cfg.max_payload, journey };
+            let pace = (router.pairs.slo.is_some() && job.delivery == Delivery::Stream).then(|| relay::Pace::new(answer.lease.worker()));
+            let finish = relay::Finish { prediction, dialect: ep.dialect(), turn, max_event: router.cfg.max_payload, journey, pace };
             let mut resp = relay::respond(answer, held, t.stream_idle, &router.drain, finish);
             if let Some((prefill, answered)) = served {
                 name_workers(resp.headers_mut(), prefill.as_ref(), &answered);
@@ -379,6 +380,10 @@ pub(crate) async fn info_for(router: &Arc<Router>, headers: &HeaderMap, body: &C
         // workers, outside every lock; then looked up under the index's read lock.
         let (r, b) = (router.clone(), body.clone());
         info.kv = tokio::task::spawn_blocking(move || kv_view(&r, &b, rendered, dialect)).await.ok().flatten();
+    }
+    if router.pairs.slo.is_some() {
+        // slo_aware: kv_aware's exact count, else OpenAI's rule of thumb on the body.
+        info.tokens = info.kv.as_ref().map_or_else(|| crate::router::tenants::estimate(body, 1).prompt as usize, |kv| kv.tokens);
     }
     info
 }

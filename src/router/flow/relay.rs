@@ -66,6 +66,29 @@ pub(crate) struct Finish {
     pub(crate) max_event: usize,
     /// The request's journey (observed): told the usage the answer reports.
     pub(crate) journey: Option<Arc<Journey>>,
+    /// slo_aware: the stream's time per output token, for its engine's latency model.
+    pub(crate) pace: Option<Pace>,
+}
+
+/// A streamed answer's pace: from its start to its end over its output tokens, with the
+/// sequences its engine was running when it started.
+pub(crate) struct Pace {
+    worker: Arc<crate::router::workers::Worker>,
+    running: usize,
+    since: std::time::Instant,
+}
+
+impl Pace {
+    pub(crate) fn new(worker: &Arc<crate::router::workers::Worker>) -> Self {
+        Pace { worker: worker.clone(), running: worker.in_flight(), since: std::time::Instant::now() }
+    }
+
+    fn tell(self, output_tokens: Option<u64>) {
+        if let Some(n) = output_tokens.filter(|n| *n >= 2) {
+            let ms = self.since.elapsed().as_secs_f64() * 1e3 / (n - 1) as f64;
+            self.worker.latency.observe_itl(self.running, ms);
+        }
+    }
 }
 
 /// Who hears of the usage an answer reports: kv_aware's prediction (its cached tokens),
@@ -73,15 +96,19 @@ pub(crate) struct Finish {
 struct UsageReaders {
     prediction: Option<Prediction>,
     journey: Option<Arc<Journey>>,
+    pace: Option<Pace>,
 }
 
 impl UsageReaders {
     fn any(&self) -> bool {
-        self.prediction.is_some() || self.journey.is_some()
+        self.prediction.is_some() || self.journey.is_some() || self.pace.is_some()
     }
     fn tell(self, metrics: &crate::router::metrics::RouterMetrics, usage: Usage) {
         if let Some(p) = self.prediction {
             p.check(metrics, usage.cached.map(|c| c as usize));
+        }
+        if let Some(p) = self.pace {
+            p.tell(usage.output);
         }
         if let Some(j) = self.journey {
             j.usage(usage);
@@ -92,8 +119,8 @@ impl UsageReaders {
 /// The response for one generation's answer.
 pub(crate) fn respond(answer: Answer, mut held: Held, idle: Duration, drain: &Arc<Drain>, finish: Finish) -> Response {
     let Answer { started, lease, since, rename, .. } = answer;
-    let Finish { prediction, dialect, turn, max_event, journey } = finish;
-    let readers = UsageReaders { prediction, journey };
+    let Finish { prediction, dialect, turn, max_event, journey, pace } = finish;
+    let readers = UsageReaders { prediction, journey, pace };
     held.record.status(started.status.as_u16());
     held.started = since;
     held.leases.push(lease);

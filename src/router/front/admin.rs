@@ -61,21 +61,31 @@ fn bad(msg: impl Into<String>) -> Response {
     ApiError::bad_request(msg.into()).into_response()
 }
 
-/// The pool a new worker goes to: its role, which must be one of this topology's; without
-/// one, the only pool there is.
-fn pool_for<'a>(r: &'a Router, role: Option<&str>) -> Result<&'a Pool, ApiError> {
+/// The role of a new worker, which must be one of this topology's; without one, the only
+/// role there is. `both` in a disaggregated router: an elastic engine (vLLM `kv_both`).
+fn role_for(r: &Router, role: Option<&str>) -> Result<Role, ApiError> {
     let roles = r.topology.roles();
     let names: Vec<&str> = roles.iter().map(|x| x.as_str()).collect();
-    let role = match role {
+    match role {
         Some(name) => {
-            Role::parse(name).ok_or_else(|| ApiError::bad_request(format!("unknown role `{name}`: one of {}", names.join(", "))))?
+            Role::parse(name).ok_or_else(|| ApiError::bad_request(format!("unknown role `{name}`: one of {}", names.join(", "))))
         }
-        None if roles.len() == 1 => roles[0],
-        None => return Err(ApiError::bad_request(format!("say the worker's role: role={}", names.join("|")))),
-    };
-    r.topology.pool(role).ok_or_else(|| {
-        ApiError::bad_request(format!("this router has no pool for {} workers (its roles: {})", role.as_str(), names.join(", ")))
-    })
+        None if roles.len() == 1 => Ok(roles[0]),
+        None => Err(ApiError::bad_request(format!("say the worker's role: role={}", names.join("|")))),
+    }
+}
+
+/// An elastic engine joins both PD pools (NIXL only: its legs need no per-engine address).
+fn add_elastic(r: &Router, url: &str, w: &NewWorker) -> Response {
+    if r.cfg.connector != Connector::Nixl || w.bootstrap_port.is_some() {
+        return bad("an elastic engine (role=both: vLLM kv_both, either leg per request) needs the NIXL connector, and takes no bootstrap_port");
+    }
+    match r.topology.add_elastic(url, w.dp_size) {
+        Ok(worker) => axum::Json(json!({"success": true, "message": format!("added elastic (both) worker {url}"),
+            "worker": worker_json(&worker)}))
+        .into_response(),
+        Err(e) => bad(e.to_string()),
+    }
 }
 
 async fn add(r: &Router, w: NewWorker) -> Response {
@@ -99,9 +109,15 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     if let Some(other) = r.topology.pools().find_map(|p| p.get(&url)) {
         return bad(format!("worker {url} is already in the router as a {} worker", other.role.as_str()));
     }
-    let pool = match pool_for(r, w.role.as_deref()) {
-        Ok(p) => p,
+    let role = match role_for(r, w.role.as_deref()) {
+        Ok(role) => role,
         Err(e) => return e.into_response(),
+    };
+    if role == Role::Both && r.topology.is_disaggregated() {
+        return add_elastic(r, &url, &w);
+    }
+    let Some(pool) = r.topology.pool(role) else {
+        return bad(format!("this router has no pool for {} workers", role.as_str()));
     };
     let kv_address = match (r.cfg.connector, pool.role, w.bootstrap_port) {
         (Connector::Mooncake, Role::Prefill, port) => {
@@ -135,15 +151,15 @@ fn not_found(url: &str) -> ApiError {
 /// its pool.
 fn find<'a>(r: &'a Router, raw: &str) -> Result<(&'a Pool, Arc<Worker>), ApiError> {
     let url = normalize_url(raw).map_err(ApiError::bad_request)?;
-    r.topology.pools().find_map(|p| p.get(&url).map(|w| (p, w))).ok_or_else(|| not_found(&url))
+    r.topology.find(&url).ok_or_else(|| not_found(&url))
 }
 
 fn remove(r: &Router, raw: &str) -> Response {
-    let (pool, w) = match find(r, raw) {
+    let (_, w) = match find(r, raw) {
         Ok(found) => found,
         Err(e) => return e.into_response(),
     };
-    match pool.remove(&w.url) {
+    match r.topology.remove(&w.url) {
         Some(w) => axum::Json(json!({"success": true, "message": format!("removed {} worker {}; {} request(s) in flight finish on it",
             w.role.as_str(), w.url, w.in_flight())}))
         .into_response(),
@@ -176,10 +192,12 @@ async fn remove_worker(State(r): State<Arc<Router>>, query: Result<Query<UrlQuer
 async fn list_workers(State(r): State<Arc<Router>>) -> Response {
     let mut all = Vec::new();
     let mut by_role = serde_json::Map::new();
-    for pool in r.topology.pools() {
-        let urls: Vec<String> = pool.snapshot().iter().map(|w| w.url.clone()).collect();
+    for role in r.topology.roles() {
+        let urls: Vec<String> = r.topology.workers().iter().filter(|w| w.role == role).map(|w| w.url.clone()).collect();
         all.extend(urls.iter().cloned());
-        by_role.insert(pool.role.as_str().to_string(), json!(urls));
+        if !urls.is_empty() || r.topology.pool(role).is_some() {
+            by_role.insert(role.as_str().to_string(), json!(urls));
+        }
     }
     let mut body = json!({"urls": all});
     body.as_object_mut().expect("an object").extend(by_role);

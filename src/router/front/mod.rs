@@ -314,5 +314,14 @@ pub(crate) fn worker_json(w: &Worker) -> Value {
            "circuit": w.circuit().as_str(), "dp_size": w.dp_size(), "in_flight": w.in_flight(), "ranks_in_flight": w.rank_in_flight(),
            "ranks_queued_blocks": queued,
            "ranks_requests_elsewhere": elsewhere,
-           "ranks_queue": (0..w.dp_size()).map(|r| w.rank_queue(r)).collect::<Vec<_>>(), "queue_threshold": w.queue_threshold()})
+           "ranks_queue": (0..w.dp_size()).map(|r| w.rank_queue(r)).collect::<Vec<_>>(), "queue_threshold": w.queue_threshold(),
+           "latency_model": latency_json(&w.latency)})
+}
+
+/// slo_aware's model of a worker as fitted now: each line's intercept (ms) and slope.
+fn latency_json(l: &crate::router::predict::EngineLatency) -> Value {
+    let [prefill, transfer, itl] = l.coefficients();
+    let line = |(a, b): (f64, f64)| json!({"ms": a, "per_unit_ms": b});
+    json!({"prefill_by_queued_tokens": line(prefill), "first_token_after_transfer_by_tokens": line(transfer),
+           "itl_by_running_sequences": line(itl), "queued_prefill_tokens": l.queued_tokens()})
 }

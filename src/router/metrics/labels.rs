@@ -168,6 +168,24 @@ impl Label for KvAwareOutcome {
     }
 }
 
+/// Where an elastic decode's request ran (--pd-pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ElasticLayout {
+    /// Both legs on the elastic engine (no KV transfer).
+    Alone,
+    /// A prefill elsewhere, the KV moved to it.
+    Pair,
+}
+
+impl Label for ElasticLayout {
+    fn label(&self) -> &'static str {
+        match self {
+            ElasticLayout::Alone => "alone",
+            ElasticLayout::Pair => "pair",
+        }
+    }
+}
+
 /// A circuit breaker's state, as the gauge shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CircuitState {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-pub(crate) use labels::{Cause, CircuitState, Dropped, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
+pub(crate) use labels::{Cause, CircuitState, Dropped, ElasticLayout, KvAwareOutcome, Label, Leg, LegErrorKind, LegTime, RetryOf, Task};
 
 pub(crate) struct RouterMetrics {
     registry: Registry,
@@ -34,6 +34,9 @@ pub(crate) struct RouterMetrics {
     task_restarts: IntCounterVec,
     observe_dropped: IntCounterVec,
     ttft: HistogramVec,
+    predicted_ttft: HistogramVec,
+    ttft_prediction: HistogramVec,
+    elastic: IntCounterVec,
     tenant: TenantMetrics,
     /// One render at a time (each resets the per-worker series, then sets them).
     rendering: std::sync::Mutex<()>,
@@ -59,6 +62,10 @@ impl RouterMetrics {
             refused: counter("disagg_router_refused_total", "What the network boundary refused (docs/SECURITY.md), by where it came from and why.", &["from", "reason"]),
             observe_dropped: counter("disagg_router_observe_dropped_total", "Access-log lines and traces dropped because their writer fell behind, by what.", &["what"]),
             ttft: hist("disagg_router_ttft_seconds", "Time from a request's arrival to its answer's first output (a stream's first event, or the whole answer), by endpoint.", &["endpoint"]),
+            predicted_ttft: hist("disagg_router_predicted_ttft_seconds", "slo_aware: the TTFT predicted for each streamed request's layout (from the first pick to the first output).", &[]),
+            ttft_prediction: crate::api::prom::register(&r, HistogramVec::new(HistogramOpts::new("disagg_router_ttft_observed_over_predicted",
+                "slo_aware: each streamed request's observed TTFT over the TTFT predicted for it (1: exact).").buckets(vec![0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0]), &[]).expect("valid metric")),
+            elastic: counter("disagg_router_elastic_layout_total", "Requests whose decode was an elastic engine (--pd-pool), by layout: alone (both legs on it) or pair.", &["layout"]),
             legs: hist("disagg_router_leg_duration_seconds", "Per-leg latency: prefill, decode_first_byte, decode_total.", &["leg"]),
             duration: hist("disagg_router_request_duration_seconds", "Whole request latency, by endpoint.", &["endpoint"]),
             in_flight: crate::api::prom::register(&r, IntGaugeVec::new(Opts::new("disagg_router_in_flight", "Requests in flight per worker and DP rank, as the router counts them."), &["worker", "role", "rank"]).expect("valid metric")),
@@ -90,6 +97,19 @@ impl RouterMetrics {
 
     pub(crate) fn abandoned_decode(&self) {
         self.abandoned.inc();
+    }
+
+    /// slo_aware: a streamed request's predicted and observed TTFT (ms).
+    pub(crate) fn ttft_prediction(&self, predicted_ms: f64, observed_ms: f64) {
+        self.predicted_ttft.with_label_values::<&str>(&[]).observe(predicted_ms / 1e3);
+        if predicted_ms > 0.0 {
+            self.ttft_prediction.with_label_values::<&str>(&[]).observe(observed_ms / predicted_ms);
+        }
+    }
+
+    /// An elastic decode's layout.
+    pub(crate) fn elastic_layout(&self, layout: ElasticLayout) {
+        self.elastic.with_label_values(&[layout.label()]).inc();
     }
 
     pub(crate) fn kv_aware(&self, outcome: KvAwareOutcome) {

@@ -103,6 +103,7 @@ pub(crate) fn line(s: &Snapshot) -> Value {
         "prefill_ms": prefill.and_then(|l| l.end.map(|(at, _)| ms(l.start, at))),
         "kv_wait_ms": answering.filter(|_| prefill.is_some()).and_then(|l| l.end.map(|(at, _)| ms(l.start, at))),
         "first_token_ms": first_token.map(|at| ms(s.start, at)),
+        "predicted_ttft_ms": s.predicted_ttft_ms.map(|p| (p * 1000.0).round() / 1000.0),
         "total_ms": ms(s.start, s.end),
         "retries": s.retries(),
         "failed_legs": failed,

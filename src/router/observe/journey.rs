@@ -74,6 +74,7 @@ struct Marks {
     admitted: Option<Instant>,
     legs: Vec<LegMark>,
     predicted_cached: Option<usize>,
+    predicted_ttft_ms: Option<f64>,
     usage: Usage,
 }
 
@@ -110,6 +111,8 @@ pub(crate) struct Snapshot {
     pub(crate) admitted: Option<Instant>,
     pub(crate) legs: Vec<LegMark>,
     pub(crate) predicted_cached: Option<usize>,
+    /// slo_aware: the TTFT predicted for the layout chosen (streamed answers).
+    pub(crate) predicted_ttft_ms: Option<f64>,
     pub(crate) usage: Usage,
 }
 
@@ -168,6 +171,9 @@ impl Journey {
     pub(crate) fn predicted_cached(&self, tokens: usize) {
         self.marks().predicted_cached = Some(tokens);
     }
+    pub(crate) fn predicted_ttft(&self, ms: f64) {
+        self.marks().predicted_ttft_ms = Some(ms);
+    }
     pub(crate) fn usage(&self, usage: Usage) {
         self.marks().usage = usage;
     }
@@ -214,6 +220,7 @@ impl Journey {
             admitted: m.admitted,
             legs: m.legs,
             predicted_cached: m.predicted_cached,
+            predicted_ttft_ms: m.predicted_ttft_ms,
             usage: m.usage,
         }
     }

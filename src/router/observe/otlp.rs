@@ -163,6 +163,7 @@ pub(crate) fn spans(s: &Snapshot, trace: &TraceContext) -> Vec<SpanData> {
     }
     attributes.extend(int("disagg.cached_tokens.predicted", s.predicted_cached));
     attributes.extend(int("disagg.cached_tokens.reported", s.usage.cached));
+    attributes.extend(s.predicted_ttft_ms.map(|p| KeyValue::new("disagg.ttft_ms.predicted", p)));
     attributes.extend(int("gen_ai.usage.prompt_tokens", s.usage.prompt));
     attributes.extend(int("gen_ai.usage.completion_tokens", s.usage.output));
     let failed: Vec<String> = s.failed().map(|l| format!("{} {}: {}", l.role.name(), l.url, l.end.map_or("", |e| e.1.name()))).collect();

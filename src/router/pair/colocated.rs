@@ -17,11 +17,12 @@ impl<S: LegSender> Pairs<S> {
             if attempt > 0 && !self.may_retry(attempt, RetryOf::Worker).await {
                 break;
             }
-            let lease = match super::pick(workers, job, &avoid, super::Avoidance::Strict) {
+            let lease = match super::pick(workers, job, &avoid, super::Avoidance::Strict, None) {
                 Ok(lease) => lease,
                 Err(no) => return Err(last.unwrap_or_else(|| Failure::no_worker(no))),
             };
-            let (mut lease, e) = match self.lone_leg(lease, &req).await {
+            self.predict_alone(job, lease.worker());
+            let (mut lease, e) = match self.lone_leg(lease, &req, job).await {
                 Ok(answer) => return Ok(answer),
                 Err(failed) => failed,
             };

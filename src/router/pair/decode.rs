@@ -131,6 +131,9 @@ impl<S: LegSender> Pairs<S> {
                         self.metrics.abandoned_decode();
                     } else {
                         self.metrics.leg_time(LegTime::DecodeFirstByte, done.sent_at);
+                        if self.slo.is_some() && job.delivery == super::Delivery::Stream {
+                            lease.worker().latency.observe_transfer(job.info.tokens, done.sent_at.elapsed().as_secs_f64() * 1e3);
+                        }
                         let prefill = WorkerRank { url: prefill_worker.url.clone(), rank: prefill_rank };
                         let cache_from = (self.connector == Connector::Nixl).then(|| prefill.clone());
                         let rename = (req.request_id != job.leg.request_id)
@@ -158,7 +161,9 @@ impl<S: LegSender> Pairs<S> {
             // vLLM's decode can die on params it already failed to load. Otherwise the pair
             // runs again from a new prefill (the KV was pulled, or freed by the failed
             // decode's abort).
-            let avoid: Vec<String> = avoid_d.iter().chain(&tried).cloned().collect();
+            // Never the elastic engine that prefilled it: its KV is not for itself.
+            let own = prefill_worker.is_elastic().then(|| prefill_worker.url.clone());
+            let avoid: Vec<String> = avoid_d.iter().chain(&tried).cloned().chain(own).collect();
             let other = if same_kv_elsewhere && prefill_worker.is_available() { self.pd().1.pick(&job.info, &avoid).ok() } else { None };
             let next = match other {
                 Some(other) if self.may_retry(attempt, RetryOf::Decode).await => Some(other),

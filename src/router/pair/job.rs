@@ -74,6 +74,8 @@ pub(crate) struct Job {
     pub(crate) delivery: Delivery,
     /// Flow control's claim on the engines' room, given up as each pool is picked from.
     pub(crate) transit: Option<Arc<Transit>>,
+    /// slo_aware: the TTFT predicted for the layout chosen.
+    pub(crate) prediction: super::elastic::TtftPrediction,
 }
 
 impl Job {

@@ -9,6 +9,7 @@
 mod colocated;
 pub(crate) mod connector;
 mod decode;
+pub(crate) mod elastic;
 pub(crate) mod failure;
 mod job;
 mod prefill;
@@ -53,7 +54,18 @@ pub(crate) struct Pairs<S = HttpLegs> {
     /// kv_aware: a decode holding all but at most this many prompt tokens prefills them
     /// itself (no prefill leg); 0: never.
     pub(crate) decode_alone_tokens: usize,
+    /// slo_aware's service levels (None: no policy predicts latency, nothing is fitted).
+    pub(crate) slo: Option<crate::router::predict::Slo>,
     pub(crate) legs: S,
+}
+
+/// Why a decode answers alone (no prefill leg).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Alone {
+    /// kv_aware: its cache holds nearly all of the prompt.
+    Cached,
+    /// An elastic engine with no other prefill, or predicted faster alone.
+    Elastic,
 }
 
 /// Whether a pick may settle for a worker it was told to avoid.
@@ -64,10 +76,16 @@ enum Avoidance {
     UnlessNoneElse,
 }
 
-/// Picks from `pool` for `job`, avoiding `avoid` as `how` says.
-fn pick(pool: &Pool, job: &Job, avoid: &[String], how: Avoidance) -> Result<Lease, NoWorker> {
-    let picked = match pool.pick(&job.info, avoid) {
-        Err(no) if how == Avoidance::UnlessNoneElse && no.healthy > 0 => pool.pick(&job.info, &[]),
+/// Picks from `pool` for `job`, avoiding `avoid` as `how` says, and `never` always (an
+/// elastic engine already reserved as the decode).
+fn pick(pool: &Pool, job: &Job, avoid: &[String], how: Avoidance, never: Option<&str>) -> Result<Lease, NoWorker> {
+    let with_never = |urls: &[String]| -> Vec<String> { urls.iter().cloned().chain(never.map(str::to_owned)).collect() };
+    let strict = match never {
+        Some(_) => std::borrow::Cow::Owned(with_never(avoid)),
+        None => std::borrow::Cow::Borrowed(avoid),
+    };
+    let picked = match pool.pick(&job.info, &strict) {
+        Err(no) if how == Avoidance::UnlessNoneElse && no.healthy > 0 => pool.pick(&job.info, &with_never(&[])),
         other => other,
     };
     if picked.is_ok() {
@@ -78,10 +96,18 @@ fn pick(pool: &Pool, job: &Job, avoid: &[String], how: Avoidance) -> Result<Leas
 
 impl<S: LegSender> Pairs<S> {
     pub(crate) async fn run(self: &Arc<Self>, job: Arc<Job>) -> Result<Answer, Failure> {
-        match &*self.topology {
-            Topology::Disaggregated { .. } => self.disaggregated(job).await,
+        let answer = match &*self.topology {
+            Topology::Disaggregated { .. } => self.disaggregated(job.clone()).await,
             Topology::Colocated { workers } => self.colocated(workers, &job).await,
+        };
+        // A streamed answer starts with its first token: the TTFT to compare with the prediction.
+        if let (Ok(_), Some((predicted, observed)), Delivery::Stream) = (&answer, job.prediction.predicted_and_observed_ms(), job.delivery) {
+            self.metrics.ttft_prediction(predicted, observed);
+            if let Some(j) = &job.leg.journey {
+                j.predicted_ttft(predicted);
+            }
         }
+        answer
     }
 
     /// The prefill and decode pools (the request was dispatched on the topology in `run`).
@@ -118,16 +144,21 @@ impl<S: LegSender> Pairs<S> {
             }
             let avoidance = if run == 0 { Avoidance::Strict } else { Avoidance::UnlessNoneElse };
             // The decode is reserved first: with none available, no prefill KV is made for nothing.
-            let mut decode = pick(self.pd().1, &job, &avoid_d, avoidance).map_err(Failure::no_worker)?;
-            if run == 0 && self.prefill_on_decode(&job, &decode) {
+            let mut decode = pick(self.pd().1, &job, &avoid_d, avoidance, None).map_err(Failure::no_worker)?;
+            let alone = match run {
+                0 if self.prefill_on_decode(&job, &decode) => Some(Alone::Cached),
+                0 if self.elastic_alone(&job, &decode) => Some(Alone::Elastic),
+                _ => None,
+            };
+            if let Some(why) = alone {
                 // No prefill leg: its claim on the prefills' room ends here.
                 job.picked(crate::router::workers::Role::Prefill);
-                match self.decode_alone(&job, decode).await {
+                match self.decode_alone(&job, decode, why).await {
                     ControlFlow::Break(answered) => return answered,
                     // Anything but a 4xx: disaggregate, on another decode.
                     ControlFlow::Continue(failed_url) => {
                         avoid_d.push(failed_url);
-                        decode = pick(self.pd().1, &job, &avoid_d, Avoidance::UnlessNoneElse).map_err(Failure::no_worker)?;
+                        decode = pick(self.pd().1, &job, &avoid_d, Avoidance::UnlessNoneElse, None).map_err(Failure::no_worker)?;
                     }
                 }
             }
@@ -162,11 +193,13 @@ impl<S: LegSender> Pairs<S> {
     /// The request on the decode alone, as a colocated worker serves it (no KV moves):
     /// `Break` with the client's answer (the worker's, or its 4xx), `Continue` with the
     /// URL of a decode that failed otherwise.
-    async fn decode_alone(&self, job: &Job, decode: Lease) -> ControlFlow<Result<Answer, Failure>, String> {
+    async fn decode_alone(&self, job: &Job, decode: Lease, why: Alone) -> ControlFlow<Result<Answer, Failure>, String> {
         let req = job.decode_request(job.bodies.colocated(), job.leg.request_id.clone());
-        match self.lone_leg(decode, &req).await {
+        match self.lone_leg(decode, &req, job).await {
             Ok(answer) => {
-                self.metrics.kv_aware(KvAwareOutcome::PrefillSkipped);
+                if why == Alone::Cached {
+                    self.metrics.kv_aware(KvAwareOutcome::PrefillSkipped);
+                }
                 ControlFlow::Break(Ok(answer))
             }
             Err((mut decode, e)) => match self.judge(Leg::Decode, &mut decode, e, job) {
@@ -179,13 +212,18 @@ impl<S: LegSender> Pairs<S> {
     /// One leg to a worker that answers alone (colocated, or a decode prefilling itself):
     /// the answer (its cached tokens are the worker's own), or the error with the lease to
     /// count it against.
-    async fn lone_leg(&self, mut lease: Lease, req: &LegRequest) -> Result<Answer, (Lease, crate::router::upstream::legs::LegError)> {
+    async fn lone_leg(&self, mut lease: Lease, req: &LegRequest, job: &Job) -> Result<Answer, (Lease, crate::router::upstream::legs::LegError)> {
         let t = Instant::now();
+        // slo_aware: its prefill counts in the worker's queue until the first output.
+        let work = self.slo.map(|_| lease.worker().latency.start_prefill(crate::router::policy::slo_aware::uncached(&**lease.worker(), &job.info)));
         match self.legs.answer(lease.target(), req, None).await {
             Ok(started) => {
                 lease.succeeded();
                 lease.started();
                 self.metrics.leg_time(LegTime::DecodeFirstByte, t);
+                if let (Some(work), Delivery::Stream) = (work, job.delivery) {
+                    lease.worker().latency.observe_prefill(work.ahead, t.elapsed().as_secs_f64() * 1e3);
+                }
                 Ok(Answer { started, cache_from: Some(lease.holder()), prefill: None, lease, since: t, rename: None })
             }
             Err(e) => Err((lease, e)),

@@ -14,6 +14,7 @@ use super::decode::{Client, DecodeDone, DecodeEnd, Opened, Opening, PairOutcome}
 use super::{pick, Avoidance, Job, LegSender, Pairs};
 use crate::router::metrics::{Leg, LegTime, RetryOf};
 use crate::router::pair::failure::Failure;
+use crate::router::policy::slo_aware::uncached;
 use crate::router::upstream::legs::{LegRequest, PrefillKv};
 use crate::router::workers::{Lease, Worker};
 
@@ -64,8 +65,11 @@ impl<S: LegSender> Pairs<S> {
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         loop {
-            let mut lease = self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await?;
+            let mut lease = self.prefill_attempt(job, decode, avoid, avoidance, attempt, &mut last).await?;
             attempt += 1;
+            self.predict_pair(job, lease.worker(), decode);
+            // slo_aware: its tokens count in the prefill's queue until it answers.
+            let work = self.slo.map(|_| lease.worker().latency.start_prefill(uncached(&**lease.worker(), &job.info)));
             let legs = self
                 .connector
                 .pair_legs(&job.bodies, &job.leg.request_id, &lease, decode)
@@ -78,6 +82,9 @@ impl<S: LegSender> Pairs<S> {
                     lease.succeeded();
                     self.metrics.leg_time(LegTime::Prefill, t);
                     self.prefill_time.observe(t.elapsed());
+                    if let Some(work) = work {
+                        lease.worker().latency.observe_prefill(work.ahead, t.elapsed().as_secs_f64() * 1e3);
+                    }
                     return Ok(PrefillDone { params: answer.params, worker: lease.worker().clone(), rank: lease.rank(), leg_id: legs.id });
                 }
                 Err(e) => match self.judge(Leg::Prefill, &mut lease, e, job).settle(avoid, lease.url()) {
@@ -93,6 +100,7 @@ impl<S: LegSender> Pairs<S> {
     async fn prefill_attempt(
         &self,
         job: &Job,
+        decode: &Worker,
         avoid: &[String],
         avoidance: Avoidance,
         attempt: u32,
@@ -102,7 +110,9 @@ impl<S: LegSender> Pairs<S> {
             return Err(last.take().expect("a retry follows a failure"));
         }
         let avoidance = if attempt == 0 { avoidance } else { Avoidance::Strict };
-        pick(self.pd().0, job, avoid, avoidance).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
+        // An elastic decode never prefills its own pair (that is the decode alone).
+        let never = decode.is_elastic().then_some(decode.url.as_str());
+        pick(self.pd().0, job, avoid, avoidance, never).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
     }
 
     /// Mooncake: the prefill and decode legs at once (the decode waits for the KV itself).
@@ -120,7 +130,7 @@ impl<S: LegSender> Pairs<S> {
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         loop {
-            let mut lease = match self.prefill_attempt(job, avoid, avoidance, attempt, &mut last).await {
+            let mut lease = match self.prefill_attempt(job, decode.worker(), avoid, avoidance, attempt, &mut last).await {
                 Ok(lease) => lease,
                 Err(f) => return Opening::Over(PairOutcome::Final(f)),
             };

@@ -70,6 +70,7 @@ fn setup(topology: Topology, connector: Connector, cfg: RetryConfig) -> Setup {
         metrics: Arc::new(RouterMetrics::new()),
         prefill_time: PrefillTime::default(),
         decode_alone_tokens: 0,
+        slo: None,
         legs: ScriptedLegs(script.clone()),
     });
     Setup { pairs, script }
@@ -86,7 +87,7 @@ fn job(delivery: Delivery) -> Arc<Job> {
         request_timeout: Duration::from_secs(60),
         journey: None,
     };
-    Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery, transit: None })
+    Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery, transit: None, prediction: Default::default() })
 }
 
 async fn failure_text(f: Failure) -> (u16, Cause, String) {

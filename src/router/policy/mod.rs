@@ -12,6 +12,7 @@ mod prefix;
 mod random;
 mod ring;
 mod round_robin;
+pub(crate) mod slo_aware;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,12 @@ pub(crate) enum PolicyKind {
     /// the blocks queued there. Text is tokenized with --model-path, else by a prefill's
     /// render endpoint.
     KvAware,
+    /// Predicted latency: each worker's model (prefill time behind its queue, KV transfer,
+    /// time per token with its running sequences, the steps a prefill adds to them),
+    /// fitted from the legs the router sees; the worker meeting --slo-ttft-ms and
+    /// --slo-itl-ms with the most headroom, else the least predicted TTFT. Over a
+    /// --pd-pool it also decides whether one engine takes both legs.
+    SloAware,
 }
 
 /// A prompt's start as policies read it, in units: text bytes, or token ids.
@@ -113,6 +120,8 @@ pub(crate) struct RequestInfo {
     /// kv_aware: the prompt's full blocks, and how many of them each (worker, rank) holds
     /// from the start (from the KV index, looked up before the pick).
     pub(crate) kv: Option<KvView>,
+    /// slo_aware: the prompt's tokens (kv_aware's count, else estimated from its bytes).
+    pub(crate) tokens: usize,
 }
 
 #[derive(Default, Debug)]
@@ -129,7 +138,7 @@ pub(crate) struct KvView {
 impl RequestInfo {
     pub(crate) fn new(session: Option<String>, prompt: PromptStart) -> Self {
         let chunks = prefix::chunk_hashes(&prompt);
-        RequestInfo { session, prompt, chunks, kv: None }
+        RequestInfo { session, prompt, chunks, kv: None, tokens: 0 }
     }
 
     pub(crate) fn units(&self) -> usize {
@@ -148,6 +157,8 @@ pub(crate) trait Candidate {
     fn queued_blocks(&self, rank: usize) -> usize;
     /// kv_aware: requests the engine reports on a rank beyond the router's own.
     fn reported_elsewhere(&self, rank: usize) -> usize;
+    /// slo_aware: its latency model.
+    fn latency(&self) -> &crate::router::predict::EngineLatency;
 }
 
 /// A policy's choice: the candidate (an index into the pool's snapshot), the DP rank when
@@ -175,6 +186,10 @@ pub(crate) enum Policy {
         load_weight: f64,
         turn: usize,
     },
+    SloAware {
+        slo: crate::router::predict::Slo,
+        leg: slo_aware::LegOf,
+    },
 }
 
 impl Policy {
@@ -187,7 +202,16 @@ impl Policy {
             PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::default()),
             PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(cache.max_entries) },
             PolicyKind::KvAware => Policy::KvAware { load_weight: kv_load_weight, turn: 0 },
+            PolicyKind::SloAware => Policy::SloAware { slo: crate::router::predict::Slo { ttft_ms: 2000.0, itl_ms: 50.0 }, leg: slo_aware::LegOf::Whole },
         }
+    }
+
+    /// slo_aware: the SLOs, and the leg the pool's picks are for (other policies: as they are).
+    pub(crate) fn for_leg(mut self, slo: Option<crate::router::predict::Slo>, of: slo_aware::LegOf) -> Self {
+        if let (Policy::SloAware { slo: s, leg }, Some(wanted)) = (&mut self, slo) {
+            (*s, *leg) = (wanted, of);
+        }
+        self
     }
 
     pub(crate) fn add_worker(&mut self, url: &str) {
@@ -227,6 +251,7 @@ impl Policy {
                 *turn = turn.wrapping_add(1);
                 kv_aware::select(workers, candidates, req, *load_weight, *turn)
             }
+            Policy::SloAware { slo, leg } => worker_only(slo_aware::select(workers, candidates, req, slo, *leg)),
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::breaker::{Admit, BreakerConfig};
 use super::lease::Lease;
 use super::worker::Worker;
+use crate::api::timing::Timing;
 use crate::api::Role;
 use crate::router::policy::{Policy, RequestInfo};
 
@@ -48,6 +49,8 @@ pub(crate) struct Pool {
     /// DP ranks of a worker added without saying (--intra-node-data-parallel-size).
     default_dp: usize,
     breaker: BreakerConfig,
+    /// slo_aware: each new worker's latency model starts from this profile.
+    seed: Arc<Timing>,
     /// Whether picks read the request's prompt or session key (fixed by the policy).
     needs_info: bool,
     policy: Mutex<Policy>,
@@ -62,11 +65,12 @@ impl Pool {
         dp_size: usize,
         mut policy: Policy,
         breaker: &BreakerConfig,
+        seed: &Arc<Timing>,
     ) -> Self {
         let workers: Vec<Arc<Worker>> = urls
             .iter()
             .map(|u| {
-                let mut w = Worker::new(u.clone(), role, dp_size, breaker.clone());
+                let mut w = Worker::new(u.clone(), role, dp_size, breaker.clone(), seed);
                 w.kv_address = kv_addresses.get(u).cloned();
                 Arc::new(w)
             })
@@ -79,6 +83,7 @@ impl Pool {
             workers: RwLock::new(Arc::new(workers)),
             default_dp: dp_size,
             breaker: breaker.clone(),
+            seed: seed.clone(),
             needs_info: policy.needs_request_info(),
             policy: Mutex::new(policy),
         }
@@ -99,20 +104,30 @@ impl Pool {
 
     /// Adds a worker (`dp_size` None: the pool's default); an error if its URL is here.
     pub(crate) fn add(&self, url: &str, dp_size: Option<usize>, kv_address: Option<String>) -> Result<Arc<Worker>, AlreadyInPool> {
-        let mut worker = Worker::new(url.to_string(), self.role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone());
+        let mut worker = self.new_worker(url, self.role, dp_size);
         worker.kv_address = kv_address;
-        let worker = Arc::new(worker);
+        self.insert(Arc::new(worker))
+    }
+
+    /// A worker of `role` with this pool's defaults (not yet in any pool).
+    pub(crate) fn new_worker(&self, url: &str, role: Role, dp_size: Option<usize>) -> Worker {
+        Worker::new(url.to_string(), role, dp_size.unwrap_or(self.default_dp).max(1), self.breaker.clone(), &self.seed)
+    }
+
+    /// Puts a worker in this pool (an elastic engine is in both PD pools, one `Worker`).
+    pub(crate) fn insert(&self, worker: Arc<Worker>) -> Result<Arc<Worker>, AlreadyInPool> {
+        let url = worker.url.clone();
         {
             let mut set = self.workers.write().unwrap_or_else(|e| e.into_inner());
             if set.iter().any(|w| w.url == url) {
-                return Err(AlreadyInPool { role: self.role, url: url.to_string() });
+                return Err(AlreadyInPool { role: self.role, url });
             }
             let mut next = Vec::clone(&set);
             next.push(worker.clone());
             *set = Arc::new(next);
         }
-        self.lock().add_worker(url);
-        tracing::info!(worker = %url, role = self.role.as_str(), dp_size = worker.dp_size(), "worker added");
+        self.lock().add_worker(&url);
+        tracing::info!(worker = %url, role = worker.role.as_str(), pool = self.role.as_str(), dp_size = worker.dp_size(), "worker added");
         Ok(worker)
     }
 
@@ -240,7 +255,7 @@ pub(crate) fn healthy_pool_with(role: Role, urls: &[&str], dp: usize, kv_address
         max_entries: 1 << 16,
     };
     let policy = Policy::new(crate::router::policy::PolicyKind::RoundRobin, &cache, 0.0);
-    let pool = Pool::new(role, &urls, kv_addresses, dp, policy, &breaker);
+    let pool = Pool::new(role, &urls, kv_addresses, dp, policy, &breaker, &Arc::new(Timing::mocker()));
     let health = super::health::HealthConfig {
         interval: Duration::from_secs(5),
         timeout: Duration::from_secs(1),

@@ -6,8 +6,10 @@ use std::sync::Mutex;
 
 use super::breaker::{Breaker, BreakerConfig, Circuit};
 use super::health::HealthConfig;
+use crate::api::timing::Timing;
 use crate::api::Role;
 use crate::router::policy::Candidate;
+use crate::router::predict::EngineLatency;
 
 pub(crate) struct Worker {
     pub(crate) url: String,
@@ -50,10 +52,12 @@ pub(crate) struct Worker {
     pub(super) draining: AtomicBool,
     /// What its requests say of it (health checks say what /health says).
     pub(crate) breaker: Breaker,
+    /// slo_aware: its predicted latency, fitted from its legs (router/predict/).
+    pub(crate) latency: EngineLatency,
 }
 
 impl Worker {
-    pub(crate) fn new(url: String, role: Role, dp_size: usize, breaker: BreakerConfig) -> Self {
+    pub(crate) fn new(url: String, role: Role, dp_size: usize, breaker: BreakerConfig, seed: &Timing) -> Self {
         Worker {
             url,
             role,
@@ -76,12 +80,18 @@ impl Worker {
             last_failure: std::sync::Mutex::default(),
             draining: AtomicBool::new(false),
             breaker: Breaker::new(breaker),
+            latency: EngineLatency::new(seed),
         }
     }
 
     /// Healthy, not draining, and its circuit lets a request through.
     pub(crate) fn is_available(&self) -> bool {
         self.is_healthy() && !self.is_draining() && self.breaker.allows()
+    }
+
+    /// An elastic engine (--pd-pool): in both PD pools, either leg per request.
+    pub(crate) fn is_elastic(&self) -> bool {
+        self.role == Role::Both
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -228,5 +238,8 @@ impl Candidate for Worker {
     }
     fn reported_elsewhere(&self, rank: usize) -> usize {
         Worker::reported_elsewhere(self, rank)
+    }
+    fn latency(&self) -> &EngineLatency {
+        &self.latency
     }
 }

@@ -15,7 +15,7 @@ pub(crate) mod mooncake;
 pub(crate) mod p2p;
 pub(crate) mod request;
 pub(crate) mod side_channel;
-pub(crate) mod timing;
+pub(crate) use crate::api::timing;
 pub mod tokens;
 pub(crate) mod transfer;
 
