@@ -3,14 +3,15 @@
 # (or MooncakeConnector over TCP) set up for its PD role. Run scripts/vllm-env.sh first. Replaces itself with vLLM (exec),
 # so the caller's pid is vLLM's; stop it by signalling its process group.
 #
-#   scripts/vllm-serve.sh prefill|decode|plain PORT [--side-channel-port P] [--cpu N]
+#   scripts/vllm-serve.sh prefill|decode|both|plain PORT [--side-channel-port P] [--cpu N]
 #                         [--max-model-len L] [--connector nixl|mooncake]
 #                         [--bootstrap-port B] [-- extra vllm serve args]
 #
-# prefill: kv_role kv_producer; decode: kv_role kv_consumer; plain: no KV connector.
+# prefill: kv_role kv_producer; decode: kv_role kv_consumer; both: kv_both (either leg per
+# request, as the GB200 guide starts every engine); plain: no KV connector.
 set -euo pipefail
-ROLE=${1:?usage: vllm-serve.sh prefill|decode|plain PORT [...]}
-PORT=${2:?usage: vllm-serve.sh prefill|decode|plain PORT [...]}
+ROLE=${1:?usage: vllm-serve.sh prefill|decode|both|plain PORT [...]}
+PORT=${2:?usage: vllm-serve.sh prefill|decode|both|plain PORT [...]}
 shift 2
 SIDE=5600
 CPU=0
@@ -35,8 +36,9 @@ eval "$("$HERE/vllm-env.sh" --print)"
 case "$ROLE" in
   prefill) KV_ROLE=kv_producer ;;
   decode) KV_ROLE=kv_consumer ;;
+  both) KV_ROLE=kv_both ;;
   plain) KV_ROLE= ;;
-  *) echo "vllm-serve.sh: role must be prefill, decode or plain" >&2; exit 2 ;;
+  *) echo "vllm-serve.sh: role must be prefill, decode, both or plain" >&2; exit 2 ;;
 esac
 KV_ARGS=()
 case "$CONNECTOR" in

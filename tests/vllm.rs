@@ -17,6 +17,8 @@ mod agent_fields;
 mod apis;
 #[path = "vllm/bench_compare.rs"]
 mod bench_compare;
+#[path = "vllm/elastic.rs"]
+mod elastic;
 #[path = "vllm/findings.rs"]
 mod findings;
 #[path = "it/first_token.rs"]
@@ -323,8 +325,10 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
     let otlp = otlp::Receiver::start();
     let traced: Vec<&str> = scale_out.iter().copied().chain(["--otlp-traces-endpoint", otlp.grpc.as_str()]).collect();
     let mut p0 = Vllm::spawn_with("prefill-0", "prefill", 8100, 5600, 0, &traced);
-    let mut p1 = Vllm::spawn_with("prefill-1", "prefill", 8101, 5601, 1, &traced);
-    let mut d = Vllm::spawn_with("decode-0", "decode", 8200, 5700, 1, &traced);
+    // prefill-1 and decode-0 are `kv_both` (the GB200 guide's role: either leg per request),
+    // so that they also serve as the router's --pd-pool (elastic.rs).
+    let mut p1 = Vllm::spawn_with("prefill-1", "both", 8101, 5601, 1, &traced);
+    let mut d = Vllm::spawn_with("decode-0", "both", 8200, 5700, 1, &traced);
     let mut plain = Vllm::spawn_with("plain", "plain", 8300, 5800, 0, &scale_out);
     let mut pooling = Vllm::spawn_with("pooling", "plain", 8400, 5900, 1, &["--runner", "pooling", "--convert", "embed"]);
     let mut prio =
@@ -388,6 +392,12 @@ async fn pd_cases(failed: &mut Vec<&'static str>) -> Vec<(String, String)> {
             "router: a prefill whose first token ends the request (EOS, stop token, stop string) leaves no KV held (as on the simulator)",
             |e| Box::pin(first_token_cases(e)),
         ),
+        ("router: --pd-pool over two kv_both engines: A→B, B→A and A alone each equal plain vLLM, the KV moved to whichever decoded", |e| {
+            Box::pin(elastic::every_layout_over_two_kv_both_engines(e))
+        }),
+        ("router: slo_aware's predicted TTFT against the observed, over the kv_both pool", |e| {
+            Box::pin(elastic::predicted_ttft_against_observed(e))
+        }),
         ("router: a prefill dies mid-run", |e| Box::pin(prefill_dies_mid_run(e))),
         ("vLLM closes a connection 5 s after its last answer, keeps an unused one (as the simulator)", |e| {
             Box::pin(keep_alive::idle_connections_close_after_their_last_answer(&e.plain.url))

@@ -132,6 +132,7 @@ pub(crate) fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size
         instances.push(Instance {
             name: format!("{}-{i}", role.as_str()),
             role,
+            elastic: false,
             node: 0,
             host: a.node_ip.clone(),
             port: Some(port),

@@ -12,7 +12,7 @@ const KEY: &str = "admin-secret";
 /// A completion through the router: its text, and the workers its headers name (prefill
 /// None: one engine answered alone).
 async fn served(router: &str, prompt: &str, max_tokens: u32, stream: bool) -> (String, Option<String>, String) {
-    let mut body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens});
+    let mut body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true});
     if stream {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
@@ -49,7 +49,7 @@ async fn a_pd_pool_pairs_its_engines_both_ways_and_one_engine_answers_alone() {
 
     // Round robin over the pool as decodes; the prefill is always the other engine.
     let prompt = "elastic engines take either leg of a request";
-    let want = text_of(&post(&format!("{}/v1/completions", a.url), &json!({"model": "sim-model", "prompt": prompt, "max_tokens": 12})).await.1);
+    let want = text_of(&post(&format!("{}/v1/completions", a.url), &json!({"prompt": prompt, "max_tokens": 12, "ignore_eos": true})).await.1);
     let mut pairs = Vec::new();
     for stream in [false, true, false, true] {
         let (text, prefill, decode) = served(&r.url, prompt, 12, stream).await;
@@ -134,19 +134,21 @@ async fn slo_aware_packs_decodes_keeps_short_prompts_alone_and_prefills_long_one
     let streams: Vec<_> = (0..4)
         .map(|i| {
             let url = r.url.clone();
-            tokio::spawn(async move { served(&url, &format!("chat {i}"), 150, true).await })
+            tokio::spawn(async move { served(&url, &format!("chat {i}"), 300, true).await })
         })
         .collect();
     let busy = |w: &Value| w["in_flight"].as_u64().unwrap_or(0);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            workers_as(&r.url, Some(KEY)).await["workers"].as_array().unwrap().iter().map(busy).sum::<u64>() == 4
-        })
-        .await
-    );
+    // Once their prefills are done, all four decode on one engine (as the engines count).
+    let running = || async {
+        let mut n = Vec::new();
+        for e in [&a, &b] {
+            n.push(metric(&metrics(&e.url).await, "vllm:num_requests_running", &[]));
+        }
+        n.sort_by(f64::total_cmp);
+        n
+    };
+    assert!(eventually(Duration::from_secs(2), || async { running().await == [0.0, 4.0] }).await, "decodes packed: {:?}", running().await);
     let w = workers_as(&r.url, Some(KEY)).await;
-    let loads: Vec<u64> = w["workers"].as_array().unwrap().iter().map(busy).collect();
-    assert!(loads.contains(&4) && loads.contains(&0), "decodes packed on one engine: {loads:?}");
     let packed = w["workers"].as_array().unwrap().iter().find(|w| busy(w) == 4).unwrap()["url"].as_str().unwrap().to_string();
     let free = if packed == a.url { b.url.clone() } else { a.url.clone() };
     // A long prompt now: prefilled on the busy engine it would hold its decodes' steps
@@ -192,4 +194,49 @@ async fn elastic_and_slo_flags_are_checked() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// `disagg launch` with elastic roles: kv_both engines given to the router as --pd-pool,
+/// the simulators started `--role both`; a launched topology serves through both layouts.
+#[tokio::test]
+async fn launch_gives_elastic_roles_to_the_router_as_a_pd_pool() {
+    let (p, d, r) = (free_port_run(2), free_port_run(1), free_port_run(1));
+    let role = |name: &str, replicas: u32, port: u16, role: &str| {
+        format!(
+            "{name}:\n  replicas: {replicas}\n  port: {port}\n  side_channel_port: {side}\n  elastic: true\n  params:\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"{role}\"}}'\n",
+            side = free_port_run(replicas as u16)
+        )
+    };
+    let file_text = |kv_role: &str| {
+        format!(
+            "timeout: 30\nworking_dir: {wd}\nengine: sim\nscheduler:\n  port: {r}\n  args: [--policy, round_robin, --worker-headers]\ngeneral:\n  params:\n    model: tiny\n{}{}",
+            role("prefill", 2, p, kv_role),
+            role("decode", 1, d, "kv_both"),
+            wd = std::env::temp_dir().join(format!("disagg-launch-elastic-{p}")).display(),
+        )
+    };
+    let bad = crate::launch::write("elastic-bad.yaml", &file_text("kv_producer"));
+    let (ok, _, err) = crate::launch::run(&["launch", bad.to_str().unwrap(), "--dry-run"]);
+    assert!(!ok && err.contains("prefill.elastic") && err.contains("kv_both"), "{err}");
+
+    let file = crate::launch::write("elastic.yaml", &file_text("kv_both"));
+    let (ok, plan, err) = crate::launch::run(&["launch", file.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    let router_line = plan.lines().find(|l| l.contains(" route ")).expect("the router's line");
+    assert_eq!(router_line.matches("--pd-pool").count(), 3, "{router_line}");
+    assert!(!router_line.contains("--prefill ") && !router_line.contains("--decode "), "{router_line}");
+    assert_eq!(plan.matches("--role both").count(), 3, "{plan}");
+
+    let mut launch = crate::launch::Launch::start(&file).await;
+    let url = launch.ready().await.unwrap_or_else(|| panic!("no ready line:\n{}", launch.stderr()));
+    let w = workers(&url).await;
+    assert_eq!(w["workers"].as_array().unwrap().iter().filter(|w| w["role"] == "both").count(), 3, "{w}");
+    let mut decodes = std::collections::HashSet::new();
+    for i in 0..6 {
+        let (_, prefill, decode) = served(&url, &format!("launched elastic {i}"), 3, i % 2 == 0).await;
+        assert!(prefill.is_some_and(|p| p != decode));
+        decodes.insert(decode);
+    }
+    assert_eq!(decodes.len(), 3, "every engine decoded: {decodes:?}");
+    launch.stop().await;
 }

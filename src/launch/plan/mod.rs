@@ -37,6 +37,8 @@ pub(crate) struct Instance {
     pub(crate) dp: Option<String>,
     /// DP ranks reached through its API server (0 for a headless node).
     pub(crate) ranks: u32,
+    /// Takes either leg (the router's --pd-pool).
+    pub(crate) elastic: bool,
     pub(crate) argv: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
 }
@@ -488,6 +490,7 @@ impl InstanceBuilder<'_> {
             gpus: slot.gpus.clone(),
             dp,
             ranks,
+            elastic: spec.elastic,
             argv,
             env,
         });
@@ -497,7 +500,8 @@ impl InstanceBuilder<'_> {
     /// The simulator's command: the params it models, the same host/port/DP flags as
     /// vLLM's, and its connector's flags.
     fn sim_argv(&mut self, spec: &RoleSpec, vllm_args: &[String], side: u16) -> Vec<String> {
-        let mut argv = sim_argv(&self.engine.argv, spec.name(), &spec.params, &spec.extra, self.notes);
+        let role = if spec.elastic { Role::Both.as_str() } else { spec.name() };
+        let mut argv = sim_argv(&self.engine.argv, role, &spec.params, &spec.extra, self.notes);
         argv.extend(sim_flags(vllm_args));
         match spec.flow {
             Some(Connector::Mooncake) => {

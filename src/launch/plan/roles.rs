@@ -26,6 +26,8 @@ pub(super) struct RoleSpec {
     pub(crate) flow: Option<Connector>,
     /// The connector's class name (None for the simulator without a kv_transfer_config).
     pub(crate) class: Option<String>,
+    /// Its instances take either leg (the router's --pd-pool).
+    pub(crate) elastic: bool,
 }
 
 impl RoleSpec {
@@ -88,6 +90,12 @@ fn spec(
         Role::Prefill => (rf.port.unwrap_or(8100), rf.side_channel_port.unwrap_or(5600)),
         Role::Decode | Role::Both => (rf.port.unwrap_or(9100), rf.side_channel_port.unwrap_or(6600)),
     };
+    if rf.elastic && (flow != Some(Connector::Nixl) || kv_role(&params).is_some_and(|r| r != "kv_both")) {
+        return Err(cx.err(
+            &format!("{name}.elastic"),
+            "elastic instances take either leg: they need NixlConnector with \"kv_role\":\"kv_both\" in kv_transfer_config",
+        ));
+    }
     if flow == Some(Connector::P2pNccl) && dp > 1 {
         return Err(
             cx.err(&format!("{name}.data_parallel_size"), "P2pNccl runs one engine per instance (the xPyD guide's layout): use replicas")
@@ -106,7 +114,18 @@ fn spec(
         side,
         flow,
         class,
+        elastic: rf.elastic,
     })
+}
+
+/// The `kv_role` a role's kv_transfer_config names, if any.
+fn kv_role(params: &BTreeMap<String, Value>) -> Option<String> {
+    let raw = match params.get("kv_transfer_config")? {
+        Value::String(s) => s.clone(),
+        other => serde_json::to_string(other).ok()?,
+    };
+    let v: serde_json::Value = serde_json::from_str(&raw.replace("{KV_IP}", "0.0.0.0").replace("{PORT}", "0")).ok()?;
+    v["kv_role"].as_str().map(str::to_owned)
 }
 
 /// `<role>.data_parallel_size` or `params.data_parallel_size` (equal when both are given).

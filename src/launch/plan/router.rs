@@ -89,11 +89,14 @@ pub(super) fn plan(
             if flow == Some(Connector::Mooncake) {
                 base.extend(["--kv-connector".into(), "mooncake".into()]);
             }
-            for i in served.iter().filter(|i| i.role == Role::Prefill) {
+            for i in served.iter().filter(|i| i.elastic) {
+                workers.push(RouterWorker { flag: "--pd-pool", instance: i.name.clone(), bootstrap: None });
+            }
+            for i in served.iter().filter(|i| i.role == Role::Prefill && !i.elastic) {
                 let bootstrap = (flow == Some(Connector::Mooncake)).then_some(i.side_channel_port);
                 workers.push(RouterWorker { flag: "--prefill", instance: i.name.clone(), bootstrap });
             }
-            for i in served.iter().filter(|i| i.role == Role::Decode) {
+            for i in served.iter().filter(|i| i.role == Role::Decode && !i.elastic) {
                 workers.push(RouterWorker { flag: "--decode", instance: i.name.clone(), bootstrap: None });
             }
         }

@@ -188,6 +188,10 @@ pub(crate) struct RoleFile {
     pub(crate) port: Option<u16>,
     /// Ours: base NIXL side-channel port, + 8n + i likewise (default 5600 / 6600).
     pub(crate) side_channel_port: Option<u16>,
+    /// Ours: the role's instances are elastic (NIXL, `"kv_role":"kv_both"`): the router
+    /// routes either leg to them (`disagg route --pd-pool`) instead of this role's only.
+    #[serde(default)]
+    pub(crate) elastic: bool,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

@@ -439,3 +439,56 @@ async fn mooncake_the_client_leaving_keeps_the_waiting_decode_until_it_has_the_r
     assert_eq!(at - legs[1].sent_at, Duration::from_millis(100) + decode::DECODE_GRACE, "then its abort frees the prefill's blocks");
     assert_eq!(legs[0].end.unwrap().0, End::Dropped);
 }
+
+/// Elastic engines (--pd-pool): each one worker in both pools, healthy.
+fn elastic(urls: &[&str]) -> Setup {
+    let topology = Topology::Disaggregated {
+        prefill: pool(Role::Prefill, &[], 1, Connector::Nixl),
+        decode: pool(Role::Decode, &[], 1, Connector::Nixl),
+    };
+    let health = crate::router::workers::health::HealthConfig {
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(1),
+        failure_threshold: 1,
+        success_threshold: 1,
+        endpoint: "/health".into(),
+    };
+    for url in urls {
+        topology.add_elastic(url, Some(1)).unwrap().record_check(true, &health, "");
+    }
+    setup(topology, Connector::Nixl, retry(3))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elastic_decode_is_paired_with_another_engine_never_itself() {
+    let s = elastic(&[P1, P2]);
+    assert_eq!(s.pairs.topology.workers().len(), 2, "one worker per engine");
+    // Round robin: P1 decodes first (P2 prefills), then P2 (P1 prefills).
+    s.script.on(P1, [answered(), prefilled()]);
+    s.script.on(P2, [prefilled(), answered()]);
+    for (prefill, decode) in [(P2, P1), (P1, P2)] {
+        let answer = s.pairs.run(job(Delivery::Whole)).await.ok().expect("an answer");
+        assert_eq!((answer.prefill.unwrap().url.as_str(), answer.lease.url()), (prefill, decode));
+    }
+    assert_eq!(s.script.order(), [format!("Prefill {P2}"), format!("Answer {P1}"), format!("Prefill {P1}"), format!("Answer {P2}")]);
+    assert!(metrics_text(&s).contains(r#"disagg_router_elastic_layout_total{layout="pair"} 2"#), "{}", metrics_text(&s));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elastic_engine_without_another_prefill_answers_alone_and_a_failed_prefill_is_not_retried_on_the_decode() {
+    let s = elastic(&[P1, P2]);
+    worker(&s, Role::Decode, P2).mark_down("test");
+    s.script.on(P1, [answered()]);
+    let answer = s.pairs.run(job(Delivery::Whole)).await.ok().expect("an answer");
+    assert_eq!((answer.prefill.is_none(), answer.lease.url()), (true, P1));
+    assert!(s.script.legs()[0].body.get("kv_transfer_params").is_none(), "the client's body as it is: {:?}", s.script.legs()[0].body);
+    assert!(metrics_text(&s).contains(r#"disagg_router_elastic_layout_total{layout="alone"} 1"#));
+
+    // Both up; the other engine's prefill is refused: no prefill is left but the decode
+    // itself, which never prefills its own pair.
+    let s = elastic(&[P1, P2]);
+    s.script.on(P2, [Step::Prefill(Err(LegError::Connect("refused".into())))]);
+    let Err(f) = s.pairs.run(job(Delivery::Whole)).await else { panic!("the only other prefill failed") };
+    assert_eq!(failure_text(f).await.0, 502);
+    assert_eq!(s.script.order(), [format!("Prefill {P2}")]);
+}
