@@ -56,6 +56,10 @@ pub(crate) enum Command {
     /// Replay a trace on a simulated cluster through every router policy (and vllm-router):
     /// a Markdown table and a plot of TTFT, hit rate, load skew, goodput and router CPU.
     Scoreboard(crate::scoreboard::ScoreboardArgs),
+    /// Size xPyD for a workload: its phases replayed on simulated clusters for every split,
+    /// colocated and elastic; goodput under the SLOs per phase (table, plot), and the best
+    /// layout written as a `disagg launch` file.
+    Plan(crate::scoreboard::plan::PlanArgs),
     /// A live terminal view of a running router: its workers (health, circuit, in flight
     /// and queue per rank, KV usage, hit rate) and its rate, TTFT and errors; `q` quits.
     Top(crate::top::TopArgs),
@@ -112,6 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => crate::bench::run(args).await,
         Some(Command::FitTiming(args)) => crate::bench::fit::run(args),
         Some(Command::Scoreboard(args)) => crate::scoreboard::run(args).await,
+        Some(Command::Plan(args)) => crate::scoreboard::plan::run(args).await,
         Some(Command::Top(args)) => crate::top::run(args).await,
     }
 }

@@ -100,6 +100,8 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
             prefill_time: pair::prefill_time::PrefillTime::default(),
             decode_alone_tokens: cfg.kv_aware_decode_alone_tokens,
             slo: cfg.elastic.slo,
+            lean: Default::default(),
+            max_prefill_share: cfg.elastic.max_prefill_share,
             legs: pair::HttpLegs,
         }),
         drain: Arc::default(),

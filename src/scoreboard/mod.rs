@@ -9,6 +9,8 @@
 //! `scoreboard.md`, `scoreboard.svg` and each row's bench result to `--out`.
 
 mod oracle;
+pub(crate) mod phases;
+pub(crate) mod plan;
 mod report;
 mod tenants;
 
@@ -25,7 +27,8 @@ use crate::router::policy::PolicyKind;
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ScoreboardArgs {
     /// `trace`: every policy over a trace; `tenants`: flow control against a flood
-    /// (tenants.rs).
+    /// (tenants.rs); `phases`: a workload whose shape shifts, on fixed splits, colocated
+    /// and elastic engines (phases.rs).
     #[arg(long, value_enum, default_value_t = Scenario::Trace)]
     pub(crate) scenario: Scenario,
     /// A Mooncake trace (JSONL), replayed as `disagg bench --dataset-name mooncake_trace`
@@ -82,6 +85,16 @@ pub(crate) struct ScoreboardArgs {
     /// The SLO goodput counts against: TTFT at most this many ms (simulated time).
     #[arg(long, default_value_t = 2000.0, value_parser = crate::flags::positive)]
     pub(crate) slo_ttft_ms: f64,
+    /// The phases scenario: TPOT at most this many ms for goodput (and elastic's ITL SLO).
+    #[arg(long, default_value_t = 50.0, value_parser = crate::flags::positive)]
+    pub(crate) slo_tpot_ms: f64,
+    /// The phases scenario: engines in every row (fixed splits at 1/4, 1/2 and 3/4
+    /// prefills, all colocated, all elastic).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(4..=64))]
+    pub(crate) engines: u64,
+    /// The phases scenario: NAME:INPUT_LEN:OUTPUT_LEN:RATE:PROMPTS, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = phases::DEFAULT_PHASES)]
+    pub(crate) phases: Vec<phases::Phase>,
     /// Where the table, the plot and each row's bench result go.
     #[arg(long, default_value = "scoreboard")]
     pub(crate) out: PathBuf,
@@ -103,6 +116,7 @@ pub(crate) struct ScoreboardArgs {
 pub(crate) enum Scenario {
     Trace,
     Tenants,
+    Phases,
 }
 
 /// One row's figures.
@@ -410,8 +424,10 @@ pub(crate) async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
             bail!("--vllm-router {}: no such file (scripts/vllm-router-env.sh installs it and prints its path)", v.display());
         }
     }
-    if a.scenario == Scenario::Tenants {
-        return tenants::run(&a, &exe).await;
+    match a.scenario {
+        Scenario::Tenants => return tenants::run(&a, &exe).await,
+        Scenario::Phases => return phases_board(&a, &exe).await,
+        Scenario::Trace => {}
     }
     let dataset = a.dataset_path.clone().context("--dataset-path: the trace to replay")?;
     // The oracle over the very prompts the bench sends.
@@ -451,5 +467,36 @@ pub(crate) async fn run(a: ScoreboardArgs) -> anyhow::Result<()> {
     if a.check_goals && !missed.is_empty() {
         bail!("kv_aware missed its goals: {}", missed.join("; "));
     }
+    Ok(())
+}
+
+/// `--scenario phases`: 2P6D, 4P4D, 6P2D (for 8 engines), colocated and elastic, side by side.
+async fn phases_board(a: &ScoreboardArgs, exe: &std::path::Path) -> anyhow::Result<()> {
+    let n = a.engines;
+    let w = phases::Workload {
+        engines: n,
+        phases: a.phases.clone(),
+        slo_ttft_ms: a.slo_ttft_ms,
+        slo_tpot_ms: a.slo_tpot_ms,
+        timing_profile: a.timing_profile.clone(),
+        sim_speedup: a.sim_speedup,
+        kv_blocks: a.kv_blocks,
+        block_size: a.block_size,
+        max_num_seqs: 128,
+    };
+    let mut layouts: Vec<phases::Layout> = [n / 4, n / 2, 3 * n / 4].iter().map(|&p| phases::Layout::Split { prefills: p, decodes: n - p }).collect();
+    layouts.extend([phases::Layout::Colocated, phases::Layout::Elastic]);
+    let mut rows = Vec::new();
+    for layout in layouts {
+        eprintln!("scoreboard: {}: {} phases", layout.name(n), w.phases.len());
+        let row = phases::measure(&w, layout, exe, &a.out, &|| {}).await.unwrap_or_else(|e| {
+            eprintln!("scoreboard: a row failed: {e:#}");
+            phases::Measured { layout, phases: Vec::new(), error: Some(format!("{e:#}")) }
+        });
+        rows.push(row);
+    }
+    let md = phases::table(&w, &rows);
+    std::fs::write(a.out.join("scoreboard.md"), &md)?;
+    print!("{md}");
     Ok(())
 }

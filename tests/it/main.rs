@@ -22,6 +22,7 @@ mod mooncake_handshake;
 mod observe;
 mod otlp;
 mod passthrough;
+mod plan;
 mod postgres;
 mod ranktable;
 mod responses;

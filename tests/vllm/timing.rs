@@ -5,6 +5,9 @@
 //! vLLM-CPU's own means move from run to run on this 2-core machine (TTFT at concurrency 4:
 //! 28-47 ms over one day's runs), so each workload runs `REPEATS` times on vLLM: the
 //! simulator is held to the median, within the tolerance plus half of vLLM's own spread.
+//! Then interference: a long prompt arriving while a stream decodes lengthens that
+//! stream's step as much on the fitted simulator as on vLLM (one function of a step's
+//! prefill tokens and decoding sequences), within INTERFERENCE_TOLERANCE.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +20,36 @@ use super::support::*;
 const TTFT_TOLERANCE: f64 = 0.35;
 const TPOT_TOLERANCE: f64 = 0.25;
 const REPEATS: usize = 3;
+/// The longest gap in a stream while another prompt is prefilled beside it: the fitted
+/// simulator's within this share of vLLM's (median of REPEATS).
+const INTERFERENCE_TOLERANCE: f64 = 0.5;
+
+/// A stream decodes 48 tokens; after its 8th chunk a 1,200-word prompt arrives at the same
+/// engine. Returns the stream's median and longest gap between chunks (ms).
+async fn held_up(url: &str) -> (f64, f64) {
+    let stream = serde_json::json!({"model": "tiny-llama", "prompt": "a steady stream of words ".repeat(20), "max_tokens": 48,
+        "ignore_eos": true, "temperature": 0, "stream": true});
+    let long = serde_json::json!({"model": "tiny-llama", "prompt": (0..1200).map(|i| format!("w{} ", i % 97)).collect::<String>(),
+        "max_tokens": 1, "temperature": 0});
+    let mut resp = client().post(format!("{url}/v1/completions")).json(&stream).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut at, mut buf, mut other) = (Vec::new(), Vec::new(), None);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        buf.extend_from_slice(&chunk);
+        let events = buf.windows(2).filter(|w| w == b"\n\n").count();
+        while at.len() < events {
+            at.push(std::time::Instant::now());
+        }
+        if at.len() >= 8 && other.is_none() {
+            let (url, long) = (url.to_string(), long.clone());
+            other = Some(tokio::spawn(async move { post(&format!("{url}/v1/completions"), &long).await.0 }));
+        }
+    }
+    assert_eq!(other.expect("the long prompt was sent").await.unwrap(), 200);
+    let mut gaps: Vec<f64> = at.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+    gaps.sort_by(f64::total_cmp);
+    (gaps[gaps.len() / 2], gaps[gaps.len() - 1])
+}
 
 /// Median and half the spread (max − min) of vLLM's runs.
 fn centre_and_spread(mut v: Vec<f64>) -> (f64, f64) {
@@ -112,4 +145,17 @@ pub async fn run(vllm_url: &str) {
         assert!((tr - ts).abs() <= TTFT_TOLERANCE * tr + t_spread, "concurrency {c}: TTFT {tr} (±{t_spread}) vs {ts}");
         assert!((pr - ps).abs() <= TPOT_TOLERANCE * pr + p_spread, "concurrency {c}: TPOT {pr} (±{p_spread}) vs {ps}");
     }
+    let mut real = Vec::new();
+    for _ in 0..REPEATS {
+        real.push(held_up(vllm_url).await);
+    }
+    let (median_step, _) = centre_and_spread(real.iter().map(|r| r.0).collect());
+    let (longest, spread) = centre_and_spread(real.iter().map(|r| r.1).collect());
+    let (sim_step, sim_longest) = held_up(&sim.url).await;
+    println!(
+        "      interference: a 1,200-word prompt beside a decoding stream: its longest step vLLM {longest:.1} ms (±{spread:.1}; median step {median_step:.1}) vs sim {sim_longest:.1} ms (median {sim_step:.1})"
+    );
+    assert!(longest > 2.0 * median_step, "vLLM: the prefill holds up the running decode ({longest} vs {median_step} ms)");
+    assert!(sim_longest > 2.0 * sim_step, "sim: the prefill holds up the running decode ({sim_longest} vs {sim_step} ms)");
+    assert!((longest - sim_longest).abs() <= INTERFERENCE_TOLERANCE * longest + spread, "longest step: vLLM {longest} (±{spread}) vs sim {sim_longest}");
 }

@@ -32,7 +32,14 @@ pub(crate) struct ElasticArgs {
     /// JSON, or the built-in `mocker`) and is fitted from the legs the router sees.
     #[arg(long, value_name = "FILE|mocker")]
     pub(crate) timing_profile: Option<String>,
+    /// slo_aware over --pd-pool: the most engines that lean to prefill, as a share of the
+    /// pool (the rest keep room for decodes, whose KV the router does not see fill).
+    #[arg(long, value_name = "SHARE", value_parser = crate::flags::fraction)]
+    pub(crate) pd_pool_max_prefill_share: Option<f64>,
 }
+
+/// At most half the elastic engines lean to prefill unless told otherwise.
+const DEFAULT_MAX_PREFILL_SHARE: f64 = 0.5;
 
 /// slo_aware's defaults: an interactive chat's (2 s to the first token, 50 ms a token).
 const DEFAULT_SLO: Slo = Slo { ttft_ms: 2000.0, itl_ms: 50.0 };
@@ -44,11 +51,12 @@ pub(crate) struct ElasticConfig {
     /// Set when a pool's policy is slo_aware.
     pub(crate) slo: Option<Slo>,
     pub(crate) seed: Arc<Timing>,
+    pub(crate) max_prefill_share: f64,
 }
 
 impl Default for ElasticConfig {
     fn default() -> Self {
-        ElasticConfig { pd_pool: Vec::new(), slo: None, seed: Arc::new(Timing::mocker()) }
+        ElasticConfig { pd_pool: Vec::new(), slo: None, seed: Arc::new(Timing::mocker()), max_prefill_share: DEFAULT_MAX_PREFILL_SHARE }
     }
 }
 
@@ -65,6 +73,9 @@ impl ElasticArgs {
         if !slo_aware && (self.slo_ttft_ms.is_some() || self.slo_itl_ms.is_some() || self.timing_profile.is_some()) {
             return Err("--slo-ttft-ms, --slo-itl-ms and --timing-profile are slo_aware's: add --policy slo_aware".into());
         }
+        if self.pd_pool_max_prefill_share.is_some() && !(slo_aware && !pd_pool.is_empty()) {
+            return Err("--pd-pool-max-prefill-share is for slo_aware over --pd-pool engines".into());
+        }
         let seed = match &self.timing_profile {
             Some(spec) => Arc::new(Timing::load(spec)?),
             None => Arc::new(Timing::mocker()),
@@ -73,6 +84,6 @@ impl ElasticArgs {
             ttft_ms: self.slo_ttft_ms.unwrap_or(DEFAULT_SLO.ttft_ms),
             itl_ms: self.slo_itl_ms.unwrap_or(DEFAULT_SLO.itl_ms),
         });
-        Ok(ElasticConfig { pd_pool, slo, seed })
+        Ok(ElasticConfig { pd_pool, slo, seed, max_prefill_share: self.pd_pool_max_prefill_share.unwrap_or(DEFAULT_MAX_PREFILL_SHARE) })
     }
 }

@@ -36,6 +36,10 @@ impl TtftPrediction {
     }
 }
 
+/// A prompt whose prefill step takes less than this share of the ITL SLO goes alone on an
+/// elastic decode: the step it adds to the engine's decodes is within their SLO.
+const SHORT_PREFILL_SHARE_OF_ITL: f64 = 0.5;
+
 fn now(w: &Worker) -> EngineNow<'_> {
     EngineNow { latency: &w.latency, running: w.in_flight() }
 }
@@ -47,8 +51,10 @@ fn reserved(w: &Worker) -> EngineNow<'_> {
 
 impl<S: LegSender> Pairs<S> {
     /// Whether the reserved decode, an elastic engine, takes both legs: when no other
-    /// prefill is available, or when slo_aware predicts it alone better than a pair with
-    /// the best other prefill. The prediction made is kept for the job.
+    /// prefill is available; under slo_aware, also when its prompt is short (its prefill
+    /// step keeps the ITL SLO for the engine's decodes: a pair would only add the transfer).
+    /// The prediction made is kept for the job, and a pair's prefill work counts toward the
+    /// engines leaning to prefill.
     pub(super) fn elastic_alone(&self, job: &Job, decode: &Lease) -> bool {
         let d = decode.worker();
         if !d.is_elastic() {
@@ -64,16 +70,58 @@ impl<S: LegSender> Pairs<S> {
         alone
     }
 
-    /// slo_aware: the elastic decode alone against a pair with the best of `others`.
+    /// slo_aware: alone for a short prompt, else a pair with the best of `others` (those
+    /// leaning to prefill first).
     fn predicted_alone<'a>(&self, job: &Job, d: &Worker, others: impl Iterator<Item = &'a Arc<Worker>>, slo: &Slo) -> bool {
         let slo = *slo;
-        let best_pair = others
-            .map(|p| predict::split(now(p), reserved(d), uncached(&**p, &job.info), job.info.tokens))
-            .reduce(|a, b| if b.better_than(&a, &slo) { b } else { a });
         let lone = predict::alone(reserved(d), uncached(d, &job.info));
-        let alone = best_pair.is_none_or(|pair| lone.better_than(&pair, &slo));
-        job.prediction.set(if alone { lone } else { best_pair.expect("a pair when not alone") });
+        let short = d.latency.prefill_step_ms(uncached(d, &job.info)) < SHORT_PREFILL_SHARE_OF_ITL * slo.itl_ms;
+        let decoding = self.decode_leaning();
+        let mut others: Vec<&Arc<Worker>> = others.collect();
+        if others.iter().any(|p| !decoding.contains(&p.url)) {
+            others.retain(|p| !decoding.contains(&p.url));
+        }
+        let best_pair = others
+            .iter()
+            .map(|p| (p, predict::split(now(p), reserved(d), uncached(&***p, &job.info), job.info.tokens)))
+            .reduce(|a, b| if b.1.better_than(&a.1, &slo) { b } else { a });
+        // A long prompt is disaggregated even when neither layout meets the SLOs yet: its
+        // prefill work is what makes engines lean to prefill, so that the next ones do.
+        let alone = best_pair.is_none() || short;
+        match best_pair.filter(|_| !alone) {
+            Some((p, pair)) => {
+                self.lean.add(p.latency.prefill_step_ms(uncached(&***p, &job.info)).max(p.latency.prefill_ms(0)));
+                job.prediction.set(pair);
+            }
+            None => job.prediction.set(lone),
+        }
         alone
+    }
+
+    /// slo_aware over elastic engines: the URLs of those that lean to prefill now (the first
+    /// ones, in the pool's order, of the available elastic engines).
+    pub(super) fn prefill_leaning(&self) -> Vec<String> {
+        self.leaning().0
+    }
+
+    /// The available elastic engines that lean to decode while some lean to prefill.
+    pub(super) fn decode_leaning(&self) -> Vec<String> {
+        let (prefill, decode) = self.leaning();
+        if prefill.is_empty() {
+            Vec::new()
+        } else {
+            decode
+        }
+    }
+
+    fn leaning(&self) -> (Vec<String>, Vec<String>) {
+        if self.slo.is_none() {
+            return (Vec::new(), Vec::new());
+        }
+        let mut elastic: Vec<String> = self.pd().0.snapshot().iter().filter(|w| w.is_elastic() && w.is_available()).map(|w| w.url.clone()).collect();
+        let k = self.lean.prefill_engines(elastic.len(), self.max_prefill_share);
+        let decode = elastic.split_off(k);
+        (elastic, decode)
     }
 
     /// slo_aware: the TTFT predicted for a pair once both its workers are known.

@@ -56,6 +56,9 @@ pub(crate) struct Pairs<S = HttpLegs> {
     pub(crate) decode_alone_tokens: usize,
     /// slo_aware's service levels (None: no policy predicts latency, nothing is fitted).
     pub(crate) slo: Option<crate::router::predict::Slo>,
+    /// slo_aware over elastic engines: how many lean to prefill now, and at most what share.
+    pub(crate) lean: crate::router::predict::Lean,
+    pub(crate) max_prefill_share: f64,
     pub(crate) legs: S,
 }
 
@@ -144,7 +147,14 @@ impl<S: LegSender> Pairs<S> {
             }
             let avoidance = if run == 0 { Avoidance::Strict } else { Avoidance::UnlessNoneElse };
             // The decode is reserved first: with none available, no prefill KV is made for nothing.
-            let mut decode = pick(self.pd().1, &job, &avoid_d, avoidance, None).map_err(Failure::no_worker)?;
+            // slo_aware over elastic engines: decodes on the engines that do not lean to prefill.
+            let leaning = if run == 0 { self.prefill_leaning() } else { Vec::new() };
+            let mut decode = if leaning.is_empty() {
+                pick(self.pd().1, &job, &avoid_d, avoidance, None)
+            } else {
+                pick(self.pd().1, &job, &leaning, Avoidance::UnlessNoneElse, None)
+            }
+            .map_err(Failure::no_worker)?;
             let alone = match run {
                 0 if self.prefill_on_decode(&job, &decode) => Some(Alone::Cached),
                 0 if self.elastic_alone(&job, &decode) => Some(Alone::Elastic),

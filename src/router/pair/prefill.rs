@@ -112,6 +112,14 @@ impl<S: LegSender> Pairs<S> {
         let avoidance = if attempt == 0 { avoidance } else { Avoidance::Strict };
         // An elastic decode never prefills its own pair (that is the decode alone).
         let never = decode.is_elastic().then_some(decode.url.as_str());
+        // slo_aware: the engines leaning to prefill first.
+        let decoding = self.decode_leaning();
+        if !decoding.is_empty() {
+            let first: Vec<String> = avoid.iter().chain(&decoding).cloned().collect();
+            if let Ok(lease) = pick(self.pd().0, job, &first, Avoidance::Strict, never) {
+                return Ok(lease);
+            }
+        }
         pick(self.pd().0, job, avoid, avoidance, never).map_err(|no| last.take().unwrap_or_else(|| Failure::no_worker(no)))
     }
 

@@ -71,6 +71,8 @@ fn setup(topology: Topology, connector: Connector, cfg: RetryConfig) -> Setup {
         prefill_time: PrefillTime::default(),
         decode_alone_tokens: 0,
         slo: None,
+        lean: Default::default(),
+        max_prefill_share: 0.5,
         legs: ScriptedLegs(script.clone()),
     });
     Setup { pairs, script }

@@ -2,10 +2,10 @@
 //! most headroom, else the least predicted TTFT. In the prefill pool a worker is judged by
 //! its prefill of the uncached tokens behind its queue (and the decodes it would hold up,
 //! when it is an elastic engine decoding too); a colocated worker by both legs on it. In
-//! the decode pool decodes are packed: the worker running the most sequences whose time per
-//! token stays within --slo-itl-ms with one more (else the least time per token), so that
-//! over elastic engines the others stay free of decodes for prefills (soft roles that move
-//! with the load, as Splitwise's pools).
+//! the decode pool, the fewest running among those whose time per token with one more
+//! sequence (lengthened by prefill work queued there) keeps the ITL SLO. Over elastic
+//! engines the pair's room keeps decodes off the engines leaning to prefill
+//! (pair/elastic.rs).
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ pub(crate) fn forecast<W: Candidate>(worker: &W, req: &RequestInfo, leg: LegOf) 
 
 pub(crate) fn select<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo, slo: &Slo, leg: LegOf) -> usize {
     if leg == LegOf::Decode {
-        return pack_decodes(workers, candidates, req, slo);
+        return spread_decodes(workers, candidates, req, slo);
     }
     let mut best = candidates[0];
     let mut best_forecast = forecast(&*workers[best], req, leg);
@@ -59,14 +59,13 @@ pub(crate) fn select<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req
     best
 }
 
-/// The decode pool's pick: the busiest worker that keeps the ITL SLO, else the fastest.
-fn pack_decodes<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo, slo: &Slo) -> usize {
+/// The decode pool's pick: the fewest running among those whose time per token with one
+/// more sequence (lengthened by any prefill queued there) keeps the ITL SLO; else the
+/// least time per token.
+fn spread_decodes<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo, slo: &Slo) -> usize {
     let itl = |c: usize| forecast(&*workers[c], req, LegOf::Decode).itl_ms;
     let within = candidates.iter().copied().filter(|c| itl(*c) <= slo.itl_ms);
-    // Among equals the one with the least prefill work queued, then the first.
-    let packed = within.max_by(|a, b| {
-        let key = |c: usize| (workers[c].in_flight(), std::cmp::Reverse(workers[c].latency().queued_tokens()));
-        key(*a).cmp(&key(*b)).then(b.cmp(a))
-    });
-    packed.unwrap_or_else(|| candidates.iter().copied().min_by(|a, b| itl(*a).total_cmp(&itl(*b)).then(a.cmp(b))).unwrap_or(candidates[0]))
+    within
+        .min_by_key(|c| (workers[*c].in_flight(), *c))
+        .unwrap_or_else(|| candidates.iter().copied().min_by(|a, b| itl(*a).total_cmp(&itl(*b)).then(a.cmp(b))).unwrap_or(candidates[0]))
 }

@@ -49,16 +49,26 @@ impl Line {
         self.sxy += x * y;
     }
 
-    /// (intercept, slope): the fit where samples spread along x; otherwise the seed's
-    /// slope through the samples' mean; the seed alone before any sample.
+    /// (intercept, slope): the fit where samples spread along x (through the origin at
+    /// the samples' mean when the fit's intercept would be negative); otherwise the seed
+    /// scaled to the samples' mean; the seed alone before any sample.
     pub(crate) fn coefficients(&self) -> (f64, f64) {
         if self.s < 0.5 {
             return self.seed;
         }
         let (mx, my) = (self.sx / self.s, self.sy / self.s);
         let var = self.sxx / self.s - mx * mx;
-        let slope = if self.s >= 3.0 && var > 1e-6 * (1.0 + mx * mx) { ((self.sxy / self.s - mx * my) / var).max(0.0) } else { self.seed.1 };
-        (my - slope * mx, slope)
+        if self.s >= 3.0 && var > 1e-6 * (1.0 + mx * mx) {
+            let slope = ((self.sxy / self.s - mx * my) / var).max(0.0);
+            let intercept = my - slope * mx;
+            if intercept >= 0.0 || mx <= 0.0 {
+                return (intercept, slope);
+            }
+            return (0.0, (my / mx).max(0.0));
+        }
+        let at_mean = self.seed.0 + self.seed.1 * mx;
+        let k = if at_mean > 0.0 { (my / at_mean).max(0.0) } else { 1.0 };
+        (self.seed.0 * k, self.seed.1 * k)
     }
 
     pub(crate) fn at(&self, x: f64) -> f64 {
@@ -183,12 +193,13 @@ mod tests {
     fn a_line_is_fitted_from_spread_samples_and_keeps_its_seed_slope_otherwise() {
         let mut l = Line::seeded(10.0, 1.0);
         assert_eq!(l.at(5.0), 15.0);
-        // Samples all at one x: the seed's slope through their mean.
+        // Samples all at one x: the seed scaled through their mean (50 / 110).
         for _ in 0..5 {
             l.observe(100.0, 50.0);
         }
         assert!((l.at(100.0) - 50.0).abs() < 1e-9);
-        assert!((l.at(200.0) - 150.0).abs() < 1e-9);
+        assert!((l.at(200.0) - 210.0 * 50.0 / 110.0).abs() < 1e-9);
+        assert!(l.at(1.0) > 0.0, "a short prompt is never predicted free");
         // Spread samples of y = 4 + 0.5x: fitted.
         let mut l = Line::seeded(10.0, 1.0);
         for x in [0.0, 100.0, 200.0, 400.0, 800.0] {
@@ -204,6 +215,13 @@ mod tests {
         }
         let (a, b) = l.coefficients();
         assert!((a - 40.0).abs() < 0.5 && (b - 0.1).abs() < 0.01, "{a} {b}");
+        // A fit whose intercept would be negative goes through the origin instead.
+        let mut l = Line::seeded(10.0, 1.0);
+        for (x, y) in [(1000.0, 100.0), (2000.0, 300.0), (3000.0, 500.0), (4000.0, 700.0)] {
+            l.observe(x, y);
+        }
+        assert_eq!(l.coefficients().0, 0.0);
+        assert!(l.at(10.0) > 0.0);
     }
 
     #[test]

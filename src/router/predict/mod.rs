@@ -4,8 +4,10 @@
 //! other router room.
 
 mod fit;
+mod lean;
 
 pub(crate) use fit::EngineLatency;
+pub(crate) use lean::Lean;
 
 /// The service levels `slo_aware` routes for.
 #[derive(Clone, Copy, Debug, PartialEq)]
