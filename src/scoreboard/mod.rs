@@ -484,7 +484,8 @@ async fn phases_board(a: &ScoreboardArgs, exe: &std::path::Path) -> anyhow::Resu
         block_size: a.block_size,
         max_num_seqs: 128,
     };
-    let mut layouts: Vec<phases::Layout> = [n / 4, n / 2, 3 * n / 4].iter().map(|&p| phases::Layout::Split { prefills: p, decodes: n - p }).collect();
+    let mut layouts: Vec<phases::Layout> =
+        [n / 4, n / 2, 3 * n / 4].iter().map(|&p| phases::Layout::Split { prefills: p, decodes: n - p }).collect();
     layouts.extend([phases::Layout::Colocated, phases::Layout::Elastic]);
     let mut rows = Vec::new();
     for layout in layouts {

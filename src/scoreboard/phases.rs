@@ -32,7 +32,8 @@ impl FromStr for Phase {
         let parts: Vec<&str> = s.split(':').collect();
         let bad = || format!("{s:?}: a phase is NAME:INPUT_LEN:OUTPUT_LEN:RATE:PROMPTS (e.g. rag:3000:32:6:200)");
         let [name, i, o, r, n] = parts.as_slice() else { return Err(bad()) };
-        let (input_len, output_len, prompts) = (i.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+        let (input_len, output_len, prompts) =
+            (i.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
         let rate: f64 = r.parse().map_err(|_| bad())?;
         if name.is_empty() || input_len == 0 || output_len == 0 || prompts == 0 || !(rate > 0.0 && rate.is_finite()) {
             return Err(bad());
@@ -291,7 +292,12 @@ pub(crate) fn table(w: &Workload, rows: &[Measured]) -> String {
         }
         let worst = |f: fn(&PhaseFigures) -> f64| r.phases.iter().map(f).fold(0.0, f64::max);
         let (completed, failed): (u64, u64) = (r.phases.iter().map(|p| p.completed).sum(), r.phases.iter().map(|p| p.failed).sum());
-        out.push_str(&format!(" {:.2} | {:.0} / {:.1} | {completed} / {failed} |\n", r.whole(), worst(|p| p.ttft_p99), worst(|p| p.tpot_p99)));
+        out.push_str(&format!(
+            " {:.2} | {:.0} / {:.1} | {completed} / {failed} |\n",
+            r.whole(),
+            worst(|p| p.ttft_p99),
+            worst(|p| p.tpot_p99)
+        ));
     }
     if let Some(ratios) = elastic_ratios(rows) {
         out.push_str(&format!(
@@ -342,7 +348,8 @@ mod tests {
         let phase = |goodput, duration| PhaseFigures { goodput, duration, ..Default::default() };
         let r = Measured { layout: Layout::Elastic, phases: vec![phase(10.0, 10.0), phase(2.0, 30.0)], error: None };
         assert!((r.whole() - 4.0).abs() < 1e-9, "(100 + 60) good requests over 40 s");
-        let split = Measured { layout: Layout::Split { prefills: 1, decodes: 1 }, phases: vec![phase(5.0, 10.0), phase(2.5, 30.0)], error: None };
+        let split =
+            Measured { layout: Layout::Split { prefills: 1, decodes: 1 }, phases: vec![phase(5.0, 10.0), phase(2.5, 30.0)], error: None };
         let (whole, per) = elastic_ratios(&[split, r]).unwrap();
         assert!((whole - 4.0 / 3.125).abs() < 1e-9 && per == vec![2.0, 0.8], "{whole} {per:?}");
     }

@@ -73,7 +73,7 @@ fn layouts(a: &PlanArgs) -> anyhow::Result<Vec<Layout>> {
 }
 
 /// The best row by whole-run goodput (and each phase's best), among rows that ran.
-fn best<'a>(rows: &'a [Measured], by: impl Fn(&Measured) -> f64) -> Option<&'a Measured> {
+fn best(rows: &[Measured], by: impl Fn(&Measured) -> f64) -> Option<&Measured> {
     rows.iter().filter(|r| r.error.is_none()).max_by(|a, b| by(a).total_cmp(&by(b)))
 }
 
@@ -141,7 +141,9 @@ fn overall_goodput(rows: &[Measured], layout: Layout) -> f64 {
 fn launch_file(a: &PlanArgs, layout: Layout, goodput: f64) -> String {
     let kv = |role: &str| format!("'{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"{role}\"}}'");
     let (p, d, elastic, roles, policy) = match layout {
-        Layout::Split { prefills, decodes } => (prefills, decodes, false, ("kv_producer", "kv_consumer"), "[--policy, power_of_two]".to_string()),
+        Layout::Split { prefills, decodes } => {
+            (prefills, decodes, false, ("kv_producer", "kv_consumer"), "[--policy, power_of_two]".to_string())
+        }
         _ => (
             a.engines / 2,
             a.engines - a.engines / 2,
@@ -150,9 +152,14 @@ fn launch_file(a: &PlanArgs, layout: Layout, goodput: f64) -> String {
             format!("[--policy, slo_aware, --slo-ttft-ms, '{}', --slo-itl-ms, '{}']", a.slo_ttft_ms, a.slo_tpot_ms),
         ),
     };
-    let workload: Vec<String> = a.phases.iter().map(|p| format!("{}:{}:{}:{}:{}", p.name, p.input_len, p.output_len, p.rate, p.prompts)).collect();
+    let workload: Vec<String> =
+        a.phases.iter().map(|p| format!("{}:{}:{}:{}:{}", p.name, p.input_len, p.output_len, p.rate, p.prompts)).collect();
     let role = |name: &str, replicas: u64, kv_role: &str| {
-        format!("{name}:\n  replicas: {replicas}\n{}  params:\n    kv_transfer_config: {}\n", if elastic { "  elastic: true\n" } else { "" }, kv(kv_role))
+        format!(
+            "{name}:\n  replicas: {replicas}\n{}  params:\n    kv_transfer_config: {}\n",
+            if elastic { "  elastic: true\n" } else { "" },
+            kv(kv_role)
+        )
     };
     format!(
         "# disagg plan: {} for {} engines; goodput {goodput:.2} req/s under TTFT <= {} ms and TPOT <= {} ms over\n\
@@ -179,7 +186,10 @@ fn plot(path: &Path, w: &Workload, rows: &[Measured]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (160 * ran.len().max(1) as u32 + 120, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("disagg plan: goodput (req/s) under TTFT <= {} ms, TPOT <= {} ms", w.slo_ttft_ms, w.slo_tpot_ms), ("sans-serif", 18))
+        .caption(
+            format!("disagg plan: goodput (req/s) under TTFT <= {} ms, TPOT <= {} ms", w.slo_ttft_ms, w.slo_tpot_ms),
+            ("sans-serif", 18),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)

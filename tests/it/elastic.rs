@@ -23,11 +23,8 @@ async fn served(router: &str, prompt: &str, max_tokens: u32, stream: bool) -> (S
     let (prefill, decode) = (header("x-disagg-prefill"), header("x-disagg-decode").expect("the answering worker is named"));
     let bytes = resp.bytes().await.unwrap();
     let text = if stream {
-        let events: Vec<String> = String::from_utf8_lossy(&bytes)
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(str::to_owned)
-            .collect();
+        let events: Vec<String> =
+            String::from_utf8_lossy(&bytes).split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect();
         stream_text(&events)
     } else {
         text_of(&serde_json::from_slice::<Value>(&bytes).unwrap())
@@ -49,7 +46,8 @@ async fn a_pd_pool_pairs_its_engines_both_ways_and_one_engine_answers_alone() {
 
     // Round robin over the pool as decodes; the prefill is always the other engine.
     let prompt = "elastic engines take either leg of a request";
-    let want = text_of(&post(&format!("{}/v1/completions", a.url), &json!({"prompt": prompt, "max_tokens": 12, "ignore_eos": true})).await.1);
+    let want =
+        text_of(&post(&format!("{}/v1/completions", a.url), &json!({"prompt": prompt, "max_tokens": 12, "ignore_eos": true})).await.1);
     let mut pairs = Vec::new();
     for stream in [false, true, false, true] {
         let (text, prefill, decode) = served(&r.url, prompt, 12, stream).await;
@@ -78,7 +76,10 @@ async fn a_pd_pool_pairs_its_engines_both_ways_and_one_engine_answers_alone() {
     }
     let after = metrics(&a.url).await;
     assert_eq!(sourced(&after, "external_kv_transfer"), sourced(&before, "external_kv_transfer"), "no KV moved");
-    assert!(sourced(&after, "local_compute") + sourced(&after, "local_cache_hit") > sourced(&before, "local_compute") + sourced(&before, "local_cache_hit"));
+    assert!(
+        sourced(&after, "local_compute") + sourced(&after, "local_cache_hit")
+            > sourced(&before, "local_compute") + sourced(&before, "local_cache_hit")
+    );
     assert_eq!(metric(&metrics_as(&r.url, KEY).await, "disagg_router_elastic_layout_total", &[("layout", "alone")]), 2.0);
 
     // B is back as an elastic engine through the admin API: pairs again.
@@ -122,9 +123,22 @@ async fn slo_aware_keeps_short_prompts_alone_and_leans_an_engine_to_prefill_for_
     let (a, b) = (Proc::sim(&timing).await, Proc::sim(&timing).await);
     let log = temp_dir("elastic").join("access.log");
     let r = router(&[
-        "--pd-pool", &a.url, &b.url, "--policy", "slo_aware", "--slo-ttft-ms", "5000", "--slo-itl-ms", "40",
-        "--timing-profile", profile.to_str().unwrap(), "--worker-headers", "--admin-api-key", KEY,
-        "--access-log", log.to_str().unwrap(),
+        "--pd-pool",
+        &a.url,
+        &b.url,
+        "--policy",
+        "slo_aware",
+        "--slo-ttft-ms",
+        "5000",
+        "--slo-itl-ms",
+        "40",
+        "--timing-profile",
+        profile.to_str().unwrap(),
+        "--worker-headers",
+        "--admin-api-key",
+        KEY,
+        "--access-log",
+        log.to_str().unwrap(),
     ])
     .await;
     // Idle engines and a short prompt (its prefill step is well within the ITL SLO): one
@@ -159,7 +173,8 @@ async fn slo_aware_keeps_short_prompts_alone_and_leans_an_engine_to_prefill_for_
     let predicted = lines.iter().filter(|v| v["predicted_ttft_ms"].as_f64().is_some()).count();
     assert_eq!(predicted, 31, "every streamed request has its prediction (one of the 32 was not streamed): {text}");
     for v in &lines[lines.len() - 12..] {
-        let (predicted, observed) = (v["predicted_ttft_ms"].as_f64().unwrap(), v["first_token_ms"].as_f64().unwrap() - v["queue_ms"].as_f64().unwrap());
+        let (predicted, observed) =
+            (v["predicted_ttft_ms"].as_f64().unwrap(), v["first_token_ms"].as_f64().unwrap() - v["queue_ms"].as_f64().unwrap());
         assert!((observed - predicted).abs() / observed < 0.34, "predicted {predicted} ms, observed {observed} ms: {v}");
     }
     let m = metrics_as(&r.url, KEY).await;

@@ -358,7 +358,8 @@ impl RouteArgs {
         let policy = self.policy.unwrap_or(if toy_flags(self) { PolicyKind::RoundRobin } else { PolicyKind::CacheAware });
         let (prefill_policy, decode_policy) = (self.prefill_policy.unwrap_or(policy), self.decode_policy.unwrap_or(policy));
         let elastic = self.elastic.to_config(connector, [prefill_policy, decode_policy])?;
-        let pd = self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty() || discovery.is_some() || !elastic.pd_pool.is_empty();
+        let pd =
+            self.vllm_pd_disaggregation || !prefill.is_empty() || !decode.is_empty() || discovery.is_some() || !elastic.pd_pool.is_empty();
         // Workers may also join later: through the admin API, or by registering.
         let joinable = self.admin_api_key.is_some() || discovery.is_some();
         let mode = if pd {

@@ -9,9 +9,9 @@ use clap::Args;
 use crate::api::connector::Connector;
 use crate::api::timing::Timing;
 use crate::flags::positive;
-use crate::router::workers::url::normalize_url;
 use crate::router::policy::PolicyKind;
 use crate::router::predict::Slo;
+use crate::router::workers::url::normalize_url;
 
 #[derive(Args, Debug, Clone, Default)]
 #[command(next_help_heading = "Elastic PD and predicted latency")]
@@ -73,7 +73,7 @@ impl ElasticArgs {
         if !slo_aware && (self.slo_ttft_ms.is_some() || self.slo_itl_ms.is_some() || self.timing_profile.is_some()) {
             return Err("--slo-ttft-ms, --slo-itl-ms and --timing-profile are slo_aware's: add --policy slo_aware".into());
         }
-        if self.pd_pool_max_prefill_share.is_some() && !(slo_aware && !pd_pool.is_empty()) {
+        if self.pd_pool_max_prefill_share.is_some() && (!slo_aware || pd_pool.is_empty()) {
             return Err("--pd-pool-max-prefill-share is for slo_aware over --pd-pool engines".into());
         }
         let seed = match &self.timing_profile {

@@ -56,7 +56,14 @@ pub(crate) async fn run(
         let id = HeaderValue::from_str(&format!("{base_id}-{k}")).expect("an id plus digits is a header value");
         let bodies = LegBodies::new(body).with_priority(marks.priority.clone());
         let delivery = Delivery::from(shape.gen.stream);
-        jobs.push(Arc::new(Job { bodies, info, leg: leg.with_id(id), delivery, transit: marks.transit.clone(), prediction: Default::default() }));
+        jobs.push(Arc::new(Job {
+            bodies,
+            info,
+            leg: leg.with_id(id),
+            delivery,
+            transit: marks.transit.clone(),
+            prediction: Default::default(),
+        }));
     }
     let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| router.pairs.run(job))).await {
         Ok(answers) => answers,

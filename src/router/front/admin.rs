@@ -67,9 +67,7 @@ fn role_for(r: &Router, role: Option<&str>) -> Result<Role, ApiError> {
     let roles = r.topology.roles();
     let names: Vec<&str> = roles.iter().map(|x| x.as_str()).collect();
     match role {
-        Some(name) => {
-            Role::parse(name).ok_or_else(|| ApiError::bad_request(format!("unknown role `{name}`: one of {}", names.join(", "))))
-        }
+        Some(name) => Role::parse(name).ok_or_else(|| ApiError::bad_request(format!("unknown role `{name}`: one of {}", names.join(", ")))),
         None if roles.len() == 1 => Ok(roles[0]),
         None => Err(ApiError::bad_request(format!("say the worker's role: role={}", names.join("|")))),
     }
@@ -78,7 +76,9 @@ fn role_for(r: &Router, role: Option<&str>) -> Result<Role, ApiError> {
 /// An elastic engine joins both PD pools (NIXL only: its legs need no per-engine address).
 fn add_elastic(r: &Router, url: &str, w: &NewWorker) -> Response {
     if r.cfg.connector != Connector::Nixl || w.bootstrap_port.is_some() {
-        return bad("an elastic engine (role=both: vLLM kv_both, either leg per request) needs the NIXL connector, and takes no bootstrap_port");
+        return bad(
+            "an elastic engine (role=both: vLLM kv_both, either leg per request) needs the NIXL connector, and takes no bootstrap_port",
+        );
     }
     match r.topology.add_elastic(url, w.dp_size) {
         Ok(worker) => axum::Json(json!({"success": true, "message": format!("added elastic (both) worker {url}"),

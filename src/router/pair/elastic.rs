@@ -118,7 +118,8 @@ impl<S: LegSender> Pairs<S> {
         if self.slo.is_none() {
             return (Vec::new(), Vec::new());
         }
-        let mut elastic: Vec<String> = self.pd().0.snapshot().iter().filter(|w| w.is_elastic() && w.is_available()).map(|w| w.url.clone()).collect();
+        let mut elastic: Vec<String> =
+            self.pd().0.snapshot().iter().filter(|w| w.is_elastic() && w.is_available()).map(|w| w.url.clone()).collect();
         let k = self.lean.prefill_engines(elastic.len(), self.max_prefill_share);
         let decode = elastic.split_off(k);
         (elastic, decode)

@@ -104,7 +104,8 @@ impl<S: LegSender> Pairs<S> {
             Topology::Colocated { workers } => self.colocated(workers, &job).await,
         };
         // A streamed answer starts with its first token: the TTFT to compare with the prediction.
-        if let (Ok(_), Some((predicted, observed)), Delivery::Stream) = (&answer, job.prediction.predicted_and_observed_ms(), job.delivery) {
+        if let (Ok(_), Some((predicted, observed)), Delivery::Stream) = (&answer, job.prediction.predicted_and_observed_ms(), job.delivery)
+        {
             self.metrics.ttft_prediction(predicted, observed);
             if let Some(j) = &job.leg.journey {
                 j.predicted_ttft(predicted);
@@ -222,10 +223,17 @@ impl<S: LegSender> Pairs<S> {
     /// One leg to a worker that answers alone (colocated, or a decode prefilling itself):
     /// the answer (its cached tokens are the worker's own), or the error with the lease to
     /// count it against.
-    async fn lone_leg(&self, mut lease: Lease, req: &LegRequest, job: &Job) -> Result<Answer, (Lease, crate::router::upstream::legs::LegError)> {
+    async fn lone_leg(
+        &self,
+        mut lease: Lease,
+        req: &LegRequest,
+        job: &Job,
+    ) -> Result<Answer, (Lease, crate::router::upstream::legs::LegError)> {
         let t = Instant::now();
         // slo_aware: its prefill counts in the worker's queue until the first output.
-        let work = self.slo.map(|_| lease.worker().latency.start_prefill(crate::router::policy::slo_aware::uncached(&**lease.worker(), &job.info)));
+        let work = self
+            .slo
+            .map(|_| lease.worker().latency.start_prefill(crate::router::policy::slo_aware::uncached(&**lease.worker(), &job.info)));
         match self.legs.answer(lease.target(), req, None).await {
             Ok(started) => {
                 lease.succeeded();

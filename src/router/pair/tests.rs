@@ -89,7 +89,14 @@ fn job(delivery: Delivery) -> Arc<Job> {
         request_timeout: Duration::from_secs(60),
         journey: None,
     };
-    Arc::new(Job { bodies: LegBodies::new(body), info: RequestInfo::default(), leg, delivery, transit: None, prediction: Default::default() })
+    Arc::new(Job {
+        bodies: LegBodies::new(body),
+        info: RequestInfo::default(),
+        leg,
+        delivery,
+        transit: None,
+        prediction: Default::default(),
+    })
 }
 
 async fn failure_text(f: Failure) -> (u16, Cause, String) {

@@ -202,7 +202,9 @@ impl Policy {
             PolicyKind::ConsistentHash => Policy::ConsistentHash(HashRing::default()),
             PolicyKind::CacheAware => Policy::CacheAware { cfg: cache.clone(), index: PrefixIndex::new(cache.max_entries) },
             PolicyKind::KvAware => Policy::KvAware { load_weight: kv_load_weight, turn: 0 },
-            PolicyKind::SloAware => Policy::SloAware { slo: crate::router::predict::Slo { ttft_ms: 2000.0, itl_ms: 50.0 }, leg: slo_aware::LegOf::Whole },
+            PolicyKind::SloAware => {
+                Policy::SloAware { slo: crate::router::predict::Slo { ttft_ms: 2000.0, itl_ms: 50.0 }, leg: slo_aware::LegOf::Whole }
+            }
         }
     }
 
