@@ -234,32 +234,9 @@ async fn start_cluster(
     for i in 0..n {
         let (role, k) = if i < a.prefills as usize { ("prefill", i) } else { ("decode", i - a.prefills as usize) };
         let (http, ev, replay) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
-        let config = format!(
-            r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
-        );
-        let mut args: Vec<String> = [
-            "sim",
-            "--role",
-            role,
-            "--port",
-            &http.to_string(),
-            "--block-size",
-            &a.block_size.to_string(),
-            "--kv-blocks",
-            &a.kv_blocks.to_string(),
-            "--timing-profile",
-            &a.timing_profile,
-            "--speedup",
-            &a.sim_speedup.to_string(),
-            "--max-model-len",
-            &(a.kv_blocks * a.block_size).to_string(),
-            "--enable-prompt-tokens-details",
-            "--kv-events-config",
-            &config,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let engine = SimEngine { block_size: a.block_size, kv_blocks: a.kv_blocks, timing_profile: &a.timing_profile, speedup: a.sim_speedup };
+        let mut args = engine.args(role, (http, ev, replay));
+        args.push("--enable-prompt-tokens-details".into());
         args.extend_from_slice(extra);
         let log = dir.join(format!("{role}-{k}.log"));
         children.push((spawn(exe, &args, &log)?, log));
@@ -275,6 +252,45 @@ async fn start_cluster(
         wait_healthy(client, url, child, log, Duration::from_secs(60)).await?;
     }
     Ok(Cluster { _children: children.into_iter().map(|(c, _)| c).collect(), prefills, decodes, events })
+}
+
+/// A simulated engine of a row: its KV cache and timing.
+pub(crate) struct SimEngine<'a> {
+    pub(crate) block_size: u64,
+    pub(crate) kv_blocks: u64,
+    pub(crate) timing_profile: &'a str,
+    pub(crate) speedup: f64,
+}
+
+impl SimEngine<'_> {
+    /// `disagg sim` in `role` on these ports (HTTP, KV events, their replay), with prefix
+    /// caching and KV events.
+    pub(crate) fn args(&self, role: &str, (http, ev, replay): (u16, u16, u16)) -> Vec<String> {
+        let config = format!(
+            r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
+        );
+        [
+            "sim",
+            "--role",
+            role,
+            "--port",
+            &http.to_string(),
+            "--block-size",
+            &self.block_size.to_string(),
+            "--kv-blocks",
+            &self.kv_blocks.to_string(),
+            "--timing-profile",
+            self.timing_profile,
+            "--speedup",
+            &self.speedup.to_string(),
+            "--max-model-len",
+            &(self.kv_blocks * self.block_size).to_string(),
+            "--kv-events-config",
+            &config,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
 }
 
 /// What every row's `disagg bench` measures and where it writes it: TTFT and E2E p50/p99,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use super::{free_ports, spawn, wait_healthy, Child};
+use super::{free_ports, spawn, wait_healthy, Child, SimEngine};
 
 /// One phase of the workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,32 +150,10 @@ async fn engines(w: &Workload, exe: &Path, dir: &Path, client: &reqwest::Client)
     let (mut children, mut urls) = (Vec::new(), Vec::new());
     for i in 0..n {
         let (http, ev, replay) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
-        let config = format!(
-            r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{ev}","replay_endpoint":"tcp://*:{replay}","topic":"kv-events"}}"#
-        );
-        let args: Vec<String> = [
-            "sim",
-            "--role",
-            "both",
-            "--port",
-            &http.to_string(),
-            "--block-size",
-            &w.block_size.to_string(),
-            "--kv-blocks",
-            &w.kv_blocks.to_string(),
-            "--max-num-seqs",
-            &w.max_num_seqs.to_string(),
-            "--timing-profile",
-            &w.timing_profile,
-            "--speedup",
-            &w.sim_speedup.to_string(),
-            "--max-model-len",
-            &(w.kv_blocks * w.block_size).to_string(),
-            "--kv-events-config",
-            &config,
-        ]
-        .map(String::from)
-        .to_vec();
+        let engine =
+            SimEngine { block_size: w.block_size, kv_blocks: w.kv_blocks, timing_profile: &w.timing_profile, speedup: w.sim_speedup };
+        let mut args = engine.args("both", (http, ev, replay));
+        args.extend(["--max-num-seqs".to_string(), w.max_num_seqs.to_string()]);
         let log = dir.join(format!("engine-{i}.log"));
         children.push((spawn(exe, &args, &log)?, log));
         urls.push(format!("http://127.0.0.1:{http}"));

@@ -71,7 +71,7 @@ async fn bad_admin_calls_get_clear_errors() {
     let r = router(&["--prefill", &p.url, "--decode", &d.url, "--admin-api-key", KEY]).await;
     let cases = [
         (format!("/add_worker?url={}", "127.0.0.1:9"), 400, "role"),
-        (format!("/add_worker?url={}&role=worker", "127.0.0.1:9"), 400, "no pool for both workers"),
+        (format!("/add_worker?url={}&role=worker", "127.0.0.1:9"), 400, "no pool for colocated (worker/regular) workers"),
         (format!("/add_worker?url={}&role=cook", "127.0.0.1:9"), 400, "unknown role"),
         (format!("/add_worker?url={}&role=decode", p.url), 400, "already in the router as a prefill worker"),
         ("/add_worker?url=ftp://127.0.0.1:9&role=decode".to_string(), 400, "scheme"),

@@ -114,6 +114,12 @@ async fn add(r: &Router, w: NewWorker) -> Response {
         Err(e) => return e.into_response(),
     };
     if role == Role::Both && r.topology.is_disaggregated() {
+        // vllm-router's `worker` / `regular` are colocated workers, which a PD router has no
+        // pool for; `both` is an engine that takes either leg.
+        if !w.role.as_deref().is_some_and(|n| n.eq_ignore_ascii_case("both")) {
+            return bad("this router has no pool for colocated (worker/regular) workers; role=both adds an elastic engine \
+                        (vLLM kv_both, either leg per request)");
+        }
         return add_elastic(r, &url, &w);
     }
     let Some(pool) = r.topology.pool(role) else {
