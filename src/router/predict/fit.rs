@@ -190,7 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_line_is_fitted_from_spread_samples_and_keeps_its_seed_slope_otherwise() {
+    fn a_line_is_fitted_from_spread_samples_and_scales_its_seed_otherwise() {
         let mut l = Line::seeded(10.0, 1.0);
         assert_eq!(l.at(5.0), 15.0);
         // Samples all at one x: the seed scaled through their mean (50 / 110).
