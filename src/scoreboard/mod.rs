@@ -234,7 +234,8 @@ async fn start_cluster(
     for i in 0..n {
         let (role, k) = if i < a.prefills as usize { ("prefill", i) } else { ("decode", i - a.prefills as usize) };
         let (http, ev, replay) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
-        let engine = SimEngine { block_size: a.block_size, kv_blocks: a.kv_blocks, timing_profile: &a.timing_profile, speedup: a.sim_speedup };
+        let engine =
+            SimEngine { block_size: a.block_size, kv_blocks: a.kv_blocks, timing_profile: &a.timing_profile, speedup: a.sim_speedup };
         let mut args = engine.args(role, (http, ev, replay));
         args.push("--enable-prompt-tokens-details".into());
         args.extend_from_slice(extra);
