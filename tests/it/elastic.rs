@@ -97,7 +97,29 @@ async fn a_pd_pool_pairs_its_engines_both_ways_and_one_engine_answers_alone() {
         saw_pair |= served(&r.url, prompt, 4, false).await.1.is_some();
     }
     assert!(saw_pair);
+    // Every API through the pool: chat and Anthropic's Messages, each answered by a pair.
+    let chat = json!({"model": "sim-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 6});
+    let (status, v) = post(&format!("{}/v1/chat/completions", r.url), &chat).await;
+    assert_eq!((status, v["choices"][0]["message"]["role"].as_str()), (200, Some("assistant")), "{v}");
+    let (status, v) = post(
+        &format!("{}/v1/messages", r.url),
+        &json!({"model": "sim-model", "max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!((status, v["type"].as_str()), (200, Some("message")), "{v}");
     assert_idle_as(&r.url, Some(KEY)).await;
+
+    // Beside fixed pools: a --pd-pool engine with a prefill and a decode of fixed roles.
+    let (p, d) = (Proc::sim(&["--role", "prefill"]).await, Proc::sim(&["--role", "decode"]).await);
+    let r = router(&["--prefill", &p.url, "--decode", &d.url, "--pd-pool", &a.url, "--policy", "round_robin", "--worker-headers"]).await;
+    let mut used = std::collections::HashSet::new();
+    for i in 0..6 {
+        let (_, prefill, decode) = served(&r.url, &format!("beside {i}"), 3, false).await;
+        assert!(prefill.as_deref() != Some(decode.as_str()), "never paired with itself");
+        used.extend(prefill.into_iter().chain([decode]));
+    }
+    assert!(used.contains(&a.url) && used.contains(&p.url) && used.contains(&d.url), "{used:?}");
+    assert!(!used.iter().any(|u| u == &b.url));
 }
 
 async fn metrics_as(router: &str, key: &str) -> String {
@@ -146,19 +168,23 @@ async fn slo_aware_keeps_short_prompts_alone_and_leans_an_engine_to_prefill_for_
     let (_, prefill, _) = served(&r.url, "a short question", 4, true).await;
     assert_eq!(prefill, None, "alone");
     // Long prompts (a 3,000-token prefill would hold a decode's step 600 ms): disaggregated.
-    // Their prefill work makes the first engine of the pool lean to prefill: from the
-    // second on, it prefills and the other decodes.
+    // Their prefill work makes one engine lean to prefill: from the second on, that one
+    // prefills them and the other decodes (the lean stays while the work comes).
+    let mut roles: Option<(String, String)> = None;
     for i in 0..4 {
         let (_, prefill, decode) = served(&r.url, &format!("{i} {}", "word ".repeat(3000)), 4, true).await;
-        let prefill = prefill.expect("a pair for a long prompt");
-        if i > 0 {
-            assert_eq!((prefill.as_str(), decode.as_str()), (a.url.as_str(), b.url.as_str()), "request {i}");
+        let pair = (prefill.expect("a pair for a long prompt"), decode);
+        assert_ne!(pair.0, pair.1);
+        if i > 1 {
+            assert_eq!(Some(&pair), roles.as_ref(), "request {i}: the same engine leans to prefill");
         }
+        roles = Some(pair);
     }
+    let (_, decoding) = roles.unwrap();
     // Short prompts meanwhile go alone, to the engine leaning to decode.
     for i in 0..3 {
         let (_, prefill, decode) = served(&r.url, &format!("short {i}"), 4, i % 2 == 0).await;
-        assert_eq!((prefill, decode.as_str()), (None, b.url.as_str()));
+        assert_eq!((prefill, decode.as_str()), (None, decoding.as_str()));
     }
     // Predicted against observed TTFT: after 12 requests of mixed lengths one at a time
     // (the fit's samples), 12 more are each predicted within a third of what they took.

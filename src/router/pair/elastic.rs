@@ -90,7 +90,7 @@ impl<S: LegSender> Pairs<S> {
         let alone = best_pair.is_none() || short;
         match best_pair.filter(|_| !alone) {
             Some((p, pair)) => {
-                self.lean.add(p.latency.prefill_step_ms(uncached(&***p, &job.info)).max(p.latency.prefill_ms(0)));
+                self.lean.add(p.latency.compute_ms(uncached(&***p, &job.info)));
                 job.prediction.set(pair);
             }
             None => job.prediction.set(lone),
@@ -98,8 +98,7 @@ impl<S: LegSender> Pairs<S> {
         alone
     }
 
-    /// slo_aware over elastic engines: the URLs of those that lean to prefill now (the first
-    /// ones, in the pool's order, of the available elastic engines).
+    /// slo_aware over elastic engines: the URLs of those that lean to prefill now.
     pub(super) fn prefill_leaning(&self) -> Vec<String> {
         self.leaning().0
     }
@@ -118,11 +117,12 @@ impl<S: LegSender> Pairs<S> {
         if self.slo.is_none() {
             return (Vec::new(), Vec::new());
         }
-        let mut elastic: Vec<String> =
-            self.pd().0.snapshot().iter().filter(|w| w.is_elastic() && w.is_available()).map(|w| w.url.clone()).collect();
+        let elastic: Vec<(String, usize)> =
+            self.pd().0.snapshot().iter().filter(|w| w.is_elastic() && w.is_available()).map(|w| (w.url.clone(), w.in_flight())).collect();
         let k = self.lean.prefill_engines(elastic.len(), self.max_prefill_share);
-        let decode = elastic.split_off(k);
-        (elastic, decode)
+        let prefill = self.lean.leaning(&elastic, k);
+        let decode = elastic.into_iter().map(|(u, _)| u).filter(|u| !prefill.contains(u)).collect();
+        (prefill, decode)
     }
 
     /// slo_aware: the TTFT predicted for a pair once both its workers are known.

@@ -120,6 +120,11 @@ impl EngineLatency {
         self.lines().prefill.at((self.queued_tokens() + tokens) as f64)
     }
 
+    /// A prefill of `tokens` alone, without the queue: the engine time it takes.
+    pub(crate) fn compute_ms(&self, tokens: usize) -> f64 {
+        self.lines().prefill.at(tokens as f64)
+    }
+
     /// The longest step a prefill of `tokens` puts into this engine's decodes.
     pub(crate) fn prefill_step_ms(&self, tokens: usize) -> f64 {
         if tokens == 0 {

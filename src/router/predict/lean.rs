@@ -1,7 +1,9 @@
 //! Soft roles over elastic engines (Splitwise's pools, moved by the load): how many of
 //! them lean to prefill now, from the prefill work the disaggregated requests bring
-//! (engine-milliseconds per millisecond, decayed over LEAN_WINDOW), with headroom. The
-//! rest take decodes and the requests that go alone.
+//! (engine-milliseconds per millisecond, decayed over LEAN_WINDOW), with headroom; and
+//! which: those leaning already stay while they are needed, new ones are those running
+//! the fewest sequences (their decodes are the fewest a prefill holds up). The rest take
+//! decodes and the requests that go alone.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -10,15 +12,19 @@ use std::time::{Duration, Instant};
 const LEAN_WINDOW: Duration = Duration::from_secs(2);
 /// Prefill engines kept beyond the work measured (queues stay short).
 const HEADROOM: f64 = 1.2;
+/// Below this much prefill work (engines), none leans to prefill.
+const NONE_BELOW: f64 = 0.25;
 
 pub(crate) struct Lean {
     /// Prefill milliseconds brought, decayed to `at`.
     decayed: Mutex<(f64, Instant)>,
+    /// The engines leaning to prefill now, by URL.
+    leaning: Mutex<Vec<String>>,
 }
 
 impl Default for Lean {
     fn default() -> Self {
-        Lean { decayed: Mutex::new((0.0, Instant::now())) }
+        Lean { decayed: Mutex::new((0.0, Instant::now())), leaning: Mutex::default() }
     }
 }
 
@@ -41,11 +47,27 @@ impl Lean {
     /// none while no prefill work came lately.
     pub(crate) fn prefill_engines(&self, elastic: usize, max_share: f64) -> usize {
         let rate = self.now(0.0) / (LEAN_WINDOW.as_secs_f64() * 1e3);
-        if rate < 1e-3 || elastic < 2 {
+        if rate * HEADROOM < NONE_BELOW || elastic < 2 {
             return 0;
         }
         let most = ((elastic as f64 * max_share).floor() as usize).clamp(1, elastic - 1);
         ((rate * HEADROOM).ceil() as usize).clamp(1, most)
+    }
+
+    /// The `k` engines leaning to prefill among the available elastic ones (URL and
+    /// sequences running): those leaning already (the least busy of them when fewer are
+    /// needed), then the least busy others.
+    pub(crate) fn leaning(&self, available: &[(String, usize)], k: usize) -> Vec<String> {
+        let running = |url: &str| available.iter().find(|(u, _)| u == url).map(|(_, n)| *n);
+        let mut leaning = self.leaning.lock().unwrap_or_else(|e| e.into_inner());
+        leaning.retain(|u| running(u).is_some());
+        leaning.sort_by_key(|u| running(u));
+        leaning.truncate(k);
+        let mut others: Vec<&(String, usize)> = available.iter().filter(|(u, _)| !leaning.contains(u)).collect();
+        others.sort_by_key(|(_, n)| *n);
+        let more = k.saturating_sub(leaning.len());
+        leaning.extend(others.into_iter().take(more).map(|(u, _)| u.clone()));
+        leaning.clone()
     }
 }
 
@@ -69,5 +91,20 @@ mod tests {
         assert_eq!(lean.prefill_engines(2, 0.1), 1, "at least one");
         *lean.decayed.lock().unwrap() = (5_000.0, Instant::now() - LEAN_WINDOW * 10);
         assert_eq!(lean.prefill_engines(8, 1.0), 0, "decayed away");
+        lean.add(0.1 * LEAN_WINDOW.as_secs_f64() * 1e3);
+        assert_eq!(lean.prefill_engines(8, 1.0), 0, "a tenth of an engine's work: none leans");
+    }
+
+    #[test]
+    fn leaning_engines_stay_and_new_ones_are_the_least_busy() {
+        let lean = Lean::default();
+        let engines = |n: &[usize]| n.iter().enumerate().map(|(i, n)| (format!("e{i}"), *n)).collect::<Vec<_>>();
+        assert_eq!(lean.leaning(&engines(&[5, 0, 3, 1]), 2), ["e1", "e3"]);
+        // They stay though others are now idler; one more is the least busy other.
+        assert_eq!(lean.leaning(&engines(&[0, 4, 3, 4]), 3), ["e1", "e3", "e0"]);
+        // Fewer needed: the least busy of them stay; one gone (unavailable) is replaced.
+        assert_eq!(lean.leaning(&engines(&[0, 9, 3, 1]), 2), ["e0", "e3"]);
+        assert_eq!(lean.leaning(&[("e3".into(), 1), ("e2".into(), 0)], 2), ["e3", "e2"]);
+        assert!(lean.leaning(&engines(&[1, 1]), 0).is_empty());
     }
 }
