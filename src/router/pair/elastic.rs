@@ -74,8 +74,13 @@ impl<S: LegSender> Pairs<S> {
     /// leaning to prefill first).
     fn predicted_alone<'a>(&self, job: &Job, d: &Worker, others: impl Iterator<Item = &'a Arc<Worker>>, slo: &Slo) -> bool {
         let slo = *slo;
-        let lone = predict::alone(reserved(d), uncached(d, &job.info));
-        let short = d.latency.prefill_step_ms(uncached(d, &job.info)) < SHORT_PREFILL_SHARE_OF_ITL * slo.itl_ms;
+        let on_d = uncached(d, &job.info);
+        let lone = predict::alone(reserved(d), on_d);
+        if d.latency.prefill_step_ms(on_d) < SHORT_PREFILL_SHARE_OF_ITL * slo.itl_ms {
+            // Short: alone, whatever a pair would cost.
+            job.prediction.set(lone);
+            return true;
+        }
         let decoding = self.decode_leaning();
         let mut others: Vec<&Arc<Worker>> = others.collect();
         if others.iter().any(|p| !decoding.contains(&p.url)) {
@@ -87,15 +92,17 @@ impl<S: LegSender> Pairs<S> {
             .reduce(|a, b| if b.1.better_than(&a.1, &slo) { b } else { a });
         // A long prompt is disaggregated even when neither layout meets the SLOs yet: its
         // prefill work is what makes engines lean to prefill, so that the next ones do.
-        let alone = best_pair.is_none() || short;
-        match best_pair.filter(|_| !alone) {
+        match best_pair {
             Some((p, pair)) => {
                 self.lean.add(p.latency.compute_ms(uncached(&***p, &job.info)));
                 job.prediction.set(pair);
+                false
             }
-            None => job.prediction.set(lone),
+            None => {
+                job.prediction.set(lone);
+                true
+            }
         }
-        alone
     }
 
     /// slo_aware over elastic engines: the URLs of those that lean to prefill now.
