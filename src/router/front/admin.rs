@@ -106,7 +106,7 @@ async fn add(r: &Router, w: NewWorker) -> Response {
     if w.dp_size == Some(0) || w.dp_size.is_some_and(|n| n > 1024) {
         return bad("dp_size must be 1..=1024");
     }
-    if let Some(other) = r.topology.pools().find_map(|p| p.get(&url)) {
+    if let Some((_, other)) = r.topology.find(&url) {
         return bad(format!("worker {url} is already in the router as a {} worker", other.role.as_str()));
     }
     let role = match role_for(r, w.role.as_deref()) {
@@ -198,8 +198,9 @@ async fn remove_worker(State(r): State<Arc<Router>>, query: Result<Query<UrlQuer
 async fn list_workers(State(r): State<Arc<Router>>) -> Response {
     let mut all = Vec::new();
     let mut by_role = serde_json::Map::new();
+    let workers = r.topology.workers();
     for role in r.topology.roles() {
-        let urls: Vec<String> = r.topology.workers().iter().filter(|w| w.role == role).map(|w| w.url.clone()).collect();
+        let urls: Vec<String> = workers.iter().filter(|w| w.role == role).map(|w| w.url.clone()).collect();
         all.extend(urls.iter().cloned());
         if !urls.is_empty() || r.topology.pool(role).is_some() {
             by_role.insert(role.as_str().to_string(), json!(urls));
