@@ -1,12 +1,13 @@
 //! `disagg launch`: a whole PD topology from one YAML file (vLLM's pdjob schema, plus
 //! optional fields: docs/LAUNCH.md), on this machine, one node's share of a multi-node
-//! plan, or a Ray cluster.
+//! plan (by hand, or each node's task of a Slurm step), or a Ray cluster.
 
 pub(crate) mod local;
 pub(crate) mod plan;
 pub(crate) mod ranktable;
 pub(crate) mod ray;
 pub(crate) mod script;
+pub mod slurm;
 pub mod spec;
 
 use std::path::PathBuf;
@@ -44,26 +45,63 @@ pub(crate) struct LaunchArgs {
     /// Python with the `ray` package, for --ray.
     #[arg(long, default_value = "python3", requires = "ray")]
     pub(crate) ray_python: String,
+    /// Print the Slurm batch script of the plan (its nodes, one task per node, GPUs per
+    /// node, --time, the output's path, the srun line) and exit; creates the logs folder
+    /// Slurm writes the output to.
+    #[arg(long, conflicts_with_all = ["dry_run", "node_rank", "node_size", "ray", "role"])]
+    pub(crate) sbatch: bool,
+    /// The batch script's time limit, in Slurm's formats (`2:00:00`, `1-00:00:00`).
+    #[arg(long, requires = "sbatch")]
+    pub(crate) time: Option<String>,
     #[command(flatten)]
     pub(crate) script: script::ScriptArgs,
 }
 
-pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
+/// A plan, and which node's share this launcher runs (None: all of it).
+pub(crate) struct Loaded {
+    pub(crate) plan: plan::Plan,
+    pub(crate) node: Option<usize>,
+    /// Inside a Slurm allocation (not with --ray, --role or --sbatch).
+    pub(crate) slurm: Option<slurm::Allocation>,
+}
+
+pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
     if let Some(role) = args.script.role {
-        return script::plan(&args.script, role, args.node_rank.unwrap_or(0), args.node_size.unwrap_or(1));
+        let plan = script::plan(&args.script, role, args.node_rank.unwrap_or(0), args.node_size.unwrap_or(1))?;
+        // The launcher script's share is all of this node's plan.
+        return Ok(Loaded { plan, node: None, slurm: None });
     }
     if args.node_rank.is_some() != args.node_size.is_some() {
         anyhow::bail!("--node-rank and --node-size go together");
+    }
+    let slurm = match args.ray.is_none() && !args.sbatch {
+        true => slurm::Allocation::detect(&slurm::process_env())?,
+        false => None,
+    };
+    if slurm.is_some() && args.node_rank.is_some() {
+        anyhow::bail!("--node-rank/--node-size inside a Slurm allocation: Slurm says which node this is (SLURM_NODEID); drop them");
     }
     let (name, text) = match args.file.as_ref().or(args.config_flag.as_ref()) {
         Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?),
         None => ("<built-in demo>".to_string(), DEMO.to_string()),
     };
     let text = spec::config::expand_env(&name, &text)?;
-    let file = spec::config::parse(&name, &text)?;
+    let mut file = spec::config::parse(&name, &text)?;
+    let slurm_rank = match &slurm {
+        Some(alloc) => alloc.apply(&mut file, &name)?,
+        None => None,
+    };
+    if args.sbatch && file.nodes.is_empty() {
+        // Slurm will name the nodes; the plan needs as many as its GPUs fill.
+        let nodes = match file.gpus_per_node {
+            Some(per) if per > 0 => file.num_gpus.div_ceil(per).max(1),
+            _ => 1,
+        };
+        file.nodes = (0..nodes).map(|i| spec::config::NodeFile::Address(format!("slurm-node-{i}"))).collect();
+    }
     let exe = std::env::current_exe().context("cannot find the disagg executable")?;
     let target = if args.ray.is_some() { plan::Target::Ray } else { plan::Target::Nodes };
-    let plan = plan::build(&file, &name, &text, &exe, target)?;
+    let mut plan = plan::build(&file, &name, &text, &exe, target)?;
     if let (Some(rank), Some(size)) = (args.node_rank, args.node_size) {
         if size != plan.nodes.len() {
             anyhow::bail!("--node-size {size}, but {name} lists {} node(s) under `nodes`", plan.nodes.len());
@@ -72,7 +110,17 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<plan::Plan> {
             anyhow::bail!("--node-rank {rank} is not below --node-size {size}");
         }
     }
-    Ok(plan)
+    if let (Some(alloc), Some(rank)) = (&slurm, slurm_rank) {
+        // This node's devices as Slurm numbered them (the plan counts from 0).
+        for i in plan.instances.iter_mut().filter(|i| i.node == rank) {
+            let mapped: Option<Vec<&str>> = i.gpus.iter().map(|g| alloc.device(*g)).collect();
+            let Some(mapped) = mapped.filter(|m| !m.is_empty()) else { continue };
+            for (_, value) in i.env.iter_mut().filter(|(k, _)| *k == file.gpu_env) {
+                *value = mapped.join(",");
+            }
+        }
+    }
+    Ok(Loaded { plan, node: slurm_rank.or(args.node_rank), slurm })
 }
 
 pub(crate) fn render(plan: &plan::Plan, node: Option<usize>) -> String {
@@ -114,16 +162,47 @@ pub(crate) fn render(plan: &plan::Plan, node: Option<usize>) -> String {
 }
 
 pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
-    let plan = load(&args)?;
+    let Loaded { plan, node, slurm } = load(&args)?;
+    if args.sbatch {
+        let file = args.file.as_ref().or(args.config_flag.as_ref()).context("--sbatch needs the launch file")?;
+        let cwd = std::env::current_dir()?;
+        let script = slurm::sbatch::BatchScript {
+            plan: &plan,
+            file: &std::fs::canonicalize(file).with_context(|| format!("cannot find {}", file.display()))?,
+            exe: &std::env::current_exe()?,
+            chdir: &cwd,
+            time: args.time.as_deref(),
+        };
+        script.prepare()?;
+        print!("{}", script.render());
+        return Ok(());
+    }
     if args.dry_run {
-        let node = if args.script.role.is_some() { None } else { args.node_rank };
+        if let Some(alloc) = &slurm {
+            println!("# {} (this node: {})", alloc.describe(), node.map_or("none: not in a step".to_string(), |n| n.to_string()));
+        }
         print!("{}", render(&plan, node));
         return Ok(());
     }
-    match &args.ray {
-        Some(addr) => ray::run(&plan, addr, &args.ray_python).await,
-        // The launcher script's share is all of this node's plan.
-        None if args.script.role.is_some() => local::run(&plan, None).await,
-        None => local::run(&plan, args.node_rank).await,
+    if let Some(addr) = &args.ray {
+        return ray::run(&plan, addr, &args.ray_python).await;
+    }
+    match &slurm {
+        None => local::run(&plan, node).await,
+        Some(alloc) if node.is_none() => anyhow::bail!(
+            "inside Slurm job {} but not in a step: run every node's share with `srun --nodes={} --ntasks-per-node=1 disagg launch FILE` ({})",
+            alloc.job(),
+            plan.nodes.len(),
+            alloc.describe()
+        ),
+        Some(alloc) => {
+            let result = local::run(&plan, node).await;
+            if let Err(e) = &result {
+                // One node's share failed: the step fails as a whole, every node stops.
+                eprintln!("disagg launch: node {} failed: {e:#}", node.unwrap_or(0));
+                alloc.cancel_step();
+            }
+            result
+        }
     }
 }

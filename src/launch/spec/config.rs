@@ -154,6 +154,12 @@ impl NodeFile {
             NodeFile::Address(a) | NodeFile::Full { address: a, .. } => a,
         }
     }
+
+    pub(crate) fn set_address(&mut self, to: String) {
+        match self {
+            NodeFile::Address(a) | NodeFile::Full { address: a, .. } => *a = to,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
