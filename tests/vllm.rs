@@ -52,6 +52,8 @@ mod prefix_cache;
 mod priority;
 #[path = "it/responses.rs"]
 mod responses;
+#[path = "vllm/slurm.rs"]
+mod slurm;
 #[path = "it/support.rs"]
 mod support;
 #[path = "vllm/timing.rs"]
@@ -285,6 +287,13 @@ async fn run() -> ExitCode {
         whole_case(
             "DP 2 external LB across two loopback nodes (tiny MoE): both ranks' API servers start and join, the router lists each",
             launch_layouts::layout_runs("external", 2),
+            &mut failed,
+        )
+        .await;
+        // Last: its cluster gives the namespace an interface besides loopback.
+        whole_case(
+            "real vLLM 1P1D under srun on a real Slurm cluster: each node's share on its address, output equals the engine alone",
+            slurm::vllm_1p1d_under_srun(),
             &mut failed,
         )
         .await;
