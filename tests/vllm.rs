@@ -48,6 +48,8 @@ mod otlp;
 mod passthrough;
 #[path = "vllm/prefix_cache.rs"]
 mod prefix_cache;
+#[path = "vllm/preflight.rs"]
+mod preflight;
 #[path = "vllm/priority.rs"]
 mod priority;
 #[path = "it/responses.rs"]
@@ -266,6 +268,12 @@ async fn run() -> ExitCode {
     }
     if group_enabled("launch") {
         whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_layouts::launch_from_yaml(), &mut failed).await;
+        whole_case(
+            "preflight: the guides' removed flags refused with file line and vLLM version; a start-up refusal stops a launch before it starts",
+            preflight::preflight_with_vllm(),
+            &mut failed,
+        )
+        .await;
         whole_case(
             "every example's and the launcher script's vllm serve commands pass vLLM's own parser and start-up checks",
             launch_layouts::checked_by_vllm(),

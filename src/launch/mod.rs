@@ -4,6 +4,7 @@
 
 pub(crate) mod local;
 pub(crate) mod plan;
+pub(crate) mod preflight;
 pub(crate) mod ranktable;
 pub(crate) mod ray;
 pub(crate) mod script;
@@ -53,6 +54,15 @@ pub(crate) struct LaunchArgs {
     /// The batch script's time limit, in Slurm's formats (`2:00:00`, `1-00:00:00`).
     #[arg(long, requires = "sbatch")]
     pub(crate) time: Option<String>,
+    /// Check every `vllm serve` line of the plan with the installed vLLM's own parser and
+    /// start-up checks (starting nothing), report per instance, and exit (1 if vLLM refuses
+    /// any). Without it, the same check runs before a launch or a --sbatch script, where
+    /// a vLLM is importable.
+    #[arg(long, conflicts_with_all = ["dry_run", "sbatch", "ray", "no_check"])]
+    pub(crate) check: bool,
+    /// Start without checking the `vllm serve` lines with vLLM first.
+    #[arg(long)]
+    pub(crate) no_check: bool,
     #[command(flatten)]
     pub(crate) script: script::ScriptArgs,
 }
@@ -63,13 +73,15 @@ pub(crate) struct Loaded {
     pub(crate) node: Option<usize>,
     /// Inside a Slurm allocation (not with --ray, --role or --sbatch).
     pub(crate) slurm: Option<slurm::Allocation>,
+    /// The launch file's text (after `${env:...}`), for errors that name its lines.
+    pub(crate) text: String,
 }
 
 pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
     if let Some(role) = args.script.role {
         let plan = script::plan(&args.script, role, args.node_rank.unwrap_or(0), args.node_size.unwrap_or(1))?;
         // The launcher script's share is all of this node's plan.
-        return Ok(Loaded { plan, node: None, slurm: None });
+        return Ok(Loaded { plan, node: None, slurm: None, text: String::new() });
     }
     if args.node_rank.is_some() != args.node_size.is_some() {
         anyhow::bail!("--node-rank and --node-size go together");
@@ -120,7 +132,7 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
             }
         }
     }
-    Ok(Loaded { plan, node: slurm_rank.or(args.node_rank), slurm })
+    Ok(Loaded { plan, node: slurm_rank.or(args.node_rank), slurm, text })
 }
 
 pub(crate) fn render(plan: &plan::Plan, node: Option<usize>) -> String {
@@ -162,8 +174,19 @@ pub(crate) fn render(plan: &plan::Plan, node: Option<usize>) -> String {
 }
 
 pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
-    let Loaded { plan, node, slurm } = load(&args)?;
+    let Loaded { plan, node, slurm, text } = load(&args)?;
+    let exe = std::env::current_exe()?;
+    if args.check {
+        return match preflight::check(&plan, None).await? {
+            preflight::Outcome::NoVllm(why) => anyhow::bail!("cannot check {} against vLLM: {why}", plan.file),
+            outcome => {
+                print!("{}", preflight::report(&plan, &outcome, &text, &exe)?);
+                Ok(())
+            }
+        };
+    }
     if args.sbatch {
+        before_start(&args, &plan, None, &text).await?;
         let file = args.file.as_ref().or(args.config_flag.as_ref()).context("--sbatch needs the launch file")?;
         let cwd = std::env::current_dir()?;
         let script = slurm::sbatch::BatchScript {
@@ -187,6 +210,14 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.ray {
         return ray::run(&plan, addr, &args.ray_python).await;
     }
+    if let Err(e) = before_start(&args, &plan, node, &text).await {
+        if let Some(alloc) = &slurm {
+            // Refused on this node: the other nodes stop too.
+            eprintln!("disagg launch: node {}: {e:#}", node.unwrap_or(0));
+            alloc.cancel_step();
+        }
+        return Err(e);
+    }
     match &slurm {
         None => local::run(&plan, node).await,
         Some(alloc) if node.is_none() => anyhow::bail!(
@@ -205,4 +236,19 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
             result
         }
     }
+}
+
+/// The preflight before anything starts (node's lines; all with None): vLLM's refusals
+/// stop the launch; no vLLM here, or a check that cannot run, is said and let pass.
+async fn before_start(args: &LaunchArgs, plan: &plan::Plan, node: Option<usize>, text: &str) -> anyhow::Result<()> {
+    if args.no_check || plan.engine != spec::config::EngineKind::Vllm {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    match preflight::check(plan, node).await {
+        Ok(preflight::Outcome::NoVllm(why)) => eprintln!("disagg launch: the vllm serve lines were not checked: {why}"),
+        Ok(outcome) => eprint!("{}", preflight::report(plan, &outcome, text, &exe)?),
+        Err(e) => eprintln!("disagg launch: the vllm serve lines were not checked: {e:#}"),
+    }
+    Ok(())
 }

@@ -518,3 +518,26 @@ async fn a_tls_topology_launches_and_serves_https_on_both_sides() {
     }
     let _ = tokio::time::timeout(Duration::from_secs(15), launch.child.wait()).await;
 }
+
+/// `--check` says why it cannot check where no vLLM is importable (the plan's `vllm` runs
+/// with a Python without it, or is no Python program at all), and fails: never a pass.
+#[test]
+fn check_without_vllm_says_why() {
+    let dir = write("x", "").parent().unwrap().to_path_buf();
+    let no_vllm = dir.join("vllm");
+    std::fs::write(&no_vllm, "#!/usr/bin/env python3\nraise SystemExit(1)\n").unwrap();
+    let shell = dir.join("serve.sh");
+    std::fs::write(&shell, "#!/bin/sh\nexit 1\n").unwrap();
+    for (program, why) in [(no_vllm.display().to_string(), "cannot import vllm"), (shell.display().to_string(), "cannot tell which Python")]
+    {
+        let file = write(
+            "check.yaml",
+            &format!(
+                "engine:\n  kind: vllm\n  command: {program} serve\ngeneral:\n  params:\n    model: m\nprefill:\n  replicas: 1\n  params:\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}}'\ndecode:\n  replicas: 1\n  params:\n    kv_transfer_config: '{{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_consumer\"}}'\n"
+            ),
+        );
+        let (ok, _, err) = run(&["launch", file.to_str().unwrap(), "--check"]);
+        assert!(!ok, "{program}: --check passed without a vLLM");
+        assert!(err.contains("cannot check") && err.contains(why), "{program}: {err}");
+    }
+}

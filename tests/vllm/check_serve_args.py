@@ -2,13 +2,13 @@
 nothing: stdin is a JSON list of argv (the words after `vllm serve`); argv[1] names the
 file that gets a JSON list of {"ok", "stage", "error", "stand_ins"}, one per command.
 
-Each command runs `vllm serve`'s real code path: vLLM's CLI parser (FlexibleArgumentParser
-with serve's arguments, so `_`/`-`, dotted `--x.y` and JSON flags as vLLM takes them),
-`validate_parsed_serve_args`, then `ServeSubcommand.cmd`, which makes the load-balancing
-and headless decisions and raises the errors users see ("api_server_count can't be set in
-headless mode", "data_parallel_hybrid_lb is not applicable in headless mode", ...). Where
-that code would start processes, the engine configuration is built instead
-(`AsyncEngineArgs.create_engine_config`, with its DP checks) and the run stops.
+The check is the product's own (`disagg launch --check`, src/launch/preflight/
+check_serve.py): vLLM's CLI parser, `validate_parsed_serve_args`, then
+`ServeSubcommand.cmd`, which makes the load-balancing and headless decisions and raises
+the errors users see ("api_server_count can't be set in headless mode",
+"data_parallel_hybrid_lb is not applicable in headless mode", ...), stopping where
+processes would start. This harness adds stand-ins, so the guides' commands can be
+checked on this machine:
 
 The guides' models and hardware are not here, so stand-ins are made and reported per
 command (`stand_ins`): the local tiny model replaces the model (argv[0]), marked MoE as
@@ -25,56 +25,21 @@ import importlib.util
 import json
 import os
 import sys
-import types
 
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import vllm  # noqa: E402
-import vllm.entrypoints.cli.serve as serve  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "check_serve", os.path.join(os.path.dirname(__file__), "..", "..", "src", "launch", "preflight", "check_serve.py")
+)
+check_serve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_serve)
+
 from vllm.config.model import ModelConfig  # noqa: E402
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args  # noqa: E402
-from vllm.usage.usage_lib import UsageContext  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 MODEL = os.environ["DISAGG_CHECK_MODEL"]
 # Flags of the guides that vLLM 0.32 no longer has (it refuses them): flag -> takes a value.
 REMOVED = {"--swap-space": True}
 ModelConfig.is_moe = property(lambda self: True)
-
-
-class Started(Exception):
-    """vLLM got as far as starting its processes."""
-
-
-def engine_config(args, headless):
-    engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
-    engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER, headless=headless)
-
-
-current = {}
-
-
-def api_servers(args):
-    engine_config(args, False)
-    raise Started("api-server")
-
-
-def one_api_server(coro):
-    coro.close()
-    engine_config(current["args"], False)
-    raise Started("api-server")
-
-
-class EngineProcs:
-    def __init__(self, *a, **k):
-        raise Started("headless")
-
-
-serve.run_multi_api_server = api_servers
-serve.run_dp_supervisor = api_servers
-serve.uvloop = types.SimpleNamespace(run=one_api_server)
-serve.CoreEngineProcManager = EngineProcs
 
 
 def stand_ins(argv):
@@ -118,31 +83,10 @@ def stand_ins(argv):
 
 def check(argv):
     argv, made = stand_ins(argv)
-    result = run(argv)
+    result = check_serve.run([MODEL] + argv[1:])
+    result.pop("note", None)
     result["stand_ins"] = made
     return result
-
-
-def run(argv):
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
-
-    def refuse(message):
-        raise ValueError(message)
-
-    parser.error = refuse
-    try:
-        args = parser.parse_args([MODEL] + argv[1:])
-    except (ValueError, SystemExit) as e:
-        return {"ok": False, "stage": "parse", "error": str(e)}
-    current["args"] = args
-    try:
-        validate_parsed_serve_args(args)
-        serve.ServeSubcommand.cmd(args)
-        return {"ok": False, "stage": "run", "error": "returned without starting"}
-    except Started as s:
-        return {"ok": True, "stage": str(s), "error": None}
-    except Exception as e:  # noqa: BLE001 - vLLM's own errors are the result
-        return {"ok": False, "stage": "checks", "error": f"{type(e).__name__}: {e}"}
 
 
 def main():
