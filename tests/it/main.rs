@@ -11,6 +11,7 @@ mod first_token;
 mod flow_control;
 mod guides;
 mod handshake;
+mod k8s;
 mod keep_alive;
 mod kv_aware;
 mod kv_aware_apis;

@@ -56,6 +56,65 @@ fn check(venv: &Path, model: &str, commands: &[Vec<String>]) -> Vec<Value> {
     serde_json::from_str(&std::fs::read_to_string(result).unwrap()).unwrap()
 }
 
+/// The `vllm serve` argv (from the model on) of every container `--k8s` writes for
+/// `example`: a LeaderWorkerSet's leader and worker, `/bin/sh -c` lines split, and
+/// `$(LWS_LEADER_ADDRESS)`, `$(POD_IP)` and `$((LWS_WORKER_INDEX * S))` given the values
+/// of worker 1.
+fn k8s_commands(example: &str) -> Vec<Vec<String>> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("k8s-check-{}", example.replace('/', "-")));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(BIN).args(["launch", example, "--k8s", dir.to_str().unwrap(), "--no-check"]).current_dir(ROOT).output().unwrap();
+    assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut commands = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            let pods = match v["kind"].as_str() {
+                Some("Deployment") => vec![v["spec"]["template"]["spec"].clone()],
+                Some("LeaderWorkerSet") => {
+                    ["leaderTemplate", "workerTemplate"].iter().map(|t| v["spec"]["leaderWorkerTemplate"][t]["spec"].clone()).collect()
+                }
+                _ => continue,
+            };
+            for pod in pods {
+                let mut argv: Vec<String> = serde_json::from_value(pod["containers"][0]["command"].clone()).unwrap();
+                if argv[0] == "/bin/sh" {
+                    let line = argv[2].strip_prefix("exec ").unwrap().to_string();
+                    let line = as_worker_one(&line);
+                    argv = shlex::split(&line).unwrap();
+                }
+                if argv.len() < 2 || argv[0] != "vllm" || argv[1] != "serve" {
+                    continue;
+                }
+                let name = v["metadata"]["name"].as_str().unwrap().to_string();
+                commands.push(
+                    argv[2..]
+                        .iter()
+                        .map(|a| a.replace("$(LWS_LEADER_ADDRESS)", &format!("{name}-0.{name}")).replace("$(POD_IP)", "10.0.0.7"))
+                        .collect(),
+                );
+            }
+        }
+    }
+    commands
+}
+
+/// `$((LWS_WORKER_INDEX * S))` as worker 1 computes it: S.
+fn as_worker_one(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("$((LWS_WORKER_INDEX * ") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + "$((LWS_WORKER_INDEX * ".len()..];
+        let end = tail.find("))").unwrap();
+        out.push_str(&tail[..end]);
+        rest = &tail[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Every emitted layout passes vLLM's own checks; the layouts vLLM refused before fail them.
 pub async fn checked_by_vllm() {
     let venv = PathBuf::from(script_var("vllm-env.sh", "VENV"));
@@ -85,6 +144,13 @@ pub async fn checked_by_vllm() {
         for c in vllm_commands(&args) {
             commands.push(("launcher script".into(), c));
         }
+    }
+    // The same plans as Kubernetes manifests: each container's `vllm serve` argv (the
+    // variables Kubernetes and LeaderWorkerSet fill in given sample values).
+    for example in ["examples/gb200-2p1d-hybrid.yaml", "examples/ascend-2p2d.yaml", "examples/deepseek-2p2d.yaml"] {
+        let in_k8s = k8s_commands(example);
+        assert!(!in_k8s.is_empty(), "{example}: no vllm serve container");
+        commands.extend(in_k8s.into_iter().map(|c| (format!("{example} --k8s"), c)));
     }
     // Controls: what the launcher emitted before, which vLLM refuses.
     let ascend = vllm_commands(&["launch", "examples/ascend-2p2d.yaml", "--dry-run"]);

@@ -8,6 +8,15 @@
 
 use crate::launch::spec::config::DpMode;
 
+/// Which replica of its role a process belongs to, and which of the replica's processes it
+/// is (0: the DP master, the API server of an internal-LB replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplicaPart {
+    pub(crate) replica: usize,
+    pub(crate) part: usize,
+    pub(crate) processes: usize,
+}
+
 /// One process of a replica: where it runs, its GPUs and the DP ranks behind it.
 #[derive(Debug, Clone)]
 pub(super) struct Slot {

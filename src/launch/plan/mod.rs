@@ -3,6 +3,7 @@
 //! prints and what the local and Ray backends run.
 
 mod dp;
+pub(crate) mod kube;
 mod process;
 mod roles;
 mod router;
@@ -14,7 +15,9 @@ use std::time::Duration;
 use crate::launch::spec::argv::sim_argv;
 use crate::launch::spec::config::{line_of, ConfigError, DpMode, EngineKind, LaunchFile, NodeFile};
 use crate::launch::spec::connector::{self as launch_connector, Connector};
+pub(crate) use dp::ReplicaPart;
 use dp::Slot;
+pub(crate) use process::shell_line;
 use process::{Fills, UserParams};
 use roles::RoleSpec;
 
@@ -39,6 +42,8 @@ pub(crate) struct Instance {
     pub(crate) ranks: u32,
     /// Takes either leg (the router's --pd-pool).
     pub(crate) elastic: bool,
+    /// Its replica and its place there.
+    pub(crate) group: ReplicaPart,
     pub(crate) argv: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
 }
@@ -145,11 +150,13 @@ const DP_RPC_BASE: u16 = 13345;
 
 /// Where the plan will run: on known nodes, or on Ray, which picks each replica's node
 /// (then `{HOST}` and `{KV_IP}` stay in the commands, filled in on the node, and Ray
-/// assigns the GPUs itself).
+/// assigns the GPUs itself), or as Kubernetes objects (each process a pod, reached by its
+/// DNS name, its GPUs requested from the device plugin).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Target {
     Nodes,
     Ray,
+    Kubernetes,
 }
 
 pub(crate) fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: Target) -> Result<Plan, ConfigError> {
@@ -222,14 +229,19 @@ pub(crate) fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: 
             }
             let master = cluster.nodes[parts[0].0].clone();
             let rpc_port = DP_RPC_BASE + replica_global as u16;
-            for slot in dp::slots(spec.layout, spec.dp, &parts) {
-                builder.add(spec, parts.len(), &slot, &master, rpc_port)?;
+            let slots = dp::slots(spec.layout, spec.dp, &parts);
+            for (part, slot) in slots.iter().enumerate() {
+                let group = ReplicaPart { replica, part, processes: slots.len() };
+                builder.add(spec, parts.len(), slot, group, &master, rpc_port)?;
             }
             replica_global += 1;
         }
     }
-    let instances = builder.instances;
+    let mut instances = builder.instances;
     check_ports_unique(&cx, &instances)?;
+    if target == Target::Kubernetes {
+        kube::reach_by_dns(&mut instances);
+    }
     let router = router::plan(f, &cx, exe, &cluster.nodes, flow, &instances, &at)?;
     notes.dedup();
     Ok(Plan {
@@ -266,8 +278,10 @@ fn cluster(f: &LaunchFile, cx: &Ctx<'_>, target: Target) -> Result<Cluster, Conf
     }
     let (nodes, node_files): (Vec<String>, Vec<Option<NodeFile>>) = match (target, f.nodes.is_empty()) {
         (Target::Ray, _) => (vec!["{HOST}".to_string()], vec![None]),
-        (Target::Nodes, true) => (vec!["127.0.0.1".to_string()], vec![None]),
-        (Target::Nodes, false) => (f.nodes.iter().map(|n| n.address().to_string()).collect(), f.nodes.iter().cloned().map(Some).collect()),
+        (Target::Nodes | Target::Kubernetes, true) => (vec!["127.0.0.1".to_string()], vec![None]),
+        (Target::Nodes | Target::Kubernetes, false) => {
+            (f.nodes.iter().map(|n| n.address().to_string()).collect(), f.nodes.iter().cloned().map(Some).collect())
+        }
     };
     if let Some(dup) = nodes.iter().enumerate().find(|(i, n)| nodes[..*i].contains(n)).map(|(_, n)| n) {
         return Err(cx.err("nodes", format!("node {dup} is listed twice")));
@@ -370,7 +384,15 @@ struct InstanceBuilder<'a> {
 }
 
 impl InstanceBuilder<'_> {
-    fn add(&mut self, spec: &RoleSpec, replica_nodes: usize, slot: &Slot, master: &str, rpc_port: u16) -> Result<(), ConfigError> {
+    fn add(
+        &mut self,
+        spec: &RoleSpec,
+        replica_nodes: usize,
+        slot: &Slot,
+        group: ReplicaPart,
+        master: &str,
+        rpc_port: u16,
+    ) -> Result<(), ConfigError> {
         let (cx, name) = (self.cx, spec.name());
         let node = slot.node;
         let host = self.cluster.nodes[node].clone();
@@ -491,6 +513,7 @@ impl InstanceBuilder<'_> {
             dp,
             ranks,
             elastic: spec.elastic,
+            group,
             argv,
             env,
         });
@@ -565,15 +588,4 @@ fn check_ports_unique(cx: &Ctx<'_>, instances: &[Instance]) -> Result<(), Config
         }
     }
     Ok(())
-}
-
-/// Shell-pastable rendering of an argv with its environment.
-pub(crate) fn shell_line(env: &[(String, String)], argv: &[String], exe: &Path) -> String {
-    let q = |s: &str| shlex::try_quote(s).map(|c| c.into_owned()).unwrap_or_else(|_| s.to_string());
-    let own = exe.display().to_string();
-    env.iter()
-        .map(|(k, v)| format!("{k}={}", q(v)))
-        .chain(argv.iter().enumerate().map(|(i, a)| if i == 0 && *a == own { "disagg".to_string() } else { q(a) }))
-        .collect::<Vec<_>>()
-        .join(" ")
 }

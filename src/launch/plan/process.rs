@@ -238,6 +238,17 @@ pub(super) fn environment(
     Ok(env)
 }
 
+/// Shell-pastable rendering of an argv with its environment.
+pub(crate) fn shell_line(env: &[(String, String)], argv: &[String], exe: &std::path::Path) -> String {
+    let q = |s: &str| shlex::try_quote(s).map(|c| c.into_owned()).unwrap_or_else(|_| s.to_string());
+    let own = exe.display().to_string();
+    env.iter()
+        .map(|(k, v)| format!("{k}={}", q(v)))
+        .chain(argv.iter().enumerate().map(|(i, a)| if i == 0 && *a == own { "disagg".to_string() } else { q(a) }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
