@@ -1,7 +1,10 @@
 //! `disagg launch FILE --k8s DIR`: every example's manifests validate against the
 //! Kubernetes API's own OpenAPI schemas (kubernetes-validate from PyPI, strict: an unknown
 //! field fails; scripts/k8s-env.sh), a LeaderWorkerSet's leader and worker templates as
-//! the PodTemplates they are; the router reaches every API server by a name the manifests
+//! the PodTemplates they are, and the LeaderWorkerSet itself against LWS's CRD schema as
+//! the crates.io bindings generated from it hold it (kcr_leaderworkerset_x_k8s_io, kopium):
+//! it must read into them and write back unchanged, so no field is unknown and every value
+//! has the schema's type; the router reaches every API server by a name the manifests
 //! define; a replica over nodes is one LeaderWorkerSet with its DP ranks.
 
 use std::collections::BTreeSet;
@@ -77,6 +80,19 @@ fn templates_of(lws: &Value) -> Vec<Value> {
         .collect()
 }
 
+/// The LeaderWorkerSet read into LWS's CRD types and written back: Err names what differs
+/// (an unknown field is dropped by the read; a value of the wrong type fails it).
+fn against_lws_crd(lws: &Value) -> Result<(), String> {
+    use kcr_leaderworkerset_x_k8s_io::v1::leaderworkersets::LeaderWorkerSet;
+    let json: serde_json::Value = serde_json::to_value(lws).map_err(|e| e.to_string())?;
+    let typed: LeaderWorkerSet = serde_json::from_value(json.clone()).map_err(|e| format!("not a LeaderWorkerSet: {e}"))?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    match back == json {
+        true => Ok(()),
+        false => Err(format!("fields the CRD does not have, or values not of its types:\nwritten {json}\nread back {back}")),
+    }
+}
+
 fn command_of(pod_spec: &Value) -> Vec<String> {
     pod_spec["containers"][0]["command"].as_sequence().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect()
 }
@@ -100,6 +116,9 @@ fn every_examples_manifests_validate_against_the_kubernetes_schemas() {
         }
         let (ok, out) = validate(&files);
         assert!(ok, "{example}:\n{out}");
+        for l in &lws {
+            against_lws_crd(l).unwrap_or_else(|e| panic!("{example}: {e}"));
+        }
         assert_eq!(out.matches("passed for resource").count(), core + 2 * lws.len(), "{example}: every object checked:\n{out}");
         assert!(!out.contains("Couldn't find schema") || out.matches("Couldn't find schema").count() == lws.len(), "{example}:\n{out}");
 
@@ -140,6 +159,20 @@ fn a_misspelt_field_fails_the_validation() {
     std::fs::write(&path, text).unwrap();
     let (ok, out) = validate(&[path]);
     assert!(!ok, "a misspelt field passed:\n{out}");
+    // And the LeaderWorkerSet's CRD check: a misspelt field, a value of the wrong type.
+    let dir = out_dir("control-lws");
+    let docs = manifests("examples/gb200-2p1d-hybrid.yaml", &dir);
+    let lws = docs.iter().map(|(_, d)| d).find(|d| d["kind"] == "LeaderWorkerSet").unwrap();
+    against_lws_crd(lws).unwrap();
+    let mut misspelt = lws.clone();
+    misspelt["spec"]["leaderWorkerTemplate"]["restartPolicy"] = "RecreateGroupOnPodRestart".into();
+    let t = misspelt["spec"]["leaderWorkerTemplate"].as_mapping_mut().unwrap();
+    let size = t.remove("size").unwrap();
+    t.insert("groupSize".into(), size);
+    assert!(against_lws_crd(&misspelt).is_err(), "a misspelt LeaderWorkerSet field passed");
+    let mut wrong = lws.clone();
+    wrong["spec"]["leaderWorkerTemplate"]["restartPolicy"] = "Sometimes".into();
+    assert!(against_lws_crd(&wrong).is_err(), "a restartPolicy the CRD does not list passed");
 }
 
 /// The GB200 guide's replicas span two nodes: one LeaderWorkerSet each, the leader the DP

@@ -24,7 +24,7 @@ pub async fn run() {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let mut launch = tokio::process::Command::new(BIN)
-        .args(["launch", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vllm-cpu-1p1d-tls.yaml")])
+        .args(["launch", "--no-check", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vllm-cpu-1p1d-tls.yaml")])
         .current_dir(&work)
         .env("VENV", script_var("vllm-env.sh", "VENV"))
         .env("MODEL", script_var("vllm-env.sh", "MODEL"))
