@@ -4,13 +4,14 @@
 # `slurmd -N nK` per node, node K at NodeAddr 127.0.0.K, each slurmd on a port of its own.
 # Everything (config, state, spool, logs, sockets) lives in DIR; nothing in /etc is used.
 #
-#   scripts/slurm-cluster.sh start DIR [NODES] [BASE_PORT]   # prints `export SLURM_CONF=...`
+#   scripts/slurm-cluster.sh start DIR [NODES] [BASE_PORT] [GPUS]   # prints `export SLURM_CONF=...`
 #   scripts/slurm-cluster.sh stop DIR
 #
 # NODES defaults to 3, BASE_PORT to 17800 (slurmctld on it, slurmd nK on BASE_PORT + K).
-# Each node offers the machine's CPUs (oversubscribed: every node is this machine) and no
-# GPU gres, as a cluster without GPU gres: `disagg launch` then uses the file's
-# gpus_per_node.
+# Each node offers the machine's CPUs (oversubscribed: every node is this machine). GPUS
+# (default 0): GPU gres per node, as Slurm's gres plugin assigns them (SLURM_GPUS_ON_NODE,
+# CUDA_VISIBLE_DEVICES); their device files are /dev/loopN stand-ins (no GPU is used).
+# Without, a cluster without GPU gres: `disagg launch` then uses the file's gpus_per_node.
 set -euo pipefail
 cmd=${1:?start|stop}
 dir=${2:?state directory}
@@ -45,6 +46,7 @@ fi
 [[ $cmd == start ]] || { echo "usage: $0 start|stop DIR [NODES] [BASE_PORT]" >&2; exit 2; }
 nodes=${3:-3}
 base=${4:-17800}
+gpus=${5:-0}
 for bin in munged slurmctld slurmd srun sbatch scontrol; do
   command -v "$bin" >/dev/null || { echo "[slurm] $bin not found: run scripts/deps.sh" >&2; exit 1; }
 done
@@ -112,11 +114,21 @@ user=$(id -un)
   echo "KillWait=10"
   echo "InactiveLimit=0"
   echo "MinJobAge=300"
+  gres=
+  if [[ $gpus -gt 0 ]]; then
+    echo "GresTypes=gpu"
+    gres="Gres=gpu:$gpus"
+  fi
   for k in $(seq "$nodes"); do
-    echo "NodeName=n$k NodeAddr=127.0.0.$k NodeHostname=$(hostname) Port=$((base + k)) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    echo "NodeName=n$k NodeAddr=127.0.0.$k NodeHostname=$(hostname) Port=$((base + k)) CPUs=$cpus RealMemory=$mem $gres State=UNKNOWN"
   done
   echo "PartitionName=main Nodes=n[1-$nodes] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
 } >"$dir/slurm.conf"
+if [[ $gpus -gt 0 ]]; then
+  { echo "AutoDetect=off"; echo "Name=gpu File=/dev/loop[0-$((gpus - 1))]"; } >"$dir/gres.conf"
+else
+  rm -f "$dir/gres.conf"
+fi
 export SLURM_CONF=$dir/slurm.conf
 
 slurmctld -c -f "$SLURM_CONF" >"$dir/log/slurmctld.out" 2>&1

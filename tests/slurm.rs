@@ -11,7 +11,10 @@
 //! - a node's share failing: the whole step ends (non-zero), no process left on any node;
 //! - `disagg launch FILE --sbatch` submitted with `sbatch`: the same launch, then `scancel`;
 //! - a file whose `nodes` are not the step's, and a launch in the batch script outside a
-//!   step: clear errors.
+//!   step: clear errors; there, `--dry-run` prints every node's commands;
+//! - GPUs as Slurm's gres plugin assigns them (4 per node, /dev/loopN stand-ins): with
+//!   another job holding devices 0-1, a plan's devices 0-1 are Slurm's 2-3; a plan larger
+//!   than the allocation, or a `gpus_per_node` that disagrees, is refused naming both.
 //!
 //!   cargo test --test slurm        (after scripts/deps.sh; as root)
 
@@ -40,19 +43,20 @@ fn main() -> ExitCode {
     }
     let state = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("slurm-{}", std::process::id()));
     let start = Command::new(format!("{ROOT}/scripts/slurm-cluster.sh"))
-        .args(["start", state.to_str().unwrap(), &NODES.to_string()])
+        .args(["start", state.to_str().unwrap(), &NODES.to_string(), "17800", "4"])
         .output()
         .expect("run scripts/slurm-cluster.sh");
     assert!(start.status.success(), "the Slurm cluster did not start:\n{}", String::from_utf8_lossy(&start.stderr));
     // Every Slurm command of this process and its children reads this cluster's config.
     std::env::set_var("SLURM_CONF", state.join("slurm.conf"));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let cases: [(&str, Case); 5] = [
+    let cases: [(&str, Case); 6] = [
         ("host lists expand as scontrol's", |_| Box::pin(async { host_lists_expand_as_scontrol_does() })),
         ("the GB200 shape under srun, then scancel", |w| Box::pin(gb200_shape_under_srun(w.to_path_buf()))),
         ("a node's share failing ends the step", |w| Box::pin(a_failing_share_ends_the_step(w.to_path_buf()))),
         ("the --sbatch script through sbatch, then scancel", |w| Box::pin(sbatch_script_runs_the_plan(w.to_path_buf()))),
         ("nodes that disagree, and no step", |w| Box::pin(clear_errors(w.to_path_buf()))),
+        ("GPUs as Slurm assigns them", |w| Box::pin(gpus_as_slurm_assigns_them(w.to_path_buf()))),
     ];
     let mut failed = 0;
     for (i, (name, case)) in cases.into_iter().enumerate() {
@@ -214,9 +218,15 @@ fn engines_on_their_nodes(model: &str) {
 }
 
 fn srun_launch(file: &Path, extra: &[&str]) -> tokio::process::Child {
+    srun_with(&[&format!("--nodes={NODES}")], file, extra)
+}
+
+/// `srun SRUN_ARGS --ntasks-per-node=1 disagg launch EXTRA FILE`, its output in FILE.srun.out.
+fn srun_with(srun_args: &[&str], file: &Path, extra: &[&str]) -> tokio::process::Child {
     let out = std::fs::File::create(file.with_extension("srun.out")).unwrap();
     tokio::process::Command::new("srun")
-        .args([&format!("--nodes={NODES}"), "--ntasks-per-node=1", BIN, "launch"])
+        .args(srun_args)
+        .args(["--ntasks-per-node=1", BIN, "launch"])
         .args(extra)
         .arg(file)
         .stdout(out.try_clone().unwrap())
@@ -344,5 +354,64 @@ async fn clear_errors(work: PathBuf) {
     wait_until_no_jobs(Duration::from_secs(30));
     let log = std::fs::read_to_string(work.join(format!("nostep-{job}.out"))).unwrap();
     assert!(log.contains("not in a step") && log.contains("srun --nodes=6 --ntasks-per-node=1"), "{log}");
+    // There, a dry run prints every node's commands, on the allocation's nodes.
+    let submitted = run(
+        "sbatch",
+        &[
+            "--parsable",
+            "-N6",
+            "--output",
+            work.join("dry-%j.out").to_str().unwrap(),
+            "--wrap",
+            &format!("{BIN} launch {} --dry-run", file.display()),
+        ],
+    );
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    wait_until_no_jobs(Duration::from_secs(30));
+    let log = std::fs::read_to_string(work.join(format!("dry-{job}.out"))).unwrap();
+    for k in 1..=NODES {
+        assert!(log.contains(&format!("node {} (127.0.0.{k})", k - 1)), "node {k} missing:\n{log}");
+    }
+    assert!(log.contains("this node: none: not in a step"), "{log}");
     until_no_leftovers(&file, model).await;
+}
+
+async fn gpus_as_slurm_assigns_them(work: PathBuf) {
+    let file = work.join("gpus.yaml");
+    let nixl = |role: &str| format!(r#"'{{"kv_connector":"NixlConnector","kv_role":"{role}"}}'"#);
+    let text = format!(
+        "timeout: 30\nengine: sim\nnum_gpus: 4\nworking_dir: {}\nscheduler:\n  port: {ROUTER_PORT}\n  host: 127.0.0.1\ngeneral:\n  params:\n    model: slurm-gpus\n\
+         prefill:\n  replicas: 1\n  num_gpus: 2\n  port: 18300\n  side_channel_port: 18350\n  params:\n    kv_transfer_config: {}\n\
+         decode:\n  replicas: 1\n  num_gpus: 2\n  port: 18400\n  side_channel_port: 18450\n  params:\n    kv_transfer_config: {}\n",
+        work.display(),
+        nixl("kv_producer"),
+        nixl("kv_consumer")
+    );
+    std::fs::write(&file, &text).unwrap();
+    // Another job holds devices 0 and 1 of the first two nodes.
+    let holder = run("sbatch", &["--parsable", "-N2", "-w", "n1,n2", "--gpus-per-node=2", "--output=/dev/null", "--wrap", "sleep 120"]);
+    assert!(holder.status.success(), "{}", String::from_utf8_lossy(&holder.stderr));
+    let end = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&run("squeue", &["-h", "-t", "R", "-o", "%i"]).stdout)
+        .contains(String::from_utf8_lossy(&holder.stdout).trim())
+    {
+        assert!(Instant::now() < end, "the holding job never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut srun = srun_with(&["--nodes=2", "-w", "n1,n2", "--gpus-per-node=2"], &file, &["--dry-run"]);
+    let status = srun.wait().await.unwrap();
+    let out = srun_output(&file);
+    assert!(status.success(), "{out}");
+    assert!(out.contains("2 GPUs per node"), "{out}");
+    assert_eq!(out.matches("CUDA_VISIBLE_DEVICES='2,3' ").count(), 2, "the plan's devices 0-1 are Slurm's 2-3 on each node:\n{out}");
+    // More than the allocation, and a gpus_per_node that disagrees: refused naming both.
+    let mut srun = srun_with(&["--nodes=2", "--gpus-per-node=1"], &file, &["--dry-run"]);
+    assert!(!srun.wait().await.unwrap().success());
+    let out = srun_output(&file);
+    assert!(out.contains("num_gpus is 4, but Slurm assigned 1 GPU(s) on each of 2 nodes"), "{out}");
+    std::fs::write(&file, text.replace("num_gpus: 4\n", "num_gpus: 4\ngpus_per_node: 4\n")).unwrap();
+    let mut srun = srun_with(&["--nodes=2", "--gpus-per-node=2"], &file, &["--dry-run"]);
+    assert!(!srun.wait().await.unwrap().success());
+    let out = srun_output(&file);
+    assert!(out.contains("gpus_per_node is 4, but Slurm assigned 2 GPU(s) on each node"), "{out}");
 }

@@ -25,8 +25,6 @@ pub(crate) struct Images<'a> {
 
 const LABEL: &str = "app.kubernetes.io/name";
 const PART_OF: &str = "app.kubernetes.io/part-of";
-/// The variables the device plugins read, set by them: the plan's are dropped.
-const DEVICE_ENV: [&str; 2] = ["CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES"];
 
 /// Writes the manifests into `dir`; returns the files written.
 pub(crate) fn write(plan: &Plan, images: &Images<'_>, dir: &Path) -> anyhow::Result<Vec<String>> {
@@ -172,6 +170,17 @@ fn pod(plan: &Plan, i: &Instance, images: &Images<'_>, workers: Option<&[&Instan
             shell = true;
         }
     }
+    if let Some(members) = workers {
+        // One template: the workers' environments must be the same.
+        let env_of = |m: &Instance| pod_env(plan, m);
+        if members[1..].iter().any(|m| env_of(m) != env_of(i)) {
+            bail!(
+                "{}: the workers of {} differ in their environment (per-node envs), which one LeaderWorkerSet template cannot say",
+                plan.file,
+                group_name(i)
+            );
+        }
+    }
     let command: Vec<String> = match shell {
         true => {
             let line = argv.iter().map(|a| {
@@ -185,20 +194,7 @@ fn pod(plan: &Plan, i: &Instance, images: &Images<'_>, workers: Option<&[&Instan
         }
         false => argv,
     };
-    let mut env = vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
-    let nodes = &plan.nodes;
-    for (k, v) in &i.env {
-        if DEVICE_ENV.contains(&k.as_str()) {
-            continue;
-        }
-        let value = match k.as_str() {
-            "VLLM_NIXL_SIDE_CHANNEL_HOST" => "$(POD_IP)".to_string(),
-            "VLLM_NIXL_SIDE_CHANNEL_PORT" => i.side_channel_port.to_string(),
-            _ if nodes.contains(v) => "$(POD_IP)".to_string(),
-            _ => v.clone(),
-        };
-        env.push(json!({"name": k, "value": value}));
-    }
+    let env = pod_env(plan, i);
     let mut ports = vec![json!({"name": "side-channel", "containerPort": i.side_channel_port})];
     let mut container = json!({
         "name": if plan.engine == EngineKind::Sim { "sim" } else { "vllm" },
@@ -217,13 +213,29 @@ fn pod(plan: &Plan, i: &Instance, images: &Images<'_>, workers: Option<&[&Instan
     }
     container["ports"] = json!(ports);
     if !i.gpus.is_empty() {
-        let resource = if i.env.iter().any(|(k, _)| k == "ASCEND_RT_VISIBLE_DEVICES") { "huawei.com/Ascend910" } else { "nvidia.com/gpu" };
+        let resource = if plan.gpu_env == "ASCEND_RT_VISIBLE_DEVICES" { "huawei.com/Ascend910" } else { "nvidia.com/gpu" };
         container["resources"] = json!({"limits": {resource: i.gpus.len().to_string()}});
     }
     Ok(json!({
         "containers": [container],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }))
+}
+
+/// The process's environment in its pod: the plan's, its address from the downward API
+/// wherever the plan wrote its node's, the device variable left to the device plugin.
+fn pod_env(plan: &Plan, i: &Instance) -> Vec<Value> {
+    let mut env = vec![json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})];
+    for (k, v) in i.env.iter().filter(|(k, _)| *k != plan.gpu_env) {
+        let value = match k.as_str() {
+            "VLLM_NIXL_SIDE_CHANNEL_HOST" => "$(POD_IP)".to_string(),
+            "VLLM_NIXL_SIDE_CHANNEL_PORT" => i.side_channel_port.to_string(),
+            _ if plan.nodes.contains(v) => "$(POD_IP)".to_string(),
+            _ => v.clone(),
+        };
+        env.push(json!({"name": k, "value": value}));
+    }
+    env
 }
 
 /// The process's argv in its container: the image's program, every interface, its

@@ -154,6 +154,7 @@ pub(crate) fn plan(a: &ScriptArgs, role: ScriptRole, node_rank: usize, node_size
         working_dir: a.log_dir.clone(),
         nodes: vec![a.node_ip.clone()],
         gpus_per_node: 0,
+        gpu_env: "CUDA_VISIBLE_DEVICES".into(),
         instances,
         router: None,
         tls: None,

@@ -203,6 +203,19 @@ fn replicas_over_nodes_are_leader_worker_sets_with_their_ranks() {
     assert!(env.contains("name: VLLM_NIXL_SIDE_CHANNEL_HOST\n  value: $(POD_IP)") && env.contains("fieldPath: status.podIP"), "{env}");
     assert!(!env.contains("CUDA_VISIBLE_DEVICES"), "the device plugin assigns GPUs: {env}");
 
+    // The Ascend guide: NPUs requested from Ascend's device plugin; the headless node's
+    // own per-node value (VLLM_ASCEND_LLMDD_RPC_PORT) in the worker template.
+    let dir = out_dir("ascend");
+    let docs = manifests("examples/ascend-2p2d.yaml", &dir);
+    let lws = docs.iter().map(|(_, d)| d).find(|d| d["kind"] == "LeaderWorkerSet" && d["metadata"]["name"] == "prefill-0").unwrap();
+    let t = &lws["spec"]["leaderWorkerTemplate"];
+    let worker = &t["workerTemplate"]["spec"]["containers"][0];
+    assert_eq!(worker["resources"]["limits"]["huawei.com/Ascend910"].as_str(), Some("8"), "{worker:?}");
+    let env = |c: &Value| serde_yaml_ng::to_string(&c["env"]).unwrap();
+    assert!(env(worker).contains("VLLM_ASCEND_LLMDD_RPC_PORT\n  value: '5659'"), "{}", env(worker));
+    assert!(env(&t["leaderTemplate"]["spec"]["containers"][0]).contains("VLLM_ASCEND_LLMDD_RPC_PORT\n  value: '5559'"));
+    assert!(command_of(&t["workerTemplate"]["spec"]).iter().any(|a| a == "--headless"));
+
     // Three nodes per replica (DP 12, 4 GPUs per node): the worker template's start rank.
     let text = std::fs::read_to_string(format!("{ROOT}/examples/gb200-2p1d-hybrid.yaml"))
         .unwrap()

@@ -108,6 +108,8 @@ pub(crate) struct Plan {
     pub(crate) working_dir: PathBuf,
     pub(crate) nodes: Vec<String>,
     pub(crate) gpus_per_node: u32,
+    /// The variable that assigns devices (CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES).
+    pub(crate) gpu_env: String,
     pub(crate) instances: Vec<Instance>,
     /// None: the launcher script's mode (no router of its own).
     pub(crate) router: Option<RouterPlan>,
@@ -252,6 +254,7 @@ pub(crate) fn build(f: &LaunchFile, file: &str, text: &str, exe: &Path, target: 
         working_dir: PathBuf::from(&f.working_dir),
         nodes: cluster.nodes,
         gpus_per_node: cluster.gpus_per_node,
+        gpu_env: f.gpu_env.clone(),
         instances,
         router: Some(router),
         tls: f.tls.clone(),
