@@ -10,6 +10,7 @@
 //!   no process left;
 //! - a node's share failing: the whole step ends (non-zero), no process left on any node;
 //! - `disagg launch FILE --sbatch` submitted with `sbatch`: the same launch, then `scancel`;
+//!   again, and a node's share fails: the job ends, no process left;
 //! - a file whose `nodes` are not the step's, and a launch in the batch script outside a
 //!   step: clear errors; there, `--dry-run` prints every node's commands;
 //! - GPUs as Slurm's gres plugin assigns them (4 per node, /dev/loopN stand-ins): with
@@ -277,14 +278,7 @@ async fn a_failing_share_ends_the_step(work: PathBuf) {
     let mut srun = srun_launch(&file, &[]);
     serves_through_every_node(Duration::from_secs(60)).await;
     // The decode instance's second node (hybrid: its own API server) dies.
-    let victim = std::fs::read_dir("/proc").unwrap().filter_map(Result::ok).find_map(|e| {
-        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
-        (cmd.contains(" sim ") && cmd.contains(model) && cmd.contains("--host 127.0.0.6 "))
-            .then(|| e.file_name().to_string_lossy().parse::<i32>().unwrap())
-    });
-    unsafe {
-        libc::kill(victim.expect("the engine on node 6"), libc::SIGKILL);
-    }
+    kill_engine_on(model, "127.0.0.6");
     let status = tokio::time::timeout(Duration::from_secs(40), srun.wait()).await.expect("the step ends").unwrap();
     let out = srun_output(&file);
     assert!(!status.success(), "the step succeeded with a node's share failed:\n{out}");
@@ -313,6 +307,29 @@ async fn sbatch_script_runs_the_plan(work: PathBuf) {
     assert!(run("scancel", &[&job]).status.success());
     wait_until_no_jobs(Duration::from_secs(40));
     until_no_leftovers(&file, model).await;
+
+    // The same job again, and a node's share fails: the job ends, nothing is left.
+    let submitted = run("sbatch", &["--parsable", path.to_str().unwrap()]);
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let log = work.join(format!("logs/slurm-{job}.out"));
+    every_node_ready(&log).await;
+    kill_engine_on(model, "127.0.0.6");
+    wait_until_no_jobs(Duration::from_secs(40));
+    until_no_leftovers(&file, model).await;
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("node 5 failed") && out.contains("cancelled Slurm step"), "{out}");
+}
+
+/// SIGKILL to this case's engine listening on `host`.
+fn kill_engine_on(model: &str, host: &str) {
+    let victim = std::fs::read_dir("/proc").unwrap().filter_map(Result::ok).find_map(|e| {
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        (cmd.contains(" sim ") && cmd.contains(model) && cmd.contains(&format!("--host {host} ")))
+            .then(|| e.file_name().to_string_lossy().parse::<i32>().unwrap())
+    });
+    unsafe {
+        libc::kill(victim.unwrap_or_else(|| panic!("no engine of {model} on {host}")), libc::SIGKILL);
+    }
 }
 
 async fn clear_errors(work: PathBuf) {

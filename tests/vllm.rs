@@ -267,7 +267,6 @@ async fn run() -> ExitCode {
         .await;
     }
     if group_enabled("launch") {
-        whole_case("disagg launch of examples/vllm-cpu-1p1d.yaml serves end to end", launch_layouts::launch_from_yaml(), &mut failed).await;
         whole_case(
             "preflight: the guides' removed flags refused with file line and vLLM version; a start-up refusal stops a launch before it starts",
             preflight::preflight_with_vllm(),
@@ -300,7 +299,7 @@ async fn run() -> ExitCode {
         .await;
         // Last: its cluster gives the namespace an interface besides loopback.
         whole_case(
-            "real vLLM 1P1D under srun on a real Slurm cluster: each node's share on its address, output equals the engine alone",
+            "disagg launch of examples/vllm-cpu-1p1d.yaml, under srun on a real Slurm cluster: each node's share on its address, output equals the engine alone",
             slurm::vllm_1p1d_under_srun(),
             &mut failed,
         )

@@ -1,5 +1,5 @@
-//! `disagg launch` with real vLLM: the 1P1D example end to end, and its plans checked by
-//! vLLM itself:
+//! `disagg launch` with real vLLM (the 1P1D example end to end is tests/vllm/slurm.rs,
+//! under srun), and its plans checked by vLLM itself:
 //! - every example's and the launcher script's `vllm serve` commands through vLLM's own
 //!   parser and start-up checks (check_serve_args.py), with the wrong layouts of before
 //!   (api_server_count or hybrid LB on a headless node) as controls that vLLM must refuse;
@@ -320,44 +320,6 @@ async fn stop(mut child: tokio::process::Child, work: &Path) {
     }
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("launch stops").unwrap();
     assert!(status.success(), "{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default());
-}
-
-/// A real vLLM-CPU 1P1D topology plus the router, from the example launch file.
-pub async fn launch_from_yaml() {
-    let venv = script_var("vllm-env.sh", "VENV");
-    let model = script_var("vllm-env.sh", "MODEL");
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("launch-vllm");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["launch", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vllm-cpu-1p1d.yaml")])
-        .current_dir(&work)
-        .env("VENV", &venv)
-        .env("MODEL", &model)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(work.join("launch.err")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
-    let url = ready_url(&mut lines, Duration::from_secs(600))
-        .await
-        .unwrap_or_else(|| panic!("launch never ready:\n{}", std::fs::read_to_string(work.join("launch.err")).unwrap_or_default()));
-    let b = crate::body("/v1/completions", "a request through a launched real topology", 12, false);
-    let (status, v) = post(&format!("{url}/v1/completions"), &b).await;
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 12);
-    let decode = "http://127.0.0.1:9100";
-    let m = metrics(decode).await;
-    assert!(metric(&m, "vllm:prompt_tokens_by_source_total", &[("source", "external_kv_transfer")]) > 0.0, "the KV moved");
-    unsafe {
-        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
-    }
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("launch stops").unwrap();
-    assert!(status.success());
-    for port in [8100u16, 9100, 8021] {
-        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "port {port} freed");
-    }
 }
 
 fn tail_of(path: &Path, n: usize) -> String {

