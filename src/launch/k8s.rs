@@ -165,7 +165,12 @@ fn pod(plan: &Plan, i: &Instance, images: &Images<'_>, workers: Option<&[&Instan
                     group_name(i)
                 );
             }
+            // Worker k's rank must be k times worker 1's, as vLLM's layouts place them.
             let step: u64 = word.parse().with_context(|| format!("{flag} {word}"))?;
+            let linear = others.iter().enumerate().all(|(k, o)| o[at].parse::<u64>().ok() == Some(step * (k as u64 + 1)));
+            if !linear {
+                bail!("{}: the workers of {} have `{flag}` values that are not multiples of their index", plan.file, group_name(i));
+            }
             argv[at] = format!("$((LWS_WORKER_INDEX * {step}))");
             shell = true;
         }
