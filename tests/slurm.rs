@@ -252,6 +252,23 @@ async fn every_node_ready(output: &Path) {
     }
 }
 
+/// `sbatch -N6 --wrap COMMAND` run to its end: its output (in WORK/TAG-JOB.out).
+fn sbatch_wrap(work: &Path, tag: &str, command: &str) -> String {
+    let output = work.join(format!("{tag}-%j.out"));
+    let submitted = run("sbatch", &["--parsable", &format!("-N{NODES}"), "--output", output.to_str().unwrap(), "--wrap", command]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    wait_until_no_jobs(Duration::from_secs(30));
+    std::fs::read_to_string(work.join(format!("{tag}-{job}.out"))).unwrap()
+}
+
+/// A dry run under `srun SRUN_ARGS`, to its end (within 30 s): did it succeed, its output.
+async fn srun_dry_run(srun_args: &[&str], file: &Path) -> (bool, String) {
+    let mut srun = srun_with(srun_args, file, &["--dry-run"]);
+    let status = tokio::time::timeout(Duration::from_secs(30), srun.wait()).await.expect("a dry run ends").unwrap();
+    (status.success(), srun_output(file))
+}
+
 fn srun_output(file: &Path) -> String {
     std::fs::read_to_string(file.with_extension("srun.out")).unwrap_or_default()
 }
@@ -348,51 +365,20 @@ async fn clear_errors(work: PathBuf) {
         Value::Sequence((1..=NODES).map(|k| Value::from(if k == 3 { "10.9.9.9".to_string() } else { format!("127.0.0.{k}") })).collect());
     let other = work.join("other-nodes.yaml");
     std::fs::write(&other, serde_yaml_ng::to_string(&y).unwrap()).unwrap();
-    let mut srun = srun_launch(&other, &["--dry-run"]);
-    let status = tokio::time::timeout(Duration::from_secs(30), srun.wait()).await.unwrap().unwrap();
-    let out = srun_output(&other);
-    assert!(!status.success());
+    let (ok, out) = srun_dry_run(&[&format!("--nodes={NODES}")], &other).await;
+    assert!(!ok);
     assert!(out.contains("10.9.9.9") && out.contains("n3 (127.0.0.3)"), "the error names both lists:\n{out}");
     // The same nodes by Slurm's names, in another order: accepted, ranks by the file.
     y["nodes"] = Value::Sequence((1..=NODES).rev().map(|k| Value::from(format!("n{k}"))).collect());
     std::fs::write(&other, serde_yaml_ng::to_string(&y).unwrap()).unwrap();
-    let mut srun = srun_launch(&other, &["--dry-run"]);
-    let status = tokio::time::timeout(Duration::from_secs(30), srun.wait()).await.unwrap().unwrap();
-    let out = srun_output(&other);
-    assert!(status.success(), "{out}");
+    let (ok, out) = srun_dry_run(&[&format!("--nodes={NODES}")], &other).await;
+    assert!(ok, "{out}");
     assert!(out.contains("node 0 (127.0.0.6)") && out.contains("router http://127.0.0.1:"), "{out}");
     // In the batch script itself, outside any step: the srun line to use instead.
-    let submitted = run(
-        "sbatch",
-        &[
-            "--parsable",
-            "-N6",
-            "--output",
-            work.join("nostep-%j.out").to_str().unwrap(),
-            "--wrap",
-            &format!("{BIN} launch {}", file.display()),
-        ],
-    );
-    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
-    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    wait_until_no_jobs(Duration::from_secs(30));
-    let log = std::fs::read_to_string(work.join(format!("nostep-{job}.out"))).unwrap();
+    let log = sbatch_wrap(&work, "nostep", &format!("{BIN} launch {}", file.display()));
     assert!(log.contains("not in a step") && log.contains("srun --nodes=6 --ntasks-per-node=1"), "{log}");
     // There, a dry run prints every node's commands, on the allocation's nodes.
-    let submitted = run(
-        "sbatch",
-        &[
-            "--parsable",
-            "-N6",
-            "--output",
-            work.join("dry-%j.out").to_str().unwrap(),
-            "--wrap",
-            &format!("{BIN} launch {} --dry-run", file.display()),
-        ],
-    );
-    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
-    wait_until_no_jobs(Duration::from_secs(30));
-    let log = std::fs::read_to_string(work.join(format!("dry-{job}.out"))).unwrap();
+    let log = sbatch_wrap(&work, "dry", &format!("{BIN} launch {} --dry-run", file.display()));
     for k in 1..=NODES {
         assert!(log.contains(&format!("node {} (127.0.0.{k})", k - 1)), "node {k} missing:\n{log}");
     }
@@ -422,20 +408,16 @@ async fn gpus_as_slurm_assigns_them(work: PathBuf) {
         assert!(Instant::now() < end, "the holding job never ran");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut srun = srun_with(&["--nodes=2", "-w", "n1,n2", "--gpus-per-node=2"], &file, &["--dry-run"]);
-    let status = srun.wait().await.unwrap();
-    let out = srun_output(&file);
-    assert!(status.success(), "{out}");
+    let (ok, out) = srun_dry_run(&["--nodes=2", "-w", "n1,n2", "--gpus-per-node=2"], &file).await;
+    assert!(ok, "{out}");
     assert!(out.contains("2 GPUs per node"), "{out}");
     assert_eq!(out.matches("CUDA_VISIBLE_DEVICES='2,3' ").count(), 2, "the plan's devices 0-1 are Slurm's 2-3 on each node:\n{out}");
     // More than the allocation, and a gpus_per_node that disagrees: refused naming both.
-    let mut srun = srun_with(&["--nodes=2", "--gpus-per-node=1"], &file, &["--dry-run"]);
-    assert!(!srun.wait().await.unwrap().success());
-    let out = srun_output(&file);
+    let (ok, out) = srun_dry_run(&["--nodes=2", "--gpus-per-node=1"], &file).await;
+    assert!(!ok, "{out}");
     assert!(out.contains("num_gpus is 4, but Slurm assigned 1 GPU(s) on each of 2 nodes"), "{out}");
     std::fs::write(&file, text.replace("num_gpus: 4\n", "num_gpus: 4\ngpus_per_node: 4\n")).unwrap();
-    let mut srun = srun_with(&["--nodes=2", "--gpus-per-node=2"], &file, &["--dry-run"]);
-    assert!(!srun.wait().await.unwrap().success());
-    let out = srun_output(&file);
+    let (ok, out) = srun_dry_run(&["--nodes=2", "--gpus-per-node=2"], &file).await;
+    assert!(!ok, "{out}");
     assert!(out.contains("gpus_per_node is 4, but Slurm assigned 2 GPU(s) on each node"), "{out}");
 }

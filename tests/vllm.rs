@@ -197,6 +197,15 @@ struct Env {
     otlp: otlp::Receiver,
 }
 
+/// An empty folder of the suite's own under the target's tmp (what a case left before is
+/// removed).
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn body(path: &str, prompt: &str, max_tokens: u32, stream: bool) -> Value {
     let mut b = if path.contains("chat") {
         json!({"model": "tiny-llama", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0})

@@ -118,12 +118,13 @@ pub(crate) fn load(args: &LaunchArgs) -> anyhow::Result<Loaded> {
         None => None,
     };
     if (args.sbatch || args.k8s.is_some()) && file.nodes.is_empty() {
-        // Slurm or Kubernetes will choose the nodes; the plan needs as many as its GPUs fill.
+        // Slurm or Kubernetes will choose the nodes; the plan needs as many as its GPUs fill
+        // (placeholders: a batch script needs their count, manifests name pods, not nodes).
         let nodes = match file.gpus_per_node {
             Some(per) if per > 0 => file.num_gpus.div_ceil(per).max(1),
             _ => 1,
         };
-        file.nodes = (0..nodes).map(|i| spec::config::NodeFile::Address(format!("slurm-node-{i}"))).collect();
+        file.nodes = (0..nodes).map(|i| spec::config::NodeFile::Address(format!("planned-node-{i}"))).collect();
     }
     let exe = std::env::current_exe().context("cannot find the disagg executable")?;
     let target = match (&args.ray, &args.k8s) {
@@ -204,7 +205,7 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
         };
     }
     if let Some(dir) = &args.k8s {
-        before_start(&args, &plan, None, &text).await?;
+        before_start(&args, &plan, None, &text, &exe).await?;
         let images = k8s::Images { engine: &args.image, router: &args.router_image, namespace: args.namespace.as_deref() };
         let files = k8s::write(&plan, &images, dir)?;
         println!(
@@ -217,13 +218,13 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.sbatch {
-        before_start(&args, &plan, None, &text).await?;
+        before_start(&args, &plan, None, &text, &exe).await?;
         let file = args.file.as_ref().or(args.config_flag.as_ref()).context("--sbatch needs the launch file")?;
         let cwd = std::env::current_dir()?;
         let script = slurm::sbatch::BatchScript {
             plan: &plan,
             file: &std::fs::canonicalize(file).with_context(|| format!("cannot find {}", file.display()))?,
-            exe: &std::env::current_exe()?,
+            exe: &exe,
             chdir: &cwd,
             time: args.time.as_deref(),
         };
@@ -241,44 +242,37 @@ pub(crate) async fn run(args: LaunchArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.ray {
         return ray::run(&plan, addr, &args.ray_python).await;
     }
-    if let Err(e) = before_start(&args, &plan, node, &text).await {
-        if let Some(alloc) = &slurm {
-            // Refused on this node: the other nodes stop too.
-            eprintln!("disagg launch: node {}: {e:#}", node.unwrap_or(0));
-            alloc.cancel_step();
-        }
-        return Err(e);
-    }
-    match &slurm {
-        None => local::run(&plan, node).await,
-        Some(alloc) if node.is_none() => anyhow::bail!(
+    if let (Some(alloc), None) = (&slurm, node) {
+        anyhow::bail!(
             "inside Slurm job {} but not in a step: run every node's share with `srun --nodes={} --ntasks-per-node=1 disagg launch FILE` ({})",
             alloc.job(),
             plan.nodes.len(),
             alloc.describe()
-        ),
-        Some(alloc) => {
-            let result = local::run(&plan, node).await;
-            if let Err(e) = &result {
-                // One node's share failed: the step fails as a whole, every node stops.
-                eprintln!("disagg launch: node {} failed: {e:#}", node.unwrap_or(0));
-                alloc.cancel_step();
-            }
-            result
-        }
+        );
     }
+    let result = async {
+        before_start(&args, &plan, node, &text, &exe).await?;
+        local::run(&plan, node).await
+    }
+    .await;
+    if let (Err(e), Some(alloc)) = (&result, &slurm) {
+        // One node's share failed (or was refused by vLLM): the step fails as a whole,
+        // every node stops.
+        eprintln!("disagg launch: node {} failed: {e:#}", node.unwrap_or(0));
+        alloc.cancel_step();
+    }
+    result
 }
 
 /// The preflight before anything starts (node's lines; all with None): vLLM's refusals
 /// stop the launch; no vLLM here, or a check that cannot run, is said and let pass.
-async fn before_start(args: &LaunchArgs, plan: &plan::Plan, node: Option<usize>, text: &str) -> anyhow::Result<()> {
+async fn before_start(args: &LaunchArgs, plan: &plan::Plan, node: Option<usize>, text: &str, exe: &std::path::Path) -> anyhow::Result<()> {
     if args.no_check || plan.engine != spec::config::EngineKind::Vllm {
         return Ok(());
     }
-    let exe = std::env::current_exe()?;
     match preflight::check(plan, node).await {
         Ok(preflight::Outcome::NoVllm(why)) => eprintln!("disagg launch: the vllm serve lines were not checked: {why}"),
-        Ok(outcome) => eprint!("{}", preflight::report(plan, &outcome, text, &exe)?),
+        Ok(outcome) => eprint!("{}", preflight::report(plan, &outcome, text, exe)?),
         Err(e) => eprintln!("disagg launch: the vllm serve lines were not checked: {e:#}"),
     }
     Ok(())

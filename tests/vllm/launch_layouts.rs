@@ -254,9 +254,7 @@ decode:
 pub async fn layout_runs(layout: &'static str, dp: u32) {
     let venv = PathBuf::from(script_var("vllm-env.sh", "VENV"));
     let model = script_var("vllm-env.sh", if layout == "external" { "MOE_MODEL" } else { "MODEL" });
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("launch-{layout}"));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
+    let work = crate::fresh_dir(&format!("launch-{layout}"));
     let ports = (free_port_run(48), free_port_run(48), free_port_run(1), free_port_run(1));
     let file = work.join("two-nodes.yaml");
     std::fs::write(&file, two_node_file(&work, &venv, &model, layout, dp, ports)).unwrap();

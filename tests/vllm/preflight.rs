@@ -29,9 +29,7 @@ fn launch(args: &[&str], venv: &str, model: &str, dir: &Path) -> (bool, String, 
 pub async fn preflight_with_vllm() {
     let venv = script_var("vllm-env.sh", "VENV");
     let model = script_var("vllm-env.sh", "MODEL");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preflight");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::fresh_dir("preflight");
     let version = String::from_utf8(
         Command::new(format!("{venv}/bin/python")).args(["-c", "import vllm; print(vllm.__version__)"]).output().unwrap().stdout,
     )

@@ -6,7 +6,6 @@
 //! on the second; the answer through the router equals the same engine's plain answer, the
 //! decode pulled the prompt's KV over NIXL, and `scancel` leaves no process behind.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -17,9 +16,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 pub async fn vllm_1p1d_under_srun() {
     let venv = script_var("vllm-env.sh", "VENV");
     let model = script_var("vllm-env.sh", "MODEL");
-    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slurm-vllm");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
+    let work = crate::fresh_dir("slurm-vllm");
     let state = work.join("cluster");
     let start = std::process::Command::new(format!("{ROOT}/scripts/slurm-cluster.sh"))
         .args(["start", state.to_str().unwrap(), "2"])

@@ -20,9 +20,7 @@ pub async fn run() {
     let t0 = Instant::now();
     // The example's topology, launched as a user would: vLLM serves HTTPS requiring client
     // certificates, the launcher's health waits present one, the router serves HTTPS.
-    let work = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("launch-vllm-tls");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
+    let work = crate::fresh_dir("launch-vllm-tls");
     let mut launch = tokio::process::Command::new(BIN)
         .args(["launch", "--no-check", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vllm-cpu-1p1d-tls.yaml")])
         .current_dir(&work)

@@ -101,15 +101,12 @@ impl Allocation {
     /// Returns this node's rank in the plan when in a step.
     pub(crate) fn apply(&self, file: &mut LaunchFile, name: &str) -> anyhow::Result<Option<usize>> {
         let mine = match &self.place {
-            Place::Step { node_id, .. } => Some(&self.nodes[*node_id]),
+            Place::Step { node_id, .. } => Some(*node_id),
             Place::Allocation { .. } => None,
         };
         let rank = if file.nodes.is_empty() {
             file.nodes = self.nodes.iter().map(|n| NodeFile::Address(n.address.clone())).collect();
-            match &self.place {
-                Place::Step { node_id, .. } => Some(*node_id),
-                Place::Allocation { .. } => None,
-            }
+            mine
         } else {
             let listed: Vec<&str> = file.nodes.iter().map(NodeFile::address).collect();
             let same = |f: &str, s: &SlurmNode| f == s.name || f == s.address;
@@ -121,7 +118,7 @@ impl Allocation {
                     self.describe()
                 );
             }
-            let rank = mine.map(|m| listed.iter().position(|f| same(f, m)).expect("agreeing lists hold every node"));
+            let rank = mine.map(|id| listed.iter().position(|f| same(f, &self.nodes[id])).expect("agreeing lists hold every node"));
             // Named by Slurm's names or addresses, placed on the addresses.
             for node in &mut file.nodes {
                 let slurm = self.nodes.iter().find(|s| same(node.address(), s)).expect("agreeing lists hold every node");
