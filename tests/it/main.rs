@@ -15,6 +15,7 @@ mod k8s;
 mod keep_alive;
 mod kv_aware;
 mod kv_aware_apis;
+mod kv_aware_events;
 mod kv_events;
 mod launch;
 mod launch_local;
