@@ -3,6 +3,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub(crate) mod fd_limit;
 pub mod flags;
 pub mod idle_close;
 pub mod launch;

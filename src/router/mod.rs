@@ -195,7 +195,7 @@ pub(crate) async fn run(args: RouteArgs) -> anyhow::Result<()> {
     };
     let router = Arc::new(build(cfg)?);
     background(&router, discovery, tls.clone());
-    front::server::raise_fd_limit();
+    crate::fd_limit::raise();
     let cfg = &router.cfg;
     let drain = router.drain.clone();
     let threads = serving_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));

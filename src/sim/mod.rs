@@ -10,6 +10,7 @@
 //! and server/ (vLLM's API on top of it); this file starts them.
 
 pub mod engine;
+mod instances;
 pub(crate) mod server;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,40 @@ pub use server::config::SimArgs;
 
 pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
+    let tokenizer = match &args.tokenizer {
+        Some(dir) => Some(Arc::new(crate::tokenize::ModelTokenizer::load(dir)?)),
+        None => None,
+    };
+    if args.instances == 1 {
+        return serve_bound(args, tokenizer, None).await;
+    }
+    crate::fd_limit::raise();
+    // Each instance binds and prints its banner in turn, then all serve together; the
+    // first to fail ends the process.
+    let mut serving = tokio::task::JoinSet::new();
+    for i in 0..args.instances {
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let one = args.instance(i);
+        let tokenizer = tokenizer.clone();
+        serving.spawn(async move { serve_bound(one, tokenizer, Some(bound_tx)).await.with_context(|| format!("instance {i}")) });
+        if bound_rx.await.is_err() {
+            break;
+        }
+    }
+    match serving.join_next().await {
+        Some(Ok(done)) => done,
+        Some(Err(e)) => Err(anyhow::anyhow!("an instance's task failed: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// One simulated engine (with its DP ranks): binds, prints its banner (then tells `bound`),
+/// serves.
+async fn serve_bound(
+    args: SimArgs,
+    tokenizer: Option<Arc<crate::tokenize::ModelTokenizer>>,
+    bound: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<()> {
     let layout = server::dp::Layout::of(&args).map_err(anyhow::Error::msg)?;
     if layout.headless {
         // No HTTP: this node's ranks are reached through the master's API server.
@@ -120,11 +155,10 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         tokio::spawn(tls.clone().reload_on_change());
     }
     println!("{}", server::http::banner(&args, port, &side_ports, bootstrap_port));
+    if let Some(bound) = bound {
+        let _ = bound.send(());
+    }
     let startup_delay = args.startup_delay_ms;
-    let tokenizer = match &args.tokenizer {
-        Some(dir) => Some(crate::tokenize::ModelTokenizer::load(dir)?),
-        None => None,
-    };
     let joined = Arc::new(AtomicBool::new(layout.master.is_none() || !layout.is_master()));
     let handshake = match (&layout.master, layout.is_master()) {
         (None, _) => None,

@@ -37,6 +37,7 @@ mod router_passthrough;
 mod router_policy;
 mod router_responses;
 mod router_tokens_out;
+mod scale;
 mod sim;
 mod support;
 mod tls;

@@ -37,6 +37,19 @@ impl Proc {
 
     /// As `start`, with extra environment variables.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_banners(args, env, 1).await.0
+    }
+
+    /// `disagg sim --port 0 --instances n <args>`: the process, and every instance's URL.
+    pub async fn sim_instances(n: usize, args: &[&str]) -> (Proc, Vec<String>) {
+        let count = n.to_string();
+        let mut all = vec!["sim", "--port", "0", "--instances", &count];
+        all.extend_from_slice(args);
+        Proc::start_banners(&all, &[], n).await
+    }
+
+    /// Starts `disagg <args>` and waits for `n` banner lines; the first names the Proc's URL.
+    async fn start_banners(args: &[&str], env: &[(&str, &str)], n: usize) -> (Proc, Vec<String>) {
         let log = log_path(args.first().copied().unwrap_or("disagg"));
         let mut child = Command::new(BIN)
             .args(args)
@@ -49,21 +62,30 @@ impl Proc {
             .expect("spawn disagg");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("no banner from disagg {args:?}; log:\n{}", tail(&log)))
-            .unwrap()
-            .unwrap_or_else(|| panic!("disagg {args:?} exited before its banner; log:\n{}", tail(&log)));
+        let mut urls = Vec::new();
+        let mut banner = String::new();
+        while urls.len() < n {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no banner from disagg {args:?}; log:\n{}", tail(&log)))
+                .unwrap()
+                .unwrap_or_else(|| panic!("disagg {args:?} exited before its banner; log:\n{}", tail(&log)));
+            let url = line
+                .split_whitespace()
+                .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+                .unwrap_or_else(|| panic!("banner without URL: {line}"))
+                .trim_end_matches('/')
+                .to_string();
+            if urls.is_empty() {
+                banner = line;
+            }
+            urls.push(url);
+        }
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let url = banner
-            .split_whitespace()
-            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
-            .unwrap_or_else(|| panic!("banner without URL: {banner}"))
-            .trim_end_matches('/')
-            .to_string();
+        let url = urls[0].clone();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
-        Proc { child, url, port, banner, log }
+        (Proc { child, url, port, banner, log }, urls)
     }
 
     /// `disagg sim --port 0 <args>`.

@@ -238,6 +238,7 @@ async fn healthcheck(State(r): State<Arc<Router>>) -> Response {
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
     let pools: Vec<&Pool> = r.topology.pools().collect();
+    let kv_status = r.kv_index.as_ref().map(|index| index.status_by_worker());
     let gauges: Vec<WorkerGauges> = pools
         .iter()
         .flat_map(|pool| {
@@ -250,10 +251,10 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
                     healthy: w.is_healthy(),
                     circuit: w.circuit().gauge(),
                     circuit_openings: w.breaker.opened_total(),
-                    kv_events: r.kv_index.as_ref().map(|index| {
-                        index
-                            .status(&w.url)
+                    kv_events: kv_status.as_ref().map(|by| {
+                        by.get(&w.url)
                             .into_iter()
+                            .flatten()
                             .map(|h| crate::router::metrics::RankEvents {
                                 rank: h.rank,
                                 blocks: h.indexed_blocks,
@@ -265,11 +266,18 @@ async fn metrics(State(r): State<Arc<Router>>) -> Response {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let text = r.metrics.render(&gauges, r.admission.queued(), r.admission.in_use(), r.drain.draining());
+    let text = r.metrics.render(
+        &gauges,
+        r.kv_index.as_ref().map(|i| i.applied_totals()),
+        r.admission.queued(),
+        r.admission.in_use(),
+        r.drain.draining(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn workers(State(r): State<Arc<Router>>) -> Response {
+    let kv_status = r.kv_index.as_ref().map(|index| index.status_by_worker());
     let list: Vec<Value> = r
         .topology
         .workers()
@@ -277,8 +285,8 @@ async fn workers(State(r): State<Arc<Router>>) -> Response {
         .map(|w| {
             let mut v = worker_json(w);
             // kv_aware: what the KV index holds of each rank, and how fresh its events are.
-            if let Some(index) = &r.kv_index {
-                v["kv_events"] = json!(index.status(&w.url));
+            if let Some(by) = kv_status.as_ref() {
+                v["kv_events"] = json!(by.get(&w.url).cloned().unwrap_or_default());
             }
             v
         })

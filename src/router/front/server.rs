@@ -138,16 +138,3 @@ async fn serve(
         });
     }
 }
-
-/// Raises the soft limit of open files to the hard one: each connection and each leg
-/// takes a descriptor.
-pub(crate) fn raise_fd_limit() {
-    #[cfg(unix)]
-    unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}

@@ -1,5 +1,7 @@
-//! kv_aware's second source of load: what the engines themselves report. Every second,
-//! each healthy worker's `/metrics` is read for vLLM's `vllm:num_requests_waiting` and
+//! kv_aware's second source of load: what the engines themselves report. Each healthy
+//! worker's `/metrics` is read every second — at most [`MAX_SCRAPES_PER_SEC`] pages a
+//! second in all, spread over the second, so past 64 workers each is read less often (every
+//! 16 s at 1,024) and the cost stays flat as the cluster grows — for vLLM's `vllm:num_requests_waiting` and
 //! `vllm:num_requests_running` per DP engine (`engine="N"`); what a rank reports beyond
 //! the requests this router has in flight there is work from elsewhere (other router
 //! replicas, clients that reach the engine directly), which the router's own reservations
@@ -18,7 +20,10 @@ use axum::http::HeaderValue;
 use crate::router::workers::topology::Topology;
 use crate::router::workers::Worker;
 
-const POLL: Duration = Duration::from_secs(1);
+/// Scrapes are started every tick, in turn over the workers.
+const TICK: Duration = Duration::from_millis(100);
+/// Most `/metrics` pages read per second, whatever the number of workers.
+const MAX_SCRAPES_PER_SEC: f64 = 64.0;
 /// A vLLM /metrics page is tens of KiB; more is not read.
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
@@ -31,12 +36,22 @@ pub(crate) async fn run(topology: Arc<Topology>, timeout: Duration, auth: Option
             return;
         }
     };
-    let mut tick = tokio::time::interval(POLL);
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Scrapes owed (fractional): each worker once a second, up to the cap.
+    let (mut owed, mut cursor) = (0.0f64, 0usize);
     loop {
         tick.tick().await;
         let workers = topology.workers();
-        let polls = workers.iter().map(|w| poll(&client, auth.as_ref(), w));
+        if workers.is_empty() {
+            continue;
+        }
+        owed += (workers.len() as f64).min(MAX_SCRAPES_PER_SEC) * TICK.as_secs_f64();
+        let now = (owed.floor() as usize).min(workers.len());
+        owed -= now as f64;
+        let first = cursor;
+        cursor = (cursor + now) % workers.len();
+        let polls = (0..now).map(|j| poll(&client, auth.as_ref(), &workers[(first + j) % workers.len()]));
         futures_util::future::join_all(polls).await;
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
 use crate::api::kv_events::KvEvent;
-use crate::api::{fnv1a, FNV_OFFSET};
+use crate::api::FNV_OFFSET;
 
 /// Most blocks indexed per holder (a few million: more than any engine's KV cache); a
 /// publisher that claims more is not believed beyond it.
@@ -42,15 +42,32 @@ pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
         .collect()
 }
 
-/// The key of `block` following the block keyed `parent` (FNV_OFFSET at a prompt's start).
+/// The process's key function: foldhash with a seed drawn at start, so an engine cannot
+/// choose token ids whose keys collide (keys never leave the process).
+static KEYS: std::sync::LazyLock<foldhash::fast::FixedState> = std::sync::LazyLock::new(|| {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(std::collections::hash_map::RandomState::new().hash_one(0x6b76_u64))
+});
+
+/// The index's maps hash their (already hashed) u64 keys with foldhash, randomly seeded.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The key of `block` following the block keyed `parent` (FNV_OFFSET at a prompt's start):
+/// two tokens per 64-bit word.
 fn chain(parent: u64, block: &[u32]) -> u64 {
-    block.iter().fold(parent, |h, t| fnv1a(h, &t.to_le_bytes()))
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = KEYS.build_hasher();
+    h.write_u64(parent);
+    for pair in block.chunks(2) {
+        h.write_u64(u64::from(pair[0]) | u64::from(pair.get(1).copied().unwrap_or(0)) << 32);
+    }
+    h.finish()
 }
 
 #[derive(Default)]
 struct HolderState {
     /// The engine's block hash -> ours.
-    ours: HashMap<u64, u64>,
+    ours: FastMap<u64, u64>,
     /// Tokens per block in this holder's events (0 before its first BlockStored).
     block_size: usize,
 }
@@ -116,7 +133,7 @@ pub(crate) struct HolderStatus {
 #[derive(Default)]
 struct Inner {
     /// Our block key -> who holds it, for each block size.
-    blocks: HashMap<usize, HashMap<u64, Holders>>,
+    blocks: HashMap<usize, FastMap<u64, Holders>>,
     /// Holders by a small id; ids of dropped holders are reused.
     ids: HashMap<WorkerRank, u32>,
     names: Vec<Option<WorkerRank>>,
@@ -157,8 +174,19 @@ impl Inner {
     }
 }
 
+/// What the index has applied since start (the router's /metrics: intake counters).
+#[derive(Default)]
+struct AppliedTotals {
+    batches: std::sync::atomic::AtomicU64,
+    /// Blocks stored or removed.
+    blocks: std::sync::atomic::AtomicU64,
+    /// Time spent applying them (the lock's wait included).
+    nanos: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Default)]
 pub struct KvIndex {
+    applied: AppliedTotals,
     /// Tokens per block that lookups use: the size most holders report (0 before any).
     block_size: AtomicUsize,
     inner: RwLock<Inner>,
@@ -167,6 +195,15 @@ pub struct KvIndex {
 }
 
 impl KvIndex {
+    pub(crate) fn applied_totals(&self) -> crate::router::metrics::IntakeTotals {
+        let a = &self.applied;
+        crate::router::metrics::IntakeTotals {
+            batches: a.batches.load(Ordering::Relaxed),
+            blocks: a.blocks.load(Ordering::Relaxed),
+            nanos: a.nanos.load(Ordering::Relaxed),
+        }
+    }
+
     pub(crate) fn block_size(&self) -> usize {
         self.block_size.load(Ordering::Relaxed)
     }
@@ -200,6 +237,17 @@ impl KvIndex {
     /// Applies one holder's events, in order; the write lock is taken per BLOCKS_PER_LOCK
     /// blocks, so a large batch never holds readers up for long.
     pub fn apply(&self, holder: &WorkerRank, events: &[KvEvent]) {
+        let started = std::time::Instant::now();
+        let blocks = self.apply_timed(holder, events);
+        let totals = &self.applied;
+        totals.batches.fetch_add(1, Ordering::Relaxed);
+        totals.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+        totals.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// `apply`'s work; the blocks stored or removed.
+    fn apply_timed(&self, holder: &WorkerRank, events: &[KvEvent]) -> usize {
+        let mut applied = 0usize;
         let mut inner = self.write();
         let mut id = inner.id(holder);
         let mut since_lock = 0usize;
@@ -218,6 +266,7 @@ impl KvIndex {
                         continue;
                     }
                     since_lock += hashes.len();
+                    applied += hashes.len();
                     self.learn_block_size(&mut inner, holder, id, block_size);
                     let Inner { blocks, states, .. } = &mut *inner;
                     let state = states.entry(id).or_default();
@@ -248,6 +297,7 @@ impl KvIndex {
                 }
                 KvEvent::Removed { hashes } => {
                     since_lock += hashes.len();
+                    applied += hashes.len();
                     let Inner { blocks, states, .. } = &mut *inner;
                     let Some(state) = states.get_mut(&id) else { continue };
                     let Some(blocks) = blocks.get_mut(&state.block_size) else { continue };
@@ -260,6 +310,7 @@ impl KvIndex {
                 KvEvent::AllCleared => drop_holder_entries(&mut inner, id),
             }
         }
+        applied
     }
 
     /// Forgets everything `holder` held (its events cannot be trusted, or it left).
@@ -322,26 +373,29 @@ impl KvIndex {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).entry(holder.clone()).or_insert(None);
     }
 
-    /// Each rank of `url` that has published or is indexed.
-    pub(crate) fn status(&self, url: &str) -> Vec<HolderStatus> {
+    /// Each rank of every worker that has published or is indexed, by worker URL: one
+    /// pass over the index, whatever the number of workers.
+    pub(crate) fn status_by_worker(&self) -> HashMap<String, Vec<HolderStatus>> {
         let sizes = self.sizes();
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ranks: Vec<usize> = sizes.keys().chain(seen.keys()).filter(|h| h.url == url).map(|h| h.rank).collect();
-        ranks.sort_unstable();
-        ranks.dedup();
-        ranks
-            .into_iter()
-            .map(|rank| {
-                let h = WorkerRank { url: url.to_string(), rank };
-                let last = seen.get(&h).copied().flatten();
-                HolderStatus {
-                    rank,
-                    indexed_blocks: sizes.get(&h).copied().unwrap_or(0),
-                    last_seq: last.map(|l| l.0),
-                    secs_since_event: last.map(|l| l.1.elapsed().as_secs_f64()),
-                }
-            })
-            .collect()
+        let mut by: HashMap<String, Vec<HolderStatus>> = HashMap::new();
+        for h in sizes.keys().chain(seen.keys()) {
+            let ranks = by.entry(h.url.clone()).or_default();
+            if ranks.iter().any(|r| r.rank == h.rank) {
+                continue;
+            }
+            let last = seen.get(h).copied().flatten();
+            ranks.push(HolderStatus {
+                rank: h.rank,
+                indexed_blocks: sizes.get(h).copied().unwrap_or(0),
+                last_seq: last.map(|l| l.0),
+                secs_since_event: last.map(|l| l.1.elapsed().as_secs_f64()),
+            });
+        }
+        for ranks in by.values_mut() {
+            ranks.sort_unstable_by_key(|r| r.rank);
+        }
+        by
     }
 
     /// Blocks indexed per holder.

@@ -25,6 +25,7 @@ pub(crate) struct RouterMetrics {
     circuit_opened: IntGaugeVec,
     kv_blocks: IntGaugeVec,
     kv_event_age: prometheus::GaugeVec,
+    kv_intake: KvIntakeCounters,
     draining: IntGauge,
     queue_depth: IntGauge,
     permits: IntGauge,
@@ -78,6 +79,14 @@ impl RouterMetrics {
                 "kv_aware: blocks the index holds for each worker's DP rank."), &["worker", "rank"]).expect("valid metric")),
             kv_event_age: crate::api::prom::register(&r, prometheus::GaugeVec::new(Opts::new("disagg_router_kv_events_seconds_since_last",
                 "kv_aware: seconds since the last KV event from each worker's DP rank (absent before its first)."), &["worker", "rank"]).expect("valid metric")),
+            kv_intake: KvIntakeCounters {
+                batches: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_kv_event_batches_total",
+                    "kv_aware: KV event batches applied to the index (all workers).").expect("valid metric")),
+                blocks: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_kv_blocks_applied_total",
+                    "kv_aware: blocks stored or removed by the batches applied.").expect("valid metric")),
+                seconds: crate::api::prom::register(&r, prometheus::Counter::new("disagg_router_kv_apply_seconds_total",
+                    "kv_aware: time spent applying them, the index's lock included (blocks over seconds: the apply rate).").expect("valid metric")),
+            },
             draining: crate::api::prom::register(&r, IntGauge::new("disagg_router_draining", "1 while the router drains for shutdown.").expect("valid metric")),
             queue_depth: crate::api::prom::register(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
             abandoned: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_abandoned_decode_legs_total",
@@ -145,8 +154,18 @@ impl RouterMetrics {
 
     /// The text exposition. Per-worker series are rebuilt from `workers` each time, so a
     /// worker that has left has none.
-    pub(crate) fn render(&self, workers: &[WorkerGauges], queued: usize, permits: usize, draining: bool) -> String {
+    pub(crate) fn render(
+        &self,
+        workers: &[WorkerGauges],
+        intake: Option<IntakeTotals>,
+        queued: usize,
+        permits: usize,
+        draining: bool,
+    ) -> String {
         let _one_at_a_time = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(totals) = intake {
+            self.kv_intake.catch_up(totals);
+        }
         for gauge in [&self.in_flight, &self.healthy, &self.circuit, &self.circuit_opened, &self.kv_blocks] {
             gauge.reset();
         }
@@ -170,6 +189,34 @@ impl RouterMetrics {
         self.permits.set(permits as i64);
         self.draining.set(i64::from(draining));
         crate::api::prom::encode(&self.registry)
+    }
+}
+
+/// What the KV index has applied since start: batches, blocks stored or removed, and the
+/// nanoseconds spent applying them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IntakeTotals {
+    pub(crate) batches: u64,
+    pub(crate) blocks: u64,
+    pub(crate) nanos: u64,
+}
+
+/// The KV index's intake totals, as counters (caught up with the index at each scrape).
+struct KvIntakeCounters {
+    batches: prometheus::IntCounter,
+    blocks: prometheus::IntCounter,
+    seconds: prometheus::Counter,
+}
+
+impl KvIntakeCounters {
+    fn catch_up(&self, totals: IntakeTotals) {
+        let ahead = |c: &prometheus::IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        ahead(&self.batches, totals.batches);
+        ahead(&self.blocks, totals.blocks);
+        let secs = totals.nanos as f64 / 1e9;
+        if secs > self.seconds.get() {
+            self.seconds.inc_by(secs - self.seconds.get());
+        }
     }
 }
 

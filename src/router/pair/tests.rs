@@ -105,7 +105,7 @@ async fn failure_text(f: Failure) -> (u16, Cause, String) {
 }
 
 fn metrics_text(s: &Setup) -> String {
-    s.pairs.metrics.render(&[], 0, 0, false)
+    s.pairs.metrics.render(&[], None, 0, 0, false)
 }
 
 const P1: &str = "http://127.0.0.1:9001";

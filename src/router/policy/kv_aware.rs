@@ -27,23 +27,38 @@ impl Priced {
     }
 }
 
+/// A holders map regrouped by worker URL, so each candidate is looked up once and without
+/// building a key (a pick over a thousand workers allocates nothing per rank).
+fn by_url(m: Option<&HashMap<WorkerRank, usize>>) -> HashMap<&str, Vec<(usize, usize)>> {
+    let mut by: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+    for (h, n) in m.into_iter().flatten() {
+        by.entry(h.url.as_str()).or_default().push((h.rank, *n));
+    }
+    by
+}
+
+fn at(ranks: Option<&Vec<(usize, usize)>>, rank: usize) -> usize {
+    ranks.and_then(|v| v.iter().find(|(r, _)| *r == rank)).map_or(0, |(_, n)| *n)
+}
+
 pub(super) fn select<W: Candidate>(workers: &[Arc<W>], candidates: &[usize], req: &RequestInfo, load_weight: f64, turn: usize) -> Pick {
     let blocks = req.kv.as_ref().map_or(0, |kv| kv.blocks);
+    let (held, indexed) = (by_url(req.kv.as_ref().map(|kv| &kv.held)), by_url(req.kv.as_ref().map(|kv| &kv.indexed)));
     let mut best: Option<Priced> = None;
     let n = candidates.len();
     for &c in candidates.iter().cycle().skip(turn % n).take(n) {
         let w = &workers[c];
+        let (held_here, indexed_here) = (held.get(w.url()), indexed.get(w.url()));
+        let in_flight = w.in_flight();
         for rank in 0..w.served_ranks() {
-            let here = WorkerRank { url: w.url().to_string(), rank };
-            let of = |m: Option<&HashMap<WorkerRank, usize>>| m.and_then(|m| m.get(&here)).copied().unwrap_or(0);
-            let uncached = blocks.saturating_sub(of(req.kv.as_ref().map(|kv| &kv.held)));
+            let uncached = blocks.saturating_sub(at(held_here, rank));
             // Requests the engine reports beyond ours are priced as this prompt's size.
             let queued = w.queued_blocks(rank).saturating_add(w.reported_elsewhere(rank).saturating_mul(blocks));
             let priced = Priced {
                 cost: uncached as f64 + load_weight * queued as f64,
                 // Among equals, the worker already in use by fewer requests.
-                in_flight: w.in_flight(),
-                indexed: of(req.kv.as_ref().map(|kv| &kv.indexed)),
+                in_flight,
+                indexed: at(indexed_here, rank),
                 candidate: c,
                 rank,
                 uncached,

@@ -1,5 +1,6 @@
-//! Health: every worker is checked concurrently every interval, and a worker that is
-//! down is rechecked every second too, so one that comes up (or back) is used within a
+//! Health: every worker is checked once every interval, spread over it (each worker in
+//! one of [`SLICES`] slices by its URL's hash, so a thousand workers are never checked in
+//! one burst), and a worker that is down is rechecked every second too, so one that comes up (or back) is used within a
 //! second. A worker is used as soon as its first check passes (the router serves once one
 //! prefill and one decode are up, without waiting for the rest); after that, the failure
 //! and success thresholds apply. A connection error on a live request marks a worker down
@@ -25,6 +26,13 @@ pub(crate) struct HealthConfig {
 
 /// How often a worker that is down is rechecked, whatever the interval.
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The interval is cut into this many slices; a worker is checked in its own.
+const SLICES: u64 = 16;
+
+/// The slice of `SLICES` a worker's checks fall in.
+pub(crate) fn slice_of(url: &str, slices: u64) -> u64 {
+    crate::api::fnv1a(crate::api::FNV_OFFSET, url.as_bytes()) % slices
+}
 
 pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: Connector) {
     let client = match crate::router::upstream::legs::control_client(Some(cfg.timeout)) {
@@ -34,21 +42,21 @@ pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: C
             return;
         }
     };
-    let step = cfg.interval.min(DOWN_RECHECK);
+    let step = (cfg.interval / SLICES as u32).max(std::time::Duration::from_millis(10));
+    let down_every = (DOWN_RECHECK.as_nanos() / step.as_nanos()).max(1) as u64;
     let mut tick = tokio::time::interval(step);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_full: Option<tokio::time::Instant> = None;
-    loop {
+    for n in 0u64.. {
         tick.tick().await;
-        let full = last_full.is_none_or(|t| t.elapsed() + step / 2 >= cfg.interval);
-        if full {
-            last_full = Some(tokio::time::Instant::now());
-        }
+        // The first tick checks every worker (the router serves once one of each role is
+        // up); then each tick its slice, and those down every second.
+        let slice = n % SLICES;
+        let recheck_down = n % down_every == 0;
         for pool in topology.pools() {
             pool.remove_drained();
         }
         let workers = topology.workers();
-        let due = workers.iter().filter(|w| full || !w.is_healthy());
+        let due = workers.iter().filter(|w| n == 0 || slice_of(&w.url, SLICES) == slice || (recheck_down && !w.is_healthy()));
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;

@@ -44,6 +44,15 @@ async fn bind(endpoint: &str, host: &str, me: SocketType) -> anyhow::Result<(Str
     Ok((format!("tcp://{bound}"), rx))
 }
 
+/// `endpoint` as configured, its port 0 replaced by the one bound (`tcp://*:0` stays a
+/// wildcard endpoint, as subscribers expect of one the engine binds).
+fn with_bound_port(endpoint: &str, bound: &str) -> String {
+    match (endpoint.strip_suffix(":0"), bound.rsplit_once(':')) {
+        (Some(base), Some((_, port))) => format!("{base}:{port}"),
+        _ => endpoint.to_string(),
+    }
+}
+
 /// Connects out to `endpoint` (vLLM's publisher connects to non-wildcard endpoints),
 /// again whenever the connection ends; its events go to the returned channel.
 fn dial(endpoint: String, me: SocketType) -> mpsc::Receiver<Accepted> {
@@ -104,9 +113,7 @@ impl Publisher {
         let mut shown = cfg.for_rank(rank);
         let subscribers = if is_bind_endpoint(&shown.endpoint) {
             let (bound, rx) = bind(&shown.endpoint, host, SocketType::Pub).await?;
-            if shown.endpoint.ends_with(":0") {
-                shown.endpoint = bound;
-            }
+            shown.endpoint = with_bound_port(&shown.endpoint, &bound);
             rx
         } else {
             dial(shown.endpoint.clone(), SocketType::Pub)
@@ -114,9 +121,7 @@ impl Publisher {
         let replay = match &shown.replay_endpoint {
             Some(ep) => {
                 let (bound, rx) = bind(ep, host, SocketType::Router).await.context("the replay endpoint")?;
-                if ep.ends_with(":0") {
-                    shown.replay_endpoint = Some(bound);
-                }
+                shown.replay_endpoint = Some(with_bound_port(ep, &bound));
                 Some(rx)
             }
             None => None,

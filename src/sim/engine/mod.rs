@@ -170,6 +170,9 @@ pub(crate) struct Engine {
     pub(crate) wake: Notify,
     /// Woken when KV is held for, or pushed to, a transfer (side-channel waiters).
     pub(crate) handed_over: Notify,
+    /// Told when a lease starts (held or pushed KV, a remembered abort): the reaper runs
+    /// only while one is live, so an idle engine costs no wakeups.
+    pub(crate) leased: Notify,
     pub(crate) stats: Stats,
     /// Set when the engine "dies" (--die-on-kv-mismatch); the process exits right after.
     pub(crate) dead: Arc<AtomicBool>,
@@ -224,6 +227,7 @@ impl Engine {
             cfg,
             wake: Notify::new(),
             handed_over: Notify::new(),
+            leased: Notify::new(),
             stats,
             dead,
             events,
@@ -306,10 +310,14 @@ impl Engine {
     pub(crate) async fn run(self: Arc<Self>) {
         let reaper = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
-                tick.tick().await;
-                reaper.expire_leases();
+                reaper.leased.notified().await;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !reaper.expire_leases() {
+                        break;
+                    }
+                }
             }
         });
         // Steps follow each other on a schedule of their own: the timer rounds every

@@ -216,6 +216,7 @@ impl Engine {
         let (kept, rest) = seq.blocks.split_at(keep);
         cache.release(rest);
         held.insert(key, Held { blocks: kept.to_vec(), expires: Instant::now() + self.cfg.kv_lease });
+        self.leased.notify_one();
         self.handed_over.notify_waiters();
         if !matches!(seq.job.kv, KvRequest::RemoteDecode(Handoff::Nixl)) {
             return None;
@@ -347,6 +348,7 @@ impl Engine {
                 }
                 None => {
                     abandoned.insert(key.to_string(), Instant::now() + self.cfg.kv_lease);
+                    self.leased.notify_one();
                     false
                 }
             }
@@ -396,6 +398,7 @@ impl Engine {
     /// P2pNccl: KV a prefill pushed, kept until this decode's request takes it.
     pub(crate) fn serve_put(&self, key: String, contents: Vec<u64>) {
         self.lock().pushed.insert(key, Pushed { contents, expires: Instant::now() + self.cfg.kv_lease });
+        self.leased.notify_one();
         self.handed_over.notify_waiters();
     }
 
@@ -419,8 +422,9 @@ impl Engine {
         self.lock().running.iter().any(|s| s.id == seq_id && !s.tx.is_closed())
     }
 
-    /// Ends the leases of KV nobody took: held blocks, pushed KV, remembered aborts.
-    pub(crate) fn expire_leases(&self) {
+    /// Ends the leases of KV nobody took: held blocks, pushed KV, remembered aborts; true
+    /// while some lease is still live.
+    pub(crate) fn expire_leases(&self) -> bool {
         let now = Instant::now();
         let expired = {
             let mut guard = self.lock();
@@ -442,11 +446,13 @@ impl Engine {
                 live
             });
             abandoned.retain(|_, until| *until > now);
-            before - held.len() - pushed.len()
+            (before - held.len() - pushed.len(), !(held.is_empty() && pushed.is_empty() && abandoned.is_empty()))
         };
+        let (expired, live) = expired;
         if expired > 0 {
             bump(&self.stats.leases_expired, expired);
             self.wake.notify_one();
         }
+        live
     }
 }

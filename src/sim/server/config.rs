@@ -16,6 +16,12 @@ pub struct SimArgs {
     /// HTTP port (0 picks a free one; the chosen port is printed on stdout).
     #[arg(long, default_value_t = 8000)]
     pub(crate) port: u16,
+    /// Serve N simulated engines from this process (scale experiments): instance i on
+    /// --port + i, its side channels on --side-channel-port + i × its DP ranks, its KV events
+    /// on the --kv-events-config endpoint's port + i × --data-parallel-size; each its own KV
+    /// cache, DP ranks, publisher, metrics and fault counters. One banner line each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub(crate) instances: u16,
     /// Which PD role this instance plays.
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub(crate) role: Role,
@@ -190,6 +196,7 @@ impl SimArgs {
             return Err("--proxy-address is for --kv-connector p2pnccl".into());
         }
         super::dp::Layout::of(self)?;
+        self.check_instances()?;
         if self.kv_connector == Connector::P2pNccl && self.data_parallel_size > 1 {
             return Err("--kv-connector p2pnccl runs one engine per instance (as the xPyD guide does): drop --data-parallel-size".into());
         }

@@ -119,7 +119,7 @@ pub(crate) fn start(sim: &Arc<Sim>, api: Api, headers: &HeaderMap, body: &Map<St
     let limits = Limits {
         model: &sim.args.model,
         max_model_len: sim.args.max_model_len as usize,
-        tokenizer: sim.tokenizer.as_ref(),
+        tokenizer: sim.tokenizer.as_deref(),
         connector: sim.args.kv_connector,
     };
     let req = request::parse(api, body, &limits).inspect_err(|e| release_rejected(sim, body, e))?;

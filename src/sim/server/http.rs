@@ -37,7 +37,7 @@ pub(crate) struct Sim {
     /// Per DP rank, the KV events publisher's config (`/kv_event_sources`).
     pub(crate) kv_sources: serde_json::Map<String, serde_json::Value>,
     /// A real model's tokenizer and chat template (--tokenizer).
-    pub(crate) tokenizer: Option<crate::tokenize::ModelTokenizer>,
+    pub(crate) tokenizer: Option<Arc<crate::tokenize::ModelTokenizer>>,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -51,7 +51,7 @@ impl Sim {
         metrics: SimMetrics,
         dead: Arc<AtomicBool>,
         kv_sources: serde_json::Map<String, serde_json::Value>,
-        tokenizer: Option<crate::tokenize::ModelTokenizer>,
+        tokenizer: Option<Arc<crate::tokenize::ModelTokenizer>>,
         joined: Arc<AtomicBool>,
     ) -> Self {
         Sim {
@@ -161,7 +161,7 @@ async fn tokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body) -
         let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
         request::check_model(&body, &sim.args.model)?;
         let api = if body.contains_key("messages") { Api::Chat } else { Api::Completions };
-        let tokens = request::prompt_tokens(api, &body, sim.tokenizer.as_ref())?.swap_remove(0);
+        let tokens = request::prompt_tokens(api, &body, sim.tokenizer.as_deref())?.swap_remove(0);
         Ok::<_, ApiError>(json!({"count": tokens.len(), "max_model_len": sim.args.max_model_len,
             "tokens": tokens, "token_strs": null}))
     }
@@ -193,7 +193,7 @@ async fn detokenize(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Body)
                 body.get("tokens").unwrap_or(&serde_json::Value::Null),
             )
         })?;
-        let prompt = match sim.tokenizer.as_ref() {
+        let prompt = match sim.tokenizer.as_deref() {
             Some(t) => t.decode(&ids).map_err(|e| ApiError::bad_request(e.to_string()))?,
             None => ids.iter().map(|id| crate::sim::engine::tokens::token_text(*id)).collect(),
         };

@@ -47,7 +47,7 @@ pub(crate) async fn count_tokens(State(sim): State<Arc<Sim>>, headers: HeaderMap
         require_json(&headers)?;
         let body = parse_object(&read_limited(&headers, body, MAX_BODY).await?)?;
         let chat = to_chat(&body, Purpose::CountTokens)?;
-        let tokens = crate::sim::engine::request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?.swap_remove(0);
+        let tokens = crate::sim::engine::request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_deref())?.swap_remove(0);
         Ok::<_, ApiError>(json!({"input_tokens": tokens.len(), "context_management": {"original_input_tokens": tokens.len()}}))
     }
     .await;

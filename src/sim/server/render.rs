@@ -55,19 +55,19 @@ async fn render(sim: Arc<Sim>, form: Form, headers: HeaderMap, body: Body) -> Re
         let one = |prompts: Vec<Vec<u32>>| prompts.into_iter().next().unwrap_or_default();
         Ok::<_, ApiError>(match form {
             Form::Completions => {
-                let prompts = request::prompt_tokens(Api::Completions, &body, sim.tokenizer.as_ref())?;
+                let prompts = request::prompt_tokens(Api::Completions, &body, sim.tokenizer.as_deref())?;
                 Value::Array(prompts.into_iter().map(|p| rendered(&sim, format!("cmpl-{}", hex16()), p)).collect())
             }
             Form::Chat => {
-                rendered(&sim, format!("chatcmpl-{}", hex16()), one(request::prompt_tokens(Api::Chat, &body, sim.tokenizer.as_ref())?))
+                rendered(&sim, format!("chatcmpl-{}", hex16()), one(request::prompt_tokens(Api::Chat, &body, sim.tokenizer.as_deref())?))
             }
             Form::Messages => {
                 let chat = super::messages::chat_request(&body)?;
-                rendered(&sim, format!("msg-{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?))
+                rendered(&sim, format!("msg-{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_deref())?))
             }
             Form::Responses => {
                 let chat = super::responses::chat_request(&body)?;
-                rendered(&sim, format!("resp_{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_ref())?))
+                rendered(&sim, format!("resp_{}", hex16()), one(request::prompt_tokens(Api::Chat, &chat, sim.tokenizer.as_deref())?))
             }
         })
     }

@@ -1,0 +1,348 @@
+//! The router at cluster scale, side by side with vllm-router 0.1.17 in the same run:
+//!
+//!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
+//!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
+//!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn run, 0: none;
+//!                                     installs vllm-router with scripts/vllm-router-env.sh)
+//!
+//! Per point: N workers, half prefill and half decode, each a simulated engine with 8 DP
+//! ranks publishing KV events (two `disagg sim --instances N/2` processes, no artificial
+//! step time: what is measured is the routers and the legs), and in front of them in turn
+//! `disagg route --policy kv_aware` and vllm-router with round_robin, cache_aware and
+//! kv_aware (its `--pd-kv-events`). Each router: its idle CPU over 10 s (health checks, KV
+//! intake, engine-load scrapes; % of one core), then a fixed open-loop rate of
+//! shared-prefix prompts (`disagg bench`): its CPU per request, the requests' p50/p99
+//! end-to-end latency (the simulators answer in microseconds: the rest is the routers'
+//! and the legs'), its RSS, and for disagg route the index's blocks, apply rate (blocks
+//! over the time spent applying them, while serving) and KV event batches per second.
+//! The simulators' own idle CPU per engine is reported too.
+//!
+//! The churn run: 64 workers serving the same rate while 1,000 workers a minute are added
+//! and removed through the admin API (from a spare set of 256 more engines), then 20 s
+//! quiet: requests lost (must be 0) and the router's RSS before, during and after.
+//!
+//! Results go to stdout and to target/scale.json (docs/PERFORMANCE.md is made from them;
+//! `scripts/scale-plot.py` draws the plot).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use disagg::proc_stat::cpu_secs;
+
+const BIN: &str = env!("CARGO_BIN_EXE_disagg");
+const DP: u16 = 8;
+const ADMIN_KEY: &str = "scale-admin";
+
+struct Proc {
+    child: std::process::Child,
+    urls: Vec<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Ports below Linux's ephemeral range, so a thousand fixed binds are cheap (binding port 0
+/// makes the kernel search among every port bound).
+struct Ports {
+    http: u16,
+    side: u16,
+    kv: u16,
+}
+
+/// `n` simulated engines of `role` in one process; their URLs from the banners.
+fn sims(role: &str, n: usize, ports: &Ports) -> Proc {
+    let events = format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{}","topic":"kv-events"}}"#, ports.kv);
+    let args = [
+        "sim",
+        "--instances",
+        &n.to_string(),
+        "--role",
+        role,
+        "--port",
+        &ports.http.to_string(),
+        "--side-channel-port",
+        &ports.side.to_string(),
+        "--data-parallel-size",
+        &DP.to_string(),
+        "--kv-blocks",
+        "2048",
+        "--max-num-seqs",
+        "256",
+        // kv_aware keys text prompts through the engines' render endpoint.
+        "--enable-scale-out",
+        "--kv-events-config",
+        &events,
+    ];
+    let mut child = Command::new(BIN).args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut urls = Vec::new();
+    let mut line = String::new();
+    while urls.len() < n {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the simulator ended before its {n} banners");
+        urls.push(line.split_whitespace().find(|w| w.starts_with("http://")).expect("a banner names its URL").to_string());
+    }
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    Proc { child, urls }
+}
+
+/// A plain HTTP/1.1 exchange on loopback: status and body.
+fn http(method: &str, url: &str, auth: Option<&str>) -> Option<(u16, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let auth = auth.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A router (`program` with `args` and `--port`), once its /health answers 200.
+fn router(program: &str, mut args: Vec<String>) -> Proc {
+    let port = free_port();
+    args.extend(["--port".into(), port.to_string(), "--host".into(), "127.0.0.1".into()]);
+    let child = Command::new(program).args(&args).env("RUST_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    while http("GET", &format!("{url}/health"), None).is_none_or(|(s, _)| s != 200) {
+        assert!(t.elapsed() < Duration::from_secs(180), "{program} did not become healthy");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Proc { child, urls: vec![url] }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// The sum of a metric's samples on a /metrics page.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `disagg bench` at `rate` for `secs` against `url`: its result JSON.
+fn load(url: &str, rate: f64, secs: u64, tag: &str) -> Value {
+    let out = std::env::temp_dir().join(format!("disagg-scale-{tag}-{}.json", std::process::id()));
+    let n = (rate * secs as f64) as usize;
+    let status = Command::new(BIN)
+        .args(["bench", "--backend", "vllm", "--base-url", url, "--model", "sim-model", "--dataset-name", "random"])
+        .args(["--tokenizer", "sim", "--random-input-len", "512", "--random-output-len", "16", "--random-prefix-len", "256"])
+        .args(["--ignore-eos", "--num-prompts", &n.to_string(), "--request-rate", &rate.to_string()])
+        .args(["--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99", "--save-result", "--result-filename"])
+        .arg(&out)
+        .arg("--disable-tqdm")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "disagg bench failed against {url}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(out);
+    v
+}
+
+/// One router at one point: idle cost, then the load.
+fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag: &str) -> Value {
+    let r = router(program, args);
+    // Subscribed, checked and scraped once before the idle window.
+    std::thread::sleep(Duration::from_secs(5));
+    let c0 = cpu_secs(r.pid());
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_core = (cpu_secs(r.pid()) - c0) / 10.0;
+    let m0 = http("GET", &format!("{}/metrics", r.urls[0]), None).map(|(_, b)| b).unwrap_or_default();
+    let c1 = cpu_secs(r.pid());
+    let t = Instant::now();
+    let result = load(&r.urls[0], rate, secs, tag);
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(r.pid()) - c1;
+    let m1 = http("GET", &format!("{}/metrics", r.urls[0]), None).map(|(_, b)| b).unwrap_or_default();
+    let done = result["completed"].as_f64().unwrap_or(0.0);
+    let mut row = json!({
+        "idle_core_pct": idle_core * 100.0,
+        "cpu_ms_per_request": cpu * 1e3 / done.max(1.0),
+        "completed": done,
+        "failed": result["failed"],
+        "p50_e2e_ms": result["median_e2el_ms"],
+        "p99_e2e_ms": result["p99_e2el_ms"],
+        "p50_ttft_ms": result["median_ttft_ms"],
+        "rss_mib": rss_mib(r.pid()),
+    });
+    if kv {
+        let applied = metric(&m1, "disagg_router_kv_blocks_applied_total") - metric(&m0, "disagg_router_kv_blocks_applied_total");
+        let spent = metric(&m1, "disagg_router_kv_apply_seconds_total") - metric(&m0, "disagg_router_kv_apply_seconds_total");
+        let batches = metric(&m1, "disagg_router_kv_event_batches_total") - metric(&m0, "disagg_router_kv_event_batches_total");
+        row["index_blocks"] = json!(metric(&m1, "disagg_router_kv_index_blocks"));
+        row["apply_m_blocks_per_s"] = json!(if spent > 0.0 { applied / spent / 1e6 } else { 0.0 });
+        row["kv_batches_per_s"] = json!(batches / wall);
+        row["kv_blocks_per_s"] = json!(applied / wall);
+    }
+    row
+}
+
+fn pd_args(prefills: &[String], decodes: &[String]) -> Vec<String> {
+    let mut args = vec!["--vllm-pd-disaggregation".to_string(), "--intra-node-data-parallel-size".into(), DP.to_string()];
+    args.extend(["--max-concurrent-requests".into(), "100000".into(), "--queue-size".into(), "100000".into()]);
+    for p in prefills {
+        args.extend(["--prefill".into(), p.clone()]);
+    }
+    for d in decodes {
+        args.extend(["--decode".into(), d.clone()]);
+    }
+    args
+}
+
+fn vllm_router() -> String {
+    let out = Command::new("scripts/vllm-router-env.sh").output().expect("scripts/vllm-router-env.sh runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.strip_prefix("VLLM_ROUTER=")).expect("vllm-router installed").to_string()
+}
+
+/// The ports of half a point: prefills from 10000, decodes from 10600 (HTTP), side
+/// channels and KV events 8 per engine above.
+fn ports(decode: bool) -> Ports {
+    if decode {
+        Ports { http: 10600, side: 16200, kv: 25200 }
+    } else {
+        Ports { http: 10000, side: 12000, kv: 21000 }
+    }
+}
+
+fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
+    let (prefill, decode) = (sims("prefill", n / 2, &ports(false)), sims("decode", n / 2, &ports(true)));
+    std::thread::sleep(Duration::from_secs(2));
+    let (s0, t0) = (cpu_secs(prefill.pid()) + cpu_secs(decode.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let sim_idle_us_per_engine_s =
+        (cpu_secs(prefill.pid()) + cpu_secs(decode.pid()) - s0) / t0.elapsed().as_secs_f64() / (n * DP as usize) as f64 * 1e6;
+    let base = pd_args(&prefill.urls, &decode.urls);
+    let mut rows = serde_json::Map::new();
+    let mut disagg = vec!["route".to_string(), "--policy".into(), "kv_aware".into()];
+    disagg.extend(base.iter().cloned());
+    rows.insert("disagg route kv_aware".into(), measure(BIN, disagg, rate, secs, true, &format!("d{n}")));
+    for policy in ["round_robin", "cache_aware", "kv_aware"] {
+        let mut args = base.clone();
+        args.extend(["--policy".into(), policy.into()]);
+        if policy == "kv_aware" {
+            for (i, url) in prefill.urls.iter().enumerate() {
+                let endpoints: Vec<String> = (0..DP).map(|r| format!("tcp://127.0.0.1:{}", ports(false).kv + i as u16 * DP + r)).collect();
+                args.extend(["--pd-kv-events".into(), format!("{url}={}", endpoints.join(","))]);
+            }
+            args.extend(["--kv-event-block-size".into(), "16".into(), "--kv-event-model".into(), "sim-model".into()]);
+        }
+        rows.insert(format!("vllm-router {policy}"), measure(vr, args, rate, secs, false, &format!("v{policy}{n}")));
+    }
+    json!({"workers": n, "dp_ranks": DP, "sim_idle_us_cpu_per_engine_per_s": sim_idle_us_per_engine_s, "routers": rows})
+}
+
+/// 64 workers serving while 1,000 a minute come and go through the admin API.
+fn churn(rate: f64, secs: u64) -> Value {
+    let (prefill, decode) = (sims("prefill", 32, &ports(false)), sims("decode", 32, &ports(true)));
+    let spare = sims("decode", 256, &Ports { http: 11200, side: 29400, kv: 0 });
+    let mut args = vec!["route".to_string(), "--policy".into(), "kv_aware".into(), "--admin-api-key".into(), ADMIN_KEY.into()];
+    args.extend(pd_args(&prefill.urls, &decode.urls));
+    let r = router(BIN, args);
+    let url = r.urls[0].clone();
+    std::thread::sleep(Duration::from_secs(3));
+    // Warm: one round of load and one round of churn before the baseline.
+    let _ = load(&url, rate, 5, "warm");
+    let cycle = |stop: Instant| {
+        let (mut added, mut removed, mut refused) = (0usize, 0usize, 0usize);
+        let mut turn = 0usize;
+        // 1,000 a minute each way: one add and one remove every 60 ms.
+        while Instant::now() < stop {
+            let w = &spare.urls[turn % spare.urls.len()];
+            let add = format!("{url}/add_worker?url={w}&role=decode&dp_size={DP}");
+            match http("POST", &add, Some(ADMIN_KEY)) {
+                Some((200, _)) => added += 1,
+                _ => refused += 1,
+            }
+            if turn >= 32 {
+                let old = &spare.urls[(turn - 32) % spare.urls.len()];
+                match http("POST", &format!("{url}/remove_worker?url={old}"), Some(ADMIN_KEY)) {
+                    Some((200, _)) => removed += 1,
+                    _ => refused += 1,
+                }
+            }
+            turn += 1;
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        for k in turn.saturating_sub(32)..turn {
+            let old = &spare.urls[k % spare.urls.len()];
+            let _ = http("POST", &format!("{url}/remove_worker?url={old}"), Some(ADMIN_KEY));
+            removed += 1;
+        }
+        (added, removed, refused)
+    };
+    let _ = cycle(Instant::now() + Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(5));
+    let before = rss_mib(r.pid());
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let churner = std::thread::scope(|s| {
+        let churner = s.spawn(|| cycle(stop));
+        let result = load(&url, rate, secs, "churn");
+        (churner.join().unwrap(), result)
+    });
+    let ((added, removed, refused), result) = churner;
+    let during = rss_mib(r.pid());
+    std::thread::sleep(Duration::from_secs(20));
+    let after = rss_mib(r.pid());
+    let listed = http("GET", &format!("{url}/workers"), None).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
+    let workers_after = listed.as_ref().and_then(|v| v["workers"].as_array().map(Vec::len)).unwrap_or(0);
+    json!({"seconds": secs, "added": added, "removed": removed, "admin_refused": refused,
+           "completed": result["completed"], "failed": result["failed"], "workers_after": workers_after,
+           "rss_mib_before": before, "rss_mib_during": during, "rss_mib_after": after})
+}
+
+fn main() {
+    let points: Vec<usize> = std::env::var("DISAGG_SCALE_POINTS")
+        .unwrap_or_else(|_| "2,64,256,1024".into())
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let (rate, secs) = (env_or("DISAGG_SCALE_RATE", 20.0), env_or("DISAGG_SCALE_SECS", 20u64));
+    let churn_secs = env_or("DISAGG_SCALE_CHURN_SECS", 60u64);
+    let vr = vllm_router();
+    let mut report = json!({"rate": rate, "seconds": secs, "points": []});
+    for &n in &points {
+        let p = point(n.max(2), rate, secs, &vr);
+        println!("{}", serde_json::to_string_pretty(&p).unwrap());
+        report["points"].as_array_mut().unwrap().push(p);
+    }
+    if churn_secs > 0 {
+        let c = churn(rate, churn_secs);
+        println!("churn: {}", serde_json::to_string_pretty(&c).unwrap());
+        report["churn"] = c;
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("written: {}", out.display());
+}
