@@ -3,6 +3,7 @@
 //!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
 //!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
 //!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn run, 0: none;
+//!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot;
 //!                                     installs vllm-router with scripts/vllm-router-env.sh)
 //!
 //! Per point: N workers, half prefill and half decode, each a simulated engine with 8 DP
@@ -11,18 +12,20 @@
 //! `disagg route --policy kv_aware` and vllm-router with round_robin, cache_aware and
 //! kv_aware (its `--pd-kv-events`). Each router: its idle CPU over 10 s (health checks, KV
 //! intake, engine-load scrapes; % of one core), then a fixed open-loop rate of
-//! shared-prefix prompts (`disagg bench`): its CPU per request, the requests' p50/p99
+//! shared-prefix prompts (`disagg bench`): its CPU per request (its CPU under load less its
+//! idle rate over as long; the gross figure beside), the requests' p50/p99
 //! end-to-end latency (the simulators answer in microseconds: the rest is the routers'
 //! and the legs'), its RSS, and for disagg route the index's blocks, apply rate (blocks
 //! over the time spent applying them, while serving) and KV event batches per second.
 //! The simulators' own idle CPU per engine is reported too.
 //!
 //! The churn run: 64 workers serving the same rate while 1,000 workers a minute are added
-//! and removed through the admin API (from a spare set of 256 more engines), then 20 s
-//! quiet: requests lost (must be 0) and the router's RSS before, during and after.
+//! and removed through the admin API (from a spare set of 256 more engines), twice: a warm
+//! round, 20 s quiet, the baseline RSS, the measured round, 20 s quiet: requests lost (must
+//! be 0) and the router's RSS before, during and after.
 //!
-//! Results go to stdout and to target/scale.json (docs/PERFORMANCE.md is made from them;
-//! `scripts/scale-plot.py` draws the plot).
+//! Results go to stdout, target/scale.json and target/scale.svg (each figure against the
+//! number of workers; docs/PERFORMANCE.md is made from them).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -31,6 +34,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use disagg::proc_stat::cpu_secs;
+
+#[path = "scale/plot.rs"]
+mod plot;
 
 const BIN: &str = env!("CARGO_BIN_EXE_disagg");
 const DP: u16 = 8;
@@ -122,18 +128,22 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A router (`program` with `args` and `--port`), once its /health answers 200.
-fn router(program: &str, mut args: Vec<String>) -> Proc {
+/// A router (`program` with `args` and `--port`), once its /health answers 200 (None if
+/// it does not within 180 s).
+fn router(program: &str, mut args: Vec<String>) -> Option<Proc> {
     let port = free_port();
     args.extend(["--port".into(), port.to_string(), "--host".into(), "127.0.0.1".into()]);
     let child = Command::new(program).args(&args).env("RUST_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let t = Instant::now();
+    let proc = Proc { child, urls: vec![url.clone()] };
     while http("GET", &format!("{url}/health"), None).is_none_or(|(s, _)| s != 200) {
-        assert!(t.elapsed() < Duration::from_secs(180), "{program} did not become healthy");
+        if t.elapsed() > Duration::from_secs(180) {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
-    Proc { child, urls: vec![url] }
+    Some(proc)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -172,7 +182,11 @@ fn load(url: &str, rate: f64, secs: u64, tag: &str) -> Value {
 
 /// One router at one point: idle cost, then the load.
 fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag: &str) -> Value {
-    let r = router(program, args);
+    let t = Instant::now();
+    let Some(r) = router(program, args) else {
+        return json!({"error": format!("not healthy within {} s of its start", t.elapsed().as_secs())});
+    };
+    let startup_secs = t.elapsed().as_secs_f64();
     // Subscribed, checked and scraped once before the idle window.
     std::thread::sleep(Duration::from_secs(5));
     let c0 = cpu_secs(r.pid());
@@ -187,8 +201,11 @@ fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag
     let m1 = http("GET", &format!("{}/metrics", r.urls[0]), None).map(|(_, b)| b).unwrap_or_default();
     let done = result["completed"].as_f64().unwrap_or(0.0);
     let mut row = json!({
+        "startup_secs": startup_secs,
         "idle_core_pct": idle_core * 100.0,
-        "cpu_ms_per_request": cpu * 1e3 / done.max(1.0),
+        // The router's CPU while loaded, less what it spends idle over as long (reported apart).
+        "cpu_ms_per_request": (cpu - idle_core * wall).max(0.0) * 1e3 / done.max(1.0),
+        "cpu_ms_per_request_gross": cpu * 1e3 / done.max(1.0),
         "completed": done,
         "failed": result["failed"],
         "p50_e2e_ms": result["median_e2el_ms"],
@@ -247,8 +264,16 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
     let mut rows = serde_json::Map::new();
     let mut disagg = vec!["route".to_string(), "--policy".into(), "kv_aware".into()];
     disagg.extend(base.iter().cloned());
-    rows.insert("disagg route kv_aware".into(), measure(BIN, disagg, rate, secs, true, &format!("d{n}")));
+    let row = measure(BIN, disagg, rate, secs, true, &format!("d{n}"));
+    println!("{n} workers, disagg route kv_aware: {row}");
+    rows.insert("disagg route kv_aware".into(), row);
+    let mut unstarted: Option<Value> = None;
     for policy in ["round_robin", "cache_aware", "kv_aware"] {
+        if let Some(why) = &unstarted {
+            // vllm-router did not start with these workers under one policy: not under the others either.
+            rows.insert(format!("vllm-router {policy}"), json!({"error": format!("not run: {}", why["error"].as_str().unwrap_or_default())}));
+            continue;
+        }
         let mut args = base.clone();
         args.extend(["--policy".into(), policy.into()]);
         if policy == "kv_aware" {
@@ -258,7 +283,12 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
             }
             args.extend(["--kv-event-block-size".into(), "16".into(), "--kv-event-model".into(), "sim-model".into()]);
         }
-        rows.insert(format!("vllm-router {policy}"), measure(vr, args, rate, secs, false, &format!("v{policy}{n}")));
+        let row = measure(vr, args, rate, secs, false, &format!("v{policy}{n}"));
+        println!("{n} workers, vllm-router {policy}: {row}");
+        if row.get("error").is_some() {
+            unstarted = Some(row.clone());
+        }
+        rows.insert(format!("vllm-router {policy}"), row);
     }
     json!({"workers": n, "dp_ranks": DP, "sim_idle_us_cpu_per_engine_per_s": sim_idle_us_per_engine_s, "routers": rows})
 }
@@ -269,11 +299,10 @@ fn churn(rate: f64, secs: u64) -> Value {
     let spare = sims("decode", 256, &Ports { http: 11200, side: 29400, kv: 0 });
     let mut args = vec!["route".to_string(), "--policy".into(), "kv_aware".into(), "--admin-api-key".into(), ADMIN_KEY.into()];
     args.extend(pd_args(&prefill.urls, &decode.urls));
-    let r = router(BIN, args);
+    let r = router(BIN, args).expect("the churn run's router becomes healthy");
     let url = r.urls[0].clone();
     std::thread::sleep(Duration::from_secs(3));
     // Warm: one round of load and one round of churn before the baseline.
-    let _ = load(&url, rate, 5, "warm");
     let cycle = |stop: Instant| {
         let (mut added, mut removed, mut refused) = (0usize, 0usize, 0usize);
         let mut turn = 0usize;
@@ -302,8 +331,15 @@ fn churn(rate: f64, secs: u64) -> Value {
         }
         (added, removed, refused)
     };
-    let _ = cycle(Instant::now() + Duration::from_secs(5));
-    std::thread::sleep(Duration::from_secs(5));
+    // A first round as long as the measured one, under the same load, so the allocator's
+    // arenas reach their size before the baseline: what grows after it is kept, not reused.
+    let warm_stop = Instant::now() + Duration::from_secs(secs);
+    let warm = std::thread::scope(|s| {
+        let churner = s.spawn(|| cycle(warm_stop));
+        let result = load(&url, rate, secs, "churn-warm");
+        (churner.join().unwrap(), result)
+    });
+    std::thread::sleep(Duration::from_secs(20));
     let before = rss_mib(r.pid());
     let stop = Instant::now() + Duration::from_secs(secs);
     let churner = std::thread::scope(|s| {
@@ -315,14 +351,22 @@ fn churn(rate: f64, secs: u64) -> Value {
     let during = rss_mib(r.pid());
     std::thread::sleep(Duration::from_secs(20));
     let after = rss_mib(r.pid());
-    let listed = http("GET", &format!("{url}/workers"), None).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
+    let listed = http("GET", &format!("{url}/workers"), Some(ADMIN_KEY)).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
     let workers_after = listed.as_ref().and_then(|v| v["workers"].as_array().map(Vec::len)).unwrap_or(0);
-    json!({"seconds": secs, "added": added, "removed": removed, "admin_refused": refused,
+    json!({"seconds": secs, "warm_round": {"added": warm.0.0, "removed": warm.0.1, "completed": warm.1["completed"], "failed": warm.1["failed"]},
+           "added": added, "removed": removed, "admin_refused": refused,
            "completed": result["completed"], "failed": result["failed"], "workers_after": workers_after,
            "rss_mib_before": before, "rss_mib_during": during, "rss_mib_after": after})
 }
 
 fn main() {
+    if let Ok(from) = std::env::var("DISAGG_SCALE_REPLOT") {
+        // Draws target/scale.svg again from a saved report, running nothing.
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&from).unwrap()).unwrap();
+        let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale.svg");
+        plot::write(&svg, &report).unwrap();
+        return;
+    }
     let points: Vec<usize> = std::env::var("DISAGG_SCALE_POINTS")
         .unwrap_or_else(|_| "2,64,256,1024".into())
         .split(',')
@@ -342,7 +386,8 @@ fn main() {
         println!("churn: {}", serde_json::to_string_pretty(&c).unwrap());
         report["churn"] = c;
     }
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    println!("written: {}", out.display());
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::write(target.join("scale.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    plot::write(&target.join("scale.svg"), &report).unwrap();
+    println!("written: target/scale.json, target/scale.svg");
 }

@@ -6,7 +6,7 @@ pub(crate) mod client;
 pub(crate) mod dataset;
 pub(crate) mod fit;
 pub(crate) mod metrics;
-pub(crate) mod plot;
+pub mod plot;
 pub(crate) mod report;
 pub(crate) mod routing;
 pub(crate) mod trace;

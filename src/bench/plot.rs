@@ -12,7 +12,7 @@ use super::client::Output;
 const FONT_FILES: &[&str] =
     &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
-pub(crate) fn register_font() -> anyhow::Result<()> {
+pub fn register_font() -> anyhow::Result<()> {
     for f in FONT_FILES {
         if let Ok(bytes) = std::fs::read(f) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());

@@ -230,7 +230,7 @@ pub(crate) struct RouteArgs {
     #[arg(long, help_heading = "Circuit breaker")]
     pub(crate) disable_circuit_breaker: bool,
 
-    /// Seconds between health checks of all workers (checked concurrently).
+    /// Seconds between two health checks of a worker (the workers' checks spread over it).
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
     pub(crate) health_check_interval_secs: f64,
     /// Time limit of one health check.

@@ -180,7 +180,8 @@ struct AppliedTotals {
     batches: std::sync::atomic::AtomicU64,
     /// Blocks stored or removed.
     blocks: std::sync::atomic::AtomicU64,
-    /// Time spent applying them (the lock's wait included).
+    /// The applying threads' CPU time spent on them (a wait for the lock, or the thread
+    /// descheduled, is not counted).
     nanos: std::sync::atomic::AtomicU64,
 }
 
@@ -237,12 +238,12 @@ impl KvIndex {
     /// Applies one holder's events, in order; the write lock is taken per BLOCKS_PER_LOCK
     /// blocks, so a large batch never holds readers up for long.
     pub fn apply(&self, holder: &WorkerRank, events: &[KvEvent]) {
-        let started = std::time::Instant::now();
+        let started = thread_cpu_nanos();
         let blocks = self.apply_timed(holder, events);
         let totals = &self.applied;
         totals.batches.fetch_add(1, Ordering::Relaxed);
         totals.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
-        totals.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        totals.nanos.fetch_add(thread_cpu_nanos().saturating_sub(started), Ordering::Relaxed);
     }
 
     /// `apply`'s work; the blocks stored or removed.
@@ -408,6 +409,16 @@ impl KvIndex {
             .filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len())))
             .collect()
     }
+}
+
+/// This thread's CPU time, in nanoseconds (0 where it cannot be read).
+fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only the timespec passed.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
 }
 
 /// Forgets a holder: its entries, its state, and its id (free for the next holder).
