@@ -3,7 +3,8 @@
 //!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
 //!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
 //!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn run, 0: none;
-//!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot;
+//!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot, to
+//!                                     DISAGG_SCALE_PLOT=PATH.svg|png;
 //!                                     installs vllm-router with scripts/vllm-router-env.sh)
 //!
 //! Per point: N workers, half prefill and half decode, each a simulated engine with 8 DP
@@ -271,7 +272,10 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
     for policy in ["round_robin", "cache_aware", "kv_aware"] {
         if let Some(why) = &unstarted {
             // vllm-router did not start with these workers under one policy: not under the others either.
-            rows.insert(format!("vllm-router {policy}"), json!({"error": format!("not run: {}", why["error"].as_str().unwrap_or_default())}));
+            rows.insert(
+                format!("vllm-router {policy}"),
+                json!({"error": format!("not run: {}", why["error"].as_str().unwrap_or_default())}),
+            );
             continue;
         }
         let mut args = base.clone();
@@ -363,7 +367,8 @@ fn main() {
     if let Ok(from) = std::env::var("DISAGG_SCALE_REPLOT") {
         // Draws target/scale.svg again from a saved report, running nothing.
         let report: Value = serde_json::from_str(&std::fs::read_to_string(&from).unwrap()).unwrap();
-        let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale.svg");
+        let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(std::env::var("DISAGG_SCALE_PLOT").unwrap_or_else(|_| "target/scale.svg".into()));
         plot::write(&svg, &report).unwrap();
         return;
     }
