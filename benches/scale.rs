@@ -18,7 +18,7 @@
 //! end-to-end latency (the simulators answer in microseconds: the rest is the routers'
 //! and the legs'), its RSS, and for disagg route the index's blocks, apply rate (blocks
 //! over the time spent applying them, while serving) and KV event batches per second.
-//! The simulators' own idle CPU per engine is reported too.
+//! The simulators' own CPU is reported too: per engine idle, and per request under load.
 //!
 //! The churn run: 64 workers serving the same rate while 1,000 workers a minute are added
 //! and removed through the admin API (from a spare set of 256 more engines), twice: a warm
@@ -181,8 +181,9 @@ fn load(url: &str, rate: f64, secs: u64, tag: &str) -> Value {
     v
 }
 
-/// One router at one point: idle cost, then the load.
-fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag: &str) -> Value {
+/// One router at one point: idle cost, then the load (`sims`: the simulators' processes,
+/// whose CPU per request is reported too).
+fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag: &str, sims: &[u32]) -> Value {
     let t = Instant::now();
     let Some(r) = router(program, args) else {
         return json!({"error": format!("not healthy within {} s of its start", t.elapsed().as_secs())});
@@ -195,10 +196,13 @@ fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag
     let idle_core = (cpu_secs(r.pid()) - c0) / 10.0;
     let m0 = http("GET", &format!("{}/metrics", r.urls[0]), None).map(|(_, b)| b).unwrap_or_default();
     let c1 = cpu_secs(r.pid());
+    let sims_cpu = || sims.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+    let s1 = sims_cpu();
     let t = Instant::now();
     let result = load(&r.urls[0], rate, secs, tag);
     let wall = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(r.pid()) - c1;
+    let sim_cpu = sims_cpu() - s1;
     let m1 = http("GET", &format!("{}/metrics", r.urls[0]), None).map(|(_, b)| b).unwrap_or_default();
     let done = result["completed"].as_f64().unwrap_or(0.0);
     let mut row = json!({
@@ -207,6 +211,7 @@ fn measure(program: &str, args: Vec<String>, rate: f64, secs: u64, kv: bool, tag
         // The router's CPU while loaded, less what it spends idle over as long (reported apart).
         "cpu_ms_per_request": (cpu - idle_core * wall).max(0.0) * 1e3 / done.max(1.0),
         "cpu_ms_per_request_gross": cpu * 1e3 / done.max(1.0),
+        "sim_cpu_ms_per_request": sim_cpu * 1e3 / done.max(1.0),
         "completed": done,
         "failed": result["failed"],
         "p50_e2e_ms": result["median_e2el_ms"],
@@ -265,7 +270,7 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
     let mut rows = serde_json::Map::new();
     let mut disagg = vec!["route".to_string(), "--policy".into(), "kv_aware".into()];
     disagg.extend(base.iter().cloned());
-    let row = measure(BIN, disagg, rate, secs, true, &format!("d{n}"));
+    let row = measure(BIN, disagg, rate, secs, true, &format!("d{n}"), &[prefill.pid(), decode.pid()]);
     println!("{n} workers, disagg route kv_aware: {row}");
     rows.insert("disagg route kv_aware".into(), row);
     let mut unstarted: Option<Value> = None;
@@ -287,7 +292,7 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
             }
             args.extend(["--kv-event-block-size".into(), "16".into(), "--kv-event-model".into(), "sim-model".into()]);
         }
-        let row = measure(vr, args, rate, secs, false, &format!("v{policy}{n}"));
+        let row = measure(vr, args, rate, secs, false, &format!("v{policy}{n}"), &[prefill.pid(), decode.pid()]);
         println!("{n} workers, vllm-router {policy}: {row}");
         if row.get("error").is_some() {
             unstarted = Some(row.clone());
