@@ -7,7 +7,6 @@
 //! runtime, the tokenizer and the TLS files.
 
 use crate::api::connector::MOONCAKE_BOOTSTRAP_PORT;
-use crate::api::kv_events::{offset_endpoint, KvEventsConfig};
 
 use super::server::config::SimArgs;
 
@@ -69,12 +68,8 @@ impl SimArgs {
             None => Some(MOONCAKE_BOOTSTRAP_PORT + i).filter(|_| self.kv_connector == super::Connector::Mooncake),
         };
         if let Ok(Some(cfg)) = self.kv_events() {
-            let shift = usize::from(i) * usize::from(dp);
-            let shifted = KvEventsConfig {
-                endpoint: offset_endpoint(&cfg.endpoint, shift),
-                replay_endpoint: cfg.replay_endpoint.as_deref().map(|e| offset_endpoint(e, shift)),
-                ..cfg
-            };
+            // The endpoints moved as rank i × DP's would be (vLLM's own offset).
+            let shifted = cfg.for_rank(usize::from(i) * usize::from(dp));
             a.kv_events_config = Some(serde_json::to_string(&shifted).expect("a config serialises"));
         }
         a

@@ -30,8 +30,8 @@ const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 const SLICES: u64 = 16;
 
 /// The slice of `SLICES` a worker's checks fall in.
-pub(crate) fn slice_of(url: &str, slices: u64) -> u64 {
-    crate::api::fnv1a(crate::api::FNV_OFFSET, url.as_bytes()) % slices
+fn slice_of(url: &str) -> u64 {
+    crate::api::fnv1a(crate::api::FNV_OFFSET, url.as_bytes()) % SLICES
 }
 
 pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: Connector) {
@@ -56,7 +56,7 @@ pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: C
             pool.remove_drained();
         }
         let workers = topology.workers();
-        let due = workers.iter().filter(|w| n == 0 || slice_of(&w.url, SLICES) == slice || (recheck_down && !w.is_healthy()));
+        let due = workers.iter().filter(|w| n == 0 || slice_of(&w.url) == slice || (recheck_down && !w.is_healthy()));
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;

@@ -426,7 +426,7 @@ impl Engine {
     /// while some lease is still live.
     pub(crate) fn expire_leases(&self) -> bool {
         let now = Instant::now();
-        let expired = {
+        let (expired, live) = {
             let mut guard = self.lock();
             let State { cache, held, pushed, abandoned, .. } = &mut *guard;
             let before = held.len() + pushed.len();
@@ -448,7 +448,6 @@ impl Engine {
             abandoned.retain(|_, until| *until > now);
             (before - held.len() - pushed.len(), !(held.is_empty() && pushed.is_empty() && abandoned.is_empty()))
         };
-        let (expired, live) = expired;
         if expired > 0 {
             bump(&self.stats.leases_expired, expired);
             self.wake.notify_one();
