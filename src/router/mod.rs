@@ -97,7 +97,6 @@ pub(crate) fn build(cfg: RouterConfig) -> anyhow::Result<Router> {
             retry: cfg.retry.clone(),
             budget: pair::retry::RetryBudget::new(&cfg.retry),
             metrics: metrics.clone(),
-            prefill_time: pair::prefill_time::PrefillTime::default(),
             decode_alone_tokens: cfg.kv_aware_decode_alone_tokens,
             slo: cfg.elastic.slo,
             lean: Default::default(),

@@ -260,6 +260,8 @@ async fn serve(
     let leg_priority =
         if router.cfg.flow_control.orders() { LegPriority::Set(priority.to_string().into_bytes()) } else { LegPriority::AsSent };
     let transit = permit.transit();
+    // Shared with the pair (Job::admitted): it goes back when both are over.
+    let permit = Arc::new(permit);
     let t = &router.cfg.timeouts;
     let leg = LegTemplate {
         path: ep.path(),
@@ -286,7 +288,15 @@ async fn serve(
     }
     let info = info_for(router, headers, &body, ep.dialect()).await;
     let bodies = LegBodies::shaped(body, leg_shape).with_priority(leg_priority);
-    let job = Arc::new(Job { bodies, info, leg, delivery: Delivery::from(shape.gen.stream), transit, prediction: Default::default() });
+    let job = Arc::new(Job {
+        bodies,
+        info,
+        leg,
+        delivery: Delivery::from(shape.gen.stream),
+        transit,
+        prediction: Default::default(),
+        admitted: Some(held.permit.clone()),
+    });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {
             held.record.first_output();

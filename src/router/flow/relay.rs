@@ -35,9 +35,9 @@ use crate::router::workers::Lease;
 
 /// What a request holds until its answer is over.
 pub(crate) struct Held {
-    /// Held for its drop: the admission permit goes back when the answer is over.
-    #[expect(dead_code, reason = "held for its drop")]
-    pub(crate) permit: crate::router::admission::Permit,
+    /// The admission permit goes back when the answer is over (and the pair's legs, which
+    /// hold it too: Job::admitted).
+    pub(crate) permit: Arc<crate::router::admission::Permit>,
     /// The worker ranks answering (their in-flight counts are released with the body).
     pub(crate) leases: Vec<Lease>,
     pub(crate) record: RequestRecord,

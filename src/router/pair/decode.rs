@@ -86,11 +86,9 @@ pub(super) enum Opening {
 impl<S: LegSender> Pairs<S> {
     /// One pair attempt, in a task of its own, so that it keeps the prefill's KV from
     /// being stranded when the client leaves (the handler is then dropped, closing `tx`):
-    /// - during the prefill leg: the prefill gets a grace to answer (PrefillTime::grace).
-    ///   Real vLLM can have finished computing (and be holding the KV for a decode) a few
-    ///   milliseconds before it answers; if the answer comes, the decode leg is sent as
-    ///   below. Otherwise the prefill request is dropped, which makes vLLM abort it and
-    ///   free its KV.
+    /// - during the prefill leg: the prefill leg runs on to its answer (prefill_then_decode:
+    ///   real vLLM can hold a finished prefill's KV before it answers, where an abort
+    ///   would come too late), and the decode leg is sent as below.
     /// - after the prefill answered (or alongside it, for a connector that sends both at
     ///   once): the decode leg is kept until the decode has taken the KV (decode_leg),
     ///   then dropped, which makes vLLM abort it.
@@ -99,7 +97,7 @@ impl<S: LegSender> Pairs<S> {
         let opened = if self.connector.sends_decode_alongside() {
             self.prefill_alongside_decode(&job, &decode, &mut avoid_p, avoidance, &mut tx).await
         } else {
-            self.prefill_then_decode(&job, &decode, &mut avoid_p, avoidance, &mut tx).await
+            self.prefill_then_decode(&job, &decode, &mut avoid_p, avoidance, &tx).await
         };
         let Opened { prefill_worker, prefill_rank, req, mut first } = match opened {
             Opening::Opened(o) => o,

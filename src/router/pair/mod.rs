@@ -13,7 +13,6 @@ pub(crate) mod elastic;
 pub(crate) mod failure;
 mod job;
 mod prefill;
-pub(crate) mod prefill_time;
 pub(crate) mod rename;
 pub(crate) mod retry;
 #[cfg(test)]
@@ -37,7 +36,6 @@ use crate::router::workers::{Lease, NoWorker, Pool};
 use decode::{PairOutcome, Pick};
 use failure::Failure;
 pub(crate) use job::{Answer, Delivery, Job, LegTemplate};
-use prefill_time::PrefillTime;
 use retry::{RetryBudget, RetryConfig};
 pub(crate) use sender::{HttpLegs, LegSender};
 use verdict::Verdict;
@@ -50,7 +48,6 @@ pub(crate) struct Pairs<S = HttpLegs> {
     pub(crate) retry: RetryConfig,
     pub(crate) budget: RetryBudget,
     pub(crate) metrics: Arc<RouterMetrics>,
-    pub(crate) prefill_time: PrefillTime,
     /// kv_aware: a decode holding all but at most this many prompt tokens prefills them
     /// itself (no prefill leg); 0: never.
     pub(crate) decode_alone_tokens: usize,

@@ -28,43 +28,50 @@ struct PrefillDone {
 }
 
 impl<S: LegSender> Pairs<S> {
-    /// NIXL, P2pNccl: the prefill leg (with a grace when the client leaves), then the
-    /// decode leg made from its answer.
+    /// NIXL, P2pNccl: the prefill leg, then the decode leg made from its answer. A client
+    /// that leaves during the prefill leg does not end it: real vLLM can have finished the
+    /// prefill (and hold its KV for a decode) before its answer arrives, and an abort then
+    /// comes too late and strands that KV for the engine's lease. So the leg runs to its
+    /// answer (within its timeout; not retried once the client has gone), and the decode
+    /// leg made from it takes the KV (decode_leg). The pair keeps the request's admission
+    /// permit meanwhile (Job::admitted), so clients that leave cannot pile up work.
     pub(super) async fn prefill_then_decode(
         &self,
         job: &Job,
         decode: &Lease,
         avoid_p: &mut Vec<String>,
         avoidance: Avoidance,
-        tx: &mut oneshot::Sender<PairOutcome>,
+        client: &oneshot::Sender<PairOutcome>,
     ) -> Opening {
-        let started = Instant::now();
-        let prefilled = {
-            let prefill = self.prefill_leg(job, decode.worker(), avoid_p, avoidance);
-            tokio::pin!(prefill);
-            tokio::select! {
-                biased;
-                done = &mut prefill => done,
-                () = tx.closed() => match tokio::time::timeout(self.prefill_time.grace(started.elapsed(), job.leg.prefill_timeout), prefill).await {
-                    Ok(done) => done,
-                    Err(_) => return Opening::Abandoned,
-                },
-            }
-        };
-        match prefilled {
+        match self.prefill_leg(job, decode.worker(), avoid_p, avoidance, client).await {
             Ok(done) => {
                 let req = job.decode_request(self.connector.decode_body(&job.bodies, done.params.as_deref()), done.leg_id);
                 Opening::Opened(Opened { prefill_worker: done.worker, prefill_rank: done.rank, req, first: None })
             }
+            Err(_) if client.is_closed() => Opening::Abandoned,
             Err(f) => Opening::Over(PairOutcome::Final(f)),
         }
     }
 
-    /// The prefill leg (for the reserved `decode`), retried on other prefill workers.
-    async fn prefill_leg(&self, job: &Job, decode: &Worker, avoid: &mut Vec<String>, avoidance: Avoidance) -> Result<PrefillDone, Failure> {
+    /// The prefill leg (for the reserved `decode`), retried on other prefill workers while
+    /// the client waits.
+    async fn prefill_leg(
+        &self,
+        job: &Job,
+        decode: &Worker,
+        avoid: &mut Vec<String>,
+        avoidance: Avoidance,
+        client: &oneshot::Sender<PairOutcome>,
+    ) -> Result<PrefillDone, Failure> {
         let mut last: Option<Failure> = None;
         let mut attempt = 0;
         loop {
+            // A failed attempt is not tried again for a client that has gone.
+            if client.is_closed() {
+                if let Some(f) = last.take() {
+                    return Err(f);
+                }
+            }
             let mut lease = self.prefill_attempt(job, decode, avoid, avoidance, attempt, &mut last).await?;
             attempt += 1;
             self.predict_pair(job, lease.worker(), decode);
@@ -81,7 +88,6 @@ impl<S: LegSender> Pairs<S> {
                 Ok(answer) => {
                     lease.succeeded();
                     self.metrics.leg_time(LegTime::Prefill, t);
-                    self.prefill_time.observe(t.elapsed());
                     if let Some(work) = work {
                         lease.worker().latency.observe_prefill(work.ahead, t.elapsed().as_secs_f64() * 1e3);
                     }
@@ -208,7 +214,6 @@ impl<S: LegSender> Pairs<S> {
                 Some(Ok(answer)) => {
                     lease.succeeded();
                     self.metrics.leg_time(LegTime::Prefill, t);
-                    self.prefill_time.observe(t.elapsed());
                     // The prefill kept no KV (its engine did not finish it on the length
                     // cap): the decode prefills locally instead.
                     let req = if first.is_none() && answer.kv == PrefillKv::NotKept {

@@ -68,7 +68,6 @@ fn setup(topology: Topology, connector: Connector, cfg: RetryConfig) -> Setup {
         budget: RetryBudget::new(&cfg),
         retry: cfg,
         metrics: Arc::new(RouterMetrics::new()),
-        prefill_time: PrefillTime::default(),
         decode_alone_tokens: 0,
         slo: None,
         lean: Default::default(),
@@ -96,6 +95,7 @@ fn job(delivery: Delivery) -> Arc<Job> {
         delivery,
         transit: None,
         prediction: Default::default(),
+        admitted: None,
     })
 }
 
@@ -397,17 +397,25 @@ async fn client_leaves_after(s: &Setup, job: Arc<Job>, ms: u64) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn client_leaving_during_prefill_drops_it_after_a_grace_and_sends_no_decode() {
-    let s = pd(Connector::Nixl, &[P1], &[D1], retry(3));
-    s.script.on(P1, [Step::Hang]);
+async fn client_leaving_during_prefill_keeps_it_to_its_timeout_and_tries_nothing_else() {
+    let s = pd(Connector::Nixl, &[P1, P2], &[D1], retry(3));
+    s.script.on(P1, [after(30_000, Step::Prefill(Err(LegError::Timeout(Duration::from_secs(30)))))]);
+    s.script.on(P2, [prefilled()]);
     let start = Instant::now();
     client_leaves_after(&s, job(Delivery::Whole), 100).await;
-    let legs = s.script.legs();
-    assert_eq!(s.script.order(), [format!("Prefill {P1}")]);
-    let (end, at) = legs[0].end.unwrap();
-    assert_eq!(end, End::Dropped);
-    let kept = at - start;
-    assert!(kept >= Duration::from_millis(1100) && kept < Duration::from_secs(2), "kept {kept:?}: a grace of at least 1 s");
+    assert_eq!(s.script.order(), [format!("Prefill {P1}")], "no other prefill, no decode, once the client has gone");
+    let (end, at) = s.script.legs()[0].end.unwrap();
+    assert_eq!((end, at - start), (End::Answered, Duration::from_secs(30)), "kept to its end, not dropped when the client left");
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_leaving_during_a_long_prefill_still_frees_its_kv() {
+    let s = pd(Connector::Nixl, &[P1], &[D1], retry(3));
+    s.script.on(P1, [after(20_000, prefilled())]);
+    s.script.on(D1, [Step::Hang]);
+    client_leaves_after(&s, job(Delivery::Whole), 100).await;
+    assert_eq!(s.script.order(), [format!("Prefill {P1}"), format!("Answer {D1}")], "the decode is sent to pull the KV");
+    assert_eq!(s.script.legs()[0].end.unwrap().0, End::Answered);
 }
 
 #[tokio::test(start_paused = true)]
