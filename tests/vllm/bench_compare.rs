@@ -2,11 +2,59 @@
 //! through the router.
 
 use std::path::PathBuf;
+use std::process::Stdio;
 
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use super::support::*;
 use super::Env;
+
+/// `vllm bench serve` from one Python process (tests/vllm/bench_serve.py): vLLM's parser
+/// and entry point per run, vLLM imported once.
+struct VllmBenchServe {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl VllmBenchServe {
+    fn start(venv: &str) -> VllmBenchServe {
+        let mut child = tokio::process::Command::new(format!("{venv}/bin/python"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vllm/bench_serve.py"))
+            .env("HF_HUB_OFFLINE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tests/vllm/bench_serve.py");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Its stderr (vLLM's logs) is read on, so that the pipe never fills.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+        VllmBenchServe { _child: child, stdin, stdout }
+    }
+
+    /// One `vllm bench serve` run with these arguments: what it printed, or a panic with it.
+    async fn run(&mut self, args: &[String]) -> String {
+        let mut line = serde_json::to_string(args).unwrap();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.unwrap();
+        let mut printed = String::new();
+        loop {
+            let Some(l) = self.stdout.next_line().await.unwrap() else { panic!("vllm bench serve exited:\n{printed}") };
+            if let Some(code) = l.strip_prefix("@@done ") {
+                assert_eq!(code, "0", "vllm bench serve failed:\n{printed}");
+                return printed;
+            }
+            printed.push_str(&l);
+            printed.push('\n');
+        }
+    }
+}
 
 /// Runs `vllm bench serve` and `disagg bench` back to back on one ShareGPT workload and
 /// compares (alternating, three times; each tool's best run). Counts must be equal. Latencies:
@@ -63,6 +111,7 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
         .collect()
     };
     let targets = [("plain", e.plain.url.clone()), ("router-1p1d", e.router.url.clone())];
+    let mut vllm = VllmBenchServe::start(&venv);
     let read = |p: &PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
     for (name, url) in targets {
@@ -75,19 +124,7 @@ pub async fn bench_agrees_with_vllm(e: &mut Env) {
             assert!(out.status.success(), "disagg bench: {}", String::from_utf8_lossy(&out.stderr));
             ours.push(read(&o));
             let t = dir.join(format!("vllm-{name}-{round}.json"));
-            let out = tokio::process::Command::new(format!("{venv}/bin/vllm"))
-                .args(["bench", "serve"])
-                .args(common(&url, &t))
-                .env("HF_HUB_OFFLINE", "1")
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "vllm bench serve: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            vllm.run(&common(&url, &t)).await;
             theirs.push(read(&t));
         }
         for (a, b) in ours.iter().zip(&theirs) {
@@ -180,14 +217,7 @@ pub async fn timed_trace_agrees_with_vllm(e: &mut Env) {
     let (o, t) = (dir.join("trace-disagg.json"), dir.join("trace-vllm.json"));
     let out = tokio::process::Command::new(BIN).arg("bench").args(args(&o)).output().await.unwrap();
     assert!(out.status.success(), "disagg bench: {}", String::from_utf8_lossy(&out.stderr));
-    let out = tokio::process::Command::new(format!("{venv}/bin/vllm"))
-        .args(["bench", "serve"])
-        .args(args(&t))
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "vllm bench serve: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    VllmBenchServe::start(&venv).run(&args(&t)).await;
     let read = |p: &PathBuf| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
     let (ours, theirs) = (read(&o), read(&t));
     for k in ["completed", "failed", "total_input_tokens", "total_output_tokens"] {

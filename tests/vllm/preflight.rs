@@ -31,7 +31,13 @@ pub async fn preflight_with_vllm() {
     let model = script_var("vllm-env.sh", "MODEL");
     let dir = crate::fresh_dir("preflight");
     let version = String::from_utf8(
-        Command::new(format!("{venv}/bin/python")).args(["-c", "import vllm; print(vllm.__version__)"]).output().unwrap().stdout,
+        // The installed distribution's version without its local label (`0.32.0+cpu`:
+        // `vllm.__version__` is 0.32.0), read without importing vLLM.
+        Command::new(format!("{venv}/bin/python"))
+            .args(["-c", "from importlib.metadata import version; print(version('vllm').split('+')[0])"])
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap();
     let version = version.lines().last().unwrap().trim().to_string();
