@@ -63,7 +63,7 @@ pub(crate) async fn run(
             delivery,
             transit: marks.transit.clone(),
             prediction: Default::default(),
-            admitted: Some(held.permit.clone()),
+            admitted: Some(held.permit.clone() as Arc<dyn Send + Sync>),
         }));
     }
     let answers = match futures_util::future::try_join_all(jobs.into_iter().map(|job| router.pairs.run(job))).await {

@@ -295,7 +295,7 @@ async fn serve(
         delivery: Delivery::from(shape.gen.stream),
         transit,
         prediction: Default::default(),
-        admitted: Some(held.permit.clone()),
+        admitted: Some(held.permit.clone() as Arc<dyn Send + Sync>),
     });
     match router.pairs.run(job.clone()).await {
         Ok(answer) => {

@@ -76,10 +76,11 @@ pub(crate) struct Job {
     pub(crate) transit: Option<Arc<Transit>>,
     /// slo_aware: the TTFT predicted for the layout chosen.
     pub(crate) prediction: super::elastic::TtftPrediction,
-    /// The admission permit, shared with the handler: a pair that goes on for a client
-    /// that left (its legs run to where no KV is held) keeps its place in the limits.
+    /// The request's admission permit (flow/ passes it; pair/ only holds it, so it does
+    /// not name admission's type), shared with the handler: a pair that goes on for a
+    /// client that left (its legs run to where no KV is held) keeps its place in the limits.
     #[expect(dead_code, reason = "held for its drop")]
-    pub(crate) admitted: Option<Arc<crate::router::admission::Permit>>,
+    pub(crate) admitted: Option<Arc<dyn Send + Sync>>,
 }
 
 impl Job {
