@@ -191,6 +191,16 @@ async fn workers_join_drain_and_leave_under_load_and_nothing_is_lost() {
         .await,
         "a joined decode serves"
     );
+    // As an operator does: the new prefill healthy before the old one drains (until its
+    // first check passes, draining the only healthy prefill leaves none: 503s).
+    let healthy = |url: String| {
+        let r = r.url.clone();
+        async move {
+            let w = admin(reqwest::Method::GET, &format!("{r}/workers"), None, Some(KEY)).await.1;
+            w["workers"].as_array().unwrap().iter().any(|w| w["url"] == json!(url) && w["healthy"] == true)
+        }
+    };
+    assert!(eventually(Duration::from_secs(5), || healthy(p[1].url.clone())).await, "the joined prefill is healthy");
     // Drain the first prefill: it takes nothing new and leaves once idle.
     let (status, v) = post_admin(&format!("{}/workers/{}/drain", r.url, enc(&p[0].url))).await;
     assert_eq!(status, 200, "{v}");

@@ -1,6 +1,7 @@
 //! Health: every worker is checked once every interval, spread over it (each worker in
 //! one of [`SLICES`] slices by its URL's hash, so a thousand workers are never checked in
-//! one burst), and a worker that is down is rechecked every second too, so one that comes up (or back) is used within a
+//! one burst), a worker just added is checked at the next slice's tick, and a worker that
+//! is down is rechecked every second too, so one that comes up (or back) is used within a
 //! second. A worker is used as soon as its first check passes (the router serves once one
 //! prefill and one decode are up, without waiting for the rest); after that, the failure
 //! and success thresholds apply. A connection error on a live request marks a worker down
@@ -49,14 +50,14 @@ pub(crate) async fn run(topology: Arc<Topology>, cfg: HealthConfig, connector: C
     for n in 0u64.. {
         tick.tick().await;
         // The first tick checks every worker (the router serves once one of each role is
-        // up); then each tick its slice, and those down every second.
+        // up); then each tick a worker just added, its slice, and those down every second.
         let slice = n % SLICES;
         let recheck_down = n % down_every == 0;
         for pool in topology.pools() {
             pool.remove_drained();
         }
         let workers = topology.workers();
-        let due = workers.iter().filter(|w| n == 0 || slice_of(&w.url) == slice || (recheck_down && !w.is_healthy()));
+        let due = workers.iter().filter(|w| n == 0 || w.never_checked() || slice_of(&w.url) == slice || (recheck_down && !w.is_healthy()));
         let checks = due.map(|w| {
             let client = &client;
             let cfg = &cfg;

@@ -44,6 +44,8 @@ pub(crate) struct Worker {
     pub(super) served_ranks: AtomicUsize,
     pub(super) healthy: AtomicBool,
     pub(super) ever_healthy: AtomicBool,
+    /// A health check has been recorded (a worker just added is checked at the next tick).
+    pub(super) checked: AtomicBool,
     pub(super) failures: AtomicU32,
     pub(super) successes: AtomicU32,
     /// Why the last failed check failed, as last logged (a new reason is logged once).
@@ -75,6 +77,7 @@ impl Worker {
             served_ranks: AtomicUsize::new(dp_size.max(1)),
             healthy: AtomicBool::new(false),
             ever_healthy: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
             last_failure: std::sync::Mutex::default(),
@@ -191,8 +194,14 @@ impl Worker {
         }
     }
 
+    /// No health check has been recorded yet.
+    pub(crate) fn never_checked(&self) -> bool {
+        !self.checked.load(Ordering::Relaxed)
+    }
+
     /// Applies one health check result with the configured thresholds.
     pub(crate) fn record_check(&self, ok: bool, cfg: &HealthConfig, detail: &str) {
+        self.checked.store(true, Ordering::Relaxed);
         if ok {
             self.failures.store(0, Ordering::Relaxed);
             self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clear();
