@@ -133,12 +133,12 @@ pub(crate) struct HolderStatus {
 #[derive(Default)]
 struct Inner {
     /// Our block key -> who holds it, for each block size.
-    blocks: FastMap<usize, FastMap<u64, Holders>>,
+    blocks: HashMap<usize, FastMap<u64, Holders>>,
     /// Holders by a small id; ids of dropped holders are reused.
-    ids: FastMap<WorkerRank, u32>,
+    ids: HashMap<WorkerRank, u32>,
     names: Vec<Option<WorkerRank>>,
     free: Vec<u32>,
-    states: FastMap<u32, HolderState>,
+    states: HashMap<u32, HolderState>,
 }
 
 impl Inner {
@@ -288,7 +288,12 @@ impl KvIndex {
                     for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(block_size)) {
                         h = chain(h, block);
                         state.ours.insert(*engine_hash, h);
-                        blocks.entry(h).and_modify(|holders| holders.insert(id)).or_insert(Holders::One(id));
+                        match blocks.get_mut(&h) {
+                            Some(holders) => holders.insert(id),
+                            None => {
+                                blocks.insert(h, Holders::One(id));
+                            }
+                        }
                     }
                 }
                 KvEvent::Removed { hashes } => {
