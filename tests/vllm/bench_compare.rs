@@ -26,15 +26,12 @@ impl VllmBenchServe {
             .env("HF_HUB_OFFLINE", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start tests/vllm/bench_serve.py");
         let stdin = child.stdin.take().unwrap();
+        // Its standard error goes to its standard output (bench_serve.py), read per run.
         let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        // Its stderr (vLLM's logs) is read on, so that the pipe never fills.
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
         VllmBenchServe { _child: child, stdin, stdout }
     }
 

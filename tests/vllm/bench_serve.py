@@ -3,12 +3,17 @@ JSON list of the words after `vllm bench serve`; each run goes through vLLM's ow
 (`vllm.benchmarks.serve.add_cli_args`) and entry point (`main`), as the CLI's `serve`
 subcommand calls them (vllm/entrypoints/cli/benchmark/serve.py), and ends with the line
 `@@done <exit code>` on stdout. vLLM is imported once, not once per run: on this 2-core
-machine the import is most of a short run's time (tests/vllm/bench_compare.rs).
+machine the import is most of a short run's time (tests/vllm/bench_compare.rs). Standard
+error is standard output, so a failed run's traceback and vLLM's own messages come before
+its `@@done` line, where the test shows them.
 """
 
 import json
+import os
 import sys
 import traceback
+
+os.dup2(1, 2)
 
 from vllm.benchmarks.serve import add_cli_args, main
 from vllm.utils.argparse_utils import FlexibleArgumentParser
