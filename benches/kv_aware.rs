@@ -75,6 +75,89 @@ fn index_cost() {
     );
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Caches {
+    Warm,
+    Cold,
+}
+
+/// Serving-shaped batches, as engines publish them while serving: each batch one rank's
+/// eviction of 16 blocks and its storing of 16 new ones continuing a cached 16-block
+/// prefix, round-robin over `holders` ranks of `capacity` blocks each; applied back to
+/// back (sustained), timed by the index's own CPU clock (what /metrics reports). `Cold`:
+/// 48 MiB (more than this machine's L3) is swept between batches, as other work between
+/// the batches of a trickle of events leaves the caches cold for the next.
+fn serving_batches(holders: usize, capacity: usize, caches: Caches) {
+    let index = KvIndex::default();
+    let names: Vec<WorkerRank> =
+        (0..holders).map(|h| WorkerRank { url: format!("http://10.0.{}.{}:8000", h / 8 / 256, h / 8 % 256), rank: h % 8 }).collect();
+    let run = 16usize;
+    // Per holder: the engine hashes it holds, oldest first.
+    let mut held: Vec<std::collections::VecDeque<u64>> = vec![Default::default(); holders];
+    let prefix: Vec<u32> = (0..(run * BLOCK) as u32).collect();
+    let mut next_hash = 1u64 << 40;
+    let mut seed = 1u32;
+    let mut batch = |h: usize, held: &mut std::collections::VecDeque<u64>| -> Vec<KvEvent> {
+        let mut events = Vec::new();
+        if held.is_empty() {
+            let hashes: Vec<u64> = (0..run as u64).map(|k| (h as u64) << 20 | k).collect();
+            held.extend(&hashes);
+            events.push(KvEvent::Stored { hashes, parent: None, token_ids: prefix.clone(), block_size: BLOCK });
+        }
+        if held.len() + run > capacity {
+            let gone: Vec<u64> = held.drain(run..run * 2).collect();
+            events.push(KvEvent::Removed { hashes: gone });
+        }
+        seed = seed.wrapping_add(1);
+        let e = run_of(seed, Some(held[run - 1]), next_hash, run);
+        if let KvEvent::Stored { hashes, .. } = &e {
+            held.extend(hashes);
+        }
+        next_hash += run as u64;
+        events.push(e);
+        events
+    };
+    // Warm: every holder fills its cache.
+    for _ in 0..capacity / run {
+        for (h, q) in held.iter_mut().enumerate() {
+            index.apply(&names[h], &batch(h, q));
+        }
+    }
+    let totals = |i: &KvIndex| {
+        let t = i.applied_totals();
+        (t.blocks, t.nanos)
+    };
+    let (b0, n0) = totals(&index);
+    let wall = Instant::now();
+    let batches = match caches {
+        Caches::Warm => (2_000_000 / (run * 2)).max(holders),
+        Caches::Cold => 2_000,
+    };
+    let mut sweep = vec![0u8; 48 << 20];
+    let mut made = std::time::Duration::ZERO;
+    for h in (0..holders).cycle().take(batches) {
+        let t = Instant::now();
+        let events = batch(h, &mut held[h]);
+        if caches == Caches::Cold {
+            for line in sweep.chunks_mut(64) {
+                line[0] = line[0].wrapping_add(1);
+            }
+        }
+        made += t.elapsed();
+        index.apply(&names[h], &events);
+    }
+    std::hint::black_box(&sweep);
+    let (b1, n1) = totals(&index);
+    let blocks = (b1 - b0) as f64;
+    let wall = (wall.elapsed() - made).as_secs_f64();
+    println!(
+        "serving-shaped, {caches:?} caches: {holders} ranks x {capacity} blocks ({} indexed): {:.2} M blocks/s by the index's CPU clock, {:.2} by wall time ({batches} batches)",
+        index.sizes().values().sum::<usize>(),
+        blocks / ((n1 - n0) as f64 / 1e9) / 1e6,
+        blocks / wall / 1e6,
+    );
+}
+
 fn per_request(tokenizer: Option<&disagg::tokenize::ModelTokenizer>) {
     let index = KvIndex::default();
     let holder = WorkerRank { url: "http://10.0.0.1:8000".into(), rank: 0 };
@@ -178,6 +261,11 @@ fn conversation(model: &str) {
 
 fn main() {
     index_cost();
+    for caches in [Caches::Warm, Caches::Cold] {
+        for (holders, capacity) in [(16, 256), (8192, 64), (8192, 512)] {
+            serving_batches(holders, capacity, caches);
+        }
+    }
     let model = std::env::var("DISAGG_MODEL").ok();
     let tokenizer = model.as_ref().map(|dir| disagg::tokenize::ModelTokenizer::load(dir).expect("DISAGG_MODEL: a model directory"));
     per_request(tokenizer.as_ref());

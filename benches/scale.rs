@@ -3,6 +3,8 @@
 //!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
 //!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
 //!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn run, 0: none;
+//!                                     DISAGG_SCALE_INTAKE=1024 workers for the intake run,
+//!                                     0: none, DISAGG_SCALE_INTAKE_CHURN=32 blocks/s a rank;
 //!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot, to
 //!                                     DISAGG_SCALE_PLOT=PATH.svg|png;
 //!                                     installs vllm-router with scripts/vllm-router-env.sh)
@@ -19,6 +21,11 @@
 //! and the legs'), its RSS, and for disagg route the index's blocks, apply rate (blocks
 //! over the time spent applying them, while serving) and KV event batches per second.
 //! The simulators' own CPU is reported too: per engine idle, and per request under load.
+//!
+//! The intake run: KV events sustained while serving. The same workers and load, each rank
+//! also turning its cache over with traffic the router does not see (`disagg sim
+//! --kv-cache-churn`): the index's apply rate, the blocks a second received, the router's
+//! idle CPU (now mostly intake) and the requests' latency.
 //!
 //! The churn run: 64 workers serving the same rate while 1,000 workers a minute are added
 //! and removed through the admin API (from a spare set of 256 more engines), twice: a warm
@@ -73,23 +80,23 @@ struct Ports {
     kv: u16,
 }
 
-/// `n` simulated engines of `role` in one process; their URLs from the banners.
-fn sims(role: &str, n: usize, ports: &Ports) -> Proc {
+/// `n` simulated engines of `role` in one process (`extra`: more `disagg sim` flags);
+/// their URLs from the banners.
+fn sims(role: &str, n: usize, ports: &Ports, extra: &[&str]) -> Proc {
     let events = format!(r#"{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:{}","topic":"kv-events"}}"#, ports.kv);
-    let args = [
+    let (n_text, http_port, side_port, dp) = (n.to_string(), ports.http.to_string(), ports.side.to_string(), DP.to_string());
+    let mut args = vec![
         "sim",
         "--instances",
-        &n.to_string(),
+        &n_text,
         "--role",
         role,
         "--port",
-        &ports.http.to_string(),
+        &http_port,
         "--side-channel-port",
-        &ports.side.to_string(),
+        &side_port,
         "--data-parallel-size",
-        &DP.to_string(),
-        "--kv-blocks",
-        "2048",
+        &dp,
         "--max-num-seqs",
         "256",
         // kv_aware keys text prompts through the engines' render endpoint.
@@ -97,6 +104,10 @@ fn sims(role: &str, n: usize, ports: &Ports) -> Proc {
         "--kv-events-config",
         &events,
     ];
+    if !extra.contains(&"--kv-blocks") {
+        args.extend(["--kv-blocks", "2048"]);
+    }
+    args.extend_from_slice(extra);
     let mut child = Command::new(BIN).args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut urls = Vec::new();
@@ -260,7 +271,7 @@ fn ports(decode: bool) -> Ports {
 }
 
 fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
-    let (prefill, decode) = (sims("prefill", n / 2, &ports(false)), sims("decode", n / 2, &ports(true)));
+    let (prefill, decode) = (sims("prefill", n / 2, &ports(false), &[]), sims("decode", n / 2, &ports(true), &[]));
     std::thread::sleep(Duration::from_secs(2));
     let (s0, t0) = (cpu_secs(prefill.pid()) + cpu_secs(decode.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(5));
@@ -302,10 +313,24 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
     json!({"workers": n, "dp_ranks": DP, "sim_idle_us_cpu_per_engine_per_s": sim_idle_us_per_engine_s, "routers": rows})
 }
 
+/// KV intake sustained while serving: `n` workers whose every rank turns `per_rank` blocks
+/// a second of its cache over with traffic the router does not see (`disagg sim
+/// --kv-cache-churn`, caches of 256 blocks so the index reaches its steady size, stores
+/// and removals, within the idle window), behind kv_aware at the same request rate.
+fn intake(n: usize, per_rank: f64, rate: f64, secs: u64) -> Value {
+    let churn = per_rank.to_string();
+    let extra = ["--kv-blocks", "256", "--kv-cache-churn", churn.as_str()];
+    let (prefill, decode) = (sims("prefill", n / 2, &ports(false), &extra), sims("decode", n / 2, &ports(true), &extra));
+    let mut args = vec!["route".to_string(), "--policy".into(), "kv_aware".into()];
+    args.extend(pd_args(&prefill.urls, &decode.urls));
+    let row = measure(BIN, args, rate, secs, true, &format!("i{n}"), &[prefill.pid(), decode.pid()]);
+    json!({"workers": n, "dp_ranks": DP, "churn_blocks_per_rank_per_s": per_rank, "disagg route kv_aware": row})
+}
+
 /// 64 workers serving while 1,000 a minute come and go through the admin API.
 fn churn(rate: f64, secs: u64) -> Value {
-    let (prefill, decode) = (sims("prefill", 32, &ports(false)), sims("decode", 32, &ports(true)));
-    let spare = sims("decode", 256, &Ports { http: 11200, side: 29400, kv: 0 });
+    let (prefill, decode) = (sims("prefill", 32, &ports(false), &[]), sims("decode", 32, &ports(true), &[]));
+    let spare = sims("decode", 256, &Ports { http: 11200, side: 29400, kv: 0 }, &[]);
     let mut args = vec!["route".to_string(), "--policy".into(), "kv_aware".into(), "--admin-api-key".into(), ADMIN_KEY.into()];
     args.extend(pd_args(&prefill.urls, &decode.urls));
     let r = router(BIN, args).expect("the churn run's router becomes healthy");
@@ -384,12 +409,19 @@ fn main() {
         .collect();
     let (rate, secs) = (env_or("DISAGG_SCALE_RATE", 20.0), env_or("DISAGG_SCALE_SECS", 20u64));
     let churn_secs = env_or("DISAGG_SCALE_CHURN_SECS", 60u64);
-    let vr = vllm_router();
+    // Installed (scripts/vllm-router-env.sh) only when a point runs it.
+    let vr = if points.is_empty() { String::new() } else { vllm_router() };
     let mut report = json!({"rate": rate, "seconds": secs, "points": []});
     for &n in &points {
         let p = point(n.max(2), rate, secs, &vr);
         println!("{}", serde_json::to_string_pretty(&p).unwrap());
         report["points"].as_array_mut().unwrap().push(p);
+    }
+    let (intake_workers, intake_churn) = (env_or("DISAGG_SCALE_INTAKE", 1024usize), env_or("DISAGG_SCALE_INTAKE_CHURN", 32.0));
+    if intake_workers > 0 {
+        let i = intake(intake_workers.max(2), intake_churn, rate, secs);
+        println!("intake: {}", serde_json::to_string_pretty(&i).unwrap());
+        report["intake"] = i;
     }
     if churn_secs > 0 {
         let c = churn(rate, churn_secs);

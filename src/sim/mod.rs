@@ -128,6 +128,9 @@ async fn serve_bound(
         ));
         tokio::spawn(engine::side_channel::serve(side, engine.clone()));
         tokio::spawn(engine.clone().run());
+        if args.kv_cache_churn > 0.0 {
+            tokio::spawn(engine::churn::churn(engine.clone(), args.kv_cache_churn));
+        }
         engines.push(engine);
     }
 

@@ -289,3 +289,55 @@ async fn render_endpoints_need_scale_out_and_match_generation_tokens() {
     let (_, v) = post(&format!("{}/v1/completions", sim.url), &json!({"prompt": "hello world", "max_tokens": 1})).await;
     assert_eq!(v["usage"]["prompt_tokens"], 5);
 }
+
+#[tokio::test]
+async fn cache_churn_stores_and_evicts_unrequested_runs_at_its_rate() {
+    const EVENTS: &str =
+        r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:0","replay_endpoint":"tcp://*:0","topic":"kv-events"}"#;
+    // 800 blocks a second into a 64-block cache: full after four runs, then each run evicts.
+    let sim = Proc::sim(&[
+        "--block-size",
+        "4",
+        "--kv-blocks",
+        "64",
+        "--max-model-len",
+        "64",
+        "--kv-cache-churn",
+        "800",
+        "--kv-events-config",
+        EVENTS,
+    ])
+    .await;
+    let e = Engine { url: sim.url.clone(), model: "sim-model".into(), block_size: 4 };
+    let mut sub = subscribe(&e).await;
+    let started = Instant::now();
+    let mut events = Vec::new();
+    // Batches come every tick: read for two seconds (collect waits for a quiet spell).
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(frames) = tokio::time::timeout_at(until, sub.sub.recv_message()).await {
+        events.extend(decode(&frames.unwrap()[2]).unwrap().events);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (mut stored, mut removed) = (0usize, 0usize);
+    for ev in &events {
+        match ev {
+            KvEvent::Stored { hashes, parent, token_ids, block_size } => {
+                assert_eq!((hashes.len(), *parent, token_ids.len(), *block_size), (16, None, 64, 4), "a run of 16 fresh blocks");
+                stored += hashes.len();
+            }
+            KvEvent::Removed { hashes } => removed += hashes.len(),
+            KvEvent::AllCleared => panic!("nothing cleared the cache"),
+        }
+    }
+    let rate = stored as f64 / secs;
+    assert!((400.0..1200.0).contains(&rate), "{stored} blocks stored in {secs:.1} s: the rate asked is 800/s");
+    assert!(removed + 64 >= stored && removed <= stored, "a full cache evicts what each run stores: {removed} removed, {stored} stored");
+    // A request still gets its blocks.
+    assert_eq!(complete(&e, &words("after-churn", 8)).await["choices"][0]["finish_reason"], "length");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_disagg"))
+        .args(["sim", "--port", "0", "--kv-cache-churn", "10", "--no-enable-prefix-caching"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--kv-cache-churn"));
+}

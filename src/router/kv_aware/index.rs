@@ -25,6 +25,7 @@ const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
 /// Blocks applied under one hold of the write lock: readers wait at most this long.
 const BLOCKS_PER_LOCK: usize = 4096;
 
+pub use crate::router::metrics::IntakeTotals;
 pub(crate) use crate::router::policy::WorkerRank;
 
 /// The chained hashes of the full blocks of `tokens`: block i's key covers blocks 0..=i.
@@ -133,12 +134,12 @@ pub(crate) struct HolderStatus {
 #[derive(Default)]
 struct Inner {
     /// Our block key -> who holds it, for each block size.
-    blocks: HashMap<usize, FastMap<u64, Holders>>,
+    blocks: FastMap<usize, FastMap<u64, Holders>>,
     /// Holders by a small id; ids of dropped holders are reused.
-    ids: HashMap<WorkerRank, u32>,
+    ids: FastMap<WorkerRank, u32>,
     names: Vec<Option<WorkerRank>>,
     free: Vec<u32>,
-    states: HashMap<u32, HolderState>,
+    states: FastMap<u32, HolderState>,
 }
 
 impl Inner {
@@ -196,9 +197,9 @@ pub struct KvIndex {
 }
 
 impl KvIndex {
-    pub(crate) fn applied_totals(&self) -> crate::router::metrics::IntakeTotals {
+    pub fn applied_totals(&self) -> IntakeTotals {
         let a = &self.applied;
-        crate::router::metrics::IntakeTotals {
+        IntakeTotals {
             batches: a.batches.load(Ordering::Relaxed),
             blocks: a.blocks.load(Ordering::Relaxed),
             nanos: a.nanos.load(Ordering::Relaxed),
@@ -285,13 +286,23 @@ impl KvIndex {
                         },
                     };
                     let blocks = blocks.entry(block_size).or_default();
-                    for (engine_hash, block) in hashes.iter().zip(token_ids.chunks_exact(block_size)) {
-                        h = chain(h, block);
-                        state.ours.insert(*engine_hash, h);
-                        match blocks.get_mut(&h) {
+                    let keys: Vec<u64> = token_ids
+                        .chunks_exact(block_size)
+                        .map(|block| {
+                            h = chain(h, block);
+                            h
+                        })
+                        .collect();
+                    // Probes that depend on nothing before them first, so that the memory
+                    // reads of the whole run overlap; the writes after find them cached.
+                    touch(blocks, &keys);
+                    touch(&state.ours, hashes);
+                    for (engine_hash, k) in hashes.iter().zip(keys) {
+                        state.ours.insert(*engine_hash, k);
+                        match blocks.get_mut(&k) {
                             Some(holders) => holders.insert(id),
                             None => {
-                                blocks.insert(h, Holders::One(id));
+                                blocks.insert(k, Holders::One(id));
                             }
                         }
                     }
@@ -302,7 +313,10 @@ impl KvIndex {
                     let Inner { blocks, states, .. } = &mut *inner;
                     let Some(state) = states.get_mut(&id) else { continue };
                     let Some(blocks) = blocks.get_mut(&state.block_size) else { continue };
-                    for k in hashes.iter().filter_map(|e| state.ours.remove(e)) {
+                    touch(&state.ours, hashes);
+                    let keys: Vec<u64> = hashes.iter().filter_map(|e| state.ours.remove(e)).collect();
+                    touch(blocks, &keys);
+                    for k in keys {
                         if blocks.get_mut(&k).is_some_and(|holders| holders.remove(id)) {
                             blocks.remove(&k);
                         }
@@ -408,6 +422,14 @@ impl KvIndex {
             .filter(|(_, s)| !s.ours.is_empty())
             .filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len())))
             .collect()
+    }
+}
+
+/// Looks each of `keys` up, for nothing but bringing its slot into the cache: the lookups
+/// are independent of each other, so the processor overlaps their memory reads.
+fn touch<V>(map: &FastMap<u64, V>, keys: &[u64]) {
+    for k in keys {
+        std::hint::black_box(map.contains_key(k));
     }
 }
 

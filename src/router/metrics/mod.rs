@@ -195,10 +195,10 @@ impl RouterMetrics {
 /// What the KV index has applied since start: batches, blocks stored or removed, and the
 /// nanoseconds spent applying them.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct IntakeTotals {
-    pub(crate) batches: u64,
-    pub(crate) blocks: u64,
-    pub(crate) nanos: u64,
+pub struct IntakeTotals {
+    pub batches: u64,
+    pub blocks: u64,
+    pub nanos: u64,
 }
 
 /// The KV index's intake totals, as counters (caught up with the index at each scrape).

@@ -113,6 +113,10 @@ impl KvCache {
         }
     }
 
+    pub(crate) fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     pub(crate) fn total(&self) -> usize {
         self.refs.len() - 1
     }

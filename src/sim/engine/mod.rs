@@ -9,6 +9,7 @@
 //! one token for every sequence that is decoding, and publish the step's KV events.
 
 pub(crate) mod blocks;
+pub(crate) mod churn;
 pub(crate) mod kv_publisher;
 pub(crate) mod metrics;
 pub(crate) mod mooncake;

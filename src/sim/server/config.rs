@@ -147,6 +147,12 @@ pub struct SimArgs {
     /// socket drops batches past its high-water mark); subscribers see sequence gaps.
     #[arg(long, default_value_t = 0.0, value_parser = fraction, help_heading = "Prefix cache and KV events")]
     pub(crate) kv_events_drop_rate: f64,
+    /// Blocks a second each DP rank fills with prompts it was not sent and frees at once
+    /// (runs of 16 blocks), as other traffic turns an engine's prefix cache over: their
+    /// BlockStored and, once the cache is full, BlockRemoved events are published like any
+    /// others. For measuring a router's KV event intake. Needs prefix caching.
+    #[arg(long, default_value_t = 0.0, value_name = "BLOCKS_PER_SEC", value_parser = non_negative, help_heading = "Prefix cache and KV events")]
+    pub(crate) kv_cache_churn: f64,
     /// Serve vLLM's render endpoints (`/v1/completions/render`, `/v1/chat/completions/render`),
     /// which vLLM answers 403 without this flag.
     #[arg(long, help_heading = "Prefix cache and KV events")]
@@ -191,6 +197,9 @@ impl SimArgs {
         }
         if self.kv_connector != Connector::Mooncake && self.mooncake_bootstrap_port.is_some() {
             return Err("--mooncake-bootstrap-port is for --kv-connector mooncake".into());
+        }
+        if self.kv_cache_churn > 0.0 && !self.prefix_caching() {
+            return Err("--kv-cache-churn fills the prefix cache: it does not go with --no-enable-prefix-caching".into());
         }
         if self.kv_connector != Connector::P2pNccl && self.proxy_address.is_some() {
             return Err("--proxy-address is for --kv-connector p2pnccl".into());
