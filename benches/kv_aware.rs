@@ -84,7 +84,7 @@ enum Caches {
 /// Serving-shaped batches, as engines publish them while serving: each batch one rank's
 /// eviction of 16 blocks and its storing of 16 new ones continuing a cached 16-block
 /// prefix, round-robin over `holders` ranks of `capacity` blocks each; applied back to
-/// back (sustained), timed by the index's own CPU clock (what /metrics reports). `Cold`:
+/// back (sustained), timed by the index's own clock (what /metrics reports). `Cold`:
 /// 48 MiB (more than this machine's L3) is swept between batches, as other work between
 /// the batches of a trickle of events leaves the caches cold for the next.
 fn serving_batches(holders: usize, capacity: usize, caches: Caches) {
@@ -151,7 +151,7 @@ fn serving_batches(holders: usize, capacity: usize, caches: Caches) {
     let blocks = (b1 - b0) as f64;
     let wall = (wall.elapsed() - made).as_secs_f64();
     println!(
-        "serving-shaped, {caches:?} caches: {holders} ranks x {capacity} blocks ({} indexed): {:.2} M blocks/s by the index's CPU clock, {:.2} by wall time ({batches} batches)",
+        "serving-shaped, {caches:?} caches: {holders} ranks x {capacity} blocks ({} indexed): {:.2} M blocks/s by the index's own clock (/metrics), {:.2} by wall time ({batches} batches)",
         index.sizes().values().sum::<usize>(),
         blocks / ((n1 - n0) as f64 / 1e9) / 1e6,
         blocks / wall / 1e6,

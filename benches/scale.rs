@@ -2,7 +2,8 @@
 //!
 //!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
 //!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
-//!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn run, 0: none;
+//!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn runs, 0: none,
+//!                                     DISAGG_SCALE_CHURN_BY=admin,discovery which of them;
 //!                                     DISAGG_SCALE_INTAKE=1024 workers for the intake run,
 //!                                     0: none, DISAGG_SCALE_INTAKE_CHURN=32 blocks/s a rank;
 //!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot, to
@@ -30,7 +31,9 @@
 //! The churn run: 64 workers serving the same rate while 1,000 workers a minute are added
 //! and removed through the admin API (from a spare set of 256 more engines), twice: a warm
 //! round, 20 s quiet, the baseline RSS, the measured round, 20 s quiet: requests lost (must
-//! be 0) and the router's RSS before, during and after.
+//! be 0), the workers listed half way through and at the end, and the router's RSS before,
+//! during and after. Then the same through P2pNccl discovery: 64 engines that register
+//! themselves, and 1,000 a minute registered by the bench and left to expire.
 //!
 //! Results go to stdout, target/scale.json and target/scale.svg (each figure against the
 //! number of workers; docs/PERFORMANCE.md is made from them).
@@ -108,6 +111,11 @@ fn sims(role: &str, n: usize, ports: &Ports, extra: &[&str]) -> Proc {
         args.extend(["--kv-blocks", "2048"]);
     }
     args.extend_from_slice(extra);
+    spawn_sims(&args, n)
+}
+
+/// `disagg` with `args` (a `sim --instances n`), once its `n` banners are out.
+fn spawn_sims(args: &[&str], n: usize) -> Proc {
     let mut child = Command::new(BIN).args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut urls = Vec::new();
@@ -319,12 +327,21 @@ fn point(n: usize, rate: f64, secs: u64, vr: &str) -> Value {
 /// and removals, within the idle window), behind kv_aware at the same request rate.
 fn intake(n: usize, per_rank: f64, rate: f64, secs: u64) -> Value {
     let churn = per_rank.to_string();
-    let extra = ["--kv-blocks", "256", "--kv-cache-churn", churn.as_str()];
+    let extra = ["--kv-blocks", "256", "--max-model-len", "2048", "--kv-cache-churn", churn.as_str()];
     let (prefill, decode) = (sims("prefill", n / 2, &ports(false), &extra), sims("decode", n / 2, &ports(true), &extra));
     let mut args = vec!["route".to_string(), "--policy".into(), "kv_aware".into()];
     args.extend(pd_args(&prefill.urls, &decode.urls));
     let row = measure(BIN, args, rate, secs, true, &format!("i{n}"), &[prefill.pid(), decode.pid()]);
     json!({"workers": n, "dp_ranks": DP, "churn_blocks_per_rank_per_s": per_rank, "disagg route kv_aware": row})
+}
+
+/// What one round of churn did.
+struct Churned {
+    added: usize,
+    removed: usize,
+    /// Joins or leaves the router did not take (admin answers other than 200, pings that
+    /// could not be sent).
+    refused: usize,
 }
 
 /// 64 workers serving while 1,000 a minute come and go through the admin API.
@@ -336,7 +353,6 @@ fn churn(rate: f64, secs: u64) -> Value {
     let r = router(BIN, args).expect("the churn run's router becomes healthy");
     let url = r.urls[0].clone();
     std::thread::sleep(Duration::from_secs(3));
-    // Warm: one round of load and one round of churn before the baseline.
     let cycle = |stop: Instant| {
         let (mut added, mut removed, mut refused) = (0usize, 0usize, 0usize);
         let mut turn = 0usize;
@@ -363,33 +379,130 @@ fn churn(rate: f64, secs: u64) -> Value {
             let _ = http("POST", &format!("{url}/remove_worker?url={old}"), Some(ADMIN_KEY));
             removed += 1;
         }
-        (added, removed, refused)
+        Churned { added, removed, refused }
     };
+    churn_rounds(&r, rate, secs, "churn", cycle)
+}
+
+/// The same through P2pNccl discovery: 64 simulated P2pNccl engines register themselves
+/// every 3 s; spare engines are registered by this bench, one every 60 ms (a DEALER with
+/// the engine's zmq address as identity, one ping, closed a second later, as an engine
+/// that stops), and leave when the router has heard nothing of them for 5 s.
+fn churn_by_discovery(rate: f64, secs: u64) -> Value {
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let p2p = |role: &str, n: usize, http: u16, side: u16, register: bool| {
+        let (n_text, http, side) = (n.to_string(), http.to_string(), side.to_string());
+        let mut args = vec!["sim", "--instances", &n_text, "--role", role, "--port", &http, "--side-channel-port", &side];
+        args.extend(["--kv-connector", "p2pnccl", "--max-num-seqs", "256"]);
+        if register {
+            args.extend(["--proxy-address", proxy.as_str()]);
+        }
+        spawn_sims(&args, n)
+    };
+    let (_prefill, _decode) = (p2p("prefill", 32, 10000, 12000, true), p2p("decode", 32, 10600, 16200, true));
+    let (spare_http, spare_side) = (11200u16, 29400u16);
+    let spare = p2p("decode", 256, spare_http, spare_side, false);
+    let args = ["route", "--vllm-discovery-address", &proxy, "--discovery-max-per-host", "1024", "--admin-api-key", ADMIN_KEY];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--max-concurrent-requests".into(), "100000".into(), "--queue-size".into(), "100000".into()]);
+    let r = router(BIN, args).expect("the discovery churn run's router becomes healthy");
+    let url = r.urls[0].clone();
+    let registered = || {
+        http("GET", &format!("{url}/workers"), Some(ADMIN_KEY))
+            .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+            .and_then(|v| v["workers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    while registered() < 64 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let cycle = |stop: Instant| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            use disagg::zmtp::{self, Limits, SocketType};
+            let (mut added, mut refused) = (0usize, 0usize);
+            let mut open = std::collections::VecDeque::new();
+            let mut turn = 0usize;
+            while Instant::now() < stop {
+                let i = (turn % spare.urls.len()) as u16;
+                let (http_address, zmq_address) = (format!("127.0.0.1:{}", spare_http + i), format!("127.0.0.1:{}", spare_side + i));
+                let ping = rmpv::Value::Map(vec![
+                    ("type".into(), "D".into()),
+                    ("http_address".into(), http_address.into()),
+                    ("zmq_address".into(), zmq_address.clone().into()),
+                ]);
+                let mut payload = Vec::new();
+                rmpv::encode::write_value(&mut payload, &ping).unwrap();
+                let sent = match zmtp::connect(&proxy, SocketType::Dealer, zmq_address.as_bytes(), Limits::SMALL).await {
+                    Ok(mut dealer) => dealer.send(&[bytes::Bytes::from(payload)]).await.is_ok().then_some(dealer),
+                    Err(_) => None,
+                };
+                match sent {
+                    Some(dealer) => {
+                        added += 1;
+                        open.push_back((Instant::now(), dealer));
+                    }
+                    None => refused += 1,
+                }
+                while open.front().is_some_and(|(at, _)| at.elapsed() >= Duration::from_secs(1)) {
+                    open.pop_front();
+                }
+                turn += 1;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            // Each leaves by silence; `workers_after` shows whether all did.
+            Churned { added, removed: added, refused }
+        })
+    };
+    let mut row = churn_rounds(&r, rate, secs, "discovery", cycle);
+    let m = http("GET", &format!("{url}/metrics"), Some(ADMIN_KEY)).map(|(_, b)| b).unwrap_or_default();
+    let refused: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("disagg_router_refused_total{") && l.contains(r#"from="discovery""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b);
+    row["discovery_refused"] = json!(refused);
+    row
+}
+
+/// Around one way of churning (`cycle`: joins and leaves until its stop): a warm round
+/// under load, 20 s quiet, the baseline RSS, the measured round under load, 20 s quiet
+/// (time for leaves by expiry too): requests lost, RSS before, during and after, and the
+/// workers listed at the end.
+fn churn_rounds(r: &Proc, rate: f64, secs: u64, tag: &str, cycle: impl Fn(Instant) -> Churned + Sync) -> Value {
+    let url = &r.urls[0];
     // A first round as long as the measured one, under the same load, so the allocator's
     // arenas reach their size before the baseline: what grows after it is kept, not reused.
-    let warm_stop = Instant::now() + Duration::from_secs(secs);
-    let warm = std::thread::scope(|s| {
-        let churner = s.spawn(|| cycle(warm_stop));
-        let result = load(&url, rate, secs, "churn-warm");
-        (churner.join().unwrap(), result)
-    });
+    let listed = || {
+        http("GET", &format!("{url}/workers"), Some(ADMIN_KEY))
+            .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+            .and_then(|v| v["workers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    // Joins and leaves under load; the workers listed half way through.
+    let round = |label: &str| {
+        let stop = Instant::now() + Duration::from_secs(secs);
+        std::thread::scope(|s| {
+            let churner = s.spawn(|| cycle(stop));
+            let midway = s.spawn(|| {
+                std::thread::sleep(Duration::from_secs(secs) / 2);
+                listed()
+            });
+            let result = load(url, rate, secs, label);
+            (churner.join().unwrap(), result, midway.join().unwrap())
+        })
+    };
+    let warm = round(&format!("{tag}-warm"));
     std::thread::sleep(Duration::from_secs(20));
     let before = rss_mib(r.pid());
-    let stop = Instant::now() + Duration::from_secs(secs);
-    let churner = std::thread::scope(|s| {
-        let churner = s.spawn(|| cycle(stop));
-        let result = load(&url, rate, secs, "churn");
-        (churner.join().unwrap(), result)
-    });
-    let ((added, removed, refused), result) = churner;
+    let (churned, result, midway) = round(tag);
     let during = rss_mib(r.pid());
     std::thread::sleep(Duration::from_secs(20));
     let after = rss_mib(r.pid());
-    let listed = http("GET", &format!("{url}/workers"), Some(ADMIN_KEY)).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
-    let workers_after = listed.as_ref().and_then(|v| v["workers"].as_array().map(Vec::len)).unwrap_or(0);
-    json!({"seconds": secs, "warm_round": {"added": warm.0.0, "removed": warm.0.1, "completed": warm.1["completed"], "failed": warm.1["failed"]},
-           "added": added, "removed": removed, "admin_refused": refused,
-           "completed": result["completed"], "failed": result["failed"], "workers_after": workers_after,
+    json!({"seconds": secs, "warm_round": {"added": warm.0.added, "removed": warm.0.removed, "completed": warm.1["completed"], "failed": warm.1["failed"]},
+           "added": churned.added, "removed": churned.removed, "refused": churned.refused,
+           "completed": result["completed"], "failed": result["failed"], "workers_midway": midway, "workers_after": listed(),
            "rss_mib_before": before, "rss_mib_during": during, "rss_mib_after": after})
 }
 
@@ -424,9 +537,17 @@ fn main() {
         report["intake"] = i;
     }
     if churn_secs > 0 {
-        let c = churn(rate, churn_secs);
-        println!("churn: {}", serde_json::to_string_pretty(&c).unwrap());
-        report["churn"] = c;
+        let by = std::env::var("DISAGG_SCALE_CHURN_BY").unwrap_or_else(|_| "admin,discovery".into());
+        if by.contains("admin") {
+            let c = churn(rate, churn_secs);
+            println!("churn: {}", serde_json::to_string_pretty(&c).unwrap());
+            report["churn"] = c;
+        }
+        if by.contains("discovery") {
+            let c = churn_by_discovery(rate, churn_secs);
+            println!("churn by discovery: {}", serde_json::to_string_pretty(&c).unwrap());
+            report["churn_by_discovery"] = c;
+        }
     }
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::write(target.join("scale.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();

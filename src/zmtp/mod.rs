@@ -37,7 +37,7 @@ pub struct Limits {
 
 impl Limits {
     /// Small messages only (P2pNccl registrations, replay requests): 4 KiB.
-    pub(crate) const SMALL: Limits = Limits { max_frame: 4096, max_message: 4096, max_parts: 4, handshake: Duration::from_secs(5) };
+    pub const SMALL: Limits = Limits { max_frame: 4096, max_message: 4096, max_parts: 4, handshake: Duration::from_secs(5) };
 }
 
 /// Largest command frame (a READY's metadata, a SUBSCRIBE's topic).
