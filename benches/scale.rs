@@ -3,7 +3,8 @@
 //!   cargo bench --bench scale        (DISAGG_SCALE_POINTS=2,64,256,1024 workers,
 //!                                     DISAGG_SCALE_RATE=20 requests/s, DISAGG_SCALE_SECS=20;
 //!                                     DISAGG_SCALE_CHURN_SECS=60 for the churn runs, 0: none,
-//!                                     DISAGG_SCALE_CHURN_BY=admin,discovery which of them;
+//!                                     DISAGG_SCALE_CHURN_BY=admin,discovery which of them,
+//!                                     DISAGG_SCALE_CHURN_ROUNDS=1 measured rounds;
 //!                                     DISAGG_SCALE_INTAKE=1024 workers for the intake run,
 //!                                     0: none, DISAGG_SCALE_INTAKE_CHURN=32 blocks/s a rank;
 //!                                     DISAGG_SCALE_REPLOT=FILE.json: only draw the plot, to
@@ -500,10 +501,18 @@ fn churn_rounds(r: &Proc, rate: f64, secs: u64, tag: &str, cycle: impl Fn(Instan
     let during = rss_mib(r.pid());
     std::thread::sleep(Duration::from_secs(20));
     let after = rss_mib(r.pid());
+    // More rounds, each followed by 20 s quiet: whether the RSS settles at a level or climbs.
+    let more: Vec<Value> = (1..env_or("DISAGG_SCALE_CHURN_ROUNDS", 1usize))
+        .map(|k| {
+            let (churned, result, _) = round(&format!("{tag}-{k}"));
+            std::thread::sleep(Duration::from_secs(20));
+            json!({"added": churned.added, "failed": result["failed"], "rss_mib_after": rss_mib(r.pid())})
+        })
+        .collect();
     json!({"seconds": secs, "warm_round": {"added": warm.0.added, "removed": warm.0.removed, "completed": warm.1["completed"], "failed": warm.1["failed"]},
            "added": churned.added, "removed": churned.removed, "refused": churned.refused,
            "completed": result["completed"], "failed": result["failed"], "workers_midway": midway, "workers_after": listed(),
-           "rss_mib_before": before, "rss_mib_during": during, "rss_mib_after": after})
+           "rss_mib_before": before, "rss_mib_during": during, "rss_mib_after": after, "more_rounds": more})
 }
 
 fn main() {

@@ -28,11 +28,12 @@ const INTERFERENCE_TOLERANCE: f64 = 1.0;
 
 /// A stream decodes 200 tokens (long enough that the prompt is prefilled while it runs); after its 8th chunk a 600-word prompt arrives at the same
 /// engine. Returns the stream's median gap between chunks and the time the gaps add up to
-/// past it (ms).
-async fn held_up(url: &str) -> (f64, f64) {
+/// past it (ms). Each `run` sends a prompt of its own: a repeat would find the last one in
+/// the prefix cache and prefill nothing.
+async fn held_up(url: &str, run: usize) -> (f64, f64) {
     let stream = serde_json::json!({"model": "tiny-llama", "prompt": "a steady stream of words ".repeat(20), "max_tokens": 200,
         "ignore_eos": true, "temperature": 0, "stream": true});
-    let long = serde_json::json!({"model": "tiny-llama", "prompt": (0..600).map(|i| format!("w{} ", i % 97)).collect::<String>(),
+    let long = serde_json::json!({"model": "tiny-llama", "prompt": format!("run{run} {}", (0..600).map(|i| format!("w{} ", i % 97)).collect::<String>()),
         "max_tokens": 1, "temperature": 0});
     let mut resp = client().post(format!("{url}/v1/completions")).json(&stream).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -150,12 +151,12 @@ pub async fn run(vllm_url: &str) {
         assert!((pr - ps).abs() <= TPOT_TOLERANCE * pr + p_spread, "concurrency {c}: TPOT {pr} (±{p_spread}) vs {ps}");
     }
     let mut real = Vec::new();
-    for _ in 0..REPEATS {
-        real.push(held_up(vllm_url).await);
+    for run in 0..REPEATS {
+        real.push(held_up(vllm_url, run).await);
     }
     let (median_step, _) = centre_and_spread(real.iter().map(|r| r.0).collect());
     let (added, spread) = centre_and_spread(real.iter().map(|r| r.1).collect());
-    let (sim_step, sim_added) = held_up(&sim.url).await;
+    let (sim_step, sim_added) = held_up(&sim.url, 0).await;
     println!(
         "      interference: a 600-word prompt prefilled beside a decoding stream adds to it vLLM {added:.1} ms (±{spread:.1}; median step {median_step:.1}) vs sim {sim_added:.1} ms (median step {sim_step:.1})"
     );
