@@ -14,6 +14,9 @@ use tokio::process::{Child, Command};
 
 use super::plan::Plan;
 
+/// How long after an instance died of SIGTERM the launcher's own SIGTERM may still come
+/// (a step cancelled as a whole): within it, the stop is a stop, not a failure.
+const SIGNAL_SKEW: Duration = Duration::from_secs(1);
 /// Grace between SIGTERM and SIGKILL when stopping.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -246,20 +249,30 @@ pub(crate) async fn run(plan: &Plan, node: Option<usize>) -> anyhow::Result<()> 
         } else {
             println!("disagg launch ready: node {} ({} instances healthy)", node.unwrap_or(0), mine.len());
         }
-        tokio::select! {
-            _ = stop => {
-                eprintln!("stopping every instance ...");
-                Ok(())
-            }
-            (name, status, log) = async {
+        let mut stop = std::pin::pin!(stop);
+        let exited = tokio::select! {
+            _ = &mut stop => None,
+            e = async {
                 loop {
                     if let Some(e) = group.exited() {
                         return e;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-            } => Err(anyhow::anyhow!("{name} exited ({status}); stopping everything. Last lines of {}:\n{}", log.display(), tail(&log, 20))),
+            } => Some(e),
+        };
+        let Some((name, status, log)) = exited else {
+            eprintln!("stopping every instance ...");
+            return Ok(());
+        };
+        // A scheduler's cancel (scancel, a job's end) signals the whole step at once: an
+        // instance killed by that SIGTERM may be seen before the launcher's own signal is.
+        let terminated = std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGTERM);
+        if terminated && tokio::time::timeout(SIGNAL_SKEW, &mut stop).await.is_ok() {
+            eprintln!("stopping every instance ...");
+            return Ok(());
         }
+        Err(anyhow::anyhow!("{name} exited ({status}); stopping everything. Last lines of {}:\n{}", log.display(), tail(&log, 20)))
     }
     .await;
     group.stop().await;
