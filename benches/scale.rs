@@ -336,6 +336,14 @@ fn intake(n: usize, per_rank: f64, rate: f64, secs: u64) -> Value {
     json!({"workers": n, "dp_ranks": DP, "churn_blocks_per_rank_per_s": per_rank, "disagg route kv_aware": row})
 }
 
+/// How many workers the router at `url` lists (its admin /workers).
+fn workers_listed(url: &str) -> usize {
+    http("GET", &format!("{url}/workers"), Some(ADMIN_KEY))
+        .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|v| v["workers"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
 /// What one round of churn did.
 struct Churned {
     added: usize,
@@ -408,14 +416,8 @@ fn churn_by_discovery(rate: f64, secs: u64) -> Value {
     args.extend(["--max-concurrent-requests".into(), "100000".into(), "--queue-size".into(), "100000".into()]);
     let r = router(BIN, args).expect("the discovery churn run's router becomes healthy");
     let url = r.urls[0].clone();
-    let registered = || {
-        http("GET", &format!("{url}/workers"), Some(ADMIN_KEY))
-            .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
-            .and_then(|v| v["workers"].as_array().map(Vec::len))
-            .unwrap_or(0)
-    };
     let t = Instant::now();
-    while registered() < 64 && t.elapsed() < Duration::from_secs(30) {
+    while workers_listed(&url) < 64 && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(250));
     }
     let cycle = |stop: Instant| {
@@ -475,12 +477,7 @@ fn churn_rounds(r: &Proc, rate: f64, secs: u64, tag: &str, cycle: impl Fn(Instan
     let url = &r.urls[0];
     // A first round as long as the measured one, under the same load, so the allocator's
     // arenas reach their size before the baseline: what grows after it is kept, not reused.
-    let listed = || {
-        http("GET", &format!("{url}/workers"), Some(ADMIN_KEY))
-            .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
-            .and_then(|v| v["workers"].as_array().map(Vec::len))
-            .unwrap_or(0)
-    };
+    let listed = || workers_listed(url);
     // Joins and leaves under load; the workers listed half way through.
     let round = |label: &str| {
         let stop = Instant::now() + Duration::from_secs(secs);
