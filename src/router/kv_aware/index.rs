@@ -18,12 +18,16 @@ use std::sync::RwLock;
 
 use crate::api::kv_events::KvEvent;
 use crate::api::FNV_OFFSET;
+use crate::router::kv_aware::holders::{HolderLists, Holders};
+use crate::router::kv_aware::table::Table;
 
 /// Most blocks indexed per holder (a few million: more than any engine's KV cache); a
 /// publisher that claims more is not believed beyond it.
 const MAX_BLOCKS_PER_HOLDER: usize = 1 << 22;
 /// Blocks applied under one hold of the write lock: readers wait at most this long.
 const BLOCKS_PER_LOCK: usize = 4096;
+/// Slots of the next batch fetched ahead (more would push out what is being used).
+const PREFETCH_PER_BATCH: usize = 256;
 
 pub use crate::router::metrics::IntakeTotals;
 pub(crate) use crate::router::policy::WorkerRank;
@@ -68,57 +72,9 @@ fn chain(parent: u64, block: &[u32]) -> u64 {
 #[derive(Default)]
 struct HolderState {
     /// The engine's block hash -> ours.
-    ours: FastMap<u64, u64>,
+    ours: Table<u64>,
     /// Tokens per block in this holder's events (0 before its first BlockStored).
     block_size: usize,
-}
-
-/// Who holds one block: nearly always one rank, so that case takes no allocation (the
-/// index stays near 50 bytes per block).
-#[expect(clippy::box_collection, reason = "a boxed Vec keeps `Holders` at 16 bytes (a Vec or a boxed slice, 24 or more)")]
-enum Holders {
-    One(u32),
-    Many(Box<Vec<u32>>),
-}
-
-impl Holders {
-    fn contains(&self, id: u32) -> bool {
-        match self {
-            Holders::One(h) => *h == id,
-            Holders::Many(v) => v.contains(&id),
-        }
-    }
-
-    fn insert(&mut self, id: u32) {
-        match self {
-            Holders::One(h) if *h == id => {}
-            Holders::One(h) => *self = Holders::Many(Box::new(vec![*h, id])),
-            Holders::Many(v) if !v.contains(&id) => v.push(id),
-            Holders::Many(_) => {}
-        }
-    }
-
-    /// Removes `id`; true when no holder is left.
-    fn remove(&mut self, id: u32) -> bool {
-        match self {
-            Holders::One(h) => *h == id,
-            Holders::Many(v) => {
-                v.retain(|h| *h != id);
-                let (empty, single) = (v.is_empty(), (v.len() == 1).then(|| v[0]));
-                if let Some(last) = single {
-                    *self = Holders::One(last);
-                }
-                empty
-            }
-        }
-    }
-
-    fn ids(&self) -> Vec<u32> {
-        match self {
-            Holders::One(h) => vec![*h],
-            Holders::Many(v) => v.to_vec(),
-        }
-    }
 }
 
 /// What /workers shows of a holder.
@@ -134,12 +90,16 @@ pub(crate) struct HolderStatus {
 #[derive(Default)]
 struct Inner {
     /// Our block key -> who holds it, for each block size.
-    blocks: FastMap<usize, FastMap<u64, Holders>>,
+    blocks: FastMap<usize, Table<Holders>>,
+    /// The holders of blocks held more than once.
+    lists: HolderLists,
     /// Holders by a small id; ids of dropped holders are reused.
     ids: FastMap<WorkerRank, u32>,
     names: Vec<Option<WorkerRank>>,
     free: Vec<u32>,
     states: FastMap<u32, HolderState>,
+    /// The keys of the event being applied (kept: no allocation per event).
+    keys: Vec<u64>,
 }
 
 impl Inner {
@@ -159,6 +119,23 @@ impl Inner {
         };
         self.ids.insert(holder.clone(), id);
         id
+    }
+
+    /// Starts fetching the holder's slots that `events` will read (a parent's, each hash
+    /// stored or removed; at most PREFETCH_PER_BATCH of them).
+    fn prefetch_holder_slots(&self, id: u32, events: &[KvEvent]) {
+        let Some(state) = self.states.get(&id) else { return };
+        let hashes = events.iter().flat_map(|e| {
+            let (parent, hashes) = match e {
+                KvEvent::Stored { hashes, parent, .. } => (*parent, &hashes[..]),
+                KvEvent::Removed { hashes } => (None, &hashes[..]),
+                KvEvent::AllCleared => (None, &[][..]),
+            };
+            parent.into_iter().chain(hashes.iter().copied())
+        });
+        for h in hashes.take(PREFETCH_PER_BATCH) {
+            state.ours.prefetch(h);
+        }
     }
 
     fn name(&self, id: u32) -> Option<&WorkerRank> {
@@ -237,96 +214,120 @@ impl KvIndex {
         }
     }
 
-    /// Applies one holder's events, in order; the write lock is taken per BLOCKS_PER_LOCK
-    /// blocks, so a large batch never holds readers up for long.
+    /// Applies one holder's events, in order (`apply_group` of one batch).
     pub fn apply(&self, holder: &WorkerRank, events: &[KvEvent]) {
+        self.apply_group(&[(holder, events)]);
+    }
+
+    /// Applies batches of events, each one holder's, in order. The write lock is taken
+    /// per BLOCKS_PER_LOCK blocks, so a large group never holds readers up for long; while
+    /// one batch is applied the slots of the next holder's hashes are already being
+    /// fetched, and within an event every slot it needs is asked for before the first is
+    /// used (docs/PERFORMANCE.md: the apply is bound by memory, not by work).
+    pub fn apply_group(&self, group: &[(&WorkerRank, &[KvEvent])]) {
         let started = std::time::Instant::now();
-        let blocks = self.apply_timed(holder, events);
+        let blocks = self.apply_untimed(group);
         let totals = &self.applied;
-        totals.batches.fetch_add(1, Ordering::Relaxed);
+        totals.batches.fetch_add(group.len() as u64, Ordering::Relaxed);
         totals.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
         totals.nanos.fetch_add(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    /// `apply`'s work; the blocks stored or removed.
-    fn apply_timed(&self, holder: &WorkerRank, events: &[KvEvent]) -> usize {
+    /// `apply_group`'s work; the blocks stored or removed.
+    fn apply_untimed(&self, group: &[(&WorkerRank, &[KvEvent])]) -> usize {
         let mut applied = 0usize;
-        let mut inner = self.write();
-        let mut id = inner.id(holder);
         let mut since_lock = 0usize;
-        for event in events {
-            if since_lock >= BLOCKS_PER_LOCK {
-                drop(inner);
-                inner = self.write();
-                // The holder may have been dropped meanwhile (its worker left): a fresh id.
-                id = inner.id(holder);
-                since_lock = 0;
+        let mut inner = self.write();
+        for (at, (holder, events)) in group.iter().enumerate() {
+            let mut id = inner.id(holder);
+            if at == 0 {
+                inner.prefetch_holder_slots(id, events);
             }
-            match event {
-                KvEvent::Stored { hashes, parent, token_ids, block_size } => {
-                    let block_size = *block_size;
-                    if block_size == 0 || hashes.len().checked_mul(block_size) != Some(token_ids.len()) {
-                        continue;
-                    }
-                    since_lock += hashes.len();
-                    applied += hashes.len();
-                    self.learn_block_size(&mut inner, holder, id, block_size);
-                    let Inner { blocks, states, .. } = &mut *inner;
-                    let state = states.entry(id).or_default();
-                    if state.ours.len().saturating_add(hashes.len()) > MAX_BLOCKS_PER_HOLDER {
-                        tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
-                        continue;
-                    }
-                    // Our chain continues from the parent's key; a parent we never heard of
-                    // leaves the run unplaceable (the index misses it, safely).
-                    let mut h = match parent {
-                        None => FNV_OFFSET,
-                        Some(p) => match state.ours.get(p) {
-                            Some(k) => *k,
-                            None => continue,
-                        },
-                    };
-                    let blocks = blocks.entry(block_size).or_default();
-                    let keys: Vec<u64> = token_ids
-                        .chunks_exact(block_size)
-                        .map(|block| {
-                            h = chain(h, block);
-                            h
-                        })
-                        .collect();
-                    // Probes that depend on nothing before them first, so that the memory
-                    // reads of the whole run overlap; the writes after find them cached.
-                    touch(blocks, &keys);
-                    touch(&state.ours, hashes);
-                    for (engine_hash, k) in hashes.iter().zip(keys) {
-                        state.ours.insert(*engine_hash, k);
-                        match blocks.get_mut(&k) {
-                            Some(holders) => holders.insert(id),
-                            None => {
-                                blocks.insert(k, Holders::One(id));
-                            }
-                        }
-                    }
+            if let Some(next) = group.get(at + 1).and_then(|(h, e)| inner.ids.get(*h).map(|id| (*id, *e))) {
+                inner.prefetch_holder_slots(next.0, next.1);
+            }
+            for event in *events {
+                if since_lock >= BLOCKS_PER_LOCK {
+                    drop(inner);
+                    inner = self.write();
+                    // The holder may have been dropped meanwhile (its worker left): a fresh id.
+                    id = inner.id(holder);
+                    since_lock = 0;
                 }
-                KvEvent::Removed { hashes } => {
-                    since_lock += hashes.len();
-                    applied += hashes.len();
-                    let Inner { blocks, states, .. } = &mut *inner;
-                    let Some(state) = states.get_mut(&id) else { continue };
-                    let Some(blocks) = blocks.get_mut(&state.block_size) else { continue };
-                    touch(&state.ours, hashes);
-                    let keys: Vec<u64> = hashes.iter().filter_map(|e| state.ours.remove(e)).collect();
-                    touch(blocks, &keys);
-                    for k in keys {
-                        if blocks.get_mut(&k).is_some_and(|holders| holders.remove(id)) {
-                            blocks.remove(&k);
-                        }
-                    }
-                }
-                KvEvent::AllCleared => drop_holder_entries(&mut inner, id),
+                let blocks = self.apply_event(&mut inner, holder, id, event);
+                since_lock += blocks;
+                applied += blocks;
             }
         }
         applied
+    }
+
+    /// One event of `holder` (id `id`); the blocks it stores or removes.
+    fn apply_event(&self, inner: &mut Inner, holder: &WorkerRank, id: u32, event: &KvEvent) -> usize {
+        match event {
+            KvEvent::Stored { hashes, parent, token_ids, block_size } => {
+                let block_size = *block_size;
+                if block_size == 0 || hashes.len().checked_mul(block_size) != Some(token_ids.len()) {
+                    return 0;
+                }
+                self.learn_block_size(inner, holder, id, block_size);
+                let Inner { blocks, states, lists, keys, .. } = inner;
+                let state = states.entry(id).or_default();
+                if state.ours.len().saturating_add(hashes.len()) > MAX_BLOCKS_PER_HOLDER {
+                    tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
+                    return hashes.len();
+                }
+                // Our chain continues from the parent's key; a parent we never heard of
+                // leaves the run unplaceable (the index misses it, safely).
+                let mut h = match parent {
+                    None => FNV_OFFSET,
+                    Some(p) => match state.ours.get(*p) {
+                        Some(k) => k,
+                        None => return hashes.len(),
+                    },
+                };
+                let blocks = blocks.entry(block_size).or_default();
+                keys.clear();
+                keys.extend(token_ids.chunks_exact(block_size).map(|block| {
+                    h = chain(h, block);
+                    h
+                }));
+                for k in keys.iter() {
+                    blocks.prefetch(*k);
+                }
+                for (engine_hash, k) in hashes.iter().zip(keys.iter().copied()) {
+                    // An engine hash stored again under another chain no longer holds the old one.
+                    if let Some(old) = state.ours.insert(*engine_hash, k).filter(|old| *old != k) {
+                        release(blocks, lists, old, id);
+                    }
+                    match blocks.get_mut(k) {
+                        Some(holders) => lists.insert(holders, id),
+                        None => {
+                            blocks.insert(k, Holders::one(id));
+                        }
+                    }
+                }
+                hashes.len()
+            }
+            KvEvent::Removed { hashes } => {
+                let Inner { blocks, states, lists, keys, .. } = inner;
+                let Some(state) = states.get_mut(&id) else { return hashes.len() };
+                let Some(blocks) = blocks.get_mut(&state.block_size) else { return hashes.len() };
+                keys.clear();
+                keys.extend(hashes.iter().filter_map(|e| state.ours.remove(*e)));
+                for k in keys.iter() {
+                    blocks.prefetch(*k);
+                }
+                for k in keys.iter() {
+                    release(blocks, lists, *k, id);
+                }
+                hashes.len()
+            }
+            KvEvent::AllCleared => {
+                drop_holder_entries(inner, id);
+                0
+            }
+        }
     }
 
     /// Forgets everything `holder` held (its events cannot be trusted, or it left).
@@ -358,13 +359,13 @@ impl KvIndex {
     pub fn prefix_blocks(&self, block_size: usize, keys: &[u64]) -> HashMap<WorkerRank, usize> {
         let inner = self.read();
         let Some(blocks) = inner.blocks.get(&block_size) else { return HashMap::new() };
-        let Some(first) = keys.first().and_then(|k| blocks.get(k)) else { return HashMap::new() };
-        let mut alive: Vec<(u32, usize)> = first.ids().into_iter().map(|id| (id, 0)).collect();
+        let Some(first) = keys.first().and_then(|k| blocks.get(*k)) else { return HashMap::new() };
+        let mut alive: Vec<(u32, usize)> = inner.lists.ids(first).into_iter().map(|id| (id, 0)).collect();
         let mut done: Vec<(u32, usize)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let here = blocks.get(key);
+            let here = blocks.get(*key);
             alive.retain_mut(|(id, n)| {
-                if here.is_some_and(|h| h.contains(*id)) {
+                if here.is_some_and(|h| inner.lists.contains(h, *id)) {
                     *n = i + 1;
                     true
                 } else {
@@ -379,15 +380,18 @@ impl KvIndex {
         done.into_iter().chain(alive).filter(|(_, n)| *n > 0).filter_map(|(id, n)| inner.name(id).map(|h| (h.clone(), n))).collect()
     }
 
-    /// Records the sequence number of the batch just applied.
-    pub(crate) fn note_seq(&self, holder: &WorkerRank, seq: u64) {
-        let last = Some((seq, std::time::Instant::now()));
+    /// Records the sequence numbers of the batches just applied, in order.
+    pub(crate) fn note_seqs(&self, applied: &[(&WorkerRank, u64)]) {
+        let now = std::time::Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        // Every batch comes here: the holder's name is copied only the first time.
-        match seen.get_mut(holder) {
-            Some(entry) => *entry = last,
-            None => {
-                seen.insert(holder.clone(), last);
+        for (holder, seq) in applied {
+            let last = Some((*seq, now));
+            // Every batch comes here: the holder's name is copied only the first time.
+            match seen.get_mut(*holder) {
+                Some(entry) => *entry = last,
+                None => {
+                    seen.insert((*holder).clone(), last);
+                }
             }
         }
     }
@@ -434,11 +438,10 @@ impl KvIndex {
     }
 }
 
-/// Looks each of `keys` up, for nothing but bringing its slot into the cache: the lookups
-/// are independent of each other, so the processor overlaps their memory reads.
-fn touch<V>(map: &FastMap<u64, V>, keys: &[u64]) {
-    for k in keys {
-        std::hint::black_box(map.contains_key(k));
+/// Takes `id` out of the holders of block `key`, and the block out when none is left.
+fn release(blocks: &mut Table<Holders>, lists: &mut HolderLists, key: u64, id: u32) {
+    if blocks.get_mut(key).is_some_and(|holders| lists.remove(holders, id)) {
+        blocks.remove(key);
     }
 }
 
@@ -457,9 +460,7 @@ fn drop_holder_entries(inner: &mut Inner, id: u32) {
     let ours = std::mem::take(&mut state.ours);
     let Some(blocks) = inner.blocks.get_mut(&state.block_size) else { return };
     for k in ours.values() {
-        if blocks.get_mut(k).is_some_and(|holders| holders.remove(id)) {
-            blocks.remove(k);
-        }
+        release(blocks, &mut inner.lists, k, id);
     }
 }
 
@@ -521,6 +522,46 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_stored_again_under_another_chain_no_longer_claims_the_old_block() {
+        let idx = KvIndex::default();
+        let a = WorkerRank { url: "a".into(), rank: 0 };
+        idx.apply(&a, &[stored(&[100], None, &[1, 2])]);
+        idx.apply(&a, &[stored(&[100], None, &[3, 4])]);
+        assert!(idx.prefix_blocks(2, &block_hashes(&[1, 2], 2)).is_empty(), "the first chain's block is not a's any more");
+        assert_eq!(idx.prefix_blocks(2, &block_hashes(&[3, 4], 2))[&a], 1);
+        assert_eq!(idx.sizes()[&a], 1);
+        // Its removal leaves nothing behind either.
+        idx.apply(&a, &[KvEvent::Removed { hashes: vec![100] }]);
+        assert!(idx.read().blocks.values().all(Table::is_empty));
+    }
+
+    #[test]
+    fn a_group_of_batches_applies_as_its_batches_one_by_one() {
+        let (grouped, single) = (KvIndex::default(), KvIndex::default());
+        let names: Vec<WorkerRank> = (0..3).map(|r| WorkerRank { url: "w".into(), rank: r }).collect();
+        let batches: Vec<(usize, Vec<KvEvent>)> = vec![
+            (0, vec![stored(&[1, 2], None, &[1, 2, 3, 4])]),
+            (1, vec![stored(&[5], None, &[1, 2])]),
+            (0, vec![stored(&[3], Some(2), &[5, 6]), KvEvent::Removed { hashes: vec![1] }]),
+            (2, vec![stored(&[9, 8], None, &[1, 2, 3, 4])]),
+            (1, vec![KvEvent::AllCleared, stored(&[6], None, &[7, 7])]),
+            (2, vec![KvEvent::Removed { hashes: vec![8] }]),
+        ];
+        let group: Vec<(&WorkerRank, &[KvEvent])> = batches.iter().map(|(h, e)| (&names[*h], &e[..])).collect();
+        grouped.apply_group(&group);
+        for (h, e) in &group {
+            single.apply(h, e);
+        }
+        for prompt in [&[1, 2, 3, 4, 5, 6][..], &[7, 7], &[1, 2]] {
+            let keys = block_hashes(prompt, 2);
+            assert_eq!(grouped.prefix_blocks(2, &keys), single.prefix_blocks(2, &keys));
+        }
+        assert_eq!(grouped.sizes(), single.sizes());
+        assert_eq!(grouped.applied_totals().batches, 6);
+        assert_eq!(grouped.applied_totals().blocks, single.applied_totals().blocks);
+    }
+
+    #[test]
     fn dropped_holders_give_their_ids_back() {
         let idx = KvIndex::default();
         for round in 0..1000 {
@@ -529,6 +570,6 @@ mod tests {
             idx.drop_worker(&h.url);
         }
         assert!(idx.read().names.len() <= 1, "ids reused under churn: {}", idx.read().names.len());
-        assert!(idx.sizes().is_empty() && idx.read().blocks.values().all(HashMap::is_empty));
+        assert!(idx.sizes().is_empty() && idx.read().blocks.values().all(Table::is_empty));
     }
 }

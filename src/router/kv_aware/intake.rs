@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api::kv_events::{decode, is_bind_endpoint, END_SEQ};
+use crate::router::kv_aware::applier::{Applier, Change};
 use crate::router::kv_aware::index::{KvIndex, WorkerRank};
 use crate::router::workers::topology::Topology;
 use crate::zmtp::{self, Limits, SocketType};
@@ -39,23 +40,32 @@ const REPLAY_MAX_BYTES: usize = 256 << 20;
 pub(crate) async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
     let client = crate::router::upstream::legs::control_client(Some(Duration::from_secs(5)))
         .expect("the HTTP client built at start-up builds again");
+    let applier = match Applier::start(index) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("kv_aware: the KV index's thread did not start ({e}): no KV events are taken");
+            return;
+        }
+    };
     let mut subscribed: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(RECONCILE);
     loop {
         tick.tick().await;
         let workers: HashMap<String, usize> = topology.workers().iter().map(|w| (w.url.clone(), w.dp_size())).collect();
-        subscribed.retain(|url, task| {
-            let keep = workers.contains_key(url) && !task.is_finished();
-            if !keep {
+        let ended: Vec<String> =
+            subscribed.iter().filter(|(url, task)| !workers.contains_key(*url) || task.is_finished()).map(|(url, _)| url.clone()).collect();
+        for url in ended {
+            if let Some(task) = subscribed.remove(&url) {
                 task.abort();
-                index.drop_worker(url);
+                // Whatever the task queued is queued before its worker is forgotten.
+                let _ = task.await;
+                applier.send(Change::WorkerGone(url), 0).await;
             }
-            keep
-        });
+        }
         for (url, dp_size) in workers {
             if let std::collections::hash_map::Entry::Vacant(slot) = subscribed.entry(url) {
                 let url = slot.key().clone();
-                slot.insert(tokio::spawn(worker_events(client.clone(), url, dp_size, index.clone())));
+                slot.insert(tokio::spawn(worker_events(client.clone(), url, dp_size, applier.clone())));
             }
         }
     }
@@ -63,7 +73,7 @@ pub(crate) async fn run(topology: Arc<Topology>, index: Arc<KvIndex>) {
 
 /// One worker: its publishers, then every rank's events until one subscription ends (the
 /// reconcile loop then starts again).
-async fn worker_events(client: reqwest::Client, url: String, dp_size: usize, index: Arc<KvIndex>) {
+async fn worker_events(client: reqwest::Client, url: String, dp_size: usize, applier: Applier) {
     let mut sources = match publishers(&client, &url).await {
         Ok(s) => s,
         Err(e) => {
@@ -86,14 +96,14 @@ async fn worker_events(client: reqwest::Client, url: String, dp_size: usize, ind
     }
     let host = reqwest::Url::parse(&url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
     let ranks = sources.into_iter().map(|(rank, src)| {
-        let holder = WorkerRank { url: url.clone(), rank };
-        let index = index.clone();
+        let holder = Arc::new(WorkerRank { url: url.clone(), rank });
+        let applier = applier.clone();
         let host = host.clone();
         async move {
-            if let Err(e) = rank_events(&holder, &src, &host, &index).await {
+            if let Err(e) = rank_events(&holder, &src, &host, &applier).await {
                 tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events: {e}; its entries are dropped");
             }
-            index.unsubscribed(&holder);
+            applier.send(Change::Unsubscribed(holder), 0).await;
         }
     });
     futures_util::future::select_all(ranks.map(Box::pin)).await;
@@ -136,7 +146,7 @@ fn on_worker_host(endpoint: &str, host: &str) -> Option<String> {
     Some(format!("tcp://{}", crate::api::join_host_port(host, port.parse().ok()?)))
 }
 
-async fn rank_events(holder: &WorkerRank, src: &Source, host: &str, index: &KvIndex) -> Result<(), String> {
+async fn rank_events(holder: &Arc<WorkerRank>, src: &Source, host: &str, applier: &Applier) -> Result<(), String> {
     let endpoint = on_worker_host(&src.endpoint, host).ok_or_else(|| format!("endpoint {} is not one the engine binds", src.endpoint))?;
     let mut replay = src.replay.as_deref().and_then(|r| on_worker_host(r, host)).map(|endpoint| Replayer { endpoint, dealer: None });
     // A publisher that goes away (an engine restarting) ends this subscription: what it
@@ -144,13 +154,13 @@ async fn rank_events(holder: &WorkerRank, src: &Source, host: &str, index: &KvIn
     let mut sub = zmtp::connect(&endpoint, SocketType::Sub, b"", EVENT_LIMITS).await.map_err(|e| format!("{endpoint}: {e}"))?;
     sub.subscribe(src.topic.as_bytes()).await.map_err(|e| e.to_string())?;
     tracing::info!(worker = %holder.url, rank = holder.rank, %endpoint, "subscribed to KV events");
-    index.note_subscribed(holder);
+    applier.send(Change::Subscribed(holder.clone()), 0).await;
     // What the engine already holds: everything its replay buffer has (a buffer that no
     // longer starts at 0 leaves blocks unknown, which is safe).
     let mut next = match replay.as_mut() {
         Some(r) => match r.from(0).await {
             // Nothing buffered yet: the first batch to come is 0.
-            Ok(batches) => apply_run(holder, index, batches, None).or(Some(0)),
+            Ok(batches) => apply_run(holder, applier, batches, None).await.or(Some(0)),
             Err(e) => {
                 tracing::debug!(worker = %holder.url, "no initial replay: {e}");
                 None
@@ -171,11 +181,11 @@ async fn rank_events(holder: &WorkerRank, src: &Source, host: &str, index: &KvIn
             Err(_) => {
                 if let (Some(r), Some(n)) = (replay.as_mut(), next) {
                     if let Ok(batches) = r.from(n).await {
-                        if let Some(after) = apply_run(holder, index, batches, Some(n)) {
+                        if let Some(after) = apply_run(holder, applier, batches, Some(n)).await {
                             next = Some(after);
                         } else {
                             tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events from {n} no longer replayable: its entries are dropped");
-                            index.drop_holder(holder);
+                            applier.send(Change::Distrusted(holder.clone()), 0).await;
                         }
                     }
                 }
@@ -188,35 +198,33 @@ async fn rank_events(holder: &WorkerRank, src: &Source, host: &str, index: &KvIn
             Some(n) if seq < n && !caught_up => continue,
             Some(n) if seq < n => {
                 tracing::info!(worker = %holder.url, rank = holder.rank, "KV event sequence went back ({n} -> {seq}): a restarted engine; its entries are dropped");
-                index.drop_holder(holder);
+                applier.send(Change::Distrusted(holder.clone()), 0).await;
             }
             Some(n) if seq > n => {
-                let filled = match replay.as_mut() {
-                    Some(r) => r
-                        .from(n)
-                        .await
-                        .ok()
-                        .and_then(|b| apply_run(holder, index, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n))),
+                let filled = match replay.as_mut().map(|r| r.from(n)) {
+                    Some(asked) => match asked.await {
+                        Ok(b) => apply_run(holder, applier, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n)).await,
+                        Err(_) => None,
+                    },
                     None => None,
                 };
                 if filled != Some(seq) {
                     tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events {n}..{seq} lost and not replayed: its entries are dropped");
-                    index.drop_holder(holder);
+                    applier.send(Change::Distrusted(holder.clone()), 0).await;
                 }
             }
             _ => {}
         }
         caught_up = true;
         let batch = decode(payload).map_err(|e| format!("batch {seq}: {e}"))?;
-        index.apply(holder, &batch.events);
-        index.note_seq(holder, seq);
+        applier.send(Change::Batch { holder: holder.clone(), seq, events: batch.events }, payload.len()).await;
         next = Some(seq + 1);
     }
 }
 
-/// Applies replayed batches in order; with `from`, they must start there and leave no
+/// Queues replayed batches in order; with `from`, they must start there and leave no
 /// gap. Returns the next sequence number expected, or None at a gap or a bad batch.
-fn apply_run(holder: &WorkerRank, index: &KvIndex, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
+async fn apply_run(holder: &Arc<WorkerRank>, applier: &Applier, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
     let mut next = from;
     for (seq, payload) in batches {
         match next {
@@ -225,8 +233,7 @@ fn apply_run(holder: &WorkerRank, index: &KvIndex, batches: Vec<(u64, Bytes)>, f
             _ => {}
         }
         let batch = decode(&payload).ok()?;
-        index.apply(holder, &batch.events);
-        index.note_seq(holder, seq);
+        applier.send(Change::Batch { holder: holder.clone(), seq, events: batch.events }, payload.len()).await;
         next = Some(seq + 1);
     }
     next

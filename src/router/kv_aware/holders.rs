@@ -1,0 +1,106 @@
+//! Who holds one block, as the index keeps it: nearly always one rank, so the common case
+//! is the rank's id in the index's own slot (no allocation, 16 bytes a block with its
+//! key); a block several ranks hold points into a list kept apart (`HolderLists`).
+
+/// A block's holders: one holder's id, or with MANY set the place of a list of ids.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub(crate) struct Holders(u32);
+
+const MANY: u32 = 1 << 31;
+
+/// The lists of blocks held more than once; places of lists emptied are reused.
+#[derive(Default)]
+pub(crate) struct HolderLists {
+    lists: Vec<Vec<u32>>,
+    free: Vec<u32>,
+}
+
+impl Holders {
+    /// A block held by `id` alone (ids are below 2^31: one per subscribed rank).
+    pub(crate) fn one(id: u32) -> Holders {
+        debug_assert!(id < MANY);
+        Holders(id)
+    }
+}
+
+impl HolderLists {
+    pub(crate) fn contains(&self, h: Holders, id: u32) -> bool {
+        match h.0 & MANY {
+            0 => h.0 == id,
+            _ => self.lists[(h.0 & !MANY) as usize].contains(&id),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, h: &mut Holders, id: u32) {
+        if h.0 == id {
+            return;
+        }
+        if h.0 & MANY == 0 {
+            let list = vec![h.0, id];
+            let at = match self.free.pop() {
+                Some(at) => {
+                    self.lists[at as usize] = list;
+                    at
+                }
+                None => {
+                    self.lists.push(list);
+                    (self.lists.len() - 1) as u32
+                }
+            };
+            *h = Holders(MANY | at);
+            return;
+        }
+        let list = &mut self.lists[(h.0 & !MANY) as usize];
+        if !list.contains(&id) {
+            list.push(id);
+        }
+    }
+
+    /// Takes `id` out of `h`; true when no holder is left.
+    pub(crate) fn remove(&mut self, h: &mut Holders, id: u32) -> bool {
+        if h.0 & MANY == 0 {
+            return h.0 == id;
+        }
+        let at = h.0 & !MANY;
+        let list = &mut self.lists[at as usize];
+        list.retain(|x| *x != id);
+        if let [last] = list[..] {
+            *h = Holders(last);
+            self.lists[at as usize] = Vec::new();
+            self.free.push(at);
+        }
+        false
+    }
+
+    pub(crate) fn ids(&self, h: Holders) -> Vec<u32> {
+        match h.0 & MANY {
+            0 => vec![h.0],
+            _ => self.lists[(h.0 & !MANY) as usize].clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HolderLists, Holders};
+
+    #[test]
+    fn a_block_goes_from_one_holder_to_many_and_back_reusing_list_places() {
+        let mut lists = HolderLists::default();
+        let mut h = Holders::one(3);
+        lists.insert(&mut h, 3);
+        assert_eq!(h, Holders::one(3), "the same holder again is no list");
+        lists.insert(&mut h, 5);
+        lists.insert(&mut h, 5);
+        assert_eq!(lists.ids(h), vec![3, 5]);
+        assert!(lists.contains(h, 5) && !lists.contains(h, 4));
+        assert!(!lists.remove(&mut h, 3));
+        assert_eq!(h, Holders::one(5), "back to one holder: the list is freed");
+        assert!(lists.remove(&mut h, 5), "the last holder gone");
+        // A second block's list takes the freed place.
+        let mut g = Holders::one(1);
+        lists.insert(&mut g, 2);
+        assert_eq!(lists.lists.len(), 1);
+        assert!(!lists.remove(&mut Holders::one(9), 1), "another holder's block is not emptied");
+    }
+}
