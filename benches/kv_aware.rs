@@ -1,6 +1,7 @@
 //! kv_aware's own cost, in process (no network):
 //!
-//!   cargo bench --bench kv_aware        (DISAGG_MODEL=DIR adds tokenizing text prompts)
+//!   cargo bench --bench kv_aware        (DISAGG_MODEL=DIR adds tokenizing text prompts;
+//!                                        DISAGG_KV_BENCH_SERVING=warm,cold,grouped picks cases)
 //!
 //! - the index: KV events applied per second, and memory per million indexed blocks
 //!   (RSS before and after, 8 ranks holding 125k blocks each in runs of 32);
@@ -84,10 +85,11 @@ enum Caches {
 /// Serving-shaped batches, as engines publish them while serving: each batch one rank's
 /// eviction of 16 blocks and its storing of 16 new ones continuing a cached 16-block
 /// prefix, round-robin over `holders` ranks of `capacity` blocks each; applied back to
-/// back (sustained), timed by the index's own clock (what /metrics reports). `Cold`:
-/// 48 MiB (more than this machine's L3) is swept between batches, as other work between
-/// the batches of a trickle of events leaves the caches cold for the next.
-fn serving_batches(holders: usize, capacity: usize, caches: Caches) {
+/// back (sustained), timed by the index's own clock (what /metrics reports), `group`
+/// batches at a time (`apply_group`, as the router's intake thread applies what gathered
+/// in a moment). `Cold`: 48 MiB (more than this machine's L3) is swept between groups, as
+/// other work between the batches of a trickle of events leaves the caches cold.
+fn serving_batches(holders: usize, capacity: usize, caches: Caches, group: usize) {
     let index = KvIndex::default();
     let names: Vec<WorkerRank> =
         (0..holders).map(|h| WorkerRank { url: format!("http://10.0.{}.{}:8000", h / 8 / 256, h / 8 % 256), rank: h % 8 }).collect();
@@ -131,27 +133,29 @@ fn serving_batches(holders: usize, capacity: usize, caches: Caches) {
     let wall = Instant::now();
     let batches = match caches {
         Caches::Warm => (2_000_000 / (run * 2)).max(holders),
-        Caches::Cold => 2_000,
+        Caches::Cold => 2_000 * group,
     };
     let mut sweep = vec![0u8; 48 << 20];
     let mut made = std::time::Duration::ZERO;
-    for h in (0..holders).cycle().take(batches) {
+    let order: Vec<usize> = (0..holders).cycle().take(batches).collect();
+    for hs in order.chunks(group) {
         let t = Instant::now();
-        let events = batch(h, &mut held[h]);
+        let events: Vec<Vec<KvEvent>> = hs.iter().map(|h| batch(*h, &mut held[*h])).collect();
+        let applied: Vec<(&WorkerRank, &[KvEvent])> = hs.iter().zip(&events).map(|(h, e)| (&names[*h], &e[..])).collect();
         if caches == Caches::Cold {
             for line in sweep.chunks_mut(64) {
                 line[0] = line[0].wrapping_add(1);
             }
         }
         made += t.elapsed();
-        index.apply(&names[h], &events);
+        index.apply_group(&applied);
     }
     std::hint::black_box(&sweep);
     let (b1, n1) = totals(&index);
     let blocks = (b1 - b0) as f64;
     let wall = (wall.elapsed() - made).as_secs_f64();
     println!(
-        "serving-shaped, {caches:?} caches: {holders} ranks x {capacity} blocks ({} indexed): {:.2} M blocks/s by the index's own clock (/metrics), {:.2} by wall time ({batches} batches)",
+        "serving-shaped, {caches:?} caches, {group} batch(es) at a time: {holders} ranks x {capacity} blocks ({} indexed): {:.2} M blocks/s by the index's own clock (/metrics), {:.2} by wall time ({batches} batches)",
         index.sizes().values().sum::<usize>(),
         blocks / ((n1 - n0) as f64 / 1e9) / 1e6,
         blocks / wall / 1e6,
@@ -261,9 +265,15 @@ fn conversation(model: &str) {
 
 fn main() {
     index_cost();
-    for caches in [Caches::Warm, Caches::Cold] {
+    // DISAGG_KV_BENCH_SERVING=warm|cold|grouped,... : some of the serving-shaped cases only
+    // (to profile one).
+    let only = std::env::var("DISAGG_KV_BENCH_SERVING").unwrap_or_else(|_| "warm,cold,grouped".into());
+    for (name, caches, group) in [("warm", Caches::Warm, 1), ("cold", Caches::Cold, 1), ("grouped", Caches::Cold, 16)] {
+        if !only.split(',').any(|o| o == name) {
+            continue;
+        }
         for (holders, capacity) in [(16, 256), (8192, 64), (8192, 512)] {
-            serving_batches(holders, capacity, caches);
+            serving_batches(holders, capacity, caches, group);
         }
     }
     let model = std::env::var("DISAGG_MODEL").ok();

@@ -98,6 +98,8 @@ struct Inner {
     names: Vec<Option<WorkerRank>>,
     free: Vec<u32>,
     states: FastMap<u32, HolderState>,
+    /// How many holders report each block size.
+    size_counts: FastMap<usize, usize>,
     /// The keys of the event being applied (kept: no allocation per event).
     keys: Vec<u64>,
 }
@@ -142,13 +144,29 @@ impl Inner {
         self.names.get(id as usize).and_then(Option::as_ref)
     }
 
-    /// The block size most holders report (ties: the smaller), 0 with none.
+    /// The block size most holders report (ties: the smaller), 0 with none: from the
+    /// counts kept as holders learn and leave (a few sizes, whatever the holders).
     fn common_block_size(&self) -> usize {
-        let mut counts: HashMap<usize, usize> = HashMap::new();
-        for s in self.states.values().filter(|s| s.block_size > 0) {
-            *counts.entry(s.block_size).or_default() += 1;
+        self.size_counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .max_by_key(|(size, n)| (**n, std::cmp::Reverse(**size)))
+            .map_or(0, |(size, _)| *size)
+    }
+
+    /// A holder's block size changes from `old` to `new` (0: none).
+    fn count_block_size(&mut self, old: usize, new: usize) {
+        if old != 0 {
+            if let Some(n) = self.size_counts.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.size_counts.remove(&old);
+                }
+            }
         }
-        counts.into_iter().max_by_key(|(size, n)| (*n, std::cmp::Reverse(*size))).map_or(0, |(size, _)| size)
+        if new != 0 {
+            *self.size_counts.entry(new).or_default() += 1;
+        }
     }
 }
 
@@ -207,6 +225,7 @@ impl KvIndex {
             drop_holder_entries(inner, id);
         }
         inner.states.entry(id).or_default().block_size = block_size;
+        inner.count_block_size(old, block_size);
         let common = inner.common_block_size();
         self.block_size.store(common, Ordering::Relaxed);
         if block_size != common {
@@ -449,7 +468,9 @@ fn release(blocks: &mut Table<Holders>, lists: &mut HolderLists, key: u64, id: u
 fn drop_holder(inner: &mut Inner, holder: &WorkerRank) {
     let Some(id) = inner.ids.remove(holder) else { return };
     drop_holder_entries(inner, id);
-    inner.states.remove(&id);
+    if let Some(state) = inner.states.remove(&id) {
+        inner.count_block_size(state.block_size, 0);
+    }
     inner.names[id as usize] = None;
     inner.free.push(id);
 }

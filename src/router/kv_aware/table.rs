@@ -6,8 +6,6 @@
 //! are placed by a per-process seeded hash of the key, so an engine cannot choose hashes
 //! that pile into one run of slots.
 
-use std::hash::BuildHasher;
-
 /// An entry's place: its key and value side by side.
 #[derive(Clone, Copy, Default)]
 struct Slot<V> {
@@ -21,16 +19,35 @@ pub(crate) struct Table<V> {
     slots: Vec<Slot<V>>,
     len: usize,
     zero: Option<V>,
-    seed: foldhash::fast::FixedState,
+    seed: Seed,
 }
 
-/// The placement function, seeded once per process (keys never leave it).
-static SEED: std::sync::LazyLock<u64> =
-    std::sync::LazyLock::new(|| std::collections::hash_map::RandomState::new().hash_one(0x0074_6162_6c65_u64));
+/// The placement function's key and multiplier (odd), drawn once per process (keys never
+/// leave it).
+#[derive(Clone, Copy)]
+struct Seed {
+    key: u64,
+    multiplier: u64,
+}
+
+static SEED: std::sync::LazyLock<Seed> = std::sync::LazyLock::new(|| {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new();
+    Seed { key: random.hash_one(0x0074_6162_6c65_u64), multiplier: random.hash_one(0x006d_756c_u64) | 1 }
+});
+
+/// Where `key` would sit first: the folded multiply of the keyed key by a secret odd
+/// multiplier (foldhash's hash of a u64), inlined: every lookup, prefetch and slot a
+/// removal shifts computes it.
+#[inline(always)]
+fn placement(key: u64, seed: Seed) -> u64 {
+    let full = u128::from(key ^ seed.key) * u128::from(seed.multiplier);
+    (full as u64) ^ ((full >> 64) as u64)
+}
 
 impl<V: Copy + Default> Default for Table<V> {
     fn default() -> Self {
-        Table { slots: Vec::new(), len: 0, zero: None, seed: foldhash::fast::FixedState::with_seed(*SEED) }
+        Table { slots: Vec::new(), len: 0, zero: None, seed: *SEED }
     }
 }
 
@@ -47,8 +64,9 @@ impl<V: Copy + Default> Table<V> {
         self.slots.len().wrapping_sub(1)
     }
 
+    #[inline(always)]
     fn home(&self, key: u64) -> usize {
-        self.seed.hash_one(key) as usize & self.mask()
+        placement(key, self.seed) as usize & self.mask()
     }
 
     /// The slot holding `key`, or the empty slot where it would go.
