@@ -11,6 +11,17 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks / hz
 }
 
+/// The CPU time the calling thread has used, in nanoseconds (a system call: ~0.6 µs on
+/// this project's VMs); 0 when it cannot be read.
+pub fn thread_cpu_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only the timespec passed.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -21,6 +32,11 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(super::cpu_secs(std::process::id()) > 0.0);
+        let before = super::thread_cpu_nanos();
+        while super::thread_cpu_nanos() < before + 1_000_000 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(super::thread_cpu_nanos() >= before + 1_000_000 && before > 0);
         assert_eq!(super::cpu_secs(u32::MAX), 0.0);
     }
 }

@@ -107,7 +107,7 @@ fn apply(index: &KvIndex, group: &[Queued]) {
     let mut seqs: Vec<(&WorkerRank, u64)> = Vec::new();
     let flush = |batches: &mut Vec<(&WorkerRank, &[KvEvent])>, seqs: &mut Vec<(&WorkerRank, u64)>| {
         if !batches.is_empty() {
-            index.apply_group(batches);
+            index.apply_group_cpu_timed(batches);
             index.note_seqs(seqs);
         }
         batches.clear();

@@ -176,9 +176,9 @@ struct AppliedTotals {
     batches: std::sync::atomic::AtomicU64,
     /// Blocks stored or removed.
     blocks: std::sync::atomic::AtomicU64,
-    /// The time spent applying them, by the monotonic clock (a wait for the lock, or the
-    /// thread descheduled meanwhile, counts: the apply rate it gives is a lower bound; a
-    /// thread CPU clock costs a system call, ~0.6 µs here, twice per batch).
+    /// The time spent applying them: the index's thread's CPU time per group in a router
+    /// (`apply_group_cpu_timed`), the monotonic clock per call otherwise (`apply_group`:
+    /// a CPU clock read is a system call, ~0.6 µs here, too dear for one batch).
     nanos: std::sync::atomic::AtomicU64,
 }
 
@@ -238,6 +238,14 @@ impl KvIndex {
         self.apply_group(&[(holder, events)]);
     }
 
+    /// `apply_group`, timed by the calling thread's CPU clock (the index's thread: a
+    /// system call a group, not a batch; preemption and waits are not the index's cost).
+    pub(crate) fn apply_group_cpu_timed(&self, group: &[(&WorkerRank, &[KvEvent])]) {
+        let started = crate::proc_stat::thread_cpu_nanos();
+        let blocks = self.apply_untimed(group);
+        self.record(group.len(), blocks, crate::proc_stat::thread_cpu_nanos().saturating_sub(started));
+    }
+
     /// Applies batches of events, each one holder's, in order. The write lock is taken
     /// per BLOCKS_PER_LOCK blocks, so a large group never holds readers up for long; while
     /// one batch is applied the slots of the next holder's hashes are already being
@@ -246,10 +254,14 @@ impl KvIndex {
     pub fn apply_group(&self, group: &[(&WorkerRank, &[KvEvent])]) {
         let started = std::time::Instant::now();
         let blocks = self.apply_untimed(group);
+        self.record(group.len(), blocks, u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn record(&self, batches: usize, blocks: usize, nanos: u64) {
         let totals = &self.applied;
-        totals.batches.fetch_add(group.len() as u64, Ordering::Relaxed);
+        totals.batches.fetch_add(batches as u64, Ordering::Relaxed);
         totals.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
-        totals.nanos.fetch_add(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        totals.nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// `apply_group`'s work; the blocks stored or removed.

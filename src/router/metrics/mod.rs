@@ -85,7 +85,7 @@ impl RouterMetrics {
                 blocks: crate::api::prom::register(&r, prometheus::IntCounter::new("disagg_router_kv_blocks_applied_total",
                     "kv_aware: blocks stored or removed by the batches applied.").expect("valid metric")),
                 seconds: crate::api::prom::register(&r, prometheus::Counter::new("disagg_router_kv_apply_seconds_total",
-                    "kv_aware: time spent applying them, waits for the index's lock included (blocks over seconds: the apply rate, a lower bound).").expect("valid metric")),
+                    "kv_aware: CPU time the index's thread spent applying them (blocks over seconds: the apply rate).").expect("valid metric")),
             },
             draining: crate::api::prom::register(&r, IntGauge::new("disagg_router_draining", "1 while the router drains for shutdown.").expect("valid metric")),
             queue_depth: crate::api::prom::register(&r, IntGauge::new("disagg_router_queue_depth", "Requests waiting for a permit.").expect("valid metric")),
