@@ -69,8 +69,9 @@ fn chain(parent: u64, block: &[u32]) -> u64 {
     h.finish()
 }
 
-#[derive(Default)]
-struct HolderState {
+/// One (worker, rank) the index holds blocks of.
+struct Holder {
+    name: WorkerRank,
     /// The engine's block hash -> ours.
     ours: Table<u64>,
     /// Tokens per block in this holder's events (0 before its first BlockStored).
@@ -93,11 +94,10 @@ struct Inner {
     blocks: FastMap<usize, Table<Holders>>,
     /// The holders of blocks held more than once.
     lists: HolderLists,
-    /// Holders by a small id; ids of dropped holders are reused.
+    /// Holders by a small id (their place in `holders`); ids of dropped holders are reused.
     ids: FastMap<WorkerRank, u32>,
-    names: Vec<Option<WorkerRank>>,
+    holders: Vec<Option<Holder>>,
     free: Vec<u32>,
-    states: FastMap<u32, HolderState>,
     /// How many holders report each block size.
     size_counts: FastMap<usize, usize>,
     /// The keys of the event being applied (kept: no allocation per event).
@@ -109,14 +109,15 @@ impl Inner {
         if let Some(id) = self.ids.get(holder) {
             return *id;
         }
+        let state = Some(Holder { name: holder.clone(), ours: Table::default(), block_size: 0 });
         let id = match self.free.pop() {
             Some(id) => {
-                self.names[id as usize] = Some(holder.clone());
+                self.holders[id as usize] = state;
                 id
             }
             None => {
-                self.names.push(Some(holder.clone()));
-                (self.names.len() - 1) as u32
+                self.holders.push(state);
+                (self.holders.len() - 1) as u32
             }
         };
         self.ids.insert(holder.clone(), id);
@@ -126,7 +127,7 @@ impl Inner {
     /// Starts fetching the holder's slots that `events` will read (a parent's, each hash
     /// stored or removed; at most PREFETCH_PER_BATCH of them).
     fn prefetch_holder_slots(&self, id: u32, events: &[KvEvent]) {
-        let Some(state) = self.states.get(&id) else { return };
+        let Some(state) = self.holder(id) else { return };
         let hashes = events.iter().flat_map(|e| {
             let (parent, hashes) = match e {
                 KvEvent::Stored { hashes, parent, .. } => (*parent, &hashes[..]),
@@ -140,8 +141,16 @@ impl Inner {
         }
     }
 
+    fn holder(&self, id: u32) -> Option<&Holder> {
+        self.holders.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn holder_mut(&mut self, id: u32) -> Option<&mut Holder> {
+        self.holders.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
     fn name(&self, id: u32) -> Option<&WorkerRank> {
-        self.names.get(id as usize).and_then(Option::as_ref)
+        self.holder(id).map(|h| &h.name)
     }
 
     /// The block size most holders report (ties: the smaller), 0 with none: from the
@@ -216,7 +225,7 @@ impl KvIndex {
 
     /// Learns (or changes) a holder's block size; the lookups' size follows the holders.
     fn learn_block_size(&self, inner: &mut Inner, holder: &WorkerRank, id: u32, block_size: usize) {
-        let old = inner.states.get(&id).map_or(0, |s| s.block_size);
+        let old = inner.holder(id).map_or(0, |s| s.block_size);
         if old == block_size {
             return;
         }
@@ -224,7 +233,8 @@ impl KvIndex {
             tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events now with block size {block_size}, not {old}: its entries are dropped");
             drop_holder_entries(inner, id);
         }
-        inner.states.entry(id).or_default().block_size = block_size;
+        let Some(state) = inner.holder_mut(id) else { return };
+        state.block_size = block_size;
         inner.count_block_size(old, block_size);
         let common = inner.common_block_size();
         self.block_size.store(common, Ordering::Relaxed);
@@ -269,23 +279,26 @@ impl KvIndex {
         let mut applied = 0usize;
         let mut since_lock = 0usize;
         let mut inner = self.write();
+        // Each batch's holder is looked up once (its name is hashed and compared).
+        let mut ids: Vec<u32> = group.iter().map(|(holder, _)| inner.id(holder)).collect();
+        if let (Some(id), Some((_, events))) = (ids.first(), group.first()) {
+            inner.prefetch_holder_slots(*id, events);
+        }
         for (at, (holder, events)) in group.iter().enumerate() {
-            let mut id = inner.id(holder);
-            if at == 0 {
-                inner.prefetch_holder_slots(id, events);
-            }
-            if let Some(next) = group.get(at + 1).and_then(|(h, e)| inner.ids.get(*h).map(|id| (*id, *e))) {
-                inner.prefetch_holder_slots(next.0, next.1);
+            if let (Some(next), Some((_, events))) = (ids.get(at + 1), group.get(at + 1)) {
+                inner.prefetch_holder_slots(*next, events);
             }
             for event in *events {
                 if since_lock >= BLOCKS_PER_LOCK {
                     drop(inner);
                     inner = self.write();
-                    // The holder may have been dropped meanwhile (its worker left): a fresh id.
-                    id = inner.id(holder);
+                    // A holder may have been dropped meanwhile (its worker left): fresh ids.
+                    for (id, (holder, _)) in ids.iter_mut().zip(group).skip(at) {
+                        *id = inner.id(holder);
+                    }
                     since_lock = 0;
                 }
-                let blocks = self.apply_event(&mut inner, holder, id, event);
+                let blocks = self.apply_event(&mut inner, holder, ids[at], event);
                 since_lock += blocks;
                 applied += blocks;
             }
@@ -302,8 +315,8 @@ impl KvIndex {
                     return 0;
                 }
                 self.learn_block_size(inner, holder, id, block_size);
-                let Inner { blocks, states, lists, keys, .. } = inner;
-                let state = states.entry(id).or_default();
+                let Inner { blocks, holders, lists, keys, .. } = inner;
+                let Some(state) = holders.get_mut(id as usize).and_then(Option::as_mut) else { return 0 };
                 if state.ours.len().saturating_add(hashes.len()) > MAX_BLOCKS_PER_HOLDER {
                     tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
                     return hashes.len();
@@ -341,8 +354,8 @@ impl KvIndex {
                 hashes.len()
             }
             KvEvent::Removed { hashes } => {
-                let Inner { blocks, states, lists, keys, .. } = inner;
-                let Some(state) = states.get_mut(&id) else { return hashes.len() };
+                let Inner { blocks, holders, lists, keys, .. } = inner;
+                let Some(state) = holders.get_mut(id as usize).and_then(Option::as_mut) else { return hashes.len() };
                 let Some(blocks) = blocks.get_mut(&state.block_size) else { return hashes.len() };
                 keys.clear();
                 keys.extend(hashes.iter().filter_map(|e| state.ours.remove(*e)));
@@ -460,12 +473,7 @@ impl KvIndex {
     /// Blocks indexed per holder.
     pub fn sizes(&self) -> HashMap<WorkerRank, usize> {
         let inner = self.read();
-        inner
-            .states
-            .iter()
-            .filter(|(_, s)| !s.ours.is_empty())
-            .filter_map(|(id, s)| inner.name(*id).map(|h| (h.clone(), s.ours.len())))
-            .collect()
+        inner.holders.iter().flatten().filter(|s| !s.ours.is_empty()).map(|s| (s.name.clone(), s.ours.len())).collect()
     }
 }
 
@@ -480,16 +488,15 @@ fn release(blocks: &mut Table<Holders>, lists: &mut HolderLists, key: u64, id: u
 fn drop_holder(inner: &mut Inner, holder: &WorkerRank) {
     let Some(id) = inner.ids.remove(holder) else { return };
     drop_holder_entries(inner, id);
-    if let Some(state) = inner.states.remove(&id) {
+    if let Some(state) = inner.holders[id as usize].take() {
         inner.count_block_size(state.block_size, 0);
     }
-    inner.names[id as usize] = None;
     inner.free.push(id);
 }
 
 /// Forgets the blocks a holder holds (it keeps its id and block size).
 fn drop_holder_entries(inner: &mut Inner, id: u32) {
-    let Some(state) = inner.states.get_mut(&id) else { return };
+    let Some(state) = inner.holders.get_mut(id as usize).and_then(Option::as_mut) else { return };
     let ours = std::mem::take(&mut state.ours);
     let Some(blocks) = inner.blocks.get_mut(&state.block_size) else { return };
     for k in ours.values() {
@@ -602,7 +609,7 @@ mod tests {
             idx.apply(&h, &[stored(&[1], None, &[1, 2])]);
             idx.drop_worker(&h.url);
         }
-        assert!(idx.read().names.len() <= 1, "ids reused under churn: {}", idx.read().names.len());
+        assert!(idx.read().holders.len() <= 1, "ids reused under churn: {}", idx.read().holders.len());
         assert!(idx.sizes().is_empty() && idx.read().blocks.values().all(Table::is_empty));
     }
 }
