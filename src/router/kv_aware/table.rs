@@ -82,19 +82,18 @@ impl<V: Copy + Default> Table<V> {
         }
     }
 
-    /// Starts bringing `key`'s slot into the cache, without waiting for it.
+    /// Starts bringing `key`'s slot into the cache, without waiting for it; and the next
+    /// slot's line when that is another (a lookup or a removal reads on past its slot).
     pub(crate) fn prefetch(&self, key: u64) {
         if self.slots.is_empty() {
             return;
         }
-        let slot: *const Slot<V> = &self.slots[self.home(key)];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch(slot.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+        let home = self.home(key);
+        prefetch_line(&self.slots[home]);
+        let next = &self.slots[(home + 1) & self.mask()];
+        if (next as *const Slot<V> as usize) % 64 == 0 {
+            prefetch_line(next);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
     }
 
     pub(crate) fn get(&self, key: u64) -> Option<V> {
@@ -191,6 +190,16 @@ impl<V: Copy + Default> Table<V> {
             self.slots[i] = s;
         }
     }
+}
+
+fn prefetch_line<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch((at as *const T).cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// Asks for a large table's memory in 2 MiB pages, before it is first written: its

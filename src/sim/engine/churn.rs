@@ -20,7 +20,9 @@ const RUN_BLOCKS: usize = 16;
 /// for as long as the simulator runs.
 pub(crate) async fn churn(engine: Arc<Engine>, blocks_per_sec: f64) {
     let mut owed = 0.0f64;
-    let mut seed = engine.rank as u64 * 0x9e37_79b9_7f4a_7c15;
+    // Each engine's other traffic is its own: the seed is the rank's and its instance's
+    // (the side channel's port, one per instance).
+    let mut seed = (engine.rank as u64 ^ u64::from(engine.side_port) << 16).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
