@@ -29,45 +29,13 @@ const BLOCKS_PER_LOCK: usize = 4096;
 /// Slots of the next batch fetched ahead (more would push out what is being used).
 const PREFETCH_PER_BATCH: usize = 256;
 
+pub use crate::router::kv_aware::keys::block_hashes;
+use crate::router::kv_aware::keys::chain;
 pub use crate::router::metrics::IntakeTotals;
 pub(crate) use crate::router::policy::WorkerRank;
 
-/// The chained hashes of the full blocks of `tokens`: block i's key covers blocks 0..=i.
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    if block_size == 0 {
-        return Vec::new();
-    }
-    let mut h = FNV_OFFSET;
-    tokens
-        .chunks_exact(block_size)
-        .map(|block| {
-            h = chain(h, block);
-            h
-        })
-        .collect()
-}
-
-/// The process's key function: foldhash with a seed drawn at start, so an engine cannot
-/// choose token ids whose keys collide (keys never leave the process).
-static KEYS: std::sync::LazyLock<foldhash::fast::FixedState> = std::sync::LazyLock::new(|| {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(std::collections::hash_map::RandomState::new().hash_one(0x6b76_u64))
-});
-
 /// The index's maps hash their (already hashed) u64 keys with foldhash, randomly seeded.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// The key of `block` following the block keyed `parent` (FNV_OFFSET at a prompt's start):
-/// two tokens per 64-bit word.
-fn chain(parent: u64, block: &[u32]) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = KEYS.build_hasher();
-    h.write_u64(parent);
-    for pair in block.chunks(2) {
-        h.write_u64(u64::from(pair[0]) | u64::from(pair.get(1).copied().unwrap_or(0)) << 32);
-    }
-    h.finish()
-}
 
 /// One (worker, rank) the index holds blocks of.
 struct Holder {

@@ -8,5 +8,6 @@ pub(crate) mod engine_load;
 mod holders;
 pub mod index;
 pub(crate) mod intake;
+mod keys;
 mod table;
 pub mod tokens;
