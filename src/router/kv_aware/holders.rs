@@ -39,17 +39,7 @@ impl HolderLists {
         }
         if h.0 & MANY == 0 {
             let list = if h.0 < id { vec![h.0, id] } else { vec![id, h.0] };
-            let at = match self.free.pop() {
-                Some(at) => {
-                    self.lists[at as usize] = list;
-                    at
-                }
-                None => {
-                    self.lists.push(list);
-                    (self.lists.len() - 1) as u32
-                }
-            };
-            *h = Holders(MANY | at);
+            *h = Holders(MANY | place(&mut self.lists, &mut self.free, list));
             return;
         }
         let list = &mut self.lists[(h.0 & !MANY) as usize];
@@ -80,6 +70,21 @@ impl HolderLists {
         match h.0 & MANY {
             0 => vec![h.0],
             _ => self.lists[(h.0 & !MANY) as usize].clone(),
+        }
+    }
+}
+
+/// Puts `item` in the first free place of `items` (one given back earlier), or at its end:
+/// its place.
+pub(crate) fn place<T>(items: &mut Vec<T>, free: &mut Vec<u32>, item: T) -> u32 {
+    match free.pop() {
+        Some(at) => {
+            items[at as usize] = item;
+            at
+        }
+        None => {
+            items.push(item);
+            (items.len() - 1) as u32
         }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::RwLock;
 
 use crate::api::kv_events::KvEvent;
 use crate::api::FNV_OFFSET;
-use crate::router::kv_aware::holders::{HolderLists, Holders};
+use crate::router::kv_aware::holders::{place, HolderLists, Holders};
 use crate::router::kv_aware::table::Table;
 
 /// Most blocks indexed per holder (a few million: more than any engine's KV cache); a
@@ -78,16 +78,7 @@ impl Inner {
             return *id;
         }
         let state = Some(Holder { name: holder.clone(), ours: Table::default(), block_size: 0 });
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.holders[id as usize] = state;
-                id
-            }
-            None => {
-                self.holders.push(state);
-                (self.holders.len() - 1) as u32
-            }
-        };
+        let id = place(&mut self.holders, &mut self.free, state);
         self.ids.insert(holder.clone(), id);
         id
     }
