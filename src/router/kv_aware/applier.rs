@@ -1,10 +1,11 @@
 //! The KV index's one writer: every subscription (intake.rs) queues what it learned —
 //! a batch of events, a rank to forget, a worker gone — and one thread applies it in
-//! order. The thread lets a moment's batches gather and applies them together
-//! (`KvIndex::apply_group`): the index's memory is fetched for the next batch while one is
-//! applied, the lock is taken once for many, and no runtime thread waits on the lock or
-//! on the index's cache misses. The index is behind the events by at most that moment
-//! (GATHER) and the time to apply what is queued.
+//! order. Under load (more than one change waiting) the thread lets a moment's batches
+//! gather and applies them together (`KvIndex::apply_group`): the index's memory is
+//! fetched for the next batch while one is applied, the lock is taken once for many, and
+//! no runtime thread waits on the lock or on the index's cache misses. A trickle is
+//! applied as it comes. The index is behind the events by at most that moment (GATHER)
+//! and the time to apply what is queued.
 //!
 //! What is queued is bounded (docs/SECURITY.md): each change holds its share of
 //! QUEUE_BYTES (a batch its size on the wire) until applied, so a subscription that
@@ -89,11 +90,20 @@ fn apply_queued(index: &KvIndex, mut rx: mpsc::UnboundedReceiver<Queued>) {
     while let Some(first) = rx.blocking_recv() {
         let mut blocks = blocks_of(&first.change);
         group.push(first);
-        std::thread::sleep(GATHER);
-        while blocks < BLOCKS_PER_GROUP {
-            let Ok(next) = rx.try_recv() else { break };
-            blocks += blocks_of(&next.change);
-            group.push(next);
+        let mut take_queued = |group: &mut Vec<Queued>| {
+            while blocks < BLOCKS_PER_GROUP {
+                let Ok(next) = rx.try_recv() else { break };
+                blocks += blocks_of(&next.change);
+                group.push(next);
+            }
+        };
+        take_queued(&mut group);
+        // More than one waiting: events come faster than they are applied one by one, so
+        // a moment's more are let gather. A trickle is applied as it comes (no wait, and
+        // the thread wakes once a batch, not twice).
+        if group.len() > 1 {
+            std::thread::sleep(GATHER);
+            take_queued(&mut group);
         }
         apply(index, &group);
         // Their shares of the queue are given back.
