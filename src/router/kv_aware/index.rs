@@ -105,7 +105,7 @@ impl Inner {
     }
 
     fn holder_mut(&mut self, id: u32) -> Option<&mut Holder> {
-        self.holders.get_mut(id as usize).and_then(Option::as_mut)
+        holder_at(&mut self.holders, id)
     }
 
     fn name(&self, id: u32) -> Option<&WorkerRank> {
@@ -115,11 +115,7 @@ impl Inner {
     /// The block size most holders report (ties: the smaller), 0 with none: from the
     /// counts kept as holders learn and leave (a few sizes, whatever the holders).
     fn common_block_size(&self) -> usize {
-        self.size_counts
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .max_by_key(|(size, n)| (**n, std::cmp::Reverse(**size)))
-            .map_or(0, |(size, _)| *size)
+        self.size_counts.iter().max_by_key(|(size, n)| (**n, std::cmp::Reverse(**size))).map_or(0, |(size, _)| *size)
     }
 
     /// A holder's block size changes from `old` to `new` (0: none).
@@ -275,7 +271,7 @@ impl KvIndex {
                 }
                 self.learn_block_size(inner, holder, id, block_size);
                 let Inner { blocks, holders, lists, keys, .. } = inner;
-                let Some(state) = holders.get_mut(id as usize).and_then(Option::as_mut) else { return 0 };
+                let Some(state) = holder_at(holders, id) else { return 0 };
                 if state.ours.len().saturating_add(hashes.len()) > MAX_BLOCKS_PER_HOLDER {
                     tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events claim over {MAX_BLOCKS_PER_HOLDER} blocks: not indexed beyond");
                     return hashes.len();
@@ -314,7 +310,7 @@ impl KvIndex {
             }
             KvEvent::Removed { hashes } => {
                 let Inner { blocks, holders, lists, keys, .. } = inner;
-                let Some(state) = holders.get_mut(id as usize).and_then(Option::as_mut) else { return hashes.len() };
+                let Some(state) = holder_at(holders, id) else { return hashes.len() };
                 let Some(blocks) = blocks.get_mut(&state.block_size) else { return hashes.len() };
                 keys.clear();
                 keys.extend(hashes.iter().filter_map(|e| state.ours.remove(*e)));
@@ -436,6 +432,11 @@ impl KvIndex {
     }
 }
 
+/// The holder of `id`, when it is one (for callers holding other parts of `Inner` too).
+fn holder_at(holders: &mut [Option<Holder>], id: u32) -> Option<&mut Holder> {
+    holders.get_mut(id as usize).and_then(Option::as_mut)
+}
+
 /// Takes `id` out of the holders of block `key`, and the block out when none is left.
 fn release(blocks: &mut Table<Holders>, lists: &mut HolderLists, key: u64, id: u32) {
     if blocks.get_mut(key).is_some_and(|holders| lists.remove(holders, id)) {
@@ -455,7 +456,7 @@ fn drop_holder(inner: &mut Inner, holder: &WorkerRank) {
 
 /// Forgets the blocks a holder holds (it keeps its id and block size).
 fn drop_holder_entries(inner: &mut Inner, id: u32) {
-    let Some(state) = inner.holders.get_mut(id as usize).and_then(Option::as_mut) else { return };
+    let Some(state) = holder_at(&mut inner.holders, id) else { return };
     let ours = std::mem::take(&mut state.ours);
     let Some(blocks) = inner.blocks.get_mut(&state.block_size) else { return };
     for k in ours.values() {

@@ -160,7 +160,7 @@ async fn rank_events(holder: &Arc<WorkerRank>, src: &Source, host: &str, applier
     let mut next = match replay.as_mut() {
         Some(r) => match r.from(0).await {
             // Nothing buffered yet: the first batch to come is 0.
-            Ok(batches) => apply_run(holder, applier, batches, None).await.or(Some(0)),
+            Ok(batches) => queue_replayed(holder, applier, batches, None).await.or(Some(0)),
             Err(e) => {
                 tracing::debug!(worker = %holder.url, "no initial replay: {e}");
                 None
@@ -181,7 +181,7 @@ async fn rank_events(holder: &Arc<WorkerRank>, src: &Source, host: &str, applier
             Err(_) => {
                 if let (Some(r), Some(n)) = (replay.as_mut(), next) {
                     if let Ok(batches) = r.from(n).await {
-                        if let Some(after) = apply_run(holder, applier, batches, Some(n)).await {
+                        if let Some(after) = queue_replayed(holder, applier, batches, Some(n)).await {
                             next = Some(after);
                         } else {
                             tracing::warn!(worker = %holder.url, rank = holder.rank, "KV events from {n} no longer replayable: its entries are dropped");
@@ -203,7 +203,7 @@ async fn rank_events(holder: &Arc<WorkerRank>, src: &Source, host: &str, applier
             Some(n) if seq > n => {
                 let filled = match replay.as_mut().map(|r| r.from(n)) {
                     Some(asked) => match asked.await {
-                        Ok(b) => apply_run(holder, applier, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n)).await,
+                        Ok(b) => queue_replayed(holder, applier, b.into_iter().filter(|(s, _)| *s < seq).collect(), Some(n)).await,
                         Err(_) => None,
                     },
                     None => None,
@@ -224,7 +224,7 @@ async fn rank_events(holder: &Arc<WorkerRank>, src: &Source, host: &str, applier
 
 /// Queues replayed batches in order; with `from`, they must start there and leave no
 /// gap. Returns the next sequence number expected, or None at a gap or a bad batch.
-async fn apply_run(holder: &Arc<WorkerRank>, applier: &Applier, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
+async fn queue_replayed(holder: &Arc<WorkerRank>, applier: &Applier, batches: Vec<(u64, Bytes)>, from: Option<u64>) -> Option<u64> {
     let mut next = from;
     for (seq, payload) in batches {
         match next {
